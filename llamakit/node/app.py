@@ -1,0 +1,48 @@
+"""`create_app(settings)`: the node's aiohttp application, its model lifecycle and its herd-token check."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from llamakit.catalog import ResolvedModel
+from llamakit.node.engine import LoadedModel
+from llamakit.node.host import ModelHost
+from llamakit.node.metrics import NodeMetrics
+from llamakit.node.routes import HOST, METRICS, SETTINGS, routes
+from llamakit.node.settings import NodeSettings
+from llamakit.web import Handler, error_middleware, require_bearer
+
+__all__ = ["create_app"]
+
+# Everything else is the router's business only: the AO worker takes work from its router alone.
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+
+
+def create_app(settings: NodeSettings) -> web.Application:
+    @web.middleware
+    async def herd_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            require_bearer(request, settings.herd_token, what="herd token")
+        return await handler(request)
+
+    app = web.Application(middlewares=[error_middleware, herd_auth], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+
+    def load(resolved: ResolvedModel) -> LoadedModel:
+        return LoadedModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+
+    host = ModelHost(load, slots=settings.slots)
+    app[HOST] = host
+    app[METRICS] = NodeMetrics(lambda: host.busy)
+    app.add_routes(routes)
+
+    async def model_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # The server answers /health ("loading") while the model loads in the background.
+        host.start_loading(settings.model)
+        yield
+        await host.close()
+
+    app.cleanup_ctx.append(model_lifecycle)
+    return app

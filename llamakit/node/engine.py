@@ -1,0 +1,294 @@
+"""The inference engine: one GGUF model held in `slots` llama.cpp contexts, each generating on its own thread.
+
+Everything here is blocking and runs off the event loop; the HTTP layer talks to it through `GenerationJob`
+(what to generate), a piece callback (text as it is produced) and a `threading.Event` (stop now).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+from llama_cpp import Llama, LlamaGrammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from llamakit.catalog import ResolvedModel
+from llamakit.protocol import ApiError
+
+__all__ = ["GenerationJob", "GenerationResult", "LoadedModel"]
+
+log = logging.getLogger(__name__)
+
+# llama.cpp's own sampling defaults; OpenAI exposes only temperature and top_p.
+TOP_K = 40
+MIN_P = 0.05
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """A validated request, tokenized and ready for a slot."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+class _StopMatcher:
+    """Finds stop strings across token boundaries and holds back text that may be the start of one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add `text`; return what is safe to emit and whether a stop string was reached."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class LoadedModel:
+    """A model loaded into `slots` independent contexts; slot `i` may be used by one thread at a time."""
+
+    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
+        self.name = resolved.name
+        self.path = resolved.path
+        self.n_ctx = n_ctx
+        started = time.perf_counter()
+        self.contexts = [
+            Llama(
+                model_path=str(resolved.path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+            for _ in range(slots)
+        ]
+        first = self.contexts[0]
+        self._vocab = first._model.vocab
+        self.n_vocab = first.n_vocab()
+        self.eos_token = first.token_eos()
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._piece_lock = threading.Lock()
+        self.chat_formatter = self._chat_formatter(first)
+        log.info(
+            "loaded %s (%s) into %d slot(s), n_ctx=%d, in %.1fs",
+            self.name,
+            self.path,
+            slots,
+            n_ctx,
+            time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _chat_formatter(llama: Llama) -> Jinja2ChatFormatter | None:
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = llama._model
+        eos, bos = llama.token_eos(), llama.token_bos()
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+
+    @property
+    def slots(self) -> int:
+        return len(self.contexts)
+
+    def close(self) -> None:
+        for llama in self.contexts:
+            llama.close()
+        self.contexts = []
+
+    # --- preparing a request (any thread; tokenizing only reads the vocabulary) ---
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt tokens of a chat, rendered with the model's own template (template tokens included)."""
+        if self.chat_formatter is None:
+            # A base model without a template: a plain transcript that ends where the assistant speaks.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return self.tokenize_text(text)
+        try:
+            rendered = self.chat_formatter(messages=messages)  # type: ignore[arg-type]
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception()
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
+        return self.contexts[0].tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+
+    def tokenize_text(self, text: str) -> list[int]:
+        # special=True, as llama-cpp-python does: a raw prompt may spell out template tokens.
+        return self.contexts[0].tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def grammar_for(self, grammar: str | None, response_format: Any | None) -> str | None:
+        """The GBNF to constrain sampling with, checked with llama.cpp's own parser, or a 400 that says why."""
+        if response_format is not None and response_format.type == "json_object":
+            return JSON_GBNF
+        if response_format is not None and response_format.type == "json_schema":
+            schema = response_format.json_schema.schema_
+            try:
+                grammar = json_schema_to_gbnf(json.dumps(schema))
+            except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError …
+                raise ApiError(
+                    400, f"response_format.json_schema.schema cannot be used: {exc!r}", param="response_format"
+                ) from exc
+            param = "response_format"
+        else:
+            param = "grammar"
+        if grammar is None:
+            return None
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise ApiError(
+                400,
+                f"the {param} is not valid GBNF (llama.cpp could not parse it; a rule named 'root' is required)",
+                param=param,
+                code="invalid_grammar",
+            )
+        llama_cpp.llama_sampler_free(sampler)
+        return grammar
+
+    def plan_tokens(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
+        """`max_tokens` for a prompt of `n_prompt` tokens, or a 400 that names both numbers and the context."""
+        room = self.n_ctx - n_prompt
+        if room <= 0:
+            raise ApiError(
+                400,
+                f"the prompt is {n_prompt} tokens, which does not fit the context of {self.n_ctx} tokens; "
+                "shorten the prompt",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return min(default_max_tokens, room)
+        if max_tokens > room:
+            raise ApiError(
+                400,
+                f"the prompt is {n_prompt} tokens and max_tokens is {max_tokens}, but the context holds "
+                f"{self.n_ctx} tokens: ask for at most {room} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    # --- generating (one thread per slot) ---
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            with self._piece_lock:
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, 256, 0, False)
+                piece = self._piece_buffer.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def generate(
+        self,
+        slot: int,
+        job: GenerationJob,
+        on_text: Callable[[str], None],
+        cancel: threading.Event,
+    ) -> GenerationResult:
+        """Generate on context `slot`, calling `on_text` with each new piece of text as soon as it is whole.
+
+        Stops at an end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the
+        count of completion tokens is the tokens sampled and delivered, the end-of-generation token excluded.
+        """
+        llama = self.contexts[slot]
+        llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
+        grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = _StopMatcher(job.stop)
+        vocab = self._vocab
+        pieces: list[str] = []
+        completion_tokens = 0
+        finish_reason = "length"
+        started = time.perf_counter()
+        tokens = llama.generate(
+            job.prompt_tokens,
+            top_k=TOP_K,
+            top_p=job.top_p,
+            min_p=MIN_P,
+            temp=job.temperature,
+            repeat_penalty=1.0,
+            grammar=grammar,
+        )
+        try:
+            for token in tokens:
+                if cancel.is_set():
+                    finish_reason = "cancelled"
+                    break
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish_reason = "stop"
+                    break
+                completion_tokens += 1
+                text, stopped = matcher.feed(decoder.decode(self._piece(token)))
+                if text:
+                    pieces.append(text)
+                    on_text(text)
+                if stopped:
+                    finish_reason = "stop"
+                    break
+                if completion_tokens >= job.max_tokens:
+                    break
+        finally:
+            tokens.close()
+        if finish_reason != "stop":
+            tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
+            if tail:
+                pieces.append(tail)
+                on_text(tail)
+        return GenerationResult(
+            text="".join(pieces),
+            finish_reason=finish_reason,
+            prompt_tokens=len(job.prompt_tokens),
+            completion_tokens=completion_tokens,
+            seconds=time.perf_counter() - started,
+        )

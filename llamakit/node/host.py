@@ -1,0 +1,140 @@
+"""The model a node serves now, its free slots, and swapping it for another (the AO worker's Init).
+
+A swap keeps requests in flight on the old model until they finish, makes new requests wait for the new
+one, and frees the old contexts when the last of them is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Literal
+
+from llamakit.catalog import ModelNotAvailable, ResolvedModel, resolve_model
+from llamakit.node.engine import LoadedModel
+from llamakit.protocol import ApiError
+
+__all__ = ["Lease", "ModelHost"]
+
+log = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "error"]
+Loader = Callable[[ResolvedModel], LoadedModel]
+
+
+@dataclass
+class Lease:
+    """The right to use one context (`slot`) of `model` until released."""
+
+    model: LoadedModel
+    slot: int
+
+
+class ModelHost:
+    def __init__(self, loader: Loader, *, slots: int, load_wait: float = 120.0) -> None:
+        self._loader = loader
+        self.slot_count = slots
+        self.load_wait = load_wait
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.model: LoadedModel | None = None
+        self.loading_name: str | None = None
+        self._free: dict[int, list[int]] = {}
+        self._busy: dict[int, int] = {}
+        self._ready = asyncio.Event()
+        self._load_task: asyncio.Task[None] | None = None
+        # One thread per slot: generation never waits for a thread, and never runs on the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llamakit-slot")
+
+    @property
+    def busy(self) -> int:
+        return self._busy.get(id(self.model), 0) if self.model is not None else 0
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model.name if self.model is not None else self.loading_name
+
+    def start_loading(self, name: str) -> None:
+        """Begin loading `name` in the background; raises 400/404 at once if it cannot be resolved."""
+        try:
+            resolved = resolve_model(name)
+        except ModelNotAvailable as exc:
+            raise ApiError(404, str(exc), type="not_found_error", code="model_not_found", param="model") from exc
+        if self._load_task is not None and not self._load_task.done():
+            raise ApiError(409, f"already loading {self.loading_name!r}; wait until /health says ready", code="busy")
+        self.status = "loading"
+        self.loading_name = resolved.name
+        self._ready.clear()
+        self._load_task = asyncio.create_task(self._load(resolved), name=f"load {resolved.name}")
+
+    async def _load(self, resolved: ResolvedModel) -> None:
+        try:
+            model = await asyncio.to_thread(self._loader, resolved)
+        except Exception as exc:
+            log.exception("loading %s failed", resolved.path)
+            self.status, self.error = "error", f"loading {self.loading_name!r} failed: {exc}"
+            self._ready.set()
+            return
+        old = self.model
+        self.model, self.status, self.error = model, "ready", None
+        self._free[id(model)] = list(range(model.slots))
+        self._busy[id(model)] = 0
+        self._ready.set()
+        if old is not None:
+            self._retire_if_idle(old)
+
+    async def wait_loaded(self) -> None:
+        await self._ready.wait()
+
+    async def acquire(self) -> Lease:
+        """A free slot of the current model; waits while a model loads, 503 when every slot is busy."""
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.load_wait)
+            except TimeoutError:
+                raise ApiError(
+                    503, "the node is still loading its model", type="server_error", code="loading",
+                    headers={"Retry-After": "5"},
+                ) from None
+        if self.status == "error" or self.model is None:
+            raise ApiError(503, self.error or "no model is loaded", type="server_error", code="model_error")
+        free = self._free[id(self.model)]
+        if not free:
+            raise ApiError(
+                503,
+                f"all {self.model.slots} slots are busy; retry shortly or send the request to another node",
+                type="server_error",
+                code="slots_busy",
+                headers={"Retry-After": "1"},
+            )
+        self._busy[id(self.model)] += 1
+        return Lease(self.model, free.pop())
+
+    def release(self, lease: Lease) -> None:
+        key = id(lease.model)
+        self._busy[key] -= 1
+        self._free[key].append(lease.slot)
+        if lease.model is not self.model:
+            self._retire_if_idle(lease.model)
+
+    def _retire_if_idle(self, model: LoadedModel) -> None:
+        key = id(model)
+        if self._busy.get(key, 0) == 0:
+            self._busy.pop(key, None)
+            self._free.pop(key, None)
+            log.info("unloading %s", model.name)
+            model.close()
+
+    async def close(self) -> None:
+        if self._load_task is not None:
+            self._load_task.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._load_task
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.model is not None:
+            self.model.close()
+            self.model = None

@@ -1,0 +1,49 @@
+"""The node's Prometheus metrics, in a registry of its own (one per app, so tests and apps never share state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["NodeMetrics"]
+
+
+class NodeMetrics:
+    def __init__(self, busy_slots: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llamakit_node_requests",
+            "Requests by route and outcome (ok, cancelled, rejected, busy, error).",
+            ["route", "outcome"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "llamakit_node_prompt_tokens", "Prompt tokens evaluated.", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "llamakit_node_completion_tokens", "Completion tokens generated.", registry=self.registry
+        )
+        self.generation_seconds = Counter(
+            "llamakit_node_generation_seconds",
+            "Seconds spent generating; completion tokens over this is the node's tokens per second.",
+            registry=self.registry,
+        )
+        self.tokens_per_second = Histogram(
+            "llamakit_node_generation_tokens_per_second",
+            "Tokens per second of each finished generation (prompt evaluation included).",
+            buckets=(5, 10, 20, 40, 60, 80, 100, 150, 200, 400),
+            registry=self.registry,
+        )
+        busy = Gauge("llamakit_node_busy_slots", "Slots generating now.", registry=self.registry)
+        busy.set_function(lambda: float(busy_slots()))
+
+    def observe_generation(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        self.generation_seconds.inc(seconds)
+        if seconds > 0 and completion_tokens:
+            self.tokens_per_second.observe(completion_tokens / seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,279 @@
+"""The node's HTTP handlers: health, models, chat and text completions (plain and streamed), model swap, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel
+from llamakit.node.host import Lease, ModelHost
+from llamakit.node.metrics import NodeMetrics
+from llamakit.node.settings import NodeSettings
+from llamakit.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    Usage,
+    chat_chunk_body,
+    chat_completion_body,
+    completion_body,
+    completion_chunk_body,
+    error_body,
+    parse_request,
+)
+from llamakit.web import SseWriter, json_response
+
+__all__ = ["HOST", "METRICS", "SETTINGS", "routes"]
+
+log = logging.getLogger(__name__)
+
+HOST = web.AppKey("host", ModelHost)
+SETTINGS = web.AppKey("settings", NodeSettings)
+METRICS = web.AppKey("metrics", NodeMetrics)
+
+REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    settings = request.app[SETTINGS]
+    return json_response(
+        {
+            "status": host.status,
+            "name": settings.name,
+            "model": host.model_name,
+            "models": [host.model.name] if host.model is not None else [],
+            "slots": host.slot_count,
+            "busy": host.busy,
+            "n_ctx": settings.n_ctx,
+            "error": host.error,
+        }
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), content_type="text/plain", charset="utf-8")
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    data = []
+    if host.model is not None:
+        data.append(
+            {"id": host.model.name, "object": "model", "created": 0, "owned_by": "llamakit", "n_ctx": host.model.n_ctx}
+        )
+    return json_response({"object": "list", "data": data})
+
+
+@routes.post("/admin/init")
+async def admin_init(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
+        raise ApiError(400, "send {\"model\": \"<catalog name or path to a .gguf file>\"}", param="model")
+    host = request.app[HOST]
+    host.start_loading(body["model"])
+    return json_response({"status": host.status, "model": host.loading_name}, status=202)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = parse_request(ChatCompletionRequest, await request.read())
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    return await _serve(request, req, "chat", lambda model: model.tokenize_chat(messages))
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = parse_request(CompletionRequest, await request.read())
+    prompt = req.prompt_text
+    return await _serve(request, req, "completion", lambda model: model.tokenize_text(prompt))
+
+
+@dataclass
+class _Prepared:
+    model: LoadedModel
+    job: GenerationJob
+
+
+async def _prepare(
+    host: ModelHost, settings: NodeSettings, req: GenerationRequest, tokenize: Callable[[LoadedModel], list[int]]
+) -> _Prepared:
+    """Validate the request against the loaded model and tokenize it (off the loop): no slot is taken yet."""
+    await host.wait_loaded()
+    model = host.model
+    if model is None:
+        raise ApiError(503, host.error or "no model is loaded", type="server_error", code="model_error")
+    if req.model is not None and req.model != model.name:
+        raise ApiError(
+            404,
+            f"model {req.model!r} is not served here; this node serves {model.name!r}",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+
+    def build() -> GenerationJob:
+        tokens = tokenize(model)
+        return GenerationJob(
+            prompt_tokens=tokens,
+            max_tokens=model.plan_tokens(len(tokens), req.token_limit, settings.default_max_tokens),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            stop=req.stop_list,
+            grammar=model.grammar_for(req.grammar, req.response_format),
+        )
+
+    return _Prepared(model, await asyncio.to_thread(build))
+
+
+async def _lease(
+    host: ModelHost, settings: NodeSettings, req: GenerationRequest, tokenize: Callable[[LoadedModel], list[int]]
+) -> tuple[Lease, GenerationJob]:
+    prepared = await _prepare(host, settings, req, tokenize)
+    lease = await host.acquire()
+    if lease.model is not prepared.model:  # the model was swapped while we tokenized: do it again
+        host.release(lease)
+        return await _lease(host, settings, req, tokenize)
+    return lease, prepared.job
+
+
+async def _serve(
+    request: web.Request, req: GenerationRequest, kind: str, tokenize: Callable[[LoadedModel], list[int]]
+) -> web.StreamResponse:
+    host, settings, metrics = request.app[HOST], request.app[SETTINGS], request.app[METRICS]
+    route = "chat" if kind == "chat" else "completions"
+    try:
+        lease, job = await _lease(host, settings, req, tokenize)
+    except ApiError as exc:
+        metrics.requests.labels(route, "busy" if exc.status == 503 else "rejected").inc()
+        raise
+    request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    loop = asyncio.get_running_loop()
+    cancel = threading.Event()
+    run = _Run(request, lease, job, request_id, cancel)
+
+    def start(on_text: Callable[[str], None]) -> asyncio.Future[GenerationResult]:
+        future = loop.run_in_executor(host.executor, lease.model.generate, lease.slot, job, on_text, cancel)
+        # The slot is free only once its thread has stopped, however the request ended.
+        future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f))
+        return future
+
+    if req.stream:
+        return await run.stream(start, kind, req.include_usage)
+    return await run.whole(start, kind)
+
+
+def _finished(
+    host: ModelHost, metrics: NodeMetrics, route: str, lease: Lease, future: asyncio.Future[GenerationResult]
+) -> None:
+    host.release(lease)
+    if future.cancelled() or future.exception() is not None:
+        metrics.requests.labels(route, "error").inc()
+        if not future.cancelled():
+            log.error("generation failed", exc_info=future.exception())
+        return
+    result = future.result()
+    metrics.observe_generation(result.prompt_tokens, result.completion_tokens, result.seconds)
+    outcome = "cancelled" if result.finish_reason == "cancelled" else "ok"
+    metrics.requests.labels(route, outcome).inc()
+    if outcome == "cancelled":
+        log.info("generation stopped by its client after %d completion tokens", result.completion_tokens)
+
+
+class _Run:
+    """One generation tied to its HTTP request: stops the thread when the client goes away."""
+
+    def __init__(
+        self, request: web.Request, lease: Lease, job: GenerationJob, request_id: str, cancel: threading.Event
+    ) -> None:
+        self.request = request
+        self.model = lease.model
+        self.job = job
+        self.request_id = request_id
+        self.cancel = cancel
+
+    def _client_gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    async def whole(
+        self, start: Callable[[Callable[[str], None]], asyncio.Future[GenerationResult]], kind: str
+    ) -> web.Response:
+        future = start(lambda _text: None)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=0.1)
+                if done:
+                    break
+                if self._client_gone():
+                    self.cancel.set()
+            result = future.result()
+        finally:
+            self.cancel.set()  # no-op when finished; stops the thread if this handler was cancelled
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
+        finish = "stop" if result.finish_reason == "cancelled" else result.finish_reason
+        build = chat_completion_body if kind == "chat" else completion_body
+        body = build(id=self.request_id, model=self.model.name, text=result.text, finish_reason=finish, usage=usage)
+        return json_response(body, headers={REQUEST_ID_HEADER: self.request_id})
+
+    async def stream(
+        self,
+        start: Callable[[Callable[[str], None]], asyncio.Future[GenerationResult]],
+        kind: str,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        future = start(lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+        future.add_done_callback(lambda _f: pieces.put_nowait(None))
+        name, rid = self.model.name, self.request_id
+        try:
+            sse = await SseWriter.open(self.request, {REQUEST_ID_HEADER: rid})
+            if kind == "chat":
+                await sse.send(chat_chunk_body(id=rid, model=name, delta={"role": "assistant", "content": ""}))
+            while (text := await pieces.get()) is not None:
+                if kind == "chat":
+                    await sse.send(chat_chunk_body(id=rid, model=name, delta={"content": text}))
+                else:
+                    await sse.send(completion_chunk_body(id=rid, model=name, text=text))
+            try:
+                result = future.result()
+            except Exception as exc:
+                log.exception("generation failed")
+                await sse.send(error_body(f"generation failed: {exc}", type="server_error"))
+                await sse.done()
+                return sse.response
+            usage = Usage.of(result.prompt_tokens, result.completion_tokens)
+            if kind == "chat":
+                await sse.send(chat_chunk_body(id=rid, model=name, delta={}, finish_reason=result.finish_reason))
+                if include_usage:
+                    await sse.send(chat_chunk_body(id=rid, model=name, delta=None, usage=usage))
+            else:
+                await sse.send(completion_chunk_body(id=rid, model=name, text="", finish_reason=result.finish_reason))
+                if include_usage:
+                    await sse.send(completion_chunk_body(id=rid, model=name, text=None, usage=usage))
+            await sse.done()
+            return sse.response
+        except (ConnectionError, asyncio.CancelledError):
+            # The client closed the stream: stop generating; the tokens made so far are what it cost.
+            self.cancel.set()
+            raise
+        finally:
+            self.cancel.set()

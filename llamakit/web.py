@@ -1,0 +1,131 @@
+"""aiohttp pieces shared by the node and the router: OpenAI-shaped errors, bearer checks and SSE writing."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.protocol import ApiError, error_body
+
+__all__ = [
+    "SseWriter",
+    "bearer_token",
+    "error_middleware",
+    "json_response",
+    "read_body",
+    "require_bearer",
+    "secrets_equal",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_ERROR_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into an OpenAI-shaped JSON body: the client never sees an HTML page or a bare 500."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text or exc.reason
+        if exc.status == 413:
+            message = f"the request body is too large (the limit is {request.app._client_max_size} bytes)"
+        elif exc.status == 404:
+            message = f"there is no route {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        body = error_body(message, type=_HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"))
+        return json_response(body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+    except ConnectionResetError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_response(
+            error_body("internal server error; the request was not completed", type="server_error"), status=500
+        )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body; a body over the app's `client_max_size` becomes a 413 through the error middleware."""
+    return await request.read()
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def secrets_equal(given: str, expected: str) -> bool:
+    """Compare secrets in constant time, so response timing does not leak how much of a key was right."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
+def require_bearer(request: web.Request, expected: str, *, what: str) -> None:
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(
+            401,
+            f"missing credentials: send 'Authorization: Bearer <{what}>'",
+            type="authentication_error",
+            code="missing_credentials",
+        )
+    if not secrets_equal(token, expected):
+        raise ApiError(401, f"the {what} is not valid", type="authentication_error", code="invalid_credentials")
+
+
+class SseWriter:
+    """Server-Sent Events on an aiohttp response: one `data:` event per chunk, `[DONE]` to end."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self.response = response
+
+    @classmethod
+    async def open(cls, request: web.Request, headers: dict[str, str] | None = None) -> SseWriter:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **(headers or {}),
+            }
+        )
+        await response.prepare(request)
+        return cls(response)
+
+    async def send(self, data: dict[str, Any]) -> None:
+        await self.response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+
+    async def done(self) -> None:
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
