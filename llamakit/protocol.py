@@ -22,8 +22,8 @@ __all__ = [
     "ResponseFormat",
     "StreamOptions",
     "Usage",
-    "chat_completion_body",
     "chat_chunk_body",
+    "chat_completion_body",
     "completion_body",
     "completion_chunk_body",
     "error_body",
@@ -235,9 +235,7 @@ def _created() -> int:
     return int(time.time())
 
 
-def chat_completion_body(
-    *, id: str, model: str, text: str, finish_reason: str, usage: Usage
-) -> dict[str, Any]:
+def chat_completion_body(*, id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
     return {
         "id": id,
         "object": "chat.completion",
@@ -295,9 +293,7 @@ def completion_chunk_body(
     usage: Usage | None = None,
 ) -> dict[str, Any]:
     """One streamed `text_completion` chunk; `text=None` makes the usage-only chunk."""
-    choices = (
-        [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-    )
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
     return {
         "id": id,
         "object": "text_completion",

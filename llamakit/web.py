@@ -69,7 +69,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_response(
-            error_body("internal server error; the request was not completed", type="server_error"), status=500
+            error_body("internal server error; the request was not completed", type="server_error"),
+            status=500,
         )
 
 

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from aiohttp import web
 
+from llamakit.catalog import ModelNotAvailable, resolve_model
 from llamakit.node.settings import settings_from_args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     settings = settings_from_args(argv)
+    try:
+        resolve_model(settings.model)  # fail here, with the reason, rather than after the server is up
+    except ModelNotAvailable as exc:
+        print(f"python -m llamakit.node: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     from llamakit.node.app import create_app
 
-    print(f"llamakit node {settings.name!r} on http://{settings.host}:{settings.port}", file=sys.stderr)
+    if "LLAMAKIT_HERD_TOKEN" not in os.environ and not any(a.startswith("--herd-token") for a in argv):
+        # Nobody else knows a generated token: print it once so the operator can give it to the router.
+        print(f"herd token (generated): {settings.herd_token}", file=sys.stderr)
+    print(f"llamakit node {settings.name!r} serving on http://{settings.host}:{settings.port}", file=sys.stderr)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
 
 

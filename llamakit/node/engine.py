@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
-from llama_cpp import Llama, LlamaGrammar
+from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from llamakit.catalog import ResolvedModel
 from llamakit.protocol import ApiError
@@ -177,7 +177,9 @@ class LoadedModel:
                 grammar = json_schema_to_gbnf(json.dumps(schema))
             except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError …
                 raise ApiError(
-                    400, f"response_format.json_schema.schema cannot be used: {exc!r}", param="response_format"
+                    400,
+                    f"response_format.json_schema.schema cannot be used: {exc!r}",
+                    param="response_format",
                 ) from exc
             param = "response_format"
         else:

@@ -97,7 +97,10 @@ class ModelHost:
                 await asyncio.wait_for(self._ready.wait(), self.load_wait)
             except TimeoutError:
                 raise ApiError(
-                    503, "the node is still loading its model", type="server_error", code="loading",
+                    503,
+                    "the node is still loading its model",
+                    type="server_error",
+                    code="loading",
                     headers={"Retry-After": "5"},
                 ) from None
         if self.status == "error" or self.model is None:

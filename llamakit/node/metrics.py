@@ -18,9 +18,7 @@ class NodeMetrics:
             ["route", "outcome"],
             registry=self.registry,
         )
-        self.prompt_tokens = Counter(
-            "llamakit_node_prompt_tokens", "Prompt tokens evaluated.", registry=self.registry
-        )
+        self.prompt_tokens = Counter("llamakit_node_prompt_tokens", "Prompt tokens evaluated.", registry=self.registry)
         self.completion_tokens = Counter(
             "llamakit_node_completion_tokens", "Completion tokens generated.", registry=self.registry
         )

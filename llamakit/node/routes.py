@@ -73,7 +73,13 @@ async def list_models(request: web.Request) -> web.Response:
     data = []
     if host.model is not None:
         data.append(
-            {"id": host.model.name, "object": "model", "created": 0, "owned_by": "llamakit", "n_ctx": host.model.n_ctx}
+            {
+                "id": host.model.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "llamakit",
+                "n_ctx": host.model.n_ctx,
+            }
         )
     return json_response({"object": "list", "data": data})
 
@@ -85,7 +91,7 @@ async def admin_init(request: web.Request) -> web.Response:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict) or not isinstance(body.get("model"), str) or not body["model"]:
-        raise ApiError(400, "send {\"model\": \"<catalog name or path to a .gguf file>\"}", param="model")
+        raise ApiError(400, 'send {"model": "<catalog name or path to a .gguf file>"}', param="model")
     host = request.app[HOST]
     host.start_loading(body["model"])
     return json_response({"status": host.status, "model": host.loading_name}, status=202)
@@ -112,7 +118,10 @@ class _Prepared:
 
 
 async def _prepare(
-    host: ModelHost, settings: NodeSettings, req: GenerationRequest, tokenize: Callable[[LoadedModel], list[int]]
+    host: ModelHost,
+    settings: NodeSettings,
+    req: GenerationRequest,
+    tokenize: Callable[[LoadedModel], list[int]],
 ) -> _Prepared:
     """Validate the request against the loaded model and tokenize it (off the loop): no slot is taken yet."""
     await host.wait_loaded()
@@ -144,7 +153,10 @@ async def _prepare(
 
 
 async def _lease(
-    host: ModelHost, settings: NodeSettings, req: GenerationRequest, tokenize: Callable[[LoadedModel], list[int]]
+    host: ModelHost,
+    settings: NodeSettings,
+    req: GenerationRequest,
+    tokenize: Callable[[LoadedModel], list[int]],
 ) -> tuple[Lease, GenerationJob]:
     prepared = await _prepare(host, settings, req, tokenize)
     lease = await host.acquire()
@@ -164,7 +176,9 @@ async def _serve(
     except ApiError as exc:
         metrics.requests.labels(route, "busy" if exc.status == 503 else "rejected").inc()
         raise
-    request_id = request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    request_id = (
+        request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+    )
     loop = asyncio.get_running_loop()
     cancel = threading.Event()
     run = _Run(request, lease, job, request_id, cancel)
@@ -241,7 +255,11 @@ class _Run:
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        future = start(lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+
+        def on_text(text: str) -> None:  # called on the slot's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        future = start(on_text)
         future.add_done_callback(lambda _f: pieces.put_nowait(None))
         name, rid = self.model.name, self.request_id
         try:

@@ -22,12 +22,17 @@ class NodeSettings(BaseModel):
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     slots: int = Field(2, ge=1, le=64, description="requests served at once, one llama.cpp context each")
     threads: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1), ge=1, le=256, description="CPU threads per context"
+        default_factory=lambda: max(1, os.cpu_count() or 1),
+        ge=1,
+        le=256,
+        description="CPU threads per context",
     )
     n_ctx: int = Field(2048, ge=64, le=1 << 20, description="context size in tokens, per slot")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     herd_token: str = Field(
-        default_factory=lambda: secrets.token_urlsafe(24), min_length=8, description="shared secret of the herd"
+        default_factory=lambda: secrets.token_urlsafe(24),
+        min_length=8,
+        description="shared secret of the herd",
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")

@@ -85,7 +85,9 @@ async def test_stream_joins_to_the_whole_text(client: httpx.AsyncClient) -> None
         "seed": 7,
     }
     whole = (await client.post("/v1/chat/completions", json=request)).json()
-    resp = await client.post("/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}})
+    resp = await client.post(
+        "/v1/chat/completions", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert resp.headers["content-type"].startswith("text/event-stream")
     chunks = sse_events(resp.text)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # type: ignore[index]
@@ -98,7 +100,9 @@ async def test_stream_joins_to_the_whole_text(client: httpx.AsyncClient) -> None
 
 
 async def test_completion_stream_without_usage(client: httpx.AsyncClient) -> None:
-    resp = await client.post("/v1/completions", json={"prompt": COUNTING, "max_tokens": 6, "temperature": 0, "stream": True})
+    resp = await client.post(
+        "/v1/completions", json={"prompt": COUNTING, "max_tokens": 6, "temperature": 0, "stream": True}
+    )
     chunks = sse_events(resp.text)
     assert all(c["usage"] is None for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
@@ -168,7 +172,10 @@ async def test_closed_stream_stops_generation(client: httpx.AsyncClient) -> None
     assert health["busy"] == 0, "the slot was not freed after the client went away"
     generated = await metric(client, "llamakit_node_completion_tokens_total") - before
     assert 3 <= generated < 100, f"generation went on for {generated} tokens after the stream was closed"
-    assert await metric(client, "llamakit_node_requests_total", '{outcome="cancelled",route="completions"}') == cancelled + 1
+    assert (
+        await metric(client, "llamakit_node_requests_total", '{outcome="cancelled",route="completions"}')
+        == cancelled + 1
+    )
 
 
 async def test_abandoned_request_stops_generation(client: httpx.AsyncClient) -> None:
