@@ -27,10 +27,13 @@ __all__ = [
     "completion_body",
     "completion_chunk_body",
     "error_body",
+    "parse_json",
     "parse_request",
+    "validate_request",
 ]
 
 MAX_STOP_STRINGS = 4
+_Req = TypeVar("_Req", bound="GenerationRequest")
 
 
 class ApiError(Exception):
@@ -209,8 +212,8 @@ class Usage(BaseModel):
         )
 
 
-def parse_request(model: type[_Req], raw: bytes) -> _Req:
-    """Parse a JSON body into `model`, turning every way it can be wrong into a 400 that names the field."""
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object from a request body, or a 400 that says what is wrong with it."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -219,6 +222,11 @@ def parse_request(model: type[_Req], raw: bytes) -> _Req:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
+    """Validate a parsed body against `model`, turning the first problem into a 400 that names the field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -228,7 +236,8 @@ def parse_request(model: type[_Req], raw: bytes) -> _Req:
         raise ApiError(400, f"invalid request: {message}", param=param, code="invalid_value") from exc
 
 
-_Req = TypeVar("_Req", bound="GenerationRequest")
+def parse_request(model: type[_Req], raw: bytes) -> _Req:
+    return validate_request(model, parse_json(raw))
 
 
 def _created() -> int:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import suppress
 
 from aiohttp import web
 
 from llamakit.catalog import ResolvedModel
 from llamakit.node.engine import LoadedModel
 from llamakit.node.host import ModelHost
+from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.routes import HOST, METRICS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
@@ -41,7 +44,12 @@ def create_app(settings: NodeSettings) -> web.Application:
     async def model_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # The server answers /health ("loading") while the model loads in the background.
         host.start_loading(settings.model)
+        membership = asyncio.create_task(keep_membership(settings, host)) if settings.router else None
         yield
+        if membership is not None:
+            membership.cancel()
+            with suppress(asyncio.CancelledError):
+                await membership
         await host.close()
 
     app.cleanup_ctx.append(model_lifecycle)

@@ -235,10 +235,11 @@ class LoadedModel:
         self,
         slot: int,
         job: GenerationJob,
-        on_text: Callable[[str], None],
+        on_text: Callable[[str, int], None],
         cancel: threading.Event,
     ) -> GenerationResult:
-        """Generate on context `slot`, calling `on_text` with each new piece of text as soon as it is whole.
+        """Generate on context `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece
+        of text is whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes).
 
         Stops at an end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the
         count of completion tokens is the tokens sampled and delivered, the end-of-generation token excluded.
@@ -274,7 +275,7 @@ class LoadedModel:
                 text, stopped = matcher.feed(decoder.decode(self._piece(token)))
                 if text:
                     pieces.append(text)
-                    on_text(text)
+                    on_text(text, completion_tokens)
                 if stopped:
                     finish_reason = "stop"
                     break
@@ -286,7 +287,7 @@ class LoadedModel:
             tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
             if tail:
                 pieces.append(tail)
-                on_text(tail)
+                on_text(tail, completion_tokens)
         return GenerationResult(
             text="".join(pieces),
             finish_reason=finish_reason,

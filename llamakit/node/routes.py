@@ -183,7 +183,7 @@ async def _serve(
     cancel = threading.Event()
     run = _Run(request, lease, job, request_id, cancel)
 
-    def start(on_text: Callable[[str], None]) -> asyncio.Future[GenerationResult]:
+    def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
         future = loop.run_in_executor(host.executor, lease.model.generate, lease.slot, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
         future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f))
@@ -228,9 +228,9 @@ class _Run:
         return transport is None or transport.is_closing()
 
     async def whole(
-        self, start: Callable[[Callable[[str], None]], asyncio.Future[GenerationResult]], kind: str
+        self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]], kind: str
     ) -> web.Response:
-        future = start(lambda _text: None)
+        future = start(lambda _text, _n: None)
         try:
             while True:
                 done, _ = await asyncio.wait({future}, timeout=0.1)
@@ -249,28 +249,33 @@ class _Run:
 
     async def stream(
         self,
-        start: Callable[[Callable[[str], None]], asyncio.Future[GenerationResult]],
+        start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]],
         kind: str,
         include_usage: bool,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
 
-        def on_text(text: str) -> None:  # called on the slot's thread
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
+        def on_text(text: str, completion_tokens: int) -> None:  # called on the slot's thread
+            loop.call_soon_threadsafe(pieces.put_nowait, (text, completion_tokens))
 
         future = start(on_text)
         future.add_done_callback(lambda _f: pieces.put_nowait(None))
         name, rid = self.model.name, self.request_id
+        n_prompt = len(self.job.prompt_tokens)
         try:
             sse = await SseWriter.open(self.request, {REQUEST_ID_HEADER: rid})
             if kind == "chat":
                 await sse.send(chat_chunk_body(id=rid, model=name, delta={"role": "assistant", "content": ""}))
-            while (text := await pieces.get()) is not None:
+            while (item := await pieces.get()) is not None:
+                text, n_completion = item
                 if kind == "chat":
-                    await sse.send(chat_chunk_body(id=rid, model=name, delta={"content": text}))
+                    chunk = chat_chunk_body(id=rid, model=name, delta={"content": text})
                 else:
-                    await sse.send(completion_chunk_body(id=rid, model=name, text=text))
+                    chunk = completion_chunk_body(id=rid, model=name, text=text)
+                # Running token counts: what a router charges for when the stream is cut before its usage.
+                chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
+                await sse.send(chunk)
             try:
                 result = future.result()
             except Exception as exc:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import secrets
 from collections.abc import Mapping, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from llamakit.catalog import DEFAULT_MODEL
+from llamakit.config import Flag, parse_settings
 
 __all__ = ["NodeSettings", "settings_from_args"]
 
@@ -36,39 +36,31 @@ class NodeSettings(BaseModel):
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
+    public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
+
+    @property
+    def url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
-_FLAGS: dict[str, tuple[str, type]] = {
-    "model": ("LLAMAKIT_MODEL", str),
-    "host": ("LLAMAKIT_HOST", str),
-    "port": ("LLAMAKIT_PORT", int),
-    "slots": ("LLAMAKIT_SLOTS", int),
-    "threads": ("LLAMAKIT_THREADS", int),
-    "n_ctx": ("LLAMAKIT_CTX_SIZE", int),
-    "default_max_tokens": ("LLAMAKIT_DEFAULT_MAX_TOKENS", int),
-    "herd_token": ("LLAMAKIT_HERD_TOKEN", str),
-    "name": ("LLAMAKIT_NODE_NAME", str),
-}
+FLAGS = [
+    Flag("model", "--model", "LLAMAKIT_MODEL"),
+    Flag("host", "--host", "LLAMAKIT_HOST"),
+    Flag("port", "--port", "LLAMAKIT_PORT", int),
+    Flag("slots", "--slots", "LLAMAKIT_SLOTS", int),
+    Flag("threads", "--threads", "LLAMAKIT_THREADS", int),
+    Flag("n_ctx", "--ctx-size", "LLAMAKIT_CTX_SIZE", int),
+    Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
+    Flag("herd_token", "--herd-token", "LLAMAKIT_HERD_TOKEN"),
+    Flag("name", "--name", "LLAMAKIT_NODE_NAME"),
+    Flag("router", "--router", "LLAMAKIT_ROUTER"),
+    Flag("public_url", "--public-url", "LLAMAKIT_PUBLIC_URL"),
+]
 
 
 def settings_from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> NodeSettings:
-    """Flags win over environment variables, which win over the defaults; invalid values exit with a message."""
-    env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(prog="python -m llamakit.node", description="A llamakit inference node.")
-    for name, (var, kind) in _FLAGS.items():
-        field = NodeSettings.model_fields[name]
-        flag = "--ctx-size" if name == "n_ctx" else "--" + name.replace("_", "-")
-        parser.add_argument(flag, dest=name, type=kind, default=None, help=f"{field.description} (env {var})")
-    args = parser.parse_args(argv)
-    values: dict[str, object] = {}
-    for name, (var, _kind) in _FLAGS.items():
-        value = getattr(args, name)
-        if value is None and var in env:
-            value = env[var]
-        if value is not None:
-            values[name] = value
-    try:
-        return NodeSettings.model_validate(values)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        parser.error(problems)
+    return parse_settings(
+        NodeSettings, FLAGS, argv, env, prog="python -m llamakit.node", description="A llamakit inference node."
+    )

@@ -1,0 +1,181 @@
+"""Fee arithmetic in integer credits: fee schedules, bid multipliers, quotes, holds and settlements.
+
+Pure functions with no I/O. Money is always an `int`; bids are exact `Decimal`s and every product is
+computed as an exact fraction and rounded up once, so no float ever touches an amount.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from typing import Any
+
+__all__ = [
+    "CHAT_TEMPLATE_ALLOWANCE",
+    "MAX_BID",
+    "MAX_BID_DECIMALS",
+    "MIN_BID",
+    "PER_MESSAGE_ALLOWANCE",
+    "Bid",
+    "FeeSchedule",
+    "format_bid",
+    "hold_amount",
+    "parse_bid",
+    "prompt_token_bound",
+    "quote",
+    "settle_amount",
+]
+
+Bid = Decimal
+"""A validated bid multiplier: an exact decimal in [MIN_BID, MAX_BID]. Make one with `parse_bid`."""
+
+MIN_BID = Decimal(1)
+MAX_BID = Decimal(1000)
+# A float such as 1.005 ** 3 prints with up to 17 significant digits, so 20 places accepts any bid a
+# client computed in floating point while refusing a header of a million digits.
+MAX_BID_DECIMALS = 20
+
+CHAT_TEMPLATE_ALLOWANCE = 64
+PER_MESSAGE_ALLOWANCE = 8
+
+# ASCII digits only: Decimal() would also take "1_5" (15) and non-ASCII digits, which no client means.
+_BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
+
+_FEE_FIELDS = ("base_fee", "prompt_token_fee", "completion_token_fee")
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number of credits or tokens (an int), got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class FeeSchedule:
+    """What one model costs, in credits: a fixed fee per request plus a fee per prompt and per completion token."""
+
+    base_fee: int
+    prompt_token_fee: int
+    completion_token_fee: int
+
+    def __post_init__(self) -> None:
+        for name in _FEE_FIELDS:
+            _check_count(name, getattr(self, name))
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """The price of a request at bid 1: base + prompt fee * prompt tokens + completion fee * completion tokens."""
+        _check_count("prompt_tokens", prompt_tokens)
+        _check_count("completion_tokens", completion_tokens)
+        return self.base_fee + self.prompt_token_fee * prompt_tokens + self.completion_token_fee * completion_tokens
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _FEE_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FeeSchedule:
+        """Build a schedule from a mapping with exactly the three fee fields, each a non-negative int."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a fee schedule must be a mapping of {', '.join(_FEE_FIELDS)}, got {data!r}")
+        missing = [name for name in _FEE_FIELDS if name not in data]
+        unknown = sorted(str(key) for key in data if key not in _FEE_FIELDS)
+        if missing or unknown:
+            problems = []
+            if missing:
+                problems.append(f"missing {', '.join(missing)}")
+            if unknown:
+                problems.append(f"unknown {', '.join(unknown)}")
+            raise ValueError(f"a fee schedule needs exactly {', '.join(_FEE_FIELDS)} ({'; '.join(problems)})")
+        return cls(
+            base_fee=data["base_fee"],
+            prompt_token_fee=data["prompt_token_fee"],
+            completion_token_fee=data["completion_token_fee"],
+        )
+
+
+def parse_bid(value: object) -> Bid:
+    """Validate a bid multiplier and return it as an exact `Decimal`.
+
+    Accepts an int, a float, a `Decimal` or a numeric string (the `X-Llamakit-Bid` header) between
+    MIN_BID (1) and MAX_BID (1000) with at most MAX_BID_DECIMALS digits after the point. Floats go through
+    `str()` first, so the bid 1.1 is exactly 1.1 and not 1.100000000000000088817841970012523.
+    """
+    allowed = f"a bid must be a number from {MIN_BID} to {MAX_BID}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"{allowed}, got {value!r}")
+    text = value.strip() if isinstance(value, str) else str(value)
+    if len(text) > 64:
+        raise ValueError(f"{allowed} with at most {MAX_BID_DECIMALS} decimal places, got {text[:20]}…")
+    if isinstance(value, str) and not _BID_TEXT.fullmatch(text):
+        raise ValueError(f"{allowed}, got {value!r}")
+    try:
+        bid = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{allowed}, got {value!r}") from None
+    if not bid.is_finite():
+        raise ValueError(f"{allowed}, got {value!r}")
+    if bid < MIN_BID or bid > MAX_BID:
+        raise ValueError(f"{allowed}, got {text}")
+    if (Fraction(bid) * 10**MAX_BID_DECIMALS).denominator != 1:
+        raise ValueError(f"{allowed} with at most {MAX_BID_DECIMALS} decimal places, got {text}")
+    return bid
+
+
+def format_bid(bid: Bid) -> str:
+    """A bid in plain positional notation without trailing zeros: 1.10 → '1.1', 1E+2 → '100'."""
+    text = format(bid, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def _ceil(value: Fraction) -> int:
+    # Integer ceiling division: exact for any size, unlike math.ceil on a float.
+    return -(-value.numerator // value.denominator)
+
+
+def quote(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int) -> int:
+    """The price of a request: ceil(bid * (base + prompt fee * prompt tokens + completion fee * completion tokens)).
+
+    `bid` is validated with `parse_bid`; the product is an exact fraction rounded up once.
+    """
+    multiplier = Fraction(parse_bid(bid))
+    return _ceil(multiplier * fees.cost(prompt_tokens, completion_tokens))
+
+
+def prompt_token_bound(texts: Iterable[str], *, messages: int) -> int:
+    """A safe upper bound on the prompt tokens of a request, computed without the model's tokenizer.
+
+    Every token of a byte-level BPE vocabulary (GPT-2/Llama 3/SmolLM2 style) or of a SentencePiece
+    vocabulary with byte fallback (Llama 2/Gemma style) covers at least one byte of UTF-8, so a text never
+    tokenizes into more tokens than it has bytes. What the bytes do not cover is what the chat template
+    adds around them: a BOS token and a default system prompt that some templates inject
+    (CHAT_TEMPLATE_ALLOWANCE, once), and the role markers, separators and SentencePiece's dummy-prefix
+    space around each message (PER_MESSAGE_ALLOWANCE per message). Callers must pass every string the
+    template renders (contents, and names if any); for a raw completion pass the prompt and messages=0.
+    """
+    _check_count("messages", messages)
+    total = 0
+    for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"prompt texts must be strings, got {type(text).__name__}")
+        total += len(text.encode("utf-8", errors="surrogatepass"))
+    return total + CHAT_TEMPLATE_ALLOWANCE + PER_MESSAGE_ALLOWANCE * messages
+
+
+def hold_amount(fees: FeeSchedule, bid: object, prompt_bound: int, max_tokens: int) -> int:
+    """What to hold before queueing: the quote for the prompt bound and the full `max_tokens`."""
+    return quote(fees, bid, prompt_bound, max_tokens)
+
+
+def settle_amount(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int) -> int:
+    """What to charge for the tokens actually used: the quote, but never more than `held`."""
+    _check_count("held", held)
+    # The hold is the price the client agreed to before the request ran. If the prompt bound was ever
+    # too low (a template we did not foresee), the operator absorbs the difference: charging more than
+    # the hold could overdraw a balance that other requests are already counting on.
+    return min(quote(fees, bid, prompt_tokens, completion_tokens), held)

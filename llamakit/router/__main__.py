@@ -1,0 +1,37 @@
+"""`python -m llamakit.router`: run the router in the foreground."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from llamakit.router.app import create_app
+from llamakit.router.settings import settings_from_args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings = settings_from_args(argv)
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # an unreadable fee file, for one
+        print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for flag, env, what, value in (
+        ("--admin-key", "LLAMAKIT_ADMIN_KEY", "admin key", settings.admin_key),
+        ("--herd-token", "LLAMAKIT_HERD_TOKEN", "herd token", settings.herd_token),
+    ):
+        if env not in os.environ and not any(a.startswith(flag) for a in argv):
+            # Nobody else knows a generated secret: print it once, to the operator's terminal only.
+            print(f"{what} (generated): {value}", file=sys.stderr)
+    print(f"llamakit router on http://{settings.host}:{settings.port} (ledger {settings.db})", file=sys.stderr)
+    web.run_app(app, host=settings.host, port=settings.port, print=None)
+
+
+if __name__ == "__main__":
+    main()

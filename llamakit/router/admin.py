@@ -1,0 +1,285 @@
+"""The operator's routes (Bearer admin key) and the herd's routes (Bearer herd token).
+
+API keys never reach these: the admin key and the herd token are separate secrets, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.fees import FeeSchedule
+from llamakit.protocol import ApiError, parse_json
+from llamakit.router.api import STATE
+from llamakit.router.herd import HerdNode
+from llamakit.router.ledger import Account, AccountExists, LedgerError, UnknownAccount
+from llamakit.router.stats import snapshot
+from llamakit.web import SseWriter, json_response, require_bearer
+
+__all__ = ["admin_routes", "herd_routes"]
+
+admin_routes = web.RouteTableDef()
+herd_routes = web.RouteTableDef()
+
+
+def _admin(request: web.Request) -> None:
+    require_bearer(request, request.app[STATE].settings.admin_key, what="admin key")
+
+
+def _herd(request: web.Request) -> None:
+    require_bearer(request, request.app[STATE].settings.herd_token, what="herd token")
+
+
+def _account(request: web.Request) -> Account:
+    ledger = request.app[STATE].ledger
+    ref = request.match_info["account"]
+    try:
+        return ledger.get_account(int(ref)) if ref.isdigit() else ledger.account_by_name(ref)
+    except UnknownAccount as exc:
+        raise ApiError(404, str(exc), type="not_found_error", code="account_not_found") from exc
+
+
+def _account_json(request: web.Request, account: Account) -> dict[str, Any]:
+    books = request.app[STATE].ledger.account_state(account.id)
+    return {"id": account.id, "name": account.name, "kind": account.kind, **asdict(books)}
+
+
+def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ApiError(400, f"{name!r} must be a non-negative whole number of credits, got {value!r}", param=name)
+    return value
+
+
+@admin_routes.get("/admin/accounts")
+async def list_accounts(request: web.Request) -> web.Response:
+    _admin(request)
+    ledger = request.app[STATE].ledger
+    return json_response({"data": [_account_json(request, a) for a in ledger.list_accounts()]})
+
+
+@admin_routes.post("/admin/accounts")
+async def create_account(request: web.Request) -> web.Response:
+    _admin(request)
+    ledger = request.app[STATE].ledger
+    body = parse_json(await request.read())
+    name, kind = body.get("name"), body.get("kind", "user")
+    deposit = _positive_int(body, "deposit", default=0)
+    if not isinstance(name, str) or not name.strip():
+        raise ApiError(400, "an account needs a 'name'", param="name")
+    if kind not in ("user", "agent", "dev"):
+        raise ApiError(400, f"'kind' must be user, agent or dev, got {kind!r}", param="kind")
+    try:
+        account = ledger.create_account(name.strip(), kind=kind)
+    except AccountExists as exc:
+        raise ApiError(409, str(exc), code="account_exists", param="name") from exc
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="name") from exc
+    key = ledger.create_key(account.id)
+    if deposit:
+        ledger.deposit(account.id, deposit, note="opening deposit")
+    return json_response({**_account_json(request, account), "api_key": key}, status=201)
+
+
+@admin_routes.get("/admin/accounts/{account}")
+async def get_account(request: web.Request) -> web.Response:
+    _admin(request)
+    return json_response(_account_json(request, _account(request)))
+
+
+@admin_routes.post("/admin/accounts/{account}/keys")
+async def create_key(request: web.Request) -> web.Response:
+    _admin(request)
+    account = _account(request)
+    return json_response(
+        {"account": account.name, "api_key": request.app[STATE].ledger.create_key(account.id)}, status=201
+    )
+
+
+@admin_routes.delete("/admin/keys/{key}")
+async def revoke_key(request: web.Request) -> web.Response:
+    _admin(request)
+    try:
+        revoked = request.app[STATE].ledger.revoke_key(request.match_info["key"])
+    except (LedgerError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="key") from exc
+    if not revoked:
+        raise ApiError(404, "no active key matches", type="not_found_error", code="key_not_found")
+    return json_response({"revoked": revoked})
+
+
+@admin_routes.post("/admin/accounts/{account}/deposits")
+async def deposit(request: web.Request) -> web.Response:
+    _admin(request)
+    account = _account(request)
+    body = parse_json(await request.read())
+    amount = _positive_int(body, "amount")
+    if amount == 0:
+        raise ApiError(400, "'amount' must be at least 1 credit", param="amount")
+    note = body.get("note", "")
+    if not isinstance(note, str):
+        raise ApiError(400, "'note' must be a string", param="note")
+    balance = request.app[STATE].ledger.deposit(account.id, amount, note=note)
+    return json_response({"account": account.name, "deposited": amount, "balance": balance}, status=201)
+
+
+@admin_routes.get("/admin/fees")
+async def get_fees(request: web.Request) -> web.Response:
+    _admin(request)
+    state = request.app[STATE]
+    return json_response(state.prices.to_dict(state.known_models()))
+
+
+@admin_routes.put("/admin/fees/{model}")
+async def set_fees(request: web.Request) -> web.Response:
+    _admin(request)
+    state = request.app[STATE]
+    try:
+        fees = FeeSchedule.from_dict(parse_json(await request.read()))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="fees") from exc
+    model = request.match_info["model"]
+    state.prices.set(model, fees)
+    return json_response({"model": model, **fees.to_dict()})
+
+
+def _node(request: web.Request) -> HerdNode:
+    node = request.app[STATE].herd.get(request.match_info["node"])
+    if node is None:
+        raise ApiError(404, f"no node {request.match_info['node']!r} in the herd", type="not_found_error")
+    return node
+
+
+@admin_routes.get("/admin/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    _admin(request)
+    return json_response({"data": [n.snapshot() for n in request.app[STATE].herd.nodes.values()]})
+
+
+@admin_routes.post("/admin/nodes/{node}/drain")
+async def drain_node(request: web.Request) -> web.Response:
+    _admin(request)
+    node = _node(request)
+    node.draining = True
+    request.app[STATE].scheduler.pump()  # requests waiting only for this node learn at once
+    return json_response(node.snapshot())
+
+
+@admin_routes.post("/admin/nodes/{node}/undrain")
+async def undrain_node(request: web.Request) -> web.Response:
+    _admin(request)
+    node = _node(request)
+    node.draining = False
+    request.app[STATE].scheduler.pump()
+    return json_response(node.snapshot())
+
+
+@admin_routes.delete("/admin/nodes/{node}")
+async def remove_node(request: web.Request) -> web.Response:
+    _admin(request)
+    node = _node(request)
+    state = request.app[STATE]
+    # Requests in flight on it finish (they hold their own reference); it gets nothing new.
+    node.draining = True
+    state.herd.remove(node.id)
+    state.scheduler.pump()
+    return json_response({"removed": node.id})
+
+
+@admin_routes.get("/admin/stats")
+async def stats(request: web.Request) -> web.Response:
+    _admin(request)
+    return json_response(snapshot(request.app[STATE]))
+
+
+@admin_routes.get("/admin/stats/stream")
+async def stats_stream(request: web.Request) -> web.StreamResponse:
+    """The snapshot pushed as Server-Sent Events every `interval` seconds (default 1) until the client leaves."""
+    _admin(request)
+    try:
+        interval = float(request.query.get("interval", "1"))
+    except ValueError:
+        raise ApiError(400, "'interval' must be a number of seconds", param="interval") from None
+    if not 0.1 <= interval <= 60:
+        raise ApiError(400, "'interval' must be between 0.1 and 60 seconds", param="interval")
+    sse = await SseWriter.open(request)
+    try:
+        while True:
+            await sse.send(snapshot(request.app[STATE]))
+            await asyncio.sleep(interval)
+    except ConnectionError:
+        pass
+    return sse.response
+
+
+@admin_routes.get("/admin/books")
+async def books(request: web.Request) -> web.Response:
+    _admin(request)
+    books = request.app[STATE].ledger.books()
+    return json_response({**asdict(books), "balanced": books.balanced})
+
+
+@admin_routes.get("/admin/usage")
+async def usage(request: web.Request) -> web.Response:
+    _admin(request)
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise ApiError(400, "'limit' must be an integer", param="limit") from None
+    records = request.app[STATE].ledger.all_usage(limit)
+    return json_response({"data": [asdict(r) for r in records]})
+
+
+def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:
+    url, name, models, slots = body.get("url"), body.get("name"), body.get("models"), body.get("slots")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ApiError(400, "'url' must be the node's http(s) URL", param="url")
+    if not isinstance(name, str) or not name or len(name) > 64:
+        raise ApiError(400, "'name' must be a string of 1 to 64 characters", param="name")
+    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        raise ApiError(400, "'models' must be a list of model names", param="models")
+    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
+        raise ApiError(400, "'slots' must be a whole number from 1 to 1024", param="slots")
+    return url, name, models, slots
+
+
+@herd_routes.post("/herd/join")
+async def join(request: web.Request) -> web.Response:
+    _herd(request)
+    state = request.app[STATE]
+    url, name, models, slots = _node_fields(parse_json(await request.read()))
+    node = state.herd.join(url=url, name=name, models=models, slots=slots)
+    state.scheduler.pump()
+    return json_response({"id": node.id, "heartbeat_seconds": state.settings.health_interval}, status=201)
+
+
+@herd_routes.post("/herd/heartbeat")
+async def heartbeat(request: web.Request) -> web.Response:
+    _herd(request)
+    state = request.app[STATE]
+    body = parse_json(await request.read())
+    node = state.herd.get(str(body.get("name")))
+    if node is None:
+        raise ApiError(404, "this node has not joined (or was removed): POST /herd/join", type="not_found_error")
+    models = body.get("models")
+    slots = body.get("slots")
+    ok_models = isinstance(models, list) and all(isinstance(m, str) for m in models)
+    ok_slots = isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1
+    if body.get("status", "ready") == "ready" and state.herd.seen(
+        node, models=models if ok_models else None, slots=slots if ok_slots else None
+    ):
+        state.scheduler.pump()
+    return json_response({"id": node.id, "state": node.state})
+
+
+@herd_routes.post("/herd/leave")
+async def leave(request: web.Request) -> web.Response:
+    _herd(request)
+    state = request.app[STATE]
+    body = parse_json(await request.read())
+    node = state.herd.remove(str(body.get("name")))
+    state.scheduler.pump()
+    return json_response({"removed": node.id if node else None})

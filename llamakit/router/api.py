@@ -1,0 +1,180 @@
+"""The router's public API (Bearer API key): OpenAI-compatible completions and models, plus accounts and events.
+
+`GET /v1/info` needs no key: like the AO herder's Info, it tells anyone the fees, queue lengths and the last
+multiplier, so a client can decide what to bid before paying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.fees import format_bid
+from llamakit.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
+    parse_json,
+    validate_request,
+)
+from llamakit.router.ledger import Account
+from llamakit.router.service import price, serve
+from llamakit.router.state import RouterState
+from llamakit.web import bearer_token, json_response
+
+__all__ = ["STATE", "routes"]
+
+STATE = web.AppKey("state", RouterState)
+
+routes = web.RouteTableDef()
+
+
+def authenticate(request: web.Request) -> Account:
+    state = request.app[STATE]
+    key = bearer_token(request)
+    if key is None:
+        raise ApiError(
+            401,
+            "missing API key: send 'Authorization: Bearer <your API key>'",
+            type="authentication_error",
+            code="missing_api_key",
+        )
+    account = state.ledger.authenticate(key)
+    if account is None:
+        raise ApiError(401, "the API key is not valid", type="authentication_error", code="invalid_api_key")
+    return account
+
+
+async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    account = authenticate(request)
+    data = parse_json(await request.read())
+    req = validate_request(model, data)
+    paid = price(state, request, account, req, data, path)
+    return await serve(state, request, paid)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, ChatCompletionRequest, "/v1/chat/completions")
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, CompletionRequest, "/v1/completions")
+
+
+def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
+    nodes = state.herd.serving(name)
+    return {
+        "id": name,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "llamakit",
+        "fees": state.prices.fees(name).to_dict(),
+        "nodes": sum(1 for n in nodes if n.state == "ready"),
+        "slots": sum(n.slots for n in nodes if n.state == "ready"),
+    }
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    authenticate(request)
+    return json_response({"object": "list", "data": [_model_entry(state, m) for m in state.herd.models()]})
+
+
+@routes.get("/v1/info")
+async def info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    models = state.known_models()
+    return json_response(
+        {
+            "models": {
+                m: {
+                    "fees": state.prices.fees(m).to_dict(),
+                    "queue_length": state.scheduler.queue_length(m),
+                    "nodes": sum(1 for n in state.herd.serving(m) if n.state == "ready"),
+                }
+                for m in models
+            },
+            "fees": state.prices.to_dict(models),
+            "queue_length": state.scheduler.queue_length(),
+            "last_multiplier": float(state.scheduler.last_multiplier),
+            "last_multiplier_exact": format_bid(state.scheduler.last_multiplier),
+            "nodes": {
+                "total": len(state.herd.nodes),
+                "ready": sum(1 for n in state.herd.nodes.values() if n.state == "ready"),
+            },
+            "default_max_tokens": state.settings.default_max_tokens,
+        }
+    )
+
+
+@routes.get("/v1/account")
+async def account(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    acct = authenticate(request)
+    books = state.ledger.account_state(acct.id)
+    return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books)})
+
+
+def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}", param=name) from None
+    if value < 0:
+        raise ApiError(400, f"query parameter {name!r} must not be negative", param=name)
+    return value
+
+
+@routes.get("/v1/account/usage")
+async def account_usage(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    acct = authenticate(request)
+    limit = _int_query(request, "limit", 100) or 100
+    before = _int_query(request, "before", None)
+    records = state.ledger.usage_records(acct.id, limit=limit, before=before)
+    data = [{**asdict(r), "total_tokens": r.total_tokens} for r in records]
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "has_more": len(records) == min(max(limit, 1), 1000),
+            "next_before": records[-1].id if records else None,
+        }
+    )
+
+
+@routes.post("/v1/events")
+async def post_event(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    acct = authenticate(request)
+    body = parse_json(await request.read())
+    kind = body.get("kind")
+    data = body.get("data", {})
+    if not isinstance(kind, str) or not kind:
+        raise ApiError(400, "an event needs a 'kind' string such as 'buy', 'skip' or 'error'", param="kind")
+    if not isinstance(data, dict):
+        raise ApiError(400, "an event's 'data' must be a JSON object", param="data")
+    try:
+        event_id = state.ledger.record_event(acct.id, kind, data)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="data") from exc
+    return json_response({"id": event_id, "kind": kind}, status=201)
+
+
+@routes.get("/v1/events")
+async def list_events(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    acct = authenticate(request)
+    limit = _int_query(request, "limit", 100) or 100
+    events = state.ledger.events(acct.id, limit=limit)
+    return json_response({"object": "list", "data": [asdict(e) for e in events]})

@@ -1,0 +1,133 @@
+"""`create_app(settings)`: the router's aiohttp application, its ledger, its node client and its health checks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp import web
+
+from llamakit.fees import FeeSchedule
+from llamakit.router.admin import admin_routes, herd_routes
+from llamakit.router.api import STATE, routes
+from llamakit.router.herd import Herd, HerdNode
+from llamakit.router.ledger import Ledger
+from llamakit.router.metrics import RouterMetrics
+from llamakit.router.pricing import PriceList
+from llamakit.router.scheduler import Scheduler
+from llamakit.router.settings import RouterSettings
+from llamakit.router.state import RouterState, UsageLog
+from llamakit.router.upstream import Upstream
+from llamakit.web import error_middleware, json_response
+
+__all__ = ["create_app"]
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: RouterSettings) -> web.Application:
+    default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
+    prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
+    herd = Herd()
+    state = RouterState(
+        settings=settings,
+        ledger=Ledger(settings.db),
+        prices=prices,
+        herd=herd,
+        scheduler=Scheduler(herd, max_queue=settings.max_queue),
+        metrics=RouterMetrics(),
+    )
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[STATE] = state
+    app.add_routes(routes)
+    app.add_routes(admin_routes)
+    app.add_routes(herd_routes)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.cleanup_ctx.append(_books)
+    app.cleanup_ctx.append(_upstream)
+    app.cleanup_ctx.append(_health_checks)
+    return app
+
+
+async def _health(request: web.Request) -> web.Response:
+    herd = request.app[STATE].herd
+    ready = sum(1 for n in herd.nodes.values() if n.state == "ready")
+    return json_response({"status": "ok", "nodes": len(herd.nodes), "ready": ready, "models": herd.models()})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    for model in state.scheduler.queues:
+        state.metrics.queue_depth.labels(model).set(state.scheduler.queue_length(model))
+    states = [n.state for n in state.herd.nodes.values()]
+    for name in ("ready", "draining", "down"):
+        state.metrics.nodes.labels(name).set(states.count(name))
+    return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def _books(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    released = state.ledger.recover()
+    if released:
+        log.warning("released %d hold(s) left open by a previous run that did not finish", released)
+    if state.settings.usage_log is not None:
+        state.usage_log = UsageLog(state.settings.usage_log)
+    yield
+    if state.usage_log is not None:
+        state.usage_log.close()
+    state.ledger.close()
+
+
+async def _upstream(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        state.upstream = Upstream(session, state.settings.herd_token, node_timeout=state.settings.node_timeout)
+        for url in state.settings.nodes:
+            host = urlsplit(url).netloc or url
+            node = state.herd.join(url=url, name=host, models=[], slots=1, static=True)
+            node.up = False  # until its first health check answers
+        yield
+
+
+async def _check(state: RouterState, node: HerdNode) -> None:
+    assert state.upstream is not None
+    try:
+        health = await state.upstream.health(node.url, within=max(1.0, state.settings.health_interval))
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        state.herd.failed(node)
+        return
+    if health.get("status") != "ready":
+        node.up = False  # loading another model, or broken: no work until it says ready
+        return
+    models = health.get("models")
+    slots = health.get("slots")
+    came_back = state.herd.seen(
+        node,
+        models=models if isinstance(models, list) else None,
+        slots=slots if isinstance(slots, int) and slots > 0 else None,
+    )
+    if came_back:
+        log.info("node %s is up, serving %s with %d slot(s)", node.name, node.models, node.slots)
+        state.scheduler.pump()
+
+
+async def _health_checks(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+
+    async def loop() -> None:
+        while True:
+            nodes = list(state.herd.nodes.values())
+            await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
+            await asyncio.sleep(state.settings.health_interval)
+
+    task = asyncio.create_task(loop(), name="health checks")
+    yield
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task

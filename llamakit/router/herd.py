@@ -1,0 +1,142 @@
+"""The herd: the nodes a router knows, their state and load, and which one should take the next request."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Herd", "HerdNode", "NodeState"]
+
+NodeState = Literal["ready", "draining", "down"]
+
+# A node is marked down after this many failed health checks in a row (one failure may be a blip).
+FAILURES_TO_DOWN = 2
+
+
+@dataclass
+class HerdNode:
+    """One node as the router sees it. `busy` counts the requests this router has in flight on it."""
+
+    id: str
+    url: str
+    name: str
+    models: list[str]
+    slots: int
+    static: bool = False
+    draining: bool = False
+    up: bool = True
+    busy: int = 0
+    failures: int = 0
+    last_seen: float = field(default_factory=time.time)
+    requests: int = 0
+    completion_tokens: int = 0
+    fees_earned: int = 0
+    # (time, tokens) of recent completions, for a tokens-per-second figure over the last minute.
+    recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=512))
+
+    @property
+    def state(self) -> NodeState:
+        if not self.up:
+            return "down"
+        return "draining" if self.draining else "ready"
+
+    @property
+    def free(self) -> int:
+        return self.slots - self.busy
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    def accepting(self, model: str) -> bool:
+        return self.up and not self.draining and self.serves(model) and self.free > 0
+
+    def record(self, completion_tokens: int, fee: int) -> None:
+        self.requests += 1
+        self.completion_tokens += completion_tokens
+        self.fees_earned += fee
+        self.recent.append((time.time(), completion_tokens))
+
+    def tokens_per_second(self, window: float = 60.0) -> float:
+        cutoff = time.time() - window
+        return sum(n for t, n in self.recent if t >= cutoff) / window
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "url": self.url,
+            "models": list(self.models),
+            "state": self.state,
+            "slots": self.slots,
+            "busy": self.busy,
+            "tokens_per_second": round(self.tokens_per_second(), 2),
+            "requests": self.requests,
+            "fees_earned": self.fees_earned,
+            "last_seen": self.last_seen,
+            "static": self.static,
+        }
+
+
+class Herd:
+    def __init__(self) -> None:
+        self.nodes: dict[str, HerdNode] = {}
+
+    def join(self, *, url: str, name: str, models: list[str], slots: int, static: bool = False) -> HerdNode:
+        """Add a node, or refresh it when a node of that name or url joins again (after a restart)."""
+        url = url.rstrip("/")
+        existing = next((n for n in self.nodes.values() if n.name == name or n.url == url), None)
+        if existing is not None:
+            existing.url, existing.name, existing.models, existing.slots = url, name, list(models), slots
+            existing.up, existing.failures, existing.last_seen = True, 0, time.time()
+            return existing
+        node = HerdNode(id=name, url=url, name=name, models=list(models), slots=slots, static=static)
+        self.nodes[node.id] = node
+        return node
+
+    def get(self, node_id: str) -> HerdNode | None:
+        return self.nodes.get(node_id)
+
+    def remove(self, node_id: str) -> HerdNode | None:
+        return self.nodes.pop(node_id, None)
+
+    def seen(self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None) -> bool:
+        """A health check or heartbeat answered; returns True when the node came back from down."""
+        came_back = not node.up
+        node.up, node.failures, node.last_seen = True, 0, time.time()
+        if models is not None:
+            node.models = models
+        if slots is not None:
+            node.slots = slots
+        return came_back
+
+    def failed(self, node: HerdNode, *, at_once: bool = False) -> None:
+        """A health check failed, or a request could not reach the node (`at_once`: no second chance)."""
+        node.failures += 1
+        if at_once or node.failures >= FAILURES_TO_DOWN:
+            node.up = False
+
+    def pick(self, model: str) -> HerdNode | None:
+        """The least-loaded node that serves `model` and has a free slot (ties: most free slots, then name)."""
+        best: HerdNode | None = None
+        for node in self.nodes.values():
+            if not node.accepting(model):
+                continue
+            if best is None or (node.busy / node.slots, -node.free, node.name) < (
+                best.busy / best.slots,
+                -best.free,
+                best.name,
+            ):
+                best = node
+        return best
+
+    def models(self, *, ready_only: bool = True) -> list[str]:
+        names: set[str] = set()
+        for node in self.nodes.values():
+            if node.up and (not ready_only or not node.draining):
+                names.update(node.models)
+        return sorted(names)
+
+    def serving(self, model: str) -> list[HerdNode]:
+        return [n for n in self.nodes.values() if n.serves(model)]

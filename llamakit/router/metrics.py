@@ -1,0 +1,40 @@
+"""The router's Prometheus metrics, in a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["RouterMetrics"]
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llamakit_router_requests",
+            "Finished requests by model and status.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "llamakit_router_tokens",
+            "Tokens settled, by model and kind (prompt, completion).",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.fees = Counter(
+            "llamakit_router_fees_earned_credits", "Credits charged, by node.", ["node"], registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "llamakit_router_queue_depth", "Requests waiting for a node, by model.", ["model"], registry=self.registry
+        )
+        self.queue_wait = Histogram(
+            "llamakit_router_queue_wait_seconds",
+            "Time from arrival to a node being assigned.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

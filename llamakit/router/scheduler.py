@@ -1,0 +1,181 @@
+"""Bid queues and dispatch: highest bid first, FIFO among equal bids, never more requests on a node than slots.
+
+A request takes a free node at once when its model's queue is empty; otherwise it waits in the queue, and
+the moment a slot frees (or a node joins or comes back) the best waiting request gets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from llamakit.protocol import ApiError
+from llamakit.router.herd import Herd, HerdNode
+
+__all__ = ["BidQueue", "Scheduler", "Ticket"]
+
+
+@dataclass(order=True)
+class Ticket:
+    """A request waiting for a node; ordered by (-bid, arrival)."""
+
+    priority: tuple[Decimal, int]
+    model: str = field(compare=False)
+    bid: Decimal = field(compare=False)
+    enqueued: float = field(compare=False)
+    exclude: frozenset[str] = field(compare=False)
+    future: asyncio.Future[HerdNode] = field(compare=False)
+    gone: bool = field(default=False, compare=False)
+
+
+class BidQueue:
+    """One model's waiting requests. Removal is lazy: a ticket that left is skipped when it reaches the top."""
+
+    def __init__(self) -> None:
+        self._heap: list[Ticket] = []
+        self._live = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def push(self, ticket: Ticket) -> None:
+        heapq.heappush(self._heap, ticket)
+        self._live += 1
+
+    def peek(self) -> Ticket | None:
+        while self._heap and self._heap[0].gone:
+            heapq.heappop(self._heap)
+        return self._heap[0] if self._heap else None
+
+    def pop(self) -> Ticket:
+        ticket = heapq.heappop(self._heap)
+        self._live -= 1
+        return ticket
+
+    def discard(self, ticket: Ticket) -> None:
+        if not ticket.gone:
+            ticket.gone = True
+            self._live -= 1
+
+    def oldest_wait(self, now: float) -> float:
+        waits = [now - t.enqueued for t in self._heap if not t.gone]
+        return max(waits, default=0.0)
+
+
+class Scheduler:
+    def __init__(self, herd: Herd, *, max_queue: int) -> None:
+        self.herd = herd
+        self.max_queue = max_queue
+        self.queues: dict[str, BidQueue] = {}
+        self.last_multiplier = Decimal(1)
+        self._arrivals = itertools.count()
+
+    def queue(self, model: str) -> BidQueue:
+        return self.queues.setdefault(model, BidQueue())
+
+    def queue_length(self, model: str | None = None) -> int:
+        if model is not None:
+            return len(self.queues.get(model, ()))
+        return sum(len(q) for q in self.queues.values())
+
+    def _assign(self, node: HerdNode, bid: Decimal) -> HerdNode:
+        node.busy += 1
+        self.last_multiplier = bid
+        return node
+
+    def _no_node(self, model: str, exclude: frozenset[str]) -> bool:
+        """True when no node that is up and not draining could ever take this request."""
+        return not any(n.up and not n.draining and n.id not in exclude for n in self.herd.serving(model))
+
+    async def acquire(
+        self, model: str, bid: Decimal, *, max_wait: float, exclude: frozenset[str] = frozenset()
+    ) -> HerdNode:
+        """A node with a slot reserved for this request; release it with `release`.
+
+        Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
+        """
+        if self._no_node(model, exclude):
+            raise ApiError(
+                503,
+                f"no node is available for model {model!r} right now; nothing was charged",
+                type="server_error",
+                code="no_node",
+                headers={"Retry-After": "5"},
+            )
+        queue = self.queue(model)
+        if not len(queue):
+            node = self._pick(model, exclude)
+            if node is not None:
+                return self._assign(node, bid)
+        if len(queue) >= self.max_queue:
+            raise ApiError(
+                429,
+                f"the queue for {model!r} is full ({self.max_queue} waiting); retry later or bid higher",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "2"},
+            )
+        loop = asyncio.get_running_loop()
+        ticket = Ticket((-bid, next(self._arrivals)), model, bid, time.monotonic(), exclude, loop.create_future())
+        queue.push(ticket)
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.future), max_wait)
+        except TimeoutError:
+            raise ApiError(
+                504,
+                f"waited {max_wait:g}s in the queue for {model!r} without a free node; nothing was charged",
+                type="server_error",
+                code="queue_timeout",
+            ) from None
+        except asyncio.CancelledError:
+            future = ticket.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # The client went away in the same instant a node was assigned: give the slot back.
+                self.release(future.result())
+            raise
+        finally:
+            if not ticket.future.done():
+                queue.discard(ticket)
+                ticket.future.cancel()
+
+    def _pick(self, model: str, exclude: frozenset[str]) -> HerdNode | None:
+        if not exclude:
+            return self.herd.pick(model)
+        best = None
+        for node in self.herd.nodes.values():
+            if node.id in exclude or not node.accepting(model):
+                continue
+            if best is None or node.busy / node.slots < best.busy / best.slots:
+                best = node
+        return best
+
+    def release(self, node: HerdNode) -> None:
+        node.busy -= 1
+        self.pump()
+
+    def pump(self) -> None:
+        """Give free slots to the best waiting requests; called whenever capacity may have appeared."""
+        for model, queue in self.queues.items():
+            while (ticket := queue.peek()) is not None:
+                if ticket.future.done():
+                    queue.discard(ticket)
+                    continue
+                if self._no_node(model, ticket.exclude):
+                    queue.pop()
+                    ticket.future.set_exception(
+                        ApiError(503, f"no node is available for model {model!r}", type="server_error", code="no_node")
+                    )
+                    continue
+                node = self._pick(model, ticket.exclude)
+                if node is None:
+                    break
+                queue.pop()
+                ticket.future.set_result(self._assign(node, ticket.bid))
+
+    def oldest_wait(self, model: str) -> float:
+        queue = self.queues.get(model)
+        return queue.oldest_wait(time.monotonic()) if queue else 0.0

@@ -1,0 +1,402 @@
+"""One paid request from arrival to settlement: price, hold, queue, dispatch (with failover), settle or refund.
+
+The hold is closed exactly once on every path: settled on the node's exact usage (or, for a stream cut
+short, on the tokens delivered), or released in full when nothing was generated for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.fees import FeeSchedule, format_bid, hold_amount, parse_bid, prompt_token_bound, settle_amount
+from llamakit.protocol import ApiError, ChatCompletionRequest, GenerationRequest, error_body
+from llamakit.router.herd import HerdNode
+from llamakit.router.ledger import Account, InsufficientFunds
+from llamakit.router.state import RouterState
+from llamakit.router.upstream import NodeFailed, NodeRejected, StreamBroken
+from llamakit.web import SseWriter, json_response
+
+__all__ = ["PaidRequest", "serve"]
+
+log = logging.getLogger(__name__)
+
+BID_HEADER = "X-Llamakit-Bid"
+CLIENT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class PaidRequest:
+    """A priced request with an open hold."""
+
+    id: str
+    account: Account
+    model: str
+    path: str
+    body: dict[str, Any]
+    bid: Decimal
+    fees: FeeSchedule
+    held: int
+    stream: bool
+    include_usage: bool
+    arrived: float
+    queue_ms: float | None = None
+    node: HerdNode | None = None
+    closed: bool = False
+
+
+def price(
+    state: RouterState, request: web.Request, account: Account, req: GenerationRequest, data: dict[str, Any], path: str
+) -> PaidRequest:
+    """Validate what only the router knows (model, bid, token limit), then hold the most it can cost."""
+    settings = state.settings
+    raw_bid: object = req.bid if req.bid is not None else request.headers.get(BID_HEADER, 1)
+    try:
+        bid = parse_bid(raw_bid)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
+    model = req.model or state.default_model()
+    known = state.known_models()
+    if model is None or model not in known:
+        available = ", ".join(known) or "none (no node has joined yet)"
+        raise ApiError(
+            404,
+            f"model {model!r} does not exist here; available models: {available}",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+    max_tokens = req.token_limit or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}; the most this router allows is {settings.max_tokens_limit}",
+            param="max_tokens",
+        )
+    if isinstance(req, ChatCompletionRequest):
+        texts = [m.text() for m in req.messages]
+        messages = len(texts)
+    else:
+        texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
+        messages = 1
+    fees = state.prices.fees(model)
+    held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
+    request_id = f"req-{uuid.uuid4().hex}"
+    try:
+        state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+    except InsufficientFunds as exc:
+        raise ApiError(
+            402,
+            str(exc),
+            type="insufficient_funds",
+            code="insufficient_funds",
+            extra={"needed": exc.needed, "balance": exc.balance},
+        ) from exc
+    body = {k: v for k, v in data.items() if k not in ("bid", "max_completion_tokens")}
+    body["model"], body["max_tokens"] = model, max_tokens
+    if req.stream:
+        # Always ask the node for usage: it is what the request is settled on.
+        body["stream_options"] = {"include_usage": True}
+    return PaidRequest(
+        id=request_id,
+        account=account,
+        model=model,
+        path=path,
+        body=body,
+        bid=bid,
+        fees=fees,
+        held=held,
+        stream=req.stream,
+        include_usage=req.include_usage,
+        arrived=time.monotonic(),
+    )
+
+
+async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
+    try:
+        if paid.stream:
+            return await _serve_stream(state, request, paid)
+        return await _serve_whole(state, request, paid)
+    except ApiError as exc:
+        _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        raise
+    except asyncio.CancelledError:
+        _refund(state, paid, status="cancelled", error="the client went away")
+        raise
+    except Exception as exc:
+        _refund(state, paid, status="error", error=repr(exc))
+        raise
+
+
+def _refund_status(exc: ApiError) -> str:
+    return {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(exc.status, "rejected")
+
+
+async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
+    """Wait in the bid queue for a node, giving up if the client disconnects while it waits."""
+    remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
+    waiting = asyncio.ensure_future(
+        state.scheduler.acquire(paid.model, paid.bid, max_wait=max(remaining, 0.001), exclude=frozenset(tried))
+    )
+    state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                break
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                waiting.cancel()
+                raise ApiError(499, "the client went away while queued", code="client_gone")
+    except asyncio.CancelledError:
+        waiting.cancel()
+        raise
+    finally:
+        state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
+    node = waiting.result()
+    if paid.queue_ms is None:
+        paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
+        state.metrics.queue_wait.observe(paid.queue_ms / 1000)
+    return node
+
+
+def _node_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
+    log.warning("%s; trying another node", exc)
+    tried.add(node.id)
+    if isinstance(exc, StreamBroken) or exc.down:
+        state.herd.failed(node, at_once=True)
+
+
+def _no_node_left(paid: PaidRequest, attempts: int) -> ApiError:
+    return ApiError(
+        503,
+        f"no node could serve the request for {paid.model!r} after {attempts} attempt(s); nothing was charged",
+        type="server_error",
+        code="no_node",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _headers(paid: PaidRequest, node: HerdNode) -> dict[str, str]:
+    return {"X-Llamakit-Request-Id": paid.id, "X-Llamakit-Node": node.name, "X-Llamakit-Bid": format_bid(paid.bid)}
+
+
+async def _serve_whole(state: RouterState, request: web.Request, paid: PaidRequest) -> web.Response:
+    tried: set[str] = set()
+    for _attempt in range(state.settings.max_attempts):
+        node = await _acquire(state, request, paid, tried)
+        try:
+            answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+        except NodeFailed as exc:
+            _node_failed(state, node, exc, tried)
+            continue
+        except NodeRejected as exc:
+            raise ApiError(
+                exc.status,
+                exc.body["error"].get("message", "rejected by the node"),
+                type=exc.body["error"].get("type", "invalid_request_error"),
+                code=exc.body["error"].get("code"),
+                param=exc.body["error"].get("param"),
+            ) from exc
+        finally:
+            state.scheduler.release(node)
+        usage = answer.get("usage") or {}
+        charge = _settle(state, paid, node, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "ok")
+        answer["id"] = paid.id
+        answer["usage"] = {**usage, "cost": charge}
+        return json_response(answer, headers={**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
+    raise _no_node_left(paid, state.settings.max_attempts)
+
+
+async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
+    tried: set[str] = set()
+    for _attempt in range(state.settings.max_attempts):
+        node = await _acquire(state, request, paid, tried)
+        try:
+            events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+            # Hold back what comes before the first token: until then another node can still take over.
+            first: list[dict[str, Any]] = []
+            async for event in events:
+                first.append(event)
+                if "llamakit" in event or event.get("usage") or "error" in event:
+                    break
+            else:
+                raise StreamBroken(f"node {node.name} ended its stream before any token")
+            if "error" in first[-1]:
+                raise StreamBroken(f"node {node.name} failed before any token: {first[-1]['error'].get('message')}")
+        except (NodeFailed, StreamBroken) as exc:
+            state.scheduler.release(node)
+            _node_failed(state, node, exc, tried)
+            continue
+        except NodeRejected as exc:
+            state.scheduler.release(node)
+            raise ApiError(
+                exc.status,
+                exc.body["error"].get("message", "rejected by the node"),
+                type=exc.body["error"].get("type", "invalid_request_error"),
+                code=exc.body["error"].get("code"),
+                param=exc.body["error"].get("param"),
+            ) from exc
+        except BaseException:
+            state.scheduler.release(node)
+            raise
+        try:
+            return await _relay(state, request, paid, node, first, events)
+        finally:
+            state.scheduler.release(node)
+    raise _no_node_left(paid, state.settings.max_attempts)
+
+
+async def _relay(
+    state: RouterState,
+    request: web.Request,
+    paid: PaidRequest,
+    node: HerdNode,
+    first: list[dict[str, Any]],
+    events: Any,
+) -> web.StreamResponse:
+    """Pass the node's events to the client token by token; settle on the usage event, or on what was delivered."""
+    delivered = {"prompt_tokens": 0, "completion_tokens": 0}
+    try:
+        sse = await SseWriter.open(request, _headers(paid, node))
+    except BaseException:
+        await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
+        raise
+    try:
+        for event in first:
+            await _forward(state, paid, node, sse, event, delivered)
+        async for event in events:
+            await _forward(state, paid, node, sse, event, delivered)
+        await sse.done()
+    except StreamBroken as exc:
+        # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
+        log.warning("%s", exc)
+        state.herd.failed(node, at_once=True)
+        _settle_delivered(state, paid, node, delivered, "broken", str(exc))
+        message = "the node serving this stream failed; you were charged only for the tokens delivered"
+        with suppress(ConnectionError):
+            await sse.send(error_body(message, type="server_error", code="node_failed"))
+            await sse.done()
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        # The client cut the stream: closing the node's stream stops its generation.
+        await events.aclose()
+        _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        return sse.response
+    _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
+    return sse.response
+
+
+def _settle_delivered(
+    state: RouterState, paid: PaidRequest, node: HerdNode, delivered: dict[str, int], status: str, error: str | None
+) -> None:
+    if paid.closed:
+        return
+    if delivered["completion_tokens"] == 0:
+        _refund(state, paid, status=status, error=error)
+    else:
+        _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
+
+
+async def _forward(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    sse: SseWriter,
+    event: dict[str, Any],
+    delivered: dict[str, int],
+) -> None:
+    counts = event.pop("llamakit", None)
+    event["id"] = paid.id
+    usage = event.get("usage")
+    if usage:
+        charge = _settle(state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok")
+        if not paid.include_usage:
+            return
+        event["usage"] = {**usage, "cost": charge}
+    elif "error" in event:
+        raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
+    await sse.send(event)
+    if counts is not None:
+        delivered.update(counts)
+
+
+def _record(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode | None,
+    status: str,
+    prompt: int,
+    completion: int,
+    cost: int,
+    error: str | None,
+) -> None:
+    latency_ms = (time.monotonic() - paid.arrived) * 1000
+    record = {
+        "time": time.time(),
+        "request_id": paid.id,
+        "account": paid.account.name,
+        "model": paid.model,
+        "node": node.name if node is not None else None,
+        "status": status,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cost": cost,
+        "held": paid.held,
+        "bid": format_bid(paid.bid),
+        "latency_ms": round(latency_ms, 3),
+        "queue_ms": None if paid.queue_ms is None else round(paid.queue_ms, 3),
+        "error": error,
+    }
+    state.requests.add(record)
+    state.metrics.requests.labels(paid.model, status).inc()
+    if state.usage_log is not None:
+        state.usage_log.write(record)
+
+
+def _settle(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: str,
+    error: str | None = None,
+) -> int:
+    charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
+    latency_ms = (time.monotonic() - paid.arrived) * 1000
+    settlement = state.ledger.settle(
+        paid.id,
+        charge=charge,
+        node=node.name,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        status=status,
+        latency_ms=latency_ms,
+        queue_ms=paid.queue_ms,
+        error=error,
+    )
+    paid.closed = True
+    node.record(completion_tokens, settlement.charged)
+    state.metrics.fees.labels(node.name).inc(settlement.charged)
+    state.metrics.tokens.labels(paid.model, "prompt").inc(prompt_tokens)
+    state.metrics.tokens.labels(paid.model, "completion").inc(completion_tokens)
+    _record(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
+    return settlement.charged
+
+
+def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+    if paid.closed:
+        return
+    state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
+    paid.closed = True
+    _record(state, paid, None, status, 0, 0, 0, error)

@@ -1,0 +1,72 @@
+"""Router settings, validated with bounds, read from flags with `LLAMAKIT_*` environment variables as defaults."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llamakit.config import Flag, parse_settings
+
+__all__ = ["RouterSettings", "settings_from_args"]
+
+
+class RouterSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8080, ge=0, le=65535, description="port to listen on")
+    db: Path = Field(Path("llamakit.db"), description="SQLite ledger file (WAL); ':memory:' for none")
+    admin_key: str = Field(
+        default_factory=lambda: "lka-" + secrets.token_urlsafe(24), min_length=8, description="operator's key"
+    )
+    herd_token: str = Field(
+        default_factory=lambda: secrets.token_urlsafe(24), min_length=8, description="shared secret of the herd"
+    )
+    nodes: list[str] = Field(default_factory=list, description="node URL to add statically (repeatable)")
+    fees_file: Path | None = Field(None, description="JSON fee schedules per model ('*' is the default)")
+    base_fee: int = Field(10, ge=0, description="default fee per request, in credits")
+    prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
+    completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
+    max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
+    queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a node before 504")
+    node_timeout: float = Field(60.0, gt=0, description="seconds without a byte from a node before giving up on it")
+    health_interval: float = Field(2.0, gt=0, description="seconds between health checks of each node")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens held for when a request gives none")
+    max_tokens_limit: int = Field(32768, ge=1, description="largest max_tokens a request may ask for")
+    max_attempts: int = Field(3, ge=1, le=10, description="nodes tried for one request before giving up")
+    usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+
+
+FLAGS = [
+    Flag("host", "--host", "LLAMAKIT_HOST"),
+    Flag("port", "--port", "LLAMAKIT_PORT", int),
+    Flag("db", "--db", "LLAMAKIT_DB"),
+    Flag("admin_key", "--admin-key", "LLAMAKIT_ADMIN_KEY"),
+    Flag("herd_token", "--herd-token", "LLAMAKIT_HERD_TOKEN"),
+    Flag("nodes", "--node", "LLAMAKIT_NODES", repeat=True),
+    Flag("fees_file", "--fees", "LLAMAKIT_FEES"),
+    Flag("base_fee", "--base-fee", "LLAMAKIT_BASE_FEE", int),
+    Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
+    Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
+    Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
+    Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
+    Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),
+    Flag("health_interval", "--health-interval", "LLAMAKIT_HEALTH_INTERVAL", float),
+    Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
+    Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
+]
+
+
+def settings_from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RouterSettings:
+    return parse_settings(
+        RouterSettings,
+        FLAGS,
+        argv,
+        env,
+        prog="python -m llamakit.router",
+        description="The llamakit router: prices, queues and settles requests for a herd of nodes.",
+    )

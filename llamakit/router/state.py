@@ -1,0 +1,92 @@
+"""Everything one router holds while it runs, in one typed object stored on the app."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from llamakit.router.herd import Herd
+from llamakit.router.ledger import Ledger
+from llamakit.router.metrics import RouterMetrics
+from llamakit.router.pricing import PriceList
+from llamakit.router.scheduler import Scheduler
+from llamakit.router.settings import RouterSettings
+from llamakit.router.upstream import Upstream
+
+__all__ = ["RequestLog", "RouterState", "UsageLog"]
+
+
+class UsageLog:
+    """One JSON line per settled request, written whole with a single write so lines never interleave."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+@dataclass
+class RequestLog:
+    """Recent requests and counters for the dashboard: what happened, not what it cost (the ledger knows)."""
+
+    recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200))
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
+    fees: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=10000))
+    by_status: Counter[str] = field(default_factory=Counter)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.recent.append(record)
+        self.by_status[record["status"]] += 1
+        if record.get("latency_ms") is not None and record["status"] in ("ok", "cut"):
+            self.latencies.append(record["latency_ms"])
+        if record.get("cost"):
+            self.fees.append((time.time(), record["cost"]))
+
+    def fees_per_minute(self, window: float = 60.0) -> float:
+        cutoff = time.time() - window
+        return sum(c for t, c in self.fees if t >= cutoff) * 60.0 / window
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        ordered = sorted(self.latencies)
+        if not ordered:
+            return {"p50": None, "p90": None, "p99": None}
+
+        def at(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+        return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
+
+
+@dataclass
+class RouterState:
+    settings: RouterSettings
+    ledger: Ledger
+    prices: PriceList
+    herd: Herd
+    scheduler: Scheduler
+    metrics: RouterMetrics
+    upstream: Upstream | None = None
+    usage_log: UsageLog | None = None
+    requests: RequestLog = field(default_factory=RequestLog)
+    started: float = field(default_factory=time.time)
+
+    def known_models(self) -> list[str]:
+        """Models a request may name: served by any node in the herd (even if down) or priced explicitly."""
+        names = {m for node in self.herd.nodes.values() for m in node.models}
+        return sorted(names | set(self.prices.per_model))
+
+    def default_model(self) -> str | None:
+        ready = self.herd.models()
+        if ready:
+            return ready[0]
+        known = self.known_models()
+        return known[0] if known else None

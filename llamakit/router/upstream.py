@@ -1,0 +1,125 @@
+"""Calls from the router to its nodes: health checks, whole completions and streams of SSE events.
+
+Failures are sorted by what the router should do next: `NodeFailed` (before any token: try another node),
+`NodeRejected` (the node refused the request itself: tell the client, refund), and `StreamBroken`
+(after tokens were delivered: end the stream with an error and charge for what was delivered).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from llamakit.router.herd import HerdNode
+
+__all__ = ["NodeFailed", "NodeRejected", "StreamBroken", "Upstream"]
+
+REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+
+
+class NodeFailed(Exception):
+    """The node could not serve the request and nothing was generated; `down` when it did not answer at all."""
+
+    def __init__(self, reason: str, *, down: bool) -> None:
+        super().__init__(reason)
+        self.down = down
+
+
+class NodeRejected(Exception):
+    """The node refused the request as invalid (a 4xx other than 401/503): the client's fault, not the node's."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(f"node answered {status}")
+        self.status = status
+        self.body = body
+
+
+class StreamBroken(Exception):
+    """The node's stream ended abnormally after it had started."""
+
+
+class Upstream:
+    def __init__(self, session: aiohttp.ClientSession, herd_token: str, *, node_timeout: float) -> None:
+        self.session = session
+        self.headers = {"Authorization": f"Bearer {herd_token}"}
+        # sock_read bounds the silence between bytes: a hung node is given up on, not waited for forever.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=node_timeout)
+
+    async def health(self, url: str, *, within: float) -> dict[str, Any]:
+        async with self.session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=within)) as resp:
+            resp.raise_for_status()
+            data: dict[str, Any] = await resp.json()
+            return data
+
+    async def _post(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+        try:
+            resp = await self.session.post(
+                node.url + path,
+                data=json.dumps(body, separators=(",", ":")),
+                headers={**self.headers, REQUEST_ID_HEADER: request_id, "Content-Type": "application/json"},
+                timeout=self.timeout,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise NodeFailed(f"node {node.name} did not answer: {exc!r}", down=True) from exc
+        if resp.status == 200:
+            return resp
+        try:
+            payload = await resp.json(content_type=None)
+        except (aiohttp.ClientError, ValueError, TimeoutError):
+            payload = {}
+        finally:
+            resp.release()
+        if resp.status in (401, 403):
+            raise NodeFailed(f"node {node.name} refused the herd token", down=True)
+        if resp.status == 404 and (payload.get("error") or {}).get("code") == "model_not_found":
+            raise NodeFailed(f"node {node.name} no longer serves this model", down=False)
+        if 400 <= resp.status < 500 and resp.status != 408 and resp.status != 429:
+            raise NodeRejected(resp.status, payload if "error" in payload else _error(resp.status))
+        raise NodeFailed(f"node {node.name} answered {resp.status}", down=False)
+
+    async def complete(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        resp = await self._post(node, path, body, request_id)
+        try:
+            data: dict[str, Any] = await resp.json()
+        except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
+            raise NodeFailed(f"node {node.name} broke off its answer: {exc!r}", down=True) from exc
+        finally:
+            resp.release()
+        return data
+
+    async def stream(
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The node's SSE events as dicts, up to `[DONE]`; raises StreamBroken if it ends in any other way."""
+        resp = await self._post(node, path, body, request_id)
+        return _events(resp, node)
+
+
+async def _events(resp: aiohttp.ClientResponse, node: HerdNode) -> AsyncIterator[dict[str, Any]]:
+    finished = False
+    try:
+        async for raw in resp.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                finished = True
+                return
+            yield json.loads(data)
+        raise StreamBroken(f"node {node.name} ended its stream without [DONE]")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}") from exc
+    finally:
+        if finished:
+            resp.release()
+        else:
+            # Closing the connection is how the node learns that nobody listens any more and stops generating.
+            resp.close()
+
+
+def _error(status: int) -> dict[str, Any]:
+    return {"error": {"message": f"the node refused the request ({status})", "type": "invalid_request_error"}}
