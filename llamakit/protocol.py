@@ -11,7 +11,16 @@ import math
 import time
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ApiError",
@@ -34,6 +43,7 @@ __all__ = [
 
 MAX_STOP_STRINGS = 4
 _Req = TypeVar("_Req", bound="GenerationRequest")
+_TYPE_TAGS = frozenset({"int", "float", "str", "bool", "dict", "list", "function-after", "function-before"})
 
 
 class ApiError(Exception):
@@ -136,7 +146,7 @@ class GenerationRequest(_Lenient):
     n: int = Field(default=1, ge=1, le=1)
     grammar: str | None = None
     response_format: ResponseFormat | None = None
-    bid: float | None = None
+    bid: StrictInt | StrictFloat | None = None  # strict: `true` is not a bid
     user: str | None = None
 
     @field_validator("temperature", "top_p", "bid", mode="before")
@@ -231,8 +241,10 @@ def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        # pydantic tags union members in the location ("bid.int"); the client's field is the first part.
+        where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
+        param = str(first["loc"][0]) if first["loc"] else None
+        message = f"{where}: {first['msg']}" if where else first["msg"]
         raise ApiError(400, f"invalid request: {message}", param=param, code="invalid_value") from exc
 
 

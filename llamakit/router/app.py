@@ -105,6 +105,8 @@ async def _check(state: RouterState, node: HerdNode) -> None:
     if health.get("status") != "ready":
         node.up = False  # loading another model, or broken: no work until it says ready
         return
+    if node.static and isinstance(health.get("name"), str) and health["name"]:
+        node.name = health["name"]  # a static node is known by its URL until it tells its name
     models = health.get("models")
     slots = health.get("slots")
     came_back = state.herd.seen(

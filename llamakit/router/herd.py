@@ -95,11 +95,15 @@ class Herd:
         self.nodes[node.id] = node
         return node
 
-    def get(self, node_id: str) -> HerdNode | None:
-        return self.nodes.get(node_id)
+    def get(self, node_id_or_name: str) -> HerdNode | None:
+        node = self.nodes.get(node_id_or_name)
+        if node is None:
+            node = next((n for n in self.nodes.values() if n.name == node_id_or_name), None)
+        return node
 
-    def remove(self, node_id: str) -> HerdNode | None:
-        return self.nodes.pop(node_id, None)
+    def remove(self, node_id_or_name: str) -> HerdNode | None:
+        node = self.get(node_id_or_name)
+        return self.nodes.pop(node.id) if node is not None else None
 
     def seen(self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None) -> bool:
         """A health check or heartbeat answered; returns True when the node came back from down."""

@@ -1,0 +1,129 @@
+"""A scripted stand-in for a node, for testing the router's own behaviour (queue order, failover, timeouts).
+
+It speaks the node's protocol (health, herd token, OpenAI-shaped answers, SSE with running token counts) and
+does what its `Script` says: how many tokens, how fast, and how to fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+HERD_TOKEN = "fake-herd-token"
+
+
+@dataclass
+class Script:
+    tokens: int = 5
+    token_delay: float = 0.0
+    first_delay: float = 0.0
+    fail_status: int | None = None  # answer every request with this status
+    die_after: int | None = None  # stream: drop the connection after this many tokens
+    hang: bool = False  # never answer
+    gate: asyncio.Event | None = None  # hold every request until set
+
+
+@dataclass
+class FakeNode:
+    name: str
+    model: str = "fake-model"
+    slots: int = 1
+    script: Script = field(default_factory=Script)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    active: int = 0
+    max_active: int = 0
+    cancelled: int = 0
+    status: str = "ready"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/v1/chat/completions", self.generate)
+        app.router.add_post("/v1/completions", self.generate)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": self.status, "name": self.name, "models": [self.model], "slots": self.slots, "busy": self.active}
+        )
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {HERD_TOKEN}":
+            return web.json_response({"error": {"message": "herd token", "type": "authentication_error"}}, status=401)
+        body = await request.json()
+        self.received.append(body)
+        script = self.script
+        if script.hang:
+            await asyncio.sleep(3600)
+        if script.fail_status is not None:
+            return web.json_response(
+                {"error": {"message": f"scripted {script.fail_status}", "type": "server_error", "code": None}},
+                status=script.fail_status,
+            )
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if script.gate is not None:
+                await script.gate.wait()
+            await asyncio.sleep(script.first_delay)
+            text = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
+            prompt_tokens = len(str(text).split()) + 3
+            n = min(script.tokens, body.get("max_tokens") or script.tokens)
+            rid = request.headers.get("X-Llamakit-Request-Id", "x")
+            if body.get("stream"):
+                return await self._stream(request, rid, prompt_tokens, n, body)
+            for _ in range(n):
+                await asyncio.sleep(script.token_delay)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+            return web.json_response(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "model": self.model,
+                    "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}],
+                    "usage": usage,
+                }
+            )
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        finally:
+            self.active -= 1
+
+    async def _stream(
+        self, request: web.Request, rid: str, prompt_tokens: int, n: int, body: dict[str, Any]
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(data: dict[str, Any]) -> None:
+            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        try:
+            for i in range(1, n + 1):
+                await asyncio.sleep(self.script.token_delay)
+                if self.script.die_after is not None and i > self.script.die_after:
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                await send(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": " tok", "finish_reason": None}],
+                        "llamakit": {"prompt_tokens": prompt_tokens, "completion_tokens": i},
+                    }
+                )
+            await send({"id": rid, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+                await send({"id": rid, "choices": [], "usage": usage})
+            await resp.write(b"data: [DONE]\n\n")
+        except (ConnectionError, asyncio.CancelledError):
+            self.cancelled += 1
+            raise
+        return resp
