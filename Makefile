@@ -13,7 +13,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -e '.[all,dev]'
 
 up: install
-	$(BIN)/python -m llamakit.node
+	$(BIN)/llamakit up
 
 lint:
 	$(BIN)/ruff format --check .

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.herd import Herd
 from llamakit.router.ledger import Ledger
 from llamakit.router.metrics import RouterMetrics
@@ -85,7 +86,10 @@ class RouterState:
         return sorted(names | set(self.prices.per_model))
 
     def default_model(self) -> str | None:
+        """The model of a request that names none: the catalog default when it is served, else the first."""
         ready = self.herd.models()
+        if DEFAULT_MODEL in ready:
+            return DEFAULT_MODEL
         if ready:
             return ready[0]
         known = self.known_models()

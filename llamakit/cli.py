@@ -1,0 +1,165 @@
+"""The `llamakit` command: `up` runs a whole local herd; the others are the operator's admin calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from llamakit.profile import profile_path, read_profile
+
+__all__ = ["main"]
+
+
+def _state_dir() -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return Path(os.environ.get("LLAMAKIT_STATE_DIR") or data / "llamakit")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from llamakit.catalog import ModelNotAvailable
+    from llamakit.launcher import Launcher, UpOptions
+
+    options = UpOptions(
+        state_dir=Path(args.state_dir),
+        host=args.host,
+        port=args.port,
+        models=args.model or [],
+        slots=args.slots,
+        threads=args.threads,
+        dev_credits=args.credits,
+    )
+    launcher = Launcher(options)
+    print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
+    try:
+        profile = launcher.start()
+        print(
+            f"\nllamakit is up: {profile.url}  model {profile.model}\n"
+            f"profile written to {options.profile or profile_path()} (the SDK and llamakit-tui read it)\n\n"
+            f"  export LLAMAKIT_URL={profile.url}\n"
+            f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
+            "Ctrl-C stops the herd.",
+            flush=True,
+        )
+        launcher.wait()
+    except (RuntimeError, TimeoutError, ModelNotAvailable) as exc:
+        print(f"llamakit up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping …", flush=True)
+        launcher.stop()
+    return 0
+
+
+def _admin_client(args: argparse.Namespace) -> httpx.Client:
+    profile = read_profile()
+    url = args.url or os.environ.get("LLAMAKIT_URL") or (profile.url if profile else None)
+    key = os.environ.get("LLAMAKIT_ADMIN_KEY") or (profile.admin_key if profile else None)
+    if not url or not key:
+        raise SystemExit("no router configured: run 'llamakit up', or set LLAMAKIT_URL and LLAMAKIT_ADMIN_KEY")
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def _show(resp: httpx.Response) -> int:
+    try:
+        body: Any = resp.json()
+    except ValueError:
+        body = resp.text
+    print(json.dumps(body, indent=2))
+    return 0 if resp.is_success else 1
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(
+            admin.post("/admin/accounts", json={"name": args.name, "kind": args.kind, "deposit": args.deposit})
+        )
+
+
+def cmd_deposit(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.post(f"/admin/accounts/{args.account}/deposits", json={"amount": args.amount}))
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.get("/admin/accounts"))
+
+
+def cmd_fees(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        if args.base is None:
+            return _show(admin.get("/admin/fees"))
+        body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
+        return _show(admin.put(f"/admin/fees/{args.model}", json=body))
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.post(f"/admin/nodes/{args.node}/drain"))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.get("/admin/stats"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamakit", description="Paid, metered llama.cpp inference.")
+    parser.add_argument("--url", help="router URL for admin commands (default: the profile)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a router and one node per installed model, in the foreground")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--model", action="append", help="model to serve (repeatable; default: every installed one)")
+    up.add_argument("--slots", type=int, default=2, help="slots per node")
+    up.add_argument("--threads", type=int, default=None, help="threads per node context")
+    up.add_argument("--credits", type=int, default=1_000_000, help="opening deposit of the dev account")
+    up.add_argument("--state-dir", default=str(_state_dir()), help="ledger, secrets and logs")
+    up.add_argument("--headless", action="store_true", help="do not show the dashboard")
+    up.set_defaults(func=cmd_up)
+
+    account = sub.add_parser("account", help="create an account and print its API key (shown once)")
+    account.add_argument("name")
+    account.add_argument("--kind", default="user", choices=["user", "agent", "dev"])
+    account.add_argument("--deposit", type=int, default=0)
+    account.set_defaults(func=cmd_account)
+
+    deposit = sub.add_parser("deposit", help="add credits to an account")
+    deposit.add_argument("account")
+    deposit.add_argument("amount", type=int)
+    deposit.set_defaults(func=cmd_deposit)
+
+    sub.add_parser("accounts", help="list accounts and balances").set_defaults(func=cmd_accounts)
+
+    fees = sub.add_parser("fees", help="show fees, or set a model's fees")
+    fees.add_argument("model", nargs="?", default="*")
+    fees.add_argument("--base", type=int)
+    fees.add_argument("--prompt", type=int, default=0)
+    fees.add_argument("--completion", type=int, default=0)
+    fees.set_defaults(func=cmd_fees)
+
+    drain = sub.add_parser("drain", help="let a node finish its work and take no more")
+    drain.add_argument("node")
+    drain.set_defaults(func=cmd_drain)
+
+    sub.add_parser("stats", help="one snapshot of the router's stats").set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    raise SystemExit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

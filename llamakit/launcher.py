@@ -1,0 +1,196 @@
+"""`llamakit up`: a router and one node per installed model on loopback, a funded dev account and a profile.
+
+Each part runs as its own process, as in production, so a crash of one is seen and reported rather than
+taking the others down. Secrets are made once and kept in the state directory, so the ledger and the dev
+account survive a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from llamakit.catalog import CATALOG, DEFAULT_MODEL, ModelNotAvailable
+from llamakit.profile import Profile, read_profile, write_profile
+
+__all__ = ["Launcher", "UpOptions", "installed_models"]
+
+DEV_ACCOUNT = "dev"
+
+
+@dataclass
+class UpOptions:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    models: list[str] = field(default_factory=list)
+    slots: int = 2
+    threads: int | None = None
+    dev_credits: int = 1_000_000
+    ready_timeout: float = 300.0
+    profile: Path | None = None
+
+
+def installed_models() -> list[str]:
+    """Catalog models whose package is installed, default first (nothing is loaded or assembled here)."""
+    import importlib.util
+
+    found = []
+    for name, entry in CATALOG.items():
+        module = entry.package.replace("-", "_")
+        if importlib.util.find_spec(module) is not None:
+            found.append(name)
+    return sorted(found, key=lambda n: n != DEFAULT_MODEL)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _secrets(state_dir: Path) -> dict[str, str]:
+    path = state_dir / "secrets.json"
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    data = {"admin_key": "lka-" + secrets.token_urlsafe(24), "herd_token": secrets.token_urlsafe(24)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle)
+    return data
+
+
+class Launcher:
+    def __init__(self, options: UpOptions) -> None:
+        self.options = options
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = f"http://{options.host}:{options.port}"
+        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = options.state_dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        keys = _secrets(options.state_dir)
+        self.admin_key, self.herd_token = keys["admin_key"], keys["herd_token"]
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.logs / f"{name}.log").open("ab")
+        env = {**os.environ, "LLAMAKIT_ADMIN_KEY": self.admin_key, "LLAMAKIT_HERD_TOKEN": self.herd_token}
+        # Secrets travel in the environment, not on the command line where `ps` would show them.
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def start(self) -> Profile:
+        """Start everything, wait until every node is ready, and write the profile; returns it."""
+        opts = self.options
+        models = opts.models or installed_models()
+        if not models:
+            raise ModelNotAvailable("no model is installed: pip install 'llamakit[node]'")
+        self._spawn(
+            "router",
+            [
+                "-m", "llamakit.router",
+                "--host", opts.host,
+                "--port", str(opts.port),
+                "--db", str(opts.state_dir / "ledger.db"),
+                "--usage-log", str(opts.state_dir / "usage.jsonl"),
+            ],
+        )  # fmt: skip
+        for model in models:
+            port = free_port(opts.host)
+            args = [
+                "-m", "llamakit.node",
+                "--model", model,
+                "--host", opts.host,
+                "--port", str(port),
+                "--slots", str(opts.slots),
+                "--name", f"{model}-1",
+                "--router", self.url,
+            ]  # fmt: skip
+            if opts.threads:
+                args += ["--threads", str(opts.threads)]
+            self._spawn(f"node-{model}", args)
+        self._wait_ready(models)
+        profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])
+        write_profile(profile, opts.profile)
+        return profile
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n" + "\n".join(tail))
+
+    def _wait_ready(self, models: list[str]) -> None:
+        deadline = time.monotonic() + self.options.ready_timeout
+        with httpx.Client(timeout=2) as client:
+            while time.monotonic() < deadline:
+                self._check_alive()
+                try:
+                    health = client.get(f"{self.url}/health").json()
+                    if set(models) <= set(health.get("models", [])) and health.get("ready", 0) >= len(models):
+                        return
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(0.25)
+        raise TimeoutError(f"the herd was not ready after {self.options.ready_timeout:g}s; see {self.logs}")
+
+    def _dev_key(self) -> str:
+        """The dev account's key: the saved one if it still works, else a new one (keys are shown only once)."""
+        headers = {"Authorization": f"Bearer {self.admin_key}"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=10) as admin:
+            saved = read_profile(self.options.profile)
+            if saved is not None and saved.api_key and saved.url == self.url:
+                check = admin.get("/v1/account", headers={"Authorization": f"Bearer {saved.api_key}"})
+                if check.status_code == 200:
+                    return saved.api_key
+            resp = admin.post(
+                "/admin/accounts", json={"name": DEV_ACCOUNT, "kind": "dev", "deposit": self.options.dev_credits}
+            )
+            if resp.status_code == 409:  # the account exists from an earlier run: give it a new key
+                resp = admin.post(f"/admin/accounts/{DEV_ACCOUNT}/keys")
+            resp.raise_for_status()
+            key: str = resp.json()["api_key"]
+            return key
+
+    def wait(self) -> None:
+        """Stay in the foreground until Ctrl-C, SIGTERM, or one of the processes dies."""
+        stop = False
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not stop:
+            self._check_alive()
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Nodes first (they finish or drop their work), then the router; SIGKILL only after 10 seconds."""
+        order = sorted(self.processes, key=lambda name: name == "router")
+        for name in order:
+            proc = self.processes[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 10
+        for name in order:
+            proc = self.processes[name]
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,58 @@
+"""`llamakit up` as a person runs it: a herd on loopback, a funded dev account, a profile, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llamakit.launcher import free_port
+
+pytestmark = pytest.mark.model
+
+
+def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port("127.0.0.1")
+    env = {**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", "smollm2-135m-instruct",
+         "--slots", "1", "--headless"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    output = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        output.append(line)
+        if "Ctrl-C stops the herd" in line or proc.poll() is not None:
+            break
+    text = "".join(output)
+    try:
+        assert "llamakit is up" in text, text
+        profile = json.loads((tmp_path / "profile.json").read_text())
+        assert oct((tmp_path / "profile.json").stat().st_mode & 0o777) == "0o600"
+        assert f"export LLAMAKIT_API_KEY={profile['api_key']}" in text
+        headers = {"Authorization": f"Bearer {profile['api_key']}"}
+        with httpx.Client(base_url=profile["url"], headers=headers, timeout=60) as client:
+            reply = client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["model"] == "smollm2-135m-instruct"
+            account = client.get("/v1/account").json()
+            assert account["name"] == "dev" and account["spent"] == reply.json()["usage"]["cost"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, text + rest
+    assert "stopping" in rest
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
