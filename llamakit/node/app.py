@@ -9,7 +9,8 @@ from contextlib import suppress
 from aiohttp import web
 
 from llamakit.catalog import ResolvedModel
-from llamakit.node.engine import LoadedModel
+from llamakit.node.batched import BatchedModel
+from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
@@ -34,7 +35,8 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
-        return LoadedModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+        engine = BatchedModel if settings.engine == "batched" else SimpleModel
+        return engine(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host

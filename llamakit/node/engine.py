@@ -19,13 +19,14 @@ from typing import Any
 
 import llama_cpp
 from llama_cpp import Llama
+from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from llamakit.catalog import ResolvedModel
 from llamakit.protocol import ApiError
 
-__all__ = ["GenerationJob", "GenerationResult", "LoadedModel"]
+__all__ = ["GenerationJob", "GenerationResult", "LoadedModel", "SimpleModel", "TextOutput"]
 
 log = logging.getLogger(__name__)
 
@@ -91,48 +92,79 @@ class _StopMatcher:
         return out
 
 
-class LoadedModel:
-    """A model loaded into `slots` independent contexts; slot `i` may be used by one thread at a time."""
+class TextOutput:
+    """Turns sampled tokens into text for one generation: whole UTF-8 characters, stop strings, token counts."""
 
-    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
+    def __init__(self, model: LoadedModel, job: GenerationJob, on_text: Callable[[str, int], None]) -> None:
+        self._model = model
+        self._max_tokens = job.max_tokens
+        self._on_text = on_text
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._matcher = _StopMatcher(job.stop)
+        self._pieces: list[str] = []
+        self.completion_tokens = 0
+        self.finish_reason = "length"
+
+    def add(self, token: int) -> bool:
+        """Take one sampled token; True when the generation is over (end of generation, stop string, limit)."""
+        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+            self.finish_reason = "stop"
+            return True
+        self.completion_tokens += 1
+        text, stopped = self._matcher.feed(self._decoder.decode(self._model.piece(token)))
+        if text:
+            self._pieces.append(text)
+            self._on_text(text, self.completion_tokens)
+        if stopped:
+            self.finish_reason = "stop"
+            return True
+        return self.completion_tokens >= self._max_tokens
+
+    def result(self, prompt_tokens: int, seconds: float, *, cancelled: bool = False) -> GenerationResult:
+        if cancelled:
+            self.finish_reason = "cancelled"
+        elif self.finish_reason != "stop":
+            tail = self._matcher.feed(self._decoder.decode(b"", final=True))[0] + self._matcher.flush()
+            if tail:
+                self._pieces.append(tail)
+                self._on_text(tail, self.completion_tokens)
+        return GenerationResult(
+            text="".join(self._pieces),
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            seconds=seconds,
+        )
+
+
+class LoadedModel:
+    """What every engine shares: the model's vocabulary, chat template, grammar checks and token limits.
+
+    Subclasses hold the llama.cpp contexts and implement `generate`; `slots` requests may run at once, and
+    slot `i` is used by one request at a time (the node's `ModelHost` guarantees it).
+    """
+
+    engine = "base"
+
+    def __init__(self, resolved: ResolvedModel, model: LlamaModel, *, slots: int, n_ctx: int) -> None:
         self.name = resolved.name
         self.path = resolved.path
         self.n_ctx = n_ctx
-        started = time.perf_counter()
-        self.contexts = [
-            Llama(
-                model_path=str(resolved.path),
-                n_ctx=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-            )
-            for _ in range(slots)
-        ]
-        first = self.contexts[0]
-        self._vocab = first._model.vocab
-        self.n_vocab = first.n_vocab()
-        self.eos_token = first.token_eos()
+        self.slots = slots
+        self._model = model
+        self.vocab = model.vocab
+        self.eos_token = model.token_eos()
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_lock = threading.Lock()
-        self.chat_formatter = self._chat_formatter(first)
-        log.info(
-            "loaded %s (%s) into %d slot(s), n_ctx=%d, in %.1fs",
-            self.name,
-            self.path,
-            slots,
-            n_ctx,
-            time.perf_counter() - started,
-        )
+        self.chat_formatter = self._chat_formatter(model)
 
     @staticmethod
-    def _chat_formatter(llama: Llama) -> Jinja2ChatFormatter | None:
-        template = llama.metadata.get("tokenizer.chat_template")
+    def _chat_formatter(model: LlamaModel) -> Jinja2ChatFormatter | None:
+        template = model.metadata().get("tokenizer.chat_template")
         if not template:
             return None
-        model = llama._model
-        eos, bos = llama.token_eos(), llama.token_bos()
+        eos, bos = model.token_eos(), model.token_bos()
         return Jinja2ChatFormatter(
             template=template,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
@@ -140,14 +172,17 @@ class LoadedModel:
             stop_token_ids=[eos],
         )
 
-    @property
-    def slots(self) -> int:
-        return len(self.contexts)
-
     def close(self) -> None:
-        for llama in self.contexts:
-            llama.close()
-        self.contexts = []
+        raise NotImplementedError
+
+    def generate(
+        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+    ) -> GenerationResult:
+        """Generate on `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece of text is
+        whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes). Stops at an
+        end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the completion tokens
+        counted are the tokens sampled and delivered, the end-of-generation token excluded."""
+        raise NotImplementedError
 
     # --- preparing a request (any thread; tokenizing only reads the vocabulary) ---
 
@@ -161,11 +196,13 @@ class LoadedModel:
             rendered = self.chat_formatter(messages=messages)  # type: ignore[arg-type]
         except Exception as exc:  # jinja2 errors and the template's own raise_exception()
             raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
-        return self.contexts[0].tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens: list[int] = self._model.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
 
     def tokenize_text(self, text: str) -> list[int]:
         # special=True, as llama-cpp-python does: a raw prompt may spell out template tokens.
-        return self.contexts[0].tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        return tokens
 
     def grammar_for(self, grammar: str | None, response_format: Any | None) -> str | None:
         """The GBNF to constrain sampling with, checked with llama.cpp's own parser, or a 400 that says why."""
@@ -186,7 +223,7 @@ class LoadedModel:
             param = "grammar"
         if grammar is None:
             return None
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
         if not sampler:
             raise ApiError(
                 400,
@@ -199,6 +236,8 @@ class LoadedModel:
 
     def plan_tokens(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
         """`max_tokens` for a prompt of `n_prompt` tokens, or a 400 that names both numbers and the context."""
+        if n_prompt == 0:
+            raise ApiError(400, "the prompt is empty: there is nothing to continue", param="prompt")
         room = self.n_ctx - n_prompt
         if room <= 0:
             raise ApiError(
@@ -222,76 +261,63 @@ class LoadedModel:
 
     # --- generating (one thread per slot) ---
 
-    def _piece(self, token: int) -> bytes:
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token, cached: a piece may be part of a UTF-8 character."""
         piece = self._pieces.get(token)
         if piece is None:
             with self._piece_lock:
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buffer, 256, 0, False)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buffer, 256, 0, False)
                 piece = self._piece_buffer.raw[: max(n, 0)]
             self._pieces[token] = piece
         return piece
 
-    def generate(
-        self,
-        slot: int,
-        job: GenerationJob,
-        on_text: Callable[[str, int], None],
-        cancel: threading.Event,
-    ) -> GenerationResult:
-        """Generate on context `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece
-        of text is whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes).
 
-        Stops at an end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the
-        count of completion tokens is the tokens sampled and delivered, the end-of-generation token excluded.
-        """
+class SimpleModel(LoadedModel):
+    """The first engine: llama-cpp-python's `Llama`, one context per slot, each generating on its own thread."""
+
+    engine = "simple"
+
+    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
+        started = time.perf_counter()
+        self.contexts = [
+            Llama(model_path=str(resolved.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+            for _ in range(slots)
+        ]
+        super().__init__(resolved, self.contexts[0]._model, slots=slots, n_ctx=n_ctx)
+        log.info(
+            "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs",
+            self.name,
+            self.path,
+            slots,
+            n_ctx,
+            time.perf_counter() - started,
+        )
+
+    def close(self) -> None:
+        for llama in self.contexts:
+            llama.close()
+        self.contexts = []
+
+    def generate(
+        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+    ) -> GenerationResult:
         llama = self.contexts[slot]
         llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
         grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = _StopMatcher(job.stop)
-        vocab = self._vocab
-        pieces: list[str] = []
-        completion_tokens = 0
-        finish_reason = "length"
+        output = TextOutput(self, job, on_text)
         started = time.perf_counter()
+        cancelled = False
         tokens = llama.generate(
-            job.prompt_tokens,
-            top_k=TOP_K,
-            top_p=job.top_p,
-            min_p=MIN_P,
-            temp=job.temperature,
-            repeat_penalty=1.0,
-            grammar=grammar,
-        )
+            job.prompt_tokens, top_k=TOP_K, top_p=job.top_p, min_p=MIN_P, temp=job.temperature,
+            repeat_penalty=1.0, grammar=grammar,
+        )  # fmt: skip
         try:
             for token in tokens:
                 if cancel.is_set():
-                    finish_reason = "cancelled"
+                    cancelled = True
                     break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish_reason = "stop"
-                    break
-                completion_tokens += 1
-                text, stopped = matcher.feed(decoder.decode(self._piece(token)))
-                if text:
-                    pieces.append(text)
-                    on_text(text, completion_tokens)
-                if stopped:
-                    finish_reason = "stop"
-                    break
-                if completion_tokens >= job.max_tokens:
+                if output.add(token):
                     break
         finally:
             tokens.close()
-        if finish_reason != "stop":
-            tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
-            if tail:
-                pieces.append(tail)
-                on_text(tail, completion_tokens)
-        return GenerationResult(
-            text="".join(pieces),
-            finish_reason=finish_reason,
-            prompt_tokens=len(job.prompt_tokens),
-            completion_tokens=completion_tokens,
-            seconds=time.perf_counter() - started,
-        )
+        return output.result(len(job.prompt_tokens), time.perf_counter() - started, cancelled=cancelled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +19,9 @@ class NodeSettings(BaseModel):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     model: str = Field(DEFAULT_MODEL, description="catalog name or path to a .gguf file")
+    engine: Literal["batched", "simple"] = Field(
+        "batched", description="batched: one context, continuous batching; simple: a llama-cpp-python Llama per slot"
+    )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     slots: int = Field(2, ge=1, le=64, description="requests served at once, one llama.cpp context each")
@@ -47,6 +51,7 @@ class NodeSettings(BaseModel):
 
 FLAGS = [
     Flag("model", "--model", "LLAMAKIT_MODEL"),
+    Flag("engine", "--engine", "LLAMAKIT_ENGINE"),
     Flag("host", "--host", "LLAMAKIT_HOST"),
     Flag("port", "--port", "LLAMAKIT_PORT", int),
     Flag("slots", "--slots", "LLAMAKIT_SLOTS", int),

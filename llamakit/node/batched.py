@@ -1,0 +1,236 @@
+"""The batched engine: one model, one llama.cpp context with a sequence per slot, and one decode loop.
+
+Every step puts the next token of each running sequence, and prompt chunks of newly admitted ones, into one
+`llama_batch`, decodes once, and samples each sequence with its own llama.cpp sampler chain (grammar,
+top-k, top-p, min-p, temperature, seed) straight from the context's logits, without copying them into
+Python. New requests join at the next step; finished or cancelled ones leave and free their cache cells at
+once. This is llama.cpp's own server loop (continuous batching), on llama-cpp-python's low-level API.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp._internals import LlamaModel
+
+from llamakit.catalog import ResolvedModel
+from llamakit.node.engine import MIN_P, TOP_K, GenerationJob, GenerationResult, LoadedModel, TextOutput
+
+__all__ = ["BatchedModel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    job: GenerationJob
+    output: TextOutput
+    sampler: llama_cpp.llama_sampler_p
+    cancel: threading.Event
+    started: float
+    prompt_left: list[int] = field(default_factory=list)
+    pos: int = 0
+    next_token: int | None = None
+    logits_at: int = -1
+    result: GenerationResult | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class BatchedModel(LoadedModel):
+    """`slots` sequences in one context, advanced together by a decode loop on a thread of its own."""
+
+    engine = "batched"
+
+    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int, n_batch: int = 512) -> None:
+        started = time.perf_counter()
+        model = LlamaModel(path_model=str(resolved.path), params=llama_cpp.llama_model_default_params(), verbose=False)
+        super().__init__(resolved, model, slots=slots, n_ctx=n_ctx)
+        params = llama_cpp.llama_context_default_params()
+        # Each sequence gets n_ctx cells of its own: the cache is split, not shared, so one long
+        # conversation cannot starve the others, and attention skips the other sequences' cells.
+        params.n_ctx = n_ctx * slots
+        params.n_seq_max = slots
+        params.kv_unified = False
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        # As llama-cpp-python's Llama does: the same kernels give the same tokens at temperature 0.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = llama_cpp.llama_init_from_model(model.model, params)
+        if not self._ctx:
+            model.close()  # type: ignore[no-untyped-call]
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} × {slots} tokens")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._n_batch = n_batch
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._incoming: collections.deque[_Sequence] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._loop = threading.Thread(target=self._run, name=f"llamakit-decode-{resolved.name}", daemon=True)
+        self._loop.start()
+        log.info(
+            "loaded %s (%s), batched engine, %d slot(s) of %d tokens, in %.1fs",
+            self.name,
+            self.path,
+            slots,
+            n_ctx,
+            time.perf_counter() - started,
+        )
+
+    # --- the request side (executor threads) ---
+
+    def generate(
+        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+    ) -> GenerationResult:
+        seq = _Sequence(
+            seq_id=slot,
+            job=job,
+            output=TextOutput(self, job, on_text),
+            sampler=self._sampler(job),
+            cancel=cancel,
+            started=time.perf_counter(),
+            prompt_left=list(job.prompt_tokens),
+        )
+        with self._wake:
+            if self._closing:
+                llama_cpp.llama_sampler_free(seq.sampler)
+                raise RuntimeError("the model is being unloaded")
+            self._incoming.append(seq)
+            self._wake.notify()
+        seq.done.wait()
+        if seq.error is not None:
+            raise seq.error
+        assert seq.result is not None
+        return seq.result
+
+    def _sampler(self, job: GenerationJob) -> llama_cpp.llama_sampler_p:
+        """The same chain llama-cpp-python's `Llama` builds, so both engines sample alike."""
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if job.grammar:
+            add(chain, llama_cpp.llama_sampler_init_grammar(self.vocab, job.grammar.encode("utf-8"), b"root"))
+        if job.temperature == 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            seed = job.seed if job.seed is not None else random.getrandbits(31)
+            add(chain, llama_cpp.llama_sampler_init_top_k(TOP_K))
+            add(chain, llama_cpp.llama_sampler_init_top_p(job.top_p, 1))
+            add(chain, llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
+            add(chain, llama_cpp.llama_sampler_init_temp(job.temperature))
+            add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        sampler: llama_cpp.llama_sampler_p = chain
+        return sampler
+
+    # --- the decode loop (its own thread) ---
+
+    def _run(self) -> None:
+        running: list[_Sequence] = []
+        while True:
+            with self._wake:
+                while not self._incoming and not running and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    break
+                while self._incoming:
+                    running.append(self._incoming.popleft())
+            try:
+                running = self._step(running)
+            except BaseException as exc:  # a failed decode fails the requests in it, not the node
+                log.exception("decode step failed")
+                for seq in running:
+                    self._finish(seq, error=exc)
+                running = []
+        for seq in [*running, *self._incoming]:
+            self._finish(seq, error=RuntimeError("the model was unloaded"))
+
+    def _step(self, running: list[_Sequence]) -> list[_Sequence]:
+        """One decode of every running sequence; returns the sequences still running after it."""
+        still: list[_Sequence] = []
+        for seq in running:
+            if seq.cancel.is_set():
+                self._finish(seq, cancelled=True)
+            else:
+                still.append(seq)
+        running = still
+        batch = self._batch
+        n = 0
+        # Generating sequences first: a token each. Then prompts, in order of arrival, as the budget allows,
+        # so that a long prompt is fed in chunks while the running streams keep flowing.
+        for seq in running:
+            seq.logits_at = -1
+            if seq.next_token is not None:
+                n = self._put(batch, n, seq.next_token, seq.pos, seq.seq_id, logits=True)
+                seq.logits_at = n - 1
+                seq.pos += 1
+        for seq in running:
+            if not seq.prompt_left or n >= self._n_batch:
+                continue
+            take = min(len(seq.prompt_left), self._n_batch - n)
+            chunk, seq.prompt_left = seq.prompt_left[:take], seq.prompt_left[take:]
+            for i, token in enumerate(chunk):
+                last = not seq.prompt_left and i == take - 1
+                n = self._put(batch, n, token, seq.pos, seq.seq_id, logits=last)
+                seq.pos += 1
+            if not seq.prompt_left:
+                seq.logits_at = n - 1
+        if n == 0:
+            return running
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+        still = []
+        for seq in running:
+            if seq.logits_at < 0:
+                still.append(seq)
+                continue
+            token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if seq.output.add(token):
+                self._finish(seq)
+            else:
+                seq.next_token = token
+                still.append(seq)
+        return still
+
+    @staticmethod
+    def _put(batch: llama_cpp.llama_batch, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
+        batch.token[n] = token
+        batch.pos[n] = pos  # type: ignore[call-overload]
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _finish(self, seq: _Sequence, *, cancelled: bool = False, error: BaseException | None = None) -> None:
+        """Free the sequence's cache cells and sampler at once, and hand its result to the waiting request."""
+        if seq.done.is_set():
+            return
+        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        llama_cpp.llama_sampler_free(seq.sampler)
+        if error is not None:
+            seq.error = error
+        else:
+            seq.result = seq.output.result(
+                len(seq.job.prompt_tokens), time.perf_counter() - seq.started, cancelled=cancelled
+            )
+        seq.done.set()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._loop.join()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        self._model.close()  # type: ignore[no-untyped-call]
