@@ -15,7 +15,7 @@ from llamakit.fees import FeeSchedule
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import Account, AccountExists, LedgerError, UnknownAccount
+from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount
 from llamakit.router.stats import snapshot
 from llamakit.web import SseWriter, json_response, require_bearer
 
@@ -51,6 +51,9 @@ def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ApiError(400, f"{name!r} must be a non-negative whole number of credits, got {value!r}", param=name)
+    # Checked here, not left to the ledger: create_account would otherwise make the account, then fail the deposit.
+    if value > MAX_AMOUNT:
+        raise ApiError(400, f"{name!r} must be at most {MAX_AMOUNT} credits, got {value}", param=name)
     return value
 
 
@@ -122,7 +125,10 @@ async def deposit(request: web.Request) -> web.Response:
     note = body.get("note", "")
     if not isinstance(note, str):
         raise ApiError(400, "'note' must be a string", param="note")
-    balance = request.app[STATE].ledger.deposit(account.id, amount, note=note)
+    try:
+        balance = request.app[STATE].ledger.deposit(account.id, amount, note=note)
+    except ValueError as exc:  # the balance would pass MAX_AMOUNT
+        raise ApiError(400, str(exc), param="amount") from exc
     return json_response({"account": account.name, "deposited": amount, "balance": balance}, status=201)
 
 

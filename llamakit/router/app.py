@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,7 +16,7 @@ from llamakit.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.ledger import Ledger
+from llamakit.router.ledger import Ledger, UsageRecord
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.scheduler import Scheduler
@@ -72,15 +73,39 @@ async def _metrics(request: web.Request) -> web.Response:
 
 async def _books(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    released = state.ledger.recover()
-    if released:
-        log.warning("released %d hold(s) left open by a previous run that did not finish", released)
+    # The log is opened first: a hold released here is never found again, so its line must be written now.
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
+    released = state.ledger.recover_usage()
+    if released:
+        log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
+    if state.usage_log is not None:
+        for record in released:
+            state.usage_log.write(_usage_line(state, record))
     yield
     if state.usage_log is not None:
         state.usage_log.close()
     state.ledger.close()
+
+
+def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
+    """A recovered request's usage log line, with the fields of every other line (see service._record)."""
+    return {
+        "time": record.created,
+        "request_id": record.request_id,
+        "account": state.ledger.get_account(record.account_id).name,
+        "model": record.model,
+        "node": record.node,
+        "status": record.status,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "cost": record.cost,
+        "held": record.held,
+        "bid": record.bid,
+        "latency_ms": record.latency_ms,
+        "queue_ms": record.queue_ms,
+        "error": record.error,
+    }
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:

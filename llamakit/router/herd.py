@@ -13,6 +13,8 @@ NodeState = Literal["ready", "draining", "down"]
 
 # A node is marked down after this many failed health checks in a row (one failure may be a blip).
 FAILURES_TO_DOWN = 2
+# A node's rest after a timeout doubles with each timeout in a row, up to 2**this times the first.
+MAX_REST_DOUBLINGS = 4
 
 
 @dataclass
@@ -30,6 +32,9 @@ class HerdNode:
     busy: int = 0
     failures: int = 0
     last_seen: float = field(default_factory=time.time)
+    # Requests in a row that timed out on it, and the time.monotonic() until which it rests because of them.
+    timeouts: int = 0
+    resting_until: float = 0.0
     requests: int = 0
     completion_tokens: int = 0
     fees_earned: int = 0
@@ -52,8 +57,11 @@ class HerdNode:
     def accepting(self, model: str) -> bool:
         return self.up and not self.draining and self.serves(model) and self.free > 0
 
-    def record(self, completion_tokens: int, fee: int) -> None:
+    def record(self, completion_tokens: int, fee: int, *, whole: bool = True) -> None:
+        """A request it served was settled; `whole` unless it broke off, which does not end a run of timeouts."""
         self.requests += 1
+        if whole:
+            self.timeouts = 0
         self.completion_tokens += completion_tokens
         self.fees_earned += fee
         self.recent.append((time.time(), completion_tokens))
@@ -90,6 +98,7 @@ class Herd:
         if existing is not None:
             existing.url, existing.name, existing.models, existing.slots = url, name, list(models), slots
             existing.up, existing.failures, existing.last_seen = True, 0, time.time()
+            existing.timeouts, existing.resting_until = 0, 0.0  # a new process: what hung died with the old one
             return existing
         node = HerdNode(id=name, url=url, name=name, models=list(models), slots=slots, static=static)
         self.nodes[node.id] = node
@@ -106,13 +115,19 @@ class Herd:
         return self.nodes.pop(node.id) if node is not None else None
 
     def seen(self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None) -> bool:
-        """A health check or heartbeat answered; returns True when the node came back from down."""
-        came_back = not node.up
-        node.up, node.failures, node.last_seen = True, 0, time.time()
+        """A health check or heartbeat answered; returns True when the node came back from down.
+
+        A node resting after a timeout stays down however well it answers: see `hung`.
+        """
+        node.last_seen = time.time()
         if models is not None:
             node.models = models
         if slots is not None:
             node.slots = slots
+        if time.monotonic() < node.resting_until:
+            return False
+        came_back = not node.up
+        node.up, node.failures = True, 0
         return came_back
 
     def failed(self, node: HerdNode, *, at_once: bool = False) -> None:
@@ -120,6 +135,17 @@ class Herd:
         node.failures += 1
         if at_once or node.failures >= FAILURES_TO_DOWN:
             node.up = False
+
+    def hung(self, node: HerdNode, *, rest: float) -> None:
+        """A request went silent on the node past the node timeout: down, and deaf to its health for a while.
+
+        Its /health is no proof it can work: health is answered on the node's event loop while generation may be
+        stuck in its slots. So it rests for `rest` seconds, twice as long for each timeout in a row, and only a
+        health check after that brings it back; a request it serves resets the count.
+        """
+        node.timeouts += 1
+        node.up = False
+        node.resting_until = time.monotonic() + rest * 2 ** min(node.timeouts - 1, MAX_REST_DOUBLINGS)
 
     def pick(self, model: str) -> HerdNode | None:
         """The least-loaded node that serves `model` and has a free slot (ties: most free slots, then name)."""

@@ -726,6 +726,10 @@ class Ledger:
         Call it at start-up, before taking requests: any hold still open then belongs to a request that
         died with the previous process.
         """
+        return len(self.recover_usage())
+
+    def recover_usage(self) -> list[UsageRecord]:
+        """`recover`, returning the usage records of the refunds, so they can go to a usage log like any other."""
         now = self._clock()
         with self._write() as conn:
             holds = conn.execute("SELECT * FROM holds WHERE status = 'open' ORDER BY created").fetchall()
@@ -740,7 +744,10 @@ class Ledger:
                     queue_ms=None,
                     now=now,
                 )
-            return len(holds)
+            return [
+                _usage(conn.execute("SELECT * FROM usage WHERE request_id = ?", (hold["id"],)).fetchone())
+                for hold in holds
+            ]
 
     def _refund(
         self,

@@ -171,7 +171,14 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
 def _node_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
     log.warning("%s; trying another node", exc)
     tried.add(node.id)
-    if isinstance(exc, StreamBroken) or exc.down:
+    _mark_node(state, node, exc)
+
+
+def _mark_node(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken) -> None:
+    """Take a failed node out of work: until a health check answers, or for a rest if it hung."""
+    if exc.hung:
+        state.herd.hung(node, rest=state.settings.node_rest)
+    elif isinstance(exc, StreamBroken) or exc.down:
         state.herd.failed(node, at_once=True)
 
 
@@ -279,7 +286,7 @@ async def _relay(
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
         log.warning("%s", exc)
-        state.herd.failed(node, at_once=True)
+        _mark_node(state, node, exc)
         _settle_delivered(state, paid, node, delivered, "broken", str(exc))
         message = "the node serving this stream failed; you were charged only for the tokens delivered"
         with suppress(ConnectionError):
@@ -386,7 +393,7 @@ def _settle(
         error=error,
     )
     paid.closed = True
-    node.record(completion_tokens, settlement.charged)
+    node.record(completion_tokens, settlement.charged, whole=status != "broken")
     state.metrics.fees.labels(node.name).inc(settlement.charged)
     state.metrics.tokens.labels(paid.model, "prompt").inc(prompt_tokens)
     state.metrics.tokens.labels(paid.model, "completion").inc(completion_tokens)

@@ -33,6 +33,9 @@ class RouterSettings(BaseModel):
     max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a node before 504")
     node_timeout: float = Field(60.0, gt=0, description="seconds without a byte from a node before giving up on it")
+    node_rest: float = Field(
+        30.0, ge=0, description="seconds a node that let a request time out gets no work (doubles if it repeats)"
+    )
     health_interval: float = Field(2.0, gt=0, description="seconds between health checks of each node")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens held for when a request gives none")
     max_tokens_limit: int = Field(32768, ge=1, description="largest max_tokens a request may ask for")
@@ -55,6 +58,7 @@ FLAGS = [
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
     Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),
+    Flag("node_rest", "--node-rest", "LLAMAKIT_NODE_REST", float),
     Flag("health_interval", "--health-interval", "LLAMAKIT_HEALTH_INTERVAL", float),
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),

@@ -21,11 +21,13 @@ REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
 
 
 class NodeFailed(Exception):
-    """The node could not serve the request and nothing was generated; `down` when it did not answer at all."""
+    """The node could not serve the request and nothing was generated; `down` when it did not answer at all,
+    `hung` when it took the request and then went silent for longer than the node timeout."""
 
-    def __init__(self, reason: str, *, down: bool) -> None:
+    def __init__(self, reason: str, *, down: bool, hung: bool = False) -> None:
         super().__init__(reason)
         self.down = down
+        self.hung = hung
 
 
 class NodeRejected(Exception):
@@ -38,7 +40,11 @@ class NodeRejected(Exception):
 
 
 class StreamBroken(Exception):
-    """The node's stream ended abnormally after it had started."""
+    """The node's stream ended abnormally after it had started; `hung` when it went silent past the node timeout."""
+
+    def __init__(self, reason: str, *, hung: bool = False) -> None:
+        super().__init__(reason)
+        self.hung = hung
 
 
 class Upstream:
@@ -63,7 +69,8 @@ class Upstream:
                 timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise NodeFailed(f"node {node.name} did not answer: {exc!r}", down=True) from exc
+            hung = isinstance(exc, TimeoutError)
+            raise NodeFailed(f"node {node.name} did not answer: {exc!r}", down=True, hung=hung) from exc
         if resp.status == 200:
             return resp
         try:
@@ -85,7 +92,8 @@ class Upstream:
         try:
             data: dict[str, Any] = await resp.json()
         except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
-            raise NodeFailed(f"node {node.name} broke off its answer: {exc!r}", down=True) from exc
+            hung = isinstance(exc, TimeoutError)
+            raise NodeFailed(f"node {node.name} broke off its answer: {exc!r}", down=True, hung=hung) from exc
         finally:
             resp.release()
         return data
@@ -112,7 +120,8 @@ async def _events(resp: aiohttp.ClientResponse, node: HerdNode) -> AsyncIterator
             yield json.loads(data)
         raise StreamBroken(f"node {node.name} ended its stream without [DONE]")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}") from exc
+        hung = isinstance(exc, TimeoutError)
+        raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}", hung=hung) from exc
     finally:
         if finished:
             resp.release()

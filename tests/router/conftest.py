@@ -8,12 +8,27 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
 from tests.router.fake_node import HERD_TOKEN, FakeNode
 
 ADMIN_KEY = "test-admin-key"
+
+
+class PinnedServer(RunningServer):
+    """A RunningServer on a given port: a node brought back where the router already knows it to be."""
+
+    def __init__(self, app: web.Application, port: int) -> None:
+        super().__init__(app)
+        self.port = port
+
+    async def start(self) -> PinnedServer:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
 
 
 @dataclass
@@ -25,18 +40,60 @@ class Herd:
     node_servers: dict[str, RunningServer] = field(default_factory=dict)
     router: RunningServer | None = None
     admin: httpx.AsyncClient | None = None
+    # Nodes the router is told about at start (`--node`); the others join over /herd/join themselves.
+    static: set[str] = field(default_factory=set)
+    stopped: set[str] = field(default_factory=set)
 
-    async def add_node(self, node: FakeNode) -> FakeNode:
+    async def add_node(self, node: FakeNode, *, static: bool = True) -> FakeNode:
         server = await RunningServer(node.app()).start()
         self.nodes[node.name], self.node_servers[node.name] = node, server
+        if static:
+            self.static.add(node.name)
         return node
+
+    def node_url(self, name: str) -> str:
+        return self.node_servers[name].url
+
+    async def stop_node(self, name: str) -> None:
+        """Kill a node's server: its port stops answering, as when the machine goes away."""
+        await self.node_servers[name].stop()
+        self.stopped.add(name)
+
+    async def restart_node(self, name: str, node: FakeNode | None = None) -> FakeNode:
+        """Bring a stopped node back on the same port (the same FakeNode unless another is given)."""
+        node = node or self.nodes[name]
+        port = int(self.node_servers[name].url.rsplit(":", 1)[1])
+        self.node_servers[name] = await PinnedServer(node.app(), port).start()
+        self.nodes[name] = node
+        self.stopped.discard(name)
+        return node
+
+    async def join(self, name: str, **fields: Any) -> httpx.Response:
+        """POST /herd/join for a node started with `add_node(..., static=False)`, with the herd token."""
+        assert self.router is not None
+        node = self.nodes[name]
+        body = {"url": self.node_url(name), "name": name, "models": [node.model], "slots": node.slots, **fields}
+        async with httpx.AsyncClient(base_url=self.router.url) as client:
+            return await client.post("/herd/join", json=body, headers={"Authorization": f"Bearer {HERD_TOKEN}"})
+
+    async def node_states(self) -> dict[str, str]:
+        assert self.admin is not None
+        return {n["name"]: n["state"] for n in (await self.admin.get("/admin/nodes")).json()["data"]}
+
+    async def wait_state(self, name: str, state: str, *, within: float = 5.0) -> None:
+        """Poll /admin/nodes until the node named `name` is in `state`."""
+        deadline = asyncio.get_running_loop().time() + within
+        while (states := await self.node_states()).get(name) != state:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"node {name!r} is not {state!r} after {within}s: {states}")
+            await asyncio.sleep(0.02)
 
     async def start(self, **overrides: Any) -> RunningServer:
         settings = RouterSettings(
             db=self.tmp / "ledger.db",
             admin_key=ADMIN_KEY,
             herd_token=HERD_TOKEN,
-            nodes=[s.url for s in self.node_servers.values()],
+            nodes=[s.url for name, s in self.node_servers.items() if name in self.static],
             health_interval=0.1,
             base_fee=10,
             prompt_token_fee=1,
@@ -47,7 +104,7 @@ class Herd:
         self.admin = httpx.AsyncClient(
             base_url=self.router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
         )
-        await self.wait_ready(len(self.nodes))
+        await self.wait_ready(len(self.static))
         return self.router
 
     async def wait_ready(self, count: int) -> None:
@@ -76,8 +133,9 @@ class Herd:
             await self.admin.aclose()
         if self.router is not None:
             await self.router.stop()
-        for server in self.node_servers.values():
-            await server.stop()
+        for name, server in self.node_servers.items():
+            if name not in self.stopped:
+                await server.stop()
 
 
 @pytest.fixture

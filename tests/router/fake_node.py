@@ -14,6 +14,8 @@ from typing import Any
 from aiohttp import web
 
 HERD_TOKEN = "fake-herd-token"
+# Set when the app shuts down, so hung requests end and the server stops at once instead of waiting for them.
+STOPPING = web.AppKey("stopping", asyncio.Event)
 
 
 @dataclass
@@ -23,7 +25,8 @@ class Script:
     first_delay: float = 0.0
     fail_status: int | None = None  # answer every request with this status
     die_after: int | None = None  # stream: drop the connection after this many tokens
-    hang: bool = False  # never answer
+    stall_after: int | None = None  # stream: go silent after this many tokens (0: after the headers)
+    hang: bool = False  # never answer (until the server stops)
     gate: asyncio.Event | None = None  # hold every request until set
 
 
@@ -41,6 +44,12 @@ class FakeNode:
 
     def app(self) -> web.Application:
         app = web.Application()
+        app[STOPPING] = asyncio.Event()
+
+        async def stopping(app: web.Application) -> None:
+            app[STOPPING].set()
+
+        app.on_shutdown.append(stopping)
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/completions", self.generate)
@@ -58,7 +67,8 @@ class FakeNode:
         self.received.append(body)
         script = self.script
         if script.hang:
-            await asyncio.sleep(3600)
+            await request.app[STOPPING].wait()
+            return web.json_response({"error": {"message": "stopped", "type": "server_error"}}, status=503)
         if script.fail_status is not None:
             return web.json_response(
                 {"error": {"message": f"scripted {script.fail_status}", "type": "server_error", "code": None}},
@@ -109,6 +119,9 @@ class FakeNode:
                 if self.script.die_after is not None and i > self.script.die_after:
                     assert request.transport is not None
                     request.transport.close()
+                    return resp
+                if self.script.stall_after is not None and i > self.script.stall_after:
+                    await request.app[STOPPING].wait()
                     return resp
                 await send(
                     {
