@@ -20,7 +20,8 @@ from llamakit.protocol import (
     parse_json,
     validate_request,
 )
-from llamakit.router.ledger import Account
+from llamakit.router.idempotency import Idempotency, fingerprint, replay
+from llamakit.router.ledger import Account, Remembered
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
 from llamakit.web import bearer_token, json_response
@@ -51,10 +52,19 @@ def authenticate(request: web.Request) -> Account:
 async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
     state = request.app[STATE]
     account = authenticate(request)
-    data = parse_json(await request.read())
+    raw = await request.read()
+    key = Idempotency.key_of(request)
+    data = parse_json(raw)
     req = validate_request(model, data)
-    paid = price(state, request, account, req, data, path)
-    return await serve(state, request, paid)
+    if key is None:
+        return await serve(state, request, price(state, request, account, req, data, path))
+    claimed = await state.idempotency.claim(account.id, key, fingerprint(path, raw))
+    if isinstance(claimed, Remembered):
+        return await replay(request, claimed, stream=req.stream, include_usage=req.include_usage)
+    try:
+        return await serve(state, request, price(state, request, account, req, data, path, claimed))
+    finally:
+        state.idempotency.release(claimed)
 
 
 @routes.post("/v1/chat/completions")

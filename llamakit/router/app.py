@@ -16,6 +16,7 @@ from llamakit.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
 from llamakit.router.herd import Herd, HerdNode
+from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Ledger, UsageRecord
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
@@ -34,9 +35,11 @@ def create_app(settings: RouterSettings) -> web.Application:
     default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
+    ledger = Ledger(settings.db)
     state = RouterState(
         settings=settings,
-        ledger=Ledger(settings.db),
+        ledger=ledger,
+        idempotency=Idempotency(ledger),
         prices=prices,
         herd=herd,
         scheduler=Scheduler(herd, max_queue=settings.max_queue),

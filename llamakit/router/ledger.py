@@ -50,12 +50,13 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "Remembered",
     "Settlement",
     "UnknownAccount",
     "UsageRecord",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 KEY_PREFIX: Final = "lk-"
 ACCOUNT_KINDS: Final = ("user", "agent", "dev")
 # The key under which fees_by_node reports charges that no node was named for.
@@ -159,6 +160,21 @@ _SCHEMA: Final = (
     "CREATE INDEX events_account ON events (account_id, id)",
 )
 
+# Version 2: answers remembered by idempotency key, so a retried request is answered, not charged, again.
+_SCHEMA_V2: Final = (
+    """
+    CREATE TABLE idempotency (
+        account_id INTEGER NOT NULL REFERENCES accounts (id),
+        key TEXT NOT NULL,
+        request_id TEXT NOT NULL REFERENCES holds (id),
+        fingerprint TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (account_id, key)
+    )
+    """,
+)
+
 
 class LedgerError(Exception):
     """The ledger refused an operation or its database failed; nothing was changed."""
@@ -243,6 +259,15 @@ class Settlement:
     charged: int
     refunded: int
     balance: int
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """An answer kept under a client's idempotency key: `fingerprint` identifies the request it answered."""
+
+    key: str
+    fingerprint: str
+    response: str
 
 
 @dataclass(frozen=True)
@@ -424,10 +449,13 @@ class Ledger:
                     f"the ledger has schema version {version}, newer than this llamakit understands "
                     f"({SCHEMA_VERSION}); upgrade llamakit"
                 )
-            if version == 0:
+            if version < 1:
                 for statement in _SCHEMA:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version < 2:
+                for statement in _SCHEMA_V2:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -646,10 +674,13 @@ class Ledger:
         latency_ms: float | None = None,
         queue_ms: float | None = None,
         error: str | None = None,
+        remember: Remembered | None = None,
     ) -> Settlement:
         """Close an open hold: charge at most the held amount to `node`, return the rest, record usage.
 
-        `bid` defaults to the bid the hold was made with.
+        `bid` defaults to the bid the hold was made with. `remember` stores the answer under the client's
+        idempotency key in the same transaction, so no crash can leave a charge whose answer a retry
+        would not find.
         """
         _count("charge", charge)
         _count("prompt_tokens", prompt_tokens)
@@ -688,6 +719,12 @@ class Ledger:
                 error=error,
                 now=now,
             )
+            if remember is not None:
+                conn.execute(
+                    "INSERT INTO idempotency (account_id, key, request_id, fingerprint, response, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (account_id, remember.key, request_id, remember.fingerprint, remember.response, now),
+                )
             balance: int = self._account_row(conn, account_id)["balance"]
         return Settlement(
             request_id=request_id,
@@ -698,6 +735,14 @@ class Ledger:
             refunded=held - charged,
             balance=balance,
         )
+
+    def recall(self, account_id: int, key: str) -> Remembered | None:
+        """The answer settled under `key` for this account, if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT key, fingerprint, response FROM idempotency WHERE account_id = ? AND key = ?", (account_id, key)
+            ).fetchone()
+        return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
 
     def release(
         self,

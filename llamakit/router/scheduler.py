@@ -130,6 +130,7 @@ class Scheduler:
                 f"waited {max_wait:g}s in the queue for {model!r} without a free node; nothing was charged",
                 type="server_error",
                 code="queue_timeout",
+                headers={"Retry-After": "1"},
             ) from None
         except asyncio.CancelledError:
             future = ticket.future

@@ -11,16 +11,25 @@ import logging
 import time
 import uuid
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
 from llamakit.fees import FeeSchedule, format_bid, hold_amount, parse_bid, prompt_token_bound, settle_amount
-from llamakit.protocol import ApiError, ChatCompletionRequest, GenerationRequest, error_body
+from llamakit.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    GenerationRequest,
+    Usage,
+    chat_completion_body,
+    completion_body,
+    error_body,
+)
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import Account, InsufficientFunds
+from llamakit.router.idempotency import Claim
+from llamakit.router.ledger import Account, InsufficientFunds, Remembered
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed, NodeRejected, StreamBroken
 from llamakit.web import SseWriter, json_response
@@ -51,10 +60,20 @@ class PaidRequest:
     queue_ms: float | None = None
     node: HerdNode | None = None
     closed: bool = False
+    claim: Claim | None = None
+    # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
+    transcript: list[str] = field(default_factory=list)
+    finish_reason: str = "stop"
 
 
 def price(
-    state: RouterState, request: web.Request, account: Account, req: GenerationRequest, data: dict[str, Any], path: str
+    state: RouterState,
+    request: web.Request,
+    account: Account,
+    req: GenerationRequest,
+    data: dict[str, Any],
+    path: str,
+    claim: Claim | None = None,
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most it can cost."""
     settings = state.settings
@@ -117,6 +136,7 @@ def price(
         stream=req.stream,
         include_usage=req.include_usage,
         arrived=time.monotonic(),
+        claim=claim,
     )
 
 
@@ -127,6 +147,7 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
         return await _serve_whole(state, request, paid)
     except ApiError as exc:
         _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
         raise
     except asyncio.CancelledError:
         _refund(state, paid, status="cancelled", error="the client went away")
@@ -193,7 +214,10 @@ def _no_node_left(paid: PaidRequest, attempts: int) -> ApiError:
 
 
 def _headers(paid: PaidRequest, node: HerdNode) -> dict[str, str]:
-    return {"X-Llamakit-Request-Id": paid.id, "X-Llamakit-Node": node.name, "X-Llamakit-Bid": format_bid(paid.bid)}
+    headers = {"X-Llamakit-Request-Id": paid.id, "X-Llamakit-Node": node.name, "X-Llamakit-Bid": format_bid(paid.bid)}
+    if paid.queue_ms is not None:
+        headers["X-Llamakit-Queue-Ms"] = f"{paid.queue_ms:.3f}"
+    return headers
 
 
 async def _serve_whole(state: RouterState, request: web.Request, paid: PaidRequest) -> web.Response:
@@ -216,10 +240,14 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         finally:
             state.scheduler.release(node)
         usage = answer.get("usage") or {}
-        charge = _settle(state, paid, node, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), "ok")
+        prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
         answer["id"] = paid.id
         answer["usage"] = {**usage, "cost": charge}
-        return json_response(answer, headers={**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
+        headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
+        remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
+        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember)
+        return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
 
 
@@ -326,7 +354,11 @@ async def _forward(
     event["id"] = paid.id
     usage = event.get("usage")
     if usage:
-        charge = _settle(state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok")
+        charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
+        _settle(
+            state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
+            remember=_remember_stream(paid, node, usage, charge),
+        )  # fmt: skip
         if not paid.include_usage:
             return
         event["usage"] = {**usage, "cost": charge}
@@ -335,6 +367,24 @@ async def _forward(
     await sse.send(event)
     if counts is not None:
         delivered.update(counts)
+    for choice in event.get("choices") or ():
+        piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+        if piece:
+            paid.transcript.append(piece)
+        if choice.get("finish_reason"):
+            paid.finish_reason = choice["finish_reason"]
+
+
+def _remember_stream(paid: PaidRequest, node: HerdNode, usage: dict[str, Any], charge: int) -> Remembered | None:
+    """The whole answer a stream delivered, in the shape of a plain answer, for a retry to be given."""
+    if paid.claim is None:
+        return None
+    total = Usage(**{**usage, "cost": charge})
+    build = chat_completion_body if paid.path.endswith("/chat/completions") else completion_body
+    body = build(
+        id=paid.id, model=paid.model, text="".join(paid.transcript), finish_reason=paid.finish_reason, usage=total
+    )
+    return paid.claim.remember(body, {**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
 
 
 def _record(
@@ -378,6 +428,8 @@ def _settle(
     completion_tokens: int,
     status: str,
     error: str | None = None,
+    *,
+    remember: Remembered | None = None,
 ) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
@@ -391,6 +443,7 @@ def _settle(
         latency_ms=latency_ms,
         queue_ms=paid.queue_ms,
         error=error,
+        remember=remember,
     )
     paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")

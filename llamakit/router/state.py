@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.herd import Herd
+from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
@@ -75,6 +76,7 @@ class RouterState:
     herd: Herd
     scheduler: Scheduler
     metrics: RouterMetrics
+    idempotency: Idempotency
     upstream: Upstream | None = None
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)

@@ -1,0 +1,120 @@
+"""Idempotency keys: a retried request is answered again, never generated or charged again.
+
+A client sends `Idempotency-Key` with every call and the same key on each retry. The answer of a settled
+request is stored with its charge, in the same ledger transaction; a repeat gets that answer back (streamed
+again if it asks for a stream) with `Idempotent-Replayed: true`. A repeat that arrives while the first is
+still running waits for it instead of starting a second generation. A key reused for a different request
+is refused with 422, as Stripe does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.protocol import ApiError, Usage, chat_chunk_body, completion_chunk_body
+from llamakit.router.ledger import Ledger, Remembered
+from llamakit.web import SseWriter, json_response
+
+__all__ = ["IDEMPOTENCY_HEADER", "Claim", "Idempotency", "fingerprint", "replay"]
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+
+
+def fingerprint(path: str, body: bytes) -> str:
+    return hashlib.sha256(path.encode() + b"\0" + body).hexdigest()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right to run the request for `key`; `remember` stores its answer when it settles."""
+
+    account_id: int
+    key: str
+    fingerprint: str
+
+    def remember(self, body: dict[str, Any], headers: dict[str, str]) -> Remembered:
+        return Remembered(self.key, self.fingerprint, json.dumps({"body": body, "headers": headers}))
+
+
+class Idempotency:
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._running: dict[tuple[int, str], tuple[str, asyncio.Future[None]]] = {}
+
+    @staticmethod
+    def key_of(request: web.Request) -> str | None:
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        if key is None:
+            return None
+        if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
+            raise ApiError(
+                400,
+                f"{IDEMPOTENCY_HEADER} must be 1 to {MAX_KEY_LENGTH} printable ASCII characters",
+                param=IDEMPOTENCY_HEADER,
+            )
+        return key
+
+    async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
+        """A claim to run the request, or the answer of the request that already ran under `key`."""
+        while True:
+            remembered = self.ledger.recall(account_id, key)
+            if remembered is not None:
+                self._check(remembered.fingerprint, print_)
+                return remembered
+            running = self._running.get((account_id, key))
+            if running is None:
+                self._running[(account_id, key)] = (print_, asyncio.get_running_loop().create_future())
+                return Claim(account_id, key, print_)
+            self._check(running[0], print_)
+            # The first attempt is still running: wait for it, then look again (it may have failed).
+            await asyncio.shield(running[1])
+
+    def release(self, claim: Claim) -> None:
+        """The request under `claim` has ended, settled or not: let any waiting repeat look again."""
+        _print, done = self._running.pop((claim.account_id, claim.key))
+        done.set_result(None)
+
+    @staticmethod
+    def _check(stored: str, given: str) -> None:
+        if stored != given:
+            raise ApiError(
+                422,
+                f"this {IDEMPOTENCY_HEADER} was already used for a different request; use a new key per request",
+                code="idempotency_key_reused",
+                param=IDEMPOTENCY_HEADER,
+            )
+
+
+async def replay(
+    request: web.Request, remembered: Remembered, *, stream: bool, include_usage: bool
+) -> web.StreamResponse:
+    """Answer a repeat with the remembered answer, whole or as a stream, as the repeat asks."""
+    saved = json.loads(remembered.response)
+    body: dict[str, Any] = saved["body"]
+    headers = {**saved["headers"], "Idempotent-Replayed": "true"}
+    if not stream:
+        return json_response(body, headers=headers)
+    sse = await SseWriter.open(request, {k: v for k, v in headers.items() if k != "X-Llamakit-Cost"})
+    rid, model = body["id"], body["model"]
+    choice = body["choices"][0]
+    usage = Usage(**body["usage"])
+    if body["object"] == "chat.completion":
+        await sse.send(chat_chunk_body(id=rid, model=model, delta={"role": "assistant", "content": ""}))
+        await sse.send(chat_chunk_body(id=rid, model=model, delta={"content": choice["message"]["content"]}))
+        await sse.send(chat_chunk_body(id=rid, model=model, delta={}, finish_reason=choice["finish_reason"]))
+        if include_usage:
+            await sse.send(chat_chunk_body(id=rid, model=model, delta=None, usage=usage))
+    else:
+        await sse.send(completion_chunk_body(id=rid, model=model, text=choice["text"]))
+        await sse.send(completion_chunk_body(id=rid, model=model, text="", finish_reason=choice["finish_reason"]))
+        if include_usage:
+            await sse.send(completion_chunk_body(id=rid, model=model, text=None, usage=usage))
+    await sse.done()
+    return sse.response

@@ -1,0 +1,118 @@
+"""The llamakit SDK: paid llama.cpp inference from Python, with retries and usage you can put in pandas.
+
+    from llamakit.sdk import generate, chat, meter, usage_frame
+
+    print(generate("The capital of France is", max_tokens=8))
+    with meter() as m:
+        answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", bid="auto")
+    m.cost, usage_frame()
+
+After `llamakit up` it needs no setup; elsewhere set `LLAMAKIT_URL` and `LLAMAKIT_API_KEY`, or make a
+`Client(url=..., api_key=...)`. Every call carries an idempotency key, is retried when that is safe, and
+becomes a `UsageRecord`.
+"""
+
+from llamakit.sdk._calls import GenerateOptions, RequestOptions
+from llamakit.sdk._client import AsyncClient, Client
+from llamakit.sdk._default import (
+    account,
+    achat,
+    agenerate,
+    astream,
+    astream_chat,
+    chat,
+    configure,
+    default_client,
+    generate,
+    generate_many,
+    info,
+    models,
+    stream,
+    stream_chat,
+    usage_frame,
+    usage_records,
+)
+from llamakit.sdk._exceptions import (
+    APIConnectionError,
+    APIError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConflictError,
+    InsufficientFunds,
+    InternalServerError,
+    LlamakitError,
+    NotFoundError,
+    PermissionDeniedError,
+    QueueFullError,
+    RateLimitError,
+    StreamInterruptedError,
+)
+from llamakit.sdk._models import Account, Fees, Generation, Info, Model, ModelInfo, NodeCounts, TokenUsage
+from llamakit.sdk._retry import RetryPolicy
+from llamakit.sdk._streaming import AsyncStream, Stream
+from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, NotGiven
+from llamakit.sdk._usage import FRAME_DTYPES, Meter, UsageBook, UsageRecord, meter, read_usage_log
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "FRAME_DTYPES",
+    "NOT_GIVEN",
+    "APIConnectionError",
+    "APIError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "Account",
+    "AsyncClient",
+    "AsyncStream",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConfigurationError",
+    "ConflictError",
+    "Fees",
+    "GenerateOptions",
+    "Generation",
+    "Info",
+    "InsufficientFunds",
+    "InternalServerError",
+    "LlamakitError",
+    "Meter",
+    "Model",
+    "ModelInfo",
+    "NodeCounts",
+    "NotFoundError",
+    "NotGiven",
+    "PermissionDeniedError",
+    "QueueFullError",
+    "RateLimitError",
+    "RequestOptions",
+    "RetryPolicy",
+    "Stream",
+    "StreamInterruptedError",
+    "TokenUsage",
+    "UsageBook",
+    "UsageRecord",
+    "account",
+    "achat",
+    "agenerate",
+    "astream",
+    "astream_chat",
+    "chat",
+    "configure",
+    "default_client",
+    "generate",
+    "generate_many",
+    "info",
+    "meter",
+    "models",
+    "read_usage_log",
+    "stream",
+    "stream_chat",
+    "usage_frame",
+    "usage_records",
+]

@@ -1,0 +1,154 @@
+"""What calls return: a `Generation` (text with its metering) and the router's models, info and account.
+
+All are frozen pydantic models that ignore fields they do not know, so a newer router does not break an
+older SDK.
+"""
+
+from __future__ import annotations
+
+import html
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Account", "Fees", "Generation", "Info", "Model", "ModelInfo", "NodeCounts", "TokenUsage"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TokenUsage(_Frozen):
+    """Exact token counts as the node's tokenizer counted them, and what they cost in credits."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    cost: int | None = None
+
+
+class Generation(_Frozen):
+    """One generated text and everything the call measured about it.
+
+    `str(generation)` is the text, so a result can be used where a string is expected. Times are in
+    seconds: `latency` is the whole call as the caller waited for it (retries included), `ttft` the time to
+    the first text piece of a stream (None for a call that is not streamed), `queue_wait` the time spent in
+    the router's bid queue when the router reports it.
+    """
+
+    text: str
+    model: str | None = None
+    node: str | None = None
+    request_id: str | None = None
+    finish_reason: str | None = None
+    usage: TokenUsage | None = None
+    cost: int | None = Field(default=None, description="credits charged for this call")
+    bid: float | None = Field(default=None, description="the bid multiplier the router applied")
+    latency: float | None = None
+    ttft: float | None = None
+    queue_wait: float | None = None
+    attempts: int = 1
+
+    def __str__(self) -> str:
+        return self.text
+
+    def summary(self) -> str:
+        """One line: model and node, tokens, cost and bid, times."""
+        parts: list[str] = []
+        where = self.model or "?"
+        if self.node:
+            where += f" on {self.node}"
+        parts.append(where)
+        if self.usage is not None:
+            u = self.usage
+            parts.append(f"{u.prompt_tokens} prompt + {u.completion_tokens} completion = {u.total_tokens} tokens")
+        if self.cost is not None:
+            parts.append(f"{self.cost} credits" + (f" at bid {self.bid:g}" if self.bid is not None else ""))
+        if self.latency is not None:
+            timing = f"{self.latency:.2f} s"
+            if self.ttft is not None:
+                timing += f" (first token {self.ttft:.2f} s)"
+            parts.append(timing)
+        if self.attempts > 1:
+            parts.append(f"{self.attempts} attempts")
+        return " · ".join(parts)
+
+    def _repr_html_(self) -> str:
+        return (
+            '<div class="llamakit-generation">'
+            f'<div style="white-space: pre-wrap">{html.escape(self.text)}</div>'
+            f'<div style="opacity: 0.6; font-size: smaller">{html.escape(self.summary())}</div>'
+            "</div>"
+        )
+
+    def _repr_markdown_(self) -> str:
+        return f"{self.text}\n\n<sub>{html.escape(self.summary())}</sub>"
+
+
+class Fees(_Frozen):
+    """A model's price in credits: a fixed fee per request plus a fee per prompt and per completion token."""
+
+    base_fee: int
+    prompt_token_fee: int
+    completion_token_fee: int
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, bid: float = 1.0) -> float:
+        """The price at `bid` before the router rounds it up to whole credits (an estimate for planning)."""
+        return bid * (
+            self.base_fee + self.prompt_token_fee * prompt_tokens + self.completion_token_fee * completion_tokens
+        )
+
+
+class Model(_Frozen):
+    """A model the herd serves (`GET /v1/models`)."""
+
+    id: str
+    fees: Fees | None = None
+    nodes: int | None = None
+    slots: int | None = None
+    owned_by: str | None = None
+
+
+class ModelInfo(_Frozen):
+    """One model in `GET /v1/info`: its fees, how many requests wait for it, how many nodes serve it."""
+
+    fees: Fees
+    queue_length: int = 0
+    nodes: int = 0
+
+
+class NodeCounts(_Frozen):
+    total: int = 0
+    ready: int = 0
+
+
+class Info(_Frozen):
+    """The router's public market data (`GET /v1/info`, no key needed): what to pay and what others paid.
+
+    `last_multiplier` is the bid of the request dispatched last; `queue_length` counts waiting requests of
+    every model. Out-bid the queue with `bid="auto"`.
+    """
+
+    models: dict[str, ModelInfo] = Field(default_factory=dict)
+    queue_length: int = 0
+    last_multiplier: float = 1.0
+    nodes: NodeCounts = Field(default_factory=NodeCounts)
+    default_max_tokens: int | None = None
+
+
+class Account(_Frozen):
+    """The caller's account (`GET /v1/account`), in credits: `balance` is free to spend, `held` reserved
+    for requests in flight, `spent` charged so far, `deposited` paid in."""
+
+    id: int | None = None
+    name: str | None = None
+    kind: str | None = None
+    balance: int
+    held: int = 0
+    spent: int = 0
+    deposited: int = 0
+
+    def _repr_html_(self) -> str:
+        return (
+            f"<b>{html.escape(self.name or 'account')}</b>: balance {self.balance}, held {self.held}, "
+            f"spent {self.spent}, deposited {self.deposited} credits"
+        )

@@ -1,0 +1,102 @@
+"""Idempotency keys: a repeat is answered from the ledger, never generated or charged twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.router.conftest import Herd
+from tests.router.fake_node import FakeNode, Script
+
+BODY = {"prompt": "one two three four", "max_tokens": 5}
+
+
+async def test_a_repeat_of_a_settled_request_gets_the_same_answer_and_no_new_charge(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1", script=Script(tokens=5)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    first = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "call-1"})
+    again = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "call-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.json() == first.json()
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["X-Llamakit-Cost"] == first.headers["X-Llamakit-Cost"]
+    assert len(node.received) == 1
+    account = (await alice.get("/v1/account")).json()
+    assert account["spent"] == first.json()["usage"]["cost"]
+    # A new key is a new request.
+    assert (await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "call-2"})).status_code == 200
+    assert len(node.received) == 2
+
+
+async def test_a_repeat_while_the_first_runs_waits_for_it_instead_of_generating_again(herd: Herd) -> None:
+    gate = asyncio.Event()
+    node = await herd.add_node(FakeNode("n1", slots=4, script=Script(tokens=3, gate=gate)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    first = asyncio.create_task(alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "k"}))
+    while not node.received:
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "k"}))
+    await asyncio.sleep(0.2)
+    assert not second.done()
+    gate.set()
+    a, b = await asyncio.gather(first, second)
+    assert a.json() == b.json() and len(node.received) == 1
+    assert (await alice.get("/v1/account")).json()["spent"] == a.json()["usage"]["cost"]
+
+
+async def test_a_key_reused_for_a_different_request_is_422(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    assert (await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "same"})).status_code == 200
+    other = await alice.post("/v1/completions", json={**BODY, "prompt": "else"}, headers={"Idempotency-Key": "same"})
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+async def test_keys_belong_to_their_account(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    alice, bob = await herd.account("alice", 10_000), await herd.account("bob", 10_000)
+    a = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "shared"})
+    b = await bob.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "shared"})
+    assert a.json()["id"] != b.json()["id"] and len(node.received) == 2
+    assert (await bob.get("/v1/account")).json()["spent"] == b.json()["usage"]["cost"]
+
+
+async def test_a_refunded_request_runs_again_on_retry(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1", script=Script(fail_status=500)))
+    await herd.start(max_attempts=1)
+    alice = await herd.account("alice", 10_000)
+    assert (await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "r"})).status_code == 503
+    node.script = Script(tokens=2)
+    retry = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "r"})
+    assert retry.status_code == 200 and "Idempotent-Replayed" not in retry.headers
+
+
+async def test_a_settled_stream_is_replayed_as_a_stream(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1", script=Script(tokens=4)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    body = {**BODY, "stream": True, "stream_options": {"include_usage": True}}
+
+    def events(text: str) -> list[dict[str, object]]:
+        return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+    first = events((await alice.post("/v1/completions", json=body, headers={"Idempotency-Key": "s"})).text)
+    again_resp = await alice.post("/v1/completions", json=body, headers={"Idempotency-Key": "s"})
+    again = events(again_resp.text)
+    assert again_resp.text.rstrip().endswith("data: [DONE]")
+    text = "".join(c["choices"][0]["text"] for c in first if c["choices"])  # type: ignore[index]
+    assert "".join(c["choices"][0]["text"] for c in again if c["choices"]) == text  # type: ignore[index]
+    assert again[-1]["usage"] == first[-1]["usage"]
+    assert len(node.received) == 1
+
+
+async def test_a_malformed_key_is_400(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    resp = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "x" * 300})
+    assert resp.status_code == 400 and "Idempotency-Key" in resp.json()["error"]["message"]
