@@ -266,6 +266,24 @@ class Client(_BaseClient):
         """This key's account: balance, held, spent and deposited credits."""
         return Account.model_validate(_json(self._get("/v1/account", auth=True, options=options)))
 
+    def report_event(self, kind: str, data: Mapping[str, Any] | None = None, **options: Unpack[RequestOptions]) -> int:
+        """Report an outcome to the router (`POST /v1/events`), such as an agent's buy, skip or error.
+
+        The router keeps events per account and sums them in the operator's stats; returns the event's id.
+        Not retried by default: an event is not idempotent, and a lost one costs less than a double.
+        """
+        request = self._http.build_request(
+            "POST",
+            self.base_url + "/v1/events",
+            headers=self._request_headers(str(uuid.uuid4()), auth=True),
+            json={"kind": kind, "data": dict(data or {})},
+            timeout=self._timeout(options.get("timeout", NOT_GIVEN)),
+        )
+        retries = options.get("max_retries", 0)
+        response = self._retrying(lambda: self._attempt(request), retries=self._retries(retries))
+        event_id: int = _json(response)["id"]
+        return event_id
+
     # -- I/O --------------------------------------------------------------------------------------
 
     def _get(self, path: str, *, auth: bool, options: RequestOptions) -> httpx.Response:
