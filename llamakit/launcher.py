@@ -27,6 +27,7 @@ from llamakit.profile import Profile, read_profile, write_profile
 __all__ = ["Launcher", "UpOptions", "installed_models"]
 
 DEV_ACCOUNT = "dev"
+DEMO_AGENT = "demo-agent"
 
 
 @dataclass
@@ -40,6 +41,9 @@ class UpOptions:
     dev_credits: int = 1_000_000
     ready_timeout: float = 300.0
     profile: Path | None = None
+    agent: bool = False
+    agent_credits: int = 200_000
+    agent_interval: float = 5.0
 
 
 def installed_models() -> list[str]:
@@ -84,9 +88,13 @@ class Launcher:
         keys = _secrets(options.state_dir)
         self.admin_key, self.herd_token = keys["admin_key"], keys["herd_token"]
 
-    def _spawn(self, name: str, args: list[str]) -> None:
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = (self.logs / f"{name}.log").open("ab")
         env = {**os.environ, "LLAMAKIT_ADMIN_KEY": self.admin_key, "LLAMAKIT_HERD_TOKEN": self.herd_token}
+        if extra_env is not None:
+            # Only the agent gets an API key, and no operator secrets.
+            env = {k: v for k, v in env.items() if k not in ("LLAMAKIT_ADMIN_KEY", "LLAMAKIT_HERD_TOKEN")}
+            env.update(extra_env)
         # Secrets travel in the environment, not on the command line where `ps` would show them.
         self.processes[name] = subprocess.Popen(
             [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -125,13 +133,37 @@ class Launcher:
         self._wait_ready(models)
         profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])
         write_profile(profile, opts.profile)
+        if opts.agent:
+            self._start_agent()
         return profile
 
+    def _start_agent(self) -> None:
+        """A demo agent with its own funded account, so the dashboard shows trade outcomes from the start."""
+        headers = {"Authorization": f"Bearer {self.admin_key}"}
+        with httpx.Client(base_url=self.url, headers=headers, timeout=10) as admin:
+            resp = admin.post(
+                "/admin/accounts", json={"name": DEMO_AGENT, "kind": "agent", "deposit": self.options.agent_credits}
+            )
+            if resp.status_code == 409:
+                resp = admin.post(f"/admin/accounts/{DEMO_AGENT}/keys")
+            resp.raise_for_status()
+            key = resp.json()["api_key"]
+        self._spawn(
+            "agent",
+            ["-m", "llamakit.agent", "--router", self.url, "--interval", str(self.options.agent_interval)],
+            {"LLAMAKIT_API_KEY": key, "LLAMAKIT_USAGE_LOG": ""},
+        )
+
     def _check_alive(self) -> None:
-        for name, proc in self.processes.items():
-            if proc.poll() is not None:
-                tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
-                raise RuntimeError(f"{name} exited with code {proc.returncode}:\n" + "\n".join(tail))
+        for name, proc in list(self.processes.items()):
+            if proc.poll() is None:
+                continue
+            tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+            if name == "agent":  # the demo agent may stop (its account ran dry); the herd goes on
+                print(f"the demo agent stopped (code {proc.returncode}): {tail[-2] if len(tail) > 1 else ''}")
+                del self.processes[name]
+                continue
+            raise RuntimeError(f"{name} exited with code {proc.returncode}:\n" + "\n".join(tail))
 
     def _wait_ready(self, models: list[str]) -> None:
         deadline = time.monotonic() + self.options.ready_timeout
@@ -180,8 +212,8 @@ class Launcher:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Nodes first (they finish or drop their work), then the router; SIGKILL only after 10 seconds."""
-        order = sorted(self.processes, key=lambda name: name == "router")
+        """The agent, then the nodes (they finish or drop their work), then the router; SIGKILL after 10 s."""
+        order = sorted(self.processes, key=lambda name: (name != "agent", name == "router"))
         for name in order:
             proc = self.processes[name]
             if proc.poll() is None:
