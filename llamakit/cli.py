@@ -23,6 +23,8 @@ def _state_dir() -> Path:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from llamakit.catalog import ModelNotAvailable
     from llamakit.launcher import Launcher, UpOptions
 
@@ -34,6 +36,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         slots=args.slots,
         threads=args.threads,
         dev_credits=args.credits,
+        agent=args.agent,
     )
     launcher = Launcher(options)
     print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
@@ -47,7 +50,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             "Ctrl-C stops the herd.",
             flush=True,
         )
-        launcher.wait()
+        dashboard = sys.stdout.isatty() and not args.headless
+        if dashboard and importlib.util.find_spec("textual") is None:
+            print("(no dashboard here: Textual is not installed; pip install 'llamakit[tui]')", flush=True)
+            dashboard = False
+        if dashboard:
+            from llamakit.tui import run_dashboard
+
+            # The dashboard in the foreground: quitting it (q, Ctrl-C or SIGTERM) stops the herd below.
+            run_dashboard(url=profile.url, admin_key=launcher.admin_key)
+        else:
+            launcher.wait()
     except (RuntimeError, TimeoutError, ModelNotAvailable) as exc:
         print(f"llamakit up: {exc}", file=sys.stderr)
         return 1
@@ -126,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--credits", type=int, default=1_000_000, help="opening deposit of the dev account")
     up.add_argument("--state-dir", default=str(_state_dir()), help="ledger, secrets and logs")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
+    up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)
 
     account = sub.add_parser("account", help="create an account and print its API key (shown once)")

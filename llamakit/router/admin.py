@@ -6,6 +6,7 @@ API keys never reach these: the admin key and the herd token are separate secret
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from dataclasses import asdict
 from typing import Any
 
@@ -211,11 +212,15 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "'interval' must be a number of seconds", param="interval") from None
     if not 0.1 <= interval <= 60:
         raise ApiError(400, "'interval' must be between 0.1 and 60 seconds", param="interval")
+    state = request.app[STATE]
     sse = await SseWriter.open(request)
     try:
-        while True:
-            await sse.send(snapshot(request.app[STATE]))
-            await asyncio.sleep(interval)
+        # Until the client leaves or the router shuts down: a watching dashboard must not hold up a stop.
+        while not state.stopping.is_set():
+            await sse.send(snapshot(state))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(state.stopping.wait(), interval)
+        await sse.done()
     except ConnectionError:
         pass
     return sse.response

@@ -52,10 +52,15 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
     app.cleanup_ctx.append(_health_checks)
     return app
+
+
+async def _stopping(app: web.Application) -> None:
+    app[STATE].stopping.set()  # ends the live stats streams, which would otherwise hold up the shutdown
 
 
 async def _health(request: web.Request) -> web.Response:

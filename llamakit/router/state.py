@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter, deque
@@ -81,6 +82,7 @@ class RouterState:
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     started: float = field(default_factory=time.time)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the app shuts down
 
     def known_models(self) -> list[str]:
         """Models a request may name: served by any node in the herd (even if down) or priced explicitly."""

@@ -1,0 +1,83 @@
+"""The operator's live dashboard (`llamakit-tui`), built with Textual; install it with `llamakit[tui]`.
+
+Nothing else in llamakit imports this package, so the SDK and the router run without Textual. Here, only
+`main` is imported eagerly (it says plainly when Textual is missing); the rest loads on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from llamakit.tui._cli import main, run_dashboard
+from llamakit.tui._config import DashboardConfig, NotConfigured, resolve_config
+
+if TYPE_CHECKING:
+    from llamakit.tui._app import DashboardApp
+    from llamakit.tui._screens import ConfirmDrainScreen, DashboardScreen, HelpScreen
+    from llamakit.tui._source import (
+        DrainFailed,
+        RouterRefused,
+        RouterStats,
+        RouterUnreachable,
+        StatsError,
+        StatsSource,
+    )
+    from llamakit.tui._stats import Stats, StatsHistory
+    from llamakit.tui._widgets import AgentsTable, FeesPanel, HerdTable, QueuePanel, RequestsLog, StatusBanner
+
+__all__ = [
+    "AgentsTable",
+    "ConfirmDrainScreen",
+    "DashboardApp",
+    "DashboardConfig",
+    "DashboardScreen",
+    "DrainFailed",
+    "FeesPanel",
+    "HelpScreen",
+    "HerdTable",
+    "NotConfigured",
+    "QueuePanel",
+    "RequestsLog",
+    "RouterRefused",
+    "RouterStats",
+    "RouterUnreachable",
+    "Stats",
+    "StatsError",
+    "StatsHistory",
+    "StatsSource",
+    "StatusBanner",
+    "main",
+    "resolve_config",
+    "run_dashboard",
+]
+
+_LAZY = {
+    "DashboardApp": "_app",
+    "ConfirmDrainScreen": "_screens",
+    "DashboardScreen": "_screens",
+    "HelpScreen": "_screens",
+    "DrainFailed": "_source",
+    "RouterRefused": "_source",
+    "RouterStats": "_source",
+    "RouterUnreachable": "_source",
+    "StatsError": "_source",
+    "StatsSource": "_source",
+    "Stats": "_stats",
+    "StatsHistory": "_stats",
+    "AgentsTable": "_widgets",
+    "FeesPanel": "_widgets",
+    "HerdTable": "_widgets",
+    "QueuePanel": "_widgets",
+    "RequestsLog": "_widgets",
+    "StatusBanner": "_widgets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,342 @@
+"""The router's stats snapshot as typed, read-only values, parsed leniently from `GET /admin/stats` JSON.
+
+The dashboard must keep working while the router grows new fields, so unknown fields are ignored and a
+missing or mistyped field reads as empty rather than failing the whole snapshot.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AgentStats",
+    "BucketSeries",
+    "FeeStats",
+    "ModelQueue",
+    "NodeStats",
+    "QueueStats",
+    "RequestRecord",
+    "RequestStats",
+    "Stats",
+    "StatsHistory",
+]
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _float(value: object, default: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return float(value)
+
+
+def _int(value: object, default: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return default
+    return int(value)
+
+
+def _optional_float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _str(value: object, default: str = "") -> str:
+    return value if isinstance(value, str) else default
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStats:
+    """One node of the herd as the router sees it."""
+
+    id: str
+    name: str
+    url: str
+    models: tuple[str, ...]
+    state: str
+    slots: int
+    busy: int
+    tokens_per_second: float
+    requests: int
+    fees_earned: int
+    last_seen: float | None
+
+    @property
+    def shown_state(self) -> str:
+        """The router's state, with `busy` for a ready node that has no free slot (it takes nothing new now)."""
+        if self.state == "ready" and self.slots > 0 and self.busy >= self.slots:
+            return "busy"
+        return self.state
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NodeStats:
+        name = _str(data.get("name")) or _str(data.get("id"), "?")
+        return cls(
+            id=_str(data.get("id")) or name,
+            name=name,
+            url=_str(data.get("url")),
+            models=tuple(m for m in _list(data.get("models")) if isinstance(m, str)),
+            state=_str(data.get("state"), "unknown"),
+            slots=_int(data.get("slots")),
+            busy=_int(data.get("busy")),
+            tokens_per_second=_float(data.get("tokens_per_second")),
+            requests=_int(data.get("requests")),
+            fees_earned=_int(data.get("fees_earned")),
+            last_seen=_optional_float(data.get("last_seen")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ModelQueue:
+    depth: int
+    oldest_wait: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    total: int
+    last_multiplier: float
+    last_multiplier_text: str
+    """Exactly as the router prices it (a bid of 1.005 must not read as 1.00)."""
+    models: Mapping[str, ModelQueue]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QueueStats:
+        models = {
+            str(name): ModelQueue(
+                depth=_int(_mapping(q).get("depth")), oldest_wait=_float(_mapping(q).get("oldest_wait"))
+            )
+            for name, q in _mapping(data.get("models")).items()
+        }
+        multiplier = _float(data.get("last_multiplier"), 1.0)
+        return cls(
+            total=_int(data.get("total")),
+            last_multiplier=multiplier,
+            last_multiplier_text=_str(data.get("last_multiplier_exact")) or f"{multiplier:g}",
+            models=dict(sorted(models.items())),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FeeStats:
+    earned: int
+    per_minute: float
+    by_node: Mapping[str, int]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FeeStats:
+        return cls(
+            earned=_int(data.get("earned")),
+            per_minute=_float(data.get("per_minute")),
+            by_node={str(k): _int(v) for k, v in _mapping(data.get("by_node")).items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One finished request from the router's recent log."""
+
+    time: float
+    request_id: str
+    account: str
+    model: str
+    node: str | None
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    latency_ms: float | None
+
+    @property
+    def key(self) -> str:
+        return self.request_id or f"{self.time:.6f}:{self.account}:{self.model}"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RequestRecord:
+        node = data.get("node")
+        return cls(
+            time=_float(data.get("time")),
+            request_id=_str(data.get("request_id")),
+            account=_str(data.get("account"), "?"),
+            model=_str(data.get("model"), "?"),
+            node=node if isinstance(node, str) else None,
+            status=_str(data.get("status"), "?"),
+            prompt_tokens=_int(data.get("prompt_tokens")),
+            completion_tokens=_int(data.get("completion_tokens")),
+            cost=_int(data.get("cost")),
+            latency_ms=_optional_float(data.get("latency_ms")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStats:
+    total: int
+    by_status: Mapping[str, int]
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    recent: tuple[RequestRecord, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RequestStats:
+        latency = _mapping(data.get("latency_ms"))
+        by_status = {str(k): _int(v) for k, v in _mapping(data.get("by_status")).items()}
+        return cls(
+            total=_int(data.get("total"), sum(by_status.values())),
+            by_status=by_status,
+            p50_ms=_optional_float(latency.get("p50")),
+            p90_ms=_optional_float(latency.get("p90")),
+            p99_ms=_optional_float(latency.get("p99")),
+            recent=tuple(RequestRecord.from_json(r) for r in _list(data.get("recent")) if isinstance(r, Mapping)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """One agent account's outcome events: the sentiment agent reports request, buy, skip and error."""
+
+    account: str
+    counts: Mapping[str, int]
+    total: int
+    position: float | None
+    pnl: float | None
+    last: float | None
+
+    @property
+    def requests(self) -> int:
+        return self.counts.get("request", 0)
+
+    @property
+    def buys(self) -> int:
+        return self.counts.get("buy", 0)
+
+    @property
+    def skips(self) -> int:
+        return self.counts.get("skip", 0)
+
+    @property
+    def errors(self) -> int:
+        return self.counts.get("error", 0)
+
+    @classmethod
+    def from_json(cls, account: str, data: Mapping[str, Any]) -> AgentStats:
+        counts = {str(k): _int(v) for k, v in _mapping(data.get("counts")).items()}
+        return cls(
+            account=account,
+            counts=counts,
+            total=_int(data.get("total"), sum(counts.values())),
+            position=_optional_float(data.get("position")),
+            pnl=_optional_float(data.get("pnl")),
+            last=_optional_float(data.get("last")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """One snapshot of the router; `time` is the router's clock, used as "now" for every age shown."""
+
+    time: float
+    uptime: float
+    nodes: tuple[NodeStats, ...]
+    queue: QueueStats
+    fees: FeeStats
+    requests: RequestStats
+    agents: tuple[AgentStats, ...]
+    books_balanced: bool | None
+
+    @classmethod
+    def from_json(cls, data: object) -> Stats:
+        """Parse a snapshot; raises ValueError when `data` is not a JSON object at all."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a stats snapshot is a JSON object, got {type(data).__name__}")
+        books = data.get("books")
+        balanced = _mapping(books).get("balanced")
+        return cls(
+            time=_float(data.get("time")),
+            uptime=_float(data.get("uptime")),
+            nodes=tuple(NodeStats.from_json(n) for n in _list(data.get("nodes")) if isinstance(n, Mapping)),
+            queue=QueueStats.from_json(_mapping(data.get("queue"))),
+            fees=FeeStats.from_json(_mapping(data.get("fees"))),
+            requests=RequestStats.from_json(_mapping(data.get("requests"))),
+            agents=tuple(
+                AgentStats.from_json(str(name), _mapping(entry))
+                for name, entry in sorted(_mapping(data.get("agents")).items())
+            ),
+            books_balanced=balanced if isinstance(balanced, bool) else None,
+        )
+
+
+@dataclass
+class BucketSeries:
+    """A value over the last `window` seconds in buckets of `step` seconds (the largest value seen per bucket).
+
+    Buckets with no sample read as 0, so a sparkline of it always spans the same stretch of time.
+    """
+
+    window: float = 300.0
+    step: float = 10.0
+    _buckets: deque[tuple[int, float]] = field(default_factory=deque)
+
+    @property
+    def size(self) -> int:
+        return max(1, int(self.window // self.step))
+
+    def add(self, at: float, value: float) -> None:
+        index = int(at // self.step)
+        if self._buckets and self._buckets[-1][0] == index:
+            self._buckets[-1] = (index, max(self._buckets[-1][1], value))
+        elif not self._buckets or self._buckets[-1][0] < index:
+            self._buckets.append((index, value))
+        else:  # a sample older than the newest bucket (a clock step back): start afresh rather than misplot
+            self._buckets.clear()
+            self._buckets.append((index, value))
+        while self._buckets and self._buckets[0][0] <= index - self.size:
+            self._buckets.popleft()
+
+    def values(self, now: float | None = None) -> list[float]:
+        """The `size` buckets ending at `now` (default: the newest sample), oldest first."""
+        if not self._buckets:
+            return [0.0] * self.size
+        newest = self._buckets[-1][0] if now is None else int(now // self.step)
+        by_index = dict(self._buckets)
+        return [by_index.get(i, 0.0) for i in range(newest - self.size + 1, newest + 1)]
+
+
+@dataclass
+class StatsHistory:
+    """What the sparklines show: queue depth per model and the fee rate, over the last minutes."""
+
+    window: float = 300.0
+    step: float = 10.0
+    queue: dict[str, BucketSeries] = field(default_factory=dict)
+    fees: BucketSeries = field(init=False)
+    latest: float | None = None
+
+    def __post_init__(self) -> None:
+        self.fees = BucketSeries(self.window, self.step)
+
+    def add(self, stats: Stats) -> None:
+        for model, queue in stats.queue.models.items():
+            series = self.queue.get(model)
+            if series is None:
+                series = self.queue[model] = BucketSeries(self.window, self.step)
+            series.add(stats.time, queue.depth)
+        self.fees.add(stats.time, stats.fees.per_minute)
+        self.latest = stats.time
+
+    def queue_values(self, model: str) -> list[float]:
+        series = self.queue.get(model) or BucketSeries(self.window, self.step)
+        return series.values(self.latest)
+
+    def fee_values(self) -> list[float]:
+        return self.fees.values(self.latest)

@@ -1,0 +1,414 @@
+"""The dashboard's panels: each one shows one part of a `Stats` snapshot and can be used on its own.
+
+Tables update cell by cell when only values change, so a herd of a hundred nodes updates in milliseconds
+and the cursor stays on the selected node.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Label, Sparkline, Static
+from textual.widgets.data_table import CellDoesNotExist
+
+from llamakit.tui._format import age, clock, credits, load_bar, millis, signed, state_text, wait
+from llamakit.tui._stats import NodeStats, RequestRecord, Stats, StatsHistory
+
+__all__ = ["AgentsTable", "FeesPanel", "HerdTable", "QueuePanel", "RequestsLog", "StatusBanner"]
+
+Cell = str | Text
+
+
+class Column(NamedTuple):
+    key: str
+    label: str
+    width: int
+    numeric: bool = False  # right-aligned, header too
+
+
+def _right(value: str) -> Text:
+    return Text(value, justify="right")
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    """`node-2` before `node-10`."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower()))
+
+
+def _set(label: Static, content: str | Text) -> None:
+    """Change a fixed-size label's text only when it differs, and without a new layout (the size is fixed)."""
+    if label.content != content:
+        label.update(content, layout=False)
+
+
+class StatusBanner(Static):
+    """One plain line across the top when the router cannot be reached; hidden otherwise."""
+
+    DEFAULT_CSS = """
+    StatusBanner {
+        display: none;
+        width: 100%;
+        height: auto;
+        padding: 0 1;
+        background: $error;
+        color: $text;
+        text-style: bold;
+    }
+    StatusBanner.-shown {
+        display: block;
+    }
+    """
+
+    def show_problem(self, problem: str | None) -> None:
+        self.set_class(problem is not None, "-shown")
+        self.update(problem or "")
+
+
+class _KeyedTable(DataTable[Cell]):
+    """A table whose rows have stable keys and are updated in place when only their values change."""
+
+    COLUMNS: Sequence[Column] = ()
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes, cursor_type="row", zebra_stripes=True)
+        self._order: list[str] = []
+        self._cells: dict[str, tuple[Cell, ...]] = {}
+        # Columns exist from the start, so rows may arrive before the table is mounted.
+        for column in self.COLUMNS:
+            label = Text(column.label, justify="right" if column.numeric else "left")
+            self.add_column(label, key=column.key, width=column.width)
+
+    @property
+    def selected_key(self) -> str | None:
+        if not self.row_count or self.cursor_row < 0:
+            return None
+        try:
+            row_key, _ = self.coordinate_to_cell_key(self.cursor_coordinate)
+        except CellDoesNotExist:
+            return None
+        return row_key.value
+
+    def set_rows(self, rows: Iterable[tuple[str, tuple[Cell, ...]]]) -> None:
+        rows = list(rows)
+        order = [key for key, _ in rows]
+        if order != self._order:
+            selected = self.selected_key
+            self.clear()
+            for key, cells in rows:
+                self.add_row(*cells, key=key)
+            if selected in order:
+                self.move_cursor(row=order.index(selected), animate=False)
+        else:
+            columns = [column.key for column in self.COLUMNS]
+            for key, cells in rows:
+                old = self._cells.get(key, ())
+                for column, new, before in zip(columns, cells, old, strict=False):
+                    if new != before:
+                        self.update_cell(key, column, new)
+        self._order = order
+        self._cells = dict(rows)
+
+
+class HerdTable(_KeyedTable):
+    """One row per node: name, models, state, slots busy of total with a load bar, tok/s, requests, fees, last seen."""
+
+    COLUMNS = (
+        Column("name", "Node", 23),
+        Column("models", "Models", 22),
+        Column("state", "State", 8),
+        Column("load", "Busy/slots", 12),
+        Column("tps", "tok/s", 6, numeric=True),
+        Column("requests", "Requests", 8, numeric=True),
+        Column("fees", "Fees earned", 11, numeric=True),
+        Column("seen", "Last seen", 9, numeric=True),
+    )
+
+    DEFAULT_CSS = """
+    HerdTable {
+        height: 1fr;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.nodes: dict[str, NodeStats] = {}
+
+    @property
+    def selected_node(self) -> NodeStats | None:
+        key = self.selected_key
+        return self.nodes.get(key) if key is not None else None
+
+    def show(self, stats: Stats) -> None:
+        nodes = sorted(stats.nodes, key=lambda n: _natural(n.name))
+        self.nodes = {n.id: n for n in nodes}
+        self.set_rows((n.id, self._cells_for(n, stats.time)) for n in nodes)
+
+    @staticmethod
+    def _cells_for(node: NodeStats, now: float) -> tuple[Cell, ...]:
+        seen = None if node.last_seen is None else now - node.last_seen
+        return (
+            node.name,
+            ", ".join(node.models) or "–",
+            state_text(node.shown_state),
+            load_bar(node.busy, node.slots, width=6),
+            _right(f"{node.tokens_per_second:.1f}"),
+            _right(f"{node.requests:,}"),
+            _right(credits(node.fees_earned)),
+            _right(age(seen)),
+        )
+
+
+class AgentsTable(_KeyedTable):
+    """Per agent account: requests, Buy, Skip, Error, position and profit and loss."""
+
+    # No cell padding here (the panel is narrow): number columns are one wider than their header instead.
+    COLUMNS = (
+        Column("agent", "Agent", 10),
+        Column("requests", "Req", 5, numeric=True),
+        Column("buy", "Buy", 4, numeric=True),
+        Column("skip", "Skip", 5, numeric=True),
+        Column("error", "Err", 4, numeric=True),
+        Column("position", "Position", 9, numeric=True),
+        Column("pnl", "PnL", 9, numeric=True),
+    )
+
+    DEFAULT_CSS = """
+    AgentsTable {
+        height: 1fr;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.cell_padding = 0
+        self.show_cursor = False
+
+    def show(self, stats: Stats) -> None:
+        rows = []
+        for agent in stats.agents:
+            error = _right(f"{agent.errors:,}")
+            if agent.errors:
+                error.stylize("red")
+            rows.append(
+                (
+                    agent.account,
+                    (
+                        agent.account,
+                        _right(f"{agent.requests:,}"),
+                        _right(f"{agent.buys:,}"),
+                        _right(f"{agent.skips:,}"),
+                        error,
+                        _right("–" if agent.position is None else f"{agent.position:,g}"),
+                        signed(agent.pnl),
+                    ),
+                )
+            )
+        self.set_rows(rows)
+
+
+class RequestsLog(_KeyedTable):
+    """The latest requests, newest on top; it keeps the last `MAX_ROWS` it has seen, across snapshots."""
+
+    COLUMNS = (
+        Column("time", "Time", 8),
+        Column("account", "Account", 13),
+        Column("model", "Model", 22),
+        Column("node", "Node", 23),
+        Column("tokens", "Tokens p+c", 11, numeric=True),
+        Column("cost", "Cost", 8, numeric=True),
+        Column("latency", "Latency", 8, numeric=True),
+        Column("status", "Status", 7),
+    )
+    MAX_ROWS = 200
+
+    DEFAULT_CSS = """
+    RequestsLog {
+        height: 1fr;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.show_cursor = False
+        # Newest first. The router reports only its last 50, so older ones are kept here.
+        self._records: dict[str, RequestRecord] = {}
+
+    def show(self, stats: Stats) -> None:
+        fresh = [r for r in stats.requests.recent if r.key not in self._records]
+        if not fresh and self.row_count:
+            return
+        merged = sorted([*self._records.values(), *fresh], key=lambda r: r.time, reverse=True)[: self.MAX_ROWS]
+        self._records = {r.key: r for r in merged}
+        self.set_rows((r.key, self._cells_for(r)) for r in merged)
+
+    @staticmethod
+    def _cells_for(record: RequestRecord) -> tuple[Cell, ...]:
+        status_style = "green" if record.status == "ok" else "yellow" if record.status == "cut" else "red"
+        return (
+            clock(record.time),
+            record.account,
+            record.model,
+            record.node or "–",
+            _right(f"{record.prompt_tokens}+{record.completion_tokens}"),
+            _right(credits(record.cost)),
+            _right(millis(record.latency_ms)),
+            Text(record.status, style=status_style),
+        )
+
+
+class QueueRow(Horizontal):
+    """One model's queue: its name, depth now, a sparkline of the last minutes, and its oldest wait."""
+
+    DEFAULT_CSS = """
+    QueueRow {
+        height: 1;
+    }
+    QueueRow > .queue--model {
+        width: 14;
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    QueueRow > .queue--depth {
+        width: 5;
+        text-align: right;
+        margin-right: 1;
+    }
+    QueueRow > .queue--history {
+        width: 1fr;
+    }
+    QueueRow > .queue--wait {
+        width: 7;
+        text-align: right;
+    }
+    QueueRow.-heading {
+        color: $text-muted;
+    }
+    """
+
+    def __init__(
+        self,
+        model: str,
+        depth: int = 0,
+        oldest_wait: float = 0.0,
+        history: Sequence[float] = (),
+        *,
+        heading: bool = False,
+    ) -> None:
+        super().__init__(classes="-heading" if heading else None)
+        self.model = model
+        self.heading = heading
+        self._first = (depth, oldest_wait, list(history))
+
+    def compose(self) -> ComposeResult:
+        yield Label(self.model, classes="queue--model")
+        if self.heading:
+            yield Label("now", classes="queue--depth")
+            yield Label("last 5m", classes="queue--history")
+            yield Label("oldest", classes="queue--wait")
+        else:
+            depth, oldest_wait, history = self._first
+            yield Label(f"{depth:,}", classes="queue--depth")
+            yield Sparkline(history, summary_function=max, classes="queue--history")
+            yield Label(wait(oldest_wait), classes="queue--wait")
+
+    def show(self, depth: int, oldest_wait: float, history: Sequence[float]) -> None:
+        _set(self.query_one(".queue--depth", Label), f"{depth:,}")
+        self.query_one(Sparkline).data = list(history)
+        _set(self.query_one(".queue--wait", Label), wait(oldest_wait))
+
+
+class QueuePanel(Vertical):
+    """Depth now and over the last minutes per model, the oldest wait, and the last multiplier dispatched."""
+
+    DEFAULT_CSS = """
+    QueuePanel {
+        height: 1fr;
+    }
+    QueuePanel > .queue--summary {
+        height: 1;
+    }
+    QueuePanel > VerticalScroll {
+        height: 1fr;
+    }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Label("waiting 0 · last multiplier ×1", classes="queue--summary")
+        yield QueueRow("model", heading=True)
+        yield VerticalScroll()
+
+    def show(self, stats: Stats, history: StatsHistory) -> None:
+        queue = stats.queue
+        _set(
+            self.query_one(".queue--summary", Label),
+            f"waiting {queue.total:,} · last multiplier ×{queue.last_multiplier_text}",
+        )
+        rows = self.query_one(VerticalScroll)
+        shown = {row.model: row for row in rows.query_children(QueueRow)}
+        for model in list(shown):
+            if model not in queue.models:
+                shown.pop(model).remove()
+        for model, entry in queue.models.items():
+            row = shown.get(model)
+            if row is None:
+                rows.mount(QueueRow(model, entry.depth, entry.oldest_wait, history.queue_values(model)))
+            else:
+                row.show(entry.depth, entry.oldest_wait, history.queue_values(model))
+
+
+class FeesPanel(Vertical):
+    """Fees earned in total and per minute with a sparkline; request counts and latency below."""
+
+    DEFAULT_CSS = """
+    FeesPanel {
+        height: 1fr;
+    }
+    FeesPanel > Label {
+        height: 1;
+        width: 100%;
+    }
+    FeesPanel > Sparkline {
+        height: 1;
+        margin: 0 0 1 0;
+    }
+    FeesPanel > .fees--earned {
+        text-style: bold;
+    }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Label("earned 0", classes="fees--earned")
+        yield Label("per minute 0", classes="fees--rate")
+        yield Sparkline([], summary_function=max)
+        yield Label("requests 0", classes="fees--requests")
+        yield Label("latency –", classes="fees--latency")
+        yield Label("", classes="fees--tail")
+        yield Label("", classes="fees--books")
+
+    def show(self, stats: Stats, history: StatsHistory) -> None:
+        fees, requests = stats.fees, stats.requests
+        _set(self.query_one(".fees--earned", Label), f"earned      {credits(fees.earned):>14}")
+        _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
+        self.query_one(Sparkline).data = history.fee_values()
+        failed = sum(n for status, n in requests.by_status.items() if status not in ("ok", "cut"))
+        line = Text(f"requests {requests.total:,}")
+        if failed:
+            line.append(f" · {failed:,} failed", style="red")
+        _set(self.query_one(".fees--requests", Label), line)
+        _set(self.query_one(".fees--latency", Label), f"latency p50 {millis(requests.p50_ms)}")
+        _set(
+            self.query_one(".fees--tail", Label),
+            f"        p90 {millis(requests.p90_ms)} · p99 {millis(requests.p99_ms)}",
+        )
+        books = self.query_one(".fees--books", Label)
+        if stats.books_balanced is None:
+            _set(books, "")
+        elif stats.books_balanced:
+            _set(books, Text("books balance ✓", style="green"))
+        else:
+            _set(books, Text("books DO NOT balance", style="bold red"))
