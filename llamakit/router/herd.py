@@ -84,6 +84,8 @@ class HerdNode:
             "fees_earned": self.fees_earned,
             "last_seen": self.last_seen,
             "static": self.static,
+            "timeouts": self.timeouts,
+            "resting": round(max(0.0, self.resting_until - time.monotonic()), 3),
         }
 
 
