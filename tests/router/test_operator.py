@@ -221,7 +221,7 @@ async def test_the_stats_stream_pushes_snapshots(herd: Herd) -> None:
                 if len(snapshots) == 3:
                     break
     elapsed = asyncio.get_running_loop().time() - started
-    assert 0.35 < elapsed < 2, elapsed
+    assert elapsed > 0.35, "snapshots come at the interval asked for, not faster"
     assert snapshots[0]["requests"]["total"] == 0
     assert snapshots[-1]["requests"]["total"] == 1, "a later snapshot shows what happened in between"
     assert snapshots[0]["time"] < snapshots[1]["time"] < snapshots[2]["time"]
