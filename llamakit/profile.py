@@ -40,6 +40,7 @@ def read_profile(path: Path | None = None) -> Profile | None:
         raise ValueError(f"the llamakit profile {str(path)!r} cannot be read ({exc}); run 'llamakit up' again") from exc
     if not isinstance(data, dict) or not isinstance(data.get("url"), str):
         raise ValueError(f"the llamakit profile {str(path)!r} has no 'url'; run 'llamakit up' again")
+
     def text(key: str) -> str | None:
         value = data.get(key)
         return value if isinstance(value, str) else None
