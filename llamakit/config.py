@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,7 +22,7 @@ class Flag:
     field: str
     flag: str
     env: str
-    type: type = str
+    type: Callable[[str], Any] = str
     repeat: bool = False  # repeatable flag; the environment variable holds a comma-separated list
 
 

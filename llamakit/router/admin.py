@@ -106,6 +106,7 @@ async def create_key(request: web.Request) -> web.Response:
 @admin_routes.delete("/admin/keys/{key}")
 async def revoke_key(request: web.Request) -> web.Response:
     _admin(request)
+    request.app[STATE].accounts.clear()  # a revoked key must stop working at once
     try:
         revoked = request.app[STATE].ledger.revoke_key(request.match_info["key"])
     except (LedgerError, ValueError) as exc:

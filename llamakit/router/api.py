@@ -43,7 +43,11 @@ def authenticate(request: web.Request) -> Account:
             type="authentication_error",
             code="missing_api_key",
         )
-    account = state.ledger.authenticate(key)
+    account = state.accounts.get(key)
+    if account is None:
+        account = state.ledger.authenticate(key)
+        if account is not None:
+            state.accounts.put(key, account)
     if account is None:
         raise ApiError(401, "the API key is not valid", type="authentication_error", code="invalid_api_key")
     return account

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -55,6 +56,8 @@ __all__ = [
     "UnknownAccount",
     "UsageRecord",
 ]
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 2
 KEY_PREFIX: Final = "lk-"
@@ -431,6 +434,11 @@ class Ledger:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             self._migrate(conn)
+            wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            if wal:
+                # Checkpoints copy the WAL back into the database file: tens of milliseconds that would
+                # stall the router's event loop every few dozen commits. A thread of ours does them instead.
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             conn.close()
             raise LedgerError(f"cannot open the ledger at {self.path}: {exc}") from exc
@@ -438,6 +446,23 @@ class Ledger:
             conn.close()
             raise
         self._conn = conn
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if wal:
+            self._checkpointer = threading.Thread(target=self._checkpoints, name="ledger-checkpoints", daemon=True)
+            self._checkpointer.start()
+
+    def _checkpoints(self, every: float = 0.25) -> None:
+        """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            while not self._stop_checkpoints.wait(every):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or locked: the next round will do it
+                    log.debug("ledger checkpoint skipped: %s", exc)
+        finally:
+            conn.close()
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
@@ -462,9 +487,15 @@ class Ledger:
             raise
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            self._checkpointer.join()
+            self._checkpointer = None
         with self._lock:
             if not self._closed:
                 self._closed = True
+                with suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._conn.close()
 
     def __enter__(self) -> Ledger:
@@ -643,9 +674,9 @@ class Ledger:
             conn.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (amount, account_id))
             conn.execute(
                 "INSERT INTO holds (id, account_id, model, amount, bid, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (request_id, account_id, model, amount, bid_text, self._clock()),
+                (request_id, account_id, model, amount, bid_text, now := self._clock()),
             )
-            return _hold(conn.execute("SELECT * FROM holds WHERE id = ?", (request_id,)).fetchone())
+            return Hold(request_id, account_id, model, amount, bid_text, "open", now)
 
     def find_hold(self, request_id: str) -> Hold | None:
         with self._read() as conn:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["RouterMetrics"]
@@ -10,6 +12,7 @@ __all__ = ["RouterMetrics"]
 class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[object, ...], Any] = {}
         self.requests = Counter(
             "llamakit_router_requests",
             "Finished requests by model and status.",
@@ -35,6 +38,22 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
+
+    def settled(self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int) -> None:
+        self._child(self.fees, node).inc(fee)
+        self._child(self.tokens, model, "prompt").inc(prompt_tokens)
+        self._child(self.tokens, model, "completion").inc(completion_tokens)
+
+    def finished(self, model: str, status: str) -> None:
+        self._child(self.requests, model, status).inc()
+
+    def _child(self, metric: Counter, *labels: str) -> Any:
+        # .labels() builds and hashes a key on every call: a few microseconds per request, cached here.
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

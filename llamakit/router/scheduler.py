@@ -91,12 +91,10 @@ class Scheduler:
         """True when no node that is up and not draining could ever take this request."""
         return not any(n.up and not n.draining and n.id not in exclude for n in self.herd.serving(model))
 
-    async def acquire(
-        self, model: str, bid: Decimal, *, max_wait: float, exclude: frozenset[str] = frozenset()
-    ) -> HerdNode:
-        """A node with a slot reserved for this request; release it with `release`.
+    def take_now(self, model: str, bid: Decimal, *, exclude: frozenset[str] = frozenset()) -> HerdNode | None:
+        """A node at once when the model's queue is empty and a slot is free, else None (then `acquire`).
 
-        Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
+        Raises 503 when no node could ever serve the model.
         """
         if self._no_node(model, exclude):
             raise ApiError(
@@ -106,11 +104,23 @@ class Scheduler:
                 code="no_node",
                 headers={"Retry-After": "5"},
             )
-        queue = self.queue(model)
-        if not len(queue):
+        if not len(self.queues.get(model, ())):
             node = self._pick(model, exclude)
             if node is not None:
                 return self._assign(node, bid)
+        return None
+
+    async def acquire(
+        self, model: str, bid: Decimal, *, max_wait: float, exclude: frozenset[str] = frozenset()
+    ) -> HerdNode:
+        """A node with a slot reserved for this request; release it with `release`.
+
+        Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
+        """
+        node = self.take_now(model, bid, exclude=exclude)
+        if node is not None:
+            return node
+        queue = self.queue(model)
         if len(queue) >= self.max_queue:
             raise ApiError(
                 429,

@@ -163,6 +163,12 @@ def _refund_status(exc: ApiError) -> str:
 
 async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """Wait in the bid queue for a node, giving up if the client disconnects while it waits."""
+    node = state.scheduler.take_now(paid.model, paid.bid, exclude=frozenset(tried))
+    if node is not None:  # the common case on a herd with room: no task, no waiting
+        if paid.queue_ms is None:
+            paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
+            state.metrics.queue_wait.observe(paid.queue_ms / 1000)
+        return node
     remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
     waiting = asyncio.ensure_future(
         state.scheduler.acquire(paid.model, paid.bid, max_wait=max(remaining, 0.001), exclude=frozenset(tried))
@@ -415,7 +421,7 @@ def _record(
         "error": error,
     }
     state.requests.add(record)
-    state.metrics.requests.labels(paid.model, status).inc()
+    state.metrics.finished(paid.model, status)
     if state.usage_log is not None:
         state.usage_log.write(record)
 
@@ -447,9 +453,7 @@ def _settle(
     )
     paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
-    state.metrics.fees.labels(node.name).inc(settlement.charged)
-    state.metrics.tokens.labels(paid.model, "prompt").inc(prompt_tokens)
-    state.metrics.tokens.labels(paid.model, "completion").inc(completion_tokens)
+    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged)
     _record(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
     return settlement.charged
 

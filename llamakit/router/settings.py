@@ -42,6 +42,15 @@ class RouterSettings(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="nodes tried for one request before giving up")
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
+
+
+def _yes(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {value!r}")
 
 
 FLAGS = [
@@ -62,6 +71,7 @@ FLAGS = [
     Flag("health_interval", "--health-interval", "LLAMAKIT_HEALTH_INTERVAL", float),
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
+    Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
 ]
 
 
