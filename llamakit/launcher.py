@@ -127,8 +127,10 @@ class Launcher:
                 "--name", f"{model}-1",
                 "--router", self.url,
             ]  # fmt: skip
-            if opts.threads:
-                args += ["--threads", str(opts.threads)]
+            # Nodes on one machine share its cores: llama.cpp threads spin while they wait, so two nodes with
+            # a thread per core each slow each other down many times over.
+            threads = opts.threads or max(1, (os.cpu_count() or 1) // len(models))
+            args += ["--threads", str(threads)]
             self._spawn(f"node-{model}", args)
         self._wait_ready(models)
         profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])

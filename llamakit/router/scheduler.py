@@ -21,9 +21,9 @@ __all__ = ["BidQueue", "Scheduler", "Ticket"]
 
 @dataclass(order=True)
 class Ticket:
-    """A request waiting for a node; ordered by (-bid, arrival)."""
+    """A request waiting for a node; ordered by (-bid, arrival at the router, arrival in the queue)."""
 
-    priority: tuple[Decimal, int]
+    priority: tuple[Decimal, float, int]
     model: str = field(compare=False)
     bid: Decimal = field(compare=False)
     enqueued: float = field(compare=False)
@@ -111,9 +111,19 @@ class Scheduler:
         return None
 
     async def acquire(
-        self, model: str, bid: Decimal, *, max_wait: float, exclude: frozenset[str] = frozenset()
+        self,
+        model: str,
+        bid: Decimal,
+        *,
+        max_wait: float,
+        exclude: frozenset[str] = frozenset(),
+        arrived: float | None = None,
     ) -> HerdNode:
         """A node with a slot reserved for this request; release it with `release`.
+
+        `arrived` is when the request reached the router (`time.monotonic()`, default now). A request that waits
+        again because its node failed keeps its place among equal bids, ahead of those that came after it,
+        instead of going to the back of the queue for a fault that was not its own.
 
         Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
         """
@@ -130,8 +140,12 @@ class Scheduler:
                 headers={"Retry-After": "2"},
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket((-bid, next(self._arrivals)), model, bid, time.monotonic(), exclude, loop.create_future())
+        now = time.monotonic()
+        priority = (-bid, now if arrived is None else arrived, next(self._arrivals))
+        ticket = Ticket(priority, model, bid, now, exclude, loop.create_future())
         queue.push(ticket)
+        # The queue may hold only requests passed over for slots they must not use: those slots are this one's.
+        self.pump()
         try:
             return await asyncio.wait_for(asyncio.shield(ticket.future), max_wait)
         except TimeoutError:
@@ -169,8 +183,13 @@ class Scheduler:
         self.pump()
 
     def pump(self) -> None:
-        """Give free slots to the best waiting requests; called whenever capacity may have appeared."""
+        """Give free slots to the best waiting requests; called whenever capacity may have appeared.
+
+        A request that must avoid the nodes that failed it does not hold up the ones behind it when only those
+        nodes have room: it is passed over, keeping its place, until a slot it may use frees.
+        """
         for model, queue in self.queues.items():
+            passed_over: list[Ticket] = []
             while (ticket := queue.peek()) is not None:
                 if ticket.future.done():
                     queue.discard(ticket)
@@ -183,9 +202,14 @@ class Scheduler:
                     continue
                 node = self._pick(model, ticket.exclude)
                 if node is None:
-                    break
+                    if not ticket.exclude:
+                        break  # no free slot for this model at all
+                    passed_over.append(queue.pop())
+                    continue
                 queue.pop()
                 ticket.future.set_result(self._assign(node, ticket.bid))
+            for ticket in passed_over:
+                queue.push(ticket)
 
     def oldest_wait(self, model: str) -> float:
         queue = self.queues.get(model)

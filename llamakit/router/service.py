@@ -171,7 +171,9 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
         return node
     remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
     waiting = asyncio.ensure_future(
-        state.scheduler.acquire(paid.model, paid.bid, max_wait=max(remaining, 0.001), exclude=frozenset(tried))
+        state.scheduler.acquire(
+            paid.model, paid.bid, max_wait=max(remaining, 0.001), exclude=frozenset(tried), arrived=paid.arrived
+        )
     )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
     try:
