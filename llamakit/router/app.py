@@ -131,8 +131,14 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 async def _check(state: RouterState, node: HerdNode) -> None:
     assert state.upstream is not None
     try:
-        health = await state.upstream.health(node.url, within=max(1.0, state.settings.health_interval))
-    except (aiohttp.ClientError, TimeoutError, ValueError):
+        health = await state.upstream.health(node.url, within=max(2.0, 2 * state.settings.health_interval))
+    except TimeoutError:
+        # A node busy generating on every core may answer its health check late. With requests in flight
+        # it is not counted as failed: those requests' own --node-timeout catches a node that really hangs.
+        if node.busy == 0:
+            state.herd.failed(node)
+        return
+    except (aiohttp.ClientError, ValueError):
         state.herd.failed(node)
         return
     if health.get("status") != "ready":
