@@ -164,25 +164,32 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
         running = still
         batch = self._batch
-        n = 0
-        # Generating sequences first: a token each. Then prompts, in order of arrival, as the budget allows,
-        # so that a long prompt is fed in chunks while the running streams keep flowing.
+        # What each sequence feeds this step: generating sequences a token each; then prompts, in order of
+        # arrival, as the budget allows, so that a long prompt is fed in chunks while the streams keep flowing.
+        feeds: dict[int, list[int]] = {}
+        budget = self._n_batch
         for seq in running:
-            seq.logits_at = -1
             if seq.next_token is not None:
-                n = self._put(batch, n, seq.next_token, seq.pos, seq.seq_id, logits=True)
-                seq.logits_at = n - 1
-                seq.pos += 1
+                feeds[seq.seq_id] = [seq.next_token]
+                budget -= 1
         for seq in running:
-            if not seq.prompt_left or n >= self._n_batch:
+            if seq.prompt_left and budget > 0:
+                take = min(len(seq.prompt_left), budget)
+                feeds[seq.seq_id], seq.prompt_left = seq.prompt_left[:take], seq.prompt_left[take:]
+                budget -= take
+        # In ascending sequence order: llama.cpp decodes consecutive sequences of a split cache in one unit,
+        # and splits the batch into several full passes when they come out of order.
+        n = 0
+        for seq in sorted(running, key=lambda s: s.seq_id):
+            seq.logits_at = -1
+            tokens = feeds.get(seq.seq_id)
+            if not tokens:
                 continue
-            take = min(len(seq.prompt_left), self._n_batch - n)
-            chunk, seq.prompt_left = seq.prompt_left[:take], seq.prompt_left[take:]
-            for i, token in enumerate(chunk):
-                last = not seq.prompt_left and i == take - 1
-                n = self._put(batch, n, token, seq.pos, seq.seq_id, logits=last)
+            for token in tokens:
+                n = self._put(batch, n, token, seq.pos, seq.seq_id, logits=False)
                 seq.pos += 1
-            if not seq.prompt_left:
+            if seq.next_token is not None or not seq.prompt_left:
+                batch.logits[n - 1] = True  # a generated token, or the last of the prompt: sample after it
                 seq.logits_at = n - 1
         if n == 0:
             return running

@@ -115,7 +115,10 @@ class ModelHost:
                 headers={"Retry-After": "1"},
             )
         self._busy[id(self.model)] += 1
-        return Lease(self.model, free.pop())
+        # The lowest free slot: the batched engine decodes consecutive sequence ids together.
+        slot = min(free)
+        free.remove(slot)
+        return Lease(self.model, slot)
 
     def release(self, lease: Lease) -> None:
         key = id(lease.model)
