@@ -221,6 +221,18 @@ def _no_node_left(paid: PaidRequest, attempts: int) -> ApiError:
     )
 
 
+def _passed_on(exc: NodeRejected) -> ApiError:
+    """The node's own refusal of the request (the client's fault, such as a prompt over the context), as is."""
+    error = exc.body["error"]
+    return ApiError(
+        exc.status,
+        error.get("message", "rejected by the node"),
+        type=error.get("type", "invalid_request_error"),
+        code=error.get("code"),
+        param=error.get("param"),
+    )
+
+
 def _headers(paid: PaidRequest, node: HerdNode) -> dict[str, str]:
     headers = {"X-Llamakit-Request-Id": paid.id, "X-Llamakit-Node": node.name, "X-Llamakit-Bid": format_bid(paid.bid)}
     if paid.queue_ms is not None:
@@ -238,13 +250,7 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
             _node_failed(state, node, exc, tried)
             continue
         except NodeRejected as exc:
-            raise ApiError(
-                exc.status,
-                exc.body["error"].get("message", "rejected by the node"),
-                type=exc.body["error"].get("type", "invalid_request_error"),
-                code=exc.body["error"].get("code"),
-                param=exc.body["error"].get("param"),
-            ) from exc
+            raise _passed_on(exc) from exc
         finally:
             state.scheduler.release(node)
         usage = answer.get("usage") or {}
@@ -281,13 +287,7 @@ async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequ
             continue
         except NodeRejected as exc:
             state.scheduler.release(node)
-            raise ApiError(
-                exc.status,
-                exc.body["error"].get("message", "rejected by the node"),
-                type=exc.body["error"].get("type", "invalid_request_error"),
-                code=exc.body["error"].get("code"),
-                param=exc.body["error"].get("param"),
-            ) from exc
+            raise _passed_on(exc) from exc
         except BaseException:
             state.scheduler.release(node)
             raise
