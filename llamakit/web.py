@@ -17,7 +17,6 @@ __all__ = [
     "bearer_token",
     "error_middleware",
     "json_response",
-    "read_body",
     "require_bearer",
     "secrets_equal",
 ]
@@ -72,11 +71,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error_body("internal server error; the request was not completed", type="server_error"),
             status=500,
         )
-
-
-async def read_body(request: web.Request) -> bytes:
-    """The raw body; a body over the app's `client_max_size` becomes a 413 through the error middleware."""
-    return await request.read()
 
 
 def bearer_token(request: web.Request) -> str | None:
