@@ -8,14 +8,13 @@ Two measurements, chosen with ``--mode``; both generate the same greedy completi
 
 * ``bare``: a decode loop on llama-cpp-python's low-level ctypes API with a greedy sampler and nothing else
   per token, one stream; llama.cpp's own speed, the limit for one stream.
-* ``bare-8``: the same loop decoding 8 sequences together, one ``llama_batch`` per step (the 8 prompts in the
-  first batch, then one token of each sequence per step), in a context laid out as the batched engine lays
-  out its own (a cache of ``n_ctx`` cells per sequence, ``kv_unified`` off); the hardware limit for 8
+* ``bare-8``: the same loop decoding 8 sequences together, one ``llama_batch`` per step (the 8 prompts' last
+  tokens in the first batch, then one token of each sequence per step), in a context laid out as the batched
+  engine lays out its own (a cache of ``n_ctx`` cells per sequence, ``kv_unified`` off); the hardware limit for 8
   streams. Its sequences are in ascending id order 0…7 in every batch, which llama.cpp needs to decode them
   in one ubatch when the cache is split per sequence (``split_equal`` takes only consecutive increasing ids;
   any other order is decoded in several ubatches, each nearly a whole forward pass). ``--bare-batches``
-  chooses the sizes; ``bare-1`` is this loop at one sequence: the whole prompt every time, as the batched
-  engine does.
+  chooses the sizes; ``bare-1`` is this loop at one sequence.
 * ``llama``: ``Llama.create_completion`` in this process, one stream; the reference of the first benchmark.
 * ``simple-N`` and ``batched-N``: N concurrent streaming requests (``stream: true`` with
   ``stream_options.include_usage``, every SSE chunk read) to a node started as a subprocess with
@@ -40,11 +39,12 @@ second in which others used at most ``--max-other-cores``; a run during which th
 disturbed; both stop ``--retry-budget`` seconds after the start. Medians and paired ratios leave out
 disturbed runs when undisturbed ones remain.
 
-Fairness: ``Llama.generate`` (``llama`` and the simple engine) keeps the KV cache of a prompt it has seen and
-re-decodes only its last token, so ``bare`` does the same after its warm-up. The batched engine frees a
-sequence's cells when it ends and decodes every prompt whole, as ``bare-N`` does. ``bare`` never stops at an
-end-of-generation token, the others do; the default prompt keeps counting well past 128 tokens, and the
-script warns if the contenders' completion token counts or texts differ.
+Fairness: every contender keeps the KV cache of a prompt it has seen and re-decodes only its last token:
+``Llama.generate`` (``llama`` and the simple engine) and the batched engine's slots do, so ``bare`` and
+``bare-N`` do the same after their warm-up. The figures are those of a repeated prompt (or of a chat whose
+history a slot already holds); a prompt never seen costs every contender its prompt decode on top. ``bare``
+never stops at an end-of-generation token, the others do; the default prompt keeps counting well past 128
+tokens, and the script warns if the contenders' completion token counts or texts differ.
 
 Run: ``.venv/bin/python bench/node_throughput.py [--rounds 3] [--max-tokens 64] [--concurrency 1,2,4,8]`` or
 ``… --mode overhead [--rounds 5] [--max-tokens 128]``; results go to stdout and to
@@ -325,8 +325,9 @@ class BareLoop:
 class BareBatch:
     """`n_seq` sequences decoded together, one `llama_batch` per step: the hardware limit for `n_seq` streams.
 
-    The first batch holds every prompt whole (a sequence's cells are freed when it ends, as in the batched
-    engine); each step after it holds one token per sequence, and each sequence has its own greedy sampler.
+    The first batch holds every prompt whole the first time, and only the prompts' last tokens after that (each
+    sequence keeps its prompt's cells, as a batched engine's slot does); each step after it holds one token
+    per sequence, and each sequence has its own greedy sampler.
     """
 
     def __init__(self, bare: BareModel, n_seq: int) -> None:
@@ -339,6 +340,7 @@ class BareBatch:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.samplers = [bare.greedy() for _ in range(n_seq)]
+        self.prompt_cached = False
 
     def _put(self, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
         batch = self.batch
@@ -355,18 +357,25 @@ class BareBatch:
         out = [[0] * self.max_tokens for _ in range(n_seq)]
         last = self.max_tokens - 1
 
+        # After the warm-up each sequence keeps its prompt's cells but the last token's, as the batched engine's
+        # slots keep theirs (and Llama.generate, and `bare`): the prompt's last token is decoded again.
+        keep = len(prompt) - 1 if self.prompt_cached else 0
         started = time.perf_counter()
-        llama_cpp.llama_memory_clear(self.memory, True)
+        if keep:
+            llama_cpp.llama_memory_seq_rm(self.memory, -1, keep, -1)
+        else:
+            llama_cpp.llama_memory_clear(self.memory, True)
         for sampler in samplers:
             llama_cpp.llama_sampler_reset(sampler)
         n = 0
+        logits_at = []
         for seq in range(n_seq):
-            for pos, token in enumerate(prompt):
-                n = put(n, token, pos, seq, logits=pos == len(prompt) - 1)
+            for pos in range(keep, len(prompt)):
+                n = put(n, prompt[pos], pos, seq, logits=pos == len(prompt) - 1)
+            logits_at.append(n - 1)
         batch.n_tokens = n
         if decode(ctx, batch) != 0:
             raise RuntimeError("llama_decode failed on the prompts")
-        logits_at = [(seq + 1) * len(prompt) - 1 for seq in range(n_seq)]
         for i in range(self.max_tokens):  # every token up to max_tokens, end-of-generation or not
             n = 0
             for seq in range(n_seq):
@@ -381,6 +390,7 @@ class BareBatch:
             logits_at = list(range(n_seq))
         seconds = time.perf_counter() - started
 
+        self.prompt_cached = True
         streams = tuple(Sample(len(prompt), self.max_tokens, seconds, self.bare.text(tokens)) for tokens in out)
         return Load(streams, seconds)
 
@@ -956,7 +966,7 @@ def concurrency_report(
             print(f"{engine}, {top} streams / bare-{top} = {aims[key]:.3f} (distance from the limit for {top} streams)")
     if "bare-1" in tallies:
         aims["bare_1_over_bare"] = rows["bare-1"].to_bare
-        print(f"bare-1 / bare = {aims['bare_1_over_bare']:.3f} (the whole prompt every time vs a cached prompt)")
+        print(f"bare-1 / bare = {aims['bare_1_over_bare']:.3f} (the same loop in the batched engine's split context)")
     for n in config.bare_batches:
         if n > 1 and f"bare-{n}" in tallies:
             aims[f"bare_{n}_over_bare"] = rows[f"bare-{n}"].to_bare

@@ -3,8 +3,14 @@
 Every step puts the next token of each running sequence, and prompt chunks of newly admitted ones, into one
 `llama_batch`, decodes once, and samples each sequence with its own llama.cpp sampler chain (grammar,
 top-k, top-p, min-p, temperature, seed) straight from the context's logits, without copying them into
-Python. New requests join at the next step; finished or cancelled ones leave and free their cache cells at
-once. This is llama.cpp's own server loop (continuous batching), on llama-cpp-python's low-level API.
+Python. New requests join at the next step; finished or cancelled ones leave at once. This is llama.cpp's
+own server loop (continuous batching), on llama-cpp-python's low-level API.
+
+The cache is split per sequence (each slot has `n_ctx` cells no other slot can use), so a finished
+sequence's cells cost the others nothing: they stay as the slot's prompt cache, as llama-server's
+`cache_prompt` keeps them. The next request on that slot decodes only what follows the longest prefix it
+shares with them (a chat's history, a common system prompt, a repeated prompt), and the rest is dropped
+before it starts. A cancelled or failed sequence's cells are freed at once.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ __all__ = ["BatchedModel"]
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens a cached prefix must save to be worth a gap in the running sequence ids (a second pass per step).
+GAP_WORTH = 64
+
 
 @dataclass(eq=False)
 class _Sequence:
@@ -37,12 +46,22 @@ class _Sequence:
     cancel: threading.Event
     started: float
     prompt_left: list[int] = field(default_factory=list)
-    pos: int = 0
+    cached: list[int] = field(default_factory=list)  # the tokens whose cells this sequence holds, in order
     next_token: int | None = None
     logits_at: int = -1
     result: GenerationResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class BatchedModel(LoadedModel):
@@ -74,6 +93,9 @@ class BatchedModel(LoadedModel):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        # Per slot, the tokens whose cells the slot keeps from its last request. Written by the decode loop
+        # before it hands the result back, read by the event loop only while the slot is free.
+        self._kept: list[list[int]] = [[] for _ in range(slots)]
         self._incoming: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -88,7 +110,23 @@ class BatchedModel(LoadedModel):
             time.perf_counter() - started,
         )
 
-    # --- the request side (executor threads) ---
+    # --- the request side (event loop and executor threads) ---
+
+    def choose_slot(self, free: list[int], prompt_tokens: list[int]) -> int:
+        """The free slot whose kept cells share the longest prefix with the prompt, when that saves enough to
+        pay for a gap in the running ids; else the lowest free slot.
+
+        llama.cpp decodes the sequences of a split cache in one pass only while their ids run consecutively
+        (`split_equal`); a gap costs a second pass of every step for as long as both sides run.
+        """
+        lowest = min(free)
+        best = max(free, key=lambda slot: (_shared(self._kept[slot], prompt_tokens), -slot))
+        gain = _shared(self._kept[best], prompt_tokens) - _shared(self._kept[lowest], prompt_tokens)
+        return best if gain >= GAP_WORTH else lowest
+
+    def kept_tokens(self, slot: int) -> int:
+        """How many cells `slot` keeps from its last request (its prompt cache)."""
+        return len(self._kept[slot])
 
     def generate(
         self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
@@ -100,7 +138,6 @@ class BatchedModel(LoadedModel):
             sampler=self._sampler(job),
             cancel=cancel,
             started=time.perf_counter(),
-            prompt_left=list(job.prompt_tokens),
         )
         with self._wake:
             if self._closing:
@@ -143,7 +180,9 @@ class BatchedModel(LoadedModel):
                 if self._closing:
                     break
                 while self._incoming:
-                    running.append(self._incoming.popleft())
+                    seq = self._incoming.popleft()
+                    self._admit(seq)
+                    running.append(seq)
             try:
                 running = self._step(running)
             except BaseException as exc:  # a failed decode fails the requests in it, not the node
@@ -153,6 +192,18 @@ class BatchedModel(LoadedModel):
                 running = []
         for seq in [*running, *self._incoming]:
             self._finish(seq, error=RuntimeError("the model was unloaded"))
+
+    def _admit(self, seq: _Sequence) -> None:
+        """Keep the cells of the longest prefix the slot shares with the prompt, drop the rest, and feed what
+        follows; at least the prompt's last token is decoded again, for its logits."""
+        prompt = seq.job.prompt_tokens
+        keep = min(_shared(self._kept[seq.seq_id], prompt), len(prompt) - 1)
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1):
+            keep = 0  # a partial removal can be refused: start the slot afresh
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        self._kept[seq.seq_id] = []
+        seq.cached = prompt[:keep]
+        seq.prompt_left = prompt[keep:]
 
     def _step(self, running: list[_Sequence]) -> list[_Sequence]:
         """One decode of every running sequence; returns the sequences still running after it."""
@@ -185,9 +236,11 @@ class BatchedModel(LoadedModel):
             tokens = feeds.get(seq.seq_id)
             if not tokens:
                 continue
+            pos = len(seq.cached)
             for token in tokens:
-                n = self._put(batch, n, token, seq.pos, seq.seq_id, logits=False)
-                seq.pos += 1
+                n = self._put(batch, n, token, pos, seq.seq_id, logits=False)
+                pos += 1
+            seq.cached += tokens
             if seq.next_token is not None or not seq.prompt_left:
                 batch.logits[n - 1] = True  # a generated token, or the last of the prompt: sample after it
                 seq.logits_at = n - 1
@@ -220,10 +273,14 @@ class BatchedModel(LoadedModel):
         return n + 1
 
     def _finish(self, seq: _Sequence, *, cancelled: bool = False, error: BaseException | None = None) -> None:
-        """Free the sequence's cache cells and sampler at once, and hand its result to the waiting request."""
+        """Hand the result to the waiting request. A finished sequence's cells stay as its slot's prompt
+        cache; a cancelled or failed one's are freed at once."""
         if seq.done.is_set():
             return
-        llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        if cancelled or error is not None:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
+        else:
+            self._kept[seq.seq_id] = seq.cached
         llama_cpp.llama_sampler_free(seq.sampler)
         if error is not None:
             seq.error = error

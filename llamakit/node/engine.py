@@ -175,6 +175,10 @@ class LoadedModel:
     def close(self) -> None:
         raise NotImplementedError
 
+    def choose_slot(self, free: list[int], prompt_tokens: list[int]) -> int:
+        """Which free slot a request for `prompt_tokens` gets; the lowest, unless an engine knows better."""
+        return min(free)
+
     def generate(
         self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
     ) -> GenerationResult:

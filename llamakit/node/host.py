@@ -90,8 +90,9 @@ class ModelHost:
     async def wait_loaded(self) -> None:
         await self._ready.wait()
 
-    async def acquire(self) -> Lease:
-        """A free slot of the current model; waits while a model loads, 503 when every slot is busy."""
+    async def acquire(self, prompt_tokens: list[int] | None = None) -> Lease:
+        """A free slot of the current model (the one the model picks for `prompt_tokens`: the batched engine
+        reuses a slot's cached prefix); waits while a model loads, 503 when every slot is busy."""
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self.load_wait)
@@ -115,8 +116,7 @@ class ModelHost:
                 headers={"Retry-After": "1"},
             )
         self._busy[id(self.model)] += 1
-        # The lowest free slot: the batched engine decodes consecutive sequence ids together.
-        slot = min(free)
+        slot = self.model.choose_slot(free, prompt_tokens or [])
         free.remove(slot)
         return Lease(self.model, slot)
 

@@ -159,7 +159,7 @@ async def _lease(
     tokenize: Callable[[LoadedModel], list[int]],
 ) -> tuple[Lease, GenerationJob]:
     prepared = await _prepare(host, settings, req, tokenize)
-    lease = await host.acquire()
+    lease = await host.acquire(prepared.job.prompt_tokens)
     if lease.model is not prepared.model:  # the model was swapped while we tokenized: do it again
         host.release(lease)
         return await _lease(host, settings, req, tokenize)

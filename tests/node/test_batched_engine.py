@@ -131,7 +131,36 @@ def test_no_cache_cells_leak_over_hundreds_of_requests(batched: BatchedModel) ->
     assert len(results) == 240
     assert sum(r.finish_reason == "cancelled" for r in results) == len([i for i in range(240) if i % 7 == 0])
     memory = llama_cpp.llama_get_memory(batched._ctx)
-    assert all(llama_cpp.llama_memory_seq_pos_max(memory, s) == -1 for s in range(8)), "cells left behind"
-    # Every slot still takes a full-length request.
+    for slot, i in enumerate(range(232, 240)):  # the last wave: what each slot keeps is its own last request
+        last = results[i]
+        kept = 0 if i % 7 == 0 else len(batched.tokenize_text(f"Item {i}:")) + last.completion_tokens - 1
+        if last.finish_reason == "stop":
+            kept += 1  # the end-of-generation token was decoded before the next one was sampled
+        assert llama_cpp.llama_memory_seq_pos_max(memory, slot) == kept - 1, slot
+        assert batched.kept_tokens(slot) == kept, slot
+    # Every slot still takes a request that fills its whole context.
     for slot in range(8):
-        assert run(batched, slot, job(batched, PROMPTS[0], max_tokens=30, temperature=0.0)).completion_tokens == 30
+        full = job(batched, PROMPTS[0], max_tokens=512 - len(batched.tokenize_text(PROMPTS[0])), temperature=0.0)
+        result = run(batched, slot, full)
+        assert result.completion_tokens + result.prompt_tokens <= 512
+
+
+def test_a_slot_reuses_the_prefix_it_keeps_and_answers_as_if_fresh(batched: BatchedModel) -> None:
+    system = "You are a careful assistant. Answer briefly and truthfully. " * 8
+    first = job(batched, system + "Question: what colour is the sky?", max_tokens=12, temperature=0.0)
+    second = job(batched, system + "Question: what do bees make?", max_tokens=12, temperature=0.0)
+    unrelated = job(batched, "Unrelated words entirely.", max_tokens=4, temperature=0.0)
+    run(batched, 5, unrelated)
+    fresh = run(batched, 5, second)  # nothing kept to reuse but the first token
+    run(batched, 5, unrelated)
+    assert batched.choose_slot([5, 6], first.prompt_tokens) == 5  # nothing shared: the lowest
+    run(batched, 6, first)
+    assert batched.choose_slot([5, 6], second.prompt_tokens) == 6, "the slot holding the system prompt"
+    assert batched.choose_slot([5, 6], [first.prompt_tokens[0], 7]) == 5, "a short shared prefix is not worth a gap"
+    reused = run(batched, 6, second)
+    assert (reused.text, reused.completion_tokens, reused.prompt_tokens) == (
+        fresh.text,
+        fresh.completion_tokens,
+        fresh.prompt_tokens,
+    )
+    assert batched.kept_tokens(6) >= len(second.prompt_tokens)
