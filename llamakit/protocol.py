@@ -207,18 +207,26 @@ class CompletionRequest(GenerationRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt: `cached_tokens` came from the node's prompt cache, not decoded again."""
+
+    cached_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     cost: int | None = None
 
     @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+    def of(cls, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int | None = None) -> Usage:
         return cls(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=None if cached_tokens is None else PromptTokensDetails(cached_tokens=cached_tokens),
         )
 
 

@@ -27,7 +27,15 @@ import llama_cpp
 from llama_cpp._internals import LlamaModel
 
 from llamakit.catalog import ResolvedModel
-from llamakit.node.engine import MIN_P, TOP_K, GenerationJob, GenerationResult, LoadedModel, TextOutput
+from llamakit.node.engine import (
+    MIN_P,
+    TOP_K,
+    GenerationJob,
+    GenerationResult,
+    LoadedModel,
+    TextOutput,
+    shared_prefix,
+)
 
 __all__ = ["BatchedModel"]
 
@@ -47,21 +55,12 @@ class _Sequence:
     started: float
     prompt_left: list[int] = field(default_factory=list)
     cached: list[int] = field(default_factory=list)  # the tokens whose cells this sequence holds, in order
+    reused: int = 0  # of them, the prompt tokens found in the slot's cache
     next_token: int | None = None
     logits_at: int = -1
     result: GenerationResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    """The length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class BatchedModel(LoadedModel):
@@ -120,8 +119,8 @@ class BatchedModel(LoadedModel):
         (`split_equal`); a gap costs a second pass of every step for as long as both sides run.
         """
         lowest = min(free)
-        best = max(free, key=lambda slot: (_shared(self._kept[slot], prompt_tokens), -slot))
-        gain = _shared(self._kept[best], prompt_tokens) - _shared(self._kept[lowest], prompt_tokens)
+        best = max(free, key=lambda slot: (shared_prefix(self._kept[slot], prompt_tokens), -slot))
+        gain = shared_prefix(self._kept[best], prompt_tokens) - shared_prefix(self._kept[lowest], prompt_tokens)
         return best if gain >= GAP_WORTH else lowest
 
     def kept_tokens(self, slot: int) -> int:
@@ -197,12 +196,13 @@ class BatchedModel(LoadedModel):
         """Keep the cells of the longest prefix the slot shares with the prompt, drop the rest, and feed what
         follows; at least the prompt's last token is decoded again, for its logits."""
         prompt = seq.job.prompt_tokens
-        keep = min(_shared(self._kept[seq.seq_id], prompt), len(prompt) - 1)
+        keep = min(shared_prefix(self._kept[seq.seq_id], prompt), len(prompt) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1):
             keep = 0  # a partial removal can be refused: start the slot afresh
             llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
         self._kept[seq.seq_id] = []
         seq.cached = prompt[:keep]
+        seq.reused = keep
         seq.prompt_left = prompt[keep:]
 
     def _step(self, running: list[_Sequence]) -> list[_Sequence]:
@@ -285,8 +285,9 @@ class BatchedModel(LoadedModel):
         if error is not None:
             seq.error = error
         else:
+            seconds = time.perf_counter() - seq.started
             seq.result = seq.output.result(
-                len(seq.job.prompt_tokens), time.perf_counter() - seq.started, cancelled=cancelled
+                len(seq.job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=seq.reused
             )
         seq.done.set()
 

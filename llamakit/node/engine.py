@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 from llamakit.catalog import ResolvedModel
 from llamakit.protocol import ApiError
 
-__all__ = ["GenerationJob", "GenerationResult", "LoadedModel", "SimpleModel", "TextOutput"]
+__all__ = ["GenerationJob", "GenerationResult", "LoadedModel", "SimpleModel", "TextOutput", "shared_prefix"]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,15 @@ class GenerationJob:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`."""
+    """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`; `cached_tokens` of
+    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`)."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    cached_tokens: int = 0
 
 
 class _StopMatcher:
@@ -120,7 +122,9 @@ class TextOutput:
             return True
         return self.completion_tokens >= self._max_tokens
 
-    def result(self, prompt_tokens: int, seconds: float, *, cancelled: bool = False) -> GenerationResult:
+    def result(
+        self, prompt_tokens: int, seconds: float, *, cancelled: bool = False, cached_tokens: int = 0
+    ) -> GenerationResult:
         if cancelled:
             self.finish_reason = "cancelled"
         elif self.finish_reason != "stop":
@@ -134,7 +138,18 @@ class TextOutput:
             prompt_tokens=prompt_tokens,
             completion_tokens=self.completion_tokens,
             seconds=seconds,
+            cached_tokens=cached_tokens,
         )
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class LoadedModel:
@@ -309,6 +324,8 @@ class SimpleModel(LoadedModel):
         llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
         grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
         output = TextOutput(self, job, on_text)
+        # What Llama.generate will keep of its cache: the prefix it shares with the prompt but its last token.
+        cached = shared_prefix(llama._input_ids[: llama.n_tokens].tolist(), job.prompt_tokens[:-1])
         started = time.perf_counter()
         cancelled = False
         tokens = llama.generate(
@@ -324,4 +341,5 @@ class SimpleModel(LoadedModel):
                     break
         finally:
             tokens.close()
-        return output.result(len(job.prompt_tokens), time.perf_counter() - started, cancelled=cancelled)
+        seconds = time.perf_counter() - started
+        return output.result(len(job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=cached)

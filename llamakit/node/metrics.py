@@ -18,7 +18,12 @@ class NodeMetrics:
             ["route", "outcome"],
             registry=self.registry,
         )
-        self.prompt_tokens = Counter("llamakit_node_prompt_tokens", "Prompt tokens evaluated.", registry=self.registry)
+        self.prompt_tokens = Counter("llamakit_node_prompt_tokens", "Prompt tokens served.", registry=self.registry)
+        self.cached_tokens = Counter(
+            "llamakit_node_prompt_tokens_cached",
+            "Prompt tokens found in a slot's prompt cache, not decoded again (counted in prompt tokens too).",
+            registry=self.registry,
+        )
         self.completion_tokens = Counter(
             "llamakit_node_completion_tokens", "Completion tokens generated.", registry=self.registry
         )
@@ -36,8 +41,11 @@ class NodeMetrics:
         busy = Gauge("llamakit_node_busy_slots", "Slots generating now.", registry=self.registry)
         busy.set_function(lambda: float(busy_slots()))
 
-    def observe_generation(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+    def observe_generation(
+        self, prompt_tokens: int, completion_tokens: int, seconds: float, cached_tokens: int = 0
+    ) -> None:
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
         self.completion_tokens.inc(completion_tokens)
         self.generation_seconds.inc(seconds)
         if seconds > 0 and completion_tokens:

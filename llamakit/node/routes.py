@@ -204,7 +204,7 @@ def _finished(
             log.error("generation failed", exc_info=future.exception())
         return
     result = future.result()
-    metrics.observe_generation(result.prompt_tokens, result.completion_tokens, result.seconds)
+    metrics.observe_generation(result.prompt_tokens, result.completion_tokens, result.seconds, result.cached_tokens)
     outcome = "cancelled" if result.finish_reason == "cancelled" else "ok"
     metrics.requests.labels(route, outcome).inc()
     if outcome == "cancelled":
@@ -241,7 +241,7 @@ class _Run:
             result = future.result()
         finally:
             self.cancel.set()  # no-op when finished; stops the thread if this handler was cancelled
-        usage = Usage.of(result.prompt_tokens, result.completion_tokens)
+        usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
         finish = "stop" if result.finish_reason == "cancelled" else result.finish_reason
         build = chat_completion_body if kind == "chat" else completion_body
         body = build(id=self.request_id, model=self.model.name, text=result.text, finish_reason=finish, usage=usage)
@@ -283,7 +283,7 @@ class _Run:
                 await sse.send(error_body(f"generation failed: {exc}", type="server_error"))
                 await sse.done()
                 return sse.response
-            usage = Usage.of(result.prompt_tokens, result.completion_tokens)
+            usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
             if kind == "chat":
                 await sse.send(chat_chunk_body(id=rid, model=name, delta={}, finish_reason=result.finish_reason))
                 if include_usage:

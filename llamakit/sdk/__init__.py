@@ -51,7 +51,17 @@ from llamakit.sdk._exceptions import (
     RateLimitError,
     StreamInterruptedError,
 )
-from llamakit.sdk._models import Account, Fees, Generation, Info, Model, ModelInfo, NodeCounts, TokenUsage
+from llamakit.sdk._models import (
+    Account,
+    Fees,
+    Generation,
+    Info,
+    Model,
+    ModelInfo,
+    NodeCounts,
+    PromptTokensDetails,
+    TokenUsage,
+)
 from llamakit.sdk._retry import RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
 from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, NotGiven
@@ -88,6 +98,7 @@ __all__ = [
     "NotFoundError",
     "NotGiven",
     "PermissionDeniedError",
+    "PromptTokensDetails",
     "QueueFullError",
     "RateLimitError",
     "RequestOptions",

@@ -282,6 +282,7 @@ class Call:
             status="ok",
             status_code=200,
             prompt_tokens=None if usage is None else usage.prompt_tokens,
+            cached_tokens=None if usage is None else usage.cached_tokens,
             completion_tokens=None if usage is None else usage.completion_tokens,
             total_tokens=None if usage is None else usage.total_tokens,
             cost=generation.cost,

@@ -10,11 +10,28 @@ import html
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Account", "Fees", "Generation", "Info", "Model", "ModelInfo", "NodeCounts", "TokenUsage"]
+__all__ = [
+    "Account",
+    "Fees",
+    "Generation",
+    "Info",
+    "Model",
+    "ModelInfo",
+    "NodeCounts",
+    "PromptTokensDetails",
+    "TokenUsage",
+]
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PromptTokensDetails(_Frozen):
+    """`cached_tokens`: prompt tokens the node found in its prompt cache (a chat's history, a shared system
+    prompt) and did not decode again. They are still prompt tokens, and priced as such."""
+
+    cached_tokens: int | None = None
 
 
 class TokenUsage(_Frozen):
@@ -23,7 +40,13 @@ class TokenUsage(_Frozen):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
     cost: int | None = None
+
+    @property
+    def cached_tokens(self) -> int | None:
+        """Prompt tokens served from the node's prompt cache, when the node says."""
+        return None if self.prompt_tokens_details is None else self.prompt_tokens_details.cached_tokens
 
 
 class Generation(_Frozen):
@@ -60,7 +83,10 @@ class Generation(_Frozen):
         parts.append(where)
         if self.usage is not None:
             u = self.usage
-            parts.append(f"{u.prompt_tokens} prompt + {u.completion_tokens} completion = {u.total_tokens} tokens")
+            cached = f" ({u.cached_tokens} cached)" if u.cached_tokens else ""
+            parts.append(
+                f"{u.prompt_tokens} prompt{cached} + {u.completion_tokens} completion = {u.total_tokens} tokens"
+            )
         if self.cost is not None:
             parts.append(f"{self.cost} credits" + (f" at bid {self.bid:g}" if self.bid is not None else ""))
         if self.latency is not None:

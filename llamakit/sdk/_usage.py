@@ -52,6 +52,7 @@ class UsageRecord(BaseModel):
     status: Status = "ok"
     status_code: int | None = None
     prompt_tokens: int | None = None
+    cached_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cost: int | None = None
@@ -75,6 +76,7 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "status": "category",
     "status_code": "Int64",
     "prompt_tokens": "Int64",
+    "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "total_tokens": "Int64",
     "cost": "Int64",

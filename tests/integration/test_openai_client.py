@@ -35,6 +35,25 @@ async def test_chat(client: AsyncOpenAI, live_herd: LiveHerd) -> None:
     assert (await live_herd.admin.get("/admin/books")).json()["charges"] == before + cost
 
 
+async def test_cached_prompt_tokens_are_reported_and_priced_as_prompt_tokens(client: AsyncOpenAI) -> None:
+    async def ask() -> tuple[int, int, int]:
+        reply = await client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=[{"role": "user", "content": "Name a fruit that is yellow."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        usage = reply.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+        return usage.prompt_tokens, cached, usage.model_extra["cost"]  # type: ignore[index]
+
+    await ask()
+    prompt_tokens, cached, cost = await ask()
+    assert cached == prompt_tokens - 1, "the node's slot held the whole prompt: only its last token was decoded"
+    assert cost == (await ask())[2], "cached tokens cost what other prompt tokens cost"
+
+
 async def test_streaming_with_usage(client: AsyncOpenAI) -> None:
     stream = await client.chat.completions.create(
         model="smollm2-135m-instruct",

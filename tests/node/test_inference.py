@@ -94,7 +94,9 @@ async def test_stream_joins_to_the_whole_text(client: httpx.AsyncClient) -> None
     pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]  # type: ignore[index,union-attr]
     assert len([p for p in pieces if p]) > 5, "one chunk per token, not one blob"
     assert "".join(pieces) == whole["choices"][0]["message"]["content"]
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert chunks[-1]["choices"] == []
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # the second found the prompt in its cache
+    assert {k: chunks[-1]["usage"][k] for k in counts} == {k: whole["usage"][k] for k in counts}  # type: ignore[index]
     finishing = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]  # type: ignore[index]
     assert len(finishing) == 1
 
@@ -223,3 +225,27 @@ async def test_two_slots_serve_two_requests_at_once_and_a_third_gets_503(
     assert third.json()["error"]["code"] == "slots_busy"
     texts = await asyncio.gather(*tasks)
     assert texts[0] == texts[1] and texts[0]
+
+
+async def test_a_shared_prompt_prefix_is_served_from_the_slot_cache_and_still_counted(
+    client: httpx.AsyncClient,
+) -> None:
+    system = {"role": "system", "content": "You answer in one short sentence. " * 16}
+
+    async def ask(question: str) -> dict[str, int]:
+        body = {"messages": [system, {"role": "user", "content": question}], "max_tokens": 6, "temperature": 0}
+        resp = await client.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        usage: dict[str, int] = resp.json()["usage"]
+        return {**usage, "cached": usage["prompt_tokens_details"]["cached_tokens"]}  # type: ignore[index]
+
+    before = await metric(client, "llamakit_node_prompt_tokens_cached_total")
+    await ask("What is the capital of Italy?")
+    other = await ask("Which is the largest ocean?")
+    again = await ask("Which is the largest ocean?")
+    assert other["cached"] >= 16 * 7, "the system prompt (7 tokens a sentence) came from the cache"
+    assert other["cached"] < other["prompt_tokens"], "the new question was decoded"
+    assert again["cached"] == again["prompt_tokens"] - 1, "only the last token is decoded again, for its logits"
+    assert again["prompt_tokens"] == other["prompt_tokens"] and again["total_tokens"] == other["total_tokens"]
+    after = await metric(client, "llamakit_node_prompt_tokens_cached_total")
+    assert after - before >= other["cached"] + again["cached"]

@@ -41,6 +41,7 @@ PUBLIC = [
     "NotFoundError",
     "NotGiven",
     "PermissionDeniedError",
+    "PromptTokensDetails",
     "QueueFullError",
     "RateLimitError",
     "RequestOptions",

@@ -128,6 +128,7 @@ EXPECTED_DTYPES = {
     "status": "category",
     "status_code": "Int64",
     "prompt_tokens": "Int64",
+    "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "total_tokens": "Int64",
     "cost": "Int64",
