@@ -42,7 +42,8 @@ disturbed runs when undisturbed ones remain.
 Fairness: every contender keeps the KV cache of a prompt it has seen and re-decodes only its last token:
 ``Llama.generate`` (``llama`` and the simple engine) and the batched engine's slots do, so ``bare`` and
 ``bare-N`` do the same after their warm-up. The figures are those of a repeated prompt (or of a chat whose
-history a slot already holds); a prompt never seen costs every contender its prompt decode on top. ``bare``
+history a slot already holds). ``--cold`` gives every request a prompt no contender holds in its cache (the
+prompt after one of 16 words, in turn), so every contender decodes every prompt whole. ``bare``
 never stops at an end-of-generation token, the others do; the default prompt keeps counting well past 128
 tokens, and the script warns if the contenders' completion token counts or texts differ.
 
@@ -112,6 +113,7 @@ class Config:
     retries: int = 1
     retry_budget: float = 150.0
     settle: float = 3.0
+    cold: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,39 @@ class Tally(Generic[R]):
         return statistics.median(s.tokens_per_second for s in self.kept)
 
 
+# Words put before the prompt with --cold, one per request in turn: each makes a prompt that shares nothing
+# but its first token with the one before it, so no contender finds it in a cache.
+COLD_OPENERS = (
+    "Now", "Please", "Next", "Quickly", "Carefully", "Slowly", "Again", "Today",
+    "Here", "So", "Well", "Then", "Also", "First", "Finally", "Once more",
+)  # fmt: skip
+
+
+class Prompts:
+    """The prompt of each run of one contender: always the same (warm: every contender reuses its cache), or
+    with --cold the next of 16 variants, so that consecutive requests share only their first token."""
+
+    def __init__(self, config: Config) -> None:
+        self.texts = [f"{w}: {config.prompt}" for w in COLD_OPENERS] if config.cold else [config.prompt]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> str:
+        with self._lock:
+            text = self.texts[self._next % len(self.texts)]
+            self._next += 1
+            return text
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 # --- contenders -------------------------------------------------------------------------------------------
 
 
@@ -217,7 +252,6 @@ class BareModel:
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.config = config
-        self.prompt = self.tokenize(config.prompt)
 
     def context(self, *, n_seq: int = 1, n_batch: int = 512) -> llama_cpp.llama_context_p:
         """The same context as `Llama(n_ctx, n_threads, n_threads_batch)` builds with its defaults; with
@@ -276,14 +310,16 @@ class BareLoop:
         self.ctx = bare.context()
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.sampler = bare.greedy()
-        self.prompt = bare.prompt
+        self.prompts = Prompts(bare.config)
         self.max_tokens = bare.config.max_tokens
-        self.prompt_cached = False
+        self.cached: list[int] = []  # the prompt whose cells the context holds
 
     def run(self) -> Sample:
-        # Keep the prompt's KV cache but its last token, as Llama.generate does for a prompt it has seen.
-        keep = len(self.prompt) - 1 if self.prompt_cached else 0
-        todo = self.prompt[keep:]
+        # Keep the cells of the prefix shared with the last prompt, but the prompt's last token, as
+        # Llama.generate does.
+        tokens = self.bare.tokenize(self.prompts.next())
+        keep = min(shared_prefix(self.cached, tokens), len(tokens) - 1)
+        todo = tokens[keep:]
         prompt = (llama_cpp.llama_token * len(todo))(*todo)
         one = (llama_cpp.llama_token * 1)()
         out = [0] * self.max_tokens
@@ -314,8 +350,8 @@ class BareLoop:
                 raise RuntimeError("llama_decode failed")
         seconds = time.perf_counter() - started
 
-        self.prompt_cached = True
-        return Sample(len(self.prompt), self.max_tokens, seconds, self.bare.text(out))
+        self.cached = tokens
+        return Sample(len(tokens), self.max_tokens, seconds, self.bare.text(out))
 
     def close(self) -> None:
         llama_cpp.llama_sampler_free(self.sampler)
@@ -333,14 +369,14 @@ class BareBatch:
     def __init__(self, bare: BareModel, n_seq: int) -> None:
         self.bare = bare
         self.n_seq = n_seq
-        self.prompt = bare.prompt
+        self.prompts = Prompts(bare.config)
         self.max_tokens = bare.config.max_tokens
-        n_batch = max(512, n_seq * len(self.prompt))
+        n_batch = max(512, n_seq * max(len(bare.tokenize(text)) for text in self.prompts.texts))
         self.ctx = bare.context(n_seq=n_seq, n_batch=n_batch)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.samplers = [bare.greedy() for _ in range(n_seq)]
-        self.prompt_cached = False
+        self.cached: list[list[int]] = [[] for _ in range(n_seq)]  # per sequence, the prompt its cells hold
 
     def _put(self, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:
         batch = self.batch
@@ -352,25 +388,24 @@ class BareBatch:
         return n + 1
 
     def run(self) -> Load:
-        ctx, batch, samplers, prompt, n_seq = self.ctx, self.batch, self.samplers, self.prompt, self.n_seq
+        ctx, batch, samplers, n_seq = self.ctx, self.batch, self.samplers, self.n_seq
+        prompts = [self.bare.tokenize(self.prompts.next()) for _ in range(n_seq)]
         decode, sample, put = llama_cpp.llama_decode, llama_cpp.llama_sampler_sample, self._put
         out = [[0] * self.max_tokens for _ in range(n_seq)]
         last = self.max_tokens - 1
 
-        # After the warm-up each sequence keeps its prompt's cells but the last token's, as the batched engine's
-        # slots keep theirs (and Llama.generate, and `bare`): the prompt's last token is decoded again.
-        keep = len(prompt) - 1 if self.prompt_cached else 0
+        # Each sequence keeps the cells of the prefix its prompt shares with its last one, but the prompt's last
+        # token, as the batched engine's slots keep theirs (and Llama.generate, and `bare`).
+        keeps = [min(shared_prefix(self.cached[seq], prompts[seq]), len(prompts[seq]) - 1) for seq in range(n_seq)]
         started = time.perf_counter()
-        if keep:
-            llama_cpp.llama_memory_seq_rm(self.memory, -1, keep, -1)
-        else:
-            llama_cpp.llama_memory_clear(self.memory, True)
+        for seq in range(n_seq):
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, keeps[seq], -1)
         for sampler in samplers:
             llama_cpp.llama_sampler_reset(sampler)
         n = 0
         logits_at = []
-        for seq in range(n_seq):
-            for pos in range(keep, len(prompt)):
+        for seq, prompt in enumerate(prompts):
+            for pos in range(keeps[seq], len(prompt)):
                 n = put(n, prompt[pos], pos, seq, logits=pos == len(prompt) - 1)
             logits_at.append(n - 1)
         batch.n_tokens = n
@@ -381,7 +416,7 @@ class BareBatch:
             for seq in range(n_seq):
                 token = sample(samplers[seq], ctx, logits_at[seq])
                 out[seq][i] = token
-                n = put(n, token, len(prompt) + i, seq, logits=True)
+                n = put(n, token, len(prompts[seq]) + i, seq, logits=True)
             if i == last:  # the last tokens are returned, not decoded
                 break
             batch.n_tokens = n
@@ -390,8 +425,11 @@ class BareBatch:
             logits_at = list(range(n_seq))
         seconds = time.perf_counter() - started
 
-        self.prompt_cached = True
-        streams = tuple(Sample(len(prompt), self.max_tokens, seconds, self.bare.text(tokens)) for tokens in out)
+        self.cached = prompts
+        streams = tuple(
+            Sample(len(prompt), self.max_tokens, seconds, self.bare.text(tokens))
+            for prompt, tokens in zip(prompts, out, strict=True)
+        )
         return Load(streams, seconds)
 
     def close(self) -> None:
@@ -413,11 +451,12 @@ class DirectLlama:
             verbose=False,
         )
         self.config = config
+        self.prompts = Prompts(config)
 
     def run(self) -> Sample:
         started = time.perf_counter()
         result: Any = self.llama.create_completion(
-            self.config.prompt, max_tokens=self.config.max_tokens, temperature=0.0
+            self.prompts.next(), max_tokens=self.config.max_tokens, temperature=0.0
         )
         seconds = time.perf_counter() - started
         usage = result["usage"]
@@ -434,8 +473,8 @@ class NodeClient:
     def __init__(self, client: httpx.Client, config: Config, *, stream: bool) -> None:
         self.client = client
         self.stream = stream
+        self.prompts = Prompts(config)
         self.body: dict[str, Any] = {
-            "prompt": config.prompt,
             "max_tokens": config.max_tokens,
             "temperature": 0,
             "seed": 0,
@@ -449,7 +488,7 @@ class NodeClient:
 
     def _run_whole(self) -> Sample:
         started = time.perf_counter()
-        response = self.client.post("/v1/completions", json=self.body)
+        response = self.client.post("/v1/completions", json={**self.body, "prompt": self.prompts.next()})
         response.raise_for_status()
         body = response.json()
         seconds = time.perf_counter() - started
@@ -461,7 +500,8 @@ class NodeClient:
         usage: dict[str, int] | None = None
         first: float | None = None
         started = time.perf_counter()
-        with self.client.stream("POST", "/v1/completions", json=self.body) as response:
+        body = {**self.body, "prompt": self.prompts.next()}
+        with self.client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code == 503:
                 response.read()
                 raise RuntimeError(f"the node refused a stream (503, all slots busy?): {response.text}")
@@ -1098,6 +1138,11 @@ def parse_args() -> argparse.Namespace:
     )
     concurrency.add_argument("--no-bare-batches", action="store_true", help="no bare-N loops")
     concurrency.add_argument("--no-llama", action="store_true", help="leave out the single-stream llama reference")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="a prompt no contender has in its cache for every request (16 variants in turn), instead of the same one",
+    )
     concurrency.add_argument(
         "--max-other-cores",
         type=float,
@@ -1158,10 +1203,12 @@ def main() -> None:
         retries=args.retries,
         retry_budget=args.retry_budget,
         settle=args.settle,
+        cold=args.cold,
     )
     print(
         f"{config.model} ({Path(config.model_path).name}), mode={config.mode}, max_tokens={config.max_tokens}, "
         f"threads={config.threads}, n_ctx={config.n_ctx}, rounds={config.rounds}, "
+        f"prompts={'cold' if config.cold else 'warm'}, "
         f"llama-cpp-python {llama_cpp.__version__}, {os.cpu_count()} CPUs",
         flush=True,
     )
