@@ -81,6 +81,7 @@ import llama_cpp
 from llama_cpp import Llama
 
 from llamakit.catalog import DEFAULT_MODEL, resolve_model
+from llamakit.node.engine import shared_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -223,15 +224,6 @@ class Prompts:
             text = self.texts[self._next % len(self.texts)]
             self._next += 1
             return text
-
-
-def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # --- contenders -------------------------------------------------------------------------------------------
