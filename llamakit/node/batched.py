@@ -118,10 +118,10 @@ class BatchedModel(LoadedModel):
         llama.cpp decodes the sequences of a split cache in one pass only while their ids run consecutively
         (`split_equal`); a gap costs a second pass of every step for as long as both sides run.
         """
+        shared = {slot: shared_prefix(self._kept[slot], prompt_tokens) for slot in free}
         lowest = min(free)
-        best = max(free, key=lambda slot: (shared_prefix(self._kept[slot], prompt_tokens), -slot))
-        gain = shared_prefix(self._kept[best], prompt_tokens) - shared_prefix(self._kept[lowest], prompt_tokens)
-        return best if gain >= GAP_WORTH else lowest
+        best = max(free, key=lambda slot: (shared[slot], -slot))
+        return best if shared[best] - shared[lowest] >= GAP_WORTH else lowest
 
     def kept_tokens(self, slot: int) -> int:
         """How many cells `slot` keeps from its last request (its prompt cache)."""
