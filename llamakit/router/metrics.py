@@ -21,7 +21,7 @@ class RouterMetrics:
         )
         self.tokens = Counter(
             "llamakit_router_tokens",
-            "Tokens settled, by model and kind (prompt, completion).",
+            "Tokens settled, by model and kind (prompt, completion; prompt_cached: prompt tokens a node's cache held).",
             ["model", "kind"],
             registry=self.registry,
         )
@@ -38,11 +38,26 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
+        self.affinity = Counter(
+            "llamakit_router_affinity_dispatches",
+            "Requests whose prefix a node likely held in its prompt cache, by where they went: 'held' to that node, "
+            "'moved' to another (it was full, busier than the prefix was worth, or had failed the request).",
+            ["outcome"],
+            registry=self.registry,
+        )
 
-    def settled(self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int) -> None:
+    def settled(
+        self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0
+    ) -> None:
         self._child(self.fees, node).inc(fee)
         self._child(self.tokens, model, "prompt").inc(prompt_tokens)
+        if cached_tokens:
+            self._child(self.tokens, model, "prompt_cached").inc(cached_tokens)
         self._child(self.tokens, model, "completion").inc(completion_tokens)
+
+    def dispatched(self, held: bool) -> None:
+        """A request with a prefix hint got a node: the one holding the prefix, or another."""
+        self._child(self.affinity, "held" if held else "moved").inc()
 
     def finished(self, model: str, status: str) -> None:
         self._child(self.requests, model, status).inc()

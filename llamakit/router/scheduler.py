@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from llamakit.protocol import ApiError
+from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
 from llamakit.router.herd import Herd, HerdNode
 
 __all__ = ["BidQueue", "Scheduler", "Ticket"]
@@ -29,6 +30,7 @@ class Ticket:
     enqueued: float = field(compare=False)
     exclude: frozenset[str] = field(compare=False)
     future: asyncio.Future[HerdNode] = field(compare=False)
+    prefer: Affinity | None = field(default=None, compare=False)
     gone: bool = field(default=False, compare=False)
 
 
@@ -91,7 +93,9 @@ class Scheduler:
         """True when no node that is up and not draining could ever take this request."""
         return not any(n.up and not n.draining and n.id not in exclude for n in self.herd.serving(model))
 
-    def take_now(self, model: str, bid: Decimal, *, exclude: frozenset[str] = frozenset()) -> HerdNode | None:
+    def take_now(
+        self, model: str, bid: Decimal, *, exclude: frozenset[str] = frozenset(), prefer: Affinity | None = None
+    ) -> HerdNode | None:
         """A node at once when the model's queue is empty and a slot is free, else None (then `acquire`).
 
         Raises 503 when no node could ever serve the model.
@@ -105,7 +109,7 @@ class Scheduler:
                 headers={"Retry-After": "5"},
             )
         if not len(self.queues.get(model, ())):
-            node = self._pick(model, exclude)
+            node = self._pick(model, exclude, prefer)
             if node is not None:
                 return self._assign(node, bid)
         return None
@@ -118,16 +122,18 @@ class Scheduler:
         max_wait: float,
         exclude: frozenset[str] = frozenset(),
         arrived: float | None = None,
+        prefer: Affinity | None = None,
     ) -> HerdNode:
         """A node with a slot reserved for this request; release it with `release`.
 
         `arrived` is when the request reached the router (`time.monotonic()`, default now). A request that waits
         again because its node failed keeps its place among equal bids, ahead of those that came after it,
-        instead of going to the back of the queue for a fault that was not its own.
+        instead of going to the back of the queue for a fault that was not its own. `prefer` names the node
+        likely to hold the request's prefix in its prompt cache (see `_pick`).
 
         Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
         """
-        node = self.take_now(model, bid, exclude=exclude)
+        node = self.take_now(model, bid, exclude=exclude, prefer=prefer)
         if node is not None:
             return node
         queue = self.queue(model)
@@ -142,7 +148,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         priority = (-bid, now if arrived is None else arrived, next(self._arrivals))
-        ticket = Ticket(priority, model, bid, now, exclude, loop.create_future())
+        ticket = Ticket(priority, model, bid, now, exclude, loop.create_future(), prefer)
         queue.push(ticket)
         # The queue may hold only requests passed over for slots they must not use: those slots are this one's.
         self.pump()
@@ -167,15 +173,28 @@ class Scheduler:
                 queue.discard(ticket)
                 ticket.future.cancel()
 
-    def _pick(self, model: str, exclude: frozenset[str]) -> HerdNode | None:
+    def _pick(self, model: str, exclude: frozenset[str], prefer: Affinity | None = None) -> HerdNode | None:
+        """The least-loaded free node, or the node `prefer` names while the prefix it likely holds is worth its
+        extra load: `CHARS_PER_EXTRA_REQUEST` characters for each running request it has over the other."""
         if not exclude:
-            return self.herd.pick(model)
-        best = None
-        for node in self.herd.nodes.values():
-            if node.id in exclude or not node.accepting(model):
-                continue
-            if best is None or node.busy / node.slots < best.busy / best.slots:
-                best = node
+            best = self.herd.pick(model)
+        else:
+            best = None
+            for node in self.herd.nodes.values():
+                if node.id in exclude or not node.accepting(model):
+                    continue
+                if best is None or node.busy / node.slots < best.busy / best.slots:
+                    best = node
+        if prefer is None or best is None or best.id == prefer.node_id:
+            return best
+        held = self.herd.nodes.get(prefer.node_id)
+        if (
+            held is not None
+            and held.id not in exclude
+            and held.accepting(model)
+            and (held.busy - best.busy) * CHARS_PER_EXTRA_REQUEST <= prefer.chars
+        ):
+            return held
         return best
 
     def release(self, node: HerdNode) -> None:
@@ -200,7 +219,7 @@ class Scheduler:
                         ApiError(503, f"no node is available for model {model!r}", type="server_error", code="no_node")
                     )
                     continue
-                node = self._pick(model, ticket.exclude)
+                node = self._pick(model, ticket.exclude, ticket.prefer)
                 if node is None:
                     if not ticket.exclude:
                         break  # no free slot for this model at all

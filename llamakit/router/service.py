@@ -27,6 +27,7 @@ from llamakit.protocol import (
     completion_body,
     error_body,
 )
+from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.ledger import Account, InsufficientFunds, Remembered
@@ -64,6 +65,9 @@ class PaidRequest:
     # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
     transcript: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
+    # The request's text as the prefix map cuts it, and the node likely to hold its prefix (see affinity.py).
+    text: str | None = None
+    affinity: Affinity | None = None
 
 
 def price(
@@ -103,9 +107,11 @@ def price(
     if isinstance(req, ChatCompletionRequest):
         texts = [m.text() for m in req.messages]
         messages = len(texts)
+        text = chat_text([(m.role, t) for m, t in zip(req.messages, texts, strict=True)])
     else:
         texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
         messages = 1
+        text = texts[0]
     fees = state.prices.fees(model)
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
     request_id = f"req-{uuid.uuid4().hex}"
@@ -137,6 +143,8 @@ def price(
         include_usage=req.include_usage,
         arrived=time.monotonic(),
         claim=claim,
+        text=text if settings.affinity else None,
+        affinity=state.prefixes.holder(PrefixMap.chain(model, text)) if settings.affinity else None,
     )
 
 
@@ -163,16 +171,19 @@ def _refund_status(exc: ApiError) -> str:
 
 async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """Wait in the bid queue for a node, giving up if the client disconnects while it waits."""
-    node = state.scheduler.take_now(paid.model, paid.bid, exclude=frozenset(tried))
+    node = state.scheduler.take_now(paid.model, paid.bid, exclude=frozenset(tried), prefer=paid.affinity)
     if node is not None:  # the common case on a herd with room: no task, no waiting
-        if paid.queue_ms is None:
-            paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
-            state.metrics.queue_wait.observe(paid.queue_ms / 1000)
+        _assigned(state, paid, node)
         return node
     remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
     waiting = asyncio.ensure_future(
         state.scheduler.acquire(
-            paid.model, paid.bid, max_wait=max(remaining, 0.001), exclude=frozenset(tried), arrived=paid.arrived
+            paid.model,
+            paid.bid,
+            max_wait=max(remaining, 0.001),
+            exclude=frozenset(tried),
+            arrived=paid.arrived,
+            prefer=paid.affinity,
         )
     )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
@@ -191,10 +202,27 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
     finally:
         state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
     node = waiting.result()
+    _assigned(state, paid, node)
+    return node
+
+
+def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
     if paid.queue_ms is None:
         paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
         state.metrics.queue_wait.observe(paid.queue_ms / 1000)
-    return node
+    if paid.affinity is not None:
+        state.metrics.dispatched(held=node.id == paid.affinity.node_id)
+
+
+def _remember_prefix(state: RouterState, paid: PaidRequest, node: HerdNode, answer: str) -> None:
+    """The node's slot now holds the request's text and its answer: the prefix of the conversation's next turn."""
+    if paid.text is None:
+        return
+    if paid.path.endswith("/chat/completions"):
+        text = paid.text + chat_text([("assistant", answer)])
+    else:
+        text = paid.text + answer
+    state.prefixes.remember(PrefixMap.chain(paid.model, text), node.id)
 
 
 def _node_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
@@ -260,7 +288,8 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember)
+        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
+        _remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
 
@@ -365,8 +394,9 @@ async def _forward(
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
         _settle(
             state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
-            remember=_remember_stream(paid, node, usage, charge),
+            remember=_remember_stream(paid, node, usage, charge), usage=usage,
         )  # fmt: skip
+        _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
             return
         event["usage"] = {**usage, "cost": charge}
@@ -438,6 +468,7 @@ def _settle(
     error: str | None = None,
     *,
     remember: Remembered | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
@@ -455,9 +486,27 @@ def _settle(
     )
     paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
-    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged)
+    state.metrics.settled(
+        paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, _cached_tokens(usage)
+    )
     _record(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
     return settlement.charged
+
+
+def _cached_tokens(usage: dict[str, Any] | None) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` as the node reported it; 0 when absent or malformed."""
+    details = (usage or {}).get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and cached > 0 else 0
+
+
+def _answer_text(answer: dict[str, Any]) -> str:
+    """The text of a node's whole answer (chat or completion); empty when its shape is unexpected."""
+    choices = answer.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
 
 
 def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:

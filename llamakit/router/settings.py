@@ -43,6 +43,9 @@ class RouterSettings(BaseModel):
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
+    affinity: bool = Field(
+        True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
+    )
 
 
 def _yes(value: str) -> bool:
@@ -72,6 +75,7 @@ FLAGS = [
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
+    Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llamakit.catalog import DEFAULT_MODEL
+from llamakit.router.affinity import PrefixMap
 from llamakit.router.herd import Herd
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Account, Ledger
@@ -110,6 +111,7 @@ class RouterState:
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     accounts: AccountCache = field(default_factory=AccountCache)
+    prefixes: PrefixMap = field(default_factory=PrefixMap)
     started: float = field(default_factory=time.time)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the app shuts down
 
