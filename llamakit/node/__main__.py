@@ -23,6 +23,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"python -m llamakit.node: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     from llamakit.node.app import create_app
+    from llamakit.node.cores import available_cores, oversubscription, running_nodes
+
+    warning = oversubscription(settings.threads, running_nodes(exclude=os.getpid()), available_cores())
+    if warning is not None:
+        logging.getLogger("llamakit.node").warning("%s", warning)
 
     if "LLAMAKIT_HERD_TOKEN" not in os.environ and not any(a.startswith("--herd-token") for a in argv):
         # Nobody else knows a generated token: print it once so the operator can give it to the router.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Literal
@@ -11,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
+from llamakit.node.cores import available_cores
 
 __all__ = ["NodeSettings", "settings_from_args"]
 
@@ -26,7 +26,7 @@ class NodeSettings(BaseModel):
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0 picks a free one)")
     slots: int = Field(2, ge=1, le=64, description="requests served at once, one llama.cpp context each")
     threads: int = Field(
-        default_factory=lambda: max(1, os.cpu_count() or 1),
+        default_factory=available_cores,
         ge=1,
         le=256,
         description="CPU threads per context",
