@@ -35,8 +35,15 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
-        engine = BatchedModel if settings.engine == "batched" else SimpleModel
-        return engine(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+        if settings.engine == "batched":
+            return BatchedModel(
+                resolved,
+                slots=settings.slots,
+                n_ctx=settings.n_ctx,
+                threads=settings.threads,
+                prefill_chunk=settings.prefill_chunk,
+            )
+        return SimpleModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host

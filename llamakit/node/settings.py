@@ -32,6 +32,13 @@ class NodeSettings(BaseModel):
         description="CPU threads per context",
     )
     n_ctx: int = Field(2048, ge=64, le=1 << 20, description="context size in tokens, per slot")
+    prefill_chunk: int = Field(
+        64,
+        ge=1,
+        le=512,
+        description="batched engine: prompt tokens fed per step while other requests stream (smaller: smoother "
+        "streams while a long prompt arrives; larger: that prompt's first token sooner on fast hardware)",
+    )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     herd_token: str = Field(
         default_factory=lambda: secrets.token_urlsafe(24),
@@ -57,6 +64,7 @@ FLAGS = [
     Flag("slots", "--slots", "LLAMAKIT_SLOTS", int),
     Flag("threads", "--threads", "LLAMAKIT_THREADS", int),
     Flag("n_ctx", "--ctx-size", "LLAMAKIT_CTX_SIZE", int),
+    Flag("prefill_chunk", "--prefill-chunk", "LLAMAKIT_PREFILL_CHUNK", int),
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("herd_token", "--herd-token", "LLAMAKIT_HERD_TOKEN"),
     Flag("name", "--name", "LLAMAKIT_NODE_NAME"),

@@ -164,3 +164,28 @@ def test_a_slot_reuses_the_prefix_it_keeps_and_answers_as_if_fresh(batched: Batc
         fresh.prompt_tokens,
     )
     assert batched.kept_tokens(6) >= len(second.prompt_tokens)
+
+
+def test_a_long_prompt_is_fed_in_chunks_while_a_stream_keeps_flowing(batched: BatchedModel) -> None:
+    events: list[str] = []  # appended on the decode thread, in the order of its steps
+    streaming = threading.Event()
+
+    def on_stream(_text: str, n: int) -> None:
+        events.append("stream")
+        if n >= 2:
+            streaming.set()
+
+    long_prompt = job(batched, "Words, words and more words. " * 60, max_tokens=2, temperature=0.0)
+    chunks = -(-len(long_prompt.prompt_tokens) // 64)  # the fixture's prefill_chunk is the default, 64
+    assert chunks >= 5
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stream = pool.submit(
+            batched.generate, 2, job(batched, PROMPTS[0], max_tokens=200, temperature=0.0), on_stream, threading.Event()
+        )
+        assert streaming.wait(60)
+        events.append("long arrives")
+        long = pool.submit(batched.generate, 3, long_prompt, lambda _t, _n: events.append("long"), threading.Event())
+        assert long.result().completion_tokens == 2
+        assert stream.result().completion_tokens == 200
+    between = events[events.index("long arrives") : events.index("long")]
+    assert between.count("stream") >= chunks - 1, "the stream got a token at every step while the prompt was fed"

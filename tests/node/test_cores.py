@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from llamakit.node.cores import NodeProcess, available_cores, oversubscription, running_nodes
@@ -46,7 +47,13 @@ def test_a_real_node_process_is_seen(tmp_path: Path) -> None:
         [sys.executable, "-c", "import time; time.sleep(60)", "-m", "llamakit.node", "--threads", "7"]
     )
     try:
-        assert NodeProcess(sleeper.pid, 7) in running_nodes(exclude=os.getpid())
+        for _ in range(100):  # the child may not have reached exec yet
+            found = running_nodes(exclude=os.getpid())
+            if NodeProcess(sleeper.pid, 7) in found:
+                break
+            time.sleep(0.05)
+        cmdline = Path(f"/proc/{sleeper.pid}/cmdline").read_bytes()
+        assert NodeProcess(sleeper.pid, 7) in found, (found, cmdline)
     finally:
         sleeper.kill()
         sleeper.wait()
