@@ -238,6 +238,11 @@ class Meter:
         return sum(r.prompt_tokens or 0 for r in self.records)
 
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens the nodes found in their prompt caches (they are in `prompt_tokens` too)."""
+        return sum(r.cached_tokens or 0 for r in self.records)
+
+    @property
     def completion_tokens(self) -> int:
         return sum(r.completion_tokens or 0 for r in self.records)
 
@@ -254,8 +259,9 @@ class Meter:
         return usage_records_frame(self.records)
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         return (
-            f"{self.calls} calls ({self.errors} failed) · {self.prompt_tokens} prompt + "
+            f"{self.calls} calls ({self.errors} failed) · {self.prompt_tokens} prompt{cached} + "
             f"{self.completion_tokens} completion = {self.total_tokens} tokens · {self.cost} credits"
         )
 

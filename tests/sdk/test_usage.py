@@ -33,6 +33,8 @@ def answer(request: httpx.Request) -> httpx.Response:
         error = {"message": f"bad prompt {LONG}", "type": "invalid_request_error", "param": None, "code": None}
         return httpx.Response(400, json={"error": error})
     usage = {"prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2, "cost": 7}
+    if prompt.startswith("cached"):
+        usage["prompt_tokens_details"] = {"cached_tokens": 3}  # type: ignore[assignment]
     choice = {"index": 0, "text": prompt.upper(), "finish_reason": "stop"}
     return httpx.Response(200, json={"id": "req-x", "model": "m", "choices": [choice], "usage": usage})
 
@@ -275,3 +277,17 @@ def test_retry_sleep_hooks_are_real_sleeps() -> None:
     _retry.sleep(0.01)
     asyncio.run(_retry.asleep(0.01))
     assert time.monotonic() - started >= 0.02
+
+
+def test_cached_prompt_tokens_reach_the_result_the_meter_and_the_frame() -> None:
+    client = sync_client()
+    with sdk.meter() as m:
+        cached = client.generate("cached prompt")
+        plain = client.generate("plain prompt")
+    assert cached.usage is not None and cached.usage.cached_tokens == 3
+    assert plain.usage is not None and plain.usage.cached_tokens is None, "a node that does not say: unknown"
+    assert "13 prompt (3 cached)" in cached.summary()
+    assert m.cached_tokens == 3 and m.prompt_tokens == 25
+    assert "25 prompt (3 cached) +" in m.summary()
+    frame = m.frame()
+    assert frame["cached_tokens"].iloc[0] == 3 and pd.isna(frame["cached_tokens"].iloc[1])
