@@ -272,3 +272,14 @@ def test_prompt_bound_holds_for_real_tokenizers(model: str) -> None:
             bound = prompt_token_bound([prompt], messages=0)
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         assert len(tokens) <= bound, (texts, len(tokens), bound)
+
+
+def test_remembered_bids_are_told_apart_by_type() -> None:
+    assert str(parse_bid(1)) == "1" and str(parse_bid(1.0)) == "1.0" and str(parse_bid("1.50")) == "1.50"
+    with pytest.raises(ValueError):
+        parse_bid(True)  # equal to 1, and remembered 1 must not make it a bid
+    with pytest.raises(ValueError):
+        parse_bid([1])  # unhashable: refused with the reason, not a TypeError
+    fees = FeeSchedule(base_fee=10, prompt_token_fee=1, completion_token_fee=3)
+    assert quote(fees, Decimal("1.005"), 7, 5) == 33  # 1.005 × 32 = 32.16, rounded up
+    assert quote(fees, "1.005", 7, 5) == quote(fees, 1.005, 7, 5) == 33
