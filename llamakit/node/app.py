@@ -42,6 +42,7 @@ def create_app(settings: NodeSettings) -> web.Application:
                 n_ctx=settings.n_ctx,
                 threads=settings.threads,
                 prefill_chunk=settings.prefill_chunk,
+                cache_ram=settings.cache_ram * 1024 * 1024,
             )
         return SimpleModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
 

@@ -36,6 +36,7 @@ from llamakit.node.engine import (
     TextOutput,
     shared_prefix,
 )
+from llamakit.node.ram_cache import SAVE_MIN_TOKENS, RamCache
 
 __all__ = ["BatchedModel"]
 
@@ -82,6 +83,7 @@ class BatchedModel(LoadedModel):
         threads: int,
         n_batch: int = 512,
         prefill_chunk: int = PREFILL_CHUNK,
+        cache_ram: int = 0,
     ) -> None:
         started = time.perf_counter()
         model = LlamaModel(path_model=str(resolved.path), params=llama_cpp.llama_model_default_params(), verbose=False)
@@ -110,6 +112,7 @@ class BatchedModel(LoadedModel):
         # Per slot, the tokens whose cells the slot keeps from its last request. Written by the decode loop
         # before it hands the result back, read by the event loop only while the slot is free.
         self._kept: list[list[int]] = [[] for _ in range(slots)]
+        self.ram = RamCache(self._ctx, cache_ram)  # `cache_ram` bytes of slot states saved before overwriting
         self._incoming: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -209,9 +212,17 @@ class BatchedModel(LoadedModel):
 
     def _admit(self, seq: _Sequence) -> None:
         """Keep the cells of the longest prefix the slot shares with the prompt, drop the rest, and feed what
-        follows; at least the prompt's last token is decoded again, for its logits."""
-        prompt = seq.job.prompt_tokens
-        keep = min(shared_prefix(self._kept[seq.seq_id], prompt), len(prompt) - 1)
+        follows; at least the prompt's last token is decoded again, for its logits. A history about to be
+        dropped is saved to the RAM cache first, and a longer prefix saved there is copied into the slot."""
+        prompt, slot, kept = seq.job.prompt_tokens, seq.seq_id, self._kept[seq.seq_id]
+        share = shared_prefix(kept, prompt)
+        if len(kept) - share >= SAVE_MIN_TOKENS:  # the slot's history is about to go: keep it in RAM
+            self.ram.save(slot, kept)
+        saved_share, saved = self.ram.best(prompt)
+        if saved is not None and saved_share >= share + SAVE_MIN_TOKENS:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            share = saved_share if self.ram.restore(saved, slot) else 0
+        keep = min(share, len(prompt) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1):
             keep = 0  # a partial removal can be refused: start the slot afresh
             llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)

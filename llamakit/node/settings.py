@@ -32,6 +32,13 @@ class NodeSettings(BaseModel):
         description="CPU threads per context",
     )
     n_ctx: int = Field(2048, ge=64, le=1 << 20, description="context size in tokens, per slot")
+    cache_ram: int = Field(
+        512,
+        ge=0,
+        le=1 << 20,
+        description="batched engine: MiB of RAM for slot caches saved before a slot is reused, so a "
+        "conversation's history survives other requests taking its slot (0: none)",
+    )
     prefill_chunk: int = Field(
         64,
         ge=1,
@@ -65,6 +72,7 @@ FLAGS = [
     Flag("threads", "--threads", "LLAMAKIT_THREADS", int),
     Flag("n_ctx", "--ctx-size", "LLAMAKIT_CTX_SIZE", int),
     Flag("prefill_chunk", "--prefill-chunk", "LLAMAKIT_PREFILL_CHUNK", int),
+    Flag("cache_ram", "--cache-ram", "LLAMAKIT_CACHE_RAM", int),
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("herd_token", "--herd-token", "LLAMAKIT_HERD_TOKEN"),
     Flag("name", "--name", "LLAMAKIT_NODE_NAME"),

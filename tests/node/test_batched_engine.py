@@ -189,3 +189,32 @@ def test_a_long_prompt_is_fed_in_chunks_while_a_stream_keeps_flowing(batched: Ba
         assert stream.result().completion_tokens == 200
     between = events[events.index("long arrives") : events.index("long")]
     assert between.count("stream") >= chunks - 1, "the stream got a token at every step while the prompt was fed"
+
+
+HISTORY_A = "The history of the city of Rome begins with its founding on seven hills. " * 10
+HISTORY_B = "A recipe for bread needs flour, water, salt and yeast, and some patience. " * 10
+
+
+@pytest.mark.parametrize("cache_ram", [64 << 20, 0, 6 << 20])
+def test_a_history_whose_slot_was_taken_comes_back_from_ram(batched: BatchedModel, cache_ram: int) -> None:
+    one_slot = BatchedModel(resolve_model(DEFAULT_MODEL), slots=1, n_ctx=512, threads=2, cache_ram=cache_ram)
+    try:
+        run(one_slot, 0, job(one_slot, HISTORY_A, max_tokens=8, temperature=0.0))
+        run(one_slot, 0, job(one_slot, HISTORY_B, max_tokens=8, temperature=0.0))  # takes the only slot
+        run(one_slot, 0, job(one_slot, "Unrelated and short.", max_tokens=2, temperature=0.0))
+        follow_up = job(one_slot, HISTORY_A + " Its first king was", max_tokens=12, temperature=0.0)
+        again = run(one_slot, 0, follow_up)
+        # The reference: the same prompt on a slot of the shared engine that holds nothing of it.
+        run(batched, 7, job(batched, "Nothing in common.", max_tokens=2, temperature=0.0))
+        fresh = run(batched, 7, job(batched, HISTORY_A + " Its first king was", max_tokens=12, temperature=0.0))
+        assert (again.text, again.completion_tokens) == (fresh.text, fresh.completion_tokens)
+        history = len(one_slot.tokenize_text(HISTORY_A))
+        if cache_ram == 64 << 20:
+            assert again.cached_tokens >= history, "the history came back from RAM"
+            assert len(one_slot.ram) == 2 and one_slot.ram.used_bytes <= cache_ram
+        elif cache_ram == 0:
+            assert again.cached_tokens <= 1 and len(one_slot.ram) == 0
+        else:  # room for one saved history: B's pushed A's out
+            assert again.cached_tokens <= 1 and len(one_slot.ram) == 1
+    finally:
+        one_slot.close()
