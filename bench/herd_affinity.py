@@ -12,9 +12,9 @@ conversation and round, so no run finds another's prompts in a cache), a short q
 the workload, the mean latency of a follow-up turn (turns after the first), and the share of prompt tokens
 the nodes found in their caches (``usage.prompt_tokens_details.cached_tokens``).
 
-A slot keeps only its last request, so the cache can help only while the conversations fit the herd's slots
-(the default: 4 conversations, 2 nodes × 2 slots). With more conversations than slots every slot is
-overwritten between a conversation's turns, and no routing can find its history anywhere.
+A slot keeps only its last request; the nodes' RAM cache (``--cache-ram``) keeps the histories of overwritten
+slots. The default workload fits the herd's slots (4 conversations, 2 nodes × 2 slots); ``--conversations 6``
+does not, and then the RAM cache is what finds the histories.
 
 Run: ``.venv/bin/python bench/herd_affinity.py [--rounds 3] [--conversations 4] [--turns 4]``; results go
 to stdout and to ``bench/results/herd_affinity.json``.
