@@ -28,7 +28,6 @@ import json
 import os
 import random
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "bench" / "results" / "herd_affinity.json"
@@ -58,13 +58,6 @@ QUESTIONS = [
 WORDS = "river mountain valley forest city harbour island desert plain lake coast bridge tower market".split()  # noqa: SIM905
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def _process(command: list[str], log_name: str, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
     with open(logs / log_name, "wb") as log:
@@ -72,12 +65,7 @@ def _process(command: list[str], log_name: str, logs: Path) -> Iterator[subproce
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def _wait(url: str, ready: Any, what: str, process: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
@@ -172,7 +160,7 @@ def main() -> None:
         logs = Path(tmp)
         nodes = []
         for name in ("node-a", "node-b"):
-            port = _free_port()
+            port = free_port()
             command = [
                 python, "-m", "llamakit.node", "--port", str(port), "--threads", str(args.threads),
                 "--slots", str(args.slots), "--ctx-size", "2048", "--herd-token", HERD_TOKEN, "--name", name,
@@ -183,7 +171,7 @@ def main() -> None:
             _wait(f"{url}/health", lambda h: h.get("status") == "ready", url, process)
         routers: dict[str, tuple[str, str]] = {}
         for name, affinity in (("affinity-on", "on"), ("affinity-off", "off")):
-            port = _free_port()
+            port = free_port()
             command = [
                 python, "-m", "llamakit.router", "--port", str(port), "--db", str(logs / f"{name}.db"),
                 "--admin-key", ADMIN_KEY, "--herd-token", HERD_TOKEN, "--affinity", affinity,

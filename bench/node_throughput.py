@@ -61,7 +61,6 @@ import logging
 import os
 import platform
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,7 @@ from typing import IO, Any, Generic, Protocol, TypeVar
 
 import httpx
 import llama_cpp
+from _processes import free_port, stop
 from llama_cpp import Llama
 
 from llamakit.catalog import DEFAULT_MODEL, resolve_model
@@ -547,13 +547,6 @@ class NodeLoad:
 # --- the node subprocesses --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _wait_ready(client: httpx.Client, process: subprocess.Popen[bytes], log: IO[bytes]) -> None:
     deadline = time.monotonic() + NODE_READY_TIMEOUT
     while time.monotonic() < deadline:
@@ -578,7 +571,7 @@ def _node_process(
     config: Config, engine: str, slots: int
 ) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes], IO[bytes]]]:
     token = secrets.token_urlsafe(24)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "llamakit.node",
         "--model", config.model,
@@ -602,12 +595,7 @@ def _node_process(
             ) as client:
                 yield client, process, log
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 @dataclass(frozen=True)

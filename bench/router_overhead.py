@@ -40,7 +40,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ from typing import IO, Any
 
 import aiohttp
 import httpx
+from _processes import free_port, stop
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,13 +136,6 @@ def proxy_app(upstream: str) -> web.Application:
 # --- the processes -----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Server:
     name: str
@@ -178,12 +171,7 @@ def server(name: str, command: list[str], port: int) -> Iterator[Server]:
         try:
             yield Server(name, f"http://127.0.0.1:{port}", process, log)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def _wait(what: Server, ready: Callable[[], bool]) -> None:
@@ -218,7 +206,7 @@ class Setup:
 
 @contextmanager
 def running(tmp: Path, profile: Path | None) -> Iterator[Setup]:
-    node_port, proxy_port, router_port = _free_port(), _free_port(), _free_port()
+    node_port, proxy_port, router_port = free_port(), free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     admin_key, herd_token, db = "bench-admin-key", "bench-herd-token", tmp / "ledger.db"
     router_command = [
