@@ -223,10 +223,10 @@ class BatchedModel(LoadedModel):
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
             share = saved_share if self.ram.restore(saved, slot) else 0
         keep = min(share, len(prompt) - 1)
-        if not llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, keep, -1):
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
             keep = 0  # a partial removal can be refused: start the slot afresh
-            llama_cpp.llama_memory_seq_rm(self._memory, seq.seq_id, -1, -1)
-        self._kept[seq.seq_id] = []
+            llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._kept[slot] = []
         seq.cached = prompt[:keep]
         seq.reused = keep
         seq.prompt_left = prompt[keep:]

@@ -53,11 +53,13 @@ class PrefixMap:
         return len(self._holders)
 
     @staticmethod
-    def chain(model: str, text: str) -> list[int]:
-        """One hash per whole block of `text`, each covering the model and every block up to it."""
-        hashes: list[int] = []
-        h = hash(model)
-        for start in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
+    def chain(model: str, text: str, known: Sequence[int] = ()) -> list[int]:
+        """One hash per whole block of `text`, each covering the model and every block up to it. `known` is
+        the chain of a prefix of `text` (the prompt, when `text` is the prompt and its answer): its blocks
+        are not hashed again."""
+        hashes = list(known)
+        h = hashes[-1] if hashes else hash(model)
+        for start in range(len(hashes) * BLOCK_CHARS, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
             h = hash((h, text[start : start + BLOCK_CHARS]))
             hashes.append(h)
         return hashes

@@ -65,8 +65,10 @@ class PaidRequest:
     # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
     transcript: list[str] = field(default_factory=list)
     finish_reason: str = "stop"
-    # The request's text as the prefix map cuts it, and the node likely to hold its prefix (see affinity.py).
+    # The request's text and its block hashes as the prefix map cuts it, and the node likely to hold its
+    # prefix (see affinity.py); None when affinity is off.
     text: str | None = None
+    chain: list[int] = field(default_factory=list)
     affinity: Affinity | None = None
 
 
@@ -130,6 +132,7 @@ def price(
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.
         body["stream_options"] = {"include_usage": True}
+    chain = PrefixMap.chain(model, text) if settings.affinity else []
     return PaidRequest(
         id=request_id,
         account=account,
@@ -144,7 +147,8 @@ def price(
         arrived=time.monotonic(),
         claim=claim,
         text=text if settings.affinity else None,
-        affinity=state.prefixes.holder(PrefixMap.chain(model, text)) if settings.affinity else None,
+        chain=chain,
+        affinity=state.prefixes.holder(chain) if chain else None,
     )
 
 
@@ -222,7 +226,7 @@ def _remember_prefix(state: RouterState, paid: PaidRequest, node: HerdNode, answ
         text = paid.text + chat_text([("assistant", answer)])
     else:
         text = paid.text + answer
-    state.prefixes.remember(PrefixMap.chain(paid.model, text), node.id)
+    state.prefixes.remember(PrefixMap.chain(paid.model, text, paid.chain), node.id)
 
 
 def _node_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
