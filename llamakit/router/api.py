@@ -33,7 +33,7 @@ STATE = web.AppKey("state", RouterState)
 routes = web.RouteTableDef()
 
 
-def authenticate(request: web.Request) -> Account:
+async def authenticate(request: web.Request) -> Account:
     state = request.app[STATE]
     key = bearer_token(request)
     if key is None:
@@ -45,7 +45,7 @@ def authenticate(request: web.Request) -> Account:
         )
     account = state.accounts.get(key)
     if account is None:
-        account = state.ledger.authenticate(key)
+        account = await state.ledger.authenticate(key)
         if account is not None:
             state.accounts.put(key, account)
     if account is None:
@@ -55,18 +55,18 @@ def authenticate(request: web.Request) -> Account:
 
 async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
     state = request.app[STATE]
-    account = authenticate(request)
+    account = await authenticate(request)
     raw = await request.read()
     key = Idempotency.key_of(request)
     data = parse_json(raw)
     req = validate_request(model, data)
     if key is None:
-        return await serve(state, request, price(state, request, account, req, data, path))
+        return await serve(state, request, await price(state, request, account, req, data, path))
     claimed = await state.idempotency.claim(account.id, key, fingerprint(path, raw))
     if isinstance(claimed, Remembered):
         return await replay(request, claimed, stream=req.stream, include_usage=req.include_usage)
     try:
-        return await serve(state, request, price(state, request, account, req, data, path, claimed))
+        return await serve(state, request, await price(state, request, account, req, data, path, claimed))
     finally:
         state.idempotency.release(claimed)
 
@@ -97,7 +97,7 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    authenticate(request)
+    await authenticate(request)
     return json_response({"object": "list", "data": [_model_entry(state, m) for m in state.herd.models()]})
 
 
@@ -131,8 +131,8 @@ async def info(request: web.Request) -> web.Response:
 @routes.get("/v1/account")
 async def account(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
-    books = state.ledger.account_state(acct.id)
+    acct = await authenticate(request)
+    books = await state.ledger.account_state(acct.id)
     return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books)})
 
 
@@ -152,10 +152,10 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 @routes.get("/v1/account/usage")
 async def account_usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
+    acct = await authenticate(request)
     limit = _int_query(request, "limit", 100) or 100
     before = _int_query(request, "before", None)
-    records = state.ledger.usage_records(acct.id, limit=limit, before=before)
+    records = await state.ledger.usage_records(acct.id, limit=limit, before=before)
     data = [{**asdict(r), "total_tokens": r.total_tokens} for r in records]
     return json_response(
         {
@@ -170,7 +170,7 @@ async def account_usage(request: web.Request) -> web.Response:
 @routes.post("/v1/events")
 async def post_event(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
+    acct = await authenticate(request)
     body = parse_json(await request.read())
     kind = body.get("kind")
     data = body.get("data", {})
@@ -179,7 +179,7 @@ async def post_event(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         raise ApiError(400, "an event's 'data' must be a JSON object", param="data")
     try:
-        event_id = state.ledger.record_event(acct.id, kind, data)
+        event_id = await state.ledger.record_event(acct.id, kind, data)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="data") from exc
     return json_response({"id": event_id, "kind": kind}, status=201)
@@ -188,7 +188,7 @@ async def post_event(request: web.Request) -> web.Response:
 @routes.get("/v1/events")
 async def list_events(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
+    acct = await authenticate(request)
     limit = _int_query(request, "limit", 100) or 100
-    events = state.ledger.events(acct.id, limit=limit)
+    events = await state.ledger.events(acct.id, limit=limit)
     return json_response({"object": "list", "data": [asdict(e) for e in events]})

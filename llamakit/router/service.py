@@ -72,7 +72,7 @@ class PaidRequest:
     affinity: Affinity | None = None
 
 
-def price(
+async def price(
     state: RouterState,
     request: web.Request,
     account: Account,
@@ -118,7 +118,7 @@ def price(
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
     except InsufficientFunds as exc:
         raise ApiError(
             402,
@@ -158,14 +158,14 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
             return await _serve_stream(state, request, paid)
         return await _serve_whole(state, request, paid)
     except ApiError as exc:
-        _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        await _refund(state, paid, status=_refund_status(exc), error=exc.message)
         exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
         raise
     except asyncio.CancelledError:
-        _refund(state, paid, status="cancelled", error="the client went away")
+        await _refund(state, paid, status="cancelled", error="the client went away")
         raise
     except Exception as exc:
-        _refund(state, paid, status="error", error=repr(exc))
+        await _refund(state, paid, status="error", error=repr(exc))
         raise
 
 
@@ -292,7 +292,7 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
+        await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
         _remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
@@ -356,7 +356,7 @@ async def _relay(
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
         log.warning("%s", exc)
         _mark_node(state, node, exc)
-        _settle_delivered(state, paid, node, delivered, "broken", str(exc))
+        await _settle_delivered(state, paid, node, delivered, "broken", str(exc))
         message = "the node serving this stream failed; you were charged only for the tokens delivered"
         with suppress(ConnectionError):
             await sse.send(error_body(message, type="server_error", code="node_failed"))
@@ -364,23 +364,23 @@ async def _relay(
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client cut the stream: closing the node's stream stops its generation.
         await events.aclose()
-        _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
+        await _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
         if isinstance(exc, asyncio.CancelledError):
             raise
         return sse.response
-    _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
+    await _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
     return sse.response
 
 
-def _settle_delivered(
+async def _settle_delivered(
     state: RouterState, paid: PaidRequest, node: HerdNode, delivered: dict[str, int], status: str, error: str | None
 ) -> None:
     if paid.closed:
         return
     if delivered["completion_tokens"] == 0:
-        _refund(state, paid, status=status, error=error)
+        await _refund(state, paid, status=status, error=error)
     else:
-        _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
+        await _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
 
 
 async def _forward(
@@ -396,7 +396,7 @@ async def _forward(
     usage = event.get("usage")
     if usage:
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
-        _settle(
+        await _settle(
             state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
             remember=_remember_stream(paid, node, usage, charge), usage=usage,
         )  # fmt: skip
@@ -462,7 +462,7 @@ def _record(
         state.usage_log.write(record)
 
 
-def _settle(
+async def _settle(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
@@ -474,9 +474,28 @@ def _settle(
     remember: Remembered | None = None,
     usage: dict[str, Any] | None = None,
 ) -> int:
+    # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
+    # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
+    paid.closed = True
+    return await asyncio.shield(
+        _settled(state, paid, node, prompt_tokens, completion_tokens, status, error, remember, usage)
+    )
+
+
+async def _settled(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: str,
+    error: str | None,
+    remember: Remembered | None,
+    usage: dict[str, Any] | None,
+) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
-    settlement = state.ledger.settle(
+    settlement = await state.ledger.settle(
         paid.id,
         charge=charge,
         node=node.name,
@@ -488,7 +507,6 @@ def _settle(
         error=error,
         remember=remember,
     )
-    paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
     state.metrics.settled(
         paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, _cached_tokens(usage)
@@ -513,9 +531,13 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+async def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
     if paid.closed:
         return
-    state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
-    paid.closed = True
+    paid.closed = True  # claimed before the await, as in _settle
+    await asyncio.shield(_released(state, paid, status=status, error=error))
+
+
+async def _released(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+    await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
     _record(state, paid, None, status, 0, 0, 0, error)

@@ -375,6 +375,8 @@ class Ledger(ABC):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        # Group commits run so far: each one transaction for all the holds, settlements and releases in it.
+        self.batches = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
 

@@ -131,6 +131,7 @@ class PostgresLedger(Ledger):
 
     async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
         assert self._pool is not None
+        self.batches += 1
         ops = json.dumps([op for op, _ in batch], separators=(",", ":"))
         outcome: list[dict[str, Any]] | BaseException
         for attempt in range(_RETRIES):

@@ -156,8 +156,7 @@ class SqliteLedger(Ledger):
             if stop is not None:
                 stop.done.get_loop().call_soon_threadsafe(_settle_futures, [(stop.done, True, None)])
 
-    @staticmethod
-    def _run(conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
+    def _run(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
         """Run a batch of jobs in one transaction and hand each its outcome once it is committed."""
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
@@ -183,6 +182,7 @@ class SqliteLedger(Ledger):
                     conn.execute("RELEASE job")
             if conn.in_transaction:
                 conn.execute("COMMIT")
+            self.batches += 1
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
