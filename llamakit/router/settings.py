@@ -53,7 +53,6 @@ class RouterSettings(BaseModel):
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
 
-
     @field_validator("db", mode="before")
     @classmethod
     def _ledger_url(cls, value: object) -> object:

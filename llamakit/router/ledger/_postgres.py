@@ -219,7 +219,9 @@ class PostgresLedger(Ledger):
                     raise ValueError(
                         f"the prefix {prefix!r} matches {len(keys)} active keys; revoke with the whole key"
                     )
-                await conn.execute("UPDATE api_keys SET revoked = $1 WHERE prefix = $2 AND revoked IS NULL", now, prefix)
+                await conn.execute(
+                    "UPDATE api_keys SET revoked = $1 WHERE prefix = $2 AND revoked IS NULL", now, prefix
+                )
                 return len(keys)
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
@@ -401,7 +403,9 @@ class PostgresLedger(Ledger):
             "GROUP BY events.account_id, accounts.name, events.kind ORDER BY accounts.name, events.kind"
         ):
             name = row["name"]
-            entry = summary.setdefault(name, EventSummary(counts={}, total=0, position=None, pnl=None, last=row["last"]))
+            entry = summary.setdefault(
+                name, EventSummary(counts={}, total=0, position=None, pnl=None, last=row["last"])
+            )
             entry["counts"][row["kind"]] = row["count"]
             entry["total"] += row["count"]
             entry["last"] = max(entry["last"], row["last"])
@@ -412,7 +416,7 @@ class PostgresLedger(Ledger):
                 "  SELECT MAX(id) FROM events WHERE jsonb_typeof(data -> $1::text) = 'number' GROUP BY account_id)",
                 field,
             ):
-                summary[row["name"]][field] = json.loads(row["value"])  # type: ignore[literal-required]
+                summary[row["name"]][field] = json.loads(row["value"])
         return summary
 
     # -- plumbing --------------------------------------------------------------------------------------
@@ -425,7 +429,8 @@ class PostgresLedger(Ledger):
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:
-            return await self._db().fetch(query, *args)
+            rows: list[asyncpg.Record] = await self._db().fetch(query, *args)
+            return rows
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -192,10 +193,8 @@ class SqliteLedger(Ledger):
         for outcome in outcomes:
             by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
         for loop, theirs in by_loop.items():
-            try:
+            with suppress(RuntimeError):  # that loop is closed: nobody waits for these any more
                 loop.call_soon_threadsafe(_settle_futures, theirs)
-            except RuntimeError:  # that loop is closed: nobody waits for these any more
-                pass
 
     def _checkpoints(self, every: float = 0.25) -> None:
         """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer)."""
@@ -255,7 +254,9 @@ class SqliteLedger(Ledger):
         return await self._call(run)
 
     async def _list_accounts(self) -> list[Account]:
-        return await self._call(lambda conn: [account_from(r) for r in conn.execute("SELECT * FROM accounts ORDER BY id")])
+        return await self._call(
+            lambda conn: [account_from(r) for r in conn.execute("SELECT * FROM accounts ORDER BY id")]
+        )
 
     async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None:
         def run(conn: sqlite3.Connection) -> None:
