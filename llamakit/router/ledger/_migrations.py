@@ -83,7 +83,8 @@ def migrate_sqlite(conn: sqlite3.Connection) -> int:
         for migration in migrations("sqlite")[version:]:
             for statement in _statements(migration.sql):
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {latest('sqlite')}")
+        if version != latest("sqlite"):
+            conn.execute(f"PRAGMA user_version = {latest('sqlite')}")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -105,5 +106,6 @@ async def migrate_postgres(conn: asyncpg.Connection) -> int:
             raise _too_new(version, "postgres")
         for migration in migrations("postgres")[version:]:
             await conn.execute(migration.sql)
-        await conn.execute("UPDATE llamakit_schema SET version = $1", latest("postgres"))
+        if version != latest("postgres"):
+            await conn.execute("UPDATE llamakit_schema SET version = $1", latest("postgres"))
     return int(version)
