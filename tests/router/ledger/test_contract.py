@@ -689,3 +689,28 @@ async def test_a_caller_that_stops_waiting_does_not_stop_its_settlement(ledger: 
         await asyncio.sleep(0.01)
     assert await ledger.account_state(funded) == AccountState(balance=960, held=0, spent=40, deposited=1000)
     await assert_balanced(ledger)
+
+
+# -- remembered answers -----------------------------------------------------------------------------
+
+
+async def test_answers_are_remembered_per_account_with_their_charge(ledger: Ledger, funded: int) -> None:
+    other = await ledger.create_account("bob")
+    await ledger.deposit(other.id, 100)
+    answer = Remembered("call-1", "print-1", '{"body": {"id": "req-1"}, "headers": {}}')
+    await ledger.hold(funded, 50, request_id="req-1", model="smol")
+    await ledger.settle("req-1", charge=20, node="n", prompt_tokens=3, completion_tokens=4, remember=answer)
+    assert await ledger.recall(funded, "call-1") == answer
+    assert await ledger.recall(other.id, "call-1") is None  # keys belong to their account
+    assert await ledger.recall(funded, "call-2") is None
+    # Bob may use the same key for his own request.
+    await ledger.hold(other.id, 10, request_id="req-2", model="smol")
+    await ledger.settle(
+        "req-2", charge=1, node="n", prompt_tokens=1, completion_tokens=1, remember=Remembered("call-1", "p", "{}")
+    )
+    assert await ledger.recall(other.id, "call-1") == Remembered("call-1", "p", "{}")
+    # A refund remembers nothing: a retry of a failed request runs again.
+    await ledger.hold(funded, 50, request_id="req-3", model="smol")
+    await ledger.release("req-3")
+    assert await ledger.recall(funded, "call-3") is None
+    await assert_balanced(ledger)

@@ -1,4 +1,4 @@
-"""Versioned migrations: ledgers made by earlier llamakit upgrade in place, and routers starting together migrate once."""
+"""Versioned migrations: ledgers made by earlier llamakit upgrade in place; routers starting together migrate once."""
 
 from __future__ import annotations
 
@@ -97,9 +97,7 @@ async def test_routers_starting_together_migrate_once(url: str) -> None:
         await ledgers[1].deposit(alice.id, 600)
         for i, ledger in enumerate(ledgers):
             await ledger.hold(alice.id, 100, request_id=f"r{i}", model="smol")
-        assert await ledgers[-1].account_state(alice.id) == AccountState(
-            balance=0, held=600, spent=0, deposited=600
-        )
+        assert await ledgers[-1].account_state(alice.id) == AccountState(balance=0, held=600, spent=0, deposited=600)
     finally:
         await asyncio.gather(*(ledger.close() for ledger in ledgers))
     if backend_of(url) == "postgres":
