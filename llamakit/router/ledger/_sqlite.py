@@ -1,9 +1,11 @@
 """The ledger in one SQLite file, worked by a thread of its own so the event loop never waits on the database.
 
-Calls are queued to the thread as jobs. It takes every job waiting when it wakes (up to `MAX_BATCH`) and runs
-them in one transaction, each inside a SAVEPOINT so that a job that fails is undone alone: holds and
-settlements that arrive together share one commit (group commit). A job's future is resolved only after
-its transaction is committed. WAL with synchronous=NORMAL: a power cut may lose the last transactions,
+Calls are queued to the thread as jobs: the jobs made in one turn of the event loop go together, as one item
+(one wake-up of the thread). The thread takes every job waiting when it wakes (up to `MAX_BATCH`) and runs them
+in one transaction: holds and settlements that arrive together share one commit (group commit). A job that
+fails is undone alone: the batch is rolled back and run again with each job inside a SAVEPOINT of its own
+(the common batch, where nothing fails, pays for no savepoints). A job's future is resolved only after its
+transaction is committed. WAL with synchronous=NORMAL: a power cut may lose the last transactions,
 but a crash of the process loses nothing committed, and never leaves the books unbalanced.
 """
 
@@ -76,7 +78,9 @@ class SqliteLedger(Ledger):
         super().__init__(clock=clock)
         self.path = path
         self.url = path
-        self._jobs: queue.SimpleQueue[_Job[Any] | _Stop] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[list[_Job[Any]] | _Stop] = queue.SimpleQueue()
+        # Jobs made in this turn of the event loop, handed to the thread together at its end.
+        self._outbox: list[_Job[Any]] = []
         self._worker: threading.Thread | None = None
         self._closed = False
         self._stop_checkpoints = threading.Event()
@@ -136,16 +140,16 @@ class SqliteLedger(Ledger):
                 if isinstance(first, _Stop):
                     stop = first
                     break
-                batch: list[_Job[Any]] = [first]
+                batch: list[_Job[Any]] = first
                 while len(batch) < MAX_BATCH:
                     try:
-                        job = self._jobs.get_nowait()
+                        more = self._jobs.get_nowait()
                     except queue.Empty:
                         break
-                    if isinstance(job, _Stop):
-                        stop = job
+                    if isinstance(more, _Stop):
+                        stop = more
                         break
-                    batch.append(job)
+                    batch.extend(more)
                 self._run(conn, batch)
         finally:
             if wal:
@@ -159,28 +163,21 @@ class SqliteLedger(Ledger):
 
     def _run(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
         """Run a batch of jobs in one transaction and hand each its outcome once it is committed."""
+        # IMMEDIATE takes the write lock up front, so a balance checked is still the balance when debited,
+        # even if another process writes to the same file.
+        begin = "BEGIN IMMEDIATE" if any(job.write for job in batch) else "BEGIN"
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
-            # IMMEDIATE takes the write lock up front, so a balance checked is still the balance when debited,
-            # even if another process writes to the same file.
-            conn.execute("BEGIN IMMEDIATE" if any(job.write for job in batch) else "BEGIN")
-            if len(batch) == 1:
-                try:
-                    outcomes.append((batch[0].future, True, batch[0].run(conn)))
-                except BaseException as exc:
-                    conn.execute("ROLLBACK")
-                    outcomes.append((batch[0].future, False, _database_error(exc)))
-            else:
-                for job in batch:
-                    conn.execute("SAVEPOINT job")
-                    try:
-                        result = job.run(conn)
-                    except BaseException as exc:
-                        conn.execute("ROLLBACK TO job")
-                        outcomes.append((job.future, False, _database_error(exc)))
-                    else:
-                        outcomes.append((job.future, True, result))
-                    conn.execute("RELEASE job")
+            conn.execute(begin)
+            try:
+                outcomes = [(job.future, True, job.run(conn)) for job in batch]
+            except BaseException as exc:
+                conn.execute("ROLLBACK")
+                if len(batch) == 1:
+                    outcomes = [(batch[0].future, False, _database_error(exc))]
+                else:  # again, each job undone alone if it fails
+                    conn.execute(begin)
+                    outcomes = [self._one(conn, job) for job in batch]
             if conn.in_transaction:
                 conn.execute("COMMIT")
             self.batches += 1
@@ -195,6 +192,18 @@ class SqliteLedger(Ledger):
         for loop, theirs in by_loop.items():
             with suppress(RuntimeError):  # that loop is closed: nobody waits for these any more
                 loop.call_soon_threadsafe(_settle_futures, theirs)
+
+    @staticmethod
+    def _one(conn: sqlite3.Connection, job: _Job[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+        conn.execute("SAVEPOINT job")
+        try:
+            result = job.run(conn)
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO job")
+            return job.future, False, _database_error(exc)
+        finally:
+            conn.execute("RELEASE job")
+        return job.future, True, result
 
     def _checkpoints(self, every: float = 0.25) -> None:
         """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer)."""
@@ -211,9 +220,16 @@ class SqliteLedger(Ledger):
     def _call(self, run: Callable[[sqlite3.Connection], T], *, write: bool = False) -> asyncio.Future[T]:
         if self._closed or self._worker is None:
             raise LedgerError("the ledger is closed" if self._closed else "the ledger is not open: await open()")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put(_Job(run, future, write))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._send)
+        self._outbox.append(_Job(run, future, write))
         return future
+
+    def _send(self) -> None:
+        jobs, self._outbox = self._outbox, []
+        self._jobs.put(jobs)
 
     async def close(self) -> None:
         if self._closed:
@@ -223,6 +239,8 @@ class SqliteLedger(Ledger):
             self._stop_checkpoints.set()
             await asyncio.to_thread(self._checkpointer.join)
         if self._worker is not None and self._worker.is_alive():
+            if self._outbox:
+                self._send()
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._jobs.put(_Stop(done))
             await done
@@ -487,11 +505,15 @@ def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
 
 
 def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
-    hold = conn.execute("SELECT * FROM holds WHERE id = ?", (close.request_id,)).fetchone()
+    # Closed and read in one statement; only a hold that is not open needs a second look.
+    hold = conn.execute(
+        "UPDATE holds SET status = ?, closed = ? WHERE id = ? AND status = 'open' "
+        "RETURNING account_id, model, amount, bid",
+        ("settled" if close.charge is not None else "released", close.now, close.request_id),
+    ).fetchone()
     if hold is None:
-        raise HoldClosed(close.request_id, None)
-    if hold["status"] != "open":
-        raise HoldClosed(close.request_id, hold["status"])
+        row = conn.execute("SELECT status FROM holds WHERE id = ?", (close.request_id,)).fetchone()
+        raise HoldClosed(close.request_id, None if row is None else row["status"])
     held: int = hold["amount"]
     account_id: int = hold["account_id"]
     charged = 0
@@ -515,10 +537,6 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     balance: int = conn.execute(
         "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (held - charged, account_id)
     ).fetchone()[0]
-    conn.execute(
-        "UPDATE holds SET status = ?, closed = ? WHERE id = ?",
-        ("settled" if close.charge is not None else "released", close.now, close.request_id),
-    )
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
         "cost, bid, held, latency_ms, queue_ms, error, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
