@@ -52,7 +52,7 @@ def chat_tokens(
                 if piece:
                     tokens += tokenize(piece, bos=False, special=True)
                 if text:
-                    tokens += _plain(text, tokenize, is_control)
+                    tokens += tokenize(text, bos=False, special=False)
             return tokens
     # The template changed the text in some other way (truncated it, say): the whole rendering is tokenized as it
     # is, which is safe only while no message spells out a control token.
@@ -84,41 +84,3 @@ def _same(text: str) -> str:
 
 def _trimmed(text: str) -> str:  # Gemma's templates write `message['content'] | trim`
     return text.strip()
-
-
-def _plain(text: str, tokenize: Tokenize, is_control: Callable[[int], bool]) -> list[int]:
-    """`text` as plain text. llama.cpp matches user-defined tokens even when special tokens are not parsed;
-    where one would match, the text is cut inside it so that it cannot."""
-    tokens = tokenize(text, bos=False, special=False)
-    if not any(is_control(t) for t in tokens):
-        return tokens
-    out: list[int] = []
-    for piece in _split_controls(text, tokenize, is_control):
-        out += tokenize(piece, bos=False, special=False)
-    return out
-
-
-def _split_controls(text: str, tokenize: Tokenize, is_control: Callable[[int], bool]) -> list[str]:
-    """`text` cut into pieces none of which holds a control token's whole spelling."""
-    pieces = [text]
-    while True:
-        for n, piece in enumerate(pieces):
-            tokens = tokenize(piece, bos=False, special=False)
-            if any(is_control(t) for t in tokens) and len(piece) > 1:
-                cut = _cut_point(piece, tokenize, is_control)
-                pieces[n : n + 1] = [piece[:cut], piece[cut:]]
-                break
-        else:
-            return pieces
-
-
-def _cut_point(piece: str, tokenize: Tokenize, is_control: Callable[[int], bool]) -> int:
-    """A cut inside the first control token's spelling: the shortest prefix that holds one, less a character."""
-    lo, hi = 1, len(piece)
-    while lo < hi:  # the shortest prefix whose tokens include a control token
-        mid = (lo + hi) // 2
-        if any(is_control(t) for t in tokenize(piece[:mid], bos=False, special=False)):
-            hi = mid
-        else:
-            lo = mid + 1
-    return max(1, lo - 1)

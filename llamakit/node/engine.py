@@ -251,8 +251,9 @@ class LoadedModel:
 
     def is_control(self, token: int) -> bool:
         """Whether `token` is a control token (end of turn, start of a role …), per the model's vocabulary."""
-        attr = llama_cpp.llama_vocab_get_attr(self.vocab, token)
-        return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED))
+        # Only control tokens: llama.cpp leaves them unparsed in plain text. User-defined tokens (Gemma's runs of
+        # spaces or its HTML tags) are ordinary vocabulary that plain text matches too.
+        return bool(llama_cpp.llama_vocab_get_attr(self.vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
 
     def grammar_for(self, grammar: str | None, response_format: Any | None) -> str | None:
         """The GBNF to constrain sampling with, checked with llama.cpp's own parser, or a 400 that says why."""
