@@ -58,6 +58,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if dashboard:
             from llamakit.tui import run_dashboard
 
+            launcher.quiet = True
             # The dashboard in the foreground: quitting it (q, Ctrl-C or SIGTERM) stops the herd below.
             run_dashboard(url=profile.url, admin_key=launcher.admin_key)
         else:

@@ -42,6 +42,17 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4
+# What may reach llama.cpp's parsers and the stop matcher from one request: its grammar parser recurses once
+# per nested group and crashes the process (a stack overflow) on deep nesting, so the sizes are bounded here.
+MAX_STOP_CHARS = 256
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_GRAMMAR_DEPTH = 64
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
+MAX_SCHEMA_COUNT = 1024  # minItems, maxLength …: the JSON-schema converter spells out each repetition
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
+# OpenAI's `seed` is a 64-bit integer; llama.cpp takes 32 bits of it.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _Req = TypeVar("_Req", bound="GenerationRequest")
 _TYPE_TAGS = frozenset({"int", "float", "str", "bool", "dict", "list", "function-after", "function-before"})
 
@@ -84,7 +95,17 @@ def error_body(
 
 
 class _Lenient(BaseModel):
+    """Ignores fields it does not know, and takes `null` as "not given": OpenAI's request schemas make almost
+    every field nullable (`temperature`, `top_p`, `n`, `stream`, `stop`, …) and clients send `null` for them."""
+
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Lenient):
@@ -95,6 +116,12 @@ class JsonSchemaFormat(_Lenient):
     name: str = "response"
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema_shape(value)
+        return value
 
 
 class ResponseFormat(_Lenient):
@@ -140,7 +167,7 @@ class GenerationRequest(_Lenient):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
@@ -148,6 +175,7 @@ class GenerationRequest(_Lenient):
     response_format: ResponseFormat | None = None
     bid: StrictInt | StrictFloat | None = None  # strict: `true` is not a bid
     user: str | None = None
+    logit_bias: dict[str, StrictInt | StrictFloat] | None = None
 
     @field_validator("temperature", "top_p", "bid", mode="before")
     @classmethod
@@ -164,6 +192,29 @@ class GenerationRequest(_Lenient):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(stops)}")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence may be at most {MAX_STOP_CHARS} characters long")
+        return value
+
+    @field_validator("grammar")
+    @classmethod
+    def _grammar_bounded(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_grammar_shape(value, what="grammar")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_bounded(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(value)}")
+        for token, bias in value.items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"keys are token ids (non-negative integers as strings), got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100, got {bias} for token {token}")
         return value
 
     @model_validator(mode="after")
@@ -230,6 +281,62 @@ class Usage(BaseModel):
         )
 
 
+def check_grammar_shape(grammar: str, *, what: str) -> None:
+    """Refuse a GBNF text that is too large or nests groups too deeply for llama.cpp's recursive parser.
+
+    Raises ValueError (a 400 `invalid_grammar` at the HTTP layer) naming the limit. Only groups count:
+    nesting through rules (`a ::= "(" a ")"`) is not recursion in the parser.
+    """
+    size = len(grammar.encode("utf-8", "surrogatepass"))
+    if size > MAX_GRAMMAR_BYTES:
+        raise ValueError(f"the {what} is {size} bytes; at most {MAX_GRAMMAR_BYTES} are allowed")
+    depth = deepest = 0
+    i, n = 0, len(grammar)
+    while i < n:
+        c = grammar[i]
+        if c in '"[':  # a literal or a character class: skip to its end, escapes included
+            end = '"' if c == '"' else "]"
+            i += 1
+            while i < n and grammar[i] != end:
+                i += 2 if grammar[i] == "\\" else 1
+        elif c == "#":
+            while i < n and grammar[i] not in "\r\n":
+                i += 1
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_GRAMMAR_DEPTH:
+                raise ValueError(
+                    f"the {what} nests groups more than {MAX_GRAMMAR_DEPTH} deep; use named rules instead of deeper '('"
+                )
+        elif c == ")":
+            depth -= 1
+        i += 1
+
+
+def check_schema_shape(schema: Any) -> None:
+    """Refuse a JSON schema too large or too deep to turn into a grammar safely (ValueError naming the limit)."""
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > MAX_SCHEMA_BYTES:
+        raise ValueError(f"the JSON schema is {size} bytes; at most {MAX_SCHEMA_BYTES} are allowed")
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                counted = key in _SCHEMA_COUNTS and isinstance(value, int) and not isinstance(value, bool)
+                if counted and not 0 <= value <= MAX_SCHEMA_COUNT:
+                    raise ValueError(f"{key} is {value}; it must be between 0 and {MAX_SCHEMA_COUNT}")
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node)
+
+
+_SCHEMA_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"})
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
     """A JSON object from a request body, or a 400 that says what is wrong with it."""
     try:
@@ -253,7 +360,11 @@ def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
         where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
         param = str(first["loc"][0]) if first["loc"] else None
         message = f"{where}: {first['msg']}" if where else first["msg"]
-        raise ApiError(400, f"invalid request: {message}", param=param, code="invalid_value") from exc
+        code = _ERROR_CODES.get(param or "", "invalid_value") if first["type"] == "value_error" else "invalid_value"
+        raise ApiError(400, f"invalid request: {message}", param=param, code=code) from exc
+
+
+_ERROR_CODES = {"grammar": "invalid_grammar", "response_format": "invalid_schema"}
 
 
 def parse_request(model: type[_Req], raw: bytes) -> _Req:

@@ -121,6 +121,10 @@ class SseWriter:
     async def send(self, data: dict[str, Any]) -> None:
         await self.response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
 
+    async def comment(self, text: str) -> None:
+        """An SSE comment line: clients ignore it; it keeps a quiet stream's connection and timeouts alive."""
+        await self.response.write(b": " + text.encode() + b"\n\n")
+
     async def done(self) -> None:
         await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()

@@ -67,6 +67,7 @@ class _Sequence:
     result: GenerationResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_progress: Callable[[], None] | None = None
 
 
 class BatchedModel(LoadedModel):
@@ -146,7 +147,12 @@ class BatchedModel(LoadedModel):
         return len(self._kept[slot])
 
     def generate(
-        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+        self,
+        slot: int,
+        job: GenerationJob,
+        on_text: Callable[[str, int], None],
+        cancel: threading.Event,
+        on_progress: Callable[[], None] | None = None,
     ) -> GenerationResult:
         seq = _Sequence(
             seq_id=slot,
@@ -155,6 +161,7 @@ class BatchedModel(LoadedModel):
             sampler=self._sampler(job),
             cancel=cancel,
             started=time.perf_counter(),
+            on_progress=on_progress,
         )
         with self._wake:
             if self._closing:
@@ -281,6 +288,8 @@ class BatchedModel(LoadedModel):
             raise RuntimeError(f"llama_decode failed with status {status}")
         still = []
         for seq in running:
+            if seq.on_progress is not None and seq.seq_id in feeds:
+                seq.on_progress()
             if seq.logits_at < 0:
                 still.append(seq)
                 continue
@@ -321,6 +330,7 @@ class BatchedModel(LoadedModel):
         seq.done.set()
 
     def close(self) -> None:
+        self.grammars.close()
         with self._wake:
             self._closing = True
             self._wake.notify()

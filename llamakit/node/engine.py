@@ -24,7 +24,9 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from llamakit.catalog import ResolvedModel
-from llamakit.protocol import ApiError
+from llamakit.node.chat_tokens import chat_tokens
+from llamakit.node.grammar_check import GrammarCheck
+from llamakit.protocol import ApiError, check_grammar_shape
 
 __all__ = ["GenerationJob", "GenerationResult", "LoadedModel", "SimpleModel", "TextOutput", "shared_prefix"]
 
@@ -106,6 +108,7 @@ class TextOutput:
         self._pieces: list[str] = []
         self.completion_tokens = 0
         self.finish_reason = "length"
+        self._stop_string_hit = False
 
     def add(self, token: int) -> bool:
         """Take one sampled token; True when the generation is over (end of generation, stop string, limit)."""
@@ -119,6 +122,7 @@ class TextOutput:
             self._on_text(text, self.completion_tokens)
         if stopped:
             self.finish_reason = "stop"
+            self._stop_string_hit = True
             return True
         return self.completion_tokens >= self._max_tokens
 
@@ -127,7 +131,9 @@ class TextOutput:
     ) -> GenerationResult:
         if cancelled:
             self.finish_reason = "cancelled"
-        elif self.finish_reason != "stop":
+        if not self._stop_string_hit:
+            # Text held back as the possible start of a stop string (or of a UTF-8 character) was generated and
+            # is paid for: it belongs to the answer whenever generation ends for another reason.
             tail = self._matcher.feed(self._decoder.decode(b"", final=True))[0] + self._matcher.flush()
             if tail:
                 self._pieces.append(tail)
@@ -181,6 +187,8 @@ class LoadedModel:
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_lock = threading.Lock()
         self.chat_formatter = self._chat_formatter(model)
+        # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
+        self.grammars = GrammarCheck(resolved.path)
 
     @staticmethod
     def _chat_formatter(model: LlamaModel) -> Jinja2ChatFormatter | None:
@@ -203,33 +211,49 @@ class LoadedModel:
         return min(free)
 
     def generate(
-        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+        self,
+        slot: int,
+        job: GenerationJob,
+        on_text: Callable[[str, int], None],
+        cancel: threading.Event,
+        on_progress: Callable[[], None] | None = None,
     ) -> GenerationResult:
         """Generate on `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece of text is
         whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes). Stops at an
         end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the completion tokens
-        counted are the tokens sampled and delivered, the end-of-generation token excluded."""
+        counted are the tokens sampled and delivered, the end-of-generation token excluded. `on_progress()` is
+        called after each decode that advanced this request (a token, or a chunk of its prompt): the proof of
+        life a node sends its router while an answer takes long."""
         raise NotImplementedError
 
     # --- preparing a request (any thread; tokenizing only reads the vocabulary) ---
 
     def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt tokens of a chat, rendered with the model's own template (template tokens included)."""
+        """The prompt tokens of a chat rendered with the model's own template.
+
+        Only the template's own markup becomes control tokens: message text is always tokenized as plain text,
+        so a user who types `<|im_end|>` cannot end its turn and write another role's (see chat_tokens.py).
+        """
         if self.chat_formatter is None:
             # A base model without a template: a plain transcript that ends where the assistant speaks.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            return self.tokenize_text(text)
-        try:
-            rendered = self.chat_formatter(messages=messages)  # type: ignore[arg-type]
-        except Exception as exc:  # jinja2 errors and the template's own raise_exception()
-            raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
-        tokens: list[int] = self._model.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
-        return tokens
+            return self._tokens(text, bos=True, special=False)
+        return chat_tokens(self.chat_formatter, messages, self._tokens, self.is_control)
 
     def tokenize_text(self, text: str) -> list[int]:
-        # special=True, as llama-cpp-python does: a raw prompt may spell out template tokens.
-        tokens: list[int] = self._model.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        # special=True, as llama-cpp-python and llama-server's /completion do: a raw prompt is the caller's own
+        # markup and may spell out template tokens. Chat messages never are (tokenize_chat).
+        return self._tokens(text, bos=True, special=True)
+
+    def _tokens(self, text: str, *, bos: bool, special: bool) -> list[int]:
+        tokens: list[int] = self._model.tokenize(text.encode("utf-8", "replace"), add_bos=bos, special=special)
         return tokens
+
+    def is_control(self, token: int) -> bool:
+        """Whether `token` is a control token (end of turn, start of a role …), per the model's vocabulary."""
+        # Only control tokens: llama.cpp leaves them unparsed in plain text. User-defined tokens (Gemma's runs of
+        # spaces or its HTML tags) are ordinary vocabulary that plain text matches too.
+        return bool(llama_cpp.llama_vocab_get_attr(self.vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
 
     def grammar_for(self, grammar: str | None, response_format: Any | None) -> str | None:
         """The GBNF to constrain sampling with, checked with llama.cpp's own parser, or a 400 that says why."""
@@ -250,15 +274,18 @@ class LoadedModel:
             param = "grammar"
         if grammar is None:
             return None
-        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
-        if not sampler:
+        try:
+            check_grammar_shape(grammar, what=param)
+            problem = self.grammars.error(grammar)
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
             raise ApiError(
                 400,
-                f"the {param} is not valid GBNF (llama.cpp could not parse it; a rule named 'root' is required)",
+                f"the {param} cannot be used as a GBNF grammar (a rule named 'root' is required): {problem}",
                 param=param,
                 code="invalid_grammar",
             )
-        llama_cpp.llama_sampler_free(sampler)
         return grammar
 
     def plan_tokens(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
@@ -321,12 +348,18 @@ class SimpleModel(LoadedModel):
         )
 
     def close(self) -> None:
+        self.grammars.close()
         for llama in self.contexts:
             llama.close()
         self.contexts = []
 
     def generate(
-        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+        self,
+        slot: int,
+        job: GenerationJob,
+        on_text: Callable[[str, int], None],
+        cancel: threading.Event,
+        on_progress: Callable[[], None] | None = None,
     ) -> GenerationResult:
         llama = self.contexts[slot]
         llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
@@ -342,6 +375,8 @@ class SimpleModel(LoadedModel):
         )  # fmt: skip
         try:
             for token in tokens:
+                if on_progress is not None:
+                    on_progress()
                 if cancel.is_set():
                     cancelled = True
                     break

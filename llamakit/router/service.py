@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -38,6 +39,8 @@ from llamakit.web import SseWriter, json_response
 __all__ = ["PaidRequest", "serve"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 BID_HEADER = "X-Llamakit-Bid"
 CLIENT_POLL_SECONDS = 0.25
@@ -127,7 +130,8 @@ async def price(
             code="insufficient_funds",
             extra={"needed": exc.needed, "balance": exc.balance},
         ) from exc
-    body = {k: v for k, v in data.items() if k not in ("bid", "max_completion_tokens")}
+    # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
+    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
     body["model"], body["max_tokens"] = model, max_tokens
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.
@@ -170,7 +174,12 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
 
 
 def _refund_status(exc: ApiError) -> str:
-    return {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(exc.status, "rejected")
+    return {429: "queue_full", 504: "queue_timeout", 503: "no_node", 499: "cancelled"}.get(exc.status, "rejected")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
@@ -196,8 +205,7 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
             done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
             if done:
                 break
-            transport = request.transport
-            if transport is None or transport.is_closing():
+            if _client_gone(request):
                 waiting.cancel()
                 raise ApiError(499, "the client went away while queued", code="client_gone")
     except asyncio.CancelledError:
@@ -277,9 +285,11 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     for _attempt in range(state.settings.max_attempts):
         node = await _acquire(state, request, paid, tried)
         try:
-            answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+            answer, cut = await _complete_watching(state, request, paid, node)
         except NodeFailed as exc:
             _node_failed(state, node, exc, tried)
+            if _client_gone(request):  # nobody to fail over for
+                raise ApiError(499, "the client went away", code="client_gone") from exc
             continue
         except NodeRejected as exc:
             raise _passed_on(exc) from exc
@@ -291,6 +301,9 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["id"] = paid.id
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
+        if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
+            _settle(state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage)
+            return json_response(answer, headers=headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
         await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
         _remember_prefix(state, paid, node, _answer_text(answer))
@@ -298,20 +311,71 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     raise _no_node_left(paid, state.settings.max_attempts)
 
 
+async def _complete_watching(
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+) -> tuple[dict[str, Any], bool]:
+    """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
+    its answer then holds the tokens made until it did, which is what the request costs."""
+    task = asyncio.ensure_future(state.upstream.complete(node, paid.path, paid.body, paid.id))  # type: ignore[union-attr]
+    cut = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                return task.result(), cut
+            if not cut and _client_gone(request):
+                cut = True
+                await state.upstream.cancel(node, paid.id)  # type: ignore[union-attr]
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _first_events(node: HerdNode, events: Any) -> list[dict[str, Any]]:
+    """The node's events up to its first token (or usage, or error): until then another node can take over."""
+    first: list[dict[str, Any]] = []
+    async for event in events:
+        first.append(event)
+        if "llamakit" in event or event.get("usage") or "error" in event:
+            return first
+    raise StreamBroken(f"node {node.name} ended its stream before any token")
+
+
+async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[Any, list[dict[str, Any]]]:
+    """The node's stream and its events up to the first token; the stream is closed if this fails or is cancelled
+    (closing it is how the node learns to stop, even while it still decodes the prompt)."""
+    events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+    try:
+        return events, await _first_events(node, events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T:
+    """`work`'s result; if the client leaves first, `work` is cancelled and a 499 `client_gone` raised."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if _client_gone(request):
+                raise ApiError(499, "the client went away before the first token", code="client_gone")
+    finally:
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError, NodeFailed, StreamBroken, NodeRejected):
+                await task
+
+
 async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await _acquire(state, request, paid, tried)
         try:
-            events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
             # Hold back what comes before the first token: until then another node can still take over.
-            first: list[dict[str, Any]] = []
-            async for event in events:
-                first.append(event)
-                if "llamakit" in event or event.get("usage") or "error" in event:
-                    break
-            else:
-                raise StreamBroken(f"node {node.name} ended its stream before any token")
+            events, first = await _unless_client_leaves(request, _open_stream(state, paid, node))
             if "error" in first[-1]:
                 raise StreamBroken(f"node {node.name} failed before any token: {first[-1]['error'].get('message')}")
         except (NodeFailed, StreamBroken) as exc:

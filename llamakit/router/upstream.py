@@ -8,7 +8,7 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -18,6 +18,7 @@ from llamakit.router.herd import HerdNode
 __all__ = ["NodeFailed", "NodeRejected", "StreamBroken", "Upstream"]
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
 
 
 class NodeFailed(Exception):
@@ -50,7 +51,10 @@ class StreamBroken(Exception):
 class Upstream:
     def __init__(self, session: aiohttp.ClientSession, herd_token: str, *, node_timeout: float) -> None:
         self.session = session
-        self.headers = {"Authorization": f"Bearer {herd_token}"}
+        # A node proves a long answer alive at this interval (whitespace, SSE comments) while it advances.
+        keepalive = f"{max(node_timeout / 4, 0.05):.3f}"
+        self.headers = {"Authorization": f"Bearer {herd_token}", KEEPALIVE_HEADER: keepalive}
+        self._cancel_headers = {"Authorization": f"Bearer {herd_token}"}
         # sock_read bounds the silence between bytes: a hung node is given up on, not waited for forever.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=node_timeout)
 
@@ -96,17 +100,33 @@ class Upstream:
             raise NodeFailed(f"node {node.name} broke off its answer: {exc!r}", down=True, hung=hung) from exc
         finally:
             resp.release()
+        if "error" in data:  # it failed after its keepalives had sent the status line
+            message = (data["error"] or {}).get("message") if isinstance(data["error"], dict) else data["error"]
+            raise NodeFailed(f"node {node.name} failed: {message}", down=False)
         return data
+
+    async def cancel(self, node: HerdNode, request_id: str) -> bool:
+        """Ask `node` to stop generating `request_id` (its client left); its answer then holds what was made.
+        False when the node could not be told (the answer comes whole, and is charged whole)."""
+        try:
+            async with self.session.post(
+                f"{node.url}/admin/cancel/{request_id}",
+                headers=self._cancel_headers,
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
 
     async def stream(
         self, node: HerdNode, path: str, body: dict[str, Any], request_id: str
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """The node's SSE events as dicts, up to `[DONE]`; raises StreamBroken if it ends in any other way."""
         resp = await self._post(node, path, body, request_id)
         return _events(resp, node)
 
 
-async def _events(resp: aiohttp.ClientResponse, node: HerdNode) -> AsyncIterator[dict[str, Any]]:
+async def _events(resp: aiohttp.ClientResponse, node: HerdNode) -> AsyncGenerator[dict[str, Any], None]:
     finished = False
     try:
         async for raw in resp.content:
