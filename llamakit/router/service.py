@@ -302,7 +302,9 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
-            _settle(state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage)
+            await _settle(
+                state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage
+            )
             return json_response(answer, headers=headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
         await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
