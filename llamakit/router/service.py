@@ -413,10 +413,12 @@ async def _relay(
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise
     try:
-        for event in first:
-            await _forward(state, paid, node, sse, event, delivered)
+        # Events that arrived together leave together: one write for what one read brought.
+        for i, event in enumerate(first):
+            last = i == len(first) - 1
+            await _forward(state, paid, node, sse, event, delivered, flush=last and not events.buffered)
         async for event in events:
-            await _forward(state, paid, node, sse, event, delivered)
+            await _forward(state, paid, node, sse, event, delivered, flush=not (events.buffered or events.ended))
         await sse.done()
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
@@ -456,6 +458,8 @@ async def _forward(
     sse: SseWriter,
     event: dict[str, Any],
     delivered: dict[str, int],
+    *,
+    flush: bool = True,
 ) -> None:
     counts = event.pop("llamakit", None)
     event["id"] = paid.id
@@ -468,11 +472,13 @@ async def _forward(
         )  # fmt: skip
         _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
+            if flush:
+                await sse.flush()
             return
         event["usage"] = {**usage, "cost": charge}
     elif "error" in event:
         raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
-    await sse.send(event)
+    await sse.send(event, flush=flush)
     if counts is not None:
         delivered.update(counts)
     for choice in event.get("choices") or ():
