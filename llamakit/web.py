@@ -137,6 +137,8 @@ class SseWriter:
         await self.flush()
 
     async def done(self) -> None:
+        """`[DONE]` and the end of the response, in one write with the events still waiting for a flush."""
         self._pending.append(b"data: [DONE]\n\n")
-        await self.flush()
-        await self.response.write_eof()
+        events = b"".join(self._pending)
+        self._pending.clear()
+        await self.response.write_eof(events)

@@ -492,16 +492,30 @@ def _account_row(conn: sqlite3.Connection, account_id: int) -> sqlite3.Row:
 
 
 def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
-    balance: int = _account_row(conn, hold.account_id)["balance"]
-    if conn.execute("SELECT 1 FROM holds WHERE id = ?", (hold.request_id,)).fetchone():
-        raise ValueError(f"request id {hold.request_id!r} has already been used for a hold")
-    if balance < hold.amount:
+    # Two statements when the balance covers the hold, as it mostly does; the reasons for a refusal are looked up
+    # only then. A used request id fails the INSERT, and the batch undoes the debit with it.
+    debited = conn.execute(
+        "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2 AND balance >= ?1 RETURNING balance",
+        (hold.amount, hold.account_id),
+    ).fetchone()
+    if debited is None:
+        balance: int = _account_row(conn, hold.account_id)["balance"]
+        _unused(conn, hold.request_id)
         raise InsufficientFunds(needed=hold.amount, balance=balance)
-    conn.execute("UPDATE accounts SET balance = balance - ? WHERE id = ?", (hold.amount, hold.account_id))
-    conn.execute(
-        "INSERT INTO holds (id, account_id, model, amount, bid, created) VALUES (?, ?, ?, ?, ?, ?)",
-        (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created),
-    )
+    try:
+        conn.execute(
+            "INSERT INTO holds (id, account_id, model, amount, bid, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created),
+        )
+    except sqlite3.IntegrityError:
+        _unused(conn, hold.request_id)
+        raise
+
+
+def _unused(conn: sqlite3.Connection, request_id: str) -> None:
+    """ValueError if `request_id` was used for a hold before."""
+    if conn.execute("SELECT 1 FROM holds WHERE id = ?", (request_id,)).fetchone():
+        raise ValueError(f"request id {request_id!r} has already been used for a hold")
 
 
 def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
