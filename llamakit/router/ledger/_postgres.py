@@ -136,7 +136,13 @@ class PostgresLedger(Ledger):
             while self._pending:
                 batch = self._pending[:MAX_BATCH]
                 del self._pending[:MAX_BATCH]
-                await self._run(batch)
+                try:
+                    await self._run(batch)
+                except Exception as exc:  # a bug here must fail its batch, not stop every later commit
+                    log.exception("ledger batch failed")
+                    for _op, future in batch:
+                        if not future.done():
+                            future.set_exception(LedgerError(f"ledger batch failed: {exc!r}"))
             if self._closed:
                 return
 
