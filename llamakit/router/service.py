@@ -112,9 +112,10 @@ def price(
         )
     if isinstance(req, ChatCompletionRequest):
         # What the node's template will render: tools offered, earlier calls and their results included.
-        texts = [m["content"] for m in req.template_messages()]
+        rendered = req.template_messages()
+        texts = [m["content"] for m in rendered]
         messages = len(texts)
-        text = chat_text([(m.role, t) for m, t in zip(req.messages, texts, strict=True)])
+        text = chat_text([(m["role"], m["content"]) for m in rendered])
     else:
         texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
         messages = 1
