@@ -42,7 +42,7 @@ def create_app(settings: RouterSettings) -> web.Application:
         idempotency=Idempotency(ledger),
         prices=prices,
         herd=herd,
-        scheduler=Scheduler(herd, max_queue=settings.max_queue),
+        scheduler=Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share),
         metrics=RouterMetrics(),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)

@@ -200,6 +200,7 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
             exclude=frozenset(tried),
             arrived=paid.arrived,
             prefer=paid.affinity,
+            account=paid.account.id,
         )
     )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
