@@ -47,7 +47,7 @@ class Field:
 
 @pytest.fixture(scope="module")
 async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field]:
-    """A router that gives a node 1 s of silence (LLAMAKIT_NODE_TIMEOUT=1) before it takes it for hung."""
+    """A router that gives a node 3 s of silence (LLAMAKIT_NODE_TIMEOUT=3) before it takes it for hung."""
     from llamakit.node import NodeSettings
     from llamakit.node import create_app as create_node
     from llamakit.router import RouterSettings
@@ -59,7 +59,7 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
     ).start()
     settings = RouterSettings(
         db=tmp / "ledger.db", admin_key=ADMIN_KEY, herd_token=HERD_TOKEN, nodes=[node.url], health_interval=0.2,
-        node_timeout=1.0, base_fee=FEES[0], prompt_token_fee=FEES[1], completion_token_fee=FEES[2],
+        node_timeout=3.0, base_fee=FEES[0], prompt_token_fee=FEES[1], completion_token_fee=FEES[2],
     )  # fmt: skip
     router = await RunningServer(create_router(settings)).start()
     admin = httpx.AsyncClient(base_url=router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
@@ -95,7 +95,7 @@ async def test_an_answer_longer_than_the_node_timeout_is_served_whole_and_the_no
     field: Field,
 ) -> None:
     # 600 tokens take seconds on any CPU this runs on (SmolLM2 makes ~100 a second on two cores): far more than
-    # the router's 1 s node timeout, which the node's keepalives reset while it makes tokens.
+    # the router's 3 s node timeout, which the node's keepalives reset while it makes tokens.
     body = {"prompt": COUNTING, "max_tokens": 600, "temperature": 0}
     resp = await field.client.post("/v1/completions", json=body)
     assert resp.status_code == 200, resp.text
