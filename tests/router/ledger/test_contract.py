@@ -475,7 +475,7 @@ async def test_sigkill_under_load_at_random_moments_leaves_the_books_balanced(ur
         )  # fmt: skip
         assert loaded.stdout is not None
         assert await asyncio.wait_for(loaded.stdout.readline(), 30) == b"ready\n"
-        await asyncio.sleep(random.uniform(0.2, 0.8))
+        await asyncio.sleep(random.uniform(0.4, 1.0))
         loaded.kill()
         assert await loaded.wait() == -signal.SIGKILL
         async with ledger_at(url) as ledger:
