@@ -173,6 +173,8 @@ async def drain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = True
     request.app[STATE].scheduler.pump()  # requests waiting only for this node learn at once
+    if (cluster := request.app[STATE].cluster) is not None:  # drained at every router
+        await cluster.set_draining(node, True)
     return json_response(node.snapshot())
 
 
@@ -182,6 +184,8 @@ async def undrain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = False
     request.app[STATE].scheduler.pump()
+    if (cluster := request.app[STATE].cluster) is not None:
+        await cluster.set_draining(node, False)
     return json_response(node.snapshot())
 
 
@@ -194,6 +198,8 @@ async def remove_node(request: web.Request) -> web.Response:
     node.draining = True
     state.herd.remove(node.id)
     state.scheduler.pump()
+    if state.cluster is not None:
+        await state.cluster.remove(node.id)
     return json_response({"removed": node.id})
 
 
@@ -265,6 +271,8 @@ async def join(request: web.Request) -> web.Response:
     url, name, models, slots = _node_fields(parse_json(await request.read()))
     node = state.herd.join(url=url, name=name, models=models, slots=slots)
     state.scheduler.pump()
+    if state.cluster is not None:  # one join, and every router on the database knows the node
+        await state.cluster.join(node)
     return json_response({"id": node.id, "heartbeat_seconds": state.settings.health_interval}, status=201)
 
 
@@ -284,6 +292,8 @@ async def heartbeat(request: web.Request) -> web.Response:
         node, models=models if ok_models else None, slots=slots if ok_slots else None
     ):
         state.scheduler.pump()
+        if state.cluster is not None:
+            await state.cluster.heartbeat_seen(node)
     return json_response({"id": node.id, "state": node.state})
 
 
@@ -294,4 +304,6 @@ async def leave(request: web.Request) -> web.Response:
     body = parse_json(await request.read())
     node = state.herd.remove(str(body.get("name")))
     state.scheduler.pump()
+    if state.cluster is not None and node is not None:
+        await state.cluster.remove(node.id)
     return json_response({"removed": node.id if node else None})

@@ -56,6 +56,8 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
+    if settings.cluster:
+        app.cleanup_ctx.append(_shared_herd)
     app.cleanup_ctx.append(_health_checks)
     return app
 
@@ -83,10 +85,14 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _books(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     # The log is opened first: a hold released here is never found again, so its line must be written now.
+    if state.settings.cluster:
+        state.ledger.router_id = state.settings.cluster_id
     await state.ledger.open()
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
-    released = await state.ledger.recover_usage()
+    # In a cluster the other routers' holds are theirs: only those of routers without a lease are released,
+    # once this router holds its own (see _shared_herd).
+    released = [] if state.settings.cluster else await state.ledger.recover_usage()
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     if state.usage_log is not None:
@@ -130,6 +136,46 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
+    """--cluster: take a lease, share the herd and the queue with the other routers on the database."""
+    from llamakit.router.cluster import Cluster, ClusterIdempotency  # asyncpg only where it is used
+    from llamakit.router.ledger._postgres import PostgresLedger
+
+    state = app[STATE]
+    settings = state.settings
+    assert isinstance(state.ledger, PostgresLedger)
+    cluster = Cluster(
+        settings.db,
+        router_id=settings.cluster_id,
+        url=f"http://{settings.host}:{settings.port}",
+        herd=state.herd,
+        ledger=state.ledger,
+        lease=settings.lease,
+        max_queue=settings.max_queue,
+        max_queue_share=settings.max_queue_share,
+    )
+    statics = list(state.herd.nodes.values())
+    await cluster.open()
+    try:
+        released = await state.ledger.release_lost(
+            me=cluster.id, error="the router that held this request stopped before it finished; refunded in full"
+        )
+        if released:
+            log.warning("released %d hold(s) left open by routers that stopped", len(released))
+        if state.usage_log is not None:
+            for record in released:
+                state.usage_log.write(await _usage_line(state, record))
+        for node in statics:
+            await cluster.join(node, static=True)
+        await cluster.reload()
+        state.cluster, state.idempotency = cluster, ClusterIdempotency(state.ledger, cluster)
+        cluster.start()
+        yield
+    finally:
+        state.cluster = None
+        await cluster.close()
+
+
 async def _check(state: RouterState, node: HerdNode) -> None:
     assert state.upstream is not None
     try:
@@ -165,8 +211,17 @@ async def _health_checks(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            nodes = list(state.herd.nodes.values())
-            await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
+            cluster = state.cluster
+            # In a cluster one router checks the herd for all (the leader) and writes what it finds.
+            if cluster is None or cluster.leader:
+                nodes = list(state.herd.nodes.values())
+                before = {n.id: n.up for n in nodes}
+                await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
+                if cluster is not None:
+                    try:
+                        await cluster.publish_health(before)
+                    except Exception:
+                        log.exception("cannot write the herd's health to the database")
             await asyncio.sleep(state.settings.health_interval)
 
     task = asyncio.create_task(loop(), name="health checks")

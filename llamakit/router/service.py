@@ -187,22 +187,37 @@ def _client_gone(request: web.Request) -> bool:
 
 async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """Wait in the bid queue for a node, giving up if the client disconnects while it waits."""
-    node = state.scheduler.take_now(paid.model, paid.bid, exclude=frozenset(tried), prefer=paid.affinity)
-    if node is not None:  # the common case on a herd with room: no task, no waiting
-        _assigned(state, paid, node)
-        return node
     remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
-    waiting = asyncio.ensure_future(
-        state.scheduler.acquire(
-            paid.model,
-            paid.bid,
-            max_wait=max(remaining, 0.001),
-            exclude=frozenset(tried),
-            arrived=paid.arrived,
-            prefer=paid.affinity,
-            account=paid.account.id,
+    if state.cluster is not None:  # several routers share the herd: the queue is in the database
+        state.cluster.take_now(paid.model, frozenset(tried))
+        waiting = asyncio.ensure_future(
+            state.cluster.acquire(
+                paid.id,
+                paid.model,
+                paid.bid,
+                max_wait=max(remaining, 0.001),
+                exclude=frozenset(tried),
+                arrived=paid.arrived,
+                prefer=paid.affinity,
+                account=paid.account.id,
+            )
         )
-    )
+    else:
+        node = state.scheduler.take_now(paid.model, paid.bid, exclude=frozenset(tried), prefer=paid.affinity)
+        if node is not None:  # the common case on a herd with room: no task, no waiting
+            _assigned(state, paid, node)
+            return node
+        waiting = asyncio.ensure_future(
+            state.scheduler.acquire(
+                paid.model,
+                paid.bid,
+                max_wait=max(remaining, 0.001),
+                exclude=frozenset(tried),
+                arrived=paid.arrived,
+                prefer=paid.affinity,
+                account=paid.account.id,
+            )
+        )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
     try:
         while True:
@@ -220,6 +235,14 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
     node = waiting.result()
     _assigned(state, paid, node)
     return node
+
+
+def _release(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
+    """The request is done with its node's slot: give it to the next request, here or herd-wide."""
+    if state.cluster is None:
+        state.scheduler.release(node)
+    else:
+        state.cluster.release(paid.id, node)
 
 
 def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
@@ -253,6 +276,10 @@ def _mark_node(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroke
         state.herd.hung(node, rest=state.settings.node_rest)
     elif isinstance(exc, StreamBroken) or exc.down:
         state.herd.failed(node, at_once=True)
+    else:
+        return
+    if state.cluster is not None:  # every router stops sending it work, not only this one
+        state.cluster.node_failed(node)
 
 
 def _no_node_left(paid: PaidRequest, attempts: int) -> ApiError:
@@ -298,7 +325,7 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         except NodeRejected as exc:
             raise _passed_on(exc) from exc
         finally:
-            state.scheduler.release(node)
+            _release(state, paid, node)
         usage = answer.get("usage") or {}
         prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
@@ -385,19 +412,19 @@ async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequ
             if "error" in first[-1]:
                 raise StreamBroken(f"node {node.name} failed before any token: {first[-1]['error'].get('message')}")
         except (NodeFailed, StreamBroken) as exc:
-            state.scheduler.release(node)
+            _release(state, paid, node)
             _node_failed(state, node, exc, tried)
             continue
         except NodeRejected as exc:
-            state.scheduler.release(node)
+            _release(state, paid, node)
             raise _passed_on(exc) from exc
         except BaseException:
-            state.scheduler.release(node)
+            _release(state, paid, node)
             raise
         try:
             return await _relay(state, request, paid, node, first, events)
         finally:
-            state.scheduler.release(node)
+            _release(state, paid, node)
     raise _no_node_left(paid, state.settings.max_attempts)
 
 

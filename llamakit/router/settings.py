@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
 from llamakit.router.ledger import backend_of
@@ -56,6 +57,36 @@ class RouterSettings(BaseModel):
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
 
+    cluster: bool = Field(
+        False,
+        description="share the queue, the slots and the herd with the other routers on the same PostgreSQL --db "
+        "(see docs/scale-out.md)",
+    )
+    lease: float = Field(
+        10.0, ge=0.5, le=3600, description="seconds a router's lease lasts (--cluster); renewed every third of it"
+    )
+    router_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        description="this router's name in the cluster (default: host:port); a router restarted under the "
+        "same name releases at once what its earlier life left",
+    )
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgres(self) -> RouterSettings:
+        if self.cluster and backend_of(self.db) != "postgres":
+            raise ValueError("--cluster needs a PostgreSQL ledger: --db postgresql://user@host:port/dbname")
+        return self
+
+    @property
+    def cluster_id(self) -> str:
+        """This router's name in the cluster: `router_id`, else host:port (the host's name for 0.0.0.0)."""
+        if self.router_id:
+            return self.router_id
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{host}:{self.port}"
+
     @field_validator("db", mode="before")
     @classmethod
     def _ledger_url(cls, value: object) -> object:
@@ -95,6 +126,9 @@ FLAGS = [
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
+    Flag("cluster", "--cluster", "LLAMAKIT_CLUSTER", _yes),
+    Flag("lease", "--lease", "LLAMAKIT_LEASE", float),
+    Flag("router_id", "--router-id", "LLAMAKIT_ROUTER_ID"),
 ]
 
 

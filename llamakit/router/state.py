@@ -9,7 +9,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.affinity import PrefixMap
@@ -21,6 +21,9 @@ from llamakit.router.pricing import PriceList
 from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.upstream import Upstream
+
+if TYPE_CHECKING:  # asyncpg, which the cluster needs, is imported only where it is used
+    from llamakit.router.cluster import Cluster
 
 __all__ = ["AccountCache", "RequestLog", "RouterState", "UsageLog"]
 
@@ -108,6 +111,8 @@ class RouterState:
     metrics: RouterMetrics
     idempotency: Idempotency
     upstream: Upstream | None = None
+    # Set with --cluster: the queue, the slots and the herd shared with the other routers on the database.
+    cluster: Cluster | None = None
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     accounts: AccountCache = field(default_factory=AccountCache)

@@ -23,6 +23,50 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         entry["fees_earned"] = fees_by_node.get(node.name, 0)
         nodes.append(entry)
     models = sorted(set(state.known_models()) | set(scheduler.queues))
+    queue = {
+        "total": scheduler.queue_length(),
+        "last_multiplier": float(scheduler.last_multiplier),
+        "last_multiplier_exact": format_bid(scheduler.last_multiplier),
+        "models": {
+            m: {"depth": scheduler.queue_length(m), "oldest_wait": round(scheduler.oldest_wait(m), 3)} for m in models
+        },
+    }
+    cluster: dict[str, Any] | None = None
+    if state.cluster is not None:
+        # Several routers: the queue and the busy slots are the herd's, from the database; what is counted
+        # in this process (requests, latency, fees per minute, tokens/s, node requests) is this router's.
+        shared = await state.cluster.herd_figures()
+        for entry in nodes:
+            entry["busy_here"] = entry["busy"]
+            entry["busy"] = shared["busy"].get(entry["id"], 0)
+        depths = shared["queues"]
+        queue = {
+            "total": sum(q["depth"] for q in depths.values()),
+            "last_multiplier": float(state.cluster.last_multiplier),
+            "last_multiplier_exact": format_bid(state.cluster.last_multiplier),
+            "models": {
+                m: {
+                    "depth": depths.get(m, {}).get("depth", 0),
+                    "oldest_wait": depths.get(m, {}).get("oldest_wait", 0.0),
+                }
+                for m in sorted(set(models) | set(depths))
+            },
+        }
+        figures = state.cluster.figures
+        cluster = {
+            "router": state.cluster.id,
+            "leader": state.cluster.leader,
+            "routers": shared["routers"],
+            "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
+                          "books", "agents"],
+            "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
+                           "requests", "uptime"],
+            "dispatch": {
+                "count": figures.dispatches,
+                "assigned": figures.assigned,
+                "mean_ms": round(1000 * figures.seconds / figures.dispatches, 3) if figures.dispatches else None,
+            },
+        }  # fmt: skip
     states = [n["state"] for n in nodes]
     for name in ("ready", "draining", "down"):
         state.metrics.nodes.labels(name).set(states.count(name))
@@ -30,15 +74,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         "time": time.time(),
         "uptime": time.time() - state.started,
         "nodes": nodes,
-        "queue": {
-            "total": scheduler.queue_length(),
-            "last_multiplier": float(scheduler.last_multiplier),
-            "last_multiplier_exact": format_bid(scheduler.last_multiplier),
-            "models": {
-                m: {"depth": scheduler.queue_length(m), "oldest_wait": round(scheduler.oldest_wait(m), 3)}
-                for m in models
-            },
-        },
+        "queue": queue,
         "fees": {
             "earned": books.charges,
             "per_minute": round(state.requests.fees_per_minute(), 2),
@@ -52,4 +88,5 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "recent": list(state.requests.recent)[-50:],
         },
         "agents": await ledger.event_summary(),
+        "cluster": cluster,
     }

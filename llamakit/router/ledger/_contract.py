@@ -375,6 +375,9 @@ class Ledger(ABC):
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        # The router that makes this ledger's holds, written with each hold where the backend keeps it
+        # (PostgreSQL), so that another router can release them when this one's lease runs out.
+        self.router_id: str | None = None
         # Group commits run so far: each one transaction for all the holds, settlements and releases in it.
         self.batches = 0
 

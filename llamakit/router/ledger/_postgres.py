@@ -15,6 +15,7 @@ another router is tried again whole. Everything else is one statement, or one sh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -285,6 +286,7 @@ class PostgresLedger(Ledger):
                 "amount": hold.amount,
                 "bid": hold.bid,
                 "now": hold.created,
+                "router_id": self.router_id,
             }
         )
         error = result.get("error")
@@ -313,17 +315,51 @@ class PostgresLedger(Ledger):
         return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
 
     async def _recover(self, now: float) -> list[UsageRecord]:
+        return await self._release_where("TRUE", [], recovery("", now))
+
+    async def release_lost(self, *, me: str, error: str) -> list[UsageRecord]:
+        """Release the open holds of every router that holds no live lease (see `llamakit.router.cluster`).
+
+        A hold counts as lost when it was made by no router (a router outside the cluster), by `me` (this
+        router in an earlier life: its requests died with it), or by a router whose row in `routers` is gone
+        or whose `lease_until` has passed by the database's clock. Each is refunded in full with a usage
+        record of status 'router_lost' and `error`; returns those records, oldest hold first. LedgerError
+        when the database fails (nothing is released then).
+        """
+        where = (
+            "(router_id IS NULL OR router_id = $1 OR NOT EXISTS (SELECT 1 FROM routers WHERE routers.id = "
+            "holds.router_id AND routers.lease_until >= extract(epoch FROM clock_timestamp())))"
+        )
+        template = Close(
+            request_id="",
+            charge=None,
+            node=None,
+            status="router_lost",
+            prompt_tokens=0,
+            completion_tokens=0,
+            bid=None,
+            latency_ms=None,
+            queue_ms=None,
+            error=error,
+            remember=None,
+            now=self._clock(),
+        )
+        return await self._release_where(where, [me], template)
+
+    async def _release_where(self, where: str, args: list[object], template: Close) -> list[UsageRecord]:
+        """Release every open hold matching the SQL condition `where` (parameters `args`) as `template` says."""
         try:
             async with self._db().acquire() as conn, conn.transaction():
                 holds = [
                     r["id"]
                     for r in await conn.fetch(
-                        "SELECT id FROM holds WHERE status = 'open' ORDER BY created, id FOR UPDATE"
+                        f"SELECT id FROM holds WHERE status = 'open' AND {where} ORDER BY created, id FOR UPDATE",
+                        *args,
                     )
                 ]
                 if not holds:
                     return []
-                ops = [_close_op(recovery(request_id, now)) for request_id in holds]
+                ops = [_close_op(dataclasses.replace(template, request_id=request_id)) for request_id in holds]
                 results = json.loads(await conn.fetchval("SELECT llamakit_apply($1::jsonb)", json.dumps(ops)))
                 for close, result in zip(ops, results, strict=True):
                     if "error" in result:

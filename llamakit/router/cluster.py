@@ -1,0 +1,722 @@
+"""Several routers on one PostgreSQL database (`--cluster`): one queue and one set of slots for the herd, one
+herd membership, idempotency claims every router sees, and leases that let the living clean up after the dead.
+
+The database is the one place all routers agree on, so everything they must agree on lives there (migration
+0004): `routers` (leases), `nodes` (membership, draining, up/down, `running` requests), `queue` (every request
+waiting for or running on a node, whichever router holds its client) and `idempotency_claims`.
+
+Dispatch is one transaction under one advisory lock per database schema (`pg_advisory_xact_lock`): it takes
+the best waiting rows of a model (bid DESC, turn, arrived, seq: the in-process `Scheduler`'s order, with its
+fair-share turns, `exclude` and affinity `prefer`) and gives them the least-loaded nodes with a free slot.
+One lock for the herd rather than one per model: a node may serve several models, and its slots are shared
+by all of them. Dispatch runs when a request arrives (its row is inserted in the same transaction, and an
+assignment of its own is returned at once), when one finishes (its row deleted in the same transaction),
+when a node joins or comes back, and every second as a safety net. A router learns that another router's
+dispatch gave its request a node by `NOTIFY` on one channel per schema (payload `router request node`).
+
+Time in the database (leases, rests) is the database's clock, so routers on hosts whose clocks differ agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+
+from llamakit.protocol import ApiError
+from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
+from llamakit.router.herd import Herd, HerdNode
+from llamakit.router.idempotency import Claim, Idempotency
+from llamakit.router.ledger import Ledger, Remembered
+
+__all__ = ["Cluster", "ClusterIdempotency", "Figures"]
+
+log = logging.getLogger(__name__)
+
+# Seconds between the safety-net rounds: reload the herd, dispatch, look for assignments a NOTIFY missed.
+SYNC_SECONDS: Final = 1.0
+# Seconds between looks at the claim of an idempotency key that another router is running.
+CLAIM_POLL_SECONDS: Final = 0.05
+# Waiting rows looked at per model in one dispatch.
+DISPATCH_BATCH: Final = 64
+_DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
+
+
+@dataclass
+class Figures:
+    """What this router's dispatches cost: how many and how long (seconds of wall time, lock wait included)."""
+
+    dispatches: int = 0
+    seconds: float = 0.0
+    assigned: int = 0
+
+
+@dataclass
+class _Waiter:
+    model: str
+    exclude: frozenset[str]
+    future: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Cluster:
+    """This router's part in a cluster of routers sharing the PostgreSQL database at `dsn`.
+
+    `herd` is kept in step with the `nodes` table (on NOTIFY and every second); `ledger` is the router's
+    PostgreSQL ledger, whose holds carry `router_id`. Open with `await open()`, then `start()` the background
+    tasks; `close()` stops them, deletes this router's queue rows and claims, and ends its lease.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        router_id: str,
+        url: str,
+        herd: Herd,
+        ledger: Ledger,
+        lease: float,
+        max_queue: int,
+        max_queue_share: float,
+    ) -> None:
+        self.id = router_id
+        self.url = url
+        self.herd = herd
+        self.ledger = ledger
+        self.lease = lease
+        self.max_queue = max_queue
+        self.max_per_account = max(1, int(max_queue * max_queue_share))
+        self.leader = False  # whether this router runs the herd's health checks
+        self.last_multiplier = Decimal(1)
+        self.figures = Figures()
+        self._dsn = dsn
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._channel = ""
+        self._lock_key = 0
+        self._leader_key = 0
+        self._waiting: dict[str, _Waiter] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._releasing: dict[str, asyncio.Task[None]] = {}
+        self._reload_due = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lease_lost = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, take this router's lease, and forget what an earlier life of this router left in the queue.
+
+        The ledger must be open (its migrations made the tables). Raises asyncpg/OSError errors when the
+        database cannot be reached.
+        """
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=8)
+        where = await self._pool.fetchval("SELECT current_database() || '.' || current_schema()")
+        digest = hashlib.sha256(str(where).encode()).digest()
+        # NOTIFY channels and advisory locks are per database, not per schema: name them after both.
+        self._channel = "llamakit_" + digest[:8].hex()
+        self._lock_key = int.from_bytes(digest[8:16], "big", signed=True)
+        self._leader_key = int.from_bytes(digest[16:24], "big", signed=True)
+        self._listener = await asyncpg.connect(self._dsn)
+        await self._listener.add_listener(self._channel, self._notified)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+            await self._forget_routers(conn, [self.id])
+            await conn.execute(
+                f"INSERT INTO routers (id, url, started, lease_until) VALUES ($1, $2, {_DB_NOW}, {_DB_NOW} + $3) "
+                f"ON CONFLICT (id) DO UPDATE SET url = $2, started = {_DB_NOW}, lease_until = {_DB_NOW} + $3",
+                self.id,
+                self.url,
+                self.lease,
+            )
+        await self.reload()
+
+    def start(self) -> None:
+        """Start the lease, janitor, herd-sync and leader tasks."""
+        self._tasks = [
+            asyncio.create_task(self._every(self.lease / 3, self._renew), name="cluster lease"),
+            asyncio.create_task(self._every(SYNC_SECONDS, self._sync), name="cluster sync"),
+            asyncio.create_task(self._reloader(), name="cluster herd reload"),
+        ]
+
+    async def close(self) -> None:
+        """Stop, hand this router's queue rows and claims back, and give up the lease (idempotent)."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._pool is not None:
+            with suppress(*_DB_ERRORS):
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+                    await self._forget_routers(conn, [self.id])
+                    await conn.execute("DELETE FROM routers WHERE id = $1", self.id)
+                    await self._dispatch(conn, None)
+            await self._pool.close()
+            self._pool = None
+        if self._listener is not None:
+            with suppress(*_DB_ERRORS):
+                await self._listener.close()
+            self._listener = None
+
+    def _db(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("the cluster is not open")
+        return self._pool
+
+    async def _every(self, seconds: float, work: Any) -> None:
+        while True:
+            try:
+                await work()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a database blip must not end the loop: the next round tries again
+                log.exception("cluster: %s failed", getattr(work, "__name__", work))
+            await asyncio.sleep(seconds)
+
+    def _spawn(self, work: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
+        return task
+
+    # -- leases ----------------------------------------------------------------------------------------
+
+    async def _renew(self) -> None:
+        """Renew this router's lease, then clean up after every router whose lease ran out."""
+        inserted = await self._db().fetchval(
+            f"INSERT INTO routers (id, url, started, lease_until) VALUES ($1, $2, {_DB_NOW}, {_DB_NOW} + $3) "
+            f"ON CONFLICT (id) DO UPDATE SET lease_until = {_DB_NOW} + $3 RETURNING xmax = 0",
+            self.id,
+            self.url,
+            self.lease,
+        )
+        if inserted and not self._lease_lost:
+            # Another router found this one's lease run out (a pause longer than the lease): it released this
+            # router's holds and queue rows. Requests in flight here will find their holds closed.
+            self._lease_lost = True
+            log.error("this router's lease ran out and was taken over; its requests in flight were refunded")
+        await self.reap()
+
+    async def reap(self) -> list[str]:
+        """Clean up after the routers whose lease has run out: free their slots, drop their queue rows and
+        idempotency claims, release their open holds (usage status 'router_lost'), then dispatch. Returns
+        their ids."""
+        async with self._db().acquire() as conn, conn.transaction():
+            dead = [
+                r["id"] for r in await conn.fetch(f"DELETE FROM routers WHERE lease_until < {_DB_NOW} RETURNING id")
+            ]
+            if not dead:
+                return []
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+            await self._forget_routers(conn, dead)
+            await self._dispatch(conn, None)
+        log.warning("router(s) %s lost their lease: their queue rows and claims were dropped", ", ".join(dead))
+        await self.release_lost_holds()
+        return dead
+
+    async def release_lost_holds(self, *, earlier_life: bool = False) -> int:
+        """Release the open holds of routers without a live lease (and this router's own from an earlier life
+        when `earlier_life`); returns how many."""
+        from llamakit.router.ledger._postgres import PostgresLedger
+
+        assert isinstance(self.ledger, PostgresLedger)
+        released = await self.ledger.release_lost(
+            me=self.id if earlier_life else "",
+            error="the router that held this request stopped before it finished; refunded in full",
+        )
+        if released:
+            log.warning("released %d hold(s) of router(s) that stopped", len(released))
+        return len(released)
+
+    async def _forget_routers(self, conn: asyncpg.Connection, routers: Sequence[str]) -> None:
+        """Drop the queue rows and claims of `routers`, giving back the slots their running rows held (under
+        the dispatch lock)."""
+        await conn.execute(
+            "WITH gone AS (DELETE FROM queue WHERE router_id = ANY($1::text[]) RETURNING node_id) "
+            "UPDATE nodes SET running = GREATEST(nodes.running - c.k, 0) FROM "
+            "(SELECT node_id, count(*)::int AS k FROM gone WHERE node_id IS NOT NULL GROUP BY node_id) c "
+            "WHERE nodes.id = c.node_id",
+            list(routers),
+        )
+        await conn.execute("DELETE FROM idempotency_claims WHERE router_id = ANY($1::text[])", list(routers))
+
+    # -- membership ------------------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Bring the local herd in step with the `nodes` table: add, update and remove nodes.
+
+        Keeps each node's local counters (requests, tokens, fees this run); `busy` stays this router's own.
+        """
+        rows = await self._db().fetch(f"SELECT *, {_DB_NOW} AS now FROM nodes")
+        seen = set()
+        mono = time.monotonic()
+        for row in rows:
+            seen.add(row["id"])
+            node = self.herd.nodes.get(row["id"])
+            if node is None:
+                node = HerdNode(
+                    id=row["id"], url=row["url"], name=row["name"], models=list(row["models"]), slots=row["slots"]
+                )
+                self.herd.nodes[node.id] = node
+            node.url, node.name, node.models, node.slots = row["url"], row["name"], list(row["models"]), row["slots"]
+            node.static, node.draining, node.up = row["static"], row["draining"], row["up"]
+            node.last_seen = row["last_seen"]
+            rest = row["resting_until"] - row["now"]
+            node.resting_until = mono + rest if rest > 0 else 0.0
+        for node_id in [n for n in self.herd.nodes if n not in seen]:
+            del self.herd.nodes[node_id]
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_due.wait()
+            self._reload_due.clear()
+            try:
+                await self.reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cluster: reloading the herd failed")
+
+    async def join(self, node: HerdNode, *, static: bool = False) -> None:
+        """Write a node that joined (or a `--node` of this router, `static`) into the herd for every router."""
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM nodes WHERE url = $1 AND id <> $2", node.url, node.id)
+            if static:
+                await conn.execute(
+                    "INSERT INTO nodes (id, url, name, models, slots, static, up, last_seen) "
+                    "VALUES ($1, $2, $3, $4, $5, true, false, $6) ON CONFLICT (id) DO NOTHING",
+                    node.id, node.url, node.name, node.models, node.slots, time.time(),
+                )  # fmt: skip
+            else:
+                await conn.execute(
+                    "INSERT INTO nodes (id, url, name, models, slots, last_seen) VALUES ($1, $2, $3, $4, $5, $6) "
+                    "ON CONFLICT (id) DO UPDATE SET url = $2, name = $3, models = $4, slots = $5, up = true, "
+                    "resting_until = 0, last_seen = $6",
+                    node.id, node.url, node.name, node.models, node.slots, time.time(),
+                )  # fmt: skip
+            await self._announce(conn)
+        await self.dispatch()
+
+    async def set_draining(self, node: HerdNode, draining: bool) -> None:
+        """Drain (or undrain) a node at every router."""
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE nodes SET draining = $2 WHERE id = $1", node.id, draining)
+            await self._announce(conn)
+        if not draining:
+            await self.dispatch()
+
+    async def remove(self, node_id: str) -> None:
+        """Take a node out of the herd at every router."""
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM nodes WHERE id = $1", node_id)
+            await self._announce(conn)
+
+    def node_failed(self, node: HerdNode) -> None:
+        """A request here could not use `node` (down, or hung and resting): mark it so for every router."""
+        rest = max(0.0, node.resting_until - time.monotonic())
+        self._spawn(self._node_down(node.id, rest))
+
+    async def _node_down(self, node_id: str, rest: float) -> None:
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute(
+                f"UPDATE nodes SET up = false, resting_until = GREATEST(resting_until, {_DB_NOW} + $2) WHERE id = $1",
+                node_id,
+                rest,
+            )
+            await self._announce(conn)
+
+    async def publish_health(self, before: dict[str, bool]) -> None:
+        """The leader's health round ended: write what changed (`before`: each node's `up` before the round)."""
+        changed = [n for n in self.herd.nodes.values() if before.get(n.id) is not None and before[n.id] != n.up]
+        seen = [n for n in self.herd.nodes.values() if n.up]
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE nodes SET up = u.up, models = CASE WHEN u.up THEN u.models ELSE nodes.models END, "
+                "slots = CASE WHEN u.up THEN u.slots ELSE nodes.slots END, name = u.name, last_seen = u.seen "
+                "FROM (SELECT * FROM unnest($1::text[], $2::bool[], $3::text[], $4::int[], $5::text[], "
+                "$6::float8[])) AS u(id, up, models, slots, name, seen) WHERE nodes.id = u.id",
+                [n.id for n in seen + changed],
+                [n.up for n in seen + changed],
+                [_array_literal(n.models) for n in seen + changed],
+                [n.slots for n in seen + changed],
+                [n.name for n in seen + changed],
+                [n.last_seen for n in seen + changed],
+            )
+            if changed:
+                await self._announce(conn)
+        if any(n.up for n in changed):
+            await self.dispatch()
+
+    async def try_lead(self) -> bool:
+        """Become the router that runs the health checks, if none is (a session advisory lock on the listener
+        connection: it is let go when this router's connection ends)."""
+        if not self.leader and self._listener is not None:
+            self.leader = bool(await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", self._leader_key))
+            if self.leader:
+                log.info("this router now runs the herd's health checks")
+        return self.leader
+
+    async def heartbeat_seen(self, node: HerdNode) -> None:
+        """A node's heartbeat brought it back: up for every router."""
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute("UPDATE nodes SET up = true, last_seen = $2 WHERE id = $1", node.id, node.last_seen)
+            await self._announce(conn)
+        await self.dispatch()
+
+    async def _announce(self, conn: asyncpg.Connection) -> None:
+        await conn.execute("SELECT pg_notify($1, 'herd')", self._channel)
+
+    # -- the shared queue ------------------------------------------------------------------------------
+
+    def take_now(self, model: str, exclude: frozenset[str]) -> None:
+        """Raise 503 when no node that is up and not draining could ever serve the request (as `Scheduler`)."""
+        if not any(n.up and not n.draining and n.id not in exclude for n in self.herd.serving(model)):
+            raise ApiError(
+                503,
+                f"no node is available for model {model!r} right now; nothing was charged",
+                type="server_error",
+                code="no_node",
+                headers={"Retry-After": "5"},
+            )
+
+    async def acquire(
+        self,
+        request_id: str,
+        model: str,
+        bid: Decimal,
+        *,
+        max_wait: float,
+        exclude: frozenset[str],
+        arrived: float,
+        prefer: Affinity | None,
+        account: int | None,
+    ) -> HerdNode:
+        """A node with a slot reserved for request `request_id` in the whole herd; give it back with `release`.
+
+        `arrived` is `time.monotonic()` at the router; it is stored as epoch seconds so that routers compare
+        arrivals. Raises 503 when no node can serve the model, 429 when the model's queue (herd-wide) is full or
+        `account` holds its share of it, 504 after `max_wait` seconds.
+        """
+        self.take_now(model, exclude)
+        pending = self._releasing.get(request_id)
+        if pending is not None:  # the row of its last attempt must be gone before it queues again
+            await asyncio.shield(pending)
+        waiter = _Waiter(model, exclude)
+        self._waiting[request_id] = waiter
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+                turn = await conn.fetchval(
+                    "WITH w AS (SELECT count(*) AS total, "
+                    "count(*) FILTER (WHERE account IS NOT DISTINCT FROM $4) AS mine, "
+                    "count(*) FILTER (WHERE account IS NOT DISTINCT FROM $4 AND bid = $3) AS at_bid "
+                    "FROM queue WHERE model = $2 AND node_id IS NULL) "
+                    "INSERT INTO queue (request_id, router_id, model, bid, turn, arrived, account, exclude, prefer, "
+                    "prefer_chars, enqueued) "
+                    f"SELECT $1, $5, $2, $3, w.at_bid, $6, $4, $7, $8, $9, {_DB_NOW} FROM w "
+                    "WHERE w.total < $10 AND ($4::bigint IS NULL OR w.mine < $11) RETURNING turn",
+                    request_id, model, bid, account, self.id, time.time() - (time.monotonic() - arrived),
+                    sorted(exclude), prefer.node_id if prefer else None, prefer.chars if prefer else 0,
+                    self.max_queue, self.max_per_account,
+                )  # fmt: skip
+                if turn is None:
+                    raise await self._refusal(conn, model, account)
+                await self._dispatch(conn, [model])
+            # Given a node by its own dispatch, or later by a NOTIFY (or the sync round's look at the queue).
+            try:
+                node_id = await asyncio.wait_for(asyncio.shield(waiter.future), max_wait)
+            except TimeoutError:
+                raise ApiError(
+                    504,
+                    f"waited {max_wait:g}s in the queue for {model!r} without a free node; nothing was charged",
+                    type="server_error",
+                    code="queue_timeout",
+                    headers={"Retry-After": "1"},
+                ) from None
+        except BaseException:
+            self._waiting.pop(request_id, None)
+            # Whether it still waited or was given a node meanwhile, its row goes and any slot it got is freed.
+            self._releasing[request_id] = self._spawn(self._give_back(request_id))
+            raise
+        self._waiting.pop(request_id, None)
+        try:
+            node = await self._node(node_id)
+        except BaseException:
+            self._releasing[request_id] = self._spawn(self._give_back(request_id))
+            raise
+        node.busy += 1
+        return node
+
+    async def _refusal(self, conn: asyncpg.Connection, model: str, account: int | None) -> ApiError:
+        row = await conn.fetchrow(
+            "SELECT count(*) AS total, count(*) FILTER (WHERE account IS NOT DISTINCT FROM $2) AS mine "
+            "FROM queue WHERE model = $1 AND node_id IS NULL",
+            model,
+            account,
+        )
+        assert row is not None
+        if row["total"] >= self.max_queue:
+            return ApiError(
+                429,
+                f"the queue for {model!r} is full ({self.max_queue} waiting); retry later or bid higher",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "2"},
+            )
+        return ApiError(
+            429,
+            f"this account already has {row['mine']} requests waiting for {model!r}, its share of "
+            f"the queue ({self.max_per_account} of {self.max_queue}); retry when some are served",
+            type="rate_limit_error",
+            code="queue_share_exceeded",
+            headers={"Retry-After": "2"},
+        )
+
+    async def _node(self, node_id: str) -> HerdNode:
+        node = self.herd.nodes.get(node_id)
+        if node is None:  # joined at another router a moment ago
+            await self.reload()
+            node = self.herd.nodes.get(node_id)
+        if node is None:
+            raise ApiError(503, f"node {node_id!r} left the herd", type="server_error", code="no_node")
+        return node
+
+    def release(self, request_id: str, node: HerdNode) -> None:
+        """The request is done with its node: its row goes, and the slot goes to the best waiting request."""
+        node.busy -= 1
+        self._releasing[request_id] = self._spawn(self._give_back(request_id))
+
+    async def _give_back(self, request_id: str) -> None:
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+                models = await conn.fetchval(
+                    "WITH gone AS (DELETE FROM queue WHERE request_id = $1 RETURNING node_id, model), "
+                    "freed AS (UPDATE nodes SET running = GREATEST(nodes.running - 1, 0) FROM gone "
+                    "WHERE nodes.id = gone.node_id RETURNING nodes.models) "
+                    "SELECT models FROM freed",
+                    request_id,
+                )
+                if models:
+                    await self._dispatch(conn, list(models))
+        finally:
+            self._releasing.pop(request_id, None)
+
+    async def dispatch(self, models: Iterable[str] | None = None) -> None:
+        """Give free slots to the best waiting requests of `models` (None: every model that has some)."""
+        async with self._db().acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
+            await self._dispatch(conn, None if models is None else list(models))
+
+    async def _dispatch(self, conn: asyncpg.Connection, models: list[str] | None) -> None:
+        """Within a transaction that holds the dispatch lock: assign nodes to waiting rows of `models`."""
+        started = time.perf_counter()
+        if models is None:
+            models = [r["model"] for r in await conn.fetch("SELECT DISTINCT model FROM queue WHERE node_id IS NULL")]
+        assigned: list[tuple[str, str, str, Decimal]] = []  # request, router, node, bid
+        for model in models:
+            waiting = await conn.fetch(
+                "SELECT request_id, router_id, bid, exclude, prefer, prefer_chars FROM queue "
+                "WHERE model = $1 AND node_id IS NULL ORDER BY bid DESC, turn, arrived, seq LIMIT $2",
+                model,
+                DISPATCH_BATCH,
+            )
+            if not waiting:
+                continue
+            excluded = {n for w in waiting for n in w["exclude"]}
+            preferred = sorted({w["prefer"] for w in waiting if w["prefer"]})
+            # The least-loaded free nodes; as many as could be needed, so the cost does not grow with the herd.
+            free = await conn.fetch(
+                "SELECT id, slots, running, name FROM nodes WHERE up AND NOT draining AND running < slots "
+                f"AND $1 = ANY(models) AND resting_until <= {_DB_NOW} "
+                "ORDER BY running::float8 / slots, running - slots, name LIMIT $2",
+                model,
+                len(waiting) + len(excluded),
+            )
+            if preferred:
+                extra = await conn.fetch(
+                    "SELECT id, slots, running, name FROM nodes WHERE up AND NOT draining AND running < slots "
+                    f"AND $1 = ANY(models) AND resting_until <= {_DB_NOW} AND id = ANY($2::text[])",
+                    model,
+                    preferred,
+                )
+                free = list({r["id"]: r for r in [*free, *extra]}.values())
+            loads = {r["id"]: [r["running"], r["slots"], r["name"]] for r in free}
+            for row in waiting:
+                node_id = _pick(loads, frozenset(row["exclude"]), row["prefer"], row["prefer_chars"])
+                if node_id is None:
+                    if not row["exclude"]:
+                        break  # no free slot for this model at all
+                    continue  # passed over, keeping its place: only nodes it must avoid have room
+                loads[node_id][0] += 1
+                assigned.append((row["request_id"], row["router_id"], node_id, row["bid"]))
+                if not any(load[0] < load[1] for load in loads.values()):
+                    break
+        if assigned:
+            await conn.execute(
+                "WITH a AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS a(rid, router, node)), "
+                "q AS (UPDATE queue SET node_id = a.node FROM a WHERE queue.request_id = a.rid RETURNING 1), "
+                "n AS (UPDATE nodes SET running = nodes.running + c.k FROM "
+                "(SELECT node, count(*)::int AS k FROM a GROUP BY node) c WHERE nodes.id = c.node RETURNING 1) "
+                "SELECT pg_notify($4, a.router || ' ' || a.rid || ' ' || a.node) FROM a WHERE a.router <> $5",
+                [a[0] for a in assigned],
+                [a[1] for a in assigned],
+                [a[2] for a in assigned],
+                self._channel,
+                self.id,
+            )
+            self.last_multiplier = assigned[-1][3]
+            # Our own assignments are ours at once (they are delivered after this transaction commits, since
+            # the futures' callbacks run on a later turn of the loop; a rollback raises before that).
+            for request_id, router_id, node_id, _bid in assigned:
+                if router_id == self.id:
+                    self._deliver(request_id, node_id)
+        self.figures.dispatches += 1
+        self.figures.assigned += len(assigned)
+        self.figures.seconds += time.perf_counter() - started
+
+    def _deliver(self, request_id: str, node_id: str) -> None:
+        waiter = self._waiting.get(request_id)
+        if waiter is not None and not waiter.future.done():
+            waiter.future.set_result(node_id)
+
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        if payload == "herd":
+            self._reload_due.set()
+            return
+        router_id, request_id, node_id = payload.split(" ", 2)
+        if router_id == self.id:
+            self._deliver(request_id, node_id)
+
+    async def _sync(self) -> None:
+        """The safety net: reload the herd, lead the health checks if nobody does, dispatch, and pick up
+        assignments whose NOTIFY was missed (a listener connection that dropped, for one)."""
+        await self.try_lead()
+        await self.reload()
+        for waiter in list(self._waiting.values()):
+            if not waiter.future.done() and not any(
+                n.up and not n.draining and n.id not in waiter.exclude for n in self.herd.serving(waiter.model)
+            ):
+                waiter.future.set_exception(
+                    ApiError(503, f"no node is available for model {waiter.model!r}", type="server_error",
+                             code="no_node")
+                )  # fmt: skip
+        await self.dispatch()
+        if self._waiting:
+            rows = await self._db().fetch(
+                "SELECT request_id, node_id FROM queue WHERE request_id = ANY($1::text[]) AND node_id IS NOT NULL",
+                list(self._waiting),
+            )
+            for row in rows:
+                self._deliver(row["request_id"], row["node_id"])
+
+    # -- figures ---------------------------------------------------------------------------------------
+
+    async def herd_figures(self) -> dict[str, Any]:
+        """Herd-wide figures from the database: queue depth and oldest wait per model (seconds), running
+        requests per node, and the routers with their leases (seconds left)."""
+        pool = self._db()
+        queues = await pool.fetch(
+            f"SELECT model, count(*) FILTER (WHERE node_id IS NULL) AS depth, "
+            f"COALESCE(max({_DB_NOW} - enqueued) FILTER (WHERE node_id IS NULL), 0) AS oldest, "
+            "count(*) FILTER (WHERE node_id IS NOT NULL) AS running FROM queue GROUP BY model"
+        )
+        nodes = await pool.fetch("SELECT id, running FROM nodes")
+        routers = await pool.fetch(f"SELECT id, url, lease_until - {_DB_NOW} AS lease_left FROM routers ORDER BY id")
+        return {
+            "queues": {
+                r["model"]: {"depth": r["depth"], "oldest_wait": round(r["oldest"], 3), "running": r["running"]}
+                for r in queues
+            },
+            "busy": {r["id"]: r["running"] for r in nodes},
+            "routers": [{"id": r["id"], "url": r["url"], "lease_left": round(r["lease_left"], 3)} for r in routers],
+        }
+
+
+def _pick(loads: dict[str, list[Any]], exclude: frozenset[str], prefer: str | None, chars: int) -> str | None:
+    """The least-loaded node with a free slot not in `exclude`, or `prefer` while the prefix it likely holds
+    (`chars` characters) is worth its extra load, as `Scheduler._pick` decides."""
+    best: str | None = None
+    best_key: tuple[float, int, str] | None = None
+    for node_id, (running, slots, name) in loads.items():
+        if running >= slots or node_id in exclude:
+            continue
+        key = (running / slots, running - slots, name)
+        if best_key is None or key < best_key:
+            best, best_key = node_id, key
+    if prefer is None or best is None or best == prefer:
+        return best
+    held = loads.get(prefer)
+    worth_it = held is not None and (held[0] - loads[best][0]) * CHARS_PER_EXTRA_REQUEST <= chars
+    if held is not None and prefer not in exclude and held[0] < held[1] and worth_it:
+        return prefer
+    return best
+
+
+def _array_literal(items: Sequence[str]) -> str:
+    """A PostgreSQL text[] literal (unnest cannot take an array of arrays of different lengths)."""
+    return "{" + ",".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in items) + "}"
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("cluster background task failed: %r", task.exception())
+
+
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+
+class ClusterIdempotency(Idempotency):
+    """Idempotency claims in the database: a repeat at any router waits for the first, wherever it runs.
+
+    The answer is remembered in the ledger with the charge (as for one router); the claim (account, key,
+    router) says that the first request is running. A repeat polls every `CLAIM_POLL_SECONDS` for the
+    remembered answer or the claim's end; the claims of a router whose lease ran out are dropped by the janitor.
+    """
+
+    def __init__(self, ledger: Ledger, cluster: Cluster) -> None:
+        super().__init__(ledger)
+        self.cluster = cluster
+
+    async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
+        pool = self.cluster._db()
+        while True:
+            remembered = await self.ledger.recall(account_id, key)
+            if remembered is not None:
+                self._check(remembered.fingerprint, print_)
+                return remembered
+            row = await pool.fetchrow(
+                "WITH mine AS (INSERT INTO idempotency_claims (account_id, key, fingerprint, router_id) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING fingerprint, true AS ours) "
+                "SELECT fingerprint, ours FROM mine UNION ALL "
+                "SELECT fingerprint, false FROM idempotency_claims WHERE account_id = $1 AND key = $2",
+                account_id, key, print_, self.cluster.id,
+            )  # fmt: skip
+            if row is not None and row["ours"]:
+                return Claim(account_id, key, print_)
+            if row is not None:
+                self._check(row["fingerprint"], print_)
+            await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+    def release(self, claim: Claim) -> None:
+        self.cluster._spawn(
+            self.cluster._db().execute(
+                "DELETE FROM idempotency_claims WHERE account_id = $1 AND key = $2 AND router_id = $3",
+                claim.account_id,
+                claim.key,
+                self.cluster.id,
+            )
+        )
