@@ -47,7 +47,7 @@ SYNC_SECONDS: Final = 1.0
 CLAIM_POLL_SECONDS: Final = 0.05
 # Waiting rows looked at per model in one dispatch.
 DISPATCH_BATCH: Final = 64
-_DB_NOW: Final = "extract(epoch FROM clock_timestamp())"
+_DB_NOW: Final = "extract(epoch FROM clock_timestamp())::float8"
 
 
 @dataclass
@@ -344,7 +344,7 @@ class Cluster:
         seen = [n for n in self.herd.nodes.values() if n.up]
         async with self._db().acquire() as conn, conn.transaction():
             await conn.execute(
-                "UPDATE nodes SET up = u.up, models = CASE WHEN u.up THEN u.models ELSE nodes.models END, "
+                "UPDATE nodes SET up = u.up, models = CASE WHEN u.up THEN u.models::text[] ELSE nodes.models END, "
                 "slots = CASE WHEN u.up THEN u.slots ELSE nodes.slots END, name = u.name, last_seen = u.seen "
                 "FROM (SELECT * FROM unnest($1::text[], $2::bool[], $3::text[], $4::int[], $5::text[], "
                 "$6::float8[])) AS u(id, up, models, slots, name, seen) WHERE nodes.id = u.id",

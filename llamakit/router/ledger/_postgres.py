@@ -328,7 +328,7 @@ class PostgresLedger(Ledger):
         """
         where = (
             "(router_id IS NULL OR router_id = $1 OR NOT EXISTS (SELECT 1 FROM routers WHERE routers.id = "
-            "holds.router_id AND routers.lease_until >= extract(epoch FROM clock_timestamp())))"
+            "holds.router_id AND routers.lease_until >= extract(epoch FROM clock_timestamp())::float8))"
         )
         template = Close(
             request_id="",

@@ -1,0 +1,112 @@
+"""Three routers on one PostgreSQL database share one herd: its slots, one bid order, membership, draining,
+idempotency keys and herd-wide figures."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.router.fake_node import FakeNode, Script
+from tests.scaleout.conftest import Routers
+
+PROMPT = "one two three"
+
+
+async def _three(routers: Routers, *nodes: FakeNode) -> list[str]:
+    for node in nodes:
+        await routers.add_node(node)
+    urls = [await routers.start_router() for _ in range(3)]
+    for node in nodes:
+        await routers.join(urls[0], node.name)
+    for url in urls:
+        await routers.wait_nodes(url, {n.name: "ready" for n in nodes})
+    return urls
+
+
+async def test_a_node_never_runs_more_requests_than_its_slots_whichever_router_sent_them(routers: Routers) -> None:
+    node = FakeNode("n1", slots=1, script=Script(tokens=3, token_delay=0.02))
+    urls = await _three(routers, node)
+    key = await routers.account("alice", 1_000_000)
+    clients = [routers.client(url, key) for url in urls]
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 3}
+    answers = await asyncio.gather(*(clients[i % 3].post("/v1/completions", json=body) for i in range(12)))
+    assert [a.status_code for a in answers] == [200] * 12, [a.text for a in answers if a.status_code != 200]
+    assert node.max_active == 1  # a full node is not a failed node: each request waited its turn
+    assert len(node.received) == 12
+
+
+async def test_a_higher_bid_at_another_router_goes_first(routers: Routers) -> None:
+    gate = asyncio.Event()
+    node = FakeNode("n1", slots=1, script=Script(tokens=1, gate=gate))
+    a, b, _c = await _three(routers, node)
+    key = await routers.account("alice", 1_000_000)
+    other = await routers.account("bob", 1_000_000)
+    at_a, at_b = routers.client(a, key), routers.client(b, other)
+
+    def ask(client: object, bid: float, tag: str) -> asyncio.Task[object]:
+        body = {"model": "fake-model", "prompt": tag, "max_tokens": 1, "bid": bid}
+        return asyncio.ensure_future(client.post("/v1/completions", json=body))  # type: ignore[attr-defined]
+
+    first = ask(at_a, 1, "busy")
+    while not node.received:
+        await asyncio.sleep(0.01)
+    low = []
+    for i in range(3):  # one after another, so that their order of arrival is known
+        low.append(ask(at_a, 1, f"low{i}"))
+        await asyncio.sleep(0.15)
+    high = ask(at_b, 3, "high")
+    await asyncio.sleep(0.3)
+    gate.set()
+    answers = await asyncio.gather(first, *low, high)
+    assert all(a.status_code == 200 for a in answers)  # type: ignore[attr-defined]
+    assert [r["prompt"] for r in node.received] == ["busy", "high", "low0", "low1", "low2"]
+
+
+async def test_a_node_joins_once_and_draining_at_one_router_drains_it_everywhere(routers: Routers) -> None:
+    urls = await _three(routers, FakeNode("n1", slots=2))
+    await routers.admin(urls[1]).post("/admin/nodes/n1/drain")
+    for url in urls:
+        await routers.wait_nodes(url, {"n1": "draining"})
+    await routers.admin(urls[2]).post("/admin/nodes/n1/undrain")
+    for url in urls:
+        await routers.wait_nodes(url, {"n1": "ready"})
+
+
+async def test_an_idempotent_retry_at_another_router_gets_the_stored_answer(routers: Routers) -> None:
+    node = FakeNode("n1", slots=2, script=Script(tokens=3, token_delay=0.1))
+    a, b, c = await _three(routers, node)
+    key = await routers.account("alice", 1_000_000)
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 3}
+    headers = {"Idempotency-Key": "k-1"}
+    # The second arrives at another router while the first runs: it waits, and gets the same answer.
+    first, second = await asyncio.gather(
+        routers.client(a, key).post("/v1/completions", json=body, headers=headers),
+        asyncio.sleep(0.05, None),
+    )
+    assert first.status_code == 200
+    later = await routers.client(b, key).post("/v1/completions", json=body, headers=headers)
+    assert later.status_code == 200 and later.headers["Idempotent-Replayed"] == "true"
+    assert later.json()["id"] == first.json()["id"]
+    both = await asyncio.gather(
+        routers.client(b, key).post("/v1/completions", json=body, headers={"Idempotency-Key": "k-2"}),
+        routers.client(c, key).post("/v1/completions", json=body, headers={"Idempotency-Key": "k-2"}),
+    )
+    assert [r.status_code for r in both] == [200, 200]
+    assert both[0].json()["id"] == both[1].json()["id"]
+    assert len(node.received) == 2  # one generation per key
+
+
+async def test_stats_give_the_herd_wide_queue_and_say_what_is_per_router(routers: Routers) -> None:
+    gate = asyncio.Event()
+    node = FakeNode("n1", slots=1, script=Script(tokens=1, gate=gate))
+    a, b, _c = await _three(routers, node)
+    key = await routers.account("alice", 1_000_000)
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 1}
+    pending = [asyncio.ensure_future(routers.client(a, key).post("/v1/completions", json=body)) for _ in range(3)]
+    await asyncio.sleep(0.5)
+    stats = (await routers.admin(b).get("/admin/stats")).json()
+    assert stats["queue"]["models"]["fake-model"]["depth"] == 2  # waiting at router a, seen from router b
+    assert stats["nodes"][0]["busy"] == 1 and stats["nodes"][0]["busy_here"] == 0
+    assert len(stats["cluster"]["routers"]) == 3
+    assert "requests" in stats["cluster"]["per_router"]
+    gate.set()
+    assert all(r.status_code == 200 for r in await asyncio.gather(*pending))
