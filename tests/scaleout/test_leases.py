@@ -1,0 +1,70 @@
+"""A router killed with SIGKILL under load: within its lease the routers still running release its holds,
+drop its queue rows (freeing the slots its requests held) and its idempotency claims. No credit is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import asyncpg
+import httpx
+
+from tests.router.fake_node import FakeNode, Script
+from tests.scaleout.conftest import Routers
+
+LEASE = 1.5
+
+
+async def _load(client: httpx.AsyncClient, until: float, outcomes: list[str]) -> None:
+    body = {"model": "fake-model", "prompt": "one two three", "max_tokens": 4}
+    while time.monotonic() < until:
+        try:
+            resp = await client.post("/v1/completions", json=body)
+            outcomes.append(str(resp.status_code))
+        except httpx.TransportError:
+            outcomes.append("gone")
+            return  # its router is dead
+
+
+async def test_the_routers_left_clean_up_after_a_killed_one_within_its_lease(routers: Routers) -> None:
+    for name in ("n1", "n2"):
+        await routers.add_node(FakeNode(name, slots=2, script=Script(tokens=4, token_delay=0.05)))
+    started = [await routers.spawn_router(lease=LEASE) for _ in range(3)]
+    urls = [url for url, _ in started]
+    for name in ("n1", "n2"):
+        await routers.join(urls[0], name)
+    for url in urls:
+        await routers.wait_nodes(url, {"n1": "ready", "n2": "ready"})
+    key = await routers.account("alice", 10_000_000)
+    outcomes: dict[str, list[str]] = {url: [] for url in urls}
+    until = time.monotonic() + 3.0
+    load = [
+        asyncio.ensure_future(_load(routers.client(url, key), until, outcomes[url])) for url in urls for _ in range(4)
+    ]
+    await asyncio.sleep(1.0)
+    victim_url, victim = started[1]
+    victim.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    conn = await asyncpg.connect(routers.db)
+    try:
+        victim_id = f"127.0.0.1:{victim_url.rsplit(':', 1)[1]}"
+        # Within the lease (and a janitor round, a third of it), the others have cleaned up.
+        while await conn.fetchval("SELECT count(*) FROM routers WHERE id = $1", victim_id):
+            assert time.monotonic() - killed_at < LEASE * 1.5 + 1, "the dead router's lease was not reaped"
+            await asyncio.sleep(0.05)
+        assert await conn.fetchval("SELECT count(*) FROM queue WHERE router_id = $1", victim_id) == 0
+        left = await conn.fetchval(
+            "SELECT count(*) FROM holds WHERE status = 'open' AND router_id = $1", victim_id
+        )
+        assert left == 0, "the dead router's holds are still open"
+        await asyncio.gather(*load)
+        lost = await conn.fetchval("SELECT count(*) FROM usage WHERE status = 'router_lost'")
+        running = await conn.fetchval("SELECT COALESCE(sum(running), 0) FROM nodes")
+        assert running == 0, "slots are still counted as busy after every request ended"
+    finally:
+        await conn.close()
+    routers.urls.remove(victim_url)
+    for url in (urls[0], urls[2]):  # the routers left served every request they took, after the kill too
+        assert outcomes[url] and set(outcomes[url]) == {"200"}, outcomes[url]
+    assert lost >= 1, "the killed router had requests in flight: their holds were released as router_lost"
