@@ -37,6 +37,10 @@ def free_port() -> int:
         return port
 
 
+def _popen(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
 @dataclass
 class Routers:
     """Routers sharing the database at `db`, and fake nodes on loopback."""
@@ -94,8 +98,7 @@ class Routers:
         for flag in ("queue_timeout", "max_queue"):
             if flag in settings:
                 argv += ["--" + flag.replace("_", "-"), str(settings[flag])]
-        log = (self.tmp / f"router-{port}.log").open("wb")
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        process = _popen(argv, self.tmp / f"router-{port}.log")
         self.processes.append(process)
         url = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient() as client:

@@ -1,0 +1,251 @@
+"""Does the router's cost per request stay flat as the herd grows from 1 to 100 to 1,000 nodes?
+
+One process serves every fake node (``tests/scaleout/node_process.py --ports N``: N aiohttp sites on one
+event loop), each answering a completion at once (1 token, 4 slots). The nodes join the router(s) over
+``/herd/join``. For each herd size and each contender, a load generator (one process, an aiohttp client
+pool of ``--concurrency`` connections spread over the contender's routers) posts paid ``/v1/completions``
+for ``--seconds`` after a short warm-up, and the script reports:
+
+* requests per second (all routers together),
+* router CPU milliseconds per request (user + system of every router process, from /proc via psutil),
+* for the cluster contenders, the mean wall time of one dispatch transaction (lock wait included), from
+  ``/admin/stats`` (``cluster.dispatch``), per router.
+
+Contenders: ``sqlite-1`` (one router, SQLite ledger, the in-process scheduler), ``pg-1`` (one router,
+``--cluster yes`` on PostgreSQL) and ``pg-3`` (three routers, ``--cluster yes``, one database). Health
+checks are set to every 60 s so that a herd of 1,000 is not health-checked during the measurement (a
+round of 1,000 checks is load that grows with the herd by design, not per request).
+
+Run: ``.venv/bin/python bench/herd_scale.py [--postgres URL] [--sizes 1 100 1000] [--seconds 4]
+[--concurrency 16]``; ``--postgres`` defaults to ``LLAMAKIT_TEST_POSTGRES``; each PostgreSQL contender gets
+a fresh schema, dropped afterwards. Results go to stdout and ``bench/results/herd_scale.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import psutil
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _processes import free_port, stop  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+ADMIN_KEY = "bench-admin-key"
+HERD_TOKEN = "fake-herd-token"  # tests/router/fake_node.py's
+
+
+@dataclass
+class Cell:
+    contender: str
+    nodes: int
+    requests: int
+    seconds: float
+    rps: float
+    cpu_ms_per_request: float
+    dispatch_ms: float | None
+    errors: int
+
+
+async def _wait(url: str, process: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            if process.poll() is not None:
+                raise RuntimeError(f"{url}: process exited with {process.returncode}")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def _start_nodes(count: int) -> tuple[subprocess.Popen[bytes], int]:
+    while True:  # a block of `count` free ports starting at a random one
+        base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
+        if all(_port_free(base + i) for i in range(count)):
+            break
+    argv = [sys.executable, "-m", "tests.scaleout.node_process", "--port", str(base), "--name", "n"]
+    argv += ["--ports", str(count), "--slots", "4", "--tokens", "1", "--token-delay", "0"]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE), base
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", db, "--admin-key", ADMIN_KEY]
+    argv += ["--herd-token", HERD_TOKEN, "--health-interval", "60", "--max-queue", "4096", "--affinity", "no"]
+    if cluster:
+        argv += ["--cluster", "yes"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, f"http://127.0.0.1:{port}"
+
+
+async def _run(name: str, db: str, routers: int, nodes: int, seconds: float, concurrency: int) -> Cell:
+    node_process, base = _start_nodes(nodes)
+    started = [_start_router(db, cluster=name.startswith("pg")) for _ in range(routers)]
+    try:
+        assert node_process.stdout is not None
+        await asyncio.get_running_loop().run_in_executor(None, node_process.stdout.readline)  # "ready"
+        for process, url in started:
+            await _wait(url + "/health", process)
+        urls = [url for _, url in started]
+        admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with aiohttp.ClientSession() as session:
+            join = {"Authorization": f"Bearer {HERD_TOKEN}"}
+            sem = asyncio.Semaphore(16)
+
+            async def join_one(i: int) -> None:
+                body = {"url": f"http://127.0.0.1:{base + i}", "name": f"n-{i}" if nodes > 1 else "n",
+                        "models": ["fake-model"], "slots": 4}  # fmt: skip
+                async with sem, session.post(urls[0] + "/herd/join", json=body, headers=join) as resp:
+                    assert resp.status == 201, await resp.text()
+
+            await asyncio.gather(*(join_one(i) for i in range(nodes)))
+            for url in urls:  # every router knows the whole herd
+                for _ in range(400):
+                    async with session.get(url + "/v1/info") as resp:
+                        if (await resp.json())["nodes"]["ready"] == nodes:
+                            break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"{url} does not see {nodes} nodes")
+            account = {"name": f"bench-{uuid.uuid4().hex[:8]}", "deposit": 10**12}
+            async with session.post(urls[0] + "/admin/accounts", json=account, headers=admin) as resp:
+                key = (await resp.json())["api_key"]
+        procs = [psutil.Process(p.pid) for p, _ in started]
+        body = {"model": "fake-model", "prompt": "one two three", "max_tokens": 1}
+        counts = {"ok": 0, "errors": 0}
+
+        async def client(session: aiohttp.ClientSession, url: str, until: float, count: bool) -> None:
+            while time.monotonic() < until:
+                async with session.post(url + "/v1/completions", json=body) as resp:
+                    await resp.read()
+                    if count:
+                        counts["ok" if resp.status == 200 else "errors"] += 1
+
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        headers = {"Authorization": f"Bearer {key}"}
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+            until = time.monotonic() + 0.5  # warm-up
+            await asyncio.gather(*(client(session, urls[i % routers], until, False) for i in range(concurrency)))
+            cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
+            t0 = time.monotonic()
+            until = t0 + seconds
+            await asyncio.gather(*(client(session, urls[i % routers], until, True) for i in range(concurrency)))
+            wall = time.monotonic() - t0
+            cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
+        dispatch: list[float] = []
+        async with aiohttp.ClientSession(headers=admin) as session:
+            for url in urls:
+                async with session.get(url + "/admin/stats") as resp:
+                    stats = await resp.json()
+                if stats.get("cluster") and stats["cluster"]["dispatch"]["mean_ms"] is not None:
+                    dispatch.append(stats["cluster"]["dispatch"]["mean_ms"])
+            async with session.get(urls[0] + "/admin/books") as resp:
+                books = await resp.json()
+            assert books["balanced"] and books["holds"] == 0, books
+        done = counts["ok"]
+        return Cell(
+            contender=name,
+            nodes=nodes,
+            requests=done,
+            seconds=round(wall, 3),
+            rps=round(done / wall, 1),
+            cpu_ms_per_request=round(1000 * cpu / max(done, 1), 3),
+            dispatch_ms=round(sum(dispatch) / len(dispatch), 3) if dispatch else None,
+            errors=counts["errors"],
+        )
+    finally:
+        for process, _ in started:
+            stop(process)
+        stop(node_process)
+
+
+async def _schema(postgres: str) -> tuple[str, str]:
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(postgres)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    await conn.close()
+    return schema, f"{postgres}{'&' if '?' in postgres else '?'}search_path={schema}"
+
+
+async def _drop(postgres: str, schema: str) -> None:
+    conn = await asyncpg.connect(postgres)
+    await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--postgres", default=os.environ.get("LLAMAKIT_TEST_POSTGRES"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--contenders", nargs="+", default=["sqlite-1", "pg-1", "pg-3"])
+    args = parser.parse_args()
+    cells: list[Cell] = []
+    import tempfile
+
+    for size in args.sizes:
+        for contender in args.contenders:
+            routers = int(contender.split("-")[1])
+            if contender.startswith("sqlite"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    cell = await _run(contender, str(Path(tmp) / "ledger.db"), routers, size, args.seconds,
+                                      args.concurrency)  # fmt: skip
+            else:
+                if not args.postgres:
+                    print(f"skipping {contender}: no --postgres URL", file=sys.stderr)
+                    continue
+                schema, db = await _schema(args.postgres)
+                try:
+                    cell = await _run(contender, db, routers, size, args.seconds, args.concurrency)
+                finally:
+                    await _drop(args.postgres, schema)
+            cells.append(cell)
+            print(
+                f"{cell.contender:9} nodes {cell.nodes:5}  {cell.rps:8.1f} req/s  "
+                f"{cell.cpu_ms_per_request:6.3f} router CPU ms/req  dispatch "
+                f"{'-' if cell.dispatch_ms is None else f'{cell.dispatch_ms:.3f} ms'}  errors {cell.errors}",
+                flush=True,
+            )
+    print("\nflatness (largest herd against 1 node):")
+    for contender in args.contenders:
+        mine = {c.nodes: c for c in cells if c.contender == contender}
+        if min(args.sizes) in mine and max(args.sizes) in mine:
+            small, big = mine[min(args.sizes)], mine[max(args.sizes)]
+            print(
+                f"  {contender:9} req/s {big.rps / small.rps:5.2f}×   CPU ms/req "
+                f"{big.cpu_ms_per_request / small.cpu_ms_per_request:5.2f}×"
+            )
+    out = ROOT / "bench" / "results" / "herd_scale.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "cells": [asdict(c) for c in cells]}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
