@@ -1,9 +1,9 @@
 """Does the router's cost per request stay flat as the herd grows from 1 to 100 to 1,000 nodes?
 
 One process serves every fake node (``tests/scaleout/node_process.py --ports N``: N aiohttp sites on one
-event loop), each answering a completion at once (1 token, 4 slots). The nodes join the router(s) over
-``/herd/join``. For each herd size and each contender, a load generator (one process, an aiohttp client
-pool of ``--concurrency`` connections spread over the contender's routers) posts paid ``/v1/completions``
+event loop), each answering a completion at once (1 token, as many slots as the load has connections). The
+nodes join the router(s) over ``/herd/join``. For each herd size and each contender, a load generator (one
+process, an aiohttp client pool of ``--concurrency`` connections spread over the contender's routers) posts paid ``/v1/completions``
 for ``--seconds`` after a short warm-up, and the script reports:
 
 * requests per second (all routers together),
@@ -39,7 +39,7 @@ import asyncpg
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _processes import free_port, stop  # noqa: E402
+from _processes import free_port, stop
 
 ROOT = Path(__file__).parents[1]
 ADMIN_KEY = "bench-admin-key"
@@ -73,13 +73,13 @@ async def _wait(url: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def _start_nodes(count: int) -> tuple[subprocess.Popen[bytes], int]:
+def _start_nodes(count: int, slots: int) -> tuple[subprocess.Popen[bytes], int]:
     while True:  # a block of `count` free ports starting at a random one
         base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
         if all(_port_free(base + i) for i in range(count)):
             break
     argv = [sys.executable, "-m", "tests.scaleout.node_process", "--port", str(base), "--name", "n"]
-    argv += ["--ports", str(count), "--slots", "4", "--tokens", "1", "--token-delay", "0"]
+    argv += ["--ports", str(count), "--slots", str(slots), "--tokens", "1", "--token-delay", "0"]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE), base
 
 
@@ -105,7 +105,9 @@ def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]
 
 
 async def _run(name: str, db: str, routers: int, nodes: int, seconds: float, concurrency: int) -> Cell:
-    node_process, base = _start_nodes(nodes)
+    # Every node has as many slots as there are clients: even a herd of one never makes a request wait, so
+    # what is measured is the router's work, not the herd's capacity.
+    node_process, base = _start_nodes(nodes, concurrency)
     started = [_start_router(db, cluster=name.startswith("pg")) for _ in range(routers)]
     try:
         assert node_process.stdout is not None
@@ -120,7 +122,7 @@ async def _run(name: str, db: str, routers: int, nodes: int, seconds: float, con
 
             async def join_one(i: int) -> None:
                 body = {"url": f"http://127.0.0.1:{base + i}", "name": f"n-{i}" if nodes > 1 else "n",
-                        "models": ["fake-model"], "slots": 4}  # fmt: skip
+                        "models": ["fake-model"], "slots": concurrency}  # fmt: skip
                 async with sem, session.post(urls[0] + "/herd/join", json=body, headers=join) as resp:
                     assert resp.status == 201, await resp.text()
 

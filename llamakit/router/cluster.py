@@ -45,8 +45,6 @@ log = logging.getLogger(__name__)
 SYNC_SECONDS: Final = 1.0
 # Seconds between looks at the claim of an idempotency key that another router is running.
 CLAIM_POLL_SECONDS: Final = 0.05
-# Waiting rows looked at per model in one dispatch.
-DISPATCH_BATCH: Final = 64
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())::float8"
 
 
@@ -108,6 +106,7 @@ class Cluster:
         self._reload_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_lost = False
+        self._renewed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
 
@@ -117,7 +116,9 @@ class Cluster:
         The ledger must be open (its migrations made the tables). Raises asyncpg/OSError errors when the
         database cannot be reached.
         """
-        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=8)
+        # No reset query when a connection goes back to the pool (a round trip per call): nothing here leaves
+        # session state on a pooled connection (the LISTEN and the leader's lock live on `_listener`).
+        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=8, reset=_no_reset)
         where = await self._pool.fetchval("SELECT current_database() || '.' || current_schema()")
         digest = hashlib.sha256(str(where).encode()).digest()
         # NOTIFY channels and advisory locks are per database, not per schema: name them after both.
@@ -203,17 +204,19 @@ class Cluster:
             self.url,
             self.lease,
         )
-        if inserted and not self._lease_lost:
+        if inserted and not self._lease_lost and self._renewed:
             # Another router found this one's lease run out (a pause longer than the lease): it released this
             # router's holds and queue rows. Requests in flight here will find their holds closed.
             self._lease_lost = True
             log.error("this router's lease ran out and was taken over; its requests in flight were refunded")
+        self._renewed = True
         await self.reap()
+        # Every round, not only after a reap: a router that reaped and died before it released is covered.
+        await self.release_lost_holds()
 
     async def reap(self) -> list[str]:
         """Clean up after the routers whose lease has run out: free their slots, drop their queue rows and
-        idempotency claims, release their open holds (usage status 'router_lost'), then dispatch. Returns
-        their ids."""
+        idempotency claims, then dispatch. Returns their ids. (Their holds: `release_lost_holds`.)"""
         async with self._db().acquire() as conn, conn.transaction():
             dead = [
                 r["id"] for r in await conn.fetch(f"DELETE FROM routers WHERE lease_until < {_DB_NOW} RETURNING id")
@@ -224,7 +227,6 @@ class Cluster:
             await self._forget_routers(conn, dead)
             await self._dispatch(conn, None)
         log.warning("router(s) %s lost their lease: their queue rows and claims were dropped", ", ".join(dead))
-        await self.release_lost_holds()
         return dead
 
     async def release_lost_holds(self, *, earlier_life: bool = False) -> int:
@@ -417,24 +419,20 @@ class Cluster:
         waiter = _Waiter(model, exclude)
         self._waiting[request_id] = waiter
         try:
-            async with self._db().acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-                turn = await conn.fetchval(
-                    "WITH w AS (SELECT count(*) AS total, "
-                    "count(*) FILTER (WHERE account IS NOT DISTINCT FROM $4) AS mine, "
-                    "count(*) FILTER (WHERE account IS NOT DISTINCT FROM $4 AND bid = $3) AS at_bid "
-                    "FROM queue WHERE model = $2 AND node_id IS NULL) "
-                    "INSERT INTO queue (request_id, router_id, model, bid, turn, arrived, account, exclude, prefer, "
-                    "prefer_chars, enqueued) "
-                    f"SELECT $1, $5, $2, $3, w.at_bid, $6, $4, $7, $8, $9, {_DB_NOW} FROM w "
-                    "WHERE w.total < $10 AND ($4::bigint IS NULL OR w.mine < $11) RETURNING turn",
-                    request_id, model, bid, account, self.id, time.time() - (time.monotonic() - arrived),
-                    sorted(exclude), prefer.node_id if prefer else None, prefer.chars if prefer else 0,
-                    self.max_queue, self.max_per_account,
+            started = time.perf_counter()
+            try:
+                rows = await self._db().fetch(
+                    "SELECT * FROM llamakit_enqueue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                    self._lock_key, self._channel, self.id, CHARS_PER_EXTRA_REQUEST, request_id, model, bid,
+                    account, time.time() - (time.monotonic() - arrived), sorted(exclude),
+                    prefer.node_id if prefer else None, prefer.chars if prefer else 0, self.max_queue,
+                    self.max_per_account,
                 )  # fmt: skip
-                if turn is None:
-                    raise await self._refusal(conn, model, account)
-                await self._dispatch(conn, [model])
+            except asyncpg.PostgresError as exc:
+                if getattr(exc, "sqlstate", None) == "LK429":
+                    raise self._refusal(model, str(getattr(exc, "message", exc))) from None
+                raise
+            self._delivered(rows, started)
             # Given a node by its own dispatch, or later by a NOTIFY (or the sync round's look at the queue).
             try:
                 node_id = await asyncio.wait_for(asyncio.shield(waiter.future), max_wait)
@@ -460,15 +458,10 @@ class Cluster:
         node.busy += 1
         return node
 
-    async def _refusal(self, conn: asyncpg.Connection, model: str, account: int | None) -> ApiError:
-        row = await conn.fetchrow(
-            "SELECT count(*) AS total, count(*) FILTER (WHERE account IS NOT DISTINCT FROM $2) AS mine "
-            "FROM queue WHERE model = $1 AND node_id IS NULL",
-            model,
-            account,
-        )
-        assert row is not None
-        if row["total"] >= self.max_queue:
+    def _refusal(self, model: str, reason: str) -> ApiError:
+        """The 429 for `reason` from llamakit_enqueue: 'queue_full <waiting>' or 'queue_share <mine>'."""
+        what, _, count = reason.partition(" ")
+        if what == "queue_full":
             return ApiError(
                 429,
                 f"the queue for {model!r} is full ({self.max_queue} waiting); retry later or bid higher",
@@ -478,7 +471,7 @@ class Cluster:
             )
         return ApiError(
             429,
-            f"this account already has {row['mine']} requests waiting for {model!r}, its share of "
+            f"this account already has {count} requests waiting for {model!r}, its share of "
             f"the queue ({self.max_per_account} of {self.max_queue}); retry when some are served",
             type="rate_limit_error",
             code="queue_share_exceeded",
@@ -500,92 +493,39 @@ class Cluster:
         self._releasing[request_id] = self._spawn(self._give_back(request_id))
 
     async def _give_back(self, request_id: str) -> None:
+        started = time.perf_counter()
         try:
-            async with self._db().acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-                models = await conn.fetchval(
-                    "WITH gone AS (DELETE FROM queue WHERE request_id = $1 RETURNING node_id, model), "
-                    "freed AS (UPDATE nodes SET running = GREATEST(nodes.running - 1, 0) FROM gone "
-                    "WHERE nodes.id = gone.node_id RETURNING nodes.models) "
-                    "SELECT models FROM freed",
-                    request_id,
-                )
-                if models:
-                    await self._dispatch(conn, list(models))
+            rows = await self._db().fetch(
+                "SELECT * FROM llamakit_finish($1, $2, $3, $4, $5)",
+                self._lock_key, self._channel, self.id, CHARS_PER_EXTRA_REQUEST, request_id,
+            )  # fmt: skip
+            self._delivered(rows, started)
         finally:
             self._releasing.pop(request_id, None)
 
     async def dispatch(self, models: Iterable[str] | None = None) -> None:
         """Give free slots to the best waiting requests of `models` (None: every model that has some)."""
-        async with self._db().acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-            await self._dispatch(conn, None if models is None else list(models))
+        await self._dispatch(self._db(), None if models is None else list(models))
 
-    async def _dispatch(self, conn: asyncpg.Connection, models: list[str] | None) -> None:
-        """Within a transaction that holds the dispatch lock: assign nodes to waiting rows of `models`."""
+    async def _dispatch(self, conn: asyncpg.Connection | asyncpg.Pool, models: list[str] | None) -> None:
+        """Run llamakit_dispatch (in `conn`'s transaction, if it has one) and deliver this router's share."""
         started = time.perf_counter()
-        if models is None:
-            models = [r["model"] for r in await conn.fetch("SELECT DISTINCT model FROM queue WHERE node_id IS NULL")]
-        assigned: list[tuple[str, str, str, Decimal]] = []  # request, router, node, bid
-        for model in models:
-            waiting = await conn.fetch(
-                "SELECT request_id, router_id, bid, exclude, prefer, prefer_chars FROM queue "
-                "WHERE model = $1 AND node_id IS NULL ORDER BY bid DESC, turn, arrived, seq LIMIT $2",
-                model,
-                DISPATCH_BATCH,
-            )
-            if not waiting:
-                continue
-            excluded = {n for w in waiting for n in w["exclude"]}
-            preferred = sorted({w["prefer"] for w in waiting if w["prefer"]})
-            # The least-loaded free nodes; as many as could be needed, so the cost does not grow with the herd.
-            free = await conn.fetch(
-                "SELECT id, slots, running, name FROM nodes WHERE up AND NOT draining AND running < slots "
-                f"AND $1 = ANY(models) AND resting_until <= {_DB_NOW} "
-                "ORDER BY running::float8 / slots, running - slots, name LIMIT $2",
-                model,
-                len(waiting) + len(excluded),
-            )
-            if preferred:
-                extra = await conn.fetch(
-                    "SELECT id, slots, running, name FROM nodes WHERE up AND NOT draining AND running < slots "
-                    f"AND $1 = ANY(models) AND resting_until <= {_DB_NOW} AND id = ANY($2::text[])",
-                    model,
-                    preferred,
-                )
-                free = list({r["id"]: r for r in [*free, *extra]}.values())
-            loads = {r["id"]: [r["running"], r["slots"], r["name"]] for r in free}
-            for row in waiting:
-                node_id = _pick(loads, frozenset(row["exclude"]), row["prefer"], row["prefer_chars"])
-                if node_id is None:
-                    if not row["exclude"]:
-                        break  # no free slot for this model at all
-                    continue  # passed over, keeping its place: only nodes it must avoid have room
-                loads[node_id][0] += 1
-                assigned.append((row["request_id"], row["router_id"], node_id, row["bid"]))
-                if not any(load[0] < load[1] for load in loads.values()):
-                    break
-        if assigned:
-            await conn.execute(
-                "WITH a AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS a(rid, router, node)), "
-                "q AS (UPDATE queue SET node_id = a.node FROM a WHERE queue.request_id = a.rid RETURNING 1), "
-                "n AS (UPDATE nodes SET running = nodes.running + c.k FROM "
-                "(SELECT node, count(*)::int AS k FROM a GROUP BY node) c WHERE nodes.id = c.node RETURNING 1) "
-                "SELECT pg_notify($4, a.router || ' ' || a.rid || ' ' || a.node) FROM a WHERE a.router <> $5",
-                [a[0] for a in assigned],
-                [a[1] for a in assigned],
-                [a[2] for a in assigned],
-                self._channel,
-                self.id,
-            )
-            self.last_multiplier = assigned[-1][3]
-            # Our own assignments are ours at once (they are delivered after this transaction commits, since
-            # the futures' callbacks run on a later turn of the loop; a rollback raises before that).
-            for request_id, router_id, node_id, _bid in assigned:
-                if router_id == self.id:
-                    self._deliver(request_id, node_id)
+        rows = await conn.fetch(
+            "SELECT * FROM llamakit_dispatch($1, $2, $3, $4, $5)",
+            self._lock_key, models, self._channel, self.id, CHARS_PER_EXTRA_REQUEST,
+        )  # fmt: skip
+        self._delivered(rows, started)
+
+    def _delivered(self, rows: Sequence[asyncpg.Record], started: float) -> None:
+        """Assignments a dispatch made: this router's requests get their nodes at once (the others' routers
+        were told by NOTIFY)."""
+        for row in rows:
+            if row["assigned_router"] == self.id:
+                self._deliver(row["assigned_request"], row["assigned_node"])
+        if rows:
+            self.last_multiplier = rows[-1]["assigned_bid"]
         self.figures.dispatches += 1
-        self.figures.assigned += len(assigned)
+        self.figures.assigned += len(rows)
         self.figures.seconds += time.perf_counter() - started
 
     def _deliver(self, request_id: str, node_id: str) -> None:
@@ -646,24 +586,8 @@ class Cluster:
         }
 
 
-def _pick(loads: dict[str, list[Any]], exclude: frozenset[str], prefer: str | None, chars: int) -> str | None:
-    """The least-loaded node with a free slot not in `exclude`, or `prefer` while the prefix it likely holds
-    (`chars` characters) is worth its extra load, as `Scheduler._pick` decides."""
-    best: str | None = None
-    best_key: tuple[float, int, str] | None = None
-    for node_id, (running, slots, name) in loads.items():
-        if running >= slots or node_id in exclude:
-            continue
-        key = (running / slots, running - slots, name)
-        if best_key is None or key < best_key:
-            best, best_key = node_id, key
-    if prefer is None or best is None or best == prefer:
-        return best
-    held = loads.get(prefer)
-    worth_it = held is not None and (held[0] - loads[best][0]) * CHARS_PER_EXTRA_REQUEST <= chars
-    if held is not None and prefer not in exclude and held[0] < held[1] and worth_it:
-        return prefer
-    return best
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """See `Cluster.open`."""
 
 
 def _array_literal(items: Sequence[str]) -> str:
