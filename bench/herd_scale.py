@@ -3,8 +3,8 @@
 One process serves every fake node (``tests/scaleout/node_process.py --ports N``: N aiohttp sites on one
 event loop), each answering a completion at once (1 token, as many slots as the load has connections). The
 nodes join the router(s) over ``/herd/join``. For each herd size and each contender, a load generator (one
-process, an aiohttp client pool of ``--concurrency`` connections spread over the contender's routers) posts paid ``/v1/completions``
-for ``--seconds`` after a short warm-up, and the script reports:
+process, an aiohttp client pool of ``--concurrency`` connections spread over the contender's routers) posts
+paid ``/v1/completions`` for ``--seconds`` after a short warm-up, and the script reports:
 
 * requests per second (all routers together),
 * router CPU milliseconds per request (user + system of every router process, from /proc via psutil),

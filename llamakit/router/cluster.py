@@ -385,7 +385,8 @@ class Cluster:
 
     def take_now(self, model: str, exclude: frozenset[str]) -> None:
         """Raise 503 when no node that is up and not draining could ever serve the request (as `Scheduler`)."""
-        if not any(n.up and not n.draining and n.id not in exclude for n in self.herd.serving(model)):
+        nodes = self.herd.nodes.values()
+        if not any(n.up and not n.draining and n.id not in exclude and n.serves(model) for n in nodes):
             raise ApiError(
                 503,
                 f"no node is available for model {model!r} right now; nothing was charged",

@@ -93,8 +93,8 @@ async def price(
     except ValueError as exc:
         raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
     model = req.model or state.default_model()
-    known = state.known_models()
-    if model is None or model not in known:
+    if model is None or not state.knows_model(model):
+        known = state.known_models()
         available = ", ".join(known) or "none (no node has joined yet)"
         raise ApiError(
             404,

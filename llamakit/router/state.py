@@ -125,6 +125,11 @@ class RouterState:
         names = {m for node in self.herd.nodes.values() for m in node.models}
         return sorted(names | set(self.prices.per_model))
 
+    def knows_model(self, model: str) -> bool:
+        """Whether a request may name `model` (see `known_models`), without listing every model of the herd:
+        it stops at the first node that serves it, so it costs as little in a herd of 1,000 as of one."""
+        return model in self.prices.per_model or any(model in node.models for node in self.herd.nodes.values())
+
     def default_model(self) -> str | None:
         """The model of a request that names none: the catalog default when it is served, else the first."""
         ready = self.herd.models()
