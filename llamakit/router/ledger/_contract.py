@@ -393,7 +393,8 @@ def _page(limit: int, before: int | None) -> tuple[int, int | None]:
         raise ValueError(f"limit must be an int, got {limit!r}")
     if before is not None:
         count("before", before)
-    return max(1, min(MAX_PAGE, limit)), before
+    # One past a page: a caller asks for a record more than it shows, to tell whether there are more.
+    return max(1, min(MAX_PAGE + 1, limit)), before
 
 
 class Ledger(ABC):
@@ -667,7 +668,7 @@ class Ledger(ABC):
         (epoch seconds) and naming `user`, when given.
 
         Page with `before`: pass the smallest `id` of the previous page to get the next one.
-        `limit` is clamped to 1..1000. UnknownAccount when there is no such account.
+        `limit` is clamped to 1..1001 (a page and one more). UnknownAccount when there is no such account.
         """
         limit, before = _page(limit, before)
         return await self._usage_records(count("account_id", account_id), limit, before, since, user)
@@ -719,7 +720,7 @@ class Ledger(ABC):
     async def events(self, account_id: int, *, limit: int = 100) -> list[Event]:
         """An account's events, newest first; `limit` is clamped to 1..1000."""
         limit, _ = _page(limit, None)
-        return await self._events(count("account_id", account_id), limit)
+        return await self._events(count("account_id", account_id), min(limit, MAX_PAGE))
 
     async def event_summary(self) -> dict[str, EventSummary]:
         """Per account name: event counts by kind, the total, the latest numeric position and PnL."""
