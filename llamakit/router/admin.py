@@ -16,8 +16,9 @@ from llamakit.fees import FeeSchedule
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount
+from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.stats import snapshot
+from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.web import SseWriter, json_response, require_bearer
 
 __all__ = ["admin_routes", "herd_routes"]
@@ -242,13 +243,27 @@ async def books(request: web.Request) -> web.Response:
 
 @admin_routes.get("/admin/usage")
 async def usage(request: web.Request) -> web.Response:
+    """Every account's usage records (or one account's: `?account=NAME`), paged and filtered as
+    `GET /v1/account/usage`; each record names its account."""
     _admin(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "'limit' must be an integer", param="limit") from None
-    records = await request.app[STATE].ledger.all_usage(limit)
-    return json_response({"data": [asdict(r) for r in records]})
+    ledger = request.app[STATE].ledger
+    query = usage_query(request)
+    names = {a.id: a.name for a in await ledger.list_accounts()}
+    account = None
+    if (name := request.query.get("account")) is not None:
+        account = next((i for i, n in names.items() if n == name), None)
+        if account is None:
+            raise ApiError(404, f"there is no account {name!r}", type="not_found_error", param="account")
+
+    async def fetch(limit: int, before: int | None) -> list[UsageRecord]:
+        if account is not None:
+            return await ledger.usage_records(account, limit=limit, before=before, since=query.since, user=query.user)
+        return await ledger.all_usage(limit, before=before, since=query.since, user=query.user)
+
+    page = await usage_page(query, fetch)
+    for record in page["data"]:
+        record["account"] = names.get(record["account_id"])
+    return json_response(page)
 
 
 def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:

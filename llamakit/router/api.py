@@ -6,6 +6,7 @@ multiplier, so a client can decide what to bid before paying.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any
 
@@ -21,9 +22,10 @@ from llamakit.protocol import (
     validate_request,
 )
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, Remembered
+from llamakit.router.ledger import Account, Remembered, UsageRecord
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
+from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 
 __all__ = ["STATE", "routes"]
@@ -170,18 +172,12 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 async def account_usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
     acct = await authenticate(request)
-    limit = _int_query(request, "limit", 100) or 100
-    before = _int_query(request, "before", None)
-    records = await state.ledger.usage_records(acct.id, limit=limit, before=before)
-    data = [{**asdict(r), "total_tokens": r.total_tokens} for r in records]
-    return json_response(
-        {
-            "object": "list",
-            "data": data,
-            "has_more": len(records) == min(max(limit, 1), 1000),
-            "next_before": records[-1].id if records else None,
-        }
-    )
+    query = usage_query(request)
+
+    def fetch(limit: int, before: int | None) -> Awaitable[list[UsageRecord]]:
+        return state.ledger.usage_records(acct.id, limit=limit, before=before, since=query.since, user=query.user)
+
+    return json_response(await usage_page(query, fetch))
 
 
 @routes.post("/v1/events")

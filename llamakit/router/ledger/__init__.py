@@ -15,8 +15,10 @@ from urllib.parse import urlsplit, urlunsplit
 from llamakit.router.ledger._contract import (
     KEY_PREFIX,
     MAX_AMOUNT,
+    MAX_PAGE,
     UNATTRIBUTED,
     Account,
+    AccountActivity,
     AccountExists,
     AccountState,
     ApiKey,
@@ -38,8 +40,10 @@ from llamakit.router.ledger._migrations import latest
 __all__ = [
     "KEY_PREFIX",
     "MAX_AMOUNT",
+    "MAX_PAGE",
     "UNATTRIBUTED",
     "Account",
+    "AccountActivity",
     "AccountExists",
     "AccountState",
     "ApiKey",

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_PAGE",
     "UNATTRIBUTED",
     "Account",
+    "AccountActivity",
     "AccountExists",
     "AccountState",
     "ApiKey",
@@ -49,6 +50,7 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "Refusal",
     "Remembered",
     "Row",
     "Settlement",
@@ -140,6 +142,7 @@ class Hold:
     bid: str
     status: str
     created: float
+    user: str | None = None  # the OpenAI `user` the request named
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ class UsageRecord:
     queue_ms: float | None
     error: str | None
     created: float
+    user: str | None = None  # the OpenAI `user` the request named
+    http_status: int | None = None  # set on a refused request's record: the status it was refused with
 
     @property
     def total_tokens(self) -> int:
@@ -268,6 +273,7 @@ def hold_from(row: Row) -> Hold:
         bid=row["bid"],
         status=row["status"],
         created=row["created"],
+        user=row["user"],
     )
 
 
@@ -288,7 +294,38 @@ def usage_from(row: Row) -> UsageRecord:
         queue_ms=row["queue_ms"],
         error=row["error"],
         created=row["created"],
+        user=row["user"],
+        http_status=row["http_status"],
     )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before anything was held (a 400, 402, 404 or 429 to a known account), for a backend."""
+
+    request_id: str
+    account_id: int
+    model: str
+    status: str
+    http_status: int
+    error: str
+    user: str | None
+    now: float
+
+
+@dataclass(frozen=True)
+class AccountActivity:
+    """One account as the operator's dashboard shows it: money now, and what it did since `since` (epoch s)."""
+
+    id: int
+    name: str
+    kind: str
+    balance: int
+    held: int
+    spent: int  # charged since `since`
+    requests: int  # usage records since `since`, refusals included
+    refusals: int  # refused requests since `since`
+    last_seen: float | None  # the newest usage record, ever
 
 
 def recovery(request_id: str, now: float) -> Close:
@@ -356,7 +393,8 @@ def _page(limit: int, before: int | None) -> tuple[int, int | None]:
         raise ValueError(f"limit must be an int, got {limit!r}")
     if before is not None:
         count("before", before)
-    return max(1, min(MAX_PAGE, limit)), before
+    # One past a page: a caller asks for a record more than it shows, to tell whether there are more.
+    return max(1, min(MAX_PAGE + 1, limit)), before
 
 
 class Ledger(ABC):
@@ -465,8 +503,18 @@ class Ledger(ABC):
             raise ValueError(f"note must be a string, got {note!r}")
         return await self._deposit(count("account_id", account_id), amount, note, self._clock())
 
-    async def hold(self, account_id: int, amount: int, *, request_id: str, model: str, bid: object = "1") -> Hold:
-        """Move `amount` from the balance into an open hold for `request_id`.
+    async def hold(
+        self,
+        account_id: int,
+        amount: int,
+        *,
+        request_id: str,
+        model: str,
+        bid: object = "1",
+        user: str | None = None,
+    ) -> Hold:
+        """Move `amount` from the balance into an open hold for `request_id`; `user` (OpenAI's field) is kept
+        on the hold and on the usage record that closes it.
 
         Raises InsufficientFunds (and changes nothing) when the balance is smaller than `amount`, and
         ValueError when `request_id` was used for a hold before.
@@ -475,7 +523,9 @@ class Ledger(ABC):
         count("amount", amount)
         _label("request_id", request_id, limit=MAX_NAME_LEN)
         _label("model", model, limit=MAX_NAME_LEN)
-        hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock())
+        if user is not None:
+            _label("user", user, limit=MAX_NAME_LEN)
+        hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock(), user)
         await self._hold(hold)
         return hold
 
@@ -556,6 +606,36 @@ class Ledger(ABC):
         )
         await self._close_hold(close)
 
+    async def refuse(
+        self,
+        account_id: int,
+        *,
+        request_id: str,
+        model: str,
+        status: str,
+        http_status: int,
+        error: str,
+        user: str | None = None,
+    ) -> UsageRecord:
+        """Record a request refused before anything was held: a usage record with no tokens and no cost, whose
+        `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status."""
+        count("account_id", account_id)
+        _label("request_id", request_id, limit=MAX_NAME_LEN)
+        _label("status", status)
+        if not 400 <= http_status <= 599:
+            raise ValueError(f"http_status must be 400 to 599, got {http_status!r}")
+        refusal = Refusal(
+            request_id=request_id,
+            account_id=account_id,
+            model=str(model)[:MAX_NAME_LEN],
+            status=status,
+            http_status=http_status,
+            error=str(error)[:2000],
+            user=None if user is None else str(user)[:MAX_NAME_LEN],
+            now=self._clock(),
+        )
+        return await self._refuse(refusal)
+
     async def recall(self, account_id: int, key: str) -> Remembered | None:
         """The answer settled under idempotency `key` for this account, if any."""
         return await self._recall(account_id, key)
@@ -578,19 +658,34 @@ class Ledger(ABC):
         """Balance, open holds, charges and deposits of one account, from one snapshot."""
         return await self._account_state(count("account_id", account_id))
 
-    async def usage_records(self, account_id: int, *, limit: int = 100, before: int | None = None) -> list[UsageRecord]:
-        """An account's finished requests, newest first.
+    async def usage_records(
+        self,
+        account_id: int,
+        *,
+        limit: int = 100,
+        before: int | None = None,
+        since: float | None = None,
+        user: str | None = None,
+    ) -> list[UsageRecord]:
+        """An account's finished (and refused) requests, newest first; only those created at or after `since`
+        (epoch seconds) and naming `user`, when given.
 
         Page with `before`: pass the smallest `id` of the previous page to get the next one.
-        `limit` is clamped to 1..1000. UnknownAccount when there is no such account.
+        `limit` is clamped to 1..1001 (a page and one more). UnknownAccount when there is no such account.
         """
         limit, before = _page(limit, before)
-        return await self._usage_records(count("account_id", account_id), limit, before)
+        return await self._usage_records(count("account_id", account_id), limit, before, since, user)
 
-    async def all_usage(self, limit: int = 100, *, before: int | None = None) -> list[UsageRecord]:
-        """Every account's finished requests, newest first, paged like `usage_records`."""
+    async def all_usage(
+        self, limit: int = 100, *, before: int | None = None, since: float | None = None, user: str | None = None
+    ) -> list[UsageRecord]:
+        """Every account's finished requests, newest first, filtered and paged like `usage_records`."""
         limit, before = _page(limit, before)
-        return await self._usage_records(None, limit, before)
+        return await self._usage_records(None, limit, before, since, user)
+
+    async def account_activity(self, since: float) -> list[AccountActivity]:
+        """Every account with its balance, open holds, and its spend, requests and refusals since `since`."""
+        return await self._account_activity(since)
 
     async def find_usage(self, request_id: str) -> UsageRecord | None:
         """The usage record of a finished request, so a retried request id can be answered, not re-run."""
@@ -628,7 +723,7 @@ class Ledger(ABC):
     async def events(self, account_id: int, *, limit: int = 100) -> list[Event]:
         """An account's events, newest first; `limit` is clamped to 1..1000."""
         limit, _ = _page(limit, None)
-        return await self._events(count("account_id", account_id), limit)
+        return await self._events(count("account_id", account_id), min(limit, MAX_PAGE))
 
     async def event_summary(self) -> dict[str, EventSummary]:
         """Per account name: event counts by kind, the total, the latest numeric position and PnL."""
@@ -684,7 +779,15 @@ class Ledger(ABC):
     async def _account_state(self, account_id: int) -> AccountState: ...
 
     @abstractmethod
-    async def _usage_records(self, account_id: int | None, limit: int, before: int | None) -> list[UsageRecord]: ...
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]: ...
+
+    @abstractmethod
+    async def _refuse(self, refusal: Refusal) -> UsageRecord: ...
+
+    @abstractmethod
+    async def _account_activity(self, since: float) -> list[AccountActivity]: ...
 
     @abstractmethod
     async def _find_usage(self, request_id: str) -> UsageRecord | None: ...

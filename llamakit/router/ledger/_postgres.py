@@ -29,6 +29,7 @@ from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
     Account,
+    AccountActivity,
     AccountExists,
     AccountState,
     ApiKey,
@@ -41,6 +42,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    Refusal,
     Remembered,
     Settlement,
     UnknownAccount,
@@ -286,6 +288,7 @@ class PostgresLedger(Ledger):
                 "amount": hold.amount,
                 "bid": hold.bid,
                 "now": hold.created,
+                "user": hold.user,
                 "router_id": self.router_id,
             }
         )
@@ -385,21 +388,55 @@ class PostgresLedger(Ledger):
             raise UnknownAccount(account_id)
         return AccountState(balance=row["balance"], held=row["held"], spent=row["spent"], deposited=row["deposited"])
 
-    async def _usage_records(self, account_id: int | None, limit: int, before: int | None) -> list[UsageRecord]:
-        if account_id is None:
-            rows = await self._fetch(
-                "SELECT * FROM usage WHERE ($1::bigint IS NULL OR id < $1) ORDER BY id DESC LIMIT $2", before, limit
-            )
-        else:
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]:
+        if account_id is not None:
             await self._get_account(account_id)
-            rows = await self._fetch(
-                "SELECT * FROM usage WHERE account_id = $1 AND ($2::bigint IS NULL OR id < $2) "
-                "ORDER BY id DESC LIMIT $3",
-                account_id,
-                before,
-                limit,
-            )
+        rows = await self._fetch(
+            "SELECT * FROM usage WHERE ($1::bigint IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id < $2) "
+            'AND ($3::float8 IS NULL OR created >= $3) AND ($4::text IS NULL OR "user" = $4) '
+            "ORDER BY id DESC LIMIT $5",
+            account_id,
+            before,
+            since,
+            user,
+            limit,
+        )
         return [usage_from(row) for row in rows]
+
+    async def _refuse(self, refusal: Refusal) -> UsageRecord:
+        await self._get_account(refusal.account_id)
+        row = await self._fetchrow(
+            "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
+            'cost, bid, held, error, created, "user", http_status) '
+            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8) RETURNING *",
+            refusal.request_id,
+            refusal.account_id,
+            refusal.model,
+            refusal.status,
+            refusal.error,
+            refusal.now,
+            refusal.user,
+            refusal.http_status,
+        )
+        assert row is not None
+        return usage_from(row)
+
+    async def _account_activity(self, since: float) -> list[AccountActivity]:
+        rows = await self._fetch(
+            "SELECT a.id, a.name, a.kind, a.balance, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE account_id = a.id AND status = 'open') AS held, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges WHERE account_id = a.id AND created >= $1) "
+            "AS spent, "
+            "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= $1) AS requests, "
+            "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= $1 AND http_status IS NOT NULL) "
+            "AS refusals, "
+            "(SELECT MAX(created) FROM usage WHERE account_id = a.id) AS last_seen "
+            "FROM accounts a ORDER BY a.name",
+            since,
+        )
+        return [AccountActivity(**dict(row)) for row in rows]
 
     async def _find_usage(self, request_id: str) -> UsageRecord | None:
         row = await self._fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)

@@ -27,6 +27,7 @@ from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
     Account,
+    AccountActivity,
     AccountExists,
     AccountState,
     ApiKey,
@@ -39,6 +40,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    Refusal,
     Remembered,
     Settlement,
     UnknownAccount,
@@ -393,19 +395,57 @@ class SqliteLedger(Ledger):
 
         return await self._call(run)
 
-    async def _usage_records(self, account_id: int | None, limit: int, before: int | None) -> list[UsageRecord]:
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]:
         def run(conn: sqlite3.Connection) -> list[UsageRecord]:
-            if account_id is None:
-                rows = conn.execute(
-                    "SELECT * FROM usage WHERE (?1 IS NULL OR id < ?1) ORDER BY id DESC LIMIT ?2", (before, limit)
-                ).fetchall()
-            else:
+            if account_id is not None:
                 _account_row(conn, account_id)
-                rows = conn.execute(
-                    "SELECT * FROM usage WHERE account_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
-                    (account_id, before, limit),
-                ).fetchall()
+            rows = conn.execute(
+                "SELECT * FROM usage WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR id < ?2) "
+                "AND (?3 IS NULL OR created >= ?3) AND (?4 IS NULL OR user = ?4) ORDER BY id DESC LIMIT ?5",
+                (account_id, before, since, user, limit),
+            ).fetchall()
             return [usage_from(row) for row in rows]
+
+        return await self._call(run)
+
+    async def _refuse(self, refusal: Refusal) -> UsageRecord:
+        def run(conn: sqlite3.Connection) -> UsageRecord:
+            _account_row(conn, refusal.account_id)
+            row = conn.execute(
+                "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
+                "cost, bid, held, error, created, user, http_status) "
+                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?) RETURNING *",
+                (
+                    refusal.request_id,
+                    refusal.account_id,
+                    refusal.model,
+                    refusal.status,
+                    refusal.error,
+                    refusal.now,
+                    refusal.user,
+                    refusal.http_status,
+                ),
+            ).fetchone()
+            return usage_from(row)
+
+        return await self._call(run, write=True)
+
+    async def _account_activity(self, since: float) -> list[AccountActivity]:
+        def run(conn: sqlite3.Connection) -> list[AccountActivity]:
+            rows = conn.execute(
+                "SELECT a.id, a.name, a.kind, a.balance, "
+                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE account_id = a.id AND status = 'open') AS held, "
+                "(SELECT COALESCE(SUM(amount), 0) FROM charges WHERE account_id = a.id AND created >= ?1) AS spent, "
+                "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= ?1) AS requests, "
+                "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= ?1 AND http_status IS NOT NULL)"
+                " AS refusals, "
+                "(SELECT MAX(created) FROM usage WHERE account_id = a.id) AS last_seen "
+                "FROM accounts a ORDER BY a.name",
+                (since,),
+            ).fetchall()
+            return [AccountActivity(**dict(row)) for row in rows]
 
         return await self._call(run)
 
@@ -504,8 +544,8 @@ def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
         raise InsufficientFunds(needed=hold.amount, balance=balance)
     try:
         conn.execute(
-            "INSERT INTO holds (id, account_id, model, amount, bid, created) VALUES (?, ?, ?, ?, ?, ?)",
-            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created),
+            "INSERT INTO holds (id, account_id, model, amount, bid, created, user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created, hold.user),
         )
     except sqlite3.IntegrityError:
         _unused(conn, hold.request_id)
@@ -522,7 +562,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     # Closed and read in one statement; only a hold that is not open needs a second look.
     hold = conn.execute(
         "UPDATE holds SET status = ?, closed = ? WHERE id = ? AND status = 'open' "
-        "RETURNING account_id, model, amount, bid",
+        "RETURNING account_id, model, amount, bid, user",
         ("settled" if close.charge is not None else "released", close.now, close.request_id),
     ).fetchone()
     if hold is None:
@@ -553,7 +593,8 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     ).fetchone()[0]
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-        "cost, bid, held, latency_ms, queue_ms, error, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "cost, bid, held, latency_ms, queue_ms, error, created, user) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             close.request_id,
             account_id,
@@ -569,6 +610,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             close.queue_ms,
             close.error,
             close.now,
+            hold["user"],
         ),
     )
     if close.remember is not None:

@@ -19,8 +19,10 @@ def test_the_public_surface() -> None:
     assert ledger.__all__ == [
         "KEY_PREFIX",
         "MAX_AMOUNT",
+        "MAX_PAGE",
         "UNATTRIBUTED",
         "Account",
+        "AccountActivity",
         "AccountExists",
         "AccountState",
         "ApiKey",

@@ -80,8 +80,8 @@ BEGIN
         RETURN jsonb_build_object('error', 'insufficient', 'balance', balance);
     END IF;
     UPDATE accounts SET balance = accounts.balance - amount WHERE id = account;
-    INSERT INTO holds (id, account_id, model, amount, bid, created, router_id)
-        VALUES (op->>'request_id', account, op->>'model', amount, op->>'bid', (op->>'now')::float8,
+    INSERT INTO holds (id, account_id, model, amount, bid, created, "user", router_id)
+        VALUES (op->>'request_id', account, op->>'model', amount, op->>'bid', (op->>'now')::float8, op->>'user',
                 op->>'router_id');
     RETURN '{}'::jsonb;
 END
