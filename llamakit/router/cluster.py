@@ -272,14 +272,14 @@ class Cluster:
                 node = HerdNode(
                     id=row["id"], url=row["url"], name=row["name"], models=list(row["models"]), slots=row["slots"]
                 )
-                self.herd.nodes[node.id] = node
+                self.herd.adopt(node)
             node.url, node.name, node.models, node.slots = row["url"], row["name"], list(row["models"]), row["slots"]
             node.static, node.draining, node.up = row["static"], row["draining"], row["up"]
             node.last_seen = row["last_seen"]
             rest = row["resting_until"] - row["now"]
             node.resting_until = mono + rest if rest > 0 else 0.0
         for node_id in [n for n in self.herd.nodes if n not in seen]:
-            del self.herd.nodes[node_id]
+            self.herd.remove(node_id)
 
     async def _reloader(self) -> None:
         while True:

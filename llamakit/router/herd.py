@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Final, Literal
 
 __all__ = ["Herd", "HerdNode", "NodeState"]
 
@@ -15,6 +17,8 @@ NodeState = Literal["ready", "draining", "down"]
 FAILURES_TO_DOWN = 2
 # A node's rest after a timeout doubles with each timeout in a row, up to 2**this times the first.
 MAX_REST_DOUBLINGS = 4
+# Fields of a node whose change can change which node `Herd.pick` takes.
+_STATE_FIELDS: Final = frozenset({"up", "draining", "slots", "models", "name"})
 
 
 @dataclass
@@ -40,6 +44,20 @@ class HerdNode:
     fees_earned: int = 0
     # (time, tokens) of recent completions, for a tokens-per-second figure over the last minute.
     recent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=512))
+    # The herd whose pick index follows this node (set by the herd), and the node's version in that index.
+    _herd: Herd | None = field(default=None, repr=False, compare=False)
+    _version: int = field(default=0, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        herd = self.__dict__.get("_herd")
+        # Health checks write the same state again and again: only a change touches the index.
+        changed = herd is not None and (
+            name == "busy" or (name in _STATE_FIELDS and self.__dict__.get(name, value) != value)
+        )
+        object.__setattr__(self, name, value)
+        if changed:
+            assert herd is not None
+            herd._changed(self, name)
 
     @property
     def state(self) -> NodeState:
@@ -90,8 +108,55 @@ class HerdNode:
 
 
 class Herd:
+    """The nodes, and an index that makes `pick` cost O(log n), not O(n), in a herd of n nodes.
+
+    The index is a heap per model of (load, -free, name) entries with the node's version: a node whose `busy`
+    changes gets a new entry (the old one is stale and dropped when it reaches the top); a change of its
+    state (`up`, `draining`, `slots`, `models`) or of the membership rebuilds the heaps, which happens at
+    the pace of health checks, not of requests.
+    """
+
     def __init__(self) -> None:
         self.nodes: dict[str, HerdNode] = {}
+        self._heaps: dict[str, list[tuple[float, int, str, int, int, HerdNode]]] = {}
+        self._indexed = -1  # len(nodes) when the heaps were built; -1: rebuild before the next pick
+        self._entries = 0
+        self._tiebreak = itertools.count()
+
+    def adopt(self, node: HerdNode) -> None:
+        """Add `node` to the herd under its id (for a herd kept in step with a database: see cluster.py)."""
+        object.__setattr__(node, "_herd", self)
+        self.nodes[node.id] = node
+        self._indexed = -1
+
+    def invalidate(self) -> None:
+        """The membership changed behind the herd's back: rebuild the pick index before the next pick."""
+        self._indexed = -1
+
+    def _changed(self, node: HerdNode, name: str) -> None:
+        object.__setattr__(node, "_version", node._version + 1)
+        if name != "busy" or self._indexed < 0:
+            self._indexed = -1
+            return
+        self._push(node)
+        if self._entries > 8 * len(self.nodes) + 64:  # mostly stale entries: start afresh
+            self._indexed = -1
+
+    def _push(self, node: HerdNode) -> None:
+        if not (node.up and not node.draining and node.free > 0):
+            return  # it gets an entry again when it frees a slot or its state changes
+        entry = (node.busy / node.slots, -node.free, node.name, node._version, next(self._tiebreak), node)
+        for model in node.models:
+            heapq.heappush(self._heaps.setdefault(model, []), entry)
+            self._entries += 1
+
+    def _rebuild(self) -> None:
+        self._heaps, self._entries = {}, 0
+        for node in self.nodes.values():
+            if node._herd is not self:
+                object.__setattr__(node, "_herd", self)
+            self._push(node)
+        self._indexed = len(self.nodes)
 
     def join(self, *, url: str, name: str, models: list[str], slots: int, static: bool = False) -> HerdNode:
         """Add a node, or refresh it when a node of that name or url joins again (after a restart)."""
@@ -103,7 +168,7 @@ class Herd:
             existing.timeouts, existing.resting_until = 0, 0.0  # a new process: what hung died with the old one
             return existing
         node = HerdNode(id=name, url=url, name=name, models=list(models), slots=slots, static=static)
-        self.nodes[node.id] = node
+        self.adopt(node)
         return node
 
     def get(self, node_id_or_name: str) -> HerdNode | None:
@@ -114,6 +179,7 @@ class Herd:
 
     def remove(self, node_id_or_name: str) -> HerdNode | None:
         node = self.get(node_id_or_name)
+        self._indexed = -1
         return self.nodes.pop(node.id) if node is not None else None
 
     def seen(self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None) -> bool:
@@ -151,17 +217,16 @@ class Herd:
 
     def pick(self, model: str) -> HerdNode | None:
         """The least-loaded node that serves `model` and has a free slot (ties: most free slots, then name)."""
-        best: HerdNode | None = None
-        for node in self.nodes.values():
-            if not node.accepting(model):
-                continue
-            if best is None or (node.busy / node.slots, -node.free, node.name) < (
-                best.busy / best.slots,
-                -best.free,
-                best.name,
-            ):
-                best = node
-        return best
+        if self._indexed != len(self.nodes):
+            self._rebuild()
+        heap = self._heaps.get(model)
+        while heap:
+            _load, _free, _name, version, _n, node = heap[0]
+            if version == node._version and node.accepting(model) and self.nodes.get(node.id) is node:
+                return node
+            heapq.heappop(heap)  # stale: the node changed since, or is full, down, draining or gone
+            self._entries -= 1
+        return None
 
     def models(self, *, ready_only: bool = True) -> list[str]:
         names: set[str] = set()
