@@ -124,20 +124,25 @@ async def retrieve_model(request: web.Request) -> web.Response:
 async def info(request: web.Request) -> web.Response:
     state = request.app[STATE]
     models = state.known_models()
+    depths = {m: state.scheduler.queue_length(m) for m in models}
+    last = state.scheduler.last_multiplier
+    if state.cluster is not None:  # several routers: the herd's queue, so that a client out-bids all of it
+        depths = {m: 0 for m in models} | await state.cluster.queue_depths()
+        last = state.cluster.last_multiplier
     return json_response(
         {
             "models": {
                 m: {
                     "fees": state.prices.fees(m).to_dict(),
-                    "queue_length": state.scheduler.queue_length(m),
+                    "queue_length": depths.get(m, 0),
                     "nodes": sum(1 for n in state.herd.serving(m) if n.state == "ready"),
                 }
                 for m in models
             },
             "fees": state.prices.to_dict(models),
-            "queue_length": state.scheduler.queue_length(),
-            "last_multiplier": float(state.scheduler.last_multiplier),
-            "last_multiplier_exact": format_bid(state.scheduler.last_multiplier),
+            "queue_length": sum(depths.values()),
+            "last_multiplier": float(last),
+            "last_multiplier_exact": format_bid(last),
             "nodes": {
                 "total": len(state.herd.nodes),
                 "ready": sum(1 for n in state.herd.nodes.values() if n.state == "ready"),

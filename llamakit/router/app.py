@@ -76,6 +76,9 @@ async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     for model in state.scheduler.queues:
         state.metrics.queue_depth.labels(model).set(state.scheduler.queue_length(model))
+    if state.cluster is not None:  # the herd's queue, every router's requests (the other series are this one's)
+        for model, depth in (await state.cluster.queue_depths()).items():
+            state.metrics.queue_depth.labels(model).set(depth)
     states = [n.state for n in state.herd.nodes.values()]
     for name in ("ready", "draining", "down"):
         state.metrics.nodes.labels(name).set(states.count(name))

@@ -566,6 +566,11 @@ class Cluster:
 
     # -- figures ---------------------------------------------------------------------------------------
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Requests waiting for a node, per model, herd-wide (every router's)."""
+        rows = await self._db().fetch("SELECT model, count(*) AS n FROM queue WHERE node_id IS NULL GROUP BY model")
+        return {r["model"]: r["n"] for r in rows}
+
     async def herd_figures(self) -> dict[str, Any]:
         """Herd-wide figures from the database: queue depth and oldest wait per model (seconds), running
         requests per node, and the routers with their leases (seconds left)."""

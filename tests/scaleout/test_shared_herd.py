@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+
 from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
 
@@ -95,15 +97,25 @@ async def test_an_idempotent_retry_at_another_router_gets_the_stored_answer(rout
 async def test_stats_give_the_herd_wide_queue_and_say_what_is_per_router(routers: Routers) -> None:
     gate = asyncio.Event()
     node = FakeNode("n1", slots=1, script=Script(tokens=1, gate=gate))
-    a, b, _c = await _three(routers, node)
+    a, b, c = await _three(routers, node)
     key = await routers.account("alice", 1_000_000)
     body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 1}
     pending = [asyncio.ensure_future(routers.client(a, key).post("/v1/completions", json=body)) for _ in range(3)]
     await asyncio.sleep(0.5)
+    try:
+        await _look(routers, b, c)
+    finally:
+        gate.set()
+    assert all(r.status_code == 200 for r in await asyncio.gather(*pending))
+
+
+async def _look(routers: Routers, b: str, c: str) -> None:
     stats = (await routers.admin(b).get("/admin/stats")).json()
     assert stats["queue"]["models"]["fake-model"]["depth"] == 2  # waiting at router a, seen from router b
     assert stats["nodes"][0]["busy"] == 1 and stats["nodes"][0]["busy_here"] == 0
     assert len(stats["cluster"]["routers"]) == 3
     assert "requests" in stats["cluster"]["per_router"]
-    gate.set()
-    assert all(r.status_code == 200 for r in await asyncio.gather(*pending))
+    async with httpx.AsyncClient(base_url=c) as anyone:
+        assert (await anyone.get("/v1/info")).json()["queue_length"] == 2  # what a client must out-bid
+    metrics = (await routers.admin(c).get("/metrics")).text
+    assert 'llamakit_router_queue_depth{model="fake-model"} 2.0' in metrics, metrics
