@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -104,14 +105,9 @@ def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]
     return process, f"http://127.0.0.1:{port}"
 
 
-async def _run(name: str, db: str, routers: int, nodes: int, seconds: float, concurrency: int) -> Cell:
-    # Every node has as many slots as there are clients: even a herd of one never makes a request wait, so
-    # what is measured is the router's work, not the herd's capacity.
-    node_process, base = _start_nodes(nodes, concurrency)
+async def _run(name: str, db: str, routers: int, nodes: int, base: int, seconds: float, concurrency: int) -> Cell:
     started = [_start_router(db, cluster=name.startswith("pg")) for _ in range(routers)]
     try:
-        assert node_process.stdout is not None
-        await asyncio.get_running_loop().run_in_executor(None, node_process.stdout.readline)  # "ready"
         for process, url in started:
             await _wait(url + "/health", process)
         urls = [url for _, url in started]
@@ -184,7 +180,6 @@ async def _run(name: str, db: str, routers: int, nodes: int, seconds: float, con
     finally:
         for process, _ in started:
             stop(process)
-        stop(node_process)
 
 
 async def _schema(postgres: str) -> tuple[str, str]:
@@ -201,6 +196,25 @@ async def _drop(postgres: str, schema: str) -> None:
     await conn.close()
 
 
+async def _cell(args: argparse.Namespace, contender: str, size: int, base: int) -> Cell | None:
+    """One contender on a herd of `size` nodes (ports from `base`): a fresh ledger, fresh routers."""
+    import tempfile
+
+    routers = int(contender.split("-")[1])
+    if contender.startswith("sqlite"):
+        with tempfile.TemporaryDirectory() as tmp:
+            return await _run(contender, str(Path(tmp) / "ledger.db"), routers, size, base, args.seconds,
+                              args.concurrency)  # fmt: skip
+    if not args.postgres:
+        print(f"skipping {contender}: no --postgres URL", file=sys.stderr)
+        return None
+    schema, db = await _schema(args.postgres)
+    try:
+        return await _run(contender, db, routers, size, base, args.seconds, args.concurrency)
+    finally:
+        await _drop(args.postgres, schema)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--postgres", default=os.environ.get("LLAMAKIT_TEST_POSTGRES"))
@@ -208,45 +222,67 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--contenders", nargs="+", default=["sqlite-1", "pg-1", "pg-3"])
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cells: list[Cell] = []
-    import tempfile
-
-    for size in args.sizes:
-        for contender in args.contenders:
-            routers = int(contender.split("-")[1])
-            if contender.startswith("sqlite"):
-                with tempfile.TemporaryDirectory() as tmp:
-                    cell = await _run(contender, str(Path(tmp) / "ledger.db"), routers, size, args.seconds,
-                                      args.concurrency)  # fmt: skip
-            else:
-                if not args.postgres:
-                    print(f"skipping {contender}: no --postgres URL", file=sys.stderr)
-                    continue
-                schema, db = await _schema(args.postgres)
-                try:
-                    cell = await _run(contender, db, routers, size, args.seconds, args.concurrency)
-                finally:
-                    await _drop(args.postgres, schema)
-            cells.append(cell)
+    for round_ in range(args.rounds):
+        for size in args.sizes:
+            # Every node has as many slots as there are clients: even a herd of one never makes a request
+            # wait, so what is measured is the router's work, not the herd's capacity.
+            node_process, base = _start_nodes(size, args.concurrency)
+            try:
+                assert node_process.stdout is not None
+                await asyncio.get_running_loop().run_in_executor(None, node_process.stdout.readline)  # "ready"
+                # The contenders' order rotates each round: a machine that gets busier or quieter during a
+                # run does not favour one of them.
+                order = (
+                    args.contenders[round_ % len(args.contenders) :] + args.contenders[: round_ % len(args.contenders)]
+                )
+                for contender in order:
+                    cell = await _cell(args, contender, size, base)
+                    if cell is None:
+                        continue
+                    cells.append(cell)
+                    print(
+                        f"round {round_ + 1}  {cell.contender:9} nodes {cell.nodes:5}  {cell.rps:8.1f} req/s  "
+                        f"{cell.cpu_ms_per_request:6.3f} router CPU ms/req  statement "
+                        f"{'-' if cell.dispatch_ms is None else f'{cell.dispatch_ms:.3f} ms'}  errors {cell.errors}",
+                        flush=True,
+                    )
+            finally:
+                stop(node_process)
+    medians: dict[str, dict[int, dict[str, float | None]]] = {}
+    print("\nmedians over rounds:")
+    for contender in args.contenders:
+        for size in args.sizes:
+            mine = [c for c in cells if c.contender == contender and c.nodes == size]
+            if not mine:
+                continue
+            dispatch = [c.dispatch_ms for c in mine if c.dispatch_ms is not None]
+            entry = {
+                "rps": statistics.median(c.rps for c in mine),
+                "cpu_ms_per_request": statistics.median(c.cpu_ms_per_request for c in mine),
+                "statement_ms": statistics.median(dispatch) if dispatch else None,
+            }
+            medians.setdefault(contender, {})[size] = entry
             print(
-                f"{cell.contender:9} nodes {cell.nodes:5}  {cell.rps:8.1f} req/s  "
-                f"{cell.cpu_ms_per_request:6.3f} router CPU ms/req  dispatch "
-                f"{'-' if cell.dispatch_ms is None else f'{cell.dispatch_ms:.3f} ms'}  errors {cell.errors}",
-                flush=True,
+                f"  {contender:9} nodes {size:5}  {entry['rps']:8.1f} req/s  "
+                f"{entry['cpu_ms_per_request']:6.3f} router CPU ms/req"
             )
     print("\nflatness (largest herd against 1 node):")
-    for contender in args.contenders:
-        mine = {c.nodes: c for c in cells if c.contender == contender}
-        if min(args.sizes) in mine and max(args.sizes) in mine:
-            small, big = mine[min(args.sizes)], mine[max(args.sizes)]
+    for contender, by_size in medians.items():
+        if min(args.sizes) in by_size and max(args.sizes) in by_size:
+            small, big = by_size[min(args.sizes)], by_size[max(args.sizes)]
+            assert small["rps"] and big["rps"] and small["cpu_ms_per_request"] and big["cpu_ms_per_request"]
             print(
-                f"  {contender:9} req/s {big.rps / small.rps:5.2f}×   CPU ms/req "
-                f"{big.cpu_ms_per_request / small.cpu_ms_per_request:5.2f}×"
+                f"  {contender:9} req/s {big['rps'] / small['rps']:5.2f}×   CPU ms/req "
+                f"{big['cpu_ms_per_request'] / small['cpu_ms_per_request']:5.2f}×"
             )
     out = ROOT / "bench" / "results" / "herd_scale.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "cells": [asdict(c) for c in cells]}, indent=2) + "\n")
+    out.write_text(
+        json.dumps({"args": vars(args), "cells": [asdict(c) for c in cells], "medians": medians}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":
