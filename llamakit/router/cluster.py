@@ -125,8 +125,7 @@ class Cluster:
         self._channel = "llamakit_" + digest[:8].hex()
         self._lock_key = int.from_bytes(digest[8:16], "big", signed=True)
         self._leader_key = int.from_bytes(digest[16:24], "big", signed=True)
-        self._listener = await asyncpg.connect(self._dsn)
-        await self._listener.add_listener(self._channel, self._notified)
+        await self._listen()
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
             await self._forget_routers(conn, [self.id])
@@ -138,6 +137,16 @@ class Cluster:
                 self.lease,
             )
         await self.reload()
+
+    async def _listen(self) -> None:
+        """(Re)open the connection that LISTENs and holds the leader's lock; a lost one lost both."""
+        if self._listener is not None:
+            with suppress(*_DB_ERRORS):
+                await self._listener.close()
+        self.leader = False
+        self._listener = await asyncpg.connect(self._dsn)
+        await self._listener.add_listener(self._channel, self._notified)
+        self._reload_due.set()  # what was announced while nobody listened
 
     def start(self) -> None:
         """Start the lease, janitor, herd-sync and leader tasks."""
@@ -365,6 +374,9 @@ class Cluster:
     async def try_lead(self) -> bool:
         """Become the router that runs the health checks, if none is (a session advisory lock on the listener
         connection: it is let go when this router's connection ends)."""
+        if self._listener is None or self._listener.is_closed():
+            log.warning("the connection that listens for the cluster's notifications was lost; reconnecting")
+            await self._listen()
         if not self.leader and self._listener is not None:
             self.leader = bool(await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", self._leader_key))
             if self.leader:
