@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _processes import free_port, stop
 
 ROOT = Path(__file__).parents[1]
+_LOGS = Path(tempfile.gettempdir()) / "herd_scale-router-*.log"
 ADMIN_KEY = "bench-admin-key"
 HERD_TOKEN = "fake-herd-token"  # tests/router/fake_node.py's
 
@@ -63,7 +65,7 @@ async def _wait(url: str, process: subprocess.Popen[bytes]) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(600):
             if process.poll() is not None:
-                raise RuntimeError(f"{url}: process exited with {process.returncode}")
+                raise RuntimeError(f"{url}: process exited with {process.returncode}; see {_LOGS}")
             try:
                 async with session.get(url) as resp:
                     if resp.status == 200:
@@ -101,7 +103,9 @@ def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]
     argv += ["--herd-token", HERD_TOKEN, "--health-interval", "60", "--max-queue", "4096", "--affinity", "no"]
     if cluster:
         argv += ["--cluster", "yes"]
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its log, for the error if it exits (a router logs little at INFO: start, stop, failures).
+    log = Path(tempfile.gettempdir()) / f"herd_scale-router-{port}.log"
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -198,8 +202,6 @@ async def _drop(postgres: str, schema: str) -> None:
 
 async def _cell(args: argparse.Namespace, contender: str, size: int, base: int) -> Cell | None:
     """One contender on a herd of `size` nodes (ports from `base`): a fresh ledger, fresh routers."""
-    import tempfile
-
     routers = int(contender.split("-")[1])
     if contender.startswith("sqlite"):
         with tempfile.TemporaryDirectory() as tmp:
