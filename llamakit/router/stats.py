@@ -28,7 +28,8 @@ def start_of_day(now: float) -> float:
 
 async def snapshot(state: RouterState) -> dict[str, Any]:
     """The dashboard's snapshot. `accounts` (today = since midnight UTC) and `fees` come from the ledger, so they
-    are herd-wide when several routers share one database; `requests` and `queue` are this router's own."""
+    are herd-wide when several routers share one database; `requests` are this router's own, and so is `queue`
+    unless the routers run with --cluster, when it is the herd's (and `cluster` says which figure is which)."""
     ledger, herd, scheduler = state.ledger, state.herd, state.scheduler
     now = time.time()
     activity = await ledger.account_activity(start_of_day(now))
@@ -76,9 +77,9 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "leader": state.cluster.leader,
             "routers": shared["routers"],
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
-                          "books", "agents"],
+                          "books", "agents", "accounts", "refusals.today"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
-                           "requests", "uptime"],
+                           "requests", "refusals.by_status", "uptime", "queue.last_multiplier"],
             "dispatch": {
                 "count": figures.dispatches,
                 "assigned": figures.assigned,
