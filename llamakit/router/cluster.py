@@ -28,6 +28,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 SYNC_SECONDS: Final = 1.0
 # Seconds between looks at the claim of an idempotency key that another router is running.
 CLAIM_POLL_SECONDS: Final = 0.05
+_FAST_COMMITS: Final = {"synchronous_commit": "off"}  # unless the --db URL sets it, as for the ledger
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())::float8"
 
 
@@ -117,8 +119,17 @@ class Cluster:
         database cannot be reached.
         """
         # No reset query when a connection goes back to the pool (a round trip per call): nothing here leaves
-        # session state on a pooled connection (the LISTEN and the leader's lock live on `_listener`).
-        self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=8, reset=_no_reset)
+        # session state on a pooled connection (the LISTEN and the leader's lock live on `_listener`). And no
+        # wait for the WAL to reach the disk at each commit: the dispatch lock is let go only at commit, so a
+        # flush per statement (milliseconds) would be the whole herd's pace. A database crash may lose the
+        # last queue changes, which die with the routers' connections anyway; the books are the ledger's.
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=1,
+            max_size=8,
+            reset=_no_reset,
+            server_settings={} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS,
+        )
         where = await self._pool.fetchval("SELECT current_database() || '.' || current_schema()")
         digest = hashlib.sha256(str(where).encode()).digest()
         # NOTIFY channels and advisory locks are per database, not per schema: name them after both.
