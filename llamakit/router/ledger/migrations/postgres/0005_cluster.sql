@@ -198,3 +198,40 @@ BEGIN
     END IF;
 END
 $$;
+
+-- A batch first locks every account it touches, in id order. Without it, batches of two routers deadlock
+-- (one locks a hold and then its account, the other the account and then a hold), and a batch that loses
+-- five times in a row fails its callers: seen with three routers selling to one account.
+CREATE OR REPLACE FUNCTION llamakit_apply(ops jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+    op jsonb;
+    result jsonb;
+    results jsonb := '[]'::jsonb;
+BEGIN
+    PERFORM 1 FROM accounts WHERE id IN (
+        SELECT (o->>'account_id')::bigint FROM jsonb_array_elements(ops) AS o WHERE o->>'op' = 'hold'
+        UNION
+        SELECT h.account_id FROM holds h JOIN jsonb_array_elements(ops) AS o ON h.id = o->>'request_id'
+            WHERE o->>'op' <> 'hold'
+    ) ORDER BY id FOR UPDATE;
+    FOR op IN SELECT value FROM jsonb_array_elements(ops) LOOP
+        BEGIN
+            IF op->>'op' = 'hold' THEN
+                result := llamakit_hold(op);
+            ELSE
+                result := llamakit_close(op);
+            END IF;
+        EXCEPTION WHEN deadlock_detected OR serialization_failure THEN
+            RAISE;  -- the whole batch is tried again
+        WHEN unique_violation THEN
+            -- Two routers holding for one request id at once: the later one finds the key taken.
+            result := jsonb_build_object(
+                'error', CASE WHEN op->>'op' = 'hold' THEN 'duplicate' ELSE 'database' END, 'message', SQLERRM);
+        WHEN OTHERS THEN
+            result := jsonb_build_object('error', 'database', 'message', SQLERRM);
+        END;
+        results := results || jsonb_build_array(result);
+    END LOOP;
+    RETURN results;
+END
+$$;
