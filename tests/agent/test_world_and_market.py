@@ -79,7 +79,8 @@ def test_the_example_world_files_load_and_a_replay_follows_their_prices() -> Non
         ("f.jsonl", '{"author": "ana", "text": 5, "time": 1}\n', "f.jsonl, line 1: text must be a non-empty string"),
         ("g.jsonl", '{"author": "ana", "text": "hi", "time": 1, "price": -3}\n',
          "g.jsonl, line 1: price must be a positive number"),
-        ("h.csv", "author,text\nana,hi\n", "h.csv, line 1: the header row needs the columns author, text, time (missing: time)"),
+        ("h.csv", "author,text\nana,hi\n",
+         "h.csv, line 1: the header row needs the columns author, text, time (missing: time)"),
         ("i.csv", 'author,text,time\nana,"hello\nthere",1\nbo,hi, there,2\n',
          "i.csv, line 4: 4 fields where the header has 3 (quote a text with commas)"),
         ("j.csv", "author,text,time,price\nana,hi,1,cheap\n", "j.csv, line 2: price must be a positive number"),
@@ -101,7 +102,8 @@ def test_the_agent_command_refuses_a_malformed_world_file_with_its_line(tmp_path
     path = tmp_path / "chat.csv"
     path.write_text("author,text,time\nana,hi,1767261660\nbo,hi,soon\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "llamakit.agent", "--world", str(path), "--router", "http://127.0.0.1:9", "--api-key", "k"],
+        [sys.executable, "-m", "llamakit.agent", "--world", str(path), "--router", "http://127.0.0.1:9",
+         "--api-key", "k"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
