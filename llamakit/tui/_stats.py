@@ -203,7 +203,7 @@ class RequestStats:
 
 @dataclass(frozen=True, slots=True)
 class AgentStats:
-    """One agent account's outcome events: the sentiment agent reports request, buy, skip and error."""
+    """One agent account's outcome events: buy, skip and error (one per paid grade), and request if it counts those."""
 
     account: str
     counts: Mapping[str, int]
@@ -214,7 +214,8 @@ class AgentStats:
 
     @property
     def requests(self) -> int:
-        return self.counts.get("request", 0)
+        """The agent's `request` events if it reports them, else its outcomes: each outcome is one paid grade."""
+        return self.counts.get("request", self.buys + self.skips + self.errors)
 
     @property
     def buys(self) -> int:

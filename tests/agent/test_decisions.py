@@ -182,3 +182,12 @@ def test_a_reply_is_read_whatever_its_case_and_spaces(client_for: Callable[..., 
     client, _ = client_for(lambda last, body: " GOOD \n")  # type: ignore[operator]
     method = replace(METHODS["few-shot-text"], name="shouting")
     assert SentimentGrader(client, method=method).grade(window("x")).sentiment == "positive"  # type: ignore[arg-type]
+
+
+def test_the_dashboard_counts_an_agents_outcomes_as_its_requests() -> None:
+    from llamakit.tui._stats import AgentStats
+
+    reported = AgentStats.from_json("demo-agent", {"counts": {"buy": 4, "skip": 6, "error": 1}, "pnl": 3.5})
+    assert (reported.requests, reported.buys, reported.skips, reported.errors) == (11, 4, 6, 1)
+    counted = AgentStats.from_json("bot", {"counts": {"request": 12, "buy": 2, "skip": 9, "error": 1}})
+    assert counted.requests == 12
