@@ -6,8 +6,12 @@ leave about ten points of margin under what `bench/sentiment.py` measured (READM
 
 from __future__ import annotations
 
+import json
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 
 from llamakit.agent import SentimentGrader, decide, default_method, load_labelled
@@ -46,3 +50,16 @@ def test_the_agent_buys_the_positive_windows_and_skips_the_others(grading_herd: 
     assert skipped >= least_skipped, f"{model} skipped {skipped:.0%} of the neutral and negative windows"
     assert sum(polar) / len(polar) >= least_polar
     assert all(g.cost > 0 for g in grades)
+
+
+def test_the_readme_rating_example_grades_sensibly(grading_herd: GradingHerd) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    body = json.loads(re.search(r"/v1/completions .*?-d '(\{.*?\})'", readme, re.S).group(1))  # type: ignore[union-attr]
+    assert body["prompt"].endswith("\nI love it:")
+    key = grading_herd.account("readme", 100_000)
+    with httpx.Client(base_url=grading_herd.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
+        for model in grading_herd.models:
+            for text, grade in (("I love it", " good"), ("Terrible, I hate it.", " bad")):
+                prompt = body["prompt"].removesuffix("I love it:") + text + ":"
+                answer = client.post("/v1/completions", json={**body, "prompt": prompt, "model": model}).json()
+                assert answer["choices"][0]["text"] == grade, (model, text, answer)
