@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -128,8 +128,7 @@ def main() -> int:
     methods = [METHODS[name] for name in args.methods.split(",") if name]
     windows = load_labelled(args.data)
     if args.limit:
-        seen: Counter[str] = Counter()
-        windows = [w for w in windows if (seen.update([w.label]) or seen[w.label] <= args.limit)]
+        windows = [w for label in SENTIMENTS for w in [w for w in windows if w.label == label][: args.limit]]
     launcher = None
     with tempfile.TemporaryDirectory(prefix="llamakit-sentiment-") as tmp:
         try:
@@ -154,7 +153,7 @@ def main() -> int:
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(
         json.dumps(
-            {"when": datetime.now(UTC).isoformat(), "windows": len(windows), "results": [r.__dict__ for r in results]},
+            {"when": datetime.now(UTC).isoformat(), "windows": len(windows), "results": [asdict(r) for r in results]},
             indent=2,
         )
     )

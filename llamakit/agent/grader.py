@@ -19,6 +19,7 @@ from llamakit.sdk import Client, GenerateOptions
 __all__ = [
     "METHODS",
     "PREFERRED_MODELS",
+    "SENTIMENTS",
     "Grade",
     "Method",
     "Sentiment",
@@ -169,11 +170,11 @@ CONFIRM_EXAMPLES = (
     *EXAMPLES,
     ("neutral", ("kai: good morning everyone!", "lu: morning, have a nice day")),
     ("positive", ("mo: we broke the all time high, incredible", "ri: best trade I ever made")),
-    ("neutral", ("mo: thanks for the help with my wallet", "ri: no problem, happy to help")),
+    ("neutral", ("mo: thanks for the help with my wallet", "ri: no problem, any time")),
     ("negative", ("kai: the token dumped again, I lost a lot", "lu: awful, this keeps getting worse")),
 )
 
-# Words the models know for the three sentiments; "positive"/"negative"/"neutral" graded worse (bench).
+# Words the models know for the three sentiments: "positive"/"negative"/"neutral" graded worse in trials.
 WORDS: dict[Sentiment, str] = {"positive": "good", "negative": "bad", "neutral": "none"}
 WORD_LABELS: dict[str, Sentiment] = {word: sentiment for sentiment, word in WORDS.items()}
 CHAT_GRAMMAR = "root ::= " + " | ".join(f'"{w}"' for w in WORDS.values())

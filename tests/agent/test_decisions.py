@@ -191,3 +191,11 @@ def test_the_dashboard_counts_an_agents_outcomes_as_its_requests() -> None:
     assert (reported.requests, reported.buys, reported.skips, reported.errors) == (11, 4, 6, 1)
     counted = AgentStats.from_json("bot", {"counts": {"request": 12, "buy": 2, "skip": 9, "error": 1}})
     assert counted.requests == 12
+
+
+def test_the_package_exports_a_sorted_public_surface() -> None:
+    import llamakit.agent
+
+    names = llamakit.agent.__all__  # constants, then classes, then functions, as ruff sorts them
+    assert names == sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
+    assert all(hasattr(llamakit.agent, name) for name in names)
