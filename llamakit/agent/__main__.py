@@ -43,7 +43,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--interval", type=float, default=float(env("LLAMAKIT_AGENT_INTERVAL", "5")), help="seconds per round"
     )
-    parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until Ctrl-C or the end of a world file)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds to run (0: until Ctrl-C or the end of a world file)"
+    )
     parser.add_argument(
         "--world", default="simulated", help="'simulated', or a chat log to replay (.jsonl or .csv, see below)"
     )
