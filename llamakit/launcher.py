@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class UpOptions:
     agent: bool = False
     agent_credits: int = 200_000
     agent_interval: float = 5.0
+    db: str | None = None  # the router's --db; None: ledger.db in state_dir
 
 
 def installed_models() -> list[str]:
@@ -77,10 +79,33 @@ def _secrets(state_dir: Path) -> dict[str, str]:
     return data
 
 
+# A part that dies is started again after RESTART_MIN seconds, doubling up to RESTART_MAX while it keeps dying;
+# one that stayed up RESTART_STABLE seconds starts again from RESTART_MIN.
+RESTART_MIN = 1.0
+RESTART_MAX = 30.0
+RESTART_STABLE = 60.0
+
+
+@dataclass
+class _Part:
+    """One process of the herd and how to start it again."""
+
+    args: list[str]
+    extra_env: dict[str, str] | None
+    started: float
+    backoff: float = RESTART_MIN
+    due: float | None = None  # when a dead part is to be started again
+    restarts: int = 0
+
+
 class Launcher:
     def __init__(self, options: UpOptions) -> None:
         self.options = options
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.parts: dict[str, _Part] = {}
+        self.quiet = False  # the dashboard owns the terminal: restarts go to logs/up.log only
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
         self.url = f"http://{options.host}:{options.port}"
         options.state_dir.mkdir(parents=True, exist_ok=True)
         self.logs = options.state_dir / "logs"
@@ -99,6 +124,12 @@ class Launcher:
         self.processes[name] = subprocess.Popen(
             [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        log.close()  # the child has its own copy
+        part = self.parts.get(name)
+        if part is None:
+            self.parts[name] = _Part(args, extra_env, time.monotonic())
+        else:
+            part.started, part.due = time.monotonic(), None
 
     def start(self) -> Profile:
         """Start everything, wait until every node is ready, and write the profile; returns it."""
@@ -112,7 +143,7 @@ class Launcher:
                 "-m", "llamakit.router",
                 "--host", opts.host,
                 "--port", str(opts.port),
-                "--db", str(opts.state_dir / "ledger.db"),
+                "--db", opts.db or str(opts.state_dir / "ledger.db"),
                 "--usage-log", str(opts.state_dir / "usage.jsonl"),
             ],
         )  # fmt: skip
@@ -137,7 +168,52 @@ class Launcher:
         write_profile(profile, opts.profile)
         if opts.agent:
             self._start_agent()
+        self._supervisor = threading.Thread(target=self._supervise, name="llamakit-up-supervisor", daemon=True)
+        self._supervisor.start()
         return profile
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.25):
+            self.restart_dead()
+
+    def restart_dead(self) -> None:
+        """Start again, with backoff, every part that died; the others keep running (one pass).
+
+        A node that dies takes only its own requests down: the router fails them over or refunds them, and
+        takes the node back when it joins again. The demo agent is not restarted (its account may be dry).
+        """
+        now = time.monotonic()
+        for name, proc in list(self.processes.items()):
+            part = self.parts[name]
+            if proc.poll() is None:
+                if part.due is None and now - part.started >= RESTART_STABLE:
+                    part.backoff = RESTART_MIN
+                continue
+            if self._stopping.is_set():
+                return
+            if part.due is None:
+                tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-3:]
+                if name == "agent":
+                    self._say(f"the demo agent stopped (code {proc.returncode}): {tail[-1] if tail else ''}")
+                    del self.processes[name]
+                    continue
+                part.due = now + part.backoff
+                self._say(
+                    f"{name} exited with code {proc.returncode}; starting it again in {part.backoff:g} s "
+                    f"(see {self.logs / (name + '.log')})"
+                )
+                part.backoff = min(part.backoff * 2, RESTART_MAX)
+            elif now >= part.due:
+                part.restarts += 1
+                self._spawn(name, part.args, part.extra_env)
+                self._say(f"{name} started again (restart {part.restarts})")
+
+    def _say(self, message: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {message}"
+        with (self.logs / "up.log").open("a") as handle:
+            handle.write(line + "\n")
+        if not self.quiet:
+            print(line, flush=True)
 
     def _start_agent(self) -> None:
         """A demo agent with its own funded account, so the dashboard shows trade outcomes from the start."""
@@ -157,6 +233,8 @@ class Launcher:
         )
 
     def _check_alive(self) -> None:
+        """While starting: a part that exits stops `llamakit up` with its last lines (a model that cannot load
+        would only crash again)."""
         for name, proc in list(self.processes.items()):
             if proc.poll() is None:
                 continue
@@ -200,21 +278,21 @@ class Launcher:
             return key
 
     def wait(self) -> None:
-        """Stay in the foreground until Ctrl-C, SIGTERM, or one of the processes dies."""
-        stop = False
+        """Stay in the foreground until Ctrl-C or SIGTERM; parts that die meanwhile are started again."""
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            nonlocal stop
-            stop = True
+            self._stopping.set()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        while not stop:
-            self._check_alive()
-            time.sleep(0.5)
+        while not self._stopping.wait(0.5):
+            pass
 
     def stop(self) -> None:
         """The agent, then the nodes (they finish or drop their work), then the router; SIGKILL after 10 s."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
         order = sorted(self.processes, key=lambda name: (name != "agent", name == "router"))
         for name in order:
             proc = self.processes[name]

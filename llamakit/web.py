@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "bearer_token",
     "error_middleware",
     "json_response",
+    "request_id_header",
     "require_bearer",
     "secrets_equal",
 ]
@@ -73,6 +75,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
 
 
+async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`x-request-id` on every response, as OpenAI's API sends it (the openai client's `_request_id`): the
+    paid request's id where there is one (`X-Llamakit-Request-Id`, the id of its usage record), else a new one."""
+    if "x-request-id" not in response.headers:
+        response.headers["x-request-id"] = response.headers.get("X-Llamakit-Request-Id") or f"req-{uuid.uuid4().hex}"
+
+
 def bearer_token(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -104,6 +113,7 @@ class SseWriter:
 
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
+        self._pending: list[bytes] = []  # events sent with flush=False, written with the next flush
 
     @classmethod
     async def open(cls, request: web.Request, headers: dict[str, str] | None = None) -> SseWriter:
@@ -118,9 +128,26 @@ class SseWriter:
         await response.prepare(request)
         return cls(response)
 
-    async def send(self, data: dict[str, Any]) -> None:
-        await self.response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+    async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
+        """Send one event; with `flush=False` it waits for the next flush, to go out in one write with others."""
+        self._pending.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        if flush:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            events = b"".join(self._pending)
+            self._pending.clear()
+            await self.response.write(events)
+
+    async def comment(self, text: str) -> None:
+        """An SSE comment line: clients ignore it; it keeps a quiet stream's connection and timeouts alive."""
+        self._pending.append(b": " + text.encode() + b"\n\n")
+        await self.flush()
 
     async def done(self) -> None:
-        await self.response.write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
+        """`[DONE]` and the end of the response, in one write with the events still waiting for a flush."""
+        self._pending.append(b"data: [DONE]\n\n")
+        events = b"".join(self._pending)
+        self._pending.clear()
+        await self.response.write_eof(events)

@@ -14,7 +14,7 @@ from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
-from llamakit.node.routes import HOST, METRICS, SETTINGS, routes
+from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.web import Handler, error_middleware, require_bearer
 
@@ -48,6 +48,7 @@ def create_app(settings: NodeSettings) -> web.Application:
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host
+    app[RUNS] = {}
     app[METRICS] = NodeMetrics(lambda: host.busy)
     app.add_routes(routes)
 

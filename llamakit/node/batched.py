@@ -29,11 +29,14 @@ from llama_cpp._internals import LlamaModel
 from llamakit.catalog import ResolvedModel
 from llamakit.node.engine import (
     MIN_P,
+    PENALTY_LAST_N,
     TOP_K,
     GenerationJob,
     GenerationResult,
     LoadedModel,
     TextOutput,
+    TokenLogprob,
+    logprobs_at,
     shared_prefix,
 )
 from llamakit.node.ram_cache import SAVE_MIN_TOKENS, RamCache
@@ -67,6 +70,8 @@ class _Sequence:
     result: GenerationResult | None = None
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_progress: Callable[[], None] | None = None
+    logprobs: list[TokenLogprob] | None = None  # where each sampled token's logprobs go, when asked for
 
 
 class BatchedModel(LoadedModel):
@@ -146,7 +151,13 @@ class BatchedModel(LoadedModel):
         return len(self._kept[slot])
 
     def generate(
-        self, slot: int, job: GenerationJob, on_text: Callable[[str, int], None], cancel: threading.Event
+        self,
+        slot: int,
+        job: GenerationJob,
+        on_text: Callable[[str, int], None],
+        cancel: threading.Event,
+        on_progress: Callable[[], None] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         seq = _Sequence(
             seq_id=slot,
@@ -155,6 +166,8 @@ class BatchedModel(LoadedModel):
             sampler=self._sampler(job),
             cancel=cancel,
             started=time.perf_counter(),
+            on_progress=on_progress,
+            logprobs=logprobs if job.logprobs is not None else None,
         )
         with self._wake:
             if self._closing:
@@ -172,6 +185,16 @@ class BatchedModel(LoadedModel):
         """The same chain llama-cpp-python's `Llama` builds, so both engines sample alike."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        # Biases and penalties first, then the grammar, as `Llama`'s chain orders them.
+        if job.logit_bias:
+            entries = [llama_cpp.llama_logit_bias(token, bias) for token, bias in job.logit_bias.items()]
+            biases = (llama_cpp.llama_logit_bias * len(entries))(*entries)
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(job.logit_bias), biases))
+        if job.penalized:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
+            )
+            add(chain, penalties)
         if job.grammar:
             add(chain, llama_cpp.llama_sampler_init_grammar(self.vocab, job.grammar.encode("utf-8"), b"root"))
         if job.temperature == 0:
@@ -281,10 +304,15 @@ class BatchedModel(LoadedModel):
             raise RuntimeError(f"llama_decode failed with status {status}")
         still = []
         for seq in running:
+            if seq.on_progress is not None and seq.seq_id in feeds:
+                seq.on_progress()
             if seq.logits_at < 0:
                 still.append(seq)
                 continue
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if seq.logprobs is not None and not seq.output.is_end(token):
+                logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.logits_at)
+                seq.logprobs.append(logprobs_at(self, logits, token, seq.job.logprobs or 0))
             if seq.output.add(token):
                 self._finish(seq)
             else:
@@ -321,6 +349,7 @@ class BatchedModel(LoadedModel):
         seq.done.set()
 
     def close(self) -> None:
+        self.grammars.close()
         with self._wake:
             self._closing = True
             self._wake.notify()

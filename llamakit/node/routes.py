@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel
+from llamakit.node.answers import Answer
+from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, TokenLogprob
 from llamakit.node.host import Lease, ModelHost
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
@@ -22,24 +24,27 @@ from llamakit.protocol import (
     CompletionRequest,
     GenerationRequest,
     Usage,
-    chat_chunk_body,
-    chat_completion_body,
-    completion_body,
-    completion_chunk_body,
     error_body,
     parse_request,
 )
 from llamakit.web import SseWriter, json_response
 
-__all__ = ["HOST", "METRICS", "SETTINGS", "routes"]
+__all__ = ["HOST", "METRICS", "RUNS", "SETTINGS", "routes"]
 
 log = logging.getLogger(__name__)
 
 HOST = web.AppKey("host", ModelHost)
 SETTINGS = web.AppKey("settings", NodeSettings)
 METRICS = web.AppKey("metrics", NodeMetrics)
+# The stop signals of the generations running now, by request id: what `POST /admin/cancel/{id}` sets.
+RUNS = web.AppKey("runs", dict[str, threading.Event])
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+# How often, in seconds, a generation that is advancing tells its caller so while no text is due yet: a router
+# waits that long at most for a byte before it takes the node for hung. The router sets it from its own timeout.
+KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
+DEFAULT_KEEPALIVE = 1.0
+CLIENT_POLL_SECONDS = 0.1
 
 routes = web.RouteTableDef()
 
@@ -97,10 +102,22 @@ async def admin_init(request: web.Request) -> web.Response:
     return json_response({"status": host.status, "model": host.loading_name}, status=202)
 
 
+@routes.post("/admin/cancel/{request_id}")
+async def admin_cancel(request: web.Request) -> web.Response:
+    """Stop a running generation (its router's client went away); the request's own response then carries the
+    partial answer and its exact usage. 404 when no generation of that id runs here."""
+    request_id = request.match_info["request_id"]
+    stop = request.app[RUNS].get(request_id)
+    if stop is None:
+        raise ApiError(404, f"no generation {request_id!r} is running here", type="not_found_error")
+    stop.set()
+    return json_response({"id": request_id, "cancelled": True})
+
+
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_request(ChatCompletionRequest, await request.read())
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = req.template_messages()
     return await _serve(request, req, "chat", lambda model: model.tokenize_chat(messages))
 
 
@@ -137,6 +154,8 @@ async def _prepare(
             param="model",
         )
 
+    setup = req.tool_setup() if isinstance(req, ChatCompletionRequest) else None
+
     def build() -> GenerationJob:
         tokens = tokenize(model)
         return GenerationJob(
@@ -146,7 +165,14 @@ async def _prepare(
             top_p=req.top_p,
             seed=req.seed,
             stop=req.stop_list,
-            grammar=model.grammar_for(req.grammar, req.response_format),
+            grammar=model.grammar_for(
+                req.grammar, req.response_format, tools_schema=setup.schema_ if setup is not None else None
+            ),
+            logit_bias=model.logit_bias(req.logit_bias),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repeat_penalty=req.repeat_penalty,
+            logprobs=req.logprob_count(),
         )
 
     return _Prepared(model, await asyncio.to_thread(build))
@@ -181,17 +207,40 @@ async def _serve(
     )
     loop = asyncio.get_running_loop()
     cancel = threading.Event()
-    run = _Run(request, lease, job, request_id, cancel)
+    logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
+    answer = Answer(
+        kind=kind,
+        id=request_id,
+        model=lease.model.name,
+        tools=isinstance(req, ChatCompletionRequest) and req.tool_setup() is not None,
+        logprobs=logprobs,
+    )
+    run = _Run(request, lease, job, answer, cancel, keepalive=_keepalive(request))
+    runs = request.app[RUNS]
+    runs[request_id] = cancel
 
     def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
-        future = loop.run_in_executor(host.executor, lease.model.generate, lease.slot, job, on_text, cancel)
+        generate = functools.partial(lease.model.generate, on_progress=run.advanced, logprobs=logprobs)
+        future = loop.run_in_executor(host.executor, generate, lease.slot, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
         future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f))
         return future
 
-    if req.stream:
-        return await run.stream(start, kind, req.include_usage)
-    return await run.whole(start, kind)
+    try:
+        if req.stream:
+            return await run.stream(start, req.include_usage)
+        return await run.whole(start)
+    finally:
+        if runs.get(request_id) is cancel:
+            del runs[request_id]
+
+
+def _keepalive(request: web.Request) -> float:
+    try:
+        value = float(request.headers.get(KEEPALIVE_HEADER, DEFAULT_KEEPALIVE))
+    except ValueError:
+        value = DEFAULT_KEEPALIVE
+    return min(max(value, 0.05), 30.0) if value == value else DEFAULT_KEEPALIVE
 
 
 def _finished(
@@ -212,45 +261,90 @@ def _finished(
 
 
 class _Run:
-    """One generation tied to its HTTP request: stops the thread when the client goes away."""
+    """One generation tied to its HTTP request: stops the thread when the client goes away, and tells the
+    client it is alive while the answer takes long (whitespace before a JSON body, comments in a stream)."""
 
     def __init__(
-        self, request: web.Request, lease: Lease, job: GenerationJob, request_id: str, cancel: threading.Event
+        self,
+        request: web.Request,
+        lease: Lease,
+        job: GenerationJob,
+        answer: Answer,
+        cancel: threading.Event,
+        *,
+        keepalive: float,
     ) -> None:
         self.request = request
         self.model = lease.model
         self.job = job
-        self.request_id = request_id
+        self.answer = answer
+        self.request_id = answer.id
         self.cancel = cancel
+        self.keepalive = keepalive
+        self.progress = 0  # decodes that advanced this request; bumped on the decode thread
+        self._told = 0  # the progress the client last heard of
+
+    def advanced(self) -> None:
+        self.progress += 1
 
     def _client_gone(self) -> bool:
         transport = self.request.transport
         return transport is None or transport.is_closing()
 
+    def _news(self) -> bool:
+        """Whether the generation advanced since the client last heard from us. Only progress is told: a slot
+        whose thread is stuck sends nothing, so its router still takes the node for hung."""
+        if self.progress == self._told:
+            return False
+        self._told = self.progress
+        return True
+
     async def whole(
-        self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]], kind: str
-    ) -> web.Response:
+        self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]]
+    ) -> web.StreamResponse:
         future = start(lambda _text, _n: None)
+        loop = asyncio.get_running_loop()
+        response: web.StreamResponse | None = None
+        beat = loop.time() + self.keepalive
         try:
             while True:
-                done, _ = await asyncio.wait({future}, timeout=0.1)
+                done, _ = await asyncio.wait({future}, timeout=min(CLIENT_POLL_SECONDS, self.keepalive))
                 if done:
                     break
                 if self._client_gone():
                     self.cancel.set()
-            result = future.result()
+                elif loop.time() >= beat:
+                    beat = loop.time() + self.keepalive
+                    if self._news():
+                        # JSON allows whitespace before the value: the body is a valid answer whatever it starts with.
+                        if response is None:
+                            response = web.StreamResponse(headers={REQUEST_ID_HEADER: self.request_id})
+                            response.content_type = "application/json"
+                            await response.prepare(self.request)
+                        await response.write(b" ")
+            try:
+                result = future.result()
+            except Exception as exc:
+                if response is None:
+                    raise
+                # The status went out with the first keepalive: the error goes in the body, where the router looks.
+                log.error("generation failed", exc_info=exc)
+                await response.write(_json(error_body(f"generation failed: {exc}", type="server_error")))
+                await response.write_eof()
+                return response
         finally:
             self.cancel.set()  # no-op when finished; stops the thread if this handler was cancelled
         usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-        finish = "stop" if result.finish_reason == "cancelled" else result.finish_reason
-        build = chat_completion_body if kind == "chat" else completion_body
-        body = build(id=self.request_id, model=self.model.name, text=result.text, finish_reason=finish, usage=usage)
-        return json_response(body, headers={REQUEST_ID_HEADER: self.request_id})
+        body = self.answer.body(result, usage)
+        if response is None:
+            return json_response(body, headers={REQUEST_ID_HEADER: self.request_id})
+        await response.write(_json(body))
+        await response.write_eof()
+        return response
 
     async def stream(
         self,
         start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]],
-        kind: str,
         include_usage: bool,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -261,21 +355,18 @@ class _Run:
 
         future = start(on_text)
         future.add_done_callback(lambda _f: pieces.put_nowait(None))
-        name, rid = self.model.name, self.request_id
+        answer, rid = self.answer, self.request_id
         n_prompt = len(self.job.prompt_tokens)
         try:
             sse = await SseWriter.open(self.request, {REQUEST_ID_HEADER: rid})
-            if kind == "chat":
-                await sse.send(chat_chunk_body(id=rid, model=name, delta={"role": "assistant", "content": ""}))
-            while (item := await pieces.get()) is not None:
-                text, n_completion = item
-                if kind == "chat":
-                    chunk = chat_chunk_body(id=rid, model=name, delta={"content": text})
-                else:
-                    chunk = completion_chunk_body(id=rid, model=name, text=text)
-                # Running token counts: what a router charges for when the stream is cut before its usage.
-                chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
+            for chunk in answer.opening():
                 await sse.send(chunk)
+            while (item := await self._next(pieces, sse)) is not None:
+                text, n_completion = item
+                for chunk in answer.piece(text, n_completion):
+                    # Running token counts: what a router charges for when the stream is cut before its usage.
+                    chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
+                    await sse.send(chunk)
             try:
                 result = future.result()
             except Exception as exc:
@@ -284,14 +375,13 @@ class _Run:
                 await sse.done()
                 return sse.response
             usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-            if kind == "chat":
-                await sse.send(chat_chunk_body(id=rid, model=name, delta={}, finish_reason=result.finish_reason))
-                if include_usage:
-                    await sse.send(chat_chunk_body(id=rid, model=name, delta=None, usage=usage))
-            else:
-                await sse.send(completion_chunk_body(id=rid, model=name, text="", finish_reason=result.finish_reason))
-                if include_usage:
-                    await sse.send(completion_chunk_body(id=rid, model=name, text=None, usage=usage))
+            counts = {"prompt_tokens": n_prompt, "completion_tokens": result.completion_tokens}
+            for chunk in answer.closing(result):
+                if chunk["choices"] and chunk["choices"][0]["delta" if "delta" in chunk["choices"][0] else "text"]:
+                    chunk["llamakit"] = counts  # a tool call held back until now is a delivery too
+                await sse.send(chunk)
+            if include_usage:
+                await sse.send(answer.usage(usage))
             await sse.done()
             return sse.response
         except (ConnectionError, asyncio.CancelledError):
@@ -300,3 +390,26 @@ class _Run:
             raise
         finally:
             self.cancel.set()
+
+    async def _next(self, pieces: asyncio.Queue[tuple[str, int] | None], sse: SseWriter) -> tuple[str, int] | None:
+        """The next piece of text; meanwhile, a comment every `keepalive` seconds while the generation advances
+        without text (a long prompt), and a stop as soon as the client is gone (before a token, nothing else
+        would notice)."""
+        loop = asyncio.get_running_loop()
+        beat = loop.time() + self.keepalive
+        while True:
+            try:
+                return await asyncio.wait_for(pieces.get(), timeout=min(CLIENT_POLL_SECONDS, self.keepalive))
+            except TimeoutError:
+                pass
+            if self._client_gone():
+                self.cancel.set()
+                raise ConnectionResetError("the client closed the stream")
+            if loop.time() >= beat:
+                beat = loop.time() + self.keepalive
+                if self._news():
+                    await sse.comment("keep-alive")
+
+
+def _json(data: object) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()

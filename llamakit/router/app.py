@@ -17,14 +17,14 @@ from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
-from llamakit.router.ledger import Ledger, UsageRecord
+from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import RouterState, UsageLog
 from llamakit.router.upstream import Upstream
-from llamakit.web import error_middleware, json_response
+from llamakit.web import error_middleware, json_response, request_id_header
 
 __all__ = ["create_app"]
 
@@ -35,14 +35,14 @@ def create_app(settings: RouterSettings) -> web.Application:
     default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
-    ledger = Ledger(settings.db)
+    ledger = ledger_at(settings.db)  # opened (and migrated) at start-up, in _books
     state = RouterState(
         settings=settings,
         ledger=ledger,
         idempotency=Idempotency(ledger),
         prices=prices,
         herd=herd,
-        scheduler=Scheduler(herd, max_queue=settings.max_queue),
+        scheduler=Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share),
         metrics=RouterMetrics(),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
@@ -52,6 +52,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.on_response_prepare.append(request_id_header)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
@@ -82,26 +83,27 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _books(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     # The log is opened first: a hold released here is never found again, so its line must be written now.
+    await state.ledger.open()
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
-    released = state.ledger.recover_usage()
+    released = await state.ledger.recover_usage()
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     if state.usage_log is not None:
         for record in released:
-            state.usage_log.write(_usage_line(state, record))
+            state.usage_log.write(await _usage_line(state, record))
     yield
     if state.usage_log is not None:
         state.usage_log.close()
-    state.ledger.close()
+    await state.ledger.close()
 
 
-def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
+async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
     """A recovered request's usage log line, with the fields of every other line (see service._record)."""
     return {
         "time": record.created,
         "request_id": record.request_id,
-        "account": state.ledger.get_account(record.account_id).name,
+        "account": (await state.ledger.get_account(record.account_id)).name,
         "model": record.model,
         "node": record.node,
         "status": record.status,

@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -38,6 +39,8 @@ from llamakit.web import SseWriter, json_response
 __all__ = ["PaidRequest", "serve"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 BID_HEADER = "X-Llamakit-Bid"
 CLIENT_POLL_SECONDS = 0.25
@@ -64,6 +67,7 @@ class PaidRequest:
     claim: Claim | None = None
     # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
     transcript: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the stream's `index`
     finish_reason: str = "stop"
     # The request's text and its block hashes as the prefix map cuts it, and the node likely to hold its
     # prefix (see affinity.py); None when affinity is off.
@@ -72,7 +76,7 @@ class PaidRequest:
     affinity: Affinity | None = None
 
 
-def price(
+async def price(
     state: RouterState,
     request: web.Request,
     account: Account,
@@ -107,9 +111,11 @@ def price(
             param="max_tokens",
         )
     if isinstance(req, ChatCompletionRequest):
-        texts = [m.text() for m in req.messages]
+        # What the node's template will render: tools offered, earlier calls and their results included.
+        rendered = req.template_messages()
+        texts = [m["content"] for m in rendered]
         messages = len(texts)
-        text = chat_text([(m.role, t) for m, t in zip(req.messages, texts, strict=True)])
+        text = chat_text([(m["role"], m["content"]) for m in rendered])
     else:
         texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
         messages = 1
@@ -118,7 +124,7 @@ def price(
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
     except InsufficientFunds as exc:
         raise ApiError(
             402,
@@ -127,7 +133,8 @@ def price(
             code="insufficient_funds",
             extra={"needed": exc.needed, "balance": exc.balance},
         ) from exc
-    body = {k: v for k, v in data.items() if k not in ("bid", "max_completion_tokens")}
+    # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
+    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
     body["model"], body["max_tokens"] = model, max_tokens
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.
@@ -158,19 +165,24 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
             return await _serve_stream(state, request, paid)
         return await _serve_whole(state, request, paid)
     except ApiError as exc:
-        _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        await _refund(state, paid, status=_refund_status(exc), error=exc.message)
         exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
         raise
     except asyncio.CancelledError:
-        _refund(state, paid, status="cancelled", error="the client went away")
+        await _refund(state, paid, status="cancelled", error="the client went away")
         raise
     except Exception as exc:
-        _refund(state, paid, status="error", error=repr(exc))
+        await _refund(state, paid, status="error", error=repr(exc))
         raise
 
 
 def _refund_status(exc: ApiError) -> str:
-    return {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(exc.status, "rejected")
+    return {429: "queue_full", 504: "queue_timeout", 503: "no_node", 499: "cancelled"}.get(exc.status, "rejected")
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
@@ -188,6 +200,7 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
             exclude=frozenset(tried),
             arrived=paid.arrived,
             prefer=paid.affinity,
+            account=paid.account.id,
         )
     )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
@@ -196,8 +209,7 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
             done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
             if done:
                 break
-            transport = request.transport
-            if transport is None or transport.is_closing():
+            if _client_gone(request):
                 waiting.cancel()
                 raise ApiError(499, "the client went away while queued", code="client_gone")
     except asyncio.CancelledError:
@@ -277,9 +289,11 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     for _attempt in range(state.settings.max_attempts):
         node = await _acquire(state, request, paid, tried)
         try:
-            answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+            answer, cut = await _complete_watching(state, request, paid, node)
         except NodeFailed as exc:
             _node_failed(state, node, exc, tried)
+            if _client_gone(request):  # nobody to fail over for
+                raise ApiError(499, "the client went away", code="client_gone") from exc
             continue
         except NodeRejected as exc:
             raise _passed_on(exc) from exc
@@ -291,11 +305,74 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["id"] = paid.id
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
+        if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
+            await _settle(
+                state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage
+            )
+            return json_response(answer, headers=headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
+        await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
         _remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
+
+
+async def _complete_watching(
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+) -> tuple[dict[str, Any], bool]:
+    """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
+    its answer then holds the tokens made until it did, which is what the request costs."""
+    task = asyncio.ensure_future(state.upstream.complete(node, paid.path, paid.body, paid.id))  # type: ignore[union-attr]
+    cut = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                return task.result(), cut
+            if not cut and _client_gone(request):
+                cut = True
+                await state.upstream.cancel(node, paid.id)  # type: ignore[union-attr]
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _first_events(node: HerdNode, events: Any) -> list[dict[str, Any]]:
+    """The node's events up to its first token (or usage, or error): until then another node can take over."""
+    first: list[dict[str, Any]] = []
+    async for event in events:
+        first.append(event)
+        if "llamakit" in event or event.get("usage") or "error" in event:
+            return first
+    raise StreamBroken(f"node {node.name} ended its stream before any token")
+
+
+async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[Any, list[dict[str, Any]]]:
+    """The node's stream and its events up to the first token; the stream is closed if this fails or is cancelled
+    (closing it is how the node learns to stop, even while it still decodes the prompt)."""
+    events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+    try:
+        return events, await _first_events(node, events)
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T:
+    """`work`'s result; if the client leaves first, `work` is cancelled and a 499 `client_gone` raised."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if _client_gone(request):
+                raise ApiError(499, "the client went away before the first token", code="client_gone")
+    finally:
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError, NodeFailed, StreamBroken, NodeRejected):
+                await task
 
 
 async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
@@ -303,15 +380,8 @@ async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequ
     for _attempt in range(state.settings.max_attempts):
         node = await _acquire(state, request, paid, tried)
         try:
-            events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
             # Hold back what comes before the first token: until then another node can still take over.
-            first: list[dict[str, Any]] = []
-            async for event in events:
-                first.append(event)
-                if "llamakit" in event or event.get("usage") or "error" in event:
-                    break
-            else:
-                raise StreamBroken(f"node {node.name} ended its stream before any token")
+            events, first = await _unless_client_leaves(request, _open_stream(state, paid, node))
             if "error" in first[-1]:
                 raise StreamBroken(f"node {node.name} failed before any token: {first[-1]['error'].get('message')}")
         except (NodeFailed, StreamBroken) as exc:
@@ -347,16 +417,18 @@ async def _relay(
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise
     try:
-        for event in first:
-            await _forward(state, paid, node, sse, event, delivered)
+        # Events that arrived together leave together: one write for what one read brought.
+        for i, event in enumerate(first):
+            last = i == len(first) - 1
+            await _forward(state, paid, node, sse, event, delivered, flush=last and not events.buffered)
         async for event in events:
-            await _forward(state, paid, node, sse, event, delivered)
+            await _forward(state, paid, node, sse, event, delivered, flush=not (events.buffered or events.ended))
         await sse.done()
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
         log.warning("%s", exc)
         _mark_node(state, node, exc)
-        _settle_delivered(state, paid, node, delivered, "broken", str(exc))
+        await _settle_delivered(state, paid, node, delivered, "broken", str(exc))
         message = "the node serving this stream failed; you were charged only for the tokens delivered"
         with suppress(ConnectionError):
             await sse.send(error_body(message, type="server_error", code="node_failed"))
@@ -364,23 +436,23 @@ async def _relay(
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client cut the stream: closing the node's stream stops its generation.
         await events.aclose()
-        _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
+        await _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
         if isinstance(exc, asyncio.CancelledError):
             raise
         return sse.response
-    _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
+    await _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
     return sse.response
 
 
-def _settle_delivered(
+async def _settle_delivered(
     state: RouterState, paid: PaidRequest, node: HerdNode, delivered: dict[str, int], status: str, error: str | None
 ) -> None:
     if paid.closed:
         return
     if delivered["completion_tokens"] == 0:
-        _refund(state, paid, status=status, error=error)
+        await _refund(state, paid, status=status, error=error)
     else:
-        _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
+        await _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
 
 
 async def _forward(
@@ -390,29 +462,35 @@ async def _forward(
     sse: SseWriter,
     event: dict[str, Any],
     delivered: dict[str, int],
+    *,
+    flush: bool = True,
 ) -> None:
     counts = event.pop("llamakit", None)
     event["id"] = paid.id
     usage = event.get("usage")
     if usage:
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
-        _settle(
+        await _settle(
             state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
             remember=_remember_stream(paid, node, usage, charge), usage=usage,
         )  # fmt: skip
         _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
+            if flush:
+                await sse.flush()
             return
         event["usage"] = {**usage, "cost": charge}
     elif "error" in event:
         raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
-    await sse.send(event)
+    await sse.send(event, flush=flush)
     if counts is not None:
         delivered.update(counts)
     for choice in event.get("choices") or ():
         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if piece:
             paid.transcript.append(piece)
+        for call in (choice.get("delta") or {}).get("tool_calls") or ():
+            _merge_tool_call(paid.tool_calls, call)
         if choice.get("finish_reason"):
             paid.finish_reason = choice["finish_reason"]
 
@@ -422,11 +500,26 @@ def _remember_stream(paid: PaidRequest, node: HerdNode, usage: dict[str, Any], c
     if paid.claim is None:
         return None
     total = Usage(**{**usage, "cost": charge})
-    build = chat_completion_body if paid.path.endswith("/chat/completions") else completion_body
-    body = build(
-        id=paid.id, model=paid.model, text="".join(paid.transcript), finish_reason=paid.finish_reason, usage=total
-    )
+    text = "".join(paid.transcript)
+    if paid.path.endswith("/chat/completions"):
+        calls = [paid.tool_calls[i] for i in sorted(paid.tool_calls)] or None
+        body = chat_completion_body(
+            id=paid.id, model=paid.model, text=None if calls and not text else text,
+            finish_reason=paid.finish_reason, usage=total, tool_calls=calls,
+        )  # fmt: skip
+    else:
+        body = completion_body(id=paid.id, model=paid.model, text=text, finish_reason=paid.finish_reason, usage=total)
     return paid.claim.remember(body, {**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Accumulate one streamed tool-call delta as OpenAI's clients do: by `index`, `arguments` concatenated."""
+    index = delta.get("index", 0)
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = delta.get("id") or call["id"]
+    function = delta.get("function") or {}
+    call["function"]["name"] = function.get("name") or call["function"]["name"]
+    call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _record(
@@ -462,7 +555,7 @@ def _record(
         state.usage_log.write(record)
 
 
-def _settle(
+async def _settle(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
@@ -474,9 +567,28 @@ def _settle(
     remember: Remembered | None = None,
     usage: dict[str, Any] | None = None,
 ) -> int:
+    # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
+    # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
+    paid.closed = True
+    return await asyncio.shield(
+        _settled(state, paid, node, prompt_tokens, completion_tokens, status, error, remember, usage)
+    )
+
+
+async def _settled(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: str,
+    error: str | None,
+    remember: Remembered | None,
+    usage: dict[str, Any] | None,
+) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
-    settlement = state.ledger.settle(
+    settlement = await state.ledger.settle(
         paid.id,
         charge=charge,
         node=node.name,
@@ -488,7 +600,6 @@ def _settle(
         error=error,
         remember=remember,
     )
-    paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
     state.metrics.settled(
         paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, _cached_tokens(usage)
@@ -513,9 +624,13 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+async def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
     if paid.closed:
         return
-    state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
-    paid.closed = True
+    paid.closed = True  # claimed before the await, as in _settle
+    await asyncio.shield(_released(state, paid, status=status, error=error))
+
+
+async def _released(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+    await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
     _record(state, paid, None, status, 0, 0, 0, error)

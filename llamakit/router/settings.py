@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llamakit.config import Flag, parse_settings
+from llamakit.router.ledger import backend_of
 
 __all__ = ["RouterSettings", "settings_from_args"]
 
@@ -18,7 +20,11 @@ class RouterSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
-    db: Path = Field(Path("llamakit.db"), description="SQLite ledger file (WAL); ':memory:' for none")
+    db: str = Field(
+        "llamakit.db",
+        description="the ledger: a SQLite file (a path or sqlite:///path; ':memory:' for none) "
+        "or postgresql://user@host:port/dbname (password in PGPASSWORD or ~/.pgpass)",
+    )
     admin_key: str = Field(
         default_factory=lambda: "lka-" + secrets.token_urlsafe(24), min_length=8, description="operator's key"
     )
@@ -31,6 +37,9 @@ class RouterSettings(BaseModel):
     prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
     completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
     max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
+    max_queue_share: float = Field(
+        0.5, gt=0, le=1, description="the share of a model's queue one account may hold (fair share among tenants)"
+    )
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a node before 504")
     node_timeout: float = Field(60.0, gt=0, description="seconds without a byte from a node before giving up on it")
     node_rest: float = Field(
@@ -46,6 +55,15 @@ class RouterSettings(BaseModel):
     affinity: bool = Field(
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _ledger_url(cls, value: object) -> object:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            backend_of(value)  # ValueError for a URL of another kind
+        return value
 
 
 def _yes(value: str) -> bool:
@@ -68,6 +86,7 @@ FLAGS = [
     Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
     Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
+    Flag("max_queue_share", "--max-queue-share", "LLAMAKIT_MAX_QUEUE_SHARE", float),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
     Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),
     Flag("node_rest", "--node-rest", "LLAMAKIT_NODE_REST", float),

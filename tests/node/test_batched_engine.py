@@ -72,26 +72,40 @@ def test_same_tokens_as_the_simple_engine_for_the_same_seed(simple: SimpleModel,
 
 
 def test_concurrent_sequences_each_get_their_own_answer(batched: BatchedModel) -> None:
+    """Eight sequences decoded together each continue their own prompt. Their texts are not compared with the
+    same prompts decoded alone: llama.cpp gives other floats for another batch shape, and at a near-tie another
+    token (seen on AMD EPYC after ~50 tokens of a story). So the prompts are ones whose next tokens win by far
+    on any CPU (number series), and the rest is checked by what a grammar or a limit guarantees."""
+    series = {  # prompt: what every x86-64 CPU continues it with
+        PROMPTS[0]: " 8, 9, 10, 11,",
+        "10, 20, 30, 40, 50,": " 60, 70",
+        "2, 4, 6, 8, 10, 12,": " 14, 16, 18, 20,",
+        "100, 99, 98, 97, 96,": " 95, 94, 93, 92,",
+    }
+    prompts = list(series)
     jobs = [
-        job(batched, PROMPTS[0], max_tokens=50, temperature=0.0, stop=[" 12,"]),
+        job(batched, prompts[0], max_tokens=50, temperature=0.0, stop=[" 12,"]),
         job(batched, "Rate 'great food' from 1 to 5:", max_tokens=5, temperature=0.0, grammar="root ::= [1-5]"),
-        job(batched, PROMPTS[1], max_tokens=7, temperature=0.0),
-        job(batched, PROMPTS[2], max_tokens=64, temperature=0.0),
-        job(batched, PROMPTS[3], max_tokens=33, temperature=0.0),
+        job(batched, prompts[1], max_tokens=7, temperature=0.0),
+        job(batched, prompts[2], max_tokens=64, temperature=0.0),
+        job(batched, prompts[3], max_tokens=33, temperature=0.0),
         job(batched, "yes or no?", max_tokens=5, temperature=0.0, grammar='root ::= "yes" | "no"'),
         job(batched, "word " * 300, max_tokens=10, temperature=0.0),  # a long prompt, fed in chunks
-        job(batched, PROMPTS[0], max_tokens=20, temperature=0.0),
+        job(batched, prompts[0], max_tokens=20, temperature=0.0),
     ]
-    alone = [run(batched, 0, j) for j in jobs]
     with ThreadPoolExecutor(max_workers=8) as pool:
         together = list(pool.map(lambda ij: run(batched, ij[0], ij[1]), enumerate(jobs)))
-    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
-        assert b.prompt_tokens == len(jobs[i].prompt_tokens)
-        assert (b.text, b.completion_tokens, b.finish_reason) == (a.text, a.completion_tokens, a.finish_reason), i
-    assert together[0].finish_reason == "stop" and together[0].text.rstrip().endswith("11,")
+    for i, result in enumerate(together):
+        assert result.prompt_tokens == len(jobs[i].prompt_tokens), i
+        assert 0 < result.completion_tokens <= jobs[i].max_tokens, i
+    assert together[0].finish_reason == "stop" and together[0].text == series[prompts[0]], together[0]
     assert together[1].text in {"1", "2", "3", "4", "5"}
     assert together[2].completion_tokens == 7 and together[2].finish_reason == "length"
+    assert together[2].text.startswith(series[prompts[1]]), together[2]
+    assert together[3].completion_tokens == 64 and together[3].text.startswith(series[prompts[2]]), together[3]
+    assert together[4].completion_tokens == 33 and together[4].text.startswith(series[prompts[3]]), together[4]
     assert together[5].text in {"yes", "no"}
+    assert together[7].completion_tokens == 20 and together[7].text.startswith(series[prompts[0]]), together[7]
 
 
 def test_a_cancelled_sequence_frees_its_slot_and_the_others_continue(batched: BatchedModel) -> None:

@@ -28,6 +28,7 @@ class Script:
     stall_after: int | None = None  # stream: go silent after this many tokens (0: after the headers)
     hang: bool = False  # never answer (until the server stops)
     gate: asyncio.Event | None = None  # hold every request until set
+    keepalive: bool = False  # whole answers: a space before the JSON for every token, as a real node proves life
 
 
 @dataclass
@@ -41,6 +42,7 @@ class FakeNode:
     max_active: int = 0
     cancelled: int = 0
     status: str = "ready"
+    stops: dict[str, asyncio.Event] = field(default_factory=dict)  # by request id: POST /admin/cancel/{id}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -53,7 +55,15 @@ class FakeNode:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/completions", self.generate)
+        app.router.add_post("/admin/cancel/{rid}", self.cancel)
         return app
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        stop = self.stops.get(request.match_info["rid"])
+        if stop is None:
+            return web.json_response({"error": {"message": "not running", "type": "not_found_error"}}, status=404)
+        stop.set()
+        return web.json_response({"cancelled": True})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -79,30 +89,55 @@ class FakeNode:
         try:
             if script.gate is not None:
                 await script.gate.wait()
-            await asyncio.sleep(script.first_delay)
+            if not await self._still_wanted(request, script.first_delay):
+                self.cancelled += 1
+                return web.Response(status=499)
             text = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
             prompt_tokens = len(str(text).split()) + 3
             n = min(script.tokens, body.get("max_tokens") or script.tokens)
             rid = request.headers.get("X-Llamakit-Request-Id", "x")
             if body.get("stream"):
                 return await self._stream(request, rid, prompt_tokens, n, body)
-            for _ in range(n):
+            stop = self.stops[rid] = asyncio.Event()
+            resp: web.StreamResponse | None = None
+            made = 0
+            while made < n and not stop.is_set():
                 await asyncio.sleep(script.token_delay)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-            return web.json_response(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "model": self.model,
-                    "choices": [{"index": 0, "text": " tok" * n, "finish_reason": "length"}],
-                    "usage": usage,
-                }
-            )
+                made += 1
+                if script.keepalive:
+                    if resp is None:
+                        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+                        await resp.prepare(request)
+                    await resp.write(b" ")
+            del self.stops[rid]
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": made, "total_tokens": prompt_tokens + made}
+            answer = {
+                "id": rid,
+                "object": "text_completion",
+                "model": self.model,
+                "choices": [{"index": 0, "text": " tok" * made, "finish_reason": "length"}],
+                "usage": usage,
+            }
+            if resp is None:
+                return web.json_response(answer)
+            await resp.write(json.dumps(answer).encode())
+            await resp.write_eof()
+            return resp
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
         finally:
             self.active -= 1
+
+    @staticmethod
+    async def _still_wanted(request: web.Request, seconds: float) -> bool:
+        """Wait `seconds`, as a node decoding a prompt does; False as soon as the caller closed the connection."""
+        deadline = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < deadline:
+            if request.transport is None or request.transport.is_closing():
+                return False
+            await asyncio.sleep(min(0.02, seconds))
+        return True
 
     async def _stream(
         self, request: web.Request, rid: str, prompt_tokens: int, n: int, body: dict[str, Any]
