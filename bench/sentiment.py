@@ -6,12 +6,15 @@ models, temperature 0 or seeded samples) with each method of ``llamakit.agent.gr
 model the herd serves, and prints per method × model: the accuracy on the polar windows (positive and
 negative: the aim is ≥ 85 %), on all windows, the share of buy decisions that were right (precision of
 "positive"), the confusion matrix (rows: the label, columns: the grade), and the cost per grade in credits
-(the sum of ``usage.cost``), with the seconds per grade.
+(the sum of ``usage.cost``), with the seconds per grade. ``few-shot-logprobs`` is not one of the agent's
+methods yet: it reads the probabilities of the label words from the router's logprobs (which the SDK does
+not carry), and grades positive from a threshold on P(good), printed for several thresholds.
 
 By default it starts its own herd (``llamakit up --headless`` with every installed model, one node each, in
 a temporary state directory) and stops it at the end; ``--router URL --api-key KEY`` uses a running one.
 
-Run: ``.venv/bin/python bench/sentiment.py [--methods few-shot,labels] [--models gemma-3-270m] [--limit 30]``;
+Run: ``.venv/bin/python bench/sentiment.py [--methods few-shot-text,few-shot-logprobs] [--models gemma-3-270m]
+[--limit 30]``;
 results go to stdout and to ``bench/results/sentiment.json``.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -29,15 +33,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 from _processes import free_port
 
-from llamakit.agent.grader import METHODS, SENTIMENTS, Method, SentimentGrader
+from llamakit.agent.grader import METHODS, SENTIMENTS, Method, Sentiment, SentimentGrader
 from llamakit.agent.labelled import LabelledWindow, load_labelled
 from llamakit.sdk import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "bench" / "results" / "sentiment.json"
 LABELLED = ROOT / "tests" / "agent" / "data" / "sentiment.jsonl"
+LOGPROB_THRESHOLDS = (0.4, 0.5, 0.6, 0.7)  # P(good) at which few-shot-logprobs grades a window positive
 
 
 @dataclass
@@ -59,24 +65,75 @@ def evaluate(client: Client, method: Method, model: str, windows: list[LabelledW
     with ThreadPoolExecutor(concurrency) as pool:
         grades = list(pool.map(lambda w: grader.grade(w.messages), windows))
     elapsed = time.monotonic() - started
+    return score(method.name, model, windows, [g.sentiment for g in grades], [g.cost for g in grades], elapsed)
+
+
+def score(
+    method: str,
+    model: str,
+    windows: list[LabelledWindow],
+    sentiments: list[Sentiment | None],
+    costs: list[int],
+    elapsed: float,
+) -> Result:
+    pairs = list(zip(windows, sentiments, strict=True))
     confusion = {label: dict.fromkeys([*SENTIMENTS, "none"], 0) for label in SENTIMENTS}
-    for window, grade in zip(windows, grades, strict=True):
-        confusion[window.label][grade.sentiment or "none"] += 1
-    polar = [(w, g) for w, g in zip(windows, grades, strict=True) if w.label != "neutral"]
-    graded_positive = [w for w, g in zip(windows, grades, strict=True) if g.sentiment == "positive"]
+    for window, sentiment in pairs:
+        confusion[window.label][sentiment or "none"] += 1
+    polar = [(w, s) for w, s in pairs if w.label != "neutral"]
+    graded_positive = [w for w, s in pairs if s == "positive"]
     return Result(
-        method=method.name,
+        method=method,
         model=model,
-        polar_accuracy=sum(w.label == g.sentiment for w, g in polar) / max(1, len(polar)),
-        accuracy=sum(w.label == g.sentiment for w, g in zip(windows, grades, strict=True)) / len(windows),
+        polar_accuracy=sum(w.label == s for w, s in polar) / max(1, len(polar)),
+        accuracy=sum(w.label == s for w, s in pairs) / len(windows),
         buy_precision=(
             sum(w.label == "positive" for w in graded_positive) / len(graded_positive) if graded_positive else None
         ),
         confusion=confusion,
-        cost_per_grade=sum(g.cost for g in grades) / len(grades),
-        seconds_per_grade=elapsed / len(grades),
+        cost_per_grade=sum(costs) / len(costs),
+        seconds_per_grade=elapsed / len(windows),
         windows=len(windows),
     )
+
+
+def evaluate_logprobs(
+    url: str, api_key: str, model: str, windows: list[LabelledWindow], concurrency: int
+) -> list[Result]:
+    """few-shot-text's prompt, one token with its top 20 logprobs: the three label words' probabilities.
+
+    The SDK does not carry logprobs yet, so this calls the router's `/v1/completions` directly. Graded
+    positive when P(good) reaches a threshold (among the three words), else the likelier of bad and none;
+    one result per threshold, from the same requests.
+    """
+    words = {"positive": " good", "negative": " bad", "neutral": " none"}
+    prompt = METHODS["few-shot-text"].build
+
+    def probabilities(window: LabelledWindow, http: httpx.Client) -> tuple[dict[str, float], int]:
+        body = {"model": model, "prompt": prompt(window.messages), "max_tokens": 1, "temperature": 0, "logprobs": 20}
+        answer = http.post("/v1/completions", json=body).raise_for_status().json()
+        top: dict[str, float] = answer["choices"][0]["logprobs"]["top_logprobs"][0]
+        floor = min(top.values())  # a word outside the top 20 is at most as likely as the 20th
+        logprob = {s: top.get(word, floor) for s, word in words.items()}
+        total = sum(math.exp(v) for v in logprob.values())
+        return {s: math.exp(v) / total for s, v in logprob.items()}, int(answer["usage"]["cost"])
+
+    started = time.monotonic()
+    with (
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {api_key}"}, timeout=120) as http,
+        ThreadPoolExecutor(concurrency) as pool,
+    ):
+        measured = list(pool.map(lambda w: probabilities(w, http), windows))
+    elapsed = time.monotonic() - started
+    results = []
+    for threshold in LOGPROB_THRESHOLDS:
+        sentiments: list[Sentiment | None] = [
+            "positive" if p["positive"] >= threshold else ("negative" if p["negative"] > p["neutral"] else "neutral")
+            for p, _ in measured
+        ]
+        name = f"few-shot-logprobs {threshold:.1f}"
+        results.append(score(name, model, windows, sentiments, [c for _, c in measured], elapsed))
+    return results
 
 
 def show(result: Result) -> None:
@@ -118,14 +175,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--router", help="a running router's URL (default: start a herd here)")
     parser.add_argument("--api-key", help="an API key of a funded account on --router")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated method names")
+    parser.add_argument(
+        "--methods",
+        default=",".join([*METHODS, "few-shot-logprobs"]),
+        help="comma-separated method names (few-shot-logprobs: logprob scoring, direct HTTP)",
+    )
     parser.add_argument("--models", default="", help="comma-separated models (default: every model served)")
     parser.add_argument("--limit", type=int, default=0, help="grade only the first N windows of each label")
     parser.add_argument("--concurrency", type=int, default=2, help="grades in flight at once")
     parser.add_argument("--threads", type=int, default=None, help="threads per node of the herd started here")
     parser.add_argument("--data", type=Path, default=LABELLED, help="the labelled set (JSONL)")
     args = parser.parse_args()
-    methods = [METHODS[name] for name in args.methods.split(",") if name]
+    names = [name for name in args.methods.split(",") if name]
+    methods = [METHODS[name] for name in names if name != "few-shot-logprobs"]
     windows = load_labelled(args.data)
     if args.limit:
         windows = [w for label in SENTIMENTS for w in [w for w in windows if w.label == label][: args.limit]]
@@ -146,6 +208,11 @@ def main() -> int:
                         result = evaluate(client, method, model, windows, args.concurrency)
                         show(result)
                         results.append(result)
+                    if "few-shot-logprobs" in names:
+                        assert key is not None
+                        for result in evaluate_logprobs(url, key, model, windows, args.concurrency):
+                            show(result)
+                            results.append(result)
         finally:
             if launcher is not None:
                 launcher.stop()
