@@ -87,6 +87,7 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
+        self.recorded = False  # a usage record of this request exists (its hold was released with this error)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, code=self.code, param=self.param, **self.extra)
@@ -200,7 +201,7 @@ class GenerationRequest(_Lenient):
     grammar: str | None = None
     response_format: ResponseFormat | None = None
     bid: StrictInt | StrictFloat | None = None  # strict: `true` is not a bid
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=100)  # kept on the usage record
     logit_bias: dict[str, StrictInt | StrictFloat] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)

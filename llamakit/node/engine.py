@@ -247,6 +247,9 @@ class LoadedModel:
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_lock = threading.Lock()
         self.chat_formatter = self._chat_formatter(model)
+        # time.monotonic() when the decode step running now began (None between steps; engines that have one
+        # decode loop set it): the node's keepalives tell a slow step from a stuck one by it.
+        self.step_started: float | None = None
         # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
         self.grammars = GrammarCheck(resolved.path)
 
