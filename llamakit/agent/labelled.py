@@ -25,6 +25,9 @@ _EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 @dataclass(frozen=True)
 class LabelledWindow:
+    """One window of a labelled set: its id, the sentiment it clearly has, its messages (oldest first, their
+    times one minute apart from 2026-01-01 UTC, since a labelled set has none)."""
+
     id: str
     label: Mood
     messages: tuple[Message, ...]

@@ -1,7 +1,7 @@
 """Where the agent's chat history comes from: a chat log the operator brings, or a simulated chat room.
 
 A `World` advances one tick at a time; after each tick it has new messages and a price. The simulated room
-goes through every mood (bullish, calm, bearish) in a seeded order; what its people say follows the mood, and
+goes through every mood (positive, neutral, negative) in a seeded order; what its people say follows the mood, and
 the price follows it a tick later, so an agent that reads the mood well makes money.
 
 A chat log (`--world chat.jsonl` or `chat.csv`) has one message per JSON line or CSV row:
@@ -157,10 +157,10 @@ def _message(path: Path, line: int, row: Mapping[str, object]) -> Message:
     if missing:
         raise ChatLogError(path, line, f"missing {', '.join(missing)} (every message needs author, text and time)")
     author, text = row["author"], row["text"]
-    for name, value in (("author", author), ("text", text)):
-        if not isinstance(value, str) or not value.strip():
-            raise ChatLogError(path, line, f"{name} must be a non-empty string, got {value!r}")
-    assert isinstance(author, str) and isinstance(text, str)
+    if not isinstance(author, str) or not author.strip():
+        raise ChatLogError(path, line, f"author must be a non-empty string, got {author!r}")
+    if not isinstance(text, str) or not text.strip():
+        raise ChatLogError(path, line, f"text must be a non-empty string, got {text!r}")
     return Message(author.strip(), text.strip(), _time(path, line, row["time"]), _price(path, line, row.get("price")))
 
 
@@ -194,8 +194,11 @@ def _price(path: Path, line: int, raw: object) -> float | None:
 
 
 class ReplayWorld:
-    """A chat log played back a message per tick. The price follows the log's prices where it has them,
-    else a seeded random walk (1 % a tick) from `start_price`."""
+    """A chat log played back a message per tick, oldest first; `exhausted` once the last one is shown.
+
+    The price (quote currency per token) follows the log's `price` fields where it has them, else it is a
+    seeded random walk from `start_price` (log-normal steps of 1 % standard deviation a tick).
+    """
 
     def __init__(self, messages: Sequence[Message], *, seed: int = 0, start_price: float = 100.0) -> None:
         self._messages = list(messages)
