@@ -299,7 +299,15 @@ class BatchedModel(LoadedModel):
         if n == 0:
             return running
         batch.n_tokens = n
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        # A step in progress: a long prompt chunk or a heavy grammar can take seconds, and is work, not a hang.
+        self.step_started = time.monotonic()
+        try:
+            return self._decode_and_sample(running, feeds, n)
+        finally:
+            self.step_started = None
+
+    def _decode_and_sample(self, running: list[_Sequence], feeds: dict[int, list[int]], n: int) -> list[_Sequence]:
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         still = []

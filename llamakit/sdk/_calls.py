@@ -69,7 +69,8 @@ class GenerateOptions(RequestOptions, total=False):
     """Keyword options every generation call takes (`generate`, `chat`, their streams and async twins).
 
     Sampling: `model` (the client's, else the router's default), `max_tokens`, `temperature`, `top_p`,
-    `stop`, `seed`. Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
+    `stop`, `seed`; `user` (OpenAI's: who the call is for, kept on the router's usage record and in
+    this client's usage frame). Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
     model class). Money: `bid` (a multiplier ≥ 1, or "auto" to out-bid the queue up to `max_bid`).
     Transport: `timeout` (seconds, an `httpx.Timeout` or None for none; the client's when not given),
     `max_retries`, `idempotency_key` (one is made per call when not given: give your own to make a call
@@ -82,6 +83,7 @@ class GenerateOptions(RequestOptions, total=False):
     top_p: float | None
     stop: str | list[str] | None
     seed: int | None
+    user: str | None
     grammar: str | None
     json_schema: dict[str, Any] | type[BaseModel] | None
     bid: float | Literal["auto"] | None
@@ -90,7 +92,7 @@ class GenerateOptions(RequestOptions, total=False):
     extra_body: Mapping[str, Any] | None
 
 
-_SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "grammar")
+_SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "grammar", "user")
 
 
 def chat_messages(messages: Messages, system: str | None = None) -> list[dict[str, Any]]:
@@ -180,6 +182,7 @@ class Call:
     attempts: int = 0
     bid: float | None = None
     first_token: float | None = None
+    user: str | None = None
 
     def body(self, payload: dict[str, Any], options: GenerateOptions) -> dict[str, Any]:
         """The JSON body: `payload` (prompt or messages) plus the options that were given (None is omitted)."""
@@ -190,6 +193,7 @@ class Call:
             value = options.get(name)
             if value is not None:
                 body[name] = value
+        self.user = options.get("user")
         schema = options.get("json_schema")
         if schema is not None:
             if isinstance(schema, type) and issubclass(schema, BaseModel):
@@ -291,6 +295,7 @@ class Call:
             ttft=generation.ttft,
             queue_wait=generation.queue_wait,
             attempts=generation.attempts,
+            user=self.user,
         )
 
     def failure(
@@ -318,6 +323,7 @@ class Call:
             attempts=self.attempts,  # 0 when the call failed before anything was sent
             error_type=None if cut else type(error).__name__,
             error=None if cut else message,
+            user=self.user,
         )
 
 

@@ -294,3 +294,15 @@ def test_idempotency_key_is_sent_and_can_be_given(herd: ThreadedHerd) -> None:
     client.generate(PROMPT, max_tokens=1, idempotency_key="order-42")
     keys = [r.idempotency_key for r in client.usage_records]
     assert keys[1] == "order-42" and keys[0] is not None and uuid.UUID(keys[0]).version == 4
+
+
+def test_the_user_a_call_names_is_in_the_frame_and_on_the_routers_record(herd: ThreadedHerd) -> None:
+    herd.add_node(FakeNode("n1", script=Script(tokens=2)))
+    herd.start()
+    client = herd.client(deposit=5_000)
+    client.generate(PROMPT, max_tokens=2, user="customer-42")
+    client.chat("a b c", max_tokens=2)
+    frame = client.usage_frame()
+    assert list(frame["user"].fillna("")) == ["customer-42", ""]
+    ledger = herd.router_usage(client)
+    assert [r["user"] for r in ledger] == ["customer-42", None]
