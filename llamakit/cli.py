@@ -46,7 +46,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         profile = launcher.start()
         print(
-            f"\nllamakit is up: {profile.url}  model {profile.model}\n"
+            f"\nllamakit is up: {profile.url}  models {', '.join(launcher.models) or profile.model}\n"
             f"profile written to {options.profile or profile_path()} (the SDK and llamakit-tui read it)\n\n"
             f"  export LLAMAKIT_URL={profile.url}\n"
             f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
