@@ -57,13 +57,12 @@ class EmbeddingRequest(BaseModel):
     @field_validator("input")
     @classmethod
     def _bounded(cls, value: Any) -> Any:
-        items: list[Any] = [value] if isinstance(value, str) else value
-        if not items:
-            raise ValueError("give at least one input")
+        if not value:
+            raise ValueError("the input is empty: give a text, texts or token ids")
+        # A string or a flat list of token ids is one input.
+        items: list[Any] = [value] if isinstance(value, str) or isinstance(value[0], int) else value
         if len(items) > MAX_EMBEDDING_INPUTS:
             raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs are allowed per request, got {len(items)}")
-        if isinstance(items[0], int):  # one token-id list
-            items = [items]
         ids = 0
         for i, item in enumerate(items):
             if len(item) == 0:

@@ -15,6 +15,7 @@ from aiohttp import web
 from llamakit.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
+from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Ledger, UsageRecord
@@ -48,6 +49,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app[STATE] = state
     app.add_routes(routes)
+    app.add_routes(embedding_routes)
     app.add_routes(admin_routes)
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
