@@ -11,11 +11,20 @@ from __future__ import annotations
 import base64
 import struct
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
-from llamakit.protocol import ApiError, validate_request
+from llamakit.protocol import ApiError
 
 __all__ = [
     "EMBEDDING_FIELDS",
@@ -27,6 +36,7 @@ __all__ = [
     "embedding_body",
     "encode_vector",
     "parse_embedding_request",
+    "validate_body",
 ]
 
 MAX_EMBEDDING_INPUTS = 2048  # inputs per request, OpenAI's own limit
@@ -80,7 +90,7 @@ class EmbeddingRequest(BaseModel):
         if isinstance(self.input, str):
             return [self.input]
         if self.input and isinstance(self.input[0], int):
-            return [list(self.input)]  # type: ignore[arg-type]
+            return [list(self.input)]
         return list(self.input)  # type: ignore[arg-type]
 
     def token_bound(self) -> int:
@@ -105,7 +115,22 @@ def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
         )
     if "input" not in data:
         raise ApiError(400, "'input' is required: a string, a list of strings or of token ids", param="input")
-    return validate_request(EmbeddingRequest, data)
+    return validate_body(EmbeddingRequest, data)
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def validate_body(model: type[_Model], data: dict[str, Any]) -> _Model:
+    """`model` from a parsed body, or a 400 that names the first field in error (as `protocol.validate_request`
+    does for completions)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(400, f"invalid request: {param}: {message}", param=param, code="invalid_value") from exc
 
 
 def encode_vector(vector: Sequence[float], encoding_format: str) -> list[float] | str:
