@@ -21,6 +21,7 @@ from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Ledger, UsageRecord
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
+from llamakit.router.responses import response_routes
 from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import RouterState, UsageLog
@@ -50,6 +51,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app[STATE] = state
     app.add_routes(routes)
     app.add_routes(embedding_routes)
+    app.add_routes(response_routes)
     app.add_routes(admin_routes)
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
