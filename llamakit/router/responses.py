@@ -123,6 +123,18 @@ async def _serve(
     return json_response(body, headers=_llamakit_headers(answer))
 
 
+@response_routes.get(PATH + "/{response_id}")
+async def retrieve(request: web.Request) -> web.Response:
+    """`GET /v1/responses/{id}` (the openai client's `responses.retrieve`): nothing is kept, so always 404."""
+    authenticate(request)
+    raise ApiError(
+        404,
+        f"response {request.match_info['response_id']!r} cannot be retrieved: llamakit does not keep responses",
+        type="not_found_error",
+        code="not_found",
+    )
+
+
 def _llamakit_headers(answer: web.StreamResponse) -> dict[str, str]:
     return {k: v for k, v in answer.headers.items() if k.lower().startswith(("x-llamakit-", "idempotent-"))}
 
