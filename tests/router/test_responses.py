@@ -76,12 +76,14 @@ async def test_input_items_become_chat_messages_and_the_bid_applies(herd: Herd) 
     node = await herd.add_node(FakeNode("n1", script=Script(tokens=2)))
     await herd.start()
     alice = await herd.account("alice", 10_000)
+    parts = [{"type": "input_text", "text": "hi "}, {"type": "input_text", "text": "there"}]
+    answer = [{"type": "output_text", "text": "hello", "annotations": []}]
     items = [
         {"role": "developer", "content": "rules"},
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi "}, {"type": "input_text", "text": "there"}]},
-        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed", "content": [{"type": "output_text", "text": "hello", "annotations": []}]},
+        {"type": "message", "role": "user", "content": parts},
+        {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed", "content": answer},
         {"role": "user", "content": "again"},
-    ]  # fmt: skip
+    ]
     resp = await alice.post(
         "/v1/responses",
         json={"input": items, "bid": 2, "temperature": 0, "top_p": 0.5, "text": {"format": {"type": "json_object"}}},
