@@ -325,7 +325,7 @@ def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
     details = usage.get("prompt_tokens_details") or {}
     shaped: dict[str, Any] = {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0) or 0},
+        "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0) or 0, "cache_write_tokens": 0},
         "output_tokens": completion,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,

@@ -42,7 +42,7 @@ async def test_a_response_is_a_chat_completion_settled_on_exact_usage(herd: Herd
     # The fake node counts the words of all messages + 3: "be brief one two three" → 8.
     assert body["usage"] == {
         "input_tokens": 8,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": 4,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 12,
