@@ -85,7 +85,7 @@ def test_items_become_chat_messages_with_tool_calls_and_tool_results() -> None:
         input=[
             {"role": "user", "content": [{"type": "input_text", "text": "Weather in Paris and Oslo?"}]},
             {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "get_weather", "arguments": "{}"},
-            {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": "{}", "status": "completed"},
+            {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": "{}", "status": "done"},
             {"type": "function_call_output", "call_id": "call_a", "output": "sunny"},
             {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "snow"}]},
         ],
