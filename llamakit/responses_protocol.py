@@ -168,7 +168,9 @@ def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
     if "input" not in data:
         raise ApiError(400, "'input' is required: a string, or a list of messages and items", param="input")
     req = validate_body(ResponsesRequest, data)
-    if req.tools or req.tool_choice is not None or _has_tool_items(req.input):
+    if not req.tools and req.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice {req.tool_choice!r} needs 'tools' to choose from", param="tool_choice")
+    if req.tools or _has_tool_items(req.input):
         chat_fields = ChatCompletionRequest.model_fields
         if "tools" not in chat_fields or "tool_calls" not in ChatMessage.model_fields:
             raise ApiError(
@@ -284,7 +286,7 @@ def chat_body(req: ResponsesRequest, *, stream: bool) -> dict[str, Any]:
         ]
         if req.parallel_tool_calls is not None:
             body["parallel_tool_calls"] = req.parallel_tool_calls
-    if req.tool_choice is not None:
+    if req.tools and req.tool_choice is not None:  # without tools, "auto" and "none" mean the same: no calls
         body["tool_choice"] = _chat_tool_choice(req.tool_choice)
     fmt = req.format
     if fmt is not None and fmt.type == "json_object":

@@ -123,9 +123,12 @@ def test_tools_and_tool_choice_become_chat_tools() -> None:
     assert body["tools"] == [{"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}]
     assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert body["parallel_tool_calls"] is False
-    assert chat_body(request(tool_choice="required"), stream=False)["tool_choice"] == "required"
+    assert chat_body(request(tools=[TOOL], tool_choice="required"), stream=False)["tool_choice"] == "required"
+    assert "tool_choice" not in chat_body(request(tool_choice="auto"), stream=False)
     with pytest.raises(ApiError, match="tool_choice"):
-        chat_body(request(tool_choice={"type": "web_search_preview"}), stream=False)
+        chat_body(request(tools=[TOOL], tool_choice={"type": "web_search_preview"}), stream=False)
+    with pytest.raises(ApiError, match="needs 'tools'"):
+        parse_responses_request({"input": "hi", "tool_choice": "required"})
 
 
 def test_hosted_tools_are_refused_by_name() -> None:
