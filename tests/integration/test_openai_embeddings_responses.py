@@ -205,7 +205,7 @@ async def test_a_function_tool_round_trip(client: AsyncOpenAI, herd: LiveHerd) -
     question: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = await client.responses.create(
         model=MODEL, input=question, tools=[WEATHER], tool_choice="required", max_output_tokens=64, temperature=0
-    )  # type: ignore[list-item]
+    )
     calls = [item for item in first.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather"
     assert isinstance(json.loads(calls[0].arguments)["city"], str)
@@ -217,7 +217,7 @@ async def test_a_function_tool_round_trip(client: AsyncOpenAI, herd: LiveHerd) -
     ]
     second = await client.responses.create(
         model=MODEL, input=follow_up, tools=[WEATHER], max_output_tokens=48, temperature=0
-    )  # type: ignore[list-item]
+    )
     assert second.usage is not None and first.usage is not None
     assert second.usage.input_tokens > first.usage.input_tokens  # the call and its result were in the prompt
     spent = sum(r.usage.model_extra["cost"] for r in (first, second))  # type: ignore[union-attr,index]

@@ -135,7 +135,7 @@ class FakeNode:
             if not await self._still_wanted(request, script.first_delay):
                 self.cancelled += 1
                 return web.Response(status=499)
-            text = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
+            text = body.get("prompt") or " ".join(m.get("content") or "" for m in body.get("messages", []))
             prompt_tokens = len(str(text).split()) + 3
             n = min(script.tokens, body.get("max_tokens") or script.tokens)
             rid = request.headers.get("X-Llamakit-Request-Id", "x")
