@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -21,6 +22,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from llamakit.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
 
 __all__ = [
     "ApiError",
@@ -51,6 +54,7 @@ MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
 MAX_SCHEMA_COUNT = 1024  # minItems, maxLength …: the JSON-schema converter spells out each repetition
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API allows
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 # OpenAI's `seed` is a 64-bit integer; llama.cpp takes 32 bits of it.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _Req = TypeVar("_Req", bound="GenerationRequest")
@@ -135,10 +139,32 @@ class ResponseFormat(_Lenient):
         return self
 
 
+class ToolCallFunction(_Lenient):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Lenient):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result answers this call
+
+    def as_dict(self) -> dict[str, Any]:
+        """The message as `render_tool_messages` and the chat template take it (content as text)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def text(self) -> str:
         """The message's text; OpenAI content parts of type `text` are joined, others are refused."""
@@ -176,6 +202,58 @@ class GenerationRequest(_Lenient):
     bid: StrictInt | StrictFloat | None = None  # strict: `true` is not a bid
     user: str | None = None
     logit_bias: dict[str, StrictInt | StrictFloat] | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # llama.cpp's multiplicative repetition penalty (llama-server's `repeat_penalty`, vLLM's `repetition_penalty`)
+    repeat_penalty: float = Field(
+        default=1.0, gt=0.0, le=2.0, validation_alias=AliasChoices("repeat_penalty", "repetition_penalty")
+    )
+    # OpenAI's fields that change nothing here by their nature, accepted at the values that say so
+    service_tier: Literal["auto", "default"] | None = None
+    store: Literal[False] | None = None
+
+    # Request fields, by name, that llamakit refuses with a reason rather than drop (see README, "Fields").
+    REFUSED: ClassVar[dict[str, str]] = {
+        "audio": "audio output is not supported: the models here produce text",
+        "modalities": "only text is produced here",
+        "prediction": "predicted outputs are not supported",
+        "web_search_options": "there is no web search here",
+        "reasoning_effort": "the models here do not reason in a separate channel",
+        "verbosity": "the models here have no verbosity setting",
+        "functions": "the deprecated 'functions' field is not supported: use 'tools'",
+        "function_call": "the deprecated 'function_call' field is not supported: use 'tool_choice'",
+        "metadata": "requests are not stored here, so there is nowhere to keep metadata",
+        "prompt_cache_key": "llamakit routes a conversation to its cache by its text; the key is not used",
+        "safety_identifier": "llamakit keeps 'user' on usage records; 'safety_identifier' is not used",
+    }
+
+    @classmethod
+    def check_fields(cls, data: dict[str, Any]) -> None:
+        """A 400 naming the first field that llamakit would otherwise drop silently: refused ones with their
+        reason, unknown ones as unknown. `modalities: ["text"]` and `n: 1` say what happens anyway."""
+        for key, value in data.items():
+            if key in cls.model_fields or key in cls._ALIASES or value is None:
+                continue
+            if key == "modalities" and value == ["text"]:
+                continue
+            reason = cls.REFUSED.get(key)
+            if reason is None:
+                reason = f"it is not a field of this endpoint (see {cls.DOCS})"
+            raise ApiError(400, f"{key!r} is not supported: {reason}", param=key, code="unsupported_field")
+
+    _ALIASES: ClassVar[frozenset[str]] = frozenset({"repetition_penalty"})
+    DOCS: ClassVar[str] = "OpenAI's API reference; llamakit's README lists the fields it takes"
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _not_stored(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError("requests are not stored here: send store false or leave it out")
+        return value
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token to report with its logprob; None when logprobs were not asked for."""
+        return None
 
     @field_validator("temperature", "top_p", "bid", mode="before")
     @classmethod
@@ -241,10 +319,54 @@ class GenerationRequest(_Lenient):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _tools_alone(self) -> ChatCompletionRequest:
+        if self.tools and (self.grammar is not None or (self.response_format and self.response_format.type != "text")):
+            raise ValueError("give either 'tools' or a 'grammar' / JSON 'response_format', not both")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice needs 'tools' to choose from")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if self.tools:
+            for tool in self.tools:
+                check_schema_shape(tool.function.parameters)
+            tool_setup(self.tools, self.tool_choice, parallel=self.parallel_tool_calls)  # a named choice must exist
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """The messages as the chat template gets them: earlier tool calls and results in the generic format,
+        and the tools offered in a system message (first, or added to the first system message)."""
+        messages = render_tool_messages([m.as_dict() for m in self.messages])
+        setup = self.tool_setup()
+        if setup is not None:
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": messages[0]["content"] + "\n\n" + setup.system}
+            else:
+                messages.insert(0, {"role": "system", "content": setup.system})
+        return messages
+
+    def tool_setup(self) -> ToolSetup | None:
+        return tool_setup(self.tools or [], self.tool_choice, parallel=self.parallel_tool_calls)
 
 
 class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: Literal[False] | None = None  # the prompt is not repeated in the answer
+    best_of: Literal[1] | None = None  # one candidate is generated
+    suffix: None = None  # insertion is not supported
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -351,7 +473,9 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
-    """Validate a parsed body against `model`, turning the first problem into a 400 that names the field."""
+    """Validate a parsed body against `model`, turning the first problem into a 400 that names the field; a
+    field llamakit does not act on is a 400 too (`unsupported_field`), never dropped."""
+    model.check_fields(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -375,31 +499,45 @@ def _created() -> int:
     return int(time.time())
 
 
-def chat_completion_body(*, id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def chat_completion_body(
+    *,
+    id: str,
+    model: str,
+    text: str | None,
+    finish_reason: str,
+    usage: Usage,
+    tool_calls: list[dict[str, Any]] | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A `chat.completion`; with `tool_calls` the message carries them (and `content` may be None)."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
     return {
         "id": id,
         "object": "chat.completion",
         "created": _created(),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
+        "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": usage.model_dump(exclude_none=True),
     }
 
 
-def completion_body(*, id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def completion_body(
+    *,
+    id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: Usage,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     return {
         "id": id,
         "object": "text_completion",
         "created": _created(),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         "usage": usage.model_dump(exclude_none=True),
     }
 
@@ -411,9 +549,12 @@ def chat_chunk_body(
     delta: dict[str, Any] | None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One `chat.completion.chunk`; `delta=None` makes the usage-only chunk with empty `choices`."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choices = (
+        [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
+    )
     return {
         "id": id,
         "object": "chat.completion.chunk",
@@ -431,9 +572,10 @@ def completion_chunk_body(
     text: str | None,
     finish_reason: str | None = None,
     usage: Usage | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One streamed `text_completion` chunk; `text=None` makes the usage-only chunk."""
-    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
+    choices = [] if text is None else [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]
     return {
         "id": id,
         "object": "text_completion",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "bearer_token",
     "error_middleware",
     "json_response",
+    "request_id_header",
     "require_bearer",
     "secrets_equal",
 ]
@@ -71,6 +73,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             error_body("internal server error; the request was not completed", type="server_error"),
             status=500,
         )
+
+
+async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`x-request-id` on every response, as OpenAI's API sends it (the openai client's `_request_id`): the
+    paid request's id where there is one (`X-Llamakit-Request-Id`, the id of its usage record), else a new one."""
+    if "x-request-id" not in response.headers:
+        response.headers["x-request-id"] = response.headers.get("X-Llamakit-Request-Id") or f"req-{uuid.uuid4().hex}"
 
 
 def bearer_token(request: web.Request) -> str | None:

@@ -29,11 +29,14 @@ from llama_cpp._internals import LlamaModel
 from llamakit.catalog import ResolvedModel
 from llamakit.node.engine import (
     MIN_P,
+    PENALTY_LAST_N,
     TOP_K,
     GenerationJob,
     GenerationResult,
     LoadedModel,
     TextOutput,
+    TokenLogprob,
+    logprobs_at,
     shared_prefix,
 )
 from llamakit.node.ram_cache import SAVE_MIN_TOKENS, RamCache
@@ -68,6 +71,7 @@ class _Sequence:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[], None] | None = None
+    logprobs: list[TokenLogprob] | None = None  # where each sampled token's logprobs go, when asked for
 
 
 class BatchedModel(LoadedModel):
@@ -153,6 +157,7 @@ class BatchedModel(LoadedModel):
         on_text: Callable[[str, int], None],
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         seq = _Sequence(
             seq_id=slot,
@@ -162,6 +167,7 @@ class BatchedModel(LoadedModel):
             cancel=cancel,
             started=time.perf_counter(),
             on_progress=on_progress,
+            logprobs=logprobs if job.logprobs is not None else None,
         )
         with self._wake:
             if self._closing:
@@ -179,6 +185,16 @@ class BatchedModel(LoadedModel):
         """The same chain llama-cpp-python's `Llama` builds, so both engines sample alike."""
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         add = llama_cpp.llama_sampler_chain_add
+        # Biases and penalties first, then the grammar, as `Llama`'s chain orders them.
+        if job.logit_bias:
+            entries = [llama_cpp.llama_logit_bias(token, bias) for token, bias in job.logit_bias.items()]
+            biases = (llama_cpp.llama_logit_bias * len(entries))(*entries)
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(job.logit_bias), biases))
+        if job.penalized:
+            penalties = llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_LAST_N, job.repeat_penalty, job.frequency_penalty, job.presence_penalty
+            )
+            add(chain, penalties)
         if job.grammar:
             add(chain, llama_cpp.llama_sampler_init_grammar(self.vocab, job.grammar.encode("utf-8"), b"root"))
         if job.temperature == 0:
@@ -294,6 +310,9 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
                 continue
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if seq.logprobs is not None and not seq.output.is_end(token):
+                logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.logits_at)
+                seq.logprobs.append(logprobs_at(self, logits, token, seq.job.logprobs or 0))
             if seq.output.add(token):
                 self._finish(seq)
             else:

@@ -10,6 +10,7 @@ import codecs
 import ctypes
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
-from llama_cpp import Llama
+import numpy as np
+from llama_cpp import Llama, LogitsProcessorList
 from llama_cpp._internals import LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
@@ -28,7 +30,16 @@ from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
 from llamakit.protocol import ApiError, check_grammar_shape
 
-__all__ = ["GenerationJob", "GenerationResult", "LoadedModel", "SimpleModel", "TextOutput", "shared_prefix"]
+__all__ = [
+    "GenerationJob",
+    "GenerationResult",
+    "LoadedModel",
+    "SimpleModel",
+    "TextOutput",
+    "TokenLogprob",
+    "logprobs_at",
+    "shared_prefix",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +48,19 @@ TOP_K = 40
 MIN_P = 0.05
 
 
+# Generated tokens the penalties look back on, as llama-cpp-python's `Llama` and llama-server default to.
+PENALTY_LAST_N = 64
+
+
 @dataclass(frozen=True)
 class GenerationJob:
-    """A validated request, tokenized and ready for a slot."""
+    """A validated request, tokenized and ready for a slot.
+
+    `logit_bias` maps token ids to a bias added to their logits (-100 bans, +100 forces, as OpenAI's);
+    `presence_penalty`, `frequency_penalty` (OpenAI's, from -2 to 2) and `repeat_penalty` (llama.cpp's, 1 is
+    off) look at the last PENALTY_LAST_N generated tokens; `logprobs` is how many alternatives to report per
+    token (None: no logprobs, and no cost).
+    """
 
     prompt_tokens: list[int]
     max_tokens: int
@@ -48,6 +69,40 @@ class GenerationJob:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     grammar: str | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    logprobs: int | None = None
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repeat_penalty != 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability under the model (the softmax of its raw logits, before any
+    sampling setting), with the `top` most likely tokens at that step, each `(token, bytes, logprob)`."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: list[tuple[int, bytes, float]]
+
+
+def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenLogprob:
+    """The TokenLogprob of `token` from a step's `n_vocab` logits (a ctypes float array or numpy row)."""
+    row = np.ctypeslib.as_array(logits, shape=(model.n_vocab,)) if not isinstance(logits, np.ndarray) else logits
+    row = row.astype(np.float64)
+    peak = row.max()
+    log_total = peak + math.log(float(np.exp(row - peak).sum()))
+    best: list[tuple[int, bytes, float]] = []
+    if top > 0:
+        ids = np.argpartition(-row, top)[:top]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = [(int(i), model.piece(int(i)), float(row[i] - log_total)) for i in ids]
+    return TokenLogprob(token, model.piece(token), float(row[token] - log_total), best)
 
 
 @dataclass(frozen=True)
@@ -110,9 +165,13 @@ class TextOutput:
         self.finish_reason = "length"
         self._stop_string_hit = False
 
+    def is_end(self, token: int) -> bool:
+        """Whether `token` ends the generation (end of generation or of turn): it is neither text nor counted."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
+
     def add(self, token: int) -> bool:
         """Take one sampled token; True when the generation is over (end of generation, stop string, limit)."""
-        if llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+        if self.is_end(token):
             self.finish_reason = "stop"
             return True
         self.completion_tokens += 1
@@ -182,6 +241,7 @@ class LoadedModel:
         self.slots = slots
         self._model = model
         self.vocab = model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.eos_token = model.token_eos()
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
@@ -217,13 +277,15 @@ class LoadedModel:
         on_text: Callable[[str, int], None],
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         """Generate on `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece of text is
         whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes). Stops at an
         end-of-generation token, a stop string, `max_tokens`, or when `cancel` is set; the completion tokens
         counted are the tokens sampled and delivered, the end-of-generation token excluded. `on_progress()` is
         called after each decode that advanced this request (a token, or a chunk of its prompt): the proof of
-        life a node sends its router while an answer takes long."""
+        life a node sends its router while an answer takes long. With `job.logprobs` set, one TokenLogprob per
+        counted token is appended to `logprobs` before the text that holds the token is handed on."""
         raise NotImplementedError
 
     # --- preparing a request (any thread; tokenizing only reads the vocabulary) ---
@@ -255,23 +317,19 @@ class LoadedModel:
         # spaces or its HTML tags) are ordinary vocabulary that plain text matches too.
         return bool(llama_cpp.llama_vocab_get_attr(self.vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL)
 
-    def grammar_for(self, grammar: str | None, response_format: Any | None) -> str | None:
-        """The GBNF to constrain sampling with, checked with llama.cpp's own parser, or a 400 that says why."""
+    def grammar_for(
+        self, grammar: str | None, response_format: Any | None, *, tools_schema: dict[str, Any] | None = None
+    ) -> str | None:
+        """The GBNF to constrain sampling with (a request's own, one for a JSON response format, or one for
+        the JSON answers of tool calls), checked with llama.cpp's own parser, or a 400 that says why."""
+        param = "grammar"
         if response_format is not None and response_format.type == "json_object":
             return JSON_GBNF
-        if response_format is not None and response_format.type == "json_schema":
-            schema = response_format.json_schema.schema_
-            try:
-                grammar = json_schema_to_gbnf(json.dumps(schema))
-            except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError …
-                raise ApiError(
-                    400,
-                    f"response_format.json_schema.schema cannot be used: {exc!r}",
-                    param="response_format",
-                ) from exc
+        if tools_schema is not None:
+            grammar, param = self._schema_grammar(tools_schema, "tools"), "tools"
+        elif response_format is not None and response_format.type == "json_schema":
+            grammar = self._schema_grammar(response_format.json_schema.schema_, "response_format")
             param = "response_format"
-        else:
-            param = "grammar"
         if grammar is None:
             return None
         try:
@@ -287,6 +345,30 @@ class LoadedModel:
                 code="invalid_grammar",
             )
         return grammar
+
+    @staticmethod
+    def _schema_grammar(schema: dict[str, Any], param: str) -> str:
+        try:
+            grammar: str = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError …
+            what = "response_format.json_schema.schema" if param == "response_format" else "a tool's parameters"
+            raise ApiError(400, f"{what} cannot be used: {exc!r}", param=param, code="invalid_schema") from exc
+        return grammar
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        """`logit_bias` with token ids checked against the vocabulary, or a 400 naming the first one outside."""
+        out: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            token = int(key)
+            if token >= self.n_vocab:
+                raise ApiError(
+                    400,
+                    f"logit_bias names token {token}, but {self.name}'s vocabulary has tokens 0 to {self.n_vocab - 1}",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            out[token] = float(value)
+        return out
 
     def plan_tokens(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
         """`max_tokens` for a prompt of `n_prompt` tokens, or a 400 that names both numbers and the context."""
@@ -347,6 +429,20 @@ class SimpleModel(LoadedModel):
             time.perf_counter() - started,
         )
 
+    @staticmethod
+    def _biases(job: GenerationJob) -> LogitsProcessorList | None:
+        """`logit_bias` as llama-cpp-python applies it: a logits processor ahead of its sampler chain."""
+        if not job.logit_bias:
+            return None
+        ids = np.array(list(job.logit_bias), dtype=np.intc)
+        biases = np.array(list(job.logit_bias.values()), dtype=np.single)
+
+        def bias(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += biases
+            return scores
+
+        return LogitsProcessorList([bias])
+
     def close(self) -> None:
         self.grammars.close()
         for llama in self.contexts:
@@ -360,6 +456,7 @@ class SimpleModel(LoadedModel):
         on_text: Callable[[str, int], None],
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         llama = self.contexts[slot]
         llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
@@ -371,7 +468,8 @@ class SimpleModel(LoadedModel):
         cancelled = False
         tokens = llama.generate(
             job.prompt_tokens, top_k=TOP_K, top_p=job.top_p, min_p=MIN_P, temp=job.temperature,
-            repeat_penalty=1.0, grammar=grammar,
+            repeat_penalty=job.repeat_penalty, frequency_penalty=job.frequency_penalty,
+            presence_penalty=job.presence_penalty, grammar=grammar, logits_processor=self._biases(job),
         )  # fmt: skip
         try:
             for token in tokens:
@@ -380,6 +478,10 @@ class SimpleModel(LoadedModel):
                 if cancel.is_set():
                     cancelled = True
                     break
+                if logprobs is not None and job.logprobs is not None and not output.is_end(token):
+                    # The row the token was sampled from: Llama keeps the last decoded position's logits.
+                    row = llama.scores[llama.n_tokens - 1, :]
+                    logprobs.append(logprobs_at(self, row, token, job.logprobs))
                 if output.add(token):
                     break
         finally:

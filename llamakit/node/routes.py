@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel
+from llamakit.node.answers import Answer
+from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, TokenLogprob
 from llamakit.node.host import Lease, ModelHost
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
@@ -23,10 +24,6 @@ from llamakit.protocol import (
     CompletionRequest,
     GenerationRequest,
     Usage,
-    chat_chunk_body,
-    chat_completion_body,
-    completion_body,
-    completion_chunk_body,
     error_body,
     parse_request,
 )
@@ -120,7 +117,7 @@ async def admin_cancel(request: web.Request) -> web.Response:
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = parse_request(ChatCompletionRequest, await request.read())
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    messages = req.template_messages()
     return await _serve(request, req, "chat", lambda model: model.tokenize_chat(messages))
 
 
@@ -157,6 +154,8 @@ async def _prepare(
             param="model",
         )
 
+    setup = req.tool_setup() if isinstance(req, ChatCompletionRequest) else None
+
     def build() -> GenerationJob:
         tokens = tokenize(model)
         return GenerationJob(
@@ -166,7 +165,14 @@ async def _prepare(
             top_p=req.top_p,
             seed=req.seed,
             stop=req.stop_list,
-            grammar=model.grammar_for(req.grammar, req.response_format),
+            grammar=model.grammar_for(
+                req.grammar, req.response_format, tools_schema=setup.schema_ if setup is not None else None
+            ),
+            logit_bias=model.logit_bias(req.logit_bias),
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repeat_penalty=req.repeat_penalty,
+            logprobs=req.logprob_count(),
         )
 
     return _Prepared(model, await asyncio.to_thread(build))
@@ -201,12 +207,20 @@ async def _serve(
     )
     loop = asyncio.get_running_loop()
     cancel = threading.Event()
-    run = _Run(request, lease, job, request_id, cancel, keepalive=_keepalive(request))
+    logprobs: list[TokenLogprob] | None = [] if job.logprobs is not None else None
+    answer = Answer(
+        kind=kind,
+        id=request_id,
+        model=lease.model.name,
+        tools=isinstance(req, ChatCompletionRequest) and req.tool_setup() is not None,
+        logprobs=logprobs,
+    )
+    run = _Run(request, lease, job, answer, cancel, keepalive=_keepalive(request))
     runs = request.app[RUNS]
     runs[request_id] = cancel
 
     def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
-        generate = functools.partial(lease.model.generate, on_progress=run.advanced)
+        generate = functools.partial(lease.model.generate, on_progress=run.advanced, logprobs=logprobs)
         future = loop.run_in_executor(host.executor, generate, lease.slot, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
         future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f))
@@ -214,8 +228,8 @@ async def _serve(
 
     try:
         if req.stream:
-            return await run.stream(start, kind, req.include_usage)
-        return await run.whole(start, kind)
+            return await run.stream(start, req.include_usage)
+        return await run.whole(start)
     finally:
         if runs.get(request_id) is cancel:
             del runs[request_id]
@@ -255,7 +269,7 @@ class _Run:
         request: web.Request,
         lease: Lease,
         job: GenerationJob,
-        request_id: str,
+        answer: Answer,
         cancel: threading.Event,
         *,
         keepalive: float,
@@ -263,7 +277,8 @@ class _Run:
         self.request = request
         self.model = lease.model
         self.job = job
-        self.request_id = request_id
+        self.answer = answer
+        self.request_id = answer.id
         self.cancel = cancel
         self.keepalive = keepalive
         self.progress = 0  # decodes that advanced this request; bumped on the decode thread
@@ -285,7 +300,7 @@ class _Run:
         return True
 
     async def whole(
-        self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]], kind: str
+        self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]]
     ) -> web.StreamResponse:
         future = start(lambda _text, _n: None)
         loop = asyncio.get_running_loop()
@@ -320,9 +335,7 @@ class _Run:
         finally:
             self.cancel.set()  # no-op when finished; stops the thread if this handler was cancelled
         usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-        finish = "stop" if result.finish_reason == "cancelled" else result.finish_reason
-        build = chat_completion_body if kind == "chat" else completion_body
-        body = build(id=self.request_id, model=self.model.name, text=result.text, finish_reason=finish, usage=usage)
+        body = self.answer.body(result, usage)
         if response is None:
             return json_response(body, headers={REQUEST_ID_HEADER: self.request_id})
         await response.write(_json(body))
@@ -332,7 +345,6 @@ class _Run:
     async def stream(
         self,
         start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]],
-        kind: str,
         include_usage: bool,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
@@ -343,21 +355,18 @@ class _Run:
 
         future = start(on_text)
         future.add_done_callback(lambda _f: pieces.put_nowait(None))
-        name, rid = self.model.name, self.request_id
+        answer, rid = self.answer, self.request_id
         n_prompt = len(self.job.prompt_tokens)
         try:
             sse = await SseWriter.open(self.request, {REQUEST_ID_HEADER: rid})
-            if kind == "chat":
-                await sse.send(chat_chunk_body(id=rid, model=name, delta={"role": "assistant", "content": ""}))
+            for chunk in answer.opening():
+                await sse.send(chunk)
             while (item := await self._next(pieces, sse)) is not None:
                 text, n_completion = item
-                if kind == "chat":
-                    chunk = chat_chunk_body(id=rid, model=name, delta={"content": text})
-                else:
-                    chunk = completion_chunk_body(id=rid, model=name, text=text)
-                # Running token counts: what a router charges for when the stream is cut before its usage.
-                chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
-                await sse.send(chunk)
+                for chunk in answer.piece(text, n_completion):
+                    # Running token counts: what a router charges for when the stream is cut before its usage.
+                    chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
+                    await sse.send(chunk)
             try:
                 result = future.result()
             except Exception as exc:
@@ -366,14 +375,13 @@ class _Run:
                 await sse.done()
                 return sse.response
             usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-            if kind == "chat":
-                await sse.send(chat_chunk_body(id=rid, model=name, delta={}, finish_reason=result.finish_reason))
-                if include_usage:
-                    await sse.send(chat_chunk_body(id=rid, model=name, delta=None, usage=usage))
-            else:
-                await sse.send(completion_chunk_body(id=rid, model=name, text="", finish_reason=result.finish_reason))
-                if include_usage:
-                    await sse.send(completion_chunk_body(id=rid, model=name, text=None, usage=usage))
+            counts = {"prompt_tokens": n_prompt, "completion_tokens": result.completion_tokens}
+            for chunk in answer.closing(result):
+                if chunk["choices"] and chunk["choices"][0]["delta" if "delta" in chunk["choices"][0] else "text"]:
+                    chunk["llamakit"] = counts  # a tool call held back until now is a delivery too
+                await sse.send(chunk)
+            if include_usage:
+                await sse.send(answer.usage(usage))
             await sse.done()
             return sse.response
         except (ConnectionError, asyncio.CancelledError):

@@ -101,6 +101,23 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": [_model_entry(state, m) for m in state.herd.models()]})
 
 
+@routes.get("/v1/models/{model}")
+async def retrieve_model(request: web.Request) -> web.Response:
+    """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404 if unknown."""
+    state = request.app[STATE]
+    authenticate(request)
+    name = request.match_info["model"]
+    if name not in state.herd.models():
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist here; GET /v1/models lists the models served",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+    return json_response(_model_entry(state, name))
+
+
 @routes.get("/v1/info")
 async def info(request: web.Request) -> web.Response:
     state = request.app[STATE]

@@ -26,7 +26,7 @@ from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import RouterState, UsageLog
 from llamakit.router.upstream import Upstream
-from llamakit.web import error_middleware, json_response
+from llamakit.web import error_middleware, json_response, request_id_header
 
 __all__ = ["create_app"]
 
@@ -44,7 +44,7 @@ def create_app(settings: RouterSettings) -> web.Application:
         idempotency=Idempotency(ledger),
         prices=prices,
         herd=herd,
-        scheduler=Scheduler(herd, max_queue=settings.max_queue),
+        scheduler=Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share),
         metrics=RouterMetrics(),
     )
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
@@ -56,6 +56,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.on_response_prepare.append(request_id_header)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)

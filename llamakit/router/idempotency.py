@@ -107,7 +107,11 @@ async def replay(
     usage = Usage(**body["usage"])
     if body["object"] == "chat.completion":
         await sse.send(chat_chunk_body(id=rid, model=model, delta={"role": "assistant", "content": ""}))
-        await sse.send(chat_chunk_body(id=rid, model=model, delta={"content": choice["message"]["content"]}))
+        message = choice["message"]
+        if message.get("content") is not None:
+            await sse.send(chat_chunk_body(id=rid, model=model, delta={"content": message["content"]}))
+        for index, call in enumerate(message.get("tool_calls") or ()):
+            await sse.send(chat_chunk_body(id=rid, model=model, delta={"tool_calls": [{"index": index, **call}]}))
         await sse.send(chat_chunk_body(id=rid, model=model, delta={}, finish_reason=choice["finish_reason"]))
         if include_usage:
             await sse.send(chat_chunk_body(id=rid, model=model, delta=None, usage=usage))

@@ -1,4 +1,11 @@
-"""Bid queues and dispatch: highest bid first, FIFO among equal bids, never more requests on a node than slots.
+"""Bid queues and dispatch: highest bid first, accounts in turn among equal bids, never more requests on a node
+than slots.
+
+Among equal bids the queue is fair between accounts: a request's place is its account's turn at that bid
+(how many of the account's requests already wait at that bid when it arrives), then its arrival. One account
+that queues a hundred requests at bid 1 gets turns 0 to 99; another that arrives later with one request gets
+turn 0 and goes ahead of all but the first account's first. And no account may hold more than a share of a
+model's queue (`--max-queue-share`).
 
 A request takes a free node at once when its model's queue is empty; otherwise it waits in the queue, and
 the moment a slot frees (or a node joins or comes back) the best waiting request gets it.
@@ -10,6 +17,7 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -22,9 +30,10 @@ __all__ = ["BidQueue", "Scheduler", "Ticket"]
 
 @dataclass(order=True)
 class Ticket:
-    """A request waiting for a node; ordered by (-bid, arrival at the router, arrival in the queue)."""
+    """A request waiting for a node; ordered by (-bid, its account's turn at that bid, arrival at the router,
+    arrival in the queue)."""
 
-    priority: tuple[Decimal, float, int]
+    priority: tuple[Decimal, int, float, int]
     model: str = field(compare=False)
     bid: Decimal = field(compare=False)
     enqueued: float = field(compare=False)
@@ -32,6 +41,7 @@ class Ticket:
     future: asyncio.Future[HerdNode] = field(compare=False)
     prefer: Affinity | None = field(default=None, compare=False)
     gone: bool = field(default=False, compare=False)
+    account: int | None = field(default=None, compare=False)
 
 
 class BidQueue:
@@ -40,13 +50,23 @@ class BidQueue:
     def __init__(self) -> None:
         self._heap: list[Ticket] = []
         self._live = 0
+        self._by_account: Counter[int | None] = Counter()  # live tickets per account
+        self._at_bid: Counter[tuple[Decimal, int | None]] = Counter()  # live tickets per (bid, account)
 
     def __len__(self) -> int:
         return self._live
 
+    def waiting(self, account: int | None) -> int:
+        """How many of `account`'s requests wait in this queue."""
+        return self._by_account[account]
+
+    def turn(self, bid: Decimal, account: int | None) -> int:
+        """The turn a new request of `account` at `bid` gets: how many of its requests already wait at that bid."""
+        return self._at_bid[(bid, account)]
+
     def push(self, ticket: Ticket) -> None:
         heapq.heappush(self._heap, ticket)
-        self._live += 1
+        self._count(ticket, 1)
 
     def peek(self) -> Ticket | None:
         while self._heap and self._heap[0].gone:
@@ -55,13 +75,22 @@ class BidQueue:
 
     def pop(self) -> Ticket:
         ticket = heapq.heappop(self._heap)
-        self._live -= 1
+        self._count(ticket, -1)
         return ticket
 
     def discard(self, ticket: Ticket) -> None:
         if not ticket.gone:
             ticket.gone = True
-            self._live -= 1
+            self._count(ticket, -1)
+
+    def _count(self, ticket: Ticket, step: int) -> None:
+        self._live += step
+        self._by_account[ticket.account] += step
+        self._at_bid[(ticket.bid, ticket.account)] += step
+        if self._at_bid[(ticket.bid, ticket.account)] == 0:  # keep the counters as small as the queue
+            del self._at_bid[(ticket.bid, ticket.account)]
+            if self._by_account[ticket.account] == 0:
+                del self._by_account[ticket.account]
 
     def oldest_wait(self, now: float) -> float:
         waits = [now - t.enqueued for t in self._heap if not t.gone]
@@ -69,9 +98,11 @@ class BidQueue:
 
 
 class Scheduler:
-    def __init__(self, herd: Herd, *, max_queue: int) -> None:
+    def __init__(self, herd: Herd, *, max_queue: int, max_queue_share: float = 1.0) -> None:
         self.herd = herd
         self.max_queue = max_queue
+        # The most requests one account may have waiting for one model.
+        self.max_per_account = max(1, int(max_queue * max_queue_share))
         self.queues: dict[str, BidQueue] = {}
         self.last_multiplier = Decimal(1)
         self._arrivals = itertools.count()
@@ -123,6 +154,7 @@ class Scheduler:
         exclude: frozenset[str] = frozenset(),
         arrived: float | None = None,
         prefer: Affinity | None = None,
+        account: int | None = None,
     ) -> HerdNode:
         """A node with a slot reserved for this request; release it with `release`.
 
@@ -131,7 +163,8 @@ class Scheduler:
         instead of going to the back of the queue for a fault that was not its own. `prefer` names the node
         likely to hold the request's prefix in its prompt cache (see `_pick`).
 
-        Raises 503 when no node can serve the model, 429 when its queue is full, 504 after `max_wait` seconds.
+        Raises 503 when no node can serve the model, 429 when its queue is full or `account` already holds its
+        share of it, 504 after `max_wait` seconds.
         """
         node = self.take_now(model, bid, exclude=exclude, prefer=prefer)
         if node is not None:
@@ -145,10 +178,19 @@ class Scheduler:
                 code="queue_full",
                 headers={"Retry-After": "2"},
             )
+        if account is not None and queue.waiting(account) >= self.max_per_account:
+            raise ApiError(
+                429,
+                f"this account already has {queue.waiting(account)} requests waiting for {model!r}, its share of "
+                f"the queue ({self.max_per_account} of {self.max_queue}); retry when some are served",
+                type="rate_limit_error",
+                code="queue_share_exceeded",
+                headers={"Retry-After": "2"},
+            )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        priority = (-bid, now if arrived is None else arrived, next(self._arrivals))
-        ticket = Ticket(priority, model, bid, now, exclude, loop.create_future(), prefer)
+        priority = (-bid, queue.turn(bid, account), now if arrived is None else arrived, next(self._arrivals))
+        ticket = Ticket(priority, model, bid, now, exclude, loop.create_future(), prefer, account=account)
         queue.push(ticket)
         # The queue may hold only requests passed over for slots they must not use: those slots are this one's.
         self.pump()

@@ -67,6 +67,7 @@ class PaidRequest:
     claim: Claim | None = None
     # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
     transcript: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the stream's `index`
     finish_reason: str = "stop"
     # The request's text and its block hashes as the prefix map cuts it, and the node likely to hold its
     # prefix (see affinity.py); None when affinity is off.
@@ -112,9 +113,11 @@ def price(
             param="max_tokens",
         )
     if isinstance(req, ChatCompletionRequest):
-        texts = [m.text() for m in req.messages]
+        # What the node's template will render: tools offered, earlier calls and their results included.
+        rendered = req.template_messages()
+        texts = [m["content"] for m in rendered]
         messages = len(texts)
-        text = chat_text([(m.role, t) for m, t in zip(req.messages, texts, strict=True)])
+        text = chat_text([(m["role"], m["content"]) for m in rendered])
     else:
         texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
         messages = 1
@@ -199,6 +202,7 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
             exclude=frozenset(tried),
             arrived=paid.arrived,
             prefer=paid.affinity,
+            account=paid.account.id,
         )
     )
     state.metrics.queue_depth.labels(paid.model).set(state.scheduler.queue_length(paid.model))
@@ -479,6 +483,8 @@ async def _forward(
         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if piece:
             paid.transcript.append(piece)
+        for call in (choice.get("delta") or {}).get("tool_calls") or ():
+            _merge_tool_call(paid.tool_calls, call)
         if choice.get("finish_reason"):
             paid.finish_reason = choice["finish_reason"]
 
@@ -488,11 +494,26 @@ def _remember_stream(paid: PaidRequest, node: HerdNode, usage: dict[str, Any], c
     if paid.claim is None:
         return None
     total = Usage(**{**usage, "cost": charge})
-    build = chat_completion_body if paid.path.endswith("/chat/completions") else completion_body
-    body = build(
-        id=paid.id, model=paid.model, text="".join(paid.transcript), finish_reason=paid.finish_reason, usage=total
-    )
+    text = "".join(paid.transcript)
+    if paid.path.endswith("/chat/completions"):
+        calls = [paid.tool_calls[i] for i in sorted(paid.tool_calls)] or None
+        body = chat_completion_body(
+            id=paid.id, model=paid.model, text=None if calls and not text else text,
+            finish_reason=paid.finish_reason, usage=total, tool_calls=calls,
+        )  # fmt: skip
+    else:
+        body = completion_body(id=paid.id, model=paid.model, text=text, finish_reason=paid.finish_reason, usage=total)
     return paid.claim.remember(body, {**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
+
+
+def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
+    """Accumulate one streamed tool-call delta as OpenAI's clients do: by `index`, `arguments` concatenated."""
+    index = delta.get("index", 0)
+    call = calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = delta.get("id") or call["id"]
+    function = delta.get("function") or {}
+    call["function"]["name"] = function.get("name") or call["function"]["name"]
+    call["function"]["arguments"] += function.get("arguments") or ""
 
 
 def _record(

@@ -31,6 +31,9 @@ class RouterSettings(BaseModel):
     prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
     completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
     max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
+    max_queue_share: float = Field(
+        0.5, gt=0, le=1, description="the share of a model's queue one account may hold (fair share among tenants)"
+    )
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a node before 504")
     node_timeout: float = Field(60.0, gt=0, description="seconds without a byte from a node before giving up on it")
     node_rest: float = Field(
@@ -68,6 +71,7 @@ FLAGS = [
     Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
     Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
+    Flag("max_queue_share", "--max-queue-share", "LLAMAKIT_MAX_QUEUE_SHARE", float),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
     Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),
     Flag("node_rest", "--node-rest", "LLAMAKIT_NODE_REST", float),

@@ -154,7 +154,7 @@ def test_event_bodies(target: Target, body: Any) -> None:
         (b'{"prompt": "x", "bid": -Infinity}', 400, "bid"),
         (b'{"prompt": "x", "bid": -2}', 400, "bid"),
         (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),
-        (b'{"prompt": "x", "max_tokens": 2, "surprise": {"deep": [1, 2]}}', 200, ""),
+        (b'{"prompt": "x", "max_tokens": 2, "surprise": {"deep": [1, 2]}}', 400, "'surprise' is not supported"),
         (b'{"prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
         (b'{"prompt": "x" }' + b" " * 70_000, 413, "too large"),
     ],
