@@ -111,7 +111,7 @@ def parse_embedding_request(data: dict[str, Any]) -> EmbeddingRequest:
             400,
             f"{unknown[0]!r} is not supported on /v1/embeddings; the fields are {', '.join(sorted(EMBEDDING_FIELDS))}",
             param=unknown[0],
-            code="unsupported_parameter",
+            code="unsupported_field",
         )
     if "input" not in data:
         raise ApiError(400, "'input' is required: a string, a list of strings or of token ids", param="input")

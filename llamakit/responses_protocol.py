@@ -182,7 +182,7 @@ def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
     return req
 
 
-_UNSUPPORTED = "unsupported_parameter"
+_UNSUPPORTED = "unsupported_field"  # as protocol.py names it for chat and completions
 
 
 def _has_tool_items(items: str | list[dict[str, Any]]) -> bool:

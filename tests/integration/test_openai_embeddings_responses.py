@@ -222,3 +222,25 @@ async def test_a_function_tool_round_trip(client: AsyncOpenAI, herd: LiveHerd) -
     assert second.usage.input_tokens > first.usage.input_tokens  # the call and its result were in the prompt
     spent = sum(r.usage.model_extra["cost"] for r in (first, second))  # type: ignore[union-attr,index]
     assert await charges(herd) == before + spent
+
+
+@pytest.mark.skipif(
+    "tools" not in ChatCompletionRequest.model_fields, reason="chat completions have no tool calling in this build"
+)
+async def test_a_streamed_function_call(client: AsyncOpenAI, herd: LiveHerd) -> None:
+    before = await charges(herd)
+    async with client.responses.stream(
+        model=MODEL,
+        input="What is the weather in Oslo?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=64,
+        temperature=0,
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert "response.function_call_arguments.delta" in kinds and kinds[-1] == "response.completed"
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert call.name == "get_weather" and isinstance(call.parsed_arguments["city"], str)  # type: ignore[union-attr]
+    assert final.usage is not None
+    assert await charges(herd) == before + final.usage.model_extra["cost"]  # type: ignore[index]
