@@ -37,6 +37,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         threads=args.threads,
         dev_credits=args.credits,
         agent=args.agent,
+        db=args.db,
     )
     launcher = Launcher(options)
     print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
@@ -139,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=None, help="threads per node context")
     up.add_argument("--credits", type=int, default=1_000_000, help="opening deposit of the dev account")
     up.add_argument("--state-dir", default=str(_state_dir()), help="ledger, secrets and logs")
+    up.add_argument(
+        "--db",
+        help="the router's ledger: a SQLite file (default: ledger.db in --state-dir) or "
+        "postgresql://user@host:port/dbname, with the password in PGPASSWORD or ~/.pgpass",
+    )
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)

@@ -45,6 +45,7 @@ class UpOptions:
     agent: bool = False
     agent_credits: int = 200_000
     agent_interval: float = 5.0
+    db: str | None = None  # the router's --db; None: ledger.db in state_dir
 
 
 def installed_models() -> list[str]:
@@ -142,7 +143,7 @@ class Launcher:
                 "-m", "llamakit.router",
                 "--host", opts.host,
                 "--port", str(opts.port),
-                "--db", str(opts.state_dir / "ledger.db"),
+                "--db", opts.db or str(opts.state_dir / "ledger.db"),
                 "--usage-log", str(opts.state_dir / "usage.jsonl"),
             ],
         )  # fmt: skip

@@ -113,6 +113,7 @@ class SseWriter:
 
     def __init__(self, response: web.StreamResponse) -> None:
         self.response = response
+        self._pending: list[bytes] = []  # events sent with flush=False, written with the next flush
 
     @classmethod
     async def open(cls, request: web.Request, headers: dict[str, str] | None = None) -> SseWriter:
@@ -127,13 +128,26 @@ class SseWriter:
         await response.prepare(request)
         return cls(response)
 
-    async def send(self, data: dict[str, Any]) -> None:
-        await self.response.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+    async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
+        """Send one event; with `flush=False` it waits for the next flush, to go out in one write with others."""
+        self._pending.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        if flush:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self._pending:
+            events = b"".join(self._pending)
+            self._pending.clear()
+            await self.response.write(events)
 
     async def comment(self, text: str) -> None:
         """An SSE comment line: clients ignore it; it keeps a quiet stream's connection and timeouts alive."""
-        await self.response.write(b": " + text.encode() + b"\n\n")
+        self._pending.append(b": " + text.encode() + b"\n\n")
+        await self.flush()
 
     async def done(self) -> None:
-        await self.response.write(b"data: [DONE]\n\n")
-        await self.response.write_eof()
+        """`[DONE]` and the end of the response, in one write with the events still waiting for a flush."""
+        self._pending.append(b"data: [DONE]\n\n")
+        events = b"".join(self._pending)
+        self._pending.clear()
+        await self.response.write_eof(events)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from llamakit.router.app import create_app
+from llamakit.router.ledger import LedgerError, redacted
 from llamakit.router.settings import settings_from_args
 
 
@@ -29,10 +30,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if env not in os.environ and not any(a.startswith(flag) for a in argv):
             # Nobody else knows a generated secret: print it once, to the operator's terminal only.
             print(f"{what} (generated): {value}", file=sys.stderr)
-    print(f"llamakit router on http://{settings.host}:{settings.port} (ledger {settings.db})", file=sys.stderr)
+    print(
+        f"llamakit router on http://{settings.host}:{settings.port} (ledger {redacted(settings.db)})", file=sys.stderr
+    )
     # The access log costs a tenth of the router's time per request; the usage log already has each one.
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log)
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log)
+    except LedgerError as exc:  # the database cannot be reached, or its schema is newer than this llamakit
+        print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from llamakit.fees import FeeSchedule
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount
+from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.stats import snapshot
+from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.web import SseWriter, json_response, require_bearer
 
 __all__ = ["admin_routes", "herd_routes"]
@@ -34,17 +35,17 @@ def _herd(request: web.Request) -> None:
     require_bearer(request, request.app[STATE].settings.herd_token, what="herd token")
 
 
-def _account(request: web.Request) -> Account:
+async def _account(request: web.Request) -> Account:
     ledger = request.app[STATE].ledger
     ref = request.match_info["account"]
     try:
-        return ledger.get_account(int(ref)) if ref.isdigit() else ledger.account_by_name(ref)
+        return await (ledger.get_account(int(ref)) if ref.isdigit() else ledger.account_by_name(ref))
     except UnknownAccount as exc:
         raise ApiError(404, str(exc), type="not_found_error", code="account_not_found") from exc
 
 
-def _account_json(request: web.Request, account: Account) -> dict[str, Any]:
-    books = request.app[STATE].ledger.account_state(account.id)
+async def _account_json(request: web.Request, account: Account) -> dict[str, Any]:
+    books = await request.app[STATE].ledger.account_state(account.id)
     return {"id": account.id, "name": account.name, "kind": account.kind, **asdict(books)}
 
 
@@ -62,7 +63,7 @@ def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None
 async def list_accounts(request: web.Request) -> web.Response:
     _admin(request)
     ledger = request.app[STATE].ledger
-    return json_response({"data": [_account_json(request, a) for a in ledger.list_accounts()]})
+    return json_response({"data": [await _account_json(request, a) for a in await ledger.list_accounts()]})
 
 
 @admin_routes.post("/admin/accounts")
@@ -77,29 +78,29 @@ async def create_account(request: web.Request) -> web.Response:
     if kind not in ("user", "agent", "dev"):
         raise ApiError(400, f"'kind' must be user, agent or dev, got {kind!r}", param="kind")
     try:
-        account = ledger.create_account(name.strip(), kind=kind)
+        account = await ledger.create_account(name.strip(), kind=kind)
     except AccountExists as exc:
         raise ApiError(409, str(exc), code="account_exists", param="name") from exc
     except ValueError as exc:
         raise ApiError(400, str(exc), param="name") from exc
-    key = ledger.create_key(account.id)
+    key = await ledger.create_key(account.id)
     if deposit:
-        ledger.deposit(account.id, deposit, note="opening deposit")
-    return json_response({**_account_json(request, account), "api_key": key}, status=201)
+        await ledger.deposit(account.id, deposit, note="opening deposit")
+    return json_response({**await _account_json(request, account), "api_key": key}, status=201)
 
 
 @admin_routes.get("/admin/accounts/{account}")
 async def get_account(request: web.Request) -> web.Response:
     _admin(request)
-    return json_response(_account_json(request, _account(request)))
+    return json_response(await _account_json(request, await _account(request)))
 
 
 @admin_routes.post("/admin/accounts/{account}/keys")
 async def create_key(request: web.Request) -> web.Response:
     _admin(request)
-    account = _account(request)
+    account = await _account(request)
     return json_response(
-        {"account": account.name, "api_key": request.app[STATE].ledger.create_key(account.id)}, status=201
+        {"account": account.name, "api_key": await request.app[STATE].ledger.create_key(account.id)}, status=201
     )
 
 
@@ -108,7 +109,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     _admin(request)
     request.app[STATE].accounts.clear()  # a revoked key must stop working at once
     try:
-        revoked = request.app[STATE].ledger.revoke_key(request.match_info["key"])
+        revoked = await request.app[STATE].ledger.revoke_key(request.match_info["key"])
     except (LedgerError, ValueError) as exc:
         raise ApiError(400, str(exc), param="key") from exc
     if not revoked:
@@ -119,7 +120,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 @admin_routes.post("/admin/accounts/{account}/deposits")
 async def deposit(request: web.Request) -> web.Response:
     _admin(request)
-    account = _account(request)
+    account = await _account(request)
     body = parse_json(await request.read())
     amount = _positive_int(body, "amount")
     if amount == 0:
@@ -128,7 +129,7 @@ async def deposit(request: web.Request) -> web.Response:
     if not isinstance(note, str):
         raise ApiError(400, "'note' must be a string", param="note")
     try:
-        balance = request.app[STATE].ledger.deposit(account.id, amount, note=note)
+        balance = await request.app[STATE].ledger.deposit(account.id, amount, note=note)
     except ValueError as exc:  # the balance would pass MAX_AMOUNT
         raise ApiError(400, str(exc), param="amount") from exc
     return json_response({"account": account.name, "deposited": amount, "balance": balance}, status=201)
@@ -200,7 +201,7 @@ async def remove_node(request: web.Request) -> web.Response:
 @admin_routes.get("/admin/stats")
 async def stats(request: web.Request) -> web.Response:
     _admin(request)
-    return json_response(snapshot(request.app[STATE]))
+    return json_response(await snapshot(request.app[STATE]))
 
 
 @admin_routes.get("/admin/stats/stream")
@@ -218,11 +219,11 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
     try:
         # Until the client leaves or the router shuts down: a watching dashboard must not hold up a stop.
         while not state.stopping.is_set():
-            await sse.send(snapshot(state))
+            await sse.send(await snapshot(state))
             with suppress(TimeoutError):
                 await asyncio.wait_for(state.stopping.wait(), interval)
         await sse.done()
-    except ConnectionError:
+    except (ConnectionError, LedgerError):  # the client left, or the router closed its ledger
         pass
     return sse.response
 
@@ -230,19 +231,33 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
 @admin_routes.get("/admin/books")
 async def books(request: web.Request) -> web.Response:
     _admin(request)
-    books = request.app[STATE].ledger.books()
+    books = await request.app[STATE].ledger.books()
     return json_response({**asdict(books), "balanced": books.balanced})
 
 
 @admin_routes.get("/admin/usage")
 async def usage(request: web.Request) -> web.Response:
+    """Every account's usage records (or one account's: `?account=NAME`), paged and filtered as
+    `GET /v1/account/usage`; each record names its account."""
     _admin(request)
-    try:
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise ApiError(400, "'limit' must be an integer", param="limit") from None
-    records = request.app[STATE].ledger.all_usage(limit)
-    return json_response({"data": [asdict(r) for r in records]})
+    ledger = request.app[STATE].ledger
+    query = usage_query(request)
+    names = {a.id: a.name for a in await ledger.list_accounts()}
+    account = None
+    if (name := request.query.get("account")) is not None:
+        account = next((i for i, n in names.items() if n == name), None)
+        if account is None:
+            raise ApiError(404, f"there is no account {name!r}", type="not_found_error", param="account")
+
+    async def fetch(limit: int, before: int | None) -> list[UsageRecord]:
+        if account is not None:
+            return await ledger.usage_records(account, limit=limit, before=before, since=query.since, user=query.user)
+        return await ledger.all_usage(limit, before=before, since=query.since, user=query.user)
+
+    page = await usage_page(query, fetch)
+    for record in page["data"]:
+        record["account"] = names.get(record["account_id"])
+    return json_response(page)
 
 
 def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:

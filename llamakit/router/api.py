@@ -6,6 +6,7 @@ multiplier, so a client can decide what to bid before paying.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any
 
@@ -21,9 +22,10 @@ from llamakit.protocol import (
     validate_request,
 )
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, Remembered
+from llamakit.router.ledger import Account, Remembered, UsageRecord
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
+from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 
 __all__ = ["STATE", "routes"]
@@ -33,7 +35,7 @@ STATE = web.AppKey("state", RouterState)
 routes = web.RouteTableDef()
 
 
-def authenticate(request: web.Request) -> Account:
+async def authenticate(request: web.Request) -> Account:
     state = request.app[STATE]
     key = bearer_token(request)
     if key is None:
@@ -45,7 +47,7 @@ def authenticate(request: web.Request) -> Account:
         )
     account = state.accounts.get(key)
     if account is None:
-        account = state.ledger.authenticate(key)
+        account = await state.ledger.authenticate(key)
         if account is not None:
             state.accounts.put(key, account)
     if account is None:
@@ -55,18 +57,18 @@ def authenticate(request: web.Request) -> Account:
 
 async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
     state = request.app[STATE]
-    account = authenticate(request)
+    account = await authenticate(request)
     raw = await request.read()
     key = Idempotency.key_of(request)
     data = parse_json(raw)
     req = validate_request(model, data)
     if key is None:
-        return await serve(state, request, price(state, request, account, req, data, path))
+        return await serve(state, request, await price(state, request, account, req, data, path))
     claimed = await state.idempotency.claim(account.id, key, fingerprint(path, raw))
     if isinstance(claimed, Remembered):
         return await replay(request, claimed, stream=req.stream, include_usage=req.include_usage)
     try:
-        return await serve(state, request, price(state, request, account, req, data, path, claimed))
+        return await serve(state, request, await price(state, request, account, req, data, path, claimed))
     finally:
         state.idempotency.release(claimed)
 
@@ -97,7 +99,7 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    authenticate(request)
+    await authenticate(request)
     return json_response({"object": "list", "data": [_model_entry(state, m) for m in state.herd.models()]})
 
 
@@ -105,7 +107,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404 if unknown."""
     state = request.app[STATE]
-    authenticate(request)
+    await authenticate(request)
     name = request.match_info["model"]
     if name not in state.herd.models():
         raise ApiError(
@@ -148,8 +150,8 @@ async def info(request: web.Request) -> web.Response:
 @routes.get("/v1/account")
 async def account(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
-    books = state.ledger.account_state(acct.id)
+    acct = await authenticate(request)
+    books = await state.ledger.account_state(acct.id)
     return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books)})
 
 
@@ -169,25 +171,19 @@ def _int_query(request: web.Request, name: str, default: int | None) -> int | No
 @routes.get("/v1/account/usage")
 async def account_usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
-    limit = _int_query(request, "limit", 100) or 100
-    before = _int_query(request, "before", None)
-    records = state.ledger.usage_records(acct.id, limit=limit, before=before)
-    data = [{**asdict(r), "total_tokens": r.total_tokens} for r in records]
-    return json_response(
-        {
-            "object": "list",
-            "data": data,
-            "has_more": len(records) == min(max(limit, 1), 1000),
-            "next_before": records[-1].id if records else None,
-        }
-    )
+    acct = await authenticate(request)
+    query = usage_query(request)
+
+    def fetch(limit: int, before: int | None) -> Awaitable[list[UsageRecord]]:
+        return state.ledger.usage_records(acct.id, limit=limit, before=before, since=query.since, user=query.user)
+
+    return json_response(await usage_page(query, fetch))
 
 
 @routes.post("/v1/events")
 async def post_event(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
+    acct = await authenticate(request)
     body = parse_json(await request.read())
     kind = body.get("kind")
     data = body.get("data", {})
@@ -196,7 +192,7 @@ async def post_event(request: web.Request) -> web.Response:
     if not isinstance(data, dict):
         raise ApiError(400, "an event's 'data' must be a JSON object", param="data")
     try:
-        event_id = state.ledger.record_event(acct.id, kind, data)
+        event_id = await state.ledger.record_event(acct.id, kind, data)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="data") from exc
     return json_response({"id": event_id, "kind": kind}, status=201)
@@ -205,7 +201,7 @@ async def post_event(request: web.Request) -> web.Response:
 @routes.get("/v1/events")
 async def list_events(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = authenticate(request)
+    acct = await authenticate(request)
     limit = _int_query(request, "limit", 100) or 100
-    events = state.ledger.events(acct.id, limit=limit)
+    events = await state.ledger.events(acct.id, limit=limit)
     return json_response({"object": "list", "data": [asdict(e) for e in events]})

@@ -18,7 +18,7 @@ from llamakit.router.api import STATE, routes
 from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
-from llamakit.router.ledger import Ledger, UsageRecord
+from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
@@ -37,7 +37,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
-    ledger = Ledger(settings.db)
+    ledger = ledger_at(settings.db)  # opened (and migrated) at start-up, in _books
     state = RouterState(
         settings=settings,
         ledger=ledger,
@@ -87,26 +87,27 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _books(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     # The log is opened first: a hold released here is never found again, so its line must be written now.
+    await state.ledger.open()
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
-    released = state.ledger.recover_usage()
+    released = await state.ledger.recover_usage()
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     if state.usage_log is not None:
         for record in released:
-            state.usage_log.write(_usage_line(state, record))
+            state.usage_log.write(await _usage_line(state, record))
     yield
     if state.usage_log is not None:
         state.usage_log.close()
-    state.ledger.close()
+    await state.ledger.close()
 
 
-def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
+async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
     """A recovered request's usage log line, with the fields of every other line (see service._record)."""
     return {
         "time": record.created,
         "request_id": record.request_id,
-        "account": state.ledger.get_account(record.account_id).name,
+        "account": (await state.ledger.get_account(record.account_id)).name,
         "model": record.model,
         "node": record.node,
         "status": record.status,

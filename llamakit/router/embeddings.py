@@ -34,18 +34,18 @@ embedding_routes = web.RouteTableDef()
 @embedding_routes.post(PATH)
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    account = authenticate(request)
+    account = await authenticate(request)
     raw = await request.read()
     key = Idempotency.key_of(request)
     data = parse_json(raw)
     req = parse_embedding_request(data)
     if key is None:
-        return await serve(state, request, price_embeddings(state, request, account, req, data))
+        return await serve(state, request, await price_embeddings(state, request, account, req, data))
     claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
     if isinstance(claimed, Remembered):
         return await replay(request, claimed, stream=False, include_usage=False)
     try:
-        return await serve(state, request, price_embeddings(state, request, account, req, data, claimed))
+        return await serve(state, request, await price_embeddings(state, request, account, req, data, claimed))
     finally:
         state.idempotency.release(claimed)
 
@@ -72,7 +72,7 @@ def hold_model(state: RouterState, request: web.Request, model: str | None, bid:
     return name, parsed
 
 
-def price_embeddings(
+async def price_embeddings(
     state: RouterState,
     request: web.Request,
     account: Account,
@@ -86,7 +86,7 @@ def price_embeddings(
     held = hold_amount(fees, bid, req.token_bound(), 0)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid, user=req.user)
     except InsufficientFunds as exc:
         raise ApiError(
             402,

@@ -64,7 +64,7 @@ class Idempotency:
     async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
         """A claim to run the request, or the answer of the request that already ran under `key`."""
         while True:
-            remembered = self.ledger.recall(account_id, key)
+            remembered = await self.ledger.recall(account_id, key)
             if remembered is not None:
                 self._check(remembered.fingerprint, print_)
                 return remembered

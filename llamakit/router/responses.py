@@ -53,17 +53,25 @@ class ResponsesSseWriter(SseWriter):
         await writer._write(events.opening())
         return writer
 
-    async def send(self, data: dict[str, Any]) -> None:
-        await self._write(self.events.feed(data))
+    async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
+        await self._write(self.events.feed(data), flush=flush)
 
     async def done(self) -> None:
-        await self._write(self.events.closing())
-        await self.response.write_eof()
+        """The events that end the response and the end of the body, in one write (no `[DONE]`)."""
+        self._queue(self.events.closing())
+        events = b"".join(self._pending)
+        self._pending.clear()
+        await self.response.write_eof(events)
 
-    async def _write(self, events: list[dict[str, Any]]) -> None:
+    async def _write(self, events: list[dict[str, Any]], *, flush: bool = True) -> None:
+        self._queue(events)
+        if flush:
+            await self.flush()
+
+    def _queue(self, events: list[dict[str, Any]]) -> None:
         for event in events:
             data = json.dumps(event, separators=(",", ":")).encode()
-            await self.response.write(b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+            self._pending.append(b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
 
 
 def _response_id(request_id: str) -> str:
@@ -74,7 +82,7 @@ def _response_id(request_id: str) -> str:
 @response_routes.post(PATH)
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    account = authenticate(request)
+    account = await authenticate(request)
     raw = await request.read()
     key = Idempotency.key_of(request)
     req = parse_responses_request(parse_json(raw))
@@ -107,7 +115,7 @@ async def _serve(
     data: dict[str, Any],
     claim: Claim | None,
 ) -> web.StreamResponse:
-    paid: PaidRequest = price(state, request, account, chat, data, CHAT_PATH, claim)
+    paid: PaidRequest = await price(state, request, account, chat, data, CHAT_PATH, claim)
     response_id = _response_id(paid.id)
     if req.stream:
         events = ResponseEvents(req, response_id=response_id, model=paid.model)
@@ -126,7 +134,7 @@ async def _serve(
 @response_routes.get(PATH + "/{response_id}")
 async def retrieve(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}` (the openai client's `responses.retrieve`): nothing is kept, so always 404."""
-    authenticate(request)
+    await authenticate(request)
     raise ApiError(
         404,
         f"response {request.match_info['response_id']!r} cannot be retrieved: llamakit does not keep responses",

@@ -78,7 +78,7 @@ class PaidRequest:
     open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.open
 
 
-def price(
+async def price(
     state: RouterState,
     request: web.Request,
     account: Account,
@@ -126,7 +126,7 @@ def price(
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
     except InsufficientFunds as exc:
         raise ApiError(
             402,
@@ -167,14 +167,14 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
             return await _serve_stream(state, request, paid)
         return await _serve_whole(state, request, paid)
     except ApiError as exc:
-        _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        await _refund(state, paid, status=_refund_status(exc), error=exc.message)
         exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
         raise
     except asyncio.CancelledError:
-        _refund(state, paid, status="cancelled", error="the client went away")
+        await _refund(state, paid, status="cancelled", error="the client went away")
         raise
     except Exception as exc:
-        _refund(state, paid, status="error", error=repr(exc))
+        await _refund(state, paid, status="error", error=repr(exc))
         raise
 
 
@@ -308,10 +308,12 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         answer["usage"] = {**usage, "cost": charge}
         headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
-            _settle(state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage)
+            await _settle(
+                state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage
+            )
             return json_response(answer, headers=headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
+        await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
         _remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
@@ -417,16 +419,18 @@ async def _relay(
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise
     try:
-        for event in first:
-            await _forward(state, paid, node, sse, event, delivered)
+        # Events that arrived together leave together: one write for what one read brought.
+        for i, event in enumerate(first):
+            last = i == len(first) - 1
+            await _forward(state, paid, node, sse, event, delivered, flush=last and not events.buffered)
         async for event in events:
-            await _forward(state, paid, node, sse, event, delivered)
+            await _forward(state, paid, node, sse, event, delivered, flush=not (events.buffered or events.ended))
         await sse.done()
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
         log.warning("%s", exc)
         _mark_node(state, node, exc)
-        _settle_delivered(state, paid, node, delivered, "broken", str(exc))
+        await _settle_delivered(state, paid, node, delivered, "broken", str(exc))
         message = "the node serving this stream failed; you were charged only for the tokens delivered"
         with suppress(ConnectionError):
             await sse.send(error_body(message, type="server_error", code="node_failed"))
@@ -434,23 +438,23 @@ async def _relay(
     except (ConnectionError, asyncio.CancelledError) as exc:
         # The client cut the stream: closing the node's stream stops its generation.
         await events.aclose()
-        _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
+        await _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
         if isinstance(exc, asyncio.CancelledError):
             raise
         return sse.response
-    _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
+    await _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
     return sse.response
 
 
-def _settle_delivered(
+async def _settle_delivered(
     state: RouterState, paid: PaidRequest, node: HerdNode, delivered: dict[str, int], status: str, error: str | None
 ) -> None:
     if paid.closed:
         return
     if delivered["completion_tokens"] == 0:
-        _refund(state, paid, status=status, error=error)
+        await _refund(state, paid, status=status, error=error)
     else:
-        _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
+        await _settle(state, paid, node, delivered["prompt_tokens"], delivered["completion_tokens"], status, error)
 
 
 async def _forward(
@@ -460,23 +464,27 @@ async def _forward(
     sse: SseWriter,
     event: dict[str, Any],
     delivered: dict[str, int],
+    *,
+    flush: bool = True,
 ) -> None:
     counts = event.pop("llamakit", None)
     event["id"] = paid.id
     usage = event.get("usage")
     if usage:
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
-        _settle(
+        await _settle(
             state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
             remember=_remember_stream(paid, node, usage, charge), usage=usage,
         )  # fmt: skip
         _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
+            if flush:
+                await sse.flush()
             return
         event["usage"] = {**usage, "cost": charge}
     elif "error" in event:
         raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
-    await sse.send(event)
+    await sse.send(event, flush=flush)
     if counts is not None:
         delivered.update(counts)
     for choice in event.get("choices") or ():
@@ -549,7 +557,7 @@ def _record(
         state.usage_log.write(record)
 
 
-def _settle(
+async def _settle(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
@@ -561,9 +569,28 @@ def _settle(
     remember: Remembered | None = None,
     usage: dict[str, Any] | None = None,
 ) -> int:
+    # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
+    # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
+    paid.closed = True
+    return await asyncio.shield(
+        _settled(state, paid, node, prompt_tokens, completion_tokens, status, error, remember, usage)
+    )
+
+
+async def _settled(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    status: str,
+    error: str | None,
+    remember: Remembered | None,
+    usage: dict[str, Any] | None,
+) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
-    settlement = state.ledger.settle(
+    settlement = await state.ledger.settle(
         paid.id,
         charge=charge,
         node=node.name,
@@ -575,7 +602,6 @@ def _settle(
         error=error,
         remember=remember,
     )
-    paid.closed = True
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
     state.metrics.settled(
         paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, _cached_tokens(usage)
@@ -600,9 +626,13 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+async def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
     if paid.closed:
         return
-    state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
-    paid.closed = True
+    paid.closed = True  # claimed before the await, as in _settle
+    await asyncio.shield(_released(state, paid, status=status, error=error))
+
+
+async def _released(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+    await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
     _record(state, paid, None, status, 0, 0, 0, error)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llamakit.config import Flag, parse_settings
+from llamakit.router.ledger import backend_of
 
 __all__ = ["RouterSettings", "settings_from_args"]
 
@@ -18,7 +20,11 @@ class RouterSettings(BaseModel):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8080, ge=0, le=65535, description="port to listen on")
-    db: Path = Field(Path("llamakit.db"), description="SQLite ledger file (WAL); ':memory:' for none")
+    db: str = Field(
+        "llamakit.db",
+        description="the ledger: a SQLite file (a path or sqlite:///path; ':memory:' for none) "
+        "or postgresql://user@host:port/dbname (password in PGPASSWORD or ~/.pgpass)",
+    )
     admin_key: str = Field(
         default_factory=lambda: "lka-" + secrets.token_urlsafe(24), min_length=8, description="operator's key"
     )
@@ -49,6 +55,15 @@ class RouterSettings(BaseModel):
     affinity: bool = Field(
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _ledger_url(cls, value: object) -> object:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if isinstance(value, str):
+            backend_of(value)  # ValueError for a URL of another kind
+        return value
 
 
 def _yes(value: str) -> bool:

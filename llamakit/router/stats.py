@@ -12,10 +12,10 @@ from llamakit.router.state import RouterState
 __all__ = ["snapshot"]
 
 
-def snapshot(state: RouterState) -> dict[str, Any]:
+async def snapshot(state: RouterState) -> dict[str, Any]:
     ledger, herd, scheduler = state.ledger, state.herd, state.scheduler
-    books = ledger.books()
-    fees_by_node = ledger.fees_by_node()
+    books = await ledger.books()
+    fees_by_node = await ledger.fees_by_node()
     nodes = []
     for node in herd.nodes.values():
         entry = node.snapshot()
@@ -51,5 +51,5 @@ def snapshot(state: RouterState) -> dict[str, Any]:
             "latency_ms": state.requests.latency_percentiles(),
             "recent": list(state.requests.recent)[-50:],
         },
-        "agents": ledger.event_summary(),
+        "agents": await ledger.event_summary(),
     }

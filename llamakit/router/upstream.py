@@ -8,14 +8,14 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator
+from collections import deque
 from typing import Any
 
 import aiohttp
 
 from llamakit.router.herd import HerdNode
 
-__all__ = ["NodeFailed", "NodeRejected", "StreamBroken", "Upstream"]
+__all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream"]
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
 KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
@@ -118,36 +118,82 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def stream(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> EventStream:
         """The node's SSE events as dicts, up to `[DONE]`; raises StreamBroken if it ends in any other way."""
         resp = await self._post(node, path, body, request_id)
-        return _events(resp, node)
+        return EventStream(resp, node)
 
 
-async def _events(resp: aiohttp.ClientResponse, node: HerdNode) -> AsyncGenerator[dict[str, Any], None]:
-    finished = False
-    try:
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                finished = True
-                return
-            yield json.loads(data)
-        raise StreamBroken(f"node {node.name} ended its stream without [DONE]")
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        hung = isinstance(exc, TimeoutError)
-        raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}", hung=hung) from exc
-    finally:
-        if finished:
-            resp.release()
+class EventStream:
+    """The SSE events of a node's stream as dicts, up to `[DONE]` (then the connection goes back to the pool).
+
+    Each read takes every byte that has arrived, so `buffered` tells how many events were read with the one
+    just returned, and `ended` whether `[DONE]` came with them: a relay can pass them on in one write.
+    StreamBroken if the stream ends in any other way; `aclose()` closes the connection, which is how the
+    node learns that nobody listens any more.
+    """
+
+    def __init__(self, resp: aiohttp.ClientResponse, node: HerdNode) -> None:
+        self._resp = resp
+        self._node = node
+        self._ready: deque[dict[str, Any]] = deque()
+        self._partial = b""  # the start of a line whose end has not arrived yet
+        self._done = False  # [DONE] was read
+        self._closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._ready)
+
+    @property
+    def ended(self) -> bool:
+        return self._done
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while not self._ready:
+            if self._done:
+                await self.aclose()
+                raise StopAsyncIteration
+            if self._closed:
+                raise StopAsyncIteration
+            await self._read()
+        return self._ready.popleft()
+
+    async def _read(self) -> None:
+        try:
+            data = await self._resp.content.readany()
+            if not data:
+                raise StreamBroken(f"node {self._node.name} ended its stream without [DONE]")
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self._done = True
+                    return
+                self._ready.append(json.loads(payload))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            await self.aclose()
+            hung = isinstance(exc, TimeoutError)
+            raise StreamBroken(f"node {self._node.name} broke off its stream: {exc!r}", hung=hung) from exc
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._done:
+            self._resp.release()
         else:
             # Closing the connection is how the node learns that nobody listens any more and stops generating.
-            resp.close()
+            self._resp.close()
 
 
 def _error(status: int) -> dict[str, Any]:

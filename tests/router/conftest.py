@@ -90,7 +90,7 @@ class Herd:
 
     async def start(self, **overrides: Any) -> RunningServer:
         settings = RouterSettings(
-            db=self.tmp / "ledger.db",
+            db=overrides.pop("db", self.tmp / "ledger.db"),
             admin_key=ADMIN_KEY,
             herd_token=HERD_TOKEN,
             nodes=[s.url for name, s in self.node_servers.items() if name in self.static],

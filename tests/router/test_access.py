@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from llamakit.router.admin import admin_routes, herd_routes
-from llamakit.router.ledger import Ledger
+from llamakit.router.ledger import ledger_at
 from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
 
@@ -174,11 +174,11 @@ async def test_the_plaintext_api_key_is_never_stored_logged_or_echoed(
         assert ledger_files_holding(tmp_path, secret) == []
     assert "POST /v1/completions" in caplog.text, "the access log was captured"
 
-    with Ledger(tmp_path / "ledger.db") as ledger:
-        books = ledger.books()
+    async with ledger_at(tmp_path / "ledger.db") as ledger:
+        books = await ledger.books()
         assert books.balanced and books.holds == 0
-        account = ledger.account_by_name("alice")
-        assert ledger.authenticate(key) == account and ledger.authenticate(second) == account
+        account = await ledger.account_by_name("alice")
+        assert await ledger.authenticate(key) == account and await ledger.authenticate(second) == account
 
 
 async def test_a_revoked_key_stops_working_and_the_others_do_not(herd: Herd) -> None:

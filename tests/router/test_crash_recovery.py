@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.router.ledger import Ledger
+from llamakit.router.ledger import ledger_at
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
 
@@ -22,18 +22,22 @@ PROMPT = "one two three four"
 # requests holding credits, then SIGKILL, so nothing is closed, flushed or checkpointed.
 KILLED_ROUTER = textwrap.dedent(
     """
-    import os, signal, sys
-    from llamakit.router.ledger import Ledger
+    import asyncio, os, signal, sys
+    from llamakit.router.ledger import ledger_at
 
-    ledger = Ledger(sys.argv[1])
-    account = ledger.create_account("alice")
-    print(ledger.create_key(account.id), flush=True)
-    ledger.deposit(account.id, 1000)
-    ledger.hold(account.id, 100, request_id="req-done", model="fake-model")
-    ledger.settle("req-done", charge=60, node="n1", prompt_tokens=10, completion_tokens=20)
-    ledger.hold(account.id, 300, request_id="req-open-1", model="fake-model", bid="1")
-    ledger.hold(account.id, 250, request_id="req-open-2", model="fake-model", bid="1.5")
-    os.kill(os.getpid(), signal.SIGKILL)
+    async def main() -> None:
+        ledger = ledger_at(sys.argv[1])
+        await ledger.open()
+        account = await ledger.create_account("alice")
+        print(await ledger.create_key(account.id), flush=True)
+        await ledger.deposit(account.id, 1000)
+        await ledger.hold(account.id, 100, request_id="req-done", model="fake-model")
+        await ledger.settle("req-done", charge=60, node="n1", prompt_tokens=10, completion_tokens=20)
+        await ledger.hold(account.id, 300, request_id="req-open-1", model="fake-model", bid="1")
+        await ledger.hold(account.id, 250, request_id="req-open-2", model="fake-model", bid="1.5")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    asyncio.run(main())
     """
 )
 
@@ -52,8 +56,8 @@ async def test_startup_releases_the_holds_of_a_killed_router(
     herd: Herd, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = await killed_router(tmp_path / "ledger.db")
-    with Ledger(tmp_path / "ledger.db") as before:  # what the killed router left: two open holds
-        left = before.books()
+    async with ledger_at(tmp_path / "ledger.db") as before:  # what the killed router left: two open holds
+        left = await before.books()
         assert (left.deposits, left.balances, left.holds, left.charges) == (1000, 390, 550, 60)
 
     caplog.set_level(logging.INFO)
@@ -100,11 +104,11 @@ async def test_a_restart_after_a_clean_stop_releases_nothing(herd: Herd, caplog:
 
 async def test_holds_left_by_a_closed_ledger_are_released_too(herd: Herd, tmp_path: Path) -> None:
     # The same through an orderly close that skipped settling (a router whose shutdown was cut short).
-    with Ledger(tmp_path / "ledger.db") as ledger:
-        account = ledger.create_account("bob")
-        ledger.deposit(account.id, 500)
+    async with ledger_at(tmp_path / "ledger.db") as ledger:
+        account = await ledger.create_account("bob")
+        await ledger.deposit(account.id, 500)
         for i in range(3):
-            ledger.hold(account.id, 100, request_id=f"req-{i}", model="fake-model")
+            await ledger.hold(account.id, 100, request_id=f"req-{i}", model="fake-model")
     await herd.add_node(FakeNode("n1"))
     await herd.start()
     assert herd.admin is not None

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from llamakit.router.ledger import Ledger
+from llamakit.router.ledger import ledger_at
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
 
@@ -142,9 +142,9 @@ async def test_the_log_is_appended_to_across_restarts_and_includes_recovered_req
     assert len(read_log(log)) == 1
 
     # A router killed mid-request leaves a hold open; the next one releases it, and that is a refund too.
-    with Ledger(tmp_path / "ledger.db") as ledger:
-        account = ledger.account_by_name("alice")
-        ledger.hold(account.id, 500, request_id="req-died", model="fake-model", bid="2")
+    async with ledger_at(tmp_path / "ledger.db") as ledger:
+        account = await ledger.account_by_name("alice")
+        await ledger.hold(account.id, 500, request_id="req-died", model="fake-model", bid="2")
     router = await herd.start(usage_log=log)
     alice = httpx.AsyncClient(base_url=router.url, headers=alice.headers)
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})

@@ -1,0 +1,805 @@
+"""What every ledger backend promises: the types, the errors, argument checks and the async `Ledger` interface.
+
+The public methods of `Ledger` check their arguments here, once, and hand a backend only what is valid;
+a backend (`_sqlite.py`, `_postgres.py`) implements the underscored methods, each one transaction.
+
+Exceptions:
+
+    LedgerError                 anything the ledger refuses, and database failures
+    ├── AccountExists           create_account with a name that is taken
+    ├── UnknownAccount          no account with that id or name
+    ├── InsufficientFunds       hold for more than the balance (carries `needed` and `balance`)
+    └── HoldClosed              settle/release of a hold that is not open (or does not exist)
+
+Invalid arguments (a negative amount, a bool where an int belongs) raise `ValueError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from types import TracebackType
+from typing import Any, Final, Protocol, Self, TypedDict
+
+from llamakit.fees import format_bid
+
+__all__ = [
+    "ACCOUNT_KINDS",
+    "KEY_PREFIX",
+    "MAX_AMOUNT",
+    "MAX_PAGE",
+    "UNATTRIBUTED",
+    "Account",
+    "AccountActivity",
+    "AccountExists",
+    "AccountState",
+    "ApiKey",
+    "Books",
+    "Close",
+    "Event",
+    "EventSummary",
+    "Hold",
+    "HoldClosed",
+    "InsufficientFunds",
+    "Ledger",
+    "LedgerError",
+    "Refusal",
+    "Remembered",
+    "Row",
+    "Settlement",
+    "UnknownAccount",
+    "UsageRecord",
+]
+
+KEY_PREFIX: Final = "lk-"
+ACCOUNT_KINDS: Final = ("user", "agent", "dev")
+# The key under which fees_by_node reports charges that no node was named for.
+UNATTRIBUTED: Final = "(unattributed)"
+MAX_PAGE: Final = 1000
+# Far beyond any real balance, and far below 64-bit integers (SQLite's INTEGER, PostgreSQL's BIGINT), whose
+# overflow would turn a SQLite sum into a float.
+MAX_AMOUNT: Final = 10**15
+DISPLAY_PREFIX_LEN: Final = 8
+MAX_NAME_LEN: Final = 100
+_MAX_LABEL_LEN: Final = 64
+RECOVERED_ERROR: Final = "the router stopped before the request finished"
+
+
+class LedgerError(Exception):
+    """The ledger refused an operation or its database failed; nothing was changed."""
+
+
+class AccountExists(LedgerError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"an account named {name!r} already exists; pick another name")
+        self.name = name
+
+
+class UnknownAccount(LedgerError):
+    def __init__(self, account: int | str) -> None:
+        what = f"id {account}" if isinstance(account, int) else f"name {account!r}"
+        super().__init__(f"there is no account with {what}")
+        self.account = account
+
+
+class InsufficientFunds(LedgerError):
+    def __init__(self, *, needed: int, balance: int) -> None:
+        super().__init__(
+            f"insufficient funds: the request needs a hold of {needed} credits but the balance is {balance}; "
+            f"deposit at least {needed - balance} more, or lower max_tokens or the bid"
+        )
+        self.needed = needed
+        self.balance = balance
+
+
+class HoldClosed(LedgerError):
+    def __init__(self, request_id: str, status: str | None) -> None:
+        if status is None:
+            message = f"there is no hold for request {request_id!r}"
+        else:
+            message = f"the hold for request {request_id!r} is already {status}; it can be closed only once"
+        super().__init__(message)
+        self.request_id = request_id
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    name: str
+    kind: str
+    balance: int
+    created: float
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What the ledger knows about a key: never the key itself, only its display prefix."""
+
+    prefix: str
+    account_id: int
+    created: float
+    revoked: float | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked is None
+
+
+@dataclass(frozen=True)
+class Hold:
+    request_id: str
+    account_id: int
+    model: str
+    amount: int
+    bid: str
+    status: str
+    created: float
+    user: str | None = None  # the OpenAI `user` the request named
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """The outcome of settling a hold: what was charged, what went back to the balance, the new balance."""
+
+    request_id: str
+    account_id: int
+    node: str | None
+    held: int
+    charged: int
+    refunded: int
+    balance: int
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """An answer kept under a client's idempotency key: `fingerprint` identifies the request it answered."""
+
+    key: str
+    fingerprint: str
+    response: str
+
+
+@dataclass(frozen=True)
+class AccountState:
+    balance: int
+    held: int
+    spent: int
+    deposited: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    id: int
+    request_id: str
+    account_id: int
+    model: str
+    node: str | None
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost: int
+    bid: str
+    held: int
+    latency_ms: float | None
+    queue_ms: float | None
+    error: str | None
+    created: float
+    user: str | None = None  # the OpenAI `user` the request named
+    http_status: int | None = None  # set on a refused request's record: the status it was refused with
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    account_id: int
+    kind: str
+    data: Mapping[str, Any]
+    created: float
+
+
+class EventSummary(TypedDict):
+    """One account's agent events: how many of each kind, and the latest position and PnL reported."""
+
+    counts: dict[str, int]
+    total: int
+    position: float | None
+    pnl: float | None
+    last: float
+
+
+@dataclass(frozen=True)
+class Books:
+    """Ledger-wide totals in credits."""
+
+    deposits: int
+    balances: int
+    holds: int
+    charges: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.deposits == self.balances + self.holds + self.charges
+
+
+@dataclass(frozen=True)
+class Close:
+    """One checked settlement (`charge` is not None) or release of the hold of `request_id`, for a backend.
+
+    `bid` None means the hold's own bid; `now` is the clock's time in seconds since the epoch.
+    """
+
+    request_id: str
+    charge: int | None
+    node: str | None
+    status: str
+    prompt_tokens: int
+    completion_tokens: int
+    bid: str | None
+    latency_ms: float | None
+    queue_ms: float | None
+    error: str | None
+    remember: Remembered | None
+    now: float
+
+
+class Row(Protocol):
+    """A database row read by column name: `sqlite3.Row` and `asyncpg.Record` both are."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+def account_from(row: Row) -> Account:
+    return Account(id=row["id"], name=row["name"], kind=row["kind"], balance=row["balance"], created=row["created"])
+
+
+def hold_from(row: Row) -> Hold:
+    return Hold(
+        request_id=row["id"],
+        account_id=row["account_id"],
+        model=row["model"],
+        amount=row["amount"],
+        bid=row["bid"],
+        status=row["status"],
+        created=row["created"],
+        user=row["user"],
+    )
+
+
+def usage_from(row: Row) -> UsageRecord:
+    return UsageRecord(
+        id=row["id"],
+        request_id=row["request_id"],
+        account_id=row["account_id"],
+        model=row["model"],
+        node=row["node"],
+        status=row["status"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        cost=row["cost"],
+        bid=row["bid"],
+        held=row["held"],
+        latency_ms=row["latency_ms"],
+        queue_ms=row["queue_ms"],
+        error=row["error"],
+        created=row["created"],
+        user=row["user"],
+        http_status=row["http_status"],
+    )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request refused before anything was held (a 400, 402, 404 or 429 to a known account), for a backend."""
+
+    request_id: str
+    account_id: int
+    model: str
+    status: str
+    http_status: int
+    error: str
+    user: str | None
+    now: float
+
+
+@dataclass(frozen=True)
+class AccountActivity:
+    """One account as the operator's dashboard shows it: money now, and what it did since `since` (epoch s)."""
+
+    id: int
+    name: str
+    kind: str
+    balance: int
+    held: int
+    spent: int  # charged since `since`
+    requests: int  # usage records since `since`, refusals included
+    refusals: int  # refused requests since `since`
+    last_seen: float | None  # the newest usage record, ever
+
+
+def recovery(request_id: str, now: float) -> Close:
+    """The release, at start-up, of a hold left open by a router that stopped before its request finished."""
+    return Close(
+        request_id=request_id,
+        charge=None,
+        node=None,
+        status="recovered",
+        prompt_tokens=0,
+        completion_tokens=0,
+        bid=None,
+        latency_ms=None,
+        queue_ms=None,
+        error=RECOVERED_ERROR,
+        remember=None,
+        now=now,
+    )
+
+
+def count(name: str, value: object, *, positive: bool = False) -> int:
+    """`value` as a number of credits or tokens in 0..MAX_AMOUNT (1.. when `positive`), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > MAX_AMOUNT:
+        raise ValueError(f"{name} must be at most {MAX_AMOUNT}, got {value}")
+    return value
+
+
+def _label(name: str, value: object, *, limit: int = _MAX_LABEL_LEN) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if len(value) > limit:
+        raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _millis(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of milliseconds or None, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return float(value)
+
+
+def _bid_text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise ValueError(f"bid must be a number or a numeric string, got {value!r}")
+    return _label("bid", format_bid(value) if isinstance(value, Decimal) else str(value))
+
+
+def hash_key(api_key: str) -> str:
+    """The SHA-256 (hex) under which an API key is stored."""
+    return hashlib.sha256(api_key.encode("utf-8", errors="surrogatepass")).hexdigest()
+
+
+def _page(limit: int, before: int | None) -> tuple[int, int | None]:
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise ValueError(f"limit must be an int, got {limit!r}")
+    if before is not None:
+        count("before", before)
+    # One past a page: a caller asks for a record more than it shows, to tell whether there are more.
+    return max(1, min(MAX_PAGE + 1, limit)), before
+
+
+class Ledger(ABC):
+    """Accounts and money, one transaction per call: credits are only ever moved, never lost.
+
+    At any moment, total deposited = Σ balances + Σ open holds + Σ charges (see `books`). Every method is a
+    coroutine and none blocks the event loop. Open with `async with ledger_at(url) as ledger:` (or `await
+    ledger.open()` … `await ledger.close()`); the schema is migrated on opening. Amounts are integer credits;
+    times (`created`, `revoked`) are seconds since the epoch from the ledger's `clock`.
+
+    `hold`, `settle` and `release` are group-committed: calls that arrive while the database is busy share one
+    transaction, each still all-or-nothing on its own, and none returns before its transaction is committed.
+    """
+
+    url: str  # where the books are, with any password left out
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        # Group commits run so far: each one transaction for all the holds, settlements and releases in it.
+        self.batches = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema to this llamakit's version; LedgerError if that cannot be done."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish the calls already made, then disconnect; later calls raise LedgerError. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- accounts --------------------------------------------------------------------------------------
+
+    async def create_account(self, name: str, *, kind: str = "user") -> Account:
+        """A new account with a zero balance; AccountExists if `name` is taken."""
+        _label("name", name, limit=MAX_NAME_LEN)
+        if kind not in ACCOUNT_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(ACCOUNT_KINDS)}, got {kind!r}")
+        return await self._create_account(name, kind, self._clock())
+
+    async def get_account(self, account_id: int) -> Account:
+        """UnknownAccount if there is none with that id."""
+        return await self._get_account(count("account_id", account_id))
+
+    async def account_by_name(self, name: str) -> Account:
+        """UnknownAccount if there is none with that name."""
+        return await self._account_by_name(name)
+
+    async def list_accounts(self) -> list[Account]:
+        """Every account, by id."""
+        return await self._list_accounts()
+
+    # -- API keys --------------------------------------------------------------------------------------
+
+    async def create_key(self, account_id: int) -> str:
+        """Make a new API key for the account and return it. This is the only time it is ever visible."""
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        await self._create_key(count("account_id", account_id), hash_key(key), key[:DISPLAY_PREFIX_LEN], self._clock())
+        return key
+
+    async def list_keys(self, account_id: int) -> list[ApiKey]:
+        """The account's keys (prefixes only), oldest first."""
+        return await self._list_keys(count("account_id", account_id))
+
+    async def revoke_key(self, prefix_or_key: str) -> int:
+        """Revoke a key given whole, or by its 8-character display prefix; returns how many were revoked.
+
+        A prefix that matches more than one active key is refused (ValueError): give the whole key instead.
+        """
+        if not isinstance(prefix_or_key, str) or len(prefix_or_key) < DISPLAY_PREFIX_LEN:
+            raise ValueError(f"give a whole API key or its {DISPLAY_PREFIX_LEN}-character prefix (like 'lk-AbCdE')")
+        if len(prefix_or_key) > DISPLAY_PREFIX_LEN:
+            return await self._revoke_key(key_hash=hash_key(prefix_or_key), prefix=None, now=self._clock())
+        return await self._revoke_key(key_hash=None, prefix=prefix_or_key, now=self._clock())
+
+    async def authenticate(self, api_key: str) -> Account | None:
+        """The account an active key belongs to, or None.
+
+        The key is looked up by its SHA-256, so no secret is ever compared byte by byte in Python.
+        """
+        if not isinstance(api_key, str) or not api_key.startswith(KEY_PREFIX):
+            return None
+        return await self._authenticate(hash_key(api_key))
+
+    # -- money -----------------------------------------------------------------------------------------
+
+    async def deposit(self, account_id: int, amount: int, *, note: str = "") -> int:
+        """Add credits to an account; returns the new balance (ValueError past MAX_AMOUNT)."""
+        count("amount", amount, positive=True)
+        if not isinstance(note, str):
+            raise ValueError(f"note must be a string, got {note!r}")
+        return await self._deposit(count("account_id", account_id), amount, note, self._clock())
+
+    async def hold(
+        self,
+        account_id: int,
+        amount: int,
+        *,
+        request_id: str,
+        model: str,
+        bid: object = "1",
+        user: str | None = None,
+    ) -> Hold:
+        """Move `amount` from the balance into an open hold for `request_id`; `user` (OpenAI's field) is kept
+        on the hold and on the usage record that closes it.
+
+        Raises InsufficientFunds (and changes nothing) when the balance is smaller than `amount`, and
+        ValueError when `request_id` was used for a hold before.
+        """
+        count("account_id", account_id)
+        count("amount", amount)
+        _label("request_id", request_id, limit=MAX_NAME_LEN)
+        _label("model", model, limit=MAX_NAME_LEN)
+        if user is not None:
+            _label("user", user, limit=MAX_NAME_LEN)
+        hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock(), user)
+        await self._hold(hold)
+        return hold
+
+    async def find_hold(self, request_id: str) -> Hold | None:
+        return await self._find_hold(request_id)
+
+    async def settle(
+        self,
+        request_id: str,
+        *,
+        charge: int,
+        node: str | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: str = "ok",
+        bid: object = None,
+        latency_ms: float | None = None,
+        queue_ms: float | None = None,
+        error: str | None = None,
+        remember: Remembered | None = None,
+    ) -> Settlement:
+        """Close an open hold: charge at most the held amount to `node`, return the rest, record usage.
+
+        `bid` defaults to the bid the hold was made with. `remember` stores the answer under the client's
+        idempotency key in the same transaction, so no crash can leave a charge whose answer a retry
+        would not find. HoldClosed when the hold is not open.
+        """
+        count("charge", charge)
+        count("prompt_tokens", prompt_tokens)
+        count("completion_tokens", completion_tokens)
+        _label("status", status)
+        if node is not None:
+            _label("node", node, limit=MAX_NAME_LEN)
+        close = Close(
+            request_id=request_id,
+            charge=charge,
+            node=node,
+            status=status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            bid=None if bid is None else _bid_text(bid),
+            latency_ms=_millis("latency_ms", latency_ms),
+            queue_ms=_millis("queue_ms", queue_ms),
+            error=None if error is None else str(error),
+            remember=remember,
+            now=self._clock(),
+        )
+        return await self._close_hold(close)
+
+    async def release(
+        self,
+        request_id: str,
+        *,
+        status: str = "refunded",
+        error: str | None = None,
+        node: str | None = None,
+        latency_ms: float | None = None,
+        queue_ms: float | None = None,
+    ) -> None:
+        """Close an open hold with a full refund (the request failed, timed out or was rejected).
+
+        HoldClosed when the hold is not open.
+        """
+        _label("status", status)
+        close = Close(
+            request_id=request_id,
+            charge=None,
+            node=node,
+            status=status,
+            prompt_tokens=0,
+            completion_tokens=0,
+            bid=None,
+            latency_ms=_millis("latency_ms", latency_ms),
+            queue_ms=_millis("queue_ms", queue_ms),
+            error=None if error is None else str(error),
+            remember=None,
+            now=self._clock(),
+        )
+        await self._close_hold(close)
+
+    async def refuse(
+        self,
+        account_id: int,
+        *,
+        request_id: str,
+        model: str,
+        status: str,
+        http_status: int,
+        error: str,
+        user: str | None = None,
+    ) -> UsageRecord:
+        """Record a request refused before anything was held: a usage record with no tokens and no cost, whose
+        `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status."""
+        count("account_id", account_id)
+        _label("request_id", request_id, limit=MAX_NAME_LEN)
+        _label("status", status)
+        if not 400 <= http_status <= 599:
+            raise ValueError(f"http_status must be 400 to 599, got {http_status!r}")
+        refusal = Refusal(
+            request_id=request_id,
+            account_id=account_id,
+            model=str(model)[:MAX_NAME_LEN],
+            status=status,
+            http_status=http_status,
+            error=str(error)[:2000],
+            user=None if user is None else str(user)[:MAX_NAME_LEN],
+            now=self._clock(),
+        )
+        return await self._refuse(refusal)
+
+    async def recall(self, account_id: int, key: str) -> Remembered | None:
+        """The answer settled under idempotency `key` for this account, if any."""
+        return await self._recall(account_id, key)
+
+    async def recover(self) -> int:
+        """Refund every open hold, which only a crash can leave behind; returns how many.
+
+        Call it at start-up, before taking requests: any hold still open then belongs to a request that
+        died with the previous process.
+        """
+        return len(await self.recover_usage())
+
+    async def recover_usage(self) -> list[UsageRecord]:
+        """`recover`, returning the usage records of the refunds (status 'recovered'), oldest hold first."""
+        return await self._recover(self._clock())
+
+    # -- reports ---------------------------------------------------------------------------------------
+
+    async def account_state(self, account_id: int) -> AccountState:
+        """Balance, open holds, charges and deposits of one account, from one snapshot."""
+        return await self._account_state(count("account_id", account_id))
+
+    async def usage_records(
+        self,
+        account_id: int,
+        *,
+        limit: int = 100,
+        before: int | None = None,
+        since: float | None = None,
+        user: str | None = None,
+    ) -> list[UsageRecord]:
+        """An account's finished (and refused) requests, newest first; only those created at or after `since`
+        (epoch seconds) and naming `user`, when given.
+
+        Page with `before`: pass the smallest `id` of the previous page to get the next one.
+        `limit` is clamped to 1..1001 (a page and one more). UnknownAccount when there is no such account.
+        """
+        limit, before = _page(limit, before)
+        return await self._usage_records(count("account_id", account_id), limit, before, since, user)
+
+    async def all_usage(
+        self, limit: int = 100, *, before: int | None = None, since: float | None = None, user: str | None = None
+    ) -> list[UsageRecord]:
+        """Every account's finished requests, newest first, filtered and paged like `usage_records`."""
+        limit, before = _page(limit, before)
+        return await self._usage_records(None, limit, before, since, user)
+
+    async def account_activity(self, since: float) -> list[AccountActivity]:
+        """Every account with its balance, open holds, and its spend, requests and refusals since `since`."""
+        return await self._account_activity(since)
+
+    async def find_usage(self, request_id: str) -> UsageRecord | None:
+        """The usage record of a finished request, so a retried request id can be answered, not re-run."""
+        return await self._find_usage(request_id)
+
+    async def books(self) -> Books:
+        """Ledger-wide totals, from one snapshot."""
+        return await self._books()
+
+    async def fees_by_node(self) -> dict[str, int]:
+        """Credits charged per node that served the request (UNATTRIBUTED for charges without a node)."""
+        return await self._fees_by_node()
+
+    async def fees_total(self) -> int:
+        return (await self.books()).charges
+
+    # -- agent events ----------------------------------------------------------------------------------
+
+    async def record_event(self, account_id: int, kind: str, data: Mapping[str, Any]) -> int:
+        """Store an agent outcome ('buy', 'skip', 'error', 'request', …) with JSON data; returns its id.
+
+        Numeric `position` and `pnl` fields in `data` are reported by `event_summary`.
+        """
+        count("account_id", account_id)
+        _label("kind", kind)
+        if not isinstance(data, Mapping):
+            raise ValueError(f"event data must be a JSON object (a dict), got {type(data).__name__}")
+        try:
+            # allow_nan=False: NaN is not JSON, and the databases' JSON functions would reject the row later.
+            text = json.dumps(dict(data), allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event data must be JSON-serialisable without NaN or infinity: {exc}") from exc
+        return await self._record_event(account_id, kind, text, self._clock())
+
+    async def events(self, account_id: int, *, limit: int = 100) -> list[Event]:
+        """An account's events, newest first; `limit` is clamped to 1..1000."""
+        limit, _ = _page(limit, None)
+        return await self._events(count("account_id", account_id), min(limit, MAX_PAGE))
+
+    async def event_summary(self) -> dict[str, EventSummary]:
+        """Per account name: event counts by kind, the total, the latest numeric position and PnL."""
+        return await self._event_summary()
+
+    # -- what a backend implements, each one transaction, arguments already checked --------------------
+
+    @abstractmethod
+    async def _create_account(self, name: str, kind: str, now: float) -> Account: ...
+
+    @abstractmethod
+    async def _get_account(self, account_id: int) -> Account: ...
+
+    @abstractmethod
+    async def _account_by_name(self, name: str) -> Account: ...
+
+    @abstractmethod
+    async def _list_accounts(self) -> list[Account]: ...
+
+    @abstractmethod
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None: ...
+
+    @abstractmethod
+    async def _list_keys(self, account_id: int) -> list[ApiKey]: ...
+
+    @abstractmethod
+    async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int: ...
+
+    @abstractmethod
+    async def _authenticate(self, key_hash: str) -> Account | None: ...
+
+    @abstractmethod
+    async def _deposit(self, account_id: int, amount: int, note: str, now: float) -> int: ...
+
+    @abstractmethod
+    async def _hold(self, hold: Hold) -> None:
+        """Group-committed; InsufficientFunds, UnknownAccount, or ValueError for a used request id."""
+
+    @abstractmethod
+    async def _find_hold(self, request_id: str) -> Hold | None: ...
+
+    @abstractmethod
+    async def _close_hold(self, close: Close) -> Settlement:
+        """Group-committed settle (`close.charge` given) or release; HoldClosed unless the hold is open."""
+
+    @abstractmethod
+    async def _recall(self, account_id: int, key: str) -> Remembered | None: ...
+
+    @abstractmethod
+    async def _recover(self, now: float) -> list[UsageRecord]: ...
+
+    @abstractmethod
+    async def _account_state(self, account_id: int) -> AccountState: ...
+
+    @abstractmethod
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]: ...
+
+    @abstractmethod
+    async def _refuse(self, refusal: Refusal) -> UsageRecord: ...
+
+    @abstractmethod
+    async def _account_activity(self, since: float) -> list[AccountActivity]: ...
+
+    @abstractmethod
+    async def _find_usage(self, request_id: str) -> UsageRecord | None: ...
+
+    @abstractmethod
+    async def _books(self) -> Books: ...
+
+    @abstractmethod
+    async def _fees_by_node(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int: ...
+
+    @abstractmethod
+    async def _events(self, account_id: int, limit: int) -> list[Event]: ...
+
+    @abstractmethod
+    async def _event_summary(self) -> dict[str, EventSummary]: ...

@@ -1,0 +1,539 @@
+"""The ledger in PostgreSQL (15 or later), through asyncpg's connection pool: nothing here blocks the event loop.
+
+Commits do not wait for the WAL to reach the disk (`synchronous_commit = off`, unless the URL sets it): the
+same bargain as the SQLite ledger's synchronous=NORMAL. A crash of the router loses nothing committed; a crash
+of the database server may lose the last fraction of a second of transactions, whole ones, so the books
+still balance (and holds it kept are released at the next start). It saves a disk flush per commit, which on
+a small machine is most of a request's time in the ledger.
+
+Holds, settlements and releases are group-committed: they queue up while a batch is in flight, and the next
+batch goes as one call of `llamakit_apply` (migration 0003): one round trip, one transaction, each operation
+in a subtransaction of its own so that one that fails is undone alone. A batch that loses a deadlock to
+another router is tried again whole. Everything else is one statement, or one short transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+
+from llamakit.router.ledger._contract import (
+    MAX_AMOUNT,
+    UNATTRIBUTED,
+    Account,
+    AccountActivity,
+    AccountExists,
+    AccountState,
+    ApiKey,
+    Books,
+    Close,
+    Event,
+    EventSummary,
+    Hold,
+    HoldClosed,
+    InsufficientFunds,
+    Ledger,
+    LedgerError,
+    Refusal,
+    Remembered,
+    Settlement,
+    UnknownAccount,
+    UsageRecord,
+    account_from,
+    hold_from,
+    recovery,
+    usage_from,
+)
+from llamakit.router.ledger._migrations import migrate_postgres
+
+__all__ = ["PostgresLedger"]
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH: Final = 256
+_RETRIES: Final = 5
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_FAST_COMMITS: Final = {"synchronous_commit": "off"}
+
+
+class PostgresLedger(Ledger):
+    """The ledger in the PostgreSQL database at `dsn` (`postgresql://user:password@host:port/dbname`).
+
+    Query parameters of the URL other than libpq's connection options are server settings, so
+    `?search_path=books` keeps the ledger in the schema `books`. `display` is the URL without its password.
+    """
+
+    def __init__(
+        self, dsn: str, *, display: str | None = None, clock: Callable[[], float] = time.time, pool_size: int = 8
+    ) -> None:
+        super().__init__(clock=clock)
+        self._dsn = dsn
+        self.url = display or dsn
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._closed = False
+        self._pending: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]] = []
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            settings = {} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS
+            pool = await asyncpg.create_pool(
+                self._dsn, min_size=1, max_size=self._pool_size, server_settings=settings, reset=_keep_session
+            )
+        except (*_DATABASE_ERRORS, ValueError) as exc:
+            raise LedgerError(f"cannot open the ledger at {self.url}: {exc}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await migrate_postgres(conn)
+        except _DATABASE_ERRORS as exc:
+            await pool.close()
+            raise LedgerError(f"cannot migrate the ledger at {self.url}: {exc}") from exc
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._wake = asyncio.Event()
+        self._flusher = asyncio.create_task(self._flush(), name="ledger group commit")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self._wake.set()  # the flusher finishes what is pending, then stops
+            await self._flusher
+        if self._pool is not None:
+            await self._pool.close()
+
+    def _db(self) -> asyncpg.Pool:
+        if self._closed or self._pool is None:
+            raise LedgerError("the ledger is closed" if self._closed else "the ledger is not open: await open()")
+        return self._pool
+
+    # -- group commit ----------------------------------------------------------------------------------
+
+    async def _apply(self, op: dict[str, Any]) -> dict[str, Any]:
+        """Queue one operation for the next batch and wait until its batch has committed."""
+        self._db()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wake.set()
+        return await future
+
+    async def _flush(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch = self._pending[:MAX_BATCH]
+                del self._pending[:MAX_BATCH]
+                try:
+                    await self._run(batch)
+                except Exception as exc:  # a bug here must fail its batch, not stop every later commit
+                    log.exception("ledger batch failed")
+                    for _op, future in batch:
+                        if not future.done():
+                            future.set_exception(LedgerError(f"ledger batch failed: {exc!r}"))
+            if self._closed:
+                return
+
+    async def _run(self, batch: list[tuple[dict[str, Any], asyncio.Future[dict[str, Any]]]]) -> None:
+        assert self._pool is not None
+        self.batches += 1
+        ops = json.dumps([op for op, _ in batch], separators=(",", ":"))
+        outcome: list[dict[str, Any]] | BaseException
+        for attempt in range(_RETRIES):
+            try:
+                outcome = json.loads(await self._pool.fetchval("SELECT llamakit_apply($1::jsonb)", ops))
+                break
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+                outcome = LedgerError(f"ledger database error after {attempt + 1} tries: {exc}")
+                outcome.__cause__ = exc
+            except Exception as exc:  # the flusher must outlive any failure; its callers get the error
+                outcome = LedgerError(f"ledger database error: {exc}")
+                outcome.__cause__ = exc
+                break
+        for index, (_op, future) in enumerate(batch):
+            if future.done():  # the caller stopped waiting; its operation was applied all the same
+                continue
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome[index])
+
+    # -- accounts and keys -----------------------------------------------------------------------------
+
+    async def _create_account(self, name: str, kind: str, now: float) -> Account:
+        row = await self._fetchrow(
+            "INSERT INTO accounts (name, kind, created) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING RETURNING *",
+            name,
+            kind,
+            now,
+        )
+        if row is None:
+            raise AccountExists(name)
+        return account_from(row)
+
+    async def _get_account(self, account_id: int) -> Account:
+        row = await self._fetchrow("SELECT * FROM accounts WHERE id = $1", account_id)
+        if row is None:
+            raise UnknownAccount(account_id)
+        return account_from(row)
+
+    async def _account_by_name(self, name: str) -> Account:
+        row = await self._fetchrow("SELECT * FROM accounts WHERE name = $1", name)
+        if row is None:
+            raise UnknownAccount(name)
+        return account_from(row)
+
+    async def _list_accounts(self) -> list[Account]:
+        return [account_from(row) for row in await self._fetch("SELECT * FROM accounts ORDER BY id")]
+
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None:
+        row = await self._fetchrow(
+            "INSERT INTO api_keys (key_hash, prefix, account_id, created) "
+            "SELECT $1, $2, id, $4 FROM accounts WHERE id = $3 RETURNING account_id",
+            key_hash,
+            prefix,
+            account_id,
+            now,
+        )
+        if row is None:
+            raise UnknownAccount(account_id)
+
+    async def _list_keys(self, account_id: int) -> list[ApiKey]:
+        await self._get_account(account_id)
+        rows = await self._fetch(
+            "SELECT prefix, account_id, created, revoked FROM api_keys WHERE account_id = $1 ORDER BY created, prefix",
+            account_id,
+        )
+        return [ApiKey(r["prefix"], r["account_id"], r["created"], r["revoked"]) for r in rows]
+
+    async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
+        if key_hash is not None:
+            revoked = await self._fetchval(
+                "WITH revoked AS (UPDATE api_keys SET revoked = $1 WHERE key_hash = $2 AND revoked IS NULL "
+                "RETURNING 1) SELECT COUNT(*) FROM revoked",
+                now,
+                key_hash,
+            )
+            return int(revoked)
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                keys = await conn.fetch(
+                    "SELECT key_hash FROM api_keys WHERE prefix = $1 AND revoked IS NULL FOR UPDATE", prefix
+                )
+                if len(keys) > 1:
+                    raise ValueError(
+                        f"the prefix {prefix!r} matches {len(keys)} active keys; revoke with the whole key"
+                    )
+                await conn.execute(
+                    "UPDATE api_keys SET revoked = $1 WHERE prefix = $2 AND revoked IS NULL", now, prefix
+                )
+                return len(keys)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _authenticate(self, key_hash: str) -> Account | None:
+        row = await self._fetchrow(
+            "SELECT accounts.* FROM api_keys JOIN accounts ON accounts.id = api_keys.account_id "
+            "WHERE api_keys.key_hash = $1 AND api_keys.revoked IS NULL",
+            key_hash,
+        )
+        return None if row is None else account_from(row)
+
+    # -- money -----------------------------------------------------------------------------------------
+
+    async def _deposit(self, account_id: int, amount: int, note: str, now: float) -> int:
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                balance = await conn.fetchval("SELECT balance FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+                if balance is None:
+                    raise UnknownAccount(account_id)
+                if balance + amount > MAX_AMOUNT:
+                    raise ValueError(f"a balance can be at most {MAX_AMOUNT} credits; deposit less")
+                await conn.execute(
+                    "INSERT INTO deposits (account_id, amount, note, created) VALUES ($1, $2, $3, $4)",
+                    account_id,
+                    amount,
+                    note,
+                    now,
+                )
+                new: int = await conn.fetchval(
+                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance", account_id, amount
+                )
+                return new
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _hold(self, hold: Hold) -> None:
+        result = await self._apply(
+            {
+                "op": "hold",
+                "request_id": hold.request_id,
+                "account_id": hold.account_id,
+                "model": hold.model,
+                "amount": hold.amount,
+                "bid": hold.bid,
+                "now": hold.created,
+                "user": hold.user,
+            }
+        )
+        error = result.get("error")
+        if error is None:
+            return
+        if error == "insufficient":
+            raise InsufficientFunds(needed=hold.amount, balance=int(result["balance"]))
+        if error == "unknown_account":
+            raise UnknownAccount(hold.account_id)
+        if error == "duplicate":
+            raise ValueError(f"request id {hold.request_id!r} has already been used for a hold")
+        raise LedgerError(f"ledger database error: {result.get('message', error)}")
+
+    async def _find_hold(self, request_id: str) -> Hold | None:
+        row = await self._fetchrow("SELECT * FROM holds WHERE id = $1", request_id)
+        return None if row is None else hold_from(row)
+
+    async def _close_hold(self, close: Close) -> Settlement:
+        result = await self._apply(_close_op(close))
+        return _settlement(close, result)
+
+    async def _recall(self, account_id: int, key: str) -> Remembered | None:
+        row = await self._fetchrow(
+            "SELECT key, fingerprint, response FROM idempotency WHERE account_id = $1 AND key = $2", account_id, key
+        )
+        return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
+
+    async def _recover(self, now: float) -> list[UsageRecord]:
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                holds = [
+                    r["id"]
+                    for r in await conn.fetch(
+                        "SELECT id FROM holds WHERE status = 'open' ORDER BY created, id FOR UPDATE"
+                    )
+                ]
+                if not holds:
+                    return []
+                ops = [_close_op(recovery(request_id, now)) for request_id in holds]
+                results = json.loads(await conn.fetchval("SELECT llamakit_apply($1::jsonb)", json.dumps(ops)))
+                for close, result in zip(ops, results, strict=True):
+                    if "error" in result:
+                        raise LedgerError(f"cannot release the hold {close['request_id']!r}: {result}")
+                rows = await conn.fetch("SELECT * FROM usage WHERE request_id = ANY($1::text[])", holds)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+        by_id = {row["request_id"]: usage_from(row) for row in rows}
+        return [by_id[request_id] for request_id in holds]
+
+    # -- reports ---------------------------------------------------------------------------------------
+
+    async def _account_state(self, account_id: int) -> AccountState:
+        row = await self._fetchrow(
+            "SELECT balance, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE account_id = $1 AND status = 'open') AS held, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges WHERE account_id = $1) AS spent, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM deposits WHERE account_id = $1) AS deposited "
+            "FROM accounts WHERE id = $1",
+            account_id,
+        )
+        if row is None:
+            raise UnknownAccount(account_id)
+        return AccountState(balance=row["balance"], held=row["held"], spent=row["spent"], deposited=row["deposited"])
+
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]:
+        if account_id is not None:
+            await self._get_account(account_id)
+        rows = await self._fetch(
+            "SELECT * FROM usage WHERE ($1::bigint IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id < $2) "
+            'AND ($3::float8 IS NULL OR created >= $3) AND ($4::text IS NULL OR "user" = $4) '
+            "ORDER BY id DESC LIMIT $5",
+            account_id,
+            before,
+            since,
+            user,
+            limit,
+        )
+        return [usage_from(row) for row in rows]
+
+    async def _refuse(self, refusal: Refusal) -> UsageRecord:
+        await self._get_account(refusal.account_id)
+        row = await self._fetchrow(
+            "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
+            'cost, bid, held, error, created, "user", http_status) '
+            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8) RETURNING *",
+            refusal.request_id,
+            refusal.account_id,
+            refusal.model,
+            refusal.status,
+            refusal.error,
+            refusal.now,
+            refusal.user,
+            refusal.http_status,
+        )
+        assert row is not None
+        return usage_from(row)
+
+    async def _account_activity(self, since: float) -> list[AccountActivity]:
+        rows = await self._fetch(
+            "SELECT a.id, a.name, a.kind, a.balance, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE account_id = a.id AND status = 'open') AS held, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges WHERE account_id = a.id AND created >= $1) "
+            "AS spent, "
+            "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= $1) AS requests, "
+            "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= $1 AND http_status IS NOT NULL) "
+            "AS refusals, "
+            "(SELECT MAX(created) FROM usage WHERE account_id = a.id) AS last_seen "
+            "FROM accounts a ORDER BY a.name",
+            since,
+        )
+        return [AccountActivity(**dict(row)) for row in rows]
+
+    async def _find_usage(self, request_id: str) -> UsageRecord | None:
+        row = await self._fetchrow("SELECT * FROM usage WHERE request_id = $1", request_id)
+        return None if row is None else usage_from(row)
+
+    async def _books(self) -> Books:
+        row = await self._fetchrow(
+            "SELECT "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM deposits) AS deposits, "
+            "(SELECT COALESCE(SUM(balance), 0)::bigint FROM accounts) AS balances, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE status = 'open') AS holds, "
+            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges) AS charges"
+        )
+        assert row is not None
+        return Books(deposits=row["deposits"], balances=row["balances"], holds=row["holds"], charges=row["charges"])
+
+    async def _fees_by_node(self) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT COALESCE(node, $1) AS node, SUM(amount)::bigint AS total FROM charges GROUP BY node ORDER BY 1",
+            UNATTRIBUTED,
+        )
+        return {row["node"]: row["total"] for row in rows}
+
+    # -- agent events ----------------------------------------------------------------------------------
+
+    async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int:
+        event_id = await self._fetchval(
+            "INSERT INTO events (account_id, kind, data, created) "
+            "SELECT id, $2, $3::jsonb, $4 FROM accounts WHERE id = $1 RETURNING id",
+            account_id,
+            kind,
+            data,
+            now,
+        )
+        if event_id is None:
+            raise UnknownAccount(account_id)
+        return int(event_id)
+
+    async def _events(self, account_id: int, limit: int) -> list[Event]:
+        await self._get_account(account_id)
+        rows = await self._fetch(
+            "SELECT id, account_id, kind, data::text AS data, created FROM events WHERE account_id = $1 "
+            "ORDER BY id DESC LIMIT $2",
+            account_id,
+            limit,
+        )
+        return [Event(r["id"], r["account_id"], r["kind"], json.loads(r["data"]), r["created"]) for r in rows]
+
+    async def _event_summary(self) -> dict[str, EventSummary]:
+        summary: dict[str, EventSummary] = {}
+        for row in await self._fetch(
+            "SELECT accounts.name, events.kind, COUNT(*) AS count, MAX(events.created) AS last FROM events "
+            "JOIN accounts ON accounts.id = events.account_id "
+            "GROUP BY events.account_id, accounts.name, events.kind ORDER BY accounts.name, events.kind"
+        ):
+            name = row["name"]
+            entry = summary.setdefault(
+                name, EventSummary(counts={}, total=0, position=None, pnl=None, last=row["last"])
+            )
+            entry["counts"][row["kind"]] = row["count"]
+            entry["total"] += row["count"]
+            entry["last"] = max(entry["last"], row["last"])
+        for field in ("position", "pnl"):
+            for row in await self._fetch(
+                "SELECT accounts.name, (events.data -> $1::text)::text AS value FROM events "
+                "JOIN accounts ON accounts.id = events.account_id WHERE events.id IN ("
+                "  SELECT MAX(id) FROM events WHERE jsonb_typeof(data -> $1::text) = 'number' GROUP BY account_id)",
+                field,
+            ):
+                summary[row["name"]][field] = json.loads(row["value"])
+        return summary
+
+    # -- plumbing --------------------------------------------------------------------------------------
+
+    async def _fetchrow(self, query: str, *args: object) -> asyncpg.Record | None:
+        try:
+            return await self._db().fetchrow(query, *args)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        try:
+            rows: list[asyncpg.Record] = await self._db().fetch(query, *args)
+            return rows
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _fetchval(self, query: str, *args: object) -> Any:
+        try:
+            return await self._db().fetchval(query, *args)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """A connection back in the pool needs no reset query (a round trip on every call): the ledger never leaves
+    session state behind (no LISTEN, no session locks, no SET), and asyncpg rolls back an open transaction."""
+
+
+def _close_op(close: Close) -> dict[str, Any]:
+    remember = close.remember
+    return {
+        "op": "close",
+        "request_id": close.request_id,
+        "charge": close.charge,
+        "node": close.node,
+        "status": close.status,
+        "prompt_tokens": close.prompt_tokens,
+        "completion_tokens": close.completion_tokens,
+        "bid": close.bid,
+        "latency_ms": close.latency_ms,
+        "queue_ms": close.queue_ms,
+        "error": close.error,
+        "remember": None
+        if remember is None
+        else {"key": remember.key, "fingerprint": remember.fingerprint, "response": remember.response},
+        "now": close.now,
+    }
+
+
+def _settlement(close: Close, result: dict[str, Any]) -> Settlement:
+    error = result.get("error")
+    if error == "closed":
+        raise HoldClosed(close.request_id, result.get("status"))
+    if error is not None:
+        raise LedgerError(f"ledger database error: {result.get('message', error)}")
+    held, charged = int(result["held"]), int(result["charged"])
+    return Settlement(
+        request_id=close.request_id,
+        account_id=int(result["account_id"]),
+        node=close.node,
+        held=held,
+        charged=charged,
+        refunded=held - charged,
+        balance=int(result["balance"]),
+    )

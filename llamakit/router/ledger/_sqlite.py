@@ -1,0 +1,658 @@
+"""The ledger in one SQLite file, worked by a thread of its own so the event loop never waits on the database.
+
+Calls are queued to the thread as jobs: the jobs made in one turn of the event loop go together, as one item
+(one wake-up of the thread). The thread takes every job waiting when it wakes (up to `MAX_BATCH`) and runs them
+in one transaction: holds and settlements that arrive together share one commit (group commit). A job that
+fails is undone alone: the batch is rolled back and run again with each job inside a SAVEPOINT of its own
+(the common batch, where nothing fails, pays for no savepoints). A job's future is resolved only after its
+transaction is committed. WAL with synchronous=NORMAL: a power cut may lose the last transactions,
+but a crash of the process loses nothing committed, and never leaves the books unbalanced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from llamakit.router.ledger._contract import (
+    MAX_AMOUNT,
+    UNATTRIBUTED,
+    Account,
+    AccountActivity,
+    AccountExists,
+    AccountState,
+    ApiKey,
+    Books,
+    Close,
+    Event,
+    EventSummary,
+    Hold,
+    HoldClosed,
+    InsufficientFunds,
+    Ledger,
+    LedgerError,
+    Refusal,
+    Remembered,
+    Settlement,
+    UnknownAccount,
+    UsageRecord,
+    account_from,
+    hold_from,
+    recovery,
+    usage_from,
+)
+from llamakit.router.ledger._migrations import migrate_sqlite
+
+__all__ = ["SqliteLedger"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Enough to cover every request in flight at once on a busy router; more would only delay the first of them.
+MAX_BATCH: Final = 256
+
+
+@dataclass(frozen=True)
+class _Job(Generic[T]):
+    run: Callable[[sqlite3.Connection], T]
+    future: asyncio.Future[T]
+    write: bool
+
+
+@dataclass(frozen=True)
+class _Stop:
+    done: asyncio.Future[None]
+
+
+class SqliteLedger(Ledger):
+    """The ledger in the SQLite file at `path` (':memory:' for one that lives as long as the object)."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(clock=clock)
+        self.path = path
+        self.url = path
+        self._jobs: queue.SimpleQueue[list[_Job[Any]] | _Stop] = queue.SimpleQueue()
+        # Jobs made in this turn of the event loop, handed to the thread together at its end.
+        self._outbox: list[_Job[Any]] = []
+        self._worker: threading.Thread | None = None
+        self._closed = False
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+
+    # -- the thread ------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._worker is not None:
+            return
+        opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._worker = threading.Thread(target=self._work, args=(opened,), name="ledger-sqlite", daemon=True)
+        self._worker.start()
+        try:
+            wal = await opened
+        except BaseException:
+            self._worker = None
+            raise
+        if wal:
+            self._checkpointer = threading.Thread(target=self._checkpoints, name="ledger-checkpoints", daemon=True)
+            self._checkpointer.start()
+
+    def _connect(self) -> tuple[sqlite3.Connection, bool]:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            # An in-memory database answers "memory" and stays as it is.
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            migrate_sqlite(conn)
+            wal: bool = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            if wal:
+                # Checkpoints copy the WAL back into the database file: tens of milliseconds that would stall
+                # this thread every few dozen commits. A thread of their own does them instead.
+                conn.execute("PRAGMA wal_autocheckpoint = 0")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LedgerError(f"cannot open the ledger at {self.path}: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn, wal
+
+    def _work(self, opened: asyncio.Future[bool]) -> None:
+        loop = opened.get_loop()
+        try:
+            conn, wal = self._connect()
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle_futures, [(opened, False, exc)])
+            return
+        loop.call_soon_threadsafe(_settle_futures, [(opened, True, wal)])
+        stop: _Stop | None = None
+        try:
+            while stop is None:
+                first = self._jobs.get()
+                if isinstance(first, _Stop):
+                    stop = first
+                    break
+                batch: list[_Job[Any]] = first
+                while len(batch) < MAX_BATCH:
+                    try:
+                        more = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if isinstance(more, _Stop):
+                        stop = more
+                        break
+                    batch.extend(more)
+                self._run(conn, batch)
+        finally:
+            if wal:
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    log.debug("ledger checkpoint at close skipped: %s", exc)
+            conn.close()
+            if stop is not None:
+                stop.done.get_loop().call_soon_threadsafe(_settle_futures, [(stop.done, True, None)])
+
+    def _run(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
+        """Run a batch of jobs in one transaction and hand each its outcome once it is committed."""
+        # IMMEDIATE takes the write lock up front, so a balance checked is still the balance when debited,
+        # even if another process writes to the same file.
+        begin = "BEGIN IMMEDIATE" if any(job.write for job in batch) else "BEGIN"
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            conn.execute(begin)
+            try:
+                outcomes = [(job.future, True, job.run(conn)) for job in batch]
+            except BaseException as exc:
+                conn.execute("ROLLBACK")
+                if len(batch) == 1:
+                    outcomes = [(batch[0].future, False, _database_error(exc))]
+                else:  # again, each job undone alone if it fails
+                    conn.execute(begin)
+                    outcomes = [self._one(conn, job) for job in batch]
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+            self.batches += 1
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            failure = _database_error(exc)
+            outcomes = [(job.future, False, failure) for job in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+        for loop, theirs in by_loop.items():
+            with suppress(RuntimeError):  # that loop is closed: nobody waits for these any more
+                loop.call_soon_threadsafe(_settle_futures, theirs)
+
+    @staticmethod
+    def _one(conn: sqlite3.Connection, job: _Job[Any]) -> tuple[asyncio.Future[Any], bool, Any]:
+        conn.execute("SAVEPOINT job")
+        try:
+            result = job.run(conn)
+        except BaseException as exc:
+            conn.execute("ROLLBACK TO job")
+            return job.future, False, _database_error(exc)
+        finally:
+            conn.execute("RELEASE job")
+        return job.future, True, result
+
+    def _checkpoints(self, every: float = 0.25) -> None:
+        """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+        try:
+            while not self._stop_checkpoints.wait(every):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy or locked: the next round will do it
+                    log.debug("ledger checkpoint skipped: %s", exc)
+        finally:
+            conn.close()
+
+    def _call(self, run: Callable[[sqlite3.Connection], T], *, write: bool = False) -> asyncio.Future[T]:
+        if self._closed or self._worker is None:
+            raise LedgerError("the ledger is closed" if self._closed else "the ledger is not open: await open()")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if not self._outbox:
+            loop.call_soon(self._send)
+        self._outbox.append(_Job(run, future, write))
+        return future
+
+    def _send(self) -> None:
+        jobs, self._outbox = self._outbox, []
+        self._jobs.put(jobs)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._checkpointer is not None:
+            self._stop_checkpoints.set()
+            await asyncio.to_thread(self._checkpointer.join)
+        if self._worker is not None and self._worker.is_alive():
+            if self._outbox:
+                self._send()
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._jobs.put(_Stop(done))
+            await done
+            await asyncio.to_thread(self._worker.join)
+
+    # -- accounts and keys -----------------------------------------------------------------------------
+
+    async def _create_account(self, name: str, kind: str, now: float) -> Account:
+        def run(conn: sqlite3.Connection) -> Account:
+            if conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone():
+                raise AccountExists(name)
+            row = conn.execute(
+                "INSERT INTO accounts (name, kind, created) VALUES (?, ?, ?) RETURNING *", (name, kind, now)
+            ).fetchone()
+            return account_from(row)
+
+        return await self._call(run, write=True)
+
+    async def _get_account(self, account_id: int) -> Account:
+        return await self._call(lambda conn: account_from(_account_row(conn, account_id)))
+
+    async def _account_by_name(self, name: str) -> Account:
+        def run(conn: sqlite3.Connection) -> Account:
+            row = conn.execute("SELECT * FROM accounts WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownAccount(name)
+            return account_from(row)
+
+        return await self._call(run)
+
+    async def _list_accounts(self) -> list[Account]:
+        return await self._call(
+            lambda conn: [account_from(r) for r in conn.execute("SELECT * FROM accounts ORDER BY id")]
+        )
+
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            _account_row(conn, account_id)
+            conn.execute(
+                "INSERT INTO api_keys (key_hash, prefix, account_id, created) VALUES (?, ?, ?, ?)",
+                (key_hash, prefix, account_id, now),
+            )
+
+        await self._call(run, write=True)
+
+    async def _list_keys(self, account_id: int) -> list[ApiKey]:
+        def run(conn: sqlite3.Connection) -> list[ApiKey]:
+            _account_row(conn, account_id)
+            rows = conn.execute(
+                "SELECT prefix, account_id, created, revoked FROM api_keys WHERE account_id = ? "
+                "ORDER BY created, prefix",
+                (account_id,),
+            ).fetchall()
+            return [ApiKey(r["prefix"], r["account_id"], r["created"], r["revoked"]) for r in rows]
+
+        return await self._call(run)
+
+    async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            if key_hash is not None:
+                cursor = conn.execute(
+                    "UPDATE api_keys SET revoked = ? WHERE key_hash = ? AND revoked IS NULL", (now, key_hash)
+                )
+                return cursor.rowcount
+            matches = conn.execute(
+                "SELECT COUNT(*) FROM api_keys WHERE prefix = ? AND revoked IS NULL", (prefix,)
+            ).fetchone()[0]
+            if matches > 1:
+                raise ValueError(f"the prefix {prefix!r} matches {matches} active keys; revoke with the whole key")
+            cursor = conn.execute("UPDATE api_keys SET revoked = ? WHERE prefix = ? AND revoked IS NULL", (now, prefix))
+            return cursor.rowcount
+
+        return await self._call(run, write=True)
+
+    async def _authenticate(self, key_hash: str) -> Account | None:
+        def run(conn: sqlite3.Connection) -> Account | None:
+            row = conn.execute(
+                "SELECT accounts.* FROM api_keys JOIN accounts ON accounts.id = api_keys.account_id "
+                "WHERE api_keys.key_hash = ? AND api_keys.revoked IS NULL",
+                (key_hash,),
+            ).fetchone()
+            return None if row is None else account_from(row)
+
+        return await self._call(run)
+
+    # -- money -----------------------------------------------------------------------------------------
+
+    async def _deposit(self, account_id: int, amount: int, note: str, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            if _account_row(conn, account_id)["balance"] + amount > MAX_AMOUNT:
+                raise ValueError(f"a balance can be at most {MAX_AMOUNT} credits; deposit less")
+            conn.execute(
+                "INSERT INTO deposits (account_id, amount, note, created) VALUES (?, ?, ?, ?)",
+                (account_id, amount, note, now),
+            )
+            balance: int = conn.execute(
+                "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (amount, account_id)
+            ).fetchone()[0]
+            return balance
+
+        return await self._call(run, write=True)
+
+    async def _hold(self, hold: Hold) -> None:
+        await self._call(lambda conn: _hold(conn, hold), write=True)
+
+    async def _find_hold(self, request_id: str) -> Hold | None:
+        def run(conn: sqlite3.Connection) -> Hold | None:
+            row = conn.execute("SELECT * FROM holds WHERE id = ?", (request_id,)).fetchone()
+            return None if row is None else hold_from(row)
+
+        return await self._call(run)
+
+    async def _close_hold(self, close: Close) -> Settlement:
+        return await self._call(lambda conn: _close(conn, close), write=True)
+
+    async def _recall(self, account_id: int, key: str) -> Remembered | None:
+        def run(conn: sqlite3.Connection) -> Remembered | None:
+            row = conn.execute(
+                "SELECT key, fingerprint, response FROM idempotency WHERE account_id = ? AND key = ?", (account_id, key)
+            ).fetchone()
+            return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
+
+        return await self._call(run)
+
+    async def _recover(self, now: float) -> list[UsageRecord]:
+        def run(conn: sqlite3.Connection) -> list[UsageRecord]:
+            holds = [r["id"] for r in conn.execute("SELECT id FROM holds WHERE status = 'open' ORDER BY created, id")]
+            for request_id in holds:
+                _close(conn, recovery(request_id, now))
+            return [
+                usage_from(conn.execute("SELECT * FROM usage WHERE request_id = ?", (hold,)).fetchone())
+                for hold in holds
+            ]
+
+        return await self._call(run, write=True)
+
+    # -- reports ---------------------------------------------------------------------------------------
+
+    async def _account_state(self, account_id: int) -> AccountState:
+        def run(conn: sqlite3.Connection) -> AccountState:
+            balance: int = _account_row(conn, account_id)["balance"]
+            held, spent, deposited = conn.execute(
+                "SELECT "
+                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE account_id = ?1 AND status = 'open'), "
+                "(SELECT COALESCE(SUM(amount), 0) FROM charges WHERE account_id = ?1), "
+                "(SELECT COALESCE(SUM(amount), 0) FROM deposits WHERE account_id = ?1)",
+                (account_id,),
+            ).fetchone()
+            return AccountState(balance=balance, held=held, spent=spent, deposited=deposited)
+
+        return await self._call(run)
+
+    async def _usage_records(
+        self, account_id: int | None, limit: int, before: int | None, since: float | None, user: str | None
+    ) -> list[UsageRecord]:
+        def run(conn: sqlite3.Connection) -> list[UsageRecord]:
+            if account_id is not None:
+                _account_row(conn, account_id)
+            rows = conn.execute(
+                "SELECT * FROM usage WHERE (?1 IS NULL OR account_id = ?1) AND (?2 IS NULL OR id < ?2) "
+                "AND (?3 IS NULL OR created >= ?3) AND (?4 IS NULL OR user = ?4) ORDER BY id DESC LIMIT ?5",
+                (account_id, before, since, user, limit),
+            ).fetchall()
+            return [usage_from(row) for row in rows]
+
+        return await self._call(run)
+
+    async def _refuse(self, refusal: Refusal) -> UsageRecord:
+        def run(conn: sqlite3.Connection) -> UsageRecord:
+            _account_row(conn, refusal.account_id)
+            row = conn.execute(
+                "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
+                "cost, bid, held, error, created, user, http_status) "
+                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?) RETURNING *",
+                (
+                    refusal.request_id,
+                    refusal.account_id,
+                    refusal.model,
+                    refusal.status,
+                    refusal.error,
+                    refusal.now,
+                    refusal.user,
+                    refusal.http_status,
+                ),
+            ).fetchone()
+            return usage_from(row)
+
+        return await self._call(run, write=True)
+
+    async def _account_activity(self, since: float) -> list[AccountActivity]:
+        def run(conn: sqlite3.Connection) -> list[AccountActivity]:
+            rows = conn.execute(
+                "SELECT a.id, a.name, a.kind, a.balance, "
+                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE account_id = a.id AND status = 'open') AS held, "
+                "(SELECT COALESCE(SUM(amount), 0) FROM charges WHERE account_id = a.id AND created >= ?1) AS spent, "
+                "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= ?1) AS requests, "
+                "(SELECT COUNT(*) FROM usage WHERE account_id = a.id AND created >= ?1 AND http_status IS NOT NULL)"
+                " AS refusals, "
+                "(SELECT MAX(created) FROM usage WHERE account_id = a.id) AS last_seen "
+                "FROM accounts a ORDER BY a.name",
+                (since,),
+            ).fetchall()
+            return [AccountActivity(**dict(row)) for row in rows]
+
+        return await self._call(run)
+
+    async def _find_usage(self, request_id: str) -> UsageRecord | None:
+        def run(conn: sqlite3.Connection) -> UsageRecord | None:
+            row = conn.execute("SELECT * FROM usage WHERE request_id = ?", (request_id,)).fetchone()
+            return None if row is None else usage_from(row)
+
+        return await self._call(run)
+
+    async def _books(self) -> Books:
+        def run(conn: sqlite3.Connection) -> Books:
+            deposits, balances, holds, charges = conn.execute(
+                "SELECT "
+                "(SELECT COALESCE(SUM(amount), 0) FROM deposits), "
+                "(SELECT COALESCE(SUM(balance), 0) FROM accounts), "
+                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE status = 'open'), "
+                "(SELECT COALESCE(SUM(amount), 0) FROM charges)"
+            ).fetchone()
+            return Books(deposits=deposits, balances=balances, holds=holds, charges=charges)
+
+        return await self._call(run)
+
+    async def _fees_by_node(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute(
+                "SELECT COALESCE(node, ?), SUM(amount) FROM charges GROUP BY node ORDER BY 1", (UNATTRIBUTED,)
+            ).fetchall()
+            return {node: total for node, total in rows}
+
+        return await self._call(run)
+
+    # -- agent events ----------------------------------------------------------------------------------
+
+    async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int:
+        def run(conn: sqlite3.Connection) -> int:
+            _account_row(conn, account_id)
+            event_id: int = conn.execute(
+                "INSERT INTO events (account_id, kind, data, created) VALUES (?, ?, ?, ?) RETURNING id",
+                (account_id, kind, data, now),
+            ).fetchone()[0]
+            return event_id
+
+        return await self._call(run, write=True)
+
+    async def _events(self, account_id: int, limit: int) -> list[Event]:
+        def run(conn: sqlite3.Connection) -> list[Event]:
+            _account_row(conn, account_id)
+            rows = conn.execute(
+                "SELECT * FROM events WHERE account_id = ? ORDER BY id DESC LIMIT ?", (account_id, limit)
+            ).fetchall()
+            return [Event(r["id"], r["account_id"], r["kind"], json.loads(r["data"]), r["created"]) for r in rows]
+
+        return await self._call(run)
+
+    async def _event_summary(self) -> dict[str, EventSummary]:
+        return await self._call(_event_summary)
+
+
+def _settle_futures(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    """On the futures' loop: resolve each (a caller that gave up waiting has cancelled its future)."""
+    for future, ok, value in outcomes:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _database_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        error = LedgerError(f"ledger database error: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _account_row(conn: sqlite3.Connection, account_id: int) -> sqlite3.Row:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM accounts WHERE id = ?", (account_id,)).fetchone()
+    if row is None:
+        raise UnknownAccount(account_id)
+    return row
+
+
+def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
+    # Two statements when the balance covers the hold, as it mostly does; the reasons for a refusal are looked up
+    # only then. A used request id fails the INSERT, and the batch undoes the debit with it.
+    debited = conn.execute(
+        "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2 AND balance >= ?1 RETURNING balance",
+        (hold.amount, hold.account_id),
+    ).fetchone()
+    if debited is None:
+        balance: int = _account_row(conn, hold.account_id)["balance"]
+        _unused(conn, hold.request_id)
+        raise InsufficientFunds(needed=hold.amount, balance=balance)
+    try:
+        conn.execute(
+            "INSERT INTO holds (id, account_id, model, amount, bid, created, user) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created, hold.user),
+        )
+    except sqlite3.IntegrityError:
+        _unused(conn, hold.request_id)
+        raise
+
+
+def _unused(conn: sqlite3.Connection, request_id: str) -> None:
+    """ValueError if `request_id` was used for a hold before."""
+    if conn.execute("SELECT 1 FROM holds WHERE id = ?", (request_id,)).fetchone():
+        raise ValueError(f"request id {request_id!r} has already been used for a hold")
+
+
+def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
+    # Closed and read in one statement; only a hold that is not open needs a second look.
+    hold = conn.execute(
+        "UPDATE holds SET status = ?, closed = ? WHERE id = ? AND status = 'open' "
+        "RETURNING account_id, model, amount, bid, user",
+        ("settled" if close.charge is not None else "released", close.now, close.request_id),
+    ).fetchone()
+    if hold is None:
+        row = conn.execute("SELECT status FROM holds WHERE id = ?", (close.request_id,)).fetchone()
+        raise HoldClosed(close.request_id, None if row is None else row["status"])
+    held: int = hold["amount"]
+    account_id: int = hold["account_id"]
+    charged = 0
+    if close.charge is not None:
+        # The hold is the most the client agreed to pay; see fees.settle_amount.
+        charged = min(close.charge, held)
+        conn.execute(
+            "INSERT INTO charges (hold_id, account_id, node, model, amount, prompt_tokens, completion_tokens, created) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                close.request_id,
+                account_id,
+                close.node,
+                hold["model"],
+                charged,
+                close.prompt_tokens,
+                close.completion_tokens,
+                close.now,
+            ),
+        )
+    balance: int = conn.execute(
+        "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (held - charged, account_id)
+    ).fetchone()[0]
+    conn.execute(
+        "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
+        "cost, bid, held, latency_ms, queue_ms, error, created, user) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            close.request_id,
+            account_id,
+            hold["model"],
+            close.node,
+            close.status,
+            close.prompt_tokens,
+            close.completion_tokens,
+            charged,
+            hold["bid"] if close.bid is None else close.bid,
+            held,
+            close.latency_ms,
+            close.queue_ms,
+            close.error,
+            close.now,
+            hold["user"],
+        ),
+    )
+    if close.remember is not None:
+        remember = close.remember
+        conn.execute(
+            "INSERT INTO idempotency (account_id, key, request_id, fingerprint, response, created) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (account_id, remember.key, close.request_id, remember.fingerprint, remember.response, close.now),
+        )
+    return Settlement(
+        request_id=close.request_id,
+        account_id=account_id,
+        node=close.node,
+        held=held,
+        charged=charged,
+        refunded=held - charged,
+        balance=balance,
+    )
+
+
+def _event_summary(conn: sqlite3.Connection) -> dict[str, EventSummary]:
+    summary: dict[str, EventSummary] = {}
+    for name, kind, count, last in conn.execute(
+        "SELECT accounts.name, events.kind, COUNT(*), MAX(events.created) FROM events "
+        "JOIN accounts ON accounts.id = events.account_id "
+        "GROUP BY events.account_id, events.kind ORDER BY accounts.name, events.kind"
+    ):
+        entry = summary.setdefault(name, EventSummary(counts={}, total=0, position=None, pnl=None, last=last))
+        entry["counts"][kind] = count
+        entry["total"] += count
+        entry["last"] = max(entry["last"], last)
+    for field in ("position", "pnl"):
+        path = f"$.{field}"
+        for name, value in conn.execute(
+            "SELECT accounts.name, json_extract(events.data, ?1) FROM events "
+            "JOIN accounts ON accounts.id = events.account_id WHERE events.id IN ("
+            "  SELECT MAX(id) FROM events WHERE json_type(data, ?1) IN ('integer', 'real') "
+            "  GROUP BY account_id)",
+            (path,),
+        ):
+            if field == "position":
+                summary[name]["position"] = value
+            else:
+                summary[name]["pnl"] = value
+    return summary

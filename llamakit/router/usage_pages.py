@@ -1,0 +1,89 @@
+"""Pages of usage records for `GET /v1/account/usage` and `GET /admin/usage`: query parsing and the page body.
+
+Query: `limit` (1 to 1000, default 100), `before` (a record id: the page holds older records), `since` (epoch
+seconds or an ISO 8601 date or time, UTC when no zone is given), `user` (OpenAI's `user` field); the admin
+route also takes `account` (a name). A value out of range is a 400 that says the range. The page says
+`has_more: true` only when an older record exists, so a page that ends at the last record says there is none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.protocol import ApiError
+from llamakit.router.ledger import MAX_PAGE, UsageRecord
+
+__all__ = ["UsageQuery", "usage_page", "usage_query"]
+
+MAX_ID = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    limit: int
+    before: int | None
+    since: float | None
+    user: str | None
+
+
+def _int(request: web.Request, name: str, low: int, high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}", param=name) from None
+    if not low <= value <= high:
+        raise ApiError(400, f"query parameter {name!r} must be between {low} and {high}, got {value}", param=name)
+    return value
+
+
+def parse_since(raw: str) -> float:
+    """Epoch seconds from `raw`: a number of seconds, or an ISO 8601 date or date and time (UTC unless zoned).
+    ValueError when it is neither."""
+    try:
+        return float(raw)
+    except ValueError:
+        pass
+    moment = dt.datetime.fromisoformat(raw)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def usage_query(request: web.Request) -> UsageQuery:
+    limit = _int(request, "limit", 1, MAX_PAGE)
+    before = _int(request, "before", 1, MAX_ID)
+    since: float | None = None
+    if (raw := request.query.get("since")) is not None:
+        try:
+            since = parse_since(raw)
+        except ValueError:
+            raise ApiError(
+                400,
+                f"query parameter 'since' must be epoch seconds or an ISO 8601 date or time, got {raw!r}",
+                param="since",
+            ) from None
+    user = request.query.get("user") or None
+    return UsageQuery(limit=100 if limit is None else limit, before=before, since=since, user=user)
+
+
+async def usage_page(
+    query: UsageQuery, fetch: Callable[[int, int | None], Awaitable[list[UsageRecord]]]
+) -> dict[str, Any]:
+    """The page body: `fetch(limit, before)` is asked for one record more than the page holds, to tell whether
+    an older one exists."""
+    records = await fetch(min(query.limit + 1, MAX_PAGE + 1), query.before)
+    page, more = records[: query.limit], len(records) > query.limit
+    return {
+        "object": "list",
+        "data": [{**asdict(r), "total_tokens": r.total_tokens} for r in page],
+        "has_more": more,
+        "next_before": page[-1].id if page and more else None,
+    }
