@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime as dt
 import json
 import os
 import sys
@@ -44,7 +46,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         profile = launcher.start()
         print(
-            f"\nllamakit is up: {profile.url}  model {profile.model}\n"
+            f"\nllamakit is up: {profile.url}  models {', '.join(launcher.models) or profile.model}\n"
             f"profile written to {options.profile or profile_path()} (the SDK and llamakit-tui read it)\n\n"
             f"  export LLAMAKIT_URL={profile.url}\n"
             f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
@@ -122,6 +124,78 @@ def cmd_drain(args: argparse.Namespace) -> int:
         return _show(admin.post(f"/admin/nodes/{args.node}/drain"))
 
 
+def cmd_undrain(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.post(f"/admin/nodes/{args.node}/undrain"))
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        resp = admin.get(f"/admin/accounts/{args.account}/keys")
+        if not resp.is_success or args.json:
+            return _show(resp)
+        rows = [
+            [k["prefix"] + "…", _when(k["created"]), "active" if k["active"] else f"revoked {_when(k['revoked'])}"]
+            for k in resp.json()["data"]
+        ]
+        _table(["key", "created", "state"], rows)
+        return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        return _show(admin.delete(f"/admin/keys/{args.prefix}"))
+
+
+USAGE_COLUMNS = [
+    "time", "request_id", "account", "user", "model", "node", "status", "http_status", "prompt_tokens",
+    "completion_tokens", "cost", "bid", "latency_ms", "queue_ms", "error",
+]  # fmt: skip
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Usage records, newest first, every page of them up to `--limit`, as a table or CSV."""
+    params: dict[str, str] = {}
+    for name in ("account", "since", "user"):
+        if getattr(args, name):
+            params[name] = getattr(args, name)
+    records: list[dict[str, Any]] = []
+    with _admin_client(args) as admin:
+        while len(records) < args.limit:
+            page_size = min(1000, args.limit - len(records))
+            resp = admin.get("/admin/usage", params={**params, "limit": str(page_size)})
+            if not resp.is_success:
+                return _show(resp)
+            page = resp.json()
+            for record in page["data"]:
+                record["time"] = _when(record.pop("created"))
+            records += page["data"]
+            if not page["has_more"]:
+                break
+            params["before"] = str(page["next_before"])
+    if args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=USAGE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return 0
+    shown = ["time", "request_id", "account", "user", "model", "status", "prompt_tokens", "completion_tokens", "cost"]
+    _table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
+    return 0
+
+
+def _when(epoch: float | None) -> str:
+    if epoch is None:
+        return ""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _admin_client(args) as admin:
         return _show(admin.get("/admin/stats"))
@@ -172,6 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     drain = sub.add_parser("drain", help="let a node finish its work and take no more")
     drain.add_argument("node")
     drain.set_defaults(func=cmd_drain)
+
+    undrain = sub.add_parser("undrain", help="let a drained node take work again")
+    undrain.add_argument("node")
+    undrain.set_defaults(func=cmd_undrain)
+
+    keys = sub.add_parser("keys", help="an account's API keys").add_subparsers(dest="keys_command", required=True)
+    keys_list = keys.add_parser("list", help="an account's keys by prefix, active and revoked")
+    keys_list.add_argument("account")
+    keys_list.add_argument("--json", action="store_true", help="print the router's JSON")
+    keys_list.set_defaults(func=cmd_keys_list)
+    keys_revoke = keys.add_parser("revoke", help="revoke the key with this prefix (or the whole key); at once")
+    keys_revoke.add_argument("prefix")
+    keys_revoke.set_defaults(func=cmd_keys_revoke)
+
+    usage = sub.add_parser("usage", help="usage records, newest first (refusals included)")
+    usage.add_argument("--account", help="one account's records")
+    usage.add_argument("--user", help="records whose request named this OpenAI 'user'")
+    usage.add_argument("--since", help="epoch seconds or an ISO 8601 date or time (UTC unless zoned)")
+    usage.add_argument("--limit", type=int, default=100, help="records at most (default 100)")
+    usage.add_argument("--csv", action="store_true", help="CSV with every column, for a spreadsheet")
+    usage.set_defaults(func=cmd_usage)
 
     sub.add_parser("stats", help="one snapshot of the router's stats").set_defaults(func=cmd_stats)
     return parser

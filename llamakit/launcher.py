@@ -103,6 +103,7 @@ class Launcher:
         self.options = options
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.parts: dict[str, _Part] = {}
+        self.models: list[str] = []  # what `start` serves
         self.quiet = False  # the dashboard owns the terminal: restarts go to logs/up.log only
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -134,7 +135,7 @@ class Launcher:
     def start(self) -> Profile:
         """Start everything, wait until every node is ready, and write the profile; returns it."""
         opts = self.options
-        models = opts.models or installed_models()
+        models = self.models = opts.models or installed_models()
         if not models:
             raise ModelNotAvailable("no model is installed: pip install 'llamakit[node]'")
         self._spawn(

@@ -87,6 +87,7 @@ class ApiError(Exception):
         self.param = param
         self.headers = headers or {}
         self.extra = extra or {}
+        self.recorded = False  # a usage record of this request exists (its hold was released with this error)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, code=self.code, param=self.param, **self.extra)
@@ -174,12 +175,14 @@ class ChatMessage(_Lenient):
             return self.content
         pieces: list[str] = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise ApiError(
                     400,
                     f"content part of type {part.get('type')!r} is not supported: only text parts are",
                     param="messages",
                 )
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, "a content part of type 'text' needs a 'text' string", param="messages")
             pieces.append(part["text"])
         return "".join(pieces)
 
@@ -199,8 +202,8 @@ class GenerationRequest(_Lenient):
     n: int = Field(default=1, ge=1, le=1)
     grammar: str | None = None
     response_format: ResponseFormat | None = None
-    bid: StrictInt | StrictFloat | None = None  # strict: `true` is not a bid
-    user: str | None = None
+    bid: StrictInt | StrictFloat | str | None = None  # strict: `true` is not a bid; "1.5" is, as in the header
+    user: str | None = Field(default=None, max_length=100)  # kept on the usage record
     logit_bias: dict[str, StrictInt | StrictFloat] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -409,7 +412,10 @@ def check_grammar_shape(grammar: str, *, what: str) -> None:
     Raises ValueError (a 400 `invalid_grammar` at the HTTP layer) naming the limit. Only groups count:
     nesting through rules (`a ::= "(" a ")"`) is not recursion in the parser.
     """
-    size = len(grammar.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(grammar.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the {what} is not valid Unicode text (a lone surrogate at {exc.start})") from exc
     if size > MAX_GRAMMAR_BYTES:
         raise ValueError(f"the {what} is {size} bytes; at most {MAX_GRAMMAR_BYTES} are allowed")
     depth = deepest = 0

@@ -14,6 +14,7 @@ from aiohttp import web
 from llamakit.protocol import ApiError, error_body
 
 __all__ = [
+    "REFUSAL",
     "SseWriter",
     "bearer_token",
     "error_middleware",
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# Set on every error response by `error_middleware`: (HTTP status, error code or type), for counting refusals.
+REFUSAL = "llamakit.refusal"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,7 +56,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response(exc.body(), status=exc.status, headers=exc.headers)
+        response = json_response(exc.body(), status=exc.status, headers=exc.headers)
+        response[REFUSAL] = (exc.status, exc.code or exc.type)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -63,10 +69,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"there is no route {request.method} {request.path}"
         elif exc.status == 405:
             message = f"{request.method} is not allowed on {request.path}"
-        body = error_body(message, type=_HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"))
-        return json_response(body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"})
+        kind = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error")
+        body = error_body(message, type=kind)
+        response = json_response(
+            body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"}
+        )
+        response[REFUSAL] = (exc.status, kind)
+        return response
     except ConnectionResetError:
-        raise
+        # The client is gone (its connection closed while we wrote): nothing to tell it, and no error of ours.
+        # A response returned here is dropped quietly by aiohttp; a raised one would be logged as a failure.
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_response(

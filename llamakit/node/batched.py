@@ -299,7 +299,15 @@ class BatchedModel(LoadedModel):
         if n == 0:
             return running
         batch.n_tokens = n
-        status = llama_cpp.llama_decode(self._ctx, batch)
+        # A step in progress: a long prompt chunk or a heavy grammar can take seconds, and is work, not a hang.
+        self.step_started = time.monotonic()
+        try:
+            return self._decode_and_sample(running, feeds, n)
+        finally:
+            self.step_started = None
+
+    def _decode_and_sample(self, running: list[_Sequence], feeds: dict[int, list[int]], n: int) -> list[_Sequence]:
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
         still = []
@@ -349,6 +357,9 @@ class BatchedModel(LoadedModel):
         seq.done.set()
 
     def close(self) -> None:
+        if self.closed:  # a model retired by its last lease after the host already closed it: freeing twice crashes
+            return
+        self.closed = True
         self.grammars.close()
         with self._wake:
             self._closing = True

@@ -247,6 +247,10 @@ class LoadedModel:
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._piece_lock = threading.Lock()
         self.chat_formatter = self._chat_formatter(model)
+        # time.monotonic() when the decode step running now began (None between steps; engines that have one
+        # decode loop set it): the node's keepalives tell a slow step from a stuck one by it.
+        self.step_started: float | None = None
+        self.closed = False
         # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
         self.grammars = GrammarCheck(resolved.path)
 
@@ -332,17 +336,24 @@ class LoadedModel:
             param = "response_format"
         if grammar is None:
             return None
+        made = param != "grammar"  # a grammar made here from a JSON schema, not the client's own
+        what = f"the grammar made from the {param}'s JSON schema" if made else "the grammar"
         try:
-            check_grammar_shape(grammar, what=param)
+            check_grammar_shape(grammar, what=what)
             problem = self.grammars.error(grammar)
         except ValueError as exc:
             problem = str(exc)
         if problem is not None:
+            if problem == "llama.cpp could not parse it" or problem.startswith("failed to parse grammar"):
+                problem += (
+                    " (check it against llama.cpp's GBNF syntax, grammars/README.md in llama.cpp; "
+                    "a rule named 'root' is required)"
+                )
             raise ApiError(
                 400,
-                f"the {param} cannot be used as a GBNF grammar (a rule named 'root' is required): {problem}",
+                f"{what} cannot be used: {problem}" + ("; simplify the schema" if made else ""),
                 param=param,
-                code="invalid_grammar",
+                code="invalid_schema" if made else "invalid_grammar",
             )
         return grammar
 
@@ -352,7 +363,13 @@ class LoadedModel:
             grammar: str = json_schema_to_gbnf(json.dumps(schema))
         except Exception as exc:  # the converter raises ValueError, KeyError, RecursionError …
             what = "response_format.json_schema.schema" if param == "response_format" else "a tool's parameters"
-            raise ApiError(400, f"{what} cannot be used: {exc!r}", param=param, code="invalid_schema") from exc
+            reason = {
+                KeyError: f"it refers to {exc} (a $ref that is not in the schema)",
+                RecursionError: "it refers to itself too deeply",
+            }.get(type(exc), str(exc) or type(exc).__name__)
+            raise ApiError(
+                400, f"{what} cannot be turned into a grammar: {reason}", param=param, code="invalid_schema"
+            ) from exc
         return grammar
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
@@ -444,6 +461,9 @@ class SimpleModel(LoadedModel):
         return LogitsProcessorList([bias])
 
     def close(self) -> None:
+        if self.closed:  # a model retired by its last lease after the host already closed it
+            return
+        self.closed = True
         self.grammars.close()
         for llama in self.contexts:
             llama.close()

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
 KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
 DEFAULT_KEEPALIVE = 1.0
 CLIENT_POLL_SECONDS = 0.1
+# The longest one decode step may take and still count as work (a 512-token prompt chunk takes ~2 s on two
+# cores; a grammar over a large vocabulary can take seconds per token): past it, keepalives stop.
+MAX_STEP_SECONDS = 120.0
 
 routes = web.RouteTableDef()
 
@@ -292,12 +296,14 @@ class _Run:
         return transport is None or transport.is_closing()
 
     def _news(self) -> bool:
-        """Whether the generation advanced since the client last heard from us. Only progress is told: a slot
-        whose thread is stuck sends nothing, so its router still takes the node for hung."""
-        if self.progress == self._told:
-            return False
-        self._told = self.progress
-        return True
+        """Whether the generation advanced since the client last heard from us, or a decode step is under way
+        (a long prompt chunk, a heavy grammar) that began less than MAX_STEP_SECONDS ago. Only work is told: a
+        decode loop that is stuck sends nothing after that, so its router still takes the node for hung."""
+        if self.progress != self._told:
+            self._told = self.progress
+            return True
+        started = self.model.step_started
+        return started is not None and time.monotonic() - started < MAX_STEP_SECONDS
 
     async def whole(
         self, start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]]

@@ -104,6 +104,22 @@ async def create_key(request: web.Request) -> web.Response:
     )
 
 
+@admin_routes.get("/admin/accounts/{account}/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    """An account's keys by display prefix (the keys themselves are never kept), active and revoked."""
+    _admin(request)
+    account = await _account(request)
+    keys = await request.app[STATE].ledger.list_keys(account.id)
+    return json_response(
+        {
+            "account": account.name,
+            "data": [
+                {"prefix": k.prefix, "created": k.created, "revoked": k.revoked, "active": k.active} for k in keys
+            ],
+        }
+    )
+
+
 @admin_routes.delete("/admin/keys/{key}")
 async def revoke_key(request: web.Request) -> web.Response:
     _admin(request)

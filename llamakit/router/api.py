@@ -6,6 +6,9 @@ multiplier, so a client can decide what to bid before paying.
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
 from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any
@@ -22,7 +25,7 @@ from llamakit.protocol import (
     validate_request,
 )
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, Remembered, UsageRecord
+from llamakit.router.ledger import Account, LedgerError, Remembered, UsageRecord
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
 from llamakit.router.usage_pages import usage_page, usage_query
@@ -31,6 +34,8 @@ from llamakit.web import bearer_token, json_response
 __all__ = ["STATE", "routes"]
 
 STATE = web.AppKey("state", RouterState)
+
+log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
@@ -55,12 +60,56 @@ async def authenticate(request: web.Request) -> Account:
     return account
 
 
+# Refusals of a known account that get a usage record (when no hold was made, so none exists yet).
+RECORDED_REFUSALS = frozenset({400, 402, 403, 404, 429})
+
+
 async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
     state = request.app[STATE]
     account = await authenticate(request)
+    data: dict[str, Any] = {}
+    try:
+        data = parse_json(await request.read())
+        return await _generate_for(request, account, model, path, data)
+    except ApiError as exc:
+        if exc.status in RECORDED_REFUSALS and not exc.recorded:
+            await record_refusal(state, account, exc, data)
+        raise
+
+
+async def record_refusal(state: RouterState, account: Account, exc: ApiError, data: dict[str, Any]) -> None:
+    """A usage record (no tokens, no cost) of a request refused before anything was held, under a request id
+    the error response names, and a line in the dashboard's latest requests."""
+    request_id = exc.headers.get("X-Llamakit-Request-Id") or f"req-{uuid.uuid4().hex}"
+    exc.headers["X-Llamakit-Request-Id"] = request_id
+    model = data.get("model") if isinstance(data.get("model"), str) else ""
+    user = data.get("user") if isinstance(data.get("user"), str) else None
+    status = exc.code or exc.type
+    try:
+        await state.ledger.refuse(
+            account.id, request_id=request_id, model=str(model), status=status, http_status=exc.status,
+            error=exc.message, user=user,
+        )  # fmt: skip
+    except (LedgerError, ValueError):
+        log.exception("could not record the refusal of %s", request_id)
+    exc.recorded = True
+    record = {
+        "time": time.time(), "request_id": request_id, "account": account.name, "model": model, "node": None,
+        "status": status, "http_status": exc.status, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0,
+        "held": 0, "bid": "1", "latency_ms": None, "queue_ms": None, "ttft_ms": None, "error": exc.message,
+        "user": user,
+    }  # fmt: skip
+    state.requests.add(record)
+    if state.usage_log is not None:
+        state.usage_log.write(record)
+
+
+async def _generate_for(
+    request: web.Request, account: Account, model: type[GenerationRequest], path: str, data: dict[str, Any]
+) -> web.StreamResponse:
+    state = request.app[STATE]
     raw = await request.read()
     key = Idempotency.key_of(request)
-    data = parse_json(raw)
     req = validate_request(model, data)
     if key is None:
         return await serve(state, request, await price(state, request, account, req, data, path))

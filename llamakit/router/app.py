@@ -26,7 +26,7 @@ from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import RouterState, UsageLog
 from llamakit.router.upstream import Upstream
-from llamakit.web import error_middleware, json_response, request_id_header
+from llamakit.web import REFUSAL, Handler, error_middleware, json_response, request_id_header
 
 __all__ = ["create_app"]
 
@@ -47,7 +47,7 @@ def create_app(settings: RouterSettings) -> web.Application:
         scheduler=Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share),
         metrics=RouterMetrics(),
     )
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[_count_refusals, error_middleware], client_max_size=settings.max_body_bytes)
     app[STATE] = state
     app.add_routes(routes)
     app.add_routes(embedding_routes)
@@ -64,6 +64,16 @@ def create_app(settings: RouterSettings) -> web.Application:
     return app
 
 
+@web.middleware
+async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error response, counted by status and code (`llamakit_router_refusals_total`)."""
+    response = await handler(request)
+    refusal = response.get(REFUSAL)
+    if refusal is not None:
+        request.app[STATE].metrics.refused(*refusal)
+    return response
+
+
 async def _stopping(app: web.Application) -> None:
     app[STATE].stopping.set()  # ends the live stats streams, which would otherwise hold up the shutdown
 
@@ -76,11 +86,7 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    for model in state.scheduler.queues:
-        state.metrics.queue_depth.labels(model).set(state.scheduler.queue_length(model))
-    states = [n.state for n in state.herd.nodes.values()]
-    for name in ("ready", "draining", "down"):
-        state.metrics.nodes.labels(name).set(states.count(name))
+    state.metrics.refresh(state.herd, {m: state.scheduler.queue_length(m) for m in state.scheduler.queues})
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -118,7 +124,10 @@ async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]
         "bid": record.bid,
         "latency_ms": record.latency_ms,
         "queue_ms": record.queue_ms,
+        "ttft_ms": None,
         "error": record.error,
+        "user": record.user,
+        "http_status": record.http_status,
     }
 
 

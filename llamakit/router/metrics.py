@@ -4,15 +4,98 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from llamakit.router.herd import Herd
 
 __all__ = ["RouterMetrics"]
 
 
+# Refusals an operator watches for; their series exist (at 0) from the start, so rate() and alerts work at once.
+KNOWN_REFUSALS = (
+    (400, "invalid_value"),
+    (400, "unsupported_field"),
+    (401, "missing_api_key"),
+    (401, "invalid_api_key"),
+    (402, "insufficient_funds"),
+    (404, "model_not_found"),
+    (429, "queue_full"),
+    (429, "queue_share_exceeded"),
+    (503, "no_node"),
+    (504, "queue_timeout"),
+)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+NODE_STATES = ("ready", "draining", "down")
+
+
 class RouterMetrics:
+    """Counters and histograms a router keeps about itself (per router: with several routers, sum across them).
+
+    Series: requests and refusals by outcome, tokens, fees per node, queue depth and wait, end-to-end latency,
+    time to first token of streams, completion tokens per second of each request, per-node state and slots,
+    and the process, platform and garbage-collector collectors of prometheus_client.
+    """
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self._children: dict[tuple[object, ...], Any] = {}
+        self._node_names: set[str] = set()
+        self.refusals = Counter(
+            "llamakit_router_refusals",
+            "Requests refused, by HTTP status and error code (or type): 4xx the client's, 5xx the herd's.",
+            ["status", "code"],
+            registry=self.registry,
+        )
+        for status, code in KNOWN_REFUSALS:
+            self.refusals.labels(str(status), code)
+        self.latency = Histogram(
+            "llamakit_router_request_duration_seconds",
+            "Time from a paid request's arrival to its settlement or refund, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "llamakit_router_time_to_first_token_seconds",
+            "Time from a stream's arrival to its first token sent to the client, by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_rate = Histogram(
+            "llamakit_router_completion_tokens_per_second",
+            "Completion tokens per second of each request that produced some, from dispatch to its end, by model.",
+            ["model"],
+            buckets=RATE_BUCKETS,
+            registry=self.registry,
+        )
+        self.node_state = Gauge(
+            "llamakit_router_node_state",
+            "1 for each node's state (ready, draining, down), 0 for the others.",
+            ["node", "state"],
+            registry=self.registry,
+        )
+        self.node_up = Gauge(
+            "llamakit_router_node_up", "1 when the node is up (ready or draining).", ["node"], registry=self.registry
+        )
+        self.node_busy = Gauge(
+            "llamakit_router_node_busy_slots", "Slots of the node running this router's requests.", ["node"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.node_slots = Gauge("llamakit_router_node_slots", "Slots the node has.", ["node"], registry=self.registry)
         self.requests = Counter(
             "llamakit_router_requests",
             "Finished requests by model and status.",
@@ -33,7 +116,8 @@ class RouterMetrics:
         )
         self.queue_wait = Histogram(
             "llamakit_router_queue_wait_seconds",
-            "Time from arrival to a node being assigned.",
+            "Time from arrival to a node being assigned, by model.",
+            ["model"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
             registry=self.registry,
         )
@@ -62,7 +146,37 @@ class RouterMetrics:
     def finished(self, model: str, status: str) -> None:
         self._child(self.requests, model, status).inc()
 
-    def _child(self, metric: Counter, *labels: str) -> Any:
+    def refused(self, status: int, code: str) -> None:
+        self._child(self.refusals, str(status), code).inc()
+
+    def observe_request(self, model: str, seconds: float, completion_tokens: int, generating_seconds: float) -> None:
+        self._child(self.latency, model).observe(seconds)
+        if completion_tokens > 0 and generating_seconds > 0:
+            self._child(self.token_rate, model).observe(completion_tokens / generating_seconds)
+
+    def refresh(self, herd: Herd, queue_lengths: dict[str, int]) -> None:
+        """Gauges read at scrape time: every node's state and slots, every served model's queue depth (0 too)."""
+        names = {node.name for node in herd.nodes.values()}
+        for gone in self._node_names - names:  # a removed node's series end with it
+            for state in NODE_STATES:
+                self.node_state.remove(gone, state)
+            for gauge in (self.node_up, self.node_busy, self.node_slots):
+                gauge.remove(gone)
+            self._children = {k: v for k, v in self._children.items() if gone not in k[1:]}
+        self._node_names = names
+        for node in herd.nodes.values():
+            for state in NODE_STATES:
+                self._child(self.node_state, node.name, state).set(1 if node.state == state else 0)
+            self._child(self.node_up, node.name).set(1 if node.up else 0)
+            self._child(self.node_busy, node.name).set(node.busy)
+            self._child(self.node_slots, node.name).set(node.slots)
+        states: list[str] = [n.state for n in herd.nodes.values()]
+        for name in NODE_STATES:
+            self.nodes.labels(name).set(states.count(name))
+        for model in {*herd.models(ready_only=False), *queue_lengths}:
+            self._child(self.queue_depth, model).set(queue_lengths.get(model, 0))
+
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         # .labels() builds and hashes a key on every call: a few microseconds per request, cached here.
         key = (id(metric), *labels)
         child = self._children.get(key)

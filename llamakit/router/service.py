@@ -62,6 +62,9 @@ class PaidRequest:
     include_usage: bool
     arrived: float
     queue_ms: float | None = None
+    dispatched: float | None = None  # time.monotonic() when a node was assigned
+    first_token: float | None = None  # time.monotonic() when a stream's first token went to the client
+    user: str | None = None
     node: HerdNode | None = None
     closed: bool = False
     claim: Claim | None = None
@@ -126,7 +129,7 @@ async def price(
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid)
+        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid, user=req.user or None)
     except InsufficientFunds as exc:
         raise ApiError(
             402,
@@ -156,6 +159,7 @@ async def price(
         arrived=time.monotonic(),
         claim=claim,
         text=text if settings.affinity else None,
+        user=req.user or None,
         chain=chain,
         affinity=state.prefixes.holder(chain) if chain else None,
     )
@@ -169,6 +173,7 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
     except ApiError as exc:
         await _refund(state, paid, status=_refund_status(exc), error=exc.message)
         exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
+        exc.recorded = True
         raise
     except asyncio.CancelledError:
         await _refund(state, paid, status="cancelled", error="the client went away")
@@ -225,9 +230,10 @@ async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, 
 
 
 def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
+    paid.dispatched = time.monotonic()
     if paid.queue_ms is None:
         paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
-        state.metrics.queue_wait.observe(paid.queue_ms / 1000)
+        state.metrics.queue_wait.labels(paid.model).observe(paid.queue_ms / 1000)
     if paid.affinity is not None:
         state.metrics.dispatched(held=node.id == paid.affinity.node_id)
 
@@ -487,6 +493,9 @@ async def _forward(
     await sse.send(event, flush=flush)
     if counts is not None:
         delivered.update(counts)
+        if paid.first_token is None:
+            paid.first_token = time.monotonic()
+            state.metrics.ttft.labels(paid.model).observe(paid.first_token - paid.arrived)
     for choice in event.get("choices") or ():
         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if piece:
@@ -534,7 +543,8 @@ def _record(
     cost: int,
     error: str | None,
 ) -> None:
-    latency_ms = (time.monotonic() - paid.arrived) * 1000
+    now = time.monotonic()
+    latency_ms = (now - paid.arrived) * 1000
     record = {
         "time": time.time(),
         "request_id": paid.id,
@@ -549,10 +559,15 @@ def _record(
         "bid": format_bid(paid.bid),
         "latency_ms": round(latency_ms, 3),
         "queue_ms": None if paid.queue_ms is None else round(paid.queue_ms, 3),
+        "ttft_ms": None if paid.first_token is None else round((paid.first_token - paid.arrived) * 1000, 3),
         "error": error,
+        "user": paid.user,
+        "http_status": None,
     }
     state.requests.add(record)
     state.metrics.finished(paid.model, status)
+    generating = now - paid.dispatched if paid.dispatched is not None else 0.0
+    state.metrics.observe_request(paid.model, latency_ms / 1000, completion, generating)
     if state.usage_log is not None:
         state.usage_log.write(record)
 

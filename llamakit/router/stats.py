@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import asdict
 from typing import Any
@@ -9,11 +10,28 @@ from typing import Any
 from llamakit.fees import format_bid
 from llamakit.router.state import RouterState
 
-__all__ = ["snapshot"]
+__all__ = ["snapshot", "start_of_day"]
+
+# The usage statuses of refused requests (error codes); the others are outcomes of requests that ran.
+REFUSAL_STATUSES = frozenset(
+    {"insufficient_funds", "invalid_value", "unsupported_field", "invalid_grammar", "invalid_schema",
+     "model_not_found", "queue_full", "queue_share_exceeded", "invalid_request_error", "not_found_error",
+     "rate_limit_error", "invalid_bid", "context_length_exceeded", "key_expired", "model_not_allowed"}
+)  # fmt: skip
+
+
+def start_of_day(now: float) -> float:
+    """Midnight UTC of the day `now` (epoch seconds) falls in: where the dashboard's "today" begins."""
+    day = dt.datetime.fromtimestamp(now, dt.UTC).date()
+    return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
 
 
 async def snapshot(state: RouterState) -> dict[str, Any]:
+    """The dashboard's snapshot. `accounts` (today = since midnight UTC) and `fees` come from the ledger, so they
+    are herd-wide when several routers share one database; `requests` and `queue` are this router's own."""
     ledger, herd, scheduler = state.ledger, state.herd, state.scheduler
+    now = time.time()
+    activity = await ledger.account_activity(start_of_day(now))
     books = await ledger.books()
     fees_by_node = await ledger.fees_by_node()
     nodes = []
@@ -52,4 +70,9 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "recent": list(state.requests.recent)[-50:],
         },
         "agents": await ledger.event_summary(),
+        "accounts": [asdict(a) for a in activity],
+        "refusals": {
+            "today": sum(a.refusals for a in activity),
+            "by_status": {k: v for k, v in state.requests.by_status.items() if k in REFUSAL_STATUSES},
+        },
     }

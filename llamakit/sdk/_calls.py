@@ -73,7 +73,8 @@ class GenerateOptions(RequestOptions, total=False):
     """Keyword options every generation call takes (`generate`, `chat`, their streams and async twins).
 
     Sampling: `model` (the client's, else the router's default), `max_tokens`, `temperature`, `top_p`,
-    `stop`, `seed`. Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
+    `stop`, `seed`; `user` (OpenAI's: who the call is for, kept on the router's usage record and in
+    this client's usage frame). Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
     model class). Money: `bid` (a multiplier ≥ 1, or "auto" to out-bid the queue up to `max_bid`).
     Transport: `timeout` (seconds, an `httpx.Timeout` or None for none; the client's when not given),
     `max_retries`, `idempotency_key` (one is made per call when not given: give your own to make a call
@@ -86,6 +87,7 @@ class GenerateOptions(RequestOptions, total=False):
     top_p: float | None
     stop: str | list[str] | None
     seed: int | None
+    user: str | None
     grammar: str | None
     json_schema: dict[str, Any] | type[BaseModel] | None
     bid: float | Literal["auto"] | None
@@ -97,18 +99,20 @@ class GenerateOptions(RequestOptions, total=False):
 class EmbedOptions(RequestOptions, total=False):
     """Keyword options of `embed` and `aembed`: `model` (the client's, else the router's default),
     `dimensions` (the router refuses any size but the model's own: vectors are not shortened), `bid` (a
-    multiplier ≥ 1, or "auto" up to `max_bid`), `idempotency_key`, `extra_body`, `timeout`, `max_retries`.
+    multiplier ≥ 1, or "auto" up to `max_bid`), `user` (OpenAI's end-user label, kept on the router's usage
+    record), `idempotency_key`, `extra_body`, `timeout`, `max_retries`.
     """
 
     model: str | None
     dimensions: int | None
+    user: str | None
     bid: float | Literal["auto"] | None
     max_bid: float | None
     idempotency_key: str | None
     extra_body: Mapping[str, Any] | None
 
 
-_SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "grammar")
+_SAMPLING = ("max_tokens", "temperature", "top_p", "stop", "seed", "grammar", "user")
 
 
 def chat_messages(messages: Messages, system: str | None = None) -> list[dict[str, Any]]:
@@ -208,6 +212,7 @@ class Call:
     attempts: int = 0
     bid: float | None = None
     first_token: float | None = None
+    user: str | None = None
 
     def body(self, payload: dict[str, Any], options: GenerateOptions) -> dict[str, Any]:
         """The JSON body: `payload` (prompt or messages) plus the options that were given (None is omitted)."""
@@ -218,6 +223,7 @@ class Call:
             value = options.get(name)
             if value is not None:
                 body[name] = value
+        self.user = options.get("user")
         schema = options.get("json_schema")
         if schema is not None:
             if isinstance(schema, type) and issubclass(schema, BaseModel):
@@ -242,8 +248,10 @@ class Call:
         body: dict[str, Any] = {"input": given, "encoding_format": "base64"}
         if self.model is not None:
             body["model"] = self.model
-        if options.get("dimensions") is not None:
-            body["dimensions"] = options["dimensions"]
+        for name in ("dimensions", "user"):
+            if options.get(name) is not None:
+                body[name] = options[name]
+        self.user = options.get("user")
         if self.bid is not None:
             body["bid"] = self.bid
         body.update(options.get("extra_body") or {})
@@ -285,6 +293,7 @@ class Call:
             time=self.time,
             kind=self.kind,
             model=result.model,
+            user=self.user,
             node=result.node,
             request_id=result.request_id,
             idempotency_key=self.idempotency_key,
@@ -386,6 +395,7 @@ class Call:
             ttft=generation.ttft,
             queue_wait=generation.queue_wait,
             attempts=generation.attempts,
+            user=self.user,
         )
 
     def failure(
@@ -413,6 +423,7 @@ class Call:
             attempts=self.attempts,  # 0 when the call failed before anything was sent
             error_type=None if cut else type(error).__name__,
             error=None if cut else message,
+            user=self.user,
         )
 
 

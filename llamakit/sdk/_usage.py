@@ -63,6 +63,7 @@ class UsageRecord(BaseModel):
     attempts: int = 1
     error_type: str | None = None
     error: str | None = None
+    user: str | None = None  # the OpenAI `user` the call named
 
 
 FRAME_DTYPES: Final[dict[str, str]] = {
@@ -87,6 +88,7 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "attempts": "Int64",
     "error_type": "category",
     "error": "string",
+    "user": "string",
 }
 """The columns of a usage frame and their dtypes: nullable `Int64` for counts and credits (a failed call
 has none, and NaN would turn them into floats), floats for seconds, `category` for the few repeating labels."""

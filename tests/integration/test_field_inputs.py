@@ -166,3 +166,35 @@ async def test_an_answer_is_whole_with_a_stop_string_that_never_comes(field: Fie
     stopped = (await field.client.post("/v1/chat/completions", json={**body, "stop": [".#@!"]})).json()
     assert stopped["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
     assert stopped["usage"]["cost"] == plain["usage"]["cost"]
+
+
+async def test_a_long_prompt_is_work_not_a_hang(field: Field, tmp_path: Path) -> None:
+    """A router that allows 1 s of silence, and a 900-token prompt the node decodes in 512-token steps of more
+    than a second each: the node's keepalives during a step keep the request alive, and the node is not rested."""
+    from llamakit.router import RouterSettings
+    from llamakit.router import create_app as create_router
+
+    settings = RouterSettings(
+        db=tmp_path / "strict.db", admin_key=ADMIN_KEY, herd_token=HERD_TOKEN, nodes=[field.node.url],
+        health_interval=0.2, node_timeout=1.0,
+    )  # fmt: skip
+    strict = await RunningServer(create_router(settings)).start()
+    admin = httpx.AsyncClient(base_url=strict.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    try:
+        for _ in range(100):
+            if (await admin.get("/health")).json()["ready"] == 1:
+                break
+            await asyncio.sleep(0.1)
+        key = (await admin.post("/admin/accounts", json={"name": "strict", "deposit": 100_000})).json()["api_key"]
+        async with httpx.AsyncClient(base_url=strict.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as c:
+            for stream in (False, True):
+                body = {"prompt": "word " * 900 + str(stream), "max_tokens": 3, "temperature": 0, "stream": stream}
+                resp = await c.post("/v1/completions", json=body)
+                assert resp.status_code == 200, resp.text
+        nodes = (await admin.get("/admin/nodes")).json()["data"]
+        assert [n["state"] for n in nodes] == ["ready"]
+        books = (await admin.get("/admin/books")).json()
+        assert books["balanced"] and books["holds"] == 0
+    finally:
+        await admin.aclose()
+        await strict.stop()

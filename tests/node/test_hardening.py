@@ -58,7 +58,13 @@ def test_a_grammar_that_crashes_llama_cpps_compiler_only_crashes_the_helper() ->
     ("body", "param", "says"),
     [
         ({"grammar": "root ::= " + '"a" ' * 20_000}, "grammar", "at most 65536"),
-        ({"grammar": "root ::= ("}, "grammar", "cannot be used as a GBNF grammar"),
+        ({"grammar": "root ::= ("}, "grammar", "GBNF syntax"),
+        ({"grammar": 'root ::= "\ud800"'}, "grammar", "lone surrogate"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/b"}}}},
+            "response_format",
+            "cannot be turned into a grammar: Error resolving ref",
+        ),
         ({"stop": ["x" * 257]}, "stop", "at most 256 characters"),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
         ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
@@ -80,7 +86,8 @@ def test_a_grammar_that_crashes_llama_cpps_compiler_only_crashes_the_helper() ->
 async def test_what_reaches_llama_cpp_is_bounded(
     client: httpx.AsyncClient, body: dict[str, Any], param: str, says: str
 ) -> None:
-    resp = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **body})
+    payload = json.dumps({"prompt": "Hi", "max_tokens": 2, **body})  # ASCII-escaped: lone surrogates survive
+    resp = await client.post("/v1/completions", content=payload, headers={"Content-Type": "application/json"})
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == param and says in error["message"], error

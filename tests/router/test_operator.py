@@ -181,7 +181,8 @@ async def test_stats_show_nodes_queues_fees_requests_latency_and_agents(herd: He
     assert stats["fees"]["earned"] == sum(charged) == stats["books"]["charges"]
     assert stats["fees"]["by_node"] == {"n1": sum(charged)}
     assert stats["books"]["balanced"] and stats["books"]["holds"] > 0  # the two bot requests hold credits
-    assert stats["requests"]["by_status"] == {"ok": 3}
+    # refusals are requests too: the 402 and the 404 above
+    assert stats["requests"]["by_status"] == {"ok": 3, "insufficient_funds": 1, "model_not_found": 1}
     latency = stats["requests"]["latency_ms"]
     assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"] < 2000
     assert stats["agents"] == {
@@ -200,7 +201,8 @@ async def test_stats_show_nodes_queues_fees_requests_latency_and_agents(herd: He
     nodes = {n["name"]: n for n in stats["nodes"]}
     assert (nodes["n2"]["busy"], nodes["n2"]["requests"], nodes["n2"]["fees_earned"]) == (0, 2, sum(costs))
     assert stats["fees"]["earned"] == sum(charged) + sum(costs)
-    assert stats["requests"]["by_status"] == {"ok": 5} and stats["requests"]["total"] == 5
+    assert stats["requests"]["by_status"] == {"ok": 5, "insufficient_funds": 1, "model_not_found": 1}
+    assert stats["requests"]["total"] == 7
     assert stats["queue"]["total"] == 0 and stats["books"]["holds"] == 0
 
 

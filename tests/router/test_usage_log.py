@@ -28,7 +28,10 @@ FIELDS = {
     "bid",
     "latency_ms",
     "queue_ms",
+    "ttft_ms",
     "error",
+    "user",
+    "http_status",
 }
 
 
@@ -87,7 +90,7 @@ async def test_every_settled_or_refunded_request_is_one_complete_line(herd: Herd
         ),
         await alice.post("/v1/completions", json={"prompt": PROMPT, "model": "m-picky"}),  # refused by the node
         await bob.post("/v1/completions", json={"prompt": PROMPT, "model": "m-dies", "stream": True}),  # broken
-        await poor.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}),  # 402: no hold, no line
+        await poor.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 100}),  # 402: no hold, a refusal
     ]
     assert [r.status_code for r in responses] == [200, 200, 200, 400, 200, 402]
     # A stream the client cuts after two tokens.
@@ -107,14 +110,15 @@ async def test_every_settled_or_refunded_request_is_one_complete_line(herd: Herd
     gate.set()
     assert [r.status_code for r in await asyncio.gather(in_flight, queued)] == [200, 200]
 
-    usage = await all_usage(herd, 9)
+    usage = await all_usage(herd, 10)
     assert sorted(u["status"] for u in usage) == sorted(
-        ["ok", "ok", "ok", "rejected", "broken", "cut", "ok", "ok", "queue_full"]
+        ["ok", "ok", "ok", "rejected", "broken", "cut", "ok", "ok", "queue_full", "insufficient_funds"]
     )
     accounts = {a["id"]: a["name"] for a in (await herd.admin.get("/admin/accounts")).json()["data"]}
     lines = read_log(log)
     agree(lines, usage, accounts)
-    assert "poor" not in {line["account"] for line in lines}
+    [refused] = [line for line in lines if line["account"] == "poor"]  # refused before a hold: no money moved
+    assert (refused["status"], refused["http_status"], refused["cost"]) == ("insufficient_funds", 402, 0)
     # The money in the log is the money in the books.
     assert sum(line["cost"] for line in lines) == (await herd.books())["charges"]
     for name, client in (("alice", alice), ("bob", bob)):

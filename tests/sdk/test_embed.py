@@ -43,8 +43,9 @@ def test_embed_takes_token_ids_a_model_a_bid_and_dimensions(herd: ThreadedHerd) 
         "model": MODEL,
         "dimensions": 4,
     }  # the bid is the router's business, not the node's
-    client.embed("single text")
-    assert node.received[1]["input"] == "single text"
+    client.embed("single text", user="analyst-7")
+    assert node.received[1]["input"] == "single text" and node.received[1]["user"] == "analyst-7"
+    assert client.usage_records[-1].user == "analyst-7"
 
 
 def test_a_refused_embedding_raises_and_is_recorded(herd: ThreadedHerd) -> None:

@@ -97,9 +97,12 @@ def test_usage_totals_equal_the_routers_ledger(herd: ThreadedHerd) -> None:
     ledger = herd.router_usage(client)
     assert len(frame) == 4 and list(frame["status"]) == ["ok", "ok", "ok", "error"]
     assert int(frame["cost"].sum()) == herd.spent(client) == sum(r["cost"] for r in ledger)
+    # The 402 is in the router's records too, as a refusal; its request id is in the SDK's record of the error.
     assert list(frame["request_id"].dropna()) == [r["request_id"] for r in ledger]
-    assert list(frame["prompt_tokens"].dropna()) == [r["prompt_tokens"] for r in ledger]
-    assert list(frame["completion_tokens"].dropna()) == [r["completion_tokens"] for r in ledger]
+    assert ledger[-1]["status"] == "insufficient_funds" and ledger[-1]["http_status"] == 402
+    served = ledger[:-1]
+    assert list(frame["prompt_tokens"].dropna()) == [r["prompt_tokens"] for r in served]
+    assert list(frame["completion_tokens"].dropna()) == [r["completion_tokens"] for r in served]
 
 
 def test_402_carries_the_amounts_and_is_not_retried(herd: ThreadedHerd) -> None:
@@ -291,3 +294,15 @@ def test_idempotency_key_is_sent_and_can_be_given(herd: ThreadedHerd) -> None:
     client.generate(PROMPT, max_tokens=1, idempotency_key="order-42")
     keys = [r.idempotency_key for r in client.usage_records]
     assert keys[1] == "order-42" and keys[0] is not None and uuid.UUID(keys[0]).version == 4
+
+
+def test_the_user_a_call_names_is_in_the_frame_and_on_the_routers_record(herd: ThreadedHerd) -> None:
+    herd.add_node(FakeNode("n1", script=Script(tokens=2)))
+    herd.start()
+    client = herd.client(deposit=5_000)
+    client.generate(PROMPT, max_tokens=2, user="customer-42")
+    client.chat("a b c", max_tokens=2)
+    frame = client.usage_frame()
+    assert list(frame["user"].fillna("")) == ["customer-42", ""]
+    ledger = herd.router_usage(client)
+    assert [r["user"] for r in ledger] == ["customer-42", None]

@@ -141,6 +141,7 @@ EXPECTED_DTYPES = {
     "attempts": "Int64",
     "error_type": "category",
     "error": "string",
+    "user": "string",
 }
 
 

@@ -1,0 +1,72 @@
+"""The operator's CLI against a real router, run as a person runs it: keys, undrain, usage as a table and CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import sys
+
+from tests.router.conftest import ADMIN_KEY, Herd
+from tests.router.fake_node import FakeNode, Script
+
+
+async def llamakit(herd: Herd, *args: str) -> tuple[int, str]:
+    assert herd.router is not None
+    env = {**os.environ, "LLAMAKIT_ADMIN_KEY": ADMIN_KEY, "LLAMAKIT_PROFILE": "/nonexistent/profile.json"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamakit.cli", "--url", herd.router.url, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def test_keys_list_and_revoke(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    key = str(alice.headers["Authorization"]).removeprefix("Bearer ")
+    code, out = await llamakit(herd, "keys", "list", "alice")
+    assert code == 0 and key[:8] in out and "active" in out
+    code, out = await llamakit(herd, "keys", "revoke", key[:8])
+    assert code == 0 and '"revoked": 1' in out
+    assert (await alice.get("/v1/account")).status_code == 401, "the key stopped working at once"
+    code, out = await llamakit(herd, "keys", "list", "alice")
+    assert code == 0 and "revoked" in out
+    code, out = await llamakit(herd, "keys", "revoke", key[:8])
+    assert code == 1 and "no active key matches" in out
+
+
+async def test_drain_and_undrain(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
+    await herd.start()
+    assert (await llamakit(herd, "drain", "n1"))[0] == 0
+    assert (await herd.node_states())["n1"] == "draining"
+    code, _ = await llamakit(herd, "undrain", "n1")
+    assert code == 0 and (await herd.node_states())["n1"] == "ready"
+    code, out = await llamakit(herd, "undrain", "nope")
+    assert code == 1 and "nope" in out
+
+
+async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", slots=4, script=Script(tokens=2)))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    bob = await herd.account("bob", 10)
+    for i in range(5):
+        body = {"prompt": "one two", "max_tokens": 2, "user": f"u{i % 2}"}
+        assert (await alice.post("/v1/completions", json=body)).status_code == 200
+    assert (await bob.post("/v1/completions", json={"prompt": "one two", "max_tokens": 50})).status_code == 402
+    code, out = await llamakit(herd, "usage")
+    assert code == 0 and out.count("\n") == 1 + 6 and "insufficient_funds" in out
+    code, out = await llamakit(herd, "usage", "--account", "alice", "--csv", "--limit", "3")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and len(rows) == 3 and {r["account"] for r in rows} == {"alice"}
+    assert all(int(r["cost"]) == 10 + 5 + 2 * 2 for r in rows)
+    code, out = await llamakit(herd, "usage", "--user", "u0", "--csv", "--limit", "1000")
+    assert len(list(csv.DictReader(io.StringIO(out)))) == 3
+    code, out = await llamakit(herd, "usage", "--since", "2999-01-01", "--csv")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 0
