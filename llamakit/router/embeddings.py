@@ -18,7 +18,7 @@ from aiohttp import web
 from llamakit.embeddings_protocol import EmbeddingRequest, parse_embedding_request
 from llamakit.fees import hold_amount, parse_bid
 from llamakit.protocol import ApiError, parse_json
-from llamakit.router.api import STATE, authenticate
+from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
 from llamakit.router.ledger import Account, InsufficientFunds, Remembered
 from llamakit.router.service import BID_HEADER, PaidRequest, serve
@@ -35,9 +35,21 @@ embedding_routes = web.RouteTableDef()
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     account = await authenticate(request)
+    data: dict[str, Any] = {}
+    try:
+        data = parse_json(await request.read())
+        return await _embeddings(request, state, account, data)
+    except ApiError as exc:
+        if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
+            await record_refusal(state, account, exc, data)
+        raise
+
+
+async def _embeddings(
+    request: web.Request, state: RouterState, account: Account, data: dict[str, Any]
+) -> web.StreamResponse:
     raw = await request.read()
     key = Idempotency.key_of(request)
-    data = parse_json(raw)
     req = parse_embedding_request(data)
     if key is None:
         return await serve(state, request, await price_embeddings(state, request, account, req, data))
@@ -110,4 +122,5 @@ async def price_embeddings(
         include_usage=False,
         arrived=time.monotonic(),
         claim=claim,
+        user=req.user or None,
     )

@@ -24,7 +24,7 @@ from llamakit.responses_protocol import (
     parse_responses_request,
     response_from_chat,
 )
-from llamakit.router.api import STATE, authenticate
+from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint
 from llamakit.router.ledger import Account, Remembered
 from llamakit.router.service import PaidRequest, price, serve
@@ -83,9 +83,22 @@ def _response_id(request_id: str) -> str:
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     account = await authenticate(request)
+    data: dict[str, Any] = {}
+    try:
+        data = parse_json(await request.read())
+        return await _respond(request, state, account, data)
+    except ApiError as exc:
+        if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
+            await record_refusal(state, account, exc, data)
+        raise
+
+
+async def _respond(
+    request: web.Request, state: RouterState, account: Account, raw_data: dict[str, Any]
+) -> web.StreamResponse:
     raw = await request.read()
     key = Idempotency.key_of(request)
-    req = parse_responses_request(parse_json(raw))
+    req = parse_responses_request(raw_data)
     limit = state.settings.max_tokens_limit
     if req.max_output_tokens is not None and req.max_output_tokens > limit:
         raise ApiError(

@@ -102,7 +102,9 @@ async def test_bad_input_is_refused_before_anything_is_held(
     assert error["param"] == param and words in error["message"], error
     assert node.received == []
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
-    assert (await alice.get("/v1/account/usage")).json()["data"] == []
+    # Refused before anything was held: a usage record with no tokens and no cost, as chat completions get.
+    usage = (await alice.get("/v1/account/usage")).json()["data"]
+    assert [(u["cost"], u["prompt_tokens"], u["http_status"]) for u in usage] == [(0, 0, resp.status_code)]
 
 
 async def test_a_refusal_by_the_node_is_passed_on_and_refunded(herd: Herd) -> None:
