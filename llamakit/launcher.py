@@ -43,7 +43,7 @@ class UpOptions:
     ready_timeout: float = 300.0
     profile: Path | None = None
     agent: bool = False
-    agent_credits: int = 200_000
+    agent_credits: int = 5_000_000  # a grade costs ~350 credits: hours of the demo agent at one every 5 s
     agent_interval: float = 5.0
     db: str | None = None  # the router's --db; None: ledger.db in state_dir
 

@@ -77,7 +77,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response[REFUSAL] = (exc.status, kind)
         return response
     except ConnectionResetError:
-        raise
+        # The client is gone (its connection closed while we wrote): nothing to tell it, and no error of ours.
+        # A response returned here is dropped quietly by aiohttp; a raised one would be logged as a failure.
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return web.Response(status=499)
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_response(

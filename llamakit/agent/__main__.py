@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llamakit.agent.agent import AccountExhausted, SentimentAgent
+from llamakit.agent.grader import METHODS
 from llamakit.agent.market import PaperMarket
 from llamakit.agent.world import ReplayWorld, SimulatedRoom, World
 from llamakit.sdk import Client, ConfigurationError, LlamakitError
@@ -19,17 +20,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llamakit.agent",
         description="Grade the sentiment of a chat through llamakit (paying per grade) and buy when it is good.",
+        epilog=(
+            "A world file has one message per JSON line or CSV row: author, text, time (ISO 8601 or Unix seconds) "
+            "and an optional price; see llamakit/agent/data/example-chat.jsonl and example-chat.csv."
+        ),
     )
     env = os.environ.get
     parser.add_argument("--router", default=env("LLAMAKIT_URL"), help="router URL (env LLAMAKIT_URL; default: profile)")
     parser.add_argument("--api-key", default=env("LLAMAKIT_API_KEY"), help="API key (env LLAMAKIT_API_KEY)")
-    parser.add_argument("--model", default=env("LLAMAKIT_AGENT_MODEL"), help="model to grade with")
+    parser.add_argument(
+        "--model",
+        default=env("LLAMAKIT_AGENT_MODEL"),
+        help="model to grade with (default: gemma-3-270m when the herd serves it, else smollm2-135m-instruct)",
+    )
+    parser.add_argument(
+        "--method", choices=sorted(METHODS), default=None, help="grading method (default: the best for the model)"
+    )
+    parser.add_argument(
+        "--buy-above", type=float, default=0.5, help="buy when the grade is positive with a score ≥ this (-1…1)"
+    )
     parser.add_argument("--bid", default=env("LLAMAKIT_AGENT_BID", "1.0"), help="bid multiplier, or 'auto'")
     parser.add_argument(
         "--interval", type=float, default=float(env("LLAMAKIT_AGENT_INTERVAL", "5")), help="seconds per round"
     )
-    parser.add_argument("--rounds", type=int, default=0, help="rounds to run (0: until Ctrl-C)")
-    parser.add_argument("--world", default="simulated", help="'simulated', or a chat log (.jsonl or .csv)")
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds to run (0: until Ctrl-C or the end of a world file)"
+    )
+    parser.add_argument(
+        "--world", default="simulated", help="'simulated', or a chat log to replay (.jsonl or .csv, see below)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated room and price")
     parser.add_argument("--history", type=int, default=3, help="messages of chat history per grade")
     parser.add_argument("--trade-size", type=float, default=100.0, help="quote currency spent per buy")
@@ -66,11 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m llamakit.agent: error: {exc}", file=sys.stderr)
         return 2
     agent = SentimentAgent(
-        client, world, market, model=args.model, bid=args.bid, history=args.history, trade_size=args.trade_size
-    )
+        client, world, market, model=args.model, method=METHODS[args.method] if args.method else None,
+        bid=args.bid, history=args.history, trade_size=args.trade_size, buy_above=args.buy_above,
+    )  # fmt: skip
     code = 0
     try:
         agent.run(args.rounds or None, interval=args.interval)
+        if world.exhausted:
+            print(f"python -m llamakit.agent: the chat log {args.world} has ended", file=sys.stderr)
     except AccountExhausted as exc:
         print(f"python -m llamakit.agent: stopping: {exc}", file=sys.stderr)
         code = 3

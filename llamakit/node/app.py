@@ -10,6 +10,7 @@ from aiohttp import web
 
 from llamakit.catalog import ResolvedModel
 from llamakit.node.batched import BatchedModel
+from llamakit.node.embeddings import setup_embeddings
 from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
 from llamakit.node.membership import keep_membership
@@ -51,6 +52,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[RUNS] = {}
     app[METRICS] = NodeMetrics(lambda: host.busy)
     app.add_routes(routes)
+    setup_embeddings(app)
 
     async def model_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # The server answers /health ("loading") while the model loads in the background.

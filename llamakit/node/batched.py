@@ -357,6 +357,9 @@ class BatchedModel(LoadedModel):
         seq.done.set()
 
     def close(self) -> None:
+        if self.closed:  # a model retired by its last lease after the host already closed it: freeing twice crashes
+            return
+        self.closed = True
         self.grammars.close()
         with self._wake:
             self._closing = True

@@ -250,6 +250,7 @@ class LoadedModel:
         # time.monotonic() when the decode step running now began (None between steps; engines that have one
         # decode loop set it): the node's keepalives tell a slow step from a stuck one by it.
         self.step_started: float | None = None
+        self.closed = False
         # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
         self.grammars = GrammarCheck(resolved.path)
 
@@ -460,6 +461,9 @@ class SimpleModel(LoadedModel):
         return LogitsProcessorList([bias])
 
     def close(self) -> None:
+        if self.closed:  # a model retired by its last lease after the host already closed it
+            return
+        self.closed = True
         self.grammars.close()
         for llama in self.contexts:
             llama.close()

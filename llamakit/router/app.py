@@ -15,11 +15,13 @@ from aiohttp import web
 from llamakit.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
+from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
+from llamakit.router.responses import response_routes
 from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import RouterState, UsageLog
@@ -48,6 +50,8 @@ def create_app(settings: RouterSettings) -> web.Application:
     app = web.Application(middlewares=[_count_refusals, error_middleware], client_max_size=settings.max_body_bytes)
     app[STATE] = state
     app.add_routes(routes)
+    app.add_routes(embedding_routes)
+    app.add_routes(response_routes)
     app.add_routes(admin_routes)
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)

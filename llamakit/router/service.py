@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -77,6 +77,8 @@ class PaidRequest:
     text: str | None = None
     chain: list[int] = field(default_factory=list)
     affinity: Affinity | None = None
+    # How a stream reaches the client: chat or completion chunks as they are, or translated (the Responses API).
+    open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.open
 
 
 async def price(
@@ -445,7 +447,7 @@ async def _relay(
     """Pass the node's events to the client token by token; settle on the usage event, or on what was delivered."""
     delivered = {"prompt_tokens": 0, "completion_tokens": 0}
     try:
-        sse = await SseWriter.open(request, _headers(paid, node))
+        sse = await paid.open_sse(request, _headers(paid, node))
     except BaseException:
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise

@@ -1,10 +1,11 @@
 """The llamakit SDK: paid llama.cpp inference from Python, with retries and usage you can put in pandas.
 
-    from llamakit.sdk import generate, chat, meter, usage_frame
+    from llamakit.sdk import generate, chat, embed, meter, usage_frame
 
     print(generate("The capital of France is", max_tokens=8))
     with meter() as m:
         answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", bid="auto")
+        vectors = embed(["a cat", "a kitten"]).vectors
     m.cost, usage_frame()
 
 After `llamakit up` it needs no setup; elsewhere set `LLAMAKIT_URL` and `LLAMAKIT_API_KEY`, or make a
@@ -12,17 +13,19 @@ After `llamakit up` it needs no setup; elsewhere set `LLAMAKIT_URL` and `LLAMAKI
 becomes a `UsageRecord`.
 """
 
-from llamakit.sdk._calls import GenerateOptions, RequestOptions
+from llamakit.sdk._calls import EmbedOptions, GenerateOptions, RequestOptions
 from llamakit.sdk._client import AsyncClient, Client
 from llamakit.sdk._default import (
     account,
     achat,
+    aembed,
     agenerate,
     astream,
     astream_chat,
     chat,
     configure,
     default_client,
+    embed,
     generate,
     generate_many,
     info,
@@ -53,6 +56,7 @@ from llamakit.sdk._exceptions import (
 )
 from llamakit.sdk._models import (
     Account,
+    Embeddings,
     Fees,
     Generation,
     Info,
@@ -84,6 +88,8 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "ConflictError",
+    "EmbedOptions",
+    "Embeddings",
     "Fees",
     "GenerateOptions",
     "Generation",
@@ -110,12 +116,14 @@ __all__ = [
     "UsageRecord",
     "account",
     "achat",
+    "aembed",
     "agenerate",
     "astream",
     "astream_chat",
     "chat",
     "configure",
     "default_client",
+    "embed",
     "generate",
     "generate_many",
     "info",

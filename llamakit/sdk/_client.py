@@ -24,6 +24,7 @@ from llamakit.sdk._calls import (
     IDEMPOTENCY_HEADER,
     REQUEST_ID_HEADER,
     Call,
+    EmbedOptions,
     GenerateOptions,
     Kind,
     RequestOptions,
@@ -33,10 +34,10 @@ from llamakit.sdk._calls import (
 )
 from llamakit.sdk._config import resolve_config, resolve_usage_log
 from llamakit.sdk._exceptions import APIConnectionError, APIError, APIResponseValidationError, status_error
-from llamakit.sdk._models import Account, Generation, Info, Model
+from llamakit.sdk._models import Account, Embeddings, Generation, Info, Model
 from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
-from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, Messages, NotGiven, Timeout
+from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageBook, UsageRecord
 
 if TYPE_CHECKING:
@@ -47,7 +48,11 @@ __all__ = ["AsyncClient", "Client"]
 log = logging.getLogger("llamakit.sdk")
 
 _T = TypeVar("_T")
-_PATHS: Final[dict[Kind, str]] = {"generate": "/v1/completions", "chat": "/v1/chat/completions"}
+_PATHS: Final[dict[Kind, str]] = {
+    "generate": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "embed": "/v1/embeddings",
+}
 _USER_AGENT: Final = f"llamakit-sdk/{__version__} httpx/{httpx.__version__}"
 
 
@@ -123,7 +128,7 @@ class _BaseClient:
             headers["Authorization"] = f"Bearer {self._config.require_key()}"
         return headers
 
-    def _call(self, kind: Kind, stream: bool, options: GenerateOptions) -> Call:
+    def _call(self, kind: Kind, stream: bool, options: GenerateOptions | EmbedOptions) -> Call:
         bid = options.get("bid")
         if bid is not None and bid != "auto" and isinstance(bid, str | bool):
             raise ValueError(f"bid must be a number ≥ 1 or 'auto', got {bid!r}")
@@ -143,7 +148,7 @@ class _BaseClient:
             raise ValueError(f"max_retries must be 0 or more, got {max_retries}")
         return max_retries
 
-    def _bid_cap(self, options: GenerateOptions) -> float:
+    def _bid_cap(self, options: GenerateOptions | EmbedOptions) -> float:
         return options.get("max_bid") or self.max_bid or DEFAULT_MAX_BID
 
     def _give_up(self, failed: _AttemptFailed, tries: int, retries: int) -> float | None:
@@ -228,6 +233,30 @@ class Client(_BaseClient):
     ) -> Stream:
         """`chat`, streamed: iterate for text pieces, then read `.result`."""
         return self._stream("chat", {"messages": chat_messages(messages, system)}, options)
+
+    def embed(self, input: EmbeddingInput, **options: Unpack[EmbedOptions]) -> Embeddings:
+        """Embed `input` with the model (`/v1/embeddings`): a text, texts, or token-id lists; one vector each.
+
+        Priced per input token like a prompt, queued and retried like any call, and recorded in `usage`.
+        """
+        call = self._call("embed", False, options)
+        retries = self._retries(options.get("max_retries", NOT_GIVEN))
+        try:
+            self._settle_bid(call, options)
+            request = self._http.build_request(
+                "POST",
+                self.base_url + _PATHS["embed"],
+                json=call.embed_body(input, options),
+                headers=self._request_headers(call.idempotency_key, auth=True),
+                timeout=self._timeout(options.get("timeout", NOT_GIVEN)),
+            )
+            response = self._retrying(lambda: self._attempt(request), retries=retries, call=call)
+            result = call.embeddings(response)
+        except BaseException as exc:
+            self.usage.add(call.failure(exc))
+            raise
+        self.usage.add(call.embedding_record(result))
+        return result
 
     def generate_many(
         self,
@@ -320,7 +349,7 @@ class Client(_BaseClient):
             _retry.sleep(delay)
             tries += 1
 
-    def _settle_bid(self, call: Call, options: GenerateOptions) -> None:
+    def _settle_bid(self, call: Call, options: GenerateOptions | EmbedOptions) -> None:
         if options.get("bid") == "auto" and call.bid is None:
             info = self.info(
                 timeout=options.get("timeout", NOT_GIVEN), max_retries=options.get("max_retries", NOT_GIVEN)
@@ -455,6 +484,30 @@ class AsyncClient(_BaseClient):
         """`chat`, streamed: `async for` the text pieces, then read `.result`."""
         return self._stream("chat", {"messages": chat_messages(messages, system)}, options)
 
+    async def embed(self, input: EmbeddingInput, **options: Unpack[EmbedOptions]) -> Embeddings:
+        """Embed `input` with the model (`/v1/embeddings`): a text, texts, or token-id lists; one vector each.
+
+        Priced per input token like a prompt, queued and retried like any call, and recorded in `usage`.
+        """
+        call = self._call("embed", False, options)
+        retries = self._retries(options.get("max_retries", NOT_GIVEN))
+        try:
+            await self._settle_bid(call, options)
+            request = self._http.build_request(
+                "POST",
+                self.base_url + _PATHS["embed"],
+                json=call.embed_body(input, options),
+                headers=self._request_headers(call.idempotency_key, auth=True),
+                timeout=self._timeout(options.get("timeout", NOT_GIVEN)),
+            )
+            response = await self._retrying(lambda: self._attempt(request), retries=retries, call=call)
+            result = call.embeddings(response)
+        except BaseException as exc:
+            self.usage.add(call.failure(exc))
+            raise
+        self.usage.add(call.embedding_record(result))
+        return result
+
     # -- the router's other routes ------------------------------------------------------------------
 
     async def models(self, **options: Unpack[RequestOptions]) -> list[Model]:
@@ -506,7 +559,7 @@ class AsyncClient(_BaseClient):
             await _retry.asleep(delay)
             tries += 1
 
-    async def _settle_bid(self, call: Call, options: GenerateOptions) -> None:
+    async def _settle_bid(self, call: Call, options: GenerateOptions | EmbedOptions) -> None:
         if options.get("bid") == "auto" and call.bid is None:
             info = await self.info(
                 timeout=options.get("timeout", NOT_GIVEN), max_retries=options.get("max_retries", NOT_GIVEN)

@@ -14,13 +14,13 @@ import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Unpack
 
-from llamakit.sdk._calls import GenerateOptions, RequestOptions
+from llamakit.sdk._calls import EmbedOptions, GenerateOptions, RequestOptions
 from llamakit.sdk._client import AsyncClient, Client
 from llamakit.sdk._config import resolve_usage_log
-from llamakit.sdk._models import Account, Generation, Info, Model
+from llamakit.sdk._models import Account, Embeddings, Generation, Info, Model
 from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
-from llamakit.sdk._types import NOT_GIVEN, Messages, NotGiven, Timeout
+from llamakit.sdk._types import NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageBook, UsageRecord
 
 if TYPE_CHECKING:
@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 __all__ = [
     "account",
     "achat",
+    "aembed",
     "agenerate",
     "astream",
     "astream_chat",
     "chat",
     "configure",
     "default_client",
+    "embed",
     "generate",
     "generate_many",
     "info",
@@ -164,6 +166,16 @@ def astream(prompt: str, **options: Unpack[GenerateOptions]) -> AsyncStream:
 def astream_chat(messages: Messages, *, system: str | None = None, **options: Unpack[GenerateOptions]) -> AsyncStream:
     """`stream_chat` for `async for`; call it inside a coroutine."""
     return _defaults.for_loop().stream_chat(messages, system=system, **options)
+
+
+def embed(input: EmbeddingInput, **options: Unpack[EmbedOptions]) -> Embeddings:
+    """Embed a text, texts or token-id lists on the default client. See `Client.embed`."""
+    return _defaults.sync().embed(input, **options)
+
+
+async def aembed(input: EmbeddingInput, **options: Unpack[EmbedOptions]) -> Embeddings:
+    """`embed`, awaited, on this event loop's default async client."""
+    return await _defaults.for_loop().embed(input, **options)
 
 
 def generate_many(

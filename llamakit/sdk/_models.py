@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Account",
+    "Embeddings",
     "Fees",
     "Generation",
     "Info",
@@ -108,6 +109,37 @@ class Generation(_Frozen):
 
     def _repr_markdown_(self) -> str:
         return f"{self.text}\n\n<sub>{html.escape(self.summary())}</sub>"
+
+
+class Embeddings(_Frozen):
+    """The vectors of one `embed` call, one per input in input order, and what the call measured.
+
+    `vectors[i]` is input i's vector (unit length, as the node's model pools and normalises it); `len()` and
+    indexing work on the vectors. `usage.prompt_tokens` counts every token embedded (there are no completion
+    tokens) and `cost` is what they cost in credits. Times are in seconds, as in `Generation`.
+    """
+
+    vectors: list[list[float]]
+    model: str | None = None
+    node: str | None = None
+    request_id: str | None = None
+    usage: TokenUsage | None = None
+    cost: int | None = Field(default=None, description="credits charged for this call")
+    bid: float | None = Field(default=None, description="the bid multiplier the router applied")
+    latency: float | None = None
+    queue_wait: float | None = None
+    attempts: int = 1
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def __getitem__(self, index: int) -> list[float]:
+        return self.vectors[index]
+
+    @property
+    def dimensions(self) -> int:
+        """The length of each vector (0 when there are none)."""
+        return len(self.vectors[0]) if self.vectors else 0
 
 
 class Fees(_Frozen):

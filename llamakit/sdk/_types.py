@@ -7,7 +7,7 @@ from typing import Any, Final, Literal, TypeAlias, final
 
 import httpx
 
-__all__ = ["DEFAULT_TIMEOUT", "NOT_GIVEN", "Messages", "NotGiven", "Timeout"]
+__all__ = ["DEFAULT_TIMEOUT", "NOT_GIVEN", "EmbeddingInput", "Messages", "NotGiven", "Timeout"]
 
 
 @final
@@ -45,4 +45,6 @@ Timeout: TypeAlias = float | httpx.Timeout | None
 DEFAULT_TIMEOUT: Final = httpx.Timeout(600.0, connect=5.0)
 
 Messages: TypeAlias = str | Sequence[Mapping[str, Any]]
+EmbeddingInput: TypeAlias = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+"""What `embed` takes: a text, texts, one list of token ids, or several (OpenAI's `input`)."""
 """A chat: OpenAI-style `{"role", "content"}` mappings, or a plain string taken as one user message."""

@@ -43,7 +43,7 @@ class UsageRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     time: AwareDatetime
-    kind: Literal["generate", "chat"]
+    kind: Literal["generate", "chat", "embed"]
     stream: bool = False
     model: str | None = None
     node: str | None = None

@@ -14,7 +14,7 @@ from llamakit.tui._config import DashboardConfig, NotConfigured, resolve_config
 
 if TYPE_CHECKING:
     from llamakit.tui._app import DashboardApp
-    from llamakit.tui._screens import ConfirmDrainScreen, DashboardScreen, HelpScreen
+    from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen
     from llamakit.tui._source import (
         DrainFailed,
         RouterRefused,
@@ -24,11 +24,22 @@ if TYPE_CHECKING:
         StatsSource,
     )
     from llamakit.tui._stats import Stats, StatsHistory
-    from llamakit.tui._widgets import AgentsTable, FeesPanel, HerdTable, QueuePanel, RequestsLog, StatusBanner
+    from llamakit.tui._widgets import (
+        AccountsTable,
+        AgentsTable,
+        FeesPanel,
+        HerdTable,
+        QueuePanel,
+        RefusalsPanel,
+        RequestsLog,
+        StatusBanner,
+    )
 
 __all__ = [
+    "AccountsTable",
     "AgentsTable",
     "ConfirmDrainScreen",
+    "ConfirmUndrainScreen",
     "DashboardApp",
     "DashboardConfig",
     "DashboardScreen",
@@ -38,6 +49,7 @@ __all__ = [
     "HerdTable",
     "NotConfigured",
     "QueuePanel",
+    "RefusalsPanel",
     "RequestsLog",
     "RouterRefused",
     "RouterStats",
@@ -55,6 +67,7 @@ __all__ = [
 _LAZY = {
     "DashboardApp": "_app",
     "ConfirmDrainScreen": "_screens",
+    "ConfirmUndrainScreen": "_screens",
     "DashboardScreen": "_screens",
     "HelpScreen": "_screens",
     "DrainFailed": "_source",
@@ -65,10 +78,12 @@ _LAZY = {
     "StatsSource": "_source",
     "Stats": "_stats",
     "StatsHistory": "_stats",
+    "AccountsTable": "_widgets",
     "AgentsTable": "_widgets",
     "FeesPanel": "_widgets",
     "HerdTable": "_widgets",
     "QueuePanel": "_widgets",
+    "RefusalsPanel": "_widgets",
     "RequestsLog": "_widgets",
     "StatusBanner": "_widgets",
 }

@@ -1,4 +1,4 @@
-"""`DashboardApp`: follows the router's stats in a worker and shows them; keys to pause, drain and get help."""
+"""`DashboardApp`: follows the router's stats in a worker and shows them; keys to pause, drain, undrain and get help."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from textual.binding import Binding, BindingType
 from textual.reactive import var
 
 from llamakit.tui._format import clock
-from llamakit.tui._screens import ConfirmDrainScreen, DashboardScreen, HelpScreen
+from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen
 from llamakit.tui._source import DrainFailed, StatsError, StatsSource
 from llamakit.tui._stats import NodeStats, Stats, StatsHistory
 
@@ -34,6 +34,7 @@ class DashboardApp(App[None]):
         Binding("q", "quit", "Quit"),
         Binding("p", "toggle_pause", "Pause"),
         Binding("d", "drain", "Drain node"),
+        Binding("u", "undrain", "Undrain node"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
@@ -142,7 +143,7 @@ class DashboardApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own keys do nothing while a dialog is open over it.
-        if action in ("toggle_pause", "drain", "help"):
+        if action in ("toggle_pause", "drain", "undrain", "help"):
             return self.screen is self.dashboard
         return True
 
@@ -176,3 +177,28 @@ class DashboardApp(App[None]):
             return
         state = reported.get("state", "draining")
         self.notify(f"{node.name} is {state}: it finishes its work and takes no new requests.", title="Drain")
+
+    def action_undrain(self) -> None:
+        node = self.dashboard.selected_node
+        if node is None:
+            self.notify("Select a node in the herd table first (↑ ↓).", severity="warning")
+            return
+        if node.state != "draining":
+            self.notify(f"{node.name} is {node.shown_state}, not draining: there is nothing to undrain.")
+            return
+
+        def confirmed(undrain: bool | None) -> None:
+            if undrain:
+                self.undrain_node(node)
+
+        self.push_screen(ConfirmUndrainScreen(node), confirmed)
+
+    @work(group="drain")
+    async def undrain_node(self, node: NodeStats) -> None:
+        try:
+            reported: dict[str, Any] = await self.source.undrain(node.id)
+        except DrainFailed as exc:
+            self.notify(str(exc), title="Undrain failed", severity="error", timeout=8)
+            return
+        state = reported.get("state", "ready")
+        self.notify(f"{node.name} is {state}: it takes new requests again.", title="Undrain")

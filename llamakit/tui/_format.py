@@ -6,7 +6,7 @@ import time
 
 from rich.text import Text
 
-__all__ = ["age", "clock", "credits", "load_bar", "millis", "signed", "state_text", "wait"]
+__all__ = ["age", "bid", "clock", "credits", "load_bar", "millis", "request_id", "signed", "state_text", "wait"]
 
 STATE_STYLES = {"ready": "green", "busy": "yellow", "draining": "magenta", "down": "bold red"}
 
@@ -55,6 +55,16 @@ def millis(value: float | None) -> str:
     if value < 1000:
         return f"{value:.0f}ms"
     return f"{value / 1000:.1f}s"
+
+
+def bid(text: str) -> str:
+    """`×1.5`: the multiplier bid exactly as the router wrote it, or `–` when it did not say."""
+    return f"×{text}" if text else "–"
+
+
+def request_id(value: str) -> str:
+    """A request id without the router's `req-` prefix: the part that tells requests apart, cropped first."""
+    return value.removeprefix("req-") or "–"
 
 
 def clock(at: float) -> str:

@@ -1,4 +1,4 @@
-"""The dashboard screen, and the two dialogs over it: help, and the confirmation before draining a node."""
+"""The dashboard screen, and the dialogs over it: help, and the confirmations before draining or undraining a node."""
 
 from __future__ import annotations
 
@@ -10,15 +10,25 @@ from textual.containers import Horizontal, Vertical
 from textual.reactive import var
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Header, Label, Static
+from textual.widgets.button import ButtonVariant
 
 from llamakit.tui._stats import NodeStats, Stats, StatsHistory
-from llamakit.tui._widgets import AgentsTable, FeesPanel, HerdTable, QueuePanel, RequestsLog, StatusBanner
+from llamakit.tui._widgets import (
+    AccountsTable,
+    AgentsTable,
+    FeesPanel,
+    HerdTable,
+    QueuePanel,
+    RefusalsPanel,
+    RequestsLog,
+    StatusBanner,
+)
 
-__all__ = ["ConfirmDrainScreen", "DashboardScreen", "HelpScreen"]
+__all__ = ["ConfirmDrainScreen", "ConfirmUndrainScreen", "DashboardScreen", "HelpScreen"]
 
 
 class DashboardScreen(Screen[None]):
-    """Herd on top; queue, fees and agents in the middle; the request log below."""
+    """Herd on top; queue, fees and agents; accounts and refusals; the request log at the bottom."""
 
     problem: var[str | None] = var(None, init=False)
     """Why the router cannot be reached, or None while it can; while set, the last data is shown greyed."""
@@ -31,6 +41,9 @@ class DashboardScreen(Screen[None]):
             yield QueuePanel(id="queue", classes="panel")
             yield FeesPanel(id="fees", classes="panel")
             yield AgentsTable(id="agents", classes="panel")
+        with Horizontal(id="lower"):
+            yield AccountsTable(id="accounts", classes="panel")
+            yield RefusalsPanel(id="refusals", classes="panel")
         yield RequestsLog(id="requests", classes="panel")
         yield Footer()
 
@@ -40,9 +53,18 @@ class DashboardScreen(Screen[None]):
         self._pending: tuple[Stats, StatsHistory] | None = None
 
     def on_mount(self) -> None:
-        titles = {"herd": "Herd", "queue": "Queue", "fees": "Fees", "agents": "Agents", "requests": "Requests"}
+        titles = {
+            "herd": "Herd",
+            "queue": "Queue",
+            "fees": "Fees",
+            "agents": "Agents",
+            "accounts": "Accounts",
+            "refusals": "Refusals",
+            "requests": "Requests",
+        }
         for widget_id, title in titles.items():
             self.query_one(f"#{widget_id}").border_title = title
+        self.query_one(AccountsTable).border_subtitle = "spent, requests, refused: today (UTC)"
         self.query_one(HerdTable).focus()
         self._ready = True
         self.watch_problem(self.problem)
@@ -58,6 +80,13 @@ class DashboardScreen(Screen[None]):
         self.query_one(QueuePanel).show(stats, history)
         self.query_one(FeesPanel).show(stats, history)
         self.query_one(AgentsTable).show(stats)
+        accounts = self.query_one(AccountsTable)
+        accounts.show(stats)
+        if stats.accounts is None:
+            accounts.border_subtitle = "not reported by this router"
+        else:
+            accounts.border_subtitle = "spent, requests, refused: today (UTC)"
+        self.query_one(RefusalsPanel).show(stats)
         self.query_one(RequestsLog).show(stats)
         herd = self.query_one(HerdTable)
         ready = sum(1 for n in stats.nodes if n.state == "ready")
@@ -86,7 +115,8 @@ class HelpScreen(ModalScreen[None]):
 
 [b]q[/b]       quit
 [b]p[/b]       pause / resume the display (data keeps arriving)
-[b]d[/b]       drain the selected node (asks first): it finishes its work and takes no more
+[b]d[/b]       drain the selected node (asks first): it finishes, takes no more
+[b]u[/b]       undrain the selected node (asks first): it takes requests again
 [b]↑ ↓[/b]     select a node
 [b]?[/b]       this help (escape closes it)
 
@@ -94,7 +124,10 @@ class HelpScreen(ModalScreen[None]):
 [b]Queue[/b]     requests waiting per model, the last 5 minutes, the oldest wait
 [b]Fees[/b]      credits charged in total and over the last minute
 [b]Agents[/b]    agent accounts' outcome events: requests, buy, skip, error
-[b]Requests[/b]  the latest finished requests, newest on top"""
+[b]Accounts[/b]  balance, credits held now; spent, requests, refused today (UTC)
+[b]Refusals[/b]  refused today (UTC); this router's by error code and HTTP status
+[b]Requests[/b]  the latest, refused ones too, newest on top: bid, queue wait,
+          time to first token (streams), latency, tokens p+c, cost, status"""
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-dialog", classes="dialog"):
@@ -102,40 +135,65 @@ class HelpScreen(ModalScreen[None]):
             yield Label("press escape to close", classes="dialog--hint")
 
 
-class ConfirmDrainScreen(ModalScreen[bool]):
-    """Asks before draining: a drained node finishes what it has and takes nothing new."""
+class _ConfirmNodeScreen(ModalScreen[bool]):
+    """Asks one question about one node; y confirms, n or escape cancels, and Cancel has the focus."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("y", "confirm", "Drain"),
+        Binding("y", "confirm", "Confirm"),
         Binding("n,escape", "cancel", "Cancel"),
     ]
+    ACTION = ""
+    """The word on the button and in the dialog's ids: `drain`, `undrain`."""
+    VARIANT: ClassVar[ButtonVariant] = "primary"
 
     def __init__(self, node: NodeStats) -> None:
         super().__init__()
         self.node = node
 
+    def detail(self) -> str:
+        raise NotImplementedError
+
     def compose(self) -> ComposeResult:
-        node = self.node
-        busy = f"{node.busy} of {node.slots} slots busy"
-        with Vertical(id="drain-dialog", classes="dialog"):
-            yield Label(f"Drain node [b]{node.name}[/b]?", id="drain-question")
-            yield Label(
-                f"It serves {', '.join(node.models) or 'no model'} and has {busy}. It will finish that work "
-                "and take no new requests until an operator undrains it.",
-                id="drain-detail",
-            )
+        action = self.ACTION
+        with Vertical(id=f"{action}-dialog", classes="dialog node-dialog"):
+            yield Label(f"{action.capitalize()} node [b]{self.node.name}[/b]?", classes="node-dialog--question")
+            yield Label(self.detail(), classes="node-dialog--detail")
             with Horizontal(classes="dialog--buttons"):
-                yield Button("Drain (y)", variant="error", id="drain-yes")
-                yield Button("Cancel (n)", variant="primary", id="drain-no")
+                yield Button(f"{action.capitalize()} (y)", variant=self.VARIANT, id=f"{action}-yes")
+                yield Button("Cancel (n)", variant="primary", id=f"{action}-no")
 
     def on_mount(self) -> None:
-        self.query_one("#drain-no", Button).focus()
+        self.query_one(f"#{self.ACTION}-no", Button).focus()
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "drain-yes")
+        self.dismiss(event.button.id == f"{self.ACTION}-yes")
 
     def action_confirm(self) -> None:
         self.dismiss(True)
 
     def action_cancel(self) -> None:
         self.dismiss(False)
+
+    def _serves(self) -> str:
+        node = self.node
+        return f"It serves {', '.join(node.models) or 'no model'} and has {node.busy} of {node.slots} slots busy."
+
+
+class ConfirmDrainScreen(_ConfirmNodeScreen):
+    """Asks before draining: a drained node finishes what it has and takes nothing new."""
+
+    ACTION = "drain"
+    VARIANT = "error"
+
+    def detail(self) -> str:
+        return f"{self._serves()} It will finish that work and take no new requests until an operator undrains it (u)."
+
+
+class ConfirmUndrainScreen(_ConfirmNodeScreen):
+    """Asks before undraining: the node takes new requests again at once."""
+
+    ACTION = "undrain"
+    VARIANT = "success"
+
+    def detail(self) -> str:
+        return f"{self._serves()} It will take new requests again at once, as a ready node."

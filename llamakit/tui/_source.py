@@ -1,9 +1,9 @@
-"""Where the dashboard's data comes from: the router's admin stats, live over SSE or by polling, and drain.
+"""Where the dashboard's data comes from: the router's admin stats, live over SSE or by polling; drain and undrain.
 
 StatsError                 the router could not give a snapshot; the message says why, plainly
  ├── RouterUnreachable     no connection, a timeout, a server error, or not a stats answer
  └── RouterRefused         the admin key was refused (401/403)
-DrainFailed                the router would not drain that node
+DrainFailed                the router would not drain (or undrain) that node
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class StatsSource(Protocol):
 
     async def drain(self, node_id: str) -> dict[str, Any]:
         """Ask the router to drain a node; returns the node as the router now reports it; raises DrainFailed."""
+        ...
+
+    async def undrain(self, node_id: str) -> dict[str, Any]:
+        """Ask the router to give a draining node work again; returns the node as the router now reports it;
+        raises DrainFailed."""
         ...
 
 
@@ -161,13 +166,19 @@ class RouterStats:
         return data
 
     async def drain(self, node_id: str) -> dict[str, Any]:
+        return await self._node_action(node_id, "drain")
+
+    async def undrain(self, node_id: str) -> dict[str, Any]:
+        return await self._node_action(node_id, "undrain")
+
+    async def _node_action(self, node_id: str, action: str) -> dict[str, Any]:
         try:
             async with self._client() as client:
-                resp = await client.post(f"/admin/nodes/{quote(node_id, safe='')}/drain")
+                resp = await client.post(f"/admin/nodes/{quote(node_id, safe='')}/{action}")
         except httpx.HTTPError as exc:
-            raise DrainFailed(f"could not reach the router at {self._url} to drain {node_id!r} ({exc})") from exc
+            raise DrainFailed(f"could not reach the router at {self._url} to {action} {node_id!r} ({exc})") from exc
         if resp.is_error:
-            raise DrainFailed(f"the router would not drain {node_id!r}: {resp.status_code} {_error_message(resp)}")
+            raise DrainFailed(f"the router would not {action} {node_id!r}: {resp.status_code} {_error_message(resp)}")
         try:
             node: Any = resp.json()
         except ValueError:

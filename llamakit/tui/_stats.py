@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "AccountStats",
     "AgentStats",
     "BucketSeries",
     "FeeStats",
     "ModelQueue",
     "NodeStats",
     "QueueStats",
+    "RefusalStats",
     "RequestRecord",
     "RequestStats",
     "Stats",
@@ -51,8 +53,23 @@ def _optional_float(value: object) -> float | None:
     return float(value)
 
 
+def _optional_int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
 def _str(value: object, default: str = "") -> str:
     return value if isinstance(value, str) else default
+
+
+def _bid(value: object) -> str:
+    """The bid exactly as the router wrote it (a string such as "1.005"); a number is shown as it reads."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return ""
+    return f"{value:g}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +173,18 @@ class RequestRecord:
     completion_tokens: int
     cost: int
     latency_ms: float | None
+    bid: str = ""
+    """The multiplier bid, as the router wrote it; empty from a router that does not report it."""
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    """Time to the first token: streams only."""
+    http_status: int | None = None
+    """Set only on refused requests (400, 402, 404, 429), whose `status` is then the error code."""
+    user: str | None = None
+
+    @property
+    def refused(self) -> bool:
+        return self.http_status is not None and self.http_status >= 400
 
     @property
     def key(self) -> str:
@@ -175,6 +204,11 @@ class RequestRecord:
             completion_tokens=_int(data.get("completion_tokens")),
             cost=_int(data.get("cost")),
             latency_ms=_optional_float(data.get("latency_ms")),
+            bid=_bid(data.get("bid")),
+            queue_ms=_optional_float(data.get("queue_ms")),
+            ttft_ms=_optional_float(data.get("ttft_ms")),
+            http_status=_optional_int(data.get("http_status")),
+            user=_str(data.get("user")) or None,
         )
 
 
@@ -203,7 +237,7 @@ class RequestStats:
 
 @dataclass(frozen=True, slots=True)
 class AgentStats:
-    """One agent account's outcome events: the sentiment agent reports request, buy, skip and error."""
+    """One agent account's outcome events: buy, skip and error (one per paid grade), and request if it counts those."""
 
     account: str
     counts: Mapping[str, int]
@@ -214,7 +248,8 @@ class AgentStats:
 
     @property
     def requests(self) -> int:
-        return self.counts.get("request", 0)
+        """The agent's `request` events if it reports them, else its outcomes: each outcome is one paid grade."""
+        return self.counts.get("request", self.buys + self.skips + self.errors)
 
     @property
     def buys(self) -> int:
@@ -242,6 +277,54 @@ class AgentStats:
 
 
 @dataclass(frozen=True, slots=True)
+class AccountStats:
+    """One account: money now (balance, and credits held for requests in flight), and what it did today (UTC)."""
+
+    id: str
+    name: str
+    kind: str
+    balance: int
+    held: int
+    spent: int
+    requests: int
+    """Today's requests, refused ones included."""
+    refusals: int
+    last_seen: float | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AccountStats:
+        raw_id = data.get("id")
+        name = _str(data.get("name")) or (str(raw_id) if raw_id is not None else "?")
+        return cls(
+            id=str(raw_id) if isinstance(raw_id, int | str) and not isinstance(raw_id, bool) else name,
+            name=name,
+            kind=_str(data.get("kind")),
+            balance=_int(data.get("balance")),
+            held=_int(data.get("held")),
+            spent=_int(data.get("spent")),
+            requests=_int(data.get("requests")),
+            refusals=_int(data.get("refusals")),
+            last_seen=_optional_float(data.get("last_seen")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalStats:
+    """Refused requests: `today` across the ledger (since midnight UTC), `by_code` this router's since it started."""
+
+    today: int
+    by_code: Mapping[str, int]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RefusalStats:
+        by_code = {str(k): _int(v) for k, v in _mapping(data.get("by_status")).items()}
+        return cls(
+            today=_int(data.get("today")),
+            by_code=dict(sorted(by_code.items(), key=lambda item: (-item[1], item[0]))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """One snapshot of the router; `time` is the router's clock, used as "now" for every age shown."""
 
@@ -253,6 +336,10 @@ class Stats:
     requests: RequestStats
     agents: tuple[AgentStats, ...]
     books_balanced: bool | None
+    accounts: tuple[AccountStats, ...] | None = None
+    """None from a router that does not report accounts (older than the accounts panel)."""
+    refusals: RefusalStats | None = None
+    """None from a router that does not report refusals."""
 
     @classmethod
     def from_json(cls, data: object) -> Stats:
@@ -261,6 +348,10 @@ class Stats:
             raise ValueError(f"a stats snapshot is a JSON object, got {type(data).__name__}")
         books = data.get("books")
         balanced = _mapping(books).get("balanced")
+        accounts = None
+        if isinstance(data.get("accounts"), list):
+            accounts = tuple(AccountStats.from_json(a) for a in data["accounts"] if isinstance(a, Mapping))
+        refusals = data.get("refusals")
         return cls(
             time=_float(data.get("time")),
             uptime=_float(data.get("uptime")),
@@ -273,6 +364,8 @@ class Stats:
                 for name, entry in sorted(_mapping(data.get("agents")).items())
             ),
             books_balanced=balanced if isinstance(balanced, bool) else None,
+            accounts=accounts,
+            refusals=RefusalStats.from_json(refusals) if isinstance(refusals, Mapping) else None,
         )
 
 

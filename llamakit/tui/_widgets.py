@@ -16,10 +16,30 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Sparkline, Static
 from textual.widgets.data_table import CellDoesNotExist
 
-from llamakit.tui._format import age, clock, credits, load_bar, millis, signed, state_text, wait
-from llamakit.tui._stats import NodeStats, RequestRecord, Stats, StatsHistory
+from llamakit.tui._format import (
+    age,
+    bid,
+    clock,
+    credits,
+    load_bar,
+    millis,
+    request_id,
+    signed,
+    state_text,
+    wait,
+)
+from llamakit.tui._stats import AccountStats, NodeStats, RequestRecord, Stats, StatsHistory
 
-__all__ = ["AgentsTable", "FeesPanel", "HerdTable", "QueuePanel", "RequestsLog", "StatusBanner"]
+__all__ = [
+    "AccountsTable",
+    "AgentsTable",
+    "FeesPanel",
+    "HerdTable",
+    "QueuePanel",
+    "RefusalsPanel",
+    "RequestsLog",
+    "StatusBanner",
+]
 
 Cell = str | Text
 
@@ -38,6 +58,11 @@ def _right(value: str) -> Text:
 def _natural(name: str) -> tuple[Any, ...]:
     """`node-2` before `node-10`."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name.lower()))
+
+
+def _crop(value: str, width: int) -> str:
+    """`value` cut to `width` with an ellipsis, so a cut name does not pass for a whole one."""
+    return value if len(value) <= width else value[: width - 1] + "…"
 
 
 def _set(label: Static, content: str | Text) -> None:
@@ -211,18 +236,128 @@ class AgentsTable(_KeyedTable):
         self.set_rows(rows)
 
 
+class AccountsTable(_KeyedTable):
+    """Per account: balance, credits held for requests in flight, and today's (UTC) spend, requests, refusals;
+    the most recently seen on top."""
+
+    COLUMNS = (
+        Column("account", "Account", 13),
+        Column("balance", "Balance", 11, numeric=True),
+        Column("held", "Held", 8, numeric=True),
+        Column("spent", "Spent", 9, numeric=True),
+        Column("requests", "Requests", 8, numeric=True),
+        Column("refusals", "Refused", 7, numeric=True),
+        Column("seen", "Last seen", 9, numeric=True),
+    )
+
+    DEFAULT_CSS = """
+    AccountsTable {
+        height: 1fr;
+    }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self.show_cursor = False
+        self.accounts: dict[str, AccountStats] = {}
+
+    def show(self, stats: Stats) -> None:
+        accounts = sorted(stats.accounts or (), key=lambda a: (-(a.last_seen or 0.0), _natural(a.name)))
+        self.accounts = {a.id: a for a in accounts}
+        self.set_rows((a.id, self._cells_for(a, stats.time)) for a in accounts)
+
+    @staticmethod
+    def _cells_for(account: AccountStats, now: float) -> tuple[Cell, ...]:
+        balance = _right(credits(account.balance))
+        if account.balance <= 0:
+            balance.stylize("bold red")
+        refusals = _right(f"{account.refusals:,}")
+        if account.refusals:
+            refusals.stylize("red")
+        return (
+            _crop(account.name, AccountsTable.COLUMNS[0].width),
+            balance,
+            _right(credits(account.held) if account.held else "–"),
+            _right(credits(account.spent)),
+            _right(f"{account.requests:,}"),
+            refusals,
+            _right(age(None if account.last_seen is None else now - account.last_seen)),
+        )
+
+
+class RefusalsPanel(Vertical):
+    """Refused requests: how many today (UTC), and this router's by error code with their HTTP status."""
+
+    DEFAULT_CSS = """
+    RefusalsPanel {
+        height: 1fr;
+    }
+    RefusalsPanel > Label {
+        height: 1;
+        width: 100%;
+    }
+    RefusalsPanel > .refusals--heading {
+        color: $text-muted;
+    }
+    RefusalsPanel > .refusals--codes {
+        height: 1fr;
+        width: 100%;
+    }
+    """
+
+    CODE_WIDTH = 21
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        # The HTTP status of each refusal code, as learnt from the request log (the counts do not carry it).
+        self.http_status: dict[str, int] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Label("none today", classes="refusals--today")
+        yield Label("this router, by code", classes="refusals--heading")
+        yield Static("", classes="refusals--codes")
+
+    def show(self, stats: Stats) -> None:
+        for record in stats.requests.recent:
+            if record.refused and record.http_status is not None:
+                self.http_status[record.status] = record.http_status
+        refusals = stats.refusals
+        today = self.query_one(".refusals--today", Label)
+        codes = self.query_one(".refusals--codes", Static)
+        if refusals is None:
+            _set(today, Text("not reported by this router", style="dim"))
+            _set(codes, "")
+            return
+        if refusals.today:
+            _set(today, Text(f"refused today {refusals.today:,}", style="bold red"))
+        else:
+            _set(today, Text("none refused today", style="green"))
+        lines = Text(no_wrap=True, overflow="ellipsis")
+        for code, count in refusals.by_code.items():
+            status = self.http_status.get(code)
+            if lines:
+                lines.append("\n")
+            lines.append(f"{status or '':>3} ", style="dim")
+            lines.append(f"{_crop(code, self.CODE_WIDTH):<{self.CODE_WIDTH}}")
+            lines.append(f"{count:>6,}")
+        _set(codes, lines if refusals.by_code else Text("–", style="dim"))
+
+
 class RequestsLog(_KeyedTable):
-    """The latest requests, newest on top; it keeps the last `MAX_ROWS` it has seen, across snapshots."""
+    """The latest requests, refused ones included, newest on top; it keeps the last `MAX_ROWS` it has seen."""
 
     COLUMNS = (
         Column("time", "Time", 8),
-        Column("account", "Account", 13),
-        Column("model", "Model", 22),
-        Column("node", "Node", 23),
-        Column("tokens", "Tokens p+c", 11, numeric=True),
-        Column("cost", "Cost", 8, numeric=True),
-        Column("latency", "Latency", 8, numeric=True),
-        Column("status", "Status", 7),
+        Column("request", "Request", 9),
+        Column("account", "Account", 10),
+        Column("model", "Model", 12),
+        Column("bid", "Bid", 5, numeric=True),
+        Column("queue", "Queue", 5, numeric=True),
+        Column("ttft", "TTFT", 5, numeric=True),
+        Column("latency", "Latency", 7, numeric=True),
+        Column("tokens", "Tok p+c", 9, numeric=True),
+        Column("cost", "Cost", 6, numeric=True),
+        Column("status", "Status", 18),
     )
     MAX_ROWS = 200
 
@@ -248,16 +383,29 @@ class RequestsLog(_KeyedTable):
 
     @staticmethod
     def _cells_for(record: RequestRecord) -> tuple[Cell, ...]:
-        status_style = "green" if record.status == "ok" else "yellow" if record.status == "cut" else "red"
+        # A refusal is the client's doing (credit, a bad model, a full queue); an error is ours.
+        if record.status == "ok":
+            status_style = "green"
+        elif record.status == "cut":
+            status_style = "yellow"
+        elif record.refused:
+            status_style = "red"
+        else:
+            status_style = "bold red"
+        tokens = "–" if record.refused else f"{record.prompt_tokens}+{record.completion_tokens}"
+        width = {column.key: column.width for column in RequestsLog.COLUMNS}
         return (
             clock(record.time),
-            record.account,
-            record.model,
-            record.node or "–",
-            _right(f"{record.prompt_tokens}+{record.completion_tokens}"),
-            _right(credits(record.cost)),
+            _crop(request_id(record.request_id), width["request"]),
+            _crop(record.account, width["account"]),
+            _crop(record.model or "–", width["model"]),
+            _right(bid(record.bid)),
+            _right(millis(record.queue_ms)),
+            _right(millis(record.ttft_ms)),
             _right(millis(record.latency_ms)),
-            Text(record.status, style=status_style),
+            _right(tokens),
+            _right("–" if record.refused else credits(record.cost)),
+            Text(_crop(record.status, width["status"]), style=status_style),
         )
 
 
@@ -395,7 +543,9 @@ class FeesPanel(Vertical):
         _set(self.query_one(".fees--earned", Label), f"earned      {credits(fees.earned):>14}")
         _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
         self.query_one(Sparkline).data = history.fee_values()
-        failed = sum(n for status, n in requests.by_status.items() if status not in ("ok", "cut"))
+        # Refusals have their own panel; "failed" is what went wrong after a request was taken.
+        refused = stats.refusals.by_code if stats.refusals is not None else {}
+        failed = sum(n for status, n in requests.by_status.items() if status not in ("ok", "cut", *refused))
         line = Text(f"requests {requests.total:,}")
         if failed:
             line.append(f" · {failed:,} failed", style="red")

@@ -1,65 +1,50 @@
-"""The sentiment-trading agent with the real model through a real router: counts, trades, events, failures."""
+"""The sentiment-trading agent with the real models through a real router: trades, counts, events, failures."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
-import httpx
 import pytest
 
-from llamakit.agent import AccountExhausted, PaperMarket, SentimentAgent, SimulatedRoom, grade_of
+from llamakit.agent import EXAMPLE_CHAT_JSONL, AccountExhausted, PaperMarket, SentimentAgent, SimulatedRoom
 from llamakit.sdk import Client, Generation
-from tests.sdk.conftest import ADMIN_KEY, LiveRouter
+from tests.agent.conftest import GradingHerd
 
 pytestmark = pytest.mark.model
 
 
-def new_account(router: LiveRouter, name: str, deposit: int) -> str:
-    with httpx.Client(base_url=router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
-        key: str = admin.post("/admin/accounts", json={"name": name, "kind": "agent", "deposit": deposit}).json()[
-            "api_key"
-        ]
-        return key
-
-
-def stats(router: LiveRouter) -> dict[str, object]:
-    with httpx.Client(base_url=router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
-        data: dict[str, object] = admin.get("/admin/stats").json()
-        return data
-
-
-def test_grade_of() -> None:
-    assert [grade_of(t) for t in ("4", " 2\n", "0", "6", "45", "", "four")] == [4, 2, None, None, None, None, None]
-
-
-def test_rounds_with_the_real_model_add_up(live_router: LiveRouter) -> None:
-    key = new_account(live_router, "agent-rounds", 100_000)
-    room = SimulatedRoom(seed=11)
+def test_the_agent_buys_and_skips_within_a_few_rounds_of_the_simulated_room(grading_herd: GradingHerd) -> None:
+    key = grading_herd.account("agent-rounds", 1_000_000)
+    room = SimulatedRoom(seed=0)  # as `llamakit up --agent` runs it
     market = PaperMarket(room.price, cash=1_000.0)
-    with Client(url=live_router.url, api_key=key, usage_log=None) as client:
+    with Client(url=grading_herd.url, api_key=key, usage_log=None) as client:
         agent = SentimentAgent(client, room, market, trade_size=100.0, bid=1.5)
-        outcomes = agent.run(8)
+        outcomes = agent.run(6)
         account = client.account()
+    assert agent.model == grading_herd.models[-1]  # Gemma when it is installed
     counts = agent.counts
-    assert counts["buy"] + counts["skip"] + counts["error"] == counts["requests"] == 8
+    assert counts["requests"] == 6 and counts["error"] == 0
+    assert counts["buy"] >= 1 and counts["skip"] >= 1, [o.sentiment for o in outcomes]
     for outcome in outcomes:
-        assert outcome.grade is not None and 1 <= outcome.grade <= 5
-        assert outcome.action == ("buy" if outcome.grade > 3 else "skip")
+        assert outcome.sentiment in ("positive", "neutral", "negative")
+        assert outcome.action == ("buy" if outcome.sentiment == "positive" else "skip")
         assert outcome.cost > 0 and outcome.request_id
-    assert counts["buy"] == len(market.fills)
+    assert counts["buy"] == len(market.fills) and market.position > 0
     assert market.cash + market.cost_basis + market.fees_paid == pytest.approx(1_000.0)
-    assert market.position == pytest.approx(sum(f.quantity for f in market.fills))
+    assert outcomes[-1].pnl != 0
     assert agent.spent == account.spent == sum(o.cost for o in outcomes)
-    summary = stats(live_router)["agents"]["agent-rounds"]  # type: ignore[index]
-    assert summary["total"] == 8
+    summary = grading_herd.stats()["agents"]["agent-rounds"]  # type: ignore[index]
+    assert summary["total"] == 6
     assert {k: v for k, v in summary["counts"].items() if v} == {
         k: v for k, v in counts.items() if v and k != "requests"
     }
     assert summary["pnl"] == pytest.approx(outcomes[-1].pnl)
+    assert summary["position"] == pytest.approx(market.position)
     frame = agent.frame()
-    assert list(frame["action"]) == [o.action for o in outcomes] and str(frame["grade"].dtype) == "Int64"
+    assert list(frame["action"]) == [o.action for o in outcomes]
 
 
 class GarbledOnce(Client):
@@ -67,33 +52,50 @@ class GarbledOnce(Client):
 
     calls = 0
 
-    def chat(self, *args: object, **kwargs: object) -> Generation:
-        result = super().chat(*args, **kwargs)  # type: ignore[arg-type]
+    def generate(self, *args: object, **kwargs: object) -> Generation:
+        result = super().generate(*args, **kwargs)  # type: ignore[arg-type]
         GarbledOnce.calls += 1
         return result.model_copy(update={"text": "banana"}) if GarbledOnce.calls == 2 else result
 
 
-def test_an_unusable_reply_is_an_error_and_the_agent_goes_on(live_router: LiveRouter) -> None:
-    key = new_account(live_router, "agent-garbled", 100_000)
+def test_an_unusable_reply_is_an_error_and_the_agent_goes_on(grading_herd: GradingHerd) -> None:
+    key = grading_herd.account("agent-garbled", 1_000_000)
     room = SimulatedRoom(seed=2)
-    with GarbledOnce(url=live_router.url, api_key=key, usage_log=None) as client:
-        agent = SentimentAgent(client, room, PaperMarket(room.price))
+    with GarbledOnce(url=grading_herd.url, api_key=key, usage_log=None) as client:
+        agent = SentimentAgent(client, room, PaperMarket(room.price), model="gemma-3-270m")
         outcomes = agent.run(4)
     assert [o.action == "error" for o in outcomes] == [False, True, False, False]
     assert outcomes[1].error == "unusable reply 'banana'" and outcomes[1].cost > 0
     assert agent.counts["requests"] == 4
 
 
-def test_an_empty_account_stops_the_agent_with_its_message(live_router: LiveRouter) -> None:
-    key = new_account(live_router, "agent-poor", 500)
+def test_the_agent_replays_a_world_file_to_its_end(grading_herd: GradingHerd) -> None:
+    key = grading_herd.account("agent-replay", 1_000_000)
+    proc = subprocess.run(
+        [sys.executable, "-m", "llamakit.agent", "--router", grading_herd.url, "--world", str(EXAMPLE_CHAT_JSONL),
+         "--interval", "0", "--history", "2"],
+        env={**os.environ, "LLAMAKIT_API_KEY": key, "LLAMAKIT_USAGE_LOG": ""},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "the chat log" in proc.stderr and "has ended" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    summary = re.match(r"(\d+) requests: (\d+) buy, (\d+) skip, (\d+) error", last)
+    assert summary is not None, last
+    requests, buys, skips, errors = map(int, summary.groups())
+    assert (requests, errors) == (18, 0) and buys > 0 and skips > 0, last
+
+
+def test_an_empty_account_stops_the_agent_with_its_message(grading_herd: GradingHerd) -> None:
+    key = grading_herd.account("agent-poor", 2_000)
     room = SimulatedRoom(seed=1)
-    with Client(url=live_router.url, api_key=key, usage_log=None) as client:
+    with Client(url=grading_herd.url, api_key=key, usage_log=None) as client:
         agent = SentimentAgent(client, room, PaperMarket(room.price))
         with pytest.raises(AccountExhausted, match=r"cannot pay for another grade: it needs \d+ credits"):
             agent.run(50)
     assert 0 < len(agent.outcomes) < 50
     proc = subprocess.run(
-        [sys.executable, "-m", "llamakit.agent", "--router", live_router.url, "--rounds", "20", "--interval", "0"],
+        [sys.executable, "-m", "llamakit.agent", "--router", grading_herd.url, "--rounds", "20", "--interval", "0"],
         env={**os.environ, "LLAMAKIT_API_KEY": key, "LLAMAKIT_USAGE_LOG": ""},
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -55,7 +55,7 @@ async def field(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Field
 
     tmp: Path = tmp_path_factory.mktemp("field")
     node = await RunningServer(
-        create_node(NodeSettings(slots=2, n_ctx=1024, herd_token=HERD_TOKEN, name="field-node", threads=2))
+        create_node(NodeSettings(slots=2, n_ctx=1024, herd_token=HERD_TOKEN, name="field-node", threads=1))
     ).start()
     settings = RouterSettings(
         db=tmp / "ledger.db", admin_key=ADMIN_KEY, herd_token=HERD_TOKEN, nodes=[node.url], health_interval=0.2,

@@ -7,13 +7,17 @@ does what its `Script` says: how many tokens, how fast, and how to fail.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 HERD_TOKEN = "fake-herd-token"
+EMBEDDING_SIZE = 4
+FAKE_VOCAB = 1000
 # Set when the app shuts down, so hung requests end and the server stops at once instead of waiting for them.
 STOPPING = web.AppKey("stopping", asyncio.Event)
 
@@ -55,6 +59,7 @@ class FakeNode:
         app.router.add_get("/health", self.health)
         app.router.add_post("/v1/chat/completions", self.generate)
         app.router.add_post("/v1/completions", self.generate)
+        app.router.add_post("/v1/embeddings", self.embed)
         app.router.add_post("/admin/cancel/{rid}", self.cancel)
         return app
 
@@ -64,6 +69,44 @@ class FakeNode:
             return web.json_response({"error": {"message": "not running", "type": "not_found_error"}}, status=404)
         stop.set()
         return web.json_response({"cancelled": True})
+
+    async def embed(self, request: web.Request) -> web.StreamResponse:
+        """Embeddings of EMBEDDING_SIZE: a text costs its words + 1 tokens, a token-id list its length; ids from
+        FAKE_VOCAB on are refused as a real node refuses them. Honours the script's failures and delays."""
+        if request.headers.get("Authorization") != f"Bearer {HERD_TOKEN}":
+            return web.json_response({"error": {"message": "herd token", "type": "authentication_error"}}, status=401)
+        body = await request.json()
+        self.received.append(body)
+        if self.script.fail_status is not None:
+            error = {"message": f"scripted {self.script.fail_status}", "type": "server_error", "code": None}
+            return web.json_response({"error": error}, status=self.script.fail_status)
+        raw = body["input"]
+        inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+        if any(isinstance(i, list) and any(t >= FAKE_VOCAB for t in i) for i in inputs):
+            error = {"message": "token id not in the vocabulary", "type": "invalid_request_error", "param": "input"}
+            return web.json_response({"error": error}, status=400)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.script.gate is not None:
+                await self.script.gate.wait()
+            await asyncio.sleep(self.script.first_delay)
+        finally:
+            self.active -= 1
+        tokens = sum(len(i) if isinstance(i, list) else len(i.split()) + 1 for i in inputs)
+        vectors = [[float(n), 0.5, -0.25, 1.0][:EMBEDDING_SIZE] for n in range(len(inputs))]
+        data = [
+            {
+                "object": "embedding",
+                "index": n,
+                "embedding": base64.b64encode(struct.pack("<4f", *v)).decode()
+                if body.get("encoding_format") == "base64"
+                else v,
+            }
+            for n, v in enumerate(vectors)
+        ]
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": self.model, "usage": usage})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -92,7 +135,7 @@ class FakeNode:
             if not await self._still_wanted(request, script.first_delay):
                 self.cancelled += 1
                 return web.Response(status=499)
-            text = body.get("prompt") or " ".join(m["content"] for m in body.get("messages", []))
+            text = body.get("prompt") or " ".join(m.get("content") or "" for m in body.get("messages", []))
             prompt_tokens = len(str(text).split()) + 3
             n = min(script.tokens, body.get("max_tokens") or script.tokens)
             rid = request.headers.get("X-Llamakit-Request-Id", "x")

@@ -21,7 +21,8 @@ NOW = 1767355200.0
 def fixed_snapshot(
     *, nodes: int = 4, at: float = NOW, depth: int = 3, fees_per_minute: float = 1240.0
 ) -> dict[str, Any]:
-    """A router snapshot with `nodes` nodes, two models, a queue, fees, agents and recent requests."""
+    """A router snapshot with `nodes` nodes, two models, a queue, fees, agents, accounts, refusals and recent
+    requests (two of them refused)."""
     models = ["smollm2-135m-instruct", "gemma-3-270m"]
     states = ["ready", "ready", "draining", "down"]
     node_list = []
@@ -46,24 +47,29 @@ def fixed_snapshot(
             }
         )
     recent = []
+    refusals = {3: ("insufficient_funds", 402), 8: ("model_not_found", 404)}
     for j in range(12):
-        status = "ok" if j % 5 else "error"
+        status, http_status = refusals.get(j, ("ok" if j % 5 else "error", None))
+        ran = http_status is None
         recent.append(
             {
                 "time": at - 60 + j * 5,
-                "request_id": f"req-{j:03d}",
+                "request_id": f"req-{j:02d}{'7f3e9a2c5b81d4e6' * 2}"[:36],
                 "account": ["alice", "trader-bot", "dev"][j % 3],
                 "model": models[j % 2],
                 "node": f"{models[j % 2]}-1" if status == "ok" else None,
                 "status": status,
-                "prompt_tokens": 20 + j,
-                "completion_tokens": 0 if status == "error" else 64,
-                "cost": 0 if status == "error" else 158 + j,
-                "held": 600,
-                "bid": "1",
-                "latency_ms": 420.5 + j * 10,
-                "queue_ms": 3.0,
-                "error": None if status == "ok" else "node failed",
+                "http_status": http_status,
+                "prompt_tokens": 20 + j if ran else 0,
+                "completion_tokens": 64 if status == "ok" else 0,
+                "cost": 158 + j if status == "ok" else 0,
+                "held": 600 if ran else 0,
+                "bid": ["1", "1.5", "1.05", "2"][j % 4] if ran else "1",
+                "latency_ms": 420.5 + j * 10 if ran else None,
+                "queue_ms": 3.0 + 250 * (j % 4) if ran else None,
+                "ttft_ms": 95.0 + j if ran and j % 2 else None,
+                "user": f"user-{j % 4}",
+                "error": {"ok": None, "error": "node failed"}.get(status, "refused"),
             }
         )
     return {
@@ -82,11 +88,58 @@ def fixed_snapshot(
         "fees": {"earned": 1_234_567, "per_minute": fees_per_minute, "by_node": {"smollm2-135m-instruct-1": 12_345}},
         "books": {"deposits": 5_000_000, "balances": 3_765_433, "holds": 0, "charges": 1_234_567, "balanced": True},
         "requests": {
-            "by_status": {"ok": 1180, "error": 12, "cut": 3},
-            "total": 1195,
+            "by_status": {"ok": 1180, "error": 12, "cut": 3, "insufficient_funds": 5, "model_not_found": 1},
+            "total": 1201,
             "latency_ms": {"p50": 412.0, "p90": 980.5, "p99": 2210.0},
             "recent": recent,
         },
+        "accounts": [
+            {
+                "id": 1,
+                "name": "alice",
+                "kind": "user",
+                "balance": 48_210,
+                "held": 600,
+                "spent": 1_790,
+                "requests": 14,
+                "refusals": 0,
+                "last_seen": at - 5,
+            },
+            {
+                "id": 2,
+                "name": "trader-bot",
+                "kind": "agent",
+                "balance": 0,
+                "held": 0,
+                "spent": 25_000,
+                "requests": 92,
+                "refusals": 5,
+                "last_seen": at - 20,
+            },
+            {
+                "id": 3,
+                "name": "dev",
+                "kind": "user",
+                "balance": 1_000_000,
+                "held": 0,
+                "spent": 0,
+                "requests": 1,
+                "refusals": 1,
+                "last_seen": at - 3_600,
+            },
+            {
+                "id": 4,
+                "name": "idle-co",
+                "kind": "user",
+                "balance": 5_000,
+                "held": 0,
+                "spent": 0,
+                "requests": 0,
+                "refusals": 0,
+                "last_seen": None,
+            },
+        ],
+        "refusals": {"today": 6, "by_status": {"insufficient_funds": 5, "model_not_found": 1}},
         "agents": {
             "trader-bot": {
                 "counts": {"request": 40, "buy": 22, "skip": 15, "error": 3},
@@ -127,6 +180,7 @@ class FixedSource:
         self.snapshots = list(snapshots)
         self.delay = delay
         self.drained: list[str] = []
+        self.undrained: list[str] = []
         self.url = "http://router.test:8080"
 
     async def follow(self) -> AsyncIterator[dict[str, Any]]:
@@ -139,6 +193,10 @@ class FixedSource:
     async def drain(self, node_id: str) -> dict[str, Any]:
         self.drained.append(node_id)
         return {"id": node_id, "state": "draining"}
+
+    async def undrain(self, node_id: str) -> dict[str, Any]:
+        self.undrained.append(node_id)
+        return {"id": node_id, "state": "ready"}
 
 
 async def wait_until(pilot: Pilot[Any], check: Callable[[], object], *, within: float = 10.0, what: str = "") -> None:

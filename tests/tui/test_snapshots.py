@@ -58,6 +58,12 @@ def test_drain_confirmation(snap_compare: SnapCompare) -> None:
 
 
 @pytest.mark.usefixtures("utc")
+def test_undrain_confirmation(snap_compare: SnapCompare) -> None:
+    app = DashboardApp(FixedSource(fixed_series(30)))
+    assert snap_compare(app, terminal_size=SIZE, run_before=all_shown(30), press=["down", "down", "down", "u"])
+
+
+@pytest.mark.usefixtures("utc")
 def test_paused(snap_compare: SnapCompare) -> None:
     app = DashboardApp(FixedSource(fixed_series(30)))
     assert snap_compare(app, terminal_size=SIZE, run_before=all_shown(30), press=["p"])
@@ -66,5 +72,8 @@ def test_paused(snap_compare: SnapCompare) -> None:
 def test_the_readme_screenshot_shows_every_panel() -> None:
     """docs/tui.svg is made by `python -m tests.tui.screenshot docs/tui.svg`; remake it when the layout changes."""
     svg = (Path(__file__).parents[2] / "docs" / "tui.svg").read_text()
-    for text in ("Herd", "Queue", "Fees", "Agents", "Requests", "Busy/slots", "last&#160;multiplier", "trader-bot"):
+    for text in (
+        "Herd", "Queue", "Fees", "Agents", "Accounts", "Refusals", "Requests", "Busy/slots", "last&#160;multiplier",
+        "trader-bot", "insufficient_funds", "TTFT",
+    ):  # fmt: skip
         assert text in svg, text

@@ -90,16 +90,21 @@ async def test_a_stream_that_ends_or_sends_junk_is_unreachable() -> None:
         await take(RouterStats(URL, "key", transport=httpx.MockTransport(junk)), 1)
 
 
-async def test_drain_posts_to_the_node_and_reports_refusals() -> None:
+async def test_drain_and_undrain_post_to_the_node_and_report_refusals() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         if request.url.path == "/admin/nodes/127.0.0.1:9000/drain":
             return httpx.Response(200, json={"id": "127.0.0.1:9000", "state": "draining"})
+        if request.url.path == "/admin/nodes/127.0.0.1:9000/undrain":
+            return httpx.Response(200, json={"id": "127.0.0.1:9000", "state": "ready"})
         return httpx.Response(404, json={"error": {"message": "no node 'ghost' in the herd"}})
 
     source = RouterStats(URL, "key", transport=httpx.MockTransport(handler))
     assert (await source.drain("127.0.0.1:9000"))["state"] == "draining"
+    assert (await source.undrain("127.0.0.1:9000"))["state"] == "ready"
     with pytest.raises(DrainFailed, match="no node 'ghost' in the herd"):
         await source.drain("ghost")
+    with pytest.raises(DrainFailed, match="would not undrain 'ghost': 404 no node 'ghost' in the herd"):
+        await source.undrain("ghost")
 
 
 def test_a_snapshot_parses_and_tolerates_missing_or_odd_fields() -> None:
@@ -115,6 +120,41 @@ def test_a_snapshot_parses_and_tolerates_missing_or_odd_fields() -> None:
     assert odd.queue.total == 0 and odd.agents == () and odd.books_balanced is None
     with pytest.raises(ValueError, match="JSON object"):
         Stats.from_json([1, 2])
+
+
+def test_accounts_refusals_and_request_fields_parse_and_an_older_router_reads_as_not_reported() -> None:
+    stats = Stats.from_json(fixed_snapshot())
+    assert stats.accounts is not None and stats.refusals is not None
+    bot = next(a for a in stats.accounts if a.name == "trader-bot")
+    assert (bot.id, bot.balance, bot.held, bot.spent, bot.requests, bot.refusals) == ("2", 0, 0, 25_000, 92, 5)
+    assert stats.refusals.today == 6
+    assert list(stats.refusals.by_code.items()) == [("insufficient_funds", 5), ("model_not_found", 1)]
+    by_status = {r.status: r for r in stats.requests.recent}
+    refused = by_status["insufficient_funds"]
+    assert (refused.refused, refused.http_status, refused.queue_ms, refused.ttft_ms) == (True, 402, None, None)
+    served = stats.requests.recent[1]
+    assert (served.bid, served.queue_ms, served.ttft_ms, served.refused) == ("1.5", 253.0, 96.0, False)
+
+    # An older router: none of the new fields. A newer one with odd values: read as empty, never a failure.
+    old = fixed_snapshot()
+    del old["accounts"], old["refusals"]
+    for record in old["requests"]["recent"]:
+        for name in ("bid", "queue_ms", "ttft_ms", "http_status", "user"):
+            record.pop(name, None)
+    older = Stats.from_json(old)
+    assert older.accounts is None and older.refusals is None
+    assert {(r.bid, r.queue_ms, r.ttft_ms, r.http_status) for r in older.requests.recent} == {("", None, None, None)}
+    odd = Stats.from_json(
+        {
+            "accounts": [{"name": "a", "balance": "lots", "last_seen": "never"}, 7],
+            "refusals": {"today": None, "by_status": {"x": "y"}},
+            "requests": {"recent": [{"bid": 2, "http_status": True, "queue_ms": "1"}]},
+        }
+    )
+    assert odd.accounts is not None and [(a.name, a.balance, a.last_seen) for a in odd.accounts] == [("a", 0, None)]
+    assert odd.refusals is not None and odd.refusals.today == 0 and dict(odd.refusals.by_code) == {"x": 0}
+    record = odd.requests.recent[0]
+    assert (record.bid, record.http_status, record.queue_ms) == ("2", None, None)
 
 
 def test_history_spans_the_last_minutes_in_fixed_buckets() -> None:

@@ -104,7 +104,7 @@ async def test_the_dashboard_in_a_terminal(tmp_path: Path, terminal: Terminal) -
         )
 
         screen = await terminal.wait_for(lambda s: "alpha" in s and "ready" in s, "alpha ready")
-        for heading in ("Herd", "Queue", "Fees", "Agents", "Requests", "Busy/slots", "Fees earned"):
+        for heading in ("Herd", "Queue", "Fees", "Agents", "Accounts", "Refusals", "Requests", "Busy/slots", "TTFT"):
             assert heading in screen, screen
         assert url in screen
         await terminal.wait_for(lambda s: "alice" in s and "fake-model" in s, "alice's request in the log")
@@ -125,6 +125,15 @@ async def test_the_dashboard_in_a_terminal(tmp_path: Path, terminal: Terminal) -
         await terminal.wait_for(lambda s: "draining" in s, "alpha draining")
         nodes = (await admin.get("/admin/nodes")).json()["data"]
         assert [(n["name"], n["state"]) for n in nodes] == [("alpha", "draining")]
+        # The toast says "draining" before the herd table does; undrain asks only about a node shown draining.
+        await terminal.wait_for(lambda s: "1 nodes · 0 ready" in s, "the herd table showing alpha draining")
+
+        terminal.keys("u")
+        await terminal.wait_for(lambda s: "Undrain node alpha?" in s, "the undrain question")
+        terminal.keys("y")
+        await terminal.wait_for(lambda s: "1 nodes · 1 ready" in s, "alpha ready again")
+        nodes = (await admin.get("/admin/nodes")).json()["data"]
+        assert [(n["name"], n["state"]) for n in nodes] == [("alpha", "ready")]
 
         # The router dies: the terminal says so.
         router.kill()

@@ -1,0 +1,585 @@
+"""OpenAI's Responses API (`POST /v1/responses`) as a translation to and from chat completions.
+
+A Responses request becomes a chat completion request (`chat_body`), which the router prices, holds, queues and
+settles like any other; the chat answer, whole or streamed, becomes a Response object or the Responses event
+stream (`ResponseEvents`). The shapes follow OpenAI's API spec (`CreateResponse`, `Response`,
+`ResponseStreamEvent`) and what the `openai` Python client parses:
+
+    input item                               chat message
+    "text"                                   {"role": "user", "content": "text"}
+    {"role", "content": str | [parts]}       {"role", "content": the parts' text}   (input_text / output_text)
+    {"type": "function_call", "call_id",     an assistant message's tool_calls[i] =
+     "name", "arguments"}                      {"id": call_id, "type": "function", "function": {name, arguments}}
+    {"type": "function_call_output",         {"role": "tool", "tool_call_id": call_id, "content": output}
+     "call_id", "output"}
+    instructions                             a first system message
+
+    chat answer                              Response output item
+    message.content                          {"type": "message", "content": [{"type": "output_text", ...}]}
+    message.tool_calls[i]                    {"type": "function_call", "call_id", "name", "arguments"}
+    finish_reason "length"                   status "incomplete", incomplete_details.reason "max_output_tokens"
+    usage.prompt_tokens / completion_tokens  usage.input_tokens / output_tokens (+ llamakit's usage.cost)
+
+Nothing is stored: `store: true`, `previous_response_id` and `conversation` are refused with a 400 that says so,
+and so is every other field llamakit does not act on (never a silent drop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from llamakit.embeddings_protocol import validate_body
+from llamakit.protocol import ApiError, ChatCompletionRequest, ChatMessage
+
+__all__ = [
+    "RESPONSES_FIELDS",
+    "ResponseEvents",
+    "ResponsesRequest",
+    "chat_body",
+    "chat_chunks",
+    "parse_responses_request",
+    "response_from_chat",
+    "responses_usage",
+]
+
+# The fields llamakit acts on; `bid` is llamakit's own. Any other field is a 400 naming it.
+RESPONSES_FIELDS = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "text",
+        "stream",
+        "store",
+        "metadata",
+        "user",
+        "truncation",
+        "include",
+        "background",
+        "bid",
+    }
+)
+
+_NOT_KEPT = "llamakit does not keep responses"
+# Fields with a reason of their own; the rest get the generic message.
+_REFUSALS = {
+    "previous_response_id": f"{_NOT_KEPT}, so there is none to continue: send the whole conversation in 'input'",
+    "conversation": f"{_NOT_KEPT} or conversations: send the whole conversation in 'input'",
+    "prompt": "stored prompt templates are not kept here: send the text in 'instructions' and 'input'",
+    "reasoning": "no model served here reasons in a separate channel; leave 'reasoning' out",
+    "top_logprobs": "log probabilities are not returned by /v1/responses here; use /v1/chat/completions",
+    "max_tool_calls": "the number of tool calls is not limited here; leave 'max_tool_calls' out",
+    "service_tier": "there is one tier; raise the 'bid' to be served sooner",
+}
+
+
+class FunctionTool(BaseModel):
+    """A Responses function tool: `{"type": "function", "name", "description", "parameters", "strict"}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    """`text.format`: plain text, any JSON object, or JSON that satisfies `schema`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(BaseModel):
+    """The fields of `POST /v1/responses` that llamakit acts on, with OpenAI's bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, gt=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    stream: bool = False
+    store: Literal[False] | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    user: str | None = None
+    truncation: Literal["disabled"] | None = None
+    include: list[str] | None = Field(default=None, max_length=0)
+    background: Literal[False] | None = None
+    bid: StrictInt | StrictFloat | None = None
+
+    @property
+    def format(self) -> TextFormat | None:
+        return None if self.text is None else self.text.format
+
+
+def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
+    """Validate a parsed `POST /v1/responses` body; a 400 naming the field for anything llamakit does not do.
+    `null` means "not given", as in OpenAI's schema where every optional field is nullable."""
+    data = {k: v for k, v in data.items() if v is not None}
+    for name in sorted(data):
+        if name not in RESPONSES_FIELDS:
+            reason = _REFUSALS.get(name, "llamakit does not act on it; remove it")
+            raise ApiError(400, f"{name!r} is not supported on /v1/responses: {reason}", param=name, code=_UNSUPPORTED)
+    if data.get("store") is True:
+        raise ApiError(
+            400,
+            f"{_NOT_KEPT}: send 'store': false or leave it out (nothing can be retrieved by id later)",
+            param="store",
+            code=_UNSUPPORTED,
+        )
+    if data.get("background") is True:
+        raise ApiError(400, "background responses are not supported: leave 'background' out", param="background")
+    if data.get("truncation") not in (None, "disabled"):
+        raise ApiError(
+            400, "only 'truncation': 'disabled' is supported: a too-long input is refused", param="truncation"
+        )
+    if data.get("include"):
+        raise ApiError(400, "'include' asks for items llamakit does not make; leave it out", param="include")
+    if "input" not in data:
+        raise ApiError(400, "'input' is required: a string, or a list of messages and items", param="input")
+    req = validate_body(ResponsesRequest, data)
+    if not req.tools and req.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, f"tool_choice {req.tool_choice!r} needs 'tools' to choose from", param="tool_choice")
+    if req.tools or _has_tool_items(req.input):
+        chat_fields = ChatCompletionRequest.model_fields
+        if "tools" not in chat_fields or "tool_calls" not in ChatMessage.model_fields:
+            raise ApiError(
+                400,
+                "function tools need tool calling on chat completions, which this llamakit does not have yet",
+                param="tools",
+                code=_UNSUPPORTED,
+            )
+    return req
+
+
+_UNSUPPORTED = "unsupported_field"  # as protocol.py names it for chat and completions
+
+
+def _has_tool_items(items: str | list[dict[str, Any]]) -> bool:
+    return not isinstance(items, str) and any(i.get("type") in _TOOL_ITEMS for i in items)
+
+
+_TOOL_ITEMS = ("function_call", "function_call_output")
+_ROLES = ("user", "assistant", "system", "developer")
+
+
+def _content_text(content: Any, where: str) -> str:
+    """The text of a message's content: a string, or parts of type input_text / output_text / refusal."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of text parts", param="input")
+    pieces = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        text = part.get("text", part.get("refusal")) if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "refusal") or not isinstance(text, str):
+            raise ApiError(
+                400,
+                f"{where}.content[{j}] of type {kind!r} is not supported: only text parts "
+                "(input_text, output_text) are",
+                param="input",
+            )
+        pieces.append(text)
+    return "".join(pieces)
+
+
+def chat_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
+    """The chat messages of a Responses request (see the module's table); 400 naming `input[i]` when an item
+    is of a kind llamakit cannot render."""
+    messages: list[dict[str, Any]] = []
+    if req.instructions:
+        messages.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        return [*messages, {"role": "user", "content": req.input}]
+    for i, item in enumerate(req.input):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in _ROLES:
+                raise ApiError(400, f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}", param="input")
+            messages.append({"role": role, "content": _content_text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {
+                "id": _text_field(item, "call_id", where),
+                "type": "function",
+                "function": {
+                    "name": _text_field(item, "name", where),
+                    "arguments": _text_field(item, "arguments", where),
+                },
+            }
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)  # calls made in the same turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            text = output if isinstance(output, str) else _content_text(output, where)
+            messages.append({"role": "tool", "tool_call_id": _text_field(item, "call_id", where), "content": text})
+        else:
+            raise ApiError(
+                400,
+                f"{where} of type {kind!r} is not supported: input items are messages, function_call and "
+                f"function_call_output"
+                + (f" ({_NOT_KEPT}, so none can be referenced)" if kind == "item_reference" else ""),
+                param="input",
+            )
+    if not messages:
+        raise ApiError(400, "'input' is empty: give at least one message", param="input")
+    return messages
+
+
+def _text_field(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where}.{name} must be a string", param="input")
+    return value
+
+
+def chat_body(req: ResponsesRequest, *, stream: bool) -> dict[str, Any]:
+    """The chat completion request a Responses request means. A stream always asks for usage: the Responses
+    events end with it (`response.completed`)."""
+    body: dict[str, Any] = {"messages": chat_messages(req)}
+    if req.model is not None:
+        body["model"] = req.model
+    if req.max_output_tokens is not None:
+        body["max_tokens"] = req.max_output_tokens
+    for name in ("temperature", "top_p", "bid", "user"):
+        value = getattr(req, name)
+        if value is not None:
+            body[name] = value
+    if req.tools:
+        body["tools"] = [
+            {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)} for tool in req.tools
+        ]
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.tools and req.tool_choice is not None:  # without tools, "auto" and "none" mean the same: no calls
+        body["tool_choice"] = _chat_tool_choice(req.tool_choice)
+    fmt = req.format
+    if fmt is not None and fmt.type == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.schema_ is None:
+            raise ApiError(400, "text.format of type 'json_schema' needs a 'schema'", param="text")
+        schema: dict[str, Any] = {"name": fmt.name or "response", "schema": fmt.schema_}
+        if fmt.strict is not None:
+            schema["strict"] = fmt.strict
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
+    """`auto` / `none` / `required` as they are; `{"type": "function", "name"}` as chat's
+    `{"type": "function", "function": {"name"}}`."""
+    if isinstance(choice, str):
+        return choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise ApiError(
+        400,
+        f"tool_choice {choice!r} is not supported: give 'auto', 'none', 'required' or "
+        '{"type": "function", "name": …}',
+        param="tool_choice",
+    )
+
+
+def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Chat usage in the Responses shape: input/output tokens, cached input tokens, and llamakit's `cost`."""
+    if not usage:
+        return None
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    details = usage.get("prompt_tokens_details") or {}
+    shaped: dict[str, Any] = {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0) or 0, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+    if usage.get("cost") is not None:
+        shaped["cost"] = usage["cost"]
+    return shaped
+
+
+class ResponseEvents:
+    """Turns a chat completion's stream (chunks as the router forwards them, usage chunk with `cost` included)
+    into the Responses event stream, numbered by `sequence_number`:
+
+        response.created, response.in_progress,
+        per text:  response.output_item.added, response.content_part.added, response.output_text.delta …,
+                   response.output_text.done, response.content_part.done, response.output_item.done
+        per call:  response.output_item.added, response.function_call_arguments.delta …,
+                   response.function_call_arguments.done, response.output_item.done
+        response.completed (or response.incomplete at max_output_tokens, response.failed on an error)
+
+    The last event's `response` is the whole Response object, which is also the body of a call not streamed.
+    """
+
+    def __init__(self, req: ResponsesRequest, *, response_id: str, model: str) -> None:
+        self.req = req
+        self.id = response_id
+        self.model = model
+        self.created_at = int(time.time())
+        self.sequence = 0
+        self.output: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.finished = False
+        self.last: dict[str, Any] | None = None
+        self._message: int | None = None  # output index of the message item being written
+        self._calls: dict[int, int] = {}  # chat tool-call index → output index
+        self._open_calls: list[int] = []
+        self._suffix = response_id.removeprefix("resp_")
+
+    def response(self, status: str, *, usage: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+        """The Response object as it stands, with `status`."""
+        req = self.req
+        fmt = req.format
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "model": self.model,
+            "output": [dict(item) for item in self.output] if status != "in_progress" else [],
+            "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
+            "previous_response_id": None,
+            "reasoning": None,
+            "store": False,
+            "temperature": req.temperature if req.temperature is not None else 1.0,
+            "top_p": req.top_p if req.top_p is not None else 1.0,
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+            "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
+            "truncation": "disabled",
+            "metadata": req.metadata or {},
+            "user": req.user,
+            "background": False,
+            "usage": usage,
+            **extra,
+        }
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        self.last = event
+        return event
+
+    def opening(self) -> list[dict[str, Any]]:
+        response = self.response("in_progress")
+        return [
+            self._event("response.created", response=response),
+            self._event("response.in_progress", response=response),
+        ]
+
+    def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events one chat chunk (or an `{"error": …}` event) makes; none once the response has ended."""
+        if self.finished:
+            return []
+        error = chunk.get("error")
+        if isinstance(error, dict):
+            return self._failed(error)
+        events: list[dict[str, Any]] = []
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            # A completion-shaped chunk (`text`) is read as content too, as the SDK reads either shape.
+            text = delta.get("content") or choice.get("text")
+            if text:
+                events += self._text(text)
+            for call in delta.get("tool_calls") or ():
+                events += self._call(call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if chunk.get("usage"):
+            events += self._finish(chunk["usage"])
+        return events
+
+    def closing(self) -> list[dict[str, Any]]:
+        """The events that end a stream that had no usage chunk (the client did not get one)."""
+        return [] if self.finished else self._finish(None)
+
+    def _text(self, piece: str) -> Iterator[dict[str, Any]]:
+        yield from self._open_message()
+        assert self._message is not None
+        part = self.output[self._message]["content"][0]
+        part["text"] += piece
+        yield self._event(
+            "response.output_text.delta",
+            item_id=f"msg_{self._suffix}",
+            output_index=self._message,
+            content_index=0,
+            delta=piece,
+            logprobs=[],
+        )
+
+    def _open_message(self) -> Iterator[dict[str, Any]]:
+        if self._message is None:
+            self._message = len(self.output)
+            item = {"type": "message", "id": f"msg_{self._suffix}", "status": "in_progress", "role": "assistant"}
+            self.output.append({**item, "content": []})
+            yield self._event("response.output_item.added", output_index=self._message, item={**item, "content": []})
+            yield self._event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=self._message,
+                content_index=0,
+                part=_text_part(""),
+            )
+            self.output[self._message]["content"] = [_text_part("")]
+
+    def _close_text(self, status: str) -> Iterator[dict[str, Any]]:
+        if self._message is None:
+            return
+        index, self._message = self._message, None
+        item = self.output[index]
+        item["status"] = status
+        part = item["content"][0]
+        common = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        yield self._event("response.output_text.done", **common, text=part["text"], logprobs=[])
+        yield self._event("response.content_part.done", **common, part=dict(part))
+        yield self._event("response.output_item.done", output_index=index, item=_copy(item))
+
+    def _call(self, call: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        function = call.get("function") or {}
+        position = call.get("index", len(self._calls))
+        index = self._calls.get(position)
+        if index is None:
+            yield from self._close_text("completed")  # the text of a turn comes before its calls
+            index = self._calls[position] = len(self.output)
+            self._open_calls.append(index)
+            item = {
+                "type": "function_call",
+                "id": f"fc_{self._suffix}_{position}",
+                "call_id": call.get("id") or f"call_{self._suffix}_{position}",
+                "name": function.get("name") or "",
+                "arguments": "",
+                "status": "in_progress",
+            }
+            self.output.append(item)
+            yield self._event("response.output_item.added", output_index=index, item=dict(item))
+        elif function.get("name"):
+            self.output[index]["name"] += function["name"]
+        arguments = function.get("arguments")
+        if arguments:
+            self.output[index]["arguments"] += arguments
+            yield self._event(
+                "response.function_call_arguments.delta",
+                item_id=self.output[index]["id"],
+                output_index=index,
+                delta=arguments,
+            )
+
+    def _close_calls(self) -> Iterator[dict[str, Any]]:
+        for index in self._open_calls:
+            item = self.output[index]
+            item["status"] = "completed"
+            yield self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+            yield self._event("response.output_item.done", output_index=index, item=dict(item))
+        self._open_calls = []
+
+    def _finish(self, usage: dict[str, Any] | None) -> list[dict[str, Any]]:
+        incomplete = self.finish_reason == "length"
+        events: list[dict[str, Any]] = []
+        if not self.output:  # an empty answer is an empty message, as a whole answer shows it
+            events += self._open_message()
+        events += self._close_text("incomplete" if incomplete else "completed")
+        events += self._close_calls()
+        self.finished = True
+        shaped = responses_usage(usage)
+        if incomplete:
+            response = self.response("incomplete", usage=shaped, incomplete_details={"reason": "max_output_tokens"})
+            events.append(self._event("response.incomplete", response=response))
+        else:
+            response = self.response("completed", usage=shaped, completed_at=int(time.time()))
+            events.append(self._event("response.completed", response=response))
+        return events
+
+    def _failed(self, error: dict[str, Any]) -> list[dict[str, Any]]:
+        self.finished = True
+        failure = {
+            "code": error.get("code") or "server_error",
+            "message": error.get("message") or "the response failed",
+        }
+        return [self._event("response.failed", response=self.response("failed", error=failure))]
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    return {**item, "content": [dict(p) for p in item.get("content", [])]}
+
+
+def chat_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole chat completion as the chunks a stream of it would have been (content, tool calls, finish,
+    usage): what `ResponseEvents` reads, for an answer that was not streamed."""
+    choice = (answer.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    delta: dict[str, Any] = {}
+    text = message.get("content") or choice.get("text")
+    if text:
+        delta["content"] = text
+    calls = message.get("tool_calls") or []
+    if calls:
+        delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+    chunks = [{"choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]}]
+    if answer.get("usage"):
+        chunks.append({"choices": [], "usage": answer["usage"]})
+    return chunks
+
+
+def response_from_chat(req: ResponsesRequest, answer: dict[str, Any], *, response_id: str) -> dict[str, Any]:
+    """The Response object of a whole chat completion `answer` (its usage carrying llamakit's `cost`)."""
+    events = ResponseEvents(req, response_id=response_id, model=str(answer.get("model") or req.model or ""))
+    for chunk in chat_chunks(answer):
+        events.feed(chunk)
+    events.closing()
+    assert events.last is not None  # _finish always emits the closing event
+    response: dict[str, Any] = events.last["response"]
+    return response

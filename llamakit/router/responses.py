@@ -1,0 +1,176 @@
+"""`POST /v1/responses` on the router: OpenAI's Responses API served as a chat completion.
+
+The request is translated to a chat completion (`responses_protocol.chat_body`) and goes down the service's own
+path (`service.price`, `service.serve`): priced, held, queued with its bid, failed over, settled on the node's
+exact usage or refunded, exactly like a chat completion. Only the answer's shape differs: a whole answer is
+rewritten as a Response object, and a stream is written as Responses events by `ResponsesSseWriter`, which the
+service uses in place of its chat SSE writer. A repeat with the same `Idempotency-Key` gets the remembered
+answer in the Responses shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.protocol import ApiError, ChatCompletionRequest, parse_json, validate_request
+from llamakit.responses_protocol import (
+    ResponseEvents,
+    ResponsesRequest,
+    chat_body,
+    chat_chunks,
+    parse_responses_request,
+    response_from_chat,
+)
+from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
+from llamakit.router.idempotency import Claim, Idempotency, fingerprint
+from llamakit.router.ledger import Account, Remembered
+from llamakit.router.service import PaidRequest, price, serve
+from llamakit.router.state import RouterState
+from llamakit.web import SseWriter, json_response
+
+__all__ = ["PATH", "ResponsesSseWriter", "response_routes"]
+
+PATH = "/v1/responses"
+CHAT_PATH = "/v1/chat/completions"
+
+response_routes = web.RouteTableDef()
+
+
+class ResponsesSseWriter(SseWriter):
+    """Writes chat chunks, as the service sends them, as Responses events (`event:` and `data:` lines, as
+    OpenAI sends them); no `[DONE]` at the end, as OpenAI sends none on this route."""
+
+    events: ResponseEvents
+
+    @classmethod
+    async def start(cls, request: web.Request, headers: dict[str, str], events: ResponseEvents) -> ResponsesSseWriter:
+        writer = await cls.open(request, headers)
+        assert isinstance(writer, ResponsesSseWriter)
+        writer.events = events
+        await writer._write(events.opening())
+        return writer
+
+    async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
+        await self._write(self.events.feed(data), flush=flush)
+
+    async def done(self) -> None:
+        """The events that end the response and the end of the body, in one write (no `[DONE]`)."""
+        self._queue(self.events.closing())
+        events = b"".join(self._pending)
+        self._pending.clear()
+        await self.response.write_eof(events)
+
+    async def _write(self, events: list[dict[str, Any]], *, flush: bool = True) -> None:
+        self._queue(events)
+        if flush:
+            await self.flush()
+
+    def _queue(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            data = json.dumps(event, separators=(",", ":")).encode()
+            self._pending.append(b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
+
+
+def _response_id(request_id: str) -> str:
+    """The Response's id for the router's request id (`req-<hex>` → `resp_<hex>`), the same on a replay."""
+    return "resp_" + request_id.removeprefix("req-")
+
+
+@response_routes.post(PATH)
+async def responses(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    account = await authenticate(request)
+    data: dict[str, Any] = {}
+    try:
+        data = parse_json(await request.read())
+        return await _respond(request, state, account, data)
+    except ApiError as exc:
+        if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
+            await record_refusal(state, account, exc, data)
+        raise
+
+
+async def _respond(
+    request: web.Request, state: RouterState, account: Account, raw_data: dict[str, Any]
+) -> web.StreamResponse:
+    raw = await request.read()
+    key = Idempotency.key_of(request)
+    req = parse_responses_request(raw_data)
+    limit = state.settings.max_tokens_limit
+    if req.max_output_tokens is not None and req.max_output_tokens > limit:
+        raise ApiError(
+            400,
+            f"max_output_tokens is {req.max_output_tokens}; the most this router allows is {limit}",
+            param="max_output_tokens",
+        )
+    data = chat_body(req, stream=req.stream)
+    chat = validate_request(ChatCompletionRequest, data)
+    if key is None:
+        return await _serve(state, request, account, req, chat, data, None)
+    claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
+    if isinstance(claimed, Remembered):
+        return await _replay(request, req, claimed)
+    try:
+        return await _serve(state, request, account, req, chat, data, claimed)
+    finally:
+        state.idempotency.release(claimed)
+
+
+async def _serve(
+    state: RouterState,
+    request: web.Request,
+    account: Account,
+    req: ResponsesRequest,
+    chat: ChatCompletionRequest,
+    data: dict[str, Any],
+    claim: Claim | None,
+) -> web.StreamResponse:
+    paid: PaidRequest = await price(state, request, account, chat, data, CHAT_PATH, claim)
+    response_id = _response_id(paid.id)
+    if req.stream:
+        events = ResponseEvents(req, response_id=response_id, model=paid.model)
+
+        async def open_sse(request: web.Request, headers: dict[str, str]) -> SseWriter:
+            return await ResponsesSseWriter.start(request, headers, events)
+
+        paid.open_sse = open_sse
+        return await serve(state, request, paid)
+    answer = await serve(state, request, paid)
+    assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)  # a whole answer is JSON bytes
+    body = response_from_chat(req, json.loads(answer.body), response_id=response_id)
+    return json_response(body, headers=_llamakit_headers(answer))
+
+
+@response_routes.get(PATH + "/{response_id}")
+async def retrieve(request: web.Request) -> web.Response:
+    """`GET /v1/responses/{id}` (the openai client's `responses.retrieve`): nothing is kept, so always 404."""
+    await authenticate(request)
+    raise ApiError(
+        404,
+        f"response {request.match_info['response_id']!r} cannot be retrieved: llamakit does not keep responses",
+        type="not_found_error",
+        code="not_found",
+    )
+
+
+def _llamakit_headers(answer: web.StreamResponse) -> dict[str, str]:
+    return {k: v for k, v in answer.headers.items() if k.lower().startswith(("x-llamakit-", "idempotent-"))}
+
+
+async def _replay(request: web.Request, req: ResponsesRequest, remembered: Remembered) -> web.StreamResponse:
+    """A repeat's answer: the remembered chat answer in the Responses shape, whole or streamed as it asks."""
+    saved = json.loads(remembered.response)
+    answer: dict[str, Any] = saved["body"]
+    headers = {**saved["headers"], "Idempotent-Replayed": "true"}
+    response_id = _response_id(str(answer.get("id", "")))
+    if not req.stream:
+        return json_response(response_from_chat(req, answer, response_id=response_id), headers=headers)
+    events = ResponseEvents(req, response_id=response_id, model=str(answer.get("model") or ""))
+    sse = await ResponsesSseWriter.start(request, {k: v for k, v in headers.items() if k != "X-Llamakit-Cost"}, events)
+    for chunk in chat_chunks(answer):
+        await sse.send(chunk)
+    await sse.done()
+    return sse.response
