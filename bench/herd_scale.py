@@ -19,6 +19,8 @@ round of 1,000 checks is load that grows with the herd by design, not per reques
 Run: ``.venv/bin/python bench/herd_scale.py [--postgres URL] [--sizes 1 100 1000] [--seconds 4]
 [--concurrency 16]``; ``--postgres`` defaults to ``LLAMAKIT_TEST_POSTGRES``; each PostgreSQL contender gets
 a fresh schema, dropped afterwards. Results go to stdout and ``bench/results/herd_scale.json``.
+``HERD_SCALE_PROFILE=/tmp/prof`` runs each router under cProfile (``/tmp/prof-<port>.prof``, written when it
+stops).
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ def _port_free(port: int) -> bool:
 def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     argv = [sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", db, "--admin-key", ADMIN_KEY]
+    if os.environ.get("HERD_SCALE_PROFILE"):  # a cProfile of each router, written when it stops
+        argv[1:1] = ["-m", "cProfile", "-o", f"{os.environ['HERD_SCALE_PROFILE']}-{port}.prof"]
     argv += ["--herd-token", HERD_TOKEN, "--health-interval", "3600", "--max-queue", "4096", "--affinity", "no"]
     if cluster:
         argv += ["--cluster", "yes"]
