@@ -52,6 +52,7 @@ class BidQueue:
         self._live = 0
         self._by_account: Counter[int | None] = Counter()  # live tickets per account
         self._at_bid: Counter[tuple[Decimal, int | None]] = Counter()  # live tickets per (bid, account)
+        self._last_arrival: dict[tuple[Decimal, int | None], float] = {}  # the latest arrival queued per key
 
     def __len__(self) -> int:
         return self._live
@@ -60,12 +61,23 @@ class BidQueue:
         """How many of `account`'s requests wait in this queue."""
         return self._by_account[account]
 
-    def turn(self, bid: Decimal, account: int | None) -> int:
-        """The turn a new request of `account` at `bid` gets: how many of its requests already wait at that bid."""
-        return self._at_bid[(bid, account)]
+    def turn(self, bid: Decimal, account: int | None, arrived: float) -> int:
+        """The turn of a request of `account` at `bid` that reached the router at `arrived`: how many of the
+        account's requests that arrived before it wait at that bid. A new request arrived after all of them;
+        one that waits again after a failover keeps the turn it had, ahead of the account's later ones."""
+        key = (bid, account)
+        if arrived >= self._last_arrival.get(key, float("-inf")):
+            return self._at_bid[key]
+        return sum(
+            1
+            for t in self._heap
+            if not t.gone and t.bid == bid and t.account == account and t.priority[2] < arrived
+        )
 
     def push(self, ticket: Ticket) -> None:
         heapq.heappush(self._heap, ticket)
+        key = (ticket.bid, ticket.account)
+        self._last_arrival[key] = max(self._last_arrival.get(key, float("-inf")), ticket.priority[2])
         self._count(ticket, 1)
 
     def peek(self) -> Ticket | None:
@@ -89,6 +101,7 @@ class BidQueue:
         self._at_bid[(ticket.bid, ticket.account)] += step
         if self._at_bid[(ticket.bid, ticket.account)] == 0:  # keep the counters as small as the queue
             del self._at_bid[(ticket.bid, ticket.account)]
+            self._last_arrival.pop((ticket.bid, ticket.account), None)
             if self._by_account[ticket.account] == 0:
                 del self._by_account[ticket.account]
 
@@ -193,7 +206,8 @@ class Scheduler:
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        priority = (-bid, queue.turn(bid, account), now if arrived is None else arrived, next(self._arrivals))
+        arrival = now if arrived is None else arrived
+        priority = (-bid, queue.turn(bid, account, arrival), arrival, next(self._arrivals))
         ticket = Ticket(priority, model, bid, now, exclude, loop.create_future(), prefer, account=account)
         queue.push(ticket)
         # The queue may hold only requests passed over for slots they must not use: those slots are this one's.
