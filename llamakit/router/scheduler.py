@@ -69,9 +69,7 @@ class BidQueue:
         if arrived >= self._last_arrival.get(key, float("-inf")):
             return self._at_bid[key]
         return sum(
-            1
-            for t in self._heap
-            if not t.gone and t.bid == bid and t.account == account and t.priority[2] < arrived
+            1 for t in self._heap if not t.gone and t.bid == bid and t.account == account and t.priority[2] < arrived
         )
 
     def push(self, ticket: Ticket) -> None:
