@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import (
     AliasChoices,
     BaseModel,
-    ConfigDict,
     Field,
     StrictFloat,
     StrictInt,
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from llamakit.lenient import Lenient
 from llamakit.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
 
 __all__ = [
@@ -99,18 +99,7 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code, **extra}}
 
 
-class _Lenient(BaseModel):
-    """Ignores fields it does not know, and takes `null` as "not given": OpenAI's request schemas make almost
-    every field nullable (`temperature`, `top_p`, `n`, `stream`, `stop`, …) and clients send `null` for them."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and None in data.values():
-            return {k: v for k, v in data.items() if v is not None}
-        return data
+_Lenient = Lenient
 
 
 class StreamOptions(_Lenient):

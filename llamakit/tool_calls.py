@@ -17,7 +17,9 @@ import re
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
+
+from llamakit.lenient import Lenient
 
 __all__ = [
     "FunctionDefinition",
@@ -34,20 +36,7 @@ MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
-class _NullIsDefault(BaseModel):
-    """`null` means "not given", as in protocol's request models."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and None in data.values():
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
-
-class FunctionDefinition(_NullIsDefault):
+class FunctionDefinition(Lenient):
     name: str
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
@@ -61,7 +50,7 @@ class FunctionDefinition(_NullIsDefault):
         return value
 
 
-class Tool(_NullIsDefault):
+class Tool(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDefinition
 

@@ -191,18 +191,7 @@ async def embeddings(request: web.Request) -> web.Response:
     """OpenAI's `POST /v1/embeddings` with the node's model; `usage.prompt_tokens` is every token embedded."""
     req = parse_embedding_request(parse_json(await request.read()))
     host, metrics = request.app[HOST], request.app[METRICS]
-    await host.wait_loaded()
-    model = host.model
-    if model is None:
-        raise ApiError(503, host.error or "no model is loaded", type="server_error", code="model_error")
-    if req.model is not None and req.model != model.name:
-        raise ApiError(
-            404,
-            f"model {req.model!r} is not served here; this node serves {model.name!r}",
-            type="not_found_error",
-            code="model_not_found",
-            param="model",
-        )
+    model = await host.serving(req.model)
     embedder = await asyncio.to_thread(request.app[EMBEDDINGS].embedder, model.path)
     if req.dimensions is not None and req.dimensions != embedder.dimensions:
         metrics.requests.labels("embeddings", "rejected").inc()

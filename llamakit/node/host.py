@@ -90,6 +90,22 @@ class ModelHost:
     async def wait_loaded(self) -> None:
         await self._ready.wait()
 
+    async def serving(self, requested: str | None) -> LoadedModel:
+        """The loaded model, once loading ends: 503 when none is loaded, 404 when `requested` names another."""
+        await self.wait_loaded()
+        model = self.model
+        if model is None:
+            raise ApiError(503, self.error or "no model is loaded", type="server_error", code="model_error")
+        if requested is not None and requested != model.name:
+            raise ApiError(
+                404,
+                f"model {requested!r} is not served here; this node serves {model.name!r}",
+                type="not_found_error",
+                code="model_not_found",
+                param="model",
+            )
+        return model
+
     async def acquire(self, prompt_tokens: list[int] | None = None) -> Lease:
         """A free slot of the current model (the one the model picks for `prompt_tokens`: the batched engine
         reuses a slot's cached prefix); waits while a model loads, 503 when every slot is busy."""

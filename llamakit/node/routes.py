@@ -145,18 +145,7 @@ async def _prepare(
     tokenize: Callable[[LoadedModel], list[int]],
 ) -> _Prepared:
     """Validate the request against the loaded model and tokenize it (off the loop): no slot is taken yet."""
-    await host.wait_loaded()
-    model = host.model
-    if model is None:
-        raise ApiError(503, host.error or "no model is loaded", type="server_error", code="model_error")
-    if req.model is not None and req.model != model.name:
-        raise ApiError(
-            404,
-            f"model {req.model!r} is not served here; this node serves {model.name!r}",
-            type="not_found_error",
-            code="model_not_found",
-            param="model",
-        )
+    model = await host.serving(req.model)
 
     setup = req.tool_setup() if isinstance(req, ChatCompletionRequest) else None
 
@@ -404,6 +393,8 @@ class _Run:
         loop = asyncio.get_running_loop()
         beat = loop.time() + self.keepalive
         while True:
+            if not pieces.empty():  # the common case while tokens flow: no timer, no task per token
+                return pieces.get_nowait()
             try:
                 return await asyncio.wait_for(pieces.get(), timeout=min(CLIENT_POLL_SECONDS, self.keepalive))
             except TimeoutError:

@@ -28,7 +28,7 @@ from llamakit.router.idempotency import Idempotency, fingerprint, replay
 from llamakit.router.ledger import Account, LedgerError, Remembered, UsageRecord
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
-from llamakit.router.usage_pages import usage_page, usage_query
+from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 
 __all__ = ["STATE", "routes"]
@@ -209,19 +209,6 @@ async def account(request: web.Request) -> web.Response:
     return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books)})
 
 
-def _int_query(request: web.Request, name: str, default: int | None) -> int | None:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}", param=name) from None
-    if value < 0:
-        raise ApiError(400, f"query parameter {name!r} must not be negative", param=name)
-    return value
-
-
 @routes.get("/v1/account/usage")
 async def account_usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
@@ -256,6 +243,6 @@ async def post_event(request: web.Request) -> web.Response:
 async def list_events(request: web.Request) -> web.Response:
     state = request.app[STATE]
     acct = await authenticate(request)
-    limit = _int_query(request, "limit", 100) or 100
+    limit = query_int(request, "limit", 0, MAX_ID) or 100
     events = await state.ledger.events(acct.id, limit=limit)
     return json_response({"object": "list", "data": [asdict(e) for e in events]})

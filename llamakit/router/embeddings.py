@@ -10,7 +10,6 @@ refund, usage record, idempotency.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -20,8 +19,8 @@ from llamakit.fees import hold_amount, parse_bid
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, InsufficientFunds, Remembered
-from llamakit.router.service import BID_HEADER, PaidRequest, serve
+from llamakit.router.ledger import Account, Remembered
+from llamakit.router.service import BID_HEADER, PaidRequest, hold_credits, serve
 from llamakit.router.state import RouterState
 
 __all__ = ["PATH", "embedding_routes", "hold_model", "price_embeddings"]
@@ -96,17 +95,7 @@ async def price_embeddings(
     model, bid = hold_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
     held = hold_amount(fees, bid, req.token_bound(), 0)
-    request_id = f"req-{uuid.uuid4().hex}"
-    try:
-        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid, user=req.user)
-    except InsufficientFunds as exc:
-        raise ApiError(
-            402,
-            str(exc),
-            type="insufficient_funds",
-            code="insufficient_funds",
-            extra={"needed": exc.needed, "balance": exc.balance},
-        ) from exc
+    request_id = await hold_credits(state, account, held, model=model, bid=bid, user=req.user)
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
     return PaidRequest(

@@ -127,17 +127,7 @@ async def price(
         text = texts[0]
     fees = state.prices.fees(model)
     held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
-    request_id = f"req-{uuid.uuid4().hex}"
-    try:
-        await state.ledger.hold(account.id, held, request_id=request_id, model=model, bid=bid, user=req.user or None)
-    except InsufficientFunds as exc:
-        raise ApiError(
-            402,
-            str(exc),
-            type="insufficient_funds",
-            code="insufficient_funds",
-            extra={"needed": exc.needed, "balance": exc.balance},
-        ) from exc
+    request_id = await hold_credits(state, account, held, model=model, bid=bid, user=req.user)
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
     body["model"], body["max_tokens"] = model, max_tokens
@@ -163,6 +153,25 @@ async def price(
         chain=chain,
         affinity=state.prefixes.holder(chain) if chain else None,
     )
+
+
+async def hold_credits(
+    state: RouterState, account: Account, amount: int, *, model: str, bid: Decimal, user: str | None
+) -> str:
+    """Hold `amount` credits for a new request and return its id; 402 with `needed` and `balance` when the
+    balance is short (nothing is held then)."""
+    request_id = f"req-{uuid.uuid4().hex}"
+    try:
+        await state.ledger.hold(account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None)
+    except InsufficientFunds as exc:
+        raise ApiError(
+            402,
+            str(exc),
+            type="insufficient_funds",
+            code="insufficient_funds",
+            extra={"needed": exc.needed, "balance": exc.balance},
+        ) from exc
+    return request_id
 
 
 async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:

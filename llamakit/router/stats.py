@@ -86,9 +86,6 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
                 "mean_ms": round(1000 * figures.seconds / figures.dispatches, 3) if figures.dispatches else None,
             },
         }  # fmt: skip
-    states = [n["state"] for n in nodes]
-    for name in ("ready", "draining", "down"):
-        state.metrics.nodes.labels(name).set(states.count(name))
     return {
         "time": time.time(),
         "uptime": time.time() - state.started,

@@ -18,7 +18,7 @@ from aiohttp import web
 from llamakit.protocol import ApiError
 from llamakit.router.ledger import MAX_PAGE, UsageRecord
 
-__all__ = ["UsageQuery", "usage_page", "usage_query"]
+__all__ = ["UsageQuery", "query_int", "usage_page", "usage_query"]
 
 MAX_ID = 2**63 - 1
 
@@ -31,7 +31,8 @@ class UsageQuery:
     user: str | None
 
 
-def _int(request: web.Request, name: str, low: int, high: int) -> int | None:
+def query_int(request: web.Request, name: str, low: int, high: int) -> int | None:
+    """The integer query parameter `name`, None when absent; a 400 naming the range when out of it."""
     raw = request.query.get(name)
     if raw is None:
         return None
@@ -58,8 +59,8 @@ def parse_since(raw: str) -> float:
 
 
 def usage_query(request: web.Request) -> UsageQuery:
-    limit = _int(request, "limit", 1, MAX_PAGE)
-    before = _int(request, "before", 1, MAX_ID)
+    limit = query_int(request, "limit", 1, MAX_PAGE)
+    before = query_int(request, "before", 1, MAX_ID)
     since: float | None = None
     if (raw := request.query.get("since")) is not None:
         try:
