@@ -4,7 +4,7 @@
 
     print(generate("The capital of France is", max_tokens=8))
     with meter() as m:
-        answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", bid="auto")
+        answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", temperature=0, bid="auto")
         vectors = embed(["a cat", "a kitten"]).vectors
     m.cost, usage_frame()
 

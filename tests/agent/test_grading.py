@@ -56,6 +56,9 @@ def test_the_readme_rating_example_grades_sensibly(grading_herd: GradingHerd) ->
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     body = json.loads(re.search(r"/v1/completions .*?-d '(\{.*?\})'", readme, re.S).group(1))  # type: ignore[union-attr]
     assert body["prompt"].endswith("\nI love it:")
+    # At the default temperature (1, as OpenAI's) the grade is sampled: " bad" came out of the first example
+    # about one time in eight. Greedy is what the example promises.
+    assert body["temperature"] == 0
     key = grading_herd.account("readme", 100_000)
     with httpx.Client(base_url=grading_herd.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
         for model in grading_herd.models:
