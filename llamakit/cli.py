@@ -40,6 +40,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         dev_credits=args.credits,
         agent=args.agent,
         db=args.db,
+        credit_value=args.credit_value,
+        currency=args.currency,
     )
     launcher = Launcher(options)
     print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
@@ -74,6 +76,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping …", flush=True)
         launcher.stop()
     return 0
+
+
+def _credit_value(text: str) -> str:
+    """`--credit-value`, checked before anything starts (the router checks it again)."""
+    from llamakit.currency import parse_credit_value
+
+    try:
+        parse_credit_value(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _currency(text: str) -> str:
+    from llamakit.currency import parse_currency
+
+    try:
+        return parse_currency(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _admin_client(args: argparse.Namespace) -> httpx.Client:
@@ -149,7 +171,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 USAGE_COLUMNS = [
     "time", "request_id", "account", "user", "model", "node", "status", "http_status", "prompt_tokens",
-    "completion_tokens", "cost", "bid", "latency_ms", "queue_ms", "error",
+    "completion_tokens", "cost_credits", "cost", "currency", "bid", "latency_ms", "queue_ms", "error",
 ]  # fmt: skip
 
 
@@ -169,6 +191,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
             page = resp.json()
             for record in page["data"]:
                 record["time"] = _when(record.pop("created"))
+                record["cost"] = _decimal_text(record.get("cost"))
             records += page["data"]
             if not page["has_more"]:
                 break
@@ -178,9 +201,24 @@ def cmd_usage(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(records)
         return 0
-    shown = ["time", "request_id", "account", "user", "model", "status", "prompt_tokens", "completion_tokens", "cost"]
+    shown = [
+        "time", "request_id", "account", "user", "model", "status", "prompt_tokens", "completion_tokens",
+        "cost_credits", "cost", "currency",
+    ]  # fmt: skip
     _table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
     return 0
+
+
+def _decimal_text(number: object) -> object:
+    """A price as the router meant it, in positional notation: 6.2e-05 → '0.000062' (the JSON number is the
+    shortest form of the exact decimal, so its repr is that decimal)."""
+    from decimal import Decimal
+
+    from llamakit.currency import format_price
+
+    if isinstance(number, float | int) and not isinstance(number, bool):
+        return format_price(Decimal(repr(number)))
+    return number
 
 
 def _when(epoch: float | None) -> str:
@@ -219,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the router's ledger: a SQLite file (default: ledger.db in --state-dir) or "
         "postgresql://user@host:port/dbname, with the password in PGPASSWORD or ~/.pgpass",
     )
+    up.add_argument(
+        "--credit-value",
+        type=_credit_value,
+        help="what one credit is worth in --currency (default 0.000001: a fee of 1 credit per token reads as "
+        "1 per million tokens)",
+    )
+    up.add_argument("--currency", type=_currency, help="ISO 4217 code of the operator's currency (default USD)")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)

@@ -46,6 +46,8 @@ class UpOptions:
     agent_credits: int = 5_000_000  # a grade costs ~350 credits: hours of the demo agent at one every 5 s
     agent_interval: float = 5.0
     db: str | None = None  # the router's --db; None: ledger.db in state_dir
+    credit_value: str | None = None  # the router's --credit-value; None: its default (or LLAMAKIT_CREDIT_VALUE)
+    currency: str | None = None  # the router's --currency
 
 
 def installed_models() -> list[str]:
@@ -138,16 +140,18 @@ class Launcher:
         models = self.models = opts.models or installed_models()
         if not models:
             raise ModelNotAvailable("no model is installed: pip install 'llamakit[node]'")
-        self._spawn(
-            "router",
-            [
-                "-m", "llamakit.router",
-                "--host", opts.host,
-                "--port", str(opts.port),
-                "--db", opts.db or str(opts.state_dir / "ledger.db"),
-                "--usage-log", str(opts.state_dir / "usage.jsonl"),
-            ],
-        )  # fmt: skip
+        router = [
+            "-m", "llamakit.router",
+            "--host", opts.host,
+            "--port", str(opts.port),
+            "--db", opts.db or str(opts.state_dir / "ledger.db"),
+            "--usage-log", str(opts.state_dir / "usage.jsonl"),
+        ]  # fmt: skip
+        if opts.credit_value is not None:
+            router += ["--credit-value", opts.credit_value]
+        if opts.currency is not None:
+            router += ["--currency", opts.currency]
+        self._spawn("router", router)
         for model in models:
             port = free_port(opts.host)
             args = [

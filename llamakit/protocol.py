@@ -383,7 +383,8 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
-    cost: int | None = None
+    cost: float | None = None  # the price in the operator's currency (see llamakit.currency)
+    cost_credits: int | None = None  # the exact credits the ledger moved
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int | None = None) -> Usage:

@@ -18,7 +18,7 @@ stream (`ResponseEvents`). The shapes follow OpenAI's API spec (`CreateResponse`
     message.content                          {"type": "message", "content": [{"type": "output_text", ...}]}
     message.tool_calls[i]                    {"type": "function_call", "call_id", "name", "arguments"}
     finish_reason "length"                   status "incomplete", incomplete_details.reason "max_output_tokens"
-    usage.prompt_tokens / completion_tokens  usage.input_tokens / output_tokens (+ llamakit's usage.cost)
+    usage.prompt_tokens / completion_tokens  usage.input_tokens / output_tokens (+ llamakit's cost, cost_credits)
 
 Nothing is stored: `store: true`, `previous_response_id` and `conversation` are refused with a 400 that says so,
 and so is every other field llamakit does not act on (never a silent drop).
@@ -320,7 +320,8 @@ def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
 
 
 def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Chat usage in the Responses shape: input/output tokens, cached input tokens, and llamakit's `cost`."""
+    """Chat usage in the Responses shape: input/output tokens, cached input tokens, and llamakit's `cost` (the
+    price in the operator's currency) and `cost_credits`."""
     if not usage:
         return None
     prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
@@ -332,8 +333,9 @@ def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
     }
-    if usage.get("cost") is not None:
-        shaped["cost"] = usage["cost"]
+    for name in ("cost", "cost_credits"):
+        if usage.get(name) is not None:
+            shaped[name] = usage[name]
     return shaped
 
 

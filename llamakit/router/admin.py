@@ -276,7 +276,7 @@ async def usage(request: web.Request) -> web.Response:
             return await ledger.usage_records(account, limit=limit, before=before, since=query.since, user=query.user)
         return await ledger.all_usage(limit, before=before, since=query.since, user=query.user)
 
-    page = await usage_page(query, fetch)
+    page = await usage_page(query, fetch, request.app[STATE].settings.money)
     for record in page["data"]:
         record["account"] = names.get(record["account_id"])
     return json_response(page)

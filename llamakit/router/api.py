@@ -93,11 +93,12 @@ async def record_refusal(state: RouterState, account: Account, exc: ApiError, da
     except (LedgerError, ValueError):
         log.exception("could not record the refusal of %s", request_id)
     exc.recorded = True
+    money = state.settings.money
     record = {
         "time": time.time(), "request_id": request_id, "account": account.name, "model": model, "node": None,
-        "status": status, "http_status": exc.status, "prompt_tokens": 0, "completion_tokens": 0, "cost": 0,
-        "held": 0, "bid": "1", "latency_ms": None, "queue_ms": None, "ttft_ms": None, "error": exc.message,
-        "user": user,
+        "status": status, "http_status": exc.status, "prompt_tokens": 0, "completion_tokens": 0,
+        **money.cost_fields(0), "currency": money.currency, "held": 0, "bid": "1", "latency_ms": None,
+        "queue_ms": None, "ttft_ms": None, "error": exc.message, "user": user,
     }  # fmt: skip
     state.requests.add(record)
     if state.usage_log is not None:
@@ -115,7 +116,7 @@ async def _generate_for(
         return await serve(state, request, await price(state, request, account, req, data, path))
     claimed = await state.idempotency.claim(account.id, key, fingerprint(path, raw))
     if isinstance(claimed, Remembered):
-        return await replay(request, claimed, stream=req.stream, include_usage=req.include_usage)
+        return await replay(request, claimed, state.settings.money, stream=req.stream, include_usage=req.include_usage)
     try:
         return await serve(state, request, await price(state, request, account, req, data, path, claimed))
     finally:
@@ -132,6 +133,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, CompletionRequest, "/v1/completions")
 
 
+def _fees_and_prices(state: RouterState, model: str) -> dict[str, Any]:
+    """A model's fees in credits, and the same as prices in the operator's currency (per million tokens)."""
+    fees = state.prices.fees(model).to_dict()
+    return {"fees": fees, "prices": state.settings.money.fee_prices(**fees)}
+
+
 def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
     nodes = state.herd.serving(name)
     return {
@@ -139,7 +146,7 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
         "object": "model",
         "created": int(state.started),
         "owned_by": "llamakit",
-        "fees": state.prices.fees(name).to_dict(),
+        **_fees_and_prices(state, name),
         "nodes": sum(1 for n in nodes if n.state == "ready"),
         "slots": sum(n.slots for n in nodes if n.state == "ready"),
     }
@@ -182,13 +189,14 @@ async def info(request: web.Request) -> web.Response:
         {
             "models": {
                 m: {
-                    "fees": state.prices.fees(m).to_dict(),
+                    **_fees_and_prices(state, m),
                     "queue_length": depths.get(m, 0),
                     "nodes": sum(1 for n in state.herd.serving(m) if n.state == "ready"),
                 }
                 for m in models
             },
             "fees": state.prices.to_dict(models),
+            **state.settings.money.describe(),
             "queue_length": sum(depths.values()),
             "last_multiplier": float(last),
             "last_multiplier_exact": format_bid(last),
@@ -218,7 +226,7 @@ async def account_usage(request: web.Request) -> web.Response:
     def fetch(limit: int, before: int | None) -> Awaitable[list[UsageRecord]]:
         return state.ledger.usage_records(acct.id, limit=limit, before=before, since=query.since, user=query.user)
 
-    return json_response(await usage_page(query, fetch))
+    return json_response(await usage_page(query, fetch, state.settings.money))
 
 
 @routes.post("/v1/events")

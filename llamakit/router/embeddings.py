@@ -54,7 +54,7 @@ async def _embeddings(
         return await serve(state, request, await price_embeddings(state, request, account, req, data))
     claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
     if isinstance(claimed, Remembered):
-        return await replay(request, claimed, stream=False, include_usage=False)
+        return await replay(request, claimed, state.settings.money, stream=False, include_usage=False)
     try:
         return await serve(state, request, await price_embeddings(state, request, account, req, data, claimed))
     finally:

@@ -17,11 +17,21 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit.currency import CreditValue
 from llamakit.protocol import ApiError, Usage, chat_chunk_body, completion_chunk_body
 from llamakit.router.ledger import Ledger, Remembered
+from llamakit.router.pricing import COST_CREDITS_HEADER, COST_HEADER, cost_headers
 from llamakit.web import SseWriter, json_response
 
-__all__ = ["IDEMPOTENCY_HEADER", "Claim", "Idempotency", "fingerprint", "replay"]
+__all__ = [
+    "IDEMPOTENCY_HEADER",
+    "Claim",
+    "Idempotency",
+    "fingerprint",
+    "recall_answer",
+    "replay",
+    "without_cost_headers",
+]
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -92,16 +102,37 @@ class Idempotency:
             )
 
 
-async def replay(
-    request: web.Request, remembered: Remembered, *, stream: bool, include_usage: bool
-) -> web.StreamResponse:
-    """Answer a repeat with the remembered answer, whole or as a stream, as the repeat asks."""
+def recall_answer(remembered: Remembered, money: CreditValue) -> tuple[dict[str, Any], dict[str, str]]:
+    """The remembered answer's body and headers, with the usage and cost the first answer had.
+
+    An answer remembered by a router older than prices in a currency has `usage.cost` and `X-Llamakit-Cost`
+    in credits: those become `cost_credits` and `X-Llamakit-Cost-Credits`, and `cost` the price at today's
+    credit value, so that no client reads credits as money.
+    """
     saved = json.loads(remembered.response)
     body: dict[str, Any] = saved["body"]
-    headers = {**saved["headers"], "Idempotent-Replayed": "true"}
+    headers: dict[str, str] = {**saved["headers"], "Idempotent-Replayed": "true"}
+    usage = body.get("usage")
+    if isinstance(usage, dict) and "cost_credits" not in usage and isinstance(usage.get("cost"), int):
+        usage.update(money.cost_fields(usage["cost"]))
+    if COST_HEADER in headers and COST_CREDITS_HEADER not in headers:
+        headers.update(cost_headers(money, int(headers[COST_HEADER])))
+    return body, headers
+
+
+def without_cost_headers(headers: dict[str, str]) -> dict[str, str]:
+    """A replayed stream's headers: its cost is in its usage chunk, as in the stream it repeats."""
+    return {k: v for k, v in headers.items() if k not in (COST_HEADER, COST_CREDITS_HEADER)}
+
+
+async def replay(
+    request: web.Request, remembered: Remembered, money: CreditValue, *, stream: bool, include_usage: bool
+) -> web.StreamResponse:
+    """Answer a repeat with the remembered answer, whole or as a stream, as the repeat asks."""
+    body, headers = recall_answer(remembered, money)
     if not stream:
         return json_response(body, headers=headers)
-    sse = await SseWriter.open(request, {k: v for k, v in headers.items() if k != "X-Llamakit-Cost"})
+    sse = await SseWriter.open(request, without_cost_headers(headers))
     rid, model = body["id"], body["model"]
     choice = body["choices"][0]
     usage = Usage(**body["usage"])

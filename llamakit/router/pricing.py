@@ -1,4 +1,5 @@
-"""The price list: a fee schedule per model, a default for the rest, changeable while the router runs."""
+"""The price list: a fee schedule per model, a default for the rest, changeable while the router runs; and a
+charge's price in the headers of an answer."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llamakit.currency import CreditValue, format_price
 from llamakit.fees import FeeSchedule
 
-__all__ = ["PriceList"]
+__all__ = ["COST_CREDITS_HEADER", "COST_HEADER", "CURRENCY_HEADER", "PriceList", "cost_headers"]
 
 DEFAULT_KEY = "*"
 
@@ -47,3 +49,13 @@ class PriceList:
     def to_dict(self, models: list[str] | None = None) -> dict[str, Any]:
         names = sorted(set(self.per_model) | set(models or []))
         return {DEFAULT_KEY: self.default.to_dict(), **{m: self.fees(m).to_dict() for m in names}}
+
+
+COST_HEADER = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
+COST_CREDITS_HEADER = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
+CURRENCY_HEADER = "X-Llamakit-Currency"  # on every answer a node served, streams included
+
+
+def cost_headers(money: CreditValue, charge: int) -> dict[str, str]:
+    """The charge of a whole answer in its headers: the price as exact decimal text, and the credits."""
+    return {COST_HEADER: format_price(money.price(charge)), COST_CREDITS_HEADER: str(charge)}

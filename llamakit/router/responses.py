@@ -25,7 +25,7 @@ from llamakit.responses_protocol import (
     response_from_chat,
 )
 from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
-from llamakit.router.idempotency import Claim, Idempotency, fingerprint
+from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
 from llamakit.router.ledger import Account, Remembered
 from llamakit.router.service import PaidRequest, price, serve
 from llamakit.router.state import RouterState
@@ -112,7 +112,7 @@ async def _respond(
         return await _serve(state, request, account, req, chat, data, None)
     claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
     if isinstance(claimed, Remembered):
-        return await _replay(request, req, claimed)
+        return await _replay(request, state, req, claimed)
     try:
         return await _serve(state, request, account, req, chat, data, claimed)
     finally:
@@ -160,16 +160,16 @@ def _llamakit_headers(answer: web.StreamResponse) -> dict[str, str]:
     return {k: v for k, v in answer.headers.items() if k.lower().startswith(("x-llamakit-", "idempotent-"))}
 
 
-async def _replay(request: web.Request, req: ResponsesRequest, remembered: Remembered) -> web.StreamResponse:
+async def _replay(
+    request: web.Request, state: RouterState, req: ResponsesRequest, remembered: Remembered
+) -> web.StreamResponse:
     """A repeat's answer: the remembered chat answer in the Responses shape, whole or streamed as it asks."""
-    saved = json.loads(remembered.response)
-    answer: dict[str, Any] = saved["body"]
-    headers = {**saved["headers"], "Idempotent-Replayed": "true"}
+    answer, headers = recall_answer(remembered, state.settings.money)
     response_id = _response_id(str(answer.get("id", "")))
     if not req.stream:
         return json_response(response_from_chat(req, answer, response_id=response_id), headers=headers)
     events = ResponseEvents(req, response_id=response_id, model=str(answer.get("model") or ""))
-    sse = await ResponsesSseWriter.start(request, {k: v for k, v in headers.items() if k != "X-Llamakit-Cost"}, events)
+    sse = await ResponsesSseWriter.start(request, without_cost_headers(headers), events)
     for chunk in chat_chunks(answer):
         await sse.send(chunk)
     await sse.done()

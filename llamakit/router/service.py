@@ -32,6 +32,7 @@ from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.ledger import Account, InsufficientFunds, Remembered
+from llamakit.router.pricing import CURRENCY_HEADER, cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed, NodeRejected, StreamBroken
 from llamakit.web import SseWriter, json_response
@@ -321,8 +322,13 @@ def _passed_on(exc: NodeRejected) -> ApiError:
     )
 
 
-def _headers(paid: PaidRequest, node: HerdNode) -> dict[str, str]:
-    headers = {"X-Llamakit-Request-Id": paid.id, "X-Llamakit-Node": node.name, "X-Llamakit-Bid": format_bid(paid.bid)}
+def _headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dict[str, str]:
+    headers = {
+        "X-Llamakit-Request-Id": paid.id,
+        "X-Llamakit-Node": node.name,
+        "X-Llamakit-Bid": format_bid(paid.bid),
+        CURRENCY_HEADER: state.settings.money.currency,
+    }
     if paid.queue_ms is not None:
         headers["X-Llamakit-Queue-Ms"] = f"{paid.queue_ms:.3f}"
     return headers
@@ -347,8 +353,9 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
         answer["id"] = paid.id
-        answer["usage"] = {**usage, "cost": charge}
-        headers = {**_headers(paid, node), "X-Llamakit-Cost": str(charge)}
+        money = state.settings.money
+        answer["usage"] = {**usage, **money.cost_fields(charge)}
+        headers = {**_headers(state, paid, node), **cost_headers(money, charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
             await _settle(
                 state, paid, node, prompt_tokens, completion_tokens, "cut", "the client went away", usage=usage
@@ -456,7 +463,7 @@ async def _relay(
     """Pass the node's events to the client token by token; settle on the usage event, or on what was delivered."""
     delivered = {"prompt_tokens": 0, "completion_tokens": 0}
     try:
-        sse = await paid.open_sse(request, _headers(paid, node))
+        sse = await paid.open_sse(request, _headers(state, paid, node))
     except BaseException:
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise
@@ -516,14 +523,14 @@ async def _forward(
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
         await _settle(
             state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
-            remember=_remember_stream(paid, node, usage, charge), usage=usage,
+            remember=_remember_stream(state, paid, node, usage, charge), usage=usage,
         )  # fmt: skip
         _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
             if flush:
                 await sse.flush()
             return
-        event["usage"] = {**usage, "cost": charge}
+        event["usage"] = {**usage, **state.settings.money.cost_fields(charge)}
     elif "error" in event:
         raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
     await sse.send(event, flush=flush)
@@ -542,11 +549,14 @@ async def _forward(
             paid.finish_reason = choice["finish_reason"]
 
 
-def _remember_stream(paid: PaidRequest, node: HerdNode, usage: dict[str, Any], charge: int) -> Remembered | None:
+def _remember_stream(
+    state: RouterState, paid: PaidRequest, node: HerdNode, usage: dict[str, Any], charge: int
+) -> Remembered | None:
     """The whole answer a stream delivered, in the shape of a plain answer, for a retry to be given."""
     if paid.claim is None:
         return None
-    total = Usage(**{**usage, "cost": charge})
+    money = state.settings.money
+    total = Usage(**{**usage, **money.cost_fields(charge)})
     text = "".join(paid.transcript)
     if paid.path.endswith("/chat/completions"):
         calls = [paid.tool_calls[i] for i in sorted(paid.tool_calls)] or None
@@ -556,7 +566,7 @@ def _remember_stream(paid: PaidRequest, node: HerdNode, usage: dict[str, Any], c
         )  # fmt: skip
     else:
         body = completion_body(id=paid.id, model=paid.model, text=text, finish_reason=paid.finish_reason, usage=total)
-    return paid.claim.remember(body, {**_headers(paid, node), "X-Llamakit-Cost": str(charge)})
+    return paid.claim.remember(body, {**_headers(state, paid, node), **cost_headers(money, charge)})
 
 
 def _merge_tool_call(calls: dict[int, dict[str, Any]], delta: dict[str, Any]) -> None:
@@ -590,7 +600,8 @@ def _record(
         "status": status,
         "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "cost": cost,
+        **state.settings.money.cost_fields(cost),
+        "currency": state.settings.money.currency,
         "held": paid.held,
         "bid": format_bid(paid.bid),
         "latency_ms": round(latency_ms, 3),

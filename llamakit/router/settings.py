@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
+from llamakit.currency import DEFAULT_CREDIT_VALUE, DEFAULT_CURRENCY, CreditValue, parse_credit_value, parse_currency
 from llamakit.router.ledger import backend_of
 
 __all__ = ["RouterSettings", "settings_from_args"]
@@ -37,6 +40,12 @@ class RouterSettings(BaseModel):
     base_fee: int = Field(10, ge=0, description="default fee per request, in credits")
     prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
     completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
+    credit_value: Decimal = Field(
+        DEFAULT_CREDIT_VALUE,
+        description="what one credit is worth in --currency (default 0.000001: 1 credit per token reads as "
+        "1 per million tokens); usage.cost is credits × this",
+    )
+    currency: str = Field(DEFAULT_CURRENCY, description="the ISO 4217 code of the operator's currency, such as USD")
     max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
     max_queue_share: float = Field(
         0.5, gt=0, le=1, description="the share of a model's queue one account may hold (fair share among tenants)"
@@ -79,6 +88,21 @@ class RouterSettings(BaseModel):
             raise ValueError("--cluster needs a PostgreSQL ledger: --db postgresql://user@host:port/dbname")
         return self
 
+    @field_validator("credit_value", mode="before")
+    @classmethod
+    def _credit_value(cls, value: object) -> Decimal:
+        return parse_credit_value(value)
+
+    @field_validator("currency", mode="before")
+    @classmethod
+    def _currency(cls, value: object) -> str:
+        return parse_currency(value)
+
+    @functools.cached_property
+    def money(self) -> CreditValue:
+        """What a credit is worth, in the operator's currency."""
+        return CreditValue(self.credit_value, self.currency)
+
     @property
     def cluster_id(self) -> str:
         """This router's name in the cluster: `router_id`, else host:port (the host's name for 0.0.0.0)."""
@@ -116,6 +140,8 @@ FLAGS = [
     Flag("base_fee", "--base-fee", "LLAMAKIT_BASE_FEE", int),
     Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
     Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
+    Flag("credit_value", "--credit-value", "LLAMAKIT_CREDIT_VALUE"),
+    Flag("currency", "--currency", "LLAMAKIT_CURRENCY"),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
     Flag("max_queue_share", "--max-queue-share", "LLAMAKIT_MAX_QUEUE_SHARE", float),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),

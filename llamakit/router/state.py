@@ -83,8 +83,8 @@ class RequestLog:
         self.by_status[record["status"]] += 1
         if record.get("latency_ms") is not None and record["status"] in ("ok", "cut"):
             self.latencies.append(record["latency_ms"])
-        if record.get("cost"):
-            self.fees.append((time.time(), record["cost"]))
+        if record.get("cost_credits"):
+            self.fees.append((time.time(), record["cost_credits"]))
 
     def fees_per_minute(self, window: float = 60.0) -> float:
         cutoff = time.time() - window

@@ -89,6 +89,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
     return {
         "time": time.time(),
         "uptime": time.time() - state.started,
+        **state.settings.money.describe(),  # what a credit is worth: fees and costs are in credits
         "nodes": nodes,
         "queue": queue,
         "fees": {

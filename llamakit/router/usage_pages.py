@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit.currency import CreditValue
 from llamakit.protocol import ApiError
 from llamakit.router.ledger import MAX_PAGE, UsageRecord
 
@@ -76,15 +77,18 @@ def usage_query(request: web.Request) -> UsageQuery:
 
 
 async def usage_page(
-    query: UsageQuery, fetch: Callable[[int, int | None], Awaitable[list[UsageRecord]]]
+    query: UsageQuery, fetch: Callable[[int, int | None], Awaitable[list[UsageRecord]]], money: CreditValue
 ) -> dict[str, Any]:
     """The page body: `fetch(limit, before)` is asked for one record more than the page holds, to tell whether
-    an older one exists."""
+    an older one exists. A record's `cost_credits` is what the ledger charged, `cost` its price in `currency`."""
     records = await fetch(min(query.limit + 1, MAX_PAGE + 1), query.before)
     page, more = records[: query.limit], len(records) > query.limit
     return {
         "object": "list",
-        "data": [{**asdict(r), "total_tokens": r.total_tokens} for r in page],
+        "data": [
+            {**asdict(r), "total_tokens": r.total_tokens, **money.cost_fields(r.cost), "currency": money.currency}
+            for r in page
+        ],
         "has_more": more,
         "next_before": page[-1].id if page and more else None,
     }

@@ -62,10 +62,12 @@ async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
     assert (await bob.post("/v1/completions", json={"prompt": "one two", "max_tokens": 50})).status_code == 402
     code, out = await llamakit(herd, "usage")
     assert code == 0 and out.count("\n") == 1 + 6 and "insufficient_funds" in out
+    assert out.splitlines()[0].split()[-3:] == ["cost_credits", "cost", "currency"] and "0.000019  USD" in out
     code, out = await llamakit(herd, "usage", "--account", "alice", "--csv", "--limit", "3")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(rows) == 3 and {r["account"] for r in rows} == {"alice"}
-    assert all(int(r["cost"]) == 10 + 5 + 2 * 2 for r in rows)
+    # The credits charged, and their price as exact decimal text (not the JSON number's 1.9e-05).
+    assert all((r["cost_credits"], r["cost"], r["currency"]) == ("19", "0.000019", "USD") for r in rows)
     code, out = await llamakit(herd, "usage", "--user", "u0", "--csv", "--limit", "1000")
     assert len(list(csv.DictReader(io.StringIO(out)))) == 3
     code, out = await llamakit(herd, "usage", "--since", "2999-01-01", "--csv")

@@ -69,7 +69,7 @@ async def test_startup_releases_the_holds_of_a_killed_router(
         account = (await alice.get("/v1/account")).json()
         assert (account["balance"], account["held"], account["spent"]) == (940, 0, 60)
         usage = {u["request_id"]: u for u in (await alice.get("/v1/account/usage")).json()["data"]}
-        assert {r: (u["status"], u["cost"], u["held"]) for r, u in usage.items()} == {
+        assert {r: (u["status"], u["cost_credits"], u["held"]) for r, u in usage.items()} == {
             "req-done": ("ok", 60, 100),
             "req-open-1": ("recovered", 0, 300),
             "req-open-2": ("recovered", 0, 250),
@@ -78,7 +78,7 @@ async def test_startup_releases_the_holds_of_a_killed_router(
         # The account works as before.
         resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
         assert resp.status_code == 200
-        spent = int(resp.headers["X-Llamakit-Cost"])
+        spent = int(resp.headers["X-Llamakit-Cost-Credits"])
         assert (await alice.get("/v1/account")).json()["balance"] == 940 - spent
     # Recovery released only what a dead router held: nothing was released twice, no stats were skewed.
     stats = (await herd.admin.get("/admin/stats")).json()  # type: ignore[union-attr]
@@ -115,6 +115,6 @@ async def test_holds_left_by_a_closed_ledger_are_released_too(herd: Herd, tmp_pa
     bob = (await herd.admin.get("/admin/accounts/bob")).json()
     assert (bob["balance"], bob["held"], bob["spent"]) == (500, 0, 0)
     usage = (await herd.admin.get("/admin/usage")).json()["data"]
-    assert sorted((u["request_id"], u["status"], u["cost"]) for u in usage) == [
+    assert sorted((u["request_id"], u["status"], u["cost_credits"]) for u in usage) == [
         (f"req-{i}", "recovered", 0) for i in range(3)
     ]

@@ -25,14 +25,15 @@ async def test_embeddings_are_settled_on_exact_input_tokens(herd: Herd) -> None:
     assert resp.status_code == 200, resp.text
     body = resp.json()
     # The fake node counts words + 1 per text: 3 + 2.
-    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5, "cost": cost(5)}
+    # cost is the price in US dollars at the default credit value (a millionth); cost_credits what was charged
+    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5, "cost": cost(5) / 10**6, "cost_credits": cost(5)}
     assert [d["index"] for d in body["data"]] == [0, 1]
-    assert resp.headers["X-Llamakit-Cost"] == str(cost(5))
+    assert resp.headers["X-Llamakit-Cost-Credits"] == str(cost(5))
     assert resp.headers["X-Llamakit-Node"] == "n1"
     account = (await alice.get("/v1/account")).json()
     assert account["balance"] == 10_000 - cost(5) and account["held"] == 0 and account["spent"] == cost(5)
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["prompt_tokens"], u["completion_tokens"], u["cost"], u["status"]) for u in usage] == [
+    assert [(u["prompt_tokens"], u["completion_tokens"], u["cost_credits"], u["status"]) for u in usage] == [
         (5, 0, cost(5), "ok")
     ]
     assert node.received == [{"model": "fake-model", "input": ["one two", "three"]}]
@@ -44,11 +45,11 @@ async def test_the_bid_multiplies_the_price_and_token_ids_are_priced_exactly(her
     alice = await herd.account("alice", 10_000)
     resp = await alice.post("/v1/embeddings", json={"input": [[1, 2, 3], [4]], "bid": 1.5})
     assert resp.status_code == 200, resp.text
-    assert resp.json()["usage"]["cost"] == cost(4, 1.5) == 21  # 1.5 × 14
+    assert resp.json()["usage"]["cost_credits"] == cost(4, 1.5) == 21  # 1.5 × 14
     assert resp.headers["X-Llamakit-Bid"] == "1.5"
     assert "bid" not in node.received[0]
     resp = await alice.post("/v1/embeddings", json={"input": "one"}, headers={"X-Llamakit-Bid": "2"})
-    assert resp.json()["usage"]["cost"] == cost(2, 2)
+    assert resp.json()["usage"]["cost_credits"] == cost(2, 2)
     assert (await alice.get("/v1/account")).json()["spent"] == 21 + cost(2, 2)
 
 
@@ -104,7 +105,7 @@ async def test_bad_input_is_refused_before_anything_is_held(
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
     # Refused before anything was held: a usage record with no tokens and no cost, as chat completions get.
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["cost"], u["prompt_tokens"], u["http_status"]) for u in usage] == [(0, 0, resp.status_code)]
+    assert [(u["cost_credits"], u["prompt_tokens"], u["http_status"]) for u in usage] == [(0, 0, resp.status_code)]
 
 
 async def test_a_refusal_by_the_node_is_passed_on_and_refunded(herd: Herd) -> None:

@@ -43,7 +43,7 @@ async def test_a_node_that_joins_gets_work_heartbeats_and_leaves(herd: Herd) -> 
     for _ in range(3):
         resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
         assert resp.status_code == 200 and resp.headers["X-Llamakit-Node"] == "joiner"
-        costs.append(int(resp.headers["X-Llamakit-Cost"]))
+        costs.append(int(resp.headers["X-Llamakit-Cost-Credits"]))
     assert len(joiner.received) == 3
     # Its health is checked like any node's: a few intervals later it is still ready.
     await asyncio.sleep(0.3)
@@ -168,7 +168,7 @@ async def test_a_killed_node_goes_down_and_comes_back_on_the_same_port(herd: Her
         resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})
         assert resp.status_code == 200, resp.text
         node = resp.headers["X-Llamakit-Node"]
-        earned[node] += int(resp.headers["X-Llamakit-Cost"])
+        earned[node] += int(resp.headers["X-Llamakit-Cost-Credits"])
         if expect is not None:
             assert node == expect
         return node
@@ -212,14 +212,14 @@ async def test_the_only_node_killed_is_503_with_a_full_refund_until_it_returns(h
     account = (await alice.get("/v1/account")).json()
     assert (account["balance"], account["held"], account["spent"]) == (100_000, 0, 0)
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert len(usage) == 4 and {u["status"] for u in usage} == {"no_node"} and {u["cost"] for u in usage} == {0}
+    assert len(usage) == 4 and {u["status"] for u in usage} == {"no_node"} and {u["cost_credits"] for u in usage} == {0}
 
     await herd.restart_node("n1")
     await herd.wait_state("n1", "ready", within=2)
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     assert resp.status_code == 200 and resp.headers["X-Llamakit-Node"] == "n1"
     assert len(node.received) == 1
-    assert (await fees_per_node(herd)) == ({"n1": int(resp.headers["X-Llamakit-Cost"])},) * 2
+    assert (await fees_per_node(herd)) == ({"n1": int(resp.headers["X-Llamakit-Cost-Credits"])},) * 2
 
 
 async def test_a_joined_node_killed_and_restarted_comes_back_under_its_name(herd: Herd) -> None:
@@ -238,5 +238,5 @@ async def test_a_joined_node_killed_and_restarted_comes_back_under_its_name(herd
     second = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
     assert second.status_code == 200 and herd.nodes["j1"].received
     per_node, by_node = await fees_per_node(herd)
-    total = int(first.headers["X-Llamakit-Cost"]) + int(second.headers["X-Llamakit-Cost"])
+    total = int(first.headers["X-Llamakit-Cost-Credits"]) + int(second.headers["X-Llamakit-Cost-Credits"])
     assert per_node == by_node == {"j1": total}

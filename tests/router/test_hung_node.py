@@ -54,7 +54,7 @@ async def test_a_hung_only_node_is_503_with_a_full_refund_and_gets_no_more_work(
     account = (await alice.get("/v1/account")).json()
     assert (account["balance"], account["held"], account["spent"]) == (100_000, 0, 0)
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["status"], u["cost"]) for u in usage] == [("no_node", 0), ("no_node", 0)]
+    assert [(u["status"], u["cost_credits"]) for u in usage] == [("no_node", 0), ("no_node", 0)]
 
 
 async def test_a_node_that_hung_is_taken_back_after_its_rest_and_rests_longer_if_it_hangs_again(
@@ -112,7 +112,7 @@ async def test_a_stream_that_stalls_midway_is_charged_for_what_was_delivered_and
     assert resp.status_code == 200 and resp.headers["X-Llamakit-Node"] == "a-stalls"
     assert resp.text.count('"text":" tok"') == 2 and '"code":"node_failed"' in resp.text
     usage = (await alice.get("/v1/account/usage")).json()["data"][0]
-    assert (usage["status"], usage["completion_tokens"], usage["cost"]) == ("broken", 2, 10 + 7 + 2 * 2)
+    assert (usage["status"], usage["completion_tokens"], usage["cost_credits"]) == ("broken", 2, 10 + 7 + 2 * 2)
     await asyncio.sleep(0.3)
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5, "stream": True})
     assert resp.headers["X-Llamakit-Node"] == "b-good"

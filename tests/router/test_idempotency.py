@@ -20,10 +20,10 @@ async def test_a_repeat_of_a_settled_request_gets_the_same_answer_and_no_new_cha
     assert first.status_code == again.status_code == 200
     assert again.json() == first.json()
     assert again.headers["Idempotent-Replayed"] == "true"
-    assert again.headers["X-Llamakit-Cost"] == first.headers["X-Llamakit-Cost"]
+    assert again.headers["X-Llamakit-Cost-Credits"] == first.headers["X-Llamakit-Cost-Credits"]
     assert len(node.received) == 1
     account = (await alice.get("/v1/account")).json()
-    assert account["spent"] == first.json()["usage"]["cost"]
+    assert account["spent"] == first.json()["usage"]["cost_credits"]
     # A new key is a new request.
     assert (await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "call-2"})).status_code == 200
     assert len(node.received) == 2
@@ -43,7 +43,7 @@ async def test_a_repeat_while_the_first_runs_waits_for_it_instead_of_generating_
     gate.set()
     a, b = await asyncio.gather(first, second)
     assert a.json() == b.json() and len(node.received) == 1
-    assert (await alice.get("/v1/account")).json()["spent"] == a.json()["usage"]["cost"]
+    assert (await alice.get("/v1/account")).json()["spent"] == a.json()["usage"]["cost_credits"]
 
 
 async def test_a_key_reused_for_a_different_request_is_422(herd: Herd) -> None:
@@ -62,7 +62,7 @@ async def test_keys_belong_to_their_account(herd: Herd) -> None:
     a = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "shared"})
     b = await bob.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "shared"})
     assert a.json()["id"] != b.json()["id"] and len(node.received) == 2
-    assert (await bob.get("/v1/account")).json()["spent"] == b.json()["usage"]["cost"]
+    assert (await bob.get("/v1/account")).json()["spent"] == b.json()["usage"]["cost_credits"]
 
 
 async def test_a_refunded_request_runs_again_on_retry(herd: Herd) -> None:

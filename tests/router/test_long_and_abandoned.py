@@ -22,7 +22,7 @@ async def test_a_whole_answer_longer_than_the_node_timeout_is_served_while_the_n
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 12})
     assert resp.status_code == 200, resp.text
     assert resp.json()["usage"]["completion_tokens"] == 12
-    assert resp.json()["usage"]["cost"] == 10 + 7 + 2 * 12
+    assert resp.json()["usage"]["cost_credits"] == 10 + 7 + 2 * 12
     assert (await herd.node_states())["slow"] == "ready", "a node that was making progress is not rested"
     assert len(node.received) == 1
 
@@ -59,10 +59,10 @@ async def test_a_client_that_leaves_a_whole_request_pays_for_the_tokens_made_unt
     [record] = usage
     assert record["status"] == "cut"
     assert 5 <= record["completion_tokens"] < 40, record  # stopped within a few tokens of the client leaving
-    assert record["cost"] == 10 + 7 + 2 * record["completion_tokens"]
+    assert record["cost_credits"] == 10 + 7 + 2 * record["completion_tokens"]
     assert node.active == 0 and not node.stops
     account = (await alice.get("/v1/account")).json()
-    assert account["held"] == 0 and account["spent"] == record["cost"]
+    assert account["held"] == 0 and account["spent"] == record["cost_credits"]
 
 
 async def test_a_stream_client_that_leaves_before_its_first_token_is_refunded_and_the_node_stops(
@@ -86,6 +86,6 @@ async def test_a_stream_client_that_leaves_before_its_first_token_is_refunded_an
         await asyncio.sleep(0.05)
     assert node.cancelled == 1 and node.active == 0, "the node's request was closed, which stops its generation"
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["status"], u["cost"]) for u in usage] == [("cancelled", 0)]
+    assert [(u["status"], u["cost_credits"]) for u in usage] == [("cancelled", 0)]
     account = (await alice.get("/v1/account")).json()
     assert (account["balance"], account["held"]) == (100_000, 0)

@@ -83,15 +83,15 @@ async def test_new_fees_price_the_very_next_request(herd: Herd) -> None:
     assert herd.admin is not None
     alice = await herd.account("alice", 100_000)
     body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 5}
-    assert (await alice.post("/v1/completions", json=body)).json()["usage"]["cost"] == cost(7, 5)
+    assert (await alice.post("/v1/completions", json=body)).json()["usage"]["cost_credits"] == cost(7, 5)
 
     new = {"base_fee": 100, "prompt_token_fee": 3, "completion_token_fee": 7}
     resp = await herd.admin.put("/admin/fees/fake-model", json=new)
     assert resp.status_code == 200 and resp.json() == {"model": "fake-model", **new}
     resp = await alice.post("/v1/completions", json=body)
-    assert resp.json()["usage"]["cost"] == 100 + 3 * 7 + 7 * 5 == int(resp.headers["X-Llamakit-Cost"])
+    assert resp.json()["usage"]["cost_credits"] == 100 + 3 * 7 + 7 * 5 == int(resp.headers["X-Llamakit-Cost-Credits"])
     resp = await alice.post("/v1/completions", json={**body, "bid": 1.5})
-    assert resp.json()["usage"]["cost"] == math.ceil(1.5 * (100 + 3 * 7 + 7 * 5))
+    assert resp.json()["usage"]["cost_credits"] == math.ceil(1.5 * (100 + 3 * 7 + 7 * 5))
     spent = cost(7, 5) + 156 + 234
     assert (await alice.get("/v1/account")).json()["spent"] == spent
     # Fees are shown to everyone; bad fee schedules are refused and leave the price as it was.
@@ -99,7 +99,7 @@ async def test_new_fees_price_the_very_next_request(herd: Herd) -> None:
     assert fees["fake-model"] == new and fees["*"] == {"base_fee": 10, "prompt_token_fee": 1, "completion_token_fee": 2}
     for bad in ({"base_fee": -1, "prompt_token_fee": 1, "completion_token_fee": 1}, {"base_fee": "x"}, [1]):
         assert (await herd.admin.put("/admin/fees/fake-model", json=bad)).status_code == 400, bad
-    assert (await alice.post("/v1/completions", json=body)).json()["usage"]["cost"] == 156
+    assert (await alice.post("/v1/completions", json=body)).json()["usage"]["cost_credits"] == 156
 
 
 async def test_info_shows_fees_per_model_queue_length_and_the_last_multiplier(herd: Herd) -> None:
@@ -147,7 +147,7 @@ async def test_stats_show_nodes_queues_fees_requests_latency_and_agents(herd: He
     charged = []
     for _ in range(3):
         resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
-        charged.append(resp.json()["usage"]["cost"])
+        charged.append(resp.json()["usage"]["cost_credits"])
     assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 9999})).status_code == 402
     assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "model": "nope"})).status_code == 404
     # One request in flight on n2 and one waiting behind it.
@@ -196,7 +196,7 @@ async def test_stats_show_nodes_queues_fees_requests_latency_and_agents(herd: He
     }
 
     gate.set()
-    costs = [r.json()["usage"]["cost"] for r in await asyncio.gather(in_flight, waiting)]
+    costs = [r.json()["usage"]["cost_credits"] for r in await asyncio.gather(in_flight, waiting)]
     stats = (await herd.admin.get("/admin/stats")).json()
     nodes = {n["name"]: n for n in stats["nodes"]}
     assert (nodes["n2"]["busy"], nodes["n2"]["requests"], nodes["n2"]["fees_earned"]) == (0, 2, sum(costs))
@@ -268,7 +268,7 @@ async def test_metrics_expose_requests_fees_and_queue_depth(herd: Herd) -> None:
             await asyncio.sleep(0.01)
         assert metric(text, "llamakit_router_nodes", state="ready") == 1
         gate.set()
-        costs = [r.json()["usage"]["cost"] for r in await asyncio.gather(*tasks)]
+        costs = [r.json()["usage"]["cost_credits"] for r in await asyncio.gather(*tasks)]
         assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "model": "nope"})).status_code == 404
         assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 9999})).status_code == 402
         text = (await scraper.get("/metrics")).text

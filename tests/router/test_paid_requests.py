@@ -25,14 +25,16 @@ async def test_a_request_is_settled_on_exact_usage(herd: Herd) -> None:
     resp = await alice.post("/v1/completions", json={"model": "fake-model", "prompt": PROMPT, "max_tokens": 50})
     assert resp.status_code == 200, resp.text
     body = resp.json()
-    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": cost(7, 5)}
-    assert resp.headers["X-Llamakit-Cost"] == str(cost(7, 5))
+    assert body["usage"] == {
+        "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 0.000027, "cost_credits": cost(7, 5)
+    }  # fmt: skip
+    assert resp.headers["X-Llamakit-Cost-Credits"] == str(cost(7, 5))
     assert resp.headers["X-Llamakit-Node"] == "n1"
     assert body["id"] == resp.headers["X-Llamakit-Request-Id"]
     account = (await alice.get("/v1/account")).json()
     assert account["balance"] == 10_000 - cost(7, 5) and account["held"] == 0 and account["spent"] == cost(7, 5)
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["request_id"], u["cost"], u["node"], u["status"]) for u in usage] == [
+    assert [(u["request_id"], u["cost_credits"], u["node"], u["status"]) for u in usage] == [
         (body["id"], cost(7, 5), "n1", "ok")
     ]
     # The node was told the max_tokens that was paid for.
@@ -45,11 +47,11 @@ async def test_the_bid_multiplies_the_price_and_rounds_up(herd: Herd) -> None:
     await herd.start()
     alice = await herd.account("alice", 10_000)
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50, "bid": 1.3})
-    assert resp.json()["usage"]["cost"] == 36  # 1.3 × (10 + 7 + 10) = 35.1, rounded up
+    assert resp.json()["usage"]["cost_credits"] == 36  # 1.3 × (10 + 7 + 10) = 35.1, rounded up
     resp = await alice.post(
         "/v1/completions", json={"prompt": PROMPT, "max_tokens": 50}, headers={"X-Llamakit-Bid": "2"}
     )
-    assert resp.json()["usage"]["cost"] == 54
+    assert resp.json()["usage"]["cost_credits"] == 54
     assert (await alice.get("/v1/account")).json()["spent"] == 90
 
 
@@ -229,7 +231,10 @@ async def test_stream_passes_tokens_through_and_settles_on_usage(herd: Herd) -> 
     tokens = [e for e in events if e["choices"] and e["choices"][0]["text"]]  # type: ignore[index]
     assert len(tokens) == 6
     assert all("llamakit" not in e for e in events)
-    assert events[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13, "cost": cost(7, 6)}
+    assert events[-1]["usage"] == {
+        "prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13, "cost": cost(7, 6) / 10**6,
+        "cost_credits": cost(7, 6),
+    }  # fmt: skip
     without = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10, "stream": True})
     assert all(not e.get("usage") for e in sse_events(without.text))
     assert (await alice.get("/v1/account")).json()["spent"] == 2 * cost(7, 6)
@@ -254,7 +259,7 @@ async def test_a_cut_stream_is_charged_for_what_was_delivered(herd: Herd) -> Non
     assert usage[0]["status"] == "cut"
     delivered = usage[0]["completion_tokens"]
     assert 5 <= delivered < 20, delivered
-    assert usage[0]["cost"] == cost(7, delivered)
+    assert usage[0]["cost_credits"] == cost(7, delivered)
     for _ in range(100):
         if node.cancelled:
             break
@@ -271,7 +276,7 @@ async def test_a_node_dying_mid_stream_ends_it_with_an_error_and_charges_what_wa
     assert events[-1]["error"]["code"] == "node_failed"  # type: ignore[index]
     assert len([e for e in events if e.get("choices")]) == 4
     usage = (await alice.get("/v1/account/usage")).json()["data"][0]
-    assert usage["status"] == "broken" and usage["completion_tokens"] == 4 and usage["cost"] == cost(7, 4)
+    assert usage["status"] == "broken" and usage["completion_tokens"] == 4 and usage["cost_credits"] == cost(7, 4)
 
 
 async def test_concurrent_requests_on_one_account_never_overdraw(herd: Herd) -> None:
@@ -284,6 +289,6 @@ async def test_concurrent_requests_on_one_account_never_overdraw(herd: Herd) -> 
     )
     codes = [r.status_code for r in results]
     assert set(codes) <= {200, 402} and codes.count(200) >= 10
-    spent = sum(r.json()["usage"]["cost"] for r in results if r.status_code == 200)
+    spent = sum(r.json()["usage"]["cost_credits"] for r in results if r.status_code == 200)
     account = (await alice.get("/v1/account")).json()
     assert account["spent"] == spent and account["balance"] == hold * 10 + 5 - spent >= 0

@@ -52,7 +52,7 @@ async def test_every_refusal_is_counted_and_a_known_accounts_refusals_are_usage_
     assert value(after, "llamakit_router_refusals_total", status="401", code="invalid_api_key") == 1
     # The account's refusals are in its usage, newest first, each under the id its error response named.
     usage = (await poor.get("/v1/account/usage")).json()["data"]
-    assert [(u["status"], u["http_status"], u["cost"]) for u in usage] == [
+    assert [(u["status"], u["http_status"], u["cost_credits"]) for u in usage] == [
         ("invalid_value", 400, 0),
         ("model_not_found", 404, 0),
         *[("insufficient_funds", 402, 0)] * 5,

@@ -46,7 +46,8 @@ async def test_a_response_is_a_chat_completion_settled_on_exact_usage(herd: Herd
         "output_tokens": 4,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": 12,
-        "cost": cost(8, 4),
+        "cost": cost(8, 4) / 10**6,
+        "cost_credits": cost(8, 4),
     }
     assert body["object"] == "response" and body["id"] == "resp_" + resp.headers["X-Llamakit-Request-Id"][4:]
     assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}
@@ -58,7 +59,7 @@ async def test_a_response_is_a_chat_completion_settled_on_exact_usage(herd: Herd
         "logprobs": [],
     }
     assert body["store"] is False and body["instructions"] == "be brief" and body["max_output_tokens"] == 9
-    assert resp.headers["X-Llamakit-Cost"] == str(cost(8, 4))
+    assert resp.headers["X-Llamakit-Cost-Credits"] == str(cost(8, 4))
     assert node.received == [
         {
             "model": "fake-model",
@@ -99,7 +100,7 @@ async def test_input_items_become_chat_messages_and_the_bid_applies(herd: Herd) 
     assert sent["temperature"] == 0 and sent["top_p"] == 0.5 and sent["response_format"] == {"type": "json_object"}
     assert "bid" not in sent
     usage = resp.json()["usage"]
-    assert usage["cost"] == cost(usage["input_tokens"], 2, bid=2)
+    assert usage["cost_credits"] == cost(usage["input_tokens"], 2, bid=2)
 
 
 async def test_a_json_schema_text_format_becomes_a_response_format(herd: Herd) -> None:
@@ -144,7 +145,7 @@ async def test_a_streamed_response_is_the_responses_event_sequence(herd: Herd) -
     assert "[DONE]" not in resp.text
     final = events[-1][1]["response"]
     assert final["output"][0]["content"][0]["text"] == " tok" * 3
-    assert final["usage"]["output_tokens"] == 3 and final["usage"]["cost"] == cost(2 + 3, 3)
+    assert final["usage"]["output_tokens"] == 3 and final["usage"]["cost_credits"] == cost(2 + 3, 3)
     assert node.received[0]["stream"] is True and node.received[0]["stream_options"] == {"include_usage": True}
     assert (await alice.get("/v1/account")).json()["spent"] == cost(5, 3)
 
@@ -188,7 +189,7 @@ async def test_bad_input_is_refused_before_anything_is_held(
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
     # Refused before anything was held: a usage record with no tokens and no cost, as chat completions get.
     usage = (await alice.get("/v1/account/usage")).json()["data"]
-    assert [(u["cost"], u["prompt_tokens"], u["http_status"]) for u in usage] == [(0, 0, resp.status_code)]
+    assert [(u["cost_credits"], u["prompt_tokens"], u["http_status"]) for u in usage] == [(0, 0, resp.status_code)]
 
 
 @pytest.mark.skipif(HAS_CHAT_TOOLS, reason="chat completions have tool calling: tools are translated, not refused")

@@ -30,7 +30,7 @@ TOOL = {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     "strict": True,
 }
-USAGE = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27, "cost": 44}
+USAGE = {"prompt_tokens": 20, "completion_tokens": 7, "total_tokens": 27, "cost": 0.000044, "cost_credits": 44}
 
 
 def request(**fields: Any) -> ResponsesRequest:
@@ -147,7 +147,7 @@ def test_a_chat_answer_with_tool_calls_is_a_response_with_function_calls() -> No
         ("function_call", "call_b", '{"city":"Oslo"}'),
     ]
     assert response.usage is not None and (response.usage.input_tokens, response.usage.output_tokens) == (20, 7)
-    assert body["usage"]["cost"] == 44
+    assert body["usage"]["cost"] == 0.000044 and body["usage"]["cost_credits"] == 44
 
 
 def test_a_text_answer_cut_at_max_tokens_is_incomplete() -> None:

@@ -65,7 +65,7 @@ async def test_a_stream_cut_anywhere_or_not_at_all_arrives_whole(herd: Herd) -> 
         assert text == "".join(f" t{i}" for i in range(1, 13)), model
         assert all("llamakit" not in c for c in chunks)
         assert chunks[-1]["usage"]["completion_tokens"] == 12
-        assert chunks[-1]["usage"]["cost"] > 0
+        assert chunks[-1]["usage"]["cost_credits"] > 0
     usage = (await alice.get("/v1/account/usage")).json()["data"]
     assert [(u["status"], u["completion_tokens"]) for u in usage] == [("ok", 12), ("ok", 12)]
-    assert (await alice.get("/v1/account")).json()["spent"] == sum(u["cost"] for u in usage)
+    assert (await alice.get("/v1/account")).json()["spent"] == sum(u["cost_credits"] for u in usage)

@@ -24,6 +24,8 @@ FIELDS = {
     "prompt_tokens",
     "completion_tokens",
     "cost",
+    "cost_credits",
+    "currency",
     "held",
     "bid",
     "latency_ms",
@@ -63,7 +65,8 @@ def agree(lines: list[dict[str, Any]], usage: list[dict[str, Any]], accounts: di
     by_id = {line["request_id"]: line for line in lines}
     for u in usage:
         line = by_id[u["request_id"]]
-        for key in ("model", "node", "status", "prompt_tokens", "completion_tokens", "cost", "held", "bid"):
+        keys = ("model", "node", "status", "prompt_tokens", "completion_tokens", "cost", "cost_credits", "currency")
+        for key in (*keys, "held", "bid"):
             assert line[key] == u[key], (key, line, u)
         assert line["account"] == accounts[u["account_id"]]
 
@@ -118,19 +121,19 @@ async def test_every_settled_or_refunded_request_is_one_complete_line(herd: Herd
     lines = read_log(log)
     agree(lines, usage, accounts)
     [refused] = [line for line in lines if line["account"] == "poor"]  # refused before a hold: no money moved
-    assert (refused["status"], refused["http_status"], refused["cost"]) == ("insufficient_funds", 402, 0)
+    assert (refused["status"], refused["http_status"], refused["cost_credits"]) == ("insufficient_funds", 402, 0)
     # The money in the log is the money in the books.
-    assert sum(line["cost"] for line in lines) == (await herd.books())["charges"]
+    assert sum(line["cost_credits"] for line in lines) == (await herd.books())["charges"]
     for name, client in (("alice", alice), ("bob", bob)):
         mine = (await client.get("/v1/account/usage")).json()["data"]
-        assert sorted((u["request_id"], u["cost"], u["total_tokens"]) for u in mine) == sorted(
-            (line["request_id"], line["cost"], line["prompt_tokens"] + line["completion_tokens"])
+        assert sorted((u["request_id"], u["cost_credits"], u["total_tokens"]) for u in mine) == sorted(
+            (line["request_id"], line["cost_credits"], line["prompt_tokens"] + line["completion_tokens"])
             for line in lines
             if line["account"] == name
         )
     # What the clients were told they paid is what the log says.
-    told = {r.headers["X-Llamakit-Request-Id"]: int(r.headers["X-Llamakit-Cost"]) for r in responses[:2]}
-    assert {i: c for i, c in ((line["request_id"], line["cost"]) for line in lines) if i in told} == told
+    told = {r.headers["X-Llamakit-Request-Id"]: int(r.headers["X-Llamakit-Cost-Credits"]) for r in responses[:2]}
+    assert {i: c for i, c in ((line["request_id"], line["cost_credits"]) for line in lines) if i in told} == told
 
 
 async def test_the_log_is_appended_to_across_restarts_and_includes_recovered_requests(
@@ -158,7 +161,12 @@ async def test_the_log_is_appended_to_across_restarts_and_includes_recovered_req
     lines = read_log(log)
     agree(lines, usage, {account.id: "alice"})
     recovered = next(line for line in lines if line["request_id"] == "req-died")
-    assert (recovered["status"], recovered["cost"], recovered["held"], recovered["bid"]) == ("recovered", 0, 500, "2")
+    assert (recovered["status"], recovered["cost_credits"], recovered["held"], recovered["bid"]) == (
+        "recovered",
+        0,
+        500,
+        "2",
+    )
     assert recovered["node"] is None and recovered["error"]
-    assert (await alice.get("/v1/account")).json()["balance"] == 10_000 - sum(line["cost"] for line in lines)
+    assert (await alice.get("/v1/account")).json()["balance"] == 10_000 - sum(line["cost_credits"] for line in lines)
     await alice.aclose()

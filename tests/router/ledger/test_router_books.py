@@ -36,7 +36,7 @@ async def test_a_200_way_race_on_one_account_never_overdraws(url: str, herd: Her
         for refused in (r for r in results if r.status_code == 402):
             error = refused.json()["error"]
             assert error["code"] == "insufficient_funds" and error["needed"] == hold and error["balance"] < hold
-        spent = sum(r.json()["usage"]["cost"] for r in results if r.status_code == 200)
+        spent = sum(r.json()["usage"]["cost_credits"] for r in results if r.status_code == 200)
         account = (await alice.get("/v1/account")).json()
         assert account["spent"] == spent and account["balance"] == hold * 30 + 5 - spent >= 0
         assert account["held"] == 0
@@ -64,9 +64,11 @@ async def test_remembered_answers_and_usage_records(url: str, herd: Herd) -> Non
         assert [u["request_id"] for u in older] == [first.headers["X-Llamakit-Request-Id"]]
         record = older[0]
         assert (record["status"], record["prompt_tokens"], record["completion_tokens"]) == ("ok", 7, 5)
-        assert record["cost"] == first.json()["usage"]["cost"] == int(first.headers["X-Llamakit-Cost"])
+        charged = first.json()["usage"]["cost_credits"]
+        assert record["cost_credits"] == charged == int(first.headers["X-Llamakit-Cost-Credits"])
+        assert record["cost"] == first.json()["usage"]["cost"]
         account = (await alice.get("/v1/account")).json()
-        assert account["spent"] == record["cost"] + second.json()["usage"]["cost"]
+        assert account["spent"] == record["cost_credits"] + second.json()["usage"]["cost_credits"]
 
 
 def _free_port() -> int:
