@@ -61,7 +61,7 @@ class Grade:
 
     `sentiment` is None when no reply could be read. `score` runs from -1.0 (every vote negative) to +1.0
     (every vote positive): positive votes minus negative votes, over all votes. `cost` is in credits (the
-    sum of `usage.cost` over the requests); `replies` are the raw reply texts, one per request.
+    sum of `usage.cost_credits` over the requests); `replies` are the raw reply texts, one per request.
     """
 
     sentiment: Sentiment | None
@@ -140,7 +140,7 @@ class SentimentGrader:
                 result = self.client.generate(prompt, **options)
             else:
                 result = self.client.chat(prompt, **options)
-            cost += result.cost or 0
+            cost += result.cost_credits or 0
             replies.append(result.text)
             if result.request_id:
                 ids.append(result.request_id)

@@ -6,7 +6,7 @@
     with meter() as m:
         answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", temperature=0, bid="auto")
         vectors = embed(["a cat", "a kitten"]).vectors
-    m.cost, usage_frame()
+    m.cost, m.cost_credits, usage_frame()  # the price in the router's currency, the credits charged
 
 After `llamakit up` it needs no setup; elsewhere set `LLAMAKIT_URL` and `LLAMAKIT_API_KEY`, or make a
 `Client(url=..., api_key=...)`. Every call carries an idempotency key, is retried when that is safe, and
@@ -63,6 +63,7 @@ from llamakit.sdk._models import (
     Model,
     ModelInfo,
     NodeCounts,
+    Prices,
     PromptTokensDetails,
     TokenUsage,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "NotFoundError",
     "NotGiven",
     "PermissionDeniedError",
+    "Prices",
     "PromptTokensDetails",
     "QueueFullError",
     "RateLimitError",

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from time import perf_counter
 from typing import Any, Final, Literal, TypedDict
 
@@ -50,7 +51,9 @@ Kind = Literal["generate", "chat", "embed"]
 
 REQUEST_ID_HEADER: Final = "X-Llamakit-Request-Id"
 NODE_HEADER: Final = "X-Llamakit-Node"
-COST_HEADER: Final = "X-Llamakit-Cost"
+COST_HEADER: Final = "X-Llamakit-Cost"  # the price in CURRENCY_HEADER's currency (credits, from older routers)
+COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"
+CURRENCY_HEADER: Final = "X-Llamakit-Currency"
 BID_HEADER: Final = "X-Llamakit-Bid"
 QUEUE_HEADER: Final = "X-Llamakit-Queue-Ms"  # read when a router sends it; today's router does not
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
@@ -192,6 +195,28 @@ def _header_int(response: httpx.Response, name: str) -> int | None:
         return None
 
 
+def _header_decimal(response: httpx.Response, name: str) -> Decimal | None:
+    try:
+        value = Decimal(response.headers[name])
+    except (KeyError, InvalidOperation):
+        return None
+    return value if value.is_finite() else None
+
+
+def _charge(usage: TokenUsage | None, response: httpx.Response) -> dict[str, Any]:
+    """`cost`, `cost_credits` and `currency` of an answer: from its usage, else from its headers."""
+    cost = usage.cost if usage is not None else None
+    credits = usage.cost_credits if usage is not None else None
+    currency = response.headers.get(CURRENCY_HEADER)
+    if credits is None:
+        credits = _header_int(response, COST_CREDITS_HEADER)
+        if credits is not None and cost is None:
+            cost = _header_decimal(response, COST_HEADER)
+        elif currency is None:  # a router older than prices in a currency: its cost header is the credits
+            credits = _header_int(response, COST_HEADER)
+    return {"cost": cost, "cost_credits": credits, "currency": currency}
+
+
 def _header_float(response: httpx.Response, name: str) -> float | None:
     try:
         return float(response.headers[name])
@@ -266,7 +291,9 @@ class Call:
             vectors = [_vector(d["embedding"]) for d in data]
             usage = body.get("usage") or {}
             prompt = int(usage["prompt_tokens"])
-            tokens = TokenUsage(prompt_tokens=prompt, completion_tokens=0, total_tokens=prompt, cost=usage.get("cost"))
+            tokens = TokenUsage.model_validate(
+                {**usage, "prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+            )
         except (json.JSONDecodeError, binascii.Error, KeyError, IndexError, TypeError, ValueError, struct.error) as exc:
             raise APIResponseValidationError(
                 f"the router's answer is not a list of embeddings: {response.text[:200]!r}",
@@ -280,7 +307,7 @@ class Call:
             node=response.headers.get(NODE_HEADER),
             request_id=request_id,
             usage=tokens,
-            cost=tokens.cost if tokens.cost is not None else _header_int(response, COST_HEADER),
+            **_charge(tokens, response),
             bid=_header_float(response, BID_HEADER) or self.bid,
             latency=self.elapsed,
             queue_wait=None if queue_ms is None else queue_ms / 1000,
@@ -303,6 +330,8 @@ class Call:
             completion_tokens=0,
             total_tokens=None if usage is None else usage.total_tokens,
             cost=result.cost,
+            cost_credits=result.cost_credits,
+            currency=result.currency,
             bid=result.bid,
             latency=result.latency,
             queue_wait=result.queue_wait,
@@ -356,7 +385,6 @@ class Call:
         usage: TokenUsage | None,
         request_id: str | None,
     ) -> Generation:
-        cost = usage.cost if usage is not None and usage.cost is not None else _header_int(response, COST_HEADER)
         queue_ms = _header_float(response, QUEUE_HEADER)
         return Generation(
             text=text,
@@ -365,7 +393,7 @@ class Call:
             request_id=response.headers.get(REQUEST_ID_HEADER) or request_id,
             finish_reason=finish_reason,
             usage=usage,
-            cost=cost,
+            **_charge(usage, response),
             bid=_header_float(response, BID_HEADER) or self.bid,
             latency=self.elapsed,
             ttft=self.first_token,
@@ -390,6 +418,8 @@ class Call:
             completion_tokens=None if usage is None else usage.completion_tokens,
             total_tokens=None if usage is None else usage.total_tokens,
             cost=generation.cost,
+            cost_credits=generation.cost_credits,
+            currency=generation.currency,
             bid=generation.bid,
             latency=generation.latency,
             ttft=generation.ttft,

@@ -7,8 +7,12 @@ older SDK.
 from __future__ import annotations
 
 import html
+from decimal import Decimal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llamakit.currency import format_price
 
 __all__ = [
     "Account",
@@ -19,6 +23,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "NodeCounts",
+    "Prices",
     "PromptTokensDetails",
     "TokenUsage",
 ]
@@ -35,14 +40,27 @@ class PromptTokensDetails(_Frozen):
     cached_tokens: int | None = None
 
 
+def credits_as_cost_credits(data: Any) -> Any:
+    """Usage as a router older than prices in a currency sent it (or an older SDK logged it): its `cost` was
+    the credits charged, which is `cost_credits` now; its price is unknown."""
+    if isinstance(data, dict) and "cost_credits" not in data and isinstance(data.get("cost"), int):
+        data = {**data, "cost_credits": data["cost"], "cost": None}
+    return data
+
+
 class TokenUsage(_Frozen):
-    """Exact token counts as the node's tokenizer counted them, and what they cost in credits."""
+    """Exact token counts as the node's tokenizer counted them, and what they cost: `cost_credits` is what
+    the router's ledger charged, `cost` its price in the router's currency (credits × the credit value, an
+    exact decimal)."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
-    cost: int | None = None
+    cost: Decimal | None = None
+    cost_credits: int | None = None
+
+    _older_router = model_validator(mode="before")(credits_as_cost_credits)
 
     @property
     def cached_tokens(self) -> int | None:
@@ -65,7 +83,9 @@ class Generation(_Frozen):
     request_id: str | None = None
     finish_reason: str | None = None
     usage: TokenUsage | None = None
-    cost: int | None = Field(default=None, description="credits charged for this call")
+    cost: Decimal | None = Field(default=None, description="the price of this call in `currency`, exact")
+    cost_credits: int | None = Field(default=None, description="credits charged for this call")
+    currency: str | None = Field(default=None, description="the router's currency (ISO 4217) that `cost` is in")
     bid: float | None = Field(default=None, description="the bid multiplier the router applied")
     latency: float | None = None
     ttft: float | None = None
@@ -88,8 +108,10 @@ class Generation(_Frozen):
             parts.append(
                 f"{u.prompt_tokens} prompt{cached} + {u.completion_tokens} completion = {u.total_tokens} tokens"
             )
-        if self.cost is not None:
-            parts.append(f"{self.cost} credits" + (f" at bid {self.bid:g}" if self.bid is not None else ""))
+        if self.cost_credits is not None:
+            price = f" ({price_text(self.cost, self.currency)})" if self.cost is not None else ""
+            bid = f" at bid {self.bid:g}" if self.bid is not None else ""
+            parts.append(f"{self.cost_credits} credits{price}{bid}")
         if self.latency is not None:
             timing = f"{self.latency:.2f} s"
             if self.ttft is not None:
@@ -111,12 +133,18 @@ class Generation(_Frozen):
         return f"{self.text}\n\n<sub>{html.escape(self.summary())}</sub>"
 
 
+def price_text(cost: Decimal, currency: str | None) -> str:
+    """A price for people: '0.000027 USD' (positional, without trailing zeros)."""
+    return f"{format_price(cost)} {currency}" if currency else format_price(cost)
+
+
 class Embeddings(_Frozen):
     """The vectors of one `embed` call, one per input in input order, and what the call measured.
 
     `vectors[i]` is input i's vector (unit length, as the node's model pools and normalises it); `len()` and
     indexing work on the vectors. `usage.prompt_tokens` counts every token embedded (there are no completion
-    tokens) and `cost` is what they cost in credits. Times are in seconds, as in `Generation`.
+    tokens), `cost_credits` is what they cost in credits and `cost` its price in `currency`. Times are in
+    seconds, as in `Generation`.
     """
 
     vectors: list[list[float]]
@@ -124,7 +152,9 @@ class Embeddings(_Frozen):
     node: str | None = None
     request_id: str | None = None
     usage: TokenUsage | None = None
-    cost: int | None = Field(default=None, description="credits charged for this call")
+    cost: Decimal | None = Field(default=None, description="the price of this call in `currency`, exact")
+    cost_credits: int | None = Field(default=None, description="credits charged for this call")
+    currency: str | None = Field(default=None, description="the router's currency (ISO 4217) that `cost` is in")
     bid: float | None = Field(default=None, description="the bid multiplier the router applied")
     latency: float | None = None
     queue_wait: float | None = None
@@ -156,20 +186,33 @@ class Fees(_Frozen):
         )
 
 
+class Prices(_Frozen):
+    """A model's fees as prices in the router's currency: per request, and per million prompt and completion
+    tokens (at bid 1)."""
+
+    currency: str
+    per_request: Decimal
+    per_million_prompt_tokens: Decimal
+    per_million_completion_tokens: Decimal
+
+
 class Model(_Frozen):
-    """A model the herd serves (`GET /v1/models`)."""
+    """A model the herd serves (`GET /v1/models`): its fees in credits, and as prices in the router's currency."""
 
     id: str
     fees: Fees | None = None
+    prices: Prices | None = None
     nodes: int | None = None
     slots: int | None = None
     owned_by: str | None = None
 
 
 class ModelInfo(_Frozen):
-    """One model in `GET /v1/info`: its fees, how many requests wait for it, how many nodes serve it."""
+    """One model in `GET /v1/info`: its fees (and their prices), how many requests wait for it, how many nodes
+    serve it."""
 
     fees: Fees
+    prices: Prices | None = None
     queue_length: int = 0
     nodes: int = 0
 
@@ -183,10 +226,12 @@ class Info(_Frozen):
     """The router's public market data (`GET /v1/info`, no key needed): what to pay and what others paid.
 
     `last_multiplier` is the bid of the request dispatched last; `queue_length` counts waiting requests of
-    every model. Out-bid the queue with `bid="auto"`.
+    every model. Out-bid the queue with `bid="auto"`. A credit is worth `credit_value` of `currency`.
     """
 
     models: dict[str, ModelInfo] = Field(default_factory=dict)
+    currency: str | None = None
+    credit_value: Decimal | None = None
     queue_length: int = 0
     last_multiplier: float = 1.0
     nodes: NodeCounts = Field(default_factory=NodeCounts)

@@ -77,7 +77,9 @@ class _StreamBase:
 
     def _cut(self, response: httpx.Response | None) -> None:
         if self._state is not None:
-            self._result = self._state.generation().model_copy(update={"usage": None, "cost": None})
+            self._result = self._state.generation().model_copy(
+                update={"usage": None, "cost": None, "cost_credits": None}
+            )
         self._book.add(self._call.failure(GeneratorExit(), response=response, cut=True))
 
     def _failed(self, exc: BaseException, response: httpx.Response | None) -> None:

@@ -14,11 +14,15 @@ import threading
 from collections.abc import Iterable
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict
+from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
+
+from llamakit.currency import format_price
+from llamakit.sdk._models import credits_as_cost_credits
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]
@@ -36,6 +40,8 @@ class UsageRecord(BaseModel):
     `status` is "ok", "error" (then `error` and `error_type` say what happened, `status_code` the HTTP
     status if the router answered) or "cut" (a stream closed by the caller before it ended: the router
     charges the tokens delivered, which the client cannot see, so tokens and cost are unknown).
+    `cost_credits` is what the router's ledger charged; `cost` is its price in `currency` (credits × the
+    router's credit value, an exact decimal).
     `attempts` counts the requests sent (retries included; 0 when the call failed before sending one).
     Fields the call never learned are None, never 0: a missing cost is not a free call.
     """
@@ -55,7 +61,9 @@ class UsageRecord(BaseModel):
     cached_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
-    cost: int | None = None
+    cost: Decimal | None = None
+    cost_credits: int | None = None
+    currency: str | None = None
     bid: float | None = None
     latency: float | None = None
     ttft: float | None = None
@@ -64,6 +72,8 @@ class UsageRecord(BaseModel):
     error_type: str | None = None
     error: str | None = None
     user: str | None = None  # the OpenAI `user` the call named
+
+    _older_log = model_validator(mode="before")(credits_as_cost_credits)  # a line of an older SDK's log
 
 
 FRAME_DTYPES: Final[dict[str, str]] = {
@@ -80,7 +90,9 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "total_tokens": "Int64",
-    "cost": "Int64",
+    "cost": "float64",
+    "cost_credits": "Int64",
+    "currency": "category",
     "bid": "float64",
     "latency": "float64",
     "ttft": "float64",
@@ -91,7 +103,8 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "user": "string",
 }
 """The columns of a usage frame and their dtypes: nullable `Int64` for counts and credits (a failed call
-has none, and NaN would turn them into floats), floats for seconds, `category` for the few repeating labels."""
+has none, and NaN would turn them into floats), floats for seconds and for `cost` (the price, exact to 15
+significant digits; sum `cost_credits` for exact totals), `category` for the few repeating labels."""
 
 
 def usage_records_frame(records: Iterable[UsageRecord]) -> pd.DataFrame:
@@ -102,6 +115,8 @@ def usage_records_frame(records: Iterable[UsageRecord]) -> pd.DataFrame:
     columns: dict[str, Any] = {}
     for name, dtype in FRAME_DTYPES.items():
         values = [getattr(r, name) for r in rows]
+        if name == "cost":
+            values = [None if v is None else float(v) for v in values]
         if name == "time":
             columns[name] = pd.Series(pd.to_datetime(values, utc=True), dtype="datetime64[ns, UTC]")
         else:
@@ -253,18 +268,38 @@ class Meter:
         return sum(r.total_tokens or 0 for r in self.records)
 
     @property
-    def cost(self) -> int:
+    def cost_credits(self) -> int:
         """Credits charged for the calls whose charge is known (a stream cut short is charged unseen)."""
-        return sum(r.cost or 0 for r in self.records)
+        return sum(r.cost_credits or 0 for r in self.records)
+
+    @property
+    def currency(self) -> str | None:
+        """The currency of the calls' prices (None before any priced call); ValueError if there are several."""
+        currencies = {r.currency for r in self.records if r.cost is not None and r.currency is not None}
+        if len(currencies) > 1:
+            raise ValueError(f"the calls were priced in {', '.join(sorted(currencies))}: see frame() per currency")
+        return next(iter(currencies), None)
+
+    @property
+    def cost(self) -> Decimal:
+        """The price of the calls whose price is known, in `currency`: an exact sum of exact decimals.
+        ValueError if the calls were priced in several currencies (routers of different operators)."""
+        self.currency  # noqa: B018 -- raises rather than add up prices in different currencies
+        return sum((r.cost for r in self.records if r.cost is not None), Decimal(0))
 
     def frame(self) -> pd.DataFrame:
         return usage_records_frame(self.records)
 
     def summary(self) -> str:
         cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
+        try:
+            currency = self.currency
+        except ValueError:  # priced in several currencies: the credits alone
+            currency = None
+        price = f" ({format_price(self.cost)} {currency})" if currency is not None else ""
         return (
             f"{self.calls} calls ({self.errors} failed) · {self.prompt_tokens} prompt{cached} + "
-            f"{self.completion_tokens} completion = {self.total_tokens} tokens · {self.cost} credits"
+            f"{self.completion_tokens} completion = {self.total_tokens} tokens · {self.cost_credits} credits{price}"
         )
 
     def __repr__(self) -> str:
@@ -275,7 +310,8 @@ class Meter:
 
 
 def meter() -> Meter:
-    """A fresh `Meter`: `with meter() as m: …` then `m.cost`, `m.total_tokens`, `m.frame()`."""
+    """A fresh `Meter`: `with meter() as m: …` then `m.cost` (the price), `m.cost_credits`, `m.total_tokens`,
+    `m.frame()`."""
     return Meter()
 
 

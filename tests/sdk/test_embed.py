@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 
 import llamakit.sdk as sdk
@@ -21,12 +23,13 @@ def test_embed_returns_vectors_with_their_metering(herd: ThreadedHerd) -> None:
     assert len(result) == 2 and result.dimensions == 4
     assert result[0] == [0.0, 0.5, -0.25, 1.0] and result.vectors[1] == [1.0, 0.5, -0.25, 1.0]
     assert result.usage is not None and (result.usage.prompt_tokens, result.usage.completion_tokens) == (5, 0)
-    assert result.cost == result.usage.cost == embed_fees(5) == herd.spent(client)
+    assert result.cost_credits == result.usage.cost_credits == embed_fees(5) == herd.spent(client)
+    assert (result.cost, result.currency) == (Decimal(embed_fees(5)) / 10**6, "USD")
     assert result.model == MODEL and result.node == "n1" and result.request_id is not None
     # Vectors travel as base64 and are decoded to floats; the router names the model it chose.
     assert node.received[0] == {"input": ["one two", "three"], "encoding_format": "base64", "model": MODEL}
     [record] = client.usage_records
-    assert (record.kind, record.status, record.prompt_tokens, record.cost) == ("embed", "ok", 5, embed_fees(5))
+    assert (record.kind, record.status, record.prompt_tokens, record.cost_credits) == ("embed", "ok", 5, embed_fees(5))
     frame = client.usage_frame()
     assert list(frame["kind"]) == ["embed"]
 
@@ -36,7 +39,7 @@ def test_embed_takes_token_ids_a_model_a_bid_and_dimensions(herd: ThreadedHerd) 
     herd.start()
     client = herd.client()
     result = client.embed([[1, 2, 3]], model=MODEL, bid=2, dimensions=4)
-    assert result.cost == embed_fees(3, 2) and result.bid == 2
+    assert result.cost_credits == embed_fees(3, 2) and result.bid == 2
     assert node.received[0] == {
         "input": [[1, 2, 3]],
         "encoding_format": "base64",
@@ -81,5 +84,5 @@ async def test_async_and_module_level_embed(herd: ThreadedHerd) -> None:
         second = sdk.embed(["three"])
     assert first.usage is not None and first.usage.prompt_tokens == 3
     assert second.vectors == [[0.0, 0.5, -0.25, 1.0]]
-    assert m.calls == 2 and m.cost == sdk.account().spent == embed_fees(3) + embed_fees(2)
+    assert m.calls == 2 and m.cost_credits == sdk.account().spent == embed_fees(3) + embed_fees(2)
     assert [r.kind for r in sdk.usage_records()] == ["embed", "embed"]

@@ -66,7 +66,7 @@ def test_a_call_retried_after_a_dropped_answer_is_charged_once(
         herd.loop.run(server.stop())
     assert result.attempts == 2
     assert len(proxy.keys) == 2 and proxy.keys[0] == proxy.keys[1] is not None
-    assert result.cost == fees(7, 5)
+    assert result.cost_credits == fees(7, 5)
     assert herd.spent(client) == fees(7, 5), "the retry was charged again"
     assert len(node.received) == 1, "the retry was generated again"
     assert [r["status"] for r in herd.router_usage(client)] == ["ok"]

@@ -30,8 +30,8 @@ def test_generate_and_chat_are_priced_on_exact_usage(client: sdk.Client, live_ro
     for result in (done, answer):
         assert result.text.strip() and result.model == live_router.model and result.node == "real-node"
         assert result.usage is not None and 0 < result.usage.completion_tokens <= 12
-        assert result.cost == 10 + result.usage.prompt_tokens + 2 * result.usage.completion_tokens
-    assert m.cost == client.account().spent - before == (done.cost or 0) + (answer.cost or 0)
+        assert result.cost_credits == 10 + result.usage.prompt_tokens + 2 * result.usage.completion_tokens
+    assert m.cost_credits == client.account().spent - before == (done.cost_credits or 0) + (answer.cost_credits or 0)
 
 
 def test_a_stream_is_the_same_text_as_the_whole_answer(client: sdk.Client) -> None:
@@ -61,5 +61,5 @@ async def test_async_chat_and_stream(live_router: LiveRouter) -> None:
         answer = await client.chat("Say hello.", max_tokens=8, temperature=0)
         stream = client.stream("Once upon a time", max_tokens=8, temperature=0)
         pieces = [p async for p in stream]
-    assert answer.text and answer.cost
-    assert "".join(pieces) == stream.result.text and stream.result.cost
+    assert answer.text and answer.cost_credits
+    assert "".join(pieces) == stream.result.text and stream.result.cost_credits

@@ -43,6 +43,7 @@ PUBLIC = [
     "NotFoundError",
     "NotGiven",
     "PermissionDeniedError",
+    "Prices",
     "PromptTokensDetails",
     "QueueFullError",
     "RateLimitError",

@@ -256,7 +256,7 @@ def test_a_stream_is_retried_before_its_first_byte(sleeps: list[float]) -> None:
     stream = client.stream("x")
     assert script.requests == []  # nothing is sent until the stream is iterated
     assert list(stream) == ["Hel", "lo"]
-    assert stream.result.text == "Hello" and stream.result.cost == 16 and stream.result.attempts == 3
+    assert stream.result.text == "Hello" and stream.result.cost_credits == 16 and stream.result.attempts == 3
     assert len(set(script.keys)) == 1
     body = json.loads(script.requests[0].content)
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}

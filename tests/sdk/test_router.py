@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 
@@ -26,7 +27,10 @@ def test_generate_returns_the_text_with_its_metering(herd: ThreadedHerd) -> None
     assert result.model == MODEL and result.node == "n1" and result.finish_reason == "length"
     assert result.usage is not None
     assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (7, 5, 12)
-    assert result.cost == result.usage.cost == fees(7, 5)
+    assert result.cost_credits == result.usage.cost_credits == fees(7, 5)
+    # The price in the router's currency: a credit is a millionth of a US dollar by default.
+    assert result.cost == result.usage.cost == Decimal("0.000027") and result.currency == "USD"
+    assert "27 credits (0.000027 USD)" in result.summary()
     assert result.bid == 1.0 and result.attempts == 1
     assert result.latency is not None and result.latency > 0 and result.ttft is None
     assert result.request_id is not None and result.request_id.startswith("req-")
@@ -61,12 +65,18 @@ def test_stream_yields_pieces_then_a_result_with_cost(herd: ThreadedHerd) -> Non
     result = stream.result
     assert result.text == "".join(pieces) and result.node == "n1"
     assert result.usage is not None and result.usage.completion_tokens == 4
-    assert result.cost == fees(7, 4) == herd.spent(client)
+    assert result.cost_credits == fees(7, 4) == herd.spent(client)
+    assert (result.cost, result.currency) == (Decimal(fees(7, 4)) / 10**6, "USD")  # from the usage chunk
     assert result.ttft is not None and result.latency is not None and 0 < result.ttft <= result.latency
     with client.stream_chat("hi there", max_tokens=2) as chat_stream:
         assert "".join(chat_stream) == " tok tok"
     record = client.usage_records[-1]
-    assert (record.kind, record.stream, record.status, record.cost) == ("chat", True, "ok", chat_stream.result.cost)
+    assert (record.kind, record.stream, record.status, record.cost_credits) == (
+        "chat",
+        True,
+        "ok",
+        chat_stream.result.cost_credits,
+    )
 
 
 def test_a_stream_closed_early_is_recorded_as_cut_and_charged_only_what_was_delivered(herd: ThreadedHerd) -> None:
@@ -78,7 +88,8 @@ def test_a_stream_closed_early_is_recorded_as_cut_and_charged_only_what_was_deli
             pass
     assert stream.result.text.startswith(" tok tok") and stream.result.usage is None
     [record] = client.usage_records
-    assert record.status == "cut" and record.cost is None and record.request_id == stream.result.request_id
+    assert record.status == "cut" and record.cost_credits is None and record.cost is None
+    assert record.request_id == stream.result.request_id
     herd.wait_settled()
     [ledger] = herd.router_usage(client)
     assert ledger["status"] == "cut" and 2 <= ledger["completion_tokens"] < 50
@@ -96,7 +107,11 @@ def test_usage_totals_equal_the_routers_ledger(herd: ThreadedHerd) -> None:
     frame = client.usage_frame()
     ledger = herd.router_usage(client)
     assert len(frame) == 4 and list(frame["status"]) == ["ok", "ok", "ok", "error"]
-    assert int(frame["cost"].sum()) == herd.spent(client) == sum(r["cost"] for r in ledger)
+    assert int(frame["cost_credits"].sum()) == herd.spent(client) == sum(r["cost_credits"] for r in ledger)
+    # The prices add up exactly to the credits' price (floats would make 0.000079 7.900000000000001e-05).
+    prices = [r.cost for r in client.usage_records if r.cost is not None]
+    assert len(prices) == 3 and sum(prices) == Decimal(herd.spent(client)) / 10**6
+    assert list(frame["currency"].dropna()) == ["USD", "USD", "USD"]
     # The 402 is in the router's records too, as a refusal; its request id is in the SDK's record of the error.
     assert list(frame["request_id"].dropna()) == [r["request_id"] for r in ledger]
     assert ledger[-1]["status"] == "insufficient_funds" and ledger[-1]["http_status"] == 402
@@ -152,6 +167,13 @@ def test_models_info_and_account(herd: ThreadedHerd) -> None:
     info = client.info()
     assert info.models[MODEL].queue_length == 0 and info.models[MODEL].fees.base_fee == 10
     assert info.last_multiplier == 1.0 and info.nodes.ready == 1
+    # What a credit is worth, and the fees as prices: $10 per million completion tokens at 2 credits a token.
+    assert (info.currency, info.credit_value) == ("USD", Decimal("0.000001"))
+    prices = sdk.Prices(
+        currency="USD", per_request=Decimal("0.00001"), per_million_prompt_tokens=Decimal(1),
+        per_million_completion_tokens=Decimal(2),
+    )  # fmt: skip
+    assert info.models[MODEL].prices == model.prices == prices
     account = client.account()
     assert (account.balance, account.held, account.spent, account.deposited) == (1234, 0, 0, 1234)
     assert "balance 1234" in account._repr_html_()
@@ -266,8 +288,8 @@ async def test_async_client_generate_chat_and_stream(herd: ThreadedHerd) -> None
         assert results[2].bid == 1.2
         stream = client.stream_chat("hello", max_tokens=3)
         assert [p async for p in stream] == [" tok"] * 3
-        assert stream.result.cost == fees(4, 3)
-        assert (await client.account()).spent == sum(r.cost or 0 for r in [*results, stream.result])
+        assert stream.result.cost_credits == fees(4, 3)
+        assert (await client.account()).spent == sum(r.cost_credits or 0 for r in [*results, stream.result])
         assert len(client.usage_records) == 4
         assert [m.id for m in await client.models()] == [MODEL]
 
@@ -282,7 +304,7 @@ async def test_module_level_async_functions(herd: ThreadedHerd, monkeypatch: pyt
         pieces = [p async for p in sdk.astream(PROMPT, max_tokens=2)]
         pieces += [p async for p in sdk.astream_chat("hi", max_tokens=2)]
     assert first.text == second.text == " tok tok" and pieces == [" tok"] * 4
-    assert m.calls == 4 and m.cost == sdk.account().spent
+    assert m.calls == 4 and m.cost_credits == sdk.account().spent
     assert len(sdk.usage_records()) == before + 4
 
 

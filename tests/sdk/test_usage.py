@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -32,11 +33,19 @@ def answer(request: httpx.Request) -> httpx.Response:
     if prompt.startswith("bad"):
         error = {"message": f"bad prompt {LONG}", "type": "invalid_request_error", "param": None, "code": None}
         return httpx.Response(400, json={"error": error})
-    usage = {"prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2, "cost": 7}
+    # 7 credits at a router whose credit is worth 0.0025 EUR
+    usage: dict[str, object] = {
+        "prompt_tokens": len(prompt), "completion_tokens": 2, "total_tokens": len(prompt) + 2, "cost": 0.0175,
+        "cost_credits": 7,
+    }  # fmt: skip
     if prompt.startswith("cached"):
-        usage["prompt_tokens_details"] = {"cached_tokens": 3}  # type: ignore[assignment]
+        usage["prompt_tokens_details"] = {"cached_tokens": 3}
+    if prompt.startswith("older"):  # a router older than prices in a currency: cost was the credits
+        usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, "cost": 7}
+        return httpx.Response(200, json={"id": "req-x", "model": "m", "choices": [{"text": "OLD"}], "usage": usage})
     choice = {"index": 0, "text": prompt.upper(), "finish_reason": "stop"}
-    return httpx.Response(200, json={"id": "req-x", "model": "m", "choices": [choice], "usage": usage})
+    body = {"id": "req-x", "model": "m", "choices": [choice], "usage": usage}
+    return httpx.Response(200, json=body, headers={"X-Llamakit-Currency": "EUR"})
 
 
 def sync_client(**kwargs: object) -> sdk.Client:
@@ -133,7 +142,9 @@ EXPECTED_DTYPES = {
     "cached_tokens": "Int64",
     "completion_tokens": "Int64",
     "total_tokens": "Int64",
-    "cost": "Int64",
+    "cost": "float64",
+    "cost_credits": "Int64",
+    "currency": "category",
     "bid": "float64",
     "latency": "float64",
     "ttft": "float64",
@@ -155,11 +166,13 @@ def test_usage_frame_has_proper_dtypes_with_and_without_records() -> None:
     frame = client.usage_frame()
     assert {c: str(t) for c, t in frame.dtypes.items()} == EXPECTED_DTYPES == sdk.FRAME_DTYPES
     ok, bad = frame.iloc[0], frame.iloc[1]
-    assert ok["total_tokens"] == 8 and ok["cost"] == 7 and pd.isna(ok["error"])
-    assert pd.isna(bad["cost"]) and pd.isna(bad["prompt_tokens"]) and bad["status_code"] == 400
+    assert ok["total_tokens"] == 8 and ok["cost_credits"] == 7 and pd.isna(ok["error"])
+    assert (ok["cost"], ok["currency"]) == (0.0175, "EUR")
+    assert pd.isna(bad["cost_credits"]) and pd.isna(bad["cost"]) and pd.isna(bad["prompt_tokens"])
+    assert bad["status_code"] == 400
     assert bad["error_type"] == "BadRequestError" and bad["error"].startswith("bad prompt")
     assert frame["time"].iloc[0] <= pd.Timestamp(datetime.now(UTC))
-    assert frame["cost"].sum() == 7  # NA is skipped, not turned into a float
+    assert frame["cost_credits"].sum() == 7  # NA is skipped, not turned into a float
 
 
 def test_the_jsonl_log_from_the_environment_reads_back_as_the_same_frame(
@@ -192,7 +205,10 @@ def test_meter_collects_the_calls_in_its_block_and_nests() -> None:
         thread.join()
     client.generate("ok after")
     assert (outer.calls, inner.calls, outer.errors, inner.errors) == (4, 2, 1, 1)
-    assert outer.cost == 21 and inner.cost == 7
+    assert outer.cost_credits == 21 and inner.cost_credits == 7
+    # The price is an exact sum of exact decimals: 3 × 0.0175, where floats would give 0.052500000000000005.
+    assert (outer.cost, outer.currency, inner.cost) == (Decimal("0.0525"), "EUR", Decimal("0.0175"))
+    assert "21 credits (0.0525 EUR)" in outer.summary()
     assert outer.prompt_tokens == len("ok one") + len("ok two") + len("ok four")
     assert outer.completion_tokens == 6 and outer.total_tokens == outer.prompt_tokens + 6
     assert len(outer.frame()) == 4 and list(inner.frame()["status"]) == ["ok", "error"]
@@ -206,7 +222,7 @@ async def test_meter_as_an_async_context_manager_sees_its_tasks_only() -> None:
             await asyncio.gather(*(client.generate(f"ok {i}") for i in range(5)))
         await client.generate("ok outside")
         await outside
-    assert m.calls == 5 and m.cost == 35 and len(client.usage_records) == 6
+    assert m.calls == 5 and m.cost_credits == 35 and len(client.usage_records) == 6
 
 
 def test_generate_many_keeps_order_survives_failures_and_bounds_concurrency(
@@ -237,7 +253,7 @@ def test_generate_many_keeps_order_survives_failures_and_bounds_concurrency(
     assert list(frame["text"][:12]) == [f"OK {i}" for i in range(12)] and frame["text"].iloc[13] == "OK CHAT"
     assert pd.isna(frame["text"].iloc[12]) and frame["status"].iloc[12] == "error"
     assert list(frame["kind"][-2:]) == ["generate", "chat"]
-    assert str(frame["text"].dtype) == "string" and str(frame["cost"].dtype) == "Int64"
+    assert str(frame["text"].dtype) == "string" and str(frame["cost_credits"].dtype) == "Int64"
     assert m.calls == 14 and len(client.usage_records) == 14
     err = capsys.readouterr().err
     assert "generate_many: 14/14 (100%)" in err  # tqdm is not installed: the text counter
@@ -259,14 +275,20 @@ def test_generation_shows_as_text_with_a_usage_line_in_a_notebook() -> None:
         text="<b>4</b> stars",
         model="smollm2",
         node="n1",
-        usage=sdk.TokenUsage(prompt_tokens=7, completion_tokens=3, total_tokens=10, cost=26),
-        cost=26,
+        usage=sdk.TokenUsage(prompt_tokens=7, completion_tokens=3, total_tokens=10, cost=26e-6, cost_credits=26),
+        cost=Decimal("0.000026"),
+        cost_credits=26,
+        currency="USD",
         bid=1.0,
         latency=0.42,
         ttft=0.05,
     )
     assert str(result) == "<b>4</b> stars" and f"{result}" == "<b>4</b> stars"
-    summary = "smollm2 on n1 · 7 prompt + 3 completion = 10 tokens · 26 credits at bid 1 · 0.42 s (first token 0.05 s)"
+    summary = (
+        "smollm2 on n1 · 7 prompt + 3 completion = 10 tokens · 26 credits (0.000026 USD) at bid 1 · 0.42 s "
+        "(first token 0.05 s)"
+    )
+    assert result.usage is not None and result.usage.cost == Decimal("0.000026")
     assert result.summary() == summary
     html = result._repr_html_()
     assert "&lt;b&gt;4&lt;/b&gt; stars" in html and "26 credits" in html and "<b>4</b>" not in html
@@ -292,3 +314,30 @@ def test_cached_prompt_tokens_reach_the_result_the_meter_and_the_frame() -> None
     assert "25 prompt (3 cached) +" in m.summary()
     frame = m.frame()
     assert frame["cached_tokens"].iloc[0] == 3 and pd.isna(frame["cached_tokens"].iloc[1])
+
+
+def test_an_older_router_that_sent_credits_as_cost_gives_credits_and_no_price(tmp_path: Path) -> None:
+    client = sync_client()
+    with sdk.meter() as m:
+        result = client.generate("older router")
+    assert (result.cost_credits, result.cost, result.currency) == (7, None, None)
+    assert result.usage is not None and (result.usage.cost_credits, result.usage.cost) == (7, None)
+    assert (m.cost_credits, m.cost, m.currency) == (7, Decimal(0), None)
+    # A line an older SDK wrote, with `cost` in credits, reads back the same way.
+    log = tmp_path / "old.jsonl"
+    log.write_text('{"time": "2026-11-01T10:00:00Z", "kind": "generate", "cost": 7}\n')
+    frame = sdk.read_usage_log(log)
+    assert frame["cost_credits"].tolist() == [7] and pd.isna(frame["cost"].iloc[0])
+
+
+def test_a_meter_does_not_add_up_prices_in_different_currencies() -> None:
+    def record(currency: str) -> sdk.UsageRecord:
+        now = datetime.now(UTC)
+        return sdk.UsageRecord(time=now, kind="chat", cost=Decimal("0.01"), cost_credits=10, currency=currency)
+
+    with sdk.meter() as m:
+        m.add(record("EUR"))
+        m.add(record("USD"))
+    assert m.cost_credits == 20 and m.summary().endswith("· 20 credits")
+    with pytest.raises(ValueError, match="priced in EUR, USD"):
+        _ = m.cost
