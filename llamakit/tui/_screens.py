@@ -122,12 +122,12 @@ class HelpScreen(ModalScreen[None]):
 
 [b]Herd[/b]      state: ready · busy (no free slot) · draining · down
 [b]Queue[/b]     requests waiting per model, the last 5 minutes, the oldest wait
-[b]Fees[/b]      credits charged in total and over the last minute
+[b]Fees[/b]      credits charged in total (and its price) and over the last minute
 [b]Agents[/b]    agent accounts' outcome events: requests, buy, skip, error
 [b]Accounts[/b]  balance, credits held now; spent, requests, refused today (UTC)
 [b]Refusals[/b]  refused today (UTC); this router's by error code and HTTP status
 [b]Requests[/b]  the latest, refused ones too, newest on top: bid, queue wait,
-          time to first token (streams), latency, tokens p+c, cost, status"""
+          time to first token (streams), latency, tokens p+c, credits, status"""
 
     def compose(self) -> ComposeResult:
         with Vertical(id="help-dialog", classes="dialog"):

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from llamakit.currency import CreditValue, parse_credit_value, parse_currency
+
 __all__ = [
     "AccountStats",
     "AgentStats",
@@ -171,7 +173,7 @@ class RequestRecord:
     status: str
     prompt_tokens: int
     completion_tokens: int
-    cost: int
+    cost_credits: int
     latency_ms: float | None
     bid: str = ""
     """The multiplier bid, as the router wrote it; empty from a router that does not report it."""
@@ -202,7 +204,8 @@ class RequestRecord:
             status=_str(data.get("status"), "?"),
             prompt_tokens=_int(data.get("prompt_tokens")),
             completion_tokens=_int(data.get("completion_tokens")),
-            cost=_int(data.get("cost")),
+            # An older router's `cost` was the credits; a newer one's is their price, and it sends both.
+            cost_credits=_int(data.get("cost_credits", data.get("cost"))),
             latency_ms=_optional_float(data.get("latency_ms")),
             bid=_bid(data.get("bid")),
             queue_ms=_optional_float(data.get("queue_ms")),
@@ -340,6 +343,8 @@ class Stats:
     """None from a router that does not report accounts (older than the accounts panel)."""
     refusals: RefusalStats | None = None
     """None from a router that does not report refusals."""
+    money: CreditValue | None = None
+    """What a credit is worth in the operator's currency; None from a router that does not say."""
 
     @classmethod
     def from_json(cls, data: object) -> Stats:
@@ -366,7 +371,17 @@ class Stats:
             books_balanced=balanced if isinstance(balanced, bool) else None,
             accounts=accounts,
             refusals=RefusalStats.from_json(refusals) if isinstance(refusals, Mapping) else None,
+            money=_money(data),
         )
+
+
+def _money(data: Mapping[str, Any]) -> CreditValue | None:
+    """The snapshot's credit value and currency, or None when it has none (or none that makes sense)."""
+    value = data.get("credit_value_exact", data.get("credit_value"))
+    try:
+        return CreditValue(parse_credit_value(value), parse_currency(data.get("currency")))
+    except ValueError:
+        return None
 
 
 @dataclass

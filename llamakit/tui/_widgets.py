@@ -16,6 +16,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Sparkline, Static
 from textual.widgets.data_table import CellDoesNotExist
 
+from llamakit.currency import format_price
 from llamakit.tui._format import (
     age,
     bid,
@@ -404,7 +405,7 @@ class RequestsLog(_KeyedTable):
             _right(millis(record.ttft_ms)),
             _right(millis(record.latency_ms)),
             _right(tokens),
-            _right("–" if record.refused else credits(record.cost)),
+            _right("–" if record.refused else credits(record.cost_credits)),
             Text(_crop(record.status, width["status"]), style=status_style),
         )
 
@@ -510,7 +511,8 @@ class QueuePanel(Vertical):
 
 
 class FeesPanel(Vertical):
-    """Fees earned in total and per minute with a sparkline; request counts and latency below."""
+    """Fees earned in credits, in total (and its price in the operator's currency) and per minute with a
+    sparkline; request counts and latency below."""
 
     DEFAULT_CSS = """
     FeesPanel {
@@ -522,7 +524,6 @@ class FeesPanel(Vertical):
     }
     FeesPanel > Sparkline {
         height: 1;
-        margin: 0 0 1 0;
     }
     FeesPanel > .fees--earned {
         text-style: bold;
@@ -531,6 +532,7 @@ class FeesPanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label("earned 0", classes="fees--earned")
+        yield Label("", classes="fees--price")
         yield Label("per minute 0", classes="fees--rate")
         yield Sparkline([], summary_function=max)
         yield Label("requests 0", classes="fees--requests")
@@ -541,6 +543,13 @@ class FeesPanel(Vertical):
     def show(self, stats: Stats, history: StatsHistory) -> None:
         fees, requests = stats.fees, stats.requests
         _set(self.query_one(".fees--earned", Label), f"earned      {credits(fees.earned):>14}")
+        money, price = stats.money, self.query_one(".fees--price", Label)
+        if money is None:  # a router that does not say what a credit is worth
+            _set(price, "")
+            self.border_subtitle = ""
+        else:
+            _set(price, Text(f"{'in ' + money.currency:<12}{format_price(money.price(fees.earned)):>14}", style="dim"))
+            self.border_subtitle = f"credits · 1 = {format_price(money.value)} {money.currency}"
         _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
         self.query_one(Sparkline).data = history.fee_values()
         # Refusals have their own panel; "failed" is what went wrong after a request was taken.

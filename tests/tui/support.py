@@ -62,7 +62,9 @@ def fixed_snapshot(
                 "http_status": http_status,
                 "prompt_tokens": 20 + j if ran else 0,
                 "completion_tokens": 64 if status == "ok" else 0,
-                "cost": 158 + j if status == "ok" else 0,
+                "cost_credits": 158 + j if status == "ok" else 0,
+                "cost": (158 + j) / 10**6 if status == "ok" else 0.0,
+                "currency": "USD",
                 "held": 600 if ran else 0,
                 "bid": ["1", "1.5", "1.05", "2"][j % 4] if ran else "1",
                 "latency_ms": 420.5 + j * 10 if ran else None,
@@ -75,6 +77,9 @@ def fixed_snapshot(
     return {
         "time": at,
         "uptime": 3600.0,
+        "currency": "USD",
+        "credit_value": 1e-06,
+        "credit_value_exact": "0.000001",
         "nodes": node_list,
         "queue": {
             "total": depth + 1,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from decimal import Decimal
 from typing import Any
 
 import httpx
 
+from llamakit.currency import format_price
 from llamakit.tui import AgentsTable, DashboardApp, HerdTable, RouterStats
 from llamakit.tui._widgets import QueueRow
 from tests.router.conftest import Herd
@@ -88,7 +90,7 @@ async def watch(app: DashboardApp, gate: asyncio.Event, requests: list[asyncio.T
         gate.set()
         answers = await asyncio.gather(*requests)
         assert [a.status_code for a in answers] == [200, 200, 200]
-        charged = sum(int(a.headers["X-Llamakit-Cost"]) for a in answers)
+        charged = sum(int(a.headers["X-Llamakit-Cost-Credits"]) for a in answers)
 
         await wait_until(pilot, lambda: app.shown is not None and app.shown.fees.earned == charged, what="fees")
         await wait_until(pilot, lambda: node_row(table, "alpha")[5] == "3", what="alpha served 3")
@@ -96,5 +98,8 @@ async def watch(app: DashboardApp, gate: asyncio.Event, requests: list[asyncio.T
         await pilot.pause(0.3)  # one more frame for the request log
         screen = screen_text(app)
         assert re.search(rf"earned +{charged:,} ", screen), screen
+        # ... and its price at the router's credit value (a millionth of a dollar by default)
+        price = format_price(Decimal(charged) / 10**6)
+        assert re.search(rf"in USD +{price} ", screen) and "credits · 1 = 0.000001 USD" in screen, screen
         assert screen.count("alice ") >= 3, screen
         assert "waiting 0" in screen

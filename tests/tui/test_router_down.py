@@ -18,7 +18,7 @@ async def complete(router: RestartableRouter, api_key: str) -> int:
     async with httpx.AsyncClient(base_url=router.url, headers={"Authorization": f"Bearer {api_key}"}) as client:
         resp = await client.post("/v1/completions", json={"model": "fake-model", "prompt": "hello", "max_tokens": 3})
     assert resp.status_code == 200, resp.text
-    return int(resp.headers["X-Llamakit-Cost"])
+    return int(resp.headers["X-Llamakit-Cost-Credits"])
 
 
 async def test_banner_while_the_router_is_down_and_recovery_when_it_is_back(tmp_path: Path) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 
-from llamakit.tui import DrainFailed, RouterRefused, RouterStats, RouterUnreachable, Stats, StatsHistory
-from tests.tui.support import NOW, fixed_snapshot
+from llamakit.currency import CreditValue
+from llamakit.tui import DashboardApp, DrainFailed, RouterRefused, RouterStats, RouterUnreachable, Stats, StatsHistory
+from tests.tui.support import NOW, FixedSource, fixed_snapshot, screen_text, wait_until
 
 URL = "http://router.test:8080"
 
@@ -155,6 +157,33 @@ def test_accounts_refusals_and_request_fields_parse_and_an_older_router_reads_as
     assert odd.refusals is not None and odd.refusals.today == 0 and dict(odd.refusals.by_code) == {"x": 0}
     record = odd.requests.recent[0]
     assert (record.bid, record.http_status, record.queue_ms) == ("2", None, None)
+
+
+def test_the_credit_value_and_costs_parse_and_an_older_router_has_credits_only() -> None:
+    stats = Stats.from_json(fixed_snapshot())
+    assert stats.money == CreditValue(Decimal("0.000001"), "USD")
+    assert [r.cost_credits for r in stats.requests.recent][:2] == [0, 159]
+    old = fixed_snapshot()
+    for name in ("currency", "credit_value", "credit_value_exact"):
+        del old[name]
+    for record in old["requests"]["recent"]:
+        record["cost"] = record.pop("cost_credits")  # an older router's cost was the credits
+        del record["currency"]
+    older = Stats.from_json(old)
+    assert older.money is None and [r.cost_credits for r in older.requests.recent][:2] == [0, 159]
+    odd = Stats.from_json({"currency": "dollars", "credit_value": -1})
+    assert odd.money is None
+
+
+async def test_an_older_router_shows_credits_without_a_price() -> None:
+    old = fixed_snapshot()
+    for name in ("currency", "credit_value", "credit_value_exact"):
+        del old[name]
+    app = DashboardApp(FixedSource([old]))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.updates >= 1, what="a snapshot shown")
+        screen = screen_text(app)
+        assert "earned           1,234,567" in screen and "in USD" not in screen and "credits · 1 =" not in screen
 
 
 def test_history_spans_the_last_minutes_in_fixed_buckets() -> None:
