@@ -172,7 +172,7 @@ async def run_call(client: httpx.AsyncClient, call: Call, path: str, body: dict[
             answer = resp.json()
             if resp.status_code == 200:
                 call.usage, call.done = answer["usage"], True
-                call.cost = int(resp.headers["X-Llamakit-Cost"])
+                call.cost = int(resp.headers["X-Llamakit-Cost-Credits"])
                 choice = answer["choices"][0]
                 call.text = choice["message"]["content"] if "message" in choice else choice["text"]
             else:
@@ -197,7 +197,7 @@ def _event(call: Call, event: dict[str, Any]) -> None:
         return
     if event.get("usage"):
         call.usage = event["usage"]
-        call.cost = event["usage"].get("cost")
+        call.cost = event["usage"].get("cost_credits")
     for choice in event.get("choices") or ():
         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if piece:
@@ -511,11 +511,11 @@ def as_delivered(call: Call, record: dict[str, Any], prompt_tokens: int | None) 
     tokens_ok = tokens == call.chunks if call.text.isascii() else tokens >= call.chunks
     price = settle_amount(FEES, record["bid"], record["prompt_tokens"], tokens, record["held"])
     prompt_ok = prompt_tokens is None or record["prompt_tokens"] == prompt_tokens
-    ok = record["status"] == "broken" and tokens_ok and record["cost"] == price and prompt_ok
+    ok = record["status"] == "broken" and tokens_ok and record["cost_credits"] == price and prompt_ok
     figures = (
         f"status={record['status']}, received {call.chunks} text events, charged completion_tokens={tokens} "
-        f"prompt_tokens={record['prompt_tokens']} (a whole answer's: {prompt_tokens}), cost={record['cost']} "
-        f"(price of those tokens {price}), held={record['held']}, released {record['held'] - record['cost']}"
+        f"prompt_tokens={record['prompt_tokens']} (a whole answer's: {prompt_tokens}), cost={record['cost_credits']} "
+        f"(price of those tokens {price}), held={record['held']}, released {record['held'] - record['cost_credits']}"
     )
     return ok, figures
 
@@ -533,7 +533,7 @@ async def account_usage(client: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
 async def check_account(report: Report, scenario: str, client: httpx.AsyncClient) -> None:
     acct = await account_state(client)
     usage = await account_usage(client)
-    costs = sum(u["cost"] for u in usage.values())
+    costs = sum(u["cost_credits"] for u in usage.values())
     report.check(
         scenario,
         "account: nothing held, deposits = balance + charges = balance + Σ usage costs",
@@ -668,7 +668,7 @@ async def node_kill(
         )
         statuses = Counter(u["status"] for u in usage.values())
         told = {c.request_id: c.cost for c in others}
-        billed = {rid: usage[rid]["cost"] for rid in told if rid in usage}
+        billed = {rid: usage[rid]["cost_credits"] for rid in told if rid in usage}
         report.check(
             s,
             "one usage record per request; each completed one costs what its client was told",
@@ -762,8 +762,8 @@ async def router_kill(cluster: Cluster, report: Report, *, workers: int = 6, max
         released = cluster.released_at_start()
         usage = await account_usage(client)
         statuses = Counter(u["status"] for u in usage.values())
-        wrong_cost = [(c.request_id, c.cost, usage.get(str(c.request_id), {}).get("cost")) for c in complete
-                      if usage.get(str(c.request_id), {}).get("cost") != c.cost
+        wrong_cost = [(c.request_id, c.cost, usage.get(str(c.request_id), {}).get("cost_credits")) for c in complete
+                      if usage.get(str(c.request_id), {}).get("cost_credits") != c.cost
                       or usage[str(c.request_id)]["status"] != "ok"]  # fmt: skip
         report.check(
             s,
@@ -777,7 +777,9 @@ async def router_kill(cluster: Cluster, report: Report, *, workers: int = 6, max
         report.check(
             s,
             "the holds of the streams cut by the kill are released at restart (status recovered, cost 0)",
-            bool(cut_known) and not not_recovered and all(usage[str(c.request_id)]["cost"] == 0 for c in cut_known),
+            bool(cut_known)
+            and not not_recovered
+            and all(usage[str(c.request_id)]["cost_credits"] == 0 for c in cut_known),
             f"{len(cut_known)} cut streams, not recovered: {not_recovered}",
         )
         report.check(
@@ -803,8 +805,8 @@ async def router_kill(cluster: Cluster, report: Report, *, workers: int = 6, max
             c.request_id for c in complete
         }
         replayed = {r.request_id for r in retries if r.replayed}
-        wrong = [(r.label, r.request_id, r.cost, after.get(str(r.request_id), {}).get("cost")) for r in retries
-                 if not r.complete or after.get(str(r.request_id), {}).get("cost") != r.cost]  # fmt: skip
+        wrong = [(r.label, r.request_id, r.cost, after.get(str(r.request_id), {}).get("cost_credits")) for r in retries
+                 if not r.complete or after.get(str(r.request_id), {}).get("cost_credits") != r.cost]  # fmt: skip
         ok_records = sum(u["status"] == "ok" for u in after.values())
         report.check(
             s,
@@ -817,7 +819,7 @@ async def router_kill(cluster: Cluster, report: Report, *, workers: int = 6, max
         await check_account(report, s, client)
         log = [json.loads(line) for line in cluster.usage_log.read_text().splitlines()]
         ledger = await cluster.usage()
-        fields = ("status", "cost", "prompt_tokens", "completion_tokens", "held", "node")
+        fields = ("status", "cost_credits", "prompt_tokens", "completion_tokens", "held", "node")
         in_log = {line["request_id"]: tuple(line[f] for f in fields) for line in log}
         in_ledger = {u["request_id"]: tuple(u[f] for f in fields) for u in ledger}
         differ = sorted(set(in_log.items()) ^ set(in_ledger.items()), key=str)

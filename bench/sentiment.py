@@ -6,7 +6,7 @@ models, temperature 0 or seeded samples) with each method of ``llamakit.agent.gr
 model the herd serves, and prints per method × model: the accuracy on the polar windows (positive and
 negative: the aim is ≥ 85 %), on all windows, the share of buy decisions that were right (precision of
 "positive"), the confusion matrix (rows: the label, columns: the grade), and the cost per grade in credits
-(the sum of ``usage.cost``), with the seconds per grade. ``few-shot-logprobs`` is not one of the agent's
+(the sum of ``usage.cost_credits``), with the seconds per grade. ``few-shot-logprobs`` is not one of the agent's
 methods yet: it reads the probabilities of the label words from the router's logprobs (which the SDK does
 not carry), and grades positive from a threshold on P(good), printed for several thresholds.
 

@@ -44,7 +44,7 @@ def scripted(reply: Reply, *, models: tuple[str, ...] = ("smollm2-135m-instruct"
         last = str(prompt).rsplit("Chat:\n", 1)[-1].splitlines()[-2]
         text = reply(last, body)
         choice = {"text": text} if "prompt" in body else {"message": {"role": "assistant", "content": text}}
-        usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11, "cost": 7}
+        usage = {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11, "cost": 7e-06, "cost_credits": 7}
         return httpx.Response(
             200, json={"id": f"req-{next(ids)}", "choices": [{**choice, "finish_reason": "stop"}], "usage": usage}
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from openai import AsyncOpenAI, AuthenticationError, NotFoundError
 
@@ -30,9 +32,12 @@ async def test_chat(client: AsyncOpenAI, live_herd: LiveHerd) -> None:
     )
     assert reply.choices[0].message.content
     assert reply.usage is not None and reply.usage.completion_tokens > 0
-    cost = reply.usage.model_extra["cost"]  # type: ignore[index]
+    cost = reply.usage.model_extra["cost_credits"]  # type: ignore[index]
     assert cost == 10 + reply.usage.prompt_tokens + 2 * reply.usage.completion_tokens
     assert (await live_herd.admin.get("/admin/books")).json()["charges"] == before + cost
+    # usage.cost is the price in US dollars, as OpenRouter reports it: a credit is a millionth of a dollar.
+    price = reply.usage.model_extra["cost"]  # type: ignore[index]
+    assert isinstance(price, float) and price == float(Decimal(cost) / 10**6)
 
 
 async def test_cached_prompt_tokens_are_reported_and_priced_as_prompt_tokens(client: AsyncOpenAI) -> None:
@@ -46,7 +51,7 @@ async def test_cached_prompt_tokens_are_reported_and_priced_as_prompt_tokens(cli
         usage = reply.usage
         assert usage is not None and usage.prompt_tokens_details is not None
         cached = usage.prompt_tokens_details.cached_tokens or 0
-        return usage.prompt_tokens, cached, usage.model_extra["cost"]  # type: ignore[index]
+        return usage.prompt_tokens, cached, usage.model_extra["cost_credits"]  # type: ignore[index]
 
     await ask()
     prompt_tokens, cached, cost = await ask()

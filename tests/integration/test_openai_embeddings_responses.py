@@ -85,9 +85,9 @@ async def test_embeddings_of_a_list_as_floats(client: AsyncOpenAI, herd: LiveHer
     assert done.usage.prompt_tokens == done.usage.total_tokens == sum(s.usage.prompt_tokens for s in singles)
     for single, vector in zip(singles, vectors, strict=True):
         assert max(abs(x - y) for x, y in zip(single.data[0].embedding, vector, strict=True)) < 1e-3
-    cost = done.usage.model_extra["cost"]  # type: ignore[index]
+    cost = done.usage.model_extra["cost_credits"]  # type: ignore[index]
     assert cost == 10 + done.usage.prompt_tokens  # base fee + prompt fee × tokens, no completion
-    costs = [s.usage.model_extra["cost"] for s in singles]  # type: ignore[index]
+    costs = [s.usage.model_extra["cost_credits"] for s in singles]  # type: ignore[index]
     assert await charges(herd) == before + cost + sum(costs)
 
 
@@ -128,9 +128,9 @@ async def test_a_response_is_what_the_chat_completion_says(client: AsyncOpenAI, 
     usage = response.usage
     assert usage is not None and chat.usage is not None
     assert (usage.input_tokens, usage.output_tokens) == (chat.usage.prompt_tokens, chat.usage.completion_tokens)
-    cost = usage.model_extra["cost"]  # type: ignore[index]
+    cost = usage.model_extra["cost_credits"]  # type: ignore[index]
     assert cost == 10 + usage.input_tokens + 2 * usage.output_tokens
-    assert await charges(herd) == before + cost + chat.usage.model_extra["cost"]  # type: ignore[index]
+    assert await charges(herd) == before + cost + chat.usage.model_extra["cost_credits"]  # type: ignore[index]
 
 
 async def test_a_streamed_response_with_create(client: AsyncOpenAI, herd: LiveHerd) -> None:
@@ -154,7 +154,7 @@ async def test_a_streamed_response_with_create(client: AsyncOpenAI, herd: LiveHe
     assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
     assert final is not None and final.output_text == "".join(deltas) and len(deltas) > 3
     assert final.usage is not None and final.usage.output_tokens <= 20
-    assert await charges(herd) == before + final.usage.model_extra["cost"]  # type: ignore[index]
+    assert await charges(herd) == before + final.usage.model_extra["cost_credits"]  # type: ignore[index]
 
 
 class Grade(BaseModel):
@@ -220,7 +220,7 @@ async def test_a_function_tool_round_trip(client: AsyncOpenAI, herd: LiveHerd) -
     )
     assert second.usage is not None and first.usage is not None
     assert second.usage.input_tokens > first.usage.input_tokens  # the call and its result were in the prompt
-    spent = sum(r.usage.model_extra["cost"] for r in (first, second))  # type: ignore[union-attr,index]
+    spent = sum(r.usage.model_extra["cost_credits"] for r in (first, second))  # type: ignore[union-attr,index]
     assert await charges(herd) == before + spent
 
 
@@ -243,4 +243,4 @@ async def test_a_streamed_function_call(client: AsyncOpenAI, herd: LiveHerd) -> 
     [call] = [item for item in final.output if item.type == "function_call"]
     assert call.name == "get_weather" and isinstance(call.parsed_arguments["city"], str)  # type: ignore[union-attr]
     assert final.usage is not None
-    assert await charges(herd) == before + final.usage.model_extra["cost"]  # type: ignore[index]
+    assert await charges(herd) == before + final.usage.model_extra["cost_credits"]  # type: ignore[index]

@@ -68,7 +68,7 @@ async def test_a_required_tool_call_has_valid_arguments_and_is_charged(client: A
             assert set(arguments) == {"city", "unit"} and arguments["unit"] in ("celsius", "fahrenheit")
         else:
             assert call.function.name == "get_time" and set(arguments) == {"timezone"}
-    assert reply.usage is not None and reply.usage.model_extra["cost"] == cost_of(reply.usage)  # type: ignore[index]
+    assert reply.usage is not None and reply.usage.model_extra["cost_credits"] == cost_of(reply.usage)  # type: ignore[index]
 
 
 async def test_a_named_tool_choice_calls_that_tool_and_none_calls_nothing(client: AsyncOpenAI) -> None:
@@ -127,7 +127,7 @@ async def test_streamed_tool_calls_assemble_as_the_client_does(client: AsyncOpen
             finish = choice.finish_reason or finish
     assert finish == "tool_calls" and calls
     assert all(c["name"] == "get_weather" and "city" in json.loads(c["arguments"]) for c in calls.values())
-    assert usage is not None and usage.model_extra["cost"] == cost_of(usage)  # type: ignore[index]
+    assert usage is not None and usage.model_extra["cost_credits"] == cost_of(usage)  # type: ignore[index]
 
 
 async def test_a_tool_result_round_trip(client: AsyncOpenAI) -> None:
@@ -177,7 +177,9 @@ async def test_chat_logprobs_name_each_token_with_its_alternatives(client: Async
         model=MODEL, messages=[{"role": "user", "content": "Say yes."}], max_tokens=5, temperature=0
     )
     assert plain.choices[0].logprobs is None
-    assert plain.usage is not None and plain.usage.model_extra["cost"] == reply.usage.model_extra["cost"]  # type: ignore[index]
+    assert (
+        plain.usage is not None and plain.usage.model_extra["cost_credits"] == reply.usage.model_extra["cost_credits"]
+    )  # type: ignore[index]
 
 
 async def test_completion_logprobs_whole_and_streamed(client: AsyncOpenAI) -> None:

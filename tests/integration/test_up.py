@@ -48,7 +48,7 @@ def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> N
             assert reply.status_code == 200, reply.text
             assert reply.json()["model"] == "smollm2-135m-instruct"
             account = client.get("/v1/account").json()
-            assert account["name"] == "dev" and account["spent"] == reply.json()["usage"]["cost"] > 0
+            assert account["name"] == "dev" and account["spent"] == reply.json()["usage"]["cost_credits"] > 0
     finally:
         proc.send_signal(signal.SIGINT)
         rest = proc.communicate(timeout=30)[0]

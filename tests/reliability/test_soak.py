@@ -92,9 +92,9 @@ async def test_soak(router: tuple[str, int], tmp_path: Path) -> None:
             ids.append(resp.headers["X-Llamakit-Request-Id"])
             if stream:
                 assert resp.text.rstrip().endswith("data: [DONE]")
-                costs.append(int(resp.text.split('"cost":')[1].split("}")[0]))
+                costs.append(int(resp.text.split('"cost_credits":')[1].split("}")[0]))
             else:
-                costs.append(resp.json()["usage"]["cost"])
+                costs.append(resp.json()["usage"]["cost_credits"])
             if len(ids) in (REQUESTS // 5, REQUESTS - 1):
                 memory.append(rss_kib(pid))
 
