@@ -18,6 +18,7 @@ from llamakit.router.api import STATE, routes
 from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
+from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
@@ -53,6 +54,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
     app.add_routes(admin_routes)
+    app.add_routes(key_routes)
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
