@@ -161,6 +161,10 @@ async def test_the_operator_sees_and_changes_a_keys_limits(herd: Herd) -> None:
     shown = (await admin.get(f"/admin/keys/{prefix}")).json()
     assert shown["limits"]["spend_cap_day"] == 500 and shown["spend"]["today"] > 0
     assert shown["remaining"]["today"] == 500 - shown["spend"]["today"]
+    watched = (await admin.get("/admin/stats")).json()["keys"]  # the dashboard's: every key with a limit
+    assert [(k["account"], k["prefix"], k["spend"]["today"]) for k in watched] == [
+        ("alice", prefix, shown["spend"]["today"])
+    ]
     listed = (await admin.get("/admin/accounts/alice/keys")).json()["data"]
     assert [k["prefix"] for k in listed][-1] == prefix and listed[-1]["limits"]["rpm_limit"] == 60
 

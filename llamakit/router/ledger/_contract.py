@@ -543,6 +543,11 @@ class Ledger(ABC):
         return await self._set_key_limits(key_hash, prefix, lambda old: KeyLimits.from_dict(changes, base=old),
                                           self._clock())  # fmt: skip
 
+    async def limited_keys(self) -> list[ApiKey]:
+        """Every active key that has a limit, with its use: what the operator's dashboard watches. By account,
+        then age."""
+        return await self._limited_keys(self._clock())
+
     async def revoke_key(self, prefix_or_key: str) -> int:
         """Revoke a key given whole, or by its 8-character display prefix; returns how many were revoked.
 
@@ -833,6 +838,9 @@ class Ledger(ABC):
         self, key_hash: str | None, prefix: str | None, change: Callable[[KeyLimits], KeyLimits], now: float
     ) -> ApiKey:
         """In one transaction, with the key's row locked: its limits become `change(its limits)`."""
+
+    @abstractmethod
+    async def _limited_keys(self, now: float) -> list[ApiKey]: ...
 
     @abstractmethod
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int: ...

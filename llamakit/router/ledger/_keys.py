@@ -22,6 +22,7 @@ from typing import Any, Final
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 
 __all__ = [
+    "HAS_LIMITS",
     "KEY_LIMIT_FIELDS",
     "KeyLimits",
     "KeyUse",
@@ -120,6 +121,10 @@ class KeyLimits:
 
 
 KEY_LIMIT_FIELDS: Final = tuple(f.name for f in fields(KeyLimits))
+
+
+# The rows of keys that have any limit (in SQL, over `api_keys`).
+HAS_LIMITS: Final = "(" + " OR ".join(f"{name} IS NOT NULL" for name in KEY_LIMIT_FIELDS) + ")"
 
 
 def limits_from_row(row: Any) -> KeyLimits:

@@ -55,7 +55,15 @@ from llamakit.router.ledger._contract import (
     recovery,
     usage_from,
 )
-from llamakit.router.ledger._keys import KEY_LIMIT_FIELDS, KeyLimits, day_of, limit_columns, limits_from_row, month_of
+from llamakit.router.ledger._keys import (
+    HAS_LIMITS,
+    KEY_LIMIT_FIELDS,
+    KeyLimits,
+    day_of,
+    limit_columns,
+    limits_from_row,
+    month_of,
+)
 from llamakit.router.ledger._migrations import migrate_postgres
 
 __all__ = ["PostgresLedger"]
@@ -250,6 +258,12 @@ class PostgresLedger(Ledger):
                 return key_from(updated, now)
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _limited_keys(self, now: float) -> list[ApiKey]:
+        rows = await self._fetch(
+            f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
+        )
+        return [key_from(row, now) for row in rows]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
         if key_hash is not None:

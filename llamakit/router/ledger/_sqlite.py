@@ -53,6 +53,7 @@ from llamakit.router.ledger._contract import (
     usage_from,
 )
 from llamakit.router.ledger._keys import (
+    HAS_LIMITS,
     KEY_LIMIT_FIELDS,
     KeyLimits,
     cap_refusal,
@@ -326,6 +327,14 @@ class SqliteLedger(Ledger):
             )
 
         return await self._call(run, write=True)
+
+    async def _limited_keys(self, now: float) -> list[ApiKey]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
+            ).fetchall()
+        )
+        return [key_from(row, now) for row in rows]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
         def run(conn: sqlite3.Connection) -> int:

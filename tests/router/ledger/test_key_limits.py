@@ -50,6 +50,7 @@ async def test_limits_are_stored_shown_and_changed(ledger: Ledger) -> None:
     assert shown.limits == limits and shown.use == KeyUse()
     assert (await ledger.find_key(plain)).limits == KeyLimits()
     assert [k.limits for k in await ledger.list_keys(account.id)] == [limits, KeyLimits()]
+    assert [k.prefix for k in await ledger.limited_keys()] == [key[:8]]  # the dashboard's: keys with a limit
     found = await ledger.authenticate_key(key)
     assert found is not None and found[0].id == account.id and found[1].limits == limits
 
