@@ -214,10 +214,12 @@ async def _check(state: RouterState, node: HerdNode) -> None:
         node.name = health["name"]  # a static node is known by its URL until it tells its name
     models = health.get("models")
     slots = health.get("slots")
+    n_ctx = health.get("n_ctx")
     came_back = state.herd.seen(
         node,
         models=models if isinstance(models, list) else None,
         slots=slots if isinstance(slots, int) and slots > 0 else None,
+        n_ctx=n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else None,
     )
     if came_back:
         log.info("node %s is up, serving %s with %d slot(s)", node.name, node.models, node.slots)

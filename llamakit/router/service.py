@@ -114,7 +114,7 @@ async def price(
         messages = 1
         text = texts[0]
     fees = state.prices.fees(model)
-    held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
+    held = hold_amount(fees, bid, _prompt_bound(state, model, texts, messages, max_tokens), max_tokens)
     request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
@@ -142,6 +142,26 @@ async def price(
         chain=chain,
         affinity=state.prefixes.holder(chain) if chain else None,
     )
+
+
+def _prompt_bound(state: RouterState, model: str, texts: list[str], messages: int, max_tokens: int) -> int:
+    """The most prompt tokens the request can be charged for: its bytes (see fees.prompt_token_bound), and no
+    more than the context leaves beside `max_tokens` on the largest node serving the model, since a node
+    refuses (400 context_length_exceeded, nothing charged) a prompt that does not fit. 400 when `max_tokens`
+    alone fills that context."""
+    bound = prompt_token_bound(texts, messages=messages)
+    context = state.herd.context(model)
+    if context is None:  # a node that has not said its context yet: the bytes alone
+        return bound
+    if max_tokens >= context:
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}, but {model!r} holds {context} tokens per request, prompt included: "
+            "ask for fewer",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return min(bound, context - max_tokens)
 
 
 def request_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Decimal]:
