@@ -11,6 +11,7 @@ import httpx
 
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
+from tests.router.test_refusals_and_metrics import samples, value
 
 ASK = {"prompt": "one two three four", "max_tokens": 2}
 
@@ -88,6 +89,9 @@ async def test_over_requests_per_minute_a_key_gets_429_with_retry_after_and_noth
     assert 1 <= int(resp.headers["Retry-After"]) <= 60
     assert len(node.received) == before
     assert (await other.post("/v1/completions", json=ASK)).status_code == 200
+    counted = await samples(herd)
+    assert value(counted, "llamakit_router_refusals_total", status="429", code="rate_limit_exceeded") == 1
+    assert value(counted, "llamakit_router_refusals_total", status="402", code="spend_cap_exceeded") == 0
     rates = (await client.get("/v1/key")).json()["rates"]
     assert rates == {
         "requests_last_minute": 3,
