@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from llamakit.profile import profile_path, read_profile
+from llamakit.admin_client import admin_client, show, table, when
+from llamakit.cli_keys import add_key_commands, add_limit_flags, limits_from_args
+from llamakit.profile import profile_path
 
 __all__ = ["main"]
 
@@ -98,75 +96,38 @@ def _currency(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _admin_client(args: argparse.Namespace) -> httpx.Client:
-    profile = read_profile()
-    url = args.url or os.environ.get("LLAMAKIT_URL") or (profile.url if profile else None)
-    key = os.environ.get("LLAMAKIT_ADMIN_KEY") or (profile.admin_key if profile else None)
-    if not url or not key:
-        raise SystemExit("no router configured: run 'llamakit up', or set LLAMAKIT_URL and LLAMAKIT_ADMIN_KEY")
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
-
-
-def _show(resp: httpx.Response) -> int:
-    try:
-        body: Any = resp.json()
-    except ValueError:
-        body = resp.text
-    print(json.dumps(body, indent=2))
-    return 0 if resp.is_success else 1
-
-
 def cmd_account(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(
-            admin.post("/admin/accounts", json={"name": args.name, "kind": args.kind, "deposit": args.deposit})
-        )
+    with admin_client(args) as admin:
+        body = {"name": args.name, "kind": args.kind, "deposit": args.deposit, "limits": limits_from_args(args)}
+        return show(admin.post("/admin/accounts", json=body))
 
 
 def cmd_deposit(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.post(f"/admin/accounts/{args.account}/deposits", json={"amount": args.amount}))
+    with admin_client(args) as admin:
+        return show(admin.post(f"/admin/accounts/{args.account}/deposits", json={"amount": args.amount}))
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.get("/admin/accounts"))
+    with admin_client(args) as admin:
+        return show(admin.get("/admin/accounts"))
 
 
 def cmd_fees(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
+    with admin_client(args) as admin:
         if args.base is None:
-            return _show(admin.get("/admin/fees"))
+            return show(admin.get("/admin/fees"))
         body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
-        return _show(admin.put(f"/admin/fees/{args.model}", json=body))
+        return show(admin.put(f"/admin/fees/{args.model}", json=body))
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.post(f"/admin/nodes/{args.node}/drain"))
+    with admin_client(args) as admin:
+        return show(admin.post(f"/admin/nodes/{args.node}/drain"))
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.post(f"/admin/nodes/{args.node}/undrain"))
-
-
-def cmd_keys_list(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        resp = admin.get(f"/admin/accounts/{args.account}/keys")
-        if not resp.is_success or args.json:
-            return _show(resp)
-        rows = [
-            [k["prefix"] + "…", _when(k["created"]), "active" if k["active"] else f"revoked {_when(k['revoked'])}"]
-            for k in resp.json()["data"]
-        ]
-        _table(["key", "created", "state"], rows)
-        return 0
-
-
-def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.delete(f"/admin/keys/{args.prefix}"))
+    with admin_client(args) as admin:
+        return show(admin.post(f"/admin/nodes/{args.node}/undrain"))
 
 
 USAGE_COLUMNS = [
@@ -182,15 +143,15 @@ def cmd_usage(args: argparse.Namespace) -> int:
         if getattr(args, name):
             params[name] = getattr(args, name)
     records: list[dict[str, Any]] = []
-    with _admin_client(args) as admin:
+    with admin_client(args) as admin:
         while len(records) < args.limit:
             page_size = min(1000, args.limit - len(records))
             resp = admin.get("/admin/usage", params={**params, "limit": str(page_size)})
             if not resp.is_success:
-                return _show(resp)
+                return show(resp)
             page = resp.json()
             for record in page["data"]:
-                record["time"] = _when(record.pop("created"))
+                record["time"] = when(record.pop("created"))
                 record["cost"] = _decimal_text(record.get("cost"))
             records += page["data"]
             if not page["has_more"]:
@@ -205,7 +166,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         "time", "request_id", "account", "user", "model", "status", "prompt_tokens", "completion_tokens",
         "cost_credits", "cost", "currency",
     ]  # fmt: skip
-    _table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
+    table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
     return 0
 
 
@@ -221,22 +182,9 @@ def _decimal_text(number: object) -> object:
     return number
 
 
-def _when(epoch: float | None) -> str:
-    if epoch is None:
-        return ""
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[[str(c) for c in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
-    with _admin_client(args) as admin:
-        return _show(admin.get("/admin/stats"))
+    with admin_client(args) as admin:
+        return show(admin.get("/admin/stats"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     account.add_argument("name")
     account.add_argument("--kind", default="user", choices=["user", "agent", "dev"])
     account.add_argument("--deposit", type=int, default=0)
+    add_limit_flags(account)  # the limits of the account's first key
     account.set_defaults(func=cmd_account)
 
     deposit = sub.add_parser("deposit", help="add credits to an account")
@@ -296,14 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     undrain.add_argument("node")
     undrain.set_defaults(func=cmd_undrain)
 
-    keys = sub.add_parser("keys", help="an account's API keys").add_subparsers(dest="keys_command", required=True)
-    keys_list = keys.add_parser("list", help="an account's keys by prefix, active and revoked")
-    keys_list.add_argument("account")
-    keys_list.add_argument("--json", action="store_true", help="print the router's JSON")
-    keys_list.set_defaults(func=cmd_keys_list)
-    keys_revoke = keys.add_parser("revoke", help="revoke the key with this prefix (or the whole key); at once")
-    keys_revoke.add_argument("prefix")
-    keys_revoke.set_defaults(func=cmd_keys_revoke)
+    add_key_commands(sub)
 
     usage = sub.add_parser("usage", help="usage records, newest first (refusals included)")
     usage.add_argument("--account", help="one account's records")

@@ -187,37 +187,128 @@ def parse_answer(text: str, *, finished: bool) -> ParsedAnswer:
 
 
 class ToolCallParser:
-    """Streams a generic-format answer: the text of a `{"response": "…"}` as it comes, tool calls when whole.
+    """Streams a generic-format answer as it is generated, the way OpenAI streams: the text of a
+    `{"response": "…"}` as it comes, and each call of a `{"tool_calls": [{"name": …, "arguments": …}]}` as soon as
+    its name is known (a delta with its `id`, `type` and `name`), then its arguments' JSON text piece by piece
+    (deltas whose `function.arguments` concatenate to it).
 
-    `feed(piece)` returns the answer text that is now certain (escapes decoded); `finish()` the parsed answer.
+    `feed(piece)` returns the answer text now certain (escapes decoded) and the `delta.tool_calls` items now
+    known; `finish()` the parsed answer. The grammar fixes the order `name`, then `arguments`; an answer in any
+    other shape streams nothing and is parsed whole at the end.
     """
 
-    _OPENING = re.compile(r'^\s*\{\s*"response"\s*:\s*"')
+    _OPENING = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+    _CALLS = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
+    _CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
+    _AFTER_CALL = re.compile(r"\s*\}\s*([,\]])")
 
     def __init__(self) -> None:
         self.raw = ""
         self._start: int | None = None  # where the response string's characters begin in `raw`
         self._sent = 0  # characters of the decoded string already given out
+        self._at: int | None = None  # where the calls scanner reads `raw` next, once the answer is calls
+        self._arguments: _ValueScanner | None = None  # the arguments being streamed
+        self.calls = 0  # calls whose arguments are whole
+        self.calls_complete = False  # the calls' array closed
 
-    def feed(self, piece: str) -> str:
+    def feed(self, piece: str) -> tuple[str, list[dict[str, Any]]]:
         self.raw += piece
-        if self._start is None:
-            match = self._OPENING.match(self.raw)
-            if match is None:
-                return ""
-            self._start = match.end()
+        if self._start is None and self._at is None:
+            if (match := self._OPENING.match(self.raw)) is not None:
+                self._start = match.end()
+            elif (match := self._CALLS.match(self.raw)) is not None:
+                self._at = match.end()
+            else:
+                return "", []
+        if self._at is not None:
+            return "", self._scan_calls()
+        assert self._start is not None
         decoded = _decode_partial_string(self.raw[self._start :])
         out = decoded[self._sent :]
         self._sent = len(decoded)
-        return out
+        return out, []
 
     @property
     def streaming_text(self) -> bool:
         """Whether the answer is a `response` whose text went out as it came."""
         return self._start is not None
 
+    @property
+    def streaming_calls(self) -> bool:
+        """Whether the answer is tool calls, which go out as they come."""
+        return self._at is not None
+
     def finish(self, *, finished: bool) -> ParsedAnswer:
         return parse_answer(self.raw, finished=finished)
+
+    def _scan_calls(self) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = []
+        while self._at is not None and not self.calls_complete:
+            if self._arguments is None:
+                match = self._CALL.match(self.raw, self._at)
+                if match is None:
+                    break
+                name = json.loads(f'"{match[1]}"')
+                deltas.append({"index": self.calls, "id": f"call_{secrets.token_hex(12)}", "type": "function",
+                               "function": {"name": name, "arguments": ""}})  # fmt: skip
+                self._arguments, self._at = _ValueScanner(), match.end()
+            fragment, self._at = self._arguments.feed(self.raw, self._at)
+            if fragment:
+                deltas.append({"index": self.calls, "function": {"arguments": fragment}})
+            if not self._arguments.done:
+                break
+            after = self._AFTER_CALL.match(self.raw, self._at)
+            if after is None:
+                break
+            self._arguments, self.calls, self._at = None, self.calls + 1, after.end()
+            self.calls_complete = after[1] == "]"
+        return deltas
+
+
+class _ValueScanner:
+    """Finds where one JSON value ends in text that arrives piece by piece, giving out its text as it goes."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._scalar = False  # a number, true, false or null: it ends at the first character not its own
+
+    def feed(self, raw: str, at: int) -> tuple[str, int]:
+        """The value's text in `raw` from `at` on (leading blanks skipped), and where scanning stopped."""
+        begin = at
+        while at < len(raw) and not self.done:
+            c = raw[at]
+            if not self.started:
+                if c.isspace():
+                    at += 1
+                    begin = at
+                    continue
+                self.started = True
+                self._scalar = c not in '{["'
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif c == '"':
+                    self._in_string = False
+                    self.done = self._depth == 0
+            elif self._scalar:
+                if c.isspace() or c in ",}]":
+                    self.done = True
+                    return raw[begin:at], at
+            elif c == '"':
+                self._in_string = True
+            elif c in "{[":
+                self._depth += 1
+            elif c in "}]":
+                self._depth -= 1
+                self.done = self._depth == 0
+            at += 1
+        return raw[begin:at], at
 
 
 def _decode_partial_string(body: str) -> str:

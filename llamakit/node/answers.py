@@ -2,8 +2,9 @@
 
 Logprobs follow OpenAI's two formats: chat's `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`
 and the legacy completions' `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. A tool-call answer
-is the generic-format JSON of `llamakit.tool_calls`; streamed, the text of a `response` goes out as it comes
-and calls go out whole at the end, as `delta.tool_calls` with an `index` each (OpenAI's stream shape).
+is the generic-format JSON of `llamakit.tool_calls`; streamed, the text of a `response` goes out as it comes,
+and each call as `delta.tool_calls` items with an `index`: its id and name first, then its arguments' JSON
+text piece by piece (OpenAI's stream shape).
 """
 
 from __future__ import annotations
@@ -97,18 +98,29 @@ class Answer:
         return []
 
     def piece(self, text: str, n_completion: int) -> list[dict[str, Any]]:
-        """Chunks for a piece of text made of the tokens up to `n_completion` (none while a tool call builds)."""
-        if self.parser is not None:
-            text = self.parser.feed(text)
-            if not text:
-                return []
-        return [self._text_chunk(text, self._logprobs_until(n_completion))]
+        """Chunks for a piece of text made of the tokens up to `n_completion`: its text, or with tools the
+        answer's text and tool-call deltas known so far (none while the shape of the answer is not)."""
+        if self.parser is None:
+            return [self._text_chunk(text, self._logprobs_until(n_completion))]
+        text, calls = self.parser.feed(text)
+        chunks = [self._text_chunk(text, self._logprobs_until(n_completion))] if text else []
+        for call in calls:
+            delta: dict[str, Any] = {"tool_calls": [call]}
+            if "id" in call and call["index"] == 0:
+                delta["content"] = None
+            chunks.append(chat_chunk_body(id=self.id, model=self.model, delta=delta))
+        return chunks
 
     def closing(self, result: GenerationResult) -> list[dict[str, Any]]:
         """The last chunks: what a tool-call answer held back, then the one with the finish reason."""
         chunks: list[dict[str, Any]] = []
         finish = result.finish_reason
-        if self.parser is not None and not self.parser.streaming_text:
+        if self.parser is not None and self.parser.streaming_calls:
+            # The calls went out as they came. Cut short, the last is as far as it got, and the finish reason
+            # says why (as OpenAI streams a call cut by max_tokens).
+            if self.parser.calls_complete and finish == "stop":
+                finish = "tool_calls"
+        elif self.parser is not None and not self.parser.streaming_text:
             parsed = self.parser.finish(finished=finish == "stop")
             if parsed.tool_calls:
                 finish = "tool_calls"

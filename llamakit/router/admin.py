@@ -16,18 +16,19 @@ from llamakit.fees import FeeSchedule
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
+from llamakit.router.keys import key_limits
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.web import SseWriter, json_response, require_bearer
 
-__all__ = ["admin_routes", "herd_routes"]
+__all__ = ["account_of", "admin_routes", "herd_routes", "require_admin"]
 
 admin_routes = web.RouteTableDef()
 herd_routes = web.RouteTableDef()
 
 
-def _admin(request: web.Request) -> None:
+def require_admin(request: web.Request) -> None:
     require_bearer(request, request.app[STATE].settings.admin_key, what="admin key")
 
 
@@ -35,7 +36,7 @@ def _herd(request: web.Request) -> None:
     require_bearer(request, request.app[STATE].settings.herd_token, what="herd token")
 
 
-async def _account(request: web.Request) -> Account:
+async def account_of(request: web.Request) -> Account:
     ledger = request.app[STATE].ledger
     ref = request.match_info["account"]
     try:
@@ -61,14 +62,14 @@ def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None
 
 @admin_routes.get("/admin/accounts")
 async def list_accounts(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     ledger = request.app[STATE].ledger
     return json_response({"data": [await _account_json(request, a) for a in await ledger.list_accounts()]})
 
 
 @admin_routes.post("/admin/accounts")
 async def create_account(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     ledger = request.app[STATE].ledger
     body = parse_json(await request.read())
     name, kind = body.get("name"), body.get("kind", "user")
@@ -77,13 +78,14 @@ async def create_account(request: web.Request) -> web.Response:
         raise ApiError(400, "an account needs a 'name'", param="name")
     if kind not in ("user", "agent", "dev"):
         raise ApiError(400, f"'kind' must be user, agent or dev, got {kind!r}", param="kind")
+    key_limits(body.get("limits"))  # a bad limit is refused before the account is made
     try:
         account = await ledger.create_account(name.strip(), kind=kind)
     except AccountExists as exc:
         raise ApiError(409, str(exc), code="account_exists", param="name") from exc
     except ValueError as exc:
         raise ApiError(400, str(exc), param="name") from exc
-    key = await ledger.create_key(account.id)
+    key = await ledger.create_key(account.id, limits=key_limits(body.get("limits")))
     if deposit:
         await ledger.deposit(account.id, deposit, note="opening deposit")
     return json_response({**await _account_json(request, account), "api_key": key}, status=201)
@@ -91,52 +93,14 @@ async def create_account(request: web.Request) -> web.Response:
 
 @admin_routes.get("/admin/accounts/{account}")
 async def get_account(request: web.Request) -> web.Response:
-    _admin(request)
-    return json_response(await _account_json(request, await _account(request)))
-
-
-@admin_routes.post("/admin/accounts/{account}/keys")
-async def create_key(request: web.Request) -> web.Response:
-    _admin(request)
-    account = await _account(request)
-    return json_response(
-        {"account": account.name, "api_key": await request.app[STATE].ledger.create_key(account.id)}, status=201
-    )
-
-
-@admin_routes.get("/admin/accounts/{account}/keys")
-async def list_keys(request: web.Request) -> web.Response:
-    """An account's keys by display prefix (the keys themselves are never kept), active and revoked."""
-    _admin(request)
-    account = await _account(request)
-    keys = await request.app[STATE].ledger.list_keys(account.id)
-    return json_response(
-        {
-            "account": account.name,
-            "data": [
-                {"prefix": k.prefix, "created": k.created, "revoked": k.revoked, "active": k.active} for k in keys
-            ],
-        }
-    )
-
-
-@admin_routes.delete("/admin/keys/{key}")
-async def revoke_key(request: web.Request) -> web.Response:
-    _admin(request)
-    request.app[STATE].accounts.clear()  # a revoked key must stop working at once
-    try:
-        revoked = await request.app[STATE].ledger.revoke_key(request.match_info["key"])
-    except (LedgerError, ValueError) as exc:
-        raise ApiError(400, str(exc), param="key") from exc
-    if not revoked:
-        raise ApiError(404, "no active key matches", type="not_found_error", code="key_not_found")
-    return json_response({"revoked": revoked})
+    require_admin(request)
+    return json_response(await _account_json(request, await account_of(request)))
 
 
 @admin_routes.post("/admin/accounts/{account}/deposits")
 async def deposit(request: web.Request) -> web.Response:
-    _admin(request)
-    account = await _account(request)
+    require_admin(request)
+    account = await account_of(request)
     body = parse_json(await request.read())
     amount = _positive_int(body, "amount")
     if amount == 0:
@@ -153,14 +117,14 @@ async def deposit(request: web.Request) -> web.Response:
 
 @admin_routes.get("/admin/fees")
 async def get_fees(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     state = request.app[STATE]
     return json_response(state.prices.to_dict(state.known_models()))
 
 
 @admin_routes.put("/admin/fees/{model}")
 async def set_fees(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     state = request.app[STATE]
     try:
         fees = FeeSchedule.from_dict(parse_json(await request.read()))
@@ -180,13 +144,13 @@ def _node(request: web.Request) -> HerdNode:
 
 @admin_routes.get("/admin/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     return json_response({"data": [n.snapshot() for n in request.app[STATE].herd.nodes.values()]})
 
 
 @admin_routes.post("/admin/nodes/{node}/drain")
 async def drain_node(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     node = _node(request)
     node.draining = True
     request.app[STATE].scheduler.pump()  # requests waiting only for this node learn at once
@@ -197,7 +161,7 @@ async def drain_node(request: web.Request) -> web.Response:
 
 @admin_routes.post("/admin/nodes/{node}/undrain")
 async def undrain_node(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     node = _node(request)
     node.draining = False
     request.app[STATE].scheduler.pump()
@@ -208,7 +172,7 @@ async def undrain_node(request: web.Request) -> web.Response:
 
 @admin_routes.delete("/admin/nodes/{node}")
 async def remove_node(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     node = _node(request)
     state = request.app[STATE]
     # Requests in flight on it finish (they hold their own reference); it gets nothing new.
@@ -222,14 +186,14 @@ async def remove_node(request: web.Request) -> web.Response:
 
 @admin_routes.get("/admin/stats")
 async def stats(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     return json_response(await snapshot(request.app[STATE]))
 
 
 @admin_routes.get("/admin/stats/stream")
 async def stats_stream(request: web.Request) -> web.StreamResponse:
     """The snapshot pushed as Server-Sent Events every `interval` seconds (default 1) until the client leaves."""
-    _admin(request)
+    require_admin(request)
     try:
         interval = float(request.query.get("interval", "1"))
     except ValueError:
@@ -252,7 +216,7 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
 
 @admin_routes.get("/admin/books")
 async def books(request: web.Request) -> web.Response:
-    _admin(request)
+    require_admin(request)
     books = await request.app[STATE].ledger.books()
     return json_response({**asdict(books), "balanced": books.balanced})
 
@@ -261,7 +225,7 @@ async def books(request: web.Request) -> web.Response:
 async def usage(request: web.Request) -> web.Response:
     """Every account's usage records (or one account's: `?account=NAME`), paged and filtered as
     `GET /v1/account/usage`; each record names its account."""
-    _admin(request)
+    require_admin(request)
     ledger = request.app[STATE].ledger
     query = usage_query(request)
     names = {a.id: a.name for a in await ledger.list_accounts()}

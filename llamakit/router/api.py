@@ -25,7 +25,8 @@ from llamakit.protocol import (
     validate_request,
 )
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, LedgerError, Remembered, UsageRecord
+from llamakit.router.keys import Caller, key_view
+from llamakit.router.ledger import Account, LedgerError, Remembered, UsageRecord, hash_key
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
 from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
-async def authenticate(request: web.Request) -> Account:
+async def authenticate(request: web.Request) -> Caller:
+    """The caller of a request: its API key's account and limits. 401 for a missing, unknown, revoked or
+    expired key (`code` missing_api_key, invalid_api_key, expired_api_key)."""
     state = request.app[STATE]
     key = bearer_token(request)
     if key is None:
@@ -50,14 +53,25 @@ async def authenticate(request: web.Request) -> Account:
             type="authentication_error",
             code="missing_api_key",
         )
-    account = state.accounts.get(key)
-    if account is None:
-        account = await state.ledger.authenticate(key)
-        if account is not None:
-            state.accounts.put(key, account)
-    if account is None:
+    now = time.time()
+    caller = state.keys.get(key, now)
+    if caller is None:
+        found = await state.ledger.authenticate_key(key)
+        if found is not None:
+            caller = Caller(found[0], hash_key(key), found[1])
+            state.keys.put(caller, now)
+    if caller is None:
         raise ApiError(401, "the API key is not valid", type="authentication_error", code="invalid_api_key")
-    return account
+    expires = caller.limits.expires_at
+    if expires is not None and now >= expires:
+        raise ApiError(
+            401,
+            f"the API key expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires))}; "
+            "ask the operator for a new one",
+            type="authentication_error",
+            code="expired_api_key",
+        )
+    return caller
 
 
 # Refusals of a known account that get a usage record (when no hold was made, so none exists yet).
@@ -66,14 +80,14 @@ RECORDED_REFUSALS = frozenset({400, 402, 403, 404, 429})
 
 async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
     state = request.app[STATE]
-    account = await authenticate(request)
+    caller = await authenticate(request)
     data: dict[str, Any] = {}
     try:
         data = parse_json(await request.read())
-        return await _generate_for(request, account, model, path, data)
+        return await _generate_for(request, caller, model, path, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:
-            await record_refusal(state, account, exc, data)
+            await record_refusal(state, caller.account, exc, data)
         raise
 
 
@@ -106,19 +120,19 @@ async def record_refusal(state: RouterState, account: Account, exc: ApiError, da
 
 
 async def _generate_for(
-    request: web.Request, account: Account, model: type[GenerationRequest], path: str, data: dict[str, Any]
+    request: web.Request, caller: Caller, model: type[GenerationRequest], path: str, data: dict[str, Any]
 ) -> web.StreamResponse:
     state = request.app[STATE]
     raw = await request.read()
     key = Idempotency.key_of(request)
     req = validate_request(model, data)
     if key is None:
-        return await serve(state, request, await price(state, request, account, req, data, path))
-    claimed = await state.idempotency.claim(account.id, key, fingerprint(path, raw))
+        return await serve(state, request, await price(state, request, caller, req, data, path))
+    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(path, raw))
     if isinstance(claimed, Remembered):
         return await replay(request, claimed, state.settings.money, stream=req.stream, include_usage=req.include_usage)
     try:
-        return await serve(state, request, await price(state, request, account, req, data, path, claimed))
+        return await serve(state, request, await price(state, request, caller, req, data, path, claimed))
     finally:
         state.idempotency.release(claimed)
 
@@ -211,16 +225,34 @@ async def info(request: web.Request) -> web.Response:
 
 @routes.get("/v1/account")
 async def account(request: web.Request) -> web.Response:
+    """The caller's account (balance, held, spent, deposited: credits) and, under `key`, the key asking."""
     state = request.app[STATE]
-    acct = await authenticate(request)
+    caller = await authenticate(request)
+    acct = caller.account
     books = await state.ledger.account_state(acct.id)
-    return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books)})
+    key = await _key_now(request, caller)
+    return json_response({"id": acct.id, "name": acct.name, "kind": acct.kind, **asdict(books), "key": key})
+
+
+@routes.get("/v1/key")
+async def current_key(request: web.Request) -> web.Response:
+    """The API key asking: its prefix, limits, spend so far (credits) against its caps, and what this router
+    counts towards its rate limits (`rates`). See `llamakit.router.keys.key_view`."""
+    caller = await authenticate(request)
+    return json_response({"account": caller.account.name, **await _key_now(request, caller)})
+
+
+async def _key_now(request: web.Request, caller: Caller) -> dict[str, Any]:
+    state = request.app[STATE]
+    found = await state.ledger.authenticate_key(bearer_token(request) or "")
+    key = found[1] if found is not None else caller.key  # revoked since it was cached: as last seen
+    return key_view(key, state.rates.use(caller.key_hash))
 
 
 @routes.get("/v1/account/usage")
 async def account_usage(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = await authenticate(request)
+    acct = (await authenticate(request)).account
     query = usage_query(request)
 
     def fetch(limit: int, before: int | None) -> Awaitable[list[UsageRecord]]:
@@ -232,7 +264,7 @@ async def account_usage(request: web.Request) -> web.Response:
 @routes.post("/v1/events")
 async def post_event(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = await authenticate(request)
+    acct = (await authenticate(request)).account
     body = parse_json(await request.read())
     kind = body.get("kind")
     data = body.get("data", {})
@@ -250,7 +282,7 @@ async def post_event(request: web.Request) -> web.Response:
 @routes.get("/v1/events")
 async def list_events(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    acct = await authenticate(request)
+    acct = (await authenticate(request)).account
     limit = query_int(request, "limit", 0, MAX_ID) or 100
     events = await state.ledger.events(acct.id, limit=limit)
     return json_response({"object": "list", "data": [asdict(e) for e in events]})

@@ -18,6 +18,7 @@ from llamakit.router.api import STATE, routes
 from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
+from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
@@ -53,6 +54,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
     app.add_routes(admin_routes)
+    app.add_routes(key_routes)
     app.add_routes(herd_routes)
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -213,10 +215,12 @@ async def _check(state: RouterState, node: HerdNode) -> None:
         node.name = health["name"]  # a static node is known by its URL until it tells its name
     models = health.get("models")
     slots = health.get("slots")
+    n_ctx = health.get("n_ctx")
     came_back = state.herd.seen(
         node,
         models=models if isinstance(models, list) else None,
         slots=slots if isinstance(slots, int) and slots > 0 else None,
+        n_ctx=n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else None,
     )
     if came_back:
         log.info("node %s is up, serving %s with %d slot(s)", node.name, node.models, node.slots)

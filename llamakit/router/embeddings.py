@@ -15,15 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from llamakit.embeddings_protocol import EmbeddingRequest, parse_embedding_request
-from llamakit.fees import hold_amount, parse_bid
+from llamakit.fees import hold_amount
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
-from llamakit.router.ledger import Account, Remembered
-from llamakit.router.service import BID_HEADER, PaidRequest, hold_credits, serve
+from llamakit.router.keys import Caller
+from llamakit.router.ledger import Remembered
+from llamakit.router.service import PaidRequest, hold_credits, request_model, serve
 from llamakit.router.state import RouterState
 
-__all__ = ["PATH", "embedding_routes", "hold_model", "price_embeddings"]
+__all__ = ["PATH", "embedding_routes", "price_embeddings"]
 
 PATH = "/v1/embeddings"
 
@@ -33,74 +34,54 @@ embedding_routes = web.RouteTableDef()
 @embedding_routes.post(PATH)
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    account = await authenticate(request)
+    caller = await authenticate(request)
     data: dict[str, Any] = {}
     try:
         data = parse_json(await request.read())
-        return await _embeddings(request, state, account, data)
+        return await _embeddings(request, state, caller, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, account, exc, data)
+            await record_refusal(state, caller.account, exc, data)
         raise
 
 
 async def _embeddings(
-    request: web.Request, state: RouterState, account: Account, data: dict[str, Any]
+    request: web.Request, state: RouterState, caller: Caller, data: dict[str, Any]
 ) -> web.StreamResponse:
     raw = await request.read()
     key = Idempotency.key_of(request)
     req = parse_embedding_request(data)
     if key is None:
-        return await serve(state, request, await price_embeddings(state, request, account, req, data))
-    claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
+        return await serve(state, request, await price_embeddings(state, request, caller, req, data))
+    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(PATH, raw))
     if isinstance(claimed, Remembered):
         return await replay(request, claimed, state.settings.money, stream=False, include_usage=False)
     try:
-        return await serve(state, request, await price_embeddings(state, request, account, req, data, claimed))
+        return await serve(state, request, await price_embeddings(state, request, caller, req, data, claimed))
     finally:
         state.idempotency.release(claimed)
-
-
-def hold_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Any]:
-    """The model a request names (or the default) and its validated bid (body field, else `X-Llamakit-Bid`):
-    400 for a bad bid, 404 naming the models served for an unknown model, as for chat completions."""
-    raw_bid: object = bid if bid is not None else request.headers.get(BID_HEADER, 1)
-    try:
-        parsed = parse_bid(raw_bid)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
-    name = model or state.default_model()
-    known = state.known_models()
-    if name is None or name not in known:
-        available = ", ".join(known) or "none (no node has joined yet)"
-        raise ApiError(
-            404,
-            f"model {name!r} does not exist here; available models: {available}",
-            type="not_found_error",
-            code="model_not_found",
-            param="model",
-        )
-    return name, parsed
 
 
 async def price_embeddings(
     state: RouterState,
     request: web.Request,
-    account: Account,
+    caller: Caller,
     req: EmbeddingRequest,
     data: dict[str, Any],
     claim: Claim | None = None,
 ) -> PaidRequest:
-    """Hold the most the embeddings can cost (402 with `needed` and `balance` when the balance is short)."""
-    model, bid = hold_model(state, request, req.model, req.bid)
+    """Hold the most the embeddings can cost (402 with `needed` and `balance` when the balance is short, and
+    the key's refusals of `hold_credits`)."""
+    model, bid = request_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
     held = hold_amount(fees, bid, req.token_bound(), 0)
-    request_id = await hold_credits(state, account, held, model=model, bid=bid, user=req.user)
+    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
     return PaidRequest(
         id=request_id,
-        account=account,
+        account=caller.account,
+        admission=admission,
         model=model,
         path=PATH,
         body=body,

@@ -18,7 +18,7 @@ FAILURES_TO_DOWN = 2
 # A node's rest after a timeout doubles with each timeout in a row, up to 2**this times the first.
 MAX_REST_DOUBLINGS = 4
 # Fields of a node whose change can change which node `Herd.pick` takes.
-_STATE_FIELDS: Final = frozenset({"up", "draining", "slots", "models", "name"})
+_STATE_FIELDS: Final = frozenset({"up", "draining", "slots", "models", "name", "n_ctx"})
 
 
 @dataclass
@@ -31,6 +31,8 @@ class HerdNode:
     models: list[str]
     slots: int
     static: bool = False
+    # The context each of its slots holds (tokens), as its /health says; None until it has said.
+    n_ctx: int | None = None
     draining: bool = False
     up: bool = True
     busy: int = 0
@@ -96,6 +98,7 @@ class HerdNode:
             "models": list(self.models),
             "state": self.state,
             "slots": self.slots,
+            "n_ctx": self.n_ctx,
             "busy": self.busy,
             "tokens_per_second": round(self.tokens_per_second(), 2),
             "requests": self.requests,
@@ -120,6 +123,7 @@ class Herd:
         self.nodes: dict[str, HerdNode] = {}
         self._heaps: dict[str, list[tuple[float, int, str, int, int, HerdNode]]] = {}
         self._indexed = -1  # len(nodes) when the heaps were built; -1: rebuild before the next pick
+        self._contexts: dict[str, int | None] = {}  # by model: see `context`
         self._entries = 0
         self._tiebreak = itertools.count()
 
@@ -127,20 +131,34 @@ class Herd:
         """Add `node` to the herd under its id (for a herd kept in step with a database: see cluster.py)."""
         object.__setattr__(node, "_herd", self)
         self.nodes[node.id] = node
-        self._indexed = -1
+        self._stale()
 
     def invalidate(self) -> None:
         """The membership changed behind the herd's back: rebuild the pick index before the next pick."""
-        self._indexed = -1
+        self._stale()
 
     def _changed(self, node: HerdNode, name: str) -> None:
         object.__setattr__(node, "_version", node._version + 1)
         if name != "busy" or self._indexed < 0:
-            self._indexed = -1
+            self._stale()
             return
         self._push(node)
         if self._entries > 8 * len(self.nodes) + 64:  # mostly stale entries: start afresh
-            self._indexed = -1
+            self._stale()
+
+    def _stale(self) -> None:
+        self._indexed = -1
+        self._contexts = {}
+
+    def context(self, model: str) -> int | None:
+        """The largest context (tokens per request) among the nodes serving `model`: no request for it can
+        use more. None while one of them has not said its size (or none serves it). Cached until the herd's
+        state or membership changes, so that a request pays no scan of a large herd."""
+        if model not in self._contexts:
+            sizes = [n.n_ctx for n in self.nodes.values() if model in n.models]
+            known = [s for s in sizes if s is not None]
+            self._contexts[model] = max(known) if known and len(known) == len(sizes) else None
+        return self._contexts[model]
 
     def _push(self, node: HerdNode) -> None:
         if not (node.up and not node.draining and node.free > 0):
@@ -179,10 +197,12 @@ class Herd:
 
     def remove(self, node_id_or_name: str) -> HerdNode | None:
         node = self.get(node_id_or_name)
-        self._indexed = -1
+        self._stale()
         return self.nodes.pop(node.id) if node is not None else None
 
-    def seen(self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None) -> bool:
+    def seen(
+        self, node: HerdNode, *, models: list[str] | None = None, slots: int | None = None, n_ctx: int | None = None
+    ) -> bool:
         """A health check or heartbeat answered; returns True when the node came back from down.
 
         A node resting after a timeout stays down however well it answers: see `hung`.
@@ -192,6 +212,8 @@ class Herd:
             node.models = models
         if slots is not None:
             node.slots = slots
+        if n_ctx is not None:
+            node.n_ctx = n_ctx
         if time.monotonic() < node.resting_until:
             return False
         came_back = not node.up

@@ -26,7 +26,8 @@ from llamakit.responses_protocol import (
 )
 from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
-from llamakit.router.ledger import Account, Remembered
+from llamakit.router.keys import Caller
+from llamakit.router.ledger import Remembered
 from llamakit.router.service import PaidRequest, price, serve
 from llamakit.router.state import RouterState
 from llamakit.web import SseWriter, json_response
@@ -82,19 +83,19 @@ def _response_id(request_id: str) -> str:
 @response_routes.post(PATH)
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    account = await authenticate(request)
+    caller = await authenticate(request)
     data: dict[str, Any] = {}
     try:
         data = parse_json(await request.read())
-        return await _respond(request, state, account, data)
+        return await _respond(request, state, caller, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, account, exc, data)
+            await record_refusal(state, caller.account, exc, data)
         raise
 
 
 async def _respond(
-    request: web.Request, state: RouterState, account: Account, raw_data: dict[str, Any]
+    request: web.Request, state: RouterState, caller: Caller, raw_data: dict[str, Any]
 ) -> web.StreamResponse:
     raw = await request.read()
     key = Idempotency.key_of(request)
@@ -109,12 +110,12 @@ async def _respond(
     data = chat_body(req, stream=req.stream)
     chat = validate_request(ChatCompletionRequest, data)
     if key is None:
-        return await _serve(state, request, account, req, chat, data, None)
-    claimed = await state.idempotency.claim(account.id, key, fingerprint(PATH, raw))
+        return await _serve(state, request, caller, req, chat, data, None)
+    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(PATH, raw))
     if isinstance(claimed, Remembered):
         return await _replay(request, state, req, claimed)
     try:
-        return await _serve(state, request, account, req, chat, data, claimed)
+        return await _serve(state, request, caller, req, chat, data, claimed)
     finally:
         state.idempotency.release(claimed)
 
@@ -122,13 +123,13 @@ async def _respond(
 async def _serve(
     state: RouterState,
     request: web.Request,
-    account: Account,
+    caller: Caller,
     req: ResponsesRequest,
     chat: ChatCompletionRequest,
     data: dict[str, Any],
     claim: Claim | None,
 ) -> web.StreamResponse:
-    paid: PaidRequest = await price(state, request, account, chat, data, CHAT_PATH, claim)
+    paid: PaidRequest = await price(state, request, caller, chat, data, CHAT_PATH, claim)
     response_id = _response_id(paid.id)
     if req.stream:
         events = ResponseEvents(req, response_id=response_id, model=paid.model)

@@ -31,7 +31,8 @@ from llamakit.protocol import (
 from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
-from llamakit.router.ledger import Account, InsufficientFunds, Remembered
+from llamakit.router.keys import UNLIMITED, Admission, Caller
+from llamakit.router.ledger import Account, InsufficientFunds, Remembered, SpendCapExceeded
 from llamakit.router.pricing import CURRENCY_HEADER, cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed, NodeRejected, StreamBroken
@@ -80,12 +81,14 @@ class PaidRequest:
     affinity: Affinity | None = None
     # How a stream reaches the client: chat or completion chunks as they are, or translated (the Responses API).
     open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.open
+    # The request's place under its key's rate limits, given back with its tokens when it ends.
+    admission: Admission = UNLIMITED
 
 
 async def price(
     state: RouterState,
     request: web.Request,
-    account: Account,
+    caller: Caller,
     req: GenerationRequest,
     data: dict[str, Any],
     path: str,
@@ -93,22 +96,7 @@ async def price(
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most it can cost."""
     settings = state.settings
-    raw_bid: object = req.bid if req.bid is not None else request.headers.get(BID_HEADER, 1)
-    try:
-        bid = parse_bid(raw_bid)
-    except ValueError as exc:
-        raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
-    model = req.model or state.default_model()
-    if model is None or not state.knows_model(model):
-        known = state.known_models()
-        available = ", ".join(known) or "none (no node has joined yet)"
-        raise ApiError(
-            404,
-            f"model {model!r} does not exist here; available models: {available}",
-            type="not_found_error",
-            code="model_not_found",
-            param="model",
-        )
+    model, bid = request_model(state, request, req.model, req.bid)
     max_tokens = req.token_limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         raise ApiError(
@@ -127,8 +115,8 @@ async def price(
         messages = 1
         text = texts[0]
     fees = state.prices.fees(model)
-    held = hold_amount(fees, bid, prompt_token_bound(texts, messages=messages), max_tokens)
-    request_id = await hold_credits(state, account, held, model=model, bid=bid, user=req.user)
+    held = hold_amount(fees, bid, _prompt_bound(state, model, texts, messages, max_tokens), max_tokens)
+    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
     body["model"], body["max_tokens"] = model, max_tokens
@@ -138,7 +126,8 @@ async def price(
     chain = PrefixMap.chain(model, text) if settings.affinity else []
     return PaidRequest(
         id=request_id,
-        account=account,
+        account=caller.account,
+        admission=admission,
         model=model,
         path=path,
         body=body,
@@ -156,15 +145,77 @@ async def price(
     )
 
 
+def _prompt_bound(state: RouterState, model: str, texts: list[str], messages: int, max_tokens: int) -> int:
+    """The most prompt tokens the request can be charged for: its bytes (see fees.prompt_token_bound), and no
+    more than the context leaves beside `max_tokens` on the largest node serving the model, since a node
+    refuses (400 context_length_exceeded, nothing charged) a prompt that does not fit. 400 when `max_tokens`
+    alone fills that context."""
+    bound = prompt_token_bound(texts, messages=messages)
+    context = state.herd.context(model)
+    if context is None:  # a node that has not said its context yet: the bytes alone
+        return bound
+    if max_tokens >= context:
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}, but {model!r} holds {context} tokens per request, prompt included: "
+            "ask for fewer",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return min(bound, context - max_tokens)
+
+
+def request_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Decimal]:
+    """The model a request names (or the default) and its validated bid (body field, else `X-Llamakit-Bid`):
+    400 for a bad bid, 404 naming the models served for an unknown model."""
+    raw_bid: object = bid if bid is not None else request.headers.get(BID_HEADER, 1)
+    try:
+        parsed = parse_bid(raw_bid)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
+    name = model or state.default_model()
+    if name is None or not state.knows_model(name):
+        known = state.known_models()
+        available = ", ".join(known) or "none (no node has joined yet)"
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist here; available models: {available}",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+    return name, parsed
+
+
 async def hold_credits(
-    state: RouterState, account: Account, amount: int, *, model: str, bid: Decimal, user: str | None
-) -> str:
-    """Hold `amount` credits for a new request and return its id; 402 with `needed` and `balance` when the
-    balance is short (nothing is held then)."""
+    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None
+) -> tuple[str, Admission]:
+    """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
+    admission (to finish when it ends). Nothing is held or counted when it is refused:
+
+    - 403 `model_not_allowed` when the key may not use `model`;
+    - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see keys.py);
+    - 402 `insufficient_funds` with `needed` and `balance` when the balance is short;
+    - 402 `spend_cap_exceeded` with `needed`, `cap`, `period` and `available` past one of the key's caps.
+    """
+    if not caller.limits.allows_model(model):
+        allowed = ", ".join(caller.limits.models or ())
+        raise ApiError(
+            403,
+            f"this API key may not use model {model!r}; it may use: {allowed}",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+    admission = state.rates.admit(caller)
     request_id = f"req-{uuid.uuid4().hex}"
     try:
-        await state.ledger.hold(account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None)
+        await state.ledger.hold(
+            caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
+            key_hash=caller.key_hash,
+        )  # fmt: skip
     except InsufficientFunds as exc:
+        admission.finish()
         raise ApiError(
             402,
             str(exc),
@@ -172,7 +223,19 @@ async def hold_credits(
             code="insufficient_funds",
             extra={"needed": exc.needed, "balance": exc.balance},
         ) from exc
-    return request_id
+    except SpendCapExceeded as exc:
+        admission.finish()
+        raise ApiError(
+            402,
+            str(exc),
+            type="insufficient_funds",
+            code="spend_cap_exceeded",
+            extra={"needed": exc.needed, "cap": exc.cap, "period": exc.period, "available": exc.available},
+        ) from exc
+    except BaseException:
+        admission.finish()
+        raise
+    return request_id, admission
 
 
 async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
@@ -191,6 +254,8 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
     except Exception as exc:
         await _refund(state, paid, status="error", error=repr(exc))
         raise
+    finally:
+        paid.admission.finish()  # a no-op once the request was recorded with its tokens
 
 
 def _refund_status(exc: ApiError) -> str:
@@ -612,6 +677,7 @@ def _record(
         "http_status": None,
     }
     state.requests.add(record)
+    paid.admission.finish(prompt + completion)
     state.metrics.finished(paid.model, status)
     generating = now - paid.dispatched if paid.dispatched is not None else 0.0
     state.metrics.observe_request(paid.model, latency_ms / 1000, completion, generating)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections import Counter, deque
@@ -15,7 +14,8 @@ from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.affinity import PrefixMap
 from llamakit.router.herd import Herd
 from llamakit.router.idempotency import Idempotency
-from llamakit.router.ledger import Account, Ledger
+from llamakit.router.keys import KeyCache, KeyRates
+from llamakit.router.ledger import Ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.scheduler import Scheduler
@@ -25,7 +25,7 @@ from llamakit.router.upstream import Upstream
 if TYPE_CHECKING:  # asyncpg, which the cluster needs, is imported only where it is used
     from llamakit.router.cluster import Cluster
 
-__all__ = ["AccountCache", "RequestLog", "RouterState", "UsageLog"]
+__all__ = ["RequestLog", "RouterState", "UsageLog"]
 
 
 class UsageLog:
@@ -40,33 +40,6 @@ class UsageLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-class AccountCache:
-    """Accounts by API key hash, so that a request costs no database read to authenticate.
-
-    Only who the account is (id, name, kind) is used from it, never the balance: the ledger checks that
-    in the hold's own transaction. Revoking a key clears the cache.
-    """
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self._accounts: dict[str, Account] = {}
-        self._limit = limit
-
-    @staticmethod
-    def _digest(api_key: str) -> str:
-        return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()
-
-    def get(self, api_key: str) -> Account | None:
-        return self._accounts.get(self._digest(api_key))
-
-    def put(self, api_key: str, account: Account) -> None:
-        if len(self._accounts) >= self._limit:
-            self._accounts.clear()
-        self._accounts[self._digest(api_key)] = account
-
-    def clear(self) -> None:
-        self._accounts.clear()
 
 
 @dataclass
@@ -115,7 +88,8 @@ class RouterState:
     cluster: Cluster | None = None
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
-    accounts: AccountCache = field(default_factory=AccountCache)
+    keys: KeyCache = field(default_factory=KeyCache)
+    rates: KeyRates = field(default_factory=KeyRates)
     prefixes: PrefixMap = field(default_factory=PrefixMap)
     started: float = field(default_factory=time.time)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the app shuts down

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from llamakit.fees import format_bid
+from llamakit.router.keys import key_view
 from llamakit.router.state import RouterState
 
 __all__ = ["snapshot", "start_of_day"]
@@ -16,7 +17,8 @@ __all__ = ["snapshot", "start_of_day"]
 REFUSAL_STATUSES = frozenset(
     {"insufficient_funds", "invalid_value", "unsupported_field", "invalid_grammar", "invalid_schema",
      "model_not_found", "queue_full", "queue_share_exceeded", "invalid_request_error", "not_found_error",
-     "rate_limit_error", "invalid_bid", "context_length_exceeded", "key_expired", "model_not_allowed"}
+     "rate_limit_error", "invalid_bid", "context_length_exceeded", "model_not_allowed", "rate_limit_exceeded",
+     "spend_cap_exceeded"}
 )  # fmt: skip
 
 
@@ -33,6 +35,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
     ledger, herd, scheduler = state.ledger, state.herd, state.scheduler
     now = time.time()
     activity = await ledger.account_activity(start_of_day(now))
+    names = {a.id: a.name for a in activity}
     books = await ledger.books()
     fees_by_node = await ledger.fees_by_node()
     nodes = []
@@ -77,7 +80,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "leader": state.cluster.leader,
             "routers": shared["routers"],
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
-                          "books", "agents", "accounts", "refusals.today"],
+                          "books", "agents", "accounts", "keys", "refusals.today"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
                            "requests", "refusals.by_status", "uptime", "queue.last_multiplier"],
             "dispatch": {
@@ -106,6 +109,11 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         },
         "agents": await ledger.event_summary(),
         "accounts": [asdict(a) for a in activity],
+        # Keys with a limit, as `GET /admin/keys/{key}` shows them, with their account's name.
+        "keys": [
+            {"account": names.get(k.account_id, str(k.account_id)), **key_view(k, None)}
+            for k in await ledger.limited_keys()
+        ],
         "refusals": {
             "today": sum(a.refusals for a in activity),
             "by_status": {k: v for k, v in state.requests.by_status.items() if k in REFUSAL_STATUSES},

@@ -34,7 +34,7 @@ from llamakit.sdk._calls import (
 )
 from llamakit.sdk._config import resolve_config, resolve_usage_log
 from llamakit.sdk._exceptions import APIConnectionError, APIError, APIResponseValidationError, status_error
-from llamakit.sdk._models import Account, Embeddings, Generation, Info, Model
+from llamakit.sdk._models import Account, ApiKeyInfo, Embeddings, Generation, Info, Model
 from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
 from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
@@ -292,8 +292,12 @@ class Client(_BaseClient):
         return Info.model_validate(_json(self._get("/v1/info", auth=False, options=options)))
 
     def account(self, **options: Unpack[RequestOptions]) -> Account:
-        """This key's account: balance, held, spent and deposited credits."""
+        """This key's account: balance, held, spent and deposited credits, and the key (`.key`)."""
         return Account.model_validate(_json(self._get("/v1/account", auth=True, options=options)))
+
+    def key(self, **options: Unpack[RequestOptions]) -> ApiKeyInfo:
+        """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
+        return ApiKeyInfo.model_validate(_json(self._get("/v1/key", auth=True, options=options)))
 
     def report_event(self, kind: str, data: Mapping[str, Any] | None = None, **options: Unpack[RequestOptions]) -> int:
         """Report an outcome to the router (`POST /v1/events`), such as an agent's buy, skip or error.
@@ -521,8 +525,12 @@ class AsyncClient(_BaseClient):
         return Info.model_validate(_json(await self._get("/v1/info", auth=False, options=options)))
 
     async def account(self, **options: Unpack[RequestOptions]) -> Account:
-        """This key's account: balance, held, spent and deposited credits."""
+        """This key's account: balance, held, spent and deposited credits, and the key (`.key`)."""
         return Account.model_validate(_json(await self._get("/v1/account", auth=True, options=options)))
+
+    async def key(self, **options: Unpack[RequestOptions]) -> ApiKeyInfo:
+        """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
+        return ApiKeyInfo.model_validate(_json(await self._get("/v1/key", auth=True, options=options)))
 
     # -- I/O --------------------------------------------------------------------------------------
 

@@ -11,10 +11,11 @@
             ├── BadRequestError        400  the request is invalid (a field, a bid, max_tokens too large)
             ├── AuthenticationError    401  no API key, or a wrong one
             ├── InsufficientFunds      402  the hold is not covered: `.needed` and `.balance` in credits
-            ├── PermissionDeniedError  403
+            │   └── SpendCapExceeded   402  past a spend cap of the key: `.cap`, `.period`, `.available`
+            ├── PermissionDeniedError  403  e.g. a model the key may not use
             ├── NotFoundError          404  e.g. the model does not exist (the message lists those that do)
             ├── ConflictError          409  the same idempotency key is still being served          (retried)
-            ├── RateLimitError         429                                                          (retried)
+            ├── RateLimitError         429  `.limit` names a key limit (rpm_limit …) when one was hit   (retried)
             │   └── QueueFullError     429  the model's bid queue is full                           (retried)
             └── InternalServerError    ≥500 (502, 503, 504 retried; 500 is not: it would fail again)
 
@@ -46,6 +47,7 @@ __all__ = [
     "PermissionDeniedError",
     "QueueFullError",
     "RateLimitError",
+    "SpendCapExceeded",
     "StreamInterruptedError",
     "status_error",
 ]
@@ -148,6 +150,18 @@ class InsufficientFunds(APIStatusError):
         self.balance: int | None = _int(self.error.get("balance"))
 
 
+class SpendCapExceeded(InsufficientFunds):
+    """402 `spend_cap_exceeded`: the hold would take the API key past one of its spend caps (the account may
+    still have credits). `cap` is that cap, `period` 'total', 'day' (UTC) or 'month' (UTC), `available` what
+    the key may still hold under it; all credits. Nothing was queued or charged."""
+
+    def __init__(self, message: str, *, response: httpx.Response, body: object, request_id: str | None = None) -> None:
+        super().__init__(message, response=response, body=body, request_id=request_id)
+        self.cap: int | None = _int(self.error.get("cap"))
+        self.period: str | None = _text(self.error.get("period"))
+        self.available: int | None = _int(self.error.get("available"))
+
+
 class PermissionDeniedError(APIStatusError):
     """403: the key may not do this."""
 
@@ -161,7 +175,14 @@ class ConflictError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: too many requests; `Retry-After` says when to come back."""
+    """429: too many requests; `Retry-After` (`retry_after`, seconds) says when to come back. `limit` names the
+    API key's limit that was hit (`rpm_limit`, `tpm_limit`, `max_parallel_requests`), None for another cause."""
+
+    def __init__(self, message: str, *, response: httpx.Response, body: object, request_id: str | None = None) -> None:
+        super().__init__(message, response=response, body=body, request_id=request_id)
+        self.limit: str | None = _text(self.error.get("limit"))
+        retry_after = response.headers.get("Retry-After", "")
+        self.retry_after: int | None = int(retry_after) if retry_after.isdigit() else None
 
 
 class QueueFullError(RateLimitError):
@@ -198,8 +219,11 @@ def status_error(response: httpx.Response, *, request_id: str | None = None) -> 
         message = (body if isinstance(body, str) and body.strip() else None) or response.reason_phrase or "error"
     status = response.status_code
     cls = _BY_STATUS.get(status, InternalServerError if status >= 500 else APIStatusError)
-    if cls is RateLimitError and isinstance(error, dict) and error.get("code") == "queue_full":
+    code = error.get("code") if isinstance(error, dict) else None
+    if cls is RateLimitError and code == "queue_full":
         cls = QueueFullError
+    if cls is InsufficientFunds and code == "spend_cap_exceeded":
+        cls = SpendCapExceeded
     return cls(str(message), response=response, body=body, request_id=request_id)
 
 

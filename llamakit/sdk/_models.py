@@ -16,10 +16,14 @@ from llamakit.currency import format_price
 
 __all__ = [
     "Account",
+    "ApiKeyInfo",
     "Embeddings",
     "Fees",
     "Generation",
     "Info",
+    "KeyLimits",
+    "KeyRates",
+    "KeySpend",
     "Model",
     "ModelInfo",
     "NodeCounts",
@@ -238,9 +242,53 @@ class Info(_Frozen):
     default_max_tokens: int | None = None
 
 
+class KeyLimits(_Frozen):
+    """What an API key may do; None is no limit. Spend caps in credits (in all, per UTC day, per UTC month),
+    requests and tokens per minute, requests in flight, an expiry (epoch seconds), the models allowed."""
+
+    spend_cap: int | None = None
+    spend_cap_day: int | None = None
+    spend_cap_month: int | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    max_parallel_requests: int | None = None
+    expires_at: float | None = None
+    models: list[str] | None = None
+
+
+class KeySpend(_Frozen):
+    """Credits an API key has spent (charges of finished requests) in all, today and this month (UTC), and
+    `held` for its requests in flight, which count against every cap until they settle."""
+
+    total: int = 0
+    today: int = 0
+    this_month: int = 0
+    held: int = 0
+
+
+class KeyRates(_Frozen):
+    """What the router counts towards a key's rate limits: requests and tokens in the last 60 s, in flight."""
+
+    requests_last_minute: int = 0
+    tokens_last_minute: int = 0
+    requests_in_flight: int = 0
+
+
+class ApiKeyInfo(_Frozen):
+    """The API key asking (`GET /v1/key`): its display prefix, limits, spend and, per cap, what is left."""
+
+    prefix: str
+    active: bool = True
+    expired: bool = False
+    limits: KeyLimits = Field(default_factory=KeyLimits)
+    spend: KeySpend = Field(default_factory=KeySpend)
+    remaining: dict[str, int | None] = Field(default_factory=dict)
+    rates: KeyRates | None = None
+
+
 class Account(_Frozen):
     """The caller's account (`GET /v1/account`), in credits: `balance` is free to spend, `held` reserved
-    for requests in flight, `spent` charged so far, `deposited` paid in."""
+    for requests in flight, `spent` charged so far, `deposited` paid in; `key` is the API key asking."""
 
     id: int | None = None
     name: str | None = None
@@ -249,6 +297,7 @@ class Account(_Frozen):
     held: int = 0
     spent: int = 0
     deposited: int = 0
+    key: ApiKeyInfo | None = None
 
     def _repr_html_(self) -> str:
         return (

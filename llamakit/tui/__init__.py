@@ -14,7 +14,7 @@ from llamakit.tui._config import DashboardConfig, NotConfigured, resolve_config
 
 if TYPE_CHECKING:
     from llamakit.tui._app import DashboardApp
-    from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen
+    from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen, KeysScreen
     from llamakit.tui._source import (
         DrainFailed,
         RouterRefused,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         AgentsTable,
         FeesPanel,
         HerdTable,
+        KeysTable,
         QueuePanel,
         RefusalsPanel,
         RequestsLog,
@@ -47,6 +48,8 @@ __all__ = [
     "FeesPanel",
     "HelpScreen",
     "HerdTable",
+    "KeysScreen",
+    "KeysTable",
     "NotConfigured",
     "QueuePanel",
     "RefusalsPanel",
@@ -82,6 +85,8 @@ _LAZY = {
     "AgentsTable": "_widgets",
     "FeesPanel": "_widgets",
     "HerdTable": "_widgets",
+    "KeysScreen": "_screens",
+    "KeysTable": "_widgets",
     "QueuePanel": "_widgets",
     "RefusalsPanel": "_widgets",
     "RequestsLog": "_widgets",

@@ -13,7 +13,7 @@ from textual.binding import Binding, BindingType
 from textual.reactive import var
 
 from llamakit.tui._format import clock
-from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen
+from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen, KeysScreen
 from llamakit.tui._source import DrainFailed, StatsError, StatsSource
 from llamakit.tui._stats import NodeStats, Stats, StatsHistory
 
@@ -35,6 +35,7 @@ class DashboardApp(App[None]):
         Binding("p", "toggle_pause", "Pause"),
         Binding("d", "drain", "Drain node"),
         Binding("u", "undrain", "Undrain node"),
+        Binding("k", "keys", "Keys"),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
@@ -115,6 +116,8 @@ class DashboardApp(App[None]):
 
     def _show(self, stats: Stats) -> None:
         self.dashboard.show(stats, self.history)
+        if isinstance(self.screen, KeysScreen):
+            self.screen.show(stats)
         self.shown = stats
         self.updates += 1
         self._set_sub_title()
@@ -143,7 +146,7 @@ class DashboardApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own keys do nothing while a dialog is open over it.
-        if action in ("toggle_pause", "drain", "undrain", "help"):
+        if action in ("toggle_pause", "drain", "undrain", "help", "keys"):
             return self.screen is self.dashboard
         return True
 
@@ -152,6 +155,9 @@ class DashboardApp(App[None]):
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def action_keys(self) -> None:
+        self.push_screen(KeysScreen(self.shown))
 
     def action_drain(self) -> None:
         node = self.dashboard.selected_node

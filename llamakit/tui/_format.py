@@ -72,6 +72,11 @@ def clock(at: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at)) if at > 0 else "--:--:--"
 
 
+def clock_day(at: float) -> str:
+    """Local date and time to the minute (the operator's zone): `2026-12-30 14:05`."""
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(at))
+
+
 def state_text(state: str) -> Text:
     return Text(state, style=STATE_STYLES.get(state, "dim"))
 

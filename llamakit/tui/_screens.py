@@ -18,13 +18,14 @@ from llamakit.tui._widgets import (
     AgentsTable,
     FeesPanel,
     HerdTable,
+    KeysTable,
     QueuePanel,
     RefusalsPanel,
     RequestsLog,
     StatusBanner,
 )
 
-__all__ = ["ConfirmDrainScreen", "ConfirmUndrainScreen", "DashboardScreen", "HelpScreen"]
+__all__ = ["ConfirmDrainScreen", "ConfirmUndrainScreen", "DashboardScreen", "HelpScreen", "KeysScreen"]
 
 
 class DashboardScreen(Screen[None]):
@@ -117,6 +118,7 @@ class HelpScreen(ModalScreen[None]):
 [b]p[/b]       pause / resume the display (data keeps arriving)
 [b]d[/b]       drain the selected node (asks first): it finishes, takes no more
 [b]u[/b]       undrain the selected node (asks first): it takes requests again
+[b]k[/b]       the API keys that have limits: spend against each cap, rates, expiry
 [b]↑ ↓[/b]     select a node
 [b]?[/b]       this help (escape closes it)
 
@@ -133,6 +135,40 @@ class HelpScreen(ModalScreen[None]):
         with Vertical(id="help-dialog", classes="dialog"):
             yield Static(self.TEXT, id="help-text")
             yield Label("press escape to close", classes="dialog--hint")
+
+
+class KeysScreen(ModalScreen[None]):
+    """The API keys that have a limit, and how near each is to them; follows the dashboard's snapshots."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,q,k", "dismiss", "Close"),
+    ]
+
+    def __init__(self, stats: Stats | None) -> None:
+        super().__init__()
+        self._stats = stats
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="keys-dialog", classes="dialog"):
+            yield Label("API keys with limits: spent / cap (credits, open holds included)", classes="keys--title")
+            yield KeysTable(id="keys-table")
+            yield Label("press escape to close · set limits with: llamakit keys limit KEY --rpm 60 …",
+                        classes="dialog--hint")  # fmt: skip
+
+    def on_mount(self) -> None:
+        self.show(self._stats)
+        self.query_one(KeysTable).focus()
+
+    def show(self, stats: Stats | None) -> None:
+        """Show the keys of a snapshot (one from a router that does not report keys shows none, and says so)."""
+        self._stats = stats
+        table = self.query_one(KeysTable)
+        if stats is not None:
+            table.show(stats)
+        if stats is None or stats.keys is None:
+            table.border_subtitle = "not reported by this router"
+        else:
+            table.border_subtitle = f"{len(stats.keys)} keys with limits"
 
 
 class _ConfirmNodeScreen(ModalScreen[bool]):

@@ -18,12 +18,14 @@ __all__ = [
     "AgentStats",
     "BucketSeries",
     "FeeStats",
+    "KeyStats",
     "ModelQueue",
     "NodeStats",
     "QueueStats",
     "RefusalStats",
     "RequestRecord",
     "RequestStats",
+    "SpendStats",
     "Stats",
     "StatsHistory",
 ]
@@ -312,6 +314,62 @@ class AccountStats:
 
 
 @dataclass(frozen=True, slots=True)
+class SpendStats:
+    """A key's spend in one period (credits) against its cap there (None: no cap)."""
+
+    spent: int
+    cap: int | None
+
+    @property
+    def share(self) -> float | None:
+        """How much of the cap is used (1.0 at the cap), or None without a cap."""
+        if self.cap is None:
+            return None
+        return 1.0 if self.cap <= 0 else self.spent / self.cap
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStats:
+    """One API key with a limit: whose, its state, its spend against its caps (open holds count as spent, as
+    the router counts them), its rate limits, expiry and models."""
+
+    account: str
+    prefix: str
+    state: str
+    """active, expired or revoked."""
+    today: SpendStats
+    month: SpendStats
+    total: SpendStats
+    rpm_limit: int | None
+    tpm_limit: int | None
+    max_parallel_requests: int | None
+    expires_at: float | None
+    models: tuple[str, ...] | None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> KeyStats:
+        limits, spend = _mapping(data.get("limits")), _mapping(data.get("spend"))
+        held = _int(spend.get("held"))
+        models = limits.get("models")
+        state = "active" if data.get("active", True) else "revoked"
+        if state == "active" and data.get("expired"):
+            state = "expired"
+        return cls(
+            account=_str(data.get("account"), "?"),
+            prefix=_str(data.get("prefix"), "?"),
+            state=state,
+            today=SpendStats(_int(spend.get("today")) + held, _optional_int(limits.get("spend_cap_day"))),
+            month=SpendStats(_int(spend.get("this_month")) + held, _optional_int(limits.get("spend_cap_month"))),
+            total=SpendStats(_int(spend.get("total")) + held, _optional_int(limits.get("spend_cap"))),
+            rpm_limit=_optional_int(limits.get("rpm_limit")),
+            tpm_limit=_optional_int(limits.get("tpm_limit")),
+            max_parallel_requests=_optional_int(limits.get("max_parallel_requests")),
+            expires_at=_optional_float(limits.get("expires_at")),
+            models=tuple(str(m) for m in models) if isinstance(models, list) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RefusalStats:
     """Refused requests: `today` across the ledger (since midnight UTC), `by_code` this router's since it started."""
 
@@ -343,6 +401,8 @@ class Stats:
     """None from a router that does not report accounts (older than the accounts panel)."""
     refusals: RefusalStats | None = None
     """None from a router that does not report refusals."""
+    keys: tuple[KeyStats, ...] | None = None
+    """The keys that have a limit; None from a router that does not report them."""
     money: CreditValue | None = None
     """What a credit is worth in the operator's currency; None from a router that does not say."""
 
@@ -357,6 +417,9 @@ class Stats:
         if isinstance(data.get("accounts"), list):
             accounts = tuple(AccountStats.from_json(a) for a in data["accounts"] if isinstance(a, Mapping))
         refusals = data.get("refusals")
+        keys = None
+        if isinstance(data.get("keys"), list):
+            keys = tuple(KeyStats.from_json(k) for k in data["keys"] if isinstance(k, Mapping))
         return cls(
             time=_float(data.get("time")),
             uptime=_float(data.get("uptime")),
@@ -371,6 +434,7 @@ class Stats:
             books_balanced=balanced if isinstance(balanced, bool) else None,
             accounts=accounts,
             refusals=RefusalStats.from_json(refusals) if isinstance(refusals, Mapping) else None,
+            keys=keys,
             money=_money(data),
         )
 

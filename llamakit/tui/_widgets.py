@@ -21,6 +21,7 @@ from llamakit.tui._format import (
     age,
     bid,
     clock,
+    clock_day,
     credits,
     load_bar,
     millis,
@@ -29,13 +30,14 @@ from llamakit.tui._format import (
     state_text,
     wait,
 )
-from llamakit.tui._stats import AccountStats, NodeStats, RequestRecord, Stats, StatsHistory
+from llamakit.tui._stats import AccountStats, KeyStats, NodeStats, RequestRecord, SpendStats, Stats, StatsHistory
 
 __all__ = [
     "AccountsTable",
     "AgentsTable",
     "FeesPanel",
     "HerdTable",
+    "KeysTable",
     "QueuePanel",
     "RefusalsPanel",
     "RequestsLog",
@@ -284,6 +286,68 @@ class AccountsTable(_KeyedTable):
             refusals,
             _right(age(None if account.last_seen is None else now - account.last_seen)),
         )
+
+
+class KeysTable(_KeyedTable):
+    """The API keys that have a limit: spend today, this month and in all against each cap (open holds count,
+    as the router counts them), rate limits, expiry and models; the keys nearest a cap on top."""
+
+    COLUMNS = (
+        Column("account", "Account", 11),
+        Column("key", "Key", 9),
+        Column("state", "State", 7),
+        Column("today", "Today", 13, numeric=True),
+        Column("month", "Month", 14, numeric=True),
+        Column("total", "Total", 13, numeric=True),
+        Column("rpm", "RPM", 5, numeric=True),
+        Column("tpm", "TPM", 6, numeric=True),
+        Column("parallel", "Par.", 4, numeric=True),
+        Column("expires", "Expires", 16),
+        Column("models", "Models", 20),
+    )
+
+    def show(self, stats: Stats) -> None:
+        keys = sorted(stats.keys or (), key=lambda k: (-_fullest(k), _natural(k.account), k.prefix))
+        self.set_rows((f"{k.account}/{k.prefix}", self._cells_for(k)) for k in keys)
+
+    @staticmethod
+    def _cells_for(key: KeyStats) -> tuple[Cell, ...]:
+        state = Text(key.state)
+        if key.state != "active":
+            state.stylize("red")
+        return (
+            _crop(key.account, KeysTable.COLUMNS[0].width),
+            key.prefix + "…",
+            state,
+            _spend(key.today),
+            _spend(key.month),
+            _spend(key.total),
+            _right(_limit(key.rpm_limit)),
+            _right(_limit(key.tpm_limit)),
+            _right(_limit(key.max_parallel_requests)),
+            "–" if key.expires_at is None else clock_day(key.expires_at),
+            _crop("all" if key.models is None else ",".join(key.models), KeysTable.COLUMNS[-1].width),
+        )
+
+
+def _fullest(key: KeyStats) -> float:
+    return max((s.share for s in (key.today, key.month, key.total) if s.share is not None), default=-1.0)
+
+
+def _spend(spend: SpendStats) -> Text:
+    if spend.cap is None:
+        return _right(credits(spend.spent) if spend.spent else "–")
+    cell = _right(f"{credits(spend.spent)}/{credits(spend.cap)}")
+    share = spend.share or 0.0
+    if share >= 1.0:
+        cell.stylize("bold red")
+    elif share >= 0.8:
+        cell.stylize("yellow")
+    return cell
+
+
+def _limit(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
 
 
 class RefusalsPanel(Vertical):

@@ -198,3 +198,26 @@ async def test_a_long_prompt_is_work_not_a_hang(field: Field, tmp_path: Path) ->
     finally:
         await admin.aclose()
         await strict.stop()
+
+
+async def test_a_prompt_larger_than_the_context_is_a_400_that_costs_nothing_not_a_402(field: Field) -> None:
+    # The hold covers at most the prompt tokens the node's context leaves beside max_tokens: a client with a
+    # few thousand credits who sends half a megabyte learns that it does not fit, not that it must pay more.
+    made = await field.admin.post("/admin/accounts", json={"name": "modest", "deposit": 5_000})
+    headers = {"Authorization": f"Bearer {made.json()['api_key']}"}
+    async with httpx.AsyncClient(base_url=field.router.url, headers=headers, timeout=120) as modest:
+        huge = {"messages": [{"role": "user", "content": "word " * 100_000}], "max_tokens": 16}
+        resp = await modest.post("/v1/chat/completions", json=huge)
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded", resp.text
+        assert "does not fit the context of 1024 tokens" in resp.json()["error"]["message"]
+        too_long = await modest.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1024})
+        assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "max_tokens"
+        assert "holds 1024 tokens per request" in too_long.json()["error"]["message"]
+        account = (await modest.get("/v1/account")).json()
+        assert (account["balance"], account["held"], account["spent"]) == (5_000, 0, 0)
+        usage = (await modest.get("/v1/account/usage")).json()["data"]
+        assert (
+            [u["status"] for u in usage][-1] == "rejected"
+            and usage[-1]["held"] <= 5_000
+            and usage[-1]["cost_credits"] == 0
+        )

@@ -115,17 +115,21 @@ async def test_streamed_tool_calls_assemble_as_the_client_does(client: AsyncOpen
         stream=True, stream_options={"include_usage": True},
     )  # fmt: skip
     calls: dict[int, dict[str, str]] = {}
-    finish, usage = None, None
+    finish, usage, pieces = None, None, 0
     async for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
             for delta in choice.delta.tool_calls or ():
+                if delta.index not in calls:  # a call is announced with its id and name before its arguments
+                    assert delta.id and delta.id.startswith("call_") and delta.function and delta.function.name
                 call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
                 call["name"] += (delta.function and delta.function.name) or ""
                 call["arguments"] += (delta.function and delta.function.arguments) or ""
+                pieces += bool(delta.function and delta.function.arguments)
             finish = choice.finish_reason or finish
     assert finish == "tool_calls" and calls
+    assert pieces > len(calls), "the arguments arrive piece by piece, as they are generated"
     assert all(c["name"] == "get_weather" and "city" in json.loads(c["arguments"]) for c in calls.values())
     assert usage is not None and usage.model_extra["cost_credits"] == cost_of(usage)  # type: ignore[index]
 

@@ -46,6 +46,7 @@ class FakeNode:
     max_active: int = 0
     cancelled: int = 0
     status: str = "ready"
+    n_ctx: int | None = None  # said in /health when set, as a real node says its context
     stops: dict[str, asyncio.Event] = field(default_factory=dict)  # by request id: POST /admin/cancel/{id}
 
     def app(self) -> web.Application:
@@ -109,9 +110,11 @@ class FakeNode:
         return web.json_response({"object": "list", "data": data, "model": self.model, "usage": usage})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"status": self.status, "name": self.name, "models": [self.model], "slots": self.slots, "busy": self.active}
-        )
+        health = {"status": self.status, "name": self.name, "models": [self.model], "slots": self.slots,
+                  "busy": self.active}  # fmt: skip
+        if self.n_ctx is not None:
+            health["n_ctx"] = self.n_ctx
+        return web.json_response(health)
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Authorization") != f"Bearer {HERD_TOKEN}":

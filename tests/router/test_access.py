@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from llamakit.router.admin import admin_routes, herd_routes
+from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import ledger_at
 from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
@@ -22,14 +23,14 @@ def _routes(table: object) -> list[tuple[str, str]]:
     return [(r.method, re.sub(r"\{[^}]+\}", "alice", r.path)) for r in table]  # type: ignore[attr-defined]
 
 
-ADMIN_ROUTES = _routes(admin_routes)
+ADMIN_ROUTES = _routes(admin_routes) + _routes(key_routes)
 HERD_ROUTES = _routes(herd_routes)
 
 
 def test_the_route_tables_are_what_these_tests_cover() -> None:
     # A new admin or herd route is covered by the loops below without a change here; this only checks they loop.
-    assert len(ADMIN_ROUTES) >= 15
-    assert ("DELETE", "/admin/keys/alice") in ADMIN_ROUTES
+    assert len(ADMIN_ROUTES) >= 17
+    assert ("DELETE", "/admin/keys/alice") in ADMIN_ROUTES and ("PATCH", "/admin/keys/alice") in ADMIN_ROUTES
     assert {p for _, p in HERD_ROUTES} == {"/herd/join", "/herd/heartbeat", "/herd/leave"}
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import sys
+import time
+
+import httpx
 
 from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.fake_node import FakeNode, Script
@@ -38,6 +42,48 @@ async def test_keys_list_and_revoke(herd: Herd) -> None:
     assert code == 0 and "revoked" in out
     code, out = await llamakit(herd, "keys", "revoke", key[:8])
     assert code == 1 and "no active key matches" in out
+
+
+async def test_keys_with_limits_made_shown_changed_and_enforced(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
+    await herd.start()
+    await herd.account("alice", 10_000)
+    code, out = await llamakit(
+        herd, "keys", "create", "alice", "--rpm", "1", "--spend-cap-day", "5000", "--expires", "+30d", "--models",
+        "fake-model,other",
+    )  # fmt: skip
+    assert code == 0, out
+    made = json.loads(out)
+    limits = made["key"]["limits"]
+    assert limits["rpm_limit"] == 1 and limits["spend_cap_day"] == 5000 and limits["models"] == ["fake-model", "other"]
+    assert 29 * 86400 < limits["expires_at"] - time.time() <= 30 * 86400
+    assert herd.router is not None
+    async with httpx.AsyncClient(
+        base_url=herd.router.url, headers={"Authorization": f"Bearer {made['api_key']}"}
+    ) as key:
+        assert (await key.post("/v1/completions", json={"prompt": "one", "max_tokens": 1})).status_code == 200
+        assert (await key.post("/v1/completions", json={"prompt": "one", "max_tokens": 1})).status_code == 429
+        prefix = made["api_key"][:8]
+        code, out = await llamakit(herd, "keys", "list", "alice")
+        assert code == 0 and "rpm_limit=1" in out and "spend_cap_day=5000" in out
+        code, out = await llamakit(herd, "keys", "limit", prefix, "--rpm", "100", "--clear", "models")
+        assert (
+            code == 0 and json.loads(out)["limits"]["rpm_limit"] == 100 and json.loads(out)["limits"]["models"] is None
+        )
+        assert (await key.post("/v1/completions", json={"prompt": "one", "max_tokens": 1})).status_code == 200
+        code, out = await llamakit(herd, "keys", "show", prefix)
+        assert code == 0 and json.loads(out)["spend"]["today"] > 0
+        code, out = await llamakit(herd, "keys", "limit", prefix, "--expires", "2000-01-01")
+        assert code == 0 and (await key.get("/v1/key")).json()["error"]["code"] == "expired_api_key"
+        code, out = await llamakit(herd, "keys", "limit", prefix, "--rpm", "0")
+        assert code == 1 and "rpm_limit must be 1 to" in out
+        code, out = await llamakit(herd, "keys", "limit", prefix)
+        assert code == 1 and "give a limit to set" in out
+    code, out = await llamakit(herd, "account", "bob", "--deposit", "5", "--tpm", "99")
+    assert (
+        code == 0
+        and (await herd.admin.get(f"/admin/keys/{json.loads(out)['api_key']}")).json()["limits"]["tpm_limit"] == 99
+    )  # type: ignore[union-attr]
 
 
 async def test_drain_and_undrain(herd: Herd) -> None:

@@ -55,6 +55,28 @@ async def test_the_bid_multiplies_the_price_and_rounds_up(herd: Herd) -> None:
     assert (await alice.get("/v1/account")).json()["spent"] == 90
 
 
+async def test_the_hold_covers_no_more_prompt_than_the_largest_context_leaves(herd: Herd) -> None:
+    await herd.add_node(FakeNode("small", n_ctx=300))
+    await herd.add_node(FakeNode("large", n_ctx=500))
+    await herd.start()
+    assert herd.admin is not None
+    for _ in range(100):  # until the health checks have read both contexts
+        if {n["name"]: n["n_ctx"] for n in (await herd.admin.get("/admin/nodes")).json()["data"]} == {
+            "small": 300, "large": 500
+        }:  # fmt: skip
+            break
+        await asyncio.sleep(0.05)
+    poor = await herd.account("poor", 100)
+    long_prompt = "word " * 2_000  # 10,000 bytes: far more than either context
+    resp = await poor.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 20})
+    assert resp.status_code == 402
+    # ceil(1 × (10 + 1 × (500 - 20) + 2 × 20)): the prompt bound is the larger node's context less max_tokens.
+    assert resp.json()["error"]["needed"] == 10 + (500 - 20) + 2 * 20
+    resp = await poor.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 500})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    assert "holds 500 tokens per request" in resp.json()["error"]["message"]
+
+
 async def test_402_when_the_hold_is_not_covered_and_nothing_is_queued(herd: Herd) -> None:
     node = await herd.add_node(FakeNode("n1"))
     await herd.start()

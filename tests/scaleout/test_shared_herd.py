@@ -119,3 +119,34 @@ async def _look(routers: Routers, b: str, c: str) -> None:
         assert (await anyone.get("/v1/info")).json()["queue_length"] == 2  # what a client must out-bid
     metrics = (await routers.admin(c).get("/metrics")).text
     assert 'llamakit_router_queue_depth{model="fake-model"} 2.0' in metrics, metrics
+
+
+async def test_a_keys_spend_cap_holds_across_routers_and_a_limit_changed_at_one_reaches_the_others(
+    routers: Routers,
+) -> None:
+    node = FakeNode("n1", slots=4, script=Script(tokens=2))
+    urls = await _three(routers, node)
+    await routers.account("alice", 1_000_000)
+    made = await routers.admin(urls[0]).post("/admin/accounts/alice/keys", json={"limits": {"spend_cap": 1000}})
+    key = made.json()["api_key"]
+    clients = [routers.client(url, key) for url in urls]
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 2}
+    answers = await asyncio.gather(*(clients[i % 3].post("/v1/completions", json=body) for i in range(60)))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {200, 402} and all(
+        a.json()["error"]["code"] == "spend_cap_exceeded" for a in answers if a.status_code == 402
+    )
+    shown = (await clients[2].get("/v1/key")).json()
+    charged = sum(a.json()["usage"]["cost_credits"] for a in answers if a.status_code == 200)
+    assert shown["spend"]["total"] == charged <= 1000 and shown["spend"]["held"] == 0
+    books = await routers.books()
+    assert books["balanced"] and books["holds"] == 0
+
+    # Revoked at one router: refused at every router within the key cache's 5 s.
+    assert (await routers.admin(urls[0]).delete(f"/admin/keys/{key[:8]}")).status_code == 200
+    for client in clients:
+        for _ in range(140):
+            if (await client.get("/v1/account")).status_code == 401:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.get("/v1/account")).status_code == 401

@@ -20,6 +20,7 @@ PUBLIC = [
     "APIStatusError",
     "APITimeoutError",
     "Account",
+    "ApiKeyInfo",
     "AsyncClient",
     "AsyncStream",
     "AuthenticationError",
@@ -35,6 +36,9 @@ PUBLIC = [
     "Info",
     "InsufficientFunds",
     "InternalServerError",
+    "KeyLimits",
+    "KeyRates",
+    "KeySpend",
     "LlamakitError",
     "Meter",
     "Model",
@@ -49,6 +53,7 @@ PUBLIC = [
     "RateLimitError",
     "RequestOptions",
     "RetryPolicy",
+    "SpendCapExceeded",
     "Stream",
     "StreamInterruptedError",
     "TokenUsage",
@@ -108,6 +113,7 @@ def test_the_exception_tree_is_the_one_drawn_in_its_module() -> None:
         sdk.BadRequestError: sdk.APIStatusError,
         sdk.AuthenticationError: sdk.APIStatusError,
         sdk.InsufficientFunds: sdk.APIStatusError,
+        sdk.SpendCapExceeded: sdk.InsufficientFunds,
         sdk.PermissionDeniedError: sdk.APIStatusError,
         sdk.NotFoundError: sdk.APIStatusError,
         sdk.ConflictError: sdk.APIStatusError,
@@ -118,7 +124,7 @@ def test_the_exception_tree_is_the_one_drawn_in_its_module() -> None:
     for cls, parent in parents.items():
         assert cls.__bases__ == (parent,), cls
         assert cls.__name__ in tree
-    exported = {getattr(sdk, n) for n in PUBLIC if n.endswith(("Error", "Funds"))}
+    exported = {getattr(sdk, n) for n in PUBLIC if n.endswith(("Error", "Funds", "Exceeded"))}
     assert exported == set(parents) | {sdk.LlamakitError}
 
 

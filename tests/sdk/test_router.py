@@ -328,3 +328,24 @@ def test_the_user_a_call_names_is_in_the_frame_and_on_the_routers_record(herd: T
     assert list(frame["user"].fillna("")) == ["customer-42", ""]
     ledger = herd.router_usage(client)
     assert [r["user"] for r in ledger] == ["customer-42", None]
+
+
+def test_a_keys_limits_reach_the_sdk_as_typed_errors_and_its_use_as_a_model(herd: ThreadedHerd) -> None:
+    herd.add_node(FakeNode("n1", script=Script(tokens=2)))
+    herd.start()
+    herd.account("capped", 100_000)
+    made = herd.admin("POST", "/admin/accounts/capped/keys", json={"limits": {"spend_cap": 300, "rpm_limit": 2}})
+    client = sdk.Client(url=herd.url, api_key=made["api_key"], usage_log=None, max_retries=0)
+    client.generate(PROMPT, max_tokens=2)
+    key = client.key()
+    assert key.prefix == made["api_key"][:8] and key.limits.spend_cap == 300 and key.limits.rpm_limit == 2
+    assert key.spend.total == fees(7, 2) and key.remaining["total"] == 300 - fees(7, 2)
+    assert key.rates is not None and key.rates.requests_last_minute == 1
+    assert client.account().key == key.model_copy(update={"rates": client.account().key.rates})  # type: ignore[union-attr]
+    with pytest.raises(sdk.SpendCapExceeded) as capped:
+        client.generate(PROMPT, max_tokens=400)
+    assert (capped.value.cap, capped.value.period) == (300, "total") and capped.value.needed is not None
+    with pytest.raises(sdk.RateLimitError) as limited:
+        client.generate(PROMPT, max_tokens=1)
+    assert limited.value.limit == "rpm_limit" and limited.value.retry_after is not None
+    assert 1 <= limited.value.retry_after <= 60

@@ -18,6 +18,27 @@ from llamakit.tui import RouterUnreachable
 NOW = 1767355200.0
 
 
+def _key(
+    account: str, prefix: str, limits: dict[str, Any], *, today: int = 0, held: int = 0, expired: bool = False
+) -> dict[str, Any]:
+    """A key with limits as the router's stats show it (`keys.key_view`)."""
+    every = [
+        "spend_cap",
+        "spend_cap_day",
+        "spend_cap_month",
+        "rpm_limit",
+        "tpm_limit",
+        "max_parallel_requests",
+        "expires_at",
+        "models",
+    ]
+    return {
+        "account": account, "prefix": prefix, "created": NOW - 86_400, "revoked": None, "active": True,
+        "expired": expired, "limits": {**dict.fromkeys(every), **limits},
+        "spend": {"total": today, "today": today, "this_month": today, "held": held},
+    }  # fmt: skip
+
+
 def fixed_snapshot(
     *, nodes: int = 4, at: float = NOW, depth: int = 3, fees_per_minute: float = 1240.0
 ) -> dict[str, Any]:
@@ -145,6 +166,21 @@ def fixed_snapshot(
             },
         ],
         "refusals": {"today": 6, "by_status": {"insufficient_funds": 5, "model_not_found": 1}},
+        "keys": [
+            _key("alice", "lk-Ab3dE", {"spend_cap_day": 2_000, "rpm_limit": 60}, today=1_790, held=150),
+            _key(
+                "trader-bot",
+                "lk-Xy9zQ",
+                {
+                    "spend_cap_month": 100_000,
+                    "tpm_limit": 20_000,
+                    "models": ["smollm2-135m-instruct"],
+                    "expires_at": at + 30 * 86_400,
+                },
+                today=25_000,
+            ),
+            _key("dev", "lk-Dev01", {"max_parallel_requests": 4}, expired=True),
+        ],
         "agents": {
             "trader-bot": {
                 "counts": {"request": 40, "buy": 22, "skip": 15, "error": 3},

@@ -52,6 +52,12 @@ def test_help(snap_compare: SnapCompare) -> None:
 
 
 @pytest.mark.usefixtures("utc")
+def test_keys(snap_compare: SnapCompare) -> None:
+    app = DashboardApp(FixedSource(fixed_series(30)))
+    assert snap_compare(app, terminal_size=SIZE, run_before=all_shown(30), press=["k"])
+
+
+@pytest.mark.usefixtures("utc")
 def test_drain_confirmation(snap_compare: SnapCompare) -> None:
     app = DashboardApp(FixedSource(fixed_series(30)))
     assert snap_compare(app, terminal_size=SIZE, run_before=all_shown(30), press=["down", "down", "d"])

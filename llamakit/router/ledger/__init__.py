@@ -33,11 +33,15 @@ from llamakit.router.ledger._contract import (
     Remembered,
     Settlement,
     UnknownAccount,
+    UnknownKey,
     UsageRecord,
+    hash_key,
 )
+from llamakit.router.ledger._keys import KEY_LIMIT_FIELDS, KeyLimits, KeyUse, SpendCapExceeded
 from llamakit.router.ledger._migrations import latest
 
 __all__ = [
+    "KEY_LIMIT_FIELDS",
     "KEY_PREFIX",
     "MAX_AMOUNT",
     "MAX_PAGE",
@@ -53,13 +57,18 @@ __all__ = [
     "Hold",
     "HoldClosed",
     "InsufficientFunds",
+    "KeyLimits",
+    "KeyUse",
     "Ledger",
     "LedgerError",
     "Remembered",
     "Settlement",
+    "SpendCapExceeded",
     "UnknownAccount",
+    "UnknownKey",
     "UsageRecord",
     "backend_of",
+    "hash_key",
     "latest",
     "ledger_at",
     "redacted",

@@ -8,7 +8,9 @@ Exceptions:
     LedgerError                 anything the ledger refuses, and database failures
     ├── AccountExists           create_account with a name that is taken
     ├── UnknownAccount          no account with that id or name
+    ├── UnknownKey              no key with that prefix (or whole key)
     ├── InsufficientFunds       hold for more than the balance (carries `needed` and `balance`)
+    ├── SpendCapExceeded        hold past one of the key's spend caps (`needed`, `cap`, `period`; see _keys)
     └── HoldClosed              settle/release of a hold that is not open (or does not exist)
 
 Invalid arguments (a negative amount, a bool where an int belongs) raise `ValueError`.
@@ -22,13 +24,15 @@ import math
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from decimal import Decimal
 from types import TracebackType
-from typing import Any, Final, Protocol, Self, TypedDict
+from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
 from llamakit.fees import format_bid
+from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
+from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_use, limits_from_row
 
 __all__ = [
     "ACCOUNT_KINDS",
@@ -54,7 +58,9 @@ __all__ = [
     "Remembered",
     "Row",
     "Settlement",
+    "SpendCapExceeded",
     "UnknownAccount",
+    "UnknownKey",
     "UsageRecord",
 ]
 
@@ -63,17 +69,9 @@ ACCOUNT_KINDS: Final = ("user", "agent", "dev")
 # The key under which fees_by_node reports charges that no node was named for.
 UNATTRIBUTED: Final = "(unattributed)"
 MAX_PAGE: Final = 1000
-# Far beyond any real balance, and far below 64-bit integers (SQLite's INTEGER, PostgreSQL's BIGINT), whose
-# overflow would turn a SQLite sum into a float.
-MAX_AMOUNT: Final = 10**15
 DISPLAY_PREFIX_LEN: Final = 8
-MAX_NAME_LEN: Final = 100
 _MAX_LABEL_LEN: Final = 64
 RECOVERED_ERROR: Final = "the router stopped before the request finished"
-
-
-class LedgerError(Exception):
-    """The ledger refused an operation or its database failed; nothing was changed."""
 
 
 class AccountExists(LedgerError):
@@ -87,6 +85,12 @@ class UnknownAccount(LedgerError):
         what = f"id {account}" if isinstance(account, int) else f"name {account!r}"
         super().__init__(f"there is no account with {what}")
         self.account = account
+
+
+class UnknownKey(LedgerError):
+    def __init__(self, prefix: str) -> None:
+        super().__init__(f"no API key matches {prefix!r}")
+        self.prefix = prefix
 
 
 class InsufficientFunds(LedgerError):
@@ -121,12 +125,15 @@ class Account:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """What the ledger knows about a key: never the key itself, only its display prefix."""
+    """What the ledger knows about a key: never the key itself, only its display prefix; its limits and the
+    spend it has made so far (see `_keys`)."""
 
     prefix: str
     account_id: int
     created: float
     revoked: float | None
+    limits: KeyLimits = field(default_factory=KeyLimits)
+    use: KeyUse = field(default_factory=KeyUse)
 
     @property
     def active(self) -> bool:
@@ -143,6 +150,7 @@ class Hold:
     status: str
     created: float
     user: str | None = None  # the OpenAI `user` the request named
+    key_hash: str | None = None  # the API key that made it (its SHA-256), whose spend caps it counts against
 
 
 @dataclass(frozen=True)
@@ -274,7 +282,33 @@ def hold_from(row: Row) -> Hold:
         status=row["status"],
         created=row["created"],
         user=row["user"],
+        key_hash=row["key_hash"],
     )
+
+
+def key_from(row: Row, now: float) -> ApiKey:
+    """An `api_keys` row as an ApiKey, its use as of `now`."""
+    return ApiKey(row["prefix"], row["account_id"], row["created"], row["revoked"], limits_from_row(row),
+                  key_use(row, now))  # fmt: skip
+
+
+RowT = TypeVar("RowT", bound=Row)
+
+
+def pick_key(rows: Sequence[RowT], prefix: str | None) -> RowT:
+    """The key a selector means among the `api_keys` rows it matched: the only one, or the only active one.
+
+    UnknownKey when there is none; ValueError when a prefix matches several active keys (or several revoked
+    ones and no active one).
+    """
+    if not rows:
+        raise UnknownKey(prefix or "the key given")
+    if len(rows) > 1:
+        active = [r for r in rows if r["revoked"] is None]
+        if len(active) != 1:
+            raise ValueError(f"the prefix {prefix!r} matches {len(rows)} keys; give the whole key")
+        return active[0]
+    return rows[0]
 
 
 def usage_from(row: Row) -> UsageRecord:
@@ -388,6 +422,15 @@ def hash_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
+def _key_selector(prefix_or_key: object) -> tuple[str | None, str | None]:
+    """(the SHA-256 of a whole key, None) or (None, a display prefix); ValueError for anything else."""
+    if not isinstance(prefix_or_key, str) or len(prefix_or_key) < DISPLAY_PREFIX_LEN:
+        raise ValueError(f"give a whole API key or its {DISPLAY_PREFIX_LEN}-character prefix (like 'lk-AbCdE')")
+    if len(prefix_or_key) > DISPLAY_PREFIX_LEN:
+        return hash_key(prefix_or_key), None
+    return None, prefix_or_key
+
+
 def _page(limit: int, before: int | None) -> tuple[int, int | None]:
     if isinstance(limit, bool) or not isinstance(limit, int):
         raise ValueError(f"limit must be an int, got {limit!r}")
@@ -464,35 +507,69 @@ class Ledger(ABC):
 
     # -- API keys --------------------------------------------------------------------------------------
 
-    async def create_key(self, account_id: int) -> str:
-        """Make a new API key for the account and return it. This is the only time it is ever visible."""
+    async def create_key(self, account_id: int, *, limits: KeyLimits | None = None) -> str:
+        """Make a new API key for the account, with `limits` (none by default), and return it. This is the
+        only time it is ever visible."""
         key = KEY_PREFIX + secrets.token_urlsafe(32)
-        await self._create_key(count("account_id", account_id), hash_key(key), key[:DISPLAY_PREFIX_LEN], self._clock())
+        await self._create_key(
+            count("account_id", account_id),
+            hash_key(key),
+            key[:DISPLAY_PREFIX_LEN],
+            self._clock(),
+            limits or KeyLimits(),
+        )
         return key
 
     async def list_keys(self, account_id: int) -> list[ApiKey]:
-        """The account's keys (prefixes only), oldest first."""
-        return await self._list_keys(count("account_id", account_id))
+        """The account's keys (prefixes only) with their limits and use, oldest first."""
+        return await self._list_keys(count("account_id", account_id), self._clock())
+
+    async def find_key(self, prefix_or_key: str) -> ApiKey:
+        """One key, given whole or by its display prefix, active or revoked, with its limits and use.
+
+        UnknownKey when none matches; ValueError when a prefix matches more than one key.
+        """
+        key_hash, prefix = _key_selector(prefix_or_key)
+        return await self._find_key(key_hash, prefix, self._clock())
+
+    async def set_key_limits(self, prefix_or_key: str, changes: Mapping[str, Any]) -> ApiKey:
+        """Change a key's limits, in one transaction: only the fields in `changes` (a field set to None
+        removes that limit; see KeyLimits). Returns the key as it is now.
+
+        UnknownKey when none matches; ValueError for a prefix that matches more than one key, or a bad field.
+        """
+        key_hash, prefix = _key_selector(prefix_or_key)
+        KeyLimits.from_dict(changes)  # refused here, before the database is asked, when a field is bad
+        return await self._set_key_limits(key_hash, prefix, lambda old: KeyLimits.from_dict(changes, base=old),
+                                          self._clock())  # fmt: skip
+
+    async def limited_keys(self) -> list[ApiKey]:
+        """Every active key that has a limit, with its use: what the operator's dashboard watches. By account,
+        then age."""
+        return await self._limited_keys(self._clock())
 
     async def revoke_key(self, prefix_or_key: str) -> int:
         """Revoke a key given whole, or by its 8-character display prefix; returns how many were revoked.
 
         A prefix that matches more than one active key is refused (ValueError): give the whole key instead.
         """
-        if not isinstance(prefix_or_key, str) or len(prefix_or_key) < DISPLAY_PREFIX_LEN:
-            raise ValueError(f"give a whole API key or its {DISPLAY_PREFIX_LEN}-character prefix (like 'lk-AbCdE')")
-        if len(prefix_or_key) > DISPLAY_PREFIX_LEN:
-            return await self._revoke_key(key_hash=hash_key(prefix_or_key), prefix=None, now=self._clock())
-        return await self._revoke_key(key_hash=None, prefix=prefix_or_key, now=self._clock())
+        key_hash, prefix = _key_selector(prefix_or_key)
+        return await self._revoke_key(key_hash=key_hash, prefix=prefix, now=self._clock())
 
     async def authenticate(self, api_key: str) -> Account | None:
-        """The account an active key belongs to, or None.
+        """The account an active (not revoked) key belongs to, or None.
 
         The key is looked up by its SHA-256, so no secret is ever compared byte by byte in Python.
         """
+        found = await self.authenticate_key(api_key)
+        return None if found is None else found[0]
+
+    async def authenticate_key(self, api_key: str) -> tuple[Account, ApiKey] | None:
+        """An active key's account and the key itself (limits, use), or None. The key's expiry is the
+        caller's to apply, so that it can tell an expired key from an unknown one."""
         if not isinstance(api_key, str) or not api_key.startswith(KEY_PREFIX):
             return None
-        return await self._authenticate(hash_key(api_key))
+        return await self._authenticate(hash_key(api_key), self._clock())
 
     # -- money -----------------------------------------------------------------------------------------
 
@@ -512,12 +589,15 @@ class Ledger(ABC):
         model: str,
         bid: object = "1",
         user: str | None = None,
+        key_hash: str | None = None,
     ) -> Hold:
         """Move `amount` from the balance into an open hold for `request_id`; `user` (OpenAI's field) is kept
-        on the hold and on the usage record that closes it.
+        on the hold and on the usage record that closes it. `key_hash` (see `hash_key`) names the API key
+        that asks: the hold then counts against its spend caps, and its charge towards the key's spend.
 
-        Raises InsufficientFunds (and changes nothing) when the balance is smaller than `amount`, and
-        ValueError when `request_id` was used for a hold before.
+        Raises InsufficientFunds when the balance is smaller than `amount`, SpendCapExceeded when the hold
+        would take the key past a spend cap (changing nothing either way), and ValueError when `request_id`
+        was used for a hold before or the key does not exist.
         """
         count("account_id", account_id)
         count("amount", amount)
@@ -525,7 +605,7 @@ class Ledger(ABC):
         _label("model", model, limit=MAX_NAME_LEN)
         if user is not None:
             _label("user", user, limit=MAX_NAME_LEN)
-        hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock(), user)
+        hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock(), user, key_hash)
         await self._hold(hold)
         return hold
 
@@ -744,16 +824,29 @@ class Ledger(ABC):
     async def _list_accounts(self) -> list[Account]: ...
 
     @abstractmethod
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None: ...
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None: ...
 
     @abstractmethod
-    async def _list_keys(self, account_id: int) -> list[ApiKey]: ...
+    async def _list_keys(self, account_id: int, now: float) -> list[ApiKey]: ...
+
+    @abstractmethod
+    async def _find_key(self, key_hash: str | None, prefix: str | None, now: float) -> ApiKey:
+        """UnknownKey, or ValueError when `prefix` matches several keys."""
+
+    @abstractmethod
+    async def _set_key_limits(
+        self, key_hash: str | None, prefix: str | None, change: Callable[[KeyLimits], KeyLimits], now: float
+    ) -> ApiKey:
+        """In one transaction, with the key's row locked: its limits become `change(its limits)`."""
+
+    @abstractmethod
+    async def _limited_keys(self, now: float) -> list[ApiKey]: ...
 
     @abstractmethod
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int: ...
 
     @abstractmethod
-    async def _authenticate(self, key_hash: str) -> Account | None: ...
+    async def _authenticate(self, key_hash: str, now: float) -> tuple[Account, ApiKey] | None: ...
 
     @abstractmethod
     async def _deposit(self, account_id: int, amount: int, note: str, now: float) -> int: ...

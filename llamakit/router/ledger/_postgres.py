@@ -45,12 +45,24 @@ from llamakit.router.ledger._contract import (
     Refusal,
     Remembered,
     Settlement,
+    SpendCapExceeded,
     UnknownAccount,
     UsageRecord,
     account_from,
     hold_from,
+    key_from,
+    pick_key,
     recovery,
     usage_from,
+)
+from llamakit.router.ledger._keys import (
+    HAS_LIMITS,
+    KEY_LIMIT_FIELDS,
+    KeyLimits,
+    day_of,
+    limit_columns,
+    limits_from_row,
+    month_of,
 )
 from llamakit.router.ledger._migrations import migrate_postgres
 
@@ -201,25 +213,57 @@ class PostgresLedger(Ledger):
     async def _list_accounts(self) -> list[Account]:
         return [account_from(row) for row in await self._fetch("SELECT * FROM accounts ORDER BY id")]
 
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None:
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None:
         row = await self._fetchrow(
-            "INSERT INTO api_keys (key_hash, prefix, account_id, created) "
-            "SELECT $1, $2, id, $4 FROM accounts WHERE id = $3 RETURNING account_id",
+            f"INSERT INTO api_keys (key_hash, prefix, account_id, created, {', '.join(KEY_LIMIT_FIELDS)}) "
+            f"SELECT $1, $2, id, $4, {', '.join(f'${i}' for i in range(5, 5 + len(KEY_LIMIT_FIELDS)))} "
+            "FROM accounts WHERE id = $3 RETURNING account_id",
             key_hash,
             prefix,
             account_id,
             now,
+            *limit_columns(limits),
         )
         if row is None:
             raise UnknownAccount(account_id)
 
-    async def _list_keys(self, account_id: int) -> list[ApiKey]:
+    async def _list_keys(self, account_id: int, now: float) -> list[ApiKey]:
         await self._get_account(account_id)
+        rows = await self._fetch("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created, prefix", account_id)
+        return [key_from(r, now) for r in rows]
+
+    async def _find_key(self, key_hash: str | None, prefix: str | None, now: float) -> ApiKey:
+        if key_hash is not None:
+            rows = await self._fetch("SELECT * FROM api_keys WHERE key_hash = $1", key_hash)
+        else:
+            rows = await self._fetch("SELECT * FROM api_keys WHERE prefix = $1", prefix)
+        return key_from(pick_key(rows, prefix), now)
+
+    async def _set_key_limits(
+        self, key_hash: str | None, prefix: str | None, change: Callable[[KeyLimits], KeyLimits], now: float
+    ) -> ApiKey:
+        column, value = ("key_hash", key_hash) if key_hash is not None else ("prefix", prefix)
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                row = pick_key(
+                    await conn.fetch(f"SELECT * FROM api_keys WHERE {column} = $1 FOR UPDATE", value), prefix
+                )
+                limits = change(limits_from_row(row))
+                updated = await conn.fetchrow(
+                    f"UPDATE api_keys SET {', '.join(f'{n} = ${i}' for i, n in enumerate(KEY_LIMIT_FIELDS, 2))} "
+                    "WHERE key_hash = $1 RETURNING *",
+                    row["key_hash"],
+                    *limit_columns(limits),
+                )
+                return key_from(updated, now)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _limited_keys(self, now: float) -> list[ApiKey]:
         rows = await self._fetch(
-            "SELECT prefix, account_id, created, revoked FROM api_keys WHERE account_id = $1 ORDER BY created, prefix",
-            account_id,
+            f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
         )
-        return [ApiKey(r["prefix"], r["account_id"], r["created"], r["revoked"]) for r in rows]
+        return [key_from(row, now) for row in rows]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
         if key_hash is not None:
@@ -246,13 +290,11 @@ class PostgresLedger(Ledger):
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 
-    async def _authenticate(self, key_hash: str) -> Account | None:
-        row = await self._fetchrow(
-            "SELECT accounts.* FROM api_keys JOIN accounts ON accounts.id = api_keys.account_id "
-            "WHERE api_keys.key_hash = $1 AND api_keys.revoked IS NULL",
-            key_hash,
-        )
-        return None if row is None else account_from(row)
+    async def _authenticate(self, key_hash: str, now: float) -> tuple[Account, ApiKey] | None:
+        key = await self._fetchrow("SELECT * FROM api_keys WHERE key_hash = $1 AND revoked IS NULL", key_hash)
+        if key is None:
+            return None
+        return await self._get_account(key["account_id"]), key_from(key, now)
 
     # -- money -----------------------------------------------------------------------------------------
 
@@ -290,6 +332,9 @@ class PostgresLedger(Ledger):
                 "now": hold.created,
                 "user": hold.user,
                 "router_id": self.router_id,
+                "key_hash": hold.key_hash,
+                "day": day_of(hold.created),
+                "month": month_of(hold.created),
             }
         )
         error = result.get("error")
@@ -297,8 +342,14 @@ class PostgresLedger(Ledger):
             return
         if error == "insufficient":
             raise InsufficientFunds(needed=hold.amount, balance=int(result["balance"]))
+        if error == "spend_cap":
+            raise SpendCapExceeded(
+                needed=hold.amount, cap=int(result["cap"]), period=result["period"], available=int(result["available"])
+            )
         if error == "unknown_account":
             raise UnknownAccount(hold.account_id)
+        if error == "unknown_key":
+            raise ValueError("the hold names an API key that does not exist")
         if error == "duplicate":
             raise ValueError(f"request id {hold.request_id!r} has already been used for a hold")
         raise LedgerError(f"ledger database error: {result.get('message', error)}")
@@ -554,6 +605,8 @@ def _close_op(close: Close) -> dict[str, Any]:
         if remember is None
         else {"key": remember.key, "fingerprint": remember.fingerprint, "response": remember.response},
         "now": close.now,
+        "day": day_of(close.now),
+        "month": month_of(close.now),
     }
 
 

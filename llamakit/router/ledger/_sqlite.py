@@ -47,8 +47,21 @@ from llamakit.router.ledger._contract import (
     UsageRecord,
     account_from,
     hold_from,
+    key_from,
+    pick_key,
     recovery,
     usage_from,
+)
+from llamakit.router.ledger._keys import (
+    HAS_LIMITS,
+    KEY_LIMIT_FIELDS,
+    KeyLimits,
+    cap_refusal,
+    day_of,
+    key_use,
+    limit_columns,
+    limits_from_row,
+    month_of,
 )
 from llamakit.router.ledger._migrations import migrate_sqlite
 
@@ -110,10 +123,7 @@ class SqliteLedger(Ledger):
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys = ON")
-            # An in-memory database answers "memory" and stays as it is.
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            migrate_sqlite(conn)
+            _with_retries(lambda: _to_wal_and_migrated(conn))
             wal: bool = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             if wal:
                 # Checkpoints copy the WAL back into the database file: tens of milliseconds that would stall
@@ -278,27 +288,53 @@ class SqliteLedger(Ledger):
             lambda conn: [account_from(r) for r in conn.execute("SELECT * FROM accounts ORDER BY id")]
         )
 
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float) -> None:
+    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None:
         def run(conn: sqlite3.Connection) -> None:
             _account_row(conn, account_id)
             conn.execute(
-                "INSERT INTO api_keys (key_hash, prefix, account_id, created) VALUES (?, ?, ?, ?)",
-                (key_hash, prefix, account_id, now),
+                f"INSERT INTO api_keys (key_hash, prefix, account_id, created, {', '.join(KEY_LIMIT_FIELDS)}) "
+                f"VALUES (?, ?, ?, ?{', ?' * len(KEY_LIMIT_FIELDS)})",
+                (key_hash, prefix, account_id, now, *limit_columns(limits)),
             )
 
         await self._call(run, write=True)
 
-    async def _list_keys(self, account_id: int) -> list[ApiKey]:
+    async def _list_keys(self, account_id: int, now: float) -> list[ApiKey]:
         def run(conn: sqlite3.Connection) -> list[ApiKey]:
             _account_row(conn, account_id)
             rows = conn.execute(
-                "SELECT prefix, account_id, created, revoked FROM api_keys WHERE account_id = ? "
-                "ORDER BY created, prefix",
-                (account_id,),
+                "SELECT * FROM api_keys WHERE account_id = ? ORDER BY created, prefix", (account_id,)
             ).fetchall()
-            return [ApiKey(r["prefix"], r["account_id"], r["created"], r["revoked"]) for r in rows]
+            return [key_from(r, now) for r in rows]
 
         return await self._call(run)
+
+    async def _find_key(self, key_hash: str | None, prefix: str | None, now: float) -> ApiKey:
+        return await self._call(lambda conn: key_from(_key_row(conn, key_hash, prefix), now))
+
+    async def _set_key_limits(
+        self, key_hash: str | None, prefix: str | None, change: Callable[[KeyLimits], KeyLimits], now: float
+    ) -> ApiKey:
+        def run(conn: sqlite3.Connection) -> ApiKey:
+            row = _key_row(conn, key_hash, prefix)
+            limits = change(limits_from_row(row))
+            conn.execute(
+                f"UPDATE api_keys SET {', '.join(f'{name} = ?' for name in KEY_LIMIT_FIELDS)} WHERE key_hash = ?",
+                (*limit_columns(limits), row["key_hash"]),
+            )
+            return key_from(
+                conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (row["key_hash"],)).fetchone(), now
+            )
+
+        return await self._call(run, write=True)
+
+    async def _limited_keys(self, now: float) -> list[ApiKey]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
+            ).fetchall()
+        )
+        return [key_from(row, now) for row in rows]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
         def run(conn: sqlite3.Connection) -> int:
@@ -317,14 +353,12 @@ class SqliteLedger(Ledger):
 
         return await self._call(run, write=True)
 
-    async def _authenticate(self, key_hash: str) -> Account | None:
-        def run(conn: sqlite3.Connection) -> Account | None:
-            row = conn.execute(
-                "SELECT accounts.* FROM api_keys JOIN accounts ON accounts.id = api_keys.account_id "
-                "WHERE api_keys.key_hash = ? AND api_keys.revoked IS NULL",
-                (key_hash,),
-            ).fetchone()
-            return None if row is None else account_from(row)
+    async def _authenticate(self, key_hash: str, now: float) -> tuple[Account, ApiKey] | None:
+        def run(conn: sqlite3.Connection) -> tuple[Account, ApiKey] | None:
+            key = conn.execute("SELECT * FROM api_keys WHERE key_hash = ? AND revoked IS NULL", (key_hash,)).fetchone()
+            if key is None:
+                return None
+            return account_from(_account_row(conn, key["account_id"])), key_from(key, now)
 
         return await self._call(run)
 
@@ -505,6 +539,31 @@ class SqliteLedger(Ledger):
         return await self._call(_event_summary)
 
 
+def _to_wal_and_migrated(conn: sqlite3.Connection) -> None:
+    # An in-memory database answers "memory" and stays as it is.
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    migrate_sqlite(conn)
+
+
+def _with_retries(step: Callable[[], None], *, within: float = 10.0) -> None:
+    """Run `step` again while SQLite reports the database locked, for up to `within` seconds.
+
+    Routers opening one new file together can deadlock on it: one switching it to WAL holds a shared lock
+    and wants an exclusive one, while another migrating holds the write lock and wants to commit. SQLite
+    then fails one of them at once, without waiting the busy timeout; trying again later succeeds.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _settle_futures(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
     """On the futures' loop: resolve each (a caller that gave up waiting has cancelled its future)."""
     for future, ok, value in outcomes:
@@ -542,14 +601,54 @@ def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
         balance: int = _account_row(conn, hold.account_id)["balance"]
         _unused(conn, hold.request_id)
         raise InsufficientFunds(needed=hold.amount, balance=balance)
+    if hold.key_hash is not None:
+        _hold_on_key(conn, hold)
     try:
         conn.execute(
-            "INSERT INTO holds (id, account_id, model, amount, bid, created, user) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created, hold.user),
-        )
+            "INSERT INTO holds (id, account_id, model, amount, bid, created, user, key_hash) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (hold.request_id, hold.account_id, hold.model, hold.amount, hold.bid, hold.created, hold.user,
+             hold.key_hash),
+        )  # fmt: skip
     except sqlite3.IntegrityError:
         _unused(conn, hold.request_id)
         raise
+
+
+# The key's spend in this day and month: what is stored, unless it was stored for an earlier one.
+_SPENT_DAY = "(CASE WHEN day = :day THEN spent_day ELSE 0 END)"
+_SPENT_MONTH = "(CASE WHEN month = :month THEN spent_month ELSE 0 END)"
+
+
+def _hold_on_key(conn: sqlite3.Connection, hold: Hold) -> None:
+    """Count the hold against its key's spend caps; SpendCapExceeded, naming the first cap it would pass."""
+    # One statement when the hold fits under every cap, as it mostly does.
+    args = {"amount": hold.amount, "key": hold.key_hash, "day": day_of(hold.created), "month": month_of(hold.created)}
+    counted = conn.execute(
+        f"UPDATE api_keys SET held = held + :amount, spent_day = {_SPENT_DAY}, day = :day, "
+        f"spent_month = {_SPENT_MONTH}, month = :month "
+        "WHERE key_hash = :key AND (spend_cap IS NULL OR spent + held + :amount <= spend_cap) "
+        f"AND (spend_cap_day IS NULL OR {_SPENT_DAY} + held + :amount <= spend_cap_day) "
+        f"AND (spend_cap_month IS NULL OR {_SPENT_MONTH} + held + :amount <= spend_cap_month) RETURNING 1",
+        args,
+    ).fetchone()
+    if counted is not None:
+        return
+    row = conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (hold.key_hash,)).fetchone()
+    if row is None:
+        raise ValueError("the hold names an API key that does not exist")
+    refusal = cap_refusal(limits_from_row(row), key_use(row, hold.created), hold.amount)
+    if refusal is None:  # cannot be: the statement above found a cap that this does not
+        raise LedgerError("the key's spend caps disagree between SQL and Python")
+    raise refusal
+
+
+def _key_row(conn: sqlite3.Connection, key_hash: str | None, prefix: str | None) -> sqlite3.Row:
+    """The one key given by its hash or display prefix (an active key before revoked ones); UnknownKey, or
+    ValueError when the prefix is ambiguous."""
+    column, value = ("key_hash", key_hash) if key_hash is not None else ("prefix", prefix)
+    rows: list[sqlite3.Row] = conn.execute(f"SELECT * FROM api_keys WHERE {column} = ?", (value,)).fetchall()
+    return pick_key(rows, prefix)
 
 
 def _unused(conn: sqlite3.Connection, request_id: str) -> None:
@@ -562,7 +661,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     # Closed and read in one statement; only a hold that is not open needs a second look.
     hold = conn.execute(
         "UPDATE holds SET status = ?, closed = ? WHERE id = ? AND status = 'open' "
-        "RETURNING account_id, model, amount, bid, user",
+        "RETURNING account_id, model, amount, bid, user, key_hash",
         ("settled" if close.charge is not None else "released", close.now, close.request_id),
     ).fetchone()
     if hold is None:
@@ -591,6 +690,14 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     balance: int = conn.execute(
         "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (held - charged, account_id)
     ).fetchone()[0]
+    if hold["key_hash"] is not None:
+        conn.execute(
+            f"UPDATE api_keys SET held = held - :held, spent = spent + :charged, "
+            f"spent_day = {_SPENT_DAY} + :charged, day = :day, spent_month = {_SPENT_MONTH} + :charged, "
+            "month = :month WHERE key_hash = :key",
+            {"held": held, "charged": charged, "key": hold["key_hash"], "day": day_of(close.now),
+             "month": month_of(close.now)},
+        )  # fmt: skip
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
         "cost, bid, held, latency_ms, queue_ms, error, created, user) "

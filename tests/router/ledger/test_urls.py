@@ -17,6 +17,7 @@ from llamakit.router.settings import RouterSettings, settings_from_args
 
 def test_the_public_surface() -> None:
     assert ledger.__all__ == [
+        "KEY_LIMIT_FIELDS",
         "KEY_PREFIX",
         "MAX_AMOUNT",
         "MAX_PAGE",
@@ -32,13 +33,18 @@ def test_the_public_surface() -> None:
         "Hold",
         "HoldClosed",
         "InsufficientFunds",
+        "KeyLimits",
+        "KeyUse",
         "Ledger",
         "LedgerError",
         "Remembered",
         "Settlement",
+        "SpendCapExceeded",
         "UnknownAccount",
+        "UnknownKey",
         "UsageRecord",
         "backend_of",
+        "hash_key",
         "latest",
         "ledger_at",
         "redacted",

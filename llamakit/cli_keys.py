@@ -1,0 +1,162 @@
+"""`llamakit keys …`: the operator's commands for API keys and their limits.
+
+    llamakit keys create ACCOUNT [--spend-cap N] [--rpm N] [--expires +30d] [--models a,b] …
+    llamakit keys list ACCOUNT [--json]
+    llamakit keys show KEY
+    llamakit keys limit KEY [--tpm 20000] [--clear rpm_limit] …
+    llamakit keys revoke KEY
+
+KEY is a key's 8-character prefix (as `keys list` shows it) or the whole key. Money is in credits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+from typing import Any
+
+from llamakit.admin_client import admin_client, show, table, when
+
+__all__ = ["add_key_commands", "add_limit_flags", "limits_from_args"]
+
+# flag, the limit it sets (a field of the router's KeyLimits), help
+_INT_LIMITS = [
+    ("--spend-cap", "spend_cap", "credits the key may spend in all"),
+    ("--spend-cap-day", "spend_cap_day", "credits the key may spend per UTC day"),
+    ("--spend-cap-month", "spend_cap_month", "credits the key may spend per UTC calendar month"),
+    ("--rpm", "rpm_limit", "requests per minute"),
+    ("--tpm", "tpm_limit", "tokens (prompt + completion) per minute"),
+    ("--max-parallel", "max_parallel_requests", "requests in flight at once"),
+]
+_DURATION = re.compile(r"^\+(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every limit a key can have."""
+    for flag, _, help_text in _INT_LIMITS:
+        parser.add_argument(flag, type=int, metavar="N", help=help_text)
+    parser.add_argument("--expires", metavar="WHEN", help="expiry: an ISO 8601 date or time (UTC unless zoned), "
+                        "epoch seconds, or from now: +90m, +12h, +30d")  # fmt: skip
+    parser.add_argument("--models", metavar="A,B", help="the only models the key may use, comma-separated")
+
+
+def limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The limits the flags set (only those given), as the router's `limits` object."""
+    limits: dict[str, Any] = {}
+    for _, name, _ in _INT_LIMITS:
+        if getattr(args, name_of(name)) is not None:
+            limits[name] = getattr(args, name_of(name))
+    if args.expires is not None:
+        limits["expires_at"] = expiry(args.expires)
+    if args.models is not None:
+        limits["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    return limits
+
+
+def name_of(limit: str) -> str:
+    """The argparse destination of a limit's flag."""
+    flag = next(f for f, name, _ in _INT_LIMITS if name == limit)
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def expiry(text: str, now: dt.datetime | None = None) -> float:
+    """Epoch seconds from '+30d' (from now), epoch seconds, or ISO 8601 (UTC unless zoned); SystemExit if none."""
+    now = now or dt.datetime.now(dt.UTC)
+    duration = _DURATION.match(text.strip())
+    if duration:
+        return (now + dt.timedelta(seconds=int(duration[1]) * _UNITS[duration[2]])).timestamp()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(f"--expires: {text!r} is not +N[smhd], epoch seconds or an ISO 8601 date or time") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    with admin_client(args) as admin:
+        return show(admin.post(f"/admin/accounts/{args.account}/keys", json={"limits": limits_from_args(args)}))
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with admin_client(args) as admin:
+        resp = admin.get(f"/admin/accounts/{args.account}/keys")
+        if not resp.is_success or args.json:
+            return show(resp)
+        rows = [
+            [k["prefix"] + "…", when(k["created"]), _state(k), _limits_text(k["limits"]),
+             f"{k['spend']['total']} / {k['spend']['today']} / {k['spend']['this_month']}", k["spend"]["held"]]
+            for k in resp.json()["data"]
+        ]  # fmt: skip
+        table(["key", "created", "state", "limits", "spent all/today/month", "held"], rows)
+        return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    with admin_client(args) as admin:
+        return show(admin.get(f"/admin/keys/{args.key}"))
+
+
+def cmd_keys_limit(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = limits_from_args(args)
+    for name in args.clear or ():
+        changes[name] = None
+    if not changes:
+        raise SystemExit("llamakit keys limit: give a limit to set (--rpm 60 …) or one to --clear")
+    with admin_client(args) as admin:
+        return show(admin.patch(f"/admin/keys/{args.key}", json={"limits": changes}))
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with admin_client(args) as admin:
+        return show(admin.delete(f"/admin/keys/{args.key}"))
+
+
+def _state(key: dict[str, Any]) -> str:
+    if not key["active"]:
+        return f"revoked {when(key['revoked'])}"
+    return "expired" if key["expired"] else "active"
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    shown = []
+    for name, value in limits.items():
+        if value is None:
+            continue
+        if name == "expires_at":
+            value = when(value)
+        elif name == "models":
+            value = ",".join(value)
+        shown.append(f"{name}={value}")
+    return " ".join(shown) or "none"
+
+
+def add_key_commands(sub: Any) -> None:
+    """`keys create|list|show|limit|revoke` under the `llamakit` parser's subcommands."""
+    keys = sub.add_parser("keys", help="API keys and their limits").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="make a key for an account, with limits; prints it (shown once)")
+    create.add_argument("account")
+    add_limit_flags(create)
+    create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="an account's keys by prefix: state, limits, spend")
+    listing.add_argument("account")
+    listing.add_argument("--json", action="store_true", help="print the router's JSON")
+    listing.set_defaults(func=cmd_keys_list)
+    shown = keys.add_parser("show", help="one key: limits, spend so far, what is left under each cap")
+    shown.add_argument("key", help="the key's prefix or the whole key")
+    shown.set_defaults(func=cmd_keys_show)
+    limit = keys.add_parser("limit", help="change a key's limits (the others stay)")
+    limit.add_argument("key", help="the key's prefix or the whole key")
+    add_limit_flags(limit)
+    limit.add_argument("--clear", action="append", metavar="LIMIT",
+                       choices=[name for _, name, _ in _INT_LIMITS] + ["expires_at", "models"],
+                       help="remove this limit (repeatable): spend_cap, rpm_limit, expires_at, models …")  # fmt: skip
+    limit.set_defaults(func=cmd_keys_limit)
+    revoke = keys.add_parser("revoke", help="revoke the key with this prefix (or the whole key); at once")
+    revoke.add_argument("key", help="the key's prefix or the whole key")
+    revoke.set_defaults(func=cmd_keys_revoke)

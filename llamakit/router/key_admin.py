@@ -1,0 +1,97 @@
+"""The operator's routes for API keys (Bearer admin key): make one with limits, list an account's, look one
+up, change its limits, revoke it. A key is named by its 8-character display prefix or given whole.
+
+    POST   /admin/accounts/{account}/keys   {"limits": {...}}      → 201 {"account", "api_key", "key"}
+    GET    /admin/accounts/{account}/keys                          → {"account", "data": [key, …]}
+    GET    /admin/keys/{key}                                       → key
+    PATCH  /admin/keys/{key}                {"limits": {...}}      → key (only the limits given change;
+                                                                      null removes one)
+    DELETE /admin/keys/{key}                                       → {"revoked": n}
+
+A key is shown as `keys.key_view` makes it: prefix, state, limits, spend so far (credits) against its caps.
+Errors: 400 for a bad limit or an ambiguous prefix, 404 for no such key or account.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from llamakit.protocol import ApiError, parse_json
+from llamakit.router.admin import account_of, require_admin
+from llamakit.router.api import STATE
+from llamakit.router.keys import key_limits, key_view
+from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
+from llamakit.web import json_response
+
+__all__ = ["key_routes"]
+
+key_routes = web.RouteTableDef()
+
+
+@key_routes.post("/admin/accounts/{account}/keys")
+async def create_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    account = await account_of(request)
+    body = parse_json(await request.read()) if request.can_read_body else {}
+    limits = key_limits(body.get("limits"))
+    ledger = request.app[STATE].ledger
+    key = await ledger.create_key(account.id, limits=limits)
+    return json_response({"account": account.name, "api_key": key, "key": key_view(await ledger.find_key(key), None)},
+                         status=201)  # fmt: skip
+
+
+@key_routes.get("/admin/accounts/{account}/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    """An account's keys by display prefix (the keys themselves are never kept), active and revoked."""
+    require_admin(request)
+    account = await account_of(request)
+    keys = await request.app[STATE].ledger.list_keys(account.id)
+    return json_response({"account": account.name, "data": [key_view(k, None) for k in keys]})
+
+
+@key_routes.get("/admin/keys/{key}")
+async def get_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    return json_response(key_view(await _find(request), None))
+
+
+@key_routes.patch("/admin/keys/{key}")
+async def change_limits(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = parse_json(await request.read())
+    changes = body.get("limits")
+    if not isinstance(changes, dict):
+        raise ApiError(400, "send {'limits': {...}} with the limits to change (null removes one)", param="limits")
+    key_limits(changes)  # 400 naming a bad field before the database is asked
+    state = request.app[STATE]
+    try:
+        key = await state.ledger.set_key_limits(request.match_info["key"], changes)
+    except UnknownKey as exc:
+        raise ApiError(404, str(exc), type="not_found_error", code="key_not_found") from exc
+    except (LedgerError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="key") from exc
+    state.keys.clear()  # new limits apply at once here (other routers within KEY_CACHE_SECONDS)
+    return json_response(key_view(key, None))
+
+
+@key_routes.delete("/admin/keys/{key}")
+async def revoke_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    state = request.app[STATE]
+    state.keys.clear()  # a revoked key must stop working at once
+    try:
+        revoked = await state.ledger.revoke_key(request.match_info["key"])
+    except (LedgerError, ValueError) as exc:
+        raise ApiError(400, str(exc), param="key") from exc
+    if not revoked:
+        raise ApiError(404, "no active key matches", type="not_found_error", code="key_not_found")
+    return json_response({"revoked": revoked})
+
+
+async def _find(request: web.Request) -> ApiKey:
+    try:
+        return await request.app[STATE].ledger.find_key(request.match_info["key"])
+    except UnknownKey as exc:
+        raise ApiError(404, str(exc), type="not_found_error", code="key_not_found") from exc
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="key") from exc
