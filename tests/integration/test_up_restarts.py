@@ -41,7 +41,7 @@ def test_a_node_killed_under_llamakit_up_is_started_again_and_the_router_stays(t
     env = {**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", "smollm2-135m-instruct",
-         "--slots", "1", "--headless"],
+         "--slots", "1", "--headless", "--credit-value", "0.0025", "--currency", "eur"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -66,6 +66,8 @@ def test_a_node_killed_under_llamakit_up_is_started_again_and_the_router_stays(t
         )
         admin = httpx.Client(base_url=profile["url"], headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
         spent = client.get("/v1/account").json()["spent"]
+        info = client.get("/v1/info").json()  # `up` passed what a credit is worth on to the router
+        assert (info["currency"], info["credit_value_exact"]) == ("EUR", "0.0025"), info
 
         # A request in flight on the node when it dies: the only node, so a 503 and a full refund.
         answers: list[httpx.Response] = []

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from llamakit.cli import build_parser
 from llamakit.currency import CreditValue, format_price, parse_credit_value, parse_currency, price_number
 from llamakit.router import RouterSettings
 from llamakit.router.idempotency import recall_answer
@@ -78,6 +79,21 @@ def test_the_router_settings_validate_the_credit_value_and_the_currency(capsys: 
     assert "currency: Value error, the currency must be an ISO 4217 code" in err
     with pytest.raises(ValidationError):
         RouterSettings(credit_value="-1")
+
+
+def test_llamakit_up_takes_a_credit_value_and_a_currency_and_refuses_bad_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["up", "--credit-value", "1e-6", "--currency", "eur"])
+    assert (args.credit_value, args.currency) == ("1e-6", "EUR")
+    defaults = build_parser().parse_args(["up"])
+    assert (defaults.credit_value, defaults.currency) == (None, None)  # the router's defaults, or its LLAMAKIT_*
+    for bad in (["--credit-value", "-1"], ["--currency", "euro"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["up", *bad])
+    err = capsys.readouterr().err
+    assert "argument --credit-value: the credit value must be a number" in err
+    assert "argument --currency: the currency must be an ISO 4217 code" in err
 
 
 # --- through the router
