@@ -106,6 +106,22 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class UsageAccounting(_Lenient):
+    """OpenRouter's `usage: {"include": true}`, which clients of OpenRouter (litellm's `openrouter/` models)
+    send to get `usage.cost`. Every answer here carries it, so only `true` says what happens."""
+
+    include: Literal[True]
+
+    @field_validator("include", mode="before")
+    @classmethod
+    def _always(cls, value: Any) -> Any:
+        if value is not True:
+            raise ValueError(
+                "usage is always reported here, with cost and cost_credits: send include true or leave usage out"
+            )
+        return value
+
+
 class JsonSchemaFormat(_Lenient):
     name: str = "response"
     schema_: dict[str, Any] = Field(alias="schema")
@@ -203,6 +219,7 @@ class GenerationRequest(_Lenient):
     # OpenAI's fields that change nothing here by their nature, accepted at the values that say so
     service_tier: Literal["auto", "default"] | None = None
     store: Literal[False] | None = None
+    usage: UsageAccounting | None = None  # OpenRouter's; the usage of every answer carries its cost
 
     # Request fields, by name, that llamakit refuses with a reason rather than drop (see README, "Fields").
     REFUSED: ClassVar[dict[str, str]] = {

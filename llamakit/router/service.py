@@ -118,7 +118,7 @@ async def price(
     held = hold_amount(fees, bid, _prompt_bound(state, model, texts, messages, max_tokens), max_tokens)
     request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
-    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens")}
+    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
     body["model"], body["max_tokens"] = model, max_tokens
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.

@@ -94,3 +94,24 @@ async def test_every_library_call_was_settled(live_herd: LiveHerd) -> None:
     assert all(u["status"] in ("ok", "cut") for u in usage["data"]), usage
     books = (await live_herd.admin.get("/admin/books")).json()
     assert books["balanced"] and books["holds"] == 0
+
+
+async def test_litellm_books_usage_cost_as_the_price_in_dollars(live_herd: LiveHerd) -> None:
+    """litellm takes an OpenRouter-style `usage.cost` as the upstream's charge in US dollars: its `openrouter/`
+    models send `usage: {"include": true}` and record `usage.cost` as the call's `response_cost`. litellm is not
+    a dependency of llamakit; `pip install litellm` to run this (checked with litellm 1.79.3)."""
+    litellm = pytest.importorskip("litellm")
+
+    before = await spent(live_herd)
+    reply = await litellm.acompletion(
+        model=f"openrouter/{MODEL}",
+        api_base=live_herd.router.url + "/v1",
+        api_key=live_herd.api_key,
+        messages=[{"role": "user", "content": "Name a colour."}],
+        max_tokens=8,
+        temperature=0,
+    )
+    credits = await spent(live_herd) - before
+    assert reply.usage.cost_credits == credits > 0
+    # A credit is a millionth of a dollar by default: 60 credits are booked as $0.00006, not $60.
+    assert reply._hidden_params["response_cost"] == reply.usage.cost == credits / 10**6

@@ -227,3 +227,15 @@ def test_an_answer_remembered_in_credits_by_an_older_router_is_replayed_with_its
     saved["headers"] |= {"X-Llamakit-Cost": "0.0675", "X-Llamakit-Cost-Credits": "27"}
     body, headers = recall_answer(Remembered("k", "f", json.dumps(saved)), CreditValue())
     assert body["usage"]["cost"] == 0.0675 and headers["X-Llamakit-Cost"] == "0.0675"
+
+
+async def test_openrouters_usage_accounting_option_is_taken_and_not_passed_to_the_node(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1", script=Script(tokens=8)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    body = {"prompt": PROMPT, "max_tokens": 50, "usage": {"include": True}}  # as litellm's openrouter/ sends it
+    resp = await alice.post("/v1/completions", json=body)
+    assert resp.status_code == 200 and resp.json()["usage"]["cost"] == 3.3e-05
+    assert "usage" not in node.received[0]
+    resp = await alice.post("/v1/completions", json={**body, "usage": {"include": False}})
+    assert resp.status_code == 400 and "usage is always reported here" in resp.json()["error"]["message"]
