@@ -184,7 +184,8 @@ class Fees(_Frozen):
     completion_token_fee: int
 
     def cost(self, prompt_tokens: int, completion_tokens: int, bid: float = 1.0) -> float:
-        """The price at `bid` before the router rounds it up to whole credits (an estimate for planning)."""
+        """The price in credits at `bid` before the router rounds it up to whole credits (an estimate for
+        planning); `Model.prices` has the fees in the router's currency."""
         return bid * (
             self.base_fee + self.prompt_token_fee * prompt_tokens + self.completion_token_fee * completion_tokens
         )
