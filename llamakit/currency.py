@@ -99,7 +99,7 @@ def price_number(price: Decimal) -> float:
 
 @dataclass(frozen=True)
 class CreditValue:
-    """What one credit is worth: `value` units of `currency`. Build it with validated parts."""
+    """What one credit is worth: `value` units of `currency`, both validated (ValueError saying what is wrong)."""
 
     value: Decimal = DEFAULT_CREDIT_VALUE
     currency: str = DEFAULT_CURRENCY
@@ -133,7 +133,3 @@ class CreditValue:
             "credit_value": price_number(self.value),
             "credit_value_exact": format_price(self.value),
         }
-
-    def format(self, credits: int) -> str:
-        """`credits` as a price for people: '0.000062 USD'."""
-        return f"{format_price(self.price(credits))} {self.currency}"

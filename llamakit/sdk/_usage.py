@@ -275,17 +275,15 @@ class Meter:
     @property
     def currency(self) -> str | None:
         """The currency of the calls' prices (None before any priced call); ValueError if there are several."""
-        currencies = {r.currency for r in self.records if r.cost is not None and r.currency is not None}
-        if len(currencies) > 1:
-            raise ValueError(f"the calls were priced in {', '.join(sorted(currencies))}: see frame() per currency")
-        return next(iter(currencies), None)
+        return _one_currency(self.records)
 
     @property
     def cost(self) -> Decimal:
         """The price of the calls whose price is known, in `currency`: an exact sum of exact decimals.
         ValueError if the calls were priced in several currencies (routers of different operators)."""
-        self.currency  # noqa: B018 -- raises rather than add up prices in different currencies
-        return sum((r.cost for r in self.records if r.cost is not None), Decimal(0))
+        records = self.records
+        _one_currency(records)  # prices in different currencies do not add up
+        return sum((r.cost for r in records if r.cost is not None), Decimal(0))
 
     def frame(self) -> pd.DataFrame:
         return usage_records_frame(self.records)
@@ -307,6 +305,13 @@ class Meter:
 
     def _repr_html_(self) -> str:
         return f"<b>llamakit meter</b>: {html.escape(self.summary())}"
+
+
+def _one_currency(records: list[UsageRecord]) -> str | None:
+    currencies = {r.currency for r in records if r.cost is not None and r.currency is not None}
+    if len(currencies) > 1:
+        raise ValueError(f"the calls were priced in {', '.join(sorted(currencies))}: see frame() per currency")
+    return next(iter(currencies), None)
 
 
 def meter() -> Meter:
