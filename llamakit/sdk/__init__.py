@@ -55,6 +55,7 @@ from llamakit.sdk._exceptions import (
     SpendCapExceeded,
     StreamInterruptedError,
 )
+from llamakit.sdk._logprobs import TokenLogprob, TopLogprob
 from llamakit.sdk._models import (
     Account,
     ApiKeyInfo,
@@ -123,7 +124,9 @@ __all__ = [
     "SpendCapExceeded",
     "Stream",
     "StreamInterruptedError",
+    "TokenLogprob",
     "TokenUsage",
+    "TopLogprob",
     "UsageBook",
     "UsageRecord",
     "account",

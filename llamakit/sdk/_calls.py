@@ -28,6 +28,7 @@ from llamakit.sdk._exceptions import (
     APITimeoutError,
     StreamInterruptedError,
 )
+from llamakit.sdk._logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
 from llamakit.sdk._models import Embeddings, Generation, Info, TokenUsage
 from llamakit.sdk._types import EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageRecord, utc_now
@@ -79,6 +80,8 @@ class GenerateOptions(RequestOptions, total=False):
     `stop`, `seed`; `user` (OpenAI's: who the call is for, kept on the router's usage record and in
     this client's usage frame). Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
     model class). Money: `bid` (a multiplier ≥ 1, or "auto" to out-bid the queue up to `max_bid`).
+    Insight: `logprobs` (0 to 20) asks for each generated token's log probability and that many most likely
+    alternatives (`Generation.logprobs`; chat's `logprobs`/`top_logprobs`, completions' `logprobs` on the wire).
     Transport: `timeout` (seconds, an `httpx.Timeout` or None for none; the client's when not given),
     `max_retries`, `idempotency_key` (one is made per call when not given: give your own to make a call
     safe to repeat across restarts), `extra_body` (merged into the JSON body as is).
@@ -97,6 +100,7 @@ class GenerateOptions(RequestOptions, total=False):
     max_bid: float | None
     idempotency_key: str | None
     extra_body: Mapping[str, Any] | None
+    logprobs: int | None
 
 
 class EmbedOptions(RequestOptions, total=False):
@@ -249,6 +253,14 @@ class Call:
             if value is not None:
                 body[name] = value
         self.user = options.get("user")
+        top = options.get("logprobs")
+        if top is not None:
+            if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"logprobs is how many alternatives per token, 0 to {MAX_TOP_LOGPROBS}; got {top!r}")
+            if self.kind == "chat":
+                body["logprobs"], body["top_logprobs"] = True, top
+            else:
+                body["logprobs"] = top
         schema = options.get("json_schema")
         if schema is not None:
             if isinstance(schema, type) and issubclass(schema, BaseModel):
@@ -360,6 +372,7 @@ class Call:
                 raise KeyError("text")
             text = _choice_text(choice)
             usage = TokenUsage.model_validate(body["usage"]) if body.get("usage") else None
+            logprobs = logprobs_of(choice)
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError, ValidationError) as exc:
             raise APIResponseValidationError(
                 f"the router's answer is not a {self.kind} completion: {response.text[:200]!r}",
@@ -373,6 +386,7 @@ class Call:
             finish_reason=choice.get("finish_reason"),
             usage=usage,
             request_id=body.get("id") or request_id,
+            logprobs=logprobs,
         )
 
     def _generation(
@@ -384,6 +398,7 @@ class Call:
         finish_reason: str | None,
         usage: TokenUsage | None,
         request_id: str | None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> Generation:
         queue_ms = _header_float(response, QUEUE_HEADER)
         return Generation(
@@ -399,6 +414,7 @@ class Call:
             ttft=self.first_token,
             queue_wait=None if queue_ms is None else queue_ms / 1000,
             attempts=max(self.attempts, 1),
+            logprobs=logprobs,
         )
 
     def record(self, generation: Generation) -> UsageRecord:
@@ -492,6 +508,7 @@ class StreamState:
     usage: TokenUsage | None = None
     request_id: str | None = None
     done: bool = False
+    logprobs: list[TokenLogprob] | None = None
 
     def feed(self, data: str) -> str | None:
         if data.strip() == "[DONE]":
@@ -531,6 +548,9 @@ class StreamState:
                 continue
             piece = _choice_text(choice)
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            found = logprobs_of(choice)
+            if found is not None:
+                self.logprobs = (self.logprobs or []) + found
         if piece:
             self.call.mark_first_token()
             self.pieces.append(piece)
@@ -549,4 +569,5 @@ class StreamState:
             finish_reason=self.finish_reason,
             usage=self.usage,
             request_id=self.request_id,
+            logprobs=self.logprobs,
         )

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llamakit.currency import format_price
+from llamakit.sdk._logprobs import TokenLogprob
 
 __all__ = [
     "Account",
@@ -95,6 +96,9 @@ class Generation(_Frozen):
     ttft: float | None = None
     queue_wait: float | None = None
     attempts: int = 1
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="each generated token's log probability, when asked for with `logprobs`"
+    )
 
     def __str__(self) -> str:
         return self.text

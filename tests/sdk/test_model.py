@@ -63,3 +63,22 @@ async def test_async_chat_and_stream(live_router: LiveRouter) -> None:
         pieces = [p async for p in stream]
     assert answer.text and answer.cost_credits
     assert "".join(pieces) == stream.result.text and stream.result.cost_credits
+
+
+def test_logprobs_come_with_each_token_in_both_formats_whole_and_streamed(client: sdk.Client) -> None:
+    done = client.generate("The capital of France is", max_tokens=4, temperature=0, logprobs=3)
+    chat = client.chat("Name a colour.", max_tokens=4, temperature=0, logprobs=2)
+    streamed = client.stream_chat("Name a colour.", max_tokens=4, temperature=0, logprobs=2)
+    list(streamed)
+    for result, alternatives in ((done, 3), (chat, 2), (streamed.result, 2)):
+        assert result.logprobs is not None and result.usage is not None
+        assert len(result.logprobs) == result.usage.completion_tokens
+        for entry in result.logprobs:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == alternatives
+            # Greedy: the token taken is the most likely one (ties aside, as probable as it).
+            assert entry.logprob >= max(t.logprob for t in entry.top_logprobs) - 1e-4
+    assert "".join(t.token for t in done.logprobs or ()) == done.text
+    assert chat.logprobs is not None and all(t.bytes for t in chat.logprobs)  # chat's format carries the bytes
+    assert client.generate("Hi", max_tokens=2).logprobs is None  # nothing unless asked for
+    with pytest.raises(ValueError, match="0 to 20"):
+        client.generate("Hi", max_tokens=2, logprobs=21)
