@@ -71,6 +71,7 @@ from llamakit.sdk._models import (
     NodeCounts,
     Prices,
     PromptTokensDetails,
+    RouterUsage,
     TokenUsage,
 )
 from llamakit.sdk._retry import RetryPolicy
@@ -121,6 +122,7 @@ __all__ = [
     "RateLimitError",
     "RequestOptions",
     "RetryPolicy",
+    "RouterUsage",
     "SpendCapExceeded",
     "Stream",
     "StreamInterruptedError",

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, Unpack
+from urllib.parse import urlencode
 
 import httpx
 
@@ -34,7 +35,7 @@ from llamakit.sdk._calls import (
 )
 from llamakit.sdk._config import resolve_config, resolve_usage_log
 from llamakit.sdk._exceptions import APIConnectionError, APIError, APIResponseValidationError, status_error
-from llamakit.sdk._models import Account, ApiKeyInfo, Embeddings, Generation, Info, Model
+from llamakit.sdk._models import Account, ApiKeyInfo, Embeddings, Generation, Info, Model, RouterUsage
 from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
 from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
@@ -299,6 +300,27 @@ class Client(_BaseClient):
         """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
         return ApiKeyInfo.model_validate(_json(self._get("/v1/key", auth=True, options=options)))
 
+    def router_usage(
+        self,
+        limit: int = 100,
+        *,
+        since: float | str | None = None,
+        user: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> list[RouterUsage]:
+        """This account's requests as the router's ledger recorded them, newest first, up to `limit` (every page
+        fetched), from `since` (epoch seconds or ISO 8601) and for `user` when given. See `RouterUsage`."""
+        records: list[RouterUsage] = []
+        before: int | None = None
+        while len(records) < limit:
+            path = _usage_path(min(1000, limit - len(records)), before, since, user)
+            page = _json(self._get(path, auth=True, options=options))
+            records += _usage_page(page)
+            before = page.get("next_before") if isinstance(page, dict) and page.get("has_more") else None
+            if before is None:
+                break
+        return records
+
     def report_event(self, kind: str, data: Mapping[str, Any] | None = None, **options: Unpack[RequestOptions]) -> int:
         """Report an outcome to the router (`POST /v1/events`), such as an agent's buy, skip or error.
 
@@ -532,6 +554,26 @@ class AsyncClient(_BaseClient):
         """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
         return ApiKeyInfo.model_validate(_json(await self._get("/v1/key", auth=True, options=options)))
 
+    async def router_usage(
+        self,
+        limit: int = 100,
+        *,
+        since: float | str | None = None,
+        user: str | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> list[RouterUsage]:
+        """This account's requests as the router's ledger recorded them; see `Client.router_usage`."""
+        records: list[RouterUsage] = []
+        before: int | None = None
+        while len(records) < limit:
+            path = _usage_path(min(1000, limit - len(records)), before, since, user)
+            page = _json(await self._get(path, auth=True, options=options))
+            records += _usage_page(page)
+            before = page.get("next_before") if isinstance(page, dict) and page.get("has_more") else None
+            if before is None:
+                break
+        return records
+
     # -- I/O --------------------------------------------------------------------------------------
 
     async def _get(self, path: str, *, auth: bool, options: RequestOptions) -> httpx.Response:
@@ -640,3 +682,19 @@ async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[by
 
 def _empty_stream(request: httpx.Request) -> APIError:
     return APIConnectionError("the router closed the stream before sending anything", request=request)
+
+
+def _usage_path(limit: int, before: int | None, since: float | str | None, user: str | None) -> str:
+    query = {"limit": str(limit)}
+    if before is not None:
+        query["before"] = str(before)
+    if since is not None:
+        query["since"] = str(since)
+    if user is not None:
+        query["user"] = user
+    return "/v1/account/usage?" + urlencode(query)
+
+
+def _usage_page(page: object) -> list[RouterUsage]:
+    data = page.get("data") if isinstance(page, dict) else None
+    return [RouterUsage.model_validate(r) for r in data] if isinstance(data, list) else []

@@ -30,6 +30,7 @@ __all__ = [
     "NodeCounts",
     "Prices",
     "PromptTokensDetails",
+    "RouterUsage",
     "TokenUsage",
 ]
 
@@ -289,6 +290,44 @@ class ApiKeyInfo(_Frozen):
     spend: KeySpend = Field(default_factory=KeySpend)
     remaining: dict[str, int | None] = Field(default_factory=dict)
     rates: KeyRates | None = None
+
+
+class RouterUsage(_Frozen):
+    """One of the account's requests as the router's ledger recorded it (`GET /v1/account/usage`): refused ones
+    too (`http_status` set, no tokens, no cost). `cost_credits` is what was charged, `cost` its price in
+    `currency`; times are the router's: `created` (epoch seconds) when it was settled or refused, `latency_ms`
+    from its arrival, `queue_ms` waiting for a node."""
+
+    id: int
+    request_id: str
+    model: str
+    node: str | None = None
+    status: str
+    http_status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_credits: int = 0
+    cost: Decimal | None = None
+    currency: str | None = None
+    bid: str = "1"
+    held: int = 0
+    latency_ms: float | None = None
+    queue_ms: float | None = None
+    error: str | None = None
+    user: str | None = None
+    created: float
+
+    @property
+    def arrived(self) -> float | None:
+        """When the router received the request (epoch seconds), from its own clock."""
+        return None if self.latency_ms is None else self.created - self.latency_ms / 1000
+
+    @property
+    def dispatched(self) -> float | None:
+        """When a node was given the request (epoch seconds, the router's clock); None if it never ran."""
+        if self.arrived is None or self.queue_ms is None:
+            return None
+        return self.arrived + self.queue_ms / 1000
 
 
 class Account(_Frozen):

@@ -53,6 +53,7 @@ PUBLIC = [
     "RateLimitError",
     "RequestOptions",
     "RetryPolicy",
+    "RouterUsage",
     "SpendCapExceeded",
     "Stream",
     "StreamInterruptedError",

@@ -349,3 +349,21 @@ def test_a_keys_limits_reach_the_sdk_as_typed_errors_and_its_use_as_a_model(herd
         client.generate(PROMPT, max_tokens=1)
     assert limited.value.limit == "rpm_limit" and limited.value.retry_after is not None
     assert 1 <= limited.value.retry_after <= 60
+
+
+def test_router_usage_is_the_ledgers_record_of_each_call_refusals_included(herd: ThreadedHerd) -> None:
+    herd.add_node(FakeNode("n1", script=Script(tokens=2)))
+    herd.start()
+    client = herd.client(deposit=500)
+    done = client.generate(PROMPT, max_tokens=2, user="u1")
+    with pytest.raises(sdk.InsufficientFunds):
+        client.generate(PROMPT, max_tokens=5_000)
+    records = client.router_usage()
+    assert [r.status for r in records] == ["insufficient_funds", "ok"]  # newest first
+    refused, served = records
+    assert refused.http_status == 402 and refused.cost_credits == 0 and refused.dispatched is None
+    assert served.request_id == done.request_id and served.cost_credits == done.cost_credits and served.user == "u1"
+    assert served.cost == done.cost and served.currency == done.currency
+    assert served.arrived is not None and served.dispatched is not None and served.arrived <= served.dispatched
+    assert [r.request_id for r in client.router_usage(limit=1)] == [refused.request_id]
+    assert [r.request_id for r in client.router_usage(user="u1")] == [done.request_id]
