@@ -7,12 +7,13 @@ import datetime as dt
 import json
 import os
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from llamakit.profile import read_profile
 
-__all__ = ["admin_client", "show", "table", "when"]
+__all__ = ["admin_client", "segment", "show", "table", "when"]
 
 
 def admin_client(args: argparse.Namespace) -> httpx.Client:
@@ -33,10 +34,19 @@ def show(resp: httpx.Response) -> int:
     return 0 if resp.is_success else 1
 
 
+def segment(name: str) -> str:
+    """`name` as one segment of a URL path: an account named `a/b` or `a?b` stays one name."""
+    return quote(name, safe="")
+
+
 def when(epoch: float | None) -> str:
+    """An epoch time as UTC `2026-11-30 14:05:00`; as the number itself when no date can show it."""
     if epoch is None:
         return ""
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):
+        return f"{epoch:g}"
 
 
 def table(header: list[str], rows: list[list[Any]]) -> None:

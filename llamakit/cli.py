@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llamakit.admin_client import admin_client, show, table, when
+from llamakit.admin_client import admin_client, segment, show, table, when
 from llamakit.cli_keys import add_key_commands, add_limit_flags, limits_from_args
 from llamakit.profile import profile_path
 
@@ -104,7 +104,7 @@ def cmd_account(args: argparse.Namespace) -> int:
 
 def cmd_deposit(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.post(f"/admin/accounts/{args.account}/deposits", json={"amount": args.amount}))
+        return show(admin.post(f"/admin/accounts/{segment(args.account)}/deposits", json={"amount": args.amount}))
 
 
 def cmd_accounts(args: argparse.Namespace) -> int:
@@ -117,17 +117,17 @@ def cmd_fees(args: argparse.Namespace) -> int:
         if args.base is None:
             return show(admin.get("/admin/fees"))
         body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
-        return show(admin.put(f"/admin/fees/{args.model}", json=body))
+        return show(admin.put(f"/admin/fees/{segment(args.model)}", json=body))
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.post(f"/admin/nodes/{args.node}/drain"))
+        return show(admin.post(f"/admin/nodes/{segment(args.node)}/drain"))
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.post(f"/admin/nodes/{args.node}/undrain"))
+        return show(admin.post(f"/admin/nodes/{segment(args.node)}/undrain"))
 
 
 USAGE_COLUMNS = [

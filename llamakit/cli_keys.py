@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import re
 from typing import Any
 
-from llamakit.admin_client import admin_client, show, table, when
+from llamakit.admin_client import admin_client, segment, show, table, when
 
 __all__ = ["add_key_commands", "add_limit_flags", "limits_from_args"]
 
@@ -29,6 +30,14 @@ _INT_LIMITS = [
     ("--tpm", "tpm_limit", "tokens (prompt + completion) per minute"),
     ("--max-parallel", "max_parallel_requests", "requests in flight at once"),
 ]
+# What --clear takes: each limit by its flag's name (rpm, spend-cap-day, expires) or the router's (rpm_limit …).
+_CLEARABLE = {
+    **{name: name for _, name, _ in _INT_LIMITS},
+    **{flag.removeprefix("--"): name for flag, name, _ in _INT_LIMITS},
+    "expires": "expires_at",
+    "expires_at": "expires_at",
+    "models": "models",
+}
 _DURATION = re.compile(r"^\+(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -68,9 +77,13 @@ def expiry(text: str, now: dt.datetime | None = None) -> float:
     if duration:
         return (now + dt.timedelta(seconds=int(duration[1]) * _UNITS[duration[2]])).timestamp()
     try:
-        return float(text)
+        epoch = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(epoch):
+            raise SystemExit(f"--expires: {text!r} is not a time")
+        return epoch
     try:
         moment = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -80,12 +93,14 @@ def expiry(text: str, now: dt.datetime | None = None) -> float:
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.post(f"/admin/accounts/{args.account}/keys", json={"limits": limits_from_args(args)}))
+        return show(
+            admin.post(f"/admin/accounts/{segment(args.account)}/keys", json={"limits": limits_from_args(args)})
+        )
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        resp = admin.get(f"/admin/accounts/{args.account}/keys")
+        resp = admin.get(f"/admin/accounts/{segment(args.account)}/keys")
         if not resp.is_success or args.json:
             return show(resp)
         rows = [
@@ -99,22 +114,22 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.get(f"/admin/keys/{args.key}"))
+        return show(admin.get(f"/admin/keys/{segment(args.key)}"))
 
 
 def cmd_keys_limit(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = limits_from_args(args)
     for name in args.clear or ():
-        changes[name] = None
+        changes[_CLEARABLE[name]] = None
     if not changes:
         raise SystemExit("llamakit keys limit: give a limit to set (--rpm 60 …) or one to --clear")
     with admin_client(args) as admin:
-        return show(admin.patch(f"/admin/keys/{args.key}", json={"limits": changes}))
+        return show(admin.patch(f"/admin/keys/{segment(args.key)}", json={"limits": changes}))
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     with admin_client(args) as admin:
-        return show(admin.delete(f"/admin/keys/{args.key}"))
+        return show(admin.delete(f"/admin/keys/{segment(args.key)}"))
 
 
 def _state(key: dict[str, Any]) -> str:
@@ -153,9 +168,9 @@ def add_key_commands(sub: Any) -> None:
     limit = keys.add_parser("limit", help="change a key's limits (the others stay)")
     limit.add_argument("key", help="the key's prefix or the whole key")
     add_limit_flags(limit)
-    limit.add_argument("--clear", action="append", metavar="LIMIT",
-                       choices=[name for _, name, _ in _INT_LIMITS] + ["expires_at", "models"],
-                       help="remove this limit (repeatable): spend_cap, rpm_limit, expires_at, models …")  # fmt: skip
+    limit.add_argument("--clear", action="append", metavar="LIMIT", choices=sorted(_CLEARABLE),
+                       help="remove this limit (repeatable), by its flag's name or the router's: rpm or rpm_limit, "
+                            "spend-cap, expires, models …")  # fmt: skip
     limit.set_defaults(func=cmd_keys_limit)
     revoke = keys.add_parser("revoke", help="revoke the key with this prefix (or the whole key); at once")
     revoke.add_argument("key", help="the key's prefix or the whole key")

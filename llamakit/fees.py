@@ -26,6 +26,7 @@ __all__ = [
     "parse_bid",
     "prompt_token_bound",
     "quote",
+    "raw_prompt_token_bound",
     "settle_amount",
 ]
 
@@ -40,6 +41,9 @@ MAX_BID_DECIMALS = 20
 
 CHAT_TEMPLATE_ALLOWANCE = 64
 PER_MESSAGE_ALLOWANCE = 8
+# A raw completion's prompt is its own tokens and a BOS, and SentencePiece's dummy-prefix space may take a token
+# of its own; two more spare.
+RAW_PROMPT_ALLOWANCE = 4
 
 # ASCII digits only: Decimal() would also take "1_5" (15) and non-ASCII digits, which no client means.
 _BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
@@ -183,6 +187,12 @@ def prompt_token_bound(texts: Iterable[str], *, messages: int) -> int:
             raise ValueError(f"prompt texts must be strings, got {type(text).__name__}")
         total += len(text.encode("utf-8", errors="surrogatepass"))
     return total + CHAT_TEMPLATE_ALLOWANCE + PER_MESSAGE_ALLOWANCE * messages
+
+
+def raw_prompt_token_bound(prompt: str) -> int:
+    """A safe upper bound on the tokens of a raw completion's prompt (no chat template): its UTF-8 bytes (see
+    `prompt_token_bound`) and RAW_PROMPT_ALLOWANCE."""
+    return prompt_token_bound([prompt], messages=0) - CHAT_TEMPLATE_ALLOWANCE + RAW_PROMPT_ALLOWANCE
 
 
 def hold_amount(fees: FeeSchedule, bid: object, prompt_bound: int, max_tokens: int) -> int:

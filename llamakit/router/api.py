@@ -168,9 +168,11 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
+    """The models served that the caller's key may use."""
     state = request.app[STATE]
-    await authenticate(request)
-    return json_response({"object": "list", "data": [_model_entry(state, m) for m in state.herd.models()]})
+    limits = (await authenticate(request)).limits
+    served = [m for m in state.herd.models() if limits.allows_model(m)]
+    return json_response({"object": "list", "data": [_model_entry(state, m) for m in served]})
 
 
 @routes.get("/v1/models/{model}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -100,12 +101,14 @@ class _KeyWindow:
 
 
 class Admission:
-    """A request let in under its key's rate limits; `finish` it once, with the tokens it used."""
+    """A request let in under its key's rate limits; `finish` it once, with the tokens it used, or `cancel` it
+    when it was refused before anything was done (then it counts towards no limit)."""
 
-    def __init__(self, rates: KeyRates | None, key_hash: str, window: _KeyWindow | None) -> None:
+    def __init__(self, rates: KeyRates | None, key_hash: str, window: _KeyWindow | None, at: float = 0.0) -> None:
         self._rates = rates
         self._key_hash = key_hash
         self._window = window
+        self._at = at  # when it was admitted: its entry in the window's requests
         self._finished = False
 
     def finish(self, tokens: int = 0) -> None:
@@ -117,6 +120,12 @@ class Admission:
             self._window.tokens.append((time.monotonic(), tokens))
             self._window.token_sum += tokens
         self._rates.forget_idle(self._key_hash)
+
+    def cancel(self) -> None:
+        if self._window is not None and not self._finished:
+            with suppress(ValueError):  # already out of the window
+                self._window.requests.remove(self._at)
+        self.finish()
 
 
 # For keys without rate limits: nothing to count, nothing to finish.
@@ -140,8 +149,8 @@ class KeyRates:
         window.slide(now)
         if limits.max_parallel_requests is not None and window.in_flight >= limits.max_parallel_requests:
             raise _over(
-                f"this API key may have {limits.max_parallel_requests} requests in flight at once "
-                f"(max_parallel_requests), and has {window.in_flight}; try again when one finishes",
+                f"this API key may have {limits.max_parallel_requests} request(s) in flight at once "
+                f"(max_parallel_requests), and has {window.in_flight}",
                 "max_parallel_requests", limits.max_parallel_requests, retry_after=1,
             )  # fmt: skip
         if limits.rpm_limit is not None and len(window.requests) >= limits.rpm_limit:
@@ -165,7 +174,7 @@ class KeyRates:
             )  # fmt: skip
         window.requests.append(now)
         window.in_flight += 1
-        return Admission(self, caller.key_hash, window)
+        return Admission(self, caller.key_hash, window, now)
 
     def use(self, key_hash: str) -> dict[str, int]:
         """What this router counts for the key now: requests and tokens in the last 60 s, requests in flight."""

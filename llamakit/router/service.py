@@ -18,7 +18,15 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from llamakit.fees import FeeSchedule, format_bid, hold_amount, parse_bid, prompt_token_bound, settle_amount
+from llamakit.fees import (
+    FeeSchedule,
+    format_bid,
+    hold_amount,
+    parse_bid,
+    prompt_token_bound,
+    raw_prompt_token_bound,
+    settle_amount,
+)
 from llamakit.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -108,14 +116,13 @@ async def price(
         # What the node's template will render: tools offered, earlier calls and their results included.
         rendered = req.template_messages()
         texts = [m["content"] for m in rendered]
-        messages = len(texts)
+        bound = prompt_token_bound(texts, messages=len(texts))
         text = chat_text([(m["role"], m["content"]) for m in rendered])
     else:
-        texts = [data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]]
-        messages = 1
-        text = texts[0]
+        text = data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]
+        bound = raw_prompt_token_bound(text)
     fees = state.prices.fees(model)
-    held = hold_amount(fees, bid, _prompt_bound(state, model, texts, messages, max_tokens), max_tokens)
+    held = hold_amount(fees, bid, _prompt_bound(state, model, bound, max_tokens), max_tokens)
     request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
@@ -145,12 +152,11 @@ async def price(
     )
 
 
-def _prompt_bound(state: RouterState, model: str, texts: list[str], messages: int, max_tokens: int) -> int:
-    """The most prompt tokens the request can be charged for: its bytes (see fees.prompt_token_bound), and no
-    more than the context leaves beside `max_tokens` on the largest node serving the model, since a node
-    refuses (400 context_length_exceeded, nothing charged) a prompt that does not fit. 400 when `max_tokens`
-    alone fills that context."""
-    bound = prompt_token_bound(texts, messages=messages)
+def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -> int:
+    """The most prompt tokens the request can be charged for: `bound`, from its bytes (see
+    fees.prompt_token_bound), and no more than the context leaves beside `max_tokens` on the largest node
+    serving the model, since a node refuses (400 context_length_exceeded, nothing charged) a prompt that does
+    not fit. 400 when `max_tokens` alone fills that context."""
     context = state.herd.context(model)
     if context is None:  # a node that has not said its context yet: the bytes alone
         return bound
@@ -215,7 +221,7 @@ async def hold_credits(
             key_hash=caller.key_hash,
         )  # fmt: skip
     except InsufficientFunds as exc:
-        admission.finish()
+        admission.cancel()  # refused before anything was done: it counts towards no rate limit
         raise ApiError(
             402,
             str(exc),
@@ -224,7 +230,7 @@ async def hold_credits(
             extra={"needed": exc.needed, "balance": exc.balance},
         ) from exc
     except SpendCapExceeded as exc:
-        admission.finish()
+        admission.cancel()
         raise ApiError(
             402,
             str(exc),

@@ -66,7 +66,9 @@ async def test_keys_with_limits_made_shown_changed_and_enforced(herd: Herd) -> N
         prefix = made["api_key"][:8]
         code, out = await llamakit(herd, "keys", "list", "alice")
         assert code == 0 and "rpm_limit=1" in out and "spend_cap_day=5000" in out
-        code, out = await llamakit(herd, "keys", "limit", prefix, "--rpm", "100", "--clear", "models")
+        code, out = await llamakit(
+            herd, "keys", "limit", prefix, "--rpm", "100", "--clear", "models", "--clear", "expires"
+        )
         assert (
             code == 0 and json.loads(out)["limits"]["rpm_limit"] == 100 and json.loads(out)["limits"]["models"] is None
         )
@@ -79,6 +81,11 @@ async def test_keys_with_limits_made_shown_changed_and_enforced(herd: Herd) -> N
         assert code == 1 and "rpm_limit must be 1 to" in out
         code, out = await llamakit(herd, "keys", "limit", prefix)
         assert code == 1 and "give a limit to set" in out
+    code, out = await llamakit(herd, "keys", "create", "alice", "--expires", "nan")
+    assert code == 1 and "is not a time" in out
+    code, out = await llamakit(herd, "account", "a/b?c", "--deposit", "5")  # a name that is not a URL path
+    assert code == 0 and (await llamakit(herd, "keys", "list", "a/b?c"))[0] == 0
+    assert (await llamakit(herd, "deposit", "a/b?c", "10"))[0] == 0
     code, out = await llamakit(herd, "account", "bob", "--deposit", "5", "--tpm", "99")
     assert (
         code == 0

@@ -19,6 +19,7 @@ from llamakit.fees import (
     parse_bid,
     prompt_token_bound,
     quote,
+    raw_prompt_token_bound,
     settle_amount,
 )
 
@@ -272,6 +273,9 @@ def test_prompt_bound_holds_for_real_tokenizers(model: str) -> None:
             bound = prompt_token_bound([prompt], messages=0)
         tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         assert len(tokens) <= bound, (texts, len(tokens), bound)
+        for text in texts:  # each as a raw completion's prompt, as the node tokenizes it
+            raw = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+            assert len(raw) <= raw_prompt_token_bound(text), (text, len(raw))
 
 
 def test_remembered_bids_are_told_apart_by_type() -> None:

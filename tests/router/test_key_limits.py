@@ -144,6 +144,8 @@ async def test_an_expired_key_gets_401_and_a_model_not_allowed_403(herd: Herd) -
     assert "may not use model 'fake-model'" in resp.json()["error"]["message"]
     embeddings = await narrow.post("/v1/embeddings", json={"input": "a cat"})
     assert embeddings.status_code == 403
+    assert (await narrow.get("/v1/models")).json()["data"] == []  # it lists only the models the key may use
+    assert [m["id"] for m in (await client.get("/v1/models")).json()["data"]] == ["fake-model"]
 
     prefix = (await client.get("/v1/key")).json()["prefix"]
     assert herd.admin is not None
@@ -188,3 +190,13 @@ async def test_the_operator_sees_and_changes_a_keys_limits(herd: Herd) -> None:
     refused = await admin.post("/admin/accounts", json={"name": "carol", "limits": {"tpm_limit": 0}})
     assert refused.status_code == 400
     assert (await admin.get("/admin/accounts/carol")).status_code == 404
+
+
+async def test_a_request_refused_for_money_counts_towards_no_rate(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    client = await key_client(herd, "poor", {"rpm_limit": 2}, deposit=60)
+    for _ in range(3):  # each holds more than the balance: 402, and the key's minute stays unused
+        assert (await client.post("/v1/completions", json={**ASK, "max_tokens": 100})).status_code == 402
+    assert (await client.get("/v1/key")).json()["rates"]["requests_last_minute"] == 0
+    assert (await client.post("/v1/completions", json=ASK)).status_code == 200

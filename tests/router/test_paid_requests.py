@@ -84,7 +84,7 @@ async def test_402_when_the_hold_is_not_covered_and_nothing_is_queued(herd: Herd
     resp = await poor.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 500})
     assert resp.status_code == 402
     error = resp.json()["error"]
-    held = 10 + (len(PROMPT) + 64 + 8) + 2 * 500
+    held = 10 + (len(PROMPT) + 4) + 2 * 500  # a raw prompt: its bytes, a BOS and spare
     assert error["type"] == "insufficient_funds"
     assert error["needed"] == held and error["balance"] == 100
     assert str(held) in error["message"]
@@ -304,7 +304,7 @@ async def test_a_node_dying_mid_stream_ends_it_with_an_error_and_charges_what_wa
 async def test_concurrent_requests_on_one_account_never_overdraw(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", slots=4, script=Script(tokens=2, token_delay=0.001)))
     await herd.start()
-    hold = 10 + (1 + 64 + 8) + 2 * 20  # what one request holds
+    hold = 10 + (1 + 4) + 2 * 20  # what one request holds
     alice = await herd.account("alice", hold * 10 + 5)
     results = await asyncio.gather(
         *(alice.post("/v1/completions", json={"prompt": "x", "max_tokens": 20}) for _ in range(60))

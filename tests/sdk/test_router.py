@@ -127,7 +127,7 @@ def test_402_carries_the_amounts_and_is_not_retried(herd: ThreadedHerd) -> None:
     with pytest.raises(sdk.InsufficientFunds) as caught:
         client.generate(PROMPT, max_tokens=500)
     error = caught.value
-    held = 10 + (len(PROMPT) + 64 + 8) + 2 * 500
+    held = 10 + (len(PROMPT) + 4) + 2 * 500  # a raw prompt: its bytes, a BOS and spare
     assert (error.status_code, error.needed, error.balance, error.code) == (402, held, 100, "insufficient_funds")
     assert str(held) in str(error)
     assert node.received == []

@@ -88,8 +88,8 @@ class UnknownAccount(LedgerError):
 
 
 class UnknownKey(LedgerError):
-    def __init__(self, prefix: str) -> None:
-        super().__init__(f"no API key matches {prefix!r}")
+    def __init__(self, prefix: str | None) -> None:
+        super().__init__(f"no API key has the prefix {prefix!r}" if prefix else "no API key matches the key given")
         self.prefix = prefix
 
 
@@ -302,7 +302,7 @@ def pick_key(rows: Sequence[RowT], prefix: str | None) -> RowT:
     ones and no active one).
     """
     if not rows:
-        raise UnknownKey(prefix or "the key given")
+        raise UnknownKey(prefix)
     if len(rows) > 1:
         active = [r for r in rows if r["revoked"] is None]
         if len(active) != 1:

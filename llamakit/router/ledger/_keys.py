@@ -38,6 +38,8 @@ __all__ = [
 MAX_MODELS: Final = 100
 # Requests or tokens a minute, concurrent requests: far above any real limit, far below 64-bit integers.
 MAX_RATE: Final = 10**12
+# The last second of the year 9999 (UTC): every later time is out of range of Python's datetime.
+MAX_EXPIRY: Final = 253_402_300_799.0
 
 
 def day_of(now: float) -> str:
@@ -80,13 +82,18 @@ class KeyLimits:
             isinstance(self.expires_at, bool)
             or not isinstance(self.expires_at, int | float)
             or not math.isfinite(self.expires_at)
-            or self.expires_at < 0
+            or not 0 <= self.expires_at <= MAX_EXPIRY
         ):
-            raise ValueError(f"expires_at must be a time in seconds since the epoch, got {self.expires_at!r}")
+            raise ValueError(
+                f"expires_at must be a time in seconds since the epoch, up to {MAX_EXPIRY:.0f} (the end of the "
+                f"year 9999), got {self.expires_at!r}"
+            )
         if self.models is not None:
             if isinstance(self.models, str) or not all(isinstance(m, str) and 0 < len(m) <= MAX_NAME_LEN
                                                         for m in self.models):  # fmt: skip
-                raise ValueError(f"models must be a list of model names, got {self.models!r}")
+                raise ValueError(f"models must be a list of model names, got {list(self.models)!r}")
+            if not self.models:
+                raise ValueError("models must name at least one model (null: every model)")
             if len(self.models) > MAX_MODELS:
                 raise ValueError(f"models may name at most {MAX_MODELS} models, got {len(self.models)}")
             object.__setattr__(self, "models", tuple(self.models))

@@ -65,7 +65,11 @@ async def test_limits_are_stored_shown_and_changed(ledger: Ledger) -> None:
         await ledger.set_key_limits(key, {"rpm_limit": 0})
     with pytest.raises(ValueError, match="spend_cap must be a whole number"):
         await ledger.set_key_limits(key, {"spend_cap": 1.5})
-    with pytest.raises(UnknownKey):
+    with pytest.raises(ValueError, match="at least one model"):
+        await ledger.set_key_limits(key, {"models": []})
+    with pytest.raises(ValueError, match="end of the year 9999"):
+        await ledger.set_key_limits(key, {"expires_at": 1e300})
+    with pytest.raises(UnknownKey, match="no API key has the prefix 'lk-nokey'"):
         await ledger.set_key_limits("lk-nokey", {"rpm_limit": 5})
     assert (await ledger.find_key(key)).limits == changed.limits
 

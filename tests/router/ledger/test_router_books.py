@@ -23,7 +23,7 @@ ROOT = Path(__file__).parents[3]
 async def test_a_200_way_race_on_one_account_never_overdraws(url: str, herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", slots=8, script=Script(tokens=2, token_delay=0.001)))
     await herd.start(db=url)
-    hold = 10 + (1 + 64 + 8) + 2 * 20  # what one request holds
+    hold = 10 + (1 + 4) + 2 * 20  # what one request holds
     alice = await herd.account("alice", hold * 30 + 5)
     async with alice:
         results = await asyncio.gather(
