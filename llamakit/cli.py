@@ -131,7 +131,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 
 
 USAGE_COLUMNS = [
-    "time", "request_id", "account", "user", "model", "node", "status", "http_status", "prompt_tokens",
+    "time", "request_id", "account", "key_prefix", "user", "model", "node", "status", "http_status", "prompt_tokens",
     "completion_tokens", "cost_credits", "cost", "currency", "bid", "latency_ms", "queue_ms", "error",
 ]  # fmt: skip
 
@@ -163,8 +163,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
         writer.writerows(records)
         return 0
     shown = [
-        "time", "request_id", "account", "user", "model", "status", "prompt_tokens", "completion_tokens",
-        "cost_credits", "cost", "currency",
+        "time", "request_id", "account", "key_prefix", "user", "model", "status", "prompt_tokens",
+        "completion_tokens", "cost_credits", "cost", "currency",
     ]  # fmt: skip
     table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
     return 0

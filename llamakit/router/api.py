@@ -26,7 +26,7 @@ from llamakit.protocol import (
 )
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
 from llamakit.router.keys import Caller, key_view
-from llamakit.router.ledger import Account, LedgerError, Remembered, UsageRecord, hash_key
+from llamakit.router.ledger import LedgerError, Remembered, UsageRecord, hash_key
 from llamakit.router.service import price, serve
 from llamakit.router.state import RouterState
 from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
@@ -87,11 +87,11 @@ async def _generate(request: web.Request, model: type[GenerationRequest], path: 
         return await _generate_for(request, caller, model, path, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:
-            await record_refusal(state, caller.account, exc, data)
+            await record_refusal(state, caller, exc, data)
         raise
 
 
-async def record_refusal(state: RouterState, account: Account, exc: ApiError, data: dict[str, Any]) -> None:
+async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
     """A usage record (no tokens, no cost) of a request refused before anything was held, under a request id
     the error response names, and a line in the dashboard's latest requests."""
     request_id = exc.headers.get("X-Llamakit-Request-Id") or f"req-{uuid.uuid4().hex}"
@@ -99,10 +99,11 @@ async def record_refusal(state: RouterState, account: Account, exc: ApiError, da
     model = data.get("model") if isinstance(data.get("model"), str) else ""
     user = data.get("user") if isinstance(data.get("user"), str) else None
     status = exc.code or exc.type
+    account = caller.account
     try:
         await state.ledger.refuse(
             account.id, request_id=request_id, model=str(model), status=status, http_status=exc.status,
-            error=exc.message, user=user,
+            error=exc.message, user=user, key_prefix=caller.key.prefix,
         )  # fmt: skip
     except (LedgerError, ValueError):
         log.exception("could not record the refusal of %s", request_id)
@@ -112,7 +113,7 @@ async def record_refusal(state: RouterState, account: Account, exc: ApiError, da
         "time": time.time(), "request_id": request_id, "account": account.name, "model": model, "node": None,
         "status": status, "http_status": exc.status, "prompt_tokens": 0, "completion_tokens": 0,
         **money.cost_fields(0), "currency": money.currency, "held": 0, "bid": "1", "latency_ms": None,
-        "queue_ms": None, "ttft_ms": None, "error": exc.message, "user": user,
+        "queue_ms": None, "ttft_ms": None, "error": exc.message, "user": user, "key_prefix": caller.key.prefix,
     }  # fmt: skip
     state.requests.add(record)
     if state.usage_log is not None:

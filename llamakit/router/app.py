@@ -139,6 +139,7 @@ async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]
         "ttft_ms": None,
         "error": record.error,
         "user": record.user,
+        "key_prefix": record.key_prefix,
         "http_status": record.http_status,
     }
 

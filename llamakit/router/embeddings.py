@@ -41,7 +41,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         return await _embeddings(request, state, caller, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, caller.account, exc, data)
+            await record_refusal(state, caller, exc, data)
         raise
 
 
@@ -82,6 +82,7 @@ async def price_embeddings(
         id=request_id,
         account=caller.account,
         admission=admission,
+        key_prefix=caller.key.prefix,
         model=model,
         path=PATH,
         body=body,

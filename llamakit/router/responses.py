@@ -90,7 +90,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await _respond(request, state, caller, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, caller.account, exc, data)
+            await record_refusal(state, caller, exc, data)
         raise
 
 

@@ -91,6 +91,7 @@ class PaidRequest:
     open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.open
     # The request's place under its key's rate limits, given back with its tokens when it ends.
     admission: Admission = UNLIMITED
+    key_prefix: str | None = None  # the display prefix of the API key that made it
 
 
 async def price(
@@ -135,6 +136,7 @@ async def price(
         id=request_id,
         account=caller.account,
         admission=admission,
+        key_prefix=caller.key.prefix,
         model=model,
         path=path,
         body=body,
@@ -680,6 +682,7 @@ def _record(
         "ttft_ms": None if paid.first_token is None else round((paid.first_token - paid.arrived) * 1000, 3),
         "error": error,
         "user": paid.user,
+        "key_prefix": paid.key_prefix,
         "http_status": None,
     }
     state.requests.add(record)

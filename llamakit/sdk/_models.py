@@ -315,6 +315,7 @@ class RouterUsage(_Frozen):
     queue_ms: float | None = None
     error: str | None = None
     user: str | None = None
+    key_prefix: str | None = None
     created: float
 
     @property

@@ -119,6 +119,8 @@ async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
     code, out = await llamakit(herd, "usage", "--account", "alice", "--csv", "--limit", "3")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(rows) == 3 and {r["account"] for r in rows} == {"alice"}
+    alice_key = str(alice.headers["Authorization"]).removeprefix("Bearer ")
+    assert {r["key_prefix"] for r in rows} == {alice_key[:8]}  # which of the account's keys made each request
     # The credits charged, and their price as exact decimal text (not the JSON number's 1.9e-05).
     assert all((r["cost_credits"], r["cost"], r["currency"]) == ("19", "0.000019", "USD") for r in rows)
     code, out = await llamakit(herd, "usage", "--user", "u0", "--csv", "--limit", "1000")

@@ -37,6 +37,10 @@ NO_LIMITS = dict.fromkeys(
 )  # fmt: skip
 
 
+def key_prefix_of(client: httpx.AsyncClient) -> str:
+    return str(client.headers["Authorization"]).removeprefix("Bearer ")[:8]
+
+
 async def assert_nothing_held(herd: Herd) -> None:
     books = await herd.books()
     assert books["balanced"] and books["holds"] == 0, books
@@ -63,6 +67,7 @@ async def test_a_key_spends_up_to_its_cap_and_then_gets_402_with_needed_and_the_
     assert account["spent"] == spent and account["key"]["limits"]["spend_cap"] == 300
     usage = (await client.get("/v1/account/usage")).json()["data"]
     assert usage[0]["status"] == "spend_cap_exceeded" and usage[0]["http_status"] == 402
+    assert {u["key_prefix"] for u in usage} == {key_prefix_of(client)}  # refusals and charges alike
     assert sum(u["cost_credits"] for u in usage) == spent
     await assert_nothing_held(herd)
 

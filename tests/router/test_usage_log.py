@@ -33,6 +33,7 @@ FIELDS = {
     "ttft_ms",
     "error",
     "user",
+    "key_prefix",
     "http_status",
 }
 

@@ -202,6 +202,7 @@ class UsageRecord:
     created: float
     user: str | None = None  # the OpenAI `user` the request named
     http_status: int | None = None  # set on a refused request's record: the status it was refused with
+    key_prefix: str | None = None  # the display prefix of the API key that made the request
 
     @property
     def total_tokens(self) -> int:
@@ -330,6 +331,7 @@ def usage_from(row: Row) -> UsageRecord:
         created=row["created"],
         user=row["user"],
         http_status=row["http_status"],
+        key_prefix=row["key_prefix"],
     )
 
 
@@ -345,6 +347,7 @@ class Refusal:
     error: str
     user: str | None
     now: float
+    key_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -696,9 +699,11 @@ class Ledger(ABC):
         http_status: int,
         error: str,
         user: str | None = None,
+        key_prefix: str | None = None,
     ) -> UsageRecord:
         """Record a request refused before anything was held: a usage record with no tokens and no cost, whose
-        `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status."""
+        `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status;
+        `key_prefix` is the display prefix of the key that asked."""
         count("account_id", account_id)
         _label("request_id", request_id, limit=MAX_NAME_LEN)
         _label("status", status)
@@ -713,6 +718,7 @@ class Ledger(ABC):
             error=str(error)[:2000],
             user=None if user is None else str(user)[:MAX_NAME_LEN],
             now=self._clock(),
+            key_prefix=None if key_prefix is None else str(key_prefix)[:DISPLAY_PREFIX_LEN],
         )
         return await self._refuse(refusal)
 

@@ -460,8 +460,8 @@ class PostgresLedger(Ledger):
         await self._get_account(refusal.account_id)
         row = await self._fetchrow(
             "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-            'cost, bid, held, error, created, "user", http_status) '
-            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8) RETURNING *",
+            'cost, bid, held, error, created, "user", http_status, key_prefix) '
+            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9) RETURNING *",
             refusal.request_id,
             refusal.account_id,
             refusal.model,
@@ -470,6 +470,7 @@ class PostgresLedger(Ledger):
             refusal.now,
             refusal.user,
             refusal.http_status,
+            refusal.key_prefix,
         )
         assert row is not None
         return usage_from(row)

@@ -449,8 +449,8 @@ class SqliteLedger(Ledger):
             _account_row(conn, refusal.account_id)
             row = conn.execute(
                 "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-                "cost, bid, held, error, created, user, http_status) "
-                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?) RETURNING *",
+                "cost, bid, held, error, created, user, http_status, key_prefix) "
+                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     refusal.request_id,
                     refusal.account_id,
@@ -460,6 +460,7 @@ class SqliteLedger(Ledger):
                     refusal.now,
                     refusal.user,
                     refusal.http_status,
+                    refusal.key_prefix,
                 ),
             ).fetchone()
             return usage_from(row)
@@ -700,8 +701,8 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         )  # fmt: skip
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-        "cost, bid, held, latency_ms, queue_ms, error, created, user) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?))",
         (
             close.request_id,
             account_id,
@@ -718,6 +719,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             close.error,
             close.now,
             hold["user"],
+            hold["key_hash"],
         ),
     )
     if close.remember is not None:

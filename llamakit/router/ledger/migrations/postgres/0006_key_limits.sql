@@ -1,5 +1,6 @@
 -- Per-key limits (NULL: none) and the key's spend so far, kept by every hold and settlement of the key; the
--- key that made each hold. Spend of keys made before this version counts from here.
+-- key that made each hold, and the display prefix of the key on each usage record. Spend of keys made before
+-- this version counts from here.
 ALTER TABLE api_keys ADD COLUMN spend_cap bigint;
 ALTER TABLE api_keys ADD COLUMN spend_cap_day bigint;
 ALTER TABLE api_keys ADD COLUMN spend_cap_month bigint;
@@ -15,6 +16,7 @@ ALTER TABLE api_keys ADD COLUMN day text;  -- the UTC day of spent_day, '2026-11
 ALTER TABLE api_keys ADD COLUMN spent_month bigint NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN month text;  -- the UTC month of spent_month, '2026-11'
 ALTER TABLE holds ADD COLUMN key_hash text;
+ALTER TABLE usage ADD COLUMN key_prefix text;
 
 -- {"request_id", "account_id", "model", "amount", "bid", "now", "user", "router_id", "key_hash", "day", "month"}
 -- → {} or {"error": "unknown_account" | "duplicate" | "insufficient" ("balance") | "unknown_key" |
@@ -109,10 +111,11 @@ BEGIN
     UPDATE holds SET status = CASE WHEN settling THEN 'settled' ELSE 'released' END, closed = now_
         WHERE id = hold.id;
     INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, cost, bid,
-                       held, latency_ms, queue_ms, error, created, "user")
+                       held, latency_ms, queue_ms, error, created, "user", key_prefix)
         VALUES (hold.id, hold.account_id, hold.model, op->>'node', op->>'status', (op->>'prompt_tokens')::bigint,
                 (op->>'completion_tokens')::bigint, charged, COALESCE(op->>'bid', hold.bid), hold.amount,
-                (op->>'latency_ms')::float8, (op->>'queue_ms')::float8, op->>'error', now_, hold."user");
+                (op->>'latency_ms')::float8, (op->>'queue_ms')::float8, op->>'error', now_, hold."user",
+                (SELECT prefix FROM api_keys WHERE api_keys.key_hash = hold.key_hash));
     IF jsonb_typeof(op->'remember') = 'object' THEN
         INSERT INTO idempotency (account_id, key, request_id, fingerprint, response, created)
             VALUES (hold.account_id, op->'remember'->>'key', hold.id, op->'remember'->>'fingerprint',

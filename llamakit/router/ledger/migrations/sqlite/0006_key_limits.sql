@@ -1,5 +1,6 @@
 -- Per-key limits (NULL: none) and the key's spend so far, kept by every hold and settlement of the key; the
--- key that made each hold. Spend of keys made before this version counts from here.
+-- key that made each hold, and the display prefix of the key on each usage record. Spend of keys made before
+-- this version counts from here.
 ALTER TABLE api_keys ADD COLUMN spend_cap INTEGER;
 ALTER TABLE api_keys ADD COLUMN spend_cap_day INTEGER;
 ALTER TABLE api_keys ADD COLUMN spend_cap_month INTEGER;
@@ -15,3 +16,4 @@ ALTER TABLE api_keys ADD COLUMN day TEXT;  -- the UTC day of spent_day, '2026-11
 ALTER TABLE api_keys ADD COLUMN spent_month INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE api_keys ADD COLUMN month TEXT;  -- the UTC month of spent_month, '2026-11'
 ALTER TABLE holds ADD COLUMN key_hash TEXT;
+ALTER TABLE usage ADD COLUMN key_prefix TEXT;
