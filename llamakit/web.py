@@ -148,6 +148,12 @@ class SseWriter:
         if flush:
             await self.flush()
 
+    async def send_raw(self, data: bytes, *, flush: bool = True) -> None:
+        """`send` for an event that is JSON text already (a node's chunk passed on as it came)."""
+        self._pending.append(b"data: " + data + b"\n\n")
+        if flush:
+            await self.flush()
+
     async def flush(self) -> None:
         if self._pending:
             events = b"".join(self._pending)

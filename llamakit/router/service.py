@@ -7,6 +7,7 @@ short, on the tokens delivered), or released in full when nothing was generated 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -33,7 +34,7 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.ledger import Account, InsufficientFunds, Remembered
 from llamakit.router.state import RouterState
-from llamakit.router.upstream import NodeFailed, NodeRejected, StreamBroken
+from llamakit.router.upstream import EventStream, NodeFailed, NodeRejected, StreamBroken, parse_event, token_chunk
 from llamakit.web import SseWriter, json_response
 
 __all__ = ["PaidRequest", "serve"]
@@ -44,6 +45,7 @@ _T = TypeVar("_T")
 
 BID_HEADER = "X-Llamakit-Bid"
 CLIENT_POLL_SECONDS = 0.25
+KEPT_CHUNKS = 256  # chunks of a stream kept unread for its transcript, at most
 
 
 @dataclass
@@ -68,7 +70,10 @@ class PaidRequest:
     node: HerdNode | None = None
     closed: bool = False
     claim: Claim | None = None
-    # What a stream delivered, kept so that its answer can be remembered under the idempotency key.
+    # What a stream delivered, kept so that its answer can be remembered under the idempotency key and its
+    # prefix for affinity: the chunks relayed as the node wrote them (None when neither is wanted), read into
+    # the transcript in one parse now and then (see _transcribe), not one by one.
+    kept: list[bytes] | None = None
     transcript: list[str] = field(default_factory=list)
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)  # by the stream's `index`
     finish_reason: str = "stop"
@@ -149,6 +154,7 @@ async def price(
         arrived=time.monotonic(),
         claim=claim,
         text=text if settings.affinity else None,
+        kept=[] if claim is not None or settings.affinity else None,
         user=req.user or None,
         chain=chain,
         affinity=state.prefixes.holder(chain) if chain else None,
@@ -381,22 +387,30 @@ async def _complete_watching(
             task.cancel()
 
 
-async def _first_events(node: HerdNode, events: Any) -> list[dict[str, Any]]:
-    """The node's events up to its first token (or usage, or error): until then another node can take over."""
-    first: list[dict[str, Any]] = []
-    async for event in events:
-        first.append(event)
-        if "llamakit" in event or event.get("usage") or "error" in event:
+async def _first_events(node: HerdNode, events: EventStream, prefix: bytes) -> list[bytes]:
+    """The node's events up to its first token (or usage): until then another node can take over, and does when
+    the node reports an error instead (StreamBroken)."""
+    first: list[bytes] = []
+    async for payload in events:
+        first.append(payload)
+        if token_chunk(payload, prefix) is not None:
+            return first
+        event = parse_event(node, payload)
+        if "error" in event:
+            error = event["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise StreamBroken(f"node {node.name} failed before any token: {message}")
+        if "llamakit" in event or event.get("usage"):
             return first
     raise StreamBroken(f"node {node.name} ended its stream before any token")
 
 
-async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[Any, list[dict[str, Any]]]:
+async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[EventStream, list[bytes]]:
     """The node's stream and its events up to the first token; the stream is closed if this fails or is cancelled
     (closing it is how the node learns to stop, even while it still decodes the prompt)."""
     events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
     try:
-        return events, await _first_events(node, events)
+        return events, await _first_events(node, events, _chunk_prefix(paid))
     except BaseException:
         await events.aclose()
         raise
@@ -426,8 +440,6 @@ async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequ
         try:
             # Hold back what comes before the first token: until then another node can still take over.
             events, first = await _unless_client_leaves(request, _open_stream(state, paid, node))
-            if "error" in first[-1]:
-                raise StreamBroken(f"node {node.name} failed before any token: {first[-1]['error'].get('message')}")
         except (NodeFailed, StreamBroken) as exc:
             _release(state, paid, node)
             _node_failed(state, node, exc, tried)
@@ -450,8 +462,8 @@ async def _relay(
     request: web.Request,
     paid: PaidRequest,
     node: HerdNode,
-    first: list[dict[str, Any]],
-    events: Any,
+    first: list[bytes],
+    events: EventStream,
 ) -> web.StreamResponse:
     """Pass the node's events to the client token by token; settle on the usage event, or on what was delivered."""
     delivered = {"prompt_tokens": 0, "completion_tokens": 0}
@@ -460,17 +472,20 @@ async def _relay(
     except BaseException:
         await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
         raise
+    prefix = _chunk_prefix(paid)
     try:
         # Events that arrived together leave together: one write for what one read brought.
-        for i, event in enumerate(first):
+        for i, payload in enumerate(first):
             last = i == len(first) - 1
-            await _forward(state, paid, node, sse, event, delivered, flush=last and not events.buffered)
-        async for event in events:
-            await _forward(state, paid, node, sse, event, delivered, flush=not (events.buffered or events.ended))
+            await _forward(state, paid, node, sse, payload, prefix, delivered, flush=last and not events.buffered)
+        async for payload in events:
+            flush = not (events.buffered or events.ended)
+            await _forward(state, paid, node, sse, payload, prefix, delivered, flush=flush)
         await sse.done()
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
         log.warning("%s", exc)
+        await events.aclose()
         _mark_node(state, node, exc)
         await _settle_delivered(state, paid, node, delivered, "broken", str(exc))
         message = "the node serving this stream failed; you were charged only for the tokens delivered"
@@ -504,12 +519,27 @@ async def _forward(
     paid: PaidRequest,
     node: HerdNode,
     sse: SseWriter,
-    event: dict[str, Any],
+    payload: bytes,
+    prefix: bytes,
     delivered: dict[str, int],
     *,
     flush: bool = True,
 ) -> None:
+    token = token_chunk(payload, prefix)
+    if token is not None:  # the common case: the node's bytes, passed on without their counts
+        chunk, prompt_tokens, completion_tokens = token
+        await sse.send_raw(chunk, flush=flush)
+        delivered["prompt_tokens"], delivered["completion_tokens"] = prompt_tokens, completion_tokens
+        _first_token(state, paid)
+        if paid.kept is not None:
+            paid.kept.append(chunk)
+            if len(paid.kept) >= KEPT_CHUNKS:
+                _transcribe(paid)
+        return
+    event = parse_event(node, payload)
+    _transcribe(paid)  # what came before this event first
     counts = event.pop("llamakit", None)
+    same = counts is None and event.get("id") == paid.id
     event["id"] = paid.id
     usage = event.get("usage")
     if usage:
@@ -526,12 +556,37 @@ async def _forward(
         event["usage"] = {**usage, "cost": charge}
     elif "error" in event:
         raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
-    await sse.send(event, flush=flush)
+    if same and not usage:
+        await sse.send_raw(payload, flush=flush)
+    else:
+        await sse.send(event, flush=flush)
     if counts is not None:
         delivered.update(counts)
-        if paid.first_token is None:
-            paid.first_token = time.monotonic()
-            state.metrics.ttft.labels(paid.model).observe(paid.first_token - paid.arrived)
+        _first_token(state, paid)
+    if paid.kept is not None:
+        _transcribe_event(paid, event)
+
+
+def _chunk_prefix(paid: PaidRequest) -> bytes:
+    """How the JSON of a chunk that the client may get as the node wrote it starts: with this request's id."""
+    return b'{"id":' + json.dumps(paid.id).encode() + b","
+
+
+def _first_token(state: RouterState, paid: PaidRequest) -> None:
+    if paid.first_token is None:
+        paid.first_token = time.monotonic()
+        state.metrics.ttft.labels(paid.model).observe(paid.first_token - paid.arrived)
+
+
+def _transcribe(paid: PaidRequest) -> None:
+    """Read the chunks kept since the last time into the transcript, in one parse."""
+    if paid.kept:
+        for event in json.loads(b"[" + b",".join(paid.kept) + b"]"):
+            _transcribe_event(paid, event)
+        paid.kept.clear()
+
+
+def _transcribe_event(paid: PaidRequest, event: dict[str, Any]) -> None:
     for choice in event.get("choices") or ():
         piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
         if piece:
