@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -83,7 +83,7 @@ class PaidRequest:
     chain: list[int] = field(default_factory=list)
     affinity: Affinity | None = None
     # How a stream reaches the client: chat or completion chunks as they are, or translated (the Responses API).
-    open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.open
+    open_sse: Callable[[web.Request, dict[str, str]], Awaitable[SseWriter]] = SseWriter.relay
 
 
 async def price(
@@ -166,7 +166,7 @@ async def hold_credits(
 ) -> str:
     """Hold `amount` credits for a new request and return its id; 402 with `needed` and `balance` when the
     balance is short (nothing is held then)."""
-    request_id = f"req-{uuid.uuid4().hex}"
+    request_id = f"req-{os.urandom(16).hex()}"  # as random as a uuid4's hex, without making a UUID
     try:
         await state.ledger.hold(account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None)
     except InsufficientFunds as exc:
@@ -271,7 +271,7 @@ def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
     paid.dispatched = time.monotonic()
     if paid.queue_ms is None:
         paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
-        state.metrics.queue_wait.labels(paid.model).observe(paid.queue_ms / 1000)
+        state.metrics.queued(paid.model, paid.queue_ms / 1000)
     if paid.affinity is not None:
         state.metrics.dispatched(held=node.id == paid.affinity.node_id)
 
@@ -372,19 +372,27 @@ async def _complete_watching(
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
     its answer then holds the tokens made until it did, which is what the request costs."""
-    task = asyncio.ensure_future(state.upstream.complete(node, paid.path, paid.body, paid.id))  # type: ignore[union-attr]
-    cut = False
+    # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
+    loop = asyncio.get_running_loop()
+    cancel: asyncio.Future[bool] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def look() -> None:
+        nonlocal timer, cancel
+        if _client_gone(request):
+            cancel = asyncio.ensure_future(state.upstream.cancel(node, paid.id))  # type: ignore[union-attr]
+        else:
+            timer = loop.call_later(CLIENT_POLL_SECONDS, look)
+
+    look()
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
-            if done:
-                return task.result(), cut
-            if not cut and _client_gone(request):
-                cut = True
-                await state.upstream.cancel(node, paid.id)  # type: ignore[union-attr]
+        answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
     finally:
-        if not task.done():
-            task.cancel()
+        if timer is not None:
+            timer.cancel()
+        if cancel is not None:
+            await cancel
+    return answer, cancel is not None
 
 
 async def _first_events(node: HerdNode, events: EventStream, prefix: bytes) -> list[bytes]:
@@ -418,19 +426,30 @@ async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) ->
 
 async def _unless_client_leaves(request: web.Request, work: Awaitable[_T]) -> _T:
     """`work`'s result; if the client leaves first, `work` is cancelled and a 499 `client_gone` raised."""
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if _client_gone(request):
-                raise ApiError(499, "the client went away before the first token", code="client_gone")
-    finally:
-        if not task.done():
+    # `work` runs in this task; a timer looks for the client now and then, and cancels the task if it left.
+    task, loop = asyncio.current_task(), asyncio.get_running_loop()
+    assert task is not None
+    gone = False
+    timer: asyncio.TimerHandle | None = None
+
+    def look() -> None:
+        nonlocal gone, timer
+        if _client_gone(request):
+            gone = True
             task.cancel()
-            with suppress(asyncio.CancelledError, NodeFailed, StreamBroken, NodeRejected):
-                await task
+        else:
+            timer = loop.call_later(CLIENT_POLL_SECONDS, look)
+
+    timer = loop.call_later(CLIENT_POLL_SECONDS, look)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:  # cancelled by `look`, by nothing else
+            raise ApiError(499, "the client went away before the first token", code="client_gone") from None
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 async def _serve_stream(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
@@ -575,7 +594,7 @@ def _chunk_prefix(paid: PaidRequest) -> bytes:
 def _first_token(state: RouterState, paid: PaidRequest) -> None:
     if paid.first_token is None:
         paid.first_token = time.monotonic()
-        state.metrics.ttft.labels(paid.model).observe(paid.first_token - paid.arrived)
+        state.metrics.first_token(paid.model, paid.first_token - paid.arrived)
 
 
 def _transcribe(paid: PaidRequest) -> None:

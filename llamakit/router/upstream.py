@@ -60,7 +60,11 @@ class Upstream:
         self.session = session
         # A node proves a long answer alive at this interval (whitespace, SSE comments) while it advances.
         keepalive = f"{max(node_timeout / 4, 0.05):.3f}"
-        self.headers = {"Authorization": f"Bearer {herd_token}", KEEPALIVE_HEADER: keepalive}
+        self.headers = {
+            "Authorization": f"Bearer {herd_token}",
+            KEEPALIVE_HEADER: keepalive,
+            "Content-Type": "application/json",
+        }
         self._cancel_headers = {"Authorization": f"Bearer {herd_token}"}
         # sock_read bounds the silence between bytes: a hung node is given up on, not waited for forever.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=node_timeout)
@@ -75,8 +79,8 @@ class Upstream:
         try:
             resp = await self.session.post(
                 node.url + path,
-                data=json.dumps(body, separators=(",", ":")),
-                headers={**self.headers, REQUEST_ID_HEADER: request_id, "Content-Type": "application/json"},
+                data=json.dumps(body, separators=(",", ":")).encode(),  # bytes: aiohttp encodes a str again
+                headers={**self.headers, REQUEST_ID_HEADER: request_id},
                 timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
