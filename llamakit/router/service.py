@@ -394,7 +394,7 @@ async def _complete_watching(
         else:
             timer = loop.call_later(CLIENT_POLL_SECONDS, look)
 
-    look()
+    timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
     try:
         answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
     finally:
@@ -499,7 +499,7 @@ async def _relay(
     try:
         sse = await paid.open_sse(request, _headers(paid, node))
     except BaseException:
-        await events.aclose()  # the client is gone before the first byte: nothing delivered, full refund
+        await events.aclose()  # the response could not start: nothing delivered, full refund
         raise
     prefix = _chunk_prefix(paid)
     try:
