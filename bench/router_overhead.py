@@ -33,9 +33,9 @@ hold exactly one charge of the expected amount per request sent to the router (w
 
 Run: ``.venv/bin/python bench/router_overhead.py [--db sqlite|postgresql://…] [--workload whole stream]
 [--rounds 3] [--seconds 2] [--concurrency 1 16 64]``; results go to stdout and to
-``bench/results/router_overhead[_postgres].json``. ``--profile-router FILE`` attaches ``py-spy record
---idle`` (``pip install py-spy``) to the router for the whole run and writes a flame graph (``.svg``), a
-speedscope file (``.json``) or collapsed stacks (``.txt``).
+``bench/results/router_overhead[_postgres].json``. ``--profile-router FILE`` attaches ``py-spy record``
+(``pip install py-spy``) to the router for the whole run and writes a flame graph (``.svg``), a speedscope
+file (``.json``) or collapsed stacks (``.txt``) of its CPU time (``--profile-idle``: waits too).
 """
 
 from __future__ import annotations
@@ -92,18 +92,22 @@ STREAM_BODY = json.dumps(
     }
 ).encode()
 BODIES = {"whole": REQUEST_BODY, "stream": STREAM_BODY}
+# Bodies as a real node writes them (`llamakit.protocol`'s shapes, keys in its order), under the id a router
+# gives the request (X-Llamakit-Request-Id; a fixed one for a direct client): ANSWER_ID is replaced by it.
+ANSWER_ID = b"@answer-id@"
+USAGE = {
+    "prompt_tokens": PROMPT_TOKENS,
+    "completion_tokens": COMPLETION_TOKENS,
+    "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
+}
 COMPLETION_BODY = json.dumps(
     {
-        "id": "cmpl-bench",
+        "id": ANSWER_ID.decode(),
         "object": "text_completion",
         "created": 1700000000,
         "model": MODEL,
-        "choices": [{"index": 0, "text": " hello" * COMPLETION_TOKENS, "finish_reason": "length", "logprobs": None}],
-        "usage": {
-            "prompt_tokens": PROMPT_TOKENS,
-            "completion_tokens": COMPLETION_TOKENS,
-            "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-        },
+        "choices": [{"index": 0, "text": " hello" * COMPLETION_TOKENS, "logprobs": None, "finish_reason": "length"}],
+        "usage": USAGE,
     },
     separators=(",", ":"),
 ).encode()
@@ -113,42 +117,31 @@ def _event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-# The node's stream, as a real node sends it: token chunks with running counts (`llamakit`), a finish chunk,
-# the usage chunk (asked for with include_usage), [DONE]. Each is one write.
+def _chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+    return {
+        "id": ANSWER_ID.decode(),
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": choices,
+        "usage": usage,
+    }
+
+
+# The node's stream, as a real node sends it: token chunks with running counts (`llamakit`, last), a finish
+# chunk, the usage chunk (asked for with include_usage), [DONE]. Each is one write.
 STREAM_EVENTS = [
     *(
         _event(
             {
-                "id": "cmpl-bench",
-                "object": "text_completion",
-                "model": MODEL,
-                "choices": [{"index": 0, "text": " hello", "finish_reason": None}],
+                **_chunk([{"index": 0, "text": " hello", "logprobs": None, "finish_reason": None}]),
                 "llamakit": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": i},
             }
         )
         for i in range(1, COMPLETION_TOKENS + 1)
     ),
-    _event(
-        {
-            "id": "cmpl-bench",
-            "object": "text_completion",
-            "model": MODEL,
-            "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
-        }
-    ),
-    _event(
-        {
-            "id": "cmpl-bench",
-            "object": "text_completion",
-            "model": MODEL,
-            "choices": [],
-            "usage": {
-                "prompt_tokens": PROMPT_TOKENS,
-                "completion_tokens": COMPLETION_TOKENS,
-                "total_tokens": PROMPT_TOKENS + COMPLETION_TOKENS,
-            },
-        }
-    ),
+    _event(_chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}])),
+    _event(_chunk([], USAGE)),
     b"data: [DONE]\n\n",
 ]
 # What a client counts per stream: every data event but [DONE].
@@ -164,12 +157,13 @@ def node_app(name: str, slots: int) -> web.Application:
 
     async def complete(request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        answer_id = request.headers.get("X-Llamakit-Request-Id", "cmpl-bench").encode()
         if b'"stream":true' not in body.replace(b" ", b""):
-            return web.Response(body=COMPLETION_BODY, content_type="application/json")
+            return web.Response(body=COMPLETION_BODY.replace(ANSWER_ID, answer_id), content_type="application/json")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         for event in STREAM_EVENTS:
-            await resp.write(event)
+            await resp.write(event.replace(ANSWER_ID, answer_id))
         await resp.write_eof()
         return resp
 
@@ -311,7 +305,7 @@ def ledger_database(choice: str, tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
-def running(tmp: Path, profile: Path | None, db_choice: str) -> Iterator[Setup]:
+def running(tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bool = False) -> Iterator[Setup]:
     node_port, proxy_port, router_port = free_port(), free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     admin_key, herd_token = "bench-admin-key", "bench-herd-token"
@@ -351,7 +345,7 @@ def running(tmp: Path, profile: Path | None, db_choice: str) -> Iterator[Setup]:
             made.raise_for_status()
             api_key: str = made.json()["api_key"]
         if profile is not None:
-            stack.enter_context(profiling(router.process.pid, profile))
+            stack.enter_context(profiling(router.process.pid, profile, idle=profile_idle))
         setup = Setup(node, proxy, router, admin_key, api_key, db)
         json_headers = {"Content-Type": "application/json"}
         setup.targets = {
@@ -363,12 +357,13 @@ def running(tmp: Path, profile: Path | None, db_choice: str) -> Iterator[Setup]:
 
 
 @contextmanager
-def profiling(pid: int, output: Path) -> Iterator[None]:
+def profiling(pid: int, output: Path, *, idle: bool) -> Iterator[None]:
     """py-spy attached to the router while the benchmark runs; SIGINT makes it stop and write `output`."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     fmt = {".json": "speedscope", ".txt": "raw"}.get(output.suffix, "flamegraph")
-    # --idle: a call that blocks the event loop (a lock, a disk write) costs latency even when it costs no CPU.
-    command = [py_spy, "record", "--pid", str(pid), "--idle", "--rate", "250", "--format", fmt, "-o", str(output)]
+    command = [py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", fmt, "-o", str(output)]
+    if idle:  # a call that blocks the event loop (a lock, a disk write) costs latency even when it costs no CPU
+        command.insert(4, "--idle")
     with tempfile.TemporaryFile() as log:
         spy = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         try:
@@ -759,7 +754,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         metavar="FILE",
-        help="py-spy the router: .svg, .json (speedscope) or .txt (collapsed stacks)",
+        help="py-spy the router: .svg, .json (speedscope) or .txt (collapsed stacks); CPU time only",
+    )
+    parser.add_argument(
+        "--profile-idle",
+        action="store_true",
+        help="profile waits too (py-spy --idle): calls that block the event loop without using the CPU",
     )
     modes = parser.add_subparsers(dest="mode", help="internal: run one of the servers in this process")
     node = modes.add_parser("node", help="the fake node")
@@ -806,7 +806,7 @@ def main() -> None:
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp,
-        running(Path(tmp), args.profile_router, args.db) as setup,
+        running(Path(tmp), args.profile_router, args.db, profile_idle=args.profile_idle) as setup,
     ):
         cells, sent = asyncio.run(measure(setup, workloads, levels, args.rounds, args.seconds, args.warmup, args.pause))
         books = verify_books(setup, sent)

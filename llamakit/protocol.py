@@ -6,6 +6,7 @@ the official `openai` client, which sends fields such as `n` or `presence_penalt
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -240,8 +241,9 @@ class GenerationRequest(_Lenient):
     def check_fields(cls, data: dict[str, Any]) -> None:
         """A 400 naming the first field that llamakit would otherwise drop silently: refused ones with their
         reason, unknown ones as unknown. `modalities: ["text"]` and `n: 1` say what happens anyway."""
+        known = _field_names(cls)
         for key, value in data.items():
-            if key in cls.model_fields or key in cls._ALIASES or value is None:
+            if key in known or value is None:
                 continue
             if key == "modalities" and value == ["text"]:
                 continue
@@ -502,6 +504,12 @@ def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
 
 
 _ERROR_CODES = {"grammar": "invalid_grammar", "response_format": "invalid_schema"}
+
+
+@functools.cache
+def _field_names(model: type[GenerationRequest]) -> frozenset[str]:
+    """The names `model` takes, aliases included, looked up once (`model_fields` is a descriptor call)."""
+    return frozenset(model.model_fields) | model._ALIASES
 
 
 def parse_request(model: type[_Req], raw: bytes) -> _Req:

@@ -131,7 +131,19 @@ class SseWriter:
 
     @classmethod
     async def open(cls, request: web.Request, headers: dict[str, str] | None = None) -> SseWriter:
-        response = web.StreamResponse(
+        """Send the status and headers of an event stream at once (the first event may be a while coming)."""
+        return await cls._open(web.StreamResponse, request, headers)
+
+    @classmethod
+    async def relay(cls, request: web.Request, headers: dict[str, str] | None = None) -> SseWriter:
+        """`open` for events that are at hand: the status and headers leave with the first of them, in one write."""
+        return await cls._open(_HeadersWithBody, request, headers)
+
+    @classmethod
+    async def _open(
+        cls, kind: type[web.StreamResponse], request: web.Request, headers: dict[str, str] | None
+    ) -> SseWriter:
+        response = kind(
             headers={
                 "Content-Type": "text/event-stream",
                 "Cache-Control": "no-cache",
@@ -145,6 +157,12 @@ class SseWriter:
     async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
         """Send one event; with `flush=False` it waits for the next flush, to go out in one write with others."""
         self._pending.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        if flush:
+            await self.flush()
+
+    async def send_raw(self, data: bytes, *, flush: bool = True) -> None:
+        """`send` for an event that is JSON text already (a node's chunk passed on as it came)."""
+        self._pending.append(b"data: " + data + b"\n\n")
         if flush:
             await self.flush()
 
@@ -165,3 +183,9 @@ class SseWriter:
         events = b"".join(self._pending)
         self._pending.clear()
         await self.response.write_eof(events)
+
+
+class _HeadersWithBody(web.StreamResponse):
+    """A stream whose status line and headers wait for its first write, as a whole `web.Response`'s do."""
+
+    _send_headers_immediately = False  # aiohttp ≥ 3.10; before, the headers go at once (one write more)

@@ -360,6 +360,8 @@ class _Run:
                 text, n_completion = item
                 for chunk in answer.piece(text, n_completion):
                     # Running token counts: what a router charges for when the stream is cut before its usage.
+                    # Last, after `"usage": null`: a router finds them at the end of the bytes, and passes the
+                    # rest on unparsed (router.upstream.token_chunk).
                     chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
                     await sse.send(chunk)
             try:

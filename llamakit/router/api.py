@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Awaitable
 from dataclasses import asdict
 from typing import Any
@@ -27,7 +26,7 @@ from llamakit.protocol import (
 from llamakit.router.idempotency import Idempotency, fingerprint, replay
 from llamakit.router.keys import Caller, key_view
 from llamakit.router.ledger import LedgerError, Remembered, UsageRecord, hash_key
-from llamakit.router.service import price, serve
+from llamakit.router.service import new_request_id, price, serve
 from llamakit.router.state import RouterState
 from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.web import bearer_token, json_response
@@ -94,7 +93,7 @@ async def _generate(request: web.Request, model: type[GenerationRequest], path: 
 async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
     """A usage record (no tokens, no cost) of a request refused before anything was held, under a request id
     the error response names, and a line in the dashboard's latest requests."""
-    request_id = exc.headers.get("X-Llamakit-Request-Id") or f"req-{uuid.uuid4().hex}"
+    request_id = exc.headers.get("X-Llamakit-Request-Id") or new_request_id()
     exc.headers["X-Llamakit-Request-Id"] = request_id
     model = data.get("model") if isinstance(data.get("model"), str) else ""
     user = data.get("user") if isinstance(data.get("user"), str) else None

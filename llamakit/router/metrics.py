@@ -153,6 +153,14 @@ class RouterMetrics:
     def refused(self, status: int, code: str) -> None:
         self._child(self.refusals, str(status), code).inc()
 
+    def queued(self, model: str, seconds: float) -> None:
+        """A request waited `seconds` from its arrival for a node."""
+        self._child(self.queue_wait, model).observe(seconds)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        """A stream's first token reached its client `seconds` after the request arrived."""
+        self._child(self.ttft, model).observe(seconds)
+
     def observe_request(self, model: str, seconds: float, completion_tokens: int, generating_seconds: float) -> None:
         self._child(self.latency, model).observe(seconds)
         if completion_tokens > 0 and generating_seconds > 0:

@@ -57,6 +57,9 @@ class ResponsesSseWriter(SseWriter):
     async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
         await self._write(self.events.feed(data), flush=flush)
 
+    async def send_raw(self, data: bytes, *, flush: bool = True) -> None:
+        await self.send(json.loads(data), flush=flush)
+
     async def done(self) -> None:
         """The events that end the response and the end of the body, in one write (no `[DONE]`)."""
         self._queue(self.events.closing())

@@ -8,6 +8,7 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from typing import Any
 
@@ -15,10 +16,16 @@ import aiohttp
 
 from llamakit.router.herd import HerdNode
 
-__all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream"]
+__all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream", "parse_event", "token_chunk"]
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
 KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
+
+# The end of a node's token chunk: no usage, then the running counts it delivered (the last field, as a node
+# writes it). An unescaped `"` is never inside a JSON string, so this tail can only be the object's own fields.
+_NO_USAGE = b',"usage":null'
+_COUNTS_AT = _NO_USAGE + b',"llamakit":{'
+_COUNTS = re.compile(rb',"usage":null,"llamakit":\{"prompt_tokens":(\d+),"completion_tokens":(\d+)\}\}')
 
 
 class NodeFailed(Exception):
@@ -53,7 +60,11 @@ class Upstream:
         self.session = session
         # A node proves a long answer alive at this interval (whitespace, SSE comments) while it advances.
         keepalive = f"{max(node_timeout / 4, 0.05):.3f}"
-        self.headers = {"Authorization": f"Bearer {herd_token}", KEEPALIVE_HEADER: keepalive}
+        self.headers = {
+            "Authorization": f"Bearer {herd_token}",
+            KEEPALIVE_HEADER: keepalive,
+            "Content-Type": "application/json",
+        }
         self._cancel_headers = {"Authorization": f"Bearer {herd_token}"}
         # sock_read bounds the silence between bytes: a hung node is given up on, not waited for forever.
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=node_timeout)
@@ -68,8 +79,8 @@ class Upstream:
         try:
             resp = await self.session.post(
                 node.url + path,
-                data=json.dumps(body, separators=(",", ":")),
-                headers={**self.headers, REQUEST_ID_HEADER: request_id, "Content-Type": "application/json"},
+                data=json.dumps(body, separators=(",", ":")).encode(),  # bytes: aiohttp encodes a str again
+                headers={**self.headers, REQUEST_ID_HEADER: request_id},
                 timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -119,13 +130,40 @@ class Upstream:
             return False
 
     async def stream(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> EventStream:
-        """The node's SSE events as dicts, up to `[DONE]`; raises StreamBroken if it ends in any other way."""
+        """The node's SSE events (their JSON text), up to `[DONE]`; raises StreamBroken if it ends in any other way."""
         resp = await self._post(node, path, body, request_id)
         return EventStream(resp, node)
 
 
+def token_chunk(payload: bytes, prefix: bytes) -> tuple[bytes, int, int] | None:
+    """A token chunk of a node's stream whose JSON starts with `prefix`, as the client gets it (without its
+    `llamakit` counts), and the prompt and completion tokens delivered with it; None for any other event.
+
+    Found without parsing the JSON: a relay passes the node's bytes on, as many times as there are tokens.
+    """
+    at = payload.rfind(_COUNTS_AT)
+    if at < 0 or not payload.startswith(prefix):
+        return None
+    counts = _COUNTS.fullmatch(payload, at)
+    if counts is None:
+        return None
+    return payload[: at + len(_NO_USAGE)] + b"}", int(counts[1]), int(counts[2])
+
+
+def parse_event(node: HerdNode, payload: bytes) -> dict[str, Any]:
+    """One event of `node`'s stream as a dict; StreamBroken if it is not a JSON object."""
+    try:
+        event = json.loads(payload)
+    except ValueError as exc:
+        raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}") from exc
+    if not isinstance(event, dict):
+        raise StreamBroken(f"node {node.name} sent an event that is not a JSON object: {payload[:80]!r}")
+    return event
+
+
 class EventStream:
-    """The SSE events of a node's stream as dicts, up to `[DONE]` (then the connection goes back to the pool).
+    """The SSE events of a node's stream (the JSON text of each), up to `[DONE]` (then the connection goes back
+    to the pool).
 
     Each read takes every byte that has arrived, so `buffered` tells how many events were read with the one
     just returned, and `ended` whether `[DONE]` came with them: a relay can pass them on in one write.
@@ -136,7 +174,7 @@ class EventStream:
     def __init__(self, resp: aiohttp.ClientResponse, node: HerdNode) -> None:
         self._resp = resp
         self._node = node
-        self._ready: deque[dict[str, Any]] = deque()
+        self._ready: deque[bytes] = deque()
         self._partial = b""  # the start of a line whose end has not arrived yet
         self._done = False  # [DONE] was read
         self._closed = False
@@ -152,7 +190,7 @@ class EventStream:
     def __aiter__(self) -> EventStream:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> bytes:
         while not self._ready:
             if self._done:
                 await self.aclose()
@@ -176,8 +214,8 @@ class EventStream:
                 if payload == b"[DONE]":
                     self._done = True
                     return
-                self._ready.append(json.loads(payload))
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                self._ready.append(payload)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             await self.aclose()
             hung = isinstance(exc, TimeoutError)
             raise StreamBroken(f"node {self._node.name} broke off its stream: {exc!r}", hung=hung) from exc

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from llamakit.router.upstream import token_chunk
 from tests.conftest import RunningServer
 
 pytestmark = pytest.mark.model
@@ -112,6 +113,25 @@ async def test_completion_stream_without_usage(client: httpx.AsyncClient) -> Non
     chunks = sse_events(resp.text)
     assert all(c["usage"] is None for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
+
+
+async def test_token_chunks_carry_their_counts_where_a_router_finds_them_unparsed(client: httpx.AsyncClient) -> None:
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": COUNTING}], "max_tokens": 6, "temperature": 0, "stream": True},
+        headers={"X-Llamakit-Request-Id": "req-counted"},
+    )
+    payloads = [line[6:].encode() for line in resp.text.splitlines() if line.startswith("data: {")]
+    tokens = [p for p in payloads if json.loads(p)["choices"] and json.loads(p)["choices"][0]["delta"].get("content")]
+    found = [token_chunk(p, b'{"id":"req-counted",') for p in tokens]
+    assert tokens and None not in found, "every token chunk is passed on by a router without parsing"
+    completions = [f[2] for f in found if f is not None]
+    assert completions == sorted(completions) and completions[-1] <= 6
+    assert all(
+        json.loads(f[0]) == {k: v for k, v in json.loads(p).items() if k != "llamakit"}
+        for f, p in zip(found, tokens, strict=True)
+        if f
+    )
 
 
 async def test_grammar_forces_a_digit(client: httpx.AsyncClient) -> None:

@@ -192,7 +192,8 @@ class FakeNode:
         await resp.prepare(request)
 
         async def send(data: dict[str, Any]) -> None:
-            await resp.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+            # Compact, as a real node writes its chunks (the router passes token chunks on without parsing them).
+            await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
 
         try:
             for i in range(1, n + 1):
@@ -209,6 +210,7 @@ class FakeNode:
                         "id": rid,
                         "object": "text_completion",
                         "choices": [{"index": 0, "text": " tok", "finish_reason": None}],
+                        "usage": None,
                         "llamakit": {"prompt_tokens": prompt_tokens, "completion_tokens": i},
                     }
                 )
