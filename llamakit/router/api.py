@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -31,7 +31,7 @@ from llamakit.router.state import RouterState
 from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 
-__all__ = ["STATE", "routes"]
+__all__ = ["RECORDED_REFUSALS", "STATE", "authenticate", "paid_request", "record_refusal", "routes"]
 
 STATE = web.AppKey("state", RouterState)
 
@@ -77,17 +77,24 @@ async def authenticate(request: web.Request) -> Caller:
 RECORDED_REFUSALS = frozenset({400, 402, 403, 404, 429})
 
 
-async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
-    state = request.app[STATE]
+async def paid_request(
+    request: web.Request, handle: Callable[[Caller, dict[str, Any]], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Serve a paid route: authenticate, parse the JSON body, and `handle(caller, body)`; a refusal of a known
+    account that nothing was held for (RECORDED_REFUSALS) gets its usage record on the way out."""
     caller = await authenticate(request)
     data: dict[str, Any] = {}
     try:
         data = parse_json(await request.read())
-        return await _generate_for(request, caller, model, path, data)
+        return await handle(caller, data)
     except ApiError as exc:
         if exc.status in RECORDED_REFUSALS and not exc.recorded:
-            await record_refusal(state, caller, exc, data)
+            await record_refusal(request.app[STATE], caller, exc, data)
         raise
+
+
+async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
+    return await paid_request(request, lambda caller, data: _generate_for(request, caller, model, path, data))
 
 
 async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:

@@ -16,8 +16,7 @@ from aiohttp import web
 
 from llamakit.embeddings_protocol import EmbeddingRequest, parse_embedding_request
 from llamakit.fees import hold_amount
-from llamakit.protocol import ApiError, parse_json
-from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
+from llamakit.router.api import STATE, paid_request
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
 from llamakit.router.keys import Caller
 from llamakit.router.ledger import Remembered
@@ -34,15 +33,7 @@ embedding_routes = web.RouteTableDef()
 @embedding_routes.post(PATH)
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    caller = await authenticate(request)
-    data: dict[str, Any] = {}
-    try:
-        data = parse_json(await request.read())
-        return await _embeddings(request, state, caller, data)
-    except ApiError as exc:
-        if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, caller, exc, data)
-        raise
+    return await paid_request(request, lambda caller, data: _embeddings(request, state, caller, data))
 
 
 async def _embeddings(

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.protocol import ApiError, ChatCompletionRequest, parse_json, validate_request
+from llamakit.protocol import ApiError, ChatCompletionRequest, validate_request
 from llamakit.responses_protocol import (
     ResponseEvents,
     ResponsesRequest,
@@ -24,7 +24,7 @@ from llamakit.responses_protocol import (
     parse_responses_request,
     response_from_chat,
 )
-from llamakit.router.api import RECORDED_REFUSALS, STATE, authenticate, record_refusal
+from llamakit.router.api import STATE, authenticate, paid_request
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
 from llamakit.router.keys import Caller
 from llamakit.router.ledger import Remembered
@@ -86,15 +86,7 @@ def _response_id(request_id: str) -> str:
 @response_routes.post(PATH)
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    caller = await authenticate(request)
-    data: dict[str, Any] = {}
-    try:
-        data = parse_json(await request.read())
-        return await _respond(request, state, caller, data)
-    except ApiError as exc:
-        if exc.status in RECORDED_REFUSALS and not exc.recorded:  # as chat completions record theirs
-            await record_refusal(state, caller, exc, data)
-        raise
+    return await paid_request(request, lambda caller, data: _respond(request, state, caller, data))
 
 
 async def _respond(

@@ -238,23 +238,14 @@ async def hold_credits(
             caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
             key_hash=caller.key_hash,
         )  # fmt: skip
-    except InsufficientFunds as exc:
+    except (InsufficientFunds, SpendCapExceeded) as exc:
         admission.cancel()  # refused before anything was done: it counts towards no rate limit
+        if isinstance(exc, SpendCapExceeded):
+            code, extra = "spend_cap_exceeded", {"cap": exc.cap, "period": exc.period, "available": exc.available}
+        else:
+            code, extra = "insufficient_funds", {"balance": exc.balance}
         raise ApiError(
-            402,
-            str(exc),
-            type="insufficient_funds",
-            code="insufficient_funds",
-            extra={"needed": exc.needed, "balance": exc.balance},
-        ) from exc
-    except SpendCapExceeded as exc:
-        admission.cancel()
-        raise ApiError(
-            402,
-            str(exc),
-            type="insufficient_funds",
-            code="spend_cap_exceeded",
-            extra={"needed": exc.needed, "cap": exc.cap, "period": exc.period, "available": exc.available},
+            402, str(exc), type="insufficient_funds", code=code, extra={"needed": exc.needed, **extra}
         ) from exc
     except BaseException:
         admission.finish()
