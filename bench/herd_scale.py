@@ -8,6 +8,8 @@ paid ``/v1/completions`` for ``--seconds`` after a short warm-up, and the script
 
 * requests per second (all routers together),
 * router CPU milliseconds per request (user + system of every router process, from /proc via psutil),
+* the same for the database (every PostgreSQL process; none for SQLite, which runs in the router) and for
+  the fake nodes' process: what the request cost elsewhere,
 * for the cluster contenders, the mean wall time of one dispatch transaction (lock wait included), from
   ``/admin/stats`` (``cluster.dispatch``), per router.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -59,6 +62,10 @@ class Cell:
     seconds: float
     rps: float
     cpu_ms_per_request: float
+    # CPU milliseconds per request of the database's processes (every PostgreSQL backend; 0 for SQLite, whose
+    # work is the router's) and of the fake nodes' process: where else the request's cost went.
+    db_cpu_ms_per_request: float
+    nodes_cpu_ms_per_request: float
     dispatch_ms: float | None
     errors: int
 
@@ -113,7 +120,22 @@ def _start_router(db: str, cluster: bool) -> tuple[subprocess.Popen[bytes], str]
     return process, f"http://127.0.0.1:{port}"
 
 
-async def _run(name: str, db: str, routers: int, nodes: int, base: int, seconds: float, concurrency: int) -> Cell:
+def _cpu(processes: list[psutil.Process]) -> dict[int, float]:
+    """User + system CPU seconds of each process still running, by pid."""
+    times = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a backend that ended during the measurement
+            times[process.pid] = sum(process.cpu_times()[:2])
+    return times
+
+
+def _postgres_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postmaster")]
+
+
+async def _run(
+    name: str, db: str, routers: int, nodes: int, base: int, seconds: float, concurrency: int, node_pid: int
+) -> Cell:
     started = [_start_router(db, cluster=name.startswith("pg")) for _ in range(routers)]
     try:
         for process, url in started:
@@ -159,11 +181,17 @@ async def _run(name: str, db: str, routers: int, nodes: int, base: int, seconds:
             until = time.monotonic() + 0.5  # warm-up
             await asyncio.gather(*(client(session, urls[i % routers], until, False) for i in range(concurrency)))
             cpu0 = sum(sum(p.cpu_times()[:2]) for p in procs)
+            database, node_process = _postgres_processes() if name.startswith("pg") else [], psutil.Process(node_pid)
+            db0, nodes0 = _cpu(database), _cpu([node_process])
             t0 = time.monotonic()
             until = t0 + seconds
             await asyncio.gather(*(client(session, urls[i % routers], until, True) for i in range(concurrency)))
             wall = time.monotonic() - t0
             cpu = sum(sum(p.cpu_times()[:2]) for p in procs) - cpu0
+            db1 = _cpu(database + _postgres_processes()) if database else {}
+            nodes1 = _cpu([node_process])
+            db_cpu = sum(t - db0.get(pid, 0.0) for pid, t in db1.items())
+            nodes_cpu = sum(t - nodes0.get(pid, 0.0) for pid, t in nodes1.items())
         dispatch: list[float] = []
         async with aiohttp.ClientSession(headers=admin) as session:
             for url in urls:
@@ -182,6 +210,8 @@ async def _run(name: str, db: str, routers: int, nodes: int, base: int, seconds:
             seconds=round(wall, 3),
             rps=round(done / wall, 1),
             cpu_ms_per_request=round(1000 * cpu / max(done, 1), 3),
+            db_cpu_ms_per_request=round(1000 * db_cpu / max(done, 1), 3),
+            nodes_cpu_ms_per_request=round(1000 * nodes_cpu / max(done, 1), 3),
             dispatch_ms=round(sum(dispatch) / len(dispatch), 3) if dispatch else None,
             errors=counts["errors"],
         )
@@ -204,19 +234,19 @@ async def _drop(postgres: str, schema: str) -> None:
     await conn.close()
 
 
-async def _cell(args: argparse.Namespace, contender: str, size: int, base: int) -> Cell | None:
+async def _cell(args: argparse.Namespace, contender: str, size: int, base: int, node_pid: int) -> Cell | None:
     """One contender on a herd of `size` nodes (ports from `base`): a fresh ledger, fresh routers."""
     routers = int(contender.split("-")[1])
     if contender.startswith("sqlite"):
         with tempfile.TemporaryDirectory() as tmp:
             return await _run(contender, str(Path(tmp) / "ledger.db"), routers, size, base, args.seconds,
-                              args.concurrency)  # fmt: skip
+                              args.concurrency, node_pid)  # fmt: skip
     if not args.postgres:
         print(f"skipping {contender}: no --postgres URL", file=sys.stderr)
         return None
     schema, db = await _schema(args.postgres)
     try:
-        return await _run(contender, db, routers, size, base, args.seconds, args.concurrency)
+        return await _run(contender, db, routers, size, base, args.seconds, args.concurrency, node_pid)
     finally:
         await _drop(args.postgres, schema)
 
@@ -245,13 +275,14 @@ async def main() -> None:
                     args.contenders[round_ % len(args.contenders) :] + args.contenders[: round_ % len(args.contenders)]
                 )
                 for contender in order:
-                    cell = await _cell(args, contender, size, base)
+                    cell = await _cell(args, contender, size, base, node_process.pid)
                     if cell is None:
                         continue
                     cells.append(cell)
                     print(
                         f"round {round_ + 1}  {cell.contender:9} nodes {cell.nodes:5}  {cell.rps:8.1f} req/s  "
-                        f"{cell.cpu_ms_per_request:6.3f} router CPU ms/req  statement "
+                        f"{cell.cpu_ms_per_request:6.3f} router CPU ms/req  db {cell.db_cpu_ms_per_request:6.3f}  "
+                        f"nodes {cell.nodes_cpu_ms_per_request:6.3f}  statement "
                         f"{'-' if cell.dispatch_ms is None else f'{cell.dispatch_ms:.3f} ms'}  errors {cell.errors}",
                         flush=True,
                     )
@@ -268,21 +299,27 @@ async def main() -> None:
             entry = {
                 "rps": statistics.median(c.rps for c in mine),
                 "cpu_ms_per_request": statistics.median(c.cpu_ms_per_request for c in mine),
+                "db_cpu_ms_per_request": statistics.median(c.db_cpu_ms_per_request for c in mine),
                 "statement_ms": statistics.median(dispatch) if dispatch else None,
             }
             medians.setdefault(contender, {})[size] = entry
             print(
                 f"  {contender:9} nodes {size:5}  {entry['rps']:8.1f} req/s  "
-                f"{entry['cpu_ms_per_request']:6.3f} router CPU ms/req"
+                f"{entry['cpu_ms_per_request']:6.3f} router CPU ms/req  {entry['db_cpu_ms_per_request']:6.3f} database"
             )
     print("\nflatness (largest herd against 1 node):")
     for contender, by_size in medians.items():
         if min(args.sizes) in by_size and max(args.sizes) in by_size:
             small, big = by_size[min(args.sizes)], by_size[max(args.sizes)]
             assert small["rps"] and big["rps"] and small["cpu_ms_per_request"] and big["cpu_ms_per_request"]
+            db = (
+                f"   database CPU ms/req {big['db_cpu_ms_per_request'] / small['db_cpu_ms_per_request']:5.2f}×"
+                if small["db_cpu_ms_per_request"] and big["db_cpu_ms_per_request"]
+                else ""
+            )
             print(
                 f"  {contender:9} req/s {big['rps'] / small['rps']:5.2f}×   CPU ms/req "
-                f"{big['cpu_ms_per_request'] / small['cpu_ms_per_request']:5.2f}×"
+                f"{big['cpu_ms_per_request'] / small['cpu_ms_per_request']:5.2f}×{db}"
             )
     out = ROOT / "bench" / "results" / "herd_scale.json"
     out.parent.mkdir(exist_ok=True)

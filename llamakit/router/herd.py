@@ -139,8 +139,12 @@ class Herd:
 
     def _changed(self, node: HerdNode, name: str) -> None:
         object.__setattr__(node, "_version", node._version + 1)
-        if name != "busy" or self._indexed < 0:
-            self._stale()
+        if name in ("models", "n_ctx"):
+            self._contexts = {}
+        if self._indexed < 0:
+            return  # the heaps are rebuilt before the next pick anyway (and a cluster's router never picks)
+        if name != "busy":
+            self._indexed = -1
             return
         self._push(node)
         if self._entries > 8 * len(self.nodes) + 64:  # mostly stale entries: start afresh

@@ -50,3 +50,52 @@ def test_the_pick_index_agrees_with_a_scan_of_the_herd() -> None:
                 herd.join(url=node.url, name=node.name, models=["b", "c"], slots=3)
             for model in "abc":
                 assert herd.pick(model) is scan(herd, model)
+
+
+def test_the_largest_context_agrees_with_a_scan_through_changes() -> None:
+    rng = random.Random(11)
+    herd = Herd()
+    for i in range(20):
+        herd.join(url=f"http://n{i}", name=f"n{i}", models=rng.sample(["a", "b"], rng.randint(1, 2)), slots=2)
+    for step in range(2000):
+        nodes, op = list(herd.nodes.values()), rng.random()
+        if op < 0.3:
+            rng.choice(nodes).n_ctx = rng.choice([512, 2048, 8192])
+        elif op < 0.4:
+            rng.choice(nodes).models = rng.sample(["a", "b"], rng.randint(1, 2))
+        elif op < 0.7:
+            node = rng.choice(nodes)
+            node.busy = rng.randint(0, 2)
+        elif op < 0.75:
+            herd.pick(rng.choice("ab"))  # builds the pick index, which changes how a change is recorded
+        elif op < 0.8 and len(nodes) > 1:
+            herd.remove(rng.choice(nodes).id)
+        elif op < 0.85:
+            herd.join(url=f"http://x{step}", name=f"x{step}", models=["a"], slots=1)
+        model = rng.choice("ab")
+        sizes = [n.n_ctx for n in herd.nodes.values() if model in n.models]
+        want = max(sizes) if sizes and None not in sizes else None  # type: ignore[type-var]
+        assert herd.context(model) == want
+
+
+class _CountingNodes(dict[str, HerdNode]):
+    scans = 0
+
+    def values(self):  # type: ignore[no-untyped-def]
+        self.scans += 1
+        return super().values()
+
+
+def test_a_request_pays_no_scan_of_the_herd_for_its_context_as_loads_change() -> None:
+    """A router of a cluster never builds the pick index; its nodes' loads change with every request."""
+    herd = Herd()
+    for i in range(1000):
+        herd.join(url=f"http://n{i}", name=f"n{i}", models=["m"], slots=4).n_ctx = 2048
+    herd.nodes = counting = _CountingNodes(herd.nodes)
+    assert herd.context("m") == 2048
+    for i in range(100):
+        node = herd.nodes[f"n{i}"]
+        node.busy += 1
+        assert herd.context("m") == 2048
+        node.busy -= 1
+    assert counting.scans == 1
