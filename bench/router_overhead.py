@@ -20,7 +20,9 @@ Two workloads (``--workload``, both by default): ``whole`` posts a completion an
 the node sends 16 token chunks, a finish chunk and a usage chunk per request, each its own write, and the
 floor streams them through as they come (``iter_any``). For streams the headline is chunks per second.
 
-Each server is its own process (the node and the proxy are modes of this file), as deployed; the load
+The floor and the router run on the same event loop (``--loop``: uvloop, the router's default, or asyncio's
+own), so that the ratio is what llamakit's work costs, not what a faster loop saves. Each server is its own
+process (the node and the proxy are modes of this file), as deployed; the load
 generator is one process with an aiohttp client and a pool of ``concurrency`` connections, run at
 concurrency 1, 16 and 64 for a fixed number of seconds per cell after a short warm-up. The machine is small
 and noisy, so the contenders are interleaved per concurrency level in an order that rotates every round, and
@@ -66,9 +68,12 @@ import httpx
 from _processes import free_port, stop
 from aiohttp import web
 
+from llamakit.router.__main__ import new_event_loop
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONTENDERS = ("direct", "floor", "router")
+LOOPS = ("uvloop", "asyncio")
 WORKLOADS = ("whole", "stream")
 MODEL = "fake-model"
 NODE_SLOTS = 256
@@ -305,7 +310,9 @@ def ledger_database(choice: str, tmp: Path) -> Iterator[str]:
 
 
 @contextmanager
-def running(tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bool = False) -> Iterator[Setup]:
+def running(
+    tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bool = False, loop: str = "uvloop"
+) -> Iterator[Setup]:
     node_port, proxy_port, router_port = free_port(), free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     admin_key, herd_token = "bench-admin-key", "bench-herd-token"
@@ -320,6 +327,7 @@ def running(tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bo
         "--base-fee", str(BASE_FEE),
         "--prompt-token-fee", str(PROMPT_TOKEN_FEE),
         "--completion-token-fee", str(COMPLETION_TOKEN_FEE),
+        "--loop", loop,
     ]  # fmt: skip
     with ExitStack() as stack:
         db = stack.enter_context(ledger_database(db_choice, tmp))
@@ -328,7 +336,9 @@ def running(tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bo
             server("node", [*me, "node", "--port", str(node_port), "--slots", str(NODE_SLOTS)], node_port)
         )
         proxy = stack.enter_context(
-            server("proxy", [*me, "proxy", "--port", str(proxy_port), "--upstream", node.url], proxy_port)
+            server(
+                "proxy", [*me, "proxy", "--port", str(proxy_port), "--upstream", node.url, "--loop", loop], proxy_port
+            )
         )
         router = stack.enter_context(server("router", router_command, router_port))
         with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
@@ -738,6 +748,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="whole, stream or both (both)"
     )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="the event loop of the floor and the router alike (uvloop, the router's default, or asyncio)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of every cell; the median is reported (3)")
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per cell (2)")
     parser.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds per cell first (0.3)")
@@ -769,6 +785,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     proxy = modes.add_parser("proxy", help="the floor: the thinnest aiohttp proxy")
     proxy.add_argument("--port", type=int, required=True)
     proxy.add_argument("--upstream", required=True)
+    proxy.add_argument("--loop", choices=LOOPS, default="uvloop")
     args = parser.parse_args(argv)
     if args.mode is None and (args.rounds < 1 or args.seconds <= 0 or min(args.concurrency) < 1):
         parser.error("--rounds and --concurrency must be at least 1, --seconds positive")
@@ -783,7 +800,14 @@ def main() -> None:
         web.run_app(node_app(args.name, args.slots), host="127.0.0.1", port=args.port, print=None, access_log=None)
         return
     if args.mode == "proxy":
-        web.run_app(proxy_app(args.upstream), host="127.0.0.1", port=args.port, print=None, access_log=None)
+        web.run_app(
+            proxy_app(args.upstream),
+            host="127.0.0.1",
+            port=args.port,
+            print=None,
+            access_log=None,
+            loop=new_event_loop(args.loop),
+        )
         return
 
     levels = sorted(set(args.concurrency))
@@ -796,7 +820,7 @@ def main() -> None:
     print(
         f"router overhead ({backend} ledger): {args.rounds} rounds × {'/'.join(workloads)} × concurrency {levels} × "
         f"{len(CONTENDERS)} contenders, {args.seconds:g} s per cell after {args.warmup:g} s of warm-up; "
-        f"{os.cpu_count()} CPUs, load average {load_before:.2f}",
+        f"{os.cpu_count()} CPUs, load average {load_before:.2f}; floor and router on the {args.loop} event loop",
         flush=True,
     )
     if load_before > 0.5:
@@ -806,7 +830,7 @@ def main() -> None:
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp,
-        running(Path(tmp), args.profile_router, args.db, profile_idle=args.profile_idle) as setup,
+        running(Path(tmp), args.profile_router, args.db, profile_idle=args.profile_idle, loop=args.loop) as setup,
     ):
         cells, sent = asyncio.run(measure(setup, workloads, levels, args.rounds, args.seconds, args.warmup, args.pause))
         books = verify_books(setup, sent)
@@ -821,6 +845,7 @@ def main() -> None:
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": {
             "db": backend,
+            "loop": args.loop,
             "workloads": workloads,
             "rounds": args.rounds,
             "seconds": args.seconds,

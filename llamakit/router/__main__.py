@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -12,6 +13,19 @@ from aiohttp import web
 from llamakit.router.app import create_app
 from llamakit.router.ledger import LedgerError, redacted
 from llamakit.router.settings import settings_from_args
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """A new event loop of `kind`: "uvloop" (libuv's, where uvloop is installed: the router's HTTP, its node
+    client and its thread hand-offs cost about a fifth less CPU per request) or "asyncio" (the standard one)."""
+    if kind == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # a platform without uvloop (Windows): the standard loop does the same work
+            logging.getLogger(__name__).warning("uvloop is not installed; using asyncio's event loop")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -36,7 +50,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The access log costs a tenth of the router's time per request; the usage log already has each one.
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     try:
-        web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=access_log)
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=None,
+            access_log=access_log,
+            loop=new_event_loop(settings.event_loop),
+        )
     except LedgerError as exc:  # the database cannot be reached, or its schema is newer than this llamakit
         print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -62,6 +63,9 @@ class RouterSettings(BaseModel):
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the event loop: uvloop (libuv; about a fifth less CPU per request) or asyncio's own"
+    )
     affinity: bool = Field(
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
@@ -151,6 +155,7 @@ FLAGS = [
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
+    Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
     Flag("cluster", "--cluster", "LLAMAKIT_CLUSTER", _yes),
     Flag("lease", "--lease", "LLAMAKIT_LEASE", float),

@@ -1,0 +1,26 @@
+"""The router runs on uvloop by default (`--loop`), and on asyncio's own loop when asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvloop
+
+from llamakit.router.__main__ import new_event_loop
+from llamakit.router.settings import settings_from_args
+
+
+def test_the_router_runs_on_uvloop_unless_told_otherwise() -> None:
+    assert settings_from_args([], env={}).event_loop == "uvloop"
+    assert settings_from_args(["--loop", "asyncio"], env={}).event_loop == "asyncio"
+    assert settings_from_args([], env={"LLAMAKIT_LOOP": "asyncio"}).event_loop == "asyncio"
+    with pytest.raises(SystemExit):
+        settings_from_args(["--loop", "trio"], env={})
+    for kind, want in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = new_event_loop(kind)
+        try:
+            assert isinstance(loop, want)
+            assert kind == "uvloop" or not isinstance(loop, uvloop.Loop)
+        finally:
+            loop.close()
