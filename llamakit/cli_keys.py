@@ -1,12 +1,14 @@
-"""`llamakit keys …`: the operator's commands for API keys and their limits.
+"""`llamakit keys …`: the operator's commands for API keys, their names and their limits.
 
-    llamakit keys create ACCOUNT [--spend-cap N] [--rpm N] [--expires +30d] [--models a,b] …
+    llamakit keys create ACCOUNT [--name "ci runner"] [--spend-cap N] [--rpm N] [--expires +30d] [--models a,b] …
     llamakit keys list ACCOUNT [--json]
     llamakit keys show KEY
-    llamakit keys limit KEY [--tpm 20000] [--clear rpm_limit] …
+    llamakit keys rename KEY NAME            ('' removes the name)
+    llamakit keys limit KEY [--tpm 20000] [--clear rpm_limit] [--name N | --clear name] …
     llamakit keys revoke KEY
 
-KEY is a key's 8-character prefix (as `keys list` shows it) or the whole key. Money is in credits.
+KEY is a key's 8-character prefix (as `keys list` shows it) or the whole key; a key's name is only a label to
+tell it by. Money is in credits.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _CLEARABLE = {
     "expires_at": "expires_at",
     "models": "models",
 }
+_NAME_HELP = "a label to tell the key by, such as 'ci runner' (up to 100 characters, one line)"
 _DURATION = re.compile(r"^\+(\d+)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -92,10 +95,11 @@ def expiry(text: str, now: dt.datetime | None = None) -> float:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"limits": limits_from_args(args)}
+    if args.name is not None:
+        body["name"] = args.name
     with admin_client(args) as admin:
-        return show(
-            admin.post(f"/admin/accounts/{segment(args.account)}/keys", json={"limits": limits_from_args(args)})
-        )
+        return show(admin.post(f"/admin/accounts/{segment(args.account)}/keys", json=body))
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -104,11 +108,11 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         if not resp.is_success or args.json:
             return show(resp)
         rows = [
-            [k["prefix"] + "…", when(k["created"]), _state(k), _limits_text(k["limits"]),
+            [k["prefix"] + "…", k.get("name") or "", when(k["created"]), _state(k), _limits_text(k["limits"]),
              f"{k['spend']['total']} / {k['spend']['today']} / {k['spend']['this_month']}", k["spend"]["held"]]
             for k in resp.json()["data"]
         ]  # fmt: skip
-        table(["key", "created", "state", "limits", "spent all/today/month", "held"], rows)
+        table(["key", "name", "created", "state", "limits", "spent all/today/month", "held"], rows)
         return 0
 
 
@@ -117,14 +121,29 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
         return show(admin.get(f"/admin/keys/{segment(args.key)}"))
 
 
+def cmd_keys_rename(args: argparse.Namespace) -> int:
+    with admin_client(args) as admin:
+        return show(admin.patch(f"/admin/keys/{segment(args.key)}", json={"name": args.name}))
+
+
 def cmd_keys_limit(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = limits_from_args(args)
+    body: dict[str, Any] = {}
     for name in args.clear or ():
-        changes[_CLEARABLE[name]] = None
-    if not changes:
-        raise SystemExit("llamakit keys limit: give a limit to set (--rpm 60 …) or one to --clear")
+        if name == "name":
+            body["name"] = None
+        else:
+            changes[_CLEARABLE[name]] = None
+    if args.name is not None:
+        if "name" in body:
+            raise SystemExit("llamakit keys limit: give --name or --clear name, not both")
+        body["name"] = args.name
+    if changes:
+        body["limits"] = changes
+    if not body:
+        raise SystemExit("llamakit keys limit: give a limit to set (--rpm 60 …), one to --clear, or a --name")
     with admin_client(args) as admin:
-        return show(admin.patch(f"/admin/keys/{segment(args.key)}", json={"limits": changes}))
+        return show(admin.patch(f"/admin/keys/{segment(args.key)}", json=body))
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
@@ -152,10 +171,13 @@ def _limits_text(limits: dict[str, Any]) -> str:
 
 
 def add_key_commands(sub: Any) -> None:
-    """`keys create|list|show|limit|revoke` under the `llamakit` parser's subcommands."""
-    keys = sub.add_parser("keys", help="API keys and their limits").add_subparsers(dest="keys_command", required=True)
-    create = keys.add_parser("create", help="make a key for an account, with limits; prints it (shown once)")
+    """`keys create|list|show|rename|limit|revoke` under the `llamakit` parser's subcommands."""
+    keys = sub.add_parser("keys", help="API keys, their names and limits").add_subparsers(dest="keys_command",
+                                                                                         required=True)  # fmt: skip
+    create = keys.add_parser("create", help="make a key for an account, with a name and limits; prints it (shown "
+                             "once)")  # fmt: skip
     create.add_argument("account")
+    create.add_argument("--name", metavar="NAME", help=_NAME_HELP)
     add_limit_flags(create)
     create.set_defaults(func=cmd_keys_create)
     listing = keys.add_parser("list", help="an account's keys by prefix: state, limits, spend")
@@ -165,12 +187,17 @@ def add_key_commands(sub: Any) -> None:
     shown = keys.add_parser("show", help="one key: limits, spend so far, what is left under each cap")
     shown.add_argument("key", help="the key's prefix or the whole key")
     shown.set_defaults(func=cmd_keys_show)
-    limit = keys.add_parser("limit", help="change a key's limits (the others stay)")
+    rename = keys.add_parser("rename", help="give a key a new name ('' removes it)")
+    rename.add_argument("key", help="the key's prefix or the whole key")
+    rename.add_argument("name", help=_NAME_HELP)
+    rename.set_defaults(func=cmd_keys_rename)
+    limit = keys.add_parser("limit", help="change a key's limits or name (the others stay)")
     limit.add_argument("key", help="the key's prefix or the whole key")
+    limit.add_argument("--name", metavar="NAME", help=_NAME_HELP)
     add_limit_flags(limit)
-    limit.add_argument("--clear", action="append", metavar="LIMIT", choices=sorted(_CLEARABLE),
+    limit.add_argument("--clear", action="append", metavar="LIMIT", choices=sorted([*_CLEARABLE, "name"]),
                        help="remove this limit (repeatable), by its flag's name or the router's: rpm or rpm_limit, "
-                            "spend-cap, expires, models …")  # fmt: skip
+                            "spend-cap, expires, models …; or the key's name")  # fmt: skip
     limit.set_defaults(func=cmd_keys_limit)
     revoke = keys.add_parser("revoke", help="revoke the key with this prefix (or the whole key); at once")
     revoke.add_argument("key", help="the key's prefix or the whole key")

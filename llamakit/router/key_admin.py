@@ -1,15 +1,17 @@
-"""The operator's routes for API keys (Bearer admin key): make one with limits, list an account's, look one
-up, change its limits, revoke it. A key is named by its 8-character display prefix or given whole.
+"""The operator's routes for API keys (Bearer admin key): make one with a name and limits, list an account's,
+look one up, rename it or change its limits, revoke it. A key is picked by its 8-character display prefix or
+given whole; its name is only a label to tell it by (free text, not unique).
 
-    POST   /admin/accounts/{account}/keys   {"limits": {...}}      → 201 {"account", "api_key", "key"}
-    GET    /admin/accounts/{account}/keys                          → {"account", "data": [key, …]}
-    GET    /admin/keys/{key}                                       → key
-    PATCH  /admin/keys/{key}                {"limits": {...}}      → key (only the limits given change;
-                                                                      null removes one)
-    DELETE /admin/keys/{key}                                       → {"revoked": n}
+    POST   /admin/accounts/{account}/keys   {"name": "ci", "limits": {...}}  → 201 {"account", "api_key", "key"}
+    GET    /admin/accounts/{account}/keys                                    → {"account", "data": [key, …]}
+    GET    /admin/keys/{key}                                                 → key
+    PATCH  /admin/keys/{key}                {"name": …, "limits": {...}}     → key (either or both; only the
+                                                                                limits given change; null
+                                                                                removes the name or a limit)
+    DELETE /admin/keys/{key}                                                 → {"revoked": n}
 
-A key is shown as `keys.key_view` makes it: prefix, state, limits, spend so far (credits) against its caps.
-Errors: 400 for a bad limit or an ambiguous prefix, 404 for no such key or account.
+A key is shown as `keys.key_view` makes it: prefix, name, state, limits, spend so far (credits) against its
+caps. Errors: 400 for a bad name or limit or an ambiguous prefix, 404 for no such key or account.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from aiohttp import web
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.admin import account_of, require_admin
 from llamakit.router.api import STATE
-from llamakit.router.keys import key_limits, key_view
+from llamakit.router.keys import key_limits, key_name_of, key_view
 from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
 from llamakit.web import json_response
 
@@ -34,8 +36,9 @@ async def create_key(request: web.Request) -> web.Response:
     account = await account_of(request)
     body = parse_json(await request.read()) if request.can_read_body else {}
     limits = key_limits(body.get("limits"))
+    name = key_name_of(body.get("name"))
     ledger = request.app[STATE].ledger
-    key = await ledger.create_key(account.id, limits=limits)
+    key = await ledger.create_key(account.id, limits=limits, name=name)
     return json_response({"account": account.name, "api_key": key, "key": key_view(await ledger.find_key(key), None)},
                          status=201)  # fmt: skip
 
@@ -56,16 +59,31 @@ async def get_key(request: web.Request) -> web.Response:
 
 
 @key_routes.patch("/admin/keys/{key}")
-async def change_limits(request: web.Request) -> web.Response:
+async def change_key(request: web.Request) -> web.Response:
+    """Rename a key or change its limits, or both: everything is checked before either changes."""
     require_admin(request)
     body = parse_json(await request.read())
+    unknown = sorted(set(body) - {"name", "limits"})
+    if unknown or not body:
+        what = f"unknown field {unknown[0]!r}; " if unknown else ""
+        raise ApiError(400, f"{what}send {{'name': ...}} to rename the key (null removes its name) and/or "
+                            "{'limits': {...}} with the limits to change (null removes one)",
+                       param=unknown[0] if unknown else None)  # fmt: skip
     changes = body.get("limits")
-    if not isinstance(changes, dict):
-        raise ApiError(400, "send {'limits': {...}} with the limits to change (null removes one)", param="limits")
-    key_limits(changes)  # 400 naming a bad field before the database is asked
+    if "limits" in body:
+        if not isinstance(changes, dict):
+            raise ApiError(400, "send {'limits': {...}} with the limits to change (null removes one)", param="limits")
+        key_limits(changes)  # 400 naming a bad field before the database is asked
+    name = key_name_of(body.get("name"))
     state = request.app[STATE]
+    selector = request.match_info["key"]
     try:
-        key = await state.ledger.set_key_limits(request.match_info["key"], changes)
+        if changes is None:
+            key = await state.ledger.rename_key(selector, name)
+        else:
+            key = await state.ledger.set_key_limits(selector, changes)
+            if "name" in body:
+                key = await state.ledger.rename_key(selector, name)
     except UnknownKey as exc:
         raise ApiError(404, str(exc), type="not_found_error", code="key_not_found") from exc
     except (LedgerError, ValueError) as exc:

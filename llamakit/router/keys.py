@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from llamakit.protocol import ApiError
-from llamakit.router.ledger import KEY_LIMIT_FIELDS, Account, ApiKey, KeyLimits, hash_key
+from llamakit.router.ledger import KEY_LIMIT_FIELDS, Account, ApiKey, KeyLimits, hash_key, key_name
 
 __all__ = [
     "KEY_CACHE_SECONDS",
@@ -30,6 +30,7 @@ __all__ = [
     "KeyCache",
     "KeyRates",
     "key_limits",
+    "key_name_of",
     "key_view",
 ]
 
@@ -221,14 +222,23 @@ def key_limits(data: object, *, base: KeyLimits | None = None) -> KeyLimits:
         raise ApiError(400, str(exc), param="limits") from exc
 
 
+def key_name_of(data: object) -> str | None:
+    """A key's name from a request body (stripped; null or blank: none); 400 saying what is wrong with it."""
+    try:
+        return key_name(data)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="name") from exc
+
+
 def key_view(caller_key: ApiKey, rates: dict[str, int] | None) -> dict[str, Any]:
-    """A key as its holder and the operator see it: prefix, state, limits, spend so far and (with `rates`)
-    what the router counts towards its rate limits. Credits for money, epoch seconds for times."""
+    """A key as its holder and the operator see it: prefix, name, state, limits, spend so far and (with
+    `rates`) what the router counts towards its rate limits. Credits for money, epoch seconds for times."""
     key = caller_key
     use = key.use
     limits = key.limits
     return {
         "prefix": key.prefix,
+        "name": key.name,
         "created": key.created,
         "revoked": key.revoked,
         "active": key.active,

@@ -93,6 +93,43 @@ async def test_keys_with_limits_made_shown_changed_and_enforced(herd: Herd) -> N
     )  # type: ignore[union-attr]
 
 
+async def test_keys_are_named_renamed_and_listed_by_name(herd: Herd) -> None:
+    await herd.start()
+    await herd.account("alice", 100)
+    code, out = await llamakit(herd, "keys", "create", "alice", "--name", "ci runner", "--rpm", "5")
+    assert code == 0, out
+    made = json.loads(out)
+    assert made["key"]["name"] == "ci runner" and made["key"]["limits"]["rpm_limit"] == 5
+    prefix = made["api_key"][:8]
+    code, out = await llamakit(herd, "keys", "list", "alice")
+    header, first, second = out.splitlines()
+    assert code == 0 and header.split()[:3] == ["key", "name", "created"]
+    assert second.startswith(prefix) and "ci runner" in second and "ci runner" not in first  # the first has none
+    code, out = await llamakit(herd, "keys", "show", prefix)
+    assert code == 0 and json.loads(out)["name"] == "ci runner"
+
+    code, out = await llamakit(herd, "keys", "rename", prefix, "alice's laptop")
+    assert code == 0 and json.loads(out)["name"] == "alice's laptop"
+    code, out = await llamakit(herd, "keys", "limit", prefix, "--name", "batch", "--tpm", "100")
+    shown = json.loads(out)
+    assert code == 0 and shown["name"] == "batch" and shown["limits"]["tpm_limit"] == 100
+    code, out = await llamakit(herd, "keys", "limit", prefix, "--clear", "name")
+    shown = json.loads(out)
+    assert code == 0 and shown["name"] is None and shown["limits"]["rpm_limit"] == 5
+    await llamakit(herd, "keys", "rename", prefix, "again")
+    code, out = await llamakit(herd, "keys", "rename", prefix, "")
+    assert code == 0 and json.loads(out)["name"] is None
+
+    code, out = await llamakit(herd, "keys", "create", "alice", "--name", "x" * 101)
+    assert code == 1 and "at most 100 characters" in out
+    code, out = await llamakit(herd, "keys", "rename", prefix, "two\nlines")
+    assert code == 1 and "control characters" in out
+    code, out = await llamakit(herd, "keys", "limit", prefix, "--name", "a", "--clear", "name")
+    assert code == 1 and "not both" in out
+    code, out = await llamakit(herd, "keys", "list", "alice")
+    assert len(out.splitlines()) == 3, out  # nothing was made by the refused commands
+
+
 async def test_drain_and_undrain(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
     await herd.start()

@@ -37,13 +37,21 @@ from llamakit.router.ledger._contract import (
     UsageRecord,
     hash_key,
 )
-from llamakit.router.ledger._keys import KEY_LIMIT_FIELDS, KeyLimits, KeyUse, SpendCapExceeded
+from llamakit.router.ledger._keys import (
+    KEY_LIMIT_FIELDS,
+    MAX_KEY_NAME_LEN,
+    KeyLimits,
+    KeyUse,
+    SpendCapExceeded,
+    key_name,
+)
 from llamakit.router.ledger._migrations import latest
 
 __all__ = [
     "KEY_LIMIT_FIELDS",
     "KEY_PREFIX",
     "MAX_AMOUNT",
+    "MAX_KEY_NAME_LEN",
     "MAX_PAGE",
     "UNATTRIBUTED",
     "Account",
@@ -69,6 +77,7 @@ __all__ = [
     "UsageRecord",
     "backend_of",
     "hash_key",
+    "key_name",
     "latest",
     "ledger_at",
     "redacted",

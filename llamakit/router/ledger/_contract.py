@@ -32,7 +32,7 @@ from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
 from llamakit.fees import format_bid
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
-from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_use, limits_from_row
+from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
 
 __all__ = [
     "ACCOUNT_KINDS",
@@ -125,8 +125,8 @@ class Account:
 
 @dataclass(frozen=True)
 class ApiKey:
-    """What the ledger knows about a key: never the key itself, only its display prefix; its limits and the
-    spend it has made so far (see `_keys`)."""
+    """What the ledger knows about a key: never the key itself, only its display prefix; its limits, the
+    spend it has made so far and its name, if it was given one (see `_keys`)."""
 
     prefix: str
     account_id: int
@@ -134,6 +134,7 @@ class ApiKey:
     revoked: float | None
     limits: KeyLimits = field(default_factory=KeyLimits)
     use: KeyUse = field(default_factory=KeyUse)
+    name: str | None = None
 
     @property
     def active(self) -> bool:
@@ -290,7 +291,7 @@ def hold_from(row: Row) -> Hold:
 def key_from(row: Row, now: float) -> ApiKey:
     """An `api_keys` row as an ApiKey, its use as of `now`."""
     return ApiKey(row["prefix"], row["account_id"], row["created"], row["revoked"], limits_from_row(row),
-                  key_use(row, now))  # fmt: skip
+                  key_use(row, now), row["name"])  # fmt: skip
 
 
 RowT = TypeVar("RowT", bound=Row)
@@ -510,9 +511,13 @@ class Ledger(ABC):
 
     # -- API keys --------------------------------------------------------------------------------------
 
-    async def create_key(self, account_id: int, *, limits: KeyLimits | None = None) -> str:
-        """Make a new API key for the account, with `limits` (none by default), and return it. This is the
-        only time it is ever visible."""
+    async def create_key(self, account_id: int, *, limits: KeyLimits | None = None, name: str | None = None) -> str:
+        """Make a new API key for the account, with `limits` (none by default) and a `name` to tell it by
+        (stripped; none by default), and return it. This is the only time it is ever visible.
+
+        ValueError for a bad name (see `_keys.key_name`).
+        """
+        name = key_name(name)
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         await self._create_key(
             count("account_id", account_id),
@@ -520,6 +525,7 @@ class Ledger(ABC):
             key[:DISPLAY_PREFIX_LEN],
             self._clock(),
             limits or KeyLimits(),
+            name,
         )
         return key
 
@@ -545,6 +551,15 @@ class Ledger(ABC):
         KeyLimits.from_dict(changes)  # refused here, before the database is asked, when a field is bad
         return await self._set_key_limits(key_hash, prefix, lambda old: KeyLimits.from_dict(changes, base=old),
                                           self._clock())  # fmt: skip
+
+    async def rename_key(self, prefix_or_key: str, name: str | None) -> ApiKey:
+        """Give a key a new name (stripped), or none with None or a blank name. Returns the key as it is now.
+
+        UnknownKey when none matches; ValueError for a prefix that matches more than one key, or a bad name
+        (see `_keys.key_name`).
+        """
+        key_hash, prefix = _key_selector(prefix_or_key)
+        return await self._rename_key(key_hash, prefix, key_name(name), self._clock())
 
     async def limited_keys(self) -> list[ApiKey]:
         """Every active key that has a limit, with its use: what the operator's dashboard watches. By account,
@@ -830,7 +845,9 @@ class Ledger(ABC):
     async def _list_accounts(self) -> list[Account]: ...
 
     @abstractmethod
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None: ...
+    async def _create_key(
+        self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits, name: str | None
+    ) -> None: ...
 
     @abstractmethod
     async def _list_keys(self, account_id: int, now: float) -> list[ApiKey]: ...
@@ -844,6 +861,10 @@ class Ledger(ABC):
         self, key_hash: str | None, prefix: str | None, change: Callable[[KeyLimits], KeyLimits], now: float
     ) -> ApiKey:
         """In one transaction, with the key's row locked: its limits become `change(its limits)`."""
+
+    @abstractmethod
+    async def _rename_key(self, key_hash: str | None, prefix: str | None, name: str | None, now: float) -> ApiKey:
+        """UnknownKey, or ValueError when `prefix` matches several keys."""
 
     @abstractmethod
     async def _limited_keys(self, now: float) -> list[ApiKey]: ...

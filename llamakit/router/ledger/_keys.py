@@ -1,4 +1,4 @@
-"""Per-key limits as the ledger keeps them, and the use a key has made of its spend caps.
+"""Per-key limits as the ledger keeps them, the use a key has made of its spend caps, and a key's name.
 
 The spend caps are the ledger's to enforce: a hold is refused (SpendCapExceeded) in the same transaction that
 would make it when the key's spend in a period, plus what its open holds may still cost, plus the new hold,
@@ -8,6 +8,9 @@ allowed models are only stored here; the router applies them before anything is 
 
 Periods are UTC calendar days and months. A key's spend counts the charges of the holds it made since the
 ledger was upgraded to keep it (schema version 6); older keys start at 0.
+
+A key's name is a free-text label for the operator and the key's holder ("ci runner", "alice's laptop"): not
+unique, not secret, never used to find a key (schema version 8; older keys have none).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
@@ -24,11 +28,13 @@ from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 __all__ = [
     "HAS_LIMITS",
     "KEY_LIMIT_FIELDS",
+    "MAX_KEY_NAME_LEN",
     "KeyLimits",
     "KeyUse",
     "SpendCapExceeded",
     "cap_refusal",
     "day_of",
+    "key_name",
     "key_use",
     "limit_columns",
     "limits_from_row",
@@ -40,6 +46,32 @@ MAX_MODELS: Final = 100
 MAX_RATE: Final = 10**12
 # The last second of the year 9999 (UTC): every later time is out of range of Python's datetime.
 MAX_EXPIRY: Final = 253_402_300_799.0
+MAX_KEY_NAME_LEN: Final = 100
+# Characters a name may not hold besides the control characters (Cc): lone surrogates, which no database can
+# store, line and paragraph separators, and the bidirectional controls, which would let a name reorder the
+# text shown after it (in `keys list`, on the dashboard).
+_NOT_IN_NAMES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def key_name(value: object) -> str | None:
+    """A key's name as the ledger keeps it: stripped of surrounding white space, None for none (None, or only
+    white space). ValueError for anything but a string, more than MAX_KEY_NAME_LEN characters, or a control
+    character (a line break, a tab, a bidirectional control …) inside it."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"name must be a string (or null for none), got {type(value).__name__}")
+    name = value.strip()
+    if len(name) > MAX_KEY_NAME_LEN:
+        raise ValueError(f"name must be at most {MAX_KEY_NAME_LEN} characters, got {len(name)}")
+    for at, char in enumerate(name):
+        if unicodedata.category(char) in _NOT_IN_NAMES or char in _BIDI_CONTROLS:
+            raise ValueError(
+                f"name must not contain control characters, got U+{ord(char):04X} at position {at}; "
+                "give a name on one line of plain text"
+            )
+    return name or None
 
 
 def day_of(now: float) -> str:

@@ -213,15 +213,18 @@ class PostgresLedger(Ledger):
     async def _list_accounts(self) -> list[Account]:
         return [account_from(row) for row in await self._fetch("SELECT * FROM accounts ORDER BY id")]
 
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None:
+    async def _create_key(
+        self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits, name: str | None
+    ) -> None:
         row = await self._fetchrow(
-            f"INSERT INTO api_keys (key_hash, prefix, account_id, created, {', '.join(KEY_LIMIT_FIELDS)}) "
-            f"SELECT $1, $2, id, $4, {', '.join(f'${i}' for i in range(5, 5 + len(KEY_LIMIT_FIELDS)))} "
+            f"INSERT INTO api_keys (key_hash, prefix, account_id, created, name, {', '.join(KEY_LIMIT_FIELDS)}) "
+            f"SELECT $1, $2, id, $4, $5, {', '.join(f'${i}' for i in range(6, 6 + len(KEY_LIMIT_FIELDS)))} "
             "FROM accounts WHERE id = $3 RETURNING account_id",
             key_hash,
             prefix,
             account_id,
             now,
+            name,
             *limit_columns(limits),
         )
         if row is None:
@@ -256,6 +259,20 @@ class PostgresLedger(Ledger):
                     *limit_columns(limits),
                 )
                 return key_from(updated, now)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _rename_key(self, key_hash: str | None, prefix: str | None, name: str | None, now: float) -> ApiKey:
+        column, value = ("key_hash", key_hash) if key_hash is not None else ("prefix", prefix)
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                row = pick_key(
+                    await conn.fetch(f"SELECT * FROM api_keys WHERE {column} = $1 FOR UPDATE", value), prefix
+                )
+                renamed = await conn.fetchrow(
+                    "UPDATE api_keys SET name = $2 WHERE key_hash = $1 RETURNING *", row["key_hash"], name
+                )
+                return key_from(renamed, now)
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 

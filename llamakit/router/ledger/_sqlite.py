@@ -288,13 +288,15 @@ class SqliteLedger(Ledger):
             lambda conn: [account_from(r) for r in conn.execute("SELECT * FROM accounts ORDER BY id")]
         )
 
-    async def _create_key(self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits) -> None:
+    async def _create_key(
+        self, account_id: int, key_hash: str, prefix: str, now: float, limits: KeyLimits, name: str | None
+    ) -> None:
         def run(conn: sqlite3.Connection) -> None:
             _account_row(conn, account_id)
             conn.execute(
-                f"INSERT INTO api_keys (key_hash, prefix, account_id, created, {', '.join(KEY_LIMIT_FIELDS)}) "
-                f"VALUES (?, ?, ?, ?{', ?' * len(KEY_LIMIT_FIELDS)})",
-                (key_hash, prefix, account_id, now, *limit_columns(limits)),
+                f"INSERT INTO api_keys (key_hash, prefix, account_id, created, name, {', '.join(KEY_LIMIT_FIELDS)}) "
+                f"VALUES (?, ?, ?, ?, ?{', ?' * len(KEY_LIMIT_FIELDS)})",
+                (key_hash, prefix, account_id, now, name, *limit_columns(limits)),
             )
 
         await self._call(run, write=True)
@@ -325,6 +327,16 @@ class SqliteLedger(Ledger):
             return key_from(
                 conn.execute("SELECT * FROM api_keys WHERE key_hash = ?", (row["key_hash"],)).fetchone(), now
             )
+
+        return await self._call(run, write=True)
+
+    async def _rename_key(self, key_hash: str | None, prefix: str | None, name: str | None, now: float) -> ApiKey:
+        def run(conn: sqlite3.Connection) -> ApiKey:
+            row = _key_row(conn, key_hash, prefix)
+            renamed = conn.execute(
+                "UPDATE api_keys SET name = ? WHERE key_hash = ? RETURNING *", (name, row["key_hash"])
+            ).fetchone()
+            return key_from(renamed, now)
 
         return await self._call(run, write=True)
 

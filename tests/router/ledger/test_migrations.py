@@ -33,7 +33,7 @@ def schema_of(path: Path) -> set[str]:
     return {" ".join(sql.split()) for (sql,) in rows}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 6])
 async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, version: int) -> None:
     path = old_ledger(tmp_path / "ledger.db", version)
     async with ledger_at(path) as ledger:
@@ -57,6 +57,10 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
         )
         assert await ledger.recall(alice.id, "k") == Remembered("k", "f", "{}")
         assert (await ledger.books()).balanced
+        # A key made before version 8 has no name, and can be given one.
+        assert [k.name for k in await ledger.list_keys(alice.id)] == [None]
+        assert (await ledger.rename_key(FIXTURE_KEY, "alice's laptop")).name == "alice's laptop"
+        assert (await ledger.find_key(FIXTURE_KEY[:8])).name == "alice's laptop"
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == latest("sqlite")
     conn.close()
