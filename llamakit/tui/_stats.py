@@ -330,11 +330,13 @@ class SpendStats:
 
 @dataclass(frozen=True, slots=True)
 class KeyStats:
-    """One API key with a limit: whose, its state, its spend against its caps (open holds count as spent, as
-    the router counts them), its rate limits, expiry and models."""
+    """One API key with a limit: whose, its name, its state, its spend against its caps (open holds count as
+    spent, as the router counts them), its rate limits, expiry and models."""
 
     account: str
     prefix: str
+    name: str | None
+    """The operator's label for the key, or None (and from a router that keeps no names)."""
     state: str
     """active, expired or revoked."""
     today: SpendStats
@@ -357,6 +359,7 @@ class KeyStats:
         return cls(
             account=_str(data.get("account"), "?"),
             prefix=_str(data.get("prefix"), "?"),
+            name=data.get("name") if isinstance(data.get("name"), str) else None,
             state=state,
             today=SpendStats(_int(spend.get("today")) + held, _optional_int(limits.get("spend_cap_day"))),
             month=SpendStats(_int(spend.get("this_month")) + held, _optional_int(limits.get("spend_cap_month"))),

@@ -289,12 +289,13 @@ class AccountsTable(_KeyedTable):
 
 
 class KeysTable(_KeyedTable):
-    """The API keys that have a limit: spend today, this month and in all against each cap (open holds count,
-    as the router counts them), rate limits, expiry and models; the keys nearest a cap on top."""
+    """The API keys that have a limit: their names, spend today, this month and in all against each cap (open
+    holds count, as the router counts them), rate limits, expiry and models; the keys nearest a cap on top."""
 
     COLUMNS = (
         Column("account", "Account", 11),
         Column("key", "Key", 9),
+        Column("name", "Name", 16),
         Column("state", "State", 7),
         Column("today", "Today", 13, numeric=True),
         Column("month", "Month", 14, numeric=True),
@@ -318,6 +319,8 @@ class KeysTable(_KeyedTable):
         return (
             _crop(key.account, KeysTable.COLUMNS[0].width),
             key.prefix + "…",
+            # Text, not markup: a name is whatever the operator typed, brackets included.
+            "–" if key.name is None else Text(_crop(key.name, KeysTable.COLUMNS[2].width)),
             state,
             _spend(key.today),
             _spend(key.month),

@@ -19,7 +19,14 @@ NOW = 1767355200.0
 
 
 def _key(
-    account: str, prefix: str, limits: dict[str, Any], *, today: int = 0, held: int = 0, expired: bool = False
+    account: str,
+    prefix: str,
+    limits: dict[str, Any],
+    *,
+    name: str | None = None,
+    today: int = 0,
+    held: int = 0,
+    expired: bool = False,
 ) -> dict[str, Any]:
     """A key with limits as the router's stats show it (`keys.key_view`)."""
     every = [
@@ -33,7 +40,7 @@ def _key(
         "models",
     ]
     return {
-        "account": account, "prefix": prefix, "created": NOW - 86_400, "revoked": None, "active": True,
+        "account": account, "prefix": prefix, "name": name, "created": NOW - 86_400, "revoked": None, "active": True,
         "expired": expired, "limits": {**dict.fromkeys(every), **limits},
         "spend": {"total": today, "today": today, "this_month": today, "held": held},
     }  # fmt: skip
@@ -167,7 +174,14 @@ def fixed_snapshot(
         ],
         "refusals": {"today": 6, "by_status": {"insufficient_funds": 5, "model_not_found": 1}},
         "keys": [
-            _key("alice", "lk-Ab3dE", {"spend_cap_day": 2_000, "rpm_limit": 60}, today=1_790, held=150),
+            _key(
+                "alice",
+                "lk-Ab3dE",
+                {"spend_cap_day": 2_000, "rpm_limit": 60},
+                name="alice's laptop",
+                today=1_790,
+                held=150,
+            ),
             _key(
                 "trader-bot",
                 "lk-Xy9zQ",
@@ -177,6 +191,7 @@ def fixed_snapshot(
                     "models": ["smollm2-135m-instruct"],
                     "expires_at": at + 30 * 86_400,
                 },
+                name="trading bot (live account)",
                 today=25_000,
             ),
             _key("dev", "lk-Dev01", {"max_parallel_requests": 4}, expired=True),
