@@ -297,7 +297,7 @@ class Client(_BaseClient):
         return Account.model_validate(_json(self._get("/v1/account", auth=True, options=options)))
 
     def key(self, **options: Unpack[RequestOptions]) -> ApiKeyInfo:
-        """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
+        """This API key (`GET /v1/key`): its name, limits, spend against its caps, use of its rate limits."""
         return ApiKeyInfo.model_validate(_json(self._get("/v1/key", auth=True, options=options)))
 
     def router_usage(
@@ -551,7 +551,7 @@ class AsyncClient(_BaseClient):
         return Account.model_validate(_json(await self._get("/v1/account", auth=True, options=options)))
 
     async def key(self, **options: Unpack[RequestOptions]) -> ApiKeyInfo:
-        """This API key (`GET /v1/key`): its limits, its spend against its caps, its use of its rate limits."""
+        """This API key (`GET /v1/key`): its name, limits, spend against its caps, use of its rate limits."""
         return ApiKeyInfo.model_validate(_json(await self._get("/v1/key", auth=True, options=options)))
 
     async def router_usage(

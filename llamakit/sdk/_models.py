@@ -281,9 +281,11 @@ class KeyRates(_Frozen):
 
 
 class ApiKeyInfo(_Frozen):
-    """The API key asking (`GET /v1/key`): its display prefix, limits, spend and, per cap, what is left."""
+    """The API key asking (`GET /v1/key`): its display prefix, the name the operator gave it (None: none, or a
+    router that keeps no names), its limits, spend and, per cap, what is left."""
 
     prefix: str
+    name: str | None = None
     active: bool = True
     expired: bool = False
     limits: KeyLimits = Field(default_factory=KeyLimits)

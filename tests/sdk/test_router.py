@@ -352,6 +352,30 @@ def test_a_keys_limits_reach_the_sdk_as_typed_errors_and_its_use_as_a_model(herd
     assert 1 <= limited.value.retry_after <= 60
 
 
+def test_a_key_knows_its_name_and_learns_a_new_one(herd: ThreadedHerd) -> None:
+    herd.start()
+    herd.account("named", 1_000)
+    made = herd.admin("POST", "/admin/accounts/named/keys", json={"name": "ci runner"})
+    client = sdk.Client(url=herd.url, api_key=made["api_key"], usage_log=None, max_retries=0)
+    assert client.key().name == "ci runner"
+    account = client.account()
+    assert account.key is not None and account.key.name == "ci runner" and account.name == "named"
+    herd.admin("PATCH", f"/admin/keys/{made['api_key'][:8]}", json={"name": "nightly"})
+    assert client.key().name == "nightly"
+    herd.admin("PATCH", f"/admin/keys/{made['api_key'][:8]}", json={"name": None})
+    assert client.key().name is None
+    # A router from before key names sends none: the model still reads it.
+    assert sdk.ApiKeyInfo.model_validate({"prefix": "lk-AbCdE"}).name is None
+
+
+async def test_async_client_key_has_its_name(herd: ThreadedHerd) -> None:
+    herd.start()
+    herd.account("named-async", 1_000)
+    made = herd.admin("POST", "/admin/accounts/named-async/keys", json={"name": "laptop"})
+    async with sdk.AsyncClient(url=herd.url, api_key=made["api_key"], usage_log=None, max_retries=0) as client:
+        assert (await client.key()).name == "laptop"
+
+
 def test_router_usage_is_the_ledgers_record_of_each_call_refusals_included(herd: ThreadedHerd) -> None:
     herd.add_node(FakeNode("n1", script=Script(tokens=2)))
     herd.start()
