@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from rich.markup import escape
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -192,8 +194,8 @@ class _ConfirmNodeScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         action = self.ACTION
         with Vertical(id=f"{action}-dialog", classes="dialog node-dialog"):
-            yield Label(f"{action.capitalize()} node [b]{self.node.name}[/b]?", classes="node-dialog--question")
-            yield Label(self.detail(), classes="node-dialog--detail")
+            yield Label(f"{action.capitalize()} node [b]{escape(self.node.name)}[/b]?", classes="node-dialog--question")
+            yield Label(Text(self.detail()), classes="node-dialog--detail")  # model names, as the node gave them
             with Horizontal(classes="dialog--buttons"):
                 yield Button(f"{action.capitalize()} (y)", variant=self.VARIANT, id=f"{action}-yes")
                 yield Button("Cancel (n)", variant="primary", id=f"{action}-no")

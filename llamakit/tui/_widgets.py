@@ -94,7 +94,13 @@ class StatusBanner(Static):
 
     def show_problem(self, problem: str | None) -> None:
         self.set_class(problem is not None, "-shown")
-        self.update(problem or "")
+        self.update(Text(problem or ""))  # an error's text may quote what the router or a proxy sent
+
+
+def _plain(cell: Cell) -> Cell:
+    """A cell as typed: DataTable reads a str as Rich markup, so a name with brackets in it (an account, or a
+    model a client made up) would be restyled, or crash the dashboard ("closing tag '[/x]' …")."""
+    return Text(cell) if isinstance(cell, str) else cell
 
 
 class _KeyedTable(DataTable[Cell]):
@@ -128,7 +134,7 @@ class _KeyedTable(DataTable[Cell]):
             selected = self.selected_key
             self.clear()
             for key, cells in rows:
-                self.add_row(*cells, key=key)
+                self.add_row(*map(_plain, cells), key=key)
             if selected in order:
                 self.move_cursor(row=order.index(selected), animate=False)
         else:
@@ -137,7 +143,7 @@ class _KeyedTable(DataTable[Cell]):
                 old = self._cells.get(key, ())
                 for column, new, before in zip(columns, cells, old, strict=False):
                     if new != before:
-                        self.update_cell(key, column, new)
+                        self.update_cell(key, column, _plain(new))
         self._order = order
         self._cells = dict(rows)
 
@@ -521,7 +527,7 @@ class QueueRow(Horizontal):
         self._first = (depth, oldest_wait, list(history))
 
     def compose(self) -> ComposeResult:
-        yield Label(self.model, classes="queue--model")
+        yield Label(Text(self.model), classes="queue--model")  # a name as the nodes gave it, not markup
         if self.heading:
             yield Label("now", classes="queue--depth")
             yield Label("last 5m", classes="queue--history")

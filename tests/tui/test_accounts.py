@@ -105,3 +105,24 @@ async def test_refusals_by_a_real_router_show_per_account_and_in_the_log(herd: H
             assert panel.http_status == {"insufficient_funds": 402, "model_not_found": 404}
     finally:
         await asyncio.gather(alice.aclose(), broke.aclose())
+
+
+async def test_names_that_look_like_markup_are_shown_as_sent_and_crash_nothing(herd: Herd) -> None:
+    """A client names any model it likes; its refusal reaches the operator's dashboard as typed."""
+    await herd.add_node(FakeNode("alpha", slots=2))
+    router = await herd.start()
+    client = await herd.account("[i]a[/i]", 100_000)
+    try:
+        hostile = {"model": "[/x] [bold]m", "prompt": "hello", "max_tokens": 3}
+        assert (await client.post("/v1/completions", json=hostile)).status_code == 404
+        app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
+        async with app.run_test(size=(160, 40)) as pilot:
+            log = app.query_one(RequestsLog)
+            await wait_until(pilot, lambda: log.row_count == 1, what="the refused request")
+            await pilot.pause(0.3)
+            assert rows(log)[0][2:4] == ["[i]a[/i]", "[/x] [bold]m"]
+            assert rows(app.query_one(AccountsTable))[0][0] == "[i]a[/i]"
+            screen = screen_text(app)
+            assert "[/x] [bold]m" in screen and "[i]a[/i]" in screen, screen
+    finally:
+        await client.aclose()
