@@ -11,7 +11,11 @@ paid ``/v1/completions`` for ``--seconds`` after a short warm-up, and the script
 * the same for the database (every PostgreSQL process; none for SQLite, which runs in the router) and for
   the fake nodes' process: what the request cost elsewhere,
 * for the cluster contenders, the mean wall time of one dispatch transaction (lock wait included), from
-  ``/admin/stats`` (``cluster.dispatch``), per router.
+  ``/admin/stats`` (``cluster.dispatch``), per router;
+* flatness: in each round a contender runs on every herd size back to back (every herd is up for the whole
+  run), and the ratio of the largest herd to one node is taken within the round; the median over rounds is
+  printed. The fake nodes' CPU per request is the control: their work per request is the same whatever the
+  router does, so where it moves, the machine's speed moved.
 
 Contenders: ``sqlite-1`` (one router, SQLite ledger, the in-process scheduler), ``pg-1`` (one router,
 ``--cluster yes`` on PostgreSQL) and ``pg-3`` (three routers, ``--cluster yes``, one database). Health
@@ -68,6 +72,7 @@ class Cell:
     nodes_cpu_ms_per_request: float
     dispatch_ms: float | None
     errors: int
+    round: int = 0
 
 
 async def _wait(url: str, process: subprocess.Popen[bytes]) -> None:
@@ -261,23 +266,30 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     cells: list[Cell] = []
-    for round_ in range(args.rounds):
+    # Every herd size runs for the whole benchmark (an idle fake node costs nothing), so that each round can
+    # measure one contender on every size back to back: the machine's speed drifts by ±20 % over a minute
+    # (other work, the hypervisor), and sizes measured a minute apart compared that drift, not the herd.
+    herds: dict[int, tuple[subprocess.Popen[bytes], int]] = {}
+    try:
         for size in args.sizes:
             # Every node has as many slots as there are clients: even a herd of one never makes a request
             # wait, so what is measured is the router's work, not the herd's capacity.
-            node_process, base = _start_nodes(size, args.concurrency)
-            try:
-                assert node_process.stdout is not None
-                await asyncio.get_running_loop().run_in_executor(None, node_process.stdout.readline)  # "ready"
-                # The contenders' order rotates each round: a machine that gets busier or quieter during a
-                # run does not favour one of them.
-                order = (
-                    args.contenders[round_ % len(args.contenders) :] + args.contenders[: round_ % len(args.contenders)]
-                )
-                for contender in order:
+            herds[size] = _start_nodes(size, args.concurrency)
+            stdout = herds[size][0].stdout
+            assert stdout is not None
+            await asyncio.get_running_loop().run_in_executor(None, stdout.readline)  # "ready"
+        for round_ in range(args.rounds):
+            # The contenders' order and the sizes' order rotate each round: a machine that gets busier or
+            # quieter during a run favours none of them.
+            order = args.contenders[round_ % len(args.contenders) :] + args.contenders[: round_ % len(args.contenders)]
+            sizes = args.sizes if round_ % 2 == 0 else args.sizes[::-1]
+            for contender in order:
+                for size in sizes:
+                    node_process, base = herds[size]
                     cell = await _cell(args, contender, size, base, node_process.pid)
                     if cell is None:
-                        continue
+                        break
+                    cell.round = round_ + 1
                     cells.append(cell)
                     print(
                         f"round {round_ + 1}  {cell.contender:9} nodes {cell.nodes:5}  {cell.rps:8.1f} req/s  "
@@ -286,8 +298,9 @@ async def main() -> None:
                         f"{'-' if cell.dispatch_ms is None else f'{cell.dispatch_ms:.3f} ms'}  errors {cell.errors}",
                         flush=True,
                     )
-            finally:
-                stop(node_process)
+    finally:
+        for node_process, _ in herds.values():
+            stop(node_process)
     medians: dict[str, dict[int, dict[str, float | None]]] = {}
     print("\nmedians over rounds:")
     for contender in args.contenders:
@@ -307,24 +320,38 @@ async def main() -> None:
                 f"  {contender:9} nodes {size:5}  {entry['rps']:8.1f} req/s  "
                 f"{entry['cpu_ms_per_request']:6.3f} router CPU ms/req  {entry['db_cpu_ms_per_request']:6.3f} database"
             )
-    print("\nflatness (largest herd against 1 node):")
-    for contender, by_size in medians.items():
-        if min(args.sizes) in by_size and max(args.sizes) in by_size:
-            small, big = by_size[min(args.sizes)], by_size[max(args.sizes)]
-            assert small["rps"] and big["rps"] and small["cpu_ms_per_request"] and big["cpu_ms_per_request"]
-            db = (
-                f"   database CPU ms/req {big['db_cpu_ms_per_request'] / small['db_cpu_ms_per_request']:5.2f}×"
-                if small["db_cpu_ms_per_request"] and big["db_cpu_ms_per_request"]
-                else ""
-            )
-            print(
-                f"  {contender:9} req/s {big['rps'] / small['rps']:5.2f}×   CPU ms/req "
-                f"{big['cpu_ms_per_request'] / small['cpu_ms_per_request']:5.2f}×{db}"
-            )
+    # Flatness: in each round, the largest herd against the smallest for the same contender, measured back to
+    # back; the median over rounds.
+    flatness: dict[str, dict[str, float]] = {}
+    print(f"\nflatness ({max(args.sizes)} nodes against {min(args.sizes)}; median of the rounds' paired ratios):")
+    for contender in args.contenders:
+        ratios: dict[str, list[float]] = {"rps": [], "cpu_ms_per_request": [], "db_cpu_ms_per_request": []}
+        for round_ in range(1, args.rounds + 1):
+            pair = {c.nodes: c for c in cells if c.contender == contender and c.round == round_}
+            small, big = pair.get(min(args.sizes)), pair.get(max(args.sizes))
+            if small is None or big is None:
+                continue
+            for what, values in ratios.items():
+                if getattr(small, what) and getattr(big, what):
+                    values.append(getattr(big, what) / getattr(small, what))
+        if not ratios["rps"]:
+            continue
+        flatness[contender] = {what: statistics.median(values) for what, values in ratios.items() if values}
+        db = flatness[contender].get("db_cpu_ms_per_request")
+        print(
+            f"  {contender:9} req/s {flatness[contender]['rps']:5.2f}×   CPU ms/req "
+            f"{flatness[contender]['cpu_ms_per_request']:5.2f}×"
+            + (f"   database CPU ms/req {db:5.2f}×" if db else "")
+            + f"   (rounds: req/s {', '.join(f'{r:.2f}' for r in ratios['rps'])})"
+        )
     out = ROOT / "bench" / "results" / "herd_scale.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(
-        json.dumps({"args": vars(args), "cells": [asdict(c) for c in cells], "medians": medians}, indent=2) + "\n"
+        json.dumps(
+            {"args": vars(args), "cells": [asdict(c) for c in cells], "medians": medians, "flatness": flatness},
+            indent=2,
+        )
+        + "\n"
     )
 
 
