@@ -132,7 +132,8 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 
 USAGE_COLUMNS = [
     "time", "request_id", "account", "key_prefix", "user", "model", "node", "status", "http_status", "prompt_tokens",
-    "completion_tokens", "cost_credits", "cost", "currency", "bid", "latency_ms", "queue_ms", "error",
+    "completion_tokens", "cost_credits", "cost", "currency", "credit_value", "priced_at_current_value", "bid",
+    "latency_ms", "queue_ms", "error",
 ]  # fmt: skip
 
 
@@ -153,6 +154,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
             for record in page["data"]:
                 record["time"] = when(record.pop("created"))
                 record["cost"] = _decimal_text(record.get("cost"))
+                # The credit value the record was priced at, as exact text (None from a router that keeps none).
+                record["credit_value"] = record.get("credit_value_exact", _decimal_text(record.get("credit_value")))
             records += page["data"]
             if not page["has_more"]:
                 break

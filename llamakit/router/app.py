@@ -38,7 +38,8 @@ def create_app(settings: RouterSettings) -> web.Application:
     default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
-    ledger = ledger_at(settings.db)  # opened (and migrated) at start-up, in _books
+    # Opened (and migrated) at start-up, in _books; each usage record keeps the money it is priced at.
+    ledger = ledger_at(settings.db, money=settings.money)
     state = RouterState(
         settings=settings,
         ledger=ledger,
@@ -121,6 +122,7 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
 
 async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
     """A recovered request's usage log line, with the fields of every other line (see service._record)."""
+    money, _ = record.priced_at(state.settings.money)
     return {
         "time": record.created,
         "request_id": record.request_id,
@@ -130,8 +132,8 @@ async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]
         "status": record.status,
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
-        **state.settings.money.cost_fields(record.cost),
-        "currency": state.settings.money.currency,
+        **money.cost_fields(record.cost),
+        "currency": money.currency,
         "held": record.held,
         "bid": record.bid,
         "latency_ms": record.latency_ms,

@@ -4,6 +4,7 @@ Query: `limit` (1 to 1000, default 100), `before` (a record id: the page holds o
 seconds or an ISO 8601 date or time, UTC when no zone is given), `user` (OpenAI's `user` field); the admin
 route also takes `account` (a name). A value out of range is a 400 that says the range. The page says
 `has_more: true` only when an older record exists, so a page that ends at the last record says there is none.
+Each record is priced at the credit value and currency it was sold at, which the ledger keeps with it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from llamakit.currency import CreditValue
 from llamakit.protocol import ApiError
 from llamakit.router.ledger import MAX_PAGE, UsageRecord
 
-__all__ = ["UsageQuery", "query_int", "usage_page", "usage_query"]
+__all__ = ["UsageQuery", "priced", "query_int", "usage_page", "usage_query"]
 
 MAX_ID = 2**63 - 1
 
@@ -76,19 +77,25 @@ def usage_query(request: web.Request) -> UsageQuery:
     return UsageQuery(limit=100 if limit is None else limit, before=before, since=since, user=user)
 
 
+def priced(record: UsageRecord, current: CreditValue) -> dict[str, Any]:
+    """A record's price fields: `cost` and `cost_credits`, `currency`, `credit_value` (a number) and
+    `credit_value_exact` (its decimal text) of the money it was priced at when it was made, and
+    `priced_at_current_value`, true for a record made before the ledger kept that (priced at `current` then)."""
+    money, at_current = record.priced_at(current)
+    return {**money.cost_fields(record.cost), **money.describe(), "priced_at_current_value": at_current}
+
+
 async def usage_page(
     query: UsageQuery, fetch: Callable[[int, int | None], Awaitable[list[UsageRecord]]], money: CreditValue
 ) -> dict[str, Any]:
     """The page body: `fetch(limit, before)` is asked for one record more than the page holds, to tell whether
-    an older one exists. A record's `cost_credits` is what the ledger charged, `cost` its price in `currency`."""
+    an older one exists. A record's `cost_credits` is what the ledger charged, `cost` its price in `currency` at
+    the credit value it was sold at (see `priced`); `money` is the router's, for records that kept none."""
     records = await fetch(min(query.limit + 1, MAX_PAGE + 1), query.before)
     page, more = records[: query.limit], len(records) > query.limit
     return {
         "object": "list",
-        "data": [
-            {**asdict(r), "total_tokens": r.total_tokens, **money.cost_fields(r.cost), "currency": money.currency}
-            for r in page
-        ],
+        "data": [{**asdict(r), "total_tokens": r.total_tokens, **priced(r, money)} for r in page],
         "has_more": more,
         "next_before": page[-1].id if page and more else None,
     }

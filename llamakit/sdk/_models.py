@@ -10,7 +10,7 @@ import html
 from decimal import Decimal
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from llamakit.currency import format_price
 from llamakit.sdk._logprobs import TokenLogprob
@@ -297,8 +297,11 @@ class ApiKeyInfo(_Frozen):
 class RouterUsage(_Frozen):
     """One of the account's requests as the router's ledger recorded it (`GET /v1/account/usage`): refused ones
     too (`http_status` set, no tokens, no cost). `cost_credits` is what was charged, `cost` its price in
-    `currency`; times are the router's: `created` (epoch seconds) when it was settled or refused, `latency_ms`
-    from its arrival, `queue_ms` waiting for a node."""
+    `currency` at `credit_value`, what a credit was worth when the request was made (the operator may have
+    changed it since; `priced_at_current_value` is true for a record made before the router kept that, priced
+    at the value it runs with now, and None from a router that does not say). Times are the router's:
+    `created` (epoch seconds) when it was settled or refused, `latency_ms` from its arrival, `queue_ms` waiting
+    for a node."""
 
     id: int
     request_id: str
@@ -311,6 +314,10 @@ class RouterUsage(_Frozen):
     cost_credits: int = 0
     cost: Decimal | None = None
     currency: str | None = None
+    credit_value: Decimal | None = Field(
+        default=None, validation_alias=AliasChoices("credit_value_exact", "credit_value")
+    )
+    priced_at_current_value: bool | None = None
     bid: str = "1"
     held: int = 0
     latency_ms: float | None = None

@@ -8,6 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -19,6 +20,7 @@ from llamakit.router.ledger import Remembered
 from llamakit.router.settings import settings_from_args
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
+from tests.router.ledger.conftest import BACKENDS, backend_url, execute
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 
@@ -239,3 +241,50 @@ async def test_openrouters_usage_accounting_option_is_taken_and_not_passed_to_th
     assert "usage" not in node.received[0]
     resp = await alice.post("/v1/completions", json={**body, "usage": {"include": False}})
     assert resp.status_code == 400 and "usage is always reported here" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_usage_record_keeps_its_price_when_the_router_restarts_with_another_credit_value(
+    herd: Herd, tmp_path: Path, backend: str
+) -> None:
+    await herd.add_node(FakeNode("n1", script=Script(tokens=5)))
+    async with backend_url(backend, tmp_path) as db:
+        router = await herd.start(db=db, credit_value="0.0025", currency="EUR")
+        alice = await herd.account("alice", 10_000)
+        assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50})).status_code == 200
+        refused = await alice.post("/v1/completions", json={"prompt": PROMPT, "model": "nope"})
+        assert refused.status_code == 404
+        await herd.admin.aclose()  # type: ignore[union-attr]
+        await router.stop()
+
+        router = await herd.start(db=db, credit_value="0.01", currency="usd")
+        alice = httpx.AsyncClient(base_url=router.url, headers=alice.headers)
+        assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50})).status_code == 200
+        assert herd.admin is not None
+        # A record from before records kept their price: at the value the router runs with, and it says so.
+        await execute(db, "UPDATE usage SET credit_value = NULL, currency = NULL WHERE id = 1")
+
+        def prices(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+            return [
+                (r["status"], r["cost_credits"], r["cost"], r["currency"], r["credit_value"], r["credit_value_exact"],
+                 r["priced_at_current_value"])
+                for r in records
+            ]  # fmt: skip
+
+        expected = [
+            ("ok", 27, 0.27, "USD", 0.01, "0.01", False),
+            ("model_not_found", 0, 0.0, "EUR", 0.0025, "0.0025", False),
+            ("ok", 27, 0.27, "USD", 0.01, "0.01", True),
+        ]
+        assert prices((await alice.get("/v1/account/usage")).json()["data"]) == expected
+        assert prices((await herd.admin.get("/admin/usage")).json()["data"]) == expected
+        await execute(db, "UPDATE usage SET credit_value = '0.0025', currency = 'EUR' WHERE id = 1")
+        records = (await alice.get("/v1/account/usage")).json()["data"]
+        assert [(r["cost"], r["currency"], r["priced_at_current_value"]) for r in records][-1] == (0.0675, "EUR", False)
+        # Sold at 0.0675 EUR, whatever a credit is worth today; the books stay in credits.
+        books = await herd.books()
+        assert books["charges"] == 54 and books["balanced"] and books["holds"] == 0
+        await alice.aclose()
+        await herd.admin.aclose()
+        await router.stop()
+        herd.admin = None  # the herd fixture's checks need the database this block drops

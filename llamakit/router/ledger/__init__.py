@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
+from llamakit.currency import CreditValue
 from llamakit.router.ledger._contract import (
     KEY_PREFIX,
     MAX_AMOUNT,
@@ -124,15 +125,19 @@ def redacted(url: str | os.PathLike[str]) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def ledger_at(url: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> Ledger:
+def ledger_at(
+    url: str | os.PathLike[str], *, clock: Callable[[], float] = time.time, money: CreditValue | None = None
+) -> Ledger:
     """The ledger `url` names, not yet open: `async with ledger_at(url) as ledger:` opens and migrates it.
+
+    `money` is what a credit is worth to the router: each usage record keeps it, and is priced at it later.
 
     ValueError for a URL that names no backend llamakit has.
     """
     if backend_of(url) == "postgres":
         from llamakit.router.ledger._postgres import PostgresLedger  # asyncpg only where it is used
 
-        return PostgresLedger(os.fspath(url), display=redacted(url), clock=clock)
+        return PostgresLedger(os.fspath(url), display=redacted(url), clock=clock, money=money)
     from llamakit.router.ledger._sqlite import SqliteLedger
 
-    return SqliteLedger(sqlite_path(url), clock=clock)
+    return SqliteLedger(sqlite_path(url), clock=clock, money=money)

@@ -30,6 +30,7 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
+from llamakit.currency import CreditValue, format_price, parse_credit_value
 from llamakit.fees import format_bid
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
@@ -62,6 +63,7 @@ __all__ = [
     "UnknownAccount",
     "UnknownKey",
     "UsageRecord",
+    "price_columns",
 ]
 
 KEY_PREFIX: Final = "lk-"
@@ -204,10 +206,23 @@ class UsageRecord:
     user: str | None = None  # the OpenAI `user` the request named
     http_status: int | None = None  # set on a refused request's record: the status it was refused with
     key_prefix: str | None = None  # the display prefix of the API key that made the request
+    # What a credit was worth when the record was made (exact decimal text) and in which currency; None on
+    # records made before the ledger kept them (schema version 9) or by a ledger given no money.
+    credit_value: str | None = None
+    currency: str | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def priced_at(self, current: CreditValue) -> tuple[CreditValue, bool]:
+        """The money this record is priced in: its own, or `current` when it has none (True then)."""
+        if self.credit_value is None or self.currency is None:
+            return current, True
+        try:
+            return CreditValue(parse_credit_value(self.credit_value), self.currency), False
+        except ValueError:  # written behind the ledger's back: priced as the records that have none
+            return current, True
 
 
 @dataclass(frozen=True)
@@ -262,6 +277,12 @@ class Close:
     error: str | None
     remember: Remembered | None
     now: float
+    money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
+
+
+def price_columns(money: CreditValue | None) -> tuple[str | None, str | None]:
+    """The usage record's `credit_value` (exact decimal text) and `currency` columns for `money`."""
+    return (None, None) if money is None else (format_price(money.value), money.currency)
 
 
 class Row(Protocol):
@@ -333,6 +354,8 @@ def usage_from(row: Row) -> UsageRecord:
         user=row["user"],
         http_status=row["http_status"],
         key_prefix=row["key_prefix"],
+        credit_value=row["credit_value"],
+        currency=row["currency"],
     )
 
 
@@ -349,6 +372,7 @@ class Refusal:
     user: str | None
     now: float
     key_prefix: str | None = None
+    money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
 
 
 @dataclass(frozen=True)
@@ -366,7 +390,7 @@ class AccountActivity:
     last_seen: float | None  # the newest usage record, ever
 
 
-def recovery(request_id: str, now: float) -> Close:
+def recovery(request_id: str, now: float, money: CreditValue | None) -> Close:
     """The release, at start-up, of a hold left open by a router that stopped before its request finished."""
     return Close(
         request_id=request_id,
@@ -381,6 +405,7 @@ def recovery(request_id: str, now: float) -> Close:
         error=RECOVERED_ERROR,
         remember=None,
         now=now,
+        money=money,
     )
 
 
@@ -458,8 +483,11 @@ class Ledger(ABC):
 
     url: str  # where the books are, with any password left out
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
         self._clock = clock
+        # What a credit is worth to the router that keeps these books, written on each usage record so that
+        # its price stays what it was sold at; None writes none (the record is then priced at the reader's).
+        self.money = money
         # The router that makes this ledger's holds, written with each hold where the backend keeps it
         # (PostgreSQL), so that another router can release them when this one's lease runs out.
         self.router_id: str | None = None
@@ -670,6 +698,7 @@ class Ledger(ABC):
             error=None if error is None else str(error),
             remember=remember,
             now=self._clock(),
+            money=self.money,
         )
         return await self._close_hold(close)
 
@@ -701,6 +730,7 @@ class Ledger(ABC):
             error=None if error is None else str(error),
             remember=None,
             now=self._clock(),
+            money=self.money,
         )
         await self._close_hold(close)
 
@@ -734,6 +764,7 @@ class Ledger(ABC):
             user=None if user is None else str(user)[:MAX_NAME_LEN],
             now=self._clock(),
             key_prefix=None if key_prefix is None else str(key_prefix)[:DISPLAY_PREFIX_LEN],
+            money=self.money,
         )
         return await self._refuse(refusal)
 

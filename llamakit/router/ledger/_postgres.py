@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
+from llamakit.currency import CreditValue
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -52,6 +53,7 @@ from llamakit.router.ledger._contract import (
     hold_from,
     key_from,
     pick_key,
+    price_columns,
     recovery,
     usage_from,
 )
@@ -84,9 +86,15 @@ class PostgresLedger(Ledger):
     """
 
     def __init__(
-        self, dsn: str, *, display: str | None = None, clock: Callable[[], float] = time.time, pool_size: int = 8
+        self,
+        dsn: str,
+        *,
+        display: str | None = None,
+        clock: Callable[[], float] = time.time,
+        pool_size: int = 8,
+        money: CreditValue | None = None,
     ) -> None:
-        super().__init__(clock=clock)
+        super().__init__(clock=clock, money=money)
         self._dsn = dsn
         self.url = display or dsn
         self._pool_size = pool_size
@@ -386,7 +394,7 @@ class PostgresLedger(Ledger):
         return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
 
     async def _recover(self, now: float) -> list[UsageRecord]:
-        return await self._release_where("TRUE", [], recovery("", now))
+        return await self._release_where("TRUE", [], recovery("", now, self.money))
 
     async def release_lost(self, *, me: str, error: str) -> list[UsageRecord]:
         """Release the open holds of every router that holds no live lease (see `llamakit.router.cluster`).
@@ -414,6 +422,7 @@ class PostgresLedger(Ledger):
             error=error,
             remember=None,
             now=self._clock(),
+            money=self.money,
         )
         return await self._release_where(where, [me], template)
 
@@ -477,8 +486,8 @@ class PostgresLedger(Ledger):
         await self._get_account(refusal.account_id)
         row = await self._fetchrow(
             "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-            'cost, bid, held, error, created, "user", http_status, key_prefix) '
-            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9) RETURNING *",
+            'cost, bid, held, error, created, "user", http_status, key_prefix, credit_value, currency) '
+            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
             refusal.request_id,
             refusal.account_id,
             refusal.model,
@@ -488,6 +497,7 @@ class PostgresLedger(Ledger):
             refusal.user,
             refusal.http_status,
             refusal.key_prefix,
+            *price_columns(refusal.money),
         )
         assert row is not None
         return usage_from(row)
@@ -607,6 +617,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 def _close_op(close: Close) -> dict[str, Any]:
     remember = close.remember
+    credit_value, currency = price_columns(close.money)
     return {
         "op": "close",
         "request_id": close.request_id,
@@ -625,6 +636,8 @@ def _close_op(close: Close) -> dict[str, Any]:
         "now": close.now,
         "day": day_of(close.now),
         "month": month_of(close.now),
+        "credit_value": credit_value,
+        "currency": currency,
     }
 
 

@@ -23,6 +23,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
+from llamakit.currency import CreditValue
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -49,6 +50,7 @@ from llamakit.router.ledger._contract import (
     hold_from,
     key_from,
     pick_key,
+    price_columns,
     recovery,
     usage_from,
 )
@@ -89,8 +91,8 @@ class _Stop:
 class SqliteLedger(Ledger):
     """The ledger in the SQLite file at `path` (':memory:' for one that lives as long as the object)."""
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time) -> None:
-        super().__init__(clock=clock)
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
+        super().__init__(clock=clock, money=money)
         self.path = path
         self.url = path
         self._jobs: queue.SimpleQueue[list[_Job[Any]] | _Stop] = queue.SimpleQueue()
@@ -417,7 +419,7 @@ class SqliteLedger(Ledger):
         def run(conn: sqlite3.Connection) -> list[UsageRecord]:
             holds = [r["id"] for r in conn.execute("SELECT id FROM holds WHERE status = 'open' ORDER BY created, id")]
             for request_id in holds:
-                _close(conn, recovery(request_id, now))
+                _close(conn, recovery(request_id, now, self.money))
             return [
                 usage_from(conn.execute("SELECT * FROM usage WHERE request_id = ?", (hold,)).fetchone())
                 for hold in holds
@@ -461,8 +463,8 @@ class SqliteLedger(Ledger):
             _account_row(conn, refusal.account_id)
             row = conn.execute(
                 "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-                "cost, bid, held, error, created, user, http_status, key_prefix) "
-                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?, ?) RETURNING *",
+                "cost, bid, held, error, created, user, http_status, key_prefix, credit_value, currency) "
+                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     refusal.request_id,
                     refusal.account_id,
@@ -473,6 +475,7 @@ class SqliteLedger(Ledger):
                     refusal.user,
                     refusal.http_status,
                     refusal.key_prefix,
+                    *price_columns(refusal.money),
                 ),
             ).fetchone()
             return usage_from(row)
@@ -713,8 +716,8 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         )  # fmt: skip
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-        "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?))",
+        "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?)",
         (
             close.request_id,
             account_id,
@@ -732,6 +735,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             close.now,
             hold["user"],
             hold["key_hash"],
+            *price_columns(close.money),
         ),
     )
     if close.remember is not None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from llamakit.currency import CreditValue
 from llamakit.router.ledger import AccountState, Remembered, backend_of, latest, ledger_at
 from llamakit.router.ledger._migrations import migrations
 
@@ -33,10 +35,10 @@ def schema_of(path: Path) -> set[str]:
     return {" ".join(sql.split()) for (sql,) in rows}
 
 
-@pytest.mark.parametrize("version", [1, 2, 6])
+@pytest.mark.parametrize("version", [1, 2, 6, 8])
 async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, version: int) -> None:
     path = old_ledger(tmp_path / "ledger.db", version)
-    async with ledger_at(path) as ledger:
+    async with ledger_at(path, money=CreditValue(Decimal("0.0025"), "EUR")) as ledger:
         alice = await ledger.account_by_name("alice")
         bot = await ledger.account_by_name("bot")
         assert await ledger.authenticate(FIXTURE_KEY) == alice
@@ -45,6 +47,8 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
         assert (await ledger.books()).balanced
         settled = await ledger.find_usage("req-settled")
         assert settled is not None and (settled.cost, settled.bid, settled.node) == (120, "1.5", "node-a")
+        # Made before records kept their price: priced at the value the router runs with.
+        assert (settled.credit_value, settled.currency) == (None, None)
         assert (await ledger.event_summary())["bot"]["position"] == 1
         # The hold the old router left open is released like any other.
         assert [r.request_id for r in await ledger.recover_usage()] == ["req-open"]
@@ -56,6 +60,8 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
             "req-new", charge=5, node="n", prompt_tokens=1, completion_tokens=1, remember=Remembered("k", "f", "{}")
         )
         assert await ledger.recall(alice.id, "k") == Remembered("k", "f", "{}")
+        new = await ledger.find_usage("req-new")
+        assert new is not None and (new.credit_value, new.currency) == ("0.0025", "EUR")
         assert (await ledger.books()).balanced
         # A key made before version 8 has no name, and can be given one.
         assert [k.name for k in await ledger.list_keys(alice.id)] == [None]
