@@ -389,6 +389,20 @@ def test_router_usage_is_the_ledgers_record_of_each_call_refusals_included(herd:
     assert refused.http_status == 402 and refused.cost_credits == 0 and refused.dispatched is None
     assert served.request_id == done.request_id and served.cost_credits == done.cost_credits and served.user == "u1"
     assert served.cost == done.cost and served.currency == done.currency
+    assert served.credit_value == Decimal("0.000001") and served.priced_at_current_value is False
     assert served.arrived is not None and served.dispatched is not None and served.arrived <= served.dispatched
     assert [r.request_id for r in client.router_usage(limit=1)] == [refused.request_id]
     assert [r.request_id for r in client.router_usage(user="u1")] == [done.request_id]
+
+
+def test_a_router_usage_record_carries_the_exact_credit_value_it_was_priced_at() -> None:
+    record = {"id": 1, "request_id": "r", "model": "m", "status": "ok", "created": 1.0, "cost_credits": 27}
+    priced = sdk.RouterUsage.model_validate(
+        record | {"cost": 0.0675, "currency": "EUR", "credit_value": 0.0025, "credit_value_exact": "0.0025",
+                  "priced_at_current_value": False}
+    )  # fmt: skip
+    assert (priced.cost, priced.credit_value, priced.priced_at_current_value) == (
+        Decimal("0.0675"), Decimal("0.0025"), False
+    )  # fmt: skip
+    older = sdk.RouterUsage.model_validate(record | {"cost": 2.7e-05, "currency": "USD"})  # a router that keeps none
+    assert (older.credit_value, older.priced_at_current_value) == (None, None)
