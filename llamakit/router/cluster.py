@@ -36,9 +36,9 @@ from llamakit.protocol import ApiError
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Claim, Idempotency
-from llamakit.router.ledger import Ledger, Remembered
+from llamakit.router.ledger import Ledger, LedgerError, Remembered
 
-__all__ = ["Cluster", "ClusterIdempotency", "Figures"]
+__all__ = ["Cluster", "ClusterIdempotency", "Figures", "RouterIdInUse"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ SYNC_SECONDS: Final = 1.0
 CLAIM_POLL_SECONDS: Final = 0.05
 _FAST_COMMITS: Final = {"synchronous_commit": "off"}  # unless the --db URL sets it, as for the ledger
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())::float8"
+
+
+class RouterIdInUse(LedgerError):
+    """A live router already runs with this router's id on the database."""
 
 
 @dataclass
@@ -64,6 +68,7 @@ class _Waiter:
     model: str
     exclude: frozenset[str]
     future: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    queued: bool = False  # its row is in the queue (the enqueue statement returned)
 
 
 class Cluster:
@@ -102,6 +107,7 @@ class Cluster:
         self._channel = ""
         self._lock_key = 0
         self._leader_key = 0
+        self._id_key = 0
         self._waiting: dict[str, _Waiter] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._releasing: dict[str, asyncio.Task[None]] = {}
@@ -136,7 +142,14 @@ class Cluster:
         self._channel = "llamakit_" + digest[:8].hex()
         self._lock_key = int.from_bytes(digest[8:16], "big", signed=True)
         self._leader_key = int.from_bytes(digest[16:24], "big", signed=True)
-        await self._listen()
+        self._id_key = int.from_bytes(hashlib.sha256(f"{where}\0router\0{self.id}".encode()).digest()[:8], "big",
+                                      signed=True)  # fmt: skip
+        try:
+            await self._listen()
+        except BaseException:
+            await self._pool.close()
+            self._pool = None
+            raise
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
             await self._forget_routers(conn, [self.id])
@@ -155,8 +168,19 @@ class Cluster:
             with suppress(*_DB_ERRORS):
                 await self._listener.close()
         self.leader = False
-        self._listener = await asyncpg.connect(self._dsn)
-        await self._listener.add_listener(self._channel, self._notified)
+        self._listener = listener = await asyncpg.connect(self._dsn)
+        # The router id's lock, held while this router lives: a second router given the same id would take
+        # the first one's queue rows and holds for an earlier life's (see `open`) and wreck its requests. A
+        # router that died lets go of it when the database sees its connection close.
+        if not await listener.fetchval("SELECT pg_try_advisory_lock($1)", self._id_key):
+            self._listener = None
+            await listener.close()
+            raise RouterIdInUse(
+                f"another router is running with the router id {self.id!r} on this database; give each router "
+                "its own --router-id (a router that was killed frees its id as soon as the database sees its "
+                "connection close)"
+            )
+        await listener.add_listener(self._channel, self._notified)
         self._reload_due.set()  # what was announced while nobody listened
 
     def start(self) -> None:
@@ -228,7 +252,12 @@ class Cluster:
             # Another router found this one's lease run out (a pause longer than the lease): it released this
             # router's holds and queue rows. Requests in flight here will find their holds closed.
             self._lease_lost = True
-            log.error("this router's lease ran out and was taken over; its requests in flight were refunded")
+            log.error(
+                "this router's lease ran out and was taken over (was it paused longer than --lease?): its requests "
+                "in flight were refunded by another router and are answered free of charge; its queued requests "
+                "get 503 router_lease_lost"
+            )
+            await self._look_at_waiters()
         self._renewed = True
         await self.reap()
         # Every round, not only after a reap: a router that reaped and died before it released is covered.
@@ -456,6 +485,7 @@ class Cluster:
                 if getattr(exc, "sqlstate", None) == "LK429":
                     raise self._refusal(model, str(getattr(exc, "message", exc))) from None
                 raise
+            waiter.queued = True
             self._delivered(rows, started)
             # Given a node by its own dispatch, or later by a NOTIFY (or the sync round's look at the queue).
             try:
@@ -579,13 +609,37 @@ class Cluster:
                              code="no_node")
                 )  # fmt: skip
         await self.dispatch()
-        if self._waiting:
-            rows = await self._db().fetch(
-                "SELECT request_id, node_id FROM queue WHERE request_id = ANY($1::text[]) AND node_id IS NOT NULL",
-                list(self._waiting),
-            )
-            for row in rows:
-                self._deliver(row["request_id"], row["node_id"])
+        await self._look_at_waiters()
+
+    async def _look_at_waiters(self) -> None:
+        """Deliver the assignments of this router's waiting requests whose NOTIFY was missed, and fail those
+        whose queue rows are gone: another router took this one's lease for run out (a pause longer than
+        --lease) and dropped them, and released their holds; they would wait for nothing until the queue
+        timeout."""
+        queued = [rid for rid, waiter in self._waiting.items() if waiter.queued and not waiter.future.done()]
+        if not queued:
+            return
+        rows = await self._db().fetch(
+            "SELECT request_id, node_id FROM queue WHERE request_id = ANY($1::text[])", queued
+        )
+        found = {row["request_id"]: row["node_id"] for row in rows}
+        for request_id in queued:
+            waiter = self._waiting.get(request_id)
+            if waiter is None or waiter.future.done():
+                continue
+            if request_id not in found:
+                waiter.future.set_exception(
+                    ApiError(
+                        503,
+                        "this router lost its place in the herd's queue (its lease ran out while it was paused) and "
+                        "the request's hold was released: nothing was charged; send it again",
+                        type="server_error",
+                        code="router_lease_lost",
+                        headers={"Retry-After": "1"},
+                    )
+                )
+            elif found[request_id] is not None:
+                self._deliver(request_id, found[request_id])
 
     # -- figures ---------------------------------------------------------------------------------------
 

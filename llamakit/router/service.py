@@ -41,7 +41,7 @@ from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.keys import UNLIMITED, Admission, Caller
-from llamakit.router.ledger import Account, InsufficientFunds, Remembered, SpendCapExceeded
+from llamakit.router.ledger import Account, HoldClosed, InsufficientFunds, Remembered, SpendCapExceeded
 from llamakit.router.pricing import CURRENCY_HEADER, cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import EventStream, NodeFailed, NodeRejected, StreamBroken, parse_event, token_chunk
@@ -442,7 +442,12 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
             )
             return json_response(answer, headers=headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        await _settle(state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage)
+        charged = await _settle(
+            state, paid, node, prompt_tokens, completion_tokens, "ok", remember=remember, usage=usage
+        )
+        if charged != charge:  # its hold went back while it ran (see _hold_gone): it is free
+            answer["usage"] = {**usage, **money.cost_fields(charged)}
+            headers.update(cost_headers(money, charged))
         _remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(answer, headers=headers)
     raise _no_node_left(paid, state.settings.max_attempts)
@@ -644,10 +649,16 @@ async def _forward(
     usage = event.get("usage")
     if usage:
         charge = settle_amount(paid.fees, paid.bid, usage["prompt_tokens"], usage["completion_tokens"], paid.held)
-        await _settle(
-            state, paid, node, usage["prompt_tokens"], usage["completion_tokens"], "ok",
-            remember=_remember_stream(state, paid, node, usage, charge), usage=usage,
-        )  # fmt: skip
+        charge = await _settle(
+            state,
+            paid,
+            node,
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+            "ok",
+            remember=_remember_stream(state, paid, node, usage, charge),
+            usage=usage,
+        )  # fmt: skip  (what it cost: nothing when its hold went back while it ran, see _hold_gone)
         _remember_prefix(state, paid, node, "".join(paid.transcript))
         if not paid.include_usage:
             if flush:
@@ -802,18 +813,23 @@ async def _settled(
 ) -> int:
     charge = settle_amount(paid.fees, paid.bid, prompt_tokens, completion_tokens, paid.held)
     latency_ms = (time.monotonic() - paid.arrived) * 1000
-    settlement = await state.ledger.settle(
-        paid.id,
-        charge=charge,
-        node=node.name,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        status=status,
-        latency_ms=latency_ms,
-        queue_ms=paid.queue_ms,
-        error=error,
-        remember=remember,
-    )
+    try:
+        settlement = await state.ledger.settle(
+            paid.id,
+            charge=charge,
+            node=node.name,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            status=status,
+            latency_ms=latency_ms,
+            queue_ms=paid.queue_ms,
+            error=error,
+            remember=remember,
+        )
+    except HoldClosed as exc:
+        _hold_gone(paid, exc)
+        _record(state, paid, node, "router_lost", prompt_tokens, completion_tokens, 0, str(exc))
+        return 0  # the work is done and the client gets it; the hold it was bought with went back in full
     node.record(completion_tokens, settlement.charged, whole=status != "broken")
     state.metrics.settled(
         paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, _cached_tokens(usage)
@@ -846,5 +862,17 @@ async def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: 
 
 
 async def _released(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
-    await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
+    try:
+        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
+    except HoldClosed as exc:
+        _hold_gone(paid, exc)
+        status, error = "router_lost", str(exc)
     _record(state, paid, None, status, 0, 0, 0, error)
+
+
+def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
+    """The request's hold was closed behind this router's back: with several routers, another one released it
+    because this router's lease ran out (a pause longer than --lease; see cluster.py), with a usage record of
+    its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
+    log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
+                paid.id, exc)  # fmt: skip
