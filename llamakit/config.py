@@ -56,5 +56,11 @@ def parse_settings(
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        parser.error(problems)
+        parser.error("; ".join(_problem(error["loc"], error["msg"]) for error in exc.errors()))
+
+
+def _problem(loc: tuple[int | str, ...], message: str) -> str:
+    """One validation error as the command line says it: the field, if it is one field's, and pydantic's
+    message without its "Value error, " prefix (a check of ours, already phrased for the operator)."""
+    message = message.removeprefix("Value error, ")
+    return f"{'.'.join(map(str, loc))}: {message}" if loc else message

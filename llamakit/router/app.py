@@ -169,7 +169,7 @@ async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
     cluster = Cluster(
         settings.db,
         router_id=settings.cluster_id,
-        url=f"http://{settings.host}:{settings.port}",
+        url=f"http://{settings.reachable_host}:{settings.port}",
         herd=state.herd,
         ledger=state.ledger,
         lease=settings.lease,

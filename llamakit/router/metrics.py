@@ -116,7 +116,10 @@ class RouterMetrics:
             "llamakit_router_fees_earned_credits", "Credits charged, by node.", ["node"], registry=self.registry
         )
         self.queue_depth = Gauge(
-            "llamakit_router_queue_depth", "Requests waiting for a node, by model.", ["model"], registry=self.registry
+            "llamakit_router_queue_depth",
+            "Requests waiting for a node, by model (with --cluster: the whole herd's, the same at every router).",
+            ["model"],
+            registry=self.registry,
         )
         self.queue_wait = Histogram(
             "llamakit_router_queue_wait_seconds",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import os
 import secrets
@@ -49,7 +50,7 @@ class RouterSettings(BaseModel):
     currency: str = Field(DEFAULT_CURRENCY, description="the ISO 4217 code of the operator's currency, such as USD")
     max_queue: int = Field(256, ge=0, description="requests that may wait per model before 429 queue_full")
     max_queue_share: float = Field(
-        0.5, gt=0, le=1, description="the share of a model's queue one account may hold (fair share among tenants)"
+        0.5, gt=0, le=1, description="the share of --max-queue that one account's waiting requests may take, per model"
     )
     queue_timeout: float = Field(60.0, gt=0, description="seconds a request may wait for a node before 504")
     node_timeout: float = Field(60.0, gt=0, description="seconds without a byte from a node before giving up on it")
@@ -112,8 +113,13 @@ class RouterSettings(BaseModel):
         """This router's name in the cluster: `router_id`, else host:port (the host's name for 0.0.0.0)."""
         if self.router_id:
             return self.router_id
-        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"{host}:{self.port}"
+        return f"{self.reachable_host}:{self.port}"
+
+    @property
+    def reachable_host(self) -> str:
+        """The host others reach this router at: `host`, or the machine's name when it listens on every
+        address (0.0.0.0 or ::, which nobody can connect to)."""
+        return socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
 
     @field_validator("db", mode="before")
     @classmethod
@@ -130,7 +136,8 @@ def _yes(value: str) -> bool:
         return True
     if value.lower() in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"expected yes or no, got {value!r}")
+    # argparse prints this message as it is (a ValueError would read "invalid _yes value").
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {value!r}")
 
 
 FLAGS = [

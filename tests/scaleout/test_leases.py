@@ -8,8 +8,8 @@ import signal
 import time
 
 import asyncpg
-import pytest
 import httpx
+import pytest
 
 from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers

@@ -1,4 +1,4 @@
-"""The router runs on uvloop by default (`--loop`), and on asyncio's own loop when asked."""
+"""The router's flags: uvloop by default (`--loop`), asyncio's loop when asked, errors an operator can act on."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def test_the_router_runs_on_uvloop_unless_told_otherwise() -> None:
             assert kind == "uvloop" or not isinstance(loop, uvloop.Loop)
         finally:
             loop.close()
+
+
+def test_bad_flags_get_messages_an_operator_can_act_on(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["--cluster", "maybe"], env={})
+    assert "argument --cluster: expected yes or no, got 'maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        settings_from_args(["--cluster", "yes", "--db", "ledger.db"], env={})
+    err = capsys.readouterr().err
+    assert "error: --cluster needs a PostgreSQL ledger" in err and "Value error" not in err, err
