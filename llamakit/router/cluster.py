@@ -289,7 +289,16 @@ class Cluster:
             error="the router that held this request stopped before it finished; refunded in full",
         )
         if released:
-            log.warning("released %d hold(s) of router(s) that stopped", len(released))
+            routers = await self._db().fetch(
+                "SELECT DISTINCT coalesce(router_id, '(no router)') AS id FROM holds WHERE id = ANY($1::text[]) "
+                "ORDER BY 1",
+                [record.request_id for record in released],
+            )
+            log.warning(
+                "released %d hold(s) of router(s) %s, which stopped or lost their lease: refunded in full",
+                len(released),
+                ", ".join(r["id"] for r in routers),
+            )
         return len(released)
 
     async def _forget_routers(self, conn: asyncpg.Connection, routers: Sequence[str]) -> None:
