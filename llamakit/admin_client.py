@@ -12,6 +12,7 @@ from urllib.parse import quote
 import httpx
 
 from llamakit.profile import read_profile
+from llamakit.text import shown
 
 __all__ = ["admin_client", "segment", "show", "table", "when"]
 
@@ -50,7 +51,9 @@ def when(epoch: float | None) -> str:
 
 
 def table(header: list[str], rows: list[list[Any]]) -> None:
-    cells = [header, *[[str(c) for c in row] for row in rows]]
+    """Print `rows` under `header` in aligned columns; text others typed (a model a client named, an OpenAI
+    `user`) is shown with its control characters escaped, so that it cannot drive the terminal."""
+    cells = [header, *[[shown(str(c)) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -20,6 +20,7 @@ from llamakit.router.keys import key_limits
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
+from llamakit.text import unsafe_at
 from llamakit.web import SseWriter, json_response, require_bearer
 
 __all__ = ["account_of", "admin_routes", "herd_routes", "require_admin"]
@@ -250,10 +251,10 @@ def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:
     url, name, models, slots = body.get("url"), body.get("name"), body.get("models"), body.get("slots")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise ApiError(400, "'url' must be the node's http(s) URL", param="url")
-    if not isinstance(name, str) or not name or len(name) > 64:
-        raise ApiError(400, "'name' must be a string of 1 to 64 characters", param="name")
-    if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-        raise ApiError(400, "'models' must be a list of model names", param="models")
+    if not isinstance(name, str) or not name or len(name) > 64 or unsafe_at(name) is not None:
+        raise ApiError(400, "'name' must be 1 to 64 characters of plain text on one line", param="name")
+    if not isinstance(models, list) or not all(isinstance(m, str) and m and unsafe_at(m) is None for m in models):
+        raise ApiError(400, "'models' must be a list of model names (plain text on one line)", param="models")
     if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
         raise ApiError(400, "'slots' must be a whole number from 1 to 1024", param="slots")
     return url, name, models, slots

@@ -14,6 +14,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Footer, Header, Label, Static
 from textual.widgets.button import ButtonVariant
 
+from llamakit.text import shown
 from llamakit.tui._stats import NodeStats, Stats, StatsHistory
 from llamakit.tui._widgets import (
     AccountsTable,
@@ -194,8 +195,10 @@ class _ConfirmNodeScreen(ModalScreen[bool]):
     def compose(self) -> ComposeResult:
         action = self.ACTION
         with Vertical(id=f"{action}-dialog", classes="dialog node-dialog"):
-            yield Label(f"{action.capitalize()} node [b]{escape(self.node.name)}[/b]?", classes="node-dialog--question")
-            yield Label(Text(self.detail()), classes="node-dialog--detail")  # model names, as the node gave them
+            yield Label(
+                f"{action.capitalize()} node [b]{escape(shown(self.node.name))}[/b]?", classes="node-dialog--question"
+            )
+            yield Label(Text(shown(self.detail())), classes="node-dialog--detail")  # model names, as the node gave them
             with Horizontal(classes="dialog--buttons"):
                 yield Button(f"{action.capitalize()} (y)", variant=self.VARIANT, id=f"{action}-yes")
                 yield Button("Cancel (n)", variant="primary", id=f"{action}-no")

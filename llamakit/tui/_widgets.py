@@ -17,6 +17,7 @@ from textual.widgets import DataTable, Label, Sparkline, Static
 from textual.widgets.data_table import CellDoesNotExist
 
 from llamakit.currency import format_price
+from llamakit.text import shown, unsafe_at
 from llamakit.tui._format import (
     age,
     bid,
@@ -99,8 +100,13 @@ class StatusBanner(Static):
 
 def _plain(cell: Cell) -> Cell:
     """A cell as typed: DataTable reads a str as Rich markup, so a name with brackets in it (an account, or a
-    model a client made up) would be restyled, or crash the dashboard ("closing tag '[/x]' …")."""
-    return Text(cell) if isinstance(cell, str) else cell
+    model a client made up) would be restyled, or crash the dashboard ("closing tag '[/x]' …"); and its
+    control characters escaped, since an escape sequence in a name would clear or recolour the screen."""
+    if isinstance(cell, str):
+        return Text(shown(cell))
+    return (
+        Text(shown(cell.plain), style=cell.style, justify=cell.justify) if unsafe_at(cell.plain) is not None else cell
+    )
 
 
 class _KeyedTable(DataTable[Cell]):
@@ -527,7 +533,7 @@ class QueueRow(Horizontal):
         self._first = (depth, oldest_wait, list(history))
 
     def compose(self) -> ComposeResult:
-        yield Label(Text(self.model), classes="queue--model")  # a name as the nodes gave it, not markup
+        yield Label(Text(shown(self.model)), classes="queue--model")  # a name as the nodes gave it, not markup
         if self.heading:
             yield Label("now", classes="queue--depth")
             yield Label("last 5m", classes="queue--history")

@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.fake_node import FakeNode, Script
@@ -164,3 +165,13 @@ async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
     assert len(list(csv.DictReader(io.StringIO(out)))) == 3
     code, out = await llamakit(herd, "usage", "--since", "2999-01-01", "--csv")
     assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 0
+
+
+def test_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A model or `user` a client sent is printed as text: an escape sequence in it cannot drive the terminal."""
+    from llamakit.admin_client import table
+
+    table(["model", "user"], [["\x1b[2Jm", "x\u202ey"]])
+    out = capsys.readouterr().out
+    assert "\\x1b[2Jm" in out and "x\\u202ey" in out
+    assert "\x1b" not in out and "\u202e" not in out

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 
@@ -276,3 +276,19 @@ async def test_metrics_expose_requests_fees_and_queue_depth(herd: Herd) -> None:
     assert metric(text, "llamakit_router_fees_earned_credits_total", node="n1") == sum(costs) == 3 * cost(7, 2)
     assert metric(text, "llamakit_router_queue_depth", model="fake-model") == 0
     assert metric(text, "llamakit_router_tokens_total", model="fake-model", kind="completion") == 6
+
+
+async def test_account_and_node_names_are_plain_text_on_one_line(herd: Herd) -> None:
+    """Names are shown to people (terminals, the dashboard): a control character in one is refused."""
+    router = await herd.start()
+    assert herd.admin is not None
+    for name in ("a\x1b[31mb", "line\nbreak", "rtl\u202eevil"):
+        resp = await herd.admin.post("/admin/accounts", json={"name": name, "deposit": 10})
+        assert resp.status_code == 400 and "control characters" in resp.json()["error"]["message"], resp.text
+    assert (await herd.admin.get("/admin/accounts")).json()["data"] == []
+    join = {"url": "http://127.0.0.1:9", "name": "n\x1b[2J", "models": ["m"], "slots": 1}
+    async with httpx.AsyncClient(base_url=router.url) as client:
+        headers = {"Authorization": f"Bearer {HERD_TOKEN}"}
+        assert (await client.post("/herd/join", json=join, headers=headers)).status_code == 400
+        bad_model = {**join, "name": "n", "models": ["m\u2028x"]}
+        assert (await client.post("/herd/join", json=bad_model, headers=headers)).status_code == 400

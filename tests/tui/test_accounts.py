@@ -115,12 +115,16 @@ async def test_names_that_look_like_markup_are_shown_as_sent_and_crash_nothing(h
     try:
         hostile = {"model": "[/x] [bold]m", "prompt": "hello", "max_tokens": 3}
         assert (await client.post("/v1/completions", json=hostile)).status_code == 404
+        # An escape sequence would clear the operator's screen: it is shown escaped, as text.
+        clearing = {**hostile, "model": "\x1b[2J\u202eq"}
+        assert (await client.post("/v1/completions", json=clearing)).status_code == 404
         app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
         async with app.run_test(size=(160, 40)) as pilot:
             log = app.query_one(RequestsLog)
-            await wait_until(pilot, lambda: log.row_count == 1, what="the refused request")
+            await wait_until(pilot, lambda: log.row_count == 2, what="the refused requests")
             await pilot.pause(0.3)
-            assert rows(log)[0][2:4] == ["[i]a[/i]", "[/x] [bold]m"]
+            assert sorted(row[3] for row in rows(log)) == ["[/x] [bold]m", "\\x1b[2J\\u202eq"]
+            assert all(row[2] == "[i]a[/i]" for row in rows(log))
             assert rows(app.query_one(AccountsTable))[0][0] == "[i]a[/i]"
             screen = screen_text(app)
             assert "[/x] [bold]m" in screen and "[i]a[/i]" in screen, screen

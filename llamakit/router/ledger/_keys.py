@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import time
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
+from llamakit.text import unsafe_at
 
 __all__ = [
     "HAS_LIMITS",
@@ -47,11 +47,6 @@ MAX_RATE: Final = 10**12
 # The last second of the year 9999 (UTC): every later time is out of range of Python's datetime.
 MAX_EXPIRY: Final = 253_402_300_799.0
 MAX_KEY_NAME_LEN: Final = 100
-# Characters a name may not hold besides the control characters (Cc): lone surrogates, which no database can
-# store, line and paragraph separators, and the bidirectional controls, which would let a name reorder the
-# text shown after it (in `keys list`, on the dashboard).
-_NOT_IN_NAMES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
-_BIDI_CONTROLS: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def key_name(value: object) -> str | None:
@@ -65,12 +60,12 @@ def key_name(value: object) -> str | None:
     name = value.strip()
     if len(name) > MAX_KEY_NAME_LEN:
         raise ValueError(f"name must be at most {MAX_KEY_NAME_LEN} characters, got {len(name)}")
-    for at, char in enumerate(name):
-        if unicodedata.category(char) in _NOT_IN_NAMES or char in _BIDI_CONTROLS:
-            raise ValueError(
-                f"name must not contain control characters, got U+{ord(char):04X} at position {at}; "
-                "give a name on one line of plain text"
-            )
+    at = unsafe_at(name)  # a line break, a tab, an escape, a bidirectional control …: see llamakit.text
+    if at is not None:
+        raise ValueError(
+            f"name must not contain control characters, got U+{ord(name[at]):04X} at position {at}; "
+            "give a name on one line of plain text"
+        )
     return name or None
 
 
