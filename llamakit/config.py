@@ -56,11 +56,15 @@ def parse_settings(
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        parser.error("; ".join(_problem(error["loc"], error["msg"]) for error in exc.errors()))
+        names = {f.field: f.flag for f in flags}
+        parser.error("; ".join(_problem(error["loc"], error["msg"], names) for error in exc.errors()))
 
 
-def _problem(loc: tuple[int | str, ...], message: str) -> str:
-    """One validation error as the command line says it: the field, if it is one field's, and pydantic's
-    message without its "Value error, " prefix (a check of ours, already phrased for the operator)."""
+def _problem(loc: tuple[int | str, ...], message: str, names: Mapping[str, str]) -> str:
+    """One validation error as the command line says it: the flag, if it is one flag's (`--loop`, not the
+    field `event_loop`), and pydantic's message without its "Value error, " prefix (a check of ours, already
+    phrased for the operator)."""
     message = message.removeprefix("Value error, ")
-    return f"{'.'.join(map(str, loc))}: {message}" if loc else message
+    if not loc:
+        return message
+    return f"{names.get(str(loc[0]), loc[0])}{''.join(f'.{part}' for part in loc[1:])}: {message}"

@@ -77,8 +77,8 @@ def test_the_router_settings_validate_the_credit_value_and_the_currency(capsys: 
         with pytest.raises(SystemExit):
             settings_from_args(argv, env={})
     err = capsys.readouterr().err
-    assert "credit_value: the credit value must be a number" in err
-    assert "currency: the currency must be an ISO 4217 code" in err
+    assert "--credit-value: the credit value must be a number" in err
+    assert "--currency: the currency must be an ISO 4217 code" in err
     with pytest.raises(ValidationError):
         RouterSettings(credit_value="-1")
 
