@@ -425,7 +425,13 @@ class Cluster:
         connection: it is let go when this router's connection ends)."""
         if self._listener is None or self._listener.is_closed():
             log.warning("the connection that listens for the cluster's notifications was lost; reconnecting")
-            await self._listen()
+            try:
+                await self._listen()
+            except RouterIdInUse:
+                # The database still holds the lost connection's lock on this router's id (it has not seen the
+                # connection die yet): try again next round; meanwhile the rest of the round still runs.
+                log.warning("this router's id is still locked by its lost connection; retrying")
+                return False
         if not self.leader and self._listener is not None:
             self.leader = bool(await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", self._leader_key))
             if self.leader:
