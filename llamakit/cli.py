@@ -39,6 +39,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         agent=args.agent,
         db=args.db,
         credit_value=args.credit_value,
+        loop=args.loop,
         currency=args.currency,
     )
     launcher = Launcher(options)
@@ -169,7 +170,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
         "time", "request_id", "account", "key_prefix", "user", "model", "status", "prompt_tokens",
         "completion_tokens", "cost_credits", "cost", "currency",
     ]  # fmt: skip
+    repriced = [r for r in records if r.get("priced_at_current_value")]
+    for record in repriced:  # the price of a record older than the ledger's prices (schema 9) is today's
+        record["cost"] = f"{record['cost']}*"
     table(shown, [[r.get(c) if r.get(c) is not None else "" for c in shown] for r in records])
+    if repriced:
+        print("* priced at the credit value the router runs with now: made before the ledger kept each price")
     return 0
 
 
@@ -215,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "1 per million tokens)",
     )
     up.add_argument("--currency", type=_currency, help="ISO 4217 code of the operator's currency (default USD)")
+    up.add_argument("--loop", choices=("uvloop", "asyncio"), help="the router's event loop (default uvloop)")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)

@@ -47,6 +47,7 @@ class UpOptions:
     agent_interval: float = 5.0
     db: str | None = None  # the router's --db; None: ledger.db in state_dir
     credit_value: str | None = None  # the router's --credit-value; None: its default (or LLAMAKIT_CREDIT_VALUE)
+    loop: str | None = None  # the router's --loop; None: its default, uvloop (or LLAMAKIT_LOOP)
     currency: str | None = None  # the router's --currency
 
 
@@ -151,6 +152,8 @@ class Launcher:
             router += ["--credit-value", opts.credit_value]
         if opts.currency is not None:
             router += ["--currency", opts.currency]
+        if opts.loop is not None:
+            router += ["--loop", opts.loop]
         self._spawn("router", router)
         for model in models:
             port = free_port(opts.host)

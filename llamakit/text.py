@@ -12,13 +12,16 @@ from __future__ import annotations
 import unicodedata
 from typing import Final
 
-__all__ = ["shown", "unsafe_at"]
+__all__ = ["name_problem_at", "shown", "unsafe_at"]
 
 # Unicode general categories that are never text a name needs: control characters (C0, DEL, C1), lone
 # surrogates (which no database stores), and line and paragraph separators.
 _UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cs", "Zl", "Zp"})
 # The bidirectional controls: marks, embeddings, overrides and isolates (Unicode's Bidi_Control property).
 _BIDI_CONTROLS: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# Format characters (Cf) a name may hold: the zero-width non-joiner and joiner, and the tag characters of emoji
+# flag sequences (U+E0020-E007F).
+_NAME_FORMAT_CHARACTERS: Final = frozenset({"\u200c", "\u200d", *map(chr, range(0xE0020, 0xE0080))})
 
 
 def _unsafe(char: str) -> bool:
@@ -28,6 +31,16 @@ def _unsafe(char: str) -> bool:
 def unsafe_at(text: str) -> int | None:
     """The index of the first character of `text` that must not be shown as it is, or None."""
     return next((at for at, char in enumerate(text) if _unsafe(char)), None)
+
+
+def name_problem_at(text: str) -> int | None:
+    """The index of the first character a name may not hold, or None: an unsafe one (see `unsafe_at`), or an
+    invisible format character (U+200B, U+FEFF, a soft hyphen …) that would let two names look the same. The
+    joiners U+200C and U+200D and the tag characters stay allowed: emoji sequences and some scripts need them."""
+    for at, char in enumerate(text):
+        if _unsafe(char) or (unicodedata.category(char) == "Cf" and char not in _NAME_FORMAT_CHARACTERS):
+            return at
+    return None
 
 
 def shown(text: str) -> str:

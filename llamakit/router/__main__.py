@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Nobody else knows a generated secret: print it once, to the operator's terminal only.
             print(f"{what} (generated): {value}", file=sys.stderr)
     print(
-        f"llamakit router on http://{settings.host}:{settings.port} (ledger {redacted(settings.db)})", file=sys.stderr
+        f"llamakit router on http://{settings.host}:{settings.port} (ledger {redacted(settings.db)}, "
+        f"{settings.event_loop} event loop)",
+        file=sys.stderr,
     )
     # The access log costs a tenth of the router's time per request; the usage log already has each one.
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import sys
 import time
 
@@ -124,7 +125,7 @@ async def test_keys_are_named_renamed_and_listed_by_name(herd: Herd) -> None:
     code, out = await llamakit(herd, "keys", "create", "alice", "--name", "x" * 101)
     assert code == 1 and "at most 100 characters" in out
     code, out = await llamakit(herd, "keys", "rename", prefix, "two\nlines")
-    assert code == 1 and "control characters" in out
+    assert code == 1 and "control or invisible characters" in out
     code, out = await llamakit(herd, "keys", "limit", prefix, "--name", "a", "--clear", "name")
     assert code == 1 and "not both" in out
     code, out = await llamakit(herd, "keys", "list", "alice")
@@ -165,6 +166,12 @@ async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
     assert len(list(csv.DictReader(io.StringIO(out)))) == 3
     code, out = await llamakit(herd, "usage", "--since", "2999-01-01", "--csv")
     assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 0
+    # A record from before the ledger kept each record's price is priced at today's value: the table says so.
+    with sqlite3.connect(herd.tmp / "ledger.db") as db:
+        db.execute("UPDATE usage SET credit_value = NULL, currency = NULL WHERE id = 1")
+    code, out = await llamakit(herd, "usage")
+    assert code == 0 and out.count("0.000019*") == 1 and out.count("0.000019  ") == 4, out
+    assert out.splitlines()[-1].startswith("* priced at the credit value the router runs with now")
 
 
 def test_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,7 +67,7 @@ async def test_a_bad_name_or_body_is_a_400_that_changes_nothing(herd: Herd) -> N
 
     for name, words in [
         ("x" * 101, "at most 100 characters, got 101"),
-        ("two\nlines", "control characters, got U+000A"),
+        ("two\nlines", "control or invisible characters, got U+000A"),
         ("nul\u0000", "U+0000"),
         ("flip\u202etxt.exe", "U+202E"),
         (42, "must be a string"),

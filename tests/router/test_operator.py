@@ -284,7 +284,9 @@ async def test_account_and_node_names_are_plain_text_on_one_line(herd: Herd) -> 
     assert herd.admin is not None
     for name in ("a\x1b[31mb", "line\nbreak", "rtl\u202eevil"):
         resp = await herd.admin.post("/admin/accounts", json={"name": name, "deposit": 10})
-        assert resp.status_code == 400 and "control characters" in resp.json()["error"]["message"], resp.text
+        assert resp.status_code == 400 and "control or invisible characters" in resp.json()["error"]["message"], (
+            resp.text
+        )
     assert (await herd.admin.get("/admin/accounts")).json()["data"] == []
     join = {"url": "http://127.0.0.1:9", "name": "n\x1b[2J", "models": ["m"], "slots": 1}
     async with httpx.AsyncClient(base_url=router.url) as client:

@@ -34,3 +34,12 @@ def test_bad_flags_get_messages_an_operator_can_act_on(capsys: pytest.CaptureFix
         settings_from_args(["--cluster", "yes", "--db", "ledger.db"], env={})
     err = capsys.readouterr().err
     assert "error: --cluster needs a PostgreSQL ledger" in err and "Value error" not in err, err
+
+
+def test_llamakit_up_passes_the_event_loop_on() -> None:
+    from llamakit.cli import build_parser
+
+    assert build_parser().parse_args(["up", "--loop", "asyncio"]).loop == "asyncio"
+    assert build_parser().parse_args(["up"]).loop is None  # the router's default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["up", "--loop", "trio"])

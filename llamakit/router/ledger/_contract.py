@@ -34,7 +34,7 @@ from llamakit.currency import CreditValue, format_price, parse_credit_value
 from llamakit.fees import format_bid
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
-from llamakit.text import unsafe_at
+from llamakit.text import name_problem_at
 
 __all__ = [
     "ACCOUNT_KINDS",
@@ -523,10 +523,10 @@ class Ledger(ABC):
         """A new account with a zero balance; AccountExists if `name` is taken, ValueError for a name that is
         empty, longer than MAX_NAME_LEN or holds a control character (see llamakit.text)."""
         _label("name", name, limit=MAX_NAME_LEN)
-        at = unsafe_at(name)
+        at = name_problem_at(name)
         if at is not None:
             raise ValueError(
-                f"name must not contain control characters, got U+{ord(name[at]):04X} at position {at}; "
+                f"name must not contain control or invisible characters, got U+{ord(name[at]):04X} at position {at}; "
                 "give a name on one line of plain text"
             )
         if kind not in ACCOUNT_KINDS:

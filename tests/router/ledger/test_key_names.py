@@ -61,12 +61,15 @@ async def test_names_need_not_be_unique_and_a_revoked_key_keeps_its_name(ledger:
     ("name", "error"),
     [
         ("x" * (MAX_KEY_NAME_LEN + 1), "at most 100 characters, got 101"),
-        ("ci\nrunner", "control characters, got U+000A at position 2"),
+        ("ci\nrunner", "control or invisible characters, got U+000A at position 2"),
         ("tab\there", "U+0009"),
         ("nul\x00", "U+0000"),
         ("evil\u202eexe.txt", "U+202E"),  # right-to-left override: would reorder what is shown after it
         ("line\u2028sep", "U+2028"),
         ("lone \ud800 surrogate", "U+D800"),
+        ("zero\u200bwidth", "U+200B"),  # invisible: two names would look the same
+        ("\ufeffbom", "U+FEFF"),
+        ("soft\u00adhyphen", "U+00AD"),
         (42, "must be a string"),
         (["ci"], "must be a string"),
     ],
