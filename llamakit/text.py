@@ -12,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 from typing import Final
 
-__all__ = ["name_problem_at", "shown", "unsafe_at"]
+__all__ = ["check_name", "shown", "unsafe_at"]
 
 # Unicode general categories that are never text a name needs: control characters (C0, DEL, C1), lone
 # surrogates (which no database stores), and line and paragraph separators.
@@ -33,14 +33,18 @@ def unsafe_at(text: str) -> int | None:
     return next((at for at, char in enumerate(text) if _unsafe(char)), None)
 
 
-def name_problem_at(text: str) -> int | None:
-    """The index of the first character a name may not hold, or None: an unsafe one (see `unsafe_at`), or an
-    invisible format character (U+200B, U+FEFF, a soft hyphen …) that would let two names look the same. The
-    joiners U+200C and U+200D and the tag characters stay allowed: emoji sequences and some scripts need them."""
-    for at, char in enumerate(text):
+def check_name(name: str) -> str:
+    """`name`, if a name may be it; ValueError naming the first character it may not hold: an unsafe one (see
+    `unsafe_at`), or an invisible format character (U+200B, U+FEFF, a soft hyphen …) that would let two names
+    look the same. The joiners U+200C and U+200D and the tag characters stay allowed: emoji sequences and some
+    scripts need them."""
+    for at, char in enumerate(name):
         if _unsafe(char) or (unicodedata.category(char) == "Cf" and char not in _NAME_FORMAT_CHARACTERS):
-            return at
-    return None
+            raise ValueError(
+                f"name must not contain control or invisible characters, got U+{ord(char):04X} at position {at}; "
+                "give a name on one line of plain text"
+            )
+    return name
 
 
 def shown(text: str) -> str:

@@ -34,7 +34,7 @@ from llamakit.currency import CreditValue, format_price, parse_credit_value
 from llamakit.fees import format_bid
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
-from llamakit.text import name_problem_at
+from llamakit.text import check_name
 
 __all__ = [
     "ACCOUNT_KINDS",
@@ -522,13 +522,7 @@ class Ledger(ABC):
     async def create_account(self, name: str, *, kind: str = "user") -> Account:
         """A new account with a zero balance; AccountExists if `name` is taken, ValueError for a name that is
         empty, longer than MAX_NAME_LEN or holds a control character (see llamakit.text)."""
-        _label("name", name, limit=MAX_NAME_LEN)
-        at = name_problem_at(name)
-        if at is not None:
-            raise ValueError(
-                f"name must not contain control or invisible characters, got U+{ord(name[at]):04X} at position {at}; "
-                "give a name on one line of plain text"
-            )
+        check_name(_label("name", name, limit=MAX_NAME_LEN))
         if kind not in ACCOUNT_KINDS:
             raise ValueError(f"kind must be one of {', '.join(ACCOUNT_KINDS)}, got {kind!r}")
         return await self._create_account(name, kind, self._clock())

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Final
 
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
-from llamakit.text import name_problem_at
+from llamakit.text import check_name
 
 __all__ = [
     "HAS_LIMITS",
@@ -60,13 +60,7 @@ def key_name(value: object) -> str | None:
     name = value.strip()
     if len(name) > MAX_KEY_NAME_LEN:
         raise ValueError(f"name must be at most {MAX_KEY_NAME_LEN} characters, got {len(name)}")
-    at = name_problem_at(name)  # a line break, a tab, an escape, a bidirectional control …: see llamakit.text
-    if at is not None:
-        raise ValueError(
-            f"name must not contain control or invisible characters, got U+{ord(name[at]):04X} at position {at}; "
-            "give a name on one line of plain text"
-        )
-    return name or None
+    return check_name(name) or None  # no line break, tab, escape, bidirectional control …: see llamakit.text
 
 
 def day_of(now: float) -> str:
