@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -11,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit import jsontext
 from llamakit.protocol import ApiError, error_body
 
 __all__ = [
@@ -43,7 +43,7 @@ _HTTP_ERROR_TYPES = {
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=json.dumps(data, separators=(",", ":")).encode(),
+        body=jsontext.dumps(data),
         status=status,
         content_type="application/json",
         headers=headers,
@@ -156,7 +156,7 @@ class SseWriter:
 
     async def send(self, data: dict[str, Any], *, flush: bool = True) -> None:
         """Send one event; with `flush=False` it waits for the next flush, to go out in one write with others."""
-        self._pending.append(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        self._pending.append(b"data: " + jsontext.dumps(data) + b"\n\n")
         if flush:
             await self.flush()
 

@@ -124,6 +124,7 @@ class Herd:
         self._heaps: dict[str, list[tuple[float, int, str, int, int, HerdNode]]] = {}
         self._indexed = -1  # len(nodes) when the heaps were built; -1: rebuild before the next pick
         self._contexts: dict[str, int | None] = {}  # by model: see `context`
+        self._served: frozenset[str] | None = None  # see `serves`
         self._entries = 0
         self._tiebreak = itertools.count()
 
@@ -140,7 +141,7 @@ class Herd:
     def _changed(self, node: HerdNode, name: str) -> None:
         object.__setattr__(node, "_version", node._version + 1)
         if name in ("models", "n_ctx"):
-            self._contexts = {}
+            self._contexts, self._served = {}, None
         if self._indexed < 0:
             return  # the heaps are rebuilt before the next pick anyway (and a cluster's router never picks)
         if name != "busy":
@@ -152,7 +153,13 @@ class Herd:
 
     def _stale(self) -> None:
         self._indexed = -1
-        self._contexts = {}
+        self._contexts, self._served = {}, None
+
+    def serves(self, model: str) -> bool:
+        """Whether a node of the herd, up or not, serves `model`. Cached like `context`: no scan per request."""
+        if self._served is None:
+            self._served = frozenset(m for node in self.nodes.values() for m in node.models)
+        return model in self._served
 
     def context(self, model: str) -> int | None:
         """The largest context (tokens per request) among the nodes serving `model`: no request for it can

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from llamakit import jsontext
 from llamakit.fees import (
     FeeSchedule,
     format_bid,
@@ -692,7 +693,7 @@ def _first_token(state: RouterState, paid: PaidRequest) -> None:
 def _transcribe(paid: PaidRequest) -> None:
     """Read the chunks kept since the last time into the transcript, in one parse."""
     if paid.kept:
-        for event in json.loads(b"[" + b",".join(paid.kept) + b"]"):
+        for event in jsontext.loads(b"[" + b",".join(paid.kept) + b"]"):
             _transcribe_event(paid, event)
         paid.kept.clear()
 

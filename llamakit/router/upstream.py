@@ -7,13 +7,13 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import deque
 from typing import Any
 
 import aiohttp
 
+from llamakit import jsontext
 from llamakit.router.herd import HerdNode
 
 __all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream", "parse_event", "token_chunk"]
@@ -79,7 +79,7 @@ class Upstream:
         try:
             resp = await self.session.post(
                 node.url + path,
-                data=json.dumps(body, separators=(",", ":")).encode(),  # bytes: aiohttp encodes a str again
+                data=jsontext.dumps(body),  # bytes: aiohttp encodes a str again
                 headers={**self.headers, REQUEST_ID_HEADER: request_id},
                 timeout=self.timeout,
             )
@@ -105,7 +105,7 @@ class Upstream:
     async def complete(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         resp = await self._post(node, path, body, request_id)
         try:
-            data: dict[str, Any] = await resp.json()
+            data: dict[str, Any] = jsontext.loads(await resp.read())
         except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
             hung = isinstance(exc, TimeoutError)
             raise NodeFailed(f"node {node.name} broke off its answer: {exc!r}", down=True, hung=hung) from exc
@@ -153,7 +153,7 @@ def token_chunk(payload: bytes, prefix: bytes) -> tuple[bytes, int, int] | None:
 def parse_event(node: HerdNode, payload: bytes) -> dict[str, Any]:
     """One event of `node`'s stream as a dict; StreamBroken if it is not a JSON object."""
     try:
-        event = json.loads(payload)
+        event = jsontext.loads(payload)
     except ValueError as exc:
         raise StreamBroken(f"node {node.name} broke off its stream: {exc!r}") from exc
     if not isinstance(event, dict):

@@ -107,7 +107,7 @@ async def test_usage_cost_is_the_exact_price_at_the_default_credit_value(herd: H
     alice = await herd.account("alice", 10_000)
     resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50})
     # 10 + 7 + 2 × 8 = 33 credits; a credit is a millionth of a US dollar by default.
-    assert '"cost":3.3e-05,"cost_credits":33' in resp.text
+    assert '"cost":0.000033,"cost_credits":33' in resp.text  # the shortest text of the double nearest 33e-6
     assert resp.headers["X-Llamakit-Cost"] == "0.000033"
     assert resp.headers["X-Llamakit-Cost-Credits"] == "33"
     assert resp.headers["X-Llamakit-Currency"] == "USD"

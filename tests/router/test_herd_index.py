@@ -52,7 +52,7 @@ def test_the_pick_index_agrees_with_a_scan_of_the_herd() -> None:
                 assert herd.pick(model) is scan(herd, model)
 
 
-def test_the_largest_context_agrees_with_a_scan_through_changes() -> None:
+def test_the_largest_context_and_the_models_served_agree_with_a_scan_through_changes() -> None:
     rng = random.Random(11)
     herd = Herd()
     for i in range(20):
@@ -62,7 +62,7 @@ def test_the_largest_context_agrees_with_a_scan_through_changes() -> None:
         if op < 0.3:
             rng.choice(nodes).n_ctx = rng.choice([512, 2048, 8192])
         elif op < 0.4:
-            rng.choice(nodes).models = rng.sample(["a", "b"], rng.randint(1, 2))
+            rng.choice(nodes).models = rng.sample(["a", "b", "c"], rng.randint(1, 2))
         elif op < 0.7:
             node = rng.choice(nodes)
             node.busy = rng.randint(0, 2)
@@ -76,6 +76,8 @@ def test_the_largest_context_agrees_with_a_scan_through_changes() -> None:
         sizes = [n.n_ctx for n in herd.nodes.values() if model in n.models]
         want = max(sizes) if sizes and None not in sizes else None  # type: ignore[type-var]
         assert herd.context(model) == want
+        for name in "abcd":  # the set of models served, cached like the contexts
+            assert herd.serves(name) == any(name in n.models for n in herd.nodes.values())
 
 
 class _CountingNodes(dict[str, HerdNode]):
