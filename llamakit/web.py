@@ -166,6 +166,10 @@ class SseWriter:
         if flush:
             await self.flush()
 
+    def queue_raw(self, data: bytes) -> None:
+        """`send_raw(data, flush=False)` without a coroutine: for a relay's many chunks between two flushes."""
+        self._pending.append(b"data: " + data + b"\n\n")
+
     async def flush(self) -> None:
         if self._pending:
             events = b"".join(self._pending)

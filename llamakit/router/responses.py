@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit import jsontext
 from llamakit.protocol import ApiError, ChatCompletionRequest, validate_request
 from llamakit.responses_protocol import (
     ResponseEvents,
@@ -58,7 +59,10 @@ class ResponsesSseWriter(SseWriter):
         await self._write(self.events.feed(data), flush=flush)
 
     async def send_raw(self, data: bytes, *, flush: bool = True) -> None:
-        await self.send(json.loads(data), flush=flush)
+        await self.send(jsontext.loads(data), flush=flush)
+
+    def queue_raw(self, data: bytes) -> None:
+        self._queue(self.events.feed(jsontext.loads(data)))
 
     async def done(self) -> None:
         """The events that end the response and the end of the body, in one write (no `[DONE]`)."""
@@ -74,7 +78,7 @@ class ResponsesSseWriter(SseWriter):
 
     def _queue(self, events: list[dict[str, Any]]) -> None:
         for event in events:
-            data = json.dumps(event, separators=(",", ":")).encode()
+            data = jsontext.dumps(event)
             self._pending.append(b"event: " + event["type"].encode() + b"\ndata: " + data + b"\n\n")
 
 

@@ -584,9 +584,16 @@ async def _relay(
         for i, payload in enumerate(first):
             last = i == len(first) - 1
             await _forward(state, paid, node, sse, payload, prefix, delivered, flush=last and not events.buffered)
-        async for payload in events:
-            flush = not (events.buffered or events.ended)
-            await _forward(state, paid, node, sse, payload, prefix, delivered, flush=flush)
+        # Then every read's events in one go: a token chunk costs no coroutine of its own.
+        while batch := await events.batch():
+            for payload in batch:
+                token = token_chunk(payload, prefix)
+                if token is not None:
+                    _pass_token(state, paid, sse, token, delivered)
+                else:
+                    await _forward(state, paid, node, sse, payload, prefix, delivered, flush=False)
+            if not events.ended:  # else [DONE] goes out with them, below
+                await sse.flush()
         await sse.done()
     except StreamBroken as exc:
         # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
@@ -633,14 +640,9 @@ async def _forward(
 ) -> None:
     token = token_chunk(payload, prefix)
     if token is not None:  # the common case: the node's bytes, passed on without their counts
-        chunk, prompt_tokens, completion_tokens = token
-        await sse.send_raw(chunk, flush=flush)
-        delivered["prompt_tokens"], delivered["completion_tokens"] = prompt_tokens, completion_tokens
-        _first_token(state, paid)
-        if paid.kept is not None:
-            paid.kept.append(chunk)
-            if len(paid.kept) >= KEPT_CHUNKS:
-                _transcribe(paid)
+        _pass_token(state, paid, sse, token, delivered)
+        if flush:
+            await sse.flush()
         return
     event = parse_event(node, payload)
     _transcribe(paid)  # what came before this event first
@@ -677,6 +679,20 @@ async def _forward(
         _first_token(state, paid)
     if paid.kept is not None:
         _transcribe_event(paid, event)
+
+
+def _pass_token(
+    state: RouterState, paid: PaidRequest, sse: SseWriter, token: tuple[bytes, int, int], delivered: dict[str, int]
+) -> None:
+    """Queue a token chunk (see upstream.token_chunk) for the client, and count what it delivered."""
+    chunk, prompt_tokens, completion_tokens = token
+    sse.queue_raw(chunk)
+    delivered["prompt_tokens"], delivered["completion_tokens"] = prompt_tokens, completion_tokens
+    _first_token(state, paid)
+    if paid.kept is not None:
+        paid.kept.append(chunk)
+        if len(paid.kept) >= KEPT_CHUNKS:
+            _transcribe(paid)
 
 
 def _chunk_prefix(paid: PaidRequest) -> bytes:

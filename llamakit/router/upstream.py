@@ -187,6 +187,20 @@ class EventStream:
     def ended(self) -> bool:
         return self._done
 
+    async def batch(self) -> list[bytes]:
+        """Every event that has arrived and not been taken (reading if none has), in order; [] once the stream
+        has ended with `[DONE]`. A relay handles them in one go and passes them on in one write."""
+        while not self._ready:
+            if self._done:
+                await self.aclose()
+                return []
+            if self._closed:
+                return []
+            await self._read()
+        ready = list(self._ready)
+        self._ready.clear()
+        return ready
+
     def __aiter__(self) -> EventStream:
         return self
 
