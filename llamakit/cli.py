@@ -26,7 +26,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import importlib.util
 
     from llamakit.catalog import ModelNotAvailable
-    from llamakit.launcher import Launcher, UpOptions
+    from llamakit.launcher import HerdRunning, Launcher, UpOptions
 
     options = UpOptions(
         state_dir=Path(args.state_dir),
@@ -41,14 +41,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         credit_value=args.credit_value,
         loop=args.loop,
         currency=args.currency,
+        profile=Path(args.profile).expanduser() if args.profile else None,
     )
-    launcher = Launcher(options)
+    try:
+        launcher = Launcher(options)
+    except HerdRunning as exc:
+        print(f"llamakit up: {exc}", file=sys.stderr)
+        return 1
     print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
     try:
         profile = launcher.start()
+        where = launcher.profile_path
+        if launcher.profile_kept is not None:  # the default profile stays with the herd that still runs
+            note = (
+                f"profile written to {where}: the default one ({profile_path()}) stays with the herd at "
+                f"{launcher.profile_kept}, which still runs; to use this herd from the SDK and llamakit-tui:\n\n"
+                f"  export LLAMAKIT_PROFILE={where}\n"
+            )
+        elif where != profile_path():
+            note = f"profile written to {where}; for the SDK and llamakit-tui:\n\n  export LLAMAKIT_PROFILE={where}\n"
+        else:
+            note = f"profile written to {where} (the SDK and llamakit-tui read it)\n\n"
         print(
             f"\nllamakit is up: {profile.url}  models {', '.join(launcher.models) or profile.model}\n"
-            f"profile written to {options.profile or profile_path()} (the SDK and llamakit-tui read it)\n\n"
+            f"{note}"
             f"  export LLAMAKIT_URL={profile.url}\n"
             f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
             "Ctrl-C stops the herd.",
@@ -222,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--currency", type=_currency, help="ISO 4217 code of the operator's currency (default USD)")
     up.add_argument("--loop", choices=("uvloop", "asyncio"), help="the router's event loop (default uvloop)")
+    up.add_argument(
+        "--profile",
+        help="where to write the client profile (default: $LLAMAKIT_PROFILE, else ~/.config/llamakit/profile.json; "
+        "profile-PORT.json beside it when that one names another herd that still runs)",
+    )
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)

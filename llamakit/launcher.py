@@ -7,6 +7,7 @@ account survive a restart.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ from types import FrameType
 import httpx
 
 from llamakit.catalog import CATALOG, DEFAULT_MODEL, ModelNotAvailable
-from llamakit.profile import Profile, read_profile, write_profile
+from llamakit.profile import Profile, profile_path, read_profile, write_profile
 
 __all__ = ["Launcher", "UpOptions", "installed_models"]
 
@@ -49,6 +50,57 @@ class UpOptions:
     credit_value: str | None = None  # the router's --credit-value; None: its default (or LLAMAKIT_CREDIT_VALUE)
     loop: str | None = None  # the router's --loop; None: its default, uvloop (or LLAMAKIT_LOOP)
     currency: str | None = None  # the router's --currency
+
+
+class HerdRunning(RuntimeError):
+    """Another `llamakit up` runs from the same state directory (its ledger, secrets and logs)."""
+
+
+def claim_state_dir(state_dir: Path, url: str) -> int:
+    """Lock `state_dir` for this herd (the lock goes with the process, however it ends); returns the lock's file
+    descriptor, to keep open while the herd runs. HerdRunning, naming the running herd, when it is taken."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "up.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 1024).decode(errors="replace").strip() or "another llamakit up"
+        os.close(fd)
+        raise HerdRunning(
+            f"a herd already runs from {state_dir} ({holder}); stop it first, or give this one a state "
+            "directory of its own: --state-dir DIR (and --port, --profile)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"router {url}, pid {os.getpid()}\n".encode())
+    return fd
+
+
+def profile_target(url: str, chosen: Path | None) -> tuple[Path, str | None]:
+    """Where `llamakit up` serving `url` writes its profile, and the URL of another running herd whose profile
+    it leaves alone (None when it replaces none).
+
+    `chosen` (--profile) is used as given. Otherwise the default profile (see profile.profile_path), unless
+    that names another router that still answers: then `profile-<port>.json` beside it, so that the SDK and
+    the dashboard keep finding the herd they were pointed at.
+    """
+    if chosen is not None:
+        return chosen, None
+    default = profile_path()
+    try:
+        saved = read_profile(default)
+    except ValueError:  # unreadable: nothing worth keeping
+        return default, None
+    if saved is None or saved.url == url or not _answers(saved.url):
+        return default, None
+    port = url.rsplit(":", 1)[-1].strip("/")
+    return default.with_name(f"{default.stem}-{port}{default.suffix}"), saved.url
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 
 def installed_models() -> list[str]:
@@ -111,7 +163,9 @@ class Launcher:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.url = f"http://{options.host}:{options.port}"
-        options.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock: int | None = claim_state_dir(options.state_dir, self.url)
+        # Where start() writes the profile, and the running herd whose profile it left alone, if any.
+        self.profile_path, self.profile_kept = profile_target(self.url, options.profile)
         self.logs = options.state_dir / "logs"
         self.logs.mkdir(exist_ok=True)
         keys = _secrets(options.state_dir)
@@ -173,7 +227,7 @@ class Launcher:
             self._spawn(f"node-{model}", args)
         self._wait_ready(models)
         profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])
-        write_profile(profile, opts.profile)
+        write_profile(profile, self.profile_path)
         if opts.agent:
             self._start_agent()
         self._supervisor = threading.Thread(target=self._supervise, name="llamakit-up-supervisor", daemon=True)
@@ -271,7 +325,7 @@ class Launcher:
         """The dev account's key: the saved one if it still works, else a new one (keys are shown only once)."""
         headers = {"Authorization": f"Bearer {self.admin_key}"}
         with httpx.Client(base_url=self.url, headers=headers, timeout=10) as admin:
-            saved = read_profile(self.options.profile)
+            saved = read_profile(self.profile_path)
             if saved is not None and saved.api_key and saved.url == self.url:
                 check = admin.get("/v1/account", headers={"Authorization": f"Bearer {saved.api_key}"})
                 if check.status_code == 200:
@@ -314,3 +368,6 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._lock is not None:  # the state directory is free for the next herd
+            os.close(self._lock)
+            self._lock = None
