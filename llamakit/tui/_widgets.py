@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from rich.text import Text
@@ -589,6 +590,16 @@ class QueuePanel(Vertical):
                 row.show(entry.depth, entry.oldest_wait, history.queue_values(model))
 
 
+def _credit_subtitle(value: Decimal, currency: str, width: int) -> str:
+    """What a credit is worth, in the longest wording that fits a border `width` cells wide (a border title
+    longer than its border is cut short): a long credit value falls back to scientific notation."""
+    plain = format_price(value)
+    forms = [f"credits · 1 = {plain} {currency}", f"1 credit = {plain} {currency}", f"1 = {plain} {currency}"]
+    forms.append(f"1 = {value.normalize():E} {currency}".replace("E-0", "E-").replace("E+0", "E+"))
+    room = width - 6  # "╰─ " and " ─╯"
+    return next((form for form in forms if len(form) <= room), forms[-1]) if width > 0 else forms[0]
+
+
 class FeesPanel(Vertical):
     """Fees earned in credits, in total (and its price in the operator's currency) and per minute with a
     sparkline; request counts and latency below."""
@@ -628,7 +639,7 @@ class FeesPanel(Vertical):
             self.border_subtitle = ""
         else:
             _set(price, Text(f"{'in ' + money.currency:<12}{format_price(money.price(fees.earned)):>14}", style="dim"))
-            self.border_subtitle = f"credits · 1 = {format_price(money.value)} {money.currency}"
+            self.border_subtitle = _credit_subtitle(money.value, money.currency, self.outer_size.width)
         _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
         self.query_one(Sparkline).data = history.fee_values()
         # Refusals have their own panel; "failed" is what went wrong after a request was taken.

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from decimal import Decimal
 from typing import Any
 
 import pytest
 
 from llamakit.tui import AccountsTable, DashboardApp, RefusalsPanel, RequestsLog, RouterStats
+from llamakit.tui._widgets import FeesPanel
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode
 from tests.tui.conftest import ADMIN_KEY
@@ -130,3 +133,18 @@ async def test_names_that_look_like_markup_are_shown_as_sent_and_crash_nothing(h
             assert "[/x] [bold]m" in screen and "[i]a[/i]" in screen, screen
     finally:
         await client.aclose()
+
+
+async def test_a_long_credit_value_is_shown_whole_on_the_fees_panel(herd: Herd) -> None:
+    await herd.add_node(FakeNode("alpha", slots=2))
+    router = await herd.start(credit_value="0.000000000000123456", currency="eur")
+    app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
+    for width in (160, 100):
+        async with app.run_test(size=(width, 40)) as pilot:
+            panel = app.query_one(FeesPanel)
+            await wait_until(pilot, lambda: bool(panel.border_subtitle), what="the credit value")  # noqa: B023
+            await pilot.pause(0.3)
+            screen = screen_text(app)
+            shown = re.search(r"1 = ([0-9.E-]+) EUR", screen)
+            assert shown is not None and Decimal(shown[1]) == Decimal("0.000000000000123456"), screen
+        app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
