@@ -19,6 +19,8 @@ stream (`ResponseEvents`). The shapes follow OpenAI's API spec (`CreateResponse`
     message.tool_calls[i]                    {"type": "function_call", "call_id", "name", "arguments"}
     finish_reason "length"                   status "incomplete", incomplete_details.reason "max_output_tokens"
     usage.prompt_tokens / completion_tokens  usage.input_tokens / output_tokens (+ llamakit's cost, cost_credits)
+    logprobs.content (with `include:         output_text.logprobs, and each output_text.delta's logprobs
+     ["message.output_text.logprobs"]`)      (`top_logprobs` alternatives per token, 0-20)
 
 Nothing is stored: `store: true`, `previous_response_id` and `conversation` are refused with a 400 that says so,
 and so is every other field llamakit does not act on (never a silent drop).
@@ -33,7 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from llamakit.embeddings_protocol import validate_body
-from llamakit.protocol import ApiError, ChatCompletionRequest, ChatMessage
+from llamakit.protocol import MAX_TOP_LOGPROBS, ApiError, ChatCompletionRequest, ChatMessage
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -65,6 +67,7 @@ RESPONSES_FIELDS = frozenset(
         "user",
         "truncation",
         "include",
+        "top_logprobs",
         "background",
         "bid",
     }
@@ -77,7 +80,6 @@ _REFUSALS = {
     "conversation": f"{_NOT_KEPT} or conversations: send the whole conversation in 'input'",
     "prompt": "stored prompt templates are not kept here: send the text in 'instructions' and 'input'",
     "reasoning": "no model served here reasons in a separate channel; leave 'reasoning' out",
-    "top_logprobs": "log probabilities are not returned by /v1/responses here; use /v1/chat/completions",
     "max_tool_calls": "the number of tool calls is not limited here; leave 'max_tool_calls' out",
     "service_tier": "there is one tier; raise the 'bid' to be served sooner",
 }
@@ -133,13 +135,23 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     user: str | None = None
     truncation: Literal["disabled"] | None = None
-    include: list[str] | None = Field(default=None, max_length=0)
+    include: list[Literal["message.output_text.logprobs"]] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     background: Literal[False] | None = None
     bid: StrictInt | StrictFloat | None = None
 
     @property
     def format(self) -> TextFormat | None:
         return None if self.text is None else self.text.format
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether the output text carries its tokens' log probabilities: only when `include` asks for
+        them, as OpenAI's API has it (`top_logprobs` alone sets how many alternatives, and returns none)."""
+        return LOGPROBS_INCLUDE in (self.include or ())
+
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
@@ -163,8 +175,15 @@ def parse_responses_request(data: dict[str, Any]) -> ResponsesRequest:
         raise ApiError(
             400, "only 'truncation': 'disabled' is supported: a too-long input is refused", param="truncation"
         )
-    if data.get("include"):
-        raise ApiError(400, "'include' asks for items llamakit does not make; leave it out", param="include")
+    include = data.get("include")
+    for item in include if isinstance(include, list) else ():
+        if item != LOGPROBS_INCLUDE:
+            raise ApiError(
+                400,
+                f"'include' asks for {item!r}, which llamakit does not make; it can include {LOGPROBS_INCLUDE!r}",
+                param="include",
+                code=_UNSUPPORTED,
+            )
     if "input" not in data:
         raise ApiError(400, "'input' is required: a string, or a list of messages and items", param="input")
     req = validate_body(ResponsesRequest, data)
@@ -298,6 +317,8 @@ def chat_body(req: ResponsesRequest, *, stream: bool) -> dict[str, Any]:
         if fmt.strict is not None:
             schema["strict"] = fmt.strict
         body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if req.logprobs:
+        body["logprobs"], body["top_logprobs"] = True, req.top_logprobs or 0
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -426,7 +447,7 @@ class ResponseEvents:
             # A completion-shaped chunk (`text`) is read as content too, as the SDK reads either shape.
             text = delta.get("content") or choice.get("text")
             if text:
-                events += self._text(text)
+                events += self._text(text, _logprob_entries(choice.get("logprobs")))
             for call in delta.get("tool_calls") or ():
                 events += self._call(call)
             if choice.get("finish_reason"):
@@ -439,18 +460,20 @@ class ResponseEvents:
         """The events that end a stream that had no usage chunk (the client did not get one)."""
         return [] if self.finished else self._finish(None)
 
-    def _text(self, piece: str) -> Iterator[dict[str, Any]]:
+    def _text(self, piece: str, logprobs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from self._open_message()
         assert self._message is not None
         part = self.output[self._message]["content"][0]
         part["text"] += piece
+        if self.req.logprobs:
+            part["logprobs"] += logprobs
         yield self._event(
             "response.output_text.delta",
             item_id=f"msg_{self._suffix}",
             output_index=self._message,
             content_index=0,
             delta=piece,
-            logprobs=[],
+            logprobs=_event_logprobs(logprobs) if self.req.logprobs else [],
         )
 
     def _open_message(self) -> Iterator[dict[str, Any]]:
@@ -476,7 +499,8 @@ class ResponseEvents:
         item["status"] = status
         part = item["content"][0]
         common = {"item_id": item["id"], "output_index": index, "content_index": 0}
-        yield self._event("response.output_text.done", **common, text=part["text"], logprobs=[])
+        logprobs = _event_logprobs(part["logprobs"])
+        yield self._event("response.output_text.done", **common, text=part["text"], logprobs=logprobs)
         yield self._event("response.content_part.done", **common, part=dict(part))
         yield self._event("response.output_item.done", output_index=index, item=_copy(item))
 
@@ -554,6 +578,28 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
+def _logprob_entries(logprobs: Any) -> list[dict[str, Any]]:
+    """A chat choice's `logprobs.content` entries (`token`, `logprob`, `bytes`, `top_logprobs`): the shape of
+    a Responses `output_text`'s `logprobs` too; [] when the choice has none."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return [entry for entry in content if isinstance(entry, dict)] if isinstance(content, list) else []
+
+
+def _event_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Entries as the `response.output_text.delta` and `.done` events carry them: `token`, `logprob` and
+    `top_logprobs` of `token` and `logprob` (no `bytes`, per OpenAI's ResponseTextDeltaEvent)."""
+    return [
+        {
+            "token": entry.get("token"),
+            "logprob": entry.get("logprob"),
+            "top_logprobs": [
+                {"token": top.get("token"), "logprob": top.get("logprob")} for top in entry.get("top_logprobs") or ()
+            ],
+        }
+        for entry in entries
+    ]
+
+
 def _copy(item: dict[str, Any]) -> dict[str, Any]:
     return {**item, "content": [dict(p) for p in item.get("content", [])]}
 
@@ -570,7 +616,8 @@ def chat_chunks(answer: dict[str, Any]) -> list[dict[str, Any]]:
     calls = message.get("tool_calls") or []
     if calls:
         delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-    chunks = [{"choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}]}]
+    finish = choice.get("finish_reason") or "stop"
+    chunks = [{"choices": [{"index": 0, "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": finish}]}]
     if answer.get("usage"):
         chunks.append({"choices": [], "usage": answer["usage"]})
     return chunks

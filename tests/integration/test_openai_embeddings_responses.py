@@ -157,6 +157,43 @@ async def test_a_streamed_response_with_create(client: AsyncOpenAI, herd: LiveHe
     assert await charges(herd) == before + final.usage.model_extra["cost_credits"]  # type: ignore[index]
 
 
+async def test_logprobs_of_a_response_are_the_chat_completions_whole_and_streamed(client: AsyncOpenAI) -> None:
+    question = "Name three fruits."
+    chat = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=6, temperature=0, logprobs=True,
+        top_logprobs=3,
+    )  # fmt: skip
+    assert chat.choices[0].logprobs is not None and chat.choices[0].logprobs.content is not None
+    # The tokens chosen, as the text is (the alternatives' order may differ by a float between two runs).
+    want = [(e.token, e.bytes) for e in chat.choices[0].logprobs.content]
+    include: list[Any] = ["message.output_text.logprobs"]
+
+    whole = await client.responses.create(
+        model=MODEL, input=question, max_output_tokens=6, temperature=0, include=include, top_logprobs=3
+    )
+    part = whole.output[0].content[0]  # type: ignore[union-attr]
+    assert part.type == "output_text" and part.text == chat.choices[0].message.content
+    assert part.logprobs is not None and len(part.logprobs) == whole.usage.output_tokens == len(want)  # type: ignore[union-attr]
+    assert [(e.token, e.bytes) for e in part.logprobs] == want
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in part.logprobs)
+
+    stream = await client.responses.create(
+        model=MODEL, input=question, max_output_tokens=6, temperature=0, include=include, top_logprobs=3, stream=True
+    )
+    streamed, done = [], None
+    async for event in stream:
+        if event.type == "response.output_text.delta":
+            streamed += [(e.token, len(e.top_logprobs or ())) for e in event.logprobs]
+        if event.type == "response.output_text.done":
+            done = [(e.token, len(e.top_logprobs or ())) for e in event.logprobs]
+    assert streamed == done == [(token, 3) for token, _ in want]
+
+    plain = await client.responses.create(
+        model=MODEL, input=question, max_output_tokens=6, temperature=0, top_logprobs=3
+    )
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]  # OpenAI's too: only with include
+
+
 class Grade(BaseModel):
     grade: Literal[1, 2, 3, 4, 5]
 
