@@ -98,9 +98,8 @@ async def test_every_library_call_was_settled(live_herd: LiveHerd) -> None:
 
 async def test_litellm_books_usage_cost_as_the_price_in_dollars(live_herd: LiveHerd) -> None:
     """litellm takes an OpenRouter-style `usage.cost` as the upstream's charge in US dollars: its `openrouter/`
-    models send `usage: {"include": true}` and record `usage.cost` as the call's `response_cost`. litellm is not
-    a dependency of llamakit; `pip install litellm` to run this (checked with litellm 1.79.3)."""
-    litellm = pytest.importorskip("litellm")
+    models send `usage: {"include": true}` and record `usage.cost` as the call's `response_cost`."""
+    import litellm
 
     before = await spent(live_herd)
     reply = await litellm.acompletion(
@@ -115,3 +114,33 @@ async def test_litellm_books_usage_cost_as_the_price_in_dollars(live_herd: LiveH
     assert reply.usage.cost_credits == credits > 0
     # A credit is a millionth of a dollar by default: 60 credits are booked as $0.00006, not $60.
     assert reply._hidden_params["response_cost"] == reply.usage.cost == credits / 10**6
+
+
+async def test_litellm_as_an_openai_compatible_server_whole_and_streamed(live_herd: LiveHerd) -> None:
+    """litellm's `openai/` provider, pointed at the router, as its docs say to use any OpenAI-compatible server."""
+    import litellm
+
+    common = {
+        "model": f"openai/{MODEL}",
+        "api_base": live_herd.router.url + "/v1",
+        "api_key": live_herd.api_key,
+        "messages": [{"role": "user", "content": "Count from one to five."}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    before = await spent(live_herd)
+    whole = await litellm.acompletion(**common)
+    assert whole.choices[0].message.content and whole.usage.completion_tokens <= 12
+    charged = await spent(live_herd) - before
+    assert charged == whole.usage.cost_credits > 0
+
+    stream = await litellm.acompletion(**common, stream=True, stream_options={"include_usage": True})
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if getattr(chunk, "usage", None) is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == whole.choices[0].message.content  # greedy, the same prompt: the same text
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+    assert await spent(live_herd) - before == 2 * charged
