@@ -226,8 +226,9 @@ async def test_meter_as_an_async_context_manager_sees_its_tasks_only() -> None:
 
 
 def test_generate_many_keeps_order_survives_failures_and_bounds_concurrency(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as where tqdm is not installed: the text counter
     active, peak, lock = 0, 0, threading.Lock()
 
     def slow(request: httpx.Request) -> httpx.Response:
@@ -256,7 +257,7 @@ def test_generate_many_keeps_order_survives_failures_and_bounds_concurrency(
     assert str(frame["text"].dtype) == "string" and str(frame["cost_credits"].dtype) == "Int64"
     assert m.calls == 14 and len(client.usage_records) == 14
     err = capsys.readouterr().err
-    assert "generate_many: 14/14 (100%)" in err  # tqdm is not installed: the text counter
+    assert "generate_many: 14/14 (100%)" in err
     with pytest.raises(ValueError, match="concurrency"):
         client.generate_many(["x"], concurrency=0)
     with pytest.raises(ValueError, match="idempotency key per prompt"):
@@ -341,3 +342,14 @@ def test_a_meter_does_not_add_up_prices_in_different_currencies() -> None:
     assert m.cost_credits == 20 and m.summary().endswith("· 20 credits")
     with pytest.raises(ValueError, match="priced in EUR, USD"):
         _ = m.cost
+
+
+def test_generate_many_draws_tqdms_bar_where_tqdm_is_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tqdm")
+    client = sdk.Client(
+        url=URL, api_key="lk", usage_log=None, http_client=httpx.Client(transport=httpx.MockTransport(answer))
+    )
+    frame = client.generate_many([f"ok {i}" for i in range(5)], concurrency=2)
+    assert list(frame["text"]) == [f"OK {i}" for i in range(5)]
+    err = capsys.readouterr().err
+    assert "generate_many: 100%" in err and "5/5" in err and "(100%)" not in err  # tqdm's bar, not the counter
