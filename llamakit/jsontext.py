@@ -1,4 +1,4 @@
-"""JSON text on the request path, through orjson: several times faster than the standard library's json.
+r"""JSON text on the request path, through orjson: several times faster than the standard library's json.
 
 The router reads and writes JSON several times per request (a node's answer, the chunks it keeps, the
 answer it sends back); with the standard library that was about a tenth of its event loop's time. orjson
@@ -7,9 +7,10 @@ shortest form that reads back as the same float (`4.5e-05` comes out as `0.00004
 
 Where the two differ:
 
-- `dumps` falls back to `json` for what orjson refuses (integers past 64 bits, dict keys that are not
-  strings). NaN and the infinities, which JSON cannot spell, come out as `null` (json wrote `NaN`, which
-  no strict parser reads).
+- `dumps` falls back to `json` (ASCII, `\u` escapes) for what orjson refuses: integers past 64 bits, dict
+  keys that are not strings, strings with a lone surrogate (`"\ud800"`, which a client can send escaped and
+  UTF-8 cannot hold), and nesting deeper than orjson's 254 levels. NaN and the infinities, which JSON
+  cannot spell, come out as `null` (json wrote `NaN`, which no strict parser reads).
 - `loads` falls back to `json` for text orjson refuses, so it reads what `json.loads` reads (`NaN`,
   `Infinity`); orjson reads an integer past 64 bits as a float. It is for JSON that llamakit's own parts
   write (a node's answers and chunks); a client's body goes through `llamakit.protocol.parse_json`.
@@ -29,8 +30,8 @@ def dumps(value: Any) -> bytes:
     """`value` as compact JSON text in UTF-8; TypeError for a value JSON cannot hold."""
     try:
         return orjson.dumps(value)
-    except TypeError:  # an integer past 64 bits, or a dict key that is not a string: json takes these
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    except TypeError:  # see above: json takes these, and escapes what UTF-8 cannot hold
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def loads(text: bytes | str) -> Any:

@@ -475,7 +475,8 @@ _SCHEMA_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "m
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
-    """A JSON object from a request body, or a 400 that says what is wrong with it."""
+    """A JSON object from a request body, or a 400 that says what is wrong with it: not JSON, not an object,
+    or nested more than MAX_BODY_DEPTH levels deep."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -484,7 +485,27 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    if _deeper_than(data, MAX_BODY_DEPTH):
+        raise ApiError(400, f"the request body nests more than {MAX_BODY_DEPTH} levels deep", code="invalid_json")
     return data
+
+
+# No request of OpenAI's API nests nearly this deep; a body that does is refused before it is written again
+# (to a node, into an error), where deeper JSON costs a RecursionError instead of an answer.
+MAX_BODY_DEPTH = 128
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values() if isinstance(value, dict | list))
+        elif isinstance(node, list):
+            stack.extend((item, depth + 1) for item in node if isinstance(item, dict | list))
+    return False
 
 
 def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:

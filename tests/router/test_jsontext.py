@@ -42,3 +42,11 @@ def test_it_reads_what_json_reads_and_refuses_what_json_refuses() -> None:
         jsontext.loads(b'{"x": ')
     with pytest.raises(ValueError):
         jsontext.loads(b"\xff")
+
+
+def test_a_lone_surrogate_and_deep_nesting_are_written_by_json() -> None:
+    assert jsontext.dumps({"prompt": "Hi \ud800"}) == b'{"prompt":"Hi \\ud800"}'
+    deep: list[object] = []
+    for _ in range(300):  # past orjson's 254 levels
+        deep = [deep]
+    assert json.loads(jsontext.dumps(deep)) == deep

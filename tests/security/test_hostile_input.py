@@ -157,6 +157,13 @@ def test_event_bodies(target: Target, body: Any) -> None:
         (b'{"prompt": "x", "max_tokens": 2, "surprise": {"deep": [1, 2]}}', 400, "'surprise' is not supported"),
         (b'{"prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
         (b'{"prompt": "x" }' + b" " * 70_000, 413, "too large"),
+        # A lone surrogate, as a client that cuts a string inside an emoji sends it: JSON can escape it, UTF-8
+        # cannot hold it; served like any other text, and named as sent in a refusal.
+        (b'{"prompt": "Hi \\ud800 there", "max_tokens": 2}', 200, ""),
+        (b'{"prompt": "Hi", "stop": ["\\udfff"], "max_tokens": 2}', 200, ""),
+        (b'{"prompt": "Hi", "max_tokens": 2, "bogus\\ud800": 1}', 400, "is not supported"),
+        # Deep enough for the standard library to read, too deep to be written again.
+        (b'{"prompt": "x", "max_tokens": 2, "stop": ' + b"[" * 200 + b"]" * 200 + b"}", 400, "more than 128 levels"),
     ],
 )
 def test_specific_hostile_bodies(target: Target, content: bytes, status: int, says: str) -> None:
