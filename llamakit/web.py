@@ -145,7 +145,7 @@ class SseWriter:
     ) -> SseWriter:
         response = kind(
             headers={
-                "Content-Type": "text/event-stream",
+                "Content-Type": "text/event-stream; charset=utf-8",  # else text/* reads as Latin-1 (RFC 2046)
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
                 **(headers or {}),

@@ -124,7 +124,8 @@ async def test_a_streamed_response_is_the_responses_event_sequence(herd: Herd) -
     alice = await herd.account("alice", 10_000)
     resp = await alice.post("/v1/responses", json={"input": "one two", "stream": True, "max_output_tokens": 3})
     assert resp.status_code == 200, resp.text
-    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    # UTF-8 said outright: a client that reads text/* without a charset as Latin-1 (requests) gets the emoji right
+    assert resp.headers["Content-Type"] == "text/event-stream; charset=utf-8"
     events = events_of(resp.text)
     names = [name for name, _ in events]
     assert names == [
