@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
@@ -19,7 +20,8 @@ from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.key_admin import key_routes
-from llamakit.router.ledger import UsageRecord, ledger_at
+from llamakit.router.ledger import UsageRecord, backend_of, ledger_at, sqlite_path
+from llamakit.router.ledger._owner import claim_sqlite_ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
@@ -103,7 +105,14 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     # The log is opened first: a hold released here is never found again, so its line must be written now.
     if state.settings.cluster:
         state.ledger.router_id = state.settings.cluster_id
-    await state.ledger.open()
+    db = state.settings.db
+    owned = claim_sqlite_ledger(sqlite_path(db)) if backend_of(db) == "sqlite" else None
+    try:
+        await state.ledger.open()
+    except BaseException:
+        if owned is not None:
+            os.close(owned)
+        raise
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
     # In a cluster the other routers' holds are theirs: only those of routers without a lease are released,
@@ -118,6 +127,8 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     if state.usage_log is not None:
         state.usage_log.close()
     await state.ledger.close()
+    if owned is not None:
+        os.close(owned)
 
 
 async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
