@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import importlib.util
 
     from llamakit.catalog import ModelNotAvailable
-    from llamakit.launcher import HerdRunning, Launcher, UpOptions
+    from llamakit.launcher import Launcher, UpOptions
 
     options = UpOptions(
         state_dir=Path(args.state_dir),
@@ -41,11 +42,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         credit_value=args.credit_value,
         loop=args.loop,
         currency=args.currency,
-        profile=Path(args.profile).expanduser() if args.profile else None,
+        profile=Path(args.profile).expanduser().absolute() if args.profile else None,
     )
     try:
         launcher = Launcher(options)
-    except HerdRunning as exc:
+    except RuntimeError as exc:  # the state directory or the port is taken, or the profile cannot be written
         print(f"llamakit up: {exc}", file=sys.stderr)
         return 1
     print(f"starting the router on {launcher.url} and its nodes (logs in {launcher.logs}) …", flush=True)
@@ -56,10 +57,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             note = (
                 f"profile written to {where}: the default one ({profile_path()}) stays with the herd at "
                 f"{launcher.profile_kept}, which still runs; to use this herd from the SDK and llamakit-tui:\n\n"
-                f"  export LLAMAKIT_PROFILE={where}\n"
+                f"  export LLAMAKIT_PROFILE={shlex.quote(str(where))}\n"
             )
         elif where != profile_path():
-            note = f"profile written to {where}; for the SDK and llamakit-tui:\n\n  export LLAMAKIT_PROFILE={where}\n"
+            quoted = shlex.quote(str(where))
+            note = f"profile written to {where}; for the SDK and llamakit-tui:\n\n  export LLAMAKIT_PROFILE={quoted}\n"
         else:
             note = f"profile written to {where} (the SDK and llamakit-tui read it)\n\n"
         print(

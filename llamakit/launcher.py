@@ -56,6 +56,33 @@ class HerdRunning(RuntimeError):
     """Another `llamakit up` runs from the same state directory (its ledger, secrets and logs)."""
 
 
+class CannotStart(RuntimeError):
+    """`llamakit up` cannot start here: the port is taken, or the profile cannot be written."""
+
+
+def check_port_free(host: str, port: int) -> None:
+    """CannotStart when something listens on `host`:`port` already (another herd's router, most likely):
+    its answers would pass for this herd's, and this herd's router would fail to start, again and again."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the router binds: TIME_WAIT is no bar
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise CannotStart(
+                f"cannot listen on {host}:{port} ({exc.strerror}): another herd's router? Pick another --port"
+            ) from None
+
+
+def check_profile_writable(path: Path) -> None:
+    """CannotStart, before anything starts, when the profile cannot be written at `path`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CannotStart(f"cannot write the profile at {path} ({exc}); give another with --profile") from None
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CannotStart(f"cannot write the profile at {path} (permission denied); give another with --profile")
+
+
 def claim_state_dir(state_dir: Path, url: str) -> int:
     """Lock `state_dir` for this herd (the lock goes with the process, however it ends); returns the lock's file
     descriptor, to keep open while the herd runs. HerdRunning, naming the running herd, when it is taken."""
@@ -163,9 +190,17 @@ class Launcher:
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
         self.url = f"http://{options.host}:{options.port}"
+        # Held by every process of the herd (see _spawn): a router or node that outlives a killed `up` keeps
+        # the state directory from a second herd, whose router would release the live one's holds.
         self._lock: int | None = claim_state_dir(options.state_dir, self.url)
-        # Where start() writes the profile, and the running herd whose profile it left alone, if any.
-        self.profile_path, self.profile_kept = profile_target(self.url, options.profile)
+        try:
+            check_port_free(options.host, options.port)
+            # Where start() writes the profile, and the running herd whose profile it left alone, if any.
+            self.profile_path, self.profile_kept = profile_target(self.url, options.profile)
+            check_profile_writable(self.profile_path)
+        except BaseException:
+            os.close(self._lock)
+            raise
         self.logs = options.state_dir / "logs"
         self.logs.mkdir(exist_ok=True)
         keys = _secrets(options.state_dir)
@@ -180,7 +215,12 @@ class Launcher:
             env.update(extra_env)
         # Secrets travel in the environment, not on the command line where `ps` would show them.
         self.processes[name] = subprocess.Popen(
-            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            [sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            pass_fds=() if self._lock is None else (self._lock,),
         )
         log.close()  # the child has its own copy
         part = self.parts.get(name)
@@ -227,7 +267,12 @@ class Launcher:
             self._spawn(f"node-{model}", args)
         self._wait_ready(models)
         profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])
-        write_profile(profile, self.profile_path)
+        try:
+            write_profile(profile, self.profile_path)
+        except OSError as exc:
+            raise CannotStart(
+                f"cannot write the profile at {self.profile_path} ({exc}); give another with --profile"
+            ) from None
         if opts.agent:
             self._start_agent()
         self._supervisor = threading.Thread(target=self._supervise, name="llamakit-up-supervisor", daemon=True)
@@ -325,7 +370,10 @@ class Launcher:
         """The dev account's key: the saved one if it still works, else a new one (keys are shown only once)."""
         headers = {"Authorization": f"Bearer {self.admin_key}"}
         with httpx.Client(base_url=self.url, headers=headers, timeout=10) as admin:
-            saved = read_profile(self.profile_path)
+            try:
+                saved = read_profile(self.profile_path)
+            except ValueError:  # unreadable: it is written afresh below
+                saved = None
             if saved is not None and saved.api_key and saved.url == self.url:
                 check = admin.get("/v1/account", headers={"Authorization": f"Bearer {saved.api_key}"})
                 if check.status_code == 200:

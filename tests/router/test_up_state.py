@@ -94,3 +94,44 @@ def test_up_says_which_herd_holds_the_state_directory_and_starts_nothing(tmp_pat
     assert f"a herd already runs from {tmp_path} (router http://127.0.0.1:8080" in done.stderr
     assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
     assert not (tmp_path / "profile.json").exists()
+
+
+def test_the_herds_processes_hold_the_state_directory_after_up_is_killed(tmp_path: Path) -> None:
+    """A router or node outlives a SIGKILLed `up`; while it runs, no second herd may start on its ledger."""
+    from llamakit.launcher import Launcher, UpOptions
+
+    launcher = Launcher(UpOptions(state_dir=tmp_path, port=free_port("127.0.0.1"), profile=tmp_path / "p.json"))
+    launcher._spawn("router", ["-c", "import time; time.sleep(60)"])  # stands for the router: it only lives
+    child = launcher.processes["router"]
+    try:
+        assert launcher._lock is not None
+        os.close(launcher._lock)  # as when `up` dies: its own descriptor is gone, the child's is not
+        with pytest.raises(HerdRunning):
+            claim_state_dir(tmp_path, "http://127.0.0.1:8081")
+    finally:
+        child.kill()
+        child.wait()
+    os.close(claim_state_dir(tmp_path, "http://127.0.0.1:8081"))  # the last holder gone, the directory is free
+
+
+def test_up_refuses_a_port_in_use_and_a_profile_it_cannot_write_before_starting_anything(tmp_path: Path) -> None:
+    import socket
+
+    def up(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llamakit.cli", "up", "--headless", "--state-dir", str(tmp_path / "state"), *extra],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json")},
+        )  # fmt: skip
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = up("--port", str(port))
+    assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    (tmp_path / "a-file").write_text("")
+    done = up("--port", str(free_port("127.0.0.1")), "--profile", str(tmp_path / "a-file" / "profile.json"))
+    assert done.returncode == 1 and "cannot write the profile at" in done.stderr, done.stderr
+    assert not (tmp_path / "profile.json").exists()
+    assert not any((tmp_path / "state" / "logs").glob("*.log"))  # nothing was started
