@@ -638,7 +638,10 @@ class FeesPanel(Vertical):
             _set(price, "")
             self.border_subtitle = ""
         else:
-            _set(price, Text(f"{'in ' + money.currency:<12}{format_price(money.price(fees.earned)):>14}", style="dim"))
+            value = format_price(money.price(fees.earned))
+            # A long price (a small credit value) gives up the column it shares with "earned" rather than be cut.
+            wide = f"{'in ' + money.currency:<12}{value:>14}" if len(value) <= 14 else f"in {money.currency} {value}"
+            _set(price, Text(wide, style="dim"))
             self.border_subtitle = _credit_subtitle(money.value, money.currency, self.outer_size.width)
         _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
         self.query_one(Sparkline).data = history.fee_values()
@@ -650,10 +653,10 @@ class FeesPanel(Vertical):
             line.append(f" · {failed:,} failed", style="red")
         _set(self.query_one(".fees--requests", Label), line)
         _set(self.query_one(".fees--latency", Label), f"latency p50 {millis(requests.p50_ms)}")
-        _set(
-            self.query_one(".fees--tail", Label),
-            f"        p90 {millis(requests.p90_ms)} · p99 {millis(requests.p99_ms)}",
-        )
+        tail = f"p90 {millis(requests.p90_ms)} · p99 {millis(requests.p99_ms)}"
+        # Under "latency p50" when it fits; less indented than cut short when the figures are long.
+        indent = max(0, min(8, self.size.width - len(tail))) if self.size.width else 8
+        _set(self.query_one(".fees--tail", Label), " " * indent + tail)
         books = self.query_one(".fees--books", Label)
         if stats.books_balanced is None:
             _set(books, "")

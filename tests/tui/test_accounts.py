@@ -138,6 +138,12 @@ async def test_names_that_look_like_markup_are_shown_as_sent_and_crash_nothing(h
 async def test_a_long_credit_value_is_shown_whole_on_the_fees_panel(herd: Herd) -> None:
     await herd.add_node(FakeNode("alpha", slots=2))
     router = await herd.start(credit_value="0.000000000000123456", currency="eur")
+    client = await herd.account("alice", 100_000)
+    try:
+        answer = await client.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
+    finally:
+        await client.aclose()
+    earned = answer.json()["usage"]["cost_credits"]
     app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
     for width in (160, 100):
         async with app.run_test(size=(width, 40)) as pilot:
@@ -147,4 +153,6 @@ async def test_a_long_credit_value_is_shown_whole_on_the_fees_panel(herd: Herd) 
             screen = screen_text(app)
             shown = re.search(r"1 = ([0-9.E-]+) EUR", screen)
             assert shown is not None and Decimal(shown[1]) == Decimal("0.000000000000123456"), screen
+            price = re.search(r"in EUR +([0-9.]+)", screen)  # what was earned, in euros: whole, not cut
+            assert price is not None and Decimal(price[1]) == earned * Decimal("0.000000000000123456"), screen
         app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
