@@ -410,6 +410,7 @@ class ResponseEvents:
             "store": False,
             "temperature": req.temperature if req.temperature is not None else 1.0,
             "top_p": req.top_p if req.top_p is not None else 1.0,
+            "top_logprobs": req.top_logprobs if req.top_logprobs is not None else 0,
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
             "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],

@@ -9,6 +9,7 @@ text piece by piece (OpenAI's stream shape).
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 from llamakit.node.engine import GenerationResult, TokenLogprob
@@ -56,6 +57,14 @@ def completion_logprobs(entries: list[TokenLogprob], *, offset: int = 0) -> dict
     }
 
 
+def content_entries(entries: list[TokenLogprob]) -> list[TokenLogprob]:
+    """With tools, the answer is generated as JSON (`{"response": "…"}` or tool calls; see tool_calls.py) and
+    its text is the string inside: the logprobs of a message are those of the tokens that made its text, as
+    OpenAI gives them, not of the JSON around it. A token that holds both (`Hi"`) counts as text."""
+    parser, decoder = ToolCallParser(), codecs.getincrementaldecoder("utf-8")("replace")
+    return [entry for entry in entries if parser.feed(decoder.decode(entry.piece))[0]]
+
+
 class Answer:
     """One generation's answer as `kind` ("chat" or "completion") bodies and chunks."""
 
@@ -77,7 +86,10 @@ class Answer:
             return completion_body(
                 id=self.id, model=self.model, text=result.text, finish_reason=finish, usage=usage, logprobs=logprobs
             )
-        logprobs = None if self.logprobs is None else chat_logprobs(self.logprobs)
+        entries = self.logprobs
+        if entries is not None and self.parser is not None:
+            entries = content_entries(entries)
+        logprobs = None if entries is None else chat_logprobs(entries)
         text: str | None = result.text
         calls = None
         if self.parser is not None:
@@ -103,7 +115,10 @@ class Answer:
         if self.parser is None:
             return [self._text_chunk(text, self._logprobs_until(n_completion))]
         text, calls = self.parser.feed(text)
-        chunks = [self._text_chunk(text, self._logprobs_until(n_completion))] if text else []
+        # Tokens that made no text (the JSON around it, or a call) have no logprobs in the answer: see
+        # content_entries.
+        logprobs = self._logprobs_until(n_completion)
+        chunks = [self._text_chunk(text, logprobs)] if text else []
         for call in calls:
             delta: dict[str, Any] = {"tool_calls": [call]}
             if "id" in call and call["index"] == 0:
@@ -132,6 +147,8 @@ class Answer:
             elif parsed.content:
                 chunks.append(self._text_chunk(parsed.content, None))
         rest = self._logprobs_until(len(self.logprobs)) if self.logprobs is not None else None
+        if self.parser is not None:  # with tools, what is left is the JSON that closes the answer
+            rest = None if rest is None else chat_logprobs([])
         if self.kind == "chat":
             chunks.append(chat_chunk_body(id=self.id, model=self.model, delta={}, finish_reason=finish, logprobs=rest))
         else:

@@ -173,6 +173,7 @@ async def test_logprobs_of_a_response_are_the_chat_completions_whole_and_streame
     )
     part = whole.output[0].content[0]  # type: ignore[union-attr]
     assert part.type == "output_text" and part.text == chat.choices[0].message.content
+    assert whole.top_logprobs == 3
     assert part.logprobs is not None and len(part.logprobs) == whole.usage.output_tokens == len(want)  # type: ignore[union-attr]
     assert [(e.token, e.bytes) for e in part.logprobs] == want
     assert all(e.logprob <= 0 and len(e.top_logprobs) == 3 for e in part.logprobs)
@@ -281,3 +282,45 @@ async def test_a_streamed_function_call(client: AsyncOpenAI, herd: LiveHerd) -> 
     assert call.name == "get_weather" and isinstance(call.parsed_arguments["city"], str)  # type: ignore[union-attr]
     assert final.usage is not None
     assert await charges(herd) == before + final.usage.model_extra["cost_credits"]  # type: ignore[index]
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city today.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+async def test_with_tools_the_logprobs_are_those_of_the_answers_text_not_of_its_json(client: AsyncOpenAI) -> None:
+    """With tools, a node generates JSON (`{"response": "…"}`) and answers its text: the logprobs are the
+    text's tokens, whole and streamed, through chat completions and the Responses API alike."""
+    common: Any = {
+        "model": MODEL, "messages": [{"role": "user", "content": "Hello, how are you?"}], "tools": [WEATHER_TOOL],
+        "tool_choice": "auto", "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+    }  # fmt: skip
+    whole = await client.chat.completions.create(**common)
+    text = whole.choices[0].message.content
+    if not text:  # another CPU's floats chose to call the tool (this one answers "Hello, …"): no text, no logprobs
+        logprobs = whole.choices[0].logprobs
+        assert whole.choices[0].message.tool_calls and not (logprobs and logprobs.content)
+        return
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content
+    tokens = [e.token for e in whole.choices[0].logprobs.content]
+    assert "response" not in tokens and text.startswith(tokens[0].lstrip('"')), tokens
+
+    streamed = []
+    async for chunk in await client.chat.completions.create(**common, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed += [e.token for e in chunk.choices[0].logprobs.content]
+    assert streamed == tokens
+
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    response = await client.responses.create(
+        model=MODEL, input="Hello, how are you?", tools=[tool], tool_choice="auto", max_output_tokens=12, temperature=0,
+        include=["message.output_text.logprobs"], top_logprobs=2,
+    )  # fmt: skip
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.logprobs is not None and [e.token for e in part.logprobs] == tokens
