@@ -20,8 +20,8 @@ from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.key_admin import key_routes
-from llamakit.router.ledger import UsageRecord, backend_of, ledger_at, sqlite_path
-from llamakit.router.ledger._owner import claim_sqlite_ledger
+from llamakit.router.ledger import UsageRecord, backend_of, ledger_at, redacted, sqlite_path
+from llamakit.router.ledger._owner import claim_postgres_ledger, claim_sqlite_ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
@@ -107,11 +107,16 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
         state.ledger.router_id = state.settings.cluster_id
     db = state.settings.db
     owned = claim_sqlite_ledger(sqlite_path(db)) if backend_of(db) == "sqlite" else None
+    owner = None
     try:
+        if backend_of(db) == "postgres":
+            owner = await claim_postgres_ledger(str(db), redacted(db), cluster=bool(state.settings.cluster))
         await state.ledger.open()
     except BaseException:
         if owned is not None:
             os.close(owned)
+        if owner is not None:
+            await owner.close()
         raise
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
@@ -129,6 +134,9 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     await state.ledger.close()
     if owned is not None:
         os.close(owned)
+    if owner is not None:
+        with suppress(Exception):  # the database may be gone; it drops the lock with the connection anyway
+            await owner.close()
 
 
 async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:

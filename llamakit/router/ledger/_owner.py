@@ -1,4 +1,5 @@
-"""One router per SQLite ledger: the file is locked (flock) for as long as a router has it open.
+"""One router per ledger, unless they are a cluster: a SQLite file is locked (flock) for as long as a router
+has it open, and a PostgreSQL ledger by an advisory lock (see claim_postgres_ledger).
 
 A router's start releases every hold it finds open, since in SQLite they can only be its own, left by a run
 that did not finish. A second router on the same file would release the first one's holds while their
@@ -14,11 +15,13 @@ none behind.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+from typing import Any
 
 from llamakit.router.ledger._contract import LedgerError
 
-__all__ = ["claim_sqlite_ledger"]
+__all__ = ["claim_postgres_ledger", "claim_sqlite_ledger"]
 
 
 def claim_sqlite_ledger(path: str) -> int | None:
@@ -37,3 +40,35 @@ def claim_sqlite_ledger(path: str) -> int | None:
             "--db postgresql://… --cluster yes"
         ) from None
     return fd
+
+
+async def claim_postgres_ledger(dsn: str, display: str, *, cluster: bool) -> Any:
+    """The same for a PostgreSQL ledger, where several routers may share it only with `--cluster yes`: a
+    session advisory lock, shared by the routers of a cluster and exclusive for a router without one, held on
+    a connection of its own (returned, to close when the router stops; the database drops the lock with it).
+    LedgerError when a router of the other kind, or another router without a cluster, has the ledger."""
+    import asyncpg  # only where PostgreSQL is used
+
+    try:
+        conn = await asyncpg.connect(dsn)
+    except (OSError, asyncpg.PostgresError, ValueError) as exc:
+        raise LedgerError(f"cannot open the ledger at {display}: {exc}") from exc
+    try:
+        where = await conn.fetchval("SELECT current_database() || '.' || current_schema()")
+        # Advisory locks are per database, not per schema: the key is named after both.
+        key = int.from_bytes(hashlib.sha256(f"{where}\0owner".encode()).digest()[:8], "big", signed=True)
+        take = "pg_try_advisory_lock_shared" if cluster else "pg_try_advisory_lock"
+        if not await conn.fetchval(f"SELECT {take}($1)", key):
+            if cluster:
+                raise LedgerError(
+                    f"a router without --cluster is running on the ledger {display}; it releases every hold it "
+                    "finds open when it starts: stop it, or run it with --cluster yes as well"
+                )
+            raise LedgerError(
+                f"another router is running on the ledger {display}: without --cluster a router has its ledger "
+                "to itself (its start releases the holds it finds open); run every router with --cluster yes"
+            )
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
