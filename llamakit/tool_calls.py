@@ -163,13 +163,13 @@ class ParsedAnswer(BaseModel):
 
 def parse_answer(text: str, *, finished: bool) -> ParsedAnswer:
     """The model's JSON answer as content or tool calls. An answer cut short (`finished` False, or not JSON) is
-    given back as its raw text: the client sees what was generated."""
+    what a stream of it would have delivered (see `_cut_short`)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return ParsedAnswer(content=text, tool_calls=None)
+        return _cut_short(text)
     if not finished or not isinstance(data, dict):
-        return ParsedAnswer(content=text, tool_calls=None)
+        return _cut_short(text)
     if isinstance(data.get("tool_calls"), list):
         calls = [
             {
@@ -184,6 +184,25 @@ def parse_answer(text: str, *, finished: bool) -> ParsedAnswer:
     if isinstance(data.get("response"), str):
         return ParsedAnswer(content=data["response"], tool_calls=None)
     return ParsedAnswer(content=text, tool_calls=None)
+
+
+def _cut_short(text: str) -> ParsedAnswer:
+    """An answer cut short (by max_tokens) as its stream gives it: the text of a `{"response": "…` so far, or
+    the calls whose names were made, their arguments as far as they got (as OpenAI gives a call cut by
+    max_tokens); any other shape as its raw text, so that the client sees what was generated."""
+    parser = ToolCallParser()
+    content, deltas = parser.feed(text)
+    if parser.streaming_text:
+        return ParsedAnswer(content=content, tool_calls=None)
+    if not parser.streaming_calls:
+        return ParsedAnswer(content=text, tool_calls=None)
+    calls: dict[int, dict[str, Any]] = {}
+    for delta in deltas:
+        if delta["index"] not in calls:
+            calls[delta["index"]] = {"id": delta["id"], "type": "function", "function": dict(delta["function"])}
+        else:
+            calls[delta["index"]]["function"]["arguments"] += delta["function"]["arguments"]
+    return ParsedAnswer(content=None, tool_calls=[calls[i] for i in sorted(calls)] or None)
 
 
 class ToolCallParser:

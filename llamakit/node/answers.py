@@ -95,7 +95,7 @@ class Answer:
         if self.parser is not None:
             parsed = parse_answer(result.text, finished=finish == "stop")
             text, calls = parsed.content, parsed.tool_calls
-            if calls:
+            if calls and finish == "stop":  # a call cut by max_tokens keeps "length", as OpenAI says it
                 finish = "tool_calls"
         return chat_completion_body(
             id=self.id, model=self.model, text=text, finish_reason=finish, usage=usage, tool_calls=calls,

@@ -10,6 +10,7 @@ import pytest
 
 from llamakit.node.answers import Answer
 from llamakit.node.engine import GenerationResult
+from llamakit.protocol import Usage
 from llamakit.tool_calls import ToolCallParser
 
 CALLS = (
@@ -89,3 +90,29 @@ def test_a_call_cut_by_max_tokens_ends_with_length() -> None:
     chunks_of(answer, [cut])
     result = GenerationResult(text=cut, prompt_tokens=3, completion_tokens=9, finish_reason="length", seconds=0.1)
     assert [c["choices"][0]["finish_reason"] for c in answer.closing(result)] == ["length"]
+
+
+@pytest.mark.parametrize("cut", [12, 45, 60, 95, len(CALLS) - 2])
+def test_an_answer_cut_by_max_tokens_is_whole_what_its_stream_delivered(cut: int) -> None:
+    """A whole answer cut short gives the calls (or text) its stream would have: no raw JSON as content."""
+    text = CALLS[:cut]
+    streamed = Answer(kind="chat", id="req-1", model="m", tools=True, logprobs=None)
+    result = GenerationResult(text=text, prompt_tokens=3, completion_tokens=9, finish_reason="length", seconds=0.1)
+    chunks = chunks_of(streamed, [text]) + streamed.closing(result)
+    deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls") or ()]
+    want = [(c["name"], c["arguments"]) for c in assembled(deltas).values()]
+    usage = Usage(prompt_tokens=3, completion_tokens=9, total_tokens=12)
+    choice = Answer(kind="chat", id="req-1", model="m", tools=True, logprobs=None).body(result, usage)["choices"][0]
+    calls = choice["message"].get("tool_calls") or []
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == want
+    assert choice["finish_reason"] == "length" and (choice["message"]["content"] is None or not want)
+
+
+def test_a_text_answer_cut_by_max_tokens_is_its_text_not_its_json() -> None:
+    answer = Answer(kind="chat", id="req-1", model="m", tools=True, logprobs=None)
+    result = GenerationResult(
+        text='{"response": "Hello, how a', prompt_tokens=3, completion_tokens=9, finish_reason="length", seconds=0.1
+    )
+    usage = Usage(prompt_tokens=3, completion_tokens=9, total_tokens=12)
+    message = answer.body(result, usage)["choices"][0]["message"]
+    assert message["content"] == "Hello, how a" and not message.get("tool_calls")
