@@ -103,10 +103,10 @@ async def test_auto_answers_either_with_calls_or_with_text(client: AsyncOpenAI) 
         temperature=0,
     )
     choice = reply.choices[0]
-    if choice.finish_reason == "tool_calls":
-        assert choice.message.tool_calls and choice.message.content is None
+    if choice.message.tool_calls:  # "length": calls cut by max_tokens, as far as they got (as OpenAI gives them)
+        assert choice.finish_reason in ("tool_calls", "length") and choice.message.content is None
     else:
-        assert choice.message.tool_calls is None and isinstance(choice.message.content, str)
+        assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
 
 
 async def test_streamed_tool_calls_assemble_as_the_client_does(client: AsyncOpenAI) -> None:
