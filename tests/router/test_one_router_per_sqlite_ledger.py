@@ -75,3 +75,14 @@ def test_the_command_says_why_and_exits_1(tmp_path: Path) -> None:
         os.close(held)
     assert done.returncode == 1
     assert f"another router is running on the ledger {db}" in done.stderr and "--cluster yes" in done.stderr
+
+
+def test_a_ledger_in_a_directory_that_does_not_exist_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    db = tmp_path / "missing" / "ledger.db"
+    done = subprocess.run(
+        [sys.executable, "-m", "llamakit.router", "--db", str(db), "--port", "0",
+         "--admin-key", ADMIN, "--herd-token", HERD_TOKEN],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot open the ledger at {db}: No such file or directory" in done.stderr

@@ -29,7 +29,10 @@ def claim_sqlite_ledger(path: str) -> int | None:
     (None for an in-memory ledger). LedgerError when another router has it."""
     if path == ":memory:" or path.startswith("file:"):
         return None
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    except OSError as exc:  # as SQLite would say it: a directory that does not exist, no permission
+        raise LedgerError(f"cannot open the ledger at {path}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
