@@ -54,7 +54,7 @@ async def claim_postgres_ledger(dsn: str, display: str, *, cluster: bool) -> Any
 
     try:
         conn = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError, ValueError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
         raise LedgerError(f"cannot open the ledger at {display}: {exc}") from exc
     try:
         where = await conn.fetchval("SELECT current_database() || '.' || current_schema()")
