@@ -86,3 +86,19 @@ def test_a_ledger_in_a_directory_that_does_not_exist_is_an_error_not_a_traceback
     )  # fmt: skip
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"cannot open the ledger at {db}: No such file or directory" in done.stderr
+
+
+@pytest.mark.parametrize("spelling", ["file:{db}", "file://{db}", "file:{db}?cache=shared", "{link}"])
+def test_every_spelling_of_the_file_is_the_same_ledger(tmp_path: Path, spelling: str) -> None:
+    from llamakit.router.ledger._owner import claim_sqlite_ledger
+
+    db = tmp_path / "ledger.db"
+    held = claim_sqlite_ledger(str(db))
+    (tmp_path / "link.db").symlink_to(db)
+    try:
+        with pytest.raises(LedgerError, match="another router is running on the ledger"):
+            claim_sqlite_ledger(spelling.format(db=db, link=tmp_path / "link.db"))
+    finally:
+        assert held is not None
+        os.close(held)
+    assert claim_sqlite_ledger("file::memory:") is None and claim_sqlite_ledger(":memory:") is None

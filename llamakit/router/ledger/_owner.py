@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import os
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from llamakit.router.ledger._contract import LedgerError
 
@@ -27,22 +28,34 @@ __all__ = ["claim_postgres_ledger", "claim_sqlite_ledger"]
 def claim_sqlite_ledger(path: str) -> int | None:
     """Lock the SQLite ledger at `path` for this router; the lock's descriptor, to close when the router stops
     (None for an in-memory ledger). LedgerError when another router has it."""
-    if path == ":memory:" or path.startswith("file:"):
+    file = _file_of(path)
+    if file is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        fd = os.open(file, os.O_RDONLY | os.O_CREAT, 0o600)
     except OSError as exc:  # as SQLite would say it: a directory that does not exist, no permission
-        raise LedgerError(f"cannot open the ledger at {path}: {exc.strerror}") from None
+        raise LedgerError(f"cannot open the ledger at {file}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise LedgerError(
-            f"another router is running on the ledger {path}: a SQLite ledger has one router (its start releases "
+            f"another router is running on the ledger {file}: a SQLite ledger has one router (its start releases "
             "the holds it finds open). Stop that one, or run several routers on PostgreSQL: "
             "--db postgresql://… --cluster yes"
         ) from None
     return fd
+
+
+def _file_of(path: str) -> str | None:
+    """The file SQLite opens for `path`: itself, or the file a `file:` URI names (SQLite reads URIs here);
+    None for an in-memory database."""
+    if path.startswith("file:"):
+        uri = urlsplit(path)
+        if uri.path in ("", ":memory:") or "mode=memory" in uri.query:
+            return None
+        return unquote(uri.path)
+    return None if path == ":memory:" else path
 
 
 async def claim_postgres_ledger(dsn: str, display: str, *, cluster: bool) -> Any:
