@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -79,6 +80,8 @@ def check_profile_writable(path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CannotStart(f"cannot write the profile at {path} ({exc}); give another with --profile") from None
+    if path.is_dir():
+        raise CannotStart(f"the profile {path} is a directory; give a file with --profile")
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise CannotStart(f"cannot write the profile at {path} (permission denied); give another with --profile")
 
@@ -93,6 +96,8 @@ def claim_state_dir(state_dir: Path, url: str) -> int:
     except BlockingIOError:
         holder = os.read(fd, 1024).decode(errors="replace").strip() or "another llamakit up"
         os.close(fd)
+        if (pid := re.search(r"pid (\d+)", holder)) is not None and not _alive(int(pid[1])):
+            holder += f"; that llamakit up is gone, but its router or nodes still run: stop them ({url_of(holder)})"
         raise HerdRunning(
             f"a herd already runs from {state_dir} ({holder}); stop it first, or give this one a state "
             "directory of its own: --state-dir DIR (and --port, --profile)"
@@ -100,6 +105,22 @@ def claim_state_dir(state_dir: Path, url: str) -> int:
     os.ftruncate(fd, 0)
     os.write(fd, f"router {url}, pid {os.getpid()}\n".encode())
     return fd
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def url_of(holder: str) -> str:
+    """The router URL in an `up.lock` line, for the message that names a herd."""
+    match = re.search(r"router (\S+),", holder)
+    return f"the router at {match[1]}" if match else "see ps"
 
 
 def profile_target(url: str, chosen: Path | None) -> tuple[Path, str | None]:

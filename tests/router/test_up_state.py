@@ -108,6 +108,9 @@ def test_the_herds_processes_hold_the_state_directory_after_up_is_killed(tmp_pat
         os.close(launcher._lock)  # as when `up` dies: its own descriptor is gone, the child's is not
         with pytest.raises(HerdRunning):
             claim_state_dir(tmp_path, "http://127.0.0.1:8081")
+        (tmp_path / "up.lock").write_text("router http://127.0.0.1:18080, pid 4194304\n")  # a pid that is no more
+        with pytest.raises(HerdRunning, match=r"that llamakit up is gone.*the router at http://127\.0\.0\.1:18080"):
+            claim_state_dir(tmp_path, "http://127.0.0.1:8081")
     finally:
         child.kill()
         child.wait()
@@ -133,5 +136,7 @@ def test_up_refuses_a_port_in_use_and_a_profile_it_cannot_write_before_starting_
     (tmp_path / "a-file").write_text("")
     done = up("--port", str(free_port("127.0.0.1")), "--profile", str(tmp_path / "a-file" / "profile.json"))
     assert done.returncode == 1 and "cannot write the profile at" in done.stderr, done.stderr
+    done = up("--port", str(free_port("127.0.0.1")), "--profile", str(tmp_path))
+    assert done.returncode == 1 and "is a directory" in done.stderr, done.stderr
     assert not (tmp_path / "profile.json").exists()
     assert not any((tmp_path / "state" / "logs").glob("*.log"))  # nothing was started
