@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import Any
@@ -21,7 +22,7 @@ from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import UsageRecord, backend_of, ledger_at, redacted, sqlite_path
-from llamakit.router.ledger._owner import claim_postgres_ledger, claim_sqlite_ledger
+from llamakit.router.ledger._owner import PostgresOwner, claim_sqlite_ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
@@ -100,6 +101,11 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
+def _stop_router() -> None:
+    """Stop this router as SIGTERM does: drain, settle what runs, close (see PostgresOwner)."""
+    signal.raise_signal(signal.SIGTERM)
+
+
 async def _books(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     # The log is opened first: a hold released here is never found again, so its line must be written now.
@@ -110,7 +116,8 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     owner = None
     try:
         if backend_of(db) == "postgres":
-            owner = await claim_postgres_ledger(str(db), redacted(db), cluster=bool(state.settings.cluster))
+            owner = PostgresOwner(str(db), redacted(db), cluster=bool(state.settings.cluster), on_lost=_stop_router)
+            await owner.claim()
         await state.ledger.open()
     except BaseException:
         if owned is not None:
@@ -135,8 +142,7 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     if owned is not None:
         os.close(owned)
     if owner is not None:
-        with suppress(Exception):  # the database may be gone; it drops the lock with the connection anyway
-            await owner.close()
+        await owner.close()
 
 
 async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:

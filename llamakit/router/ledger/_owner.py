@@ -14,15 +14,21 @@ none behind.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
+import logging
 import os
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from llamakit.router.ledger._contract import LedgerError
 
-__all__ = ["claim_postgres_ledger", "claim_sqlite_ledger"]
+__all__ = ["PostgresOwner", "claim_postgres_ledger", "claim_sqlite_ledger"]
+
+log = logging.getLogger(__name__)
 
 
 def claim_sqlite_ledger(path: str) -> int | None:
@@ -88,3 +94,59 @@ async def claim_postgres_ledger(dsn: str, display: str, *, cluster: bool) -> Any
         await conn.close()
         raise
     return conn
+
+
+class PostgresOwner:
+    """Keeps a router's hold on a PostgreSQL ledger (see claim_postgres_ledger) while the router runs.
+
+    The lock lives as long as its connection. When the connection is lost (the database restarted, the
+    connection was terminated), the owner takes the lock again on a new one, retrying while the database
+    cannot be reached. If another router took it meanwhile, that router has released this one's open holds,
+    and every request in flight here runs free: the owner logs so and `on_lost()` stops this router.
+    """
+
+    def __init__(self, dsn: str, display: str, *, cluster: bool, on_lost: Callable[[], None]) -> None:
+        self._dsn, self._display, self._cluster, self._on_lost = dsn, display, cluster, on_lost
+        self._conn: Any = None
+        self._closing = False
+        self._retaking: asyncio.Task[None] | None = None
+
+    async def claim(self) -> None:
+        """Take the lock; LedgerError when it is taken (see claim_postgres_ledger)."""
+        self._conn = await claim_postgres_ledger(self._dsn, self._display, cluster=self._cluster)
+        self._conn.add_termination_listener(self._lost)
+
+    def _lost(self, conn: Any) -> None:
+        if not self._closing and (self._retaking is None or self._retaking.done()):
+            self._retaking = asyncio.get_running_loop().create_task(self._retake(), name="ledger owner lock")
+
+    async def _retake(self, every: float = 0.5) -> None:
+        log.warning("the connection holding this router's lock on the ledger %s was lost; taking it again",
+                    self._display)  # fmt: skip
+        while not self._closing:
+            try:
+                await self.claim()
+            except LedgerError as exc:
+                if str(exc).startswith("cannot open"):
+                    await asyncio.sleep(every)  # the database cannot be reached yet: its holds cannot move either
+                    continue
+                log.critical("another router took the ledger %s while this router's lock was lost (%s); its start "
+                             "released this router's open holds: stopping", self._display, exc)  # fmt: skip
+                self._on_lost()
+                return
+            except Exception as exc:  # the new connection failed while it took the lock: again
+                log.warning("taking the lock on the ledger %s again failed (%r); retrying", self._display, exc)
+                await asyncio.sleep(every)
+                continue
+            log.info("the lock on the ledger %s is this router's again", self._display)
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._retaking is not None:
+            self._retaking.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._retaking
+        if self._conn is not None:
+            with suppress(Exception):  # the database may be gone; it drops the lock with the connection anyway
+                await self._conn.close()
