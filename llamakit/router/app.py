@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -21,8 +20,8 @@ from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
 from llamakit.router.key_admin import key_routes
-from llamakit.router.ledger import UsageRecord, backend_of, ledger_at, redacted, sqlite_path
-from llamakit.router.ledger._owner import PostgresOwner, claim_sqlite_ledger
+from llamakit.router.ledger import UsageRecord, ledger_at
+from llamakit.router.ledger._owner import own_ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
@@ -111,19 +110,11 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     # The log is opened first: a hold released here is never found again, so its line must be written now.
     if state.settings.cluster:
         state.ledger.router_id = state.settings.cluster_id
-    db = state.settings.db
-    owned = claim_sqlite_ledger(sqlite_path(db)) if backend_of(db) == "sqlite" else None
-    owner = None
+    release = await own_ledger(state.settings.db, cluster=bool(state.settings.cluster), on_lost=_stop_router)
     try:
-        if backend_of(db) == "postgres":
-            owner = PostgresOwner(str(db), redacted(db), cluster=bool(state.settings.cluster), on_lost=_stop_router)
-            await owner.claim()
         await state.ledger.open()
     except BaseException:
-        if owned is not None:
-            os.close(owned)
-        if owner is not None:
-            await owner.close()
+        await release()
         raise
     if state.settings.usage_log is not None:
         state.usage_log = UsageLog(state.settings.usage_log)
@@ -139,10 +130,7 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     if state.usage_log is not None:
         state.usage_log.close()
     await state.ledger.close()
-    if owned is not None:
-        os.close(owned)
-    if owner is not None:
-        await owner.close()
+    await release()
 
 
 async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:

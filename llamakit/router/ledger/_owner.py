@@ -19,16 +19,42 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from llamakit.router.ledger._contract import LedgerError
 
-__all__ = ["PostgresOwner", "claim_postgres_ledger", "claim_sqlite_ledger"]
+__all__ = ["LedgerTaken", "PostgresOwner", "claim_postgres_ledger", "claim_sqlite_ledger", "own_ledger"]
 
 log = logging.getLogger(__name__)
+
+
+class LedgerTaken(LedgerError):
+    """Another router has the ledger (its kind is not this one's, or neither is a cluster)."""
+
+
+async def own_ledger(
+    db: str | os.PathLike[str], *, cluster: bool, on_lost: Callable[[], None]
+) -> Callable[[], Awaitable[None]]:
+    """Take the ledger `db` names for this router, before it opens it: a SQLite file for itself, a PostgreSQL
+    ledger as a cluster's router or alone (see PostgresOwner, which calls `on_lost` if the lock is lost to
+    another router). Returns what lets go of it. LedgerTaken when another router has it, LedgerError when it
+    cannot be reached."""
+    from llamakit.router.ledger import backend_of, redacted, sqlite_path
+
+    if backend_of(db) == "sqlite":
+        fd = claim_sqlite_ledger(sqlite_path(db))
+
+        async def release_file() -> None:
+            if fd is not None:
+                os.close(fd)
+
+        return release_file
+    owner = PostgresOwner(os.fspath(db), redacted(db), cluster=cluster, on_lost=on_lost)
+    await owner.claim()
+    return owner.close
 
 
 def claim_sqlite_ledger(path: str) -> int | None:
@@ -45,7 +71,7 @@ def claim_sqlite_ledger(path: str) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise LedgerError(
+        raise LedgerTaken(
             f"another router is running on the ledger {file}: a SQLite ledger has one router (its start releases "
             "the holds it finds open). Stop that one, or run several routers on PostgreSQL: "
             "--db postgresql://… --cluster yes"
@@ -82,11 +108,11 @@ async def claim_postgres_ledger(dsn: str, display: str, *, cluster: bool) -> Any
         take = "pg_try_advisory_lock_shared" if cluster else "pg_try_advisory_lock"
         if not await conn.fetchval(f"SELECT {take}($1)", key):
             if cluster:
-                raise LedgerError(
+                raise LedgerTaken(
                     f"a router without --cluster is running on the ledger {display}; it releases every hold it "
                     "finds open when it starts: stop it, or run it with --cluster yes as well"
                 )
-            raise LedgerError(
+            raise LedgerTaken(
                 f"another router is running on the ledger {display}: without --cluster a router has its ledger "
                 "to itself (its start releases the holds it finds open); run every router with --cluster yes"
             )
@@ -126,16 +152,14 @@ class PostgresOwner:
         while not self._closing:
             try:
                 await self.claim()
-            except LedgerError as exc:
-                if str(exc).startswith("cannot open"):
-                    await asyncio.sleep(every)  # the database cannot be reached yet: its holds cannot move either
-                    continue
+            except LedgerTaken as exc:
                 log.critical("another router took the ledger %s while this router's lock was lost (%s); its start "
                              "released this router's open holds: stopping", self._display, exc)  # fmt: skip
                 self._on_lost()
                 return
-            except Exception as exc:  # the new connection failed while it took the lock: again
-                log.warning("taking the lock on the ledger %s again failed (%r); retrying", self._display, exc)
+            except Exception as exc:  # the database cannot be reached yet (its holds cannot move either), or the
+                # new connection failed while it took the lock: again
+                log.warning("taking the lock on the ledger %s again failed (%s); retrying", self._display, exc)
                 await asyncio.sleep(every)
                 continue
             log.info("the lock on the ledger %s is this router's again", self._display)
