@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import suppress
 
@@ -13,6 +14,7 @@ from llamakit.node.batched import BatchedModel
 from llamakit.node.embeddings import setup_embeddings
 from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
+from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
@@ -53,6 +55,8 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[METRICS] = NodeMetrics(lambda: host.busy)
     app.add_routes(routes)
     setup_embeddings(app)
+
+    route_llama_log(getattr(logging, settings.llama_log.upper()))
 
     async def model_lifecycle(app: web.Application) -> AsyncIterator[None]:
         # The server answers /health ("loading") while the model loads in the background.

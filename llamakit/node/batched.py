@@ -91,7 +91,8 @@ class BatchedModel(LoadedModel):
         cache_ram: int = 0,
     ) -> None:
         started = time.perf_counter()
-        model = LlamaModel(path_model=str(resolved.path), params=llama_cpp.llama_model_default_params(), verbose=False)
+        # verbose: llama-cpp-python redirects nothing (llama_log.py); llama.cpp's log goes to logging.
+        model = LlamaModel(path_model=str(resolved.path), params=llama_cpp.llama_model_default_params(), verbose=True)
         super().__init__(resolved, model, slots=slots, n_ctx=n_ctx)
         params = llama_cpp.llama_context_default_params()
         # Each sequence gets n_ctx cells of its own: the cache is split, not shared, so one long

@@ -50,7 +50,8 @@ class Embedder:
     def __init__(self, path: Path, *, n_ctx: int, threads: int) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._model = LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=False)
+        # verbose: llama-cpp-python redirects nothing (llama_log.py); llama.cpp's log goes to logging.
+        self._model = LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=True)
         self.vocab = self._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.dimensions = llama_cpp.llama_model_n_embd(self._model.model)

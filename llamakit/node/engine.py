@@ -28,6 +28,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 from llamakit.catalog import ResolvedModel
 from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
+from llamakit.node.llama_log import redirecting
 from llamakit.protocol import ApiError, check_grammar_shape
 
 __all__ = [
@@ -432,10 +433,17 @@ class SimpleModel(LoadedModel):
 
     def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
         started = time.perf_counter()
-        self.contexts = [
-            Llama(model_path=str(resolved.path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
-            for _ in range(slots)
-        ]
+        with redirecting:  # not verbose, Llama points stderr at /dev/null while it loads: one load at a time
+            self.contexts = [
+                Llama(
+                    model_path=str(resolved.path),
+                    n_ctx=n_ctx,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    verbose=False,
+                )
+                for _ in range(slots)
+            ]
         super().__init__(resolved, self.contexts[0]._model, slots=slots, n_ctx=n_ctx)
         log.info(
             "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs",

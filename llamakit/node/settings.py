@@ -57,6 +57,9 @@ class NodeSettings(BaseModel):
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
+    llama_log: Literal["debug", "info", "warning", "error"] = Field(
+        "warning", description="the least severe of llama.cpp's own log messages to show (logger 'llama.cpp')"
+    )
 
     @property
     def url(self) -> str:
@@ -78,6 +81,7 @@ FLAGS = [
     Flag("name", "--name", "LLAMAKIT_NODE_NAME"),
     Flag("router", "--router", "LLAMAKIT_ROUTER"),
     Flag("public_url", "--public-url", "LLAMAKIT_PUBLIC_URL"),
+    Flag("llama_log", "--llama-log", "LLAMAKIT_LLAMA_LOG"),
 ]
 
 

@@ -44,10 +44,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if env not in os.environ and not any(a.startswith(flag) for a in argv):
             # Nobody else knows a generated secret: print it once, to the operator's terminal only.
             print(f"{what} (generated): {value}", file=sys.stderr)
-    print(
+    started = (
         f"llamakit router on http://{settings.host}:{settings.port} (ledger {redacted(settings.db)}, "
-        f"{settings.event_loop} event loop)",
-        file=sys.stderr,
+        f"{settings.event_loop} event loop)"
     )
     # The access log costs a tenth of the router's time per request; the usage log already has each one.
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
@@ -56,11 +55,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             app,
             host=settings.host,
             port=settings.port,
-            print=None,
+            # run_app prints once the ledger is open and the socket listens: a router refused its ledger or
+            # port never claims to be on.
+            print=lambda _aiohttp_banner: print(started, file=sys.stderr),
             access_log=access_log,
             loop=new_event_loop(settings.event_loop),
         )
     except LedgerError as exc:  # the database cannot be reached, or its schema is newer than this llamakit
+        print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:  # the port is taken, or the address is not this host's: asyncio's message says which
         print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

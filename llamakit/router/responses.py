@@ -105,6 +105,7 @@ async def _respond(
             400,
             f"max_output_tokens is {req.max_output_tokens}; the most this router allows is {limit}",
             param="max_output_tokens",
+            code="invalid_value",
         )
     data = chat_body(req, stream=req.stream)
     chat = validate_request(ChatCompletionRequest, data)

@@ -114,10 +114,12 @@ async def price(
     model, bid = request_model(state, request, req.model, req.bid)
     max_tokens = req.token_limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
+        field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
         raise ApiError(
             400,
-            f"max_tokens is {max_tokens}; the most this router allows is {settings.max_tokens_limit}",
-            param="max_tokens",
+            f"{field} is {max_tokens}; the most this router allows is {settings.max_tokens_limit}",
+            param=field,
+            code="invalid_value",
         )
     if isinstance(req, ChatCompletionRequest):
         # What the node's template will render: tools offered, earlier calls and their results included.

@@ -75,6 +75,7 @@ def test_the_command_says_why_and_exits_1(tmp_path: Path) -> None:
         os.close(held)
     assert done.returncode == 1
     assert f"another router is running on the ledger {db}" in done.stderr and "--cluster yes" in done.stderr
+    assert "llamakit router on" not in done.stderr  # a refused router never says it is on
 
 
 def test_a_ledger_in_a_directory_that_does_not_exist_is_an_error_not_a_traceback(tmp_path: Path) -> None:

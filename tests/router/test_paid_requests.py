@@ -123,6 +123,28 @@ async def test_bids_below_one_and_nonsense_are_400(herd: Herd) -> None:
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
 
 
+async def test_max_tokens_above_the_routers_cap_is_400_before_anything_is_held(herd: Herd) -> None:
+    node = await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    for path, body, field in (
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 10**9}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40_000}, "max_tokens"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 10**9},
+            "max_completion_tokens",
+        ),
+    ):
+        resp = await alice.post(path, json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["code"], error["param"]) == ("invalid_value", field), error
+        assert "the most this router allows is 32768" in error["message"]
+    assert node.received == []
+    assert (await alice.get("/v1/account")).json()["balance"] == 10_000
+
+
 async def test_unknown_model_is_404_listing_the_models(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1"))
     await herd.start()

@@ -188,6 +188,8 @@ async def test_bad_input_is_refused_before_anything_is_held(
     assert resp.status_code in (400, 404), resp.text
     error = resp.json()["error"]
     assert error["param"] == param and words in error["message"], error
+    if param == "max_output_tokens" and "router" in words:
+        assert error["code"] == "invalid_value", error
     assert node.received == []
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
     # Refused before anything was held: a usage record with no tokens and no cost, as chat completions get.

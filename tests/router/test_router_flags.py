@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -43,3 +47,22 @@ def test_llamakit_up_passes_the_event_loop_on() -> None:
     assert build_parser().parse_args(["up"]).loop is None  # the router's default
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--loop", "trio"])
+
+
+@pytest.mark.parametrize("part", ["router", "node"])
+def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, part: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flags = {
+            "router": ["--db", str(tmp_path / "ledger.db"), "--admin-key", "flags-admin", "--herd-token", "flags-herd"],
+            "node": ["--herd-token", "flags-herd"],
+        }[part]
+        done = subprocess.run(
+            [sys.executable, "-m", f"llamakit.{part}", "--port", str(port), *flags],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"python -m llamakit.{part}: error:" in done.stderr and "address already in use" in done.stderr
+    assert "serving on" not in done.stderr and "router on" not in done.stderr  # it never claims to be up
