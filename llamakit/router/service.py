@@ -262,7 +262,9 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
             return await _serve_stream(state, request, paid)
         return await _serve_whole(state, request, paid)
     except ApiError as exc:
-        await _refund(state, paid, status=_refund_status(exc), error=exc.message)
+        # The record keeps the error's code and status, as a refusal before the hold's does (api.record_refusal).
+        http_status = exc.status if 400 <= exc.status <= 599 else None  # 499: the client left, nobody was refused
+        await _refund(state, paid, status=_refund_status(exc), error=exc.message, http_status=http_status)
         exc.headers["X-Llamakit-Request-Id"] = paid.id  # the ledger's usage record has this id
         exc.recorded = True
         raise
@@ -277,7 +279,9 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
 
 
 def _refund_status(exc: ApiError) -> str:
-    return {429: "queue_full", 504: "queue_timeout", 503: "no_node", 499: "cancelled"}.get(exc.status, "rejected")
+    if exc.status == 499:
+        return "cancelled"
+    return exc.code or {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(exc.status, "rejected")
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -766,6 +770,7 @@ def _record(
     completion: int,
     cost: int,
     error: str | None,
+    http_status: int | None = None,
 ) -> None:
     now = time.monotonic()
     latency_ms = (now - paid.arrived) * 1000
@@ -788,7 +793,7 @@ def _record(
         "error": error,
         "user": paid.user,
         "key_prefix": paid.key_prefix,
-        "http_status": None,
+        "http_status": http_status,
     }
     state.requests.add(record)
     paid.admission.finish(prompt + completion)
@@ -873,20 +878,24 @@ def _answer_text(answer: dict[str, Any]) -> str:
     return text if isinstance(text, str) else ""
 
 
-async def _refund(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+async def _refund(
+    state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None = None
+) -> None:
     if paid.closed:
         return
     paid.closed = True  # claimed before the await, as in _settle
-    await asyncio.shield(_released(state, paid, status=status, error=error))
+    await asyncio.shield(_released(state, paid, status=status, error=error, http_status=http_status))
 
 
-async def _released(state: RouterState, paid: PaidRequest, *, status: str, error: str | None) -> None:
+async def _released(
+    state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
+) -> None:
     try:
-        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms)
+        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status)
     except HoldClosed as exc:
         _hold_gone(paid, exc)
-        status, error = "router_lost", str(exc)
-    _record(state, paid, None, status, 0, 0, 0, error)
+        status, error, http_status = "router_lost", str(exc), None
+    _record(state, paid, None, status, 0, 0, 0, error, http_status)
 
 
 def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:

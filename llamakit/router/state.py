@@ -50,10 +50,13 @@ class RequestLog:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     fees: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=10000))
     by_status: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # by error code: records with an http_status
 
     def add(self, record: dict[str, Any]) -> None:
         self.recent.append(record)
         self.by_status[record["status"]] += 1
+        if record.get("http_status") is not None:
+            self.refused[record["status"]] += 1
         if record.get("latency_ms") is not None and record["status"] in ("ok", "cut"):
             self.latencies.append(record["latency_ms"])
         if record.get("cost_credits"):

@@ -13,14 +13,6 @@ from llamakit.router.state import RouterState
 
 __all__ = ["snapshot", "start_of_day"]
 
-# The usage statuses of refused requests (error codes); the others are outcomes of requests that ran.
-REFUSAL_STATUSES = frozenset(
-    {"insufficient_funds", "invalid_value", "unsupported_field", "invalid_grammar", "invalid_schema",
-     "model_not_found", "queue_full", "queue_share_exceeded", "invalid_request_error", "not_found_error",
-     "rate_limit_error", "invalid_bid", "context_length_exceeded", "model_not_allowed", "rate_limit_exceeded",
-     "spend_cap_exceeded"}
-)  # fmt: skip
-
 
 def start_of_day(now: float) -> float:
     """Midnight UTC of the day `now` (epoch seconds) falls in: where the dashboard's "today" begins."""
@@ -116,7 +108,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         ],
         "refusals": {
             "today": sum(a.refusals for a in activity),
-            "by_status": {k: v for k, v in state.requests.by_status.items() if k in REFUSAL_STATUSES},
+            "by_status": dict(state.requests.refused),
         },
         "cluster": cluster,
     }

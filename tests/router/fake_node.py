@@ -28,6 +28,7 @@ class Script:
     token_delay: float = 0.0
     first_delay: float = 0.0
     fail_status: int | None = None  # answer every request with this status
+    fail_code: str | None = None  # and this error code
     die_after: int | None = None  # stream: drop the connection after this many tokens
     stall_after: int | None = None  # stream: go silent after this many tokens (0: after the headers)
     hang: bool = False  # never answer (until the server stops)
@@ -127,7 +128,13 @@ class FakeNode:
             return web.json_response({"error": {"message": "stopped", "type": "server_error"}}, status=503)
         if script.fail_status is not None:
             return web.json_response(
-                {"error": {"message": f"scripted {script.fail_status}", "type": "server_error", "code": None}},
+                {
+                    "error": {
+                        "message": f"scripted {script.fail_status}",
+                        "type": "server_error",
+                        "code": script.fail_code,
+                    }
+                },
                 status=script.fail_status,
             )
         self.active += 1

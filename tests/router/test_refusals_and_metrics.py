@@ -65,6 +65,33 @@ async def test_every_refusal_is_counted_and_a_known_accounts_refusals_are_usage_
     assert books["balanced"] and books["charges"] == 0 and books["holds"] == 0
 
 
+async def test_refusals_after_the_hold_are_recorded_with_their_code_and_status(herd: Herd) -> None:
+    # A node's 400 (a prompt longer than its context) and a 503 no_node come after the hold, unlike the refusals
+    # above; the operator sees them the same way: code and status in the usage record, stats and metrics agree.
+    await herd.add_node(FakeNode("small", script=Script(fail_status=400, fail_code="context_length_exceeded")))
+    await herd.add_node(FakeNode("gone", model="other-model", script=Script(fail_status=500)))
+    await herd.start(max_attempts=1)
+    assert herd.admin is not None
+    alice = await herd.account("alice", 100_000)
+    long = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    none = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "model": "other-model"})
+    assert none.status_code == 503 and none.json()["error"]["code"] == "no_node", none.text
+    usage = (await alice.get("/v1/account/usage")).json()["data"]
+    assert [(u["status"], u["http_status"], u["cost_credits"]) for u in usage] == [
+        ("no_node", 503, 0),
+        ("context_length_exceeded", 400, 0),
+    ]
+    stats = (await herd.admin.get("/admin/stats")).json()
+    assert stats["refusals"]["by_status"] == {"context_length_exceeded": 1, "no_node": 1}
+    assert stats["refusals"]["today"] == 2
+    after = await samples(herd)
+    assert value(after, "llamakit_router_refusals_total", status="400", code="context_length_exceeded") == 1
+    assert value(after, "llamakit_router_refusals_total", status="503", code="no_node") == 1
+    assert (await alice.get("/v1/account")).json()["balance"] == 100_000
+    assert (await herd.books())["balanced"]
+
+
 async def test_latency_histograms_node_gauges_and_process_metrics(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", slots=2, script=Script(tokens=4, token_delay=0.01)))
     await herd.add_node(FakeNode("n2", slots=1, script=Script(tokens=4)))

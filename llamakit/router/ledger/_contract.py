@@ -279,6 +279,7 @@ class Close:
     remember: Remembered | None
     now: float
     money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
+    http_status: int | None = None  # a release's: the error status the request was answered with, if any
 
 
 def price_columns(money: CreditValue | None) -> tuple[str | None, str | None]:
@@ -713,12 +714,17 @@ class Ledger(ABC):
         node: str | None = None,
         latency_ms: float | None = None,
         queue_ms: float | None = None,
+        http_status: int | None = None,
     ) -> None:
         """Close an open hold with a full refund (the request failed, timed out or was rejected).
 
-        HoldClosed when the hold is not open.
+        `status` is the error code (`no_node`, `context_length_exceeded` …) when the request was answered with an
+        error, and `http_status` that error's status (400 to 599): the usage record then counts as a refusal, as
+        one refused before anything was held does. HoldClosed when the hold is not open.
         """
         _label("status", status)
+        if http_status is not None and not 400 <= http_status <= 599:
+            raise ValueError(f"http_status must be 400 to 599, got {http_status!r}")
         close = Close(
             request_id=request_id,
             charge=None,
@@ -733,6 +739,7 @@ class Ledger(ABC):
             remember=None,
             now=self._clock(),
             money=self.money,
+            http_status=http_status,
         )
         await self._close_hold(close)
 

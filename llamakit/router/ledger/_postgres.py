@@ -638,6 +638,7 @@ def _close_op(close: Close) -> dict[str, Any]:
         "month": month_of(close.now),
         "credit_value": credit_value,
         "currency": currency,
+        "http_status": close.http_status,
     }
 
 

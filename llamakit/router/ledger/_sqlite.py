@@ -716,8 +716,9 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         )  # fmt: skip
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-        "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?)",
+        "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency, "
+        "http_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "(SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?)",
         (
             close.request_id,
             account_id,
@@ -736,6 +737,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             hold["user"],
             hold["key_hash"],
             *price_columns(close.money),
+            close.http_status,
         ),
     )
     if close.remember is not None:
