@@ -42,7 +42,14 @@ from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.keys import UNLIMITED, Admission, Caller
-from llamakit.router.ledger import Account, HoldClosed, InsufficientFunds, Remembered, SpendCapExceeded
+from llamakit.router.ledger import (
+    Account,
+    HoldClosed,
+    InsufficientFunds,
+    LedgerError,
+    Remembered,
+    SpendCapExceeded,
+)
 from llamakit.router.pricing import CURRENCY_HEADER, cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import EventStream, NodeFailed, NodeRejected, StreamBroken, parse_event, token_chunk
@@ -895,6 +902,11 @@ async def _released(
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         status, error, http_status = "router_lost", str(exc), None
+    except LedgerError:
+        # The database failed: the hold stays open (and counted) until the router's next start releases it.
+        # The client still gets the error its request met, not this one.
+        log.exception("request %s: its hold could not be released; the next start of the router releases it", paid.id)
+        status, error, http_status = "error", "the hold could not be released", None
     _record(state, paid, None, status, 0, 0, 0, error, http_status)
 
 

@@ -29,6 +29,7 @@ class Script:
     first_delay: float = 0.0
     fail_status: int | None = None  # answer every request with this status
     fail_code: str | None = None  # and this error code
+    fail_message: str | None = None  # and this message (default: "scripted <status>")
     die_after: int | None = None  # stream: drop the connection after this many tokens
     stall_after: int | None = None  # stream: go silent after this many tokens (0: after the headers)
     hang: bool = False  # never answer (until the server stops)
@@ -130,7 +131,7 @@ class FakeNode:
             return web.json_response(
                 {
                     "error": {
-                        "message": f"scripted {script.fail_status}",
+                        "message": script.fail_message or f"scripted {script.fail_status}",
                         "type": "server_error",
                         "code": script.fail_code,
                     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -90,6 +91,32 @@ async def test_refusals_after_the_hold_are_recorded_with_their_code_and_status(h
     assert value(after, "llamakit_router_refusals_total", status="503", code="no_node") == 1
     assert (await alice.get("/v1/account")).json()["balance"] == 100_000
     assert (await herd.books())["balanced"]
+
+
+async def test_text_no_database_stores_in_an_error_or_a_user_neither_keeps_a_hold_nor_loses_a_record(
+    herd: Herd,
+) -> None:
+    # A node's 400 quotes what it was sent (a JSON schema's "$ref": "#/\ud800"); a lone surrogate cannot be
+    # written as UTF-8. Before, the release failed on it: a 500, and the hold stayed open until the next start.
+    quoting = Script(fail_status=400, fail_code="invalid_schema", fail_message="cannot resolve $ref '#/\ud800'")
+    await herd.add_node(FakeNode("n1", script=quoting))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    quoted = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3})
+    assert quoted.status_code == 400 and quoted.json()["error"]["code"] == "invalid_schema", quoted.text
+    # Refused before the hold, with the surrogate in the OpenAI user the record keeps.
+    odd_user = await alice.post(
+        "/v1/completions",
+        content=json.dumps({"prompt": PROMPT, "max_tokens": 3, "user": "\ud800"}),  # ASCII: the surrogate escaped
+        headers={"Content-Type": "application/json"},
+    )
+    assert odd_user.status_code == 400, odd_user.text
+    usage = (await alice.get("/v1/account/usage")).json()["data"]
+    assert [(u["status"], u["http_status"]) for u in usage] == [("invalid_value", 400), ("invalid_schema", 400)]
+    assert usage[1]["error"] == "cannot resolve $ref '#/\\ud800'"
+    books = await herd.books()
+    assert books["balanced"] and books["holds"] == 0, books
+    assert (await alice.get("/v1/account")).json()["balance"] == 100_000
 
 
 async def test_latency_histograms_node_gauges_and_process_metrics(herd: Herd) -> None:

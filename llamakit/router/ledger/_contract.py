@@ -424,12 +424,38 @@ def count(name: str, value: object, *, positive: bool = False) -> int:
     return value
 
 
+def storable(text: str) -> str:
+    """`text` as both databases can store it: a lone surrogate (valid in a Python str and in JSON's escapes, not
+    in UTF-8) and NUL (which PostgreSQL's text refuses) are written as their escapes (`\\ud800`, `\\x00`).
+    Any text a client typed can reach the ledger (an OpenAI `user`, a model name, an error quoting a prompt),
+    and a write that fails on it would leave a hold open or a refusal unrecorded."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _storable_json(value: Any) -> Any:
+    """`value` (JSON-like) with every string in it `storable`: PostgreSQL's json also refuses a lone surrogate's
+    escape and \\u0000."""
+    if isinstance(value, str):
+        return storable(value)
+    if isinstance(value, dict):
+        return {storable(k) if isinstance(k, str) else k: _storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(v) for v in value]
+    return value
+
+
 def _label(name: str, value: object, *, limit: int = _MAX_LABEL_LEN) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{name} must be a non-empty string, got {value!r}")
     if len(value) > limit:
         raise ValueError(f"{name} must be at most {limit} characters, got {len(value)}")
-    return value
+    return storable(value)
 
 
 def _millis(name: str, value: object) -> float | None:
@@ -523,7 +549,8 @@ class Ledger(ABC):
     async def create_account(self, name: str, *, kind: str = "user") -> Account:
         """A new account with a zero balance; AccountExists if `name` is taken, ValueError for a name that is
         empty, longer than MAX_NAME_LEN or holds a control character (see llamakit.text)."""
-        check_name(_label("name", name, limit=MAX_NAME_LEN))
+        _label("name", name, limit=MAX_NAME_LEN)
+        check_name(name)  # the name as given: one with a lone surrogate is refused, not stored escaped
         if kind not in ACCOUNT_KINDS:
             raise ValueError(f"kind must be one of {', '.join(ACCOUNT_KINDS)}, got {kind!r}")
         return await self._create_account(name, kind, self._clock())
@@ -650,10 +677,10 @@ class Ledger(ABC):
         """
         count("account_id", account_id)
         count("amount", amount)
-        _label("request_id", request_id, limit=MAX_NAME_LEN)
-        _label("model", model, limit=MAX_NAME_LEN)
+        request_id = _label("request_id", request_id, limit=MAX_NAME_LEN)
+        model = _label("model", model, limit=MAX_NAME_LEN)
         if user is not None:
-            _label("user", user, limit=MAX_NAME_LEN)
+            user = _label("user", user, limit=MAX_NAME_LEN)
         hold = Hold(request_id, account_id, model, amount, _bid_text(bid), "open", self._clock(), user, key_hash)
         await self._hold(hold)
         return hold
@@ -685,9 +712,9 @@ class Ledger(ABC):
         count("charge", charge)
         count("prompt_tokens", prompt_tokens)
         count("completion_tokens", completion_tokens)
-        _label("status", status)
+        status = _label("status", status)
         if node is not None:
-            _label("node", node, limit=MAX_NAME_LEN)
+            node = _label("node", node, limit=MAX_NAME_LEN)
         close = Close(
             request_id=request_id,
             charge=charge,
@@ -698,7 +725,7 @@ class Ledger(ABC):
             bid=None if bid is None else _bid_text(bid),
             latency_ms=_millis("latency_ms", latency_ms),
             queue_ms=_millis("queue_ms", queue_ms),
-            error=None if error is None else str(error),
+            error=None if error is None else storable(str(error)),
             remember=remember,
             now=self._clock(),
             money=self.money,
@@ -722,7 +749,9 @@ class Ledger(ABC):
         error, and `http_status` that error's status (400 to 599): the usage record then counts as a refusal, as
         one refused before anything was held does. HoldClosed when the hold is not open.
         """
-        _label("status", status)
+        status = _label("status", status)
+        if node is not None:
+            node = _label("node", node, limit=MAX_NAME_LEN)
         if http_status is not None and not 400 <= http_status <= 599:
             raise ValueError(f"http_status must be 400 to 599, got {http_status!r}")
         close = Close(
@@ -735,7 +764,7 @@ class Ledger(ABC):
             bid=None,
             latency_ms=_millis("latency_ms", latency_ms),
             queue_ms=_millis("queue_ms", queue_ms),
-            error=None if error is None else str(error),
+            error=None if error is None else storable(str(error)),
             remember=None,
             now=self._clock(),
             money=self.money,
@@ -759,20 +788,20 @@ class Ledger(ABC):
         `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status;
         `key_prefix` is the display prefix of the key that asked."""
         count("account_id", account_id)
-        _label("request_id", request_id, limit=MAX_NAME_LEN)
-        _label("status", status)
+        request_id = _label("request_id", request_id, limit=MAX_NAME_LEN)
+        status = _label("status", status)
         if not 400 <= http_status <= 599:
             raise ValueError(f"http_status must be 400 to 599, got {http_status!r}")
         refusal = Refusal(
             request_id=request_id,
             account_id=account_id,
-            model=str(model)[:MAX_NAME_LEN],
+            model=storable(str(model)[:MAX_NAME_LEN]),
             status=status,
             http_status=http_status,
-            error=str(error)[:2000],
-            user=None if user is None else str(user)[:MAX_NAME_LEN],
+            error=storable(str(error)[:2000]),
+            user=None if user is None else storable(str(user)[:MAX_NAME_LEN]),
             now=self._clock(),
-            key_prefix=None if key_prefix is None else str(key_prefix)[:DISPLAY_PREFIX_LEN],
+            key_prefix=None if key_prefix is None else storable(str(key_prefix)[:DISPLAY_PREFIX_LEN]),
             money=self.money,
         )
         return await self._refuse(refusal)
@@ -851,12 +880,12 @@ class Ledger(ABC):
         Numeric `position` and `pnl` fields in `data` are reported by `event_summary`.
         """
         count("account_id", account_id)
-        _label("kind", kind)
+        kind = _label("kind", kind)
         if not isinstance(data, Mapping):
             raise ValueError(f"event data must be a JSON object (a dict), got {type(data).__name__}")
         try:
             # allow_nan=False: NaN is not JSON, and the databases' JSON functions would reject the row later.
-            text = json.dumps(dict(data), allow_nan=False, separators=(",", ":"))
+            text = json.dumps(_storable_json(dict(data)), allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event data must be JSON-serialisable without NaN or infinity: {exc}") from exc
         return await self._record_event(account_id, kind, text, self._clock())

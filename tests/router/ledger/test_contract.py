@@ -262,6 +262,31 @@ async def test_release_refunds_the_whole_hold(ledger: Ledger, funded: int) -> No
     await assert_balanced(ledger)
 
 
+async def test_text_no_database_stores_is_kept_escaped_and_the_money_still_moves(ledger: Ledger, funded: int) -> None:
+    # A lone surrogate is valid in a Python str (and in JSON's \\u escapes) but not in UTF-8; PostgreSQL's text
+    # refuses NUL. Clients put both in an OpenAI user, a model name, or a prompt an error quotes: a write that
+    # failed on them left the hold open, or the refusal unrecorded.
+    odd = "a\ud800b\x00c"
+    await ledger.hold(funded, 300, request_id="r1", model=odd, user=odd)
+    await ledger.release("r1", status="invalid_schema", error=f"bad $ref {odd}", http_status=400)
+    await ledger.hold(funded, 300, request_id="r2", model="smol", user=odd)
+    await ledger.settle("r2", charge=120, node=odd, prompt_tokens=3, completion_tokens=4, error=odd)
+    await ledger.refuse(funded, request_id="r3", model=odd, status="model_not_found", http_status=404, error=odd,
+                        user=odd)  # fmt: skip
+    await ledger.record_event(funded, "k\ud800", {"note": odd})
+    escaped = "a\\ud800b\\x00c"
+    first, second, third = [await ledger.find_usage(r) for r in ("r1", "r2", "r3")]
+    assert first is not None and second is not None and third is not None
+    assert (first.model, first.user, first.error, first.http_status) == (escaped, escaped, f"bad $ref {escaped}", 400)
+    assert (second.node, second.user, second.error, second.cost) == (escaped, escaped, escaped, 120)
+    assert (third.model, third.user, third.error, third.http_status) == (escaped, escaped, escaped, 404)
+    assert [(e.kind, e.data) for e in await ledger.events(funded)] == [("k\\ud800", {"note": escaped})]
+    assert await ledger.account_state(funded) == AccountState(balance=880, held=0, spent=120, deposited=1000)
+    await assert_balanced(ledger)
+    with pytest.raises(ValueError, match="U\\+D800"):  # a name is refused, not stored other than as given
+        await ledger.create_account("bob\ud800")
+
+
 async def test_insufficient_funds_changes_nothing(ledger: Ledger, funded: int) -> None:
     await ledger.hold(funded, 600, request_id="r1", model="smol")
     before = await snapshot(ledger, funded)
