@@ -7,7 +7,9 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections import deque
 from typing import Any
 
@@ -55,6 +57,14 @@ class StreamBroken(Exception):
         self.hung = hung
 
 
+class _SlotsBusy(Exception):
+    """The node answered 503 `slots_busy`: every slot it has is generating."""
+
+
+# How long a request given a slot its node has not freed yet keeps asking for it (see Upstream._post).
+SLOT_FREED_WITHIN = 2.0
+
+
 class Upstream:
     def __init__(self, session: aiohttp.ClientSession, herd_token: str, *, node_timeout: float) -> None:
         self.session = session
@@ -76,6 +86,26 @@ class Upstream:
             return data
 
     async def _post(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+        """The node's 200 response (the caller reads and releases it); NodeFailed or NodeRejected otherwise.
+
+        A node that answers 503 `slots_busy` is asked again for up to SLOT_FREED_WITHIN seconds: the router gave
+        this request a slot it had just freed (a client cut its stream), and the node frees it only once its
+        generation loop sees the cut, a token's time later. Failing over, or failing, would refuse a request
+        for a slot that is free in a moment (with one node for the model: a 503 `no_node` to whoever waited)."""
+        deadline = time.monotonic() + SLOT_FREED_WITHIN
+        pause = 0.005
+        while True:
+            try:
+                return await self._post_once(node, path, body, request_id)
+            except _SlotsBusy as busy:
+                if time.monotonic() + pause > deadline:
+                    raise NodeFailed(f"node {node.name} answered 503: {busy}", down=False) from None
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    async def _post_once(
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str
+    ) -> aiohttp.ClientResponse:
         try:
             resp = await self.session.post(
                 node.url + path,
@@ -100,6 +130,9 @@ class Upstream:
             raise NodeFailed(f"node {node.name} no longer serves this model", down=False)
         if 400 <= resp.status < 500 and resp.status != 408 and resp.status != 429:
             raise NodeRejected(resp.status, payload if "error" in payload else _error(resp.status))
+        error = payload.get("error") if isinstance(payload, dict) else None
+        if resp.status == 503 and isinstance(error, dict) and error.get("code") == "slots_busy":
+            raise _SlotsBusy(str(error.get("message") or "slots busy"))
         raise NodeFailed(f"node {node.name} answered {resp.status}", down=False)
 
     async def complete(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:

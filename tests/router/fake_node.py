@@ -35,6 +35,10 @@ class Script:
     hang: bool = False  # never answer (until the server stops)
     gate: asyncio.Event | None = None  # hold every request until set
     keepalive: bool = False  # whole answers: a space before the JSON for every token, as a real node proves life
+    # As a real node: 503 slots_busy while all its slots generate; and a slot freed only this long after its
+    # request ended (a real node sees a cut stream at its next token).
+    busy_when_full: bool = False
+    frees_late: float = 0.0
 
 
 @dataclass
@@ -47,6 +51,7 @@ class FakeNode:
     active: int = 0
     max_active: int = 0
     cancelled: int = 0
+    busy_refusals: int = 0  # 503 slots_busy answers (Script.busy_when_full)
     status: str = "ready"
     n_ctx: int | None = None  # said in /health when set, as a real node says its context
     stops: dict[str, asyncio.Event] = field(default_factory=dict)  # by request id: POST /admin/cancel/{id}
@@ -138,6 +143,10 @@ class FakeNode:
                 },
                 status=script.fail_status,
             )
+        if script.busy_when_full and self.active >= self.slots:
+            self.busy_refusals += 1
+            error = {"message": "all slots are busy", "type": "server_error", "code": "slots_busy"}
+            return web.json_response({"error": error}, status=503, headers={"Retry-After": "1"})
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
@@ -181,7 +190,13 @@ class FakeNode:
             self.cancelled += 1
             raise
         finally:
-            self.active -= 1
+            if script.frees_late:
+                asyncio.get_running_loop().call_later(script.frees_late, self._free_slot)
+            else:
+                self.active -= 1
+
+    def _free_slot(self) -> None:
+        self.active -= 1
 
     @staticmethod
     async def _still_wanted(request: web.Request, seconds: float) -> bool:

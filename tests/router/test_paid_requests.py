@@ -311,6 +311,33 @@ async def test_a_cut_stream_is_charged_for_what_was_delivered(herd: Herd) -> Non
     assert node.cancelled == 1, "the node's generation was stopped"
 
 
+async def test_a_request_given_the_slot_of_a_cut_stream_waits_for_the_node_to_free_it(herd: Herd) -> None:
+    # The router frees a cut stream's slot at once; the node, a token later. The request waiting for that slot
+    # (another tenant's) is told "slots_busy" meanwhile: it must be served, not failed over and refused 503.
+    node = await herd.add_node(
+        FakeNode("n1", slots=1, script=Script(tokens=40, token_delay=0.02, busy_when_full=True, frees_late=0.15))
+    )
+    await herd.start(max_attempts=1)
+    alice = await herd.account("alice", 100_000)
+    bob = await herd.account("bob", 100_000)
+    async with alice.stream("POST", "/v1/completions", json={"prompt": PROMPT, "max_tokens": 40, "stream": True}) as r:
+        waiting = None
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                if waiting is None:  # queued behind the stream, for the node's one slot
+                    waiting = asyncio.create_task(bob.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}))
+                    await asyncio.sleep(0.1)
+                else:
+                    break
+    assert waiting is not None
+    served = await waiting
+    assert served.status_code == 200, served.text
+    assert node.busy_refusals >= 1, "the node was asked before it had freed the slot"
+    assert node.max_active == 1
+    books = await herd.books()
+    assert books["balanced"] and books["holds"] == 0
+
+
 async def test_a_node_dying_mid_stream_ends_it_with_an_error_and_charges_what_was_delivered(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", script=Script(tokens=10, die_after=4)))
     await herd.start()
