@@ -471,7 +471,13 @@ async def _complete_watching(
     state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
-    its answer then holds the tokens made until it did, which is what the request costs."""
+    its answer then holds the tokens made until it did, which is what the request costs.
+
+    Not so for a request with an Idempotency-Key: a client that leaves it (a timeout) retries it under the same
+    key, and that retry waits for this answer and is given it. Stopped and charged as cut, the first would leave
+    the retry to run and be charged again."""
+    if paid.claim is not None:
+        return await state.upstream.complete(node, paid.path, paid.body, paid.id), False  # type: ignore[union-attr]
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
     loop = asyncio.get_running_loop()
     cancel: asyncio.Future[bool] | None = None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
+import pytest
+
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
 
@@ -44,6 +47,38 @@ async def test_a_repeat_while_the_first_runs_waits_for_it_instead_of_generating_
     a, b = await asyncio.gather(first, second)
     assert a.json() == b.json() and len(node.received) == 1
     assert (await alice.get("/v1/account")).json()["spent"] == a.json()["usage"]["cost_credits"]
+
+
+async def test_a_client_that_times_out_and_retries_under_its_key_pays_once_and_gets_the_answer(herd: Herd) -> None:
+    # As the SDK (or any client with retries) does after a read timeout. Before, the first was stopped and
+    # charged as "cut", and the retry ran again and was charged again: twice the price for one answer.
+    node = await herd.add_node(FakeNode("n1", slots=2, script=Script(tokens=20, token_delay=0.03)))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    body = {**BODY, "max_tokens": 20}
+    with pytest.raises(httpx.ReadTimeout):
+        await alice.post("/v1/completions", json=body, headers={"Idempotency-Key": "slow"}, timeout=0.25)
+    retry = await alice.post("/v1/completions", json=body, headers={"Idempotency-Key": "slow"}, timeout=30)
+    assert retry.status_code == 200, retry.text
+    assert retry.json()["usage"]["completion_tokens"] == 20
+    assert len(node.received) == 1 and node.cancelled == 0
+    usage = (await alice.get("/v1/account/usage")).json()["data"]
+    assert [(u["status"], u["completion_tokens"]) for u in usage] == [("ok", 20)]
+    assert (await alice.get("/v1/account")).json()["spent"] == retry.json()["usage"]["cost_credits"]
+
+
+async def test_without_a_key_a_client_that_leaves_stops_the_generation_and_pays_for_what_was_made(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", slots=2, script=Script(tokens=40, token_delay=0.03)))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    with pytest.raises(httpx.ReadTimeout):
+        await alice.post("/v1/completions", json={**BODY, "max_tokens": 40}, timeout=0.3)
+    for _ in range(100):
+        usage = (await alice.get("/v1/account/usage")).json()["data"]
+        if usage:
+            break
+        await asyncio.sleep(0.05)
+    assert usage[0]["status"] == "cut" and usage[0]["completion_tokens"] < 40, usage
 
 
 async def test_a_key_reused_for_a_different_request_is_422(herd: Herd) -> None:
