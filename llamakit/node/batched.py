@@ -118,6 +118,7 @@ class BatchedModel(LoadedModel):
         # Per slot, the tokens whose cells the slot keeps from its last request. Written by the decode loop
         # before it hands the result back, read by the event loop only while the slot is free.
         self._kept: list[list[int]] = [[] for _ in range(slots)]
+        self._kept_salt: list[str] = ["" for _ in range(slots)]  # the cache salt of the request that left them
         self.ram = RamCache(self._ctx, cache_ram)  # `cache_ram` bytes of slot states saved before overwriting
         self._incoming: collections.deque[_Sequence] = collections.deque()
         self._wake = threading.Condition()
@@ -135,17 +136,21 @@ class BatchedModel(LoadedModel):
 
     # --- the request side (event loop and executor threads) ---
 
-    def choose_slot(self, free: list[int], prompt_tokens: list[int]) -> int:
+    def choose_slot(self, free: list[int], prompt_tokens: list[int], cache_salt: str = "") -> int:
         """The free slot whose kept cells share the longest prefix with the prompt, when that saves enough to
         pay for a gap in the running ids; else the lowest free slot.
 
         llama.cpp decodes the sequences of a split cache in one pass only while their ids run consecutively
         (`split_equal`); a gap costs a second pass of every step for as long as both sides run.
         """
-        shared = {slot: shared_prefix(self._kept[slot], prompt_tokens) for slot in free}
+        shared = {slot: self._shared(slot, prompt_tokens, cache_salt) for slot in free}
         lowest = min(free)
         best = max(free, key=lambda slot: (shared[slot], -slot))
         return best if shared[best] - shared[lowest] >= GAP_WORTH else lowest
+
+    def _shared(self, slot: int, prompt_tokens: list[int], cache_salt: str) -> int:
+        """How many leading tokens of the prompt `slot` keeps for a request of `cache_salt`: none of another's."""
+        return shared_prefix(self._kept[slot], prompt_tokens) if self._kept_salt[slot] == cache_salt else 0
 
     def kept_tokens(self, slot: int) -> int:
         """How many cells `slot` keeps from its last request (its prompt cache)."""
@@ -239,18 +244,20 @@ class BatchedModel(LoadedModel):
         follows; at least the prompt's last token is decoded again, for its logits. A history about to be
         dropped is saved to the RAM cache first, and a longer prefix saved there is copied into the slot."""
         prompt, slot, kept = seq.job.prompt_tokens, seq.seq_id, self._kept[seq.seq_id]
-        share = shared_prefix(kept, prompt)
+        salt = seq.job.cache_salt
+        share = self._shared(slot, prompt, salt)
         if len(kept) - share >= SAVE_MIN_TOKENS:  # the slot's history is about to go: keep it in RAM
-            self.ram.save(slot, kept)
-        saved_share, saved = self.ram.best(prompt)
+            self.ram.save(slot, kept, self._kept_salt[slot])
+        saved_share, saved = self.ram.best(prompt, salt)
         if saved is not None and saved_share >= share + SAVE_MIN_TOKENS:
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
-            share = saved_share if self.ram.restore(saved, slot) else 0
+            share = saved_share if self.ram.restore(saved, slot, salt) else 0
         keep = min(share, len(prompt) - 1)
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
             keep = 0  # a partial removal can be refused: start the slot afresh
             llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self._kept[slot] = []
+        self._kept_salt[slot] = salt  # the cells the slot keeps from now on are this request's
         seq.cached = prompt[:keep]
         seq.reused = keep
         seq.prompt_left = prompt[keep:]

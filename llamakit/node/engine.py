@@ -75,6 +75,10 @@ class GenerationJob:
     frequency_penalty: float = 0.0
     repeat_penalty: float = 1.0
     logprobs: int | None = None
+    # Whose prompt cache this may reuse: only cells a request of the same salt left (the router's
+    # X-Llamakit-Cache-Salt, one per account). A shared prefix shows in `cached_tokens` and in how fast the
+    # prompt is read, so reusing another tenant's cells would tell a client what that tenant's prompt began with.
+    cache_salt: str = ""
 
     @property
     def penalized(self) -> bool:
@@ -271,8 +275,9 @@ class LoadedModel:
     def close(self) -> None:
         raise NotImplementedError
 
-    def choose_slot(self, free: list[int], prompt_tokens: list[int]) -> int:
-        """Which free slot a request for `prompt_tokens` gets; the lowest, unless an engine knows better."""
+    def choose_slot(self, free: list[int], prompt_tokens: list[int], cache_salt: str = "") -> int:
+        """Which free slot a request for `prompt_tokens` (of `cache_salt`, see GenerationJob) gets; the lowest,
+        unless an engine knows better."""
         return min(free)
 
     def generate(
@@ -444,6 +449,7 @@ class SimpleModel(LoadedModel):
                 )
                 for _ in range(slots)
             ]
+        self._salts = ["" for _ in range(slots)]  # the cache salt of each context's last request
         super().__init__(resolved, self.contexts[0]._model, slots=slots, n_ctx=n_ctx)
         log.info(
             "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs",
@@ -487,6 +493,9 @@ class SimpleModel(LoadedModel):
         logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
         llama = self.contexts[slot]
+        if self._salts[slot] != job.cache_salt:  # another tenant's cells: its prefix is not this request's to reuse
+            llama.reset()  # type: ignore[no-untyped-call]
+            self._salts[slot] = job.cache_salt
         llama.set_seed(job.seed if job.seed is not None else random.getrandbits(31))
         grammar = LlamaGrammar.from_string(job.grammar, verbose=False) if job.grammar else None
         output = TextOutput(self, job, on_text)

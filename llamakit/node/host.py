@@ -106,9 +106,9 @@ class ModelHost:
             )
         return model
 
-    async def acquire(self, prompt_tokens: list[int] | None = None) -> Lease:
-        """A free slot of the current model (the one the model picks for `prompt_tokens`: the batched engine
-        reuses a slot's cached prefix); waits while a model loads, 503 when every slot is busy."""
+    async def acquire(self, prompt_tokens: list[int] | None = None, cache_salt: str = "") -> Lease:
+        """A free slot of the current model (the one the model picks for `prompt_tokens` of `cache_salt`: the
+        batched engine reuses a slot's cached prefix); waits while a model loads, 503 when every slot is busy."""
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self.load_wait)
@@ -132,7 +132,7 @@ class ModelHost:
                 headers={"Retry-After": "1"},
             )
         self._busy[id(self.model)] += 1
-        slot = self.model.choose_slot(free, prompt_tokens or [])
+        slot = self.model.choose_slot(free, prompt_tokens or [], cache_salt)
         free.remove(slot)
         return Lease(self.model, slot)
 

@@ -36,16 +36,18 @@ class RamCache:
         self._ctx = ctx
         self.limit_bytes = limit_bytes
         self.used_bytes = 0
-        self._saved: OrderedDict[tuple[int, ...], _Saved] = OrderedDict()
+        # Keyed by (cache salt, tokens): a state is restored only for a request of the salt that left it.
+        self._saved: OrderedDict[tuple[str, tuple[int, ...]], _Saved] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._saved)
 
-    def save(self, seq_id: int, tokens: list[int]) -> None:
-        """Copy the state of `seq_id`, whose cells hold `tokens`, before they are overwritten."""
+    def save(self, seq_id: int, tokens: list[int], salt: str = "") -> None:
+        """Copy the state of `seq_id`, whose cells hold `tokens` (of cache salt `salt`), before they are
+        overwritten."""
         if len(tokens) < SAVE_MIN_TOKENS or not self.limit_bytes:
             return
-        key = tuple(tokens)
+        key = (salt, tuple(tokens))
         if key in self._saved:
             self._saved.move_to_end(key)
             return
@@ -62,18 +64,22 @@ class RamCache:
             _, dropped = self._saved.popitem(last=False)
             self.used_bytes -= len(dropped.data)
 
-    def best(self, prompt: list[int]) -> tuple[int, list[int] | None]:
-        """The longest prefix of `prompt` a saved state holds, and that state's tokens (None when none does)."""
+    def best(self, prompt: list[int], salt: str = "") -> tuple[int, list[int] | None]:
+        """The longest prefix of `prompt` a state saved with `salt` holds, and that state's tokens (None when
+        none does)."""
         best_share, best_tokens = 0, None
-        for saved in self._saved.values():
+        for (saved_salt, _), saved in self._saved.items():
+            if saved_salt != salt:
+                continue
             share = shared_prefix(saved.tokens, prompt)
             if share > best_share:
                 best_share, best_tokens = share, saved.tokens
         return best_share, best_tokens
 
-    def restore(self, tokens: list[int], seq_id: int) -> bool:
-        """Copy the saved state of `tokens` into `seq_id`, whose cells must be empty; False if it failed."""
-        key = tuple(tokens)
+    def restore(self, tokens: list[int], seq_id: int, salt: str = "") -> bool:
+        """Copy the saved state of `tokens` (saved with `salt`) into `seq_id`, whose cells must be empty; False if
+        it failed."""
+        key = (salt, tuple(tokens))
         saved = self._saved.get(key)
         if saved is None:
             return False

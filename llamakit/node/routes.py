@@ -41,6 +41,8 @@ METRICS = web.AppKey("metrics", NodeMetrics)
 RUNS = web.AppKey("runs", dict[str, threading.Event])
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+# Whose prompt cache a request may reuse (see GenerationJob.cache_salt): the router sends its account's.
+CACHE_SALT_HEADER = "X-Llamakit-Cache-Salt"
 # How often, in seconds, a generation that is advancing tells its caller so while no text is due yet: a router
 # waits that long at most for a byte before it takes the node for hung. The router sets it from its own timeout.
 KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
@@ -143,6 +145,7 @@ async def _prepare(
     settings: NodeSettings,
     req: GenerationRequest,
     tokenize: Callable[[LoadedModel], list[int]],
+    cache_salt: str,
 ) -> _Prepared:
     """Validate the request against the loaded model and tokenize it (off the loop): no slot is taken yet."""
     model = await host.serving(req.model)
@@ -166,6 +169,7 @@ async def _prepare(
             frequency_penalty=req.frequency_penalty,
             repeat_penalty=req.repeat_penalty,
             logprobs=req.logprob_count(),
+            cache_salt=cache_salt,
         )
 
     return _Prepared(model, await asyncio.to_thread(build))
@@ -176,12 +180,13 @@ async def _lease(
     settings: NodeSettings,
     req: GenerationRequest,
     tokenize: Callable[[LoadedModel], list[int]],
+    cache_salt: str,
 ) -> tuple[Lease, GenerationJob]:
-    prepared = await _prepare(host, settings, req, tokenize)
-    lease = await host.acquire(prepared.job.prompt_tokens)
+    prepared = await _prepare(host, settings, req, tokenize, cache_salt)
+    lease = await host.acquire(prepared.job.prompt_tokens, cache_salt)
     if lease.model is not prepared.model:  # the model was swapped while we tokenized: do it again
         host.release(lease)
-        return await _lease(host, settings, req, tokenize)
+        return await _lease(host, settings, req, tokenize, cache_salt)
     return lease, prepared.job
 
 
@@ -191,7 +196,7 @@ async def _serve(
     host, settings, metrics = request.app[HOST], request.app[SETTINGS], request.app[METRICS]
     route = "chat" if kind == "chat" else "completions"
     try:
-        lease, job = await _lease(host, settings, req, tokenize)
+        lease, job = await _lease(host, settings, req, tokenize, request.headers.get(CACHE_SALT_HEADER, ""))
     except ApiError as exc:
         metrics.requests.labels(route, "busy" if exc.status == 503 else "rejected").inc()
         raise

@@ -16,7 +16,7 @@ hit may be stale, and then it costs nothing more than a miss. It is also weighed
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 __all__ = ["BLOCK_CHARS", "CHARS_PER_EXTRA_REQUEST", "Affinity", "PrefixMap", "chat_text"]
@@ -53,12 +53,13 @@ class PrefixMap:
         return len(self._holders)
 
     @staticmethod
-    def chain(model: str, text: str, known: Sequence[int] = ()) -> list[int]:
-        """One hash per whole block of `text`, each covering the model and every block up to it. `known` is
-        the chain of a prefix of `text` (the prompt, when `text` is the prompt and its answer): its blocks
-        are not hashed again."""
+    def chain(scope: Hashable, text: str, known: Sequence[int] = ()) -> list[int]:
+        """One hash per whole block of `text`, each covering `scope` and every block up to it. `scope` is what a
+        node's cache is kept apart by: the model, and the account (a node reuses an account's cells only for
+        that account, see node.engine.GenerationJob.cache_salt). `known` is the chain of a prefix of `text` (the
+        prompt, when `text` is the prompt and its answer): its blocks are not hashed again."""
         hashes = list(known)
-        h = hashes[-1] if hashes else hash(model)
+        h = hashes[-1] if hashes else hash(scope)
         for start in range(len(hashes) * BLOCK_CHARS, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
             h = hash((h, text[start : start + BLOCK_CHARS]))
             hashes.append(h)

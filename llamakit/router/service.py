@@ -106,6 +106,11 @@ class PaidRequest:
     admission: Admission = UNLIMITED
     key_prefix: str | None = None  # the display prefix of the API key that made it
 
+    @property
+    def cache_salt(self) -> str:
+        """Whose prompt cache the request may reuse at its node: its account's only (upstream.CACHE_SALT_HEADER)."""
+        return f"account-{self.account.id}"
+
 
 async def price(
     state: RouterState,
@@ -146,7 +151,7 @@ async def price(
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.
         body["stream_options"] = {"include_usage": True}
-    chain = PrefixMap.chain(model, text) if settings.affinity else []
+    chain = PrefixMap.chain((model, caller.account.id), text) if settings.affinity else []
     return PaidRequest(
         id=request_id,
         account=caller.account,
@@ -373,7 +378,7 @@ def _remember_prefix(state: RouterState, paid: PaidRequest, node: HerdNode, answ
         text = paid.text + chat_text([("assistant", answer)])
     else:
         text = paid.text + answer
-    state.prefixes.remember(PrefixMap.chain(paid.model, text, paid.chain), node.id)
+    state.prefixes.remember(PrefixMap.chain((paid.model, paid.account.id), text, paid.chain), node.id)
 
 
 def _node_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
@@ -477,7 +482,10 @@ async def _complete_watching(
     key, and that retry waits for this answer and is given it. Stopped and charged as cut, the first would leave
     the retry to run and be charged again."""
     if paid.claim is not None:
-        return await state.upstream.complete(node, paid.path, paid.body, paid.id), False  # type: ignore[union-attr]
+        answer = await state.upstream.complete(  # type: ignore[union-attr]
+            node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt
+        )
+        return answer, False
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
     loop = asyncio.get_running_loop()
     cancel: asyncio.Future[bool] | None = None
@@ -492,7 +500,9 @@ async def _complete_watching(
 
     timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
     try:
-        answer = await state.upstream.complete(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+        answer = await state.upstream.complete(  # type: ignore[union-attr]
+            node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt
+        )
     finally:
         if timer is not None:
             timer.cancel()
@@ -522,7 +532,9 @@ async def _first_events(node: HerdNode, events: EventStream, prefix: bytes) -> l
 async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[EventStream, list[bytes]]:
     """The node's stream and its events up to the first token; the stream is closed if this fails or is cancelled
     (closing it is how the node learns to stop, even while it still decodes the prompt)."""
-    events = await state.upstream.stream(node, paid.path, paid.body, paid.id)  # type: ignore[union-attr]
+    events = await state.upstream.stream(  # type: ignore[union-attr]
+        node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt
+    )
     try:
         return events, await _first_events(node, events, _chunk_prefix(paid))
     except BaseException:

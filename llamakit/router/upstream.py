@@ -21,6 +21,9 @@ from llamakit.router.herd import HerdNode
 __all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream", "parse_event", "token_chunk"]
 
 REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
+# Whose prompt cache a request may reuse at the node: one salt per account, so that no tenant's request reuses
+# (and, by its cached_tokens or its speed, learns) the start of another tenant's prompt.
+CACHE_SALT_HEADER = "X-Llamakit-Cache-Salt"
 KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
 
 # The end of a node's token chunk: no usage, then the running counts it delivered (the last field, as a node
@@ -85,7 +88,9 @@ class Upstream:
             data: dict[str, Any] = await resp.json()
             return data
 
-    async def _post(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+    async def _post(
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, cache_salt: str
+    ) -> aiohttp.ClientResponse:
         """The node's 200 response (the caller reads and releases it); NodeFailed or NodeRejected otherwise.
 
         A node that answers 503 `slots_busy` is asked again for up to SLOT_FREED_WITHIN seconds: the router gave
@@ -96,7 +101,7 @@ class Upstream:
         pause = 0.005
         while True:
             try:
-                return await self._post_once(node, path, body, request_id)
+                return await self._post_once(node, path, body, request_id, cache_salt)
             except _SlotsBusy as busy:
                 if time.monotonic() + pause > deadline:
                     raise NodeFailed(f"node {node.name} answered 503: {busy}", down=False) from None
@@ -104,13 +109,13 @@ class Upstream:
             pause = min(pause * 2, 0.25)
 
     async def _post_once(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, cache_salt: str
     ) -> aiohttp.ClientResponse:
         try:
             resp = await self.session.post(
                 node.url + path,
                 data=jsontext.dumps(body),  # bytes: aiohttp encodes a str again
-                headers={**self.headers, REQUEST_ID_HEADER: request_id},
+                headers={**self.headers, REQUEST_ID_HEADER: request_id, CACHE_SALT_HEADER: cache_salt},
                 timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -135,8 +140,11 @@ class Upstream:
             raise _SlotsBusy(str(error.get("message") or "slots busy"))
         raise NodeFailed(f"node {node.name} answered {resp.status}", down=False)
 
-    async def complete(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
-        resp = await self._post(node, path, body, request_id)
+    async def complete(
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, *, cache_salt: str = ""
+    ) -> dict[str, Any]:
+        """The node's whole answer; `cache_salt` says whose prompt cache it may reuse (see CACHE_SALT_HEADER)."""
+        resp = await self._post(node, path, body, request_id, cache_salt)
         try:
             data: dict[str, Any] = jsontext.loads(await resp.read())
         except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
@@ -162,9 +170,11 @@ class Upstream:
         except (aiohttp.ClientError, TimeoutError):
             return False
 
-    async def stream(self, node: HerdNode, path: str, body: dict[str, Any], request_id: str) -> EventStream:
+    async def stream(
+        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, *, cache_salt: str = ""
+    ) -> EventStream:
         """The node's SSE events (their JSON text), up to `[DONE]`; raises StreamBroken if it ends in any other way."""
-        resp = await self._post(node, path, body, request_id)
+        resp = await self._post(node, path, body, request_id, cache_salt)
         return EventStream(resp, node)
 
 

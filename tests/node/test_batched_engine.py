@@ -232,3 +232,21 @@ def test_a_history_whose_slot_was_taken_comes_back_from_ram(batched: BatchedMode
             assert again.cached_tokens <= 1 and len(one_slot.ram) == 1
     finally:
         one_slot.close()
+
+
+@pytest.mark.parametrize("engine", ["simple", "batched"])
+def test_a_slot_reuses_the_cells_of_its_own_cache_salt_only(
+    simple: SimpleModel, batched: BatchedModel, engine: str
+) -> None:
+    # Another tenant's prompt must not be reused: the reuse shows in cached_tokens (and in how fast the prompt
+    # is read), which would tell a client how its prompt's start matches theirs, token by token.
+    model: LoadedModel = simple if engine == "simple" else batched
+    slot = 0 if engine == "simple" else 5
+    secret = HISTORY_A + " The admin PIN is 7199."
+    run(model, slot, job(model, secret, max_tokens=2, temperature=0.0, cache_salt="account-1"))
+    probe = job(model, HISTORY_A + " The admin PIN is 71", max_tokens=1, temperature=0.0, cache_salt="account-2")
+    if engine == "batched":
+        assert batched.choose_slot([4, 5], probe.prompt_tokens, "account-2") == 4, "no slot is preferred for it"
+    assert run(model, slot, probe).cached_tokens == 0
+    again = job(model, secret, max_tokens=2, temperature=0.0, cache_salt="account-2")
+    assert run(model, slot, again).cached_tokens >= len(model.tokenize_text(HISTORY_A)), "its own cells, reused"

@@ -48,6 +48,7 @@ class FakeNode:
     slots: int = 1
     script: Script = field(default_factory=Script)
     received: list[dict[str, Any]] = field(default_factory=list)
+    cache_salts: list[str | None] = field(default_factory=list)  # X-Llamakit-Cache-Salt of each generation
     active: int = 0
     max_active: int = 0
     cancelled: int = 0
@@ -128,6 +129,7 @@ class FakeNode:
             return web.json_response({"error": {"message": "herd token", "type": "authentication_error"}}, status=401)
         body = await request.json()
         self.received.append(body)
+        self.cache_salts.append(request.headers.get("X-Llamakit-Cache-Salt"))
         script = self.script
         if script.hang:
             await request.app[STOPPING].wait()

@@ -82,6 +82,26 @@ async def test_a_follow_up_goes_to_the_node_that_holds_the_conversation(herd: He
     assert sample(metrics, "llamakit_router_affinity_dispatches_total", outcome="held") == 2
 
 
+async def test_a_prefix_belongs_to_its_account_at_the_router_and_at_the_node(herd: Herd) -> None:
+    # A node reuses an account's cells only for that account (the cache salt the router sends it), so another
+    # account's request sent there for the same text would gain nothing: it is not routed by that hint either.
+    for name in ("a", "b"):
+        await herd.add_node(FakeNode(name, slots=2, script=Script(tokens=5)))
+    await herd.start()
+    alice = await herd.account("alice", 1_000_000)
+    mallory = await herd.account("mallory", 1_000_000)
+    gate, held = await occupy(herd, alice, "a")
+    node, history = await ask(alice, turn([SYSTEM], "What is a prime number?"))
+    assert node == "b"
+    await release(herd, "a", gate, held)
+    # The same system prompt and question from another account: no affinity to b, the tie-break's node a.
+    assert (await ask(mallory, turn([SYSTEM], "What is a prime number?")))[0] == "a"
+    assert (await ask(alice, turn(history, "Is 91 prime?")))[0] == "b", "alice's own follow-up still holds"
+    ids = {name: (await client.get("/v1/account")).json()["id"] for name, client in (("a", alice), ("m", mallory))}
+    salts = set(herd.nodes["a"].cache_salts) | set(herd.nodes["b"].cache_salts)
+    assert salts == {f"account-{ids['a']}", f"account-{ids['m']}"}, salts
+
+
 async def test_a_busier_holder_loses_the_conversation_when_its_prefix_is_short(herd: Herd) -> None:
     for name in ("a", "b"):
         await herd.add_node(FakeNode(name, slots=2, script=Script(tokens=5)))
