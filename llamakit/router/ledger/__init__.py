@@ -16,6 +16,8 @@ from llamakit.currency import CreditValue
 from llamakit.router.ledger._contract import (
     KEY_PREFIX,
     MAX_AMOUNT,
+    MAX_EVENT_BYTES,
+    MAX_EVENTS_KEPT,
     MAX_PAGE,
     UNATTRIBUTED,
     Account,
@@ -52,6 +54,8 @@ __all__ = [
     "KEY_LIMIT_FIELDS",
     "KEY_PREFIX",
     "MAX_AMOUNT",
+    "MAX_EVENTS_KEPT",
+    "MAX_EVENT_BYTES",
     "MAX_KEY_NAME_LEN",
     "MAX_PAGE",
     "UNATTRIBUTED",

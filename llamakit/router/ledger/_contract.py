@@ -235,6 +235,13 @@ class Event:
     created: float
 
 
+# An event is an outcome an agent reports (a trade, a skip, an error), not a store: its data is bounded, and an
+# account keeps its latest MAX_EVENTS_KEPT, so that no tenant can fill the ledger's disk, or slow the operator's
+# stats (which read every kept event), for free.
+MAX_EVENT_BYTES = 8192
+MAX_EVENTS_KEPT = 10_000
+
+
 class EventSummary(TypedDict):
     """One account's agent events: how many of each kind, and the latest position and PnL reported."""
 
@@ -510,6 +517,7 @@ class Ledger(ABC):
     """
 
     url: str  # where the books are, with any password left out
+    events_kept: int = MAX_EVENTS_KEPT  # per account, the latest (see record_event)
 
     def __init__(self, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
         self._clock = clock
@@ -877,7 +885,9 @@ class Ledger(ABC):
     async def record_event(self, account_id: int, kind: str, data: Mapping[str, Any]) -> int:
         """Store an agent outcome ('buy', 'skip', 'error', 'request', …) with JSON data; returns its id.
 
-        Numeric `position` and `pnl` fields in `data` are reported by `event_summary`.
+        Numeric `position` and `pnl` fields in `data` are reported by `event_summary`. ValueError when `data`,
+        as compact JSON, is over MAX_EVENT_BYTES. The account keeps its latest `events_kept` events: older
+        ones go as new ones come.
         """
         count("account_id", account_id)
         kind = _label("kind", kind)
@@ -888,6 +898,8 @@ class Ledger(ABC):
             text = json.dumps(_storable_json(dict(data)), allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"event data must be JSON-serialisable without NaN or infinity: {exc}") from exc
+        if len(text) > MAX_EVENT_BYTES:
+            raise ValueError(f"event data must be at most {MAX_EVENT_BYTES} bytes as JSON, got {len(text)}")
         return await self._record_event(account_id, kind, text, self._clock())
 
     async def events(self, account_id: int, *, limit: int = 100) -> list[Event]:

@@ -542,13 +542,19 @@ class PostgresLedger(Ledger):
     # -- agent events ----------------------------------------------------------------------------------
 
     async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int:
+        # The DELETE sees the events before this one (a statement's CTEs share its snapshot): it keeps the latest
+        # `events_kept` of those, and with the new one the account keeps one more than that.
         event_id = await self._fetchval(
-            "INSERT INTO events (account_id, kind, data, created) "
-            "SELECT id, $2, $3::jsonb, $4 FROM accounts WHERE id = $1 RETURNING id",
+            "WITH added AS (INSERT INTO events (account_id, kind, data, created) "
+            "SELECT id, $2, $3::jsonb, $4 FROM accounts WHERE id = $1 RETURNING id), "
+            "forgotten AS (DELETE FROM events WHERE account_id = $1 AND id <= "
+            "(SELECT id FROM events WHERE account_id = $1 ORDER BY id DESC LIMIT 1 OFFSET $5)) "
+            "SELECT id FROM added",
             account_id,
             kind,
             data,
             now,
+            self.events_kept,
         )
         if event_id is None:
             raise UnknownAccount(account_id)

@@ -537,6 +537,7 @@ class SqliteLedger(Ledger):
                 "INSERT INTO events (account_id, kind, data, created) VALUES (?, ?, ?, ?) RETURNING id",
                 (account_id, kind, data, now),
             ).fetchone()[0]
+            conn.execute(_FORGET_OLD_EVENTS, (account_id, self.events_kept))
             return event_id
 
         return await self._call(run, write=True)
@@ -756,6 +757,13 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         refunded=held - charged,
         balance=balance,
     )
+
+
+# The account's events older than its latest `?2` (none while it has fewer: the subquery is NULL).
+_FORGET_OLD_EVENTS = (
+    "DELETE FROM events WHERE account_id = ?1 AND id <= "
+    "(SELECT id FROM events WHERE account_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)"
+)
 
 
 def _event_summary(conn: sqlite3.Connection) -> dict[str, EventSummary]:

@@ -15,6 +15,7 @@ import pytest
 
 from llamakit.router.ledger import (
     MAX_AMOUNT,
+    MAX_EVENT_BYTES,
     UNATTRIBUTED,
     AccountExists,
     AccountState,
@@ -609,6 +610,21 @@ async def test_events_must_be_json_objects(ledger: Ledger) -> None:
         await ledger.record_event(99, "buy", {})
     assert await ledger.events(bot.id) == []
     assert await ledger.event_summary() == {}
+
+
+async def test_event_data_is_bounded_and_an_account_keeps_its_latest_events(ledger: Ledger) -> None:
+    bot = await ledger.create_account("bot", kind="agent")
+    other = await ledger.create_account("other", kind="agent")
+    with pytest.raises(ValueError, match=f"at most {MAX_EVENT_BYTES} bytes"):
+        await ledger.record_event(bot.id, "buy", {"blob": "x" * MAX_EVENT_BYTES})
+    ledger.events_kept = 3
+    await ledger.record_event(other.id, "buy", {"n": -1})
+    ids = [await ledger.record_event(bot.id, "buy", {"n": n, "position": n}) for n in range(6)]
+    kept = [e.id for e in await ledger.events(bot.id)]
+    # The latest three (PostgreSQL forgets in the statement that adds: it may keep one more); nobody else's.
+    assert kept[:3] == ids[:-4:-1] and len(kept) <= 4, kept
+    assert [e.data for e in await ledger.events(other.id)] == [{"n": -1}]
+    assert (await ledger.event_summary())["bot"]["position"] == 5
 
 
 # -- concurrency ------------------------------------------------------------------------------------
