@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Unpack
 from llamakit.sdk._calls import EmbedOptions, GenerateOptions, RequestOptions
 from llamakit.sdk._client import AsyncClient, Client
 from llamakit.sdk._config import resolve_usage_log
-from llamakit.sdk._models import Account, Embeddings, Generation, Info, Model
+from llamakit.sdk._models import Account, ApiKeyInfo, Embeddings, Generation, Info, Model, RouterUsage
 from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
 from llamakit.sdk._types import NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
@@ -40,7 +40,9 @@ __all__ = [
     "generate",
     "generate_many",
     "info",
+    "key",
     "models",
+    "router_usage",
     "stream",
     "stream_chat",
     "usage_frame",
@@ -206,6 +208,23 @@ def info(**options: Unpack[RequestOptions]) -> Info:
 def account(**options: Unpack[RequestOptions]) -> Account:
     """The default key's account: balance, held, spent, deposited."""
     return _defaults.sync().account(**options)
+
+
+def key(**options: Unpack[RequestOptions]) -> ApiKeyInfo:
+    """The default API key (`GET /v1/key`): its name, limits, spend against its caps, use of its rate limits."""
+    return _defaults.sync().key(**options)
+
+
+def router_usage(
+    limit: int = 100,
+    *,
+    since: float | str | None = None,
+    user: str | None = None,
+    **options: Unpack[RequestOptions],
+) -> list[RouterUsage]:
+    """The default key's account's requests as the router's ledger recorded them, newest first, up to `limit`,
+    from `since` (epoch seconds or ISO 8601) and for `user` when given. See `Client.router_usage`."""
+    return _defaults.sync().router_usage(limit, since=since, user=user, **options)
 
 
 def usage_records() -> list[UsageRecord]:

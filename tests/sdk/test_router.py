@@ -306,6 +306,9 @@ async def test_module_level_async_functions(herd: ThreadedHerd, monkeypatch: pyt
     assert first.text == second.text == " tok tok" and pieces == [" tok"] * 4
     assert m.calls == 4 and m.cost_credits == sdk.account().spent
     assert len(sdk.usage_records()) == before + 4
+    # The module's key() and router_usage(), as the README lists them beside account().
+    assert sdk.key().spend.total == m.cost_credits
+    assert [r.cost_credits for r in sdk.router_usage(10)] == [r.cost_credits for r in sdk.usage_records()[-4:][::-1]]
 
 
 def test_idempotency_key_is_sent_and_can_be_given(herd: ThreadedHerd) -> None:
