@@ -371,6 +371,10 @@ class ResponseEvents:
                    response.function_call_arguments.done, response.output_item.done
         response.completed (or response.incomplete at max_output_tokens, response.failed on an error)
 
+    Items are written one after the other, as OpenAI writes them: an item's `response.output_item.done` comes
+    before the next item's `response.output_item.added` (clients that follow "the current item" rely on it), so
+    a chunk for a new item (a new tool-call index, or text after a call) ends the item before it.
+
     The last event's `response` is the whole Response object, which is also the body of a call not streamed.
     """
 
@@ -384,9 +388,9 @@ class ResponseEvents:
         self.finish_reason: str | None = None
         self.finished = False
         self.last: dict[str, Any] | None = None
-        self._message: int | None = None  # output index of the message item being written
+        # Output index of the one item being written: the items before it are done, as OpenAI streams them.
+        self._current: int | None = None
         self._calls: dict[int, int] = {}  # chat tool-call index → output index
-        self._open_calls: list[int] = []
         self._suffix = response_id.removeprefix("resp_")
 
     def response(self, status: str, *, usage: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -462,40 +466,54 @@ class ResponseEvents:
         return [] if self.finished else self._finish(None)
 
     def _text(self, piece: str, logprobs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        yield from self._open_message()
-        assert self._message is not None
-        part = self.output[self._message]["content"][0]
+        if self._current is None or self.output[self._current]["type"] != "message":
+            yield from self._close_current()  # text after a call is a new message: the call ends here
+            yield from self._open_message()
+        index = self._current
+        assert index is not None
+        item = self.output[index]
+        part = item["content"][0]
         part["text"] += piece
         if self.req.logprobs:
             part["logprobs"] += logprobs
         yield self._event(
             "response.output_text.delta",
-            item_id=f"msg_{self._suffix}",
-            output_index=self._message,
+            item_id=item["id"],
+            output_index=index,
             content_index=0,
             delta=piece,
             logprobs=_event_logprobs(logprobs) if self.req.logprobs else [],
         )
 
     def _open_message(self) -> Iterator[dict[str, Any]]:
-        if self._message is None:
-            self._message = len(self.output)
-            item = {"type": "message", "id": f"msg_{self._suffix}", "status": "in_progress", "role": "assistant"}
-            self.output.append({**item, "content": []})
-            yield self._event("response.output_item.added", output_index=self._message, item={**item, "content": []})
-            yield self._event(
-                "response.content_part.added",
-                item_id=item["id"],
-                output_index=self._message,
-                content_index=0,
-                part=_text_part(""),
-            )
-            self.output[self._message]["content"] = [_text_part("")]
+        """Start a message item (the item being written must have ended): `msg_<suffix>`, and for a message
+        after another (text, calls, text) `msg_<suffix>_<output index>`, as item ids are unique in a Response."""
+        index = self._current = len(self.output)
+        seen = any(item["type"] == "message" for item in self.output)
+        item_id = f"msg_{self._suffix}_{index}" if seen else f"msg_{self._suffix}"
+        item = {"type": "message", "id": item_id, "status": "in_progress", "role": "assistant"}
+        self.output.append({**item, "content": []})
+        yield self._event("response.output_item.added", output_index=index, item={**item, "content": []})
+        yield self._event(
+            "response.content_part.added",
+            item_id=item_id,
+            output_index=index,
+            content_index=0,
+            part=_text_part(""),
+        )
+        self.output[index]["content"] = [_text_part("")]
 
-    def _close_text(self, status: str) -> Iterator[dict[str, Any]]:
-        if self._message is None:
+    def _close_current(self, status: str = "completed") -> Iterator[dict[str, Any]]:
+        """End the item being written, if any: a message with `status`, a function call as completed."""
+        if self._current is None:
             return
-        index, self._message = self._message, None
+        index, self._current = self._current, None
+        if self.output[index]["type"] == "message":
+            yield from self._close_text(index, status)
+        else:
+            yield from self._close_call(index)
+
+    def _close_text(self, index: int, status: str) -> Iterator[dict[str, Any]]:
         item = self.output[index]
         item["status"] = status
         part = item["content"][0]
@@ -510,9 +528,8 @@ class ResponseEvents:
         position = call.get("index", len(self._calls))
         index = self._calls.get(position)
         if index is None:
-            yield from self._close_text("completed")  # the text of a turn comes before its calls
-            index = self._calls[position] = len(self.output)
-            self._open_calls.append(index)
+            yield from self._close_current()  # the text of a turn, or the call before, ends where a call begins
+            index = self._calls[position] = self._current = len(self.output)
             item = {
                 "type": "function_call",
                 "id": f"fc_{self._suffix}_{position}",
@@ -528,34 +545,34 @@ class ResponseEvents:
         arguments = function.get("arguments")
         if arguments:
             self.output[index]["arguments"] += arguments
-            yield self._event(
-                "response.function_call_arguments.delta",
-                item_id=self.output[index]["id"],
-                output_index=index,
-                delta=arguments,
-            )
+            # A piece of a call that has ended (llama.cpp and OpenAI finish a call before the next) is kept in
+            # the Response, but not streamed: no event of an item may follow its response.output_item.done.
+            if index == self._current:
+                yield self._event(
+                    "response.function_call_arguments.delta",
+                    item_id=self.output[index]["id"],
+                    output_index=index,
+                    delta=arguments,
+                )
 
-    def _close_calls(self) -> Iterator[dict[str, Any]]:
-        for index in self._open_calls:
-            item = self.output[index]
-            item["status"] = "completed"
-            yield self._event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=index,
-                name=item["name"],
-                arguments=item["arguments"],
-            )
-            yield self._event("response.output_item.done", output_index=index, item=dict(item))
-        self._open_calls = []
+    def _close_call(self, index: int) -> Iterator[dict[str, Any]]:
+        item = self.output[index]
+        item["status"] = "completed"
+        yield self._event(
+            "response.function_call_arguments.done",
+            item_id=item["id"],
+            output_index=index,
+            name=item["name"],
+            arguments=item["arguments"],
+        )
+        yield self._event("response.output_item.done", output_index=index, item=dict(item))
 
     def _finish(self, usage: dict[str, Any] | None) -> list[dict[str, Any]]:
         incomplete = self.finish_reason == "length"
         events: list[dict[str, Any]] = []
         if not self.output:  # an empty answer is an empty message, as a whole answer shows it
             events += self._open_message()
-        events += self._close_text("incomplete" if incomplete else "completed")
-        events += self._close_calls()
+        events += self._close_current("incomplete" if incomplete else "completed")
         self.finished = True
         shaped = responses_usage(usage)
         if incomplete:

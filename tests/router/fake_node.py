@@ -39,6 +39,9 @@ class Script:
     # request ended (a real node sees a cut stream at its next token).
     busy_when_full: bool = False
     frees_late: float = 0.0
+    # stream: these tool calls, (name, arguments), instead of text, as llama.cpp streams them: a chunk with the
+    # call's index, id and name, then its arguments in two pieces (a token each); finish_reason "tool_calls"
+    calls: list[tuple[str, str]] | None = None
 
 
 @dataclass
@@ -220,8 +223,10 @@ class FakeNode:
             # Compact, as a real node writes its chunks (the router passes token chunks on without parsing them).
             await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
 
+        pieces = _call_pieces(self.script.calls) if self.script.calls else [{"text": " tok"}] * n
+        n = len(pieces)
         try:
-            for i in range(1, n + 1):
+            for i, piece in enumerate(pieces, 1):
                 await asyncio.sleep(self.script.token_delay)
                 if self.script.die_after is not None and i > self.script.die_after:
                     assert request.transport is not None
@@ -233,13 +238,18 @@ class FakeNode:
                 await send(
                     {
                         "id": rid,
-                        "object": "text_completion",
-                        "choices": [{"index": 0, "text": " tok", "finish_reason": None}],
+                        "object": "chat.completion.chunk" if self.script.calls else "text_completion",
+                        "choices": [{"index": 0, **piece, "finish_reason": None}],
                         "usage": None,
                         "llamakit": {"prompt_tokens": prompt_tokens, "completion_tokens": i},
                     }
                 )
-            await send({"id": rid, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+            finish = (
+                {"delta": {}, "finish_reason": "tool_calls"}
+                if self.script.calls
+                else {"text": "", "finish_reason": "length"}
+            )
+            await send({"id": rid, "choices": [{"index": 0, **finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
                 await send({"id": rid, "choices": [], "usage": usage})
@@ -248,3 +258,15 @@ class FakeNode:
             self.cancelled += 1
             raise
         return resp
+
+
+def _call_pieces(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The chat deltas of a stream of tool calls (see Script.calls)."""
+    pieces: list[dict[str, Any]] = []
+    for index, (name, arguments) in enumerate(calls):
+        head = {"index": index, "id": f"call_{index}", "type": "function", "function": {"name": name, "arguments": ""}}
+        half = len(arguments) // 2
+        pieces.append({"delta": {"tool_calls": [head]}})
+        for part in (arguments[:half], arguments[half:]):
+            pieces.append({"delta": {"tool_calls": [{"index": index, "function": {"arguments": part}}]}})
+    return pieces

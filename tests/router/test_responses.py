@@ -8,10 +8,12 @@ import math
 from typing import Any
 
 import pytest
+from openai import AsyncOpenAI
 
 from llamakit.protocol import ChatCompletionRequest
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
+from tests.router.test_responses_translation import assert_items_one_after_another
 
 HAS_CHAT_TOOLS = "tools" in ChatCompletionRequest.model_fields
 
@@ -149,6 +151,32 @@ async def test_a_streamed_response_is_the_responses_event_sequence(herd: Herd) -
     assert final["usage"]["output_tokens"] == 3 and final["usage"]["cost_credits"] == cost(2 + 3, 3)
     assert node.received[0]["stream"] is True and node.received[0]["stream_options"] == {"include_usage": True}
     assert (await alice.get("/v1/account")).json()["spent"] == cost(5, 3)
+
+
+@pytest.mark.skipif(not HAS_CHAT_TOOLS, reason="chat completions have no tool calling in this build")
+async def test_streamed_function_calls_end_one_before_the_next_begins(herd: Herd) -> None:
+    calls = [("get_weather", '{"city":"Paris"}'), ("get_weather", '{"city":"Oslo"}'), ("get_time", '{"tz":"CET"}')]
+    await herd.add_node(FakeNode("n1", script=Script(calls=calls)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    client = AsyncOpenAI(
+        base_url=f"{herd.router.url}/v1", api_key=alice.headers["Authorization"].removeprefix("Bearer "), max_retries=0
+    )
+    tools: list[Any] = [
+        {"type": "function", "name": name, "parameters": {"type": "object", "properties": {}}, "strict": False}
+        for name in ("get_weather", "get_time")
+    ]
+    async with client.responses.stream(
+        model="fake-model", input="weather and time?", tools=tools, tool_choice="required"
+    ) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    assert_items_one_after_another(events)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    expected = [("function_call", *call) for call in calls]
+    for items in ([e.item for e in events if e.type == "response.output_item.done"], final.output):
+        assert [(i.type, getattr(i, "name", None), getattr(i, "arguments", None)) for i in items] == expected
+    assert final.status == "completed" and final.usage is not None and final.usage.output_tokens == 9
 
 
 @pytest.mark.parametrize(

@@ -180,10 +180,10 @@ def test_streamed_tool_calls_are_function_call_events_that_openai_types_accept()
         "response.output_item.added",
         "response.function_call_arguments.delta",
         "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",  # the first call ends before the second begins, as OpenAI streams them
         "response.output_item.added",
         "response.function_call_arguments.delta",
-        "response.function_call_arguments.done",
-        "response.output_item.done",
         "response.function_call_arguments.done",
         "response.output_item.done",
         "response.completed",
@@ -217,6 +217,70 @@ async def test_the_openai_client_accumulates_streamed_function_calls() -> None:
         ("call_a", "get_weather", {"city": "Paris"}),
         ("call_b", "get_weather", {"city": "Oslo"}),
     ]
+
+
+def chunks_of(*deltas: dict[str, Any], finish: str = "tool_calls") -> list[dict[str, Any]]:
+    """A chat stream of `deltas`, its finish and its usage chunk."""
+    chunks = [{"choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    return [*chunks, {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}, {"choices": [], "usage": USAGE}]
+
+
+def call_pieces(index: int, city: str) -> list[dict[str, Any]]:
+    """One tool call as llama.cpp streams it: its head, then its arguments in two pieces."""
+    head = {"index": index, "id": f"call_{index}", "type": "function"}
+    return [
+        {"tool_calls": [{**head, "function": {"name": "get_weather", "arguments": ""}}]},
+        {"tool_calls": [{"index": index, "function": {"arguments": '{"city":'}}]},
+        {"tool_calls": [{"index": index, "function": {"arguments": f'"{city}"}}'}}]},
+    ]
+
+
+def assert_items_one_after_another(events: list[Any]) -> None:
+    """Each item's events come between its response.output_item.added and .done, and the next item is added
+    only after: how OpenAI streams, and what a client that follows "the current item" relies on."""
+    current: int | None = None
+    ended = 0
+    for event in events:
+        index = getattr(event, "output_index", None)
+        if event.type == "response.output_item.added":
+            assert current is None, f"item {index} added while item {current} is open"
+            assert index == ended, f"item {index} added after {ended} items"
+            current = index
+        elif index is not None:
+            assert index == current, f"{event.type} for item {index} while item {current} is open"
+            if event.type == "response.output_item.done":
+                current, ended = None, ended + 1
+    assert current is None
+
+
+@pytest.mark.parametrize(
+    ("deltas", "types"),
+    [
+        (  # tool_choice "required": three calls, the case testers saw interleaved
+            [*call_pieces(0, "Paris"), *call_pieces(1, "Oslo"), *call_pieces(2, "Rome")],
+            ["function_call"] * 3,
+        ),
+        (  # text, then calls, then text again: each text is a message of its own
+            [{"content": "Let me look."}, *call_pieces(0, "Paris"), *call_pieces(1, "Oslo"), {"content": "Done."}],
+            ["message", "function_call", "function_call", "message"],
+        ),
+    ],
+)
+async def test_streamed_items_end_before_the_next_begins(deltas: list[dict[str, Any]], types: list[str]) -> None:
+    sent = streamed_events(request(tools=[TOOL], tool_choice="required"), chunks_of(*deltas))
+    client = openai_client(sse(sent), "text/event-stream")
+    async with client.responses.stream(model="m", input="hi", tools=[TOOL]) as stream:  # type: ignore[list-item]
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    assert_items_one_after_another(events)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert sent[-1]["type"] == "response.completed"  # with the items as each was done
+    assert sent[-1]["response"]["output"] == [e["item"] for e in sent if e["type"] == "response.output_item.done"]
+    assert [item.type for item in final.output] == types
+    ids = [item.id for item in final.output]
+    assert len(set(ids)) == len(ids)  # item ids are unique in a Response, a second message's too
+    calls = [o for o in final.output if o.type == "function_call"]
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris", "Oslo", "Rome"][: len(calls)]
 
 
 async def test_the_openai_client_accumulates_streamed_text() -> None:
