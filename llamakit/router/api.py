@@ -184,19 +184,19 @@ async def list_models(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models/{model}")
 async def retrieve_model(request: web.Request) -> web.Response:
-    """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404 if unknown."""
+    """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404
+    `model_not_found` if unknown, or if the caller's key may not use it: as OpenAI answers for a model the key
+    has no access to, and as `GET /v1/models` leaves it out."""
     state = request.app[STATE]
-    await authenticate(request)
+    limits = (await authenticate(request)).limits
     name = request.match_info["model"]
     if name not in state.herd.models():
-        raise ApiError(
-            404,
-            f"model {name!r} does not exist here; GET /v1/models lists the models served",
-            type="not_found_error",
-            code="model_not_found",
-            param="model",
-        )
-    return json_response(_model_entry(state, name))
+        message = f"model {name!r} does not exist here; GET /v1/models lists the models served"
+    elif not limits.allows_model(name):
+        message = f"this API key may not use model {name!r}; GET /v1/models lists the models it may use"
+    else:
+        return json_response(_model_entry(state, name))
+    raise ApiError(404, message, type="not_found_error", code="model_not_found", param="model")
 
 
 @routes.get("/v1/info")

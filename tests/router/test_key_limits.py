@@ -161,6 +161,23 @@ async def test_an_expired_key_gets_401_and_a_model_not_allowed_403(herd: Herd) -
     await assert_nothing_held(herd)
 
 
+async def test_a_model_the_key_may_not_use_is_not_found_one_by_one_as_in_the_list(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", model="gemma-3-270m"))
+    await herd.add_node(FakeNode("n2", model="smollm2-135m-instruct"))
+    await herd.start()
+    narrow = await key_client(herd, "alice", {"models": ["gemma-3-270m"]})
+    assert [m["id"] for m in (await narrow.get("/v1/models")).json()["data"]] == ["gemma-3-270m"]
+    assert (await narrow.get("/v1/models/gemma-3-270m")).json()["id"] == "gemma-3-270m"
+    hidden = await narrow.get("/v1/models/smollm2-135m-instruct")
+    unknown = await narrow.get("/v1/models/no-such-model")
+    assert hidden.status_code == unknown.status_code == 404  # as OpenAI answers for a model the key cannot use
+    shape = {"type": "not_found_error", "code": "model_not_found", "param": "model"}
+    assert {k: hidden.json()["error"][k] for k in shape} == {k: unknown.json()["error"][k] for k in shape} == shape
+    assert "may not use model 'smollm2-135m-instruct'" in hidden.json()["error"]["message"]
+    broad = await key_client(herd, "alice", None)
+    assert (await broad.get("/v1/models/smollm2-135m-instruct")).status_code == 200
+
+
 async def test_the_operator_sees_and_changes_a_keys_limits(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1"))
     await herd.start()
