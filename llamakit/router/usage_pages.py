@@ -10,6 +10,7 @@ Each record is priced at the credit value and currency it was sold at, which the
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -49,11 +50,16 @@ def query_int(request: web.Request, name: str, low: int, high: int) -> int | Non
 
 def parse_since(raw: str) -> float:
     """Epoch seconds from `raw`: a number of seconds, or an ISO 8601 date or date and time (UTC unless zoned).
-    ValueError when it is neither."""
+    ValueError when it is neither, or not a finite number (`nan` compares false with every time, so it would
+    filter nothing out; `inf`, `-inf` and an overflow such as `1e400` name no time)."""
     try:
-        return float(raw)
+        seconds = float(raw)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(seconds):
+            raise ValueError(f"not a finite number of seconds: {raw!r}")
+        return seconds
     moment = dt.datetime.fromisoformat(raw)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)

@@ -176,6 +176,21 @@ async def test_usage_pages_end_where_the_records_end_and_filter_by_user_and_time
     assert missing.status_code == 404
 
 
+async def test_since_that_is_not_a_finite_time_is_refused_naming_it(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})).status_code == 200
+    assert herd.admin is not None
+    # nan compares false with every record's time, so it filtered nothing out: every record came back
+    for raw in ["nan", "NaN", "-nan", "inf", "-inf", "Infinity", "1e400"]:
+        for client, path in [(alice, "/v1/account/usage"), (herd.admin, "/admin/usage")]:
+            resp = await client.get(path, params={"since": raw})
+            assert resp.status_code == 400, (path, raw, resp.text)
+            assert resp.json()["error"]["param"] == "since" and "'since'" in resp.json()["error"]["message"]
+    assert len((await alice.get("/v1/account/usage", params={"since": "0"})).json()["data"]) == 1
+
+
 async def test_a_request_with_a_user_keeps_it_through_a_stream(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", script=Script(tokens=2)))
     await herd.start()
