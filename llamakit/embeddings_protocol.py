@@ -61,7 +61,9 @@ class EmbeddingRequest(BaseModel):
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, gt=0)
-    user: str | None = None
+    # Kept on the usage record, so bounded as for completions (`protocol.GenerationRequest.user`): a length limit
+    # makes pydantic check the text too, which refuses a lone surrogate ("\ud800"), as no database stores one.
+    user: str | None = Field(default=None, max_length=100)
     bid: StrictInt | StrictFloat | None = None
 
     @field_validator("input")

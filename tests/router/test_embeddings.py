@@ -4,6 +4,7 @@ bids for a node slot, settled on exact usage, refunded on failure, refused (noth
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 
 import pytest
@@ -89,6 +90,10 @@ async def test_402_when_the_hold_is_not_covered_and_nothing_is_queued(herd: Herd
         ({"input": "hi", "dimensions": 0}, "dimensions", "greater than 0"),
         ({"input": "hi", "bid": 0.5}, "bid", "from 1"),
         ({"input": "hi", "model": "gpt-4o"}, "model", "fake-model"),
+        # kept on the usage record: as long as completions allow it, and text (not half an emoji, which JSON can
+        # escape but UTF-8 cannot hold)
+        ({"input": "hi", "user": "u" * 101}, "user", "at most 100 characters"),
+        ({"input": "hi", "user": "\ud800"}, "user", "unicode string"),
     ],
 )
 async def test_bad_input_is_refused_before_anything_is_held(
@@ -97,7 +102,8 @@ async def test_bad_input_is_refused_before_anything_is_held(
     node = await herd.add_node(FakeNode("n1"))
     await herd.start()
     alice = await herd.account("alice", 10_000)
-    resp = await alice.post("/v1/embeddings", json=body)
+    # JSON with \u escapes, as a client sends a lone surrogate (httpx's json= cannot encode one as UTF-8)
+    resp = await alice.post("/v1/embeddings", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert resp.status_code in (400, 404), resp.text
     error = resp.json()["error"]
     assert error["param"] == param and words in error["message"], error
