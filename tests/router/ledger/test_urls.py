@@ -20,6 +20,8 @@ def test_the_public_surface() -> None:
         "KEY_LIMIT_FIELDS",
         "KEY_PREFIX",
         "MAX_AMOUNT",
+        "MAX_EVENTS_KEPT",
+        "MAX_EVENT_BYTES",
         "MAX_KEY_NAME_LEN",
         "MAX_PAGE",
         "UNATTRIBUTED",
