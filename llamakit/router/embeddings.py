@@ -65,8 +65,9 @@ async def price_embeddings(
     the key's refusals of `hold_credits`)."""
     model, bid = request_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
-    held = hold_amount(fees, bid, req.token_bound(), 0)
-    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
+    bound = req.token_bound()
+    held = hold_amount(fees, bid, bound, 0)
+    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user, tokens=bound)
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
     return PaidRequest(

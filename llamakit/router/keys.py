@@ -88,6 +88,7 @@ class _KeyWindow:
     tokens: deque[tuple[float, int]] = field(default_factory=deque)  # when each request finished, its tokens
     token_sum: int = 0
     in_flight: int = 0
+    reserved: int = 0  # the most the requests in flight may use (prompt bound + max_tokens), until they finish
 
     def slide(self, now: float) -> None:
         start = now - WINDOW_SECONDS
@@ -105,11 +106,14 @@ class Admission:
     """A request let in under its key's rate limits; `finish` it once, with the tokens it used, or `cancel` it
     when it was refused before anything was done (then it counts towards no limit)."""
 
-    def __init__(self, rates: KeyRates | None, key_hash: str, window: _KeyWindow | None, at: float = 0.0) -> None:
+    def __init__(
+        self, rates: KeyRates | None, key_hash: str, window: _KeyWindow | None, at: float = 0.0, reserved: int = 0
+    ) -> None:
         self._rates = rates
         self._key_hash = key_hash
         self._window = window
         self._at = at  # when it was admitted: its entry in the window's requests
+        self._reserved = reserved  # counted against tpm_limit while it runs
         self._finished = False
 
     def finish(self, tokens: int = 0) -> None:
@@ -117,6 +121,7 @@ class Admission:
             return
         self._finished = True
         self._window.in_flight -= 1
+        self._window.reserved -= self._reserved
         if tokens > 0:
             self._window.tokens.append((time.monotonic(), tokens))
             self._window.token_sum += tokens
@@ -140,8 +145,11 @@ class KeyRates:
     def __init__(self) -> None:
         self._windows: dict[str, _KeyWindow] = {}
 
-    def admit(self, caller: Caller) -> Admission:
-        """Let the request in, or raise 429 naming the limit it is over, with Retry-After (seconds)."""
+    def admit(self, caller: Caller, tokens: int = 0) -> Admission:
+        """Let the request in, or raise 429 naming the limit it is over, with Retry-After (seconds). `tokens` is
+        the most the request may use (its prompt's bound and max_tokens): it counts against tpm_limit while the
+        request runs, and what it used once it ends, as OpenAI counts max_tokens at request time. Otherwise
+        requests sent together would all be let in before any had used a token."""
         limits = caller.limits
         if limits.rpm_limit is None and limits.tpm_limit is None and limits.max_parallel_requests is None:
             return UNLIMITED
@@ -162,20 +170,23 @@ class KeyRates:
                 f"{len(window.requests)} in the last 60 s",
                 "rpm_limit", limits.rpm_limit, retry_after=frees_at - now,
             )  # fmt: skip
-        if limits.tpm_limit is not None and window.token_sum >= limits.tpm_limit:
-            left, frees_at = window.token_sum, now
-            for finished, tokens in window.tokens:
-                left, frees_at = left - tokens, finished + WINDOW_SECONDS
-                if left < limits.tpm_limit:
+        if limits.tpm_limit is not None and window.token_sum + window.reserved >= limits.tpm_limit:
+            left, frees_at = window.token_sum, now + 1  # the requests in flight: they may end within a second
+            for finished, used in window.tokens if window.reserved < limits.tpm_limit else ():
+                if left + window.reserved < limits.tpm_limit:
                     break
+                left, frees_at = left - used, finished + WINDOW_SECONDS
+            in_flight = f", and {window.reserved} more may be used by its requests in flight" if window.reserved else ""
             raise _over(
                 f"this API key may use {limits.tpm_limit} tokens per minute (tpm_limit) and has used "
-                f"{window.token_sum} in the last 60 s",
+                f"{window.token_sum} in the last 60 s{in_flight}",
                 "tpm_limit", limits.tpm_limit, retry_after=frees_at - now,
             )  # fmt: skip
         window.requests.append(now)
         window.in_flight += 1
-        return Admission(self, caller.key_hash, window, now)
+        reserved = max(tokens, 0) if limits.tpm_limit is not None else 0
+        window.reserved += reserved
+        return Admission(self, caller.key_hash, window, now, reserved)
 
     def use(self, key_hash: str) -> dict[str, int]:
         """What this router counts for the key now: requests and tokens in the last 60 s, requests in flight."""

@@ -143,8 +143,11 @@ async def price(
         text = data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]
         bound = raw_prompt_token_bound(text)
     fees = state.prices.fees(model)
-    held = hold_amount(fees, bid, _prompt_bound(state, model, bound, max_tokens), max_tokens)
-    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user)
+    prompt_bound = _prompt_bound(state, model, bound, max_tokens)
+    held = hold_amount(fees, bid, prompt_bound, max_tokens)
+    request_id, admission = await hold_credits(
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=prompt_bound + max_tokens
+    )
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
     body["model"], body["max_tokens"] = model, max_tokens
@@ -227,10 +230,11 @@ def request_model(state: RouterState, request: web.Request, model: str | None, b
 
 
 async def hold_credits(
-    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None
+    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None, tokens: int
 ) -> tuple[str, Admission]:
     """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
-    admission (to finish when it ends). Nothing is held or counted when it is refused:
+    admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
+    counts against the key's tpm_limit while it runs. Nothing is held or counted when it is refused:
 
     - 403 `model_not_allowed` when the key may not use `model`;
     - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see keys.py);
@@ -246,7 +250,7 @@ async def hold_credits(
             code="model_not_allowed",
             param="model",
         )
-    admission = state.rates.admit(caller)
+    admission = state.rates.admit(caller, tokens)
     request_id = new_request_id()
     try:
         await state.ledger.hold(

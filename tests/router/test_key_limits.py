@@ -118,6 +118,29 @@ async def test_over_tokens_per_minute_a_key_gets_429_naming_the_limit(herd: Herd
     assert (await client.get("/v1/key")).json()["rates"]["tokens_last_minute"] == first["usage"]["total_tokens"]
 
 
+async def test_requests_sent_together_count_their_max_tokens_against_tokens_per_minute(herd: Herd) -> None:
+    # Before, only finished requests counted: 20 sent at once were all let in, 5 times over the limit.
+    gate = asyncio.Event()
+    node = await herd.add_node(FakeNode("n1", slots=32, script=Script(tokens=40, gate=gate)))
+    await herd.start()
+    client = await key_client(herd, "alice", {"tpm_limit": 100})
+    body = {"prompt": "one two", "max_tokens": 40}
+    sent = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(20)]
+    for _ in range(200):
+        if sum(t.done() for t in sent) + len(node.received) == 20:
+            break
+        await asyncio.sleep(0.02)
+    gate.set()
+    answers = await asyncio.gather(*sent)
+    served = [a for a in answers if a.status_code == 200]
+    refused = [a.json()["error"] for a in answers if a.status_code == 429]
+    assert len(served) + len(refused) == 20 and 1 <= len(served) <= 2, [a.status_code for a in answers]
+    assert all(e["limit"] == "tpm_limit" and "requests in flight" in e["message"] for e in refused), refused[:1]
+    used = sum(a.json()["usage"]["total_tokens"] for a in served)
+    assert (await client.get("/v1/key")).json()["rates"]["tokens_last_minute"] == used
+    await assert_nothing_held(herd)
+
+
 async def test_a_key_over_its_concurrent_requests_gets_429_until_one_finishes(herd: Herd) -> None:
     gate = asyncio.Event()
     node = await herd.add_node(FakeNode("n1", slots=4, script=Script(tokens=1, gate=gate)))
