@@ -519,7 +519,11 @@ def validate_request(model: type[_Req], data: dict[str, Any]) -> _Req:
         # pydantic tags union members in the location ("bid.int"); the client's field is the first part.
         where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
         param = str(first["loc"][0]) if first["loc"] else None
-        message = f"{where}: {first['msg']}" if where else first["msg"]
+        said = first["msg"].removeprefix("Value error, ")  # pydantic's wording around a validator's own message
+        if param is None:  # a check across fields names the field it is about first ("top_logprobs needs …")
+            named = said.split(" ", 1)[0].strip("'")
+            param = named if named in _field_names(model) else None
+        message = f"{where}: {said}" if where else said
         code = _ERROR_CODES.get(param or "", "invalid_value") if first["type"] == "value_error" else "invalid_value"
         raise ApiError(400, f"invalid request: {message}", param=param, code=code) from exc
 

@@ -145,6 +145,20 @@ async def test_max_tokens_above_the_routers_cap_is_400_before_anything_is_held(h
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
 
 
+async def test_a_check_across_fields_names_its_field_in_plain_words(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1"))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for body, param, says in (
+        ({**chat, "top_logprobs": 3}, "top_logprobs", "invalid request: top_logprobs needs logprobs: true"),
+        ({**chat, "tool_choice": "required"}, "tool_choice", "invalid request: tool_choice needs 'tools'"),
+    ):
+        error = (await alice.post("/v1/chat/completions", json=body)).json()["error"]
+        assert error["param"] == param and error["message"].startswith(says), error
+        assert "Value error" not in error["message"]
+
+
 async def test_unknown_model_is_404_listing_the_models(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1"))
     await herd.start()
