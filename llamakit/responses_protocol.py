@@ -504,14 +504,14 @@ class ResponseEvents:
         self.output[index]["content"] = [_text_part("")]
 
     def _close_current(self, status: str = "completed") -> Iterator[dict[str, Any]]:
-        """End the item being written, if any: a message with `status`, a function call as completed."""
+        """End the item being written, if any, with `status` ("incomplete": cut at max_output_tokens)."""
         if self._current is None:
             return
         index, self._current = self._current, None
         if self.output[index]["type"] == "message":
             yield from self._close_text(index, status)
         else:
-            yield from self._close_call(index)
+            yield from self._close_call(index, status)
 
     def _close_text(self, index: int, status: str) -> Iterator[dict[str, Any]]:
         item = self.output[index]
@@ -555,9 +555,9 @@ class ResponseEvents:
                     delta=arguments,
                 )
 
-    def _close_call(self, index: int) -> Iterator[dict[str, Any]]:
+    def _close_call(self, index: int, status: str) -> Iterator[dict[str, Any]]:
         item = self.output[index]
-        item["status"] = "completed"
+        item["status"] = status  # "incomplete" for a call cut at max_output_tokens: its arguments are partial
         yield self._event(
             "response.function_call_arguments.done",
             item_id=item["id"],

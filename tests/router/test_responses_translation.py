@@ -161,6 +161,25 @@ def test_a_text_answer_cut_at_max_tokens_is_incomplete() -> None:
     assert response.incomplete_details is not None and response.incomplete_details.reason == "max_output_tokens"
 
 
+def test_a_call_cut_at_max_tokens_is_an_incomplete_item_of_an_incomplete_response() -> None:
+    calls = [{"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Pa'}}]
+    answer = {
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24},
+    }
+    body = response_from_chat(request(tools=[TOOL], max_output_tokens=4), answer, response_id="resp_x")
+    response = Response.model_validate(body)
+    assert response.status == "incomplete"
+    assert [(o.type, o.status) for o in response.output] == [("function_call", "incomplete")]
+
+
 def streamed_events(req: ResponsesRequest, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     events = ResponseEvents(req, response_id="resp_abc", model="smollm2-135m-instruct")
     out = events.opening()
