@@ -135,15 +135,17 @@ class _KeyedTable(DataTable[Cell]):
         return row_key.value
 
     def set_rows(self, rows: Iterable[tuple[str, tuple[Cell, ...]]]) -> None:
+        """Show `rows` (key, cells) in this order; when the keys or their order change the table is rebuilt, and
+        `_rebuilt` puts the cursor or the view back."""
         rows = list(rows)
         order = [key for key, _ in rows]
         if order != self._order:
             selected = self.selected_key
+            top = self._top_key()
             self.clear()
             for key, cells in rows:
                 self.add_row(*map(_plain, cells), key=key)
-            if selected in order:
-                self.move_cursor(row=order.index(selected), animate=False)
+            self._rebuilt(order, selected=selected, top=top)
         else:
             columns = [column.key for column in self.COLUMNS]
             for key, cells in rows:
@@ -153,6 +155,17 @@ class _KeyedTable(DataTable[Cell]):
                         self.update_cell(key, column, _plain(new))
         self._order = order
         self._cells = dict(rows)
+
+    def _top_key(self) -> str | None:
+        """The key of the first row in view (rows are one line high), or None when the table is empty."""
+        index = int(self.scroll_y)
+        return self._order[index] if 0 <= index < len(self._order) else None
+
+    def _rebuilt(self, order: list[str], *, selected: str | None, top: str | None) -> None:
+        """After a rebuild (which leaves the cursor and the view on the first row): the cursor goes back to the
+        row that was `selected`, wherever it moved to, so the node or account the operator picked stays picked."""
+        if selected in order:
+            self.move_cursor(row=order.index(selected), animate=False)
 
 
 class HerdTable(_KeyedTable):
@@ -461,6 +474,16 @@ class RequestsLog(_KeyedTable):
         merged = sorted([*self._records.values(), *fresh], key=lambda r: r.time, reverse=True)[: self.MAX_ROWS]
         self._records = {r.key: r for r in merged}
         self.set_rows((r.key, self._cells_for(r)) for r in merged)
+
+    def _rebuilt(self, order: list[str], *, selected: str | None, top: str | None) -> None:
+        """The log follows the newest request, on top, rather than a selected row: its cursor is hidden, and
+        following it would scroll an old request up as new ones arrive. An operator who scrolled down to read
+        (`top` is then not the newest) keeps those rows where they were, and the log follows again once they
+        scroll back up."""
+        if top is None or top == self._order[0] or top not in order:
+            return  # clear() left the view on the first row, the newest
+        # After the refresh: the table's height, which scrolling is bound by, is only known then.
+        self.call_after_refresh(self.scroll_to, y=order.index(top), animate=False)
 
     @staticmethod
     def _cells_for(record: RequestRecord) -> tuple[Cell, ...]:
