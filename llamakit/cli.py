@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from llamakit.admin_client import admin_client, segment, show, table, when
 from llamakit.cli_keys import add_key_commands, add_limit_flags, limits_from_args
 from llamakit.profile import profile_path
@@ -293,8 +295,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command; its exit code is 0, or 1 when the router refused it or could not be reached (one line on
+    stderr then, not a traceback); 2 for a command line argparse refuses."""
     args = build_parser().parse_args(argv)
-    raise SystemExit(args.func(args))
+    if args.func is cmd_up:  # runs the router itself, and says what went wrong in its own words
+        raise SystemExit(cmd_up(args))
+    try:
+        code = args.func(args)
+    except httpx.TransportError as exc:  # refused, timed out, cut off, a URL that is not http(s)
+        raise SystemExit(f"llamakit: error: cannot reach the router at {_router_url(args)}: {_reason(exc)}") from None
+    raise SystemExit(code)
+
+
+def _router_url(args: argparse.Namespace) -> str:
+    """The router the admin commands call (--url, else LLAMAKIT_URL, else the profile's), as `admin_client`
+    finds it."""
+    with admin_client(args) as admin:
+        return str(admin.base_url).removesuffix("/")
+
+
+def _reason(exc: httpx.TransportError) -> str:
+    """Why a request got no answer, e.g. `[Errno 111] Connection refused`; some errors (timeouts) carry no text."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"no answer in time ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":

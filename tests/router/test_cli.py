@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import csv
 import io
@@ -182,3 +183,80 @@ def test_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[st
     out = capsys.readouterr().out
     assert "\\x1b[2Jm" in out and "x\\u202ey" in out
     assert "\x1b" not in out and "\u202e" not in out
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    """`llamakit ARGS` as a person runs it, with an admin key and no profile: exit code, stdout, stderr."""
+    env = {**os.environ, "LLAMAKIT_ADMIN_KEY": ADMIN_KEY, "LLAMAKIT_PROFILE": "/nonexistent/profile.json"}
+    env.pop("LLAMAKIT_URL", None)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamakit.cli", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+UNREACHABLE = "http://127.0.0.1:1"  # port 1: nothing listens there, so the connection is refused
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["accounts"], ["account", "alice"], ["deposit", "alice", "5"], ["fees"], ["fees", "m", "--base", "1"],
+        ["drain", "n1"], ["undrain", "n1"], ["usage"], ["stats"], ["keys", "list", "a"],
+        ["keys", "create", "a"], ["keys", "revoke", "lk-12345"],
+    ],
+)  # fmt: skip
+async def test_a_router_that_cannot_be_reached_is_one_line_not_a_traceback(command: list[str]) -> None:
+    code, out, err = await run_cli("--url", UNREACHABLE, *command)
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"llamakit: error: cannot reach the router at {UNREACHABLE}: [Errno 111] Connection refused"
+    ]
+
+
+async def test_a_router_that_hangs_up_or_never_answers_is_one_line_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener that closes every connection at once, and one that never answers (the client's timeout cut
+    to 0.2s for the test)."""
+    from llamakit import cli
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    silent: list[asyncio.StreamWriter] = []
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    closing = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    quiet = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    closing_url = f"http://127.0.0.1:{closing.sockets[0].getsockname()[1]}"
+    quiet_url = f"http://127.0.0.1:{quiet.sockets[0].getsockname()[1]}"
+    try:
+        code, out, err = await run_cli("--url", closing_url, "accounts")
+        # The reason is the system's: a reset, or a disconnect, depending on when the close lands.
+        assert (code, out, len(err.splitlines())) == (1, "", 1), err
+        assert err.startswith(f"llamakit: error: cannot reach the router at {closing_url}: "), err
+
+        from llamakit.admin_client import admin_client as real
+
+        def impatient(args: argparse.Namespace) -> httpx.Client:
+            client = real(args)
+            client.timeout = httpx.Timeout(0.2)
+            return client
+
+        monkeypatch.setattr(cli, "admin_client", impatient)
+        monkeypatch.setenv("LLAMAKIT_ADMIN_KEY", ADMIN_KEY)
+        monkeypatch.setenv("LLAMAKIT_PROFILE", "/nonexistent/profile.json")
+        with pytest.raises(SystemExit) as exited:
+            await asyncio.to_thread(cli.main, ["--url", quiet_url, "stats"])
+        assert exited.value.code == (
+            f"llamakit: error: cannot reach the router at {quiet_url}: no answer in time (ReadTimeout: timed out)"
+        )
+    finally:
+        for writer in silent:
+            writer.close()
+        closing.close()
+        quiet.close()
