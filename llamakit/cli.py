@@ -134,11 +134,20 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 
 
 def cmd_fees(args: argparse.Namespace) -> int:
+    """Every model's fees; or set MODEL's (`--base` …, `--unserved` for a model no node serves yet); or `--delete`
+    MODEL's own, so that it costs the default again (or is no model here, when no node serves it)."""
+    if args.delete and (args.base is not None or args.unserved):
+        raise SystemExit("llamakit fees: --delete removes a model's fees; give it alone with the MODEL")
+    if args.delete and args.model == "*":
+        raise SystemExit("llamakit fees: --delete needs the MODEL whose fees to delete ('*', the default, stays)")
     with admin_client(args) as admin:
+        path = f"/admin/fees/{segment(args.model)}"
+        if args.delete:
+            return show(admin.delete(path))
         if args.base is None:
             return show(admin.get("/admin/fees"))
         body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
-        return show(admin.put(f"/admin/fees/{segment(args.model)}", json=body))
+        return show(admin.put(path, params={"unserved": "true"} if args.unserved else None, json=body))
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -265,11 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("accounts", help="list accounts and balances").set_defaults(func=cmd_accounts)
 
-    fees = sub.add_parser("fees", help="show fees, or set a model's fees")
-    fees.add_argument("model", nargs="?", default="*")
+    fees = sub.add_parser("fees", help="show fees, or set or delete a model's fees")
+    fees.add_argument("model", nargs="?", default="*", help="the model ('*', the default: the fees of the others)")
     fees.add_argument("--base", type=int)
     fees.add_argument("--prompt", type=int, default=0)
     fees.add_argument("--completion", type=int, default=0)
+    fees.add_argument(
+        "--unserved", action="store_true", help="set the fees of a model no node serves yet (before its nodes join)"
+    )
+    fees.add_argument("--delete", action="store_true", help="delete the model's own fees: it costs the default again")
     fees.set_defaults(func=cmd_fees)
 
     drain = sub.add_parser("drain", help="let a node finish its work and take no more")

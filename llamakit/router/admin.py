@@ -18,6 +18,7 @@ from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
 from llamakit.router.keys import key_limits
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
+from llamakit.router.pricing import DEFAULT_KEY
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
@@ -125,6 +126,9 @@ async def get_fees(request: web.Request) -> web.Response:
 
 @admin_routes.put("/admin/fees/{model}")
 async def set_fees(request: web.Request) -> web.Response:
+    """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}`;
+    they price the next request. 400 for a bad schedule; 404 `model_not_found` for a model no node serves and
+    that has no fees yet, unless `?unserved=true` says it is meant (fees set before the model's nodes join)."""
     require_admin(request)
     state = request.app[STATE]
     try:
@@ -132,8 +136,46 @@ async def set_fees(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError(400, str(exc), param="fees") from exc
     model = request.match_info["model"]
+    # A typo would otherwise become a model: listed as available, in stats and the dashboard, and 503 no_node to
+    # whoever asks for it. Pricing a model ahead of its nodes (a scale-out) stays possible, on purpose.
+    ahead = request.query.get("unserved", "").lower() in ("1", "true")
+    if not (model == DEFAULT_KEY or model in state.prices.per_model or state.herd.serves(model) or ahead):
+        served = sorted({m for node in state.herd.nodes.values() for m in node.models})  # down nodes' too
+        served_text = ", ".join(served) or "none (no node has joined yet)"
+        raise ApiError(
+            404,
+            f"no node serves model {model!r}; models served: {served_text}. To set the fees of a model before its "
+            "nodes join, PUT them with ?unserved=true (llamakit fees MODEL --unserved …)",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
     state.prices.set(model, fees)
     return json_response({"model": model, **fees.to_dict()})
+
+
+@admin_routes.delete("/admin/fees/{model}")
+async def delete_fees(request: web.Request) -> web.Response:
+    """Remove a model's own fees: a model some node serves goes back to the default fees, one no node serves is
+    no longer a model here. Returns `{"model", "deleted": the fees removed, "fees": what the model costs now
+    (null when no node serves it)}`; 404 `fees_not_found` when the model has no fees of its own, 400 for `*`."""
+    require_admin(request)
+    state = request.app[STATE]
+    model = request.match_info["model"]
+    if model == DEFAULT_KEY:
+        raise ApiError(400, "the default fees ('*') cannot be deleted, only changed with PUT", param="model")
+    deleted = state.prices.per_model.pop(model, None)
+    if deleted is None:
+        raise ApiError(
+            404,
+            f"model {model!r} has no fees of its own to delete (models with their own fees: "
+            f"{', '.join(sorted(state.prices.per_model)) or 'none'})",
+            type="not_found_error",
+            code="fees_not_found",
+            param="model",
+        )
+    now = state.prices.default.to_dict() if state.herd.serves(model) else None
+    return json_response({"model": model, "deleted": deleted.to_dict(), "fees": now})
 
 
 def _node(request: web.Request) -> HerdNode:

@@ -205,6 +205,7 @@ UNREACHABLE = "http://127.0.0.1:1"  # port 1: nothing listens there, so the conn
     "command",
     [
         ["accounts"], ["account", "alice"], ["deposit", "alice", "5"], ["fees"], ["fees", "m", "--base", "1"],
+        ["fees", "m", "--delete"],
         ["drain", "n1"], ["undrain", "n1"], ["usage"], ["stats"], ["keys", "list", "a"],
         ["keys", "create", "a"], ["keys", "revoke", "lk-12345"],
     ],
