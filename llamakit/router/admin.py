@@ -12,13 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.fees import FeeSchedule
+from llamakit.fees import MAX_BID, FeeSchedule, hold_amount
 from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
 from llamakit.router.keys import key_limits
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.pricing import DEFAULT_KEY
+from llamakit.router.settings import RouterSettings
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
@@ -135,6 +136,7 @@ async def set_fees(request: web.Request) -> web.Response:
         fees = FeeSchedule.from_dict(parse_json(await request.read()))
     except ValueError as exc:
         raise ApiError(400, str(exc), param="fees") from exc
+    _holdable(fees, state.settings)
     model = request.match_info["model"]
     # A typo would otherwise become a model: listed as available, in stats and the dashboard, and 503 no_node to
     # whoever asks for it. Pricing a model ahead of its nodes (a scale-out) stays possible, on purpose.
@@ -152,6 +154,22 @@ async def set_fees(request: web.Request) -> web.Response:
         )
     state.prices.set(model, fees)
     return json_response({"model": model, **fees.to_dict()})
+
+
+def _holdable(fees: FeeSchedule, settings: RouterSettings) -> None:
+    """400 `fees_too_high` unless the largest request the router takes could be held at `fees`: the highest bid,
+    the most max_tokens it allows, and a prompt of a token per byte of the largest body it accepts. The ledger
+    holds at most MAX_AMOUNT credits, so past that every large request would be refused (see `hold_credits`)."""
+    limit, size = settings.max_tokens_limit, settings.max_body_bytes
+    worst = hold_amount(fees, MAX_BID, size, limit)
+    if worst > MAX_AMOUNT:
+        raise ApiError(
+            400,
+            f"at these fees a request at bid {MAX_BID} for {limit} tokens with a {size}-byte prompt would hold "
+            f"{worst} credits, and the ledger holds at most {MAX_AMOUNT}: set lower fees",
+            param="fees",
+            code="fees_too_high",
+        )
 
 
 @admin_routes.delete("/admin/fees/{model}")

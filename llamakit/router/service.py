@@ -43,6 +43,7 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
 from llamakit.router.keys import UNLIMITED, Admission, Caller
 from llamakit.router.ledger import (
+    MAX_AMOUNT,
     Account,
     HoldClosed,
     InsufficientFunds,
@@ -239,8 +240,17 @@ async def hold_credits(
     - 403 `model_not_allowed` when the key may not use `model`;
     - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see keys.py);
     - 402 `insufficient_funds` with `needed` and `balance` when the balance is short;
-    - 402 `spend_cap_exceeded` with `needed`, `cap`, `period` and `available` past one of the key's caps.
+    - 402 `spend_cap_exceeded` with `needed`, `cap`, `period` and `available` past one of the key's caps;
+    - 400 `hold_too_large` when `amount` is more than the ledger can hold (MAX_AMOUNT): no balance could pay it.
     """
+    if amount > MAX_AMOUNT:  # fees near the bound and a long prompt: the ledger would refuse it with a ValueError
+        raise ApiError(
+            400,
+            f"this request could cost up to {amount} credits at bid {format_bid(bid)}, more than the ledger can hold "
+            f"({MAX_AMOUNT}): ask for fewer max_tokens, send a shorter prompt or bid less",
+            param="max_tokens",
+            code="hold_too_large",
+        )
     if not caller.limits.allows_model(model):
         allowed = ", ".join(caller.limits.models or ())
         raise ApiError(

@@ -3,6 +3,8 @@ kept, and a model's own fees can be deleted."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -120,3 +122,52 @@ async def test_the_cli_sets_fees_ahead_and_deletes_them(herd: Herd) -> None:
     code, out = await llamakit(herd, "fees", "--delete")
     assert code == 1 and "--delete needs the MODEL" in out
     assert set((await herd.admin.get("/admin/fees")).json()) == {"*", "fake-model"}
+
+
+async def test_fees_too_high_to_hold_are_refused_and_never_make_a_500(herd: Herd, tmp_path: Path) -> None:
+    # Fees the router started with are not checked (a --fees file): requests at them are 400, not 500.
+    absurd = {"base_fee": 10**15, "prompt_token_fee": 1, "completion_token_fee": 2}
+    fees_file = tmp_path / "fees.json"
+    fees_file.write_text(json.dumps({"fake-model": absurd}))
+    await herd.add_node(FakeNode("alpha", script=Script(tokens=5)))
+    await herd.start(fees_file=fees_file)
+    assert herd.admin is not None
+    alice = await herd.account("alice", 100_000)
+    body: dict[str, Any] = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 5}
+    try:
+        resp = await alice.post("/v1/completions", json=body)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["code"], error["param"]) == ("hold_too_large", "max_tokens")
+        held = 10**15 + (len(PROMPT) + 4) + 2 * 5  # the prompt bound: its bytes and 4
+        assert f"up to {held} credits at bid 1, more than the ledger can hold" in error["message"]
+        # The refusal is recorded as one, nothing held.
+        assert (await alice.get("/v1/account")).json()["held"] == 0
+
+        # Fees set live are bound so that the largest request (bid 1000, max_tokens 32768, a prompt of a token per
+        # byte of a 4 MiB body) can still be held within the ledger's 10^15.
+        most = 10**15 // 1000 - 1 * 4 * 1024 * 1024 - 2 * 32768
+        for base in (10**15, most + 1):
+            resp = await herd.admin.put("/admin/fees/fake-model", json={**absurd, "base_fee": base})
+            assert resp.status_code == 400, resp.text
+            assert (resp.json()["error"]["code"], resp.json()["error"]["param"]) == ("fees_too_high", "fees")
+        assert (await herd.admin.get("/admin/fees")).json()["fake-model"] == absurd, "a refused PUT changes nothing"
+        resp = await herd.admin.put(
+            "/admin/fees/*", json={"base_fee": 0, "prompt_token_fee": 0, "completion_token_fee": 10**12}
+        )
+        assert resp.status_code == 400 and resp.json()["error"]["code"] == "fees_too_high"
+
+        resp = await herd.admin.put("/admin/fees/fake-model", json={**absurd, "base_fee": most})
+        assert resp.status_code == 200, resp.text
+        # The highest bid and the most tokens: held (and refused for want of credit, not with a 500).
+        big = await herd.account("big", 10**15)
+        try:
+            resp = await big.post("/v1/completions", json={**body, "bid": 1000, "max_tokens": 32768})
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["usage"]["cost_credits"] == 1000 * (most + 7 + 2 * 5)
+            resp = await alice.post("/v1/completions", json={**body, "bid": 1000, "max_tokens": 32768})
+            assert resp.status_code == 402 and resp.json()["error"]["code"] == "insufficient_funds"
+        finally:
+            await big.aclose()
+    finally:
+        await alice.aclose()
