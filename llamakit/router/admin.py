@@ -17,7 +17,7 @@ from llamakit.protocol import ApiError, parse_json
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
 from llamakit.router.keys import key_limits
-from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, LedgerError, UnknownAccount, UsageRecord
+from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.pricing import DEFAULT_KEY
 from llamakit.router.settings import RouterSettings
 from llamakit.router.stats import snapshot
@@ -25,7 +25,7 @@ from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
 from llamakit.web import SseWriter, json_response, require_bearer
 
-__all__ = ["account_of", "admin_routes", "herd_routes", "require_admin"]
+__all__ = ["account_of", "admin_routes", "find_account", "herd_routes", "require_admin"]
 
 admin_routes = web.RouteTableDef()
 herd_routes = web.RouteTableDef()
@@ -40,12 +40,19 @@ def _herd(request: web.Request) -> None:
 
 
 async def account_of(request: web.Request) -> Account:
-    ledger = request.app[STATE].ledger
-    ref = request.match_info["account"]
+    """The account of the route's `{account}`, an id or a name; 404 `account_not_found` when there is none."""
+    return await find_account(request.app[STATE].ledger, request.match_info["account"])
+
+
+async def find_account(ledger: Ledger, ref: str, *, param: str | None = None) -> Account:
+    """The account `ref` names: its id (ASCII digits, up to the ledger's largest id) or else its name; 404
+    `account_not_found` (naming `param`, when the reference came in one) when there is none."""
+    # A longer number cannot be an id: the ledger refuses it, and SQLite overflows past 2^63 (both were a 500).
+    is_id = ref.isascii() and ref.isdigit() and len(ref) <= len(str(MAX_AMOUNT)) and int(ref) <= MAX_AMOUNT
     try:
-        return await (ledger.get_account(int(ref)) if ref.isdigit() else ledger.account_by_name(ref))
+        return await (ledger.get_account(int(ref)) if is_id else ledger.account_by_name(ref))
     except UnknownAccount as exc:
-        raise ApiError(404, str(exc), type="not_found_error", code="account_not_found") from exc
+        raise ApiError(404, str(exc), type="not_found_error", code="account_not_found", param=param) from exc
 
 
 async def _account_json(request: web.Request, account: Account) -> dict[str, Any]:
@@ -284,17 +291,15 @@ async def books(request: web.Request) -> web.Response:
 
 @admin_routes.get("/admin/usage")
 async def usage(request: web.Request) -> web.Response:
-    """Every account's usage records (or one account's: `?account=NAME`), paged and filtered as
+    """Every account's usage records (or one account's: `?account=NAME` or its id), paged and filtered as
     `GET /v1/account/usage`; each record names its account."""
     require_admin(request)
     ledger = request.app[STATE].ledger
     query = usage_query(request)
     names = {a.id: a.name for a in await ledger.list_accounts()}
     account = None
-    if (name := request.query.get("account")) is not None:
-        account = next((i for i, n in names.items() if n == name), None)
-        if account is None:
-            raise ApiError(404, f"there is no account {name!r}", type="not_found_error", param="account")
+    if (ref := request.query.get("account")) is not None:  # an id or a name, as in the other admin routes
+        account = (await find_account(ledger, ref, param="account")).id
 
     async def fetch(limit: int, before: int | None) -> list[UsageRecord]:
         if account is not None:
