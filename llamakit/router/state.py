@@ -51,12 +51,14 @@ class RequestLog:
     fees: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=10000))
     by_status: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)  # by error code: records with an http_status
+    refused_status: dict[str, int] = field(default_factory=dict)  # each error code's HTTP status, as last seen
 
     def add(self, record: dict[str, Any]) -> None:
         self.recent.append(record)
         self.by_status[record["status"]] += 1
         if record.get("http_status") is not None:
             self.refused[record["status"]] += 1
+            self.refused_status[record["status"]] = record["http_status"]
         if record.get("latency_ms") is not None and record["status"] in ("ok", "cut"):
             self.latencies.append(record["latency_ms"])
         if record.get("cost_credits"):

@@ -74,7 +74,8 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
                           "books", "agents", "accounts", "keys", "refusals.today"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
-                           "requests", "refusals.by_status", "uptime", "queue.last_multiplier"],
+                           "requests", "refusals.by_status", "refusals.http_status", "uptime",
+                           "queue.last_multiplier"],
             "dispatch": {
                 "count": figures.dispatches,
                 "assigned": figures.assigned,
@@ -109,6 +110,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         "refusals": {
             "today": sum(a.refusals for a in activity),
             "by_status": dict(state.requests.refused),
+            "http_status": dict(state.requests.refused_status),  # each code's status, for codes no longer recent
         },
         "cluster": cluster,
     }

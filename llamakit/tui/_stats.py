@@ -378,13 +378,16 @@ class RefusalStats:
 
     today: int
     by_code: Mapping[str, int]
+    http_status: Mapping[str, int] = field(default_factory=dict)  # by code; empty from a router that omits it
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RefusalStats:
         by_code = {str(k): _int(v) for k, v in _mapping(data.get("by_status")).items()}
+        statuses = {str(k): _int(v) for k, v in _mapping(data.get("http_status")).items()}
         return cls(
             today=_int(data.get("today")),
             by_code=dict(sorted(by_code.items(), key=lambda item: (-item[1], item[0]))),
+            http_status={code: status for code, status in statuses.items() if 400 <= status <= 599},
         )
 
 

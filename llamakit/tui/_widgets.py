@@ -416,6 +416,8 @@ class RefusalsPanel(Vertical):
             if record.refused and record.http_status is not None:
                 self.http_status[record.status] = record.http_status
         refusals = stats.refusals
+        if refusals is not None:  # the router's own map, for codes no longer among its latest requests
+            self.http_status.update(refusals.http_status)
         today = self.query_one(".refusals--today", Label)
         codes = self.query_one(".refusals--codes", Static)
         if refusals is None:

@@ -85,6 +85,7 @@ async def test_refusals_after_the_hold_are_recorded_with_their_code_and_status(h
     ]
     stats = (await herd.admin.get("/admin/stats")).json()
     assert stats["refusals"]["by_status"] == {"context_length_exceeded": 1, "no_node": 1}
+    assert stats["refusals"]["http_status"] == {"context_length_exceeded": 400, "no_node": 503}
     assert stats["refusals"]["today"] == 2
     after = await samples(herd)
     assert value(after, "llamakit_router_refusals_total", status="400", code="context_length_exceeded") == 1

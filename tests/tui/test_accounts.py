@@ -60,6 +60,17 @@ async def test_accounts_refusals_and_request_columns_from_a_snapshot() -> None:
         assert "requests 1,201 · 12 failed" in screen
 
 
+async def test_a_refusal_code_no_longer_among_the_latest_requests_keeps_its_http_status() -> None:
+    snapshot = fixed_snapshot()
+    assert all(r["status"] != "invalid_value" for r in snapshot["requests"]["recent"])
+    snapshot["refusals"]["by_status"]["invalid_value"] = 2
+    snapshot["refusals"]["http_status"] = {"invalid_value": 400, "insufficient_funds": 402}
+    app = DashboardApp(FixedSource([snapshot]))
+    async with app.run_test(size=(120, 40)) as pilot:
+        await wait_until(pilot, lambda: app.updates >= 1, what="the snapshot shown")
+        assert "400 invalid_value" in screen_text(app)
+
+
 async def test_a_router_without_accounts_or_refusals_says_so() -> None:
     old = fixed_snapshot()
     del old["accounts"], old["refusals"]
