@@ -346,8 +346,12 @@ class Cluster:
     def released_at_start(self) -> int:
         """How many holds the last router to start released, as its log says."""
         text = (self.workdir / "router.log").read_text(errors="replace")
-        last_run = text[text.rfind("llamakit router on") :]
-        found = re.search(r"released (\d+) hold\(s\)", last_run)
+        # A router says it is on once it listens, after its start-up released what it found: the last run's
+        # start-up is logged between the run before's line and its own.
+        starts = [m.start() for m in re.finditer("llamakit router on", text)]
+        begin = starts[-2] if len(starts) > 1 else 0
+        end = starts[-1] if starts else len(text)
+        found = re.search(r"released (\d+) hold\(s\)", text[begin:end])
         return int(found.group(1)) if found else 0
 
     # -- reading the router ------------------------------------------------------------------------------

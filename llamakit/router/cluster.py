@@ -23,11 +23,11 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -41,11 +41,14 @@ from llamakit.router.ledger import Ledger, LedgerError, Remembered
 __all__ = ["Cluster", "ClusterIdempotency", "Figures", "RouterIdInUse"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Seconds between the safety-net rounds: reload the herd, dispatch, look for assignments a NOTIFY missed.
 SYNC_SECONDS: Final = 1.0
 # Seconds between looks at the claim of an idempotency key that another router is running.
 CLAIM_POLL_SECONDS: Final = 0.05
+# How long a repeat waits for the first request under its idempotency key (a long generation takes minutes).
+CLAIM_WAIT_SECONDS: Final = 600.0
 _FAST_COMMITS: Final = {"synchronous_commit": "off"}  # unless the --db URL sets it, as for the ledger
 _DB_NOW: Final = "extract(epoch FROM clock_timestamp())::float8"
 
@@ -229,6 +232,20 @@ class Cluster:
             except Exception:  # a database blip must not end the loop: the next round tries again
                 log.exception("cluster: %s failed", getattr(work, "__name__", work))
             await asyncio.sleep(seconds)
+
+    async def _until_done(self, what: str, work: Callable[[], Awaitable[_T]]) -> _T:
+        """`work()`'s result, asked for again (0.1 s, doubling to 5 s) while the database cannot be reached: a
+        slot, a queue row or an idempotency claim given back only once would be lost to a database restart,
+        taken until this router stops (its lease is alive, so no other router cleans up after it). `work`
+        must be safe to run twice: the first run may have committed before its answer was lost."""
+        pause = 0.1
+        while True:
+            try:
+                return await work()
+            except _DB_ERRORS as exc:
+                log.warning("cluster: %s failed (%s); trying again in %.1f s", what, exc, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
     def _spawn(self, work: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
@@ -564,9 +581,13 @@ class Cluster:
     async def _give_back(self, request_id: str) -> None:
         started = time.perf_counter()
         try:
-            rows = await self._db().fetch(
-                "SELECT * FROM llamakit_finish($1, $2, $3, $4, $5)",
-                self._lock_key, self._channel, self.id, CHARS_PER_EXTRA_REQUEST, request_id,
+            # llamakit_finish frees the queue row once: a second run finds none and does nothing.
+            rows = await self._until_done(
+                f"giving back the slot of {request_id}",
+                lambda: self._db().fetch(
+                    "SELECT * FROM llamakit_finish($1, $2, $3, $4, $5)",
+                    self._lock_key, self._channel, self.id, CHARS_PER_EXTRA_REQUEST, request_id,
+                ),
             )  # fmt: skip
             self._delivered(rows, started)
         finally:
@@ -714,15 +735,24 @@ class ClusterIdempotency(Idempotency):
         self.cluster = cluster
 
     async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
+        """As Idempotency.claim; a repeat polls (every CLAIM_POLL_SECONDS, slowing to a second) for at most
+        CLAIM_WAIT_SECONDS, then gets 409 `idempotency_key_in_use`: a client that left does not poll forever."""
         pool = self.cluster._db()
+        deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+        pause = CLAIM_POLL_SECONDS
         while True:
             remembered = await self.ledger.recall(account_id, key)
             if remembered is not None:
                 self._check(remembered.fingerprint, print_)
                 return remembered
+            # A claim only while no answer is remembered, in one statement: the first request remembers its answer
+            # and then gives up its claim, and a repeat that looked for the answer just before could otherwise
+            # claim the key just after, and run (and be charged) again.
             row = await pool.fetchrow(
                 "WITH mine AS (INSERT INTO idempotency_claims (account_id, key, fingerprint, router_id) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING fingerprint, true AS ours) "
+                "SELECT $1, $2, $3, $4 WHERE NOT EXISTS "
+                "(SELECT 1 FROM idempotency WHERE account_id = $1 AND key = $2) "
+                "ON CONFLICT DO NOTHING RETURNING fingerprint, true AS ours) "
                 "SELECT fingerprint, ours FROM mine UNION ALL "
                 "SELECT fingerprint, false FROM idempotency_claims WHERE account_id = $1 AND key = $2",
                 account_id, key, print_, self.cluster.id,
@@ -731,14 +761,27 @@ class ClusterIdempotency(Idempotency):
                 return Claim(account_id, key, print_)
             if row is not None:
                 self._check(row["fingerprint"], print_)
-            await asyncio.sleep(CLAIM_POLL_SECONDS)
+            if time.monotonic() + pause > deadline:
+                raise ApiError(
+                    409,
+                    f"a request with this Idempotency-Key has been running for {CLAIM_WAIT_SECONDS:.0f} s; "
+                    "retry later to get its answer",
+                    code="idempotency_key_in_use",
+                    headers={"Retry-After": "10"},
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 1.5, 1.0)
 
     def release(self, claim: Claim) -> None:
-        self.cluster._spawn(
-            self.cluster._db().execute(
-                "DELETE FROM idempotency_claims WHERE account_id = $1 AND key = $2 AND router_id = $3",
-                claim.account_id,
-                claim.key,
-                self.cluster.id,
+        cluster = self.cluster
+        cluster._spawn(
+            cluster._until_done(
+                f"ending the claim of idempotency key {claim.key!r}",
+                lambda: cluster._db().execute(
+                    "DELETE FROM idempotency_claims WHERE account_id = $1 AND key = $2 AND router_id = $3",
+                    claim.account_id,
+                    claim.key,
+                    cluster.id,
+                ),
             )
         )

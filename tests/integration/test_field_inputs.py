@@ -216,8 +216,9 @@ async def test_a_prompt_larger_than_the_context_is_a_400_that_costs_nothing_not_
         account = (await modest.get("/v1/account")).json()
         assert (account["balance"], account["held"], account["spent"]) == (5_000, 0, 0)
         usage = (await modest.get("/v1/account/usage")).json()["data"]
+        # The node's refusal after the hold: recorded with its code and status, as a refusal before it is.
         assert (
-            [u["status"] for u in usage][-1] == "rejected"
+            (usage[-1]["status"], usage[-1]["http_status"]) == ("context_length_exceeded", 400)
             and usage[-1]["held"] <= 5_000
             and usage[-1]["cost_credits"] == 0
         )

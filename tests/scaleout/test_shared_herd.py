@@ -7,6 +7,8 @@ import asyncio
 
 import httpx
 
+from llamakit.router.api import STATE
+from llamakit.router.ledger import Remembered
 from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
 
@@ -92,6 +94,39 @@ async def test_an_idempotent_retry_at_another_router_gets_the_stored_answer(rout
     assert [r.status_code for r in both] == [200, 200]
     assert both[0].json()["id"] == both[1].json()["id"]
     assert len(node.received) == 2  # one generation per key
+
+
+async def test_a_repeat_that_missed_the_answer_by_a_moment_gets_it_and_does_not_run_again(routers: Routers) -> None:
+    # The repeat looked for a remembered answer just before the first request settled, and tried to claim the
+    # key just after the first gave its claim up. Before, it won the claim: the request ran again, and its
+    # settlement failed on the remembered answer's key (a 500, with its hold left open).
+    node = FakeNode("n1", slots=2, script=Script(tokens=3))
+    a, b, _c = await _three(routers, node)
+    key = await routers.account("alice", 1_000_000)
+    body = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 3}
+    headers = {"Idempotency-Key": "k-late"}
+    first = await routers.client(a, key).post("/v1/completions", json=body, headers=headers)
+    assert first.status_code == 200
+    state = routers.servers[1].runner.app[STATE]
+    ledger = state.idempotency.ledger
+    assert state.cluster is not None
+    real, looks = ledger.recall, []
+
+    async def missed_once(account_id: int, idempotency_key: str) -> Remembered | None:
+        looks.append(idempotency_key)
+        return None if len(looks) == 1 else await real(account_id, idempotency_key)
+
+    ledger.recall = missed_once  # type: ignore[method-assign]
+    for _ in range(100):  # the first request's claim is given up in the background
+        if not await state.cluster._db().fetchval("SELECT count(*) FROM idempotency_claims"):
+            break
+        await asyncio.sleep(0.05)
+    later = await routers.client(b, key).post("/v1/completions", json=body, headers=headers)
+    assert later.status_code == 200, later.text
+    assert later.headers["Idempotent-Replayed"] == "true" and later.json()["id"] == first.json()["id"]
+    assert len(node.received) == 1 and len(looks) >= 2
+    books = await routers.books()
+    assert books["balanced"] and books["holds"] == 0
 
 
 async def test_stats_give_the_herd_wide_queue_and_say_what_is_per_router(routers: Routers) -> None:
