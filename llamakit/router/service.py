@@ -651,12 +651,6 @@ async def _relay(
             await sse.send(error_body(message, type="server_error", code="node_failed"))
             await sse.done()
     except (ConnectionError, asyncio.CancelledError) as exc:
-        if isinstance(exc, ConnectionError) and paid.claim is not None and not paid.closed:
-            # Under an Idempotency-Key the stream runs to its end unread, and is remembered: the client's retry
-            # waits for it and gets it replayed. Stopped and charged as cut, the retry would run, and be
-            # charged, again. (Every event the node sent so far was counted: writes happen after each read's.)
-            await _run_unread(state, paid, node, events, prefix, delivered)
-            return sse.response
         # The client cut the stream: closing the node's stream stops its generation.
         await events.aclose()
         await _settle_delivered(state, paid, node, delivered, "cut", "the client closed the stream")
@@ -665,46 +659,6 @@ async def _relay(
         return sse.response
     await _settle_delivered(state, paid, node, delivered, "ok", None)  # only if the node sent no usage
     return sse.response
-
-
-class _Unread(SseWriter):
-    """The writer of a stream whose client has gone: what would be written is dropped."""
-
-    async def flush(self) -> None:
-        self._pending.clear()
-
-    async def done(self) -> None:
-        self._pending.clear()
-
-    async def comment(self, text: str) -> None:
-        self._pending.clear()
-
-
-async def _run_unread(
-    state: RouterState,
-    paid: PaidRequest,
-    node: HerdNode,
-    events: EventStream,
-    prefix: bytes,
-    made: dict[str, int],
-) -> None:
-    """Read the rest of a stream whose client left, as `_relay` would for it, and settle it on its usage."""
-    unread = _Unread(web.StreamResponse())
-    try:
-        while batch := await events.batch():
-            for payload in batch:
-                token = token_chunk(payload, prefix)
-                if token is not None:
-                    _pass_token(state, paid, unread, token, made)
-                else:
-                    await _forward(state, paid, node, unread, payload, prefix, made, flush=False)
-    except StreamBroken as exc:
-        log.warning("%s", exc)
-        await events.aclose()
-        _mark_node(state, node, exc)
-        await _settle_delivered(state, paid, node, made, "broken", str(exc))
-        return
-    await _settle_delivered(state, paid, node, made, "ok", None)  # only if the node sent no usage
 
 
 async def _settle_delivered(
