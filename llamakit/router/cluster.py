@@ -719,7 +719,9 @@ def _log_failure(task: asyncio.Task[Any]) -> None:
         log.error("cluster background task failed: %r", task.exception())
 
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# What a lost connection raises, as asyncpg reports it: InternalClientError too ("cannot switch to state …"),
+# when a connection is cut in the middle of an operation.
+_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 
 
 class ClusterIdempotency(Idempotency):

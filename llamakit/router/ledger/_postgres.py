@@ -74,7 +74,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH: Final = 256
 _RETRIES: Final = 5
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# InternalClientError: asyncpg's word for a connection cut in the middle of an operation ("cannot switch to state …").
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 _FAST_COMMITS: Final = {"synchronous_commit": "off"}
 
 
