@@ -7,10 +7,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from llamakit.catalog import ModelNotAvailable, resolve_model
 from llamakit.node.settings import settings_from_args
+from llamakit.web import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -32,18 +31,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "LLAMAKIT_HERD_TOKEN" not in os.environ and not any(a.startswith("--herd-token") for a in argv):
         # Nobody else knows a generated token: print it once so the operator can give it to the router.
         print(f"herd token (generated): {settings.herd_token}", file=sys.stderr)
-    serving = f"llamakit node {settings.name!r} serving on http://{settings.host}:{settings.port}"
-    try:
-        # run_app prints once the model is loaded and the socket listens, not before.
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            print=lambda _aiohttp_banner: print(serving, file=sys.stderr),
-        )
-    except OSError as exc:  # the port is taken, or the address is not this host's: asyncio's message says which
-        print(f"python -m llamakit.node: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    serve(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        program="python -m llamakit.node",
+        started=f"llamakit node {settings.name!r} serving on http://{settings.host}:{settings.port}",
+    )
 
 
 if __name__ == "__main__":

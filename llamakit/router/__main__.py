@@ -8,11 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from llamakit.router.app import create_app
 from llamakit.router.ledger import LedgerError, redacted
 from llamakit.router.settings import settings_from_args
+from llamakit.web import serve
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -50,23 +49,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     # The access log costs a tenth of the router's time per request; the usage log already has each one.
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
-    try:
-        web.run_app(
-            app,
-            host=settings.host,
-            port=settings.port,
-            # run_app prints once the ledger is open and the socket listens: a router refused its ledger or
-            # port never claims to be on.
-            print=lambda _aiohttp_banner: print(started, file=sys.stderr),
-            access_log=access_log,
-            loop=new_event_loop(settings.event_loop),
-        )
-    except LedgerError as exc:  # the database cannot be reached, or its schema is newer than this llamakit
-        print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except OSError as exc:  # the port is taken, or the address is not this host's: asyncio's message says which
-        print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    serve(
+        app,
+        host=settings.host,
+        port=settings.port,
+        program="python -m llamakit.router",
+        started=started,
+        # The database cannot be reached, its schema is newer than this llamakit, or another router has it.
+        refusals=(LedgerError,),
+        access_log=access_log,
+        loop=new_event_loop(settings.event_loop),
+    )
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ async def delete_fees(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     if model == DEFAULT_KEY:
         raise ApiError(400, "the default fees ('*') cannot be deleted, only changed with PUT", param="model")
-    deleted = state.prices.per_model.pop(model, None)
+    deleted = state.prices.remove(model)
     if deleted is None:
         raise ApiError(
             404,

@@ -46,6 +46,10 @@ class PriceList:
         else:
             self.per_model[model] = fees
 
+    def remove(self, model: str) -> FeeSchedule | None:
+        """Drop `model`'s own fees (it costs the default again); the fees removed, None when it had none."""
+        return self.per_model.pop(model, None)
+
     def to_dict(self, models: list[str] | None = None) -> dict[str, Any]:
         names = sorted(set(self.per_model) | set(models or []))
         return {DEFAULT_KEY: self.default.to_dict(), **{m: self.fees(m).to_dict() for m in names}}
