@@ -3,14 +3,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint bench
+.PHONY: install up test lint bench llama-cmake-args
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
+# llama.cpp is compiled for x86-64-v3 (AVX2, FMA, F16C), not for this machine's CPU (-march=native): some VMs'
+# CPUs advertise instructions their hypervisor does not run (AMX tiles), which crash a native build with SIGILL,
+# and a wheel pip cached on one machine must run on the next. `make llama-cmake-args` prints them (bench/ uses it).
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+
 install: $(BIN)/python
-	$(BIN)/pip install -e '.[all,dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -e '.[all,dev]'
+
+llama-cmake-args:
+	@echo $(LLAMA_CMAKE_ARGS)
 
 up: install
 	$(BIN)/llamakit up

@@ -50,8 +50,8 @@ from typing import Any
 
 import httpx
 
-from llamakit.fees import FeeSchedule, settle_amount
-from llamakit.launcher import free_port
+from llamakit.cli.up import free_port
+from llamakit.money.fees import FeeSchedule, settle_amount
 
 __all__ = [
     "NODES",

@@ -69,6 +69,7 @@ from _processes import free_port, stop
 from aiohttp import web
 
 from llamakit.router.__main__ import new_event_loop
+from llamakit.wire.node import TokenCounts, with_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -97,7 +98,7 @@ STREAM_BODY = json.dumps(
     }
 ).encode()
 BODIES = {"whole": REQUEST_BODY, "stream": STREAM_BODY}
-# Bodies as a real node writes them (`llamakit.protocol`'s shapes, keys in its order), under the id a router
+# Bodies as a real node writes them (`llamakit.wire.completions`'s shapes, keys in its order), under the id a router
 # gives the request (X-Llamakit-Request-Id; a fixed one for a direct client): ANSWER_ID is replaced by it.
 ANSWER_ID = b"@answer-id@"
 USAGE = {
@@ -138,10 +139,10 @@ def _chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -
 STREAM_EVENTS = [
     *(
         _event(
-            {
-                **_chunk([{"index": 0, "text": " hello", "logprobs": None, "finish_reason": None}]),
-                "llamakit": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": i},
-            }
+            with_counts(
+                _chunk([{"index": 0, "text": " hello", "logprobs": None, "finish_reason": None}]),
+                TokenCounts(PROMPT_TOKENS, i),
+            )
         )
         for i in range(1, COMPLETION_TOKENS + 1)
     ),

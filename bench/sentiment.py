@@ -159,7 +159,7 @@ def summary_table(results: list[Result]) -> None:
 
 
 def start_herd(state_dir: Path, threads: int | None) -> tuple[Any, str, str]:
-    from llamakit.launcher import Launcher, UpOptions
+    from llamakit.cli.up import Launcher, UpOptions
 
     launcher = Launcher(UpOptions(state_dir=state_dir, port=free_port(), threads=threads, profile=state_dir / "p.json"))
     try:

@@ -13,7 +13,7 @@ Where the two differ:
   cannot spell, come out as `null` (json wrote `NaN`, which no strict parser reads).
 - `loads` falls back to `json` for text orjson refuses, so it reads what `json.loads` reads (`NaN`,
   `Infinity`); orjson reads an integer past 64 bits as a float. It is for JSON that llamakit's own parts
-  write (a node's answers and chunks); a client's body goes through `llamakit.protocol.parse_json`.
+  write (a node's answers and chunks); a client's body goes through `llamakit.wire.completions.parse_json`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from llamakit import jsontext
-from llamakit.protocol import ApiError, error_body
+from llamakit.wire.errors import ApiError, error_body
 
 __all__ = [
     "REFUSAL",

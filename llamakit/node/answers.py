@@ -2,7 +2,7 @@
 
 Logprobs follow OpenAI's two formats: chat's `{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}`
 and the legacy completions' `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`. A tool-call answer
-is the generic-format JSON of `llamakit.tool_calls`; streamed, the text of a `response` goes out as it comes,
+is the generic-format JSON of `llamakit.wire.tool_calls`; streamed, the text of a `response` goes out as it comes,
 and each call as `delta.tool_calls` items with an `index`: its id and name first, then its arguments' JSON
 text piece by piece (OpenAI's stream shape).
 """
@@ -13,8 +13,14 @@ import codecs
 from typing import Any
 
 from llamakit.node.engine import GenerationResult, TokenLogprob
-from llamakit.protocol import Usage, chat_chunk_body, chat_completion_body, completion_body, completion_chunk_body
-from llamakit.tool_calls import ToolCallParser, parse_answer
+from llamakit.wire.completions import (
+    Usage,
+    chat_chunk_body,
+    chat_completion_body,
+    completion_body,
+    completion_chunk_body,
+)
+from llamakit.wire.tool_calls import ToolCallParser, parse_answer
 
 __all__ = ["Answer", "chat_logprobs", "completion_logprobs"]
 

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from llamakit.protocol import ApiError
+from llamakit.wire.errors import ApiError
 
 __all__ = ["chat_tokens"]
 

@@ -23,11 +23,12 @@ import numpy as np
 from aiohttp import web
 from llama_cpp._internals import LlamaModel
 
-from llamakit.embeddings_protocol import MAX_EMBEDDING_TOKENS, Input, embedding_body, parse_embedding_request
 from llamakit.node.routes import HOST, METRICS, SETTINGS
 from llamakit.node.settings import NodeSettings
-from llamakit.protocol import ApiError, parse_json
 from llamakit.web import json_response
+from llamakit.wire.completions import parse_json
+from llamakit.wire.embeddings import MAX_EMBEDDING_TOKENS, Input, embedding_body, parse_embedding_request
+from llamakit.wire.errors import ApiError
 
 __all__ = ["EMBEDDINGS", "Embedder", "Embeddings", "embedding_routes", "setup_embeddings"]
 

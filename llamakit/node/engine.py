@@ -29,7 +29,8 @@ from llamakit.catalog import ResolvedModel
 from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
 from llamakit.node.llama_log import redirecting
-from llamakit.protocol import ApiError, check_grammar_shape
+from llamakit.wire.completions import check_grammar_shape
+from llamakit.wire.errors import ApiError
 
 __all__ = [
     "GenerationJob",

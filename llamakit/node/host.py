@@ -16,7 +16,7 @@ from typing import Literal
 
 from llamakit.catalog import ModelNotAvailable, ResolvedModel, resolve_model
 from llamakit.node.engine import LoadedModel
-from llamakit.protocol import ApiError
+from llamakit.wire.errors import ApiError
 
 __all__ = ["Lease", "ModelHost"]
 

@@ -19,16 +19,11 @@ from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, T
 from llamakit.node.host import Lease, ModelHost
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
-from llamakit.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerationRequest,
-    Usage,
-    error_body,
-    parse_request,
-)
 from llamakit.web import SseWriter, json_response
+from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest, GenerationRequest, Usage, parse_request
+from llamakit.wire.errors import ApiError, error_body
+from llamakit.wire.headers import CACHE_SALT_HEADER, KEEPALIVE_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.node import NodeHealth, TokenCounts, with_counts
 
 __all__ = ["HOST", "METRICS", "RUNS", "SETTINGS", "routes"]
 
@@ -40,12 +35,6 @@ METRICS = web.AppKey("metrics", NodeMetrics)
 # The stop signals of the generations running now, by request id: what `POST /admin/cancel/{id}` sets.
 RUNS = web.AppKey("runs", dict[str, threading.Event])
 
-REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
-# Whose prompt cache a request may reuse (see GenerationJob.cache_salt): the router sends its account's.
-CACHE_SALT_HEADER = "X-Llamakit-Cache-Salt"
-# How often, in seconds, a generation that is advancing tells its caller so while no text is due yet: a router
-# waits that long at most for a byte before it takes the node for hung. The router sets it from its own timeout.
-KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
 DEFAULT_KEEPALIVE = 1.0
 CLIENT_POLL_SECONDS = 0.1
 # The longest one decode step may take and still count as work (a 512-token prompt chunk takes ~2 s on two
@@ -59,18 +48,17 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     host = request.app[HOST]
     settings = request.app[SETTINGS]
-    return json_response(
-        {
-            "status": host.status,
-            "name": settings.name,
-            "model": host.model_name,
-            "models": [host.model.name] if host.model is not None else [],
-            "slots": host.slot_count,
-            "busy": host.busy,
-            "n_ctx": settings.n_ctx,
-            "error": host.error,
-        }
+    health = NodeHealth(
+        status=host.status,
+        name=settings.name,
+        model=host.model_name,
+        models=[host.model.name] if host.model is not None else [],
+        slots=host.slot_count,
+        busy=host.busy,
+        n_ctx=settings.n_ctx,
+        error=host.error,
     )
+    return json_response(health.model_dump())
 
 
 @routes.get("/metrics")
@@ -364,11 +352,8 @@ class _Run:
             while (item := await self._next(pieces, sse)) is not None:
                 text, n_completion = item
                 for chunk in answer.piece(text, n_completion):
-                    # Running token counts: what a router charges for when the stream is cut before its usage.
-                    # Last, after `"usage": null`: a router finds them at the end of the bytes, and passes the
-                    # rest on unparsed (router.upstream.token_chunk).
-                    chunk["llamakit"] = {"prompt_tokens": n_prompt, "completion_tokens": n_completion}
-                    await sse.send(chunk)
+                    # What a router charges for when the stream is cut before its usage (see wire.node).
+                    await sse.send(with_counts(chunk, TokenCounts(n_prompt, n_completion)))
             try:
                 result = future.result()
             except Exception as exc:
@@ -377,10 +362,10 @@ class _Run:
                 await sse.done()
                 return sse.response
             usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-            counts = {"prompt_tokens": n_prompt, "completion_tokens": result.completion_tokens}
+            counts = TokenCounts(n_prompt, result.completion_tokens)
             for chunk in answer.closing(result):
                 if chunk["choices"] and chunk["choices"][0]["delta" if "delta" in chunk["choices"][0] else "text"]:
-                    chunk["llamakit"] = counts  # a tool call held back until now is a delivery too
+                    with_counts(chunk, counts)  # a tool call held back until now is a delivery too
                 await sse.send(chunk)
             if include_usage:
                 await sse.send(answer.usage(usage))

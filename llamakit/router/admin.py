@@ -12,18 +12,19 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.fees import MAX_BID, FeeSchedule, hold_amount
-from llamakit.protocol import ApiError, parse_json
+from llamakit.money.fees import MAX_BID, FeeSchedule, hold_amount
 from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
-from llamakit.router.keys import key_limits
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
+from llamakit.router.limits import key_limits
 from llamakit.router.pricing import DEFAULT_KEY
 from llamakit.router.settings import RouterSettings
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
 from llamakit.web import SseWriter, json_response, require_bearer
+from llamakit.wire.completions import parse_json
+from llamakit.wire.errors import ApiError
 
 __all__ = ["account_of", "admin_routes", "find_account", "herd_routes", "require_admin"]
 

@@ -14,22 +14,22 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.fees import format_bid
-from llamakit.protocol import (
-    ApiError,
+from llamakit.money.fees import format_bid
+from llamakit.router.idempotency import Idempotency, fingerprint, replay
+from llamakit.router.ledger import LedgerError, Remembered, UsageRecord, hash_key
+from llamakit.router.limits import Caller, key_view
+from llamakit.router.service import new_request_id, price, serve
+from llamakit.router.state import RouterState
+from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
+from llamakit.web import bearer_token, json_response
+from llamakit.wire.completions import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
     parse_json,
     validate_request,
 )
-from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.keys import Caller, key_view
-from llamakit.router.ledger import LedgerError, Remembered, UsageRecord, hash_key
-from llamakit.router.service import new_request_id, price, serve
-from llamakit.router.state import RouterState
-from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
-from llamakit.web import bearer_token, json_response
+from llamakit.wire.errors import ApiError
 
 __all__ = ["RECORDED_REFUSALS", "STATE", "authenticate", "paid_request", "record_refusal", "routes"]
 
@@ -246,7 +246,7 @@ async def account(request: web.Request) -> web.Response:
 @routes.get("/v1/key")
 async def current_key(request: web.Request) -> web.Response:
     """The API key asking: its prefix, limits, spend so far (credits) against its caps, and what this router
-    counts towards its rate limits (`rates`). See `llamakit.router.keys.key_view`."""
+    counts towards its rate limits (`rates`). See `llamakit.router.limits.key_view`."""
     caller = await authenticate(request)
     return json_response({"account": caller.account.name, **await _key_now(request, caller)})
 

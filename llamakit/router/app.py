@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from llamakit.fees import FeeSchedule
+from llamakit.money.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
 from llamakit.router.embeddings import embedding_routes

@@ -32,11 +32,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from llamakit.protocol import ApiError
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Claim, Idempotency
 from llamakit.router.ledger import Ledger, LedgerError, Remembered
+from llamakit.wire.errors import ApiError
 
 __all__ = ["Cluster", "ClusterIdempotency", "Figures", "RouterIdInUse"]
 

@@ -14,14 +14,14 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.embeddings_protocol import EmbeddingRequest, parse_embedding_request
-from llamakit.fees import hold_amount
+from llamakit.money.fees import hold_amount
 from llamakit.router.api import STATE, paid_request
 from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
-from llamakit.router.keys import Caller
 from llamakit.router.ledger import Remembered
+from llamakit.router.limits import Caller
 from llamakit.router.service import PaidRequest, hold_credits, request_model, serve
 from llamakit.router.state import RouterState
+from llamakit.wire.embeddings import EmbeddingRequest, parse_embedding_request
 
 __all__ = ["PATH", "embedding_routes", "price_embeddings"]
 

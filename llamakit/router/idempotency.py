@@ -17,11 +17,13 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.currency import CreditValue
-from llamakit.protocol import ApiError, Usage, chat_chunk_body, completion_chunk_body
+from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import Ledger, Remembered
-from llamakit.router.pricing import COST_CREDITS_HEADER, COST_HEADER, cost_headers
+from llamakit.router.pricing import cost_headers
 from llamakit.web import SseWriter, json_response
+from llamakit.wire.completions import Usage, chat_chunk_body, completion_chunk_body
+from llamakit.wire.errors import ApiError
+from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER, IDEMPOTENCY_HEADER
 
 __all__ = [
     "IDEMPOTENCY_HEADER",
@@ -33,7 +35,6 @@ __all__ = [
     "without_cost_headers",
 ]
 
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 
 

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llamakit.currency import CreditValue, format_price
-from llamakit.fees import FeeSchedule
+from llamakit.money.currency import CreditValue, format_price
+from llamakit.money.fees import FeeSchedule
+from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER
 
-__all__ = ["COST_CREDITS_HEADER", "COST_HEADER", "CURRENCY_HEADER", "PriceList", "cost_headers"]
+__all__ = ["PriceList", "cost_headers"]
 
 DEFAULT_KEY = "*"
 
@@ -53,11 +54,6 @@ class PriceList:
     def to_dict(self, models: list[str] | None = None) -> dict[str, Any]:
         names = sorted(set(self.per_model) | set(models or []))
         return {DEFAULT_KEY: self.default.to_dict(), **{m: self.fees(m).to_dict() for m in names}}
-
-
-COST_HEADER = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
-COST_CREDITS_HEADER = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
-CURRENCY_HEADER = "X-Llamakit-Currency"  # on every answer a node served, streams included
 
 
 def cost_headers(money: CreditValue, charge: int) -> dict[str, str]:

@@ -16,8 +16,16 @@ from typing import Any
 from aiohttp import web
 
 from llamakit import jsontext
-from llamakit.protocol import ApiError, ChatCompletionRequest, validate_request
-from llamakit.responses_protocol import (
+from llamakit.router.api import STATE, authenticate, paid_request
+from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
+from llamakit.router.ledger import Remembered
+from llamakit.router.limits import Caller
+from llamakit.router.service import PaidRequest, price, serve
+from llamakit.router.state import RouterState
+from llamakit.web import SseWriter, json_response
+from llamakit.wire.completions import ChatCompletionRequest, validate_request
+from llamakit.wire.errors import ApiError
+from llamakit.wire.responses import (
     ResponseEvents,
     ResponsesRequest,
     chat_body,
@@ -25,13 +33,6 @@ from llamakit.responses_protocol import (
     parse_responses_request,
     response_from_chat,
 )
-from llamakit.router.api import STATE, authenticate, paid_request
-from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
-from llamakit.router.keys import Caller
-from llamakit.router.ledger import Remembered
-from llamakit.router.service import PaidRequest, price, serve
-from llamakit.router.state import RouterState
-from llamakit.web import SseWriter, json_response
 
 __all__ = ["PATH", "ResponsesSseWriter", "response_routes"]
 

@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from llamakit.protocol import ApiError
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
 from llamakit.router.herd import Herd, HerdNode
+from llamakit.wire.errors import ApiError
 
 __all__ = ["BidQueue", "Scheduler", "Ticket"]
 

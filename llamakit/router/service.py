@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from llamakit import jsontext
-from llamakit.fees import (
+from llamakit.money.fees import (
     FeeSchedule,
     format_bid,
     hold_amount,
@@ -29,19 +29,9 @@ from llamakit.fees import (
     raw_prompt_token_bound,
     settle_amount,
 )
-from llamakit.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    GenerationRequest,
-    Usage,
-    chat_completion_body,
-    completion_body,
-    error_body,
-)
 from llamakit.router.affinity import Affinity, PrefixMap, chat_text
 from llamakit.router.herd import HerdNode
 from llamakit.router.idempotency import Claim
-from llamakit.router.keys import UNLIMITED, Admission, Caller
 from llamakit.router.ledger import (
     MAX_AMOUNT,
     Account,
@@ -51,10 +41,20 @@ from llamakit.router.ledger import (
     Remembered,
     SpendCapExceeded,
 )
-from llamakit.router.pricing import CURRENCY_HEADER, cost_headers
+from llamakit.router.limits import UNLIMITED, Admission, Caller
+from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import EventStream, NodeFailed, NodeRejected, StreamBroken, parse_event, token_chunk
 from llamakit.web import SseWriter, json_response
+from llamakit.wire.completions import (
+    ChatCompletionRequest,
+    GenerationRequest,
+    Usage,
+    chat_completion_body,
+    completion_body,
+)
+from llamakit.wire.errors import ApiError, error_body
+from llamakit.wire.headers import CURRENCY_HEADER
 
 __all__ = ["PaidRequest", "new_request_id", "serve"]
 

@@ -15,7 +15,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
-from llamakit.currency import DEFAULT_CREDIT_VALUE, DEFAULT_CURRENCY, CreditValue, parse_credit_value, parse_currency
+from llamakit.money.currency import (
+    DEFAULT_CREDIT_VALUE,
+    DEFAULT_CURRENCY,
+    CreditValue,
+    parse_credit_value,
+    parse_currency,
+)
 from llamakit.router.ledger import backend_of
 
 __all__ = ["RouterSettings", "settings_from_args"]

@@ -14,8 +14,8 @@ from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.affinity import PrefixMap
 from llamakit.router.herd import Herd
 from llamakit.router.idempotency import Idempotency
-from llamakit.router.keys import KeyCache, KeyRates
 from llamakit.router.ledger import Ledger
+from llamakit.router.limits import KeyCache, KeyRates
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.pricing import PriceList
 from llamakit.router.scheduler import Scheduler

@@ -7,8 +7,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from llamakit.fees import format_bid
-from llamakit.router.keys import key_view
+from llamakit.money.fees import format_bid
+from llamakit.router.limits import key_view
 from llamakit.router.state import RouterState
 
 __all__ = ["snapshot", "start_of_day"]

@@ -8,7 +8,6 @@ Failures are sorted by what the router should do next: `NodeFailed` (before any 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from typing import Any
@@ -17,20 +16,10 @@ import aiohttp
 
 from llamakit import jsontext
 from llamakit.router.herd import HerdNode
+from llamakit.wire.headers import CACHE_SALT_HEADER, KEEPALIVE_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.node import split_counts
 
 __all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream", "parse_event", "token_chunk"]
-
-REQUEST_ID_HEADER = "X-Llamakit-Request-Id"
-# Whose prompt cache a request may reuse at the node: one salt per account, so that no tenant's request reuses
-# (and, by its cached_tokens or its speed, learns) the start of another tenant's prompt.
-CACHE_SALT_HEADER = "X-Llamakit-Cache-Salt"
-KEEPALIVE_HEADER = "X-Llamakit-Keepalive"
-
-# The end of a node's token chunk: no usage, then the running counts it delivered (the last field, as a node
-# writes it). An unescaped `"` is never inside a JSON string, so this tail can only be the object's own fields.
-_NO_USAGE = b',"usage":null'
-_COUNTS_AT = _NO_USAGE + b',"llamakit":{'
-_COUNTS = re.compile(rb',"usage":null,"llamakit":\{"prompt_tokens":(\d+),"completion_tokens":(\d+)\}\}')
 
 
 class NodeFailed(Exception):
@@ -184,13 +173,13 @@ def token_chunk(payload: bytes, prefix: bytes) -> tuple[bytes, int, int] | None:
 
     Found without parsing the JSON: a relay passes the node's bytes on, as many times as there are tokens.
     """
-    at = payload.rfind(_COUNTS_AT)
-    if at < 0 or not payload.startswith(prefix):
+    if not payload.startswith(prefix):
         return None
-    counts = _COUNTS.fullmatch(payload, at)
-    if counts is None:
+    found = split_counts(payload)
+    if found is None:
         return None
-    return payload[: at + len(_NO_USAGE)] + b"}", int(counts[1]), int(counts[2])
+    chunk, counts = found
+    return chunk, counts.prompt_tokens, counts.completion_tokens
 
 
 def parse_event(node: HerdNode, payload: bytes) -> dict[str, Any]:

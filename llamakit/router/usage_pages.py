@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.currency import CreditValue
-from llamakit.protocol import ApiError
+from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import MAX_PAGE, UsageRecord
+from llamakit.wire.errors import ApiError
 
 __all__ = ["UsageQuery", "priced", "query_int", "usage_page", "usage_query"]
 

@@ -32,6 +32,15 @@ from llamakit.sdk._logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
 from llamakit.sdk._models import Embeddings, Generation, Info, TokenUsage
 from llamakit.sdk._types import EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageRecord, utc_now
+from llamakit.wire.headers import (
+    BID_HEADER,
+    COST_CREDITS_HEADER,
+    COST_HEADER,
+    CURRENCY_HEADER,
+    NODE_HEADER,
+    QUEUE_HEADER,
+    REQUEST_ID_HEADER,
+)
 
 __all__ = [
     "AUTO_BID_STEP",
@@ -50,14 +59,6 @@ __all__ = [
 
 Kind = Literal["generate", "chat", "embed"]
 
-REQUEST_ID_HEADER: Final = "X-Llamakit-Request-Id"
-NODE_HEADER: Final = "X-Llamakit-Node"
-COST_HEADER: Final = "X-Llamakit-Cost"  # the price in CURRENCY_HEADER's currency (credits, from older routers)
-COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"
-CURRENCY_HEADER: Final = "X-Llamakit-Currency"
-BID_HEADER: Final = "X-Llamakit-Bid"
-QUEUE_HEADER: Final = "X-Llamakit-Queue-Ms"  # read when a router sends it; today's router does not
-IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 
 # The AO client's rule: out-bid the last dispatched multiplier by 0.5 % while others are waiting.
 AUTO_BID_STEP: Final = 1.005

@@ -22,8 +22,6 @@ from llamakit import __version__
 from llamakit.sdk import _retry
 from llamakit.sdk._calls import (
     DEFAULT_MAX_BID,
-    IDEMPOTENCY_HEADER,
-    REQUEST_ID_HEADER,
     Call,
     EmbedOptions,
     GenerateOptions,
@@ -40,6 +38,7 @@ from llamakit.sdk._retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from llamakit.sdk._streaming import AsyncStream, Stream
 from llamakit.sdk._types import DEFAULT_TIMEOUT, NOT_GIVEN, EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageBook, UsageRecord
+from llamakit.wire.headers import IDEMPOTENCY_HEADER, REQUEST_ID_HEADER
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from llamakit.currency import format_price
+from llamakit.money.currency import format_price
 from llamakit.sdk._logprobs import TokenLogprob
 
 __all__ = [

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
-from llamakit.currency import format_price
+from llamakit.money.currency import format_price
 from llamakit.sdk._models import credits_as_cost_credits
 
 if TYPE_CHECKING:

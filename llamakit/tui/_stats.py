@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llamakit.currency import CreditValue, parse_credit_value, parse_currency
+from llamakit.money.currency import CreditValue, parse_credit_value, parse_currency
 
 __all__ = [
     "AccountStats",

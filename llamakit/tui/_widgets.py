@@ -17,7 +17,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Label, Sparkline, Static
 from textual.widgets.data_table import CellDoesNotExist
 
-from llamakit.currency import format_price
+from llamakit.money.currency import format_price
 from llamakit.text import shown, unsafe_at
 from llamakit.tui._format import (
     age,

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llamakit.launcher import free_port
+from llamakit.cli.up import free_port
 
 pytestmark = pytest.mark.model
 

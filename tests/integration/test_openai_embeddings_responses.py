@@ -15,7 +15,7 @@ import pytest
 from openai import AsyncOpenAI, BadRequestError
 from pydantic import BaseModel
 
-from llamakit.protocol import ChatCompletionRequest
+from llamakit.wire.completions import ChatCompletionRequest
 from tests.conftest import RunningServer
 from tests.integration.conftest import ADMIN_KEY, HERD_TOKEN, LiveHerd
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.launcher import free_port
+from llamakit.cli.up import free_port
 
 pytestmark = pytest.mark.model
 

@@ -10,7 +10,7 @@ import struct
 import httpx
 import pytest
 
-from llamakit.embeddings_protocol import MAX_EMBEDDING_TOKENS
+from llamakit.wire.embeddings import MAX_EMBEDDING_TOKENS
 
 pytestmark = pytest.mark.model
 

@@ -10,8 +10,8 @@ import pytest
 
 from llamakit.node.answers import Answer
 from llamakit.node.engine import GenerationResult
-from llamakit.protocol import Usage
-from llamakit.tool_calls import ToolCallParser
+from llamakit.wire.completions import Usage
+from llamakit.wire.tool_calls import ToolCallParser
 
 CALLS = (
     '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Pa\\"ris }", "days": [1, {"a": 2}]}},\n'

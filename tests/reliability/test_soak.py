@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.launcher import free_port
+from llamakit.cli.up import free_port
 from tests.router.fake_node import HERD_TOKEN
 
 ADMIN = "soak-admin-key"

@@ -15,6 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit.wire.node import TokenCounts, with_counts
+
 HERD_TOKEN = "fake-herd-token"
 EMBEDDING_SIZE = 4
 FAKE_VOCAB = 1000
@@ -235,15 +237,13 @@ class FakeNode:
                 if self.script.stall_after is not None and i > self.script.stall_after:
                     await request.app[STOPPING].wait()
                     return resp
-                await send(
-                    {
-                        "id": rid,
-                        "object": "chat.completion.chunk" if self.script.calls else "text_completion",
-                        "choices": [{"index": 0, **piece, "finish_reason": None}],
-                        "usage": None,
-                        "llamakit": {"prompt_tokens": prompt_tokens, "completion_tokens": i},
-                    }
-                )
+                chunk = {
+                    "id": rid,
+                    "object": "chat.completion.chunk" if self.script.calls else "text_completion",
+                    "choices": [{"index": 0, **piece, "finish_reason": None}],
+                    "usage": None,
+                }
+                await send(with_counts(chunk, TokenCounts(prompt_tokens, i)))
             finish = (
                 {"delta": {}, "finish_reason": "tool_calls"}
                 if self.script.calls

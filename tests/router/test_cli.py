@@ -177,7 +177,7 @@ async def test_usage_as_a_table_and_as_csv_with_every_page(herd: Herd) -> None:
 
 def test_tables_show_control_characters_escaped(capsys: pytest.CaptureFixture[str]) -> None:
     """A model or `user` a client sent is printed as text: an escape sequence in it cannot drive the terminal."""
-    from llamakit.admin_client import table
+    from llamakit.cli.admin_client import table
 
     table(["model", "user"], [["\x1b[2Jm", "x\u202ey"]])
     out = capsys.readouterr().out
@@ -241,7 +241,7 @@ async def test_a_router_that_hangs_up_or_never_answers_is_one_line_too(monkeypat
         assert (code, out, len(err.splitlines())) == (1, "", 1), err
         assert err.startswith(f"llamakit: error: cannot reach the router at {closing_url}: "), err
 
-        from llamakit.admin_client import admin_client as real
+        from llamakit.cli.admin_client import admin_client as real
 
         def impatient(args: argparse.Namespace) -> httpx.Client:
             client = real(args)

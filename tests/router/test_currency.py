@@ -13,7 +13,7 @@ import pytest
 from pydantic import ValidationError
 
 from llamakit.cli import build_parser
-from llamakit.currency import CreditValue, format_price, parse_credit_value, parse_currency, price_number
+from llamakit.money.currency import CreditValue, format_price, parse_credit_value, parse_currency, price_number
 from llamakit.router import RouterSettings
 from llamakit.router.idempotency import recall_answer
 from llamakit.router.ledger import Remembered

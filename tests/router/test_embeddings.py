@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from llamakit.embeddings_protocol import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, TEXT_TOKEN_ALLOWANCE
+from llamakit.wire.embeddings import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, TEXT_TOKEN_ALLOWANCE
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
 

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from llamakit.fees import (
+from llamakit.money.fees import (
     CHAT_TEMPLATE_ALLOWANCE,
     MAX_BID,
     PER_MESSAGE_ALLOWANCE,

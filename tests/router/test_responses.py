@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openai import AsyncOpenAI
 
-from llamakit.protocol import ChatCompletionRequest
+from llamakit.wire.completions import ChatCompletionRequest
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script
 from tests.router.test_responses_translation import assert_items_one_after_another

@@ -13,8 +13,8 @@ from openai import AsyncOpenAI
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from llamakit.protocol import ApiError
-from llamakit.responses_protocol import (
+from llamakit.wire.errors import ApiError
+from llamakit.wire.responses import (
     ResponseEvents,
     ResponsesRequest,
     chat_body,

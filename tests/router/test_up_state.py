@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llamakit.launcher import HerdRunning, claim_state_dir, free_port, profile_target
+from llamakit.cli.up import HerdRunning, claim_state_dir, free_port, profile_target
 from llamakit.profile import Profile, write_profile
 
 
@@ -98,7 +98,7 @@ def test_up_says_which_herd_holds_the_state_directory_and_starts_nothing(tmp_pat
 
 def test_the_herds_processes_hold_the_state_directory_after_up_is_killed(tmp_path: Path) -> None:
     """A router or node outlives a SIGKILLed `up`; while it runs, no second herd may start on its ledger."""
-    from llamakit.launcher import Launcher, UpOptions
+    from llamakit.cli.up import Launcher, UpOptions
 
     launcher = Launcher(UpOptions(state_dir=tmp_path, port=free_port("127.0.0.1"), profile=tmp_path / "p.json"))
     launcher._spawn("router", ["-c", "import time; time.sleep(60)"])  # stands for the router: it only lives

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from llamakit.currency import format_price
+from llamakit.money.currency import format_price
 from llamakit.tui import AgentsTable, DashboardApp, HerdTable, RouterStats
 from llamakit.tui._widgets import QueueRow
 from tests.router.conftest import Herd

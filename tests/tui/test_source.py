@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
 from llamakit.tui import DashboardApp, DrainFailed, RouterRefused, RouterStats, RouterUnreachable, Stats, StatsHistory
 from tests.tui.support import NOW, FixedSource, fixed_snapshot, screen_text, wait_until
 

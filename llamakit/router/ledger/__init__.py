@@ -12,7 +12,15 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
+from llamakit.router.ledger._api_keys import (
+    KEY_LIMIT_FIELDS,
+    MAX_KEY_NAME_LEN,
+    KeyLimits,
+    KeyUse,
+    SpendCapExceeded,
+    key_name,
+)
 from llamakit.router.ledger._contract import (
     KEY_PREFIX,
     MAX_AMOUNT,
@@ -39,14 +47,6 @@ from llamakit.router.ledger._contract import (
     UnknownKey,
     UsageRecord,
     hash_key,
-)
-from llamakit.router.ledger._keys import (
-    KEY_LIMIT_FIELDS,
-    MAX_KEY_NAME_LEN,
-    KeyLimits,
-    KeyUse,
-    SpendCapExceeded,
-    key_name,
 )
 from llamakit.router.ledger._migrations import latest
 

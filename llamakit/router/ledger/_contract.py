@@ -30,10 +30,10 @@ from decimal import Decimal
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
-from llamakit.currency import CreditValue, format_price, parse_credit_value
-from llamakit.fees import format_bid
+from llamakit.money.currency import CreditValue, format_price, parse_credit_value
+from llamakit.money.fees import format_bid
+from llamakit.router.ledger._api_keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
-from llamakit.router.ledger._keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
 from llamakit.text import check_name
 
 __all__ = [

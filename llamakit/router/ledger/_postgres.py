@@ -25,7 +25,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
+from llamakit.router.ledger._api_keys import (
+    HAS_LIMITS,
+    KEY_LIMIT_FIELDS,
+    KeyLimits,
+    day_of,
+    limit_columns,
+    limits_from_row,
+    month_of,
+)
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -56,15 +65,6 @@ from llamakit.router.ledger._contract import (
     price_columns,
     recovery,
     usage_from,
-)
-from llamakit.router.ledger._keys import (
-    HAS_LIMITS,
-    KEY_LIMIT_FIELDS,
-    KeyLimits,
-    day_of,
-    limit_columns,
-    limits_from_row,
-    month_of,
 )
 from llamakit.router.ledger._migrations import migrate_postgres
 

@@ -23,7 +23,18 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
+from llamakit.router.ledger._api_keys import (
+    HAS_LIMITS,
+    KEY_LIMIT_FIELDS,
+    KeyLimits,
+    cap_refusal,
+    day_of,
+    key_use,
+    limit_columns,
+    limits_from_row,
+    month_of,
+)
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -53,17 +64,6 @@ from llamakit.router.ledger._contract import (
     price_columns,
     recovery,
     usage_from,
-)
-from llamakit.router.ledger._keys import (
-    HAS_LIMITS,
-    KEY_LIMIT_FIELDS,
-    KeyLimits,
-    cap_refusal,
-    day_of,
-    key_use,
-    limit_columns,
-    limits_from_row,
-    month_of,
 )
 from llamakit.router.ledger._migrations import migrate_sqlite
 

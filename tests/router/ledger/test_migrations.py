@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import AccountState, Remembered, backend_of, latest, ledger_at
 from llamakit.router.ledger._migrations import migrations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from decimal import Decimal
 
-from llamakit.currency import CreditValue
+from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import Ledger, backend_of, latest, ledger_at
 from llamakit.router.ledger._migrations import migrations
 from tests.router.ledger.conftest import execute

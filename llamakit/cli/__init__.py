@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from llamakit.admin_client import admin_client, segment, show, table, when
-from llamakit.cli_keys import add_key_commands, add_limit_flags, limits_from_args
+from llamakit.cli.admin_client import admin_client, segment, show, table, when
+from llamakit.cli.keys import add_key_commands, add_limit_flags, limits_from_args
 from llamakit.profile import profile_path
 
 __all__ = ["main"]
@@ -29,7 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     import importlib.util
 
     from llamakit.catalog import ModelNotAvailable
-    from llamakit.launcher import Launcher, UpOptions
+    from llamakit.cli.up import Launcher, UpOptions
 
     options = UpOptions(
         state_dir=Path(args.state_dir),
@@ -99,7 +99,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _credit_value(text: str) -> str:
     """`--credit-value`, checked before anything starts (the router checks it again)."""
-    from llamakit.currency import parse_credit_value
+    from llamakit.money.currency import parse_credit_value
 
     try:
         parse_credit_value(text)
@@ -109,7 +109,7 @@ def _credit_value(text: str) -> str:
 
 
 def _currency(text: str) -> str:
-    from llamakit.currency import parse_currency
+    from llamakit.money.currency import parse_currency
 
     try:
         return parse_currency(text)
@@ -213,7 +213,7 @@ def _decimal_text(number: object) -> object:
     shortest form of the exact decimal, so its repr is that decimal)."""
     from decimal import Decimal
 
-    from llamakit.currency import format_price
+    from llamakit.money.currency import format_price
 
     if isinstance(number, float | int) and not isinstance(number, bool):
         return format_price(Decimal(repr(number)))
@@ -333,6 +333,3 @@ def _reason(exc: httpx.TransportError) -> str:
         return f"no answer in time ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
     return str(exc) or type(exc).__name__
 
-
-if __name__ == "__main__":
-    main()

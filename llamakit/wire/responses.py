@@ -34,8 +34,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from llamakit.embeddings_protocol import validate_body
-from llamakit.protocol import MAX_TOP_LOGPROBS, ApiError, ChatCompletionRequest, ChatMessage
+from llamakit.wire.completions import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
+from llamakit.wire.embeddings import validate_body
+from llamakit.wire.errors import ApiError
 
 __all__ = [
     "RESPONSES_FIELDS",

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from llamakit.admin_client import admin_client, segment, show, table, when
+from llamakit.cli.admin_client import admin_client, segment, show, table, when
 
 __all__ = ["add_key_commands", "add_limit_flags", "limits_from_args"]
 

@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 
-from llamakit.protocol import ApiError
+from llamakit.wire.errors import ApiError
 
 __all__ = [
     "EMBEDDING_FIELDS",

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from llamakit.lenient import Lenient
+from llamakit.wire._lenient import Lenient
 
 __all__ = [
     "FunctionDefinition",

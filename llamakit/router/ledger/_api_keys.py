@@ -4,7 +4,7 @@ The spend caps are the ledger's to enforce: a hold is refused (SpendCapExceeded)
 would make it when the key's spend in a period, plus what its open holds may still cost, plus the new hold,
 would pass the cap. The rate limits (`rpm_limit`, `tpm_limit`, `max_parallel_requests`), the expiry and the
 allowed models are only stored here; the router applies them before anything is held (see
-`llamakit.router.keys`).
+`llamakit.router.limits`).
 
 Periods are UTC calendar days and months. A key's spend counts the charges of the holds it made since the
 ledger was upgraded to keep it (schema version 6); older keys start at 0.

@@ -18,8 +18,8 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from llamakit.protocol import ApiError
 from llamakit.router.ledger import KEY_LIMIT_FIELDS, Account, ApiKey, KeyLimits, hash_key, key_name
+from llamakit.wire.errors import ApiError
 
 __all__ = [
     "KEY_CACHE_SECONDS",

@@ -23,11 +23,11 @@ from pydantic import (
     model_validator,
 )
 
-from llamakit.lenient import Lenient
-from llamakit.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
+from llamakit.wire._lenient import Lenient
+from llamakit.wire.errors import ApiError
+from llamakit.wire.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
 
 __all__ = [
-    "ApiError",
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
@@ -39,7 +39,6 @@ __all__ = [
     "chat_completion_body",
     "completion_body",
     "completion_chunk_body",
-    "error_body",
     "parse_json",
     "parse_request",
     "validate_request",
@@ -60,44 +59,6 @@ MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 _Req = TypeVar("_Req", bound="GenerationRequest")
 _TYPE_TAGS = frozenset({"int", "float", "str", "bool", "dict", "list", "function-after", "function-before"})
-
-
-class ApiError(Exception):
-    """An error a client caused or must handle, rendered as an OpenAI-shaped body with `status`.
-
-    `extra` carries machine-readable details (for example the amount needed on a 402) that are merged
-    into the error object so clients need not parse the message.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-        headers: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-        self.headers = headers or {}
-        self.extra = extra or {}
-        self.recorded = False  # a usage record of this request exists (its hold was released with this error)
-
-    def body(self) -> dict[str, Any]:
-        return error_body(self.message, type=self.type, code=self.code, param=self.param, **self.extra)
-
-
-def error_body(
-    message: str, *, type: str, code: str | None = None, param: str | None = None, **extra: Any
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code, **extra}}
 
 
 _Lenient = Lenient
@@ -402,7 +363,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
-    cost: float | None = None  # the price in the operator's currency (see llamakit.currency)
+    cost: float | None = None  # the price in the operator's currency (see llamakit.money.currency)
     cost_credits: int | None = None  # the exact credits the ledger moved
 
     @classmethod

@@ -1,0 +1,5 @@
+"""`python -m llamakit.cli`: the `llamakit` command."""
+
+from llamakit.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The HTTP headers llamakit adds to OpenAI's API, named once for the router, the node and the SDK.
+
+Client ↔ router: a paid answer carries its request id, node, bid, queue wait, price and credits; a client may
+send its bid and an idempotency key (Stripe's and OpenAI's `Idempotency-Key`). Router → node: the request id
+(the node names its answer after it), whose prompt cache the request may reuse, and the keepalive interval.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "BID_HEADER",
+    "CACHE_SALT_HEADER",
+    "COST_CREDITS_HEADER",
+    "COST_HEADER",
+    "CURRENCY_HEADER",
+    "IDEMPOTENCY_HEADER",
+    "KEEPALIVE_HEADER",
+    "NODE_HEADER",
+    "QUEUE_HEADER",
+    "REPLAYED_HEADER",
+    "REQUEST_ID_HEADER",
+]
+
+# The paid request's id: the id of its usage record in the ledger, and of the node's answer.
+REQUEST_ID_HEADER: Final = "X-Llamakit-Request-Id"
+NODE_HEADER: Final = "X-Llamakit-Node"  # the node that served the answer
+BID_HEADER: Final = "X-Llamakit-Bid"  # the bid (a multiplier ≥ 1), sent by a client or echoed by the router
+QUEUE_HEADER: Final = "X-Llamakit-Queue-Ms"  # milliseconds the request waited for a node slot
+COST_HEADER: Final = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
+COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
+CURRENCY_HEADER: Final = "X-Llamakit-Currency"  # ISO 4217 code of COST_HEADER, on every answer a node served
+IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
+REPLAYED_HEADER: Final = "Idempotent-Replayed"  # "true" on an answer given again under an idempotency key
+# Whose prompt cache a request may reuse at its node: one salt per account, so that no tenant's request reuses
+# (and, by its cached_tokens or its speed, learns) the start of another tenant's prompt.
+CACHE_SALT_HEADER: Final = "X-Llamakit-Cache-Salt"
+# How often, in seconds, a node's generation that is advancing says so while no text is due: the router waits
+# that long at most for a byte before it takes the node for hung, and sets it from its own node timeout.
+KEEPALIVE_HEADER: Final = "X-Llamakit-Keepalive"

@@ -1,0 +1,70 @@
+"""The node ↔ router contract beyond OpenAI's shapes: a node's `/health` body, and the running token counts a
+node appends to each token chunk of a stream.
+
+A stream cut by its client is charged "for the tokens generated", before any usage chunk exists: so every token
+chunk a node sends carries, as its last field after `"usage":null`, `"llamakit":{"prompt_tokens":P,
+"completion_tokens":C}`. The router strips the field before the client sees the chunk. `with_counts` writes it
+and `split_counts` finds it at the end of the bytes, so that the router passes the rest on without parsing the
+JSON (the relay does so once per token). Headers are in `llamakit.wire.headers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+__all__ = ["COUNTS_FIELD", "NodeHealth", "TokenCounts", "split_counts", "with_counts"]
+
+COUNTS_FIELD = "llamakit"
+
+# A token chunk's tail: no usage, then the counts. An unescaped `"` never occurs inside a JSON string, so this
+# tail can only be the object's own fields.
+_NO_USAGE = b',"usage":null'
+_COUNTS_AT = _NO_USAGE + b',"' + COUNTS_FIELD.encode() + b'":{"prompt_tokens":'
+_COMPLETION_AT = b',"completion_tokens":'
+_END = b"}}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """What a stream has delivered so far: its prompt tokens and the completion tokens sent up to this chunk."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+def with_counts(chunk: dict[str, Any], counts: TokenCounts) -> dict[str, Any]:
+    """`chunk` (an OpenAI chunk whose `usage` is None) with `counts` as its last field, as a node sends it."""
+    chunk[COUNTS_FIELD] = counts.as_dict()
+    return chunk
+
+
+def split_counts(payload: bytes) -> tuple[bytes, TokenCounts] | None:
+    """A token chunk's JSON text without its counts (as the client gets it), and the counts; None when `payload`
+    does not end as `with_counts` writes (any other event, or a chunk whose JSON was written otherwise)."""
+    at = payload.rfind(_COUNTS_AT)
+    if at < 0 or not payload.endswith(_END):
+        return None
+    numbers = payload[at + len(_COUNTS_AT) : -len(_END)]
+    prompt, sep, completion = numbers.partition(_COMPLETION_AT)
+    if not sep or not prompt.isdigit() or not completion.isdigit():
+        return None
+    return payload[: at + len(_NO_USAGE)] + b"}", TokenCounts(int(prompt), int(completion))
+
+
+class NodeHealth(BaseModel):
+    """A node's `GET /health` body: what the router learns of it (its models, slots and context per slot)."""
+
+    status: Literal["ready", "loading", "error"] | str
+    name: str | None = None
+    model: str | None = None
+    models: list[str] = []
+    slots: int = 1
+    busy: int = 0
+    n_ctx: int | None = None  # tokens per slot, prompt and completion together
+    error: str | None = None
