@@ -332,4 +332,3 @@ def _reason(exc: httpx.TransportError) -> str:
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer in time ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
     return str(exc) or type(exc).__name__
-
