@@ -1,6 +1,7 @@
-"""The operator's routes (Bearer admin key) and the herd's routes (Bearer herd token).
+"""The operator's routes (`admin_routes`, mounted at `/admin/`) and the herd's (`herd_routes`, at `/herd/`).
 
-API keys never reach these: the admin key and the herd token are separate secrets, compared in constant time.
+Each table is served by its own sub-application, whose middleware (`llamakit.router.auth`) has checked the admin
+key or the herd token before a handler here runs; the paths below are relative to the mount point.
 """
 
 from __future__ import annotations
@@ -22,27 +23,19 @@ from llamakit.router.settings import RouterSettings
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
-from llamakit.web import SseWriter, json_response, require_bearer
+from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError
 
-__all__ = ["account_of", "admin_routes", "find_account", "herd_routes", "require_admin"]
+__all__ = ["account_of", "admin_routes", "find_account", "herd_routes"]
 
 admin_routes = web.RouteTableDef()
 herd_routes = web.RouteTableDef()
 
 
-def require_admin(request: web.Request) -> None:
-    require_bearer(request, request.app[STATE].settings.admin_key, what="admin key")
-
-
-def _herd(request: web.Request) -> None:
-    require_bearer(request, request.app[STATE].settings.herd_token, what="herd token")
-
-
 async def account_of(request: web.Request) -> Account:
     """The account of the route's `{account}`, an id or a name; 404 `account_not_found` when there is none."""
-    return await find_account(request.app[STATE].ledger, request.match_info["account"])
+    return await find_account(request.config_dict[STATE].ledger, request.match_info["account"])
 
 
 async def find_account(ledger: Ledger, ref: str, *, param: str | None = None) -> Account:
@@ -57,7 +50,7 @@ async def find_account(ledger: Ledger, ref: str, *, param: str | None = None) ->
 
 
 async def _account_json(request: web.Request, account: Account) -> dict[str, Any]:
-    books = await request.app[STATE].ledger.account_state(account.id)
+    books = await request.config_dict[STATE].ledger.account_state(account.id)
     return {"id": account.id, "name": account.name, "kind": account.kind, **asdict(books)}
 
 
@@ -71,17 +64,15 @@ def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None
     return value
 
 
-@admin_routes.get("/admin/accounts")
+@admin_routes.get("/accounts")
 async def list_accounts(request: web.Request) -> web.Response:
-    require_admin(request)
-    ledger = request.app[STATE].ledger
+    ledger = request.config_dict[STATE].ledger
     return json_response({"data": [await _account_json(request, a) for a in await ledger.list_accounts()]})
 
 
-@admin_routes.post("/admin/accounts")
+@admin_routes.post("/accounts")
 async def create_account(request: web.Request) -> web.Response:
-    require_admin(request)
-    ledger = request.app[STATE].ledger
+    ledger = request.config_dict[STATE].ledger
     body = parse_json(await request.read())
     name, kind = body.get("name"), body.get("kind", "user")
     deposit = _positive_int(body, "deposit", default=0)
@@ -102,15 +93,13 @@ async def create_account(request: web.Request) -> web.Response:
     return json_response({**await _account_json(request, account), "api_key": key}, status=201)
 
 
-@admin_routes.get("/admin/accounts/{account}")
+@admin_routes.get("/accounts/{account}")
 async def get_account(request: web.Request) -> web.Response:
-    require_admin(request)
     return json_response(await _account_json(request, await account_of(request)))
 
 
-@admin_routes.post("/admin/accounts/{account}/deposits")
+@admin_routes.post("/accounts/{account}/deposits")
 async def deposit(request: web.Request) -> web.Response:
-    require_admin(request)
     account = await account_of(request)
     body = parse_json(await request.read())
     amount = _positive_int(body, "amount")
@@ -120,26 +109,24 @@ async def deposit(request: web.Request) -> web.Response:
     if not isinstance(note, str):
         raise ApiError(400, "'note' must be a string", param="note")
     try:
-        balance = await request.app[STATE].ledger.deposit(account.id, amount, note=note)
+        balance = await request.config_dict[STATE].ledger.deposit(account.id, amount, note=note)
     except ValueError as exc:  # the balance would pass MAX_AMOUNT
         raise ApiError(400, str(exc), param="amount") from exc
     return json_response({"account": account.name, "deposited": amount, "balance": balance}, status=201)
 
 
-@admin_routes.get("/admin/fees")
+@admin_routes.get("/fees")
 async def get_fees(request: web.Request) -> web.Response:
-    require_admin(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     return json_response(state.prices.to_dict(state.known_models()))
 
 
-@admin_routes.put("/admin/fees/{model}")
+@admin_routes.put("/fees/{model}")
 async def set_fees(request: web.Request) -> web.Response:
     """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}`;
     they price the next request. 400 for a bad schedule; 404 `model_not_found` for a model no node serves and
     that has no fees yet, unless `?unserved=true` says it is meant (fees set before the model's nodes join)."""
-    require_admin(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     try:
         fees = FeeSchedule.from_dict(parse_json(await request.read()))
     except ValueError as exc:
@@ -180,13 +167,12 @@ def _holdable(fees: FeeSchedule, settings: RouterSettings) -> None:
         )
 
 
-@admin_routes.delete("/admin/fees/{model}")
+@admin_routes.delete("/fees/{model}")
 async def delete_fees(request: web.Request) -> web.Response:
     """Remove a model's own fees: a model some node serves goes back to the default fees, one no node serves is
     no longer a model here. Returns `{"model", "deleted": the fees removed, "fees": what the model costs now
     (null when no node serves it)}`; 404 `fees_not_found` when the model has no fees of its own, 400 for `*`."""
-    require_admin(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     model = request.match_info["model"]
     if model == DEFAULT_KEY:
         raise ApiError(400, "the default fees ('*') cannot be deleted, only changed with PUT", param="model")
@@ -205,45 +191,41 @@ async def delete_fees(request: web.Request) -> web.Response:
 
 
 def _node(request: web.Request) -> HerdNode:
-    node = request.app[STATE].herd.get(request.match_info["node"])
+    node = request.config_dict[STATE].herd.get(request.match_info["node"])
     if node is None:
         raise ApiError(404, f"no node {request.match_info['node']!r} in the herd", type="not_found_error")
     return node
 
 
-@admin_routes.get("/admin/nodes")
+@admin_routes.get("/nodes")
 async def list_nodes(request: web.Request) -> web.Response:
-    require_admin(request)
-    return json_response({"data": [n.snapshot() for n in request.app[STATE].herd.nodes.values()]})
+    return json_response({"data": [n.snapshot() for n in request.config_dict[STATE].herd.nodes.values()]})
 
 
-@admin_routes.post("/admin/nodes/{node}/drain")
+@admin_routes.post("/nodes/{node}/drain")
 async def drain_node(request: web.Request) -> web.Response:
-    require_admin(request)
     node = _node(request)
     node.draining = True
-    request.app[STATE].scheduler.pump()  # requests waiting only for this node learn at once
-    if (cluster := request.app[STATE].cluster) is not None:  # drained at every router
+    request.config_dict[STATE].scheduler.pump()  # requests waiting only for this node learn at once
+    if (cluster := request.config_dict[STATE].cluster) is not None:  # drained at every router
         await cluster.set_draining(node, True)
     return json_response(node.snapshot())
 
 
-@admin_routes.post("/admin/nodes/{node}/undrain")
+@admin_routes.post("/nodes/{node}/undrain")
 async def undrain_node(request: web.Request) -> web.Response:
-    require_admin(request)
     node = _node(request)
     node.draining = False
-    request.app[STATE].scheduler.pump()
-    if (cluster := request.app[STATE].cluster) is not None:
+    request.config_dict[STATE].scheduler.pump()
+    if (cluster := request.config_dict[STATE].cluster) is not None:
         await cluster.set_draining(node, False)
     return json_response(node.snapshot())
 
 
-@admin_routes.delete("/admin/nodes/{node}")
+@admin_routes.delete("/nodes/{node}")
 async def remove_node(request: web.Request) -> web.Response:
-    require_admin(request)
     node = _node(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     # Requests in flight on it finish (they hold their own reference); it gets nothing new.
     node.draining = True
     state.herd.remove(node.id)
@@ -253,23 +235,21 @@ async def remove_node(request: web.Request) -> web.Response:
     return json_response({"removed": node.id})
 
 
-@admin_routes.get("/admin/stats")
+@admin_routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    require_admin(request)
-    return json_response(await snapshot(request.app[STATE]))
+    return json_response(await snapshot(request.config_dict[STATE]))
 
 
-@admin_routes.get("/admin/stats/stream")
+@admin_routes.get("/stats/stream")
 async def stats_stream(request: web.Request) -> web.StreamResponse:
     """The snapshot pushed as Server-Sent Events every `interval` seconds (default 1) until the client leaves."""
-    require_admin(request)
     try:
         interval = float(request.query.get("interval", "1"))
     except ValueError:
         raise ApiError(400, "'interval' must be a number of seconds", param="interval") from None
     if not 0.1 <= interval <= 60:
         raise ApiError(400, "'interval' must be between 0.1 and 60 seconds", param="interval")
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     sse = await SseWriter.open(request)
     try:
         # Until the client leaves or the router shuts down: a watching dashboard must not hold up a stop.
@@ -283,19 +263,17 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
     return sse.response
 
 
-@admin_routes.get("/admin/books")
+@admin_routes.get("/books")
 async def books(request: web.Request) -> web.Response:
-    require_admin(request)
-    books = await request.app[STATE].ledger.books()
+    books = await request.config_dict[STATE].ledger.books()
     return json_response({**asdict(books), "balanced": books.balanced})
 
 
-@admin_routes.get("/admin/usage")
+@admin_routes.get("/usage")
 async def usage(request: web.Request) -> web.Response:
     """Every account's usage records (or one account's: `?account=NAME` or its id), paged and filtered as
     `GET /v1/account/usage`; each record names its account."""
-    require_admin(request)
-    ledger = request.app[STATE].ledger
+    ledger = request.config_dict[STATE].ledger
     query = usage_query(request)
     names = {a.id: a.name for a in await ledger.list_accounts()}
     account = None
@@ -307,7 +285,7 @@ async def usage(request: web.Request) -> web.Response:
             return await ledger.usage_records(account, limit=limit, before=before, since=query.since, user=query.user)
         return await ledger.all_usage(limit, before=before, since=query.since, user=query.user)
 
-    page = await usage_page(query, fetch, request.app[STATE].settings.money)
+    page = await usage_page(query, fetch, request.config_dict[STATE].settings.money)
     for record in page["data"]:
         record["account"] = names.get(record["account_id"])
     return json_response(page)
@@ -326,10 +304,9 @@ def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:
     return url, name, models, slots
 
 
-@herd_routes.post("/herd/join")
+@herd_routes.post("/join")
 async def join(request: web.Request) -> web.Response:
-    _herd(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     url, name, models, slots = _node_fields(parse_json(await request.read()))
     node = state.herd.join(url=url, name=name, models=models, slots=slots)
     state.scheduler.pump()
@@ -338,10 +315,9 @@ async def join(request: web.Request) -> web.Response:
     return json_response({"id": node.id, "heartbeat_seconds": state.settings.health_interval}, status=201)
 
 
-@herd_routes.post("/herd/heartbeat")
+@herd_routes.post("/heartbeat")
 async def heartbeat(request: web.Request) -> web.Response:
-    _herd(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     body = parse_json(await request.read())
     node = state.herd.get(str(body.get("name")))
     if node is None:
@@ -359,10 +335,9 @@ async def heartbeat(request: web.Request) -> web.Response:
     return json_response({"id": node.id, "state": node.state})
 
 
-@herd_routes.post("/herd/leave")
+@herd_routes.post("/leave")
 async def leave(request: web.Request) -> web.Response:
-    _herd(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     body = parse_json(await request.read())
     node = state.herd.remove(str(body.get("name")))
     state.scheduler.pump()

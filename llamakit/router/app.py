@@ -16,6 +16,7 @@ from aiohttp import web
 from llamakit.money.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
 from llamakit.router.api import STATE, routes
+from llamakit.router.auth import admin_app, herd_app
 from llamakit.router.embeddings import embedding_routes
 from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.idempotency import Idempotency
@@ -56,9 +57,9 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(routes)
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
-    app.add_routes(admin_routes)
-    app.add_routes(key_routes)
-    app.add_routes(herd_routes)
+    # The private parts: each its own sub-application behind the one middleware that checks its credential.
+    app.add_subapp("/admin/", admin_app(admin_routes, key_routes))
+    app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.on_response_prepare.append(request_id_header)

@@ -1,6 +1,7 @@
-"""The operator's routes for API keys (Bearer admin key): make one with a name and limits, list an account's,
-look one up, rename it or change its limits, revoke it. A key is picked by its 8-character display prefix or
-given whole; its name is only a label to tell it by (free text, not unique).
+"""The operator's routes for API keys (in the admin part with `admin_routes`, behind the admin key): make one
+with a name and limits, list an account's, look one up, rename it or change its limits, revoke it. A key is
+picked by its 8-character display prefix or given whole; its name is only a label to tell it by (free text, not
+unique). The table's paths are relative to `/admin/`, where `create_app` mounts the part:
 
     POST   /admin/accounts/{account}/keys   {"name": "ci", "limits": {...}}  → 201 {"account", "api_key", "key"}
     GET    /admin/accounts/{account}/keys                                    → {"account", "data": [key, …]}
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llamakit.router.admin import account_of, require_admin
+from llamakit.router.admin import account_of
 from llamakit.router.api import STATE
 from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
 from llamakit.router.limits import key_limits, key_name_of, key_view
@@ -31,38 +32,34 @@ __all__ = ["key_routes"]
 key_routes = web.RouteTableDef()
 
 
-@key_routes.post("/admin/accounts/{account}/keys")
+@key_routes.post("/accounts/{account}/keys")
 async def create_key(request: web.Request) -> web.Response:
-    require_admin(request)
     account = await account_of(request)
     body = parse_json(await request.read()) if request.can_read_body else {}
     limits = key_limits(body.get("limits"))
     name = key_name_of(body.get("name"))
-    ledger = request.app[STATE].ledger
+    ledger = request.config_dict[STATE].ledger
     key = await ledger.create_key(account.id, limits=limits, name=name)
     return json_response({"account": account.name, "api_key": key, "key": key_view(await ledger.find_key(key), None)},
                          status=201)  # fmt: skip
 
 
-@key_routes.get("/admin/accounts/{account}/keys")
+@key_routes.get("/accounts/{account}/keys")
 async def list_keys(request: web.Request) -> web.Response:
     """An account's keys by display prefix (the keys themselves are never kept), active and revoked."""
-    require_admin(request)
     account = await account_of(request)
-    keys = await request.app[STATE].ledger.list_keys(account.id)
+    keys = await request.config_dict[STATE].ledger.list_keys(account.id)
     return json_response({"account": account.name, "data": [key_view(k, None) for k in keys]})
 
 
-@key_routes.get("/admin/keys/{key}")
+@key_routes.get("/keys/{key}")
 async def get_key(request: web.Request) -> web.Response:
-    require_admin(request)
     return json_response(key_view(await _find(request), None))
 
 
-@key_routes.patch("/admin/keys/{key}")
+@key_routes.patch("/keys/{key}")
 async def change_key(request: web.Request) -> web.Response:
     """Rename a key or change its limits, or both: everything is checked before either changes."""
-    require_admin(request)
     body = parse_json(await request.read())
     unknown = sorted(set(body) - {"name", "limits"})
     if unknown or not body:
@@ -76,7 +73,7 @@ async def change_key(request: web.Request) -> web.Response:
             raise ApiError(400, "send {'limits': {...}} with the limits to change (null removes one)", param="limits")
         key_limits(changes)  # 400 naming a bad field before the database is asked
     name = key_name_of(body.get("name"))
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     selector = request.match_info["key"]
     try:
         if changes is None:
@@ -93,10 +90,9 @@ async def change_key(request: web.Request) -> web.Response:
     return json_response(key_view(key, None))
 
 
-@key_routes.delete("/admin/keys/{key}")
+@key_routes.delete("/keys/{key}")
 async def revoke_key(request: web.Request) -> web.Response:
-    require_admin(request)
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     state.keys.clear()  # a revoked key must stop working at once
     try:
         revoked = await state.ledger.revoke_key(request.match_info["key"])
@@ -109,7 +105,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 async def _find(request: web.Request) -> ApiKey:
     try:
-        return await request.app[STATE].ledger.find_key(request.match_info["key"])
+        return await request.config_dict[STATE].ledger.find_key(request.match_info["key"])
     except UnknownKey as exc:
         raise ApiError(404, str(exc), type="not_found_error", code="key_not_found") from exc
     except ValueError as exc:

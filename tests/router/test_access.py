@@ -9,8 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.router.admin import admin_routes, herd_routes
-from llamakit.router.key_admin import key_routes
+from llamakit.router import RouterSettings, create_app
 from llamakit.router.ledger import ledger_at
 from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
@@ -18,13 +17,20 @@ from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
 PROMPT = "one two three four"
 
 
-def _routes(table: object) -> list[tuple[str, str]]:
-    """(method, path) of every route in a RouteTableDef, with each {param} filled in."""
-    return [(r.method, re.sub(r"\{[^}]+\}", "alice", r.path)) for r in table]  # type: ignore[attr-defined]
+def _routes(prefix: str) -> list[tuple[str, str]]:
+    """(method, path) of every route the router serves under `prefix`, with each {param} filled in. The HEAD
+    route aiohttp adds beside each GET is left out: these tests read the error body, which HEAD has none of
+    (tests/router/test_auth_by_construction.py tries every route, HEAD too)."""
+    app = create_app(RouterSettings(db=":memory:"))
+    return [
+        (route.method, re.sub(r"\{[^}]+\}", "alice", route.resource.canonical))
+        for route in app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith(prefix) and route.method != "HEAD"
+    ]
 
 
-ADMIN_ROUTES = _routes(admin_routes) + _routes(key_routes)
-HERD_ROUTES = _routes(herd_routes)
+ADMIN_ROUTES = _routes("/admin/")
+HERD_ROUTES = _routes("/herd/")
 
 
 def test_the_route_tables_are_what_these_tests_cover() -> None:
