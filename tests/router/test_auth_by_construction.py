@@ -79,10 +79,8 @@ def test_every_admin_and_herd_route_is_its_parts_behind_its_middleware() -> None
         for resource in app.router.resources()
         if isinstance(resource, web.PrefixedSubAppResource)
     }
-    for prefix, (guard, _, _) in PARTS.items():
-        assert list(mounted[prefix].middlewares) == [guard], (
-            f"the part at {prefix} must be behind {guard.__name__} alone"
-        )
+    for mount, (guard, _, _) in PARTS.items():
+        assert list(mounted[mount].middlewares) == [guard], f"the part at {mount} must be behind {guard.__name__} alone"
     for method, path, owner in routes:
         prefix = part_of(path)
         if prefix is None:
@@ -103,7 +101,7 @@ async def test_every_route_is_public_or_refuses_without_its_credential(herd: Her
 
         async def call(method: str, path: str, authorization: str | None) -> httpx.Response:
             headers = {} if authorization is None else {"Authorization": authorization}
-            body = None if method in ("GET", "HEAD") else {}
+            body: dict[str, object] | None = None if method in ("GET", "HEAD") else {}
             # A stream (the live stats) is left at its status line: only whether the door opened is asked here.
             async with client.stream(method, path, headers=headers, json=body) as resp:
                 if resp.status_code >= 400:
