@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from llamakit import jsontext
 from llamakit.wire.errors import ApiError, error_body
@@ -19,6 +20,7 @@ __all__ = [
     "SseWriter",
     "bearer_token",
     "error_middleware",
+    "error_middleware_for",
     "json_response",
     "request_id_header",
     "require_bearer",
@@ -73,43 +75,61 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
     )
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error into an OpenAI-shaped JSON body: the client never sees an HTML page or a bare 500."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        response = json_response(exc.body(), status=exc.status, headers=exc.headers)
-        response[REFUSAL] = (exc.status, exc.code or exc.type)
-        return response
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = exc.text or exc.reason
-        if exc.status == 413:
-            message = f"the request body is too large (the limit is {request.app._client_max_size} bytes)"
-        elif exc.status == 404:
-            message = f"there is no route {request.method} {request.path}"
-        elif exc.status == 405:
-            message = f"{request.method} is not allowed on {request.path}"
-        kind = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error")
-        body = error_body(message, type=kind)
-        response = json_response(
-            body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"}
-        )
-        response[REFUSAL] = (exc.status, kind)
-        return response
-    except ConnectionResetError:
-        # The client is gone (its connection closed while we wrote): nothing to tell it, and no error of ours.
-        # A response returned here is dropped quietly by aiohttp; a raised one would be logged as a failure.
-        log.debug("%s %s: the client went away", request.method, request.path)
-        return web.Response(status=499)
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response(
-            error_body("internal server error; the request was not completed", type="server_error"),
-            status=500,
-        )
+def error_middleware_for(translate: Callable[[BaseException], ApiError | None] | None = None) -> Middleware:
+    """An error middleware that turns every error into an OpenAI-shaped JSON body: the client never sees an HTML
+    page or a bare 500. `translate` gives the ApiError a client sees for an app's own exceptions (the router's
+    `errors.http_error`); one it gives None for is a bug, answered 500 and logged."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            try:
+                return await handler(request)
+            except (ApiError, web.HTTPException, ConnectionResetError):
+                raise
+            except Exception as exc:
+                answer = translate(exc) if translate is not None else None
+                if answer is None:
+                    raise
+                raise answer from exc
+        except ApiError as exc:
+            response = json_response(exc.body(), status=exc.status, headers=exc.headers)
+            response[REFUSAL] = (exc.status, exc.code or exc.type)
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = exc.text or exc.reason
+            if exc.status == 413:
+                message = f"the request body is too large (the limit is {request.app._client_max_size} bytes)"
+            elif exc.status == 404:
+                message = f"there is no route {request.method} {request.path}"
+            elif exc.status == 405:
+                message = f"{request.method} is not allowed on {request.path}"
+            kind = _HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error")
+            body = error_body(message, type=kind)
+            response = json_response(
+                body, status=exc.status, headers={k: v for k, v in exc.headers.items() if k == "Allow"}
+            )
+            response[REFUSAL] = (exc.status, kind)
+            return response
+        except ConnectionResetError:
+            # The client is gone (its connection closed while we wrote): nothing to tell it, and no error of ours.
+            # A response returned here is dropped quietly by aiohttp; a raised one would be logged as a failure.
+            log.debug("%s %s: the client went away", request.method, request.path)
+            return web.Response(status=499)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return json_response(
+                error_body("internal server error; the request was not completed", type="server_error"),
+                status=500,
+            )
+
+    return error_middleware
+
+
+# The error middleware of an app whose parts raise only ApiError (the node).
+error_middleware = error_middleware_for()
 
 
 async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:

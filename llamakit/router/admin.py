@@ -14,12 +14,12 @@ from typing import Any
 from aiohttp import web
 
 from llamakit.money.fees import MAX_BID, FeeSchedule, hold_amount
-from llamakit.router.api import STATE
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.limits import key_limits
 from llamakit.router.pricing import DEFAULT_KEY
 from llamakit.router.settings import RouterSettings
+from llamakit.router.state import STATE
 from llamakit.router.stats import snapshot
 from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
@@ -206,9 +206,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 async def drain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = True
-    request.config_dict[STATE].scheduler.pump()  # requests waiting only for this node learn at once
-    if (cluster := request.config_dict[STATE].cluster) is not None:  # drained at every router
-        await cluster.set_draining(node, True)
+    await request.config_dict[STATE].dispatch.draining(node, True)  # at every router; waiting requests learn at once
     return json_response(node.snapshot())
 
 
@@ -216,9 +214,7 @@ async def drain_node(request: web.Request) -> web.Response:
 async def undrain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = False
-    request.config_dict[STATE].scheduler.pump()
-    if (cluster := request.config_dict[STATE].cluster) is not None:
-        await cluster.set_draining(node, False)
+    await request.config_dict[STATE].dispatch.draining(node, False)
     return json_response(node.snapshot())
 
 
@@ -229,9 +225,7 @@ async def remove_node(request: web.Request) -> web.Response:
     # Requests in flight on it finish (they hold their own reference); it gets nothing new.
     node.draining = True
     state.herd.remove(node.id)
-    state.scheduler.pump()
-    if state.cluster is not None:
-        await state.cluster.remove(node.id)
+    await state.dispatch.removed(node)
     return json_response({"removed": node.id})
 
 
@@ -309,9 +303,7 @@ async def join(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     url, name, models, slots = _node_fields(parse_json(await request.read()))
     node = state.herd.join(url=url, name=name, models=models, slots=slots)
-    state.scheduler.pump()
-    if state.cluster is not None:  # one join, and every router on the database knows the node
-        await state.cluster.join(node)
+    await state.dispatch.joined(node)  # with --cluster, every router on the database knows it
     return json_response({"id": node.id, "heartbeat_seconds": state.settings.health_interval}, status=201)
 
 
@@ -329,9 +321,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     if body.get("status", "ready") == "ready" and state.herd.seen(
         node, models=models if ok_models else None, slots=slots if ok_slots else None
     ):
-        state.scheduler.pump()
-        if state.cluster is not None:
-            await state.cluster.heartbeat_seen(node)
+        await state.dispatch.came_back(node)
     return json_response({"id": node.id, "state": node.state})
 
 
@@ -340,7 +330,6 @@ async def leave(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     body = parse_json(await request.read())
     node = state.herd.remove(str(body.get("name")))
-    state.scheduler.pump()
-    if state.cluster is not None and node is not None:
-        await state.cluster.remove(node.id)
+    if node is not None:
+        await state.dispatch.removed(node)
     return json_response({"removed": node.id if node else None})

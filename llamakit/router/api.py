@@ -7,7 +7,6 @@ multiplier, so a client can decide what to bid before paying.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
@@ -15,11 +14,14 @@ from typing import Any
 from aiohttp import web
 
 from llamakit.money.fees import format_bid
-from llamakit.router.idempotency import Idempotency, fingerprint, replay
-from llamakit.router.ledger import LedgerError, Remembered, UsageRecord, hash_key
+from llamakit.router.ledger import Remembered, UsageRecord
 from llamakit.router.limits import Caller, key_view
-from llamakit.router.service import new_request_id, price, serve
-from llamakit.router.state import RouterState
+from llamakit.router.paid.endpoint import Order, paid_call
+from llamakit.router.paid.idempotency import Claim, Idempotency, replay
+from llamakit.router.paid.quote import quote_generation
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import STATE, RouterState
+from llamakit.router.tenants import authenticate
 from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 from llamakit.wire.completions import (
@@ -31,127 +33,46 @@ from llamakit.wire.completions import (
 )
 from llamakit.wire.errors import ApiError
 
-__all__ = ["RECORDED_REFUSALS", "STATE", "authenticate", "paid_request", "record_refusal", "routes"]
+__all__ = ["CHAT_PATH", "COMPLETIONS_PATH", "routes"]
 
-STATE = web.AppKey("state", RouterState)
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
 
-async def authenticate(request: web.Request) -> Caller:
-    """The caller of a request: its API key's account and limits. 401 for a missing, unknown, revoked or
-    expired key (`code` missing_api_key, invalid_api_key, expired_api_key)."""
-    state = request.app[STATE]
-    key = bearer_token(request)
-    if key is None:
-        raise ApiError(
-            401,
-            "missing API key: send 'Authorization: Bearer <your API key>'",
-            type="authentication_error",
-            code="missing_api_key",
-        )
-    now = time.time()
-    caller = state.keys.get(key, now)
-    if caller is None:
-        found = await state.ledger.authenticate_key(key)
-        if found is not None:
-            caller = Caller(found[0], hash_key(key), found[1])
-            state.keys.put(caller, now)
-    if caller is None:
-        raise ApiError(401, "the API key is not valid", type="authentication_error", code="invalid_api_key")
-    expires = caller.limits.expires_at
-    if expires is not None and now >= expires:
-        raise ApiError(
-            401,
-            f"the API key expired at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(expires))}; "
-            "ask the operator for a new one",
-            type="authentication_error",
-            code="expired_api_key",
-        )
-    return caller
+def _generation(
+    request: web.Request, model: type[GenerationRequest], path: str
+) -> Callable[[Caller, dict[str, Any]], Order]:
+    """A chat or text completion's order for the paid path: validated here, quoted at `quote_generation`."""
+    state = request.config_dict[STATE]
 
+    def order(caller: Caller, data: dict[str, Any]) -> Order:
+        Idempotency.key_of(request)  # a malformed key is refused before the body is validated
+        req = validate_request(model, data)
 
-# Refusals of a known account that get a usage record (when no hold was made, so none exists yet).
-RECORDED_REFUSALS = frozenset({400, 402, 403, 404, 429})
+        async def quote(claim: Claim | None) -> PaidRequest:
+            return await quote_generation(state, request, caller, req, data, path, claim)
 
+        async def again(remembered: Remembered) -> web.StreamResponse:
+            money = state.settings.money
+            return await replay(request, remembered, money, stream=req.stream, include_usage=req.include_usage)
 
-async def paid_request(
-    request: web.Request, handle: Callable[[Caller, dict[str, Any]], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Serve a paid route: authenticate, parse the JSON body, and `handle(caller, body)`; a refusal of a known
-    account that nothing was held for (RECORDED_REFUSALS) gets its usage record on the way out."""
-    caller = await authenticate(request)
-    data: dict[str, Any] = {}
-    try:
-        data = parse_json(await request.read())
-        return await handle(caller, data)
-    except ApiError as exc:
-        if exc.status in RECORDED_REFUSALS and not exc.recorded:
-            await record_refusal(request.app[STATE], caller, exc, data)
-        raise
+        return Order(quote=quote, replay=again)
 
-
-async def _generate(request: web.Request, model: type[GenerationRequest], path: str) -> web.StreamResponse:
-    return await paid_request(request, lambda caller, data: _generate_for(request, caller, model, path, data))
-
-
-async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
-    """A usage record (no tokens, no cost) of a request refused before anything was held, under a request id
-    the error response names, and a line in the dashboard's latest requests."""
-    request_id = exc.headers.get("X-Llamakit-Request-Id") or new_request_id()
-    exc.headers["X-Llamakit-Request-Id"] = request_id
-    model = data.get("model") if isinstance(data.get("model"), str) else ""
-    user = data.get("user") if isinstance(data.get("user"), str) else None
-    status = exc.code or exc.type
-    account = caller.account
-    try:
-        await state.ledger.refuse(
-            account.id, request_id=request_id, model=str(model), status=status, http_status=exc.status,
-            error=exc.message, user=user, key_prefix=caller.key.prefix,
-        )  # fmt: skip
-    except (LedgerError, ValueError):
-        log.exception("could not record the refusal of %s", request_id)
-    exc.recorded = True
-    money = state.settings.money
-    record = {
-        "time": time.time(), "request_id": request_id, "account": account.name, "model": model, "node": None,
-        "status": status, "http_status": exc.status, "prompt_tokens": 0, "completion_tokens": 0,
-        **money.cost_fields(0), "currency": money.currency, "held": 0, "bid": "1", "latency_ms": None,
-        "queue_ms": None, "ttft_ms": None, "error": exc.message, "user": user, "key_prefix": caller.key.prefix,
-    }  # fmt: skip
-    state.requests.add(record)
-    if state.usage_log is not None:
-        state.usage_log.write(record)
-
-
-async def _generate_for(
-    request: web.Request, caller: Caller, model: type[GenerationRequest], path: str, data: dict[str, Any]
-) -> web.StreamResponse:
-    state = request.app[STATE]
-    raw = await request.read()
-    key = Idempotency.key_of(request)
-    req = validate_request(model, data)
-    if key is None:
-        return await serve(state, request, await price(state, request, caller, req, data, path))
-    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(path, raw))
-    if isinstance(claimed, Remembered):
-        return await replay(request, claimed, state.settings.money, stream=req.stream, include_usage=req.include_usage)
-    try:
-        return await serve(state, request, await price(state, request, caller, req, data, path, claimed))
-    finally:
-        state.idempotency.release(claimed)
+    return order
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, ChatCompletionRequest, "/v1/chat/completions")
+    return await paid_call(request, CHAT_PATH, _generation(request, ChatCompletionRequest, CHAT_PATH))
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, CompletionRequest, "/v1/completions")
+    return await paid_call(request, COMPLETIONS_PATH, _generation(request, CompletionRequest, COMPLETIONS_PATH))
 
 
 def _fees_and_prices(state: RouterState, model: str) -> dict[str, Any]:
@@ -176,7 +97,7 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     """The models served that the caller's key may use."""
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     limits = (await authenticate(request)).limits
     served = [m for m in state.herd.models() if limits.allows_model(m)]
     return json_response({"object": "list", "data": [_model_entry(state, m) for m in served]})
@@ -187,7 +108,7 @@ async def retrieve_model(request: web.Request) -> web.Response:
     """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404
     `model_not_found` if unknown, or if the caller's key may not use it: as OpenAI answers for a model the key
     has no access to, and as `GET /v1/models` leaves it out."""
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     limits = (await authenticate(request)).limits
     name = request.match_info["model"]
     if name not in state.herd.models():
@@ -201,13 +122,11 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 @routes.get("/v1/info")
 async def info(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     models = state.known_models()
-    depths = {m: state.scheduler.queue_length(m) for m in models}
-    last = state.scheduler.last_multiplier
-    if state.cluster is not None:  # several routers: the herd's queue, so that a client out-bids all of it
-        depths = {m: 0 for m in models} | await state.cluster.queue_depths()
-        last = state.cluster.last_multiplier
+    # The herd's queue (every router's, with --cluster), so that a client out-bids all of it.
+    depths = {m: 0 for m in models} | await state.dispatch.queue_depths()
+    last = state.dispatch.last_multiplier
     return json_response(
         {
             "models": {
@@ -235,7 +154,7 @@ async def info(request: web.Request) -> web.Response:
 @routes.get("/v1/account")
 async def account(request: web.Request) -> web.Response:
     """The caller's account (balance, held, spent, deposited: credits) and, under `key`, the key asking."""
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     caller = await authenticate(request)
     acct = caller.account
     books = await state.ledger.account_state(acct.id)
@@ -252,7 +171,7 @@ async def current_key(request: web.Request) -> web.Response:
 
 
 async def _key_now(request: web.Request, caller: Caller) -> dict[str, Any]:
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     found = await state.ledger.authenticate_key(bearer_token(request) or "")
     key = found[1] if found is not None else caller.key  # revoked since it was cached: as last seen
     return key_view(key, state.rates.use(caller.key_hash))
@@ -260,7 +179,7 @@ async def _key_now(request: web.Request, caller: Caller) -> dict[str, Any]:
 
 @routes.get("/v1/account/usage")
 async def account_usage(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
     query = usage_query(request)
 
@@ -272,7 +191,7 @@ async def account_usage(request: web.Request) -> web.Response:
 
 @routes.post("/v1/events")
 async def post_event(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
     body = parse_json(await request.read())
     kind = body.get("kind")
@@ -290,7 +209,7 @@ async def post_event(request: web.Request) -> web.Response:
 
 @routes.get("/v1/events")
 async def list_events(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
     limit = query_int(request, "limit", 0, MAX_ID) or 100
     events = await state.ledger.events(acct.id, limit=limit)

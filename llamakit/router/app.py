@@ -7,7 +7,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -15,22 +14,25 @@ from aiohttp import web
 
 from llamakit.money.fees import FeeSchedule
 from llamakit.router.admin import admin_routes, herd_routes
-from llamakit.router.api import STATE, routes
+from llamakit.router.api import routes
 from llamakit.router.auth import admin_app, herd_app
+from llamakit.router.dispatch.local import LocalDispatcher
+from llamakit.router.dispatch.scheduler import Scheduler
 from llamakit.router.embeddings import embedding_routes
+from llamakit.router.errors import http_error
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.idempotency import Idempotency
 from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.ledger._owner import own_ledger
 from llamakit.router.metrics import RouterMetrics
+from llamakit.router.paid.idempotency import Idempotency
+from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
 from llamakit.router.responses import response_routes
-from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
-from llamakit.router.state import RouterState, UsageLog
+from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream
-from llamakit.web import REFUSAL, Handler, error_middleware, json_response, request_id_header
+from llamakit.web import REFUSAL, Handler, error_middleware_for, json_response, request_id_header
 
 __all__ = ["create_app"]
 
@@ -49,10 +51,15 @@ def create_app(settings: RouterSettings) -> web.Application:
         idempotency=Idempotency(ledger),
         prices=prices,
         herd=herd,
-        scheduler=Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share),
+        # One router's queue in memory; with --cluster, `_shared_herd` puts the cluster's in its place at start-up.
+        dispatch=LocalDispatcher(
+            Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share)
+        ),
         metrics=RouterMetrics(),
     )
-    app = web.Application(middlewares=[_count_refusals, error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[_count_refusals, error_middleware_for(http_error)], client_max_size=settings.max_body_bytes
+    )
     app[STATE] = state
     app.add_routes(routes)
     app.add_routes(embedding_routes)
@@ -78,7 +85,7 @@ async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamR
     response = await handler(request)
     refusal = response.get(REFUSAL)
     if refusal is not None:
-        request.app[STATE].metrics.refused(*refusal)
+        request.config_dict[STATE].metrics.refused(*refusal)
     return response
 
 
@@ -87,17 +94,15 @@ async def _stopping(app: web.Application) -> None:
 
 
 async def _health(request: web.Request) -> web.Response:
-    herd = request.app[STATE].herd
+    herd = request.config_dict[STATE].herd
     ready = sum(1 for n in herd.nodes.values() if n.state == "ready")
     return json_response({"status": "ok", "nodes": len(herd.nodes), "ready": ready, "models": herd.models()})
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    queue_lengths = {m: state.scheduler.queue_length(m) for m in state.scheduler.queues}
-    if state.cluster is not None:  # the herd's queue, every router's requests (the other series are this one's)
-        queue_lengths = await state.cluster.queue_depths()
-    state.metrics.refresh(state.herd, queue_lengths)
+    state = request.config_dict[STATE]
+    # The herd's queue (every router's requests with --cluster; the other series are this router's).
+    state.metrics.refresh(state.herd, await state.dispatch.queue_depths())
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -124,9 +129,7 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     released = [] if state.settings.cluster else await state.ledger.recover_usage()
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
-    if state.usage_log is not None:
-        for record in released:
-            state.usage_log.write(await _usage_line(state, record))
+    await _recovered(state, released)
     yield
     if state.usage_log is not None:
         state.usage_log.close()
@@ -134,30 +137,13 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     await release()
 
 
-async def _usage_line(state: RouterState, record: UsageRecord) -> dict[str, Any]:
-    """A recovered request's usage log line, with the fields of every other line (see service._record)."""
-    money, _ = record.priced_at(state.settings.money)
-    return {
-        "time": record.created,
-        "request_id": record.request_id,
-        "account": (await state.ledger.get_account(record.account_id)).name,
-        "model": record.model,
-        "node": record.node,
-        "status": record.status,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        **money.cost_fields(record.cost),
-        "currency": money.currency,
-        "held": record.held,
-        "bid": record.bid,
-        "latency_ms": record.latency_ms,
-        "queue_ms": record.queue_ms,
-        "ttft_ms": None,
-        "error": record.error,
-        "user": record.user,
-        "key_prefix": record.key_prefix,
-        "http_status": record.http_status,
-    }
+async def _recovered(state: RouterState, released: list[UsageRecord]) -> None:
+    """The usage log's lines of the holds released at start-up, with the fields of every other line."""
+    if state.usage_log is None:
+        return
+    for record in released:
+        account = (await state.ledger.get_account(record.account_id)).name
+        state.usage_log.write(recovered_record(state.settings.money, record, account))
 
 
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
@@ -174,7 +160,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 
 async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
     """--cluster: take a lease, share the herd and the queue with the other routers on the database."""
-    from llamakit.router.cluster import Cluster, ClusterIdempotency  # asyncpg only where it is used
+    from llamakit.router.dispatch.cluster import Cluster, ClusterIdempotency  # asyncpg only where it is used
     from llamakit.router.ledger._postgres import PostgresLedger
 
     state = app[STATE]
@@ -198,17 +184,17 @@ async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
         )
         if released:
             log.warning("released %d hold(s) left open by routers that stopped", len(released))
-        if state.usage_log is not None:
-            for record in released:
-                state.usage_log.write(await _usage_line(state, record))
+        await _recovered(state, released)
         for node in statics:
-            await cluster.join(node, static=True)
+            await cluster.joined(node, static=True)
         await cluster.reload()
-        state.cluster, state.idempotency = cluster, ClusterIdempotency(state.ledger, cluster)
+        local = (state.dispatch, state.idempotency)
+        state.dispatch, state.idempotency = cluster, ClusterIdempotency(state.ledger, cluster)
         cluster.start()
         yield
     finally:
-        state.cluster = None
+        if "local" in locals():  # put back for the requests that still finish while the app stops
+            state.dispatch, state.idempotency = local
         await cluster.close()
 
 
@@ -241,7 +227,7 @@ async def _check(state: RouterState, node: HerdNode) -> None:
     )
     if came_back:
         log.info("node %s is up, serving %s with %d slot(s)", node.name, node.models, node.slots)
-        state.scheduler.pump()
+        state.dispatch.pump()
 
 
 async def _health_checks(app: web.Application) -> AsyncIterator[None]:
@@ -249,17 +235,16 @@ async def _health_checks(app: web.Application) -> AsyncIterator[None]:
 
     async def loop() -> None:
         while True:
-            cluster = state.cluster
             # In a cluster one router checks the herd for all (the leader) and writes what it finds.
-            if cluster is None or cluster.leader:
+            dispatch = state.dispatch
+            if dispatch.leader:
                 nodes = list(state.herd.nodes.values())
                 before = {n.id: n.up for n in nodes}
                 await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
-                if cluster is not None:
-                    try:
-                        await cluster.publish_health(before)
-                    except Exception:
-                        log.exception("cannot write the herd's health to the database")
+                try:
+                    await dispatch.checked(before)
+                except Exception:
+                    log.exception("cannot write the herd's health to the database")
             await asyncio.sleep(state.settings.health_interval)
 
     task = asyncio.create_task(loop(), name="health checks")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from llamakit.router.api import STATE
+from llamakit.router.state import STATE
 from llamakit.web import Handler, require_bearer
 
 __all__ = ["admin_app", "admin_key_required", "herd_app", "herd_token_required"]

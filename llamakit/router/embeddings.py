@@ -1,89 +1,42 @@
-"""`POST /v1/embeddings` on the router: priced per input token like a prompt, held, queued for a node slot like any
-request (bids apply), settled on the node's exact `usage.prompt_tokens`, refunded in full when it fails.
-
-The hold is `ceil(bid × (base_fee + prompt_token_fee × bound))`, where the bound is exact for token ids and
-UTF-8 bytes plus an allowance for a text (see `EmbeddingRequest.token_bound`); there are no completion tokens.
-From the hold on, the request is the service's like any other (`service.serve`): queue, failover, settlement,
-refund, usage record, idempotency.
+"""`POST /v1/embeddings` on the router: priced per input token like a prompt (`quote.quote_embeddings`), held,
+queued for a node slot like any request (bids apply), settled on the node's exact `usage.prompt_tokens`,
+refunded in full when it fails: the paid path's, as every paid endpoint's (`paid.endpoint.paid_call`).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from aiohttp import web
 
-from llamakit.money.fees import hold_amount
-from llamakit.router.api import STATE, paid_request
-from llamakit.router.idempotency import Claim, Idempotency, fingerprint, replay
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
-from llamakit.router.service import PaidRequest, hold_credits, request_model, serve
-from llamakit.router.state import RouterState
-from llamakit.wire.embeddings import EmbeddingRequest, parse_embedding_request
+from llamakit.router.paid.endpoint import Order, paid_call
+from llamakit.router.paid.idempotency import Claim, Idempotency, replay
+from llamakit.router.paid.quote import EMBEDDINGS_PATH, quote_embeddings
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import STATE
+from llamakit.wire.embeddings import parse_embedding_request
 
-__all__ = ["PATH", "embedding_routes", "price_embeddings"]
-
-PATH = "/v1/embeddings"
+__all__ = ["embedding_routes"]
 
 embedding_routes = web.RouteTableDef()
 
 
-@embedding_routes.post(PATH)
+@embedding_routes.post(EMBEDDINGS_PATH)
 async def embeddings(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    return await paid_request(request, lambda caller, data: _embeddings(request, state, caller, data))
+    state = request.config_dict[STATE]
 
+    def order(caller: Caller, data: dict[str, Any]) -> Order:
+        Idempotency.key_of(request)  # a malformed key is refused before the body is validated
+        req = parse_embedding_request(data)
 
-async def _embeddings(
-    request: web.Request, state: RouterState, caller: Caller, data: dict[str, Any]
-) -> web.StreamResponse:
-    raw = await request.read()
-    key = Idempotency.key_of(request)
-    req = parse_embedding_request(data)
-    if key is None:
-        return await serve(state, request, await price_embeddings(state, request, caller, req, data))
-    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(PATH, raw))
-    if isinstance(claimed, Remembered):
-        return await replay(request, claimed, state.settings.money, stream=False, include_usage=False)
-    try:
-        return await serve(state, request, await price_embeddings(state, request, caller, req, data, claimed))
-    finally:
-        state.idempotency.release(claimed)
+        async def quote(claim: Claim | None) -> PaidRequest:
+            return await quote_embeddings(state, request, caller, req, data, claim)
 
+        async def again(remembered: Remembered) -> web.StreamResponse:
+            return await replay(request, remembered, state.settings.money, stream=False, include_usage=False)
 
-async def price_embeddings(
-    state: RouterState,
-    request: web.Request,
-    caller: Caller,
-    req: EmbeddingRequest,
-    data: dict[str, Any],
-    claim: Claim | None = None,
-) -> PaidRequest:
-    """Hold the most the embeddings can cost (402 with `needed` and `balance` when the balance is short, and
-    the key's refusals of `hold_credits`)."""
-    model, bid = request_model(state, request, req.model, req.bid)
-    fees = state.prices.fees(model)
-    bound = req.token_bound()
-    held = hold_amount(fees, bid, bound, 0)
-    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user, tokens=bound)
-    body = {k: v for k, v in data.items() if v is not None and k != "bid"}
-    body["model"] = model
-    return PaidRequest(
-        id=request_id,
-        account=caller.account,
-        admission=admission,
-        key_prefix=caller.key.prefix,
-        model=model,
-        path=PATH,
-        body=body,
-        bid=bid,
-        fees=fees,
-        held=held,
-        stream=False,
-        include_usage=False,
-        arrived=time.monotonic(),
-        claim=claim,
-        user=req.user or None,
-    )
+        return Order(quote=quote, replay=again)
+
+    return await paid_call(request, EMBEDDINGS_PATH, order)

@@ -20,9 +20,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from llamakit.router.admin import account_of
-from llamakit.router.api import STATE
 from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
 from llamakit.router.limits import key_limits, key_name_of, key_view
+from llamakit.router.state import STATE
 from llamakit.web import json_response
 from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError

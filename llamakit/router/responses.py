@@ -1,27 +1,29 @@
 """`POST /v1/responses` on the router: OpenAI's Responses API served as a chat completion.
 
-The request is translated to a chat completion (`responses_protocol.chat_body`) and goes down the service's own
-path (`service.price`, `service.serve`): priced, held, queued with its bid, failed over, settled on the node's
-exact usage or refunded, exactly like a chat completion. Only the answer's shape differs: a whole answer is
-rewritten as a Response object, and a stream is written as Responses events by `ResponsesSseWriter`, which the
-service uses in place of its chat SSE writer. A repeat with the same `Idempotency-Key` gets the remembered
-answer in the Responses shape.
+The request is translated to a chat completion (`wire.responses.chat_body`) and goes down the paid path as one
+(`paid.endpoint.paid_call`, `paid.quote.quote_generation`): priced, held, queued with its bid, failed over, settled
+on the node's exact usage or refunded, exactly like a chat completion. Only the answer's shape differs: the
+PaidRequest presents a whole answer as a Response object, and writes a stream as Responses events with
+`ResponsesSseWriter` in place of the chat SSE writer. The chat answer is what is remembered under an
+`Idempotency-Key`; a repeat gets it in the Responses shape.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 
 from llamakit import jsontext
-from llamakit.router.api import STATE, authenticate, paid_request
-from llamakit.router.idempotency import Claim, Idempotency, fingerprint, recall_answer, without_cost_headers
+from llamakit.router.api import CHAT_PATH
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
-from llamakit.router.service import PaidRequest, price, serve
-from llamakit.router.state import RouterState
+from llamakit.router.paid.endpoint import Order, paid_call
+from llamakit.router.paid.idempotency import Claim, Idempotency, recall_answer, without_cost_headers
+from llamakit.router.paid.quote import quote_generation
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import STATE, RouterState
+from llamakit.router.tenants import authenticate
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import ChatCompletionRequest, validate_request
 from llamakit.wire.errors import ApiError
@@ -37,7 +39,6 @@ from llamakit.wire.responses import (
 __all__ = ["PATH", "ResponsesSseWriter", "response_routes"]
 
 PATH = "/v1/responses"
-CHAT_PATH = "/v1/chat/completions"
 
 response_routes = web.RouteTableDef()
 
@@ -90,47 +91,37 @@ def _response_id(request_id: str) -> str:
 
 @response_routes.post(PATH)
 async def responses(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    return await paid_request(request, lambda caller, data: _respond(request, state, caller, data))
+    state = request.config_dict[STATE]
+
+    def order(caller: Caller, raw_data: dict[str, Any]) -> Order:
+        Idempotency.key_of(request)  # a malformed key is refused before the body is validated
+        req = parse_responses_request(raw_data)
+        limit = state.settings.max_tokens_limit
+        if req.max_output_tokens is not None and req.max_output_tokens > limit:
+            raise ApiError(
+                400,
+                f"max_output_tokens is {req.max_output_tokens}; the most this router allows is {limit}",
+                param="max_output_tokens",
+                code="invalid_value",
+            )
+        data = chat_body(req, stream=req.stream)
+        chat = validate_request(ChatCompletionRequest, data)
+
+        async def quote(claim: Claim | None) -> PaidRequest:
+            paid = await quote_generation(state, request, caller, chat, data, CHAT_PATH, claim)
+            _present_as_response(paid, req)
+            return paid
+
+        async def again(remembered: Remembered) -> web.StreamResponse:
+            return await _replay(request, state, req, remembered)
+
+        return Order(quote=quote, replay=again)
+
+    return await paid_call(request, PATH, order)
 
 
-async def _respond(
-    request: web.Request, state: RouterState, caller: Caller, raw_data: dict[str, Any]
-) -> web.StreamResponse:
-    raw = await request.read()
-    key = Idempotency.key_of(request)
-    req = parse_responses_request(raw_data)
-    limit = state.settings.max_tokens_limit
-    if req.max_output_tokens is not None and req.max_output_tokens > limit:
-        raise ApiError(
-            400,
-            f"max_output_tokens is {req.max_output_tokens}; the most this router allows is {limit}",
-            param="max_output_tokens",
-            code="invalid_value",
-        )
-    data = chat_body(req, stream=req.stream)
-    chat = validate_request(ChatCompletionRequest, data)
-    if key is None:
-        return await _serve(state, request, caller, req, chat, data, None)
-    claimed = await state.idempotency.claim(caller.account.id, key, fingerprint(PATH, raw))
-    if isinstance(claimed, Remembered):
-        return await _replay(request, state, req, claimed)
-    try:
-        return await _serve(state, request, caller, req, chat, data, claimed)
-    finally:
-        state.idempotency.release(claimed)
-
-
-async def _serve(
-    state: RouterState,
-    request: web.Request,
-    caller: Caller,
-    req: ResponsesRequest,
-    chat: ChatCompletionRequest,
-    data: dict[str, Any],
-    claim: Claim | None,
-) -> web.StreamResponse:
-    paid: PaidRequest = await price(state, request, caller, chat, data, CHAT_PATH, claim)
+def _present_as_response(paid: PaidRequest, req: ResponsesRequest) -> None:
+    """The chat answer reaches the client as a Response object, or its stream as Responses events."""
     response_id = _response_id(paid.id)
     if req.stream:
         events = ResponseEvents(req, response_id=response_id, model=paid.model)
@@ -139,11 +130,8 @@ async def _serve(
             return await ResponsesSseWriter.start(request, headers, events)
 
         paid.open_sse = open_sse
-        return await serve(state, request, paid)
-    answer = await serve(state, request, paid)
-    assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)  # a whole answer is JSON bytes
-    body = response_from_chat(req, json.loads(answer.body), response_id=response_id)
-    return json_response(body, headers=_llamakit_headers(answer))
+    else:
+        paid.present = lambda answer: response_from_chat(req, answer, response_id=response_id)
 
 
 @response_routes.get(PATH + "/{response_id}")
@@ -156,10 +144,6 @@ async def retrieve(request: web.Request) -> web.Response:
         type="not_found_error",
         code="not_found",
     )
-
-
-def _llamakit_headers(answer: web.StreamResponse) -> dict[str, str]:
-    return {k: v for k, v in answer.headers.items() if k.lower().startswith(("x-llamakit-", "idempotent-"))}
 
 
 async def _replay(

@@ -8,24 +8,23 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
+
+from aiohttp import web
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.affinity import PrefixMap
+from llamakit.router.dispatch import Dispatcher
 from llamakit.router.herd import Herd
-from llamakit.router.idempotency import Idempotency
 from llamakit.router.ledger import Ledger
 from llamakit.router.limits import KeyCache, KeyRates
 from llamakit.router.metrics import RouterMetrics
+from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.pricing import PriceList
-from llamakit.router.scheduler import Scheduler
 from llamakit.router.settings import RouterSettings
 from llamakit.router.upstream import Upstream
 
-if TYPE_CHECKING:  # asyncpg, which the cluster needs, is imported only where it is used
-    from llamakit.router.cluster import Cluster
-
-__all__ = ["RequestLog", "RouterState", "UsageLog"]
+__all__ = ["STATE", "RequestLog", "RouterState", "UsageLog"]
 
 
 class UsageLog:
@@ -85,12 +84,12 @@ class RouterState:
     ledger: Ledger
     prices: PriceList
     herd: Herd
-    scheduler: Scheduler
+    # Where requests get node slots: in memory (one router), or the cluster's on PostgreSQL (--cluster), chosen
+    # once at start-up; nothing else asks which (see llamakit.router.dispatch).
+    dispatch: Dispatcher
     metrics: RouterMetrics
     idempotency: Idempotency
     upstream: Upstream | None = None
-    # Set with --cluster: the queue, the slots and the herd shared with the other routers on the database.
-    cluster: Cluster | None = None
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     keys: KeyCache = field(default_factory=KeyCache)
@@ -118,3 +117,7 @@ class RouterState:
             return ready[0]
         known = self.known_models()
         return known[0] if known else None
+
+
+# The router's state on its application (sub-applications read it through `request.config_dict[STATE]`).
+STATE = web.AppKey("state", RouterState)

@@ -24,63 +24,42 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
     """The dashboard's snapshot. `accounts` (today = since midnight UTC) and `fees` come from the ledger, so they
     are herd-wide when several routers share one database; `requests` are this router's own, and so is `queue`
     unless the routers run with --cluster, when it is the herd's (and `cluster` says which figure is which)."""
-    ledger, herd, scheduler = state.ledger, state.herd, state.scheduler
+    ledger, herd = state.ledger, state.herd
     now = time.time()
     activity = await ledger.account_activity(start_of_day(now))
     names = {a.id: a.name for a in activity}
     books = await ledger.books()
     fees_by_node = await ledger.fees_by_node()
+    view = await state.dispatch.herd_view(state.known_models())
     nodes = []
     for node in herd.nodes.values():
         entry = node.snapshot()
         # The ledger's figure survives restarts; the node's own counter only covers this run.
         entry["fees_earned"] = fees_by_node.get(node.name, 0)
+        if view.busy is not None:  # the herd's running requests, every router's; `busy_here` this one's
+            entry["busy_here"] = entry["busy"]
+            entry["busy"] = view.busy.get(node.id, 0)
         nodes.append(entry)
-    models = sorted(set(state.known_models()) | set(scheduler.queues))
     queue = {
-        "total": scheduler.queue_length(),
-        "last_multiplier": float(scheduler.last_multiplier),
-        "last_multiplier_exact": format_bid(scheduler.last_multiplier),
-        "models": {
-            m: {"depth": scheduler.queue_length(m), "oldest_wait": round(scheduler.oldest_wait(m), 3)} for m in models
-        },
+        "total": sum(q["depth"] for q in view.queue.values()),
+        "last_multiplier": float(view.last_multiplier),
+        "last_multiplier_exact": format_bid(view.last_multiplier),
+        "models": view.queue,
     }
     cluster: dict[str, Any] | None = None
-    if state.cluster is not None:
+    if view.cluster is not None:
         # Several routers: the queue and the busy slots are the herd's, from the database; what is counted
         # in this process (requests, latency, fees per minute, tokens/s, node requests) is this router's.
-        shared = await state.cluster.herd_figures()
-        for entry in nodes:
-            entry["busy_here"] = entry["busy"]
-            entry["busy"] = shared["busy"].get(entry["id"], 0)
-        depths = shared["queues"]
-        queue = {
-            "total": sum(q["depth"] for q in depths.values()),
-            "last_multiplier": float(state.cluster.last_multiplier),
-            "last_multiplier_exact": format_bid(state.cluster.last_multiplier),
-            "models": {
-                m: {
-                    "depth": depths.get(m, {}).get("depth", 0),
-                    "oldest_wait": depths.get(m, {}).get("oldest_wait", 0.0),
-                }
-                for m in sorted(set(models) | set(depths))
-            },
-        }
-        figures = state.cluster.figures
         cluster = {
-            "router": state.cluster.id,
-            "leader": state.cluster.leader,
-            "routers": shared["routers"],
+            "router": view.cluster["router"],
+            "leader": view.cluster["leader"],
+            "routers": view.cluster["routers"],
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
                           "books", "agents", "accounts", "keys", "refusals.today"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
                            "requests", "refusals.by_status", "refusals.http_status", "uptime",
                            "queue.last_multiplier"],
-            "dispatch": {
-                "count": figures.dispatches,
-                "assigned": figures.assigned,
-                "mean_ms": round(1000 * figures.seconds / figures.dispatches, 3) if figures.dispatches else None,
-            },
+            "dispatch": view.cluster["dispatch"],
         }  # fmt: skip
     return {
         "time": time.time(),

@@ -21,8 +21,8 @@ from decimal import Decimal
 import pytest
 
 from bench.chaos import Cluster, Report, Stuck, node_kill, router_kill
+from llamakit.router.dispatch.scheduler import Scheduler
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.scheduler import Scheduler
 
 pytestmark = pytest.mark.model
 

@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from llamakit.cli import build_parser
 from llamakit.money.currency import CreditValue, format_price, parse_credit_value, parse_currency, price_number
 from llamakit.router import RouterSettings
-from llamakit.router.idempotency import recall_answer
 from llamakit.router.ledger import Remembered
+from llamakit.router.paid.idempotency import recall_answer
 from llamakit.router.settings import settings_from_args
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode, Script

@@ -7,8 +7,9 @@ import asyncio
 
 import httpx
 
-from llamakit.router.api import STATE
+from llamakit.router.dispatch.cluster import Cluster
 from llamakit.router.ledger import Remembered
+from llamakit.router.state import STATE
 from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
 
@@ -109,7 +110,8 @@ async def test_a_repeat_that_missed_the_answer_by_a_moment_gets_it_and_does_not_
     assert first.status_code == 200
     state = routers.servers[1].runner.app[STATE]
     ledger = state.idempotency.ledger
-    assert state.cluster is not None
+    cluster = state.dispatch
+    assert isinstance(cluster, Cluster)
     real, looks = ledger.recall, []
 
     async def missed_once(account_id: int, idempotency_key: str) -> Remembered | None:
@@ -118,7 +120,7 @@ async def test_a_repeat_that_missed_the_answer_by_a_moment_gets_it_and_does_not_
 
     ledger.recall = missed_once  # type: ignore[method-assign]
     for _ in range(100):  # the first request's claim is given up in the background
-        if not await state.cluster._db().fetchval("SELECT count(*) FROM idempotency_claims"):
+        if not await cluster._db().fetchval("SELECT count(*) FROM idempotency_claims"):
             break
         await asyncio.sleep(0.05)
     later = await routers.client(b, key).post("/v1/completions", json=body, headers=headers)

@@ -398,7 +398,7 @@ class PostgresLedger(Ledger):
         return await self._release_where("TRUE", [], recovery("", now, self.money))
 
     async def release_lost(self, *, me: str, error: str) -> list[UsageRecord]:
-        """Release the open holds of every router that holds no live lease (see `llamakit.router.cluster`).
+        """Release the open holds of every router that holds no live lease (see `llamakit.router.dispatch.cluster`).
 
         A hold counts as lost when it was made by no router (a router outside the cluster), by `me` (this
         router in an earlier life: its requests died with it), or by a router whose row in `routers` is gone

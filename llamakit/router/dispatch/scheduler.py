@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
+from llamakit.router.dispatch.errors import NoNode, no_node_now, queue_full, queue_share_exceeded, queue_timeout
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.wire.errors import ApiError
 
 __all__ = ["BidQueue", "Scheduler", "Ticket"]
 
@@ -144,16 +144,10 @@ class Scheduler:
     ) -> HerdNode | None:
         """A node at once when the model's queue is empty and a slot is free, else None (then `acquire`).
 
-        Raises 503 when no node could ever serve the model.
+        Raises NoNode when no node could ever serve the model.
         """
         if self._no_node(model, exclude):
-            raise ApiError(
-                503,
-                f"no node is available for model {model!r} right now; nothing was charged",
-                type="server_error",
-                code="no_node",
-                headers={"Retry-After": "5"},
-            )
+            raise no_node_now(model)
         if not len(self.queues.get(model, ())):
             node = self._pick(model, exclude, prefer)
             if node is not None:
@@ -178,30 +172,17 @@ class Scheduler:
         instead of going to the back of the queue for a fault that was not its own. `prefer` names the node
         likely to hold the request's prefix in its prompt cache (see `_pick`).
 
-        Raises 503 when no node can serve the model, 429 when its queue is full or `account` already holds its
-        share of it, 504 after `max_wait` seconds.
+        Raises NoNode when no node can serve the model, QueueFull or QueueShareExceeded when its queue is full
+        or `account` already holds its share of it, QueueTimeout after `max_wait` seconds (see dispatch.errors).
         """
         node = self.take_now(model, bid, exclude=exclude, prefer=prefer)
         if node is not None:
             return node
         queue = self.queue(model)
         if len(queue) >= self.max_queue:
-            raise ApiError(
-                429,
-                f"the queue for {model!r} is full ({self.max_queue} waiting); retry later or bid higher",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "2"},
-            )
+            raise queue_full(model, self.max_queue)
         if account is not None and queue.waiting(account) >= self.max_per_account:
-            raise ApiError(
-                429,
-                f"this account already has {queue.waiting(account)} requests waiting for {model!r}, its share of "
-                f"the queue ({self.max_per_account} of {self.max_queue}); retry when some are served",
-                type="rate_limit_error",
-                code="queue_share_exceeded",
-                headers={"Retry-After": "2"},
-            )
+            raise queue_share_exceeded(model, queue.waiting(account), self.max_per_account, self.max_queue)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         arrival = now if arrived is None else arrived
@@ -213,13 +194,7 @@ class Scheduler:
         try:
             return await asyncio.wait_for(asyncio.shield(ticket.future), max_wait)
         except TimeoutError:
-            raise ApiError(
-                504,
-                f"waited {max_wait:g}s in the queue for {model!r} without a free node; nothing was charged",
-                type="server_error",
-                code="queue_timeout",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise queue_timeout(model, max_wait) from None
         except asyncio.CancelledError:
             future = ticket.future
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -273,9 +248,7 @@ class Scheduler:
                     continue
                 if self._no_node(model, ticket.exclude):
                     queue.pop()
-                    ticket.future.set_exception(
-                        ApiError(503, f"no node is available for model {model!r}", type="server_error", code="no_node")
-                    )
+                    ticket.future.set_exception(NoNode(f"no node is available for model {model!r}", model=model))
                     continue
                 node = self._pick(model, ticket.exclude, ticket.prefer)
                 if node is None:

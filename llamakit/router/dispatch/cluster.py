@@ -33,10 +33,19 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
+from llamakit.router.dispatch import HerdView
+from llamakit.router.dispatch.errors import (
+    DispatchError,
+    LeaseLost,
+    NoNode,
+    no_node_now,
+    queue_full,
+    queue_share_exceeded,
+    queue_timeout,
+)
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.idempotency import Claim, Idempotency
 from llamakit.router.ledger import Ledger, LedgerError, Remembered
-from llamakit.wire.errors import ApiError
+from llamakit.router.paid.idempotency import Claim, Idempotency, KeyInUse
 
 __all__ = ["Cluster", "ClusterIdempotency", "Figures", "RouterIdInUse"]
 
@@ -367,7 +376,7 @@ class Cluster:
             except Exception:
                 log.exception("cluster: reloading the herd failed")
 
-    async def join(self, node: HerdNode, *, static: bool = False) -> None:
+    async def joined(self, node: HerdNode, *, static: bool = False) -> None:
         """Write a node that joined (or a `--node` of this router, `static`) into the herd for every router."""
         async with self._db().acquire() as conn, conn.transaction():
             await conn.execute("DELETE FROM nodes WHERE url = $1 AND id <> $2", node.url, node.id)
@@ -387,7 +396,7 @@ class Cluster:
             await self._announce(conn)
         await self.dispatch()
 
-    async def set_draining(self, node: HerdNode, draining: bool) -> None:
+    async def draining(self, node: HerdNode, draining: bool) -> None:
         """Drain (or undrain) a node at every router."""
         async with self._db().acquire() as conn, conn.transaction():
             await conn.execute("UPDATE nodes SET draining = $2 WHERE id = $1", node.id, draining)
@@ -395,13 +404,16 @@ class Cluster:
         if not draining:
             await self.dispatch()
 
-    async def remove(self, node_id: str) -> None:
+    async def removed(self, node: HerdNode) -> None:
         """Take a node out of the herd at every router."""
         async with self._db().acquire() as conn, conn.transaction():
-            await conn.execute("DELETE FROM nodes WHERE id = $1", node_id)
+            await conn.execute("DELETE FROM nodes WHERE id = $1", node.id)
             await self._announce(conn)
 
-    def node_failed(self, node: HerdNode) -> None:
+    def pump(self) -> None:
+        """Nothing: the leader's `checked` writes the node up, and that dispatches the herd's queue."""
+
+    def failed(self, node: HerdNode) -> None:
         """A request here could not use `node` (down, or hung and resting): mark it so for every router."""
         rest = max(0.0, node.resting_until - time.monotonic())
         self._spawn(self._node_down(node.id, rest))
@@ -415,7 +427,7 @@ class Cluster:
             )
             await self._announce(conn)
 
-    async def publish_health(self, before: dict[str, bool]) -> None:
+    async def checked(self, before: dict[str, bool]) -> None:
         """The leader's health round ended: write what changed (`before`: each node's `up` before the round)."""
         changed = [n for n in self.herd.nodes.values() if before.get(n.id) is not None and before[n.id] != n.up]
         seen = [n for n in self.herd.nodes.values() if n.up]
@@ -455,7 +467,7 @@ class Cluster:
                 log.info("this router now runs the herd's health checks")
         return self.leader
 
-    async def heartbeat_seen(self, node: HerdNode) -> None:
+    async def came_back(self, node: HerdNode) -> None:
         """A node's heartbeat brought it back: up for every router."""
         async with self._db().acquire() as conn, conn.transaction():
             await conn.execute("UPDATE nodes SET up = true, last_seen = $2 WHERE id = $1", node.id, node.last_seen)
@@ -467,17 +479,14 @@ class Cluster:
 
     # -- the shared queue ------------------------------------------------------------------------------
 
-    def take_now(self, model: str, exclude: frozenset[str]) -> None:
-        """Raise 503 when no node that is up and not draining could ever serve the request (as `Scheduler`)."""
+    def take_now(
+        self, request_id: str, model: str, bid: Decimal, *, exclude: frozenset[str], prefer: Affinity | None
+    ) -> None:
+        """Raise NoNode when no node that is up and not draining could ever serve the request (as `Scheduler`);
+        else None: a slot of the herd's is given only by the database's dispatch (`acquire`)."""
         nodes = self.herd.nodes.values()
         if not any(n.up and not n.draining and n.id not in exclude and n.serves(model) for n in nodes):
-            raise ApiError(
-                503,
-                f"no node is available for model {model!r} right now; nothing was charged",
-                type="server_error",
-                code="no_node",
-                headers={"Retry-After": "5"},
-            )
+            raise no_node_now(model)
 
     async def acquire(
         self,
@@ -497,7 +506,7 @@ class Cluster:
         arrivals. Raises 503 when no node can serve the model, 429 when the model's queue (herd-wide) is full or
         `account` holds its share of it, 504 after `max_wait` seconds.
         """
-        self.take_now(model, exclude)
+        self.take_now(request_id, model, bid, exclude=exclude, prefer=prefer)
         pending = self._releasing.get(request_id)
         if pending is not None:  # the row of its last attempt must be gone before it queues again
             await asyncio.shield(pending)
@@ -523,13 +532,7 @@ class Cluster:
             try:
                 node_id = await asyncio.wait_for(asyncio.shield(waiter.future), max_wait)
             except TimeoutError:
-                raise ApiError(
-                    504,
-                    f"waited {max_wait:g}s in the queue for {model!r} without a free node; nothing was charged",
-                    type="server_error",
-                    code="queue_timeout",
-                    headers={"Retry-After": "1"},
-                ) from None
+                raise queue_timeout(model, max_wait) from None
         except BaseException:
             self._waiting.pop(request_id, None)
             # Whether it still waited or was given a node meanwhile, its row goes and any slot it got is freed.
@@ -544,25 +547,12 @@ class Cluster:
         node.busy += 1
         return node
 
-    def _refusal(self, model: str, reason: str) -> ApiError:
-        """The 429 for `reason` from llamakit_enqueue: 'queue_full <waiting>' or 'queue_share <mine>'."""
+    def _refusal(self, model: str, reason: str) -> DispatchError:
+        """The refusal for `reason` from llamakit_enqueue: 'queue_full <waiting>' or 'queue_share <mine>'."""
         what, _, count = reason.partition(" ")
         if what == "queue_full":
-            return ApiError(
-                429,
-                f"the queue for {model!r} is full ({self.max_queue} waiting); retry later or bid higher",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": "2"},
-            )
-        return ApiError(
-            429,
-            f"this account already has {count} requests waiting for {model!r}, its share of "
-            f"the queue ({self.max_per_account} of {self.max_queue}); retry when some are served",
-            type="rate_limit_error",
-            code="queue_share_exceeded",
-            headers={"Retry-After": "2"},
-        )
+            return queue_full(model, self.max_queue)
+        return queue_share_exceeded(model, count, self.max_per_account, self.max_queue)
 
     async def _node(self, node_id: str) -> HerdNode:
         node = self.herd.nodes.get(node_id)
@@ -570,7 +560,7 @@ class Cluster:
             await self.reload()
             node = self.herd.nodes.get(node_id)
         if node is None:
-            raise ApiError(503, f"node {node_id!r} left the herd", type="server_error", code="no_node")
+            raise NoNode(f"node {node_id!r} left the herd", model="")
         return node
 
     def release(self, request_id: str, node: HerdNode) -> None:
@@ -641,9 +631,8 @@ class Cluster:
                 n.up and not n.draining and n.id not in waiter.exclude for n in self.herd.serving(waiter.model)
             ):
                 waiter.future.set_exception(
-                    ApiError(503, f"no node is available for model {waiter.model!r}", type="server_error",
-                             code="no_node")
-                )  # fmt: skip
+                    NoNode(f"no node is available for model {waiter.model!r}", model=waiter.model)
+                )
         await self.dispatch()
         await self._look_at_waiters()
 
@@ -665,13 +654,10 @@ class Cluster:
                 continue
             if request_id not in found:
                 waiter.future.set_exception(
-                    ApiError(
-                        503,
+                    LeaseLost(
                         "this router lost its place in the herd's queue (its lease ran out while it was paused) and "
                         "the request's hold was released: nothing was charged; send it again",
-                        type="server_error",
-                        code="router_lease_lost",
-                        headers={"Retry-After": "1"},
+                        model=waiter.model,
                     )
                 )
             elif found[request_id] is not None:
@@ -679,10 +665,36 @@ class Cluster:
 
     # -- figures ---------------------------------------------------------------------------------------
 
+    def queue_length(self, model: str) -> int:
+        """This router's requests waiting for `model` (the herd's: `queue_depths`)."""
+        return sum(1 for w in self._waiting.values() if w.model == model and not w.future.done())
+
     async def queue_depths(self) -> dict[str, int]:
         """Requests waiting for a node, per model, herd-wide (every router's)."""
         rows = await self._db().fetch("SELECT model, count(*) AS n FROM queue WHERE node_id IS NULL GROUP BY model")
         return {r["model"]: r["n"] for r in rows}
+
+    async def herd_view(self, models: list[str]) -> HerdView:
+        """The herd's queue and busy slots from the database; this router's id, whether it leads, the routers
+        with their leases, and what its dispatches cost (see stats.snapshot for which figures are whose)."""
+        shared = await self.herd_figures()
+        depths = shared["queues"]
+        queue = {
+            m: {"depth": depths.get(m, {}).get("depth", 0), "oldest_wait": depths.get(m, {}).get("oldest_wait", 0.0)}
+            for m in sorted(set(models) | set(depths))
+        }
+        figures = self.figures
+        cluster = {
+            "router": self.id,
+            "leader": self.leader,
+            "routers": shared["routers"],
+            "dispatch": {
+                "count": figures.dispatches,
+                "assigned": figures.assigned,
+                "mean_ms": round(1000 * figures.seconds / figures.dispatches, 3) if figures.dispatches else None,
+            },
+        }
+        return HerdView(queue=queue, last_multiplier=self.last_multiplier, busy=shared["busy"], cluster=cluster)
 
     async def herd_figures(self) -> dict[str, Any]:
         """Herd-wide figures from the database: queue depth and oldest wait per model (seconds), running
@@ -764,12 +776,9 @@ class ClusterIdempotency(Idempotency):
             if row is not None:
                 self._check(row["fingerprint"], print_)
             if time.monotonic() + pause > deadline:
-                raise ApiError(
-                    409,
+                raise KeyInUse(
                     f"a request with this Idempotency-Key has been running for {CLAIM_WAIT_SECONDS:.0f} s; "
-                    "retry later to get its answer",
-                    code="idempotency_key_in_use",
-                    headers={"Retry-After": "10"},
+                    "retry later to get its answer"
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 1.5, 1.0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,16 +27,26 @@ from llamakit.wire.errors import ApiError
 from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER, IDEMPOTENCY_HEADER
 
 __all__ = [
-    "IDEMPOTENCY_HEADER",
     "Claim",
     "Idempotency",
+    "KeyInUse",
+    "KeyReused",
     "fingerprint",
+    "once",
     "recall_answer",
     "replay",
     "without_cost_headers",
 ]
 
 MAX_KEY_LENGTH = 255
+
+
+class KeyReused(Exception):
+    """The key was used before for a different request (another path or body): 422 `idempotency_key_reused`."""
+
+
+class KeyInUse(Exception):
+    """(--cluster) The first request under the key still runs after the longest wait: 409 `idempotency_key_in_use`."""
 
 
 def fingerprint(path: str, body: bytes) -> str:
@@ -95,11 +106,8 @@ class Idempotency:
     @staticmethod
     def _check(stored: str, given: str) -> None:
         if stored != given:
-            raise ApiError(
-                422,
-                f"this {IDEMPOTENCY_HEADER} was already used for a different request; use a new key per request",
-                code="idempotency_key_reused",
-                param=IDEMPOTENCY_HEADER,
+            raise KeyReused(
+                f"this {IDEMPOTENCY_HEADER} was already used for a different request; use a new key per request"
             )
 
 
@@ -124,6 +132,31 @@ def recall_answer(remembered: Remembered, money: CreditValue) -> tuple[dict[str,
 def without_cost_headers(headers: dict[str, str]) -> dict[str, str]:
     """A replayed stream's headers: its cost is in its usage chunk, as in the stream it repeats."""
     return {k: v for k, v in headers.items() if k not in (COST_HEADER, COST_CREDITS_HEADER)}
+
+
+async def once(
+    request: web.Request,
+    idempotency: Idempotency,
+    account_id: int,
+    path: str,
+    *,
+    run: Callable[[Claim | None], Awaitable[web.StreamResponse]],
+    replay: Callable[[Remembered], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """Every paid endpoint's idempotency, in one place: without an `Idempotency-Key`, `run(None)`; with one, the
+    remembered answer of the request that ran under it (`replay`), or the right to run it (`run(claim)`, whose
+    settlement remembers the answer), waiting while a first request under the key still runs. 400 for a key
+    that is not 1–255 printable ASCII characters; KeyReused when the key was used for another request."""
+    key = Idempotency.key_of(request)
+    if key is None:
+        return await run(None)
+    claimed = await idempotency.claim(account_id, key, fingerprint(path, await request.read()))
+    if isinstance(claimed, Remembered):
+        return await replay(claimed)
+    try:
+        return await run(claimed)
+    finally:
+        idempotency.release(claimed)
 
 
 async def replay(

@@ -1,0 +1,218 @@
+"""Quote a request and hold the most it can cost: its model and bid, the key's limits, the hold.
+
+The hold is the quote for the prompt bound and the full token limit (docs/money.md): nothing is queued before
+it is held, and a request refused here leaves nothing held or counted.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token_bound, raw_prompt_token_bound
+from llamakit.router.affinity import PrefixMap, chat_text
+from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, SpendCapExceeded
+from llamakit.router.limits import Admission, Caller
+from llamakit.router.paid.idempotency import Claim
+from llamakit.router.paid.request import PaidRequest, new_request_id
+from llamakit.router.state import RouterState
+from llamakit.wire.completions import ChatCompletionRequest, GenerationRequest
+from llamakit.wire.embeddings import EmbeddingRequest
+from llamakit.wire.errors import ApiError
+from llamakit.wire.headers import BID_HEADER
+
+__all__ = ["EMBEDDINGS_PATH", "hold_credits", "quote_embeddings", "quote_generation", "request_model"]
+
+EMBEDDINGS_PATH = "/v1/embeddings"
+
+
+async def quote_generation(
+    state: RouterState,
+    request: web.Request,
+    caller: Caller,
+    req: GenerationRequest,
+    data: dict[str, Any],
+    path: str,
+    claim: Claim | None = None,
+) -> PaidRequest:
+    """Validate what only the router knows (model, bid, token limit), then hold the most a chat or text completion
+    can cost. `data` is the request's JSON; `path` the node's route."""
+    settings = state.settings
+    model, bid = request_model(state, request, req.model, req.bid)
+    max_tokens = req.token_limit or settings.default_max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+        raise ApiError(
+            400,
+            f"{field} is {max_tokens}; the most this router allows is {settings.max_tokens_limit}",
+            param=field,
+            code="invalid_value",
+        )
+    if isinstance(req, ChatCompletionRequest):
+        # What the node's template will render: tools offered, earlier calls and their results included.
+        rendered = req.template_messages()
+        texts = [m["content"] for m in rendered]
+        bound = prompt_token_bound(texts, messages=len(texts))
+        text = chat_text([(m["role"], m["content"]) for m in rendered])
+    else:
+        text = data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]
+        bound = raw_prompt_token_bound(text)
+    fees = state.prices.fees(model)
+    prompt_bound = _prompt_bound(state, model, bound, max_tokens)
+    held = hold_amount(fees, bid, prompt_bound, max_tokens)
+    request_id, admission = await hold_credits(
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=prompt_bound + max_tokens
+    )
+    # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
+    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
+    body["model"], body["max_tokens"] = model, max_tokens
+    if req.stream:
+        # Always ask the node for usage: it is what the request is settled on.
+        body["stream_options"] = {"include_usage": True}
+    chain = PrefixMap.chain((model, caller.account.id), text) if settings.affinity else []
+    return PaidRequest(
+        id=request_id,
+        account=caller.account,
+        admission=admission,
+        key_prefix=caller.key.prefix,
+        model=model,
+        path=path,
+        body=body,
+        bid=bid,
+        fees=fees,
+        held=held,
+        stream=req.stream,
+        include_usage=req.include_usage,
+        arrived=time.monotonic(),
+        claim=claim,
+        text=text if settings.affinity else None,
+        user=req.user or None,
+        chain=chain,
+        affinity=state.prefixes.holder(chain) if chain else None,
+    )
+
+
+async def quote_embeddings(
+    state: RouterState,
+    request: web.Request,
+    caller: Caller,
+    req: EmbeddingRequest,
+    data: dict[str, Any],
+    claim: Claim | None = None,
+) -> PaidRequest:
+    """Hold the most embeddings can cost: `ceil(bid × (base_fee + prompt_token_fee × bound))`, where the bound is
+    exact for token ids and UTF-8 bytes plus an allowance per text (`EmbeddingRequest.token_bound`)."""
+    model, bid = request_model(state, request, req.model, req.bid)
+    fees = state.prices.fees(model)
+    bound = req.token_bound()
+    held = hold_amount(fees, bid, bound, 0)
+    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user, tokens=bound)
+    body = {k: v for k, v in data.items() if v is not None and k != "bid"}
+    body["model"] = model
+    return PaidRequest(
+        id=request_id,
+        account=caller.account,
+        admission=admission,
+        key_prefix=caller.key.prefix,
+        model=model,
+        path=EMBEDDINGS_PATH,
+        body=body,
+        bid=bid,
+        fees=fees,
+        held=held,
+        stream=False,
+        include_usage=False,
+        arrived=time.monotonic(),
+        claim=claim,
+        user=req.user or None,
+    )
+
+
+def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -> int:
+    """The most prompt tokens the request can be charged for: `bound`, from its bytes (see
+    fees.prompt_token_bound), and no more than the context leaves beside `max_tokens` on the largest node
+    serving the model, since a node refuses (400 context_length_exceeded, nothing charged) a prompt that does
+    not fit. 400 when `max_tokens` alone fills that context."""
+    context = state.herd.context(model)
+    if context is None:  # a node that has not said its context yet: the bytes alone
+        return bound
+    if max_tokens >= context:
+        raise ApiError(
+            400,
+            f"max_tokens is {max_tokens}, but {model!r} holds {context} tokens per request, prompt included: "
+            "ask for fewer",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return min(bound, context - max_tokens)
+
+
+def request_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Decimal]:
+    """The model a request names (or the default) and its validated bid (body field, else `X-Llamakit-Bid`):
+    400 for a bad bid, 404 naming the models served for an unknown model."""
+    raw_bid: object = bid if bid is not None else request.headers.get(BID_HEADER, 1)
+    try:
+        parsed = parse_bid(raw_bid)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
+    name = model or state.default_model()
+    if name is None or not state.knows_model(name):
+        known = state.known_models()
+        available = ", ".join(known) or "none (no node has joined yet)"
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist here; available models: {available}",
+            type="not_found_error",
+            code="model_not_found",
+            param="model",
+        )
+    return name, parsed
+
+
+async def hold_credits(
+    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None, tokens: int
+) -> tuple[str, Admission]:
+    """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
+    admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
+    counts against the key's tpm_limit while it runs. Nothing is held or counted when it is refused:
+
+    - 403 `model_not_allowed` when the key may not use `model`;
+    - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see limits.py);
+    - InsufficientFunds (402 `insufficient_funds`) when the balance is short;
+    - SpendCapExceeded (402 `spend_cap_exceeded`) past one of the key's caps;
+    - 400 `hold_too_large` when `amount` is more than the ledger can hold (MAX_AMOUNT): no balance could pay it.
+    """
+    if amount > MAX_AMOUNT:  # fees near the bound and a long prompt: the ledger would refuse it with a ValueError
+        raise ApiError(
+            400,
+            f"this request could cost up to {amount} credits at bid {format_bid(bid)}, more than the ledger can hold "
+            f"({MAX_AMOUNT}): ask for fewer max_tokens, send a shorter prompt or bid less",
+            param="max_tokens",
+            code="hold_too_large",
+        )
+    if not caller.limits.allows_model(model):
+        allowed = ", ".join(caller.limits.models or ())
+        raise ApiError(
+            403,
+            f"this API key may not use model {model!r}; it may use: {allowed}",
+            type="permission_error",
+            code="model_not_allowed",
+            param="model",
+        )
+    admission = state.rates.admit(caller, tokens)
+    request_id = new_request_id()
+    try:
+        await state.ledger.hold(
+            caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
+            key_hash=caller.key_hash,
+        )  # fmt: skip
+    except (InsufficientFunds, SpendCapExceeded):
+        admission.cancel()  # refused before anything was done: it counts towards no rate limit
+        raise
+    except BaseException:
+        admission.finish()
+        raise
+    return request_id, admission

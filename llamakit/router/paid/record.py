@@ -1,0 +1,150 @@
+"""The usage record of every outcome, refusals included: one line in the usage log (`--usage-log`), one row of the
+dashboard's latest requests, and the metrics a request ends with. The ledger keeps its own copy (its `usage`
+table), written in the same transaction as the hold's settlement, release or refusal."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from llamakit.money.currency import CreditValue
+from llamakit.money.fees import format_bid
+from llamakit.router.herd import HerdNode
+from llamakit.router.ledger import UsageRecord
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import RouterState
+
+__all__ = ["publish", "recovered_record", "refusal_record", "usage_record"]
+
+
+def usage_record(
+    money: CreditValue,
+    *,
+    created: float,
+    request_id: str,
+    account: str,
+    model: str,
+    node: str | None,
+    status: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost_credits: int,
+    held: int,
+    bid: str,
+    latency_ms: float | None,
+    queue_ms: float | None,
+    ttft_ms: float | None,
+    error: str | None,
+    user: str | None,
+    key_prefix: str | None,
+    http_status: int | None,
+) -> dict[str, Any]:
+    """One usage record, as the usage log and `/admin/stats`' `requests.recent` carry it: `time` (epoch seconds),
+    tokens, `cost` (the price in `currency`) and `cost_credits`, `held` credits, the `bid`, milliseconds of
+    latency, queue and first token, and `http_status` when the client got an error."""
+    return {
+        "time": created,
+        "request_id": request_id,
+        "account": account,
+        "model": model,
+        "node": node,
+        "status": status,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        **money.cost_fields(cost_credits),
+        "currency": money.currency,
+        "held": held,
+        "bid": bid,
+        "latency_ms": latency_ms,
+        "queue_ms": queue_ms,
+        "ttft_ms": ttft_ms,
+        "error": error,
+        "user": user,
+        "key_prefix": key_prefix,
+        "http_status": http_status,
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def finished(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode | None,
+    status: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cost: int,
+    error: str | None,
+    http_status: int | None = None,
+) -> None:
+    """Record a paid request that ended (settled or refunded): its usage record, its key's tokens, its metrics."""
+    now = time.monotonic()
+    latency = now - paid.arrived
+    record = usage_record(
+        state.settings.money,
+        created=time.time(),
+        request_id=paid.id,
+        account=paid.account.name,
+        model=paid.model,
+        node=node.name if node is not None else None,
+        status=status,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        cost_credits=cost,
+        held=paid.held,
+        bid=format_bid(paid.bid),
+        latency_ms=_ms(latency),
+        queue_ms=None if paid.queue_ms is None else round(paid.queue_ms, 3),
+        ttft_ms=None if paid.first_token is None else _ms(paid.first_token - paid.arrived),
+        error=error,
+        user=paid.user,
+        key_prefix=paid.key_prefix,
+        http_status=http_status,
+    )
+    paid.admission.finish(prompt_tokens + completion_tokens)
+    state.metrics.finished(paid.model, status)
+    generating = now - paid.dispatched if paid.dispatched is not None else 0.0
+    state.metrics.observe_request(paid.model, latency, completion_tokens, generating)
+    publish(state, record)
+
+
+def refusal_record(
+    money: CreditValue,
+    *,
+    request_id: str,
+    account: str,
+    model: str,
+    status: str,
+    http_status: int,
+    error: str,
+    user: str | None,
+    key_prefix: str | None,
+) -> dict[str, Any]:
+    """The record of a request refused before anything was held: no tokens, no cost, bid 1."""
+    return usage_record(
+        money, created=time.time(), request_id=request_id, account=account, model=model, node=None, status=status,
+        prompt_tokens=0, completion_tokens=0, cost_credits=0, held=0, bid="1", latency_ms=None, queue_ms=None,
+        ttft_ms=None, error=error, user=user, key_prefix=key_prefix, http_status=http_status,
+    )  # fmt: skip
+
+
+def recovered_record(money: CreditValue, record: UsageRecord, account: str) -> dict[str, Any]:
+    """The record of a hold released at start-up (left open by a router that stopped), from the ledger's row."""
+    priced, _ = record.priced_at(money)
+    return usage_record(
+        priced, created=record.created, request_id=record.request_id, account=account, model=record.model,
+        node=record.node, status=record.status, prompt_tokens=record.prompt_tokens,
+        completion_tokens=record.completion_tokens, cost_credits=record.cost, held=record.held, bid=record.bid,
+        latency_ms=record.latency_ms, queue_ms=record.queue_ms, ttft_ms=None, error=record.error, user=record.user,
+        key_prefix=record.key_prefix, http_status=record.http_status,
+    )  # fmt: skip
+
+
+def publish(state: RouterState, record: dict[str, Any]) -> None:
+    """Show `record` in the dashboard's latest requests and write it to the usage log (if there is one)."""
+    state.requests.add(record)
+    if state.usage_log is not None:
+        state.usage_log.write(record)

@@ -1,0 +1,147 @@
+"""Serve a priced request on a node: a whole answer (failing over to another node until one answers), or a stream
+(`relay.py`); on any failure the hold goes back in full and the client gets its error (`errors.http_error`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.router.errors import ClientGone, http_error
+from llamakit.router.herd import HerdNode
+from llamakit.router.paid.relay import cached_tokens, serve_stream
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.settle import refund, settle
+from llamakit.router.paid.slot import (
+    CLIENT_POLL_SECONDS,
+    acquire,
+    answer_headers,
+    client_gone,
+    failed_over,
+    no_node_left,
+    release,
+    remember_prefix,
+)
+from llamakit.router.pricing import cost_headers
+from llamakit.router.state import RouterState
+from llamakit.router.upstream import NodeFailed
+from llamakit.web import json_response
+from llamakit.wire.headers import REQUEST_ID_HEADER
+
+__all__ = ["serve"]
+
+
+async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
+    """The answer to `paid`, whole or streamed. On failure its hold is released in full with a usage record of the
+    error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
+    try:
+        if paid.stream:
+            return await serve_stream(state, request, paid)
+        return await _serve_whole(state, request, paid)
+    except asyncio.CancelledError:
+        await refund(state, paid, status="cancelled", error="the client went away")
+        raise
+    except Exception as exc:
+        answer = http_error(exc)
+        if answer is None:  # a bug, not the client's to see: recorded with its repr, a 500 from the middleware
+            await refund(state, paid, status="error", error=repr(exc))
+            raise
+        # The record keeps the error's code and status, as a refusal before the hold's does (record.refusal_record).
+        http_status = answer.status if 400 <= answer.status <= 599 else None  # 499: the client left, nobody was refused
+        status = "cancelled" if isinstance(exc, ClientGone) else _refund_status(answer.status, answer.code)
+        await refund(state, paid, status=status, error=answer.message, http_status=http_status)
+        answer.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
+        if answer is exc:
+            raise
+        raise answer from exc
+    finally:
+        paid.admission.finish()  # a no-op once the request was recorded with its tokens
+
+
+def _refund_status(status: int, code: str | None) -> str:
+    return code or {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(status, "rejected")
+
+
+async def _serve_whole(state: RouterState, request: web.Request, paid: PaidRequest) -> web.Response:
+    tried: set[str] = set()
+    for _attempt in range(state.settings.max_attempts):
+        node = await acquire(state, request, paid, tried)
+        try:
+            answer, cut = await _complete_watching(state, request, paid, node)
+        except NodeFailed as exc:
+            failed_over(state, node, exc, tried)
+            if client_gone(request):  # nobody to fail over for
+                raise ClientGone("the client went away") from exc
+            continue
+        finally:
+            release(state, paid, node)
+        usage = answer.get("usage") or {}
+        prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        charge = paid.charge(prompt_tokens, completion_tokens)
+        answer["id"] = paid.id
+        money = state.settings.money
+        answer["usage"] = {**usage, **money.cost_fields(charge)}
+        headers = {**answer_headers(state, paid, node), **cost_headers(money, charge)}
+        cached = cached_tokens(usage)
+        if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
+            await settle(
+                state, paid, node, prompt_tokens, completion_tokens, charge, "cut", "the client went away",
+                cached_tokens=cached,
+            )  # fmt: skip
+            return json_response(paid.present(answer), headers=headers)
+        remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
+        charged = await settle(
+            state, paid, node, prompt_tokens, completion_tokens, charge, "ok", remember=remember, cached_tokens=cached
+        )
+        if charged != charge:  # its hold went back while it ran (see settle._hold_gone): it is free
+            answer["usage"] = {**usage, **money.cost_fields(charged)}
+            headers.update(cost_headers(money, charged))
+        remember_prefix(state, paid, node, _answer_text(answer))
+        return json_response(paid.present(answer), headers=headers)
+    raise no_node_left(state, paid)
+
+
+async def _complete_watching(
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+) -> tuple[dict[str, Any], bool]:
+    """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
+    its answer then holds the tokens made until it did, which is what the request costs.
+
+    Not so for a request with an Idempotency-Key: a client that leaves it (a timeout) retries it under the same
+    key, and that retry waits for this answer and is given it. Stopped and charged as cut, the first would leave
+    the retry to run and be charged again."""
+    upstream = state.upstream
+    assert upstream is not None  # set at start-up, before the first request
+    if paid.claim is not None:
+        return await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt), False
+    # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
+    loop = asyncio.get_running_loop()
+    cancel: asyncio.Future[bool] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def look() -> None:
+        nonlocal timer, cancel
+        if client_gone(request):
+            cancel = asyncio.ensure_future(upstream.cancel(node, paid.id))
+        else:
+            timer = loop.call_later(CLIENT_POLL_SECONDS, look)
+
+    timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
+    try:
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if cancel is not None:
+            await cancel
+    return answer, cancel is not None
+
+
+def _answer_text(answer: dict[str, Any]) -> str:
+    """The text of a node's whole answer (chat or completion); empty when its shape is unexpected."""
+    choices = answer.get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""

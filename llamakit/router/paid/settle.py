@@ -1,0 +1,166 @@
+"""Close a paid request's hold, exactly once: settle it on the exact tokens (the node's usage, or what a cut stream
+delivered), or release it in full when nothing was generated for the client.
+
+Each path claims the closing (`paid.closed`) before it awaits the ledger, so no other path closes the same hold,
+and shields the ledger call with its bookkeeping (usage record, metrics) from the client's cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from llamakit.router.herd import HerdNode
+from llamakit.router.ledger import HoldClosed, LedgerError, Remembered
+from llamakit.router.paid.record import finished
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import RouterState
+
+__all__ = ["refund", "settle", "settle_delivered"]
+
+log = logging.getLogger(__name__)
+
+
+async def settle(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    charge: int,
+    status: str,
+    error: str | None = None,
+    *,
+    remember: Remembered | None = None,
+    cached_tokens: int = 0,
+) -> int:
+    """Charge `charge` credits (`paid.charge(prompt_tokens, completion_tokens)`, computed once by the caller, who
+    may have written it into the answer `remember` stores) and give back the rest of the hold. Returns what was
+    charged: `charge`, or 0 when the hold was gone (another router released it) or the database failed (the hold
+    is released in full once it answers again)."""
+    # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
+    # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
+    paid.closed = True
+    return await asyncio.shield(
+        _settled(state, paid, node, prompt_tokens, completion_tokens, charge, status, error, remember, cached_tokens)
+    )
+
+
+async def _settled(
+    state: RouterState,
+    paid: PaidRequest,
+    node: HerdNode,
+    prompt_tokens: int,
+    completion_tokens: int,
+    charge: int,
+    status: str,
+    error: str | None,
+    remember: Remembered | None,
+    cached_tokens: int,
+) -> int:
+    latency_ms = (time.monotonic() - paid.arrived) * 1000
+    try:
+        settlement = await state.ledger.settle(
+            paid.id,
+            charge=charge,
+            node=node.name,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            status=status,
+            latency_ms=latency_ms,
+            queue_ms=paid.queue_ms,
+            error=error,
+            remember=remember,
+        )
+    except HoldClosed as exc:
+        _hold_gone(paid, exc)
+        finished(state, paid, node, "router_lost", prompt_tokens, completion_tokens, 0, str(exc))
+        return 0  # the work is done and the client gets it; the hold it was bought with went back in full
+    except LedgerError:
+        # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
+        # once the database answers again (nothing was charged: the settlement is one transaction).
+        log.exception("request %s: its settlement failed; releasing its hold in full", paid.id)
+        _release_later(state, paid, "the settlement failed: the database could not be written")
+        finished(state, paid, node, "error", prompt_tokens, completion_tokens, 0, "the settlement failed")
+        return 0
+    node.record(completion_tokens, settlement.charged, whole=status != "broken")
+    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, cached_tokens)
+    finished(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
+    return settlement.charged
+
+
+async def settle_delivered(
+    state: RouterState, paid: PaidRequest, node: HerdNode, prompt_tokens: int, completion_tokens: int, status: str,
+    error: str | None,
+) -> None:  # fmt: skip
+    """A stream that ended without its usage (cut by the client, or broken): charged for the tokens it delivered,
+    refunded in full when it delivered none."""
+    if paid.closed:
+        return
+    if completion_tokens == 0:
+        await refund(state, paid, status=status, error=error)
+    else:
+        charge = paid.charge(prompt_tokens, completion_tokens)
+        await settle(state, paid, node, prompt_tokens, completion_tokens, charge, status, error)
+
+
+async def refund(
+    state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None = None
+) -> None:
+    """Release the hold in full (nothing was generated for the client); `http_status` is the error it got."""
+    if paid.closed:
+        return
+    paid.closed = True  # claimed before the await, as in settle
+    await asyncio.shield(_released(state, paid, status=status, error=error, http_status=http_status))
+
+
+async def _released(
+    state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
+) -> None:
+    try:
+        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status)
+    except HoldClosed as exc:
+        _hold_gone(paid, exc)
+        status, error, http_status = "router_lost", str(exc), None
+    except LedgerError:
+        # The database failed: the hold is released once it answers again. The client still gets the error its
+        # request met, not this one.
+        log.exception("request %s: its hold could not be released now; trying again", paid.id)
+        _release_later(state, paid, error or "refunded")
+    finished(state, paid, None, status, 0, 0, 0, error, http_status)
+
+
+_RELEASING: set[asyncio.Task[None]] = set()  # holds being released after a database failure (kept referenced)
+
+
+def _release_later(state: RouterState, paid: PaidRequest, error: str) -> None:
+    """Release the hold of `paid` in full in the background, asking again (1 s, doubling to 60 s) while the
+    database fails. Without it a hold would stay open while this router runs: with several routers, only a
+    router whose lease ran out has its holds released by the others. A restart releases it too (recovery)."""
+
+    async def release() -> None:
+        pause = 1.0
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                await state.ledger.release(paid.id, status="error", error=error, queue_ms=paid.queue_ms)
+                log.info("request %s: its hold was released after the database came back", paid.id)
+                return
+            except HoldClosed:
+                return  # closed meanwhile (another router's clean-up, or the first try committed after all)
+            except LedgerError as exc:
+                log.warning("request %s: releasing its hold failed again (%s)", paid.id, exc)
+            pause = min(pause * 2, 60.0)
+
+    task = asyncio.ensure_future(release())
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
+
+
+def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
+    """The request's hold was closed behind this router's back: with several routers, another one released it
+    because this router's lease ran out (a pause longer than --lease; see dispatch/cluster.py), with a usage
+    record of its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
+    log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
+                paid.id, exc)  # fmt: skip

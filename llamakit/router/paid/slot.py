@@ -1,0 +1,155 @@
+"""A paid request's node slot: taken from the dispatcher (waiting in the bid queue while the client stays), given
+back, and what a node that failed the request is owed (a rest, or no work until it answers again)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from llamakit.money.fees import format_bid
+from llamakit.router.affinity import PrefixMap, chat_text
+from llamakit.router.dispatch.errors import NoNode
+from llamakit.router.errors import ClientGone
+from llamakit.router.herd import HerdNode
+from llamakit.router.paid.request import PaidRequest
+from llamakit.router.state import RouterState
+from llamakit.router.upstream import NodeFailed, StreamBroken
+from llamakit.wire.headers import BID_HEADER, CURRENCY_HEADER, NODE_HEADER, QUEUE_HEADER, REQUEST_ID_HEADER
+
+__all__ = [
+    "CLIENT_POLL_SECONDS",
+    "acquire",
+    "answer_headers",
+    "client_gone",
+    "failed_over",
+    "first_token",
+    "mark_failed",
+    "no_node_left",
+    "release",
+    "remember_prefix",
+]
+
+log = logging.getLogger(__name__)
+
+CLIENT_POLL_SECONDS = 0.25  # how often a waiting request looks whether its client is still there
+
+
+def client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
+    """A node slot for `paid` from the dispatcher, avoiding the nodes in `tried`: at once when one is free and no
+    request waits ahead, else after waiting in the bid queue. ClientGone if the client leaves while it waits;
+    the dispatcher's refusals (dispatch.errors) as they come."""
+    dispatch = state.dispatch
+    exclude = frozenset(tried)
+    node = dispatch.take_now(paid.id, paid.model, paid.bid, exclude=exclude, prefer=paid.affinity)
+    if node is not None:  # the common case on a herd with room: no task, no waiting
+        _assigned(state, paid, node)
+        return node
+    remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
+    waiting = asyncio.ensure_future(
+        dispatch.acquire(
+            paid.id,
+            paid.model,
+            paid.bid,
+            max_wait=max(remaining, 0.001),
+            exclude=exclude,
+            arrived=paid.arrived,
+            prefer=paid.affinity,
+            account=paid.account.id,
+        )
+    )
+    state.metrics.queue_depth.labels(paid.model).set(dispatch.queue_length(paid.model))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
+            if done:
+                break
+            if client_gone(request):
+                waiting.cancel()
+                raise ClientGone("the client went away while queued")
+    except asyncio.CancelledError:
+        waiting.cancel()
+        raise
+    finally:
+        state.metrics.queue_depth.labels(paid.model).set(dispatch.queue_length(paid.model))
+    node = waiting.result()
+    _assigned(state, paid, node)
+    return node
+
+
+def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
+    paid.dispatched = time.monotonic()
+    if paid.queue_ms is None:
+        paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
+        state.metrics.queued(paid.model, paid.queue_ms / 1000)
+    if paid.affinity is not None:
+        state.metrics.dispatched(held=node.id == paid.affinity.node_id)
+
+
+def release(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
+    """The request is done with its node's slot: the next request gets it, here or herd-wide."""
+    state.dispatch.release(paid.id, node)
+
+
+def mark_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken) -> None:
+    """Take a failed node out of work: until a health check answers, or for a rest if it hung."""
+    if exc.hung:
+        state.herd.hung(node, rest=state.settings.node_rest)
+    elif isinstance(exc, StreamBroken) or exc.down:
+        state.herd.failed(node, at_once=True)
+    else:
+        return
+    state.dispatch.failed(node)  # every router stops sending it work, not only this one
+
+
+def failed_over(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
+    """`node` failed the request before its first token: another node gets it."""
+    log.warning("%s; trying another node", exc)
+    tried.add(node.id)
+    mark_failed(state, node, exc)
+
+
+def no_node_left(state: RouterState, paid: PaidRequest) -> NoNode:
+    attempts = state.settings.max_attempts
+    return NoNode(
+        f"no node could serve the request for {paid.model!r} after {attempts} attempt(s); nothing was charged",
+        model=paid.model,
+    )
+
+
+def answer_headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dict[str, str]:
+    """The llamakit headers of an answer a node served (the cost headers are added where the charge is known)."""
+    headers = {
+        REQUEST_ID_HEADER: paid.id,
+        NODE_HEADER: node.name,
+        BID_HEADER: format_bid(paid.bid),
+        CURRENCY_HEADER: state.settings.money.currency,
+    }
+    if paid.queue_ms is not None:
+        headers[QUEUE_HEADER] = f"{paid.queue_ms:.3f}"
+    return headers
+
+
+def remember_prefix(state: RouterState, paid: PaidRequest, node: HerdNode, answer: str) -> None:
+    """The node's slot now holds the request's text and its answer: the prefix of the conversation's next turn."""
+    if paid.text is None:
+        return
+    if paid.path.endswith("/chat/completions"):
+        text = paid.text + chat_text([("assistant", answer)])
+    else:
+        text = paid.text + answer
+    state.prefixes.remember(PrefixMap.chain((paid.model, paid.account.id), text, paid.chain), node.id)
+
+
+def first_token(state: RouterState, paid: PaidRequest) -> None:
+    """The first token went to the client (time to first token)."""
+    if paid.first_token is None:
+        paid.first_token = time.monotonic()
+        state.metrics.first_token(paid.model, paid.first_token - paid.arrived)
