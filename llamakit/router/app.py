@@ -13,22 +13,22 @@ import aiohttp
 from aiohttp import web
 
 from llamakit.money.fees import FeeSchedule
-from llamakit.router.admin import admin_routes, herd_routes
-from llamakit.router.api import routes
 from llamakit.router.auth import admin_app, herd_app
 from llamakit.router.dispatch.local import LocalDispatcher
 from llamakit.router.dispatch.scheduler import Scheduler
-from llamakit.router.embeddings import embedding_routes
 from llamakit.router.errors import http_error
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.key_admin import key_routes
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.ledger._owner import own_ledger
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
-from llamakit.router.responses import response_routes
+from llamakit.router.routes.admin import admin_routes, herd_routes
+from llamakit.router.routes.admin_keys import key_routes
+from llamakit.router.routes.embeddings import embedding_routes
+from llamakit.router.routes.openai import routes
+from llamakit.router.routes.responses import response_routes
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream

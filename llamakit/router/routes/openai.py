@@ -20,9 +20,9 @@ from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, replay
 from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
+from llamakit.router.routes.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.router.state import STATE, RouterState
 from llamakit.router.tenants import authenticate
-from llamakit.router.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.web import bearer_token, json_response
 from llamakit.wire.completions import (
     ChatCompletionRequest,

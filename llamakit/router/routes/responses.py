@@ -15,13 +15,13 @@ from typing import Any
 from aiohttp import web
 
 from llamakit import jsontext
-from llamakit.router.api import CHAT_PATH
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, recall_answer, without_cost_headers
 from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
+from llamakit.router.routes.openai import CHAT_PATH
 from llamakit.router.state import STATE, RouterState
 from llamakit.router.tenants import authenticate
 from llamakit.web import SseWriter, json_response

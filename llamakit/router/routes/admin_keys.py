@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from llamakit.router.admin import account_of
 from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
 from llamakit.router.limits import key_limits, key_name_of, key_view
+from llamakit.router.routes.admin import account_of
 from llamakit.router.state import STATE
 from llamakit.web import json_response
 from llamakit.wire.completions import parse_json

@@ -18,10 +18,10 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.limits import key_limits
 from llamakit.router.pricing import DEFAULT_KEY
+from llamakit.router.routes.usage_pages import usage_page, usage_query
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE
 from llamakit.router.stats import snapshot
-from llamakit.router.usage_pages import usage_page, usage_query
 from llamakit.text import unsafe_at
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import parse_json
