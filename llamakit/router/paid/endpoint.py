@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from llamakit.router.auth import authenticate
 from llamakit.router.errors import http_error
 from llamakit.router.ledger import LedgerError, Remembered
 from llamakit.router.limits import Caller
@@ -19,7 +20,6 @@ from llamakit.router.paid.record import publish, refusal_record
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.paid.serve import serve
 from llamakit.router.state import STATE, RouterState
-from llamakit.router.tenants import authenticate
 from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError
 from llamakit.wire.headers import REQUEST_ID_HEADER

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from llamakit.money.fees import format_bid
+from llamakit.router.auth import authenticate
 from llamakit.router.ledger import Remembered, UsageRecord
 from llamakit.router.limits import Caller, key_view
 from llamakit.router.paid.endpoint import Order, paid_call
@@ -22,7 +23,6 @@ from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.routes.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.router.state import STATE, RouterState
-from llamakit.router.tenants import authenticate
 from llamakit.web import bearer_token, json_response
 from llamakit.wire.completions import (
     ChatCompletionRequest,

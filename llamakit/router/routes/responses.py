@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from llamakit import jsontext
+from llamakit.router.auth import authenticate
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
 from llamakit.router.paid.endpoint import Order, paid_call
@@ -23,7 +24,6 @@ from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.routes.openai import CHAT_PATH
 from llamakit.router.state import STATE, RouterState
-from llamakit.router.tenants import authenticate
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import ChatCompletionRequest, validate_request
 from llamakit.wire.errors import ApiError
