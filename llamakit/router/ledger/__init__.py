@@ -21,6 +21,8 @@ from llamakit.router.ledger._api_keys import (
     SpendCapExceeded,
     key_name,
 )
+from llamakit.router.ledger._archive import ARCHIVE_COLUMNS, ArchiveReport
+from llamakit.router.ledger._audit import Audit, Discrepancy
 from llamakit.router.ledger._contract import (
     KEY_PREFIX,
     MAX_AMOUNT,
@@ -41,8 +43,10 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    PeriodTotals,
     Remembered,
     Settlement,
+    Totals,
     UnknownAccount,
     UnknownKey,
     UsageRecord,
@@ -51,6 +55,7 @@ from llamakit.router.ledger._contract import (
 from llamakit.router.ledger._migrations import latest
 
 __all__ = [
+    "ARCHIVE_COLUMNS",
     "KEY_LIMIT_FIELDS",
     "KEY_PREFIX",
     "MAX_AMOUNT",
@@ -64,7 +69,10 @@ __all__ = [
     "AccountExists",
     "AccountState",
     "ApiKey",
+    "ArchiveReport",
+    "Audit",
     "Books",
+    "Discrepancy",
     "Event",
     "EventSummary",
     "Hold",
@@ -74,9 +82,11 @@ __all__ = [
     "KeyUse",
     "Ledger",
     "LedgerError",
+    "PeriodTotals",
     "Remembered",
     "Settlement",
     "SpendCapExceeded",
+    "Totals",
     "UnknownAccount",
     "UnknownKey",
     "UsageRecord",

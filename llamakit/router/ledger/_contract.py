@@ -18,6 +18,7 @@ Invalid arguments (a negative amount, a bool where an int belongs) raise `ValueE
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -25,14 +26,27 @@ import secrets
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from decimal import Decimal
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 
 from llamakit.money.currency import CreditValue, format_price, parse_credit_value
 from llamakit.money.fees import format_bid
-from llamakit.router.ledger._api_keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
+from llamakit.router.ledger._api_keys import (
+    KeyLimits,
+    KeyUse,
+    SpendCapExceeded,
+    day_of,
+    key_name,
+    key_use,
+    limits_from_row,
+    month_of,
+)
+from llamakit.router.ledger._archive import ARCHIVE_CHUNK, ArchiveReport, append_lines, start_archive
+from llamakit.router.ledger._audit import Audit, AuditSession, audit_scan
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
 from llamakit.text import check_name
 
@@ -56,11 +70,13 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "PeriodTotals",
     "Refusal",
     "Remembered",
     "Row",
     "Settlement",
     "SpendCapExceeded",
+    "Totals",
     "UnknownAccount",
     "UnknownKey",
     "UsageRecord",
@@ -267,6 +283,34 @@ class Books:
 
 
 @dataclass(frozen=True)
+class PeriodTotals:
+    """The whole ledger in one UTC period (`period`: '2026-12-07' a day, '2026-12' a month): credits charged,
+    usage records (refusals included), refused requests, and the accounts that made a request in it."""
+
+    period: str
+    spent: int = 0
+    requests: int = 0
+    refusals: int = 0
+    accounts: int = 0
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The ledger's running totals: the books, how many accounts and usage records (ever, archived ones too), the
+    current UTC day and month, and the time before which records were archived (None: never)."""
+
+    books: Books
+    accounts: int
+    requests: int
+    today: PeriodTotals
+    month: PeriodTotals
+    archived_before: float | None = None
+
+
+ACCOUNT_ORDERS: Final = ("name", "spent_today")
+
+
+@dataclass(frozen=True)
 class Close:
     """One checked settlement (`charge` is not None) or release of the hold of `request_id`, for a backend.
 
@@ -386,16 +430,17 @@ class Refusal:
 
 @dataclass(frozen=True)
 class AccountActivity:
-    """One account as the operator's dashboard shows it: money now, and what it did since `since` (epoch s)."""
+    """One account as the operator's dashboard shows it: money now, and what it did in a period (since `since`,
+    for `account_activity`; in the UTC day, for `top_accounts` and `accounts_page`)."""
 
     id: int
     name: str
     kind: str
     balance: int
     held: int
-    spent: int  # charged since `since`
-    requests: int  # usage records since `since`, refusals included
-    refusals: int  # refused requests since `since`
+    spent: int  # charged in the period
+    requests: int  # usage records in the period, refusals included
+    refusals: int  # refused requests in the period
     last_seen: float | None  # the newest usage record, ever
 
 
@@ -627,10 +672,24 @@ class Ledger(ABC):
         key_hash, prefix = _key_selector(prefix_or_key)
         return await self._rename_key(key_hash, prefix, key_name(name), self._clock())
 
-    async def limited_keys(self) -> list[ApiKey]:
-        """Every active key that has a limit, with its use: what the operator's dashboard watches. By account,
-        then age."""
-        return await self._limited_keys(self._clock())
+    async def limited_keys(
+        self,
+        *,
+        accounts: Sequence[int] | None = None,
+        limit: int | None = None,
+        after: tuple[int, float, str] | None = None,
+    ) -> list[ApiKey]:
+        """The active keys that have a limit, with their use: what the operator's dashboard watches. By account,
+        then age, then prefix; only those of `accounts` when given; at most `limit` (clamped to 1..1001) of them,
+        after the key `after` (its account id, created, prefix: the last of the previous page) when given."""
+        if accounts is not None:
+            accounts = [count("account_id", a) for a in accounts]
+        if limit is not None:
+            limit, _ = _page(limit, None)
+        if after is not None:
+            account, created, prefix = after
+            after = (count("account_id", account), float(created), str(prefix))
+        return await self._limited_keys(self._clock(), accounts, limit, after)
 
     async def revoke_key(self, prefix_or_key: str) -> int:
         """Revoke a key given whole, or by its 8-character display prefix; returns how many were revoked.
@@ -870,15 +929,90 @@ class Ledger(ABC):
         return await self._find_usage(request_id)
 
     async def books(self) -> Books:
-        """Ledger-wide totals, from one snapshot."""
+        """Ledger-wide totals, from one snapshot: the running totals every deposit, hold, settlement and release
+        keeps (archived charges included), read without scanning the history. `audit` proves them."""
         return await self._books()
 
+    async def totals(self) -> Totals:
+        """The books, the number of accounts and of usage records, and the current UTC day's and month's figures,
+        from the running totals, in one snapshot."""
+        now = self._clock()
+        return await self._totals(day_of(now), month_of(now))
+
     async def fees_by_node(self) -> dict[str, int]:
-        """Credits charged per node that served the request (UNATTRIBUTED for charges without a node)."""
+        """Credits charged per node that served the request (UNATTRIBUTED for charges without a node), archived
+        ones too: a running total per node."""
         return await self._fees_by_node()
 
     async def fees_total(self) -> int:
         return (await self.books()).charges
+
+    async def top_accounts(self, *, limit: int = 50) -> list[AccountActivity]:
+        """The accounts that spent most in the current UTC day (then by id), with that day's figures: at most
+        `limit` (1..1001), each read from the running totals."""
+        limit, _ = _page(limit, None)
+        return await self._accounts_page(day_of(self._clock()), limit, "spent_today", None, None)
+
+    async def accounts_page(
+        self, *, limit: int = 50, order: str = "name", after: str | None = None, search: str | None = None
+    ) -> list[AccountActivity]:
+        """A page of accounts with the current UTC day's figures, for an operator paging through a hundred
+        thousand of them: `order` 'name' (after the name `after`) or 'spent_today' (biggest spenders first, after
+        the cursor `after`, 'SPENT:ID' of the last one shown); only names containing `search` (any case), when
+        given. At most `limit` (1..1001). ValueError for another order or a bad cursor."""
+        limit, _ = _page(limit, None)
+        if order not in ACCOUNT_ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ACCOUNT_ORDERS)}, got {order!r}")
+        if after is not None and order == "spent_today":
+            spent, _, account = after.partition(":")
+            if not (spent.isdigit() and account.isdigit()):
+                raise ValueError(f"after must be the cursor 'SPENT:ID' of the last account of a page, got {after!r}")
+        if search is not None and not isinstance(search, str):
+            raise ValueError(f"search must be a string, got {search!r}")
+        return await self._accounts_page(day_of(self._clock()), limit, order, after, search or None)
+
+    async def account_names(self, account_ids: Sequence[int]) -> dict[int, str]:
+        """The names of the accounts `account_ids` (unknown ids are left out)."""
+        return await self._account_names(sorted({count("account_id", a) for a in account_ids}))
+
+    async def audit(self) -> Audit:
+        """Prove the books by a full scan of the history, against the running totals: every total, every account's
+        held, spent and deposited, every node's fees, the current UTC day and month of each account and of the
+        ledger, and every key's open holds (see `_audit`). Changes nothing, whatever it finds.
+
+        The history is read in short reads (never one long snapshot), off the ledger's write path: on SQLite on a
+        connection and a thread of its own. When an archive runs meanwhile the audit starts again.
+        """
+        for _ in range(3):
+            async with self._audit_session() as session:
+                audit = await audit_scan(session, self._clock())
+            if audit is not None:
+                return audit
+        raise LedgerError("archives kept running during the audit: audit again when they are done")
+
+    async def archive(self, before: float, path: str | Path) -> ArchiveReport:
+        """Move every usage record created before `before` (epoch seconds), with the hold it closed, its charge and
+        its remembered answer, out of the ledger into a new gzip JSON Lines file at `path` (see `_archive`).
+
+        Running totals stay as they were (they count archived records too); what the audit needs of the moved
+        records stays in the ledger as one line per account and per node. Open holds are never archived. The
+        per-day and per-month figures of periods that end before `before` go with their records. ValueError
+        when `path` exists; LedgerError when the database fails (what was moved before stays moved, and in
+        the file).
+        """
+        if isinstance(before, bool) or not isinstance(before, int | float) or not math.isfinite(before):
+            raise ValueError(f"before must be a time in epoch seconds, got {before!r}")
+        target = Path(path)
+        partial = await asyncio.to_thread(start_archive, target)
+        records = charged = size = 0
+        while rows := await self._archive_read(float(before), ARCHIVE_CHUNK):
+            size += await asyncio.to_thread(append_lines, partial, rows)
+            await self._archive_remove([int(row["usage_id"]) for row in rows])
+            records += len(rows)
+            charged += sum(int(row["charged"] or 0) for row in rows)
+        await self._archive_finish(float(before), day_of(before), month_of(before))
+        await asyncio.to_thread(partial.rename, target)
+        return ArchiveReport(path=str(target), before=float(before), records=records, charged=charged, bytes=size)
 
     # -- agent events ----------------------------------------------------------------------------------
 
@@ -948,7 +1082,9 @@ class Ledger(ABC):
         """UnknownKey, or ValueError when `prefix` matches several keys."""
 
     @abstractmethod
-    async def _limited_keys(self, now: float) -> list[ApiKey]: ...
+    async def _limited_keys(
+        self, now: float, accounts: Sequence[int] | None, limit: int | None, after: tuple[int, float, str] | None
+    ) -> list[ApiKey]: ...
 
     @abstractmethod
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int: ...
@@ -998,6 +1134,34 @@ class Ledger(ABC):
 
     @abstractmethod
     async def _fees_by_node(self) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def _totals(self, day: str, month: str) -> Totals: ...
+
+    @abstractmethod
+    async def _accounts_page(
+        self, day: str, limit: int, order: str, after: str | None, search: str | None
+    ) -> list[AccountActivity]: ...
+
+    @abstractmethod
+    async def _account_names(self, account_ids: list[int]) -> dict[int, str]: ...
+
+    @abstractmethod
+    def _audit_session(self) -> AbstractAsyncContextManager[AuditSession]:
+        """The reads of one audit, off the write path (see `_audit.AuditSession`)."""
+
+    @abstractmethod
+    async def _archive_read(self, before: float, limit: int) -> list[dict[str, Any]]:
+        """The oldest `limit` usage records created before `before` as archive rows (`_archive.ARCHIVE_COLUMNS`)."""
+
+    @abstractmethod
+    async def _archive_remove(self, usage_ids: list[int]) -> None:
+        """In one transaction: carry the charges and records of these usage records into archived_accounts and
+        archived_nodes, and delete them with their holds, charges and remembered answers."""
+
+    @abstractmethod
+    async def _archive_finish(self, before: float, day: str, month: str) -> None:
+        """Mark the ledger archived before `before`; drop the period rows of periods before `day` and `month`."""
 
     @abstractmethod
     async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int: ...

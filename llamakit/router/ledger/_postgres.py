@@ -19,7 +19,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -35,6 +36,7 @@ from llamakit.router.ledger._api_keys import (
     limits_from_row,
     month_of,
 )
+from llamakit.router.ledger._audit import AuditFigures, Periods, rows_to_dict
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -52,10 +54,12 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    PeriodTotals,
     Refusal,
     Remembered,
     Settlement,
     SpendCapExceeded,
+    Totals,
     UnknownAccount,
     UsageRecord,
     account_from,
@@ -198,7 +202,10 @@ class PostgresLedger(Ledger):
 
     async def _create_account(self, name: str, kind: str, now: float) -> Account:
         row = await self._fetchrow(
-            "INSERT INTO accounts (name, kind, created) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING RETURNING *",
+            "WITH made AS (INSERT INTO accounts (name, kind, created) VALUES ($1, $2, $3) "
+            "ON CONFLICT (name) DO NOTHING RETURNING *), "
+            "counted AS (UPDATE ledger_totals SET accounts = accounts + 1 WHERE EXISTS (SELECT 1 FROM made)) "
+            "SELECT * FROM made",
             name,
             kind,
             now,
@@ -285,11 +292,21 @@ class PostgresLedger(Ledger):
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
 
-    async def _limited_keys(self, now: float) -> list[ApiKey]:
-        rows = await self._fetch(
-            f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
-        )
-        return [key_from(row, now) for row in rows]
+    async def _limited_keys(
+        self, now: float, accounts: Sequence[int] | None, limit: int | None, after: tuple[int, float, str] | None
+    ) -> list[ApiKey]:
+        where = [f"revoked IS NULL AND {HAS_LIMITS}"]  # the condition of the partial index api_keys_limited
+        args: list[object] = []
+        if accounts is not None:
+            args.append(list(accounts))
+            where.append(f"account_id = ANY(${len(args)}::bigint[])")
+        if after is not None:
+            args.extend(after)
+            where.append(f"(account_id, created, prefix) > (${len(args) - 2}, ${len(args) - 1}, ${len(args)})")
+        query = f"SELECT * FROM api_keys WHERE {' AND '.join(where)} ORDER BY account_id, created, prefix"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        return [key_from(row, now) for row in await self._fetch(query, *args)]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
         if key_hash is not None:
@@ -340,7 +357,13 @@ class PostgresLedger(Ledger):
                     now,
                 )
                 new: int = await conn.fetchval(
-                    "UPDATE accounts SET balance = balance + $2 WHERE id = $1 RETURNING balance", account_id, amount
+                    "UPDATE accounts SET balance = balance + $2, deposited = deposited + $2 WHERE id = $1 "
+                    "RETURNING balance",
+                    account_id,
+                    amount,
+                )
+                await conn.execute(
+                    "UPDATE ledger_totals SET deposits = deposits + $1, balances = balances + $1", amount
                 )
                 return new
         except _DATABASE_ERRORS as exc:
@@ -454,14 +477,7 @@ class PostgresLedger(Ledger):
     # -- reports ---------------------------------------------------------------------------------------
 
     async def _account_state(self, account_id: int) -> AccountState:
-        row = await self._fetchrow(
-            "SELECT balance, "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE account_id = $1 AND status = 'open') AS held, "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges WHERE account_id = $1) AS spent, "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM deposits WHERE account_id = $1) AS deposited "
-            "FROM accounts WHERE id = $1",
-            account_id,
-        )
+        row = await self._fetchrow("SELECT balance, held, spent, deposited FROM accounts WHERE id = $1", account_id)
         if row is None:
             raise UnknownAccount(account_id)
         return AccountState(balance=row["balance"], held=row["held"], spent=row["spent"], deposited=row["deposited"])
@@ -484,22 +500,41 @@ class PostgresLedger(Ledger):
         return [usage_from(row) for row in rows]
 
     async def _refuse(self, refusal: Refusal) -> UsageRecord:
-        await self._get_account(refusal.account_id)
-        row = await self._fetchrow(
-            "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
-            'cost, bid, held, error, created, "user", http_status, key_prefix, credit_value, currency) '
-            "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
-            refusal.request_id,
-            refusal.account_id,
-            refusal.model,
-            refusal.status,
-            refusal.error,
-            refusal.now,
-            refusal.user,
-            refusal.http_status,
-            refusal.key_prefix,
-            *price_columns(refusal.money),
-        )
+        day, month = day_of(refusal.now), month_of(refusal.now)
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                # The rows in the order every transaction takes them: the account's, its periods, the ledger's.
+                seen = await conn.fetchval(
+                    "UPDATE accounts SET last_seen = GREATEST(COALESCE(last_seen, $1), $1) WHERE id = $2 RETURNING 1",
+                    refusal.now,
+                    refusal.account_id,
+                )
+                if seen is None:
+                    raise UnknownAccount(refusal.account_id)
+                row = await conn.fetchrow(
+                    "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, "
+                    'completion_tokens, cost, bid, held, error, created, "user", http_status, key_prefix, '
+                    "credit_value, currency) "
+                    "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
+                    refusal.request_id,
+                    refusal.account_id,
+                    refusal.model,
+                    refusal.status,
+                    refusal.error,
+                    refusal.now,
+                    refusal.user,
+                    refusal.http_status,
+                    refusal.key_prefix,
+                    *price_columns(refusal.money),
+                )
+                new = await conn.fetchrow(
+                    "SELECT * FROM llamakit_count_usage($1, $2, $3, 0, true)", refusal.account_id, day, month
+                )
+                await conn.execute("UPDATE ledger_totals SET requests = requests + 1")
+                for period, first in sorted(((day, new["new_in_day"]), (month, new["new_in_month"]))):
+                    await conn.execute("SELECT llamakit_count_period($1, 0, 1, 1, $2)", period, first)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
         assert row is not None
         return usage_from(row)
 
@@ -523,22 +558,109 @@ class PostgresLedger(Ledger):
         return None if row is None else usage_from(row)
 
     async def _books(self) -> Books:
-        row = await self._fetchrow(
-            "SELECT "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM deposits) AS deposits, "
-            "(SELECT COALESCE(SUM(balance), 0)::bigint FROM accounts) AS balances, "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM holds WHERE status = 'open') AS holds, "
-            "(SELECT COALESCE(SUM(amount), 0)::bigint FROM charges) AS charges"
-        )
+        row = await self._fetchrow("SELECT deposits, balances, holds, charges FROM ledger_totals")
         assert row is not None
         return Books(deposits=row["deposits"], balances=row["balances"], holds=row["holds"], charges=row["charges"])
 
-    async def _fees_by_node(self) -> dict[str, int]:
+    async def _totals(self, day: str, month: str) -> Totals:
         rows = await self._fetch(
-            "SELECT COALESCE(node, $1) AS node, SUM(amount)::bigint AS total FROM charges GROUP BY node ORDER BY 1",
-            UNATTRIBUTED,
+            "SELECT 'totals' AS what, deposits, balances, holds, charges, accounts, requests, archived_before, "
+            "NULL AS period, 0 AS spent, 0 AS refusals FROM ledger_totals UNION ALL "
+            "SELECT 'period', 0, 0, 0, 0, accounts, requests, NULL, period, spent, refusals FROM ledger_periods "
+            "WHERE period = ANY($1::text[])",
+            [day, month],
         )
-        return {row["node"]: row["total"] for row in rows}
+        totals = next(r for r in rows if r["what"] == "totals")
+        periods = {
+            r["period"]: PeriodTotals(r["period"], r["spent"], r["requests"], r["refusals"], r["accounts"])
+            for r in rows
+            if r["what"] == "period"
+        }
+        books = Books(totals["deposits"], totals["balances"], totals["holds"], totals["charges"])
+        return Totals(books=books, accounts=totals["accounts"], requests=totals["requests"],
+                      today=periods.get(day, PeriodTotals(day)), month=periods.get(month, PeriodTotals(month)),
+                      archived_before=totals["archived_before"])  # fmt: skip
+
+    async def _fees_by_node(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT node, charged FROM node_fees ORDER BY node")
+        return {row["node"] or UNATTRIBUTED: row["charged"] for row in rows}
+
+    async def _accounts_page(
+        self, day: str, limit: int, order: str, after: str | None, search: str | None
+    ) -> list[AccountActivity]:
+        columns = (
+            "a.id, a.name, a.kind, a.balance, a.held, COALESCE(p.spent, 0) AS spent, "
+            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen"
+        )
+        found = "($3::text IS NULL OR strpos(lower(a.name), lower($3)) > 0)"
+        if order == "name":
+            rows = await self._fetch(
+                f"SELECT {columns} FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id AND "
+                f"p.period = $1 WHERE ($2::text IS NULL OR a.name > $2) AND {found} ORDER BY a.name LIMIT $4",
+                day,
+                after,
+                search,
+                limit,
+            )
+        else:
+            spent, _, account = (after or "").partition(":")
+            rows = await self._fetch(
+                f"SELECT {columns} FROM account_periods p JOIN accounts a ON a.id = p.account_id WHERE p.period = $1 "
+                "AND ($2::bigint IS NULL OR p.spent < $2 OR (p.spent = $2 AND p.account_id > $5)) "
+                f"AND {found} ORDER BY p.spent DESC, p.account_id LIMIT $4",
+                day,
+                int(spent) if after else None,
+                search,
+                limit,
+                int(account) if after else None,
+            )
+        return [AccountActivity(**dict(row)) for row in rows]
+
+    async def _account_names(self, account_ids: list[int]) -> dict[int, str]:
+        rows = await self._fetch("SELECT id, name FROM accounts WHERE id = ANY($1::bigint[])", account_ids)
+        return {row["id"]: row["name"] for row in rows}
+
+    # -- the audit and archives ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _audit_session(self) -> AsyncIterator[_PostgresAudit]:
+        """One REPEATABLE READ snapshot for the whole audit: PostgreSQL hands out ids before commits, out of their
+        order, so ids alone cannot bound what a snapshot holds."""
+        try:
+            async with (
+                self._db().acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield _PostgresAudit(conn)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _archive_read(self, before: float, limit: int) -> list[dict[str, Any]]:
+        return [dict(row) for row in await self._fetch(_ARCHIVE_READ, before, limit)]
+
+    async def _archive_remove(self, usage_ids: list[int]) -> None:
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                for statement in _ARCHIVE_REMOVE:
+                    await conn.execute(statement, usage_ids)
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
+
+    async def _archive_finish(self, before: float, day: str, month: str) -> None:
+        try:
+            async with self._db().acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "UPDATE ledger_totals SET archived_before = GREATEST(COALESCE(archived_before, $1), $1)", before
+                )
+                for table in ("account_periods", "ledger_periods"):
+                    await conn.execute(
+                        f"DELETE FROM {table} WHERE (length(period) = 10 AND period < $1) OR "
+                        "(length(period) = 7 AND period < $2)",
+                        day,
+                        month,
+                    )
+        except _DATABASE_ERRORS as exc:
+            raise LedgerError(f"ledger database error: {exc}") from exc
 
     # -- agent events ----------------------------------------------------------------------------------
 
@@ -615,6 +737,122 @@ class PostgresLedger(Ledger):
             return await self._db().fetchval(query, *args)
         except _DATABASE_ERRORS as exc:
             raise LedgerError(f"ledger database error: {exc}") from exc
+
+
+class _PostgresAudit:
+    """The audit's reads (see `_audit.AuditSession`), in one REPEATABLE READ transaction on `conn`."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def figures(self, periods: Periods) -> AuditFigures:
+        conn = self._conn
+
+        async def rows(query: str, *args: object) -> list[tuple[Any, ...]]:
+            return [tuple(r) for r in await conn.fetch(query, *args)]
+
+        totals = await conn.fetchrow(
+            "SELECT deposits, balances, holds, charges, accounts, requests, archived_before FROM ledger_totals"
+        )
+        names = ("deposits", "balances", "holds", "charges", "accounts", "requests")
+        in_periods = [periods.day, periods.month]
+        return AuditFigures(
+            totals={name: int(totals[name]) for name in names},
+            archived_before=totals["archived_before"],
+            accounts=rows_to_dict(await rows("SELECT id, name, balance, held, spent, deposited FROM accounts")),
+            open_holds=rows_to_dict(await rows(_OPEN_HOLDS_BY.format("account_id"))),
+            keys_held={r[0]: (r[1], r[2]) for r in await rows(_KEYS_HELD)},
+            keys_open=rows_to_dict(await rows(_OPEN_HOLDS_BY.format("key_hash"))),
+            nodes=rows_to_dict(await rows("SELECT node, charged FROM node_fees")),
+            periods={
+                (r[0], r[1]): (r[2], r[3], r[4])
+                for r in await rows(
+                    "SELECT account_id, period, spent, requests, refusals FROM account_periods "
+                    "WHERE period = ANY($1::text[])",
+                    in_periods,
+                )
+            },
+            ledger_periods=rows_to_dict(
+                await rows(
+                    "SELECT period, spent, requests, refusals, accounts FROM ledger_periods "
+                    "WHERE period = ANY($1::text[])",
+                    in_periods,
+                )
+            ),
+            archived_accounts=rows_to_dict(await rows("SELECT account_id, charged, records FROM archived_accounts")),
+            archived_nodes=rows_to_dict(await rows("SELECT node, charged FROM archived_nodes")),
+            max_ids={
+                t: int(await conn.fetchval(f"SELECT COALESCE(MAX(id), 0) FROM {t}"))
+                for t in ("deposits", "charges", "usage")
+            },
+            archive_mark=await self.archive_mark(),
+        )
+
+    async def sums(self, table: str, low: int, high: int, periods: Periods) -> list[tuple[Any, ...]]:
+        bounds = () if table == "deposits" else (periods.day_start, periods.day_end, periods.month_start,
+                                                    periods.month_end)  # fmt: skip
+        rows = await self._conn.fetch(_AUDIT_SUMS[table], low, high, *bounds)
+        return [tuple(r) for r in rows]
+
+    async def archive_mark(self) -> tuple[float | None, int]:
+        row = await self._conn.fetchrow(
+            "SELECT archived_before, (SELECT COALESCE(SUM(records), 0)::bigint FROM archived_accounts) AS records "
+            "FROM ledger_totals"
+        )
+        return row["archived_before"], int(row["records"])
+
+
+_OPEN_HOLDS_BY = "SELECT {0}, SUM(amount)::bigint FROM holds WHERE status = 'open' AND {0} IS NOT NULL GROUP BY {0}"
+_KEYS_HELD = (
+    "SELECT key_hash, prefix, held FROM api_keys WHERE held <> 0 "
+    "OR key_hash IN (SELECT key_hash FROM holds WHERE status = 'open')"
+)
+_IN_DAY = "(created >= $3 AND created < $4)"
+_IN_MONTH = "(created >= $5 AND created < $6)"
+_AUDIT_SUMS = {
+    "deposits": (
+        "SELECT account_id, SUM(amount)::bigint, COUNT(*) FROM deposits WHERE id > $1 AND id <= $2 GROUP BY account_id"
+    ),
+    "charges": (
+        f"SELECT account_id, COALESCE(node, ''), SUM(amount)::bigint, "
+        f"SUM(CASE WHEN {_IN_DAY} THEN amount ELSE 0 END)::bigint, "
+        f"SUM(CASE WHEN {_IN_MONTH} THEN amount ELSE 0 END)::bigint, COUNT(*) FROM charges WHERE id > $1 AND id <= $2 "
+        "GROUP BY account_id, COALESCE(node, '')"
+    ),
+    "usage": (
+        "SELECT account_id, COUNT(*), COUNT(http_status), "
+        f"COUNT(*) FILTER (WHERE {_IN_DAY}), COUNT(http_status) FILTER (WHERE {_IN_DAY}), "
+        f"COUNT(*) FILTER (WHERE {_IN_MONTH}), COUNT(http_status) FILTER (WHERE {_IN_MONTH}) "
+        "FROM usage WHERE id > $1 AND id <= $2 GROUP BY account_id"
+    ),
+}
+
+# As SQLite's (see _sqlite._ARCHIVE_READ).
+_ARCHIVE_READ = (
+    "SELECT u.id AS usage_id, u.request_id, u.account_id, a.name AS account, u.model, u.node, u.status, "
+    "u.http_status, u.prompt_tokens, u.completion_tokens, u.cost AS cost_credits, u.bid, u.held, u.latency_ms, "
+    'u.queue_ms, u.error, u.created, u."user", u.key_prefix, u.credit_value, u.currency, h.created AS hold_created, '
+    "h.closed AS hold_closed, h.status AS hold_status, c.amount AS charged, i.key AS idempotency_key, "
+    "i.fingerprint AS idempotency_fingerprint, i.response AS idempotency_response "
+    "FROM usage u JOIN accounts a ON a.id = u.account_id LEFT JOIN holds h ON h.id = u.request_id "
+    "LEFT JOIN charges c ON c.hold_id = u.request_id LEFT JOIN idempotency i ON i.request_id = u.request_id "
+    "WHERE u.created < $1 ORDER BY u.created, u.id LIMIT $2"
+)
+_MOVED = "SELECT request_id FROM usage WHERE id = ANY($1::bigint[])"
+_ARCHIVE_REMOVE = (
+    "INSERT INTO archived_accounts AS a (account_id, charged, records) "
+    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*) FROM usage u "
+    "LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id = ANY($1::bigint[]) GROUP BY u.account_id "
+    "ON CONFLICT (account_id) DO UPDATE SET charged = a.charged + excluded.charged, "
+    "records = a.records + excluded.records",
+    f"INSERT INTO archived_nodes AS n (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges "
+    f"WHERE hold_id IN ({_MOVED}) GROUP BY COALESCE(node, '') "
+    "ON CONFLICT (node) DO UPDATE SET charged = n.charged + excluded.charged",
+    f"DELETE FROM idempotency WHERE request_id IN ({_MOVED})",
+    f"DELETE FROM charges WHERE hold_id IN ({_MOVED})",
+    f"DELETE FROM holds WHERE id IN ({_MOVED}) AND status <> 'open'",
+    "DELETE FROM usage WHERE id = ANY($1::bigint[])",
+)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -7,6 +7,17 @@ fails is undone alone: the batch is rolled back and run again with each job insi
 (the common batch, where nothing fails, pays for no savepoints). A job's future is resolved only after its
 transaction is committed. WAL with synchronous=NORMAL: a power cut may lose the last transactions,
 but a crash of the process loses nothing committed, and never leaves the books unbalanced.
+
+The WAL stays bounded under sustained load. A thread of its own copies it back into the database (PASSIVE
+checkpoints, fifty a second), which never waits for or blocks the writer, but cannot bring the WAL back to its
+start while commits keep coming. So once the file passes WAL_RESET_BYTES, the ledger's own thread, between two
+batches, runs a TRUNCATE checkpoint with no busy wait: the frames the background left (a few pages), one fsync
+of the database, and the WAL is truncated to nothing; a reader in the middle of a read (the audit's, an
+archive's, another process's) makes it give up at once and try again after a later batch. The holds and
+settlements that arrive meanwhile wait for that checkpoint: a few milliseconds, once every WAL_RESET_BYTES
+(see docs/performance.md). `journal_size_limit` caps what SQLite leaves of a WAL it restarts on its own.
+
+Audits and archives read on a connection (and a thread) of their own, in short reads, off the paid path.
 """
 
 from __future__ import annotations
@@ -18,8 +29,9 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -35,6 +47,7 @@ from llamakit.router.ledger._api_keys import (
     limits_from_row,
     month_of,
 )
+from llamakit.router.ledger._audit import AuditFigures, Periods, rows_to_dict
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
     UNATTRIBUTED,
@@ -52,9 +65,11 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    PeriodTotals,
     Refusal,
     Remembered,
     Settlement,
+    Totals,
     UnknownAccount,
     UsageRecord,
     account_from,
@@ -74,6 +89,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Enough to cover every request in flight at once on a busy router; more would only delay the first of them.
 MAX_BATCH: Final = 256
+# Past this size the ledger's thread resets the WAL between two batches (see the module's docstring).
+WAL_RESET_BYTES: Final = 16 * 1024 * 1024
+# What SQLite keeps of a WAL file it restarts by itself.
+JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
+# Seconds between two tries to reset the WAL while readers keep it from being reset.
+WAL_RESET_RETRY: Final = 0.02
+BUSY_TIMEOUT_MS: Final = 10_000
 
 
 @dataclass(frozen=True)
@@ -102,6 +124,17 @@ class SqliteLedger(Ledger):
         self._closed = False
         self._stop_checkpoints = threading.Event()
         self._checkpointer: threading.Thread | None = None
+        self._wal = "" if path == ":memory:" or path.startswith("file:") else path + "-wal"
+        self._wal_tried = 0.0
+        self._wal_frames = 0  # in the WAL at the last background checkpoint
+        self._frame_bytes = 4096 + 24  # a page and its frame header; the page size is read at opening
+        # WAL resets so far, the longest one and the latest ones in seconds: what a checkpoint costs the paid path.
+        self.wal_resets = 0
+        self.wal_reset_longest = 0.0
+        self.wal_reset_latest: deque[float] = deque(maxlen=100)
+        # Audits and archives read on a connection of their own, in a thread, one read at a time.
+        self._aside: sqlite3.Connection | None = None
+        self._aside_lock = asyncio.Lock()
 
     # -- the thread ------------------------------------------------------------------------------------
 
@@ -121,7 +154,7 @@ class SqliteLedger(Ledger):
             self._checkpointer.start()
 
     def _connect(self) -> tuple[sqlite3.Connection, bool]:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys = ON")
@@ -131,6 +164,8 @@ class SqliteLedger(Ledger):
                 # Checkpoints copy the WAL back into the database file: tens of milliseconds that would stall
                 # this thread every few dozen commits. A thread of their own does them instead.
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+                self._frame_bytes = conn.execute("PRAGMA page_size").fetchone()[0] + 24
         except sqlite3.Error as exc:
             conn.close()
             raise LedgerError(f"cannot open the ledger at {self.path}: {exc}") from exc
@@ -165,6 +200,8 @@ class SqliteLedger(Ledger):
                         break
                     batch.extend(more)
                 self._run(conn, batch)
+                if wal and self._wal:
+                    self._bound_wal(conn)
         finally:
             if wal:
                 try:
@@ -219,13 +256,37 @@ class SqliteLedger(Ledger):
             conn.execute("RELEASE job")
         return job.future, True, result
 
-    def _checkpoints(self, every: float = 0.25) -> None:
-        """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer)."""
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Between two batches, on the ledger's thread: reset the WAL once it holds WAL_RESET_BYTES (as the last
+        background checkpoint counted its frames)."""
+        now = time.monotonic()
+        if self._wal_frames * self._frame_bytes < WAL_RESET_BYTES or now - self._wal_tried < WAL_RESET_RETRY:
+            return
+        self._wal_tried = now
+        started = time.perf_counter()
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")  # a reader or a checkpoint at work: give up, try later
+            busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        except sqlite3.Error as exc:
+            log.debug("ledger WAL reset skipped: %s", exc)
+            return
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not busy:
+            took = time.perf_counter() - started
+            self._wal_frames = 0  # the next commit writes from the WAL's start
+            self.wal_resets += 1
+            self.wal_reset_longest = max(self.wal_reset_longest, took)
+            self.wal_reset_latest.append(took)
+
+    def _checkpoints(self, every: float = 0.02) -> None:
+        """Checkpoint the WAL in the background (PASSIVE: never waits for, or blocks, the writer), and count the
+        frames it holds for `_bound_wal`."""
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         try:
             while not self._stop_checkpoints.wait(every):
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._wal_frames = max(0, conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1])
                 except sqlite3.Error as exc:  # busy or locked: the next round will do it
                     log.debug("ledger checkpoint skipped: %s", exc)
         finally:
@@ -259,6 +320,37 @@ class SqliteLedger(Ledger):
             self._jobs.put(_Stop(done))
             await done
             await asyncio.to_thread(self._worker.join)
+        async with self._aside_lock:
+            if self._aside is not None:
+                self._aside.close()
+                self._aside = None
+
+    async def _read_aside(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        """`run` on the connection for audits and archives, in a thread (each call its own read transaction);
+        on the ledger's thread for an in-memory ledger, which has no other connection."""
+        if not self._wal:
+            return await self._call(run)
+        async with self._aside_lock:
+            if self._closed:
+                raise LedgerError("the ledger is closed")
+
+            def read() -> T:
+                if self._aside is None:
+                    self._aside = sqlite3.connect(
+                        self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+                    )
+                    self._aside.row_factory = sqlite3.Row
+                    self._aside.execute("PRAGMA query_only = ON")
+                try:
+                    self._aside.execute("BEGIN")
+                    try:
+                        return run(self._aside)
+                    finally:
+                        self._aside.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise LedgerError(f"ledger database error: {exc}") from exc
+
+            return await asyncio.to_thread(read)
 
     # -- accounts and keys -----------------------------------------------------------------------------
 
@@ -269,6 +361,7 @@ class SqliteLedger(Ledger):
             row = conn.execute(
                 "INSERT INTO accounts (name, kind, created) VALUES (?, ?, ?) RETURNING *", (name, kind, now)
             ).fetchone()
+            conn.execute("UPDATE ledger_totals SET accounts = accounts + 1")
             return account_from(row)
 
         return await self._call(run, write=True)
@@ -342,12 +435,21 @@ class SqliteLedger(Ledger):
 
         return await self._call(run, write=True)
 
-    async def _limited_keys(self, now: float) -> list[ApiKey]:
-        rows = await self._call(
-            lambda conn: conn.execute(
-                f"SELECT * FROM api_keys WHERE revoked IS NULL AND {HAS_LIMITS} ORDER BY account_id, created, prefix"
-            ).fetchall()
-        )
+    async def _limited_keys(
+        self, now: float, accounts: Sequence[int] | None, limit: int | None, after: tuple[int, float, str] | None
+    ) -> list[ApiKey]:
+        where = [f"revoked IS NULL AND {HAS_LIMITS}"]  # the condition of the partial index api_keys_limited
+        args: list[object] = []
+        if accounts is not None:
+            where.append("account_id IN (SELECT value FROM json_each(?))")
+            args.append(json.dumps(list(accounts)))
+        if after is not None:
+            where.append("(account_id, created, prefix) > (?, ?, ?)")
+            args.extend(after)
+        query = f"SELECT * FROM api_keys WHERE {' AND '.join(where)} ORDER BY account_id, created, prefix"
+        if limit is not None:
+            query += f" LIMIT {int(limit)}"
+        rows = await self._call(lambda conn: conn.execute(query, args).fetchall())
         return [key_from(row, now) for row in rows]
 
     async def _revoke_key(self, *, key_hash: str | None, prefix: str | None, now: float) -> int:
@@ -387,8 +489,11 @@ class SqliteLedger(Ledger):
                 (account_id, amount, note, now),
             )
             balance: int = conn.execute(
-                "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (amount, account_id)
+                "UPDATE accounts SET balance = balance + ?1, deposited = deposited + ?1 WHERE id = ?2 "
+                "RETURNING balance",
+                (amount, account_id),
             ).fetchone()[0]
+            conn.execute("UPDATE ledger_totals SET deposits = deposits + ?1, balances = balances + ?1", (amount,))
             return balance
 
         return await self._call(run, write=True)
@@ -431,15 +536,9 @@ class SqliteLedger(Ledger):
 
     async def _account_state(self, account_id: int) -> AccountState:
         def run(conn: sqlite3.Connection) -> AccountState:
-            balance: int = _account_row(conn, account_id)["balance"]
-            held, spent, deposited = conn.execute(
-                "SELECT "
-                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE account_id = ?1 AND status = 'open'), "
-                "(SELECT COALESCE(SUM(amount), 0) FROM charges WHERE account_id = ?1), "
-                "(SELECT COALESCE(SUM(amount), 0) FROM deposits WHERE account_id = ?1)",
-                (account_id,),
-            ).fetchone()
-            return AccountState(balance=balance, held=held, spent=spent, deposited=deposited)
+            row = _account_row(conn, account_id)
+            return AccountState(balance=row["balance"], held=row["held"], spent=row["spent"],
+                                deposited=row["deposited"])  # fmt: skip
 
         return await self._call(run)
 
@@ -460,7 +559,14 @@ class SqliteLedger(Ledger):
 
     async def _refuse(self, refusal: Refusal) -> UsageRecord:
         def run(conn: sqlite3.Connection) -> UsageRecord:
-            _account_row(conn, refusal.account_id)
+            seen = conn.execute(
+                "UPDATE accounts SET last_seen = MAX(COALESCE(last_seen, ?1), ?1) WHERE id = ?2 RETURNING 1",
+                (refusal.now, refusal.account_id),
+            ).fetchone()
+            if seen is None:
+                raise UnknownAccount(refusal.account_id)
+            _count_usage(conn, refusal.account_id, refusal.now, 0, refused=True)
+            conn.execute("UPDATE ledger_totals SET requests = requests + 1")
             row = conn.execute(
                 "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
                 "cost, bid, held, error, created, user, http_status, key_prefix, credit_value, currency) "
@@ -509,24 +615,99 @@ class SqliteLedger(Ledger):
     async def _books(self) -> Books:
         def run(conn: sqlite3.Connection) -> Books:
             deposits, balances, holds, charges = conn.execute(
-                "SELECT "
-                "(SELECT COALESCE(SUM(amount), 0) FROM deposits), "
-                "(SELECT COALESCE(SUM(balance), 0) FROM accounts), "
-                "(SELECT COALESCE(SUM(amount), 0) FROM holds WHERE status = 'open'), "
-                "(SELECT COALESCE(SUM(amount), 0) FROM charges)"
+                "SELECT deposits, balances, holds, charges FROM ledger_totals"
             ).fetchone()
             return Books(deposits=deposits, balances=balances, holds=holds, charges=charges)
 
         return await self._call(run)
 
-    async def _fees_by_node(self) -> dict[str, int]:
-        def run(conn: sqlite3.Connection) -> dict[str, int]:
-            rows = conn.execute(
-                "SELECT COALESCE(node, ?), SUM(amount) FROM charges GROUP BY node ORDER BY 1", (UNATTRIBUTED,)
-            ).fetchall()
-            return {node: total for node, total in rows}
+    async def _totals(self, day: str, month: str) -> Totals:
+        def run(conn: sqlite3.Connection) -> Totals:
+            row = conn.execute("SELECT * FROM ledger_totals").fetchone()
+            periods = {
+                r["period"]: PeriodTotals(r["period"], r["spent"], r["requests"], r["refusals"], r["accounts"])
+                for r in conn.execute("SELECT * FROM ledger_periods WHERE period IN (?, ?)", (day, month))
+            }
+            books = Books(row["deposits"], row["balances"], row["holds"], row["charges"])
+            return Totals(books=books, accounts=row["accounts"], requests=row["requests"],
+                          today=periods.get(day, PeriodTotals(day)), month=periods.get(month, PeriodTotals(month)),
+                          archived_before=row["archived_before"])  # fmt: skip
 
         return await self._call(run)
+
+    async def _fees_by_node(self) -> dict[str, int]:
+        def run(conn: sqlite3.Connection) -> dict[str, int]:
+            rows = conn.execute("SELECT node, charged FROM node_fees ORDER BY node").fetchall()
+            return {node or UNATTRIBUTED: total for node, total in rows}
+
+        return await self._call(run)
+
+    async def _accounts_page(
+        self, day: str, limit: int, order: str, after: str | None, search: str | None
+    ) -> list[AccountActivity]:
+        columns = (
+            "a.id, a.name, a.kind, a.balance, a.held, COALESCE(p.spent, 0) AS spent, "
+            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen"
+        )
+        found = "(?3 IS NULL OR instr(lower(a.name), lower(?3)) > 0)"
+        if order == "name":
+            query = (
+                f"SELECT {columns} FROM accounts a LEFT JOIN account_periods p ON p.account_id = a.id AND "
+                f"p.period = ?1 WHERE (?2 IS NULL OR a.name > ?2) AND {found} ORDER BY a.name LIMIT ?4"
+            )
+            args: tuple[object, ...] = (day, after, search, limit)
+        else:
+            spent, _, account = (after or "").partition(":")
+            query = (
+                f"SELECT {columns} FROM account_periods p JOIN accounts a ON a.id = p.account_id WHERE p.period = ?1 "
+                "AND (?2 IS NULL OR p.spent < ?2 OR (p.spent = ?2 AND p.account_id > ?5)) "
+                f"AND {found} ORDER BY p.spent DESC, p.account_id LIMIT ?4"
+            )
+            args = (day, int(spent) if after else None, search, limit, int(account) if after else None)
+        rows = await self._call(lambda conn: conn.execute(query, args).fetchall())
+        return [AccountActivity(**dict(row)) for row in rows]
+
+    async def _account_names(self, account_ids: list[int]) -> dict[int, str]:
+        rows = await self._call(
+            lambda conn: conn.execute(
+                "SELECT id, name FROM accounts WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(account_ids),)
+            ).fetchall()
+        )
+        return {row["id"]: row["name"] for row in rows}
+
+    # -- the audit and archives ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _audit_session(self) -> AsyncIterator[_SqliteAudit]:
+        yield _SqliteAudit(self)
+
+    async def _archive_read(self, before: float, limit: int) -> list[dict[str, Any]]:
+        def run(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            rows = conn.execute(_ARCHIVE_READ, (before, limit)).fetchall()
+            return [dict(row) for row in rows]
+
+        return await self._read_aside(run)
+
+    async def _archive_remove(self, usage_ids: list[int]) -> None:
+        ids = json.dumps(usage_ids)
+
+        def run(conn: sqlite3.Connection) -> None:
+            for statement in _ARCHIVE_REMOVE:
+                conn.execute(statement, (ids,))
+
+        await self._call(run, write=True)
+
+    async def _archive_finish(self, before: float, day: str, month: str) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE ledger_totals SET archived_before = MAX(COALESCE(archived_before, ?1), ?1)", (before,))
+            for table in ("account_periods", "ledger_periods"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE (length(period) = 10 AND period < ?1) OR "
+                    "(length(period) = 7 AND period < ?2)",
+                    (day, month),
+                )
+
+        await self._call(run, write=True)
 
     # -- agent events ----------------------------------------------------------------------------------
 
@@ -611,7 +792,8 @@ def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
     # Two statements when the balance covers the hold, as it mostly does; the reasons for a refusal are looked up
     # only then. A used request id fails the INSERT, and the batch undoes the debit with it.
     debited = conn.execute(
-        "UPDATE accounts SET balance = balance - ?1 WHERE id = ?2 AND balance >= ?1 RETURNING balance",
+        "UPDATE accounts SET balance = balance - ?1, held = held + ?1 WHERE id = ?2 AND balance >= ?1 "
+        "RETURNING balance",
         (hold.amount, hold.account_id),
     ).fetchone()
     if debited is None:
@@ -630,6 +812,7 @@ def _hold(conn: sqlite3.Connection, hold: Hold) -> None:
     except sqlite3.IntegrityError:
         _unused(conn, hold.request_id)
         raise
+    conn.execute("UPDATE ledger_totals SET balances = balances - ?1, holds = holds + ?1", (hold.amount,))
 
 
 # The key's spend in this day and month: what is stored, unless it was stored for an earlier one.
@@ -705,7 +888,9 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             ),
         )
     balance: int = conn.execute(
-        "UPDATE accounts SET balance = balance + ? WHERE id = ? RETURNING balance", (held - charged, account_id)
+        "UPDATE accounts SET balance = balance + ?1 - ?2, held = held - ?1, spent = spent + ?2, "
+        "last_seen = MAX(COALESCE(last_seen, ?3), ?3) WHERE id = ?4 RETURNING balance",
+        (held, charged, close.now, account_id),
     ).fetchone()[0]
     if hold["key_hash"] is not None:
         conn.execute(
@@ -748,6 +933,18 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (account_id, remember.key, close.request_id, remember.fingerprint, remember.response, close.now),
         )
+    _count_usage(conn, account_id, close.now, charged, refused=close.http_status is not None)
+    if close.charge is not None:
+        conn.execute(
+            "INSERT INTO node_fees (node, charged) VALUES (?, ?) "
+            "ON CONFLICT (node) DO UPDATE SET charged = charged + excluded.charged",
+            (close.node or "", charged),
+        )
+    conn.execute(
+        "UPDATE ledger_totals SET balances = balances + ?1 - ?2, holds = holds - ?1, charges = charges + ?2, "
+        "requests = requests + 1",
+        (held, charged),
+    )
     return Settlement(
         request_id=close.request_id,
         account_id=account_id,
@@ -757,6 +954,146 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         refunded=held - charged,
         balance=balance,
     )
+
+
+def _count_usage(conn: sqlite3.Connection, account_id: int, now: float, spent: int, *, refused: bool) -> None:
+    """One usage record of `account_id` at `now` that charged `spent`: its UTC day's and month's figures, the
+    account's and the ledger's (an account's first record of a period counts it among the period's accounts)."""
+    day, month = day_of(now), month_of(now)
+    rows = conn.execute(
+        "INSERT INTO account_periods (account_id, period, spent, requests, refusals) VALUES (?1, ?2, ?4, 1, ?5), "
+        "(?1, ?3, ?4, 1, ?5) ON CONFLICT (account_id, period) DO UPDATE SET spent = spent + excluded.spent, "
+        "requests = requests + 1, refusals = refusals + excluded.refusals RETURNING period, requests",
+        (account_id, day, month, spent, int(refused)),
+    ).fetchall()
+    first = {period: int(requests == 1) for period, requests in rows}
+    conn.execute(
+        "INSERT INTO ledger_periods (period, spent, requests, refusals, accounts) VALUES (?1, ?3, 1, ?4, ?5), "
+        "(?2, ?3, 1, ?4, ?6) ON CONFLICT (period) DO UPDATE SET spent = spent + excluded.spent, "
+        "requests = requests + 1, refusals = refusals + excluded.refusals, accounts = accounts + excluded.accounts",
+        (day, month, spent, int(refused), first.get(day, 0), first.get(month, 0)),
+    )
+
+
+class _SqliteAudit:
+    """The audit's reads (see `_audit.AuditSession`), each on the ledger's connection for audits and archives."""
+
+    def __init__(self, ledger: SqliteLedger) -> None:
+        self._ledger = ledger
+
+    async def figures(self, periods: Periods) -> AuditFigures:
+        return await self._ledger._read_aside(lambda conn: _audit_figures(conn, periods))
+
+    async def sums(self, table: str, low: int, high: int, periods: Periods) -> list[tuple[Any, ...]]:
+        query = _AUDIT_SUMS[table]
+        args = {"low": low, "high": high, "ds": periods.day_start, "de": periods.day_end,
+                "ms": periods.month_start, "me": periods.month_end}  # fmt: skip
+        return await self._ledger._read_aside(lambda conn: [tuple(r) for r in conn.execute(query, args)])
+
+    async def archive_mark(self) -> tuple[float | None, int]:
+        return await self._ledger._read_aside(_archive_mark)
+
+
+def _archive_mark(conn: sqlite3.Connection) -> tuple[float | None, int]:
+    before, records = conn.execute(
+        "SELECT archived_before, (SELECT COALESCE(SUM(records), 0) FROM archived_accounts) FROM ledger_totals"
+    ).fetchone()
+    return before, records
+
+
+def _audit_figures(conn: sqlite3.Connection, periods: Periods) -> AuditFigures:
+    def rows(query: str, *args: object) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in conn.execute(query, args)]
+
+    totals = conn.execute(
+        "SELECT deposits, balances, holds, charges, accounts, requests, archived_before FROM ledger_totals"
+    ).fetchone()
+    names = ("deposits", "balances", "holds", "charges", "accounts", "requests")
+    return AuditFigures(
+        totals=dict(zip(names, totals[:6], strict=True)),
+        archived_before=totals[6],
+        accounts=rows_to_dict(rows("SELECT id, name, balance, held, spent, deposited FROM accounts")),
+        open_holds=rows_to_dict(rows(_OPEN_HOLDS_BY.format("account_id"))),
+        keys_held={r[0]: (r[1], r[2]) for r in rows(_KEYS_HELD)},
+        keys_open=rows_to_dict(rows(_OPEN_HOLDS_BY.format("key_hash"))),
+        nodes=rows_to_dict(rows("SELECT node, charged FROM node_fees")),
+        periods={
+            (r[0], r[1]): (r[2], r[3], r[4])
+            for r in rows(
+                "SELECT account_id, period, spent, requests, refusals FROM account_periods WHERE period IN (?, ?)",
+                periods.day,
+                periods.month,
+            )
+        },
+        ledger_periods=rows_to_dict(
+            rows(
+                "SELECT period, spent, requests, refusals, accounts FROM ledger_periods WHERE period IN (?, ?)",
+                periods.day,
+                periods.month,
+            )
+        ),
+        archived_accounts=rows_to_dict(rows("SELECT account_id, charged, records FROM archived_accounts")),
+        archived_nodes=rows_to_dict(rows("SELECT node, charged FROM archived_nodes")),
+        max_ids={
+            t: conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0]
+            for t in ("deposits", "charges", "usage")
+        },
+        archive_mark=_archive_mark(conn),
+    )
+
+
+# Open holds summed by a column, from the partial index of open holds.
+_OPEN_HOLDS_BY = "SELECT {0}, SUM(amount) FROM holds WHERE status = 'open' AND {0} IS NOT NULL GROUP BY {0}"
+_KEYS_HELD = (
+    "SELECT key_hash, prefix, held FROM api_keys WHERE held <> 0 "
+    "OR key_hash IN (SELECT key_hash FROM holds WHERE status = 'open')"
+)
+_IN_DAY = "(created >= :ds AND created < :de)"
+_IN_MONTH = "(created >= :ms AND created < :me)"
+_AUDIT_SUMS = {
+    "deposits": (
+        "SELECT account_id, SUM(amount), COUNT(*) FROM deposits WHERE id > :low AND id <= :high GROUP BY account_id"
+    ),
+    "charges": (
+        f"SELECT account_id, COALESCE(node, ''), SUM(amount), SUM(CASE WHEN {_IN_DAY} THEN amount ELSE 0 END), "
+        f"SUM(CASE WHEN {_IN_MONTH} THEN amount ELSE 0 END), COUNT(*) FROM charges WHERE id > :low AND id <= :high "
+        "GROUP BY account_id, COALESCE(node, '')"
+    ),
+    "usage": (
+        f"SELECT account_id, COUNT(*), SUM(http_status IS NOT NULL), SUM({_IN_DAY}), "
+        f"SUM({_IN_DAY} AND http_status IS NOT NULL), SUM({_IN_MONTH}), SUM({_IN_MONTH} AND http_status IS NOT NULL) "
+        "FROM usage WHERE id > :low AND id <= :high GROUP BY account_id"
+    ),
+}
+
+# The oldest usage records before ?1, at most ?2, as archive rows (see _archive.ARCHIVE_COLUMNS).
+_ARCHIVE_READ = (
+    "SELECT u.id AS usage_id, u.request_id, u.account_id, a.name AS account, u.model, u.node, u.status, "
+    "u.http_status, u.prompt_tokens, u.completion_tokens, u.cost AS cost_credits, u.bid, u.held, u.latency_ms, "
+    "u.queue_ms, u.error, u.created, u.user, u.key_prefix, u.credit_value, u.currency, h.created AS hold_created, "
+    "h.closed AS hold_closed, h.status AS hold_status, c.amount AS charged, i.key AS idempotency_key, "
+    "i.fingerprint AS idempotency_fingerprint, i.response AS idempotency_response "
+    "FROM usage u JOIN accounts a ON a.id = u.account_id LEFT JOIN holds h ON h.id = u.request_id "
+    "LEFT JOIN charges c ON c.hold_id = u.request_id LEFT JOIN idempotency i ON i.request_id = u.request_id "
+    "WHERE u.created < ?1 ORDER BY u.created, u.id LIMIT ?2"
+)
+# The usage records ?1 (a JSON list of ids) out of the ledger, their charges and records carried per account and
+# node first. A usage record never belongs to an open hold; the condition only makes sure.
+_MOVED = "SELECT request_id FROM usage WHERE id IN (SELECT value FROM json_each(?1))"
+_ARCHIVE_REMOVE = (
+    "INSERT INTO archived_accounts (account_id, charged, records) "
+    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*) FROM usage u "
+    "LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id IN (SELECT value FROM json_each(?1)) "
+    "GROUP BY u.account_id ON CONFLICT (account_id) DO UPDATE SET charged = charged + excluded.charged, "
+    "records = records + excluded.records",
+    f"INSERT INTO archived_nodes (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges "
+    f"WHERE hold_id IN ({_MOVED}) GROUP BY COALESCE(node, '') "
+    "ON CONFLICT (node) DO UPDATE SET charged = charged + excluded.charged",
+    f"DELETE FROM idempotency WHERE request_id IN ({_MOVED})",
+    f"DELETE FROM charges WHERE hold_id IN ({_MOVED})",
+    f"DELETE FROM holds WHERE id IN ({_MOVED}) AND status <> 'open'",
+    "DELETE FROM usage WHERE id IN (SELECT value FROM json_each(?1))",
+)
 
 
 # The account's events older than its latest `?2` (none while it has fewer: the subquery is NULL).

@@ -95,3 +95,24 @@ async def stored_bytes(url: str) -> bytes:
     finally:
         await conn.close()
     return "\n".join(r["row"] for table in rows for r in table).encode()
+
+
+async def undo_running_totals(url: str) -> None:
+    """Take the ledger's schema back to before version 11 (running totals), as an older llamakit left it; the
+    caller sets the version it then claims to be at."""
+    statements = [
+        *(f"DROP TABLE {t}" for t in ("account_periods", "ledger_periods", "node_fees", "ledger_totals",
+                                       "archived_accounts", "archived_nodes")),
+        "DROP INDEX api_keys_limited",
+        "DROP INDEX idempotency_request",
+        *(f"ALTER TABLE accounts DROP COLUMN {c}" for c in ("held", "spent", "deposited", "last_seen")),
+    ]  # fmt: skip
+    if backend_of(url) == "postgres":
+        statements += [
+            "DROP FUNCTION llamakit_day",
+            "DROP FUNCTION llamakit_month",
+            "DROP FUNCTION llamakit_count_usage",
+            "DROP FUNCTION llamakit_count_period",
+        ]
+    for statement in statements:
+        await execute(url, statement)

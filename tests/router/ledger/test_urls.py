@@ -17,6 +17,7 @@ from llamakit.router.settings import RouterSettings, settings_from_args
 
 def test_the_public_surface() -> None:
     assert ledger.__all__ == [
+        "ARCHIVE_COLUMNS",
         "KEY_LIMIT_FIELDS",
         "KEY_PREFIX",
         "MAX_AMOUNT",
@@ -30,7 +31,10 @@ def test_the_public_surface() -> None:
         "AccountExists",
         "AccountState",
         "ApiKey",
+        "ArchiveReport",
+        "Audit",
         "Books",
+        "Discrepancy",
         "Event",
         "EventSummary",
         "Hold",
@@ -40,9 +44,11 @@ def test_the_public_surface() -> None:
         "KeyUse",
         "Ledger",
         "LedgerError",
+        "PeriodTotals",
         "Remembered",
         "Settlement",
         "SpendCapExceeded",
+        "Totals",
         "UnknownAccount",
         "UnknownKey",
         "UsageRecord",
