@@ -15,6 +15,7 @@ import httpx
 
 from llamakit.cli.admin_client import admin_client, segment, show, table, when
 from llamakit.cli.keys import add_key_commands, add_limit_flags, limits_from_args
+from llamakit.cli.ledger import add_ledger_commands
 from llamakit.profile import profile_path
 
 __all__ = ["main"]
@@ -304,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     usage.set_defaults(func=cmd_usage)
 
     sub.add_parser("stats", help="one snapshot of the router's stats").set_defaults(func=cmd_stats)
+    add_ledger_commands(sub, _state_dir())
     return parser
 
 

@@ -26,6 +26,7 @@ from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
 from llamakit.router.routes.admin import admin_routes, herd_routes
 from llamakit.router.routes.admin_keys import key_routes
+from llamakit.router.routes.admin_pages import page_routes
 from llamakit.router.routes.embeddings import embedding_routes
 from llamakit.router.routes.openai import routes
 from llamakit.router.routes.responses import response_routes
@@ -65,7 +66,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
     # The private parts: each its own sub-application behind the one middleware that checks its credential.
-    app.add_subapp("/admin/", admin_app(admin_routes, key_routes))
+    app.add_subapp("/admin/", admin_app(admin_routes, key_routes, page_routes))
     app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
@@ -103,6 +104,7 @@ async def _metrics(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     # The herd's queue (every router's requests with --cluster; the other series are this router's).
     state.metrics.refresh(state.herd, await state.dispatch.queue_depths())
+    state.metrics.books(state.auditor.view(), state.ledger)
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
@@ -130,7 +132,9 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     await _recovered(state, released)
+    state.auditor.start()  # the books proved by a full scan, in the background: now, then every --audit-every
     yield
+    await state.auditor.stop()
     if state.usage_log is not None:
         state.usage_log.close()
     await state.ledger.close()

@@ -137,6 +137,49 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        # Made at the first audit's end, so that no series says anything about the books before one has run.
+        self._audit: tuple[Gauge, Gauge, Gauge, Gauge] | None = None
+        self.wal_resets = Gauge(
+            "llamakit_ledger_wal_resets", "Times the SQLite ledger's WAL was reset since the router started.",
+            registry=self.registry,
+        )  # fmt: skip
+        self.wal_reset_longest = Gauge(
+            "llamakit_ledger_wal_reset_seconds_max",
+            "The longest WAL reset since the router started: how long holds and settlements waited for it.",
+            registry=self.registry,
+        )
+
+    def books(self, audit: dict[str, Any], ledger: object) -> None:
+        """Gauges read at scrape time: the last audit (`Auditor.view`), and a SQLite ledger's WAL resets."""
+        if audit.get("ok") is not None:
+            if self._audit is None:
+                self._audit = self._audit_gauges()
+            ok, discrepancies, checked, seconds = self._audit
+            ok.set(1 if audit["ok"] else 0)
+            discrepancies.set(audit["count"])
+            checked.set(audit["checked"])
+            seconds.set(audit["seconds"])
+        resets = getattr(ledger, "wal_resets", None)
+        if isinstance(resets, int):
+            self.wal_resets.set(resets)
+            self.wal_reset_longest.set(getattr(ledger, "wal_reset_longest", 0.0))
+
+    def _audit_gauges(self) -> tuple[Gauge, Gauge, Gauge, Gauge]:
+        return (
+            Gauge(
+                "llamakit_ledger_audit_ok",
+                "1 when the last audit of the books found the running totals equal to what the history adds up to, "
+                "0 when it did not (an alarm: see docs/operating.md#the-audit).",
+                registry=self.registry,
+            ),
+            Gauge("llamakit_ledger_audit_discrepancies", "Running totals the last audit found different from the "
+                  "history.", registry=self.registry),
+            Gauge("llamakit_ledger_audit_timestamp_seconds", "When the last audit of the books started (epoch "
+                  "seconds).", registry=self.registry),
+            Gauge("llamakit_ledger_audit_duration_seconds", "How long the last audit of the books took.",
+                  registry=self.registry),
+        )  # fmt: skip
+
     def settled(
         self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0
     ) -> None:

@@ -77,6 +77,13 @@ class RouterSettings(BaseModel):
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
 
+    audit_every: float = Field(
+        3600.0,
+        ge=0,
+        description="seconds between audits of the books in the background (the first at start-up; 0: none); "
+        "see docs/operating.md#the-audit",
+    )
+
     cluster: bool = Field(
         False,
         description="share the queue, the slots and the herd with the other routers on the same PostgreSQL --db "
@@ -170,6 +177,7 @@ FLAGS = [
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
     Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
+    Flag("audit_every", "--audit-every", "LLAMAKIT_AUDIT_EVERY", float),
     Flag("cluster", "--cluster", "LLAMAKIT_CLUSTER", _yes),
     Flag("lease", "--lease", "LLAMAKIT_LEASE", float),
     Flag("router_id", "--router-id", "LLAMAKIT_ROUTER_ID"),

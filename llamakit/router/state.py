@@ -14,6 +14,7 @@ from aiohttp import web
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.router.affinity import PrefixMap
+from llamakit.router.auditor import Auditor
 from llamakit.router.dispatch import Dispatcher
 from llamakit.router.herd import Herd
 from llamakit.router.ledger import Ledger
@@ -97,6 +98,10 @@ class RouterState:
     prefixes: PrefixMap = field(default_factory=PrefixMap)
     started: float = field(default_factory=time.time)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the app shuts down
+    auditor: Auditor = field(init=False)  # the books' audits (see llamakit.router.auditor)
+
+    def __post_init__(self) -> None:
+        self.auditor = Auditor(self.ledger, self.settings.audit_every)
 
     def known_models(self) -> list[str]:
         """Models a request may name: served by any node in the herd (even if down) or priced explicitly."""

@@ -14,7 +14,15 @@ from llamakit.tui._config import DashboardConfig, NotConfigured, resolve_config
 
 if TYPE_CHECKING:
     from llamakit.tui._app import DashboardApp
-    from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen, KeysScreen
+    from llamakit.tui._screens import (
+        AccountsScreen,
+        ConfirmDrainScreen,
+        ConfirmUndrainScreen,
+        DashboardScreen,
+        HelpScreen,
+        KeysScreen,
+        NodesScreen,
+    )
     from llamakit.tui._source import (
         DrainFailed,
         RouterRefused,
@@ -37,6 +45,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "AccountsScreen",
     "AccountsTable",
     "AgentsTable",
     "ConfirmDrainScreen",
@@ -50,6 +59,7 @@ __all__ = [
     "HerdTable",
     "KeysScreen",
     "KeysTable",
+    "NodesScreen",
     "NotConfigured",
     "QueuePanel",
     "RefusalsPanel",
@@ -69,6 +79,8 @@ __all__ = [
 
 _LAZY = {
     "DashboardApp": "_app",
+    "AccountsScreen": "_screens",
+    "NodesScreen": "_screens",
     "ConfirmDrainScreen": "_screens",
     "ConfirmUndrainScreen": "_screens",
     "DashboardScreen": "_screens",

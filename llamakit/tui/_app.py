@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from contextlib import suppress
 from typing import Any, ClassVar
 
@@ -13,7 +14,15 @@ from textual.binding import Binding, BindingType
 from textual.reactive import var
 
 from llamakit.tui._format import clock
-from llamakit.tui._screens import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardScreen, HelpScreen, KeysScreen
+from llamakit.tui._screens import (
+    AccountsScreen,
+    ConfirmDrainScreen,
+    ConfirmUndrainScreen,
+    DashboardScreen,
+    HelpScreen,
+    KeysScreen,
+    NodesScreen,
+)
 from llamakit.tui._source import DrainFailed, StatsError, StatsSource
 from llamakit.tui._stats import NodeStats, Stats, StatsHistory
 
@@ -36,6 +45,8 @@ class DashboardApp(App[None]):
         Binding("d", "drain", "Drain node"),
         Binding("u", "undrain", "Undrain node"),
         Binding("k", "keys", "Keys"),
+        Binding("a", "accounts", "Accounts", show=False),
+        Binding("n", "nodes", "Nodes", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
     ]
@@ -146,7 +157,7 @@ class DashboardApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         # The dashboard's own keys do nothing while a dialog is open over it.
-        if action in ("toggle_pause", "drain", "undrain", "help", "keys"):
+        if action in ("toggle_pause", "drain", "undrain", "help", "keys", "accounts", "nodes"):
             return self.screen is self.dashboard
         return True
 
@@ -157,7 +168,17 @@ class DashboardApp(App[None]):
         self.push_screen(HelpScreen())
 
     def action_keys(self) -> None:
-        self.push_screen(KeysScreen(self.shown))
+        self.push_screen(KeysScreen(self.shown, self.source))
+
+    def action_accounts(self) -> None:
+        self.push_screen(AccountsScreen(self.source, self._now()))
+
+    def action_nodes(self) -> None:
+        self.push_screen(NodesScreen(self.source, self._now()))
+
+    def _now(self) -> float:
+        """The router's clock, as of the last snapshot (ages are shown against it)."""
+        return self.shown.time if self.shown is not None else time.time()
 
     def action_drain(self) -> None:
         node = self.dashboard.selected_node

@@ -1,21 +1,25 @@
-"""The dashboard screen, and the dialogs over it: help, and the confirmations before draining or undraining a node."""
+"""The dashboard screen, and the dialogs over it: help, the keys with limits, every account and every node a page at
+a time, and the confirmations before draining or undraining a node."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from rich.markup import escape
 from rich.text import Text
+from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.reactive import var
 from textual.screen import ModalScreen, Screen
-from textual.widgets import Button, Footer, Header, Label, Static
+from textual.widgets import Button, Footer, Header, Input, Label, Static
 from textual.widgets.button import ButtonVariant
 
 from llamakit.text import shown
-from llamakit.tui._stats import NodeStats, Stats, StatsHistory
+from llamakit.tui._source import Pages, StatsError, StatsSource
+from llamakit.tui._stats import AccountStats, KeyStats, NodeStats, Stats, StatsHistory
 from llamakit.tui._widgets import (
     AccountsTable,
     AgentsTable,
@@ -28,7 +32,15 @@ from llamakit.tui._widgets import (
     StatusBanner,
 )
 
-__all__ = ["ConfirmDrainScreen", "ConfirmUndrainScreen", "DashboardScreen", "HelpScreen", "KeysScreen"]
+__all__ = [
+    "AccountsScreen",
+    "ConfirmDrainScreen",
+    "ConfirmUndrainScreen",
+    "DashboardScreen",
+    "HelpScreen",
+    "KeysScreen",
+    "NodesScreen",
+]
 
 
 class DashboardScreen(Screen[None]):
@@ -86,15 +98,22 @@ class DashboardScreen(Screen[None]):
         self.query_one(AgentsTable).show(stats)
         accounts = self.query_one(AccountsTable)
         accounts.show(stats)
+        counts = stats.counts
         if stats.accounts is None:
             accounts.border_subtitle = "not reported by this router"
+        elif counts is not None and counts.accounts > len(stats.accounts):
+            # A snapshot carries the day's biggest spenders; `a` pages through every account.
+            accounts.border_subtitle = f"top {len(stats.accounts)} of {counts.accounts:,} today (UTC) · a: all"
         else:
             accounts.border_subtitle = "spent, requests, refused: today (UTC)"
         self.query_one(RefusalsPanel).show(stats)
         self.query_one(RequestsLog).show(stats)
         herd = self.query_one(HerdTable)
         ready = sum(1 for n in stats.nodes if n.state == "ready")
-        herd.border_subtitle = f"{len(stats.nodes)} nodes · {ready} ready"
+        if counts is not None and counts.nodes > len(stats.nodes):
+            herd.border_subtitle = f"{len(stats.nodes)} of {counts.nodes:,} nodes · {ready} ready shown · n: all"
+        else:
+            herd.border_subtitle = f"{len(stats.nodes)} nodes · {ready} ready"
 
     def watch_problem(self, problem: str | None) -> None:
         if not self._ready:
@@ -122,12 +141,15 @@ class HelpScreen(ModalScreen[None]):
 [b]d[/b]       drain the selected node (asks first): it finishes, takes no more
 [b]u[/b]       undrain the selected node (asks first): it takes requests again
 [b]k[/b]       the API keys that have limits: spend against each cap, rates, expiry
+[b]a[/b]       every account, a page at a time: search by name, by spend today
+[b]n[/b]       every node of the herd, a page at a time, searched by name
 [b]↑ ↓[/b]     select a node
 [b]?[/b]       this help (escape closes it)
 
 [b]Herd[/b]      state: ready · busy (no free slot) · draining · down
 [b]Queue[/b]     requests waiting per model, the last 5 minutes, the oldest wait
-[b]Fees[/b]      credits charged in total (and its price) and over the last minute
+[b]Fees[/b]      credits charged in total (and its price) and over the last minute;
+          the books, and what the last audit of them found
 [b]Agents[/b]    agent accounts' outcome events: requests, buy, skip, error
 [b]Accounts[/b]  balance, credits held now; spent, requests, refused today (UTC)
 [b]Refusals[/b]  refused today (UTC); this router's by error code and HTTP status
@@ -141,15 +163,21 @@ class HelpScreen(ModalScreen[None]):
 
 
 class KeysScreen(ModalScreen[None]):
-    """The API keys that have a limit, and how near each is to them; follows the dashboard's snapshots."""
+    """The API keys that have a limit, and how near each is to them; follows the dashboard's snapshots, which carry
+    the keys of the day's biggest spenders; `m` reads more of them from the router, a page at a time."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape,q,k", "dismiss", "Close"),
+        Binding("m", "more", "More keys"),
     ]
 
-    def __init__(self, stats: Stats | None) -> None:
+    def __init__(self, stats: Stats | None, source: StatsSource | None = None) -> None:
         super().__init__()
         self._stats = stats
+        self._pages = source if isinstance(source, Pages) else None
+        self._paged: dict[str, KeyStats] = {}
+        self._after: str | None = None
+        self._more = True
 
     def compose(self) -> ComposeResult:
         with Vertical(id="keys-dialog", classes="dialog"):
@@ -163,15 +191,170 @@ class KeysScreen(ModalScreen[None]):
         self.query_one(KeysTable).focus()
 
     def show(self, stats: Stats | None) -> None:
-        """Show the keys of a snapshot (one from a router that does not report keys shows none, and says so)."""
+        """Show the keys of a snapshot (one from a router that does not report keys shows none, and says so), with
+        those read page by page (`m`); the snapshot's are the fresher."""
         self._stats = stats
         table = self.query_one(KeysTable)
-        if stats is not None:
-            table.show(stats)
-        if stats is None or stats.keys is None:
+        snapshot = {f"{k.account}/{k.prefix}": k for k in (stats.keys or ())} if stats is not None else {}
+        keys = {**self._paged, **snapshot}
+        if stats is not None or keys:
+            table.show_keys(keys.values())
+        if (stats is None or stats.keys is None) and not self._paged:
             table.border_subtitle = "not reported by this router"
+        elif self._pages is not None and self._more:
+            table.border_subtitle = f"{len(keys)} keys with limits · m: more"
         else:
-            table.border_subtitle = f"{len(stats.keys)} keys with limits"
+            table.border_subtitle = f"{len(keys)} keys with limits"
+
+    def action_more(self) -> None:
+        if self._pages is not None and self._more:
+            self.read_more()
+
+    @work(exclusive=True, group="keys")
+    async def read_more(self) -> None:
+        assert self._pages is not None
+        params = {"limit": "100"} | ({"after": self._after} if self._after else {})
+        try:
+            page = await self._pages.page("/admin/keys", params)
+        except StatsError as exc:
+            self.notify(str(exc), title="Keys", severity="error")
+            return
+        for item in page["data"]:
+            if isinstance(item, Mapping):
+                key = KeyStats.from_json(item)
+                self._paged[f"{key.account}/{key.prefix}"] = key
+        self._after, self._more = page.get("next_after"), bool(page.get("has_more"))
+        if self.is_mounted:
+            self.show(self._stats)
+
+
+class _PagedScreen(ModalScreen[None]):
+    """A list the router pages through (`PATH`): a search by name, and `m` (or the end of the table) for more."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("m", "more", "More"),
+    ]
+    PATH = ""
+    TITLE = ""
+    WHAT = ""
+
+    def __init__(self, source: StatsSource, now: float) -> None:
+        super().__init__()
+        self._pages = source if isinstance(source, Pages) else None
+        self.now = now
+        self.items: list[Any] = []
+        self._after: str | None = None
+        self.has_more = False
+        self.search = ""
+
+    def table(self) -> Any:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, str]:
+        return {"limit": "100"} | ({"search": self.search} if self.search else {})
+
+    def parse(self, item: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def render_items(self) -> None:
+        raise NotImplementedError
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog paged-dialog"):
+            yield Label(self.TITLE, classes="keys--title")
+            yield Input(placeholder=f"search {self.WHAT} by name, then enter", classes="paged--search")
+            yield self.table()
+            yield Label("", classes="dialog--hint paged--status")
+
+    def on_mount(self) -> None:
+        self.query_one(Input).focus()
+        self.reload()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        self.search = event.value.strip()
+        self.reload()
+
+    def action_more(self) -> None:
+        if self.has_more:
+            self.read(more=True)
+
+    def reload(self) -> None:
+        self.items, self._after, self.has_more = [], None, False
+        self.read(more=False)
+
+    @work(exclusive=True, group="page")
+    async def read(self, *, more: bool) -> None:
+        status = self.query_one(".paged--status", Label)
+        if self._pages is None:
+            status.update("this dashboard's source does not page: the snapshot's are on the dashboard")
+            return
+        params = self.params() | ({"after": self._after} if more and self._after else {})
+        try:
+            page = await self._pages.page(self.PATH, params)
+        except StatsError as exc:
+            status.update(Text(str(exc), style="red"))
+            return
+        self.items += [self.parse(item) for item in page["data"] if isinstance(item, Mapping)]
+        self._after, self.has_more = page.get("next_after"), bool(page.get("has_more"))
+        self.render_items()
+        found = f"{len(self.items):,} {self.WHAT}" + (f" matching {self.search!r}" if self.search else "")
+        status.update(f"{found}{' · m: more' if self.has_more else ''} · escape closes")
+
+
+class AccountsScreen(_PagedScreen):
+    """Every account, a page at a time: by name (searched by name), or by what it spent today (`o`)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [*_PagedScreen.BINDINGS, Binding("o", "order", "Order")]
+    PATH = "/admin/accounts"
+    TITLE = "Accounts: balance, held; spent, requests, refused today (UTC)"
+    WHAT = "accounts"
+
+    def __init__(self, source: StatsSource, now: float) -> None:
+        super().__init__(source, now)
+        self.order = "name"
+        self._table = AccountsTable(classes="paged--table")
+
+    def table(self) -> AccountsTable:
+        return self._table
+
+    def params(self) -> dict[str, str]:
+        return super().params() | {"order": self.order}
+
+    def parse(self, item: Mapping[str, Any]) -> AccountStats:
+        today = item.get("today")
+        flat = {**item, **(today if isinstance(today, Mapping) else {})}
+        return AccountStats.from_json(flat)
+
+    def render_items(self) -> None:
+        self._table.show_accounts(self.items, self.now)
+        self._table.border_subtitle = "by name · o: by spend today" if self.order == "name" else (
+            "by spend today · o: by name")  # fmt: skip
+
+    def action_order(self) -> None:
+        self.order = "spent_today" if self.order == "name" else "name"
+        self.reload()
+
+
+class NodesScreen(_PagedScreen):
+    """Every node of the herd by name, a page at a time, searched by name."""
+
+    PATH = "/admin/nodes"
+    TITLE = "Nodes of the herd"
+    WHAT = "nodes"
+
+    def __init__(self, source: StatsSource, now: float) -> None:
+        super().__init__(source, now)
+        self._table = HerdTable(classes="paged--table")
+
+    def table(self) -> HerdTable:
+        return self._table
+
+    def parse(self, item: Mapping[str, Any]) -> NodeStats:
+        return NodeStats.from_json(item)
+
+    def render_items(self) -> None:
+        self._table.show_nodes(self.items, self.now)
 
 
 class _ConfirmNodeScreen(ModalScreen[bool]):

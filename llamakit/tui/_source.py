@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import httpx
 
-__all__ = ["DrainFailed", "RouterRefused", "RouterStats", "RouterUnreachable", "StatsError", "StatsSource"]
+__all__ = [
+    "DrainFailed",
+    "Pages",
+    "RouterRefused",
+    "RouterStats",
+    "RouterUnreachable",
+    "StatsError",
+    "StatsSource",
+]
 
 
 class StatsError(Exception):
@@ -52,6 +60,16 @@ class StatsSource(Protocol):
     async def undrain(self, node_id: str) -> dict[str, Any]:
         """Ask the router to give a draining node work again; returns the node as the router now reports it;
         raises DrainFailed."""
+        ...
+
+
+@runtime_checkable
+class Pages(Protocol):
+    """A source that can also page through what a snapshot carries only the first of (accounts, keys, nodes)."""
+
+    async def page(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        """One page of an admin list (`GET /admin/accounts`, `/admin/keys`, `/admin/nodes`): `{"data", "has_more",
+        "next_after"}`; raises StatsError."""
         ...
 
 
@@ -164,6 +182,18 @@ class RouterStats:
         if not isinstance(data, dict):
             raise RouterUnreachable(f"{self._unreachable} it sent something that is not a stats snapshot.")
         return data
+
+    async def page(self, path: str, params: Mapping[str, str]) -> dict[str, Any]:
+        try:
+            async with self._client() as client:
+                resp = await client.get(path, params=dict(params))
+        except httpx.HTTPError as exc:
+            raise RouterUnreachable(f"{self._unreachable} {exc or type(exc).__name__}.") from exc
+        self._check(resp)
+        page = self._decode(resp.text)
+        if not isinstance(page.get("data"), list):
+            raise RouterUnreachable(f"{self._unreachable} it sent something that is not a page of {path}.")
+        return page
 
     async def drain(self, node_id: str) -> dict[str, Any]:
         return await self._node_action(node_id, "drain")

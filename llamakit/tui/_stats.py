@@ -16,7 +16,9 @@ from llamakit.money.currency import CreditValue, parse_credit_value, parse_curre
 __all__ = [
     "AccountStats",
     "AgentStats",
+    "AuditStats",
     "BucketSeries",
+    "Counts",
     "FeeStats",
     "KeyStats",
     "ModelQueue",
@@ -392,6 +394,54 @@ class RefusalStats:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditStats:
+    """What the router's last audit of the books found: `ok` False is an alarm (a running total disagrees with the
+    history), None before one has run."""
+
+    ok: bool | None
+    count: int
+    checked: float | None
+    first: str | None
+    """The first discrepancy, as a sentence, or None."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> AuditStats:
+        ok = data.get("ok")
+        found = [d for d in _list(data.get("discrepancies")) if isinstance(d, Mapping)]
+        first = None
+        if found:
+            d = found[0]
+            first = f"{_str(d.get('what'), '?')}: kept {_int(d.get('kept')):,}, counted {_int(d.get('counted')):,}"
+        return cls(
+            ok=ok if isinstance(ok, bool) else None,
+            count=_int(data.get("count"), len(found)),
+            checked=_optional_float(data.get("checked")),
+            first=first,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """How many there are in all, against how many the snapshot carries (the dashboard pages through the rest)."""
+
+    accounts: int
+    accounts_shown: int
+    nodes: int
+    nodes_shown: int
+    keys_shown: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Counts:
+        return cls(
+            accounts=_int(data.get("accounts")),
+            accounts_shown=_int(data.get("accounts_shown")),
+            nodes=_int(data.get("nodes")),
+            nodes_shown=_int(data.get("nodes_shown")),
+            keys_shown=_int(data.get("keys_shown")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """One snapshot of the router; `time` is the router's clock, used as "now" for every age shown."""
 
@@ -411,6 +461,10 @@ class Stats:
     """The keys that have a limit; None from a router that does not report them."""
     money: CreditValue | None = None
     """What a credit is worth in the operator's currency; None from a router that does not say."""
+    audit: AuditStats | None = None
+    """The last audit of the books; None from a router that does not audit them."""
+    counts: Counts | None = None
+    """How many accounts and nodes there are in all; None from a router whose snapshot carries every one."""
 
     @classmethod
     def from_json(cls, data: object) -> Stats:
@@ -442,6 +496,10 @@ class Stats:
             refusals=RefusalStats.from_json(refusals) if isinstance(refusals, Mapping) else None,
             keys=keys,
             money=_money(data),
+            audit=AuditStats.from_json(books["audit"])
+            if isinstance(books, Mapping) and isinstance(books.get("audit"), Mapping)
+            else None,
+            counts=Counts.from_json(data["counts"]) if isinstance(data.get("counts"), Mapping) else None,
         )
 
 

@@ -198,9 +198,13 @@ class HerdTable(_KeyedTable):
         return self.nodes.get(key) if key is not None else None
 
     def show(self, stats: Stats) -> None:
-        nodes = sorted(stats.nodes, key=lambda n: _natural(n.name))
-        self.nodes = {n.id: n for n in nodes}
-        self.set_rows((n.id, self._cells_for(n, stats.time)) for n in nodes)
+        self.show_nodes(stats.nodes, stats.time)
+
+    def show_nodes(self, nodes: Iterable[NodeStats], now: float) -> None:
+        """These nodes, by name; ages as of `now` (the router's clock)."""
+        ordered = sorted(nodes, key=lambda n: _natural(n.name))
+        self.nodes = {n.id: n for n in ordered}
+        self.set_rows((n.id, self._cells_for(n, now)) for n in ordered)
 
     @staticmethod
     def _cells_for(node: NodeStats, now: float) -> tuple[Cell, ...]:
@@ -292,8 +296,13 @@ class AccountsTable(_KeyedTable):
 
     def show(self, stats: Stats) -> None:
         accounts = sorted(stats.accounts or (), key=lambda a: (-(a.last_seen or 0.0), _natural(a.name)))
+        self.show_accounts(accounts, stats.time)
+
+    def show_accounts(self, accounts: Iterable[AccountStats], now: float) -> None:
+        """These accounts in this order; ages as of `now` (the router's clock)."""
+        accounts = list(accounts)
         self.accounts = {a.id: a for a in accounts}
-        self.set_rows((a.id, self._cells_for(a, stats.time)) for a in accounts)
+        self.set_rows((a.id, self._cells_for(a, now)) for a in accounts)
 
     @staticmethod
     def _cells_for(account: AccountStats, now: float) -> tuple[Cell, ...]:
@@ -334,8 +343,12 @@ class KeysTable(_KeyedTable):
     )
 
     def show(self, stats: Stats) -> None:
-        keys = sorted(stats.keys or (), key=lambda k: (-_fullest(k), _natural(k.account), k.prefix))
-        self.set_rows((f"{k.account}/{k.prefix}", self._cells_for(k)) for k in keys)
+        self.show_keys(stats.keys or ())
+
+    def show_keys(self, keys: Iterable[KeyStats]) -> None:
+        """These keys, the fullest first."""
+        ordered = sorted(keys, key=lambda k: (-_fullest(k), _natural(k.account), k.prefix))
+        self.set_rows((f"{k.account}/{k.prefix}", self._cells_for(k)) for k in ordered)
 
     @staticmethod
     def _cells_for(key: KeyStats) -> tuple[Cell, ...]:
@@ -683,7 +696,10 @@ class FeesPanel(Vertical):
         indent = max(0, min(8, self.size.width - len(tail))) if self.size.width else 8
         _set(self.query_one(".fees--tail", Label), " " * indent + tail)
         books = self.query_one(".fees--books", Label)
-        if stats.books_balanced is None:
+        audit = stats.audit
+        if audit is not None and audit.ok is False:  # an alarm: the running totals disagree with the history
+            _set(books, Text(f"books AUDIT: {audit.count:,} differ", style="bold red"))
+        elif stats.books_balanced is None:
             _set(books, "")
         elif stats.books_balanced:
             _set(books, Text("books balance ✓", style="green"))

@@ -442,6 +442,8 @@ class AccountActivity:
     requests: int  # usage records in the period, refusals included
     refusals: int  # refused requests in the period
     last_seen: float | None  # the newest usage record, ever
+    spent_total: int | None = None  # charged in all (top_accounts and accounts_page say; account_activity not)
+    deposited: int | None = None  # deposited in all (the same)
 
 
 def recovery(request_id: str, now: float, money: CreditValue | None) -> Close:

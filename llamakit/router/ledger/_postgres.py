@@ -590,7 +590,8 @@ class PostgresLedger(Ledger):
     ) -> list[AccountActivity]:
         columns = (
             "a.id, a.name, a.kind, a.balance, a.held, COALESCE(p.spent, 0) AS spent, "
-            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen"
+            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen, "
+            "a.spent AS spent_total, a.deposited"
         )
         found = "($3::text IS NULL OR strpos(lower(a.name), lower($3)) > 0)"
         if order == "name":

@@ -647,7 +647,8 @@ class SqliteLedger(Ledger):
     ) -> list[AccountActivity]:
         columns = (
             "a.id, a.name, a.kind, a.balance, a.held, COALESCE(p.spent, 0) AS spent, "
-            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen"
+            "COALESCE(p.requests, 0) AS requests, COALESCE(p.refusals, 0) AS refusals, a.last_seen, "
+            "a.spent AS spent_total, a.deposited"
         )
         found = "(?3 IS NULL OR instr(lower(a.name), lower(?3)) > 0)"
         if order == "name":

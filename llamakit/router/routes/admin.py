@@ -64,12 +64,6 @@ def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None
     return value
 
 
-@admin_routes.get("/accounts")
-async def list_accounts(request: web.Request) -> web.Response:
-    ledger = request.config_dict[STATE].ledger
-    return json_response({"data": [await _account_json(request, a) for a in await ledger.list_accounts()]})
-
-
 @admin_routes.post("/accounts")
 async def create_account(request: web.Request) -> web.Response:
     ledger = request.config_dict[STATE].ledger
@@ -197,11 +191,6 @@ def _node(request: web.Request) -> HerdNode:
     return node
 
 
-@admin_routes.get("/nodes")
-async def list_nodes(request: web.Request) -> web.Response:
-    return json_response({"data": [n.snapshot() for n in request.config_dict[STATE].herd.nodes.values()]})
-
-
 @admin_routes.post("/nodes/{node}/drain")
 async def drain_node(request: web.Request) -> web.Response:
     node = _node(request)
@@ -259,8 +248,24 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
 
 @admin_routes.get("/books")
 async def books(request: web.Request) -> web.Response:
-    books = await request.config_dict[STATE].ledger.books()
-    return json_response({**asdict(books), "balanced": books.balanced})
+    """The books from the running totals, and what the last audit found (`audit`; see llamakit.router.auditor)."""
+    state = request.config_dict[STATE]
+    books = await state.ledger.books()
+    return json_response({**asdict(books), "balanced": books.balanced, "audit": state.auditor.view()})
+
+
+@admin_routes.post("/books/audit")
+async def audit_books(request: web.Request) -> web.Response:
+    """Audit the books now (a full scan of the history, off the paid path) and answer with what it found:
+    `audit.ok` false, and the discrepancies, when the running totals disagree with the history. 503 when the
+    ledger cannot be read."""
+    state = request.config_dict[STATE]
+    try:
+        await state.auditor.run()
+    except LedgerError as exc:
+        raise ApiError(503, f"the audit could not read the ledger: {exc}", type="server_error") from exc
+    books = await state.ledger.books()
+    return json_response({**asdict(books), "balanced": books.balanced, "audit": state.auditor.view()})
 
 
 @admin_routes.get("/usage")
@@ -269,7 +274,6 @@ async def usage(request: web.Request) -> web.Response:
     `GET /v1/account/usage`; each record names its account."""
     ledger = request.config_dict[STATE].ledger
     query = usage_query(request)
-    names = {a.id: a.name for a in await ledger.list_accounts()}
     account = None
     if (ref := request.query.get("account")) is not None:  # an id or a name, as in the other admin routes
         account = (await find_account(ledger, ref, param="account")).id
@@ -280,6 +284,7 @@ async def usage(request: web.Request) -> web.Response:
         return await ledger.all_usage(limit, before=before, since=query.since, user=query.user)
 
     page = await usage_page(query, fetch, request.config_dict[STATE].settings.money)
+    names = await ledger.account_names([record["account_id"] for record in page["data"]])
     for record in page["data"]:
         record["account"] = names.get(record["account_id"])
     return json_response(page)

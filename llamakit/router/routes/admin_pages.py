@@ -1,0 +1,144 @@
+"""The operator's paged lists (in the admin part, behind the admin key), for a dashboard or a script that pages
+through a hundred thousand accounts, their keys or a herd of hundreds, a page at a time:
+
+    GET /admin/accounts?limit=&order=name|spent_today&after=&search=   → {"data", "has_more", "next_after"}
+    GET /admin/keys?limit=&after=&search=                              → the active keys that have a limit
+    GET /admin/nodes?limit=&after=&search=                             → the herd, by name
+
+`limit` is 1 to 1000 (default 1000 for accounts and keys; every node when not given); `after` is the
+`next_after` of the previous page; `search` keeps what contains it in its name (any case; for keys: the name of
+the key or of its account, or the prefix). An account shows its money now (`balance`, `held`), in all (`spent`,
+`deposited`), today's UTC day (`today`: spent, requests, refusals) and when it was last seen. A bad value is a
+400 that says what is wrong; each page costs the same however many there are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from llamakit.router.herd import HerdNode
+from llamakit.router.ledger import MAX_PAGE, AccountActivity, ApiKey
+from llamakit.router.limits import key_view
+from llamakit.router.routes.usage_pages import query_int
+from llamakit.router.state import STATE
+from llamakit.web import json_response
+from llamakit.wire.errors import ApiError
+
+__all__ = ["account_json", "page_routes"]
+
+page_routes = web.RouteTableDef()
+
+
+def account_json(account: AccountActivity) -> dict[str, Any]:
+    return {
+        "id": account.id,
+        "name": account.name,
+        "kind": account.kind,
+        "balance": account.balance,
+        "held": account.held,
+        "spent": account.spent_total,
+        "deposited": account.deposited,
+        "today": {"spent": account.spent, "requests": account.requests, "refusals": account.refusals},
+        "last_seen": account.last_seen,
+    }
+
+
+def _search(request: web.Request) -> str | None:
+    search = request.query.get("search")
+    if search is not None and len(search) > 100:
+        raise ApiError(400, "query parameter 'search' must be at most 100 characters", param="search")
+    return search or None
+
+
+def _page(data: list[dict[str, Any]], limit: int, cursor: str | None) -> dict[str, Any]:
+    """The body of a page fetched with one item more than `limit`, which tells whether there are more."""
+    more = len(data) > limit
+    return {"data": data[:limit], "has_more": more, "next_after": cursor if more else None}
+
+
+@page_routes.get("/accounts")
+async def list_accounts(request: web.Request) -> web.Response:
+    ledger = request.config_dict[STATE].ledger
+    limit = query_int(request, "limit", 1, MAX_PAGE) or MAX_PAGE
+    order = request.query.get("order", "name")
+    try:
+        found = await ledger.accounts_page(
+            limit=limit + 1, order=order, after=request.query.get("after"), search=_search(request)
+        )
+    except ValueError as exc:
+        param = "order" if "order" in str(exc) else "after"
+        raise ApiError(400, str(exc), param=param) from exc
+    shown = found[:limit]
+    last = shown[-1] if shown else None
+    cursor = None if last is None else (last.name if order == "name" else f"{last.spent}:{last.id}")
+    return json_response(_page([account_json(a) for a in found], limit, cursor))
+
+
+@page_routes.get("/keys")
+async def list_limited_keys(request: web.Request) -> web.Response:
+    """The active keys that have a limit, by account, then age: what the dashboard's keys dialog pages through.
+    A search reads up to ten thousand keys for a page; when they hold fewer matches than `limit`, the page says
+    `has_more` with the place to read on from."""
+    ledger = request.config_dict[STATE].ledger
+    limit = query_int(request, "limit", 1, MAX_PAGE) or MAX_PAGE
+    search = _search(request)
+    read = MAX_PAGE if search else limit + 1
+    cursor = _key_cursor(request.query.get("after"))
+    matches: list[ApiKey] = []
+    names: dict[int, str] = {}
+    exhausted = False
+    for _ in range(10 if search else 1):
+        page = await ledger.limited_keys(limit=read, after=cursor)
+        names |= await ledger.account_names(list({k.account_id for k in page} - set(names)))
+        matches += [k for k in page if search is None or _key_matches(k, names.get(k.account_id, ""), search)]
+        if len(page) < read:
+            exhausted = True
+            break
+        cursor = (page[-1].account_id, page[-1].created, page[-1].prefix)
+        if len(matches) > limit:
+            break
+    if len(matches) > limit:
+        shown, more = matches[:limit], True
+        cursor = (shown[-1].account_id, shown[-1].created, shown[-1].prefix)
+    else:
+        shown, more = matches, not exhausted
+    data = [{"account": names.get(k.account_id, str(k.account_id)), **key_view(k, None)} for k in shown]
+    next_after = f"{cursor[0]}:{cursor[1]!r}:{cursor[2]}" if more and cursor is not None else None
+    return json_response({"data": data, "has_more": more, "next_after": next_after})
+
+
+def _key_matches(key: ApiKey, account: str, search: str) -> bool:
+    needle = search.lower()
+    return any(needle in text.lower() for text in (key.name or "", account, key.prefix))
+
+
+def _key_cursor(raw: str | None) -> tuple[int, float, str] | None:
+    if raw is None:
+        return None
+    account, _, rest = raw.partition(":")
+    created, _, prefix = rest.partition(":")
+    try:
+        return int(account), float(created), prefix
+    except ValueError:
+        raise ApiError(
+            400, f"'after' must be the next_after of the previous page, got {raw!r}", param="after"
+        ) from None
+
+
+@page_routes.get("/nodes")
+async def list_nodes(request: web.Request) -> web.Response:
+    """The herd's nodes by name (`data`), as the dashboard shows them; a page of them with `limit`."""
+    herd = request.config_dict[STATE].herd
+    limit = query_int(request, "limit", 1, MAX_PAGE)
+    after = request.query.get("after")
+    search = (_search(request) or "").lower()
+    nodes: list[HerdNode] = sorted(herd.nodes.values(), key=lambda n: n.name)
+    if after is not None or search:
+        nodes = [n for n in nodes if (after is None or n.name > after) and search in n.name.lower()]
+    if limit is None:
+        return json_response({"data": [n.snapshot() for n in nodes], "has_more": False, "next_after": None})
+    page = nodes[: limit + 1]
+    cursor = page[limit - 1].name if len(page) > limit else None
+    return json_response(_page([n.snapshot() for n in page], limit, cursor))
