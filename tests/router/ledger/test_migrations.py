@@ -35,7 +35,7 @@ def schema_of(path: Path) -> set[str]:
     return {" ".join(sql.split()) for (sql,) in rows}
 
 
-@pytest.mark.parametrize("version", [1, 2, 6, 8])
+@pytest.mark.parametrize("version", [1, 2, 6, 8, 9])
 async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, version: int) -> None:
     path = old_ledger(tmp_path / "ledger.db", version)
     async with ledger_at(path, money=CreditValue(Decimal("0.0025"), "EUR")) as ledger:
@@ -45,6 +45,9 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
         assert await ledger.account_state(alice.id) == AccountState(balance=880, held=0, spent=120, deposited=1000)
         assert await ledger.account_state(bot.id) == AccountState(balance=300, held=200, spent=0, deposited=500)
         assert (await ledger.books()).balanced
+        # Version 11's running totals are what the history held.
+        assert await ledger.fees_by_node() == {"node-a": 120}
+        assert (await ledger.totals()).requests == 2 and (await ledger.audit()).ok  # a settlement, a release
         settled = await ledger.find_usage("req-settled")
         assert settled is not None and (settled.cost, settled.bid, settled.node) == (120, "1.5", "node-a")
         # Made before records kept their price: priced at the value the router runs with.
@@ -63,6 +66,8 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
         new = await ledger.find_usage("req-new")
         assert new is not None and (new.credit_value, new.currency) == ("0.0025", "EUR")
         assert (await ledger.books()).balanced
+        audit = await ledger.audit()
+        assert audit.ok, audit.discrepancies
         # A key made before version 8 has no name, and can be given one.
         assert [k.name for k in await ledger.list_keys(alice.id)] == [None]
         assert (await ledger.rename_key(FIXTURE_KEY, "alice's laptop")).name == "alice's laptop"

@@ -261,3 +261,39 @@ async def test_an_archive_moves_old_records_to_a_file_pandas_reads_and_the_books
     async with ledger_at(url, clock=clock) as reopened:
         audit = await reopened.audit()
         assert not audit.ok and any("spent" in d.what for d in audit.discrepancies)
+
+
+async def test_several_routers_on_one_database_keep_the_totals_exact(url: str) -> None:
+    """Routers selling to the same accounts at once (a cluster's, on PostgreSQL): no total is lost or doubled."""
+    ledgers = [ledger_at(url) for _ in range(4)]
+    await asyncio.gather(*(ledger.open() for ledger in ledgers))
+    try:
+        accounts = [await ledgers[0].create_account(f"shared-{i}") for i in range(3)]
+        for account in accounts:
+            await ledgers[1].deposit(account.id, 1_000_000)
+
+        async def sell(ledger: Ledger, router: int) -> int:
+            charged = 0
+            for batch in range(10):
+                ids = [(f"{router}-{batch}-{i}", accounts[i % 3].id) for i in range(20)]
+                await asyncio.gather(*(ledger.hold(a, 50, request_id=r, model="m") for r, a in ids))
+                done = await asyncio.gather(
+                    *(ledger.settle(r, charge=i % 7, node=f"n{router}", prompt_tokens=1, completion_tokens=1)
+                      for i, (r, _) in enumerate(ids) if i % 5)
+                )  # fmt: skip
+                for i, (r, _) in enumerate(ids):
+                    if not i % 5:
+                        await ledger.release(r)
+                charged += sum(s.charged for s in done)
+            return charged
+
+        charged = await asyncio.gather(*(sell(ledger, n) for n, ledger in enumerate(ledgers)))
+        books = await ledgers[2].books()
+        assert books == Books(deposits=3_000_000, balances=3_000_000 - sum(charged), holds=0, charges=sum(charged))
+        assert await ledgers[3].fees_by_node() == {f"n{n}": c for n, c in enumerate(charged)}
+        totals = await ledgers[0].totals()
+        assert totals.requests == 4 * 10 * 20 and totals.today.accounts == 3
+        audit = await ledgers[0].audit()
+        assert audit.ok, audit.discrepancies
+    finally:
+        await asyncio.gather(*(ledger.close() for ledger in ledgers))
