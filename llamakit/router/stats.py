@@ -111,7 +111,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "recent": list(state.requests.recent)[-50:],
         },
         "agents": {name: agents[name] for name in sorted(latest_agents)},
-        "accounts": [asdict(a) for a in accounts],
+        "accounts": [vars(a).copy() for a in accounts],  # as asdict, a tenth of its time
         # Keys with a limit, as `GET /admin/keys/{key}` shows them, with their account's name.
         "keys": [{"account": names.get(k.account_id, str(k.account_id)), **key_view(k, None)} for k in keys],
         "counts": {

@@ -615,7 +615,7 @@ class PostgresLedger(Ledger):
                 limit,
                 int(account) if after else None,
             )
-        return [AccountActivity(**dict(row)) for row in rows]
+        return [AccountActivity(*row) for row in rows]
 
     async def _account_names(self, account_ids: list[int]) -> dict[int, str]:
         rows = await self._fetch("SELECT id, name FROM accounts WHERE id = ANY($1::bigint[])", account_ids)

@@ -10,12 +10,14 @@ but a crash of the process loses nothing committed, and never leaves the books u
 
 The WAL stays bounded under sustained load. A thread of its own copies it back into the database (PASSIVE
 checkpoints, fifty a second), which never waits for or blocks the writer, but cannot bring the WAL back to its
-start while commits keep coming. So once the file passes WAL_RESET_BYTES, the ledger's own thread, between two
-batches, runs a TRUNCATE checkpoint with no busy wait: the frames the background left (a few pages), one fsync
-of the database, and the WAL is truncated to nothing; a reader in the middle of a read (the audit's, an
-archive's, another process's) makes it give up at once and try again after a later batch. The holds and
-settlements that arrive meanwhile wait for that checkpoint: a few milliseconds, once every WAL_RESET_BYTES
-(see docs/performance.md). `journal_size_limit` caps what SQLite leaves of a WAL it restarts on its own.
+start while commits keep coming. So once the WAL holds WAL_RESET_BYTES (as the background counts its frames),
+the ledger's own thread, between two batches, runs a RESTART checkpoint with no busy wait: the frames the
+background left (a few pages), an fsync of the WAL and of the database, and the next commit writes from the
+WAL's start. A reader in the middle of a read (the audit's, an archive's, another process's) or the background
+checkpoint at work makes it give up at once and try again after a later batch; past twice WAL_RESET_BYTES it
+waits for them, up to WAL_RESET_WAIT_MS. The holds and settlements that arrive meanwhile wait for that
+checkpoint: a few milliseconds, once every WAL_RESET_BYTES (see docs/operating.md#the-wal).
+`journal_size_limit` truncates the file to WAL_RESET_BYTES when it restarts from a larger one.
 
 Audits and archives read on a connection (and a thread) of their own, in short reads, off the paid path.
 """
@@ -95,6 +97,8 @@ WAL_RESET_BYTES: Final = 16 * 1024 * 1024
 JOURNAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
 # Seconds between two tries to reset the WAL while readers keep it from being reset.
 WAL_RESET_RETRY: Final = 0.02
+# How long a reset waits for readers and the background checkpoint once the WAL holds twice WAL_RESET_BYTES.
+WAL_RESET_WAIT_MS: Final = 1000
 BUSY_TIMEOUT_MS: Final = 10_000
 
 
@@ -260,12 +264,16 @@ class SqliteLedger(Ledger):
         """Between two batches, on the ledger's thread: reset the WAL once it holds WAL_RESET_BYTES (as the last
         background checkpoint counted its frames)."""
         now = time.monotonic()
-        if self._wal_frames * self._frame_bytes < WAL_RESET_BYTES or now - self._wal_tried < WAL_RESET_RETRY:
+        held = self._wal_frames * self._frame_bytes
+        if held < WAL_RESET_BYTES or now - self._wal_tried < WAL_RESET_RETRY:
             return
         self._wal_tried = now
+        # A reader or a checkpoint at work: give up and try later; but past twice the size (a long reader, the
+        # background checkpoint copying a large WAL), wait for them, up to WAL_RESET_WAIT_MS.
+        wait = WAL_RESET_WAIT_MS if held >= 2 * WAL_RESET_BYTES else 0
         started = time.perf_counter()
         try:
-            conn.execute("PRAGMA busy_timeout = 0")  # a reader or a checkpoint at work: give up, try later
+            conn.execute(f"PRAGMA busy_timeout = {wait}")
             busy = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
         except sqlite3.Error as exc:
             log.debug("ledger WAL reset skipped: %s", exc)
@@ -666,7 +674,7 @@ class SqliteLedger(Ledger):
             )
             args = (day, int(spent) if after else None, search, limit, int(account) if after else None)
         rows = await self._call(lambda conn: conn.execute(query, args).fetchall())
-        return [AccountActivity(**dict(row)) for row in rows]
+        return [AccountActivity(*row) for row in rows]
 
     async def _account_names(self, account_ids: list[int]) -> dict[int, str]:
         rows = await self._call(
