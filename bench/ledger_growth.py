@@ -405,8 +405,27 @@ async def start_up_audit(base_url: str) -> tuple[float | None, bool | None]:
             await asyncio.sleep(0.2)
 
 
-def run_level(db: str, node_url: str, api_key: str, target: int, seconds: float, wal: WalWatch) -> Level:
-    """Fill the history to `target` records (the last REAL_TAIL of them real requests) and measure."""
+def vacuum(db: str) -> None:
+    """PostgreSQL: VACUUM ANALYZE the ledger's tables, as autovacuum would have over the weeks a history this long
+    took to make; measured at once after a bulk fill, the router would share the machine with its catch-up."""
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            for (table,) in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"):
+                await conn.execute(f'VACUUM ANALYZE "{table}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def run_level(
+    db: str, node_url: str, api_key: str, target: int, seconds: float, wal: WalWatch, *, settle: bool = False
+) -> Level:
+    """Fill the history to `target` records (the last REAL_TAIL of them real requests) and measure; with `settle`,
+    VACUUM ANALYZE a PostgreSQL ledger after filling it."""
     have = usage_count(db)
     real = min(REAL_TAIL, max(0, target - have))
     fill = max(0, target - have - real)
@@ -415,6 +434,8 @@ def run_level(db: str, node_url: str, api_key: str, target: int, seconds: float,
     if fill:
         print(f"  filling {fill:,} records through the ledger's API …", flush=True)
         fill_seconds = asyncio.run(_fill(db, api_key, fill))
+    if settle and db.startswith("postgres"):
+        vacuum(db)
     wal_fill = wal.take()
     with router(db, node_url) as running:
         # Measured after the router's start-up audit (a full scan, in the background) is done.
@@ -530,6 +551,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--levels", type=int, nargs="*", default=[], help="more sizes to measure in between")
     parser.add_argument("--accounts", type=int, default=100_000, help="accounts for the snapshot (0: skip)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds of load at c=16 per level (5)")
+    parser.add_argument(
+        "--vacuum", action="store_true", help="PostgreSQL: VACUUM ANALYZE the ledger after filling each level"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.db != "sqlite" and not args.db.startswith(("postgresql://", "postgres://")):
@@ -561,7 +585,7 @@ def main() -> None:
         with WalWatch(db) as wal:
             for size in sizes:
                 print(f"level {size:,} records", flush=True)
-                level = run_level(db, node.url, api_key, size, args.seconds, wal)
+                level = run_level(db, node.url, api_key, size, args.seconds, wal, settle=args.vacuum)
                 print(f"  {asdict(level)}", flush=True)
                 levels.append(level)
         accounts: list[dict[str, float]] = []
@@ -577,7 +601,13 @@ def main() -> None:
         json.dumps(
             {
                 "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-                "config": {"db": backend, "sizes": sizes, "accounts": args.accounts, "seconds": args.seconds},
+                "config": {
+                    "db": backend,
+                    "sizes": sizes,
+                    "accounts": args.accounts,
+                    "seconds": args.seconds,
+                    "vacuum": args.vacuum,
+                },
                 "levels": [asdict(level) for level in levels],
                 "accounts": accounts,
                 "summary": summary,
