@@ -183,7 +183,7 @@ class GenerationRequest(_Lenient):
     store: Literal[False] | None = None
     usage: UsageAccounting | None = None  # OpenRouter's; the usage of every answer carries its cost
 
-    # Request fields, by name, that llamakit refuses with a reason rather than drop (see README, "Fields").
+    # Request fields, by name, that llamakit refuses with a reason rather than drop (see docs/api.md, "Fields").
     REFUSED: ClassVar[dict[str, str]] = {
         "audio": "audio output is not supported: the models here produce text",
         "modalities": "only text is produced here",
@@ -214,7 +214,7 @@ class GenerationRequest(_Lenient):
             raise ApiError(400, f"{key!r} is not supported: {reason}", param=key, code="unsupported_field")
 
     _ALIASES: ClassVar[frozenset[str]] = frozenset({"repetition_penalty"})
-    DOCS: ClassVar[str] = "OpenAI's API reference; llamakit's README lists the fields it takes"
+    DOCS: ClassVar[str] = "OpenAI's API reference; docs/api.md#fields lists the fields llamakit takes"
 
     @field_validator("store", mode="before")
     @classmethod
