@@ -17,6 +17,7 @@ from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
+from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.web import Handler, error_middleware, require_bearer
@@ -38,6 +39,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
+        options = LlamaOptions.from_settings(settings)
         if settings.engine == "batched":
             return BatchedModel(
                 resolved,
@@ -46,8 +48,11 @@ def create_app(settings: NodeSettings) -> web.Application:
                 threads=settings.threads,
                 prefill_chunk=settings.prefill_chunk,
                 cache_ram=settings.cache_ram * 1024 * 1024,
+                options=options,
             )
-        return SimpleModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+        return SimpleModel(
+            resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads, options=options
+        )
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host

@@ -28,7 +28,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 from llamakit.catalog import ResolvedModel
 from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
-from llamakit.node.llama_log import redirecting
+from llamakit.node.llama_log import hearing, redirecting
+from llamakit.node.placement import LlamaOptions, Placement, flash_attn_chosen, placement_of
 from llamakit.wire.completions import check_grammar_shape
 from llamakit.wire.errors import ApiError
 
@@ -256,6 +257,8 @@ class LoadedModel:
         # time.monotonic() when the decode step running now began (None between steps; engines that have one
         # decode loop set it): the node's keepalives tell a slow step from a stuck one by it.
         self.step_started: float | None = None
+        # Where llama.cpp put the model and how it attends (engines set it once their contexts exist).
+        self.placement: Placement | None = None
         self.closed = False
         # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
         self.grammars = GrammarCheck(resolved.path)
@@ -437,29 +440,59 @@ class SimpleModel(LoadedModel):
 
     engine = "simple"
 
-    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
+    def __init__(
+        self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int, options: LlamaOptions | None = None
+    ) -> None:
         started = time.perf_counter()
+        options = options or LlamaOptions()
+
+        def llama(flash_attn: bool) -> Llama:
+            return Llama(
+                model_path=str(resolved.path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **options.llama_kwargs(flash_attn=flash_attn),
+            )
+
         with redirecting:  # not verbose, Llama points stderr at /dev/null while it loads: one load at a time
-            self.contexts = [
-                Llama(
-                    model_path=str(resolved.path),
-                    n_ctx=n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    verbose=False,
-                )
-                for _ in range(slots)
-            ]
+            with hearing() as loaded:
+                first = llama(options.flash_attn != "off")
+            # `Llama` takes flash attention on or off only: `auto` is asked of llama.cpp on the loaded model.
+            chosen = options.flash_attn
+            if chosen == "auto":
+                chosen = "off" if self._flash_attn_auto(first, options, threads) == "off" else "on"
+                if chosen == "off":
+                    first.close()
+                    first = llama(False)
+            self.contexts = [first, *(llama(chosen == "on") for _ in range(slots - 1))]
         self._salts = ["" for _ in range(slots)]  # the cache salt of each context's last request
         super().__init__(resolved, self.contexts[0]._model, slots=slots, n_ctx=n_ctx)
+        self.placement = placement_of(loaded, first._model.model, options, chosen)
         log.info(
-            "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs",
+            "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs: %s",
             self.name,
             self.path,
             slots,
             n_ctx,
             time.perf_counter() - started,
+            self.placement.describe(),
         )
+
+    @staticmethod
+    def _flash_attn_auto(llama: Llama, options: LlamaOptions, threads: int) -> str:
+        """What llama.cpp makes of flash attention `auto` for this model where it was placed: a small context
+        made and freed to hear it say."""
+        params = options.context_params(llama_cpp.llama_context_default_params())
+        params.n_ctx = params.n_batch = params.n_ubatch = 256
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        with hearing() as made:
+            ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        return flash_attn_chosen(made, "auto")
 
     @staticmethod
     def _biases(job: GenerationJob) -> LogitsProcessorList | None:

@@ -48,6 +48,7 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     host = request.app[HOST]
     settings = request.app[SETTINGS]
+    placement = host.model.placement if host.model is not None else None
     health = NodeHealth(
         status=host.status,
         name=settings.name,
@@ -58,6 +59,17 @@ async def health(request: web.Request) -> web.Response:
         n_ctx=settings.n_ctx,
         error=host.error,
     )
+    if placement is not None:
+        health = health.model_copy(
+            update={
+                "backend": placement.backend,
+                "gpu_layers": placement.offloaded,
+                "layers": placement.layers,
+                "flash_attn": placement.flash_attn,
+                "cache_type_k": placement.cache_type_k,
+                "cache_type_v": placement.cache_type_v,
+            }
+        )
     return json_response(health.model_dump())
 
 
