@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,7 +25,9 @@ def run_dashboard(*, url: str, admin_key: str, interval: float = 1.0) -> None:
     from llamakit.tui._app import DashboardApp
     from llamakit.tui._source import RouterStats
 
-    DashboardApp(RouterStats(url, admin_key, interval=interval), exit_on_sigterm=True).run()
+    # textual-serve runs us with its web driver, for a page of `llamakit-tui --serve`.
+    served = os.environ.get("TEXTUAL_DRIVER", "").startswith("textual.drivers.web_driver")
+    DashboardApp(RouterStats(url, admin_key, interval=interval), exit_on_sigterm=True, exit_with_parent=served).run()
 
 
 def _port(text: str) -> int:

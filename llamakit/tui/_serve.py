@@ -63,7 +63,9 @@ class DashboardServer(Server):
     """
 
     def __init__(self, *, url: str, admin_key: str, interval: float = 1.0, host: str, port: int) -> None:
-        command = shlex.join([sys.executable, "-m", "llamakit.tui", "--url", url, "--interval", f"{interval:g}"])
+        # `exec`: the dashboard replaces the shell textual-serve starts, so that its parent is this server.
+        program = [sys.executable, "-m", "llamakit.tui", "--url", url, "--interval", f"{interval:g}"]
+        command = f"exec {shlex.join(program)}"
         super().__init__(command, host=host, port=port, title=f"llamakit dashboard: {url}")
         self.router_url = url
         self._admin_key = admin_key

@@ -7,10 +7,14 @@ of the tab is taken and looked at; `LLAMAKIT_SCREENSHOTS=DIR` keeps it there (el
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.integration.test_up_restarts import children
 from tests.router.conftest import Herd
 from tests.router.fake_node import FakeNode
 from tests.tui.browser import CHROMIUM, Browser, Page
@@ -49,6 +54,12 @@ SCREEN = """(() => {
   }
   return rows.join("\\n");
 })()"""
+
+
+def screen_showing(*texts: str) -> str:
+    """A script whose value is the terminal's screen once it shows every one of `texts` (else false)."""
+    checks = " && ".join(f"s.includes({json.dumps(text)})" for text in texts)
+    return f"(() => {{ const s = {SCREEN}; return {checks} && s; }})()"
 
 
 class Dashboard:
@@ -129,10 +140,7 @@ async def test_the_dashboard_in_a_browser(herd: Herd, browser: Browser, tmp_path
         assert await page.evaluate("document.cookie") == ""  # and the session cookie is not for scripts
 
         await sign_in(page, ADMIN_KEY)
-        screen = await page.wait_for(
-            f"(() => {{ const s = {SCREEN}; return s.includes('alpha') && s.includes('books balance') && s; }})()",
-            "the herd with alpha, and the fees",
-        )
+        screen = await page.wait_for(screen_showing("alpha", "books balance"), "the herd with alpha, and the fees")
         assert await page.evaluate("document.cookie") == ""
         # Every panel by its title, the router's address in the header.
         for title in ("Herd", "Queue", "Fees", "Agents", "Accounts", "Refusals", "Requests"):
@@ -163,3 +171,81 @@ async def test_the_dashboard_in_a_browser(herd: Herd, browser: Browser, tmp_path
         assert colours is not None and len(colours) > 20, "the screenshot is (nearly) one colour"
     finally:
         await dashboard.stop()
+
+
+@pytest.mark.model
+async def test_llamakit_up_serves_the_dashboard_and_keeps_it_up(browser: Browser, tmp_path: Path) -> None:
+    from llamakit.catalog import DEFAULT_MODEL
+
+    port, web = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAKIT_")}
+    env |= {"LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path / "state")}
+    with (tmp_path / "up.log").open("w") as log:
+        up = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", DEFAULT_MODEL,
+            "--slots", "1", "--threads", "1", "--headless", "--serve-dashboard", str(web),
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    async def said(text: str, within: float) -> str:
+        deadline = time.monotonic() + within
+        while text not in (out := (tmp_path / "up.log").read_text()):
+            assert up.returncode is None and time.monotonic() < deadline, out
+            await asyncio.sleep(0.2)
+        return out
+
+    try:
+        out = await said("Ctrl-C stops the herd", 240)
+        url = f"http://127.0.0.1:{web}/"
+        assert f"The dashboard in a browser: {url} (sign in with the admin key" in out, out
+        admin_key = json.loads((tmp_path / "profile.json").read_text())["admin_key"]
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):  # it may still be starting
+                with contextlib.suppress(httpx.TransportError):
+                    refused = await client.get(url)
+                    break
+                await asyncio.sleep(0.1)
+            assert refused.status_code == 401 and "Admin key" in refused.text
+
+        page = await browser.page()
+        await page.before_each_document(CATCH_TERMINAL)
+        await page.goto(url)
+        await sign_in(page, admin_key)
+        screen = await page.wait_for(screen_showing(DEFAULT_MODEL[:12], "ready"), "the herd's node ready")
+        assert f"llamakit — http://127.0.0.1:{port}" in screen, screen
+
+        # The dashboard server dies: `llamakit up` starts it again, as it does a node; the herd stays. The open
+        # page's own dashboard process, which the dead server can no longer stop, quits by itself.
+        parts = children(up.pid, "llamakit.")
+        [server] = children(up.pid, "llamakit.tui")
+        [tab] = children(server, "llamakit.tui")
+        os.kill(server, signal.SIGKILL)
+        await said("dashboard started again", 30)
+        deadline = time.monotonic() + 30
+        while running(tab):
+            assert time.monotonic() < deadline, "the dead server's dashboard process is still running"
+            await asyncio.sleep(0.2)
+        async with httpx.AsyncClient() as client:
+            for _ in range(100):
+                with contextlib.suppress(httpx.TransportError):
+                    refused = await client.get(url)
+                    break
+                await asyncio.sleep(0.1)
+            assert refused.status_code == 401
+            assert (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+        parts += children(up.pid, "llamakit.tui")  # the new dashboard server
+    finally:
+        if up.returncode is None:
+            up.send_signal(signal.SIGINT)
+            await asyncio.wait_for(up.wait(), 30)
+    assert up.returncode == 0, (tmp_path / "up.log").read_text()
+    # The router, the node and both dashboard servers are gone.
+    assert len(parts) == 4 and not any(running(pid) for pid in parts), parts
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

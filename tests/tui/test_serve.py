@@ -4,13 +4,19 @@ test_browser.py.)"""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
+from pathlib import Path
 
 import httpx
 import pytest
 
+from llamakit.cli.up import CannotStart, Launcher, UpOptions, free_port
 from llamakit.tui._serve import COOKIE, DashboardServer
 from tests.conftest import RunningServer
 from tests.tui.conftest import ADMIN_KEY
@@ -118,3 +124,27 @@ async def test_the_websocket_answers_only_its_own_page(served: tuple[DashboardSe
         other = await client.get("/ws", headers=session(token) | UPGRADE | {"Origin": "http://evil.example"})
         assert other.status_code == 403
         assert (await client.get("/ws", headers=UPGRADE | {"Origin": running.url})).status_code == 401
+
+
+def test_llamakit_up_refuses_a_dashboard_port_that_is_taken(tmp_path: Path) -> None:
+    router = free_port("127.0.0.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        options = UpOptions(state_dir=tmp_path, port=router, dashboard_port=port, profile=tmp_path / "profile.json")
+        with pytest.raises(CannotStart, match=rf"127\.0\.0\.1:{port} .*another herd's dashboard\? Pick another "):
+            Launcher(options)
+    options.dashboard_port = router
+    with pytest.raises(CannotStart, match="cannot share the router's port"):
+        Launcher(options)
+
+
+def test_the_port_of_the_page_is_a_port(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAKIT_")}
+    env |= {"LLAMAKIT_URL": ROUTER, "LLAMAKIT_ADMIN_KEY": ADMIN_KEY}
+    done = subprocess.run(
+        [sys.executable, "-m", "llamakit.tui", "--serve", "--port", "70000"],
+        env=env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2 and "a port is a number from 1 to 65535, not '70000'" in done.stderr
