@@ -18,6 +18,7 @@ import hmac
 import html
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -34,6 +35,7 @@ log = logging.getLogger("llamakit.tui.serve")
 
 COOKIE = "llamakit_dashboard"
 SESSION_SECONDS = 12 * 3600  # a signed-in browser signs in again after this long
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:(?P<port>[0-9]{1,5}))?")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SIGN_IN_PAGE = """<!DOCTYPE html>
@@ -148,7 +150,11 @@ class DashboardServer(Server):
 
 
 def origin(request: web.Request) -> URL:
-    """The scheme, host and port the browser used (`X-Forwarded-Proto` from a TLS proxy in front counts)."""
+    """The scheme, host and port the browser used (`X-Forwarded-Proto` from a TLS proxy in front counts);
+    400 for a `Host` that is not a host name or address with an optional port (it is written into the page)."""
+    host = HOST.fullmatch(request.host)
+    if host is None or int(host["port"] or 0) > 65535:
+        raise web.HTTPBadRequest(text="the Host header must be a host name or address, with a port or none\n")
     scheme = request.headers.get("X-Forwarded-Proto", request.scheme).split(",")[0].strip()
     return URL.build(scheme="https" if scheme == "https" else "http", authority=request.host)
 

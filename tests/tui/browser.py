@@ -167,6 +167,16 @@ class Page:
                 raise AssertionError(f"the page never showed {what}; last: {last!r}")
             await asyncio.sleep(0.1)
 
+    async def click(self, x: float, y: float) -> None:
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    async def type(self, text: str) -> None:
+        """Type `text` as keys into what has the focus, one character at a time."""
+        for char in text:
+            await self.send("Input.dispatchKeyEvent", type="keyDown", key=char, text=char)
+            await self.send("Input.dispatchKeyEvent", type="keyUp", key=char)
+
     async def screenshot(self, path: Path) -> Path:
         done = await self.send("Page.captureScreenshot", format="png")
         await asyncio.to_thread(path.write_bytes, base64.b64decode(done["data"]))

@@ -1,7 +1,8 @@
-"""As an operator would: `llamakit-tui --serve` opened in headless Chromium, against a live router with a fake node.
+"""As an operator would: the dashboard that `llamakit-tui --serve` serves, opened in headless Chromium, against a
+live router with a fake node; and beside a real herd under `llamakit up --serve-dashboard`.
 
 What the page's terminal shows is read from xterm.js's own screen buffer (the text it paints), and a screenshot
-of the tab is taken and looked at; `LLAMAKIT_SCREENSHOTS=DIR` keeps it there (else in the test's tmp_path).
+of the tab is taken and looked at; `LLAMAKIT_SCREENSHOTS=DIR` keeps the screenshots there (else in tmp_path).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ Object.defineProperty(Object.prototype, "fitAddon", {
   },
 });
 """
-# The rows the terminal shows, as text (undefined before the page's terminal exists).
+# The rows the terminal shows, as text (empty before the page's terminal exists).
 SCREEN = """(() => {
   const t = window.llamakitTerminal;
   if (!t) return "";
@@ -106,10 +107,9 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
 
 async def sign_in(page: Page, key: str) -> None:
     """Type `key` into the sign-in form and send it; returns once the browser shows the answer."""
-    await page.evaluate(
-        f"window.beforeSignIn = true; document.querySelector('#key').value = {key!r}; "
-        "document.querySelector('form').requestSubmit()"
-    )
+    await page.evaluate("window.beforeSignIn = true; document.querySelector('#key').focus()")
+    await page.type(key)
+    await page.evaluate("document.querySelector('button[type=submit]').click()")
     await page.wait_for("!window.beforeSignIn && document.readyState === 'complete'", "the answer to the sign-in")
 
 
@@ -136,6 +136,8 @@ async def test_the_dashboard_in_a_browser(herd: Herd, browser: Browser, tmp_path
         assert await page.evaluate("document.querySelector('.textual-terminal') === null")
         await sign_in(page, "lka-not-the-key")
         assert "not the admin key" in await page.evaluate("document.body.innerText")
+        shots = Path(os.environ.get("LLAMAKIT_SCREENSHOTS") or tmp_path)
+        print(f"screenshot: {await page.screenshot(shots / 'dashboard-sign-in-refused.png')}")
         assert await page.evaluate("document.querySelector('.textual-terminal') === null")
         assert await page.evaluate("document.cookie") == ""  # and the session cookie is not for scripts
 
@@ -159,7 +161,14 @@ async def test_the_dashboard_in_a_browser(herd: Herd, browser: Browser, tmp_path
         assert re.search(rf"│ earned +{earned} +│", screen), screen
         assert "in USD" in screen and "credits · 1 = 0.000001 USD" in screen, screen
 
-        shots = Path(os.environ.get("LLAMAKIT_SCREENSHOTS") or tmp_path)
+        # A click gives the page's terminal the focus: the footer shows the keys, and they work.
+        await page.click(400, 400)
+        await page.wait_for(screen_showing("Quit", "Pause", "Drain node"), "the keys in the footer")
+        await page.type("p")
+        await page.wait_for(screen_showing("PAUSED"), "the dashboard paused")
+        await page.type("p")
+        await page.wait_for(f"!{SCREEN}.includes('PAUSED')", "the dashboard resumed")
+
         shot = await page.screenshot(shots / "dashboard-in-chromium.png")
         print(f"screenshot: {shot}")
         # The screenshot shows the terminal the page painted (not the page's intro or a blank tab).

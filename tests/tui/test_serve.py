@@ -75,6 +75,10 @@ async def test_every_route_refuses_without_the_admin_key(served: tuple[Dashboard
         bearer = {"Authorization": f"Bearer {ADMIN_KEY}"}
         assert (await client.get("/", headers=bearer)).status_code == 200
         assert (await client.get("/static/js/textual.js", headers=bearer)).status_code == 200
+        # The address the browser used is written into the page: a Host that is not one gets a 400.
+        for host in ('x"><script>alert(1)</script>', "dash.example:99999", "dash.example:port", "a b"):
+            assert (await client.get("/", headers=bearer | {"Host": host})).status_code == 400, host
+        assert (await client.get("/", headers=bearer | {"Host": "[::1]:8000"})).status_code == 200
 
 
 async def test_signing_in_gives_a_session_cookie_that_opens_the_page(
