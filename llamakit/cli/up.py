@@ -51,6 +51,7 @@ class UpOptions:
     credit_value: str | None = None  # the router's --credit-value; None: its default (or LLAMAKIT_CREDIT_VALUE)
     loop: str | None = None  # the router's --loop; None: its default, uvloop (or LLAMAKIT_LOOP)
     currency: str | None = None  # the router's --currency
+    dashboard_port: int | None = None  # serve the dashboard as a web page on this port (llamakit-tui --serve)
 
 
 class HerdRunning(RuntimeError):
@@ -61,7 +62,7 @@ class CannotStart(RuntimeError):
     """`llamakit up` cannot start here: the port is taken, or the profile cannot be written."""
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, *, part: str = "router", flag: str = "--port") -> None:
     """CannotStart when something listens on `host`:`port` already (another herd's router, most likely):
     its answers would pass for this herd's, and this herd's router would fail to start, again and again."""
     with socket.socket() as sock:
@@ -70,7 +71,7 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise CannotStart(
-                f"cannot listen on {host}:{port} ({exc.strerror}): another herd's router? Pick another --port"
+                f"cannot listen on {host}:{port} ({exc.strerror}): another herd's {part}? Pick another {flag}"
             ) from None
 
 
@@ -216,6 +217,10 @@ class Launcher:
         self._lock: int | None = claim_state_dir(options.state_dir, self.url)
         try:
             check_port_free(options.host, options.port)
+            if options.dashboard_port == options.port:
+                raise CannotStart(f"the dashboard cannot share the router's port {options.port}: pick another")
+            if options.dashboard_port is not None:
+                check_port_free(options.host, options.dashboard_port, part="dashboard", flag="--serve-dashboard PORT")
             # Where start() writes the profile, and the running herd whose profile it left alone, if any.
             self.profile_path, self.profile_kept = profile_target(self.url, options.profile)
             check_profile_writable(self.profile_path)
@@ -296,6 +301,8 @@ class Launcher:
             ) from None
         if opts.agent:
             self._start_agent()
+        if opts.dashboard_port is not None:
+            self._start_web_dashboard(opts.dashboard_port)
         self._supervisor = threading.Thread(target=self._supervise, name="llamakit-up-supervisor", daemon=True)
         self._supervisor.start()
         return profile
@@ -359,6 +366,17 @@ class Launcher:
             ["-m", "llamakit.agent", "--router", self.url, "--interval", str(self.options.agent_interval)],
             {"LLAMAKIT_API_KEY": key, "LLAMAKIT_USAGE_LOG": ""},
         )
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Where the dashboard is served as a web page (`dashboard_port`), or None."""
+        port = self.options.dashboard_port
+        return None if port is None else f"http://{self.options.host}:{port}/"
+
+    def _start_web_dashboard(self, port: int) -> None:
+        """`llamakit-tui --serve` beside the herd: the admin key goes in its environment (see _spawn)."""
+        args = ["-m", "llamakit.tui", "--serve", "--host", self.options.host, "--port", str(port), "--url", self.url]
+        self._spawn("dashboard", args)
 
     def _check_alive(self) -> None:
         """While starting: a part that exits stops `llamakit up` with its last lines (a model that cannot load
