@@ -15,6 +15,7 @@ import httpx
 
 from llamakit.cli.admin_client import admin_client, segment, show, table, when
 from llamakit.cli.keys import add_key_commands, add_limit_flags, limits_from_args
+from llamakit.logs import LOG_FORMATS
 from llamakit.profile import profile_path
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         currency=args.currency,
         dashboard_port=args.serve_dashboard,
         profile=Path(args.profile).expanduser().absolute() if args.profile else None,
+        log_format=args.log_format,
+        log_requests=args.log_requests,
     )
     if args.serve_dashboard is not None and importlib.util.find_spec("textual_serve") is None:
         print("llamakit up: --serve-dashboard needs textual-serve: pip install 'llamakit[tui]'", file=sys.stderr)
@@ -280,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the client profile (default: $LLAMAKIT_PROFILE, else ~/.config/llamakit/profile.json; "
         "profile-PORT.json beside it when that one names another herd that still runs)",
     )
+    up.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("LLAMAKIT_LOG_FORMAT", "text").strip().lower() or "text",
+        help="how the router, the nodes and up itself write their logs: text, or json (one object per line); "
+        "env LLAMAKIT_LOG_FORMAT",
+    )
+    up.add_argument("--log-requests", action="store_true", help="the router logs one line per finished paid request")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
     up.add_argument(
         "--serve-dashboard",

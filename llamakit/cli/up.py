@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from types import FrameType
 import httpx
 
 from llamakit.catalog import CATALOG, DEFAULT_MODEL, ModelNotAvailable
+from llamakit.logs import json_formatter
 from llamakit.profile import Profile, profile_path, read_profile, write_profile
 
 __all__ = ["Launcher", "UpOptions", "installed_models"]
@@ -52,6 +54,8 @@ class UpOptions:
     loop: str | None = None  # the router's --loop; None: its default, uvloop (or LLAMAKIT_LOOP)
     currency: str | None = None  # the router's --currency
     dashboard_port: int | None = None  # serve the dashboard as a web page on this port (llamakit-tui --serve)
+    log_format: str = "text"  # every part's --log-format, and up's own lines: text or json
+    log_requests: bool = False  # the router's --log-requests
 
 
 class HerdRunning(RuntimeError):
@@ -227,6 +231,8 @@ class Launcher:
         except BaseException:
             os.close(self._lock)
             raise
+        # up's own lines (a restart, a part that died) as the parts write theirs: text, or JSON objects.
+        self._json = json_formatter() if options.log_format == "json" else None
         self.logs = options.state_dir / "logs"
         self.logs.mkdir(exist_ok=True)
         keys = _secrets(options.state_dir)
@@ -274,6 +280,9 @@ class Launcher:
             router += ["--currency", opts.currency]
         if opts.loop is not None:
             router += ["--loop", opts.loop]
+        router += ["--log-format", opts.log_format]
+        if opts.log_requests:
+            router += ["--log-requests", "yes"]
         self._spawn("router", router)
         for model in models:
             port = free_port(opts.host)
@@ -285,6 +294,7 @@ class Launcher:
                 "--slots", str(opts.slots),
                 "--name", f"{model}-1",
                 "--router", self.url,
+                "--log-format", opts.log_format,
             ]  # fmt: skip
             # Nodes on one machine share its cores: llama.cpp threads spin while they wait, so two nodes with
             # a thread per core each slow each other down many times over.
@@ -344,7 +354,11 @@ class Launcher:
                 self._say(f"{name} started again (restart {part.restarts})")
 
     def _say(self, message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
+        if self._json is not None:
+            record = logging.LogRecord("llamakit.up", logging.INFO, __file__, 0, message, None, None)
+            line = self._json.format(record)
+        else:
+            line = f"{time.strftime('%H:%M:%S')} {message}"
         with (self.logs / "up.log").open("a") as handle:
             handle.write(line + "\n")
         if not self.quiet:

@@ -20,6 +20,8 @@ from llamakit.node.metrics import NodeMetrics
 from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
+from llamakit.node.tracing import TRACING
+from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware, require_bearer
 
 __all__ = ["create_app"]
@@ -28,7 +30,10 @@ __all__ = ["create_app"]
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 
 
-def create_app(settings: NodeSettings) -> web.Application:
+def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """The node's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets its
+    spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
+
     @web.middleware
     async def herd_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
@@ -75,4 +80,12 @@ def create_app(settings: NodeSettings) -> web.Application:
         await host.close()
 
     app.cleanup_ctx.append(model_lifecycle)
+    tracing = tracing or Tracing.from_env("llamakit-node")
+    if tracing is not None:
+        app[TRACING] = tracing
+
+        async def flush_traces(app: web.Application) -> None:  # the spans still batched go out before the end
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush_traces)
     return app

@@ -73,6 +73,8 @@ class _Sequence:
     done: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[], None] | None = None
     logprobs: list[TokenLogprob] | None = None  # where each sampled token's logprobs go, when asked for
+    admitted_ns: int = 0  # when the decode loop took it in, and sampled its first token (epoch ns; for traces)
+    first_token_ns: int = 0
 
 
 class BatchedModel(LoadedModel):
@@ -251,6 +253,7 @@ class BatchedModel(LoadedModel):
         """Keep the cells of the longest prefix the slot shares with the prompt, drop the rest, and feed what
         follows; at least the prompt's last token is decoded again, for its logits. A history about to be
         dropped is saved to the RAM cache first, and a longer prefix saved there is copied into the slot."""
+        seq.admitted_ns = time.time_ns()
         prompt, slot, kept = seq.job.prompt_tokens, seq.seq_id, self._kept[seq.seq_id]
         salt = seq.job.cache_salt
         share = self._shared(slot, prompt, salt)
@@ -334,6 +337,8 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
                 continue
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if not seq.first_token_ns:
+                seq.first_token_ns = time.time_ns()
             if seq.logprobs is not None and not seq.output.is_end(token):
                 logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.logits_at)
                 seq.logprobs.append(logprobs_at(self, logits, token, seq.job.logprobs or 0))
@@ -368,8 +373,9 @@ class BatchedModel(LoadedModel):
         else:
             seconds = time.perf_counter() - seq.started
             seq.result = seq.output.result(
-                len(seq.job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=seq.reused
-            )
+                len(seq.job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=seq.reused,
+                admitted_ns=seq.admitted_ns, first_token_ns=seq.first_token_ns,
+            )  # fmt: skip
         seq.done.set()
 
     def close(self) -> None:

@@ -115,7 +115,9 @@ def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenL
 @dataclass(frozen=True)
 class GenerationResult:
     """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`; `cached_tokens` of
-    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`)."""
+    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`).
+    `admitted_ns` is when the engine took it in and `first_token_ns` when it sampled its first token (epoch
+    nanoseconds, 0 when unknown): the node's trace splits queue, prefill and decode by them."""
 
     text: str
     finish_reason: str
@@ -123,6 +125,8 @@ class GenerationResult:
     completion_tokens: int
     seconds: float
     cached_tokens: int = 0
+    admitted_ns: int = 0
+    first_token_ns: int = 0
 
 
 class _StopMatcher:
@@ -193,7 +197,14 @@ class TextOutput:
         return self.completion_tokens >= self._max_tokens
 
     def result(
-        self, prompt_tokens: int, seconds: float, *, cancelled: bool = False, cached_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        seconds: float,
+        *,
+        cancelled: bool = False,
+        cached_tokens: int = 0,
+        admitted_ns: int = 0,
+        first_token_ns: int = 0,
     ) -> GenerationResult:
         if cancelled:
             self.finish_reason = "cancelled"
@@ -211,6 +222,8 @@ class TextOutput:
             completion_tokens=self.completion_tokens,
             seconds=seconds,
             cached_tokens=cached_tokens,
+            admitted_ns=admitted_ns,
+            first_token_ns=first_token_ns,
         )
 
 
@@ -536,6 +549,7 @@ class SimpleModel(LoadedModel):
         # What Llama.generate will keep of its cache: the prefix it shares with the prompt but its last token.
         cached = shared_prefix(llama._input_ids[: llama.n_tokens].tolist(), job.prompt_tokens[:-1])
         started = time.perf_counter()
+        admitted_ns, first_token_ns = time.time_ns(), 0
         cancelled = False
         tokens = llama.generate(
             job.prompt_tokens, top_k=TOP_K, top_p=job.top_p, min_p=MIN_P, temp=job.temperature,
@@ -544,6 +558,8 @@ class SimpleModel(LoadedModel):
         )  # fmt: skip
         try:
             for token in tokens:
+                if not first_token_ns:  # llama.generate decodes the prompt before its first token
+                    first_token_ns = time.time_ns()
                 if on_progress is not None:
                     on_progress()
                 if cancel.is_set():
@@ -558,4 +574,7 @@ class SimpleModel(LoadedModel):
         finally:
             tokens.close()
         seconds = time.perf_counter() - started
-        return output.result(len(job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=cached)
+        return output.result(
+            len(job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=cached, admitted_ns=admitted_ns,
+            first_token_ns=first_token_ns,
+        )  # fmt: skip

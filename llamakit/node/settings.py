@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
+from llamakit.logs import LogFormat
 from llamakit.node.cores import available_cores
 
 __all__ = ["CACHE_TYPES", "CacheType", "NodeSettings", "settings_from_args"]
@@ -61,6 +62,7 @@ class NodeSettings(BaseModel):
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
+    log_format: LogFormat = Field("text", description="text, or json: one JSON object per line (see docs/operating.md)")
     llama_log: Literal["debug", "info", "warning", "error"] = Field(
         "warning", description="the least severe of llama.cpp's own log messages to show (logger 'llama.cpp')"
     )
@@ -155,6 +157,7 @@ FLAGS = [
     Flag("main_gpu", "--main-gpu", "LLAMAKIT_MAIN_GPU", int),
     Flag("split_mode", "--split-mode", "LLAMAKIT_SPLIT_MODE"),
     Flag("tensor_split", "--tensor-split", "LLAMAKIT_TENSOR_SPLIT"),
+    Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
 ]
 
 

@@ -211,6 +211,9 @@ class UsageRecord:
     # records made before the ledger kept them (schema version 9) or by a ledger given no money.
     credit_value: str | None = None
     currency: str | None = None
+    # Milliseconds the router spent on the request itself (its time less the queue's and the node's, up to its
+    # settlement); None on refusals, recoveries and records made before schema version 11.
+    overhead_ms: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -287,6 +290,7 @@ class Close:
     now: float
     money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
     http_status: int | None = None  # a release's: the error status the request was answered with, if any
+    overhead_ms: float | None = None  # the router's own time on the request (UsageRecord.overhead_ms)
 
 
 def price_columns(money: CreditValue | None) -> tuple[str | None, str | None]:
@@ -365,6 +369,7 @@ def usage_from(row: Row) -> UsageRecord:
         key_prefix=row["key_prefix"],
         credit_value=row["credit_value"],
         currency=row["currency"],
+        overhead_ms=row["overhead_ms"],
     )
 
 
@@ -710,12 +715,13 @@ class Ledger(ABC):
         queue_ms: float | None = None,
         error: str | None = None,
         remember: Remembered | None = None,
+        overhead_ms: float | None = None,
     ) -> Settlement:
         """Close an open hold: charge at most the held amount to `node`, return the rest, record usage.
 
-        `bid` defaults to the bid the hold was made with. `remember` stores the answer under the client's
-        idempotency key in the same transaction, so no crash can leave a charge whose answer a retry
-        would not find. HoldClosed when the hold is not open.
+        `bid` defaults to the bid the hold was made with; `overhead_ms` is the router's own time on the request.
+        `remember` stores the answer under the client's idempotency key in the same transaction, so no crash can
+        leave a charge whose answer a retry would not find. HoldClosed when the hold is not open.
         """
         count("charge", charge)
         count("prompt_tokens", prompt_tokens)
@@ -737,6 +743,7 @@ class Ledger(ABC):
             remember=remember,
             now=self._clock(),
             money=self.money,
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         return await self._close_hold(close)
 
@@ -750,6 +757,7 @@ class Ledger(ABC):
         latency_ms: float | None = None,
         queue_ms: float | None = None,
         http_status: int | None = None,
+        overhead_ms: float | None = None,
     ) -> None:
         """Close an open hold with a full refund (the request failed, timed out or was rejected).
 
@@ -777,6 +785,7 @@ class Ledger(ABC):
             now=self._clock(),
             money=self.money,
             http_status=http_status,
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         await self._close_hold(close)
 

@@ -646,6 +646,7 @@ def _close_op(close: Close) -> dict[str, Any]:
         "credit_value": credit_value,
         "currency": currency,
         "http_status": close.http_status,
+        "overhead_ms": close.overhead_ms,
     }
 
 

@@ -19,6 +19,7 @@ from llamakit.router.limits import Admission, Caller
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.state import RouterState
+from llamakit.router.tracing import PROVIDER, AttributeValue, RequestTrace, operation_of
 from llamakit.wire.completions import ChatCompletionRequest, GenerationRequest
 from llamakit.wire.embeddings import EmbeddingRequest
 from llamakit.wire.errors import ApiError
@@ -37,10 +38,12 @@ async def quote_generation(
     data: dict[str, Any],
     path: str,
     claim: Claim | None = None,
+    trace: RequestTrace | None = None,
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most a chat or text completion
-    can cost. `data` is the request's JSON; `path` the node's route."""
+    can cost. `data` is the request's JSON; `path` the node's route; `trace` times (and traces) the request."""
     settings = state.settings
+    trace = trace or RequestTrace()
     model, bid = request_model(state, request, req.model, req.bid)
     max_tokens = req.token_limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
@@ -63,8 +66,9 @@ async def quote_generation(
     fees = state.prices.fees(model)
     prompt_bound = _prompt_bound(state, model, bound, max_tokens)
     held = hold_amount(fees, bid, prompt_bound, max_tokens)
+    _quoted(trace, path, model, bid, held, max_tokens=max_tokens, stream=req.stream)
     request_id, admission = await hold_credits(
-        state, caller, held, model=model, bid=bid, user=req.user, tokens=prompt_bound + max_tokens
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=prompt_bound + max_tokens, trace=trace
     )
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
@@ -88,6 +92,7 @@ async def quote_generation(
         include_usage=req.include_usage,
         arrived=time.monotonic(),
         claim=claim,
+        trace=trace,
         text=text if settings.affinity else None,
         user=req.user or None,
         chain=chain,
@@ -102,14 +107,19 @@ async def quote_embeddings(
     req: EmbeddingRequest,
     data: dict[str, Any],
     claim: Claim | None = None,
+    trace: RequestTrace | None = None,
 ) -> PaidRequest:
     """Hold the most embeddings can cost: `ceil(bid × (base_fee + prompt_token_fee × bound))`, where the bound is
     exact for token ids and UTF-8 bytes plus an allowance per text (`EmbeddingRequest.token_bound`)."""
+    trace = trace or RequestTrace()
     model, bid = request_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
     bound = req.token_bound()
     held = hold_amount(fees, bid, bound, 0)
-    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user, tokens=bound)
+    _quoted(trace, EMBEDDINGS_PATH, model, bid, held, max_tokens=None, stream=False)
+    request_id, admission = await hold_credits(
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=bound, trace=trace
+    )
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
     return PaidRequest(
@@ -127,8 +137,30 @@ async def quote_embeddings(
         include_usage=False,
         arrived=time.monotonic(),
         claim=claim,
+        trace=trace,
         user=req.user or None,
     )
+
+
+def _quoted(
+    trace: RequestTrace, path: str, model: str, bid: Decimal, held: int, *, max_tokens: int | None, stream: bool
+) -> None:
+    """The request's span gets its GenAI name and what it asks for."""
+    if not trace.on:
+        return
+    operation = operation_of(path)
+    trace.rename(f"{operation} {model}")
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": PROVIDER,
+        "gen_ai.request.model": model,
+        "llamakit.bid": format_bid(bid),
+        "llamakit.credits.held": held,
+        "llamakit.stream": stream,
+    }
+    if max_tokens is not None:
+        attributes["gen_ai.request.max_tokens"] = max_tokens
+    trace.set(attributes)
 
 
 def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -> int:
@@ -173,7 +205,15 @@ def request_model(state: RouterState, request: web.Request, model: str | None, b
 
 
 async def hold_credits(
-    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None, tokens: int
+    state: RouterState,
+    caller: Caller,
+    amount: int,
+    *,
+    model: str,
+    bid: Decimal,
+    user: str | None,
+    tokens: int,
+    trace: RequestTrace | None = None,
 ) -> tuple[str, Admission]:
     """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
     admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
@@ -193,22 +233,25 @@ async def hold_credits(
             param="max_tokens",
             code="hold_too_large",
         )
-    if not caller.limits.allows_model(model):
-        allowed = ", ".join(caller.limits.models or ())
-        raise ApiError(
-            403,
-            f"this API key may not use model {model!r}; it may use: {allowed}",
-            type="permission_error",
-            code="model_not_allowed",
-            param="model",
-        )
-    admission = state.rates.admit(caller, tokens)
+    trace = trace or RequestTrace()
+    with trace.span("llamakit.limits"):
+        if not caller.limits.allows_model(model):
+            allowed = ", ".join(caller.limits.models or ())
+            raise ApiError(
+                403,
+                f"this API key may not use model {model!r}; it may use: {allowed}",
+                type="permission_error",
+                code="model_not_allowed",
+                param="model",
+            )
+        admission = state.rates.admit(caller, tokens)
     request_id = new_request_id()
     try:
-        await state.ledger.hold(
-            caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
-            key_hash=caller.key_hash,
-        )  # fmt: skip
+        with trace.span("llamakit.hold", {"llamakit.credits.held": amount}):
+            await state.ledger.hold(
+                caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
+                key_hash=caller.key_hash,
+            )  # fmt: skip
     except (InsufficientFunds, SpendCapExceeded):
         admission.cancel()  # refused before anything was done: it counts towards no rate limit
         raise

@@ -17,6 +17,7 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Account
 from llamakit.router.limits import UNLIMITED, Admission
 from llamakit.router.paid.idempotency import Claim
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter
 
 __all__ = ["PaidRequest", "new_request_id"]
@@ -53,6 +54,8 @@ class PaidRequest:
     arrived: float  # time.monotonic() when it was held
     user: str | None = None
     claim: Claim | None = None
+    # Its clock (the router's own time on it: its overhead) and, with tracing on, its spans.
+    trace: RequestTrace = field(default_factory=RequestTrace)
     # The request's place under its key's rate limits, given back with its tokens when it ends.
     admission: Admission = UNLIMITED
     key_prefix: str | None = None  # the display prefix of the API key that made it
@@ -70,12 +73,24 @@ class PaidRequest:
     dispatched: float | None = None  # time.monotonic() when a node was assigned
     first_token: float | None = None  # time.monotonic() when a stream's first token went to the client
     node: HerdNode | None = None
+    overhead_ms: float | None = None  # the router's own time on it, as its usage record has it (see record.py)
     closed: bool = False  # its hold was settled or released (or that is under way): see settle.py
 
     @property
     def cache_salt(self) -> str:
         """Whose prompt cache the request may reuse at its node: its account's only (wire.headers.CACHE_SALT_HEADER)."""
         return f"account-{self.account.id}"
+
+    def log_fields(self, node: HerdNode | None = None) -> dict[str, Any]:
+        """The fields of a log line about this request (a JSON line's, see llamakit.logs): its id, account, model
+        and node."""
+        served = node or self.node
+        return {
+            "request_id": self.id,
+            "account": self.account.name,
+            "model": self.model,
+            "node": served.name if served is not None else None,
+        }
 
     def charge(self, prompt_tokens: int, completion_tokens: int) -> int:
         """What `prompt_tokens` and `completion_tokens` cost at this request's fees and bid, never more than the

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +19,9 @@ from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
     acquire,
     answer_headers,
+    begin_call,
     client_gone,
+    end_call,
     failed_over,
     no_node_left,
     release,
@@ -27,7 +31,7 @@ from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed
 from llamakit.web import json_response
-from llamakit.wire.headers import REQUEST_ID_HEADER
+from llamakit.wire.headers import OVERHEAD_HEADER, REQUEST_ID_HEADER
 
 __all__ = ["serve"]
 
@@ -67,17 +71,25 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await acquire(state, request, paid, tried)
+        trace = begin_call(paid, node)
+        asked = time.monotonic()
         try:
-            answer, cut = await _complete_watching(state, request, paid, node)
+            answer, cut = await _complete_watching(state, request, paid, node, trace)
         except NodeFailed as exc:
+            paid.trace.end_call(error=exc)
             failed_over(state, node, exc, tried)
             if client_gone(request):  # nobody to fail over for
                 raise ClientGone("the client went away") from exc
             continue
+        except BaseException as exc:
+            paid.trace.end_call(error=exc)
+            raise
         finally:
+            paid.trace.waited += time.monotonic() - asked  # the node's time, not the router's
             release(state, paid, node)
         usage = answer.get("usage") or {}
         prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        end_call(paid, prompt_tokens, completion_tokens, _finish_reason(answer))
         charge = paid.charge(prompt_tokens, completion_tokens)
         answer["id"] = paid.id
         money = state.settings.money
@@ -89,7 +101,7 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
                 state, paid, node, prompt_tokens, completion_tokens, charge, "cut", "the client went away",
                 cached_tokens=cached,
             )  # fmt: skip
-            return json_response(paid.present(answer), headers=headers)
+            return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
         charged = await settle(
             state, paid, node, prompt_tokens, completion_tokens, charge, "ok", remember=remember, cached_tokens=cached
@@ -98,12 +110,26 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
             answer["usage"] = {**usage, **money.cost_fields(charged)}
             headers.update(cost_headers(money, charged))
         remember_prefix(state, paid, node, _answer_text(answer))
-        return json_response(paid.present(answer), headers=headers)
+        return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
     raise no_node_left(state, paid)
 
 
+def _with_overhead(paid: PaidRequest, headers: dict[str, str]) -> dict[str, str]:
+    """`headers` and the router's overhead on the request, as its usage record has it (set when it settled)."""
+    overhead = paid.overhead_ms if paid.overhead_ms is not None else paid.trace.overhead_ms()
+    headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
+    return headers
+
+
+def _finish_reason(answer: dict[str, Any]) -> str | None:
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) else None
+
+
 async def _complete_watching(
-    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode, trace: Mapping[str, str] | None
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
     its answer then holds the tokens made until it did, which is what the request costs.
@@ -114,7 +140,8 @@ async def _complete_watching(
     upstream = state.upstream
     assert upstream is not None  # set at start-up, before the first request
     if paid.claim is not None:
-        return await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt), False
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
+        return answer, False
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
     loop = asyncio.get_running_loop()
     cancel: asyncio.Future[bool] | None = None
@@ -129,7 +156,7 @@ async def _complete_watching(
 
     timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
     try:
-        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt)
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
     finally:
         if timer is not None:
             timer.cancel()

@@ -60,19 +60,22 @@ async def _settled(
     cached_tokens: int,
 ) -> int:
     latency_ms = (time.monotonic() - paid.arrived) * 1000
+    paid.overhead_ms = paid.trace.overhead_ms()  # the router's own time up to its settlement
     try:
-        settlement = await state.ledger.settle(
-            paid.id,
-            charge=charge,
-            node=node.name,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            status=status,
-            latency_ms=latency_ms,
-            queue_ms=paid.queue_ms,
-            error=error,
-            remember=remember,
-        )
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": charge, "llamakit.status": status}):
+            settlement = await state.ledger.settle(
+                paid.id,
+                charge=charge,
+                node=node.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                status=status,
+                latency_ms=latency_ms,
+                queue_ms=paid.queue_ms,
+                error=error,
+                remember=remember,
+                overhead_ms=paid.overhead_ms,
+            )
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         finished(state, paid, node, "router_lost", prompt_tokens, completion_tokens, 0, str(exc))
@@ -80,7 +83,9 @@ async def _settled(
     except LedgerError:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
         # once the database answers again (nothing was charged: the settlement is one transaction).
-        log.exception("request %s: its settlement failed; releasing its hold in full", paid.id)
+        log.exception(
+            "request %s: its settlement failed; releasing its hold in full", paid.id, extra=paid.log_fields(node)
+        )
         _release_later(state, paid, "the settlement failed: the database could not be written")
         finished(state, paid, node, "error", prompt_tokens, completion_tokens, 0, "the settlement failed")
         return 0
@@ -118,15 +123,20 @@ async def refund(
 async def _released(
     state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
 ) -> None:
+    paid.overhead_ms = paid.trace.overhead_ms()
     try:
-        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status)
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": 0, "llamakit.status": status}):
+            await state.ledger.release(
+                paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status,
+                overhead_ms=paid.overhead_ms,
+            )  # fmt: skip
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         status, error, http_status = "router_lost", str(exc), None
     except LedgerError:
         # The database failed: the hold is released once it answers again. The client still gets the error its
         # request met, not this one.
-        log.exception("request %s: its hold could not be released now; trying again", paid.id)
+        log.exception("request %s: its hold could not be released now; trying again", paid.id, extra=paid.log_fields())
         _release_later(state, paid, error or "refunded")
     finished(state, paid, None, status, 0, 0, 0, error, http_status)
 
@@ -163,4 +173,4 @@ def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
     because this router's lease ran out (a pause longer than --lease; see dispatch/cluster.py), with a usage
     record of its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
     log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
-                paid.id, exc)  # fmt: skip
+                paid.id, exc, extra=paid.log_fields())  # fmt: skip
