@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint bench llama-cmake-args
+.PHONY: install up test lint bench fuzz llama-cmake-args
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,9 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/node_throughput.py
+
+# Before a release: the router fuzzed against its own /openapi.json with many more examples than CI's run
+# (docs/development.md#the-api-fuzzed-against-its-document). FUZZ_EXAMPLES=2000 make fuzz for longer still.
+FUZZ_EXAMPLES ?= 500
+fuzz: install
+	LLAMAKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q -p no:randomly tests/router/test_openapi_fuzz.py

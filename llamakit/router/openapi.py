@@ -36,6 +36,7 @@ from openapi_pydantic.v3.v3_1 import (
 from pydantic import TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
+from llamakit.money.fees import BID_TEXT
 from llamakit.router.routes.query import QueryModel
 from llamakit.wire.answers import ErrorBody
 from llamakit.wire.headers import (
@@ -189,6 +190,7 @@ def openapi_document(app: web.Application, *, title: str = "llamakit router", ve
             wanted["answer"] = schemas.ref(operation.answer, "serialization")
         if operation.stream is not None:
             wanted["stream"] = schemas.ref(operation.stream, "serialization")
+            wanted["error"] = error_ref
         refs.append((method, path, operation, wanted))
     made, definitions = schemas.build()
 
@@ -276,9 +278,11 @@ def _operation(method: str, path: str, op: Operation, schemas: dict[str, dict[st
             )
     if op.paid:
         bid = HEADER_DESCRIPTIONS[BID_HEADER] + " (a body's `bid` wins)"
-        key = Schema(type="string", minLength=1, maxLength=MAX_IDEMPOTENCY_KEY_LENGTH)
+        printable = "^[ -~]+$"  # printable ASCII, as `Idempotency.key_of` takes it
+        key = Schema(type="string", minLength=1, maxLength=MAX_IDEMPOTENCY_KEY_LENGTH, pattern=printable)
+        bid_text = Schema(type="string", pattern=f"^({BID_TEXT.pattern})$")
         parameters += [
-            _parameter(BID_HEADER, "header", Schema(type="string"), description=bid),
+            _parameter(BID_HEADER, "header", bid_text, description=bid),
             _parameter(IDEMPOTENCY_HEADER, "header", key, description=HEADER_DESCRIPTIONS[IDEMPOTENCY_HEADER]),
         ]
     content: dict[str, MediaType] = {}
@@ -287,17 +291,7 @@ def _operation(method: str, path: str, op: Operation, schemas: dict[str, dict[st
     if op.text is not None:
         content[op.text] = MediaType(schema=Schema(type="string"))
     if "stream" in schemas:
-        content["text/event-stream"] = MediaType(
-            schema=_reference(
-                {
-                    "type": "string",
-                    "contentMediaType": "text/event-stream",
-                    "description": "Server-Sent Events: each `data:` line holds one event as JSON (contentSchema); "
-                    + ("the stream ends with `data: [DONE]`" if op.stream_done else "no `[DONE]` at the end"),
-                    "contentSchema": schemas["stream"],
-                }
-            )
-        )
+        content["text/event-stream"] = MediaType(schema=_reference(_event_schema(op, schemas)))
     headers = {"x-request-id": Header(description="the request's id (a paid one's usage record)", schema=_STRING)}
     if op.paid:
         for name in _PAID_HEADERS + _COST_HEADERS:
@@ -324,6 +318,25 @@ def _operation(method: str, path: str, op: Operation, schemas: dict[str, dict[st
 
 
 _STRING: Final = Schema(type="string")
+
+
+def _event_schema(op: Operation, schemas: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One Server-Sent Event of the route's stream, as OpenAPI 3.2's `itemSchema` would give it (before 3.2,
+    a `text/event-stream` media type's `schema` describes each event): its `data` is JSON text holding the
+    route's event, or an error event; a stream that ends with `data: [DONE]` allows that too."""
+    json_data = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"anyOf": [schemas["stream"], schemas["error"]]},
+    }
+    data: dict[str, Any] = {"anyOf": [{"const": "[DONE]"}, json_data]} if op.stream_done else json_data
+    return {
+        "type": "object",
+        "description": "one event: `data:` holds the JSON of "
+        + ("an event (or an error), then `[DONE]` ends the stream" if op.stream_done else "an event (or an error)"),
+        "properties": {"event": {"type": "string"}, "data": data},
+        "required": ["data"],
+    }
 
 
 def _without_title(schema: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     StrictFloat,
     StrictInt,
@@ -157,6 +158,9 @@ class ChatMessage(_Lenient):
 
 class GenerationRequest(_Lenient):
     """Fields common to chat and text completions (the sampling knobs and llamakit's extensions)."""
+
+    # Any other field is refused (`check_fields`), so the API's description allows none.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"additionalProperties": False})
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)

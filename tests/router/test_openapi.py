@@ -61,7 +61,8 @@ def test_bodies_answers_errors_streams_and_headers_come_from_the_models(document
     ok = chat["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatCompletion"}
     sse = ok["content"]["text/event-stream"]["schema"]
-    assert sse["contentSchema"] == {"$ref": "#/components/schemas/ChatCompletionChunk"}
+    chunk_or_error = sse["properties"]["data"]["anyOf"][1]["contentSchema"]["anyOf"]
+    assert chunk_or_error == [{"$ref": f"#/components/schemas/{n}"} for n in ("ChatCompletionChunk", "ErrorBody")]
     assert {REQUEST_ID_HEADER, COST_CREDITS_HEADER, "x-request-id"} <= set(ok["headers"])
     assert {p["name"] for p in chat["parameters"]} == {BID_HEADER, IDEMPOTENCY_HEADER}
     for status in ("400", "401", "402", "429", "503"):

@@ -28,7 +28,7 @@ CHAT = {"messages": [{"role": "user", "content": PROMPT}]}
     [
         ("max_tokens", "10"),
         ("max_tokens", True),
-        ("max_tokens", 10.0),
+        ("max_tokens", 10.5),
         ("max_completion_tokens", "10"),
         ("temperature", "0.5"),
         ("temperature", True),
@@ -86,6 +86,12 @@ async def test_the_router_answers_400_to_max_tokens_as_a_string_or_a_boolean(her
             assert resp.json()["error"]["param"] == "max_tokens"
     assert node.received == []
     assert (await alice.get("/v1/account")).json()["held"] == 0
+    # A whole number is an integer however it is written, as JSON Schema's `integer` (and /openapi.json) says.
+    raw = b'{"prompt": "one two three", "max_tokens": 2.0}'
+    whole = await alice.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    assert whole.status_code == 200 and node.received[-1]["max_tokens"] == 2, whole.text
+    half = await alice.post("/v1/completions", content=raw.replace(b"2.0", b"2.5"))
+    assert half.status_code == 400 and half.json()["error"]["param"] == "max_tokens"
 
 
 async def test_a_bid_is_read_from_its_own_digits_never_rounded_through_a_float(herd: Herd) -> None:
