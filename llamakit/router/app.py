@@ -7,7 +7,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from importlib.metadata import version
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -72,7 +71,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
-    app.add_routes(openapi_routes(version=version("llamakit")))
+    app.add_routes(openapi_routes())
     app.on_response_prepare.append(request_id_header)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 from openapi_spec_validator import validate
 
 from llamakit.router import RouterSettings, create_app
@@ -19,12 +20,26 @@ SCHEMES = {"ApiKey", "AdminKey", "HerdToken"}
 
 @pytest.fixture(scope="module")
 def document() -> dict[str, Any]:
-    return openapi_document(create_app(RouterSettings(db=":memory:")))
+    return openapi_document(create_app(RouterSettings(db=":memory:")), strict=True)
 
 
 def test_the_document_is_valid_openapi_3_1(document: dict[str, Any]) -> None:
     validate(document)
     assert document["openapi"].startswith("3.1")
+
+
+def test_a_route_nobody_described_is_listed_bare_and_fails_the_strict_document() -> None:
+    app = create_app(RouterSettings(db=":memory:"))
+
+    async def undescribed(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app.router.add_get("/v1/new-thing", undescribed)
+    with pytest.raises(LookupError, match="GET /v1/new-thing"):
+        openapi_document(app, strict=True)
+    bare = openapi_document(app)["paths"]["/v1/new-thing"]["get"]
+    validate(openapi_document(app))
+    assert bare["security"] == [{"ApiKey": []}] and "401" in bare["responses"]
 
 
 def test_every_route_is_described_with_the_credential_it_needs(document: dict[str, Any]) -> None:
