@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from llamakit.router.ledger import MAX_AMOUNT
 from llamakit.router.paid.idempotency import canonical_json, fingerprint
 from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest, validate_request
 from llamakit.wire.embeddings import parse_embedding_request
@@ -203,3 +204,17 @@ async def test_an_answer_remembered_under_a_fingerprint_of_the_bytes_still_answe
     other = await alice.post("/v1/completions", content=raw.replace(b"3", b"2"), headers=headers)
     assert other.status_code == 422
     assert json.loads(raw) == {"prompt": "one two", "max_tokens": 3}
+
+
+async def test_a_before_past_the_largest_record_id_is_a_400_not_a_500(herd: Herd) -> None:
+    # Found by the schemathesis run (make fuzz): ?before=9223372036854775807 passed the query's bound (2^63 - 1)
+    # and the ledger refused it with a ValueError, a 500. The bound is now the ledger's own.
+    await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
+    await herd.start()
+    alice = await herd.account("alice", 100_000)
+    assert herd.admin is not None
+    for client, path in [(alice, "/v1/account/usage"), (herd.admin, "/admin/usage")]:
+        for before in (2**63 - 1, MAX_AMOUNT + 1):
+            resp = await client.get(path, params={"limit": 962, "before": before})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == "before", resp.text
+        assert (await client.get(path, params={"before": MAX_AMOUNT})).status_code == 200

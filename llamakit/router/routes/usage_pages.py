@@ -19,13 +19,14 @@ from aiohttp import web
 from pydantic import Field
 
 from llamakit.money.currency import CreditValue
-from llamakit.router.ledger import MAX_PAGE, UsageRecord
+from llamakit.router.ledger import MAX_AMOUNT, MAX_PAGE, UsageRecord
 from llamakit.router.routes.query import QueryModel, parse_query
 from llamakit.wire.errors import ApiError
 
 __all__ = ["AdminUsageParams", "UsageParams", "UsageQuery", "priced", "usage_page", "usage_query"]
 
-MAX_ID = 2**63 - 1
+# The largest record id the ledger takes (its `count` bound); past it `before` was a 500 (found by schemathesis).
+MAX_ID = MAX_AMOUNT
 
 
 class UsageParams(QueryModel):
