@@ -37,7 +37,9 @@ bench: install
 	$(BIN)/python bench/node_throughput.py
 
 # Before a release: the router fuzzed against its own /openapi.json with many more examples than CI's run
-# (docs/development.md#the-api-fuzzed-against-its-document). FUZZ_EXAMPLES=2000 make fuzz for longer still.
+# (docs/development.md#the-api-fuzzed-against-its-document). FUZZ_EXAMPLES=2000 FUZZ_SEED=7 make fuzz for more.
 FUZZ_EXAMPLES ?= 500
+FUZZ_SEED ?= 26
 fuzz: install
-	LLAMAKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s -q -p no:randomly tests/router/test_openapi_fuzz.py
+	LLAMAKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLAMAKIT_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/pytest -s -q -p no:randomly tests/router/test_openapi_fuzz.py

@@ -9,7 +9,8 @@ serve. `/admin/stats/stream` is left out: it streams until the client leaves, an
 
 The seed is fixed and the examples bounded (25 per operation), so the run is the same in CI every time and
 takes well under a minute.
-`LLAMAKIT_FUZZ_EXAMPLES` raises the bound for the longer run before a release (`make fuzz`).
+`LLAMAKIT_FUZZ_EXAMPLES` raises the bound for the longer run before a release (`make fuzz`), and
+`LLAMAKIT_FUZZ_SEED` explores other cases.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tests.conftest import RunningServer
 from tests.router.conftest import ADMIN_KEY
 from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
 
-SEED = 26
+SEED = int(os.environ.get("LLAMAKIT_FUZZ_SEED", "26"))
 EXAMPLES = int(os.environ.get("LLAMAKIT_FUZZ_EXAMPLES", "25"))
 NODE = "fuzz-node-7f3a"  # a name no generated path or body will hit by chance, so the herd keeps serving
 MODEL = "fake-model"
