@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint bench bench-llama-server llama-server llama-cmake-args
+.PHONY: install up test lint bench bench-llama-server llama-server fuzz llama-cmake-args
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,3 +45,11 @@ llama-server: install
 bench-llama-server: install
 	$(BIN)/python bench/node_throughput.py --llama-server "$$($(BIN)/python bench/build_llama_server.py)" \
 		--engines batched --concurrency 1,4,8 --whole --no-llama --no-bare-batches $(BENCH_ARGS)
+
+# Before a release: the router fuzzed against its own /openapi.json with many more examples than CI's run
+# (docs/development.md#the-api-fuzzed-against-its-document). FUZZ_EXAMPLES=2000 FUZZ_SEED=7 make fuzz for more.
+FUZZ_EXAMPLES ?= 500
+FUZZ_SEED ?= 26
+fuzz: install
+	LLAMAKIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LLAMAKIT_FUZZ_SEED=$(FUZZ_SEED) \
+		$(BIN)/pytest -s -q -p no:randomly tests/router/test_openapi_fuzz.py

@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 __all__ = [
+    "BID_TEXT",
     "CHAT_TEMPLATE_ALLOWANCE",
     "MAX_BID",
     "MAX_BID_DECIMALS",
@@ -46,7 +47,7 @@ PER_MESSAGE_ALLOWANCE = 8
 RAW_PROMPT_ALLOWANCE = 4
 
 # ASCII digits only: Decimal() would also take "1_5" (15) and non-ASCII digits, which no client means.
-_BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
+BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
 
 _FEE_FIELDS = ("base_fee", "prompt_token_fee", "completion_token_fee")
 
@@ -135,7 +136,7 @@ def _parse_bid(value: object) -> Bid:
     text = value.strip() if isinstance(value, str) else str(value)
     if len(text) > 64:
         raise ValueError(f"{allowed} with at most {MAX_BID_DECIMALS} decimal places, got {text[:20]}…")
-    if isinstance(value, str) and not _BID_TEXT.fullmatch(text):
+    if isinstance(value, str) and not BID_TEXT.fullmatch(text):
         raise ValueError(f"{allowed}, got {value!r}")
     try:
         bid = Decimal(text)

@@ -21,11 +21,13 @@ from llamakit.router.herd import Herd, HerdNode
 from llamakit.router.ledger import UsageRecord, ledger_at
 from llamakit.router.ledger._owner import own_ledger
 from llamakit.router.metrics import RouterMetrics
+from llamakit.router.openapi import Operation, documented, openapi_routes
 from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
 from llamakit.router.routes.admin import admin_routes, herd_routes
 from llamakit.router.routes.admin_keys import key_routes
+from llamakit.router.routes.answers import Health
 from llamakit.router.routes.embeddings import embedding_routes
 from llamakit.router.routes.openai import routes
 from llamakit.router.routes.responses import response_routes
@@ -73,6 +75,7 @@ def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> w
     app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
+    app.add_routes(openapi_routes())
     app.on_response_prepare.append(request_id_header)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
@@ -105,12 +108,14 @@ async def _stopping(app: web.Application) -> None:
     app[STATE].stopping.set()  # ends the live stats streams, which would otherwise hold up the shutdown
 
 
+@documented(Operation(summary="Whether the router is up, and its herd", auth=None, answer=Health))
 async def _health(request: web.Request) -> web.Response:
     herd = request.config_dict[STATE].herd
     ready = sum(1 for n in herd.nodes.values() if n.state == "ready")
     return json_response({"status": "ok", "nodes": len(herd.nodes), "ready": ready, "models": herd.models()})
 
 
+@documented(Operation(summary="Prometheus metrics", auth=None, text="text/plain"))
 async def _metrics(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     # The herd's queue (every router's requests with --cluster; the other series are this router's).

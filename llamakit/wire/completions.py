@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     StrictFloat,
     StrictInt,
@@ -25,6 +26,7 @@ from pydantic import (
 
 from llamakit.wire._lenient import Lenient
 from llamakit.wire.errors import ApiError
+from llamakit.wire.numbers import Bid, read_float
 from llamakit.wire.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
 
 __all__ = [
@@ -157,6 +159,9 @@ class ChatMessage(_Lenient):
 class GenerationRequest(_Lenient):
     """Fields common to chat and text completions (the sampling knobs and llamakit's extensions)."""
 
+    # Any other field is refused (`check_fields`), so the API's description allows none.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"additionalProperties": False})
+
     model: str | None = None
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
@@ -169,7 +174,7 @@ class GenerationRequest(_Lenient):
     n: int = Field(default=1, ge=1, le=1)
     grammar: str | None = None
     response_format: ResponseFormat | None = None
-    bid: StrictInt | StrictFloat | str | None = None  # strict: `true` is not a bid; "1.5" is, as in the header
+    bid: Bid | None = None  # `true` is not a bid; "1.5" is, as in the header
     user: str | None = Field(default=None, max_length=100)  # kept on the usage record
     logit_bias: dict[str, StrictInt | StrictFloat] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -227,7 +232,7 @@ class GenerationRequest(_Lenient):
         """How many alternatives per token to report with its logprob; None when logprobs were not asked for."""
         return None
 
-    @field_validator("temperature", "top_p", "bid", mode="before")
+    @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
@@ -437,11 +442,14 @@ _SCHEMA_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "m
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """A JSON object from a request body, or a 400 that says what is wrong with it: not JSON, not an object,
-    or nested more than MAX_BODY_DEPTH levels deep."""
+    or nested more than MAX_BODY_DEPTH levels deep. A number no float holds as written is kept with its text
+    (`wire.numbers.read_float`), so that a bid is read from its own digits."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=read_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on int(str))
+        raise ApiError(400, f"the request body holds a number too long to read: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):

@@ -16,8 +16,10 @@ __all__ = [
     "COST_CREDITS_HEADER",
     "COST_HEADER",
     "CURRENCY_HEADER",
+    "HEADER_DESCRIPTIONS",
     "IDEMPOTENCY_HEADER",
     "KEEPALIVE_HEADER",
+    "MAX_IDEMPOTENCY_KEY_LENGTH",
     "NODE_HEADER",
     "OVERHEAD_HEADER",
     "QUEUE_HEADER",
@@ -44,3 +46,20 @@ CACHE_SALT_HEADER: Final = "X-Llamakit-Cache-Salt"
 # How often, in seconds, a node's generation that is advancing says so while no text is due: the router waits
 # that long at most for a byte before it takes the node for hung, and sets it from its own node timeout.
 KEEPALIVE_HEADER: Final = "X-Llamakit-Keepalive"
+
+MAX_IDEMPOTENCY_KEY_LENGTH: Final = 255  # characters of printable ASCII
+
+# What each header means, as `/openapi.json` describes it (the router's headers; the node's two are internal).
+HEADER_DESCRIPTIONS: Final = {
+    REQUEST_ID_HEADER: "the paid request's id: its usage record's, and the node's answer's",
+    NODE_HEADER: "the node that served the answer",
+    BID_HEADER: "the bid, a multiplier from 1 to 1000 on every fee (decimal text, at most 20 decimal places)",
+    QUEUE_HEADER: "milliseconds the request waited for a node slot",
+    COST_HEADER: "the price in the operator's currency, as exact decimal text (a whole answer; a stream's is in "
+    "its usage chunk)",
+    COST_CREDITS_HEADER: "the integer credits the ledger charged (a whole answer)",
+    CURRENCY_HEADER: "ISO 4217 code of the price",
+    IDEMPOTENCY_HEADER: f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters: a retry under the same key "
+    "gets the first answer again, never a second charge (docs/api.md#idempotency)",
+    REPLAYED_HEADER: "'true' on an answer given again under an Idempotency-Key",
+}

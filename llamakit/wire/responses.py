@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from llamakit.wire.completions import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
 from llamakit.wire.embeddings import validate_body
 from llamakit.wire.errors import ApiError
+from llamakit.wire.numbers import Bid
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -89,7 +90,7 @@ _REFUSALS = {
 class FunctionTool(BaseModel):
     """A Responses function tool: `{"type": "function", "name", "description", "parameters", "strict"}`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
@@ -101,7 +102,7 @@ class FunctionTool(BaseModel):
 class TextFormat(BaseModel):
     """`text.format`: plain text, any JSON object, or JSON that satisfies `schema`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -111,7 +112,7 @@ class TextFormat(BaseModel):
 
 
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     format: TextFormat | None = None
 
@@ -119,7 +120,7 @@ class TextConfig(BaseModel):
 class ResponsesRequest(BaseModel):
     """The fields of `POST /v1/responses` that llamakit acts on, with OpenAI's bounds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
     input: str | list[dict[str, Any]]
@@ -139,7 +140,7 @@ class ResponsesRequest(BaseModel):
     include: list[Literal["message.output_text.logprobs"]] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     background: Literal[False] | None = None
-    bid: StrictInt | StrictFloat | None = None
+    bid: Bid | None = None
 
     @property
     def format(self) -> TextFormat | None:

@@ -62,6 +62,10 @@ class FakeNode:
     status: str = "ready"
     n_ctx: int | None = None  # said in /health when set, as a real node says its context
     stops: dict[str, asyncio.Event] = field(default_factory=dict)  # by request id: POST /admin/cancel/{id}
+    # Answers in OpenAI's exact shapes, as a real node writes them (chat.completion with a message, chunks with a
+    # delta, `created` everywhere): for checking the router's answers against its OpenAPI document. Off, chat
+    # answers are text completions, which the router's own behaviour does not care about.
+    openai_shapes: bool = False
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -190,6 +194,8 @@ class FakeNode:
                 "choices": [{"index": 0, "text": " tok" * made, "finish_reason": "length"}],
                 "usage": usage,
             }
+            if self.openai_shapes:
+                answer = self._shaped(answer, chat=request.path.endswith("/chat/completions"))
             if resp is None:
                 return web.json_response(answer)
             await resp.write(json.dumps(answer).encode())
@@ -206,6 +212,22 @@ class FakeNode:
 
     def _free_slot(self) -> None:
         self.active -= 1
+
+    def _shaped(self, answer: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+        """A whole answer as a real node writes it: `created`, and for chat a `chat.completion` with a message."""
+        answer["created"] = 1
+        if chat:
+            answer["object"] = "chat.completion"
+            answer["choices"] = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": None,
+                    "finish_reason": choice["finish_reason"],
+                }
+                for choice in answer["choices"]
+            ]
+        return answer
 
     @staticmethod
     async def _still_wanted(request: web.Request, seconds: float) -> bool:
@@ -227,8 +249,11 @@ class FakeNode:
             # Compact, as a real node writes its chunks (the router passes token chunks on without parsing them).
             await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
 
-        pieces = _call_pieces(self.script.calls) if self.script.calls else [{"text": " tok"}] * n
+        chat = self.openai_shapes and request.path.endswith("/chat/completions")
+        calls = self.script.calls
+        pieces = _call_pieces(calls) if calls else [{"delta": {"content": " tok"}} if chat else {"text": " tok"}] * n
         n = len(pieces)
+        shape = {"created": 1, "model": self.model} if self.openai_shapes else {}
         try:
             for i, piece in enumerate(pieces, 1):
                 await asyncio.sleep(self.script.token_delay)
@@ -241,20 +266,22 @@ class FakeNode:
                     return resp
                 chunk = {
                     "id": rid,
-                    "object": "chat.completion.chunk" if self.script.calls else "text_completion",
+                    "object": "chat.completion.chunk" if calls or chat else "text_completion",
+                    **shape,
                     "choices": [{"index": 0, **piece, "finish_reason": None}],
                     "usage": None,
                 }
                 await send(with_counts(chunk, TokenCounts(prompt_tokens, i)))
             finish = (
-                {"delta": {}, "finish_reason": "tool_calls"}
-                if self.script.calls
+                {"delta": {}, "finish_reason": "tool_calls" if calls else "length"}
+                if calls or chat
                 else {"text": "", "finish_reason": "length"}
             )
-            await send({"id": rid, "choices": [{"index": 0, **finish}]})
+            kind = {"object": "chat.completion.chunk" if calls or chat else "text_completion"} if shape else {}
+            await send({"id": rid, **kind, **shape, "choices": [{"index": 0, **finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                await send({"id": rid, "choices": [], "usage": usage})
+                await send({"id": rid, **kind, **shape, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionError, asyncio.CancelledError):
             self.cancelled += 1

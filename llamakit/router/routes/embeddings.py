@@ -11,13 +11,15 @@ from aiohttp import web
 
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, replay
 from llamakit.router.paid.quote import EMBEDDINGS_PATH, quote_embeddings
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import STATE
 from llamakit.router.tracing import RequestTrace
-from llamakit.wire.embeddings import parse_embedding_request
+from llamakit.wire.answers import CreateEmbeddingResponse
+from llamakit.wire.embeddings import EmbeddingRequest, parse_embedding_request
 
 __all__ = ["embedding_routes"]
 
@@ -25,6 +27,8 @@ embedding_routes = web.RouteTableDef()
 
 
 @embedding_routes.post(EMBEDDINGS_PATH)
+@documented(Operation(summary="Embeddings, paid: priced per input token like a prompt", auth="api_key",
+                      answer=CreateEmbeddingResponse, body=EmbeddingRequest, paid=True))  # fmt: skip
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
 

@@ -18,6 +18,7 @@ from llamakit import jsontext
 from llamakit.router.auth import authenticate
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, recall_answer, without_cost_headers
 from llamakit.router.paid.quote import quote_generation
@@ -26,6 +27,7 @@ from llamakit.router.routes.openai import CHAT_PATH
 from llamakit.router.state import STATE, RouterState
 from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter, json_response
+from llamakit.wire.answers import Response, ResponseStreamEvent
 from llamakit.wire.completions import ChatCompletionRequest, validate_request
 from llamakit.wire.errors import ApiError
 from llamakit.wire.responses import (
@@ -91,6 +93,9 @@ def _response_id(request_id: str) -> str:
 
 
 @response_routes.post(PATH)
+@documented(Operation(summary="OpenAI's Responses API, paid: served as a chat completion", auth="api_key",
+                      answer=Response, body=ResponsesRequest, stream=ResponseStreamEvent, stream_done=False,
+                      paid=True))  # fmt: skip
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
 
@@ -136,6 +141,8 @@ def _present_as_response(paid: PaidRequest, req: ResponsesRequest) -> None:
 
 
 @response_routes.get(PATH + "/{response_id}")
+@documented(Operation(summary="Always 404: llamakit keeps no responses", auth="api_key", answer=Response,
+                      errors=(404,)))  # fmt: skip
 async def retrieve(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}` (the openai client's `responses.retrieve`): nothing is kept, so always 404."""
     await authenticate(request)
