@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: RouterSettings) -> web.Application:
-    default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
+    default_fees = FeeSchedule(
+        settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee, settings.cached_prompt_token_fee
+    )
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
     # Opened (and migrated) at start-up, in _books; each usage record keeps the money it is priced at.
