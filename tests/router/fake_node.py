@@ -268,6 +268,7 @@ class FakeNode:
                     return resp
                 chunk = {
                     "id": rid,
+                    "model": self.model,
                     "object": "chat.completion.chunk" if self.script.calls else "text_completion",
                     "choices": [{"index": 0, **piece, "finish_reason": None}],
                     "usage": None,
@@ -278,14 +279,14 @@ class FakeNode:
                 if self.script.calls
                 else {"text": "", "finish_reason": "length"}
             )
-            await send({"id": rid, "choices": [{"index": 0, **finish}]})
+            await send({"id": rid, "model": self.model, "choices": [{"index": 0, **finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage: dict[str, Any] = {
                     "prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n
                 }  # fmt: skip
                 if cached is not None:
                     usage["prompt_tokens_details"] = {"cached_tokens": cached}
-                await send({"id": rid, "choices": [], "usage": usage})
+                await send({"id": rid, "model": self.model, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionError, asyncio.CancelledError):
             self.cancelled += 1

@@ -16,14 +16,14 @@ from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token
 from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, SpendCapExceeded
 from llamakit.router.limits import Admission, Caller
-from llamakit.router.paid.fallback import Candidate, PassedOver
+from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_header
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.state import RouterState
 from llamakit.wire.completions import ChatCompletionRequest, GenerationRequest
 from llamakit.wire.embeddings import EmbeddingRequest
 from llamakit.wire.errors import ApiError
-from llamakit.wire.headers import BID_HEADER
+from llamakit.wire.headers import BID_HEADER, PASSED_OVER_HEADER
 
 __all__ = [
     "EMBEDDINGS_PATH",
@@ -139,6 +139,7 @@ def _candidates(
                 f"{p.model} ({p.reason})" for p in others
             )
             refusals[-1].extra["passed_over"] = [p.as_dict() for p in others]
+            refusals[-1].headers[PASSED_OVER_HEADER] = passed_over_header(others)
         raise refusals[-1]
     at = served[0]
     first, first_bound = outcomes[at]
