@@ -166,7 +166,7 @@ async def test_when_every_model_is_passed_over_the_last_ones_error_is_the_answer
     resp = await alice.post("/v1/completions", json={**ASK, "models": ["ghost", "ghost2"]})
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_node"
     error = resp.json()["error"]
-    assert "'ghost2'" in error["message"] and "models passed over before it: ghost (no_node)" in error["message"]
+    assert "'ghost2'" in error["message"] and "the other models were passed over: ghost (no_node)" in error["message"]
     assert reasons(error["passed_over"]) == [("ghost", "no_node")]
     assert resp.headers["X-Llamakit-Passed-Over"] == "ghost=no_node"
     usage = await record(alice, resp.headers["X-Llamakit-Request-Id"])

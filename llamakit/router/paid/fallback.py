@@ -55,7 +55,9 @@ def pass_over(state: RouterState, paid: PaidRequest, exc: DispatchError) -> bool
         if isinstance(following, PassedOver):
             skipped.append(following)
             continue
-        paid.passed_over += [PassedOver(paid.model, exc.code, exc.message), *skipped]
+        # The dispatcher's "nothing was charged" is about the request as it would have ended there; it goes on.
+        message = exc.message.removesuffix("; nothing was charged")
+        paid.passed_over += [PassedOver(paid.model, exc.code, message), *skipped]
         paid.model, paid.fees = following.model, following.fees
         paid.body["model"] = following.model
         if paid.text is not None:  # a node's cache is kept apart by model: the next one's prefix is another chain

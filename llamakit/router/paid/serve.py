@@ -60,7 +60,7 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
         await refund(state, paid, status=status, error=answer.message, http_status=http_status)
         answer.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
         if paid.passed_over:  # every model was tried: the error is the last one's, and says the others'
-            answer.message += "; models passed over before it: " + ", ".join(
+            answer.message += "; the other models were passed over: " + ", ".join(
                 f"{p.model} ({p.reason})" for p in paid.passed_over
             )
             answer.extra["passed_over"] = paid.passed_over_list()
