@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install up test lint bench llama-cmake-args
+.PHONY: install up test lint bench bench-llama-server llama-server llama-cmake-args
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,13 @@ test: install lint
 
 bench: install
 	$(BIN)/python bench/node_throughput.py
+
+# llama.cpp's own llama-server (and llama-bench), built once with the flags above from the llama.cpp that the
+# installed llama-cpp-python vendors, into ~/.cache/llamakit; prints its path.
+llama-server: install
+	$(BIN)/python bench/build_llama_server.py
+
+# The node against llama-server: 1, 4 and 8 streams, streamed and whole (add --cold through BENCH_ARGS).
+bench-llama-server: install
+	$(BIN)/python bench/node_throughput.py --llama-server "$$($(BIN)/python bench/build_llama_server.py)" \
+		--engines batched --concurrency 1,4,8 --whole --no-llama --no-bare-batches $(BENCH_ARGS)

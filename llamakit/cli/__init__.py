@@ -9,13 +9,17 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from llamakit.cli.admin_client import admin_client, segment, show, table, when
 from llamakit.cli.keys import add_key_commands, add_limit_flags, limits_from_args
+from llamakit.logs import LOG_FORMATS
 from llamakit.profile import profile_path
+
+if TYPE_CHECKING:
+    from llamakit.cli.up import Launcher
 
 __all__ = ["main"]
 
@@ -44,8 +48,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         credit_value=args.credit_value,
         loop=args.loop,
         currency=args.currency,
+        dashboard_port=args.serve_dashboard,
         profile=Path(args.profile).expanduser().absolute() if args.profile else None,
+        log_format=args.log_format,
+        log_requests=args.log_requests,
     )
+    if args.serve_dashboard is not None and importlib.util.find_spec("textual_serve") is None:
+        print("llamakit up: --serve-dashboard needs textual-serve: pip install 'llamakit[tui]'", file=sys.stderr)
+        return 1
     try:
         launcher = Launcher(options)
     except RuntimeError as exc:  # the state directory or the port is taken, or the profile cannot be written
@@ -71,6 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{note}"
             f"  export LLAMAKIT_URL={profile.url}\n"
             f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
+            f"{web_dashboard_note(launcher)}"
             "Ctrl-C stops the herd.",
             flush=True,
         )
@@ -95,6 +106,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping …", flush=True)
         launcher.stop()
     return 0
+
+
+def web_dashboard_note(launcher: Launcher) -> str:
+    """Where `--serve-dashboard` serves the dashboard, and the key that opens it ('' without the flag)."""
+    if launcher.dashboard_url is None:
+        return ""
+    return (
+        f"The dashboard in a browser: {launcher.dashboard_url} (sign in with the admin key, admin_key in "
+        f"{launcher.profile_path})\n\n"
+    )
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def _credit_value(text: str) -> str:
@@ -263,7 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the client profile (default: $LLAMAKIT_PROFILE, else ~/.config/llamakit/profile.json; "
         "profile-PORT.json beside it when that one names another herd that still runs)",
     )
+    up.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("LLAMAKIT_LOG_FORMAT", "text").strip().lower() or "text",
+        help="how the router, the nodes and up itself write their logs: text, or json (one object per line); "
+        "env LLAMAKIT_LOG_FORMAT",
+    )
+    up.add_argument("--log-requests", action="store_true", help="the router logs one line per finished paid request")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
+    up.add_argument(
+        "--serve-dashboard",
+        type=_port,
+        metavar="PORT",
+        help="also serve the dashboard as a web page on --host:PORT, opened with the admin key (llamakit-tui --serve)",
+    )
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)
 

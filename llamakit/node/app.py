@@ -17,8 +17,11 @@ from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
+from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
+from llamakit.node.tracing import TRACING
+from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware, require_bearer
 
 __all__ = ["create_app"]
@@ -27,7 +30,10 @@ __all__ = ["create_app"]
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 
 
-def create_app(settings: NodeSettings) -> web.Application:
+def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """The node's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets its
+    spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
+
     @web.middleware
     async def herd_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
@@ -38,6 +44,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
+        options = LlamaOptions.from_settings(settings)
         if settings.engine == "batched":
             return BatchedModel(
                 resolved,
@@ -46,8 +53,11 @@ def create_app(settings: NodeSettings) -> web.Application:
                 threads=settings.threads,
                 prefill_chunk=settings.prefill_chunk,
                 cache_ram=settings.cache_ram * 1024 * 1024,
+                options=options,
             )
-        return SimpleModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+        return SimpleModel(
+            resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads, options=options
+        )
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host
@@ -70,4 +80,12 @@ def create_app(settings: NodeSettings) -> web.Application:
         await host.close()
 
     app.cleanup_ctx.append(model_lifecycle)
+    tracing = tracing or Tracing.from_env("llamakit-node")
+    if tracing is not None:
+        app[TRACING] = tracing
+
+        async def flush_traces(app: web.Application) -> None:  # the spans still batched go out before the end
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush_traces)
     return app

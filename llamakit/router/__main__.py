@@ -8,8 +8,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from llamakit.logs import configure_logging
 from llamakit.router.app import create_app
 from llamakit.router.ledger import LedgerError, redacted
+from llamakit.router.paid.record import REQUEST_LOG
 from llamakit.router.settings import settings_from_args
 from llamakit.web import serve
 
@@ -28,12 +30,13 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = settings_from_args(argv)
+    configure_logging(settings.log_format)
+    REQUEST_LOG.setLevel(logging.INFO if settings.log_requests else logging.WARNING)
     try:
         app = create_app(settings)
-    except ValueError as exc:  # an unreadable fee file, for one
+    except ValueError as exc:  # an unreadable fee file, or OTEL_* variables asking for traces it cannot send
         print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     for flag, env, what, value in (

@@ -32,6 +32,7 @@ from llamakit.router.routes.responses import response_routes
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream
+from llamakit.telemetry import Tracing
 from llamakit.web import REFUSAL, Handler, error_middleware_for, json_response, request_id_header
 
 __all__ = ["create_app"]
@@ -39,7 +40,9 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: RouterSettings) -> web.Application:
+def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """The router's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets
+    its spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
     default_fees = FeeSchedule(
         settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee, settings.cached_prompt_token_fee
     )
@@ -58,6 +61,7 @@ def create_app(settings: RouterSettings) -> web.Application:
             Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share)
         ),
         metrics=RouterMetrics(),
+        tracing=tracing or Tracing.from_env("llamakit-router"),
     )
     app = web.Application(
         middlewares=[_count_refusals, error_middleware_for(http_error)], client_max_size=settings.max_body_bytes
@@ -78,7 +82,15 @@ def create_app(settings: RouterSettings) -> web.Application:
     if settings.cluster:
         app.cleanup_ctx.append(_shared_herd)
     app.cleanup_ctx.append(_health_checks)
+    if state.tracing is not None:
+        app.on_cleanup.append(_flush_traces)
     return app
+
+
+async def _flush_traces(app: web.Application) -> None:
+    tracing = app[STATE].tracing
+    if tracing is not None:  # the spans still batched go out before the process ends
+        await asyncio.to_thread(tracing.shutdown)
 
 
 @web.middleware

@@ -38,6 +38,8 @@ KNOWN_REFUSALS = (
     (504, "queue_timeout"),
 )
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The router's overhead is well under a millisecond on a quiet router; tens of milliseconds mean trouble.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NODE_STATES = ("ready", "draining", "down")
 
@@ -45,7 +47,8 @@ NODE_STATES = ("ready", "draining", "down")
 class RouterMetrics:
     """Counters and histograms a router keeps about itself (per router: with several routers, sum across them).
 
-    Series: requests and refusals by outcome, tokens, fees per node, queue depth and wait, end-to-end latency,
+    Series: requests and refusals by outcome, tokens, fees per node, queue depth and wait, end-to-end latency, the
+    router's own overhead per request,
     time to first token of streams, completion tokens per second of each request, per-node state and slots,
     and the process, platform and garbage-collector collectors of prometheus_client.
     """
@@ -135,6 +138,14 @@ class RouterMetrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
             registry=self.registry,
         )
+        self.overhead_seconds = Histogram(
+            "llamakit_router_overhead_seconds",
+            "The router's own time on each paid request (X-Llamakit-Overhead-Ms): its time up to the settlement, "
+            "less the queue wait and the node's time, by model.",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=self.registry,
+        )
         self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
         self.affinity = Counter(
             "llamakit_router_affinity_dispatches",
@@ -165,6 +176,10 @@ class RouterMetrics:
 
     def refused(self, status: int, code: str) -> None:
         self._child(self.refusals, str(status), code).inc()
+
+    def overhead(self, model: str, seconds: float) -> None:
+        """The router spent `seconds` of its own on a request (queue and node excluded)."""
+        self._child(self.overhead_seconds, model).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
         """A request waited `seconds` from its arrival for a node."""

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
+from llamakit.logs import LogFormat
 from llamakit.money.currency import (
     DEFAULT_CREDIT_VALUE,
     DEFAULT_CURRENCY,
@@ -73,6 +74,11 @@ class RouterSettings(BaseModel):
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
     access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
+    log_format: LogFormat = Field("text", description="text, or json: one JSON object per line (see docs/operating.md)")
+    log_requests: bool = Field(
+        False,
+        description="log one line per finished paid request, with its usage record's fields (logger llamakit.requests)",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="the event loop: uvloop (libuv; about a fifth less CPU per request) or asyncio's own"
     )
@@ -181,6 +187,8 @@ FLAGS = [
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
+    Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
+    Flag("log_requests", "--log-requests", "LLAMAKIT_LOG_REQUESTS", _yes),
     Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
     Flag("cluster", "--cluster", "LLAMAKIT_CLUSTER", _yes),

@@ -23,6 +23,7 @@ from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.pricing import PriceList
 from llamakit.router.settings import RouterSettings
 from llamakit.router.upstream import Upstream
+from llamakit.telemetry import Tracing
 
 __all__ = ["STATE", "RequestLog", "RouterState", "UsageLog"]
 
@@ -90,6 +91,7 @@ class RouterState:
     metrics: RouterMetrics
     idempotency: Idempotency
     upstream: Upstream | None = None
+    tracing: Tracing | None = None  # OpenTelemetry traces, when the OTEL_* variables ask for them
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     keys: KeyCache = field(default_factory=KeyCache)

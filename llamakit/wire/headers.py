@@ -1,6 +1,7 @@
 """The HTTP headers llamakit adds to OpenAI's API, named once for the router, the node and the SDK.
 
-Client ↔ router: a paid answer carries its request id, node, bid, queue wait, price and credits; a client may
+Client ↔ router: a paid answer carries its request id, node, bid, queue wait, the router's overhead, price and
+credits; a client may
 send its bid and an idempotency key (Stripe's and OpenAI's `Idempotency-Key`). Router → node: the request id
 (the node names its answer after it), whose prompt cache the request may reuse, and the keepalive interval.
 """
@@ -18,6 +19,7 @@ __all__ = [
     "IDEMPOTENCY_HEADER",
     "KEEPALIVE_HEADER",
     "NODE_HEADER",
+    "OVERHEAD_HEADER",
     "PASSED_OVER_HEADER",
     "QUEUE_HEADER",
     "REPLAYED_HEADER",
@@ -29,6 +31,9 @@ REQUEST_ID_HEADER: Final = "X-Llamakit-Request-Id"
 NODE_HEADER: Final = "X-Llamakit-Node"  # the node that served the answer
 BID_HEADER: Final = "X-Llamakit-Bid"  # the bid (a multiplier ≥ 1), sent by a client or echoed by the router
 QUEUE_HEADER: Final = "X-Llamakit-Queue-Ms"  # milliseconds the request waited for a node slot
+# Milliseconds the router spent on the request itself: its time less the queue wait and the node's time (for a
+# stream, until its first byte; its usage record has the whole stream's). LiteLLM's x-litellm-overhead-duration-ms.
+OVERHEAD_HEADER: Final = "X-Llamakit-Overhead-Ms"
 COST_HEADER: Final = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
 COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
 CURRENCY_HEADER: Final = "X-Llamakit-Currency"  # ISO 4217 code of COST_HEADER, on every answer a node served

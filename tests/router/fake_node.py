@@ -57,6 +57,7 @@ class FakeNode:
     script: Script = field(default_factory=Script)
     received: list[dict[str, Any]] = field(default_factory=list)
     cache_salts: list[str | None] = field(default_factory=list)  # X-Llamakit-Cache-Salt of each generation
+    traceparents: list[str | None] = field(default_factory=list)  # the W3C traceparent of each generation
     active: int = 0
     max_active: int = 0
     cancelled: int = 0
@@ -139,6 +140,7 @@ class FakeNode:
         body = await request.json()
         self.received.append(body)
         self.cache_salts.append(request.headers.get("X-Llamakit-Cache-Salt"))
+        self.traceparents.append(request.headers.get("traceparent"))
         script = self.script
         if script.hang:
             await request.app[STOPPING].wait()

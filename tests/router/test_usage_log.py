@@ -34,6 +34,7 @@ FIELDS = {
     "latency_ms",
     "queue_ms",
     "ttft_ms",
+    "overhead_ms",
     "error",
     "user",
     "key_prefix",

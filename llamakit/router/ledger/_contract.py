@@ -213,12 +213,15 @@ class UsageRecord:
     credit_value: str | None = None
     currency: str | None = None
     # Prompt tokens the node read from its cache (among `prompt_tokens`), and the credits that saved the client
-    # (`cost` is after it; see fees.cache_discount). 0 on records made before the ledger kept them (version 11).
+    # (`cost` is after it; see fees.cache_discount). 0 on records made before the ledger kept them (version 12).
     cached_tokens: int = 0
     cache_discount: int = 0
     # The models named before `model` in a request's `models` list that did not serve it, in order, each
     # `{"model", "reason", "message"}` (reason: the error code, such as `no_node` or `queue_full`).
     passed_over: tuple[Mapping[str, str], ...] = ()
+    # Milliseconds the router spent on the request itself (its time less the queue's and the node's, up to its
+    # settlement); None on refusals, recoveries and records made before schema version 11.
+    overhead_ms: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -307,6 +310,7 @@ class Close:
     cached_tokens: int = 0
     cache_discount: int = 0
     passed_over: str | None = None  # JSON text of UsageRecord.passed_over; None when none was
+    overhead_ms: float | None = None  # the router's own time on the request (UsageRecord.overhead_ms)
 
 
 def price_columns(money: CreditValue | None) -> tuple[str | None, str | None]:
@@ -388,6 +392,7 @@ def usage_from(row: Row) -> UsageRecord:
         cached_tokens=row["cached_tokens"],
         cache_discount=row["cache_discount"],
         passed_over=_passed_over_from(row["passed_over"]),
+        overhead_ms=row["overhead_ms"],
     )
 
 
@@ -769,15 +774,16 @@ class Ledger(ABC):
         cached_tokens: int = 0,
         cache_discount: int = 0,
         passed_over: Sequence[Mapping[str, str]] | None = None,
+        overhead_ms: float | None = None,
     ) -> Settlement:
         """Close an open hold: charge at most the held amount to `node`, return the rest, record usage.
 
-        `bid` defaults to the bid the hold was made with. `remember` stores the answer under the client's
-        idempotency key in the same transaction, so no crash can leave a charge whose answer a retry
-        would not find. `model` is the model that served the request when it is not the hold's (a fallback:
-        the charge and the usage record are that model's); `cached_tokens` (among `prompt_tokens`) and
-        `cache_discount` (credits they saved) go on the usage record, and so do the models `passed_over` before
-        it. HoldClosed when the hold is not open.
+        `bid` defaults to the bid the hold was made with; `overhead_ms` is the router's own time on the request.
+        `remember` stores the answer under the client's idempotency key in the same transaction, so no crash can
+        leave a charge whose answer a retry would not find. `model` is the model that served the request when it
+        is not the hold's (a fallback: the charge and the usage record are that model's); `cached_tokens` (among
+        `prompt_tokens`) and `cache_discount` (credits they saved) go on the usage record, and so do the models
+        `passed_over` before it. HoldClosed when the hold is not open.
         """
         count("charge", charge)
         count("prompt_tokens", prompt_tokens)
@@ -807,6 +813,7 @@ class Ledger(ABC):
             cached_tokens=cached_tokens,
             cache_discount=cache_discount,
             passed_over=passed_over_text(passed_over),
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         return await self._close_hold(close)
 
@@ -822,6 +829,7 @@ class Ledger(ABC):
         http_status: int | None = None,
         model: str | None = None,
         passed_over: Sequence[Mapping[str, str]] | None = None,
+        overhead_ms: float | None = None,
     ) -> None:
         """Close an open hold with a full refund (the request failed, timed out or was rejected).
 
@@ -852,6 +860,7 @@ class Ledger(ABC):
             http_status=http_status,
             model=None if model is None else _label("model", model, limit=MAX_NAME_LEN),
             passed_over=passed_over_text(passed_over),
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         await self._close_hold(close)
 

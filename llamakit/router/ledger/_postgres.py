@@ -659,6 +659,7 @@ def _close_op(close: Close) -> dict[str, Any]:
         "cached_tokens": close.cached_tokens,
         "cache_discount": close.cache_discount,
         "passed_over": close.passed_over,
+        "overhead_ms": close.overhead_ms,
     }
 
 

@@ -729,8 +729,8 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
         "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency, "
-        "http_status, cached_tokens, cache_discount, passed_over) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-        "(SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?, ?, ?, ?)",
+        "http_status, overhead_ms, cached_tokens, cache_discount, passed_over) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?, ?, ?, ?, ?)",
         (
             close.request_id,
             account_id,
@@ -750,6 +750,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             hold["key_hash"],
             *price_columns(close.money),
             close.http_status,
+            close.overhead_ms,
             close.cached_tokens,
             close.cache_discount,
             close.passed_over,

@@ -20,6 +20,7 @@ from llamakit.router.paid.record import publish, refusal_record
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.paid.serve import serve
 from llamakit.router.state import STATE, RouterState
+from llamakit.router.tracing import RequestTrace
 from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError
 from llamakit.wire.headers import REQUEST_ID_HEADER
@@ -36,12 +37,12 @@ RECORDED_REFUSALS = frozenset({400, 402, 403, 404, 429})
 class Order:
     """What an endpoint asks of the paid path, once it has validated the request:
 
-    - `quote(claim)` holds the most it can cost and returns the PaidRequest (its `present` and `open_sse` say how
-      the answer reaches the client);
+    - `quote(claim, trace)` holds the most it can cost and returns the PaidRequest (its `present` and `open_sse`
+      say how the answer reaches the client), timed and traced by `trace`;
     - `replay(remembered)` answers a repeat under the same idempotency key with the answer remembered.
     """
 
-    quote: Callable[[Claim | None], Awaitable[PaidRequest]]
+    quote: Callable[[Claim | None, RequestTrace], Awaitable[PaidRequest]]
     replay: Callable[[Remembered], Awaitable[web.StreamResponse]]
 
 
@@ -52,13 +53,38 @@ async def paid_call(
     then once per idempotency key: quote, hold and serve. `path` is the route (an idempotency key's answer is
     for one route and body)."""
     state = request.config_dict[STATE]
-    caller = await authenticate(request)
+    # The request's clock (its overhead) and, with tracing on, its span, under the client's traceparent.
+    trace = RequestTrace(state.tracing, headers=request.headers, name=f"{request.method} {request.path}")
+    status, code = 500, None
+    try:
+        answer = await _paid_call(state, request, path, order, trace)
+        status = answer.status
+        return answer
+    except Exception as exc:
+        error = http_error(exc)
+        if error is not None:
+            status, code = error.status, error.code or error.type
+        raise
+    finally:
+        trace.finish(status, code)
+
+
+async def _paid_call(
+    state: RouterState,
+    request: web.Request,
+    path: str,
+    order: Callable[[Caller, dict[str, Any]], Order],
+    trace: RequestTrace,
+) -> web.StreamResponse:
+    with trace.span("llamakit.authenticate"):
+        caller = await authenticate(request)
+    trace.set({"llamakit.account.id": caller.account.id})
     data: dict[str, Any] = {}
     held = False
 
     async def run(claim: Claim | None) -> web.StreamResponse:
         nonlocal held
-        paid = await placed.quote(claim)
+        paid = await placed.quote(claim, trace)
         held = True  # from here the paid path records the request whatever happens
         return await serve(state, request, paid)
 

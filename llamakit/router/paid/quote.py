@@ -20,6 +20,7 @@ from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_hea
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.state import RouterState
+from llamakit.router.tracing import PROVIDER, AttributeValue, RequestTrace, operation_of
 from llamakit.wire.completions import ChatCompletionRequest, GenerationRequest
 from llamakit.wire.embeddings import EmbeddingRequest
 from llamakit.wire.errors import ApiError
@@ -47,11 +48,13 @@ async def quote_generation(
     data: dict[str, Any],
     path: str,
     claim: Claim | None = None,
+    trace: RequestTrace | None = None,
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most a chat or text completion
     can cost: on the dearest of its models when it names `models` (fallback.py). `data` is the request's JSON;
-    `path` the node's route."""
+    `path` the node's route; `trace` times (and traces) the request."""
     settings = state.settings
+    trace = trace or RequestTrace()
     bid = request_bid(request, req.bid)
     max_tokens = req.token_limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
@@ -74,9 +77,10 @@ async def quote_generation(
     first, first_bound, rest, passed = _candidates(state, caller, req.model_names(), bound, max_tokens)
     priced = [(first, first_bound), *((c, b) for c, b in rest if isinstance(c, Candidate))]
     held = max(hold_amount(c.fees, bid, prompt_bound, max_tokens) for c, prompt_bound in priced)
+    _quoted(trace, path, first.model, bid, held, max_tokens=max_tokens, stream=req.stream)
     request_id, admission = await hold_credits(
         state, caller, held, model=first.model, bid=bid, user=req.user,
-        tokens=max(prompt_bound for _, prompt_bound in priced) + max_tokens,
+        tokens=max(prompt_bound for _, prompt_bound in priced) + max_tokens, trace=trace,
     )  # fmt: skip
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     dropped = ("bid", "max_completion_tokens", "usage", "models")
@@ -101,6 +105,7 @@ async def quote_generation(
         include_usage=req.include_usage,
         arrived=time.monotonic(),
         claim=claim,
+        trace=trace,
         text=text if settings.affinity else None,
         user=req.user or None,
         chain=chain,
@@ -155,14 +160,19 @@ async def quote_embeddings(
     req: EmbeddingRequest,
     data: dict[str, Any],
     claim: Claim | None = None,
+    trace: RequestTrace | None = None,
 ) -> PaidRequest:
     """Hold the most embeddings can cost: `ceil(bid × (base_fee + prompt_token_fee × bound))`, where the bound is
     exact for token ids and UTF-8 bytes plus an allowance per text (`EmbeddingRequest.token_bound`)."""
+    trace = trace or RequestTrace()
     model, bid = request_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
     bound = req.token_bound()
     held = hold_amount(fees, bid, bound, 0)
-    request_id, admission = await hold_credits(state, caller, held, model=model, bid=bid, user=req.user, tokens=bound)
+    _quoted(trace, EMBEDDINGS_PATH, model, bid, held, max_tokens=None, stream=False)
+    request_id, admission = await hold_credits(
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=bound, trace=trace
+    )
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
     return PaidRequest(
@@ -180,8 +190,30 @@ async def quote_embeddings(
         include_usage=False,
         arrived=time.monotonic(),
         claim=claim,
+        trace=trace,
         user=req.user or None,
     )
+
+
+def _quoted(
+    trace: RequestTrace, path: str, model: str, bid: Decimal, held: int, *, max_tokens: int | None, stream: bool
+) -> None:
+    """The request's span gets its GenAI name and what it asks for."""
+    if not trace.on:
+        return
+    operation = operation_of(path)
+    trace.rename(f"{operation} {model}")
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": PROVIDER,
+        "gen_ai.request.model": model,
+        "llamakit.bid": format_bid(bid),
+        "llamakit.credits.held": held,
+        "llamakit.stream": stream,
+    }
+    if max_tokens is not None:
+        attributes["gen_ai.request.max_tokens"] = max_tokens
+    trace.set(attributes)
 
 
 def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -> int:
@@ -246,7 +278,15 @@ def model_not_allowed(caller: Caller, model: str) -> ApiError:
 
 
 async def hold_credits(
-    state: RouterState, caller: Caller, amount: int, *, model: str, bid: Decimal, user: str | None, tokens: int
+    state: RouterState,
+    caller: Caller,
+    amount: int,
+    *,
+    model: str,
+    bid: Decimal,
+    user: str | None,
+    tokens: int,
+    trace: RequestTrace | None = None,
 ) -> tuple[str, Admission]:
     """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
     admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
@@ -266,15 +306,18 @@ async def hold_credits(
             param="max_tokens",
             code="hold_too_large",
         )
-    if not caller.limits.allows_model(model):
-        raise model_not_allowed(caller, model)
-    admission = state.rates.admit(caller, tokens)
+    trace = trace or RequestTrace()
+    with trace.span("llamakit.limits"):
+        if not caller.limits.allows_model(model):
+            raise model_not_allowed(caller, model)
+        admission = state.rates.admit(caller, tokens)
     request_id = new_request_id()
     try:
-        await state.ledger.hold(
-            caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
-            key_hash=caller.key_hash,
-        )  # fmt: skip
+        with trace.span("llamakit.hold", {"llamakit.credits.held": amount}):
+            await state.ledger.hold(
+                caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
+                key_hash=caller.key_hash,
+            )  # fmt: skip
     except (InsufficientFunds, SpendCapExceeded):
         admission.cancel()  # refused before anything was done: it counts towards no rate limit
         raise

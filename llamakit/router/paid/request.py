@@ -19,6 +19,7 @@ from llamakit.router.ledger import Account
 from llamakit.router.limits import UNLIMITED, Admission
 from llamakit.router.paid.fallback import Candidate, PassedOver
 from llamakit.router.paid.idempotency import Claim
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter
 
 __all__ = ["Bill", "PaidRequest", "cached_tokens", "new_request_id"]
@@ -102,6 +103,8 @@ class PaidRequest:
     arrived: float  # time.monotonic() when it was held
     user: str | None = None
     claim: Claim | None = None
+    # Its clock (the router's own time on it: its overhead) and, with tracing on, its spans.
+    trace: RequestTrace = field(default_factory=RequestTrace)
     # The request's place under its key's rate limits, given back with its tokens when it ends.
     admission: Admission = UNLIMITED
     key_prefix: str | None = None  # the display prefix of the API key that made it
@@ -119,6 +122,7 @@ class PaidRequest:
     dispatched: float | None = None  # time.monotonic() when a node was assigned
     first_token: float | None = None  # time.monotonic() when a stream's first token went to the client
     node: HerdNode | None = None
+    overhead_ms: float | None = None  # the router's own time on it, as its usage record has it (see record.py)
     closed: bool = False  # its hold was settled or released (or that is under way): see settle.py
     # Model fallbacks: whether the request named `models` (its answers then say `passed_over`), the models it
     # may still go to, in order (or passed over already, when quoted: see fallback.pass_over), and those it left.
@@ -130,6 +134,17 @@ class PaidRequest:
     def cache_salt(self) -> str:
         """Whose prompt cache the request may reuse at its node: its account's only (wire.headers.CACHE_SALT_HEADER)."""
         return f"account-{self.account.id}"
+
+    def log_fields(self, node: HerdNode | None = None) -> dict[str, Any]:
+        """The fields of a log line about this request (a JSON line's, see llamakit.logs): its id, account, model
+        and node."""
+        served = node or self.node
+        return {
+            "request_id": self.id,
+            "account": self.account.name,
+            "model": self.model,
+            "node": served.name if served is not None else None,
+        }
 
     def charge(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         """What `prompt_tokens` (`cached_tokens` of them read from the node's cache) and `completion_tokens` cost

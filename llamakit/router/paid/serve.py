@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +20,9 @@ from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
     acquire,
     answer_headers,
+    begin_call,
     client_gone,
+    end_call,
     failed_over,
     no_node_left,
     release,
@@ -28,7 +32,7 @@ from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed
 from llamakit.web import json_response
-from llamakit.wire.headers import PASSED_OVER_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import OVERHEAD_HEADER, PASSED_OVER_HEADER, REQUEST_ID_HEADER
 
 __all__ = ["serve"]
 
@@ -80,17 +84,25 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await acquire(state, request, paid, tried)
+        trace = begin_call(paid, node)
+        asked = time.monotonic()
         try:
-            answer, cut = await _complete_watching(state, request, paid, node)
+            answer, cut = await _complete_watching(state, request, paid, node, trace)
         except NodeFailed as exc:
+            paid.trace.end_call(error=exc)
             failed_over(state, node, exc, tried)
             if client_gone(request):  # nobody to fail over for
                 raise ClientGone("the client went away") from exc
             continue
+        except BaseException as exc:
+            paid.trace.end_call(error=exc)
+            raise
         finally:
+            paid.trace.waited += time.monotonic() - asked  # the node's time, not the router's
             release(state, paid, node)
         usage = answer.get("usage") or {}
         bill = paid.bill(usage)
+        end_call(paid, bill.prompt_tokens, bill.completion_tokens, _finish_reason(answer))
         answer["id"], answer["model"] = paid.id, paid.model
         money = state.settings.money
         answer["usage"] = bill.usage(usage, money, cache=paid.generates)
@@ -99,19 +111,33 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         headers = {**answer_headers(state, paid, node), **cost_headers(money, bill.charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
             await settle(state, paid, node, bill, "cut", "the client went away")
-            return json_response(paid.present(answer), headers=headers)
+            return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
         charged = await settle(state, paid, node, bill, "ok", remember=remember)
         if charged != bill.charge:  # its hold went back while it ran (see settle._hold_gone): it is free
             answer["usage"] = bill.usage(usage, money, charged, cache=paid.generates)
             headers.update(cost_headers(money, charged))
         remember_prefix(state, paid, node, _answer_text(answer))
-        return json_response(paid.present(answer), headers=headers)
+        return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
     raise no_node_left(state, paid)
 
 
+def _with_overhead(paid: PaidRequest, headers: dict[str, str]) -> dict[str, str]:
+    """`headers` and the router's overhead on the request, as its usage record has it (set when it settled)."""
+    overhead = paid.overhead_ms if paid.overhead_ms is not None else paid.trace.overhead_ms()
+    headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
+    return headers
+
+
+def _finish_reason(answer: dict[str, Any]) -> str | None:
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) else None
+
+
 async def _complete_watching(
-    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode, trace: Mapping[str, str] | None
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
     its answer then holds the tokens made until it did, which is what the request costs.
@@ -122,7 +148,8 @@ async def _complete_watching(
     upstream = state.upstream
     assert upstream is not None  # set at start-up, before the first request
     if paid.claim is not None:
-        return await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt), False
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
+        return answer, False
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
     loop = asyncio.get_running_loop()
     cancel: asyncio.Future[bool] | None = None
@@ -137,7 +164,7 @@ async def _complete_watching(
 
     timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
     try:
-        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt)
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
     finally:
         if timer is not None:
             timer.cancel()

@@ -53,23 +53,26 @@ async def _settled(
 ) -> int:
     latency_ms = (time.monotonic() - paid.arrived) * 1000
     prompt_tokens, completion_tokens = bill.prompt_tokens, bill.completion_tokens
+    paid.overhead_ms = paid.trace.overhead_ms()  # the router's own time up to its settlement
     try:
-        settlement = await state.ledger.settle(
-            paid.id,
-            charge=bill.charge,
-            node=node.name,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            status=status,
-            latency_ms=latency_ms,
-            queue_ms=paid.queue_ms,
-            error=error,
-            remember=remember,
-            model=paid.model if paid.passed_over else None,
-            cached_tokens=bill.cached_tokens,
-            cache_discount=bill.cache_discount,
-            passed_over=paid.passed_over_list(),
-        )
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": bill.charge, "llamakit.status": status}):
+            settlement = await state.ledger.settle(
+                paid.id,
+                charge=bill.charge,
+                node=node.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                status=status,
+                latency_ms=latency_ms,
+                queue_ms=paid.queue_ms,
+                error=error,
+                remember=remember,
+                overhead_ms=paid.overhead_ms,
+                model=paid.model if paid.passed_over else None,
+                cached_tokens=bill.cached_tokens,
+                cache_discount=bill.cache_discount,
+                passed_over=paid.passed_over_list(),
+            )
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
@@ -78,7 +81,9 @@ async def _settled(
     except LedgerError:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
         # once the database answers again (nothing was charged: the settlement is one transaction).
-        log.exception("request %s: its settlement failed; releasing its hold in full", paid.id)
+        log.exception(
+            "request %s: its settlement failed; releasing its hold in full", paid.id, extra=paid.log_fields(node)
+        )
         _release_later(state, paid, "the settlement failed: the database could not be written")
         free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
         finished(state, paid, node, "error", free, "the settlement failed")
@@ -122,18 +127,21 @@ async def refund(
 async def _released(
     state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
 ) -> None:
+    paid.overhead_ms = paid.trace.overhead_ms()
     try:
-        await state.ledger.release(
-            paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status,
-            model=paid.model if paid.passed_over else None, passed_over=paid.passed_over_list(),
-        )  # fmt: skip
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": 0, "llamakit.status": status}):
+            await state.ledger.release(
+                paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status,
+                overhead_ms=paid.overhead_ms, model=paid.model if paid.passed_over else None,
+                passed_over=paid.passed_over_list(),
+            )  # fmt: skip
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         status, error, http_status = "router_lost", str(exc), None
     except LedgerError:
         # The database failed: the hold is released once it answers again. The client still gets the error its
         # request met, not this one.
-        log.exception("request %s: its hold could not be released now; trying again", paid.id)
+        log.exception("request %s: its hold could not be released now; trying again", paid.id, extra=paid.log_fields())
         _release_later(state, paid, error or "refunded")
     finished(state, paid, None, status, Bill(0, 0, 0), error, http_status)
 
@@ -170,4 +178,4 @@ def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
     because this router's lease ran out (a pause longer than --lease; see dispatch/cluster.py), with a usage
     record of its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
     log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
-                paid.id, exc)  # fmt: skip
+                paid.id, exc, extra=paid.log_fields())  # fmt: skip

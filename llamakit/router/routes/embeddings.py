@@ -16,6 +16,7 @@ from llamakit.router.paid.idempotency import Claim, Idempotency, replay
 from llamakit.router.paid.quote import EMBEDDINGS_PATH, quote_embeddings
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import STATE
+from llamakit.router.tracing import RequestTrace
 from llamakit.wire.embeddings import parse_embedding_request
 
 __all__ = ["embedding_routes"]
@@ -31,8 +32,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         Idempotency.key_of(request)  # a malformed key is refused before the body is validated
         req = parse_embedding_request(data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            return await quote_embeddings(state, request, caller, req, data, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            return await quote_embeddings(state, request, caller, req, data, claim, trace)
 
         async def again(remembered: Remembered) -> web.StreamResponse:
             return await replay(request, remembered, state.settings.money, stream=False, include_usage=False)

@@ -23,6 +23,7 @@ from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.routes.usage_pages import MAX_ID, query_int, usage_page, usage_query
 from llamakit.router.state import STATE, RouterState
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import bearer_token, json_response
 from llamakit.wire.completions import (
     ChatCompletionRequest,
@@ -53,8 +54,8 @@ def _generation(
         Idempotency.key_of(request)  # a malformed key is refused before the body is validated
         req = validate_request(model, data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            return await quote_generation(state, request, caller, req, data, path, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            return await quote_generation(state, request, caller, req, data, path, claim, trace)
 
         async def again(remembered: Remembered) -> web.StreamResponse:
             money = state.settings.money

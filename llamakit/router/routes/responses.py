@@ -24,6 +24,7 @@ from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.routes.openai import CHAT_PATH
 from llamakit.router.state import STATE, RouterState
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import ChatCompletionRequest, validate_request
 from llamakit.wire.errors import ApiError
@@ -107,8 +108,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         data = chat_body(req, stream=req.stream)
         chat = validate_request(ChatCompletionRequest, data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            paid = await quote_generation(state, request, caller, chat, data, CHAT_PATH, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            paid = await quote_generation(state, request, caller, chat, data, CHAT_PATH, claim, trace)
             _present_as_response(paid, req)
             return paid
 

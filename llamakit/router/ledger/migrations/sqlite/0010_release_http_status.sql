@@ -1,3 +1,3 @@
--- PostgreSQL's version 10 writes a release's "http_status" in its llamakit_close; SQLite's settlement is written in
--- Python and did so already. Nothing to change here: the version keeps the two backends' numbers in step.
+-- PostgreSQL's version 10 redefines its settlement function to keep a release's http_status; SQLite's settlement
+-- is Python (_sqlite.py) and has kept it since version 4. Nothing to do here: the versions stay in step.
 SELECT 1;

@@ -6,7 +6,7 @@ ALTER TABLE usage ADD COLUMN cached_tokens bigint NOT NULL DEFAULT 0;
 ALTER TABLE usage ADD COLUMN cache_discount bigint NOT NULL DEFAULT 0;
 ALTER TABLE usage ADD COLUMN passed_over text;
 
--- As version 10's, and the charge and the usage record are op's "model" when it is given (the model that served a
+-- As version 11's, and the charge and the usage record are op's "model" when it is given (the model that served a
 -- request whose first model was passed over; the hold's otherwise), with op's "cached_tokens", "cache_discount"
 -- and "passed_over".
 CREATE OR REPLACE FUNCTION llamakit_close(op jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
@@ -49,13 +49,14 @@ BEGIN
         WHERE id = hold.id;
     INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, cost, bid,
                        held, latency_ms, queue_ms, error, created, "user", key_prefix, credit_value, currency,
-                       http_status, cached_tokens, cache_discount, passed_over)
+                       http_status, overhead_ms, cached_tokens, cache_discount, passed_over)
         VALUES (hold.id, hold.account_id, served, op->>'node', op->>'status', (op->>'prompt_tokens')::bigint,
                 (op->>'completion_tokens')::bigint, charged, COALESCE(op->>'bid', hold.bid), hold.amount,
                 (op->>'latency_ms')::float8, (op->>'queue_ms')::float8, op->>'error', now_, hold."user",
                 (SELECT prefix FROM api_keys WHERE api_keys.key_hash = hold.key_hash), op->>'credit_value',
-                op->>'currency', (op->>'http_status')::integer, COALESCE((op->>'cached_tokens')::bigint, 0),
-                COALESCE((op->>'cache_discount')::bigint, 0), op->>'passed_over');
+                op->>'currency', (op->>'http_status')::integer, (op->>'overhead_ms')::float8,
+                COALESCE((op->>'cached_tokens')::bigint, 0), COALESCE((op->>'cache_discount')::bigint, 0),
+                op->>'passed_over');
     IF jsonb_typeof(op->'remember') = 'object' THEN
         INSERT INTO idempotency (account_id, key, request_id, fingerprint, response, created)
             VALUES (hold.account_id, op->'remember'->>'key', hold.id, op->'remember'->>'fingerprint',
