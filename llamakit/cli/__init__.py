@@ -163,6 +163,8 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 def cmd_fees(args: argparse.Namespace) -> int:
     """Every model's fees; or set MODEL's (`--base` …, `--unserved` for a model no node serves yet); or `--delete`
     MODEL's own, so that it costs the default again (or is no model here, when no node serves it)."""
+    if args.cached_prompt is not None and args.base is None:
+        raise SystemExit("llamakit fees: --cached-prompt sets a fee with the others: give --base, --prompt, …")
     if args.delete and (args.base is not None or args.unserved):
         raise SystemExit("llamakit fees: --delete removes a model's fees; give it alone with the MODEL")
     if args.delete and args.model == "*":
@@ -174,6 +176,8 @@ def cmd_fees(args: argparse.Namespace) -> int:
         if args.base is None:
             return show(admin.get("/admin/fees"))
         body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
+        if args.cached_prompt is not None:
+            body["cached_prompt_token_fee"] = args.cached_prompt
         return show(admin.put(path, params={"unserved": "true"} if args.unserved else None, json=body))
 
 
@@ -190,7 +194,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 USAGE_COLUMNS = [
     "time", "request_id", "account", "key_prefix", "user", "model", "node", "status", "http_status", "prompt_tokens",
     "completion_tokens", "cost_credits", "cost", "currency", "credit_value", "priced_at_current_value", "bid",
-    "latency_ms", "queue_ms", "error",
+    "latency_ms", "queue_ms", "error", "cached_tokens", "cache_discount_credits", "cache_discount", "passed_over",
 ]  # fmt: skip
 
 
@@ -211,6 +215,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
             for record in page["data"]:
                 record["time"] = when(record.pop("created"))
                 record["cost"] = _decimal_text(record.get("cost"))
+                record["cache_discount"] = _decimal_text(record.get("cache_discount"))
+                passed = record.get("passed_over") or []
+                record["passed_over"] = ", ".join(f"{p.get('model')}={p.get('reason')}" for p in passed) or None
                 # The credit value the record was priced at, as exact text (None from a router that keeps none).
                 record["credit_value"] = record.get("credit_value_exact", _decimal_text(record.get("credit_value")))
             records += page["data"]
@@ -320,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     fees.add_argument("--base", type=int)
     fees.add_argument("--prompt", type=int, default=0)
     fees.add_argument("--completion", type=int, default=0)
+    fees.add_argument(
+        "--cached-prompt",
+        type=int,
+        help="fee per prompt token a node read from its cache, at most --prompt (default: the same as --prompt)",
+    )
     fees.add_argument(
         "--unserved", action="store_true", help="set the fees of a model no node serves yet (before its nodes join)"
     )

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> web.Application:
     """The router's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets
     its spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
-    default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
+    default_fees = FeeSchedule(
+        settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee, settings.cached_prompt_token_fee
+    )
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
     # Opened (and migrated) at start-up, in _books; each usage record keeps the money it is priced at.

@@ -118,6 +118,13 @@ class RouterMetrics:
         self.fees = Counter(
             "llamakit_router_fees_earned_credits", "Credits charged, by node.", ["node"], registry=self.registry
         )
+        self.cache_discount = Counter(
+            "llamakit_router_cache_discount_credits",
+            "Credits that prompt tokens read from a node's cache took off the charges (their cached_prompt_token_fee "
+            "below the prompt_token_fee), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "llamakit_router_queue_depth",
             "Requests waiting for a node, by model (with --cluster: the whole herd's, the same at every router).",
@@ -149,9 +156,12 @@ class RouterMetrics:
         )
 
     def settled(
-        self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0
-    ) -> None:
+        self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0,
+        cache_discount: int = 0,
+    ) -> None:  # fmt: skip
         self._child(self.fees, node).inc(fee)
+        if cache_discount:
+            self._child(self.cache_discount, model).inc(cache_discount)
         self._child(self.tokens, model, "prompt").inc(prompt_tokens)
         if cached_tokens:
             self._child(self.tokens, model, "prompt_cached").inc(cached_tokens)

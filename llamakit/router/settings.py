@@ -49,6 +49,9 @@ class RouterSettings(BaseModel):
     base_fee: int = Field(10, ge=0, description="default fee per request, in credits")
     prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
     completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
+    cached_prompt_token_fee: int | None = Field(
+        None, ge=0, description="default fee per prompt token a node read from its cache (default: the prompt fee)"
+    )
     credit_value: Decimal = Field(
         DEFAULT_CREDIT_VALUE,
         description="what one credit is worth in --currency (default 0.000001: 1 credit per token reads as "
@@ -98,6 +101,15 @@ class RouterSettings(BaseModel):
         description="this router's name in the cluster (default: host:port); a router restarted under the "
         "same name releases at once what its earlier life left",
     )
+
+    @model_validator(mode="after")
+    def _cached_fee_at_most_the_prompt_fee(self) -> RouterSettings:
+        if self.cached_prompt_token_fee is not None and self.cached_prompt_token_fee > self.prompt_token_fee:
+            raise ValueError(
+                f"--cached-prompt-token-fee ({self.cached_prompt_token_fee}) may not be above --prompt-token-fee "
+                f"({self.prompt_token_fee}): a prompt token read from a cache costs at most a fresh one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _cluster_needs_postgres(self) -> RouterSettings:
@@ -163,6 +175,7 @@ FLAGS = [
     Flag("base_fee", "--base-fee", "LLAMAKIT_BASE_FEE", int),
     Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
     Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
+    Flag("cached_prompt_token_fee", "--cached-prompt-token-fee", "LLAMAKIT_CACHED_PROMPT_TOKEN_FEE", int),
     Flag("credit_value", "--credit-value", "LLAMAKIT_CREDIT_VALUE"),
     Flag("currency", "--currency", "LLAMAKIT_CURRENCY"),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),

@@ -30,6 +30,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
     names = {a.id: a.name for a in activity}
     books = await ledger.books()
     fees_by_node = await ledger.fees_by_node()
+    savings = await ledger.cache_savings()
     view = await state.dispatch.herd_view(state.known_models())
     nodes = []
     for node in herd.nodes.values():
@@ -55,6 +56,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "leader": view.cluster["leader"],
             "routers": view.cluster["routers"],
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
+                          "fees.cached_tokens", "fees.cache_discount",
                           "books", "agents", "accounts", "keys", "refusals.today"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
                            "requests", "refusals.by_status", "refusals.http_status", "uptime",
@@ -71,6 +73,9 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "earned": books.charges,
             "per_minute": round(state.requests.fees_per_minute(), 2),
             "by_node": fees_by_node,
+            # Prompt tokens read from the nodes' caches, and what their own fee took off the charges (credits).
+            "cached_tokens": savings.cached_tokens,
+            "cache_discount": savings.discount,
         },
         "books": {**asdict(books), "balanced": books.balanced},
         "requests": {

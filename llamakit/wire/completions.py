@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4
+MAX_MODELS = 4  # names in a request's `models` (fallbacks), as OpenRouter takes a few
+MAX_MODEL_NAME = 256
 # What may reach llama.cpp's parsers and the stop matcher from one request: its grammar parser recurses once
 # per nested group and crashes the process (a stack overflow) on deep nesting, so the sizes are bounded here.
 MAX_STOP_CHARS = 256
@@ -163,6 +165,8 @@ class GenerationRequest(_Lenient):
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"additionalProperties": False})
 
     model: str | None = None
+    # OpenRouter's model fallbacks: tried in order after `model` (when given) until one can serve the request.
+    models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -238,6 +242,21 @@ class GenerationRequest(_Lenient):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not name.strip() or len(name) > MAX_MODEL_NAME:
+                raise ValueError(f"each model is a non-empty name of at most {MAX_MODEL_NAME} characters, got {name!r}")
+        return value
+
+    def model_names(self) -> list[str | None]:
+        """The models the request may be served by, in order: `model` then `models`, each once; `[model]` (None:
+        the router's default) without `models`."""
+        if not self.models:
+            return [self.model]
+        return list(dict.fromkeys([self.model, *self.models] if self.model is not None else self.models))
 
     @field_validator("stop")
     @classmethod
@@ -363,6 +382,14 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CostDetails(BaseModel):
+    """What the price leaves out (OpenRouter's `cost_details`): `cache_discount`, what prompt tokens read from a
+    cache took off it in the operator's currency, and `cache_discount_credits`, the exact credits."""
+
+    cache_discount: float = 0.0
+    cache_discount_credits: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -370,6 +397,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
     cost: float | None = None  # the price in the operator's currency (see llamakit.money.currency)
     cost_credits: int | None = None  # the exact credits the ledger moved
+    cost_details: CostDetails | None = None
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int | None = None) -> Usage:

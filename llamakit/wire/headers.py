@@ -22,6 +22,7 @@ __all__ = [
     "MAX_IDEMPOTENCY_KEY_LENGTH",
     "NODE_HEADER",
     "OVERHEAD_HEADER",
+    "PASSED_OVER_HEADER",
     "QUEUE_HEADER",
     "REPLAYED_HEADER",
     "REQUEST_ID_HEADER",
@@ -38,6 +39,9 @@ OVERHEAD_HEADER: Final = "X-Llamakit-Overhead-Ms"
 COST_HEADER: Final = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
 COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
 CURRENCY_HEADER: Final = "X-Llamakit-Currency"  # ISO 4217 code of COST_HEADER, on every answer a node served
+# The models of a request's `models` list passed over before the one that served it, in order, as
+# `<model>=<reason>` joined by ", " (the model percent-encoded, the reason an error code such as `no_node`).
+PASSED_OVER_HEADER: Final = "X-Llamakit-Passed-Over"
 IDEMPOTENCY_HEADER: Final = "Idempotency-Key"
 REPLAYED_HEADER: Final = "Idempotent-Replayed"  # "true" on an answer given again under an idempotency key
 # Whose prompt cache a request may reuse at its node: one salt per account, so that no tenant's request reuses

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llamakit.wire.completions import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
+from llamakit.wire.completions import MAX_MODELS, MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
 from llamakit.wire.embeddings import validate_body
 from llamakit.wire.errors import ApiError
 from llamakit.wire.numbers import Bid
@@ -54,6 +54,7 @@ __all__ = [
 RESPONSES_FIELDS = frozenset(
     {
         "model",
+        "models",
         "input",
         "instructions",
         "max_output_tokens",
@@ -123,6 +124,8 @@ class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
+    # OpenRouter's model fallbacks, as on chat completions (their names are checked there)
+    models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)
@@ -295,6 +298,8 @@ def chat_body(req: ResponsesRequest, *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"messages": chat_messages(req)}
     if req.model is not None:
         body["model"] = req.model
+    if req.models is not None:
+        body["models"] = req.models
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
     for name in ("temperature", "top_p", "bid", "user"):
@@ -356,7 +361,7 @@ def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
     }
-    for name in ("cost", "cost_credits"):
+    for name in ("cost", "cost_credits", "cost_details"):
         if usage.get(name) is not None:
             shaped[name] = usage[name]
     return shaped

@@ -44,6 +44,9 @@ class Script:
     # stream: these tool calls, (name, arguments), instead of text, as llama.cpp streams them: a chunk with the
     # call's index, id and name, then its arguments in two pieces (a token each); finish_reason "tool_calls"
     calls: list[tuple[str, str]] | None = None
+    # A prompt cache as a node's: a prompt's words that an earlier prompt of the same X-Llamakit-Cache-Salt began
+    # with are reported as usage.prompt_tokens_details.cached_tokens
+    cache: bool = False
 
 
 @dataclass
@@ -66,6 +69,7 @@ class FakeNode:
     # delta, `created` everywhere): for checking the router's answers against its OpenAPI document. Off, chat
     # answers are text completions, which the router's own behaviour does not care about.
     openai_shapes: bool = False
+    prompts: dict[str | None, list[list[str]]] = field(default_factory=dict)  # Script.cache: earlier prompts by salt
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -170,10 +174,13 @@ class FakeNode:
                 return web.Response(status=499)
             text = body.get("prompt") or " ".join(m.get("content") or "" for m in body.get("messages", []))
             prompt_tokens = len(str(text).split()) + 3
+            cached = self._cached(request.headers.get("X-Llamakit-Cache-Salt"), str(text).split())
             n = min(script.tokens, body.get("max_tokens") or script.tokens)
             rid = request.headers.get("X-Llamakit-Request-Id", "x")
             if body.get("stream"):
-                return await self._stream(request, rid, prompt_tokens, n, body)
+                if cached is None:  # as subclasses that write streams of their own take it
+                    return await self._stream(request, rid, prompt_tokens, n, body)
+                return await self._stream(request, rid, prompt_tokens, n, body, cached)
             stop = self.stops[rid] = asyncio.Event()
             resp: web.StreamResponse | None = None
             made = 0
@@ -187,6 +194,8 @@ class FakeNode:
                     await resp.write(b" ")
             del self.stops[rid]
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": made, "total_tokens": prompt_tokens + made}
+            if cached is not None:
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
             answer = {
                 "id": rid,
                 "object": "text_completion",
@@ -209,6 +218,20 @@ class FakeNode:
                 asyncio.get_running_loop().call_later(script.frees_late, self._free_slot)
             else:
                 self.active -= 1
+
+    def _cached(self, salt: str | None, words: list[str]) -> int | None:
+        """Script.cache: the words of `words` that an earlier prompt of `salt` began with (None without a cache)."""
+        if not self.script.cache:
+            return None
+        earlier = self.prompts.setdefault(salt, [])
+        best = 0
+        for seen in earlier:
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(seen, words, strict=False)) if a != b), min(len(seen), len(words))
+            )
+            best = max(best, shared)
+        earlier.append(words)
+        return best
 
     def _free_slot(self) -> None:
         self.active -= 1
@@ -240,7 +263,13 @@ class FakeNode:
         return True
 
     async def _stream(
-        self, request: web.Request, rid: str, prompt_tokens: int, n: int, body: dict[str, Any]
+        self,
+        request: web.Request,
+        rid: str,
+        prompt_tokens: int,
+        n: int,
+        body: dict[str, Any],
+        cached: int | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -266,6 +295,7 @@ class FakeNode:
                     return resp
                 chunk = {
                     "id": rid,
+                    "model": self.model,
                     "object": "chat.completion.chunk" if calls or chat else "text_completion",
                     **shape,
                     "choices": [{"index": 0, **piece, "finish_reason": None}],
@@ -278,10 +308,14 @@ class FakeNode:
                 else {"text": "", "finish_reason": "length"}
             )
             kind = {"object": "chat.completion.chunk" if calls or chat else "text_completion"} if shape else {}
-            await send({"id": rid, **kind, **shape, "choices": [{"index": 0, **finish}]})
+            await send({"id": rid, "model": self.model, **kind, **shape, "choices": [{"index": 0, **finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                await send({"id": rid, **kind, **shape, "choices": [], "usage": usage})
+                usage: dict[str, Any] = {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n
+                }  # fmt: skip
+                if cached is not None:
+                    usage["prompt_tokens_details"] = {"cached_tokens": cached}
+                await send({"id": rid, "model": self.model, **kind, **shape, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionError, asyncio.CancelledError):
             self.cancelled += 1

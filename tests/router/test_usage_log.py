@@ -22,9 +22,12 @@ FIELDS = {
     "node",
     "status",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "cost",
     "cost_credits",
+    "cache_discount",
+    "cache_discount_credits",
     "currency",
     "held",
     "bid",
@@ -36,6 +39,7 @@ FIELDS = {
     "user",
     "key_prefix",
     "http_status",
+    "passed_over",
 }
 
 

@@ -44,6 +44,7 @@ from llamakit.router.ledger._contract import (
     AccountState,
     ApiKey,
     Books,
+    CacheSavings,
     Close,
     Event,
     EventSummary,
@@ -533,6 +534,14 @@ class PostgresLedger(Ledger):
         assert row is not None
         return Books(deposits=row["deposits"], balances=row["balances"], holds=row["holds"], charges=row["charges"])
 
+    async def _cache_savings(self) -> CacheSavings:
+        row = await self._fetchrow(
+            "SELECT COALESCE(SUM(cached_tokens), 0)::bigint AS tokens, COALESCE(SUM(cache_discount), 0)::bigint "
+            "AS discount FROM usage"
+        )
+        assert row is not None
+        return CacheSavings(cached_tokens=row["tokens"], discount=row["discount"])
+
     async def _fees_by_node(self) -> dict[str, int]:
         rows = await self._fetch(
             "SELECT COALESCE(node, $1) AS node, SUM(amount)::bigint AS total FROM charges GROUP BY node ORDER BY 1",
@@ -646,6 +655,10 @@ def _close_op(close: Close) -> dict[str, Any]:
         "credit_value": credit_value,
         "currency": currency,
         "http_status": close.http_status,
+        "model": close.model,
+        "cached_tokens": close.cached_tokens,
+        "cache_discount": close.cache_discount,
+        "passed_over": close.passed_over,
         "overhead_ms": close.overhead_ms,
     }
 

@@ -44,6 +44,7 @@ from llamakit.router.ledger._contract import (
     AccountState,
     ApiKey,
     Books,
+    CacheSavings,
     Close,
     Event,
     EventSummary,
@@ -519,6 +520,15 @@ class SqliteLedger(Ledger):
 
         return await self._call(run)
 
+    async def _cache_savings(self) -> CacheSavings:
+        def run(conn: sqlite3.Connection) -> CacheSavings:
+            tokens, discount = conn.execute(
+                "SELECT COALESCE(SUM(cached_tokens), 0), COALESCE(SUM(cache_discount), 0) FROM usage"
+            ).fetchone()
+            return CacheSavings(cached_tokens=tokens, discount=discount)
+
+        return await self._call(run)
+
     async def _fees_by_node(self) -> dict[str, int]:
         def run(conn: sqlite3.Connection) -> dict[str, int]:
             rows = conn.execute(
@@ -686,6 +696,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         raise HoldClosed(close.request_id, None if row is None else row["status"])
     held: int = hold["amount"]
     account_id: int = hold["account_id"]
+    model: str = close.model or hold["model"]  # the model that served it: a fallback's, not the hold's
     charged = 0
     if close.charge is not None:
         # The hold is the most the client agreed to pay; see fees.settle_amount.
@@ -697,7 +708,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
                 close.request_id,
                 account_id,
                 close.node,
-                hold["model"],
+                model,
                 charged,
                 close.prompt_tokens,
                 close.completion_tokens,
@@ -718,12 +729,12 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
         "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency, "
-        "http_status, overhead_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-        "(SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?, ?)",
+        "http_status, overhead_ms, cached_tokens, cache_discount, passed_over) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?, ?, ?, ?, ?)",
         (
             close.request_id,
             account_id,
-            hold["model"],
+            model,
             close.node,
             close.status,
             close.prompt_tokens,
@@ -740,6 +751,9 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             *price_columns(close.money),
             close.http_status,
             close.overhead_ms,
+            close.cached_tokens,
+            close.cache_discount,
+            close.passed_over,
         ),
     )
     if close.remember is not None:

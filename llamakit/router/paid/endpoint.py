@@ -107,6 +107,9 @@ async def _record_refusal(state: RouterState, caller: Caller, exc: ApiError, dat
     request_id = exc.headers.get(REQUEST_ID_HEADER) or new_request_id()
     exc.headers[REQUEST_ID_HEADER] = request_id
     model = data.get("model") if isinstance(data.get("model"), str) else ""
+    models = data.get("models")
+    if not model and isinstance(models, list) and models and isinstance(models[0], str):
+        model = models[0]  # fallbacks without `model`: the first named
     user = data.get("user") if isinstance(data.get("user"), str) else None
     status = exc.code or exc.type
     account = caller.account

@@ -16,6 +16,7 @@ from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token
 from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, SpendCapExceeded
 from llamakit.router.limits import Admission, Caller
+from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_header
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
 from llamakit.router.state import RouterState
@@ -23,9 +24,18 @@ from llamakit.router.tracing import PROVIDER, AttributeValue, RequestTrace, oper
 from llamakit.wire.completions import ChatCompletionRequest, GenerationRequest
 from llamakit.wire.embeddings import EmbeddingRequest
 from llamakit.wire.errors import ApiError
-from llamakit.wire.headers import BID_HEADER
+from llamakit.wire.headers import BID_HEADER, PASSED_OVER_HEADER
 
-__all__ = ["EMBEDDINGS_PATH", "hold_credits", "quote_embeddings", "quote_generation", "request_model"]
+__all__ = [
+    "EMBEDDINGS_PATH",
+    "hold_credits",
+    "known_model",
+    "model_not_allowed",
+    "quote_embeddings",
+    "quote_generation",
+    "request_bid",
+    "request_model",
+]
 
 EMBEDDINGS_PATH = "/v1/embeddings"
 
@@ -41,10 +51,11 @@ async def quote_generation(
     trace: RequestTrace | None = None,
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most a chat or text completion
-    can cost. `data` is the request's JSON; `path` the node's route; `trace` times (and traces) the request."""
+    can cost: on the dearest of its models when it names `models` (fallback.py). `data` is the request's JSON;
+    `path` the node's route; `trace` times (and traces) the request."""
     settings = state.settings
     trace = trace or RequestTrace()
-    model, bid = request_model(state, request, req.model, req.bid)
+    bid = request_bid(request, req.bid)
     max_tokens = req.token_limit or settings.default_max_tokens
     if max_tokens > settings.max_tokens_limit:
         field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
@@ -63,30 +74,32 @@ async def quote_generation(
     else:
         text = data["prompt"] if isinstance(data["prompt"], str) else data["prompt"][0]
         bound = raw_prompt_token_bound(text)
-    fees = state.prices.fees(model)
-    prompt_bound = _prompt_bound(state, model, bound, max_tokens)
-    held = hold_amount(fees, bid, prompt_bound, max_tokens)
-    _quoted(trace, path, model, bid, held, max_tokens=max_tokens, stream=req.stream)
+    first, first_bound, rest, passed = _candidates(state, caller, req.model_names(), bound, max_tokens)
+    priced = [(first, first_bound), *((c, b) for c, b in rest if isinstance(c, Candidate))]
+    held = max(hold_amount(c.fees, bid, prompt_bound, max_tokens) for c, prompt_bound in priced)
+    _quoted(trace, path, first.model, bid, held, max_tokens=max_tokens, stream=req.stream)
     request_id, admission = await hold_credits(
-        state, caller, held, model=model, bid=bid, user=req.user, tokens=prompt_bound + max_tokens, trace=trace
-    )
+        state, caller, held, model=first.model, bid=bid, user=req.user,
+        tokens=max(prompt_bound for _, prompt_bound in priced) + max_tokens, trace=trace,
+    )  # fmt: skip
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
-    body = {k: v for k, v in data.items() if v is not None and k not in ("bid", "max_completion_tokens", "usage")}
-    body["model"], body["max_tokens"] = model, max_tokens
+    dropped = ("bid", "max_completion_tokens", "usage", "models")
+    body = {k: v for k, v in data.items() if v is not None and k not in dropped}
+    body["model"], body["max_tokens"] = first.model, max_tokens
     if req.stream:
         # Always ask the node for usage: it is what the request is settled on.
         body["stream_options"] = {"include_usage": True}
-    chain = PrefixMap.chain((model, caller.account.id), text) if settings.affinity else []
+    chain = PrefixMap.chain((first.model, caller.account.id), text) if settings.affinity else []
     return PaidRequest(
         id=request_id,
         account=caller.account,
         admission=admission,
         key_prefix=caller.key.prefix,
-        model=model,
+        model=first.model,
         path=path,
         body=body,
         bid=bid,
-        fees=fees,
+        fees=first.fees,
         held=held,
         stream=req.stream,
         include_usage=req.include_usage,
@@ -97,7 +110,47 @@ async def quote_generation(
         user=req.user or None,
         chain=chain,
         affinity=state.prefixes.holder(chain) if chain else None,
+        fallbacks=bool(req.models),
+        candidates=[c for c, _ in rest],
+        passed_over=passed,
     )
+
+
+def _candidates(
+    state: RouterState, caller: Caller, names: list[str | None], bound: int, max_tokens: int
+) -> tuple[Candidate, int, list[tuple[Candidate | PassedOver, int]], list[PassedOver]]:
+    """The first model that may serve a request, with its prompt bound; those after it, in the request's order,
+    each with its prompt bound, or passed over already; and those passed over before it. A model is passed over
+    here when it is unknown (404 `model_not_found`), the key may not use it (403 `model_not_allowed`) or
+    `max_tokens` fills its context (400 `context_length_exceeded`); when every model is, the last one's error is
+    raised, naming the others."""
+    outcomes: list[tuple[Candidate | PassedOver, int]] = []
+    refusals: list[ApiError] = []
+    for name in names:
+        try:
+            model = known_model(state, name)
+            if not caller.limits.allows_model(model):
+                raise model_not_allowed(caller, model)
+            prompt_bound = _prompt_bound(state, model, bound, max_tokens)
+            outcomes.append((Candidate(model, state.prices.fees(model)), prompt_bound))
+        except ApiError as exc:
+            outcomes.append((PassedOver(name or "", exc.code or exc.type, exc.message), 0))
+            refusals.append(exc)
+    served = [i for i, (c, _) in enumerate(outcomes) if isinstance(c, Candidate)]
+    if not served:
+        others = [p for p, _ in outcomes[:-1] if isinstance(p, PassedOver)]
+        if others:
+            refusals[-1].message += "; the other models were passed over: " + ", ".join(
+                f"{p.model} ({p.reason})" for p in others
+            )
+            refusals[-1].extra["passed_over"] = [p.as_dict() for p in others]
+            refusals[-1].headers[PASSED_OVER_HEADER] = passed_over_header(others)
+        raise refusals[-1]
+    at = served[0]
+    first, first_bound = outcomes[at]
+    assert isinstance(first, Candidate)
+    before = [p for p, _ in outcomes[:at] if isinstance(p, PassedOver)]
+    return first, first_bound, outcomes[at + 1 :], before
 
 
 async def quote_embeddings(
@@ -185,11 +238,20 @@ def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -
 def request_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Decimal]:
     """The model a request names (or the default) and its validated bid (body field, else `X-Llamakit-Bid`):
     400 for a bad bid, 404 naming the models served for an unknown model."""
+    return known_model(state, model), request_bid(request, bid)
+
+
+def request_bid(request: web.Request, bid: object) -> Decimal:
+    """A request's validated bid: its body field, else `X-Llamakit-Bid`, else 1; 400 `invalid_bid`."""
     raw_bid: object = bid if bid is not None else request.headers.get(BID_HEADER, 1)
     try:
-        parsed = parse_bid(raw_bid)
+        return parse_bid(raw_bid)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="bid", code="invalid_bid") from exc
+
+
+def known_model(state: RouterState, model: str | None) -> str:
+    """`model`, or the router's default when None; 404 `model_not_found` naming the models served."""
     name = model or state.default_model()
     if name is None or not state.knows_model(name):
         known = state.known_models()
@@ -201,7 +263,18 @@ def request_model(state: RouterState, request: web.Request, model: str | None, b
             code="model_not_found",
             param="model",
         )
-    return name, parsed
+    return name
+
+
+def model_not_allowed(caller: Caller, model: str) -> ApiError:
+    allowed = ", ".join(caller.limits.models or ())
+    return ApiError(
+        403,
+        f"this API key may not use model {model!r}; it may use: {allowed}",
+        type="permission_error",
+        code="model_not_allowed",
+        param="model",
+    )
 
 
 async def hold_credits(
@@ -236,14 +309,7 @@ async def hold_credits(
     trace = trace or RequestTrace()
     with trace.span("llamakit.limits"):
         if not caller.limits.allows_model(model):
-            allowed = ", ".join(caller.limits.models or ())
-            raise ApiError(
-                403,
-                f"this API key may not use model {model!r}; it may use: {allowed}",
-                type="permission_error",
-                code="model_not_allowed",
-                param="model",
-            )
+            raise model_not_allowed(caller, model)
         admission = state.rates.admit(caller, tokens)
     request_id = new_request_id()
     try:

@@ -12,7 +12,7 @@ from llamakit.money.currency import CreditValue
 from llamakit.money.fees import format_bid
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import UsageRecord
-from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.state import RouterState
 
 __all__ = ["REQUEST_LOG", "publish", "recovered_record", "refusal_record", "usage_record"]
@@ -47,12 +47,17 @@ def usage_record(
     user: str | None,
     key_prefix: str | None,
     http_status: int | None,
+    cached_tokens: int = 0,
+    cache_discount: int = 0,
+    passed_over: list[dict[str, str]] | None = None,
     overhead_ms: float | None = None,
 ) -> dict[str, Any]:
     """One usage record, as the usage log and `/admin/stats`' `requests.recent` carry it: `time` (epoch seconds),
-    tokens, `cost` (the price in `currency`) and `cost_credits`, `held` credits, the `bid`, milliseconds of
-    latency, queue, first token and the router's own time (`overhead_ms`: X-Llamakit-Overhead-Ms), and
-    `http_status` when the client got an error."""
+    tokens (`cached_tokens` of the prompt's read from the node's cache), `cost` (the price in `currency`) and
+    `cost_credits`, `cache_discount` and `cache_discount_credits` (what the cached tokens' fee took off it),
+    `held` credits, the `bid`, milliseconds of latency, queue, first token and the router's own time
+    (`overhead_ms`: X-Llamakit-Overhead-Ms), `http_status` when the client got an error, and the models
+    `passed_over` before `model` (a request's `models` fallbacks)."""
     return {
         "time": created,
         "request_id": request_id,
@@ -61,8 +66,10 @@ def usage_record(
         "node": node,
         "status": status,
         "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
         "completion_tokens": completion_tokens,
         **money.cost_fields(cost_credits),
+        **money.discount_fields(cache_discount),
         "currency": money.currency,
         "held": held,
         "bid": bid,
@@ -74,6 +81,7 @@ def usage_record(
         "user": user,
         "key_prefix": key_prefix,
         "http_status": http_status,
+        "passed_over": passed_over or [],
     }
 
 
@@ -86,14 +94,13 @@ def finished(
     paid: PaidRequest,
     node: HerdNode | None,
     status: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cost: int,
+    bill: Bill,
     error: str | None,
     http_status: int | None = None,
 ) -> None:
-    """Record a paid request that ended (settled or refunded): its usage record, its key's tokens, its metrics, its
-    span's outcome and (--log-requests) its log line."""
+    """Record a paid request that ended (settled or refunded) with what it was charged (`bill.charge`): its usage
+    record, its key's tokens, its metrics, its span's outcome and (--log-requests) its log line."""
+    prompt_tokens, completion_tokens = bill.prompt_tokens, bill.completion_tokens
     now = time.monotonic()
     latency = now - paid.arrived
     if paid.overhead_ms is None:  # settled or released without reaching the ledger's call
@@ -108,7 +115,7 @@ def finished(
         status=status,
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
-        cost_credits=cost,
+        cost_credits=bill.charge,
         held=paid.held,
         bid=format_bid(paid.bid),
         latency_ms=_ms(latency),
@@ -118,6 +125,9 @@ def finished(
         user=paid.user,
         key_prefix=paid.key_prefix,
         http_status=http_status,
+        cached_tokens=bill.cached_tokens,
+        cache_discount=bill.cache_discount,
+        passed_over=paid.passed_over_list(),
         overhead_ms=paid.overhead_ms,
     )
     paid.admission.finish(prompt_tokens + completion_tokens)
@@ -140,6 +150,11 @@ def _span_attributes(record: dict[str, Any]) -> dict[str, str | int | float | bo
         "llamakit.credits.charged": record["cost_credits"],
         "llamakit.status": record["status"],
     }
+    if record["cached_tokens"]:
+        attributes["llamakit.usage.cached_tokens"] = record["cached_tokens"]
+        attributes["llamakit.credits.cache_discount"] = record["cache_discount_credits"]
+    if record["passed_over"]:
+        attributes["llamakit.passed_over"] = ", ".join(f"{p['model']}={p['reason']}" for p in record["passed_over"])
     for key in ("node", "queue_ms", "overhead_ms"):
         if record[key] is not None:
             attributes[f"llamakit.{key}"] = record[key]
@@ -174,7 +189,9 @@ def recovered_record(money: CreditValue, record: UsageRecord, account: str) -> d
         node=record.node, status=record.status, prompt_tokens=record.prompt_tokens,
         completion_tokens=record.completion_tokens, cost_credits=record.cost, held=record.held, bid=record.bid,
         latency_ms=record.latency_ms, queue_ms=record.queue_ms, ttft_ms=None, error=record.error, user=record.user,
-        key_prefix=record.key_prefix, http_status=record.http_status, overhead_ms=record.overhead_ms,
+        key_prefix=record.key_prefix, http_status=record.http_status, cached_tokens=record.cached_tokens,
+        cache_discount=record.cache_discount, passed_over=[dict(p) for p in record.passed_over],
+        overhead_ms=record.overhead_ms,
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from llamakit import jsontext
 from llamakit.router.errors import ClientGone
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Remembered
-from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.paid.settle import settle, settle_delivered
 from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
@@ -300,26 +300,19 @@ class _StreamRelay:
         if paid.trace.on:
             self._traced(event, usage, token=counts is not None)
         if usage:
-            prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-            end_call(paid, prompt_tokens, completion_tokens, self.finish_reason)
-            charge = paid.charge(prompt_tokens, completion_tokens)
+            bill = paid.bill(usage)
+            end_call(paid, bill.prompt_tokens, bill.completion_tokens, self.finish_reason)
             charged = await settle(
-                state,
-                paid,
-                node,
-                prompt_tokens,
-                completion_tokens,
-                charge,
-                "ok",
-                remember=self._remember(usage, charge),
-                cached_tokens=cached_tokens(usage),
-            )  # fmt: skip  (what it cost: nothing when its hold went back while it ran, see settle._hold_gone)
+                state, paid, node, bill, "ok", remember=self._remember(usage, bill)
+            )  # what it cost: nothing when its hold went back while it ran, see settle._hold_gone
             remember_prefix(state, paid, node, self.transcript.text)
             if not paid.include_usage:
                 if flush:
                     await sse.flush()
                 return
-            event["usage"] = {**usage, **state.settings.money.cost_fields(charged)}
+            event["usage"] = bill.usage(usage, state.settings.money, charged)
+            if paid.fallbacks:
+                event["passed_over"] = paid.passed_over_list()
         elif "error" in event:
             raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
         if same and not usage:
@@ -346,13 +339,13 @@ class _StreamRelay:
                 "llamakit.last_token", {"gen_ai.usage.output_tokens": tokens}, at_ns=self.last_token_ns
             )
 
-    def _remember(self, usage: dict[str, Any], charge: int) -> Remembered | None:
+    def _remember(self, usage: dict[str, Any], bill: Bill) -> Remembered | None:
         """The whole answer the stream delivered, in the shape of a plain answer, for a retry to be given."""
         paid = self.paid
         if paid.claim is None:
             return None
         money = self.state.settings.money
-        total = Usage(**{**usage, **money.cost_fields(charge)})
+        total = Usage(**bill.usage(usage, money))
         text, finish = self.transcript.text, self.transcript.finish_reason
         if paid.path.endswith("/chat/completions"):
             calls = [self.transcript.tool_calls[i] for i in sorted(self.transcript.tool_calls)] or None
@@ -362,12 +355,7 @@ class _StreamRelay:
             )  # fmt: skip
         else:
             body = completion_body(id=paid.id, model=paid.model, text=text, finish_reason=finish, usage=total)
-        headers = {**answer_headers(self.state, paid, self.node), **cost_headers(money, charge)}
+        if paid.fallbacks:
+            body["passed_over"] = paid.passed_over_list()
+        headers = {**answer_headers(self.state, paid, self.node), **cost_headers(money, bill.charge)}
         return paid.claim.remember(body, headers)
-
-
-def cached_tokens(usage: dict[str, Any] | None) -> int:
-    """`usage.prompt_tokens_details.cached_tokens` as the node reported it; 0 when absent or malformed."""
-    details = (usage or {}).get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and cached > 0 else 0

@@ -12,7 +12,8 @@ from aiohttp import web
 
 from llamakit.router.errors import ClientGone, http_error
 from llamakit.router.herd import HerdNode
-from llamakit.router.paid.relay import cached_tokens, serve_stream
+from llamakit.router.paid.fallback import PASS_OVER, pass_over, passed_over_header
+from llamakit.router.paid.relay import serve_stream
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.paid.settle import refund, settle
 from llamakit.router.paid.slot import (
@@ -31,18 +32,24 @@ from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed
 from llamakit.web import json_response
-from llamakit.wire.headers import OVERHEAD_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import OVERHEAD_HEADER, PASSED_OVER_HEADER, REQUEST_ID_HEADER
 
 __all__ = ["serve"]
 
 
 async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
-    """The answer to `paid`, whole or streamed. On failure its hold is released in full with a usage record of the
-    error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
+    """The answer to `paid`, whole or streamed, from its model or, when that one cannot serve it before its first
+    token, from the next of its `models` (fallback.py). On failure its hold is released in full with a usage
+    record of the error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
     try:
-        if paid.stream:
-            return await serve_stream(state, request, paid)
-        return await _serve_whole(state, request, paid)
+        while True:
+            try:
+                if paid.stream:
+                    return await serve_stream(state, request, paid)
+                return await _serve_whole(state, request, paid)
+            except PASS_OVER as exc:
+                if not pass_over(state, paid, exc):
+                    raise
     except asyncio.CancelledError:
         await refund(state, paid, status="cancelled", error="the client went away")
         raise
@@ -56,6 +63,12 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
         status = "cancelled" if isinstance(exc, ClientGone) else _refund_status(answer.status, answer.code)
         await refund(state, paid, status=status, error=answer.message, http_status=http_status)
         answer.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
+        if paid.passed_over:  # every model was tried: the error is the last one's, and says the others'
+            answer.message += "; the other models were passed over: " + ", ".join(
+                f"{p.model} ({p.reason})" for p in paid.passed_over
+            )
+            answer.extra["passed_over"] = paid.passed_over_list()
+            answer.headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
         if answer is exc:
             raise
         raise answer from exc
@@ -88,26 +101,21 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
             paid.trace.waited += time.monotonic() - asked  # the node's time, not the router's
             release(state, paid, node)
         usage = answer.get("usage") or {}
-        prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        end_call(paid, prompt_tokens, completion_tokens, _finish_reason(answer))
-        charge = paid.charge(prompt_tokens, completion_tokens)
-        answer["id"] = paid.id
+        bill = paid.bill(usage)
+        end_call(paid, bill.prompt_tokens, bill.completion_tokens, _finish_reason(answer))
+        answer["id"], answer["model"] = paid.id, paid.model
         money = state.settings.money
-        answer["usage"] = {**usage, **money.cost_fields(charge)}
-        headers = {**answer_headers(state, paid, node), **cost_headers(money, charge)}
-        cached = cached_tokens(usage)
+        answer["usage"] = bill.usage(usage, money, cache=paid.generates)
+        if paid.fallbacks:
+            answer["passed_over"] = paid.passed_over_list()
+        headers = {**answer_headers(state, paid, node), **cost_headers(money, bill.charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
-            await settle(
-                state, paid, node, prompt_tokens, completion_tokens, charge, "cut", "the client went away",
-                cached_tokens=cached,
-            )  # fmt: skip
+            await settle(state, paid, node, bill, "cut", "the client went away")
             return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        charged = await settle(
-            state, paid, node, prompt_tokens, completion_tokens, charge, "ok", remember=remember, cached_tokens=cached
-        )
-        if charged != charge:  # its hold went back while it ran (see settle._hold_gone): it is free
-            answer["usage"] = {**usage, **money.cost_fields(charged)}
+        charged = await settle(state, paid, node, bill, "ok", remember=remember)
+        if charged != bill.charge:  # its hold went back while it ran (see settle._hold_gone): it is free
+            answer["usage"] = bill.usage(usage, money, charged, cache=paid.generates)
             headers.update(cost_headers(money, charged))
         remember_prefix(state, paid, node, _answer_text(answer))
         return json_response(paid.present(answer), headers=_with_overhead(paid, headers))

@@ -14,7 +14,7 @@ import time
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import HoldClosed, LedgerError, Remembered
 from llamakit.router.paid.record import finished
-from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.state import RouterState
 
 __all__ = ["refund", "settle", "settle_delivered"]
@@ -26,46 +26,39 @@ async def settle(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
-    prompt_tokens: int,
-    completion_tokens: int,
-    charge: int,
+    bill: Bill,
     status: str,
     error: str | None = None,
     *,
     remember: Remembered | None = None,
-    cached_tokens: int = 0,
 ) -> int:
-    """Charge `charge` credits (`paid.charge(prompt_tokens, completion_tokens)`, computed once by the caller, who
-    may have written it into the answer `remember` stores) and give back the rest of the hold. Returns what was
-    charged: `charge`, or 0 when the hold was gone (another router released it) or the database failed (the hold
-    is released in full once it answers again)."""
+    """Charge `bill.charge` credits (`paid.bill(usage)`, computed once by the caller, who may have written it into
+    the answer `remember` stores) and give back the rest of the hold. Returns what was charged: the charge, or 0
+    when the hold was gone (another router released it) or the database failed (the hold is released in full once
+    it answers again)."""
     # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
     # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
     paid.closed = True
-    return await asyncio.shield(
-        _settled(state, paid, node, prompt_tokens, completion_tokens, charge, status, error, remember, cached_tokens)
-    )
+    return await asyncio.shield(_settled(state, paid, node, bill, status, error, remember))
 
 
 async def _settled(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
-    prompt_tokens: int,
-    completion_tokens: int,
-    charge: int,
+    bill: Bill,
     status: str,
     error: str | None,
     remember: Remembered | None,
-    cached_tokens: int,
 ) -> int:
     latency_ms = (time.monotonic() - paid.arrived) * 1000
+    prompt_tokens, completion_tokens = bill.prompt_tokens, bill.completion_tokens
     paid.overhead_ms = paid.trace.overhead_ms()  # the router's own time up to its settlement
     try:
-        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": charge, "llamakit.status": status}):
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": bill.charge, "llamakit.status": status}):
             settlement = await state.ledger.settle(
                 paid.id,
-                charge=charge,
+                charge=bill.charge,
                 node=node.name,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -75,10 +68,15 @@ async def _settled(
                 error=error,
                 remember=remember,
                 overhead_ms=paid.overhead_ms,
+                model=paid.model if paid.passed_over else None,
+                cached_tokens=bill.cached_tokens,
+                cache_discount=bill.cache_discount,
+                passed_over=paid.passed_over_list(),
             )
     except HoldClosed as exc:
         _hold_gone(paid, exc)
-        finished(state, paid, node, "router_lost", prompt_tokens, completion_tokens, 0, str(exc))
+        free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
+        finished(state, paid, node, "router_lost", free, str(exc))
         return 0  # the work is done and the client gets it; the hold it was bought with went back in full
     except LedgerError:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
@@ -87,12 +85,17 @@ async def _settled(
             "request %s: its settlement failed; releasing its hold in full", paid.id, extra=paid.log_fields(node)
         )
         _release_later(state, paid, "the settlement failed: the database could not be written")
-        finished(state, paid, node, "error", prompt_tokens, completion_tokens, 0, "the settlement failed")
+        free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
+        finished(state, paid, node, "error", free, "the settlement failed")
         return 0
-    node.record(completion_tokens, settlement.charged, whole=status != "broken")
-    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, cached_tokens)
-    finished(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
-    return settlement.charged
+    charged = settlement.charged
+    node.record(completion_tokens, charged, whole=status != "broken")
+    discount = bill.cache_discount if charged == bill.charge else 0
+    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, charged, bill.cached_tokens,
+                          discount)  # fmt: skip
+    finished(state, paid, node, status, Bill(prompt_tokens, completion_tokens, charged, bill.cached_tokens, discount),
+             error)  # fmt: skip
+    return charged
 
 
 async def settle_delivered(
@@ -100,14 +103,15 @@ async def settle_delivered(
     error: str | None,
 ) -> None:  # fmt: skip
     """A stream that ended without its usage (cut by the client, or broken): charged for the tokens it delivered,
-    refunded in full when it delivered none."""
+    refunded in full when it delivered none. Its prompt is charged as decoded: only a usage says what a node's
+    cache held."""
     if paid.closed:
         return
     if completion_tokens == 0:
         await refund(state, paid, status=status, error=error)
     else:
-        charge = paid.charge(prompt_tokens, completion_tokens)
-        await settle(state, paid, node, prompt_tokens, completion_tokens, charge, status, error)
+        bill = Bill(prompt_tokens, completion_tokens, paid.charge(prompt_tokens, completion_tokens))
+        await settle(state, paid, node, bill, status, error)
 
 
 async def refund(
@@ -128,7 +132,8 @@ async def _released(
         with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": 0, "llamakit.status": status}):
             await state.ledger.release(
                 paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status,
-                overhead_ms=paid.overhead_ms,
+                overhead_ms=paid.overhead_ms, model=paid.model if paid.passed_over else None,
+                passed_over=paid.passed_over_list(),
             )  # fmt: skip
     except HoldClosed as exc:
         _hold_gone(paid, exc)
@@ -138,7 +143,7 @@ async def _released(
         # request met, not this one.
         log.exception("request %s: its hold could not be released now; trying again", paid.id, extra=paid.log_fields())
         _release_later(state, paid, error or "refunded")
-    finished(state, paid, None, status, 0, 0, 0, error, http_status)
+    finished(state, paid, None, status, Bill(0, 0, 0), error, http_status)
 
 
 _RELEASING: set[asyncio.Task[None]] = set()  # holds being released after a database failure (kept referenced)

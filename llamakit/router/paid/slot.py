@@ -15,11 +15,19 @@ from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.dispatch.errors import NoNode
 from llamakit.router.errors import ClientGone
 from llamakit.router.herd import HerdNode
+from llamakit.router.paid.fallback import passed_over_header
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import RouterState
 from llamakit.router.tracing import PROVIDER, AttributeValue, operation_of
 from llamakit.router.upstream import NodeFailed, StreamBroken
-from llamakit.wire.headers import BID_HEADER, CURRENCY_HEADER, NODE_HEADER, QUEUE_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import (
+    BID_HEADER,
+    CURRENCY_HEADER,
+    NODE_HEADER,
+    PASSED_OVER_HEADER,
+    QUEUE_HEADER,
+    REQUEST_ID_HEADER,
+)
 
 __all__ = [
     "CLIENT_POLL_SECONDS",
@@ -151,6 +159,8 @@ def answer_headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dic
     }
     if paid.queue_ms is not None:
         headers[QUEUE_HEADER] = f"{paid.queue_ms:.3f}"
+    if paid.passed_over:
+        headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
     return headers
 
 

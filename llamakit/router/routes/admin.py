@@ -145,9 +145,10 @@ class FeesParams(QueryModel):
 @admin_routes.put("/fees/{model}")
 @documented(_admin("Set a model's fees ('*': the default)", FeesSet, 400, 404, body=FeeSchedule, query=FeesParams))
 async def set_fees(request: web.Request) -> web.Response:
-    """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}`;
-    they price the next request. 400 for a bad schedule; 404 `model_not_found` for a model no node serves and
-    that has no fees yet, unless `?unserved=true` says it is meant (fees set before the model's nodes join)."""
+    """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}` and
+    optionally `cached_prompt_token_fee` (at most the prompt fee); they price the next request. 400 for a bad
+    schedule; 404 `model_not_found` for a model no node serves and that has no fees yet, unless `?unserved=true`
+    says it is meant (fees set before the model's nodes join)."""
     state = request.config_dict[STATE]
     try:
         fees = FeeSchedule.from_dict(parse_json(await request.read()))

@@ -133,11 +133,21 @@ def _present_as_response(paid: PaidRequest, req: ResponsesRequest) -> None:
         events = ResponseEvents(req, response_id=response_id, model=paid.model)
 
         async def open_sse(request: web.Request, headers: dict[str, str]) -> SseWriter:
+            events.model = paid.model  # the model that serves it: a fallback's when the first was passed over
             return await ResponsesSseWriter.start(request, headers, events)
 
         paid.open_sse = open_sse
     else:
-        paid.present = lambda answer: response_from_chat(req, answer, response_id=response_id)
+        paid.present = lambda answer: _with_passed_over(
+            response_from_chat(req, answer, response_id=response_id), answer
+        )
+
+
+def _with_passed_over(response: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """A Response of a request that named `models` says which were passed over, as the chat answer does."""
+    if "passed_over" in answer:
+        response["passed_over"] = answer["passed_over"]
+    return response
 
 
 @response_routes.get(PATH + "/{response_id}")
@@ -161,7 +171,8 @@ async def _replay(
     answer, headers = recall_answer(remembered, state.settings.money)
     response_id = _response_id(str(answer.get("id", "")))
     if not req.stream:
-        return json_response(response_from_chat(req, answer, response_id=response_id), headers=headers)
+        response = _with_passed_over(response_from_chat(req, answer, response_id=response_id), answer)
+        return json_response(response, headers=headers)
     events = ResponseEvents(req, response_id=response_id, model=str(answer.get("model") or ""))
     sse = await ResponsesSseWriter.start(request, without_cost_headers(headers), events)
     for chunk in chat_chunks(answer):

@@ -89,11 +89,17 @@ def usage_query(request: web.Request) -> UsageQuery:
 
 
 def priced(record: UsageRecord, current: CreditValue) -> dict[str, Any]:
-    """A record's price fields: `cost` and `cost_credits`, `currency`, `credit_value` (a number) and
-    `credit_value_exact` (its decimal text) of the money it was priced at when it was made, and
-    `priced_at_current_value`, true for a record made before the ledger kept that (priced at `current` then)."""
+    """A record's price fields: `cost` and `cost_credits`, `cache_discount` and `cache_discount_credits` (what its
+    cached prompt tokens' fee took off the cost), `currency`, `credit_value` (a number) and `credit_value_exact`
+    (its decimal text) of the money it was priced at when it was made, and `priced_at_current_value`, true for a
+    record made before the ledger kept that (priced at `current` then)."""
     money, at_current = record.priced_at(current)
-    return {**money.cost_fields(record.cost), **money.describe(), "priced_at_current_value": at_current}
+    return {
+        **money.cost_fields(record.cost),
+        **money.discount_fields(record.cache_discount),
+        **money.describe(),
+        "priced_at_current_value": at_current,
+    }
 
 
 async def usage_page(

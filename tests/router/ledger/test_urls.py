@@ -31,6 +31,7 @@ def test_the_public_surface() -> None:
         "AccountState",
         "ApiKey",
         "Books",
+        "CacheSavings",
         "Event",
         "EventSummary",
         "Hold",
