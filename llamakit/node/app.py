@@ -19,6 +19,7 @@ from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
+from llamakit.server import deadline_middleware
 from llamakit.web import Handler, error_middleware, require_bearer
 
 __all__ = ["create_app"]
@@ -34,7 +35,10 @@ def create_app(settings: NodeSettings) -> web.Application:
             require_bearer(request, settings.herd_token, what="herd token")
         return await handler(request)
 
-    app = web.Application(middlewares=[error_middleware, herd_auth], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, deadline_middleware(settings.request_limits), herd_auth],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
 from llamakit.node.cores import available_cores
+from llamakit.server import RequestLimits
 
 __all__ = ["NodeSettings", "settings_from_args"]
 
@@ -54,12 +55,32 @@ class NodeSettings(BaseModel):
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
+        "again plus its size at --min-upload-rate",
+    )
+    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
+    )
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
     llama_log: Literal["debug", "info", "warning", "error"] = Field(
         "warning", description="the least severe of llama.cpp's own log messages to show (logger 'llama.cpp')"
     )
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
+        return RequestLimits(
+            header_timeout=self.request_timeout,
+            min_upload_rate=self.min_upload_rate,
+            max_connections=self.max_connections,
+        )
 
     @property
     def url(self) -> str:
@@ -82,6 +103,9 @@ FLAGS = [
     Flag("router", "--router", "LLAMAKIT_ROUTER"),
     Flag("public_url", "--public-url", "LLAMAKIT_PUBLIC_URL"),
     Flag("llama_log", "--llama-log", "LLAMAKIT_LLAMA_LOG"),
+    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
+    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
+    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
 ]
 
 

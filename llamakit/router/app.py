@@ -32,6 +32,7 @@ from llamakit.router.routes.responses import response_routes
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream
+from llamakit.server import CONNECTIONS, deadline_middleware
 from llamakit.web import REFUSAL, Handler, error_middleware_for, json_response, request_id_header
 
 __all__ = ["create_app"]
@@ -58,7 +59,8 @@ def create_app(settings: RouterSettings) -> web.Application:
         metrics=RouterMetrics(),
     )
     app = web.Application(
-        middlewares=[_count_refusals, error_middleware_for(http_error)], client_max_size=settings.max_body_bytes
+        middlewares=[_count_refusals, error_middleware_for(http_error), deadline_middleware(settings.request_limits)],
+        client_max_size=settings.max_body_bytes,
     )
     app[STATE] = state
     app.add_routes(routes)
@@ -103,6 +105,7 @@ async def _metrics(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     # The herd's queue (every router's requests with --cluster; the other series are this router's).
     state.metrics.refresh(state.herd, await state.dispatch.queue_depths())
+    state.metrics.watch_connections(request.config_dict.get(CONNECTIONS))
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
