@@ -17,6 +17,7 @@ from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
+from llamakit.node.model_file import watch_model_file
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.server import deadline_middleware
@@ -66,11 +67,13 @@ def create_app(settings: NodeSettings) -> web.Application:
         # The server answers /health ("loading") while the model loads in the background.
         host.start_loading(settings.model)
         membership = asyncio.create_task(keep_membership(settings, host)) if settings.router else None
+        watch = asyncio.create_task(watch_model_file(host), name="model file")
         yield
-        if membership is not None:
-            membership.cancel()
-            with suppress(asyncio.CancelledError):
-                await membership
+        for task in (membership, watch):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         await host.close()
 
     app.cleanup_ctx.append(model_lifecycle)

@@ -57,6 +57,7 @@ async def health(request: web.Request) -> web.Response:
         busy=host.busy,
         n_ctx=settings.n_ctx,
         error=host.error,
+        model_file=host.file_error,
     )
     return json_response(health.model_dump())
 

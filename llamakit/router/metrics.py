@@ -32,9 +32,11 @@ KNOWN_REFUSALS = (
     (402, "spend_cap_exceeded"),
     (403, "model_not_allowed"),
     (404, "model_not_found"),
+    (408, "request_timeout"),
     (429, "queue_full"),
     (429, "queue_share_exceeded"),
     (429, "rate_limit_exceeded"),
+    (503, "ledger_unavailable"),
     (503, "no_node"),
     (504, "queue_timeout"),
 )

@@ -68,3 +68,6 @@ class NodeHealth(BaseModel):
     busy: int = 0
     n_ctx: int | None = None  # tokens per slot, prompt and completion together
     error: str | None = None
+    # What is wrong with the loaded model's file on disk (gone, unreadable): the node still serves from memory,
+    # but could not load the model again. None while the file is there.
+    model_file: str | None = None

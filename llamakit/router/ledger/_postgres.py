@@ -111,8 +111,11 @@ class PostgresLedger(Ledger):
             return
         try:
             settings = {} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS
+            # No floor of connections (min_size=0): asyncpg would restore it in the background while the database
+            # is away, logging a traceback at each try. Connections are made when asked for, and an outage is
+            # said once (see router/ledger_gate.py).
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, server_settings=settings, reset=_keep_session
+                self._dsn, min_size=0, max_size=self._pool_size, server_settings=settings, reset=_keep_session
             )
         except (*_DATABASE_ERRORS, ValueError) as exc:
             raise LedgerError(f"cannot open the ledger at {self.url}: {exc}") from exc
@@ -121,7 +124,8 @@ class PostgresLedger(Ledger):
                 await migrate_postgres(conn)
         except _DATABASE_ERRORS as exc:
             await pool.close()
-            raise LedgerError(f"cannot migrate the ledger at {self.url}: {exc}") from exc
+            doing = "open" if isinstance(_database_error(exc), LedgerUnavailable) else "migrate"
+            raise LedgerError(f"cannot {doing} the ledger at {self.url}: {exc}") from exc
         except BaseException:
             await pool.close()
             raise
