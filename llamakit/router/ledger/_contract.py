@@ -821,8 +821,8 @@ class Ledger(ABC):
         return await self._recall(account_id, key)
 
     async def probe(self) -> None:
-        """One small write that changes nothing (the first account rewritten as it is), committed: returns once
-        the database can be written again; LedgerUnavailable while it cannot (see `LedgerUnavailable`)."""
+        """One small write that changes nothing (a row or a header rewritten as it is), committed: returns once the
+        database can be written again; LedgerUnavailable while it cannot (see `LedgerUnavailable`)."""
         await self._probe()
 
     async def recover(self) -> int:
