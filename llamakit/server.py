@@ -6,7 +6,8 @@ files.
   `RequestLimits.header_timeout` seconds to send the request line and headers, or it gets 408 and is closed
   (closed without an answer when it sent nothing at all).
 - The body: then `RequestLimits.body_seconds(size)`, where size is its Content-Length (the largest body
-  allowed when it is chunked): 408 and closed past it (`deadline_middleware`, which reads the body).
+  allowed when it is chunked): 408 and closed past it (`deadline_middleware`, which sets the deadline on the
+  body's stream; the handler reads it as before).
 - The count: at most `max_connections` open. One more first closes the oldest connection that is still
   sending its head, else the oldest idle kept-alive one; when every one is serving a request, the new one is
   answered 503 and closed. Either way the process keeps file descriptors for its own work (ledger, nodes).

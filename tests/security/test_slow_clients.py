@@ -23,7 +23,7 @@ import pytest
 
 from llamakit.catalog import DEFAULT_MODEL, ModelNotAvailable, resolve_model
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
+from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
 
 ADMIN = "slow-clients-admin"
 ROOT = Path(__file__).parents[2]
@@ -69,11 +69,13 @@ async def _up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @asynccontextmanager
-async def _router(tmp: Path, *flags: str) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
-    node = await RunningServer(FakeNode("n1", slots=4).app()).start()
+async def _router(
+    tmp: Path, *flags: str, node: FakeNode | None = None
+) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
+    server = await RunningServer((node or FakeNode("n1", slots=4)).app()).start()
     port = _free_port()
     argv = [sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", str(tmp / "ledger.db")]
-    argv += ["--admin-key", ADMIN, "--herd-token", HERD_TOKEN, "--node", node.url, "--health-interval", "0.1"]
+    argv += ["--admin-key", ADMIN, "--herd-token", HERD_TOKEN, "--node", server.url, "--health-interval", "0.1"]
     log = tmp / "router.log"
     try:
         with _process(argv + list(flags), log) as process:
@@ -81,7 +83,7 @@ async def _router(tmp: Path, *flags: str) -> AsyncIterator[tuple[str, subprocess
             await _up(url, process, log)
             yield url, process
     finally:
-        await node.stop()
+        await server.stop()
 
 
 class SlowClient:
@@ -119,11 +121,16 @@ def _open_files(process: subprocess.Popen[bytes]) -> int:
     return len(os.listdir(f"/proc/{process.pid}/fd"))
 
 
-async def _paid_request(url: str) -> httpx.Response:
+async def _api_key(url: str) -> str:
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60) as admin:
         created = await admin.post("/admin/accounts", json={"name": f"normal-{os.urandom(3).hex()}", "deposit": 10**6})
         assert created.status_code == 201, created.text
-        key = created.json()["api_key"]
+        key: str = created.json()["api_key"]
+        return key
+
+
+async def _paid_request(url: str) -> httpx.Response:
+    key = await _api_key(url)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as client:
         for _ in range(200):  # the fake node is up once the router's health check has seen it
             answer = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
@@ -191,6 +198,36 @@ async def test_at_the_connection_limit_the_oldest_slow_one_makes_room(tmp_path: 
     evicted = _sample(metrics, 'llamakit_router_connections_closed_total{reason="evicted"}')
     assert evicted >= 200, metrics
     assert _sample(metrics, "llamakit_router_connection_limit") == 100
+
+
+async def test_when_every_connection_runs_a_request_one_more_gets_503(tmp_path: Path) -> None:
+    gate = asyncio.Event()
+    node = FakeNode("n1", slots=4, script=Script(gate=gate))
+    async with _router(tmp_path, "--max-connections", "3", node=node) as (url, _):
+        key = await _api_key(url)
+        body = b'{"prompt": "hi", "max_tokens": 2}'
+        request = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: llamakit\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+        port = int(url.rsplit(":", 1)[1])
+        running = []
+        for _ in range(3):  # each waits at the node, holding its connection at the router
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request)
+            running.append((reader, writer))
+        while node.active < 3:
+            await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        refused = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        gate.set()
+        answers = [await asyncio.wait_for(r.read(2000), 60) for r, _ in running]
+        for _, w in running:
+            w.close()
+    assert refused.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), refused
+    assert b'"code":"too_many_connections"' in refused
+    assert all(a.startswith(b"HTTP/1.1 200 OK\r\n") for a in answers), answers
 
 
 def _sample(metrics: str, series: str) -> float:
