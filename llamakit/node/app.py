@@ -20,7 +20,7 @@ from llamakit.node.metrics import NodeMetrics
 from llamakit.node.model_file import watch_model_file
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
-from llamakit.server import deadline_middleware
+from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
 from llamakit.web import Handler, error_middleware, require_bearer
 
 __all__ = ["create_app"]
@@ -76,5 +76,11 @@ def create_app(settings: NodeSettings) -> web.Application:
                     await task
         await host.close()
 
+    async def watch_connections(app: web.Application) -> None:
+        guard = app.get(CONNECTIONS)  # set by `serve` (not under a test server)
+        if guard is not None:
+            app[METRICS].registry.register(ConnectionCollector(guard, "llamakit_node"))
+
+    app.on_startup.append(watch_connections)
     app.cleanup_ctx.append(model_lifecycle)
     return app

@@ -82,6 +82,7 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.router.add_get("/live", _live)
     app.router.add_get("/metrics", _metrics)
     app.on_response_prepare.append(request_id_header)
+    app.on_startup.append(_watch_connections)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
@@ -99,6 +100,11 @@ async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamR
     if refusal is not None:
         request.config_dict[STATE].metrics.refused(*refusal)
     return response
+
+
+async def _watch_connections(app: web.Application) -> None:
+    """The client connections of the server this router runs under, in /metrics (under `serve`, not in tests)."""
+    app[STATE].metrics.watch_connections(app.get(CONNECTIONS))
 
 
 async def _stopping(app: web.Application) -> None:
@@ -140,7 +146,6 @@ async def _metrics(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     # The herd's queue (every router's requests with --cluster; the other series are this router's).
     state.metrics.refresh(state.herd, await state.dispatch.queue_depths())
-    state.metrics.watch_connections(request.config_dict.get(CONNECTIONS))
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 

@@ -264,5 +264,12 @@ async def test_the_nodes_port_holds_slow_clients_to_the_same_bounds(tmp_path: Pa
         async with httpx.AsyncClient() as client:
             health = await client.get(url + "/health")
         answers = await asyncio.wait_for(asyncio.gather(*running), 120)
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(url + "/metrics")).text
     assert health.status_code == 200
+    timeouts = sum(
+        _sample(metrics, f'llamakit_node_connections_closed_total{{reason="{r}"}}')
+        for r in ("head_timeout", "body_timeout")
+    )
+    assert timeouts == 200, metrics
     assert all(a.startswith(b"HTTP/1.1 408 Request Timeout\r\n") for a in answers), {a[:40] for a in answers}
