@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from llamakit.catalog import ModelNotAvailable, resolve_model
 from llamakit.logs import configure_logging
 from llamakit.node.settings import settings_from_args
-from llamakit.web import serve
+from llamakit.server import serve
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         program="python -m llamakit.node",
         started=f"llamakit node {settings.name!r} serving on http://{settings.host}:{settings.port}",
+        limits=settings.request_limits,
     )
 
 

@@ -17,10 +17,12 @@ from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
+from llamakit.node.model_file import watch_model_file
 from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING
+from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
 from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware, require_bearer
 
@@ -40,7 +42,10 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
             require_bearer(request, settings.herd_token, what="herd token")
         return await handler(request)
 
-    app = web.Application(middlewares=[error_middleware, herd_auth], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, deadline_middleware(settings.request_limits), herd_auth],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
@@ -72,13 +77,21 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
         # The server answers /health ("loading") while the model loads in the background.
         host.start_loading(settings.model)
         membership = asyncio.create_task(keep_membership(settings, host)) if settings.router else None
+        watch = asyncio.create_task(watch_model_file(host), name="model file")
         yield
-        if membership is not None:
-            membership.cancel()
-            with suppress(asyncio.CancelledError):
-                await membership
+        for task in (membership, watch):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         await host.close()
 
+    async def watch_connections(app: web.Application) -> None:
+        guard = app.get(CONNECTIONS)  # set by `serve` (not under a test server)
+        if guard is not None:
+            app[METRICS].registry.register(ConnectionCollector(guard, "llamakit_node"))
+
+    app.on_startup.append(watch_connections)
     app.cleanup_ctx.append(model_lifecycle)
     tracing = tracing or Tracing.from_env("llamakit-node")
     if tracing is not None:

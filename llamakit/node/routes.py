@@ -59,6 +59,7 @@ async def health(request: web.Request) -> web.Response:
         busy=host.busy,
         n_ctx=settings.n_ctx,
         error=host.error,
+        model_file=host.file_error,
     )
     if placement is not None:
         health = health.model_copy(

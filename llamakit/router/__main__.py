@@ -13,7 +13,7 @@ from llamakit.router.app import create_app
 from llamakit.router.ledger import LedgerError, redacted
 from llamakit.router.paid.record import REQUEST_LOG
 from llamakit.router.settings import settings_from_args
-from llamakit.web import serve
+from llamakit.server import serve
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         program="python -m llamakit.router",
         started=started,
+        limits=settings.request_limits,
         # The database cannot be reached, its schema is newer than this llamakit, or another router has it.
         refusals=(LedgerError,),
         access_log=access_log,

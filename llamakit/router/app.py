@@ -13,13 +13,15 @@ import aiohttp
 from aiohttp import web
 
 from llamakit.money.fees import FeeSchedule
+from llamakit.outage import Outage
 from llamakit.router.auth import admin_app, herd_app
 from llamakit.router.dispatch.local import LocalDispatcher
 from llamakit.router.dispatch.scheduler import Scheduler
 from llamakit.router.errors import http_error
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.ledger import UsageRecord, ledger_at
+from llamakit.router.ledger import LedgerError, UsageRecord, ledger_at
 from llamakit.router.ledger._owner import own_ledger
+from llamakit.router.ledger_gate import gate_middleware
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.openapi import Operation, documented, openapi_routes
 from llamakit.router.paid.idempotency import Idempotency
@@ -27,13 +29,14 @@ from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
 from llamakit.router.routes.admin import admin_routes, herd_routes
 from llamakit.router.routes.admin_keys import key_routes
-from llamakit.router.routes.answers import Health
+from llamakit.router.routes.answers import Health, Live, Ready
 from llamakit.router.routes.embeddings import embedding_routes
 from llamakit.router.routes.openai import routes
 from llamakit.router.routes.responses import response_routes
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream
+from llamakit.server import CONNECTIONS, deadline_middleware
 from llamakit.telemetry import Tracing
 from llamakit.web import REFUSAL, Handler, error_middleware_for, json_response, request_id_header
 
@@ -66,9 +69,16 @@ def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> w
         tracing=tracing or Tracing.from_env("llamakit-router"),
     )
     app = web.Application(
-        middlewares=[_count_refusals, error_middleware_for(http_error)], client_max_size=settings.max_body_bytes
+        middlewares=[
+            _count_refusals,
+            error_middleware_for(http_error),
+            gate_middleware(state.gate),
+            deadline_middleware(settings.request_limits),
+        ],
+        client_max_size=settings.max_body_bytes,
     )
     app[STATE] = state
+    state.metrics.registry.register(state.gate.collector())
     app.add_routes(routes)
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
@@ -76,9 +86,12 @@ def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> w
     app.add_subapp("/admin/", admin_app(admin_routes, key_routes))
     app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/live", _live)
     app.router.add_get("/metrics", _metrics)
     app.add_routes(openapi_routes())
     app.on_response_prepare.append(request_id_header)
+    app.on_startup.append(_watch_connections)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
@@ -106,15 +119,47 @@ async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+async def _watch_connections(app: web.Application) -> None:
+    """The client connections of the server this router runs under, in /metrics (under `serve`, not in tests)."""
+    app[STATE].metrics.watch_connections(app.get(CONNECTIONS))
+
+
 async def _stopping(app: web.Application) -> None:
     app[STATE].stopping.set()  # ends the live stats streams, which would otherwise hold up the shutdown
 
 
 @documented(Operation(summary="Whether the router is up, and its herd", auth=None, answer=Health))
 async def _health(request: web.Request) -> web.Response:
-    herd = request.config_dict[STATE].herd
+    """The router and its herd: 200 `status: ok`, or 503 `status: ledger_unavailable` while the ledger cannot be
+    written (so that a balancer probing /health routes around this router meanwhile)."""
+    state = request.config_dict[STATE]
+    herd = state.herd
     ready = sum(1 for n in herd.nodes.values() if n.state == "ready")
-    return json_response({"status": "ok", "nodes": len(herd.nodes), "ready": ready, "models": herd.models()})
+    body = {
+        "status": "ok" if state.gate.open else "ledger_unavailable",
+        "nodes": len(herd.nodes),
+        "ready": ready,
+        "models": herd.models(),
+        "ledger": state.gate.health(),
+    }
+    return json_response(body, status=200 if state.gate.open else 503)
+
+
+@documented(Operation(summary="Readiness: whether this router takes paid requests", auth=None, answer=Ready))
+async def _ready(request: web.Request) -> web.Response:
+    """Readiness (a Kubernetes readinessProbe, a balancer): 200 when this router takes paid requests, 503 while
+    its ledger cannot be written. It comes back by itself; restarting the router does not help."""
+    gate = request.config_dict[STATE].gate
+    if gate.open:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "reason": "ledger_unavailable"}, status=503)
+
+
+@documented(Operation(summary="Liveness: whether the process answers", auth=None, answer=Live))
+async def _live(request: web.Request) -> web.Response:
+    """Liveness (a Kubernetes livenessProbe): 200 whenever the process answers, whatever its ledger says, so
+    that an outage a restart cannot mend does not turn into restarts."""
+    return json_response({"live": True})
 
 
 @documented(Operation(summary="Prometheus metrics", auth=None, text="text/plain"))
@@ -149,7 +194,8 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     if released:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     await _recovered(state, released)
-    yield
+    async with state.gate.watching(state.ledger):
+        yield
     if state.usage_log is not None:
         state.usage_log.close()
     await state.ledger.close()
@@ -249,8 +295,15 @@ async def _check(state: RouterState, node: HerdNode) -> None:
         state.dispatch.pump()
 
 
+def _database_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the database's (or the network's) failure rather than a bug: asyncpg's own errors too,
+    without importing asyncpg where it is not installed."""
+    return isinstance(exc, (LedgerError, OSError, TimeoutError)) or type(exc).__module__.startswith("asyncpg")
+
+
 async def _health_checks(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    writes = Outage(log, "writing the herd's health to the database", cost="rounds failed")
 
     async def loop() -> None:
         while True:
@@ -262,8 +315,10 @@ async def _health_checks(app: web.Application) -> AsyncIterator[None]:
                 await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
                 try:
                     await dispatch.checked(before)
-                except Exception:
-                    log.exception("cannot write the herd's health to the database")
+                    writes.ended()
+                except Exception as exc:
+                    writes.failed(exc, traceback=None if _database_failure(exc) else exc)
+                    writes.count()
             await asyncio.sleep(state.settings.health_interval)
 
     task = asyncio.create_task(loop(), name="health checks")

@@ -16,6 +16,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from llamakit.router.herd import Herd
+from llamakit.server import ConnectionCollector, ConnectionGuard
 
 __all__ = ["RouterMetrics"]
 
@@ -31,9 +32,11 @@ KNOWN_REFUSALS = (
     (402, "spend_cap_exceeded"),
     (403, "model_not_allowed"),
     (404, "model_not_found"),
+    (408, "request_timeout"),
     (429, "queue_full"),
     (429, "queue_share_exceeded"),
     (429, "rate_limit_exceeded"),
+    (503, "ledger_unavailable"),
     (503, "no_node"),
     (504, "queue_timeout"),
 )
@@ -60,6 +63,7 @@ class RouterMetrics:
         GCCollector(registry=self.registry)
         self._children: dict[tuple[object, ...], Any] = {}
         self._node_names: set[str] = set()
+        self._watching = False
         self.refusals = Counter(
             "llamakit_router_refusals",
             "Requests refused, by HTTP status and error code (or type): 4xx the client's, 5xx the herd's.",
@@ -215,6 +219,12 @@ class RouterMetrics:
             self.nodes.labels(name).set(states.count(name))
         for model in {*herd.models(ready_only=False), *queue_lengths}:
             self._child(self.queue_depth, model).set(queue_lengths.get(model, 0))
+
+    def watch_connections(self, guard: ConnectionGuard | None) -> None:
+        """Report the client connections of the server this router runs under (`llamakit.server`), once."""
+        if guard is not None and not self._watching:
+            self.registry.register(ConnectionCollector(guard, "llamakit_router"))
+            self._watching = True
 
     def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         # .labels() builds and hashes a key on every call: a few microseconds per request, cached here.

@@ -75,3 +75,6 @@ class NodeHealth(BaseModel):
     flash_attn: str | None = None  # "on" or "off" as llama.cpp chose it ("auto" if it did not say)
     cache_type_k: str | None = None  # KV cache types: "f16", "q8_0" …
     cache_type_v: str | None = None
+    # What is wrong with the loaded model's file on disk (gone, unreadable): the node still serves from memory,
+    # but could not load the model again. None while the file is there.
+    model_file: str | None = None

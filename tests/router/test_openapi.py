@@ -57,7 +57,7 @@ def test_every_route_is_described_with_the_credential_it_needs(document: dict[st
             assert security == ["AdminKey"], (method, path)
         elif path.startswith("/herd/"):
             assert security == ["HerdToken"], (method, path)
-        elif path in ("/v1/info", "/health", "/metrics", "/openapi.json"):
+        elif path in ("/v1/info", "/health", "/ready", "/live", "/metrics", "/openapi.json"):
             assert security == [], (method, path)
         else:
             assert security == ["ApiKey"], (method, path)

@@ -6,6 +6,7 @@ a backend (`_sqlite.py`, `_postgres.py`) implements the underscored methods, eac
 Exceptions:
 
     LedgerError                 anything the ledger refuses, and database failures
+    ├── LedgerUnavailable       the database cannot be reached or written now (disk full, PostgreSQL lost)
     ├── AccountExists           create_account with a name that is taken
     ├── UnknownAccount          no account with that id or name
     ├── UnknownKey              no key with that prefix (or whole key)
@@ -33,7 +34,7 @@ from typing import Any, Final, Protocol, Self, TypedDict, TypeVar
 from llamakit.money.currency import CreditValue, format_price, parse_credit_value
 from llamakit.money.fees import format_bid
 from llamakit.router.ledger._api_keys import KeyLimits, KeyUse, SpendCapExceeded, key_name, key_use, limits_from_row
-from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
+from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError, LedgerUnavailable
 from llamakit.text import check_name
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "LedgerUnavailable",
     "Refusal",
     "Remembered",
     "Row",
@@ -902,6 +904,11 @@ class Ledger(ABC):
         """The answer settled under idempotency `key` for this account, if any."""
         return await self._recall(account_id, key)
 
+    async def probe(self) -> None:
+        """One small write that changes nothing (a row or a header rewritten as it is), committed: returns once the
+        database can be written again; LedgerUnavailable while it cannot (see `LedgerUnavailable`)."""
+        await self._probe()
+
     async def recover(self) -> int:
         """Refund every open hold, which only a crash can leave behind; returns how many.
 
@@ -1060,6 +1067,9 @@ class Ledger(ABC):
 
     @abstractmethod
     async def _recall(self, account_id: int, key: str) -> Remembered | None: ...
+
+    @abstractmethod
+    async def _probe(self) -> None: ...
 
     @abstractmethod
     async def _recover(self, now: float) -> list[UsageRecord]: ...

@@ -53,6 +53,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     Refusal,
     Remembered,
     Settlement,
@@ -76,7 +77,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH: Final = 256
 _RETRIES: Final = 5
 # InternalClientError: asyncpg's word for a connection cut in the middle of an operation ("cannot switch to state …").
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 _FAST_COMMITS: Final = {"synchronous_commit": "off"}
 
 
@@ -111,8 +112,11 @@ class PostgresLedger(Ledger):
             return
         try:
             settings = {} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS
+            # No floor of connections (min_size=0): asyncpg would restore it in the background while the database
+            # is away, logging a traceback at each try. Connections are made when asked for, and an outage is
+            # said once (see router/ledger_gate.py).
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, server_settings=settings, reset=_keep_session
+                self._dsn, min_size=0, max_size=self._pool_size, server_settings=settings, reset=_keep_session
             )
         except (*_DATABASE_ERRORS, ValueError) as exc:
             raise LedgerError(f"cannot open the ledger at {self.url}: {exc}") from exc
@@ -121,7 +125,8 @@ class PostgresLedger(Ledger):
                 await migrate_postgres(conn)
         except _DATABASE_ERRORS as exc:
             await pool.close()
-            raise LedgerError(f"cannot migrate the ledger at {self.url}: {exc}") from exc
+            doing = "open" if isinstance(_database_error(exc), LedgerUnavailable) else "migrate"
+            raise LedgerError(f"cannot {doing} the ledger at {self.url}: {exc}") from exc
         except BaseException:
             await pool.close()
             raise
@@ -184,8 +189,7 @@ class PostgresLedger(Ledger):
                 outcome = LedgerError(f"ledger database error after {attempt + 1} tries: {exc}")
                 outcome.__cause__ = exc
             except Exception as exc:  # the flusher must outlive any failure; its callers get the error
-                outcome = LedgerError(f"ledger database error: {exc}")
-                outcome.__cause__ = exc
+                outcome = _database_error(exc)
                 break
         for index, (_op, future) in enumerate(batch):
             if future.done():  # the caller stopped waiting; its operation was applied all the same
@@ -270,7 +274,7 @@ class PostgresLedger(Ledger):
                 )
                 return key_from(updated, now)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _rename_key(self, key_hash: str | None, prefix: str | None, name: str | None, now: float) -> ApiKey:
         column, value = ("key_hash", key_hash) if key_hash is not None else ("prefix", prefix)
@@ -284,7 +288,7 @@ class PostgresLedger(Ledger):
                 )
                 return key_from(renamed, now)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _limited_keys(self, now: float) -> list[ApiKey]:
         rows = await self._fetch(
@@ -315,7 +319,7 @@ class PostgresLedger(Ledger):
                 )
                 return len(keys)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _authenticate(self, key_hash: str, now: float) -> tuple[Account, ApiKey] | None:
         key = await self._fetchrow("SELECT * FROM api_keys WHERE key_hash = $1 AND revoked IS NULL", key_hash)
@@ -345,7 +349,7 @@ class PostgresLedger(Ledger):
                 )
                 return new
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _hold(self, hold: Hold) -> None:
         result = await self._apply(
@@ -394,6 +398,9 @@ class PostgresLedger(Ledger):
             "SELECT key, fingerprint, response FROM idempotency WHERE account_id = $1 AND key = $2", account_id, key
         )
         return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
+
+    async def _probe(self) -> None:
+        await self._fetchval("UPDATE accounts SET balance = balance WHERE id = (SELECT min(id) FROM accounts)")
 
     async def _recover(self, now: float) -> list[UsageRecord]:
         return await self._release_where("TRUE", [], recovery("", now, self.money))
@@ -448,7 +455,7 @@ class PostgresLedger(Ledger):
                         raise LedgerError(f"cannot release the hold {close['request_id']!r}: {result}")
                 rows = await conn.fetch("SELECT * FROM usage WHERE request_id = ANY($1::text[])", holds)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
         by_id = {row["request_id"]: usage_from(row) for row in rows}
         return [by_id[request_id] for request_id in holds]
 
@@ -610,20 +617,33 @@ class PostgresLedger(Ledger):
         try:
             return await self._db().fetchrow(query, *args)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:
             rows: list[asyncpg.Record] = await self._db().fetch(query, *args)
             return rows
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _fetchval(self, query: str, *args: object) -> Any:
         try:
             return await self._db().fetchval(query, *args)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
+
+
+def _database_error(exc: BaseException) -> LedgerError:
+    """The LedgerError for a failed database call: LedgerUnavailable when the database cannot be reached or
+    written now (the connection failed or was lost; SQLSTATE classes 08 connection, 53 insufficient resources
+    such as a full disk, 57 operator intervention such as a shutdown, 58 system error; 25006 read-only)."""
+    unavailable = isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError))
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        unavailable = state[:2] in ("08", "53", "57", "58") or state == "25006"
+    error = (LedgerUnavailable if unavailable else LedgerError)(f"ledger database error: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -53,6 +53,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     Refusal,
     Remembered,
     Settlement,
@@ -198,7 +199,8 @@ class SqliteLedger(Ledger):
             self.batches += 1
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # a failing disk may fail this too; it must not end the thread
+                    conn.execute("ROLLBACK")
             failure = _database_error(exc)
             outcomes = [(job.future, False, failure) for job in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
@@ -416,6 +418,15 @@ class SqliteLedger(Ledger):
 
         return await self._call(run)
 
+    async def _probe(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            # The schema version rewritten as it is: the database's first page goes to the WAL at the commit,
+            # whether or not there is an account.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self._call(run, write=True)
+
     async def _recover(self, now: float) -> list[UsageRecord]:
         def run(conn: sqlite3.Connection) -> list[UsageRecord]:
             holds = [r["id"] for r in conn.execute("SELECT id FROM holds WHERE status = 'open' ORDER BY created, id")]
@@ -603,8 +614,13 @@ def _settle_futures(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> No
 
 
 def _database_error(exc: BaseException) -> BaseException:
+    """The LedgerError for a database error (LedgerUnavailable when the file cannot be written or read now: full,
+    read-only, an I/O error, locked past the timeout); any other exception as it is."""
     if isinstance(exc, sqlite3.Error):
-        error = LedgerError(f"ledger database error: {exc}")
+        # OperationalError is what SQLite says of its file and its locks; a bare DatabaseError, of a file it
+        # cannot read (corrupt). The other subclasses (IntegrityError, ProgrammingError…) are this code's own.
+        unavailable = isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+        error = (LedgerUnavailable if unavailable else LedgerError)(f"ledger database error: {exc}")
         error.__cause__ = exc
         return error
     return exc

@@ -1,6 +1,7 @@
-"""Every paid endpoint (chat and text completions, embeddings, Responses) goes through `paid_call`: authenticate
-the API key, read the JSON body, let the endpoint validate it into an `Order`, answer once per idempotency key,
-quote and hold, serve. A refusal of a known account before anything was held gets its usage record here."""
+"""Every paid endpoint (chat and text completions, embeddings, Responses) goes through `paid_call`: refuse while
+the ledger cannot be written (see ledger_gate.py), authenticate the API key, read the JSON body, let the endpoint
+validate it into an `Order`, answer once per idempotency key, quote and hold, serve. A refusal of a known account
+before anything was held gets its usage record here."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from aiohttp import web
 
 from llamakit.router.auth import authenticate
 from llamakit.router.errors import http_error
-from llamakit.router.ledger import LedgerError, Remembered
+from llamakit.router.ledger import LedgerError, LedgerUnavailable, Remembered
 from llamakit.router.limits import Caller
 from llamakit.router.paid.idempotency import Claim, once
 from llamakit.router.paid.record import publish, refusal_record
@@ -76,6 +77,7 @@ async def _paid_call(
     order: Callable[[Caller, dict[str, Any]], Order],
     trace: RequestTrace,
 ) -> web.StreamResponse:
+    state.gate.check()  # 503 ledger_unavailable while the ledger cannot be written: before anything is held
     with trace.span("llamakit.authenticate"):
         caller = await authenticate(request)
     trace.set({"llamakit.account.id": caller.account.id})
@@ -118,6 +120,8 @@ async def _record_refusal(state: RouterState, caller: Caller, exc: ApiError, dat
             account.id, request_id=request_id, model=str(model), status=status, http_status=exc.status,
             error=exc.message, user=user, key_prefix=caller.key.prefix,
         )  # fmt: skip
+    except LedgerUnavailable as failure:
+        state.gate.failed(failure)  # said once; the client still gets the refusal its request met
     except (LedgerError, ValueError):
         log.exception("could not record the refusal of %s", request_id)
     record = refusal_record(

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token_bound, raw_prompt_token_bound
 from llamakit.router.affinity import PrefixMap, chat_text
-from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, SpendCapExceeded
+from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, LedgerUnavailable, SpendCapExceeded
 from llamakit.router.limits import Admission, Caller
 from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_header
 from llamakit.router.paid.idempotency import Claim
@@ -296,6 +296,7 @@ async def hold_credits(
     - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see limits.py);
     - InsufficientFunds (402 `insufficient_funds`) when the balance is short;
     - SpendCapExceeded (402 `spend_cap_exceeded`) past one of the key's caps;
+    - LedgerUnavailable (503 `ledger_unavailable`) when the ledger cannot be written (see ledger_gate.py);
     - 400 `hold_too_large` when `amount` is more than the ledger can hold (MAX_AMOUNT): no balance could pay it.
     """
     if amount > MAX_AMOUNT:  # fees near the bound and a long prompt: the ledger would refuse it with a ValueError
@@ -318,7 +319,7 @@ async def hold_credits(
                 caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
                 key_hash=caller.key_hash,
             )  # fmt: skip
-    except (InsufficientFunds, SpendCapExceeded):
+    except (InsufficientFunds, SpendCapExceeded, LedgerUnavailable):
         admission.cancel()  # refused before anything was done: it counts towards no rate limit
         raise
     except BaseException:

@@ -12,7 +12,7 @@ import logging
 import time
 
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import HoldClosed, LedgerError, Remembered
+from llamakit.router.ledger import HoldClosed, LedgerError, LedgerUnavailable, Remembered
 from llamakit.router.paid.record import finished
 from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.state import RouterState
@@ -78,13 +78,13 @@ async def _settled(
         free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
         finished(state, paid, node, "router_lost", free, str(exc))
         return 0  # the work is done and the client gets it; the hold it was bought with went back in full
-    except LedgerError:
+    except LedgerError as exc:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
         # once the database answers again (nothing was charged: the settlement is one transaction).
-        log.exception(
-            "request %s: its settlement failed; releasing its hold in full", paid.id, extra=paid.log_fields(node)
+        _failed(state, paid, exc, "its settlement failed; its hold is released in full once the ledger answers")
+        state.gate.owe_release(
+            paid.id, error="the settlement failed: the database could not be written", queue_ms=paid.queue_ms
         )
-        _release_later(state, paid, "the settlement failed: the database could not be written")
         free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
         finished(state, paid, node, "error", free, "the settlement failed")
         return 0
@@ -138,39 +138,22 @@ async def _released(
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         status, error, http_status = "router_lost", str(exc), None
-    except LedgerError:
+    except LedgerError as exc:
         # The database failed: the hold is released once it answers again. The client still gets the error its
         # request met, not this one.
-        log.exception("request %s: its hold could not be released now; trying again", paid.id, extra=paid.log_fields())
-        _release_later(state, paid, error or "refunded")
+        _failed(state, paid, exc, "its hold could not be released now; it is once the ledger answers")
+        state.gate.owe_release(paid.id, error=error or "refunded", queue_ms=paid.queue_ms)
     finished(state, paid, None, status, Bill(0, 0, 0), error, http_status)
 
 
-_RELEASING: set[asyncio.Task[None]] = set()  # holds being released after a database failure (kept referenced)
-
-
-def _release_later(state: RouterState, paid: PaidRequest, error: str) -> None:
-    """Release the hold of `paid` in full in the background, asking again (1 s, doubling to 60 s) while the
-    database fails. Without it a hold would stay open while this router runs: with several routers, only a
-    router whose lease ran out has its holds released by the others. A restart releases it too (recovery)."""
-
-    async def release() -> None:
-        pause = 1.0
-        while True:
-            await asyncio.sleep(pause)
-            try:
-                await state.ledger.release(paid.id, status="error", error=error, queue_ms=paid.queue_ms)
-                log.info("request %s: its hold was released after the database came back", paid.id)
-                return
-            except HoldClosed:
-                return  # closed meanwhile (another router's clean-up, or the first try committed after all)
-            except LedgerError as exc:
-                log.warning("request %s: releasing its hold failed again (%s)", paid.id, exc)
-            pause = min(pause * 2, 60.0)
-
-    task = asyncio.ensure_future(release())
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+def _failed(state: RouterState, paid: PaidRequest, exc: LedgerError, what: str) -> None:
+    """A ledger failure of a request's settlement or release: an outage is said once (the gate's log line, not
+    one per request); any other failure is logged with its traceback."""
+    if isinstance(exc, LedgerUnavailable):
+        state.gate.failed(exc)
+        log.debug("request %s: %s (%s)", paid.id, what, exc)
+    else:
+        log.error("request %s: %s", paid.id, what, exc_info=exc)
 
 
 def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:

@@ -38,6 +38,7 @@ __all__ = [
     "KeyList",
     "KeyView",
     "Left",
+    "Live",
     "ModelEntry",
     "ModelList",
     "NewAccount",
@@ -50,6 +51,7 @@ __all__ = [
     "NodeList",
     "NodeRemoved",
     "NodeView",
+    "Ready",
     "Revoked",
     "Stats",
     "TenantAccount",
@@ -178,10 +180,20 @@ class NodeLeave(_Body):
 
 
 class Health(_Open):
-    status: Literal["ok"]
+    status: Literal["ok", "ledger_unavailable"]  # 503 with ledger_unavailable while the ledger cannot be written
     nodes: int
     ready: int
     models: list[str]
+    ledger: dict[str, Any] | None = None  # whether the ledger can be written, and since when it cannot
+
+
+class Ready(_Open):
+    ready: bool  # 503 with false while the router takes no paid requests
+    reason: str | None = None  # ledger_unavailable
+
+
+class Live(_Open):
+    live: Literal[True]
 
 
 class ModelEntry(_Open):

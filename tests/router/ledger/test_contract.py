@@ -804,3 +804,15 @@ async def test_answers_are_remembered_per_account_with_their_charge(ledger: Ledg
     await ledger.release("req-3")
     assert await ledger.recall(funded, "call-3") is None
     await assert_balanced(ledger)
+
+
+async def test_a_probe_writes_and_changes_nothing(url: str, ledger: Ledger) -> None:
+    await ledger.probe()  # with no account yet
+    alice = await ledger.create_account("alice")
+    await ledger.deposit(alice.id, 500)
+    before = await ledger.books()
+    await ledger.probe()
+    assert await ledger.books() == before
+    assert (await ledger.get_account(alice.id)).balance == 500
+    async with ledger_at(url) as again:  # and the schema is as it was
+        await again.probe()

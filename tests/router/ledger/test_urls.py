@@ -41,6 +41,7 @@ def test_the_public_surface() -> None:
         "KeyUse",
         "Ledger",
         "LedgerError",
+        "LedgerUnavailable",
         "Remembered",
         "Settlement",
         "SpendCapExceeded",
