@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -34,6 +33,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from llamakit.sdk import Client
 from tests.conftest import RunningServer
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.model
 
@@ -97,13 +97,6 @@ def _value(value: object) -> object:
     return getattr(value, kind) if kind else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _start(module: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """`python -m <module…>` with `env`, its output in `log`."""
     return subprocess.Popen([sys.executable, "-m", *module], cwd=ROOT, env=env, stdout=log.open("wb"),
@@ -127,7 +120,7 @@ async def traced_herd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     # All an operator sets; the batch delay only makes the test quicker.
     env.update(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint.url, OTEL_BSP_SCHEDULE_DELAY="100", LLAMAKIT_HERD_TOKEN=HERD_TOKEN)
-    node_port, router_port = _free_port(), _free_port()
+    node_port, router_port = free_port(), free_port()
     node = _start(
         ["llamakit.node", "--port", str(node_port), "--slots", "1", "--ctx-size", "1024", "--threads", "2",
          "--name", "otlp-node"],

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
+from tests.support.fake_node import HERD_TOKEN, FakeNode
 
 ADMIN_KEY = "test-admin-key"
 

@@ -9,7 +9,7 @@ from collections import Counter
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 
 PROMPT = "one two three four"
 HERD_AUTH = {"Authorization": f"Bearer {HERD_TOKEN}"}

@@ -37,7 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
 from tests.router.conftest import ADMIN_KEY
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 
 SEED = int(os.environ.get("LLAMAKIT_FUZZ_SEED", "26"))
 EXAMPLES = int(os.environ.get("LLAMAKIT_FUZZ_EXAMPLES", "25"))

@@ -9,7 +9,7 @@ import math
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 

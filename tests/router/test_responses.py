@@ -12,8 +12,8 @@ from openai import AsyncOpenAI
 
 from llamakit.wire.completions import ChatCompletionRequest
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
 from tests.router.test_responses_translation import assert_items_one_after_another
+from tests.support.fake_node import FakeNode, Script
 
 HAS_CHAT_TOOLS = "tools" in ChatCompletionRequest.model_fields
 

@@ -18,7 +18,7 @@ from llamakit.wire.embeddings import parse_embedding_request
 from llamakit.wire.errors import ApiError
 from llamakit.wire.responses import parse_responses_request
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three"
 CHAT = {"messages": [{"role": "user", "content": PROMPT}]}

@@ -12,8 +12,8 @@ import time
 
 import asyncpg
 
-from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three"
 

@@ -4,8 +4,8 @@ database's own llamakit_close) keeps the served model, what was passed over and 
 
 from __future__ import annotations
 
-from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
+from tests.support.fake_node import FakeNode, Script
 
 FEES = {"base_fee": 10, "prompt_token_fee": 4, "completion_token_fee": 2, "cached_prompt_token_fee": 1}
 BIG = {"base_fee": 100, "prompt_token_fee": 5, "completion_token_fee": 10}

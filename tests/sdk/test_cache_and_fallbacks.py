@@ -9,8 +9,8 @@ from decimal import Decimal
 import pandas as pd  # type: ignore[import-untyped]
 
 import llamakit.sdk as sdk
-from tests.router.fake_node import FakeNode, Script
 from tests.sdk.conftest import MODEL, ThreadedHerd
+from tests.support.fake_node import FakeNode, Script
 
 FEES = {"base_fee": 10, "prompt_token_fee": 4, "completion_token_fee": 2, "cached_prompt_token_fee": 1}
 PROMPT = "one two three four five six seven eight"  # 11 prompt tokens at the fake node

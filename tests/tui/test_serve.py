@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.cli.up import CannotStart, Launcher, UpOptions, free_port
+from llamakit.cli.up import CannotStart, Launcher, UpOptions
 from llamakit.tui._serve import COOKIE, DashboardServer
 from tests.conftest import RunningServer
+from tests.support.ports import free_port, taken_port
 from tests.tui.conftest import ADMIN_KEY
 
 ROUTER = "http://127.0.0.1:9"  # never called: no browser opens the dashboard's WebSocket here
@@ -132,10 +132,7 @@ async def test_the_websocket_answers_only_its_own_page(served: tuple[DashboardSe
 
 def test_llamakit_up_refuses_a_dashboard_port_that_is_taken(tmp_path: Path) -> None:
     router = free_port("127.0.0.1")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         options = UpOptions(state_dir=tmp_path, port=router, dashboard_port=port, profile=tmp_path / "profile.json")
         with pytest.raises(CannotStart, match=rf"127\.0\.0\.1:{port} .*another herd's dashboard\? Pick another "):
             Launcher(options)

@@ -1,13 +1,17 @@
 """A scripted stand-in for a node, for testing the router's own behaviour (queue order, failover, timeouts).
 
 It speaks the node's protocol (health, herd token, OpenAI-shaped answers, SSE with running token counts) and
-does what its `Script` says: how many tokens, how fast, and how to fail.
+does what its `Script` says: how many tokens, how fast, and how to fail. Tests serve `FakeNode(...).app()` in
+their own event loop; where a node must be a process of its own (a soak, nodes on other hosts, a herd of a
+thousand for `bench/herd_scale.py`), `python -m tests.support.fake_node --port P` serves one (see `main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import gc
 import json
 import struct
 from dataclasses import dataclass, field
@@ -333,3 +337,58 @@ def _call_pieces(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
         for part in (arguments[:half], arguments[half:]):
             pieces.append({"delta": {"tool_calls": [{"index": index, "function": {"arguments": part}}]}})
     return pieces
+
+
+class _Forgetful(list[dict[str, Any]]):
+    """`FakeNode.received` in a process of its own: nobody reads it there, and a list of every request body
+    a long benchmark sent grew the heap that each of the garbage collector's full passes walks."""
+
+    def append(self, item: dict[str, Any]) -> None:
+        pass
+
+
+async def serve(*, host: str, port: int, name: str, ports: int, slots: int, tokens: int, token_delay: float) -> None:
+    """Serve `ports` fake nodes on ports `port`.. from one event loop, and say "ready" once all listen."""
+    runners = []
+    for i in range(ports):
+        node = FakeNode(
+            name if ports == 1 else f"{name}-{i}",
+            slots=slots,
+            script=Script(tokens, token_delay),
+            received=_Forgetful(),
+        )
+        runner = web.AppRunner(node.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port + i).start()
+        runners.append(runner)
+    # A thousand apps are a heap of long-lived objects: out of the collector's way, so that a herd of 1,000
+    # answers as cheaply per request as a herd of one.
+    gc.freeze()
+    print("ready", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def main() -> None:
+    """`python -m tests.support.fake_node --port P`: a fake node in a process of its own.
+
+    With `--ports K` it serves K nodes on ports P..P+K-1 from one process and one event loop (for big herds:
+    `bench/herd_scale.py`); each is named N-<i>.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tests.support.fake_node")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--ports", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    args = parser.parse_args()
+    asyncio.run(serve(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()
