@@ -7,6 +7,7 @@ small enough for every CI run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -96,7 +97,8 @@ async def test_soak(router: tuple[str, int], tmp_path: Path) -> None:
             ids.append(resp.headers["X-Llamakit-Request-Id"])
             if stream:
                 assert resp.text.rstrip().endswith("data: [DONE]")
-                costs.append(int(resp.text.split('"cost_credits":')[1].split("}")[0]))
+                events = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+                costs.append(next(e["usage"]["cost_credits"] for e in events if e.get("usage")))
             else:
                 costs.append(resp.json()["usage"]["cost_credits"])
             if len(ids) in (REQUESTS // 5, REQUESTS - 1):
