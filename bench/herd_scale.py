@@ -1,6 +1,6 @@
 """Does the router's cost per request stay flat as the herd grows from 1 to 100 to 1,000 nodes?
 
-One process serves every fake node (``tests/scaleout/node_process.py --ports N``: N aiohttp sites on one
+One process serves every fake node (``tests/support/fake_node.py --ports N``: N aiohttp sites on one
 event loop), each answering a completion at once (1 token, as many slots as the load has connections). The
 nodes join the router(s) over ``/herd/join``. For each herd size and each contender, a load generator (one
 process, an aiohttp client pool of ``--concurrency`` connections spread over the contender's routers) posts
@@ -55,7 +55,7 @@ from _processes import free_port, stop
 ROOT = Path(__file__).parents[1]
 _LOGS = Path(tempfile.gettempdir()) / "herd_scale-router-*.log"
 ADMIN_KEY = "bench-admin-key"
-HERD_TOKEN = "fake-herd-token"  # tests/router/fake_node.py's
+HERD_TOKEN = "fake-herd-token"  # tests/support/fake_node.py's
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _start_nodes(count: int, slots: int) -> tuple[subprocess.Popen[bytes], int]:
         base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
         if all(_port_free(base + i) for i in range(count)):
             break
-    argv = [sys.executable, "-m", "tests.scaleout.node_process", "--port", str(base), "--name", "n"]
+    argv = [sys.executable, "-m", "tests.support.fake_node", "--port", str(base), "--name", "n"]
     argv += ["--ports", str(count), "--slots", str(slots), "--tokens", "1", "--token-delay", "0"]
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE), base
 

@@ -1,4 +1,5 @@
-"""How fast a llamakit node generates compared with llama.cpp itself, alone and under concurrent load.
+"""How fast a llamakit node generates compared with llama.cpp's own server and with llama-cpp-python, alone
+and under concurrent load.
 
 A node sells tokens, so every token per second it loses between llama.cpp and the client is lost revenue.
 Two measurements, chosen with ``--mode``; both generate the same greedy completion (same model, prompt,
@@ -7,7 +8,7 @@ Two measurements, chosen with ``--mode``; both generate the same greedy completi
 ``--mode concurrency`` (the default) measures how a node serves several streams at once, per engine:
 
 * ``bare``: a decode loop on llama-cpp-python's low-level ctypes API with a greedy sampler and nothing else
-  per token, one stream; llama.cpp's own speed, the limit for one stream.
+  per token, one stream: the limit for one stream driven from Python.
 * ``bare-8``: the same loop decoding 8 sequences together, one ``llama_batch`` per step (the 8 prompts' last
   tokens in the first batch, then one token of each sequence per step), in a context laid out as the batched
   engine lays out its own (a cache of ``n_ctx`` cells per sequence, ``kv_unified`` off); the hardware limit for 8
@@ -20,6 +21,15 @@ Two measurements, chosen with ``--mode``; both generate the same greedy completi
   ``stream_options.include_usage``, every SSE chunk read) to a node started as a subprocess with
   ``--engine simple`` or ``--engine batched`` and ``--slots 8``; the figure is the aggregate: the completion
   tokens of all N streams over the wall time from the first request sent to the last stream finished.
+* ``server-N``, with ``--llama-server PATH``: the same requests to llama.cpp's own ``llama-server`` (built by
+  ``bench/build_llama_server.py`` from the llama.cpp that llama-cpp-python vendors, with the node's compile
+  flags), started with the same model file, threads, slots and context per slot (``-t -tb -np``, ``-c`` = slots
+  × context) and its own defaults otherwise (flash attention ``auto``, its prompt cache): the real anchor.
+  The report gives node / llama-server at every concurrency.
+* with ``--whole``, ``batched-N-whole``, ``server-N-whole`` …: the same, unstreamed (``stream: false``).
+
+The nodes run with ``--flash-attn`` (default ``auto``, as llama-server); ``bare``, ``bare-N`` and ``llama`` use
+the same flash attention, so that every contender runs the same kernels.
 
 ``--mode overhead`` is the first benchmark, one stream each: ``bare``, ``llama``, ``node`` (``POST
 /v1/completions`` to a ``--slots 1`` node of ``--engine``) and ``node-stream`` (the same, streamed).
@@ -48,8 +58,13 @@ never stops at an end-of-generation token, the others do; the default prompt kee
 tokens, and the script warns if the contenders' completion token counts or texts differ.
 
 Run: ``.venv/bin/python bench/node_throughput.py [--rounds 3] [--max-tokens 64] [--concurrency 1,2,4,8]`` or
-``… --mode overhead [--rounds 5] [--max-tokens 128]``; results go to stdout and to
-``bench/results/node_concurrency.json`` (concurrency) or ``bench/results/node_throughput.json`` (overhead).
+``… --mode overhead [--rounds 5] [--max-tokens 128]``; against llama-server::
+
+    .venv/bin/python bench/node_throughput.py --llama-server "$(.venv/bin/python bench/build_llama_server.py)" \
+        --engines batched --concurrency 1,4,8 --whole --no-llama --no-bare-batches [--cold]
+
+Results go to stdout and to ``bench/results/node_concurrency.json`` (concurrency) or
+``bench/results/node_throughput.json`` (overhead).
 """
 
 from __future__ import annotations
@@ -61,6 +76,7 @@ import logging
 import os
 import platform
 import secrets
+import shlex
 import statistics
 import subprocess
 import sys
@@ -90,6 +106,12 @@ DEFAULT_ROUNDS = {"concurrency": 3, "overhead": 5}
 DEFAULT_MAX_TOKENS = {"concurrency": 64, "overhead": 128}
 DEFAULT_PROMPT = "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7,"
 ENGINES = ("batched", "simple")
+SERVER = "server"  # llama.cpp's llama-server, as a contender's engine
+FLASH_ATTN_TYPES = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
 NODE_READY_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 300.0
 
@@ -115,6 +137,12 @@ class Config:
     retry_budget: float = 150.0
     settle: float = 3.0
     cold: bool = False
+    flash_attn: str = "auto"
+    gpu_layers: str | None = None  # None: each contender's default (0 on a CPU-only llama.cpp)
+    llama_server: str | None = None
+    llama_server_args: tuple[str, ...] = ()
+    node_args: tuple[str, ...] = ()
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -229,6 +257,13 @@ class Prompts:
 # --- contenders -------------------------------------------------------------------------------------------
 
 
+def gpu_layers(config: Config) -> int:
+    """--gpu-layers for the in-process contenders (llama.cpp's n_gpu_layers: -1 is all)."""
+    if config.gpu_layers is None:
+        return 0
+    return -1 if config.gpu_layers == "all" else int(config.gpu_layers)
+
+
 class BareModel:
     """The model through llama-cpp-python's ctypes API, and the context parameters `Llama` uses by default."""
 
@@ -237,7 +272,7 @@ class BareModel:
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = 0
+        model_params.n_gpu_layers = gpu_layers(config)
         model = llama_cpp.llama_model_load_from_file(config.model_path.encode(), model_params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {config.model_path}")
@@ -254,7 +289,7 @@ class BareModel:
         params.n_ubatch = n_batch
         params.n_threads = self.config.threads
         params.n_threads_batch = self.config.threads
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = FLASH_ATTN_TYPES[self.config.flash_attn]
         if n_seq > 1:
             params.n_seq_max = n_seq
             params.kv_unified = False
@@ -440,6 +475,8 @@ class DirectLlama:
             n_ctx=config.n_ctx,
             n_threads=config.threads,
             n_threads_batch=config.threads,
+            flash_attn=config.flash_attn != "off",  # Llama knows on and off; auto is on for every CPU
+            n_gpu_layers=gpu_layers(config),
             verbose=False,
         )
         self.config = config
@@ -521,10 +558,13 @@ class NodeClient:
 
 
 class NodeLoad:
-    """`streams` streaming requests sent to a node at once, each on a client thread of its own."""
+    """`streams` requests sent to a node (or llama-server) at once, each on a client thread of its own, streamed
+    or whole."""
 
-    def __init__(self, client: httpx.Client, config: Config, pool: ThreadPoolExecutor, streams: int) -> None:
-        self.client = NodeClient(client, config, stream=True)
+    def __init__(
+        self, client: httpx.Client, config: Config, pool: ThreadPoolExecutor, streams: int, *, stream: bool = True
+    ) -> None:
+        self.client = NodeClient(client, config, stream=stream)
         self.pool = pool
         self.streams = streams
 
@@ -583,6 +623,9 @@ def _node_process(
         "--ctx-size", str(config.n_ctx),
         "--herd-token", token,
         "--name", f"bench-{engine}",
+        "--flash-attn", config.flash_attn,
+        *(["--gpu-layers", config.gpu_layers] if config.gpu_layers is not None else []),
+        *config.node_args,
     ]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -602,6 +645,51 @@ def _node_process(
 class Node:
     client: httpx.Client  # carries the node's token
     pid: int
+
+
+@contextmanager
+def llama_server(config: Config, slots: int) -> Iterator[Node]:
+    """llama.cpp's own server on the same model file, threads, slots and context per slot as the nodes."""
+    port = free_port()
+    command = [
+        config.llama_server or "llama-server",
+        "--model", config.model_path,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--threads", str(config.threads),
+        "--threads-batch", str(config.threads),
+        "--parallel", str(slots),
+        "--ctx-size", str(config.n_ctx * slots),  # llama-server splits it among its slots
+        "--no-webui",
+        *(["--gpu-layers", config.gpu_layers] if config.gpu_layers is not None else []),
+        *config.llama_server_args,
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        try:
+            process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        except OSError as exc:
+            raise SystemExit(f"cannot start llama-server {command[0]}: {exc}") from None
+        try:
+            with httpx.Client(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=REQUEST_TIMEOUT,
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            ) as client:
+                deadline = time.monotonic() + NODE_READY_TIMEOUT
+                while time.monotonic() < deadline and process.poll() is None:
+                    try:
+                        if client.get("/health").status_code == 200:  # 503 while it loads
+                            break
+                    except httpx.TransportError:
+                        pass
+                    time.sleep(0.1)
+                else:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-3000:]
+                    raise RuntimeError(f"llama-server did not become ready ({process.poll()}); its log ends:\n{tail}")
+                yield Node(client, process.pid)
+        finally:
+            stop(process)
 
 
 @contextmanager
@@ -783,7 +871,7 @@ def overhead_report(tallies: dict[str, Tally[Sample]], warnings: list[str]) -> d
     }
     print()
     print(f"node / llama = {headline['node_over_llama']:.3f} (aim ≥ 0.95)")
-    print(f"node / bare = {headline['node_over_bare']:.3f} (distance from llama.cpp's own speed)")
+    print(f"node / bare = {headline['node_over_bare']:.3f} (distance from the Python decode loop)")
     print(f"node-stream / llama = {headline['node_stream_over_llama']:.3f}")
     print(
         "per-round paired medians: "
@@ -848,8 +936,9 @@ def run_overhead(config: Config, engine: str, output: Path) -> None:
 @dataclass(frozen=True)
 class Contender:
     name: str
-    engine: str  # bare, bare-batch, llama, batched or simple
+    engine: str  # bare, bare-batch, llama, batched, simple or server
     streams: int
+    stream: bool = True  # requests streamed (SSE) or whole, for nodes and llama-server
 
 
 def contenders(config: Config) -> list[Contender]:
@@ -858,21 +947,27 @@ def contenders(config: Config) -> list[Contender]:
     found = [Contender("bare", "bare", 1)]
     if config.llama:
         found.append(Contender("llama", "llama", 1))
+    served = [*config.engines, *([SERVER] if config.llama_server else [])]
     for n in config.concurrency:
-        found += [Contender(f"{engine}-{n}", engine, n) for engine in config.engines]
+        found += [Contender(f"{engine}-{n}", engine, n) for engine in served]
+        if config.whole:
+            found += [Contender(f"{engine}-{n}-whole", engine, n, stream=False) for engine in served]
         if n in config.bare_batches:
             found.append(Contender(f"bare-{n}", "bare-batch", n))
     found += [Contender(f"bare-{n}", "bare-batch", n) for n in config.bare_batches if n not in config.concurrency]
     return found
 
 
+SERVED = (*ENGINES, SERVER)  # the engines of contenders that are servers, started up front
+
+
 def warm_ups(found: list[Contender]) -> list[str]:
     """Every in-process loop once, each node once at its widest load (which uses every slot it will use)."""
     widest: dict[str, Contender] = {}
     for c in found:
-        if c.engine in ENGINES and (c.engine not in widest or c.streams > widest[c.engine].streams):
+        if c.engine in SERVED and (c.engine not in widest or c.streams > widest[c.engine].streams):
             widest[c.engine] = c
-    names = {c.name for c in found if c.engine not in ENGINES} | {c.name for c in widest.values()}
+    names = {c.name for c in found if c.engine not in SERVED} | {c.name for c in widest.values()}
     return [c.name for c in found if c.name in names]
 
 
@@ -912,7 +1007,7 @@ class Row:
 
 def rows_of(found: list[Contender], tallies: dict[str, Tally[Load]]) -> dict[str, Row]:
     bare = tallies["bare"].median
-    single = {c.engine: tallies[c.name].median for c in found if c.streams == 1}
+    single = {(c.engine, c.stream): tallies[c.name].median for c in found if c.streams == 1}
     rows: dict[str, Row] = {}
     for c in found:
         tally = tallies[c.name]
@@ -928,7 +1023,7 @@ def rows_of(found: list[Contender], tallies: dict[str, Tally[Load]]) -> dict[str
             cores=statistics.median(used / wall for _, used, wall in cpu) if cpu else None,
             other_cores=statistics.median(others) if others else None,
             to_bare=tally.median / bare,
-            to_own_single=tally.median / single[c.engine] if c.engine in single else None,
+            to_own_single=tally.median / single[c.engine, c.stream] if (c.engine, c.stream) in single else None,
         )
     return rows
 
@@ -937,19 +1032,42 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def server_report(config: Config, tallies: dict[str, Tally[Load]]) -> dict[str, float]:
+    """Node / llama-server per engine, concurrency and kind of request: the ratio of medians, and the median of
+    per-round ratios (aim ≥ 1.0)."""
+    aims: dict[str, float] = {}
+    kinds = [("", "streamed"), *([("-whole", "whole")] if config.whole else [])]
+    print()
+    node_flags = " ".join(["--flash-attn", config.flash_attn, *config.node_args])
+    server_flags = " ".join(config.llama_server_args) or "its defaults"
+    print(f"node / llama-server (aim ≥ 1.0; in brackets the median of per-round ratios), node {node_flags}, "
+          f"llama-server {server_flags}:")  # fmt: skip
+    for engine in config.engines:
+        for suffix, kind in kinds:
+            cells = []
+            for n in config.concurrency:
+                node, server = f"{engine}-{n}{suffix}", f"{SERVER}-{n}{suffix}"
+                key = f"{engine}_{n}{suffix.replace('-', '_')}_over_server"
+                aims[key] = tallies[node].median / tallies[server].median
+                aims[f"paired_{key}"] = paired_ratio(tallies, node, server)
+                cells.append(f"{n}: {aims[key]:.2f} [{aims[f'paired_{key}']:.2f}]")
+            print(f"  {engine}, {kind:<8} " + "   ".join(cells))
+    return aims
+
+
 def concurrency_report(
     config: Config, found: list[Contender], tallies: dict[str, Tally[Load]], rows: dict[str, Row], warnings: list[str]
 ) -> dict[str, float]:
     print()
     print(
-        f"{'contender':<11} {'streams':>7} {'aggregate tok/s':>15} {'clean':>5} {'min-max':>9} {'/ bare':>6} "
+        f"{'contender':<16} {'streams':>7} {'aggregate tok/s':>15} {'clean':>5} {'min-max':>9} {'/ bare':>6} "
         f"{'/ own 1':>7} {'per stream':>10} {'1st text ms':>11} {'tok/CPU-s':>9} {'cores':>5} {'others':>6}"
     )
     for c in found:
         tally, row = tallies[c.name], rows[c.name]
         rates = [s.tokens_per_second for s in tally.kept]
         print(
-            f"{c.name:<11} {c.streams:>7} {row.aggregate:>15.1f} {f'{len(tally.clean)}/{len(tally.samples)}':>5} "
+            f"{c.name:<16} {c.streams:>7} {row.aggregate:>15.1f} {f'{len(tally.clean)}/{len(tally.samples)}':>5} "
             f"{f'{min(rates):.0f}-{max(rates):.0f}':>9} "
             f"{row.to_bare:>6.2f} {_fmt(row.to_own_single, '.2f'):>7} {row.per_stream:>10.1f} "
             f"{_fmt(row.first_text_ms, '.0f'):>11} {_fmt(row.per_cpu_second, '.1f'):>9} {_fmt(row.cores, '.2f'):>5} "
@@ -978,6 +1096,8 @@ def concurrency_report(
                 f"{engine}, {top} streams / {engine}, 1 stream = {aims[key]:.3f} (aim ≥ 1.5; median of per-round "
                 f"ratios {aims[f'paired_{key}']:.3f})"
             )
+    if config.llama_server:
+        aims.update(server_report(config, tallies))
     for engine in config.engines:
         many, bare_many = f"{engine}-{top}", f"bare-{top}"
         if top > 1 and bare_many in tallies:
@@ -1008,6 +1128,8 @@ def run_concurrency(config: Config, output: Path) -> None:
         ThreadPoolExecutor(max_workers=max(config.concurrency), thread_name_prefix="bench-stream") as pool,
         ExitStack() as closing,
     ):
+        if config.llama_server:
+            nodes = {**nodes, SERVER: closing.enter_context(llama_server(config, config.slots))}
         model = BareModel(config)
         closing.callback(model.close)
         me = os.getpid()
@@ -1030,7 +1152,8 @@ def run_concurrency(config: Config, output: Path) -> None:
                 runners[c.name] = accounting.wrap(Load.single(direct.run), me)
             else:
                 node = nodes[c.engine]
-                runners[c.name] = accounting.wrap(NodeLoad(node.client, config, pool, c.streams).run, node.pid)
+                load = NodeLoad(node.client, config, pool, c.streams, stream=c.stream)
+                runners[c.name] = accounting.wrap(load.run, node.pid)
         print(f"nodes ready and contenders loaded in {time.perf_counter() - started:.0f} s", flush=True)
         measuring = time.perf_counter()
         tallies, warmup = measure(runners, config, warm_ups(found))
@@ -1045,6 +1168,7 @@ def run_concurrency(config: Config, output: Path) -> None:
         return {
             "engine": c.engine,
             "streams": c.streams,
+            "stream": c.stream,
             **asdict(rows[c.name]),
             "clean_rounds": len(tally.clean),
             "aggregate_tokens_per_second": tally.rates,
@@ -1061,7 +1185,7 @@ def run_concurrency(config: Config, output: Path) -> None:
 
     table: dict[str, dict[str, float]] = {}
     for c in found:
-        table.setdefault(c.engine, {})[str(c.streams)] = rows[c.name].aggregate
+        table.setdefault(c.engine if c.stream else f"{c.engine}-whole", {})[str(c.streams)] = rows[c.name].aggregate
     results = {
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "concurrency",
@@ -1119,6 +1243,29 @@ def parse_args() -> argparse.Namespace:
     concurrency.add_argument("--no-bare-batches", action="store_true", help="no bare-N loops")
     concurrency.add_argument("--no-llama", action="store_true", help="leave out the single-stream llama reference")
     parser.add_argument(
+        "--flash-attn",
+        choices=tuple(FLASH_ATTN_TYPES),
+        default="auto",
+        help="the nodes' --flash-attn, and the in-process loops' flash attention (default auto, as llama-server)",
+    )
+    parser.add_argument(
+        "--gpu-layers",
+        help="layers on the GPU, N or all, for every contender (nodes, llama-server, the in-process loops); "
+        "default: each one's own (none on a CPU-only build)",
+    )
+    concurrency.add_argument(
+        "--llama-server",
+        metavar="PATH",
+        help="add llama.cpp's llama-server (this binary) as a contender: `bench/build_llama_server.py` builds it",
+    )
+    concurrency.add_argument(
+        "--llama-server-args", default="", help='more llama-server flags, e.g. "--flash-attn off" (default none)'
+    )
+    parser.add_argument(
+        "--node-args", default="", help='more node flags, e.g. "--cache-type-k q8_0 --cache-type-v q8_0"'
+    )
+    concurrency.add_argument("--whole", action="store_true", help="also send every load unstreamed (stream: false)")
+    parser.add_argument(
         "--cold",
         action="store_true",
         help="a prompt no contender has in its cache for every request (16 variants in turn), instead of the same one",
@@ -1156,6 +1303,8 @@ def parse_args() -> argparse.Namespace:
         args.bare_batches = ()
     if args.rounds < 1 or args.max_tokens < 1 or args.threads < 1:
         parser.error("--rounds, --max-tokens and --threads must be at least 1")
+    if args.gpu_layers is not None and args.gpu_layers != "all" and not args.gpu_layers.isdecimal():
+        parser.error(f"--gpu-layers takes a number of layers or all, not {args.gpu_layers!r}")
     if args.slots < max(args.concurrency):
         parser.error("--slots must be at least the largest --concurrency (the node answers 503 when full)")
     return args
@@ -1184,11 +1333,18 @@ def main() -> None:
         retry_budget=args.retry_budget,
         settle=args.settle,
         cold=args.cold,
+        flash_attn=args.flash_attn,
+        gpu_layers=args.gpu_layers,
+        llama_server=str(Path(args.llama_server).resolve()) if args.llama_server else None,
+        llama_server_args=tuple(shlex.split(args.llama_server_args)),
+        node_args=tuple(shlex.split(args.node_args)),
+        whole=args.whole,
     )
     print(
         f"{config.model} ({Path(config.model_path).name}), mode={config.mode}, max_tokens={config.max_tokens}, "
         f"threads={config.threads}, n_ctx={config.n_ctx}, rounds={config.rounds}, "
-        f"prompts={'cold' if config.cold else 'warm'}, "
+        f"prompts={'cold' if config.cold else 'warm'}, flash attention {config.flash_attn}, "
+        f"gpu layers {config.gpu_layers or 'default'}, "
         f"llama-cpp-python {llama_cpp.__version__}, {os.cpu_count()} CPUs",
         flush=True,
     )

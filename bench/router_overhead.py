@@ -69,6 +69,7 @@ from _processes import free_port, stop
 from aiohttp import web
 
 from llamakit.router.__main__ import new_event_loop
+from llamakit.wire.headers import OVERHEAD_HEADER
 from llamakit.wire.node import TokenCounts, with_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -411,6 +412,9 @@ class Cell:
     # CPU microseconds per request of each process on the path (load generator, proxy or router, node).
     cpu_us: dict[str, float]
     chunks: int = 0  # SSE data events read (streams), [DONE] not counted
+    # The router's own X-Llamakit-Overhead-Ms on its answers (median and p99 of the cell's; None elsewhere).
+    overhead_p50_ms: float | None = None
+    overhead_p99_ms: float | None = None
 
     @property
     def rps(self) -> float:
@@ -433,9 +437,11 @@ async def _load(
     concurrency: int,
     seconds: float,
     workload: str,
+    overheads: list[float] | None = None,
 ) -> tuple[list[float], int, int, float, int]:
     """`concurrency` workers posting back to back for `seconds`: latencies, requests, errors, wall seconds and
-    SSE chunks read. A stream that does not bring all its chunks counts as an error."""
+    SSE chunks read. A stream that does not bring all its chunks counts as an error. The router's
+    X-Llamakit-Overhead-Ms of each answer goes to `overheads`."""
     latencies: list[float] = []
     counts = [0, 0, 0]  # requests, errors, chunks
     body = BODIES[workload]
@@ -444,6 +450,8 @@ async def _load(
         clock = time.perf_counter
         while (started := clock()) < deadline:
             async with session.post(url, data=body, headers=headers) as resp:
+                if overheads is not None and OVERHEAD_HEADER in resp.headers:
+                    overheads.append(float(resp.headers[OVERHEAD_HEADER]))
                 if workload == "stream":
                     chunks = 0
                     async for line in resp.content:
@@ -477,7 +485,10 @@ async def measure_cell(
         _, warm_requests, warm_errors, _, _ = await _load(s, url, headers, concurrency, warmup, workload)
         before = {name: p.cpu_seconds() for name, p in processes.items()}
         me_before = time.process_time()
-        latencies, requests, errors, wall, chunks = await _load(s, url, headers, concurrency, seconds, workload)
+        overheads: list[float] = []
+        latencies, requests, errors, wall, chunks = await _load(
+            s, url, headers, concurrency, seconds, workload, overheads
+        )
         me_cpu = time.process_time() - me_before
         after = {name: p.cpu_seconds() for name, p in processes.items()}
     cpu_us = {"loadgen": me_cpu / requests * 1e6}
@@ -486,6 +497,7 @@ async def measure_cell(
         if a is not None and b is not None:
             cpu_us[name] = (a - b) / requests * 1e6
     ordered = sorted(latencies)
+    told = sorted(overheads)
     cell = Cell(
         workload=workload,
         contender=contender,
@@ -499,6 +511,8 @@ async def measure_cell(
         mean_ms=statistics.fmean(ordered) * 1000,
         cpu_us=cpu_us,
         chunks=chunks,
+        overhead_p50_ms=_percentile(told, 0.50) if told else None,
+        overhead_p99_ms=_percentile(told, 0.99) if told else None,
     )
     return cell, warm_requests + requests
 
@@ -613,6 +627,10 @@ def summarise(cells: list[Cell], workloads: Sequence[str], levels: Sequence[int]
                     "requests": sum(c.requests for c in mine),
                     "errors": sum(c.errors for c in mine),
                 }
+                told = [c for c in mine if c.overhead_p50_ms is not None and c.overhead_p99_ms is not None]
+                if told:  # the router's own figure of what it costs (X-Llamakit-Overhead-Ms)
+                    row[name]["overhead_header_p50_ms"] = statistics.median(c.overhead_p50_ms or 0 for c in told)
+                    row[name]["overhead_header_p99_ms"] = statistics.median(c.overhead_p99_ms or 0 for c in told)
             for name in CONTENDERS:
                 row[name]["added_p50_ms_vs_direct"] = row[name]["p50_ms"] - row["direct"]["p50_ms"]
                 row[name]["added_p99_ms_vs_direct"] = row[name]["p99_ms"] - row["direct"]["p99_ms"]
@@ -723,6 +741,15 @@ def report(table: Table, head: dict[str, Any], books: dict[str, Any], db: str) -
         f"requests sent to the router; books balanced={b.get('balanced')}, open holds={b.get('holds')}: "
         f"{'ok' if books['ok'] else 'FAILED'}"
     )
+    for workload, rows in table.items():
+        told = [
+            f"c={level} p50 {r['overhead_header_p50_ms']:.3f} p99 {r['overhead_header_p99_ms']:.3f}"
+            for level, r in ((level, row["router"]) for level, row in rows.items())
+            if "overhead_header_p50_ms" in r
+        ]
+        if told:
+            scope = "up to the first byte" if workload == "stream" else "up to its settlement"
+            print(f"router's X-Llamakit-Overhead-Ms ({workload}, {scope}; ms): {'; '.join(told)}")
     for problem in books["problems"]:
         print(f"ERROR: {problem}", file=sys.stderr)
     for workload, rows in table.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,28 +41,6 @@ _HTTP_ERROR_TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
 }
-
-
-def serve(
-    app: web.Application,
-    *,
-    host: str,
-    port: int,
-    program: str,
-    started: str,
-    refusals: tuple[type[BaseException], ...] = (),
-    **run_app: Any,
-) -> None:
-    """Run `app` until stopped, printing `started` to stderr once it is up: aiohttp's run_app prints only after
-    the start-up hooks ran and the socket listens, so a server that could not start never claims to be on. A
-    port in use or an address not this host's (OSError: asyncio's message says which), or one of `refusals`
-    raised while starting, is one line, `<program>: error: …`, and exit status 1, not a traceback."""
-    failures: tuple[type[BaseException], ...] = (OSError, *refusals)
-    try:
-        web.run_app(app, host=host, port=port, print=lambda _banner: print(started, file=sys.stderr), **run_app)
-    except failures as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

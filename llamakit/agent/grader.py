@@ -289,7 +289,7 @@ METHODS: dict[str, Method] = {
 }
 
 # The agent grades with the first of these models that the herd serves, with the method measured best for it
-# (bench/sentiment.py; README, "The agent").
+# (bench/sentiment.py; docs/agent.md).
 PREFERRED_MODELS: tuple[str, ...] = ("gemma-3-270m", "smollm2-135m-instruct")
 _BEST: dict[str, str] = {"gemma-3-270m": "few-shot-text", "smollm2-135m-instruct": "few-shot-confirm"}
 

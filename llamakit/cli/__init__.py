@@ -9,14 +9,18 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from llamakit.cli.admin_client import admin_client, segment, show, table, when
 from llamakit.cli.keys import add_key_commands, add_limit_flags, limits_from_args
 from llamakit.cli.ledger import add_ledger_commands
+from llamakit.logs import LOG_FORMATS
 from llamakit.profile import profile_path
+
+if TYPE_CHECKING:
+    from llamakit.cli.up import Launcher
 
 __all__ = ["main"]
 
@@ -45,8 +49,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         credit_value=args.credit_value,
         loop=args.loop,
         currency=args.currency,
+        dashboard_port=args.serve_dashboard,
         profile=Path(args.profile).expanduser().absolute() if args.profile else None,
+        log_format=args.log_format,
+        log_requests=args.log_requests,
     )
+    if args.serve_dashboard is not None and importlib.util.find_spec("textual_serve") is None:
+        print("llamakit up: --serve-dashboard needs textual-serve: pip install 'llamakit[tui]'", file=sys.stderr)
+        return 1
     try:
         launcher = Launcher(options)
     except RuntimeError as exc:  # the state directory or the port is taken, or the profile cannot be written
@@ -72,6 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"{note}"
             f"  export LLAMAKIT_URL={profile.url}\n"
             f"  export LLAMAKIT_API_KEY={profile.api_key}\n\n"
+            f"{web_dashboard_note(launcher)}"
             "Ctrl-C stops the herd.",
             flush=True,
         )
@@ -96,6 +107,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping …", flush=True)
         launcher.stop()
     return 0
+
+
+def web_dashboard_note(launcher: Launcher) -> str:
+    """Where `--serve-dashboard` serves the dashboard, and the key that opens it ('' without the flag)."""
+    if launcher.dashboard_url is None:
+        return ""
+    return (
+        f"The dashboard in a browser: {launcher.dashboard_url} (sign in with the admin key, admin_key in "
+        f"{launcher.profile_path})\n\n"
+    )
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def _credit_value(text: str) -> str:
@@ -137,6 +164,8 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 def cmd_fees(args: argparse.Namespace) -> int:
     """Every model's fees; or set MODEL's (`--base` …, `--unserved` for a model no node serves yet); or `--delete`
     MODEL's own, so that it costs the default again (or is no model here, when no node serves it)."""
+    if args.cached_prompt is not None and args.base is None:
+        raise SystemExit("llamakit fees: --cached-prompt sets a fee with the others: give --base, --prompt, …")
     if args.delete and (args.base is not None or args.unserved):
         raise SystemExit("llamakit fees: --delete removes a model's fees; give it alone with the MODEL")
     if args.delete and args.model == "*":
@@ -148,6 +177,8 @@ def cmd_fees(args: argparse.Namespace) -> int:
         if args.base is None:
             return show(admin.get("/admin/fees"))
         body = {"base_fee": args.base, "prompt_token_fee": args.prompt, "completion_token_fee": args.completion}
+        if args.cached_prompt is not None:
+            body["cached_prompt_token_fee"] = args.cached_prompt
         return show(admin.put(path, params={"unserved": "true"} if args.unserved else None, json=body))
 
 
@@ -164,7 +195,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 USAGE_COLUMNS = [
     "time", "request_id", "account", "key_prefix", "user", "model", "node", "status", "http_status", "prompt_tokens",
     "completion_tokens", "cost_credits", "cost", "currency", "credit_value", "priced_at_current_value", "bid",
-    "latency_ms", "queue_ms", "error",
+    "latency_ms", "queue_ms", "error", "cached_tokens", "cache_discount_credits", "cache_discount", "passed_over",
 ]  # fmt: skip
 
 
@@ -185,6 +216,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
             for record in page["data"]:
                 record["time"] = when(record.pop("created"))
                 record["cost"] = _decimal_text(record.get("cost"))
+                record["cache_discount"] = _decimal_text(record.get("cache_discount"))
+                passed = record.get("passed_over") or []
+                record["passed_over"] = ", ".join(f"{p.get('model')}={p.get('reason')}" for p in passed) or None
                 # The credit value the record was priced at, as exact text (None from a router that keeps none).
                 record["credit_value"] = record.get("credit_value_exact", _decimal_text(record.get("credit_value")))
             records += page["data"]
@@ -257,7 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to write the client profile (default: $LLAMAKIT_PROFILE, else ~/.config/llamakit/profile.json; "
         "profile-PORT.json beside it when that one names another herd that still runs)",
     )
+    up.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("LLAMAKIT_LOG_FORMAT", "text").strip().lower() or "text",
+        help="how the router, the nodes and up itself write their logs: text, or json (one object per line); "
+        "env LLAMAKIT_LOG_FORMAT",
+    )
+    up.add_argument("--log-requests", action="store_true", help="the router logs one line per finished paid request")
     up.add_argument("--headless", action="store_true", help="do not show the dashboard")
+    up.add_argument(
+        "--serve-dashboard",
+        type=_port,
+        metavar="PORT",
+        help="also serve the dashboard as a web page on --host:PORT, opened with the admin key (llamakit-tui --serve)",
+    )
     up.add_argument("--agent", action="store_true", help="also run a demo sentiment-trading agent, funded")
     up.set_defaults(func=cmd_up)
 
@@ -280,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     fees.add_argument("--base", type=int)
     fees.add_argument("--prompt", type=int, default=0)
     fees.add_argument("--completion", type=int, default=0)
+    fees.add_argument(
+        "--cached-prompt",
+        type=int,
+        help="fee per prompt token a node read from its cache, at most --prompt (default: the same as --prompt)",
+    )
     fees.add_argument(
         "--unserved", action="store_true", help="set the fees of a model no node serves yet (before its nodes join)"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ from types import FrameType
 import httpx
 
 from llamakit.catalog import CATALOG, DEFAULT_MODEL, ModelNotAvailable
+from llamakit.logs import json_formatter
 from llamakit.profile import Profile, profile_path, read_profile, write_profile
 
 __all__ = ["Launcher", "UpOptions", "installed_models"]
@@ -51,6 +53,9 @@ class UpOptions:
     credit_value: str | None = None  # the router's --credit-value; None: its default (or LLAMAKIT_CREDIT_VALUE)
     loop: str | None = None  # the router's --loop; None: its default, uvloop (or LLAMAKIT_LOOP)
     currency: str | None = None  # the router's --currency
+    dashboard_port: int | None = None  # serve the dashboard as a web page on this port (llamakit-tui --serve)
+    log_format: str = "text"  # every part's --log-format, and up's own lines: text or json
+    log_requests: bool = False  # the router's --log-requests
 
 
 class HerdRunning(RuntimeError):
@@ -61,7 +66,7 @@ class CannotStart(RuntimeError):
     """`llamakit up` cannot start here: the port is taken, or the profile cannot be written."""
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, *, part: str = "router", flag: str = "--port") -> None:
     """CannotStart when something listens on `host`:`port` already (another herd's router, most likely):
     its answers would pass for this herd's, and this herd's router would fail to start, again and again."""
     with socket.socket() as sock:
@@ -70,7 +75,7 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise CannotStart(
-                f"cannot listen on {host}:{port} ({exc.strerror}): another herd's router? Pick another --port"
+                f"cannot listen on {host}:{port} ({exc.strerror}): another herd's {part}? Pick another {flag}"
             ) from None
 
 
@@ -216,12 +221,18 @@ class Launcher:
         self._lock: int | None = claim_state_dir(options.state_dir, self.url)
         try:
             check_port_free(options.host, options.port)
+            if options.dashboard_port == options.port:
+                raise CannotStart(f"the dashboard cannot share the router's port {options.port}: pick another")
+            if options.dashboard_port is not None:
+                check_port_free(options.host, options.dashboard_port, part="dashboard", flag="--serve-dashboard PORT")
             # Where start() writes the profile, and the running herd whose profile it left alone, if any.
             self.profile_path, self.profile_kept = profile_target(self.url, options.profile)
             check_profile_writable(self.profile_path)
         except BaseException:
             os.close(self._lock)
             raise
+        # up's own lines (a restart, a part that died) as the parts write theirs: text, or JSON objects.
+        self._json = json_formatter() if options.log_format == "json" else None
         self.logs = options.state_dir / "logs"
         self.logs.mkdir(exist_ok=True)
         keys = _secrets(options.state_dir)
@@ -269,6 +280,9 @@ class Launcher:
             router += ["--currency", opts.currency]
         if opts.loop is not None:
             router += ["--loop", opts.loop]
+        router += ["--log-format", opts.log_format]
+        if opts.log_requests:
+            router += ["--log-requests", "yes"]
         self._spawn("router", router)
         for model in models:
             port = free_port(opts.host)
@@ -280,6 +294,7 @@ class Launcher:
                 "--slots", str(opts.slots),
                 "--name", f"{model}-1",
                 "--router", self.url,
+                "--log-format", opts.log_format,
             ]  # fmt: skip
             # Nodes on one machine share its cores: llama.cpp threads spin while they wait, so two nodes with
             # a thread per core each slow each other down many times over.
@@ -296,6 +311,8 @@ class Launcher:
             ) from None
         if opts.agent:
             self._start_agent()
+        if opts.dashboard_port is not None:
+            self._start_web_dashboard(opts.dashboard_port)
         self._supervisor = threading.Thread(target=self._supervise, name="llamakit-up-supervisor", daemon=True)
         self._supervisor.start()
         return profile
@@ -337,7 +354,11 @@ class Launcher:
                 self._say(f"{name} started again (restart {part.restarts})")
 
     def _say(self, message: str) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {message}"
+        if self._json is not None:
+            record = logging.LogRecord("llamakit.up", logging.INFO, __file__, 0, message, None, None)
+            line = self._json.format(record)
+        else:
+            line = f"{time.strftime('%H:%M:%S')} {message}"
         with (self.logs / "up.log").open("a") as handle:
             handle.write(line + "\n")
         if not self.quiet:
@@ -359,6 +380,17 @@ class Launcher:
             ["-m", "llamakit.agent", "--router", self.url, "--interval", str(self.options.agent_interval)],
             {"LLAMAKIT_API_KEY": key, "LLAMAKIT_USAGE_LOG": ""},
         )
+
+    @property
+    def dashboard_url(self) -> str | None:
+        """Where the dashboard is served as a web page (`dashboard_port`), or None."""
+        port = self.options.dashboard_port
+        return None if port is None else f"http://{self.options.host}:{port}/"
+
+    def _start_web_dashboard(self, port: int) -> None:
+        """`llamakit-tui --serve` beside the herd: the admin key goes in its environment (see _spawn)."""
+        args = ["-m", "llamakit.tui", "--serve", "--host", self.options.host, "--port", str(port), "--url", self.url]
+        self._spawn("dashboard", args)
 
     def _check_alive(self) -> None:
         """While starting: a part that exits stops `llamakit up` with its last lines (a model that cannot load

@@ -116,15 +116,30 @@ class CreditValue:
         """`cost` (the price, a JSON number) and `cost_credits` (the exact integer), as a usage carries them."""
         return {"cost": price_number(self.price(credits)), "cost_credits": credits}
 
-    def fee_prices(self, base_fee: int, prompt_token_fee: int, completion_token_fee: int) -> dict[str, object]:
-        """A fee schedule in the currency: per request, and per million prompt and completion tokens."""
+    def discount_fields(self, credits: int) -> dict[str, float | int]:
+        """A usage's `cost_details`: `cache_discount` (what cached prompt tokens took off the price, in the
+        currency, as OpenRouter names it) and `cache_discount_credits` (the exact integer)."""
+        return {"cache_discount": price_number(self.price(credits)), "cache_discount_credits": credits}
+
+    def fee_prices(
+        self,
+        base_fee: int,
+        prompt_token_fee: int,
+        completion_token_fee: int,
+        cached_prompt_token_fee: int | None = None,
+    ) -> dict[str, object]:
+        """A fee schedule in the currency: per request, and per million prompt and completion tokens; per million
+        cached prompt tokens too when the schedule has a fee of its own for them."""
         million = 1_000_000
-        return {
+        prices: dict[str, object] = {
             "currency": self.currency,
             "per_request": price_number(self.price(base_fee)),
             "per_million_prompt_tokens": price_number(self.price(prompt_token_fee * million)),
             "per_million_completion_tokens": price_number(self.price(completion_token_fee * million)),
         }
+        if cached_prompt_token_fee is not None:
+            prices["per_million_cached_prompt_tokens"] = price_number(self.price(cached_prompt_token_fee * million))
+        return prices
 
     def describe(self) -> dict[str, object]:
         """What clients need to convert credits: the currency, and a credit's value as a number and as exact text."""

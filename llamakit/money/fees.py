@@ -14,6 +14,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
 __all__ = [
+    "BID_TEXT",
     "CHAT_TEMPLATE_ALLOWANCE",
     "MAX_BID",
     "MAX_BID_DECIMALS",
@@ -21,6 +22,7 @@ __all__ = [
     "PER_MESSAGE_ALLOWANCE",
     "Bid",
     "FeeSchedule",
+    "cache_discount",
     "format_bid",
     "hold_amount",
     "parse_bid",
@@ -46,9 +48,10 @@ PER_MESSAGE_ALLOWANCE = 8
 RAW_PROMPT_ALLOWANCE = 4
 
 # ASCII digits only: Decimal() would also take "1_5" (15) and non-ASCII digits, which no client means.
-_BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
+BID_TEXT = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?", re.ASCII)
 
 _FEE_FIELDS = ("base_fee", "prompt_token_fee", "completion_token_fee")
+_OPTIONAL_FEE_FIELDS = ("cached_prompt_token_fee",)
 
 
 def _check_count(name: str, value: object) -> int:
@@ -61,43 +64,82 @@ def _check_count(name: str, value: object) -> int:
 
 @dataclass(frozen=True)
 class FeeSchedule:
-    """What one model costs, in credits: a fixed fee per request plus a fee per prompt and per completion token."""
+    """What one model costs, in credits: a fixed fee per request plus a fee per prompt and per completion token.
+
+    `cached_prompt_token_fee` is the fee of a prompt token that a node read from its prompt cache instead of
+    decoding it (OpenAI's and OpenRouter's cached input price); None, the default, charges it as any prompt token.
+    It may not be above `prompt_token_fee`: the hold assumes every prompt token fresh, so a cached token dearer
+    than a fresh one could cost more than was held.
+    """
 
     base_fee: int
     prompt_token_fee: int
     completion_token_fee: int
+    cached_prompt_token_fee: int | None = None
 
     def __post_init__(self) -> None:
         for name in _FEE_FIELDS:
             _check_count(name, getattr(self, name))
+        if self.cached_prompt_token_fee is not None:
+            _check_count("cached_prompt_token_fee", self.cached_prompt_token_fee)
+            if self.cached_prompt_token_fee > self.prompt_token_fee:
+                raise ValueError(
+                    f"cached_prompt_token_fee ({self.cached_prompt_token_fee}) may not be above prompt_token_fee "
+                    f"({self.prompt_token_fee}): a prompt token read from a cache costs at most a fresh one"
+                )
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """The price of a request at bid 1: base + prompt fee * prompt tokens + completion fee * completion tokens."""
+    @property
+    def cached_fee(self) -> int:
+        """The fee of a cached prompt token: `cached_prompt_token_fee`, or `prompt_token_fee` when it is unset."""
+        return self.prompt_token_fee if self.cached_prompt_token_fee is None else self.cached_prompt_token_fee
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """The price of a request at bid 1: base + prompt fee × fresh prompt tokens + cached fee × cached prompt
+        tokens + completion fee × completion tokens. `cached_tokens` are among `prompt_tokens` (as OpenAI counts
+        them); more than `prompt_tokens` is a ValueError."""
         _check_count("prompt_tokens", prompt_tokens)
         _check_count("completion_tokens", completion_tokens)
-        return self.base_fee + self.prompt_token_fee * prompt_tokens + self.completion_token_fee * completion_tokens
+        _check_count("cached_tokens", cached_tokens)
+        if cached_tokens > prompt_tokens:
+            raise ValueError(f"cached_tokens ({cached_tokens}) are part of prompt_tokens ({prompt_tokens})")
+        fresh = prompt_tokens - cached_tokens
+        return (
+            self.base_fee
+            + self.prompt_token_fee * fresh
+            + self.cached_fee * cached_tokens
+            + self.completion_token_fee * completion_tokens
+        )
 
     def to_dict(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _FEE_FIELDS}
+        """The three fees, and `cached_prompt_token_fee` when it is set (unset, it is the prompt token fee)."""
+        fees = {name: getattr(self, name) for name in _FEE_FIELDS}
+        if self.cached_prompt_token_fee is not None:
+            fees["cached_prompt_token_fee"] = self.cached_prompt_token_fee
+        return fees
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FeeSchedule:
-        """Build a schedule from a mapping with exactly the three fee fields, each a non-negative int."""
+        """Build a schedule from a mapping with the three fee fields and optionally `cached_prompt_token_fee`, each
+        a non-negative int (ValueError naming what is missing, unknown or wrong)."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a fee schedule must be a mapping of {', '.join(_FEE_FIELDS)}, got {data!r}")
         missing = [name for name in _FEE_FIELDS if name not in data]
-        unknown = sorted(str(key) for key in data if key not in _FEE_FIELDS)
+        unknown = sorted(str(key) for key in data if key not in _FEE_FIELDS and key not in _OPTIONAL_FEE_FIELDS)
         if missing or unknown:
             problems = []
             if missing:
                 problems.append(f"missing {', '.join(missing)}")
             if unknown:
                 problems.append(f"unknown {', '.join(unknown)}")
-            raise ValueError(f"a fee schedule needs exactly {', '.join(_FEE_FIELDS)} ({'; '.join(problems)})")
+            raise ValueError(
+                f"a fee schedule needs exactly {', '.join(_FEE_FIELDS)}, and may have cached_prompt_token_fee "
+                f"({'; '.join(problems)})"
+            )
         return cls(
             base_fee=data["base_fee"],
             prompt_token_fee=data["prompt_token_fee"],
             completion_token_fee=data["completion_token_fee"],
+            cached_prompt_token_fee=data.get("cached_prompt_token_fee"),
         )
 
 
@@ -135,7 +177,7 @@ def _parse_bid(value: object) -> Bid:
     text = value.strip() if isinstance(value, str) else str(value)
     if len(text) > 64:
         raise ValueError(f"{allowed} with at most {MAX_BID_DECIMALS} decimal places, got {text[:20]}…")
-    if isinstance(value, str) and not _BID_TEXT.fullmatch(text):
+    if isinstance(value, str) and not BID_TEXT.fullmatch(text):
         raise ValueError(f"{allowed}, got {value!r}")
     try:
         bid = Decimal(text)
@@ -159,14 +201,15 @@ def format_bid(bid: Bid) -> str:
     return text
 
 
-def quote(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int) -> int:
-    """The price of a request: ceil(bid * (base + prompt fee * prompt tokens + completion fee * completion tokens)).
+def quote(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+    """The price of a request: ceil(bid × (base + prompt fee × fresh prompt tokens + cached fee × cached tokens
+    + completion fee × completion tokens)), `cached_tokens` being among `prompt_tokens` (see FeeSchedule.cost).
 
     `bid` is validated with `parse_bid`; the product is an exact fraction rounded up once.
     """
     _, numerator, denominator = _bid_ratio(bid)
     # Integer ceiling division of the exact product: exact for any size, unlike math.ceil on a float.
-    return -(-(numerator * fees.cost(prompt_tokens, completion_tokens)) // denominator)
+    return -(-(numerator * fees.cost(prompt_tokens, completion_tokens, cached_tokens)) // denominator)
 
 
 def prompt_token_bound(texts: Iterable[str], *, messages: int) -> int:
@@ -200,10 +243,23 @@ def hold_amount(fees: FeeSchedule, bid: object, prompt_bound: int, max_tokens: i
     return quote(fees, bid, prompt_bound, max_tokens)
 
 
-def settle_amount(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int) -> int:
-    """What to charge for the tokens actually used: the quote, but never more than `held`."""
+def settle_amount(
+    fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int, cached_tokens: int = 0
+) -> int:
+    """What to charge for the tokens actually used: the quote (cached prompt tokens at their own fee), but never
+    more than `held`."""
     _check_count("held", held)
     # The hold is the price the client agreed to before the request ran. If the prompt bound was ever
     # too low (a template we did not foresee), the operator absorbs the difference: charging more than
     # the hold could overdraw a balance that other requests are already counting on.
-    return min(quote(fees, bid, prompt_tokens, completion_tokens), held)
+    return min(quote(fees, bid, prompt_tokens, completion_tokens, cached_tokens), held)
+
+
+def cache_discount(
+    fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int, cached_tokens: int
+) -> int:
+    """What reading `cached_tokens` from a cache saved the client, in credits: the charge had every prompt token
+    been fresh, less the charge with the cached ones at their fee (both capped by `held`, as charges are);
+    0 when the model has no cached fee of its own or nothing was cached (OpenRouter's `cache_discount`)."""
+    full = settle_amount(fees, bid, prompt_tokens, completion_tokens, held)
+    return full - settle_amount(fees, bid, prompt_tokens, completion_tokens, held, cached_tokens)

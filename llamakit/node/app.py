@@ -17,8 +17,13 @@ from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
+from llamakit.node.model_file import watch_model_file
+from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
 from llamakit.node.settings import NodeSettings
+from llamakit.node.tracing import TRACING
+from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
+from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware, require_bearer
 
 __all__ = ["create_app"]
@@ -27,17 +32,24 @@ __all__ = ["create_app"]
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 
 
-def create_app(settings: NodeSettings) -> web.Application:
+def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """The node's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets its
+    spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
+
     @web.middleware
     async def herd_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in PUBLIC_PATHS:
             require_bearer(request, settings.herd_token, what="herd token")
         return await handler(request)
 
-    app = web.Application(middlewares=[error_middleware, herd_auth], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[error_middleware, deadline_middleware(settings.request_limits), herd_auth],
+        client_max_size=settings.max_body_bytes,
+    )
     app[SETTINGS] = settings
 
     def load(resolved: ResolvedModel) -> LoadedModel:
+        options = LlamaOptions.from_settings(settings)
         if settings.engine == "batched":
             return BatchedModel(
                 resolved,
@@ -46,8 +58,11 @@ def create_app(settings: NodeSettings) -> web.Application:
                 threads=settings.threads,
                 prefill_chunk=settings.prefill_chunk,
                 cache_ram=settings.cache_ram * 1024 * 1024,
+                options=options,
             )
-        return SimpleModel(resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads)
+        return SimpleModel(
+            resolved, slots=settings.slots, n_ctx=settings.n_ctx, threads=settings.threads, options=options
+        )
 
     host = ModelHost(load, slots=settings.slots)
     app[HOST] = host
@@ -62,12 +77,28 @@ def create_app(settings: NodeSettings) -> web.Application:
         # The server answers /health ("loading") while the model loads in the background.
         host.start_loading(settings.model)
         membership = asyncio.create_task(keep_membership(settings, host)) if settings.router else None
+        watch = asyncio.create_task(watch_model_file(host), name="model file")
         yield
-        if membership is not None:
-            membership.cancel()
-            with suppress(asyncio.CancelledError):
-                await membership
+        for task in (membership, watch):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         await host.close()
 
+    async def watch_connections(app: web.Application) -> None:
+        guard = app.get(CONNECTIONS)  # set by `serve` (not under a test server)
+        if guard is not None:
+            app[METRICS].registry.register(ConnectionCollector(guard, "llamakit_node"))
+
+    app.on_startup.append(watch_connections)
     app.cleanup_ctx.append(model_lifecycle)
+    tracing = tracing or Tracing.from_env("llamakit-node")
+    if tracing is not None:
+        app[TRACING] = tracing
+
+        async def flush_traces(app: web.Application) -> None:  # the spans still batched go out before the end
+            await asyncio.to_thread(tracing.shutdown)
+
+        app.on_cleanup.append(flush_traces)
     return app

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import llama_cpp
-from llama_cpp._internals import LlamaModel
 
 from llamakit.catalog import ResolvedModel
 from llamakit.node.engine import (
@@ -39,6 +38,8 @@ from llamakit.node.engine import (
     logprobs_at,
     shared_prefix,
 )
+from llamakit.node.llama_log import hearing
+from llamakit.node.placement import LlamaOptions, flash_attn_chosen, load_model, placement_of
 from llamakit.node.ram_cache import SAVE_MIN_TOKENS, RamCache
 
 __all__ = ["BatchedModel"]
@@ -72,6 +73,8 @@ class _Sequence:
     done: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[], None] | None = None
     logprobs: list[TokenLogprob] | None = None  # where each sampled token's logprobs go, when asked for
+    admitted_ns: int = 0  # when the decode loop took it in, and sampled its first token (epoch ns; for traces)
+    first_token_ns: int = 0
 
 
 class BatchedModel(LoadedModel):
@@ -89,12 +92,17 @@ class BatchedModel(LoadedModel):
         n_batch: int = 512,
         prefill_chunk: int = PREFILL_CHUNK,
         cache_ram: int = 0,
+        options: LlamaOptions | None = None,
     ) -> None:
         started = time.perf_counter()
-        # verbose: llama-cpp-python redirects nothing (llama_log.py); llama.cpp's log goes to logging.
-        model = LlamaModel(path_model=str(resolved.path), params=llama_cpp.llama_model_default_params(), verbose=True)
+        options = options or LlamaOptions()
+        model, loaded = load_model(resolved.path, options)
         super().__init__(resolved, model, slots=slots, n_ctx=n_ctx)
-        params = llama_cpp.llama_context_default_params()
+        # Flash attention and the KV cache types as the options say (flash attention `auto`, as llama-server's
+        # default, is llama.cpp's choice: on wherever every layer's device runs it). Flash attention adds the
+        # floats of attention in another order than the plain kernels: at temperature 0 a near-tie can go the
+        # other way, so both engines and the embeddings always run with the same choice.
+        params = options.context_params(llama_cpp.llama_context_default_params())
         # Each sequence gets n_ctx cells of its own: the cache is split, not shared, so one long
         # conversation cannot starve the others, and attention skips the other sequences' cells.
         params.n_ctx = n_ctx * slots
@@ -105,12 +113,13 @@ class BatchedModel(LoadedModel):
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        # As llama-cpp-python's Llama does: the same kernels give the same tokens at temperature 0.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self._ctx = llama_cpp.llama_init_from_model(model.model, params)
+        with hearing() as made:
+            self._ctx = llama_cpp.llama_init_from_model(model.model, params)
         if not self._ctx:
             model.close()  # type: ignore[no-untyped-call]
-            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} × {slots} tokens")
+            reason = made.reason() or "no reason given"
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} × {slots} tokens: {reason}")
+        self.placement = placement_of(loaded, model.model, options, flash_attn_chosen(made, options.flash_attn))
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._n_batch = n_batch
         self._prefill_chunk = min(prefill_chunk, n_batch)
@@ -126,12 +135,13 @@ class BatchedModel(LoadedModel):
         self._loop = threading.Thread(target=self._run, name=f"llamakit-decode-{resolved.name}", daemon=True)
         self._loop.start()
         log.info(
-            "loaded %s (%s), batched engine, %d slot(s) of %d tokens, in %.1fs",
+            "loaded %s (%s), batched engine, %d slot(s) of %d tokens, in %.1fs: %s",
             self.name,
             self.path,
             slots,
             n_ctx,
             time.perf_counter() - started,
+            self.placement.describe(),
         )
 
     # --- the request side (event loop and executor threads) ---
@@ -243,6 +253,7 @@ class BatchedModel(LoadedModel):
         """Keep the cells of the longest prefix the slot shares with the prompt, drop the rest, and feed what
         follows; at least the prompt's last token is decoded again, for its logits. A history about to be
         dropped is saved to the RAM cache first, and a longer prefix saved there is copied into the slot."""
+        seq.admitted_ns = time.time_ns()
         prompt, slot, kept = seq.job.prompt_tokens, seq.seq_id, self._kept[seq.seq_id]
         salt = seq.job.cache_salt
         share = self._shared(slot, prompt, salt)
@@ -326,6 +337,8 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
                 continue
             token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            if not seq.first_token_ns:
+                seq.first_token_ns = time.time_ns()
             if seq.logprobs is not None and not seq.output.is_end(token):
                 logits = llama_cpp.llama_get_logits_ith(self._ctx, seq.logits_at)
                 seq.logprobs.append(logprobs_at(self, logits, token, seq.job.logprobs or 0))
@@ -360,8 +373,9 @@ class BatchedModel(LoadedModel):
         else:
             seconds = time.perf_counter() - seq.started
             seq.result = seq.output.result(
-                len(seq.job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=seq.reused
-            )
+                len(seq.job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=seq.reused,
+                admitted_ns=seq.admitted_ns, first_token_ns=seq.first_token_ns,
+            )  # fmt: skip
         seq.done.set()
 
     def close(self) -> None:

@@ -23,6 +23,8 @@ import numpy as np
 from aiohttp import web
 from llama_cpp._internals import LlamaModel
 
+from llamakit.node.llama_log import hearing
+from llamakit.node.placement import LlamaOptions, flash_attn_chosen, load_model
 from llamakit.node.routes import HOST, METRICS, SETTINGS
 from llamakit.node.settings import NodeSettings
 from llamakit.web import json_response
@@ -48,16 +50,17 @@ class Embedder:
     """One embedding context of the GGUF at `path`; `n_ctx` tokens per batch, and so per input at most.
     Blocking: call `embed` off the event loop. One call at a time (a lock), as the context is one."""
 
-    def __init__(self, path: Path, *, n_ctx: int, threads: int) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, threads: int, options: LlamaOptions | None = None) -> None:
         self.path = path
         self._lock = threading.Lock()
-        # verbose: llama-cpp-python redirects nothing (llama_log.py); llama.cpp's log goes to logging.
-        self._model = LlamaModel(path_model=str(path), params=llama_cpp.llama_model_default_params(), verbose=True)
+        options = options or LlamaOptions()
+        # The node's GPU offload, flash attention and KV cache types: on a GPU, a second copy of the weights.
+        self._model: LlamaModel = load_model(path, options)[0]
         self.vocab = self._model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.dimensions = llama_cpp.llama_model_n_embd(self._model.model)
         self.n_ctx = min(n_ctx, llama_cpp.llama_model_n_ctx_train(self._model.model) or n_ctx)
-        params = llama_cpp.llama_context_default_params()
+        params = options.context_params(llama_cpp.llama_context_default_params())
         params.embeddings = True
         params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         params.n_ctx = self.n_ctx
@@ -67,10 +70,15 @@ class Embedder:
         params.kv_unified = True  # the sequences of a batch share the n_ctx cells
         params.n_threads = params.n_threads_batch = threads
         params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model.model, params)
+        with hearing() as made:
+            self._ctx = llama_cpp.llama_init_from_model(self._model.model, params)
         if not self._ctx:
             self._model.close()  # type: ignore[no-untyped-call]
-            raise RuntimeError(f"llama.cpp could not create an embedding context of {self.n_ctx} tokens")
+            raise RuntimeError(
+                f"llama.cpp could not create an embedding context of {self.n_ctx} tokens: "
+                f"{made.reason() or 'no reason given'}"
+            )
+        self.flash_attn = flash_attn_chosen(made, options.flash_attn)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
 
@@ -172,8 +180,18 @@ class Embeddings:
                 self._embedder.close()
                 self._embedder = None
             if self._embedder is None:
-                self._embedder = Embedder(path, n_ctx=self.settings.n_ctx, threads=self.settings.threads)
-                log.info("embedding context for %s: %d dimensions", path.name, self._embedder.dimensions)
+                self._embedder = Embedder(
+                    path,
+                    n_ctx=self.settings.n_ctx,
+                    threads=self.settings.threads,
+                    options=LlamaOptions.from_settings(self.settings),
+                )
+                log.info(
+                    "embedding context for %s: %d dimensions, flash attention %s",
+                    path.name,
+                    self._embedder.dimensions,
+                    self._embedder.flash_attn,
+                )
             return self._embedder
 
     def close(self) -> None:

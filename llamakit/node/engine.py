@@ -28,7 +28,8 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 from llamakit.catalog import ResolvedModel
 from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
-from llamakit.node.llama_log import redirecting
+from llamakit.node.llama_log import hearing, redirecting
+from llamakit.node.placement import LlamaOptions, Placement, flash_attn_chosen, placement_of
 from llamakit.wire.completions import check_grammar_shape
 from llamakit.wire.errors import ApiError
 
@@ -114,7 +115,9 @@ def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenL
 @dataclass(frozen=True)
 class GenerationResult:
     """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`; `cached_tokens` of
-    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`)."""
+    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`).
+    `admitted_ns` is when the engine took it in and `first_token_ns` when it sampled its first token (epoch
+    nanoseconds, 0 when unknown): the node's trace splits queue, prefill and decode by them."""
 
     text: str
     finish_reason: str
@@ -122,6 +125,8 @@ class GenerationResult:
     completion_tokens: int
     seconds: float
     cached_tokens: int = 0
+    admitted_ns: int = 0
+    first_token_ns: int = 0
 
 
 class _StopMatcher:
@@ -192,7 +197,14 @@ class TextOutput:
         return self.completion_tokens >= self._max_tokens
 
     def result(
-        self, prompt_tokens: int, seconds: float, *, cancelled: bool = False, cached_tokens: int = 0
+        self,
+        prompt_tokens: int,
+        seconds: float,
+        *,
+        cancelled: bool = False,
+        cached_tokens: int = 0,
+        admitted_ns: int = 0,
+        first_token_ns: int = 0,
     ) -> GenerationResult:
         if cancelled:
             self.finish_reason = "cancelled"
@@ -210,6 +222,8 @@ class TextOutput:
             completion_tokens=self.completion_tokens,
             seconds=seconds,
             cached_tokens=cached_tokens,
+            admitted_ns=admitted_ns,
+            first_token_ns=first_token_ns,
         )
 
 
@@ -256,6 +270,8 @@ class LoadedModel:
         # time.monotonic() when the decode step running now began (None between steps; engines that have one
         # decode loop set it): the node's keepalives tell a slow step from a stuck one by it.
         self.step_started: float | None = None
+        # Where llama.cpp put the model and how it attends (engines set it once their contexts exist).
+        self.placement: Placement | None = None
         self.closed = False
         # llama.cpp compiles a request's grammar in a helper process first: a grammar can crash its compiler.
         self.grammars = GrammarCheck(resolved.path)
@@ -437,29 +453,59 @@ class SimpleModel(LoadedModel):
 
     engine = "simple"
 
-    def __init__(self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int) -> None:
+    def __init__(
+        self, resolved: ResolvedModel, *, slots: int, n_ctx: int, threads: int, options: LlamaOptions | None = None
+    ) -> None:
         started = time.perf_counter()
+        options = options or LlamaOptions()
+
+        def llama(flash_attn: bool) -> Llama:
+            return Llama(
+                model_path=str(resolved.path),
+                n_ctx=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **options.llama_kwargs(flash_attn=flash_attn),
+            )
+
         with redirecting:  # not verbose, Llama points stderr at /dev/null while it loads: one load at a time
-            self.contexts = [
-                Llama(
-                    model_path=str(resolved.path),
-                    n_ctx=n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    verbose=False,
-                )
-                for _ in range(slots)
-            ]
+            with hearing() as loaded:
+                first = llama(options.flash_attn != "off")
+            # `Llama` takes flash attention on or off only: `auto` is asked of llama.cpp on the loaded model.
+            chosen = options.flash_attn
+            if chosen == "auto":
+                chosen = "off" if self._flash_attn_auto(first, options, threads) == "off" else "on"
+                if chosen == "off":
+                    first.close()
+                    first = llama(False)
+            self.contexts = [first, *(llama(chosen == "on") for _ in range(slots - 1))]
         self._salts = ["" for _ in range(slots)]  # the cache salt of each context's last request
         super().__init__(resolved, self.contexts[0]._model, slots=slots, n_ctx=n_ctx)
+        self.placement = placement_of(loaded, first._model.model, options, chosen)
         log.info(
-            "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs",
+            "loaded %s (%s), simple engine, %d slot(s), n_ctx=%d, in %.1fs: %s",
             self.name,
             self.path,
             slots,
             n_ctx,
             time.perf_counter() - started,
+            self.placement.describe(),
         )
+
+    @staticmethod
+    def _flash_attn_auto(llama: Llama, options: LlamaOptions, threads: int) -> str:
+        """What llama.cpp makes of flash attention `auto` for this model where it was placed: a small context
+        made and freed to hear it say."""
+        params = options.context_params(llama_cpp.llama_context_default_params())
+        params.n_ctx = params.n_batch = params.n_ubatch = 256
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        with hearing() as made:
+            ctx = llama_cpp.llama_init_from_model(llama._model.model, params)
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        return flash_attn_chosen(made, "auto")
 
     @staticmethod
     def _biases(job: GenerationJob) -> LogitsProcessorList | None:
@@ -503,6 +549,7 @@ class SimpleModel(LoadedModel):
         # What Llama.generate will keep of its cache: the prefix it shares with the prompt but its last token.
         cached = shared_prefix(llama._input_ids[: llama.n_tokens].tolist(), job.prompt_tokens[:-1])
         started = time.perf_counter()
+        admitted_ns, first_token_ns = time.time_ns(), 0
         cancelled = False
         tokens = llama.generate(
             job.prompt_tokens, top_k=TOP_K, top_p=job.top_p, min_p=MIN_P, temp=job.temperature,
@@ -511,6 +558,8 @@ class SimpleModel(LoadedModel):
         )  # fmt: skip
         try:
             for token in tokens:
+                if not first_token_ns:  # llama.generate decodes the prompt before its first token
+                    first_token_ns = time.time_ns()
                 if on_progress is not None:
                     on_progress()
                 if cancel.is_set():
@@ -525,4 +574,7 @@ class SimpleModel(LoadedModel):
         finally:
             tokens.close()
         seconds = time.perf_counter() - started
-        return output.result(len(job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=cached)
+        return output.result(
+            len(job.prompt_tokens), seconds, cancelled=cancelled, cached_tokens=cached, admitted_ns=admitted_ns,
+            first_token_ns=first_token_ns,
+        )  # fmt: skip

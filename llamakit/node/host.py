@@ -41,6 +41,7 @@ class ModelHost:
         self.load_wait = load_wait
         self.status: Status = "loading"
         self.error: str | None = None
+        self.file_error: str | None = None  # what is wrong with the loaded model's file (see model_file.py)
         self.model: LoadedModel | None = None
         self.loading_name: str | None = None
         self._free: dict[int, list[int]] = {}

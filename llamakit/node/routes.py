@@ -19,6 +19,7 @@ from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, T
 from llamakit.node.host import Lease, ModelHost
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
+from llamakit.node.tracing import TRACING, GenerationTrace
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest, GenerationRequest, Usage, parse_request
 from llamakit.wire.errors import ApiError, error_body
@@ -48,6 +49,7 @@ routes = web.RouteTableDef()
 async def health(request: web.Request) -> web.Response:
     host = request.app[HOST]
     settings = request.app[SETTINGS]
+    placement = host.model.placement if host.model is not None else None
     health = NodeHealth(
         status=host.status,
         name=settings.name,
@@ -57,7 +59,19 @@ async def health(request: web.Request) -> web.Response:
         busy=host.busy,
         n_ctx=settings.n_ctx,
         error=host.error,
+        model_file=host.file_error,
     )
+    if placement is not None:
+        health = health.model_copy(
+            update={
+                "backend": placement.backend,
+                "gpu_layers": placement.offloaded,
+                "layers": placement.layers,
+                "flash_attn": placement.flash_attn,
+                "cache_type_k": placement.cache_type_k,
+                "cache_type_v": placement.cache_type_v,
+            }
+        )
     return json_response(health.model_dump())
 
 
@@ -181,6 +195,35 @@ async def _lease(
 async def _serve(
     request: web.Request, req: GenerationRequest, kind: str, tokenize: Callable[[LoadedModel], list[int]]
 ) -> web.StreamResponse:
+    tracing = request.app.get(TRACING)
+    if tracing is None:
+        return await _generate(request, req, kind, tokenize, None)
+    settings = request.app[SETTINGS]
+    operation = "chat" if kind == "chat" else "text_completion"
+    model = req.model or request.app[HOST].model_name or ""
+    trace = GenerationTrace(tracing, request.headers, operation=operation, model=model, node=settings.name)
+    status, error = 500, None
+    try:
+        response = await _generate(request, req, kind, tokenize, trace)
+        status = response.status
+        return response
+    except ApiError as exc:
+        status = exc.status
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        trace.end(status, error)
+
+
+async def _generate(
+    request: web.Request,
+    req: GenerationRequest,
+    kind: str,
+    tokenize: Callable[[LoadedModel], list[int]],
+    trace: GenerationTrace | None,
+) -> web.StreamResponse:
     host, settings, metrics = request.app[HOST], request.app[SETTINGS], request.app[METRICS]
     route = "chat" if kind == "chat" else "completions"
     try:
@@ -204,12 +247,14 @@ async def _serve(
     run = _Run(request, lease, job, answer, cancel, keepalive=_keepalive(request))
     runs = request.app[RUNS]
     runs[request_id] = cancel
+    if trace is not None:
+        trace.started(request_id, lease.slot)
 
     def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
         generate = functools.partial(lease.model.generate, on_progress=run.advanced, logprobs=logprobs)
         future = loop.run_in_executor(host.executor, generate, lease.slot, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
-        future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f))
+        future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f, trace))
         return future
 
     try:
@@ -230,7 +275,12 @@ def _keepalive(request: web.Request) -> float:
 
 
 def _finished(
-    host: ModelHost, metrics: NodeMetrics, route: str, lease: Lease, future: asyncio.Future[GenerationResult]
+    host: ModelHost,
+    metrics: NodeMetrics,
+    route: str,
+    lease: Lease,
+    future: asyncio.Future[GenerationResult],
+    trace: GenerationTrace | None,
 ) -> None:
     host.release(lease)
     if future.cancelled() or future.exception() is not None:
@@ -239,6 +289,8 @@ def _finished(
             log.error("generation failed", exc_info=future.exception())
         return
     result = future.result()
+    if trace is not None:
+        trace.generated(result)
     metrics.observe_generation(result.prompt_tokens, result.completion_tokens, result.seconds, result.cached_tokens)
     outcome = "cancelled" if result.finish_reason == "cancelled" else "ok"
     metrics.requests.labels(route, outcome).inc()

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
+from llamakit.logs import LogFormat
 from llamakit.node.cores import available_cores
+from llamakit.server import RequestLimits
 
-__all__ = ["NodeSettings", "settings_from_args"]
+__all__ = ["CACHE_TYPES", "CacheType", "NodeSettings", "settings_from_args"]
+
+# llama-server's --cache-type-k/-v values (common/arg.cpp's kv_cache_types), most precise first.
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+CACHE_TYPES: tuple[str, ...] = get_args(CacheType)
 
 
 class NodeSettings(BaseModel):
@@ -54,12 +60,95 @@ class NodeSettings(BaseModel):
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
+        "again plus its size at --min-upload-rate",
+    )
+    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
+    )
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
+    log_format: LogFormat = Field("text", description="text, or json: one JSON object per line (see docs/operating.md)")
     llama_log: Literal["debug", "info", "warning", "error"] = Field(
         "warning", description="the least severe of llama.cpp's own log messages to show (logger 'llama.cpp')"
     )
+    flash_attn: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="flash attention, as llama-server's --flash-attn: auto lets llama.cpp choose (on wherever the "
+        "device of every layer runs it, so always on a CPU)",
+    )
+    cache_type_k: CacheType = Field(
+        "f16", description=f"KV cache type of the keys, as llama-server's --cache-type-k: {', '.join(CACHE_TYPES)}"
+    )
+    cache_type_v: CacheType = Field(
+        "f16",
+        description="KV cache type of the values, as llama-server's --cache-type-v; a quantized one needs flash "
+        "attention",
+    )
+    gpu_layers: int | Literal["all"] = Field(
+        "all",
+        description="layers to offload to the GPU, a number or all (llama-server's --gpu-layers); a llama.cpp "
+        "built without a GPU backend offloads none",
+    )
+    main_gpu: int = Field(0, ge=0, description="the GPU of the whole model with --split-mode none (llama.cpp's index)")
+    split_mode: Literal["none", "layer", "row"] = Field(
+        "layer", description="how to split the model across GPUs: none (one GPU), layer (default), row"
+    )
+    tensor_split: tuple[float, ...] | None = Field(
+        None, description="the share of the model per GPU, comma-separated, e.g. 3,1 (default: by free memory)"
+    )
+
+    @field_validator("gpu_layers", mode="before")
+    @classmethod
+    def _layers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "all":
+            return "all"
+        if isinstance(value, str) and value.strip().isdecimal():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        raise ValueError(f"give a number of layers (0 or more) or all; got {value!r}")
+
+    @field_validator("tensor_split", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return tuple(float(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"expected comma-separated numbers, one per GPU, such as 3,1; got {value!r}") from None
+        return value
+
+    @field_validator("tensor_split")
+    @classmethod
+    def _split_shares(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None and (not value or any(v < 0 for v in value) or not any(v > 0 for v in value)):
+            raise ValueError("give a share of zero or more per GPU, at least one of them above zero, such as 3,1")
+        return value
+
+    @model_validator(mode="after")
+    def _quantized_values_need_flash_attention(self) -> NodeSettings:
+        if self.flash_attn == "off" and self.cache_type_v not in ("f32", "f16", "bf16"):
+            raise ValueError(
+                f"--cache-type-v {self.cache_type_v} needs flash attention: llama.cpp keeps quantized values only "
+                "with it; use --flash-attn auto or on, or --cache-type-v f16"
+            )
+        return self
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
+        return RequestLimits(
+            header_timeout=self.request_timeout,
+            min_upload_rate=self.min_upload_rate,
+            max_connections=self.max_connections,
+        )
 
     @property
     def url(self) -> str:
@@ -82,6 +171,17 @@ FLAGS = [
     Flag("router", "--router", "LLAMAKIT_ROUTER"),
     Flag("public_url", "--public-url", "LLAMAKIT_PUBLIC_URL"),
     Flag("llama_log", "--llama-log", "LLAMAKIT_LLAMA_LOG"),
+    Flag("flash_attn", "--flash-attn", "LLAMAKIT_FLASH_ATTN"),
+    Flag("cache_type_k", "--cache-type-k", "LLAMAKIT_CACHE_TYPE_K"),
+    Flag("cache_type_v", "--cache-type-v", "LLAMAKIT_CACHE_TYPE_V"),
+    Flag("gpu_layers", "--gpu-layers", "LLAMAKIT_GPU_LAYERS"),
+    Flag("main_gpu", "--main-gpu", "LLAMAKIT_MAIN_GPU", int),
+    Flag("split_mode", "--split-mode", "LLAMAKIT_SPLIT_MODE"),
+    Flag("tensor_split", "--tensor-split", "LLAMAKIT_TENSOR_SPLIT"),
+    Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
+    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
+    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
+    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
 ]
 
 

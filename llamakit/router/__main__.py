@@ -8,10 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from llamakit.logs import configure_logging
 from llamakit.router.app import create_app
 from llamakit.router.ledger import LedgerError, redacted
+from llamakit.router.paid.record import REQUEST_LOG
 from llamakit.router.settings import settings_from_args
-from llamakit.web import serve
+from llamakit.server import serve
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -28,12 +30,13 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     argv = list(sys.argv[1:] if argv is None else argv)
     settings = settings_from_args(argv)
+    configure_logging(settings.log_format)
+    REQUEST_LOG.setLevel(logging.INFO if settings.log_requests else logging.WARNING)
     try:
         app = create_app(settings)
-    except ValueError as exc:  # an unreadable fee file, for one
+    except ValueError as exc:  # an unreadable fee file, or OTEL_* variables asking for traces it cannot send
         print(f"python -m llamakit.router: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     for flag, env, what, value in (
@@ -55,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         port=settings.port,
         program="python -m llamakit.router",
         started=started,
+        limits=settings.request_limits,
         # The database cannot be reached, its schema is newer than this llamakit, or another router has it.
         refusals=(LedgerError,),
         access_log=access_log,

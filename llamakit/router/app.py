@@ -13,26 +13,32 @@ import aiohttp
 from aiohttp import web
 
 from llamakit.money.fees import FeeSchedule
+from llamakit.outage import Outage
 from llamakit.router.auth import admin_app, herd_app
 from llamakit.router.dispatch.local import LocalDispatcher
 from llamakit.router.dispatch.scheduler import Scheduler
 from llamakit.router.errors import http_error
 from llamakit.router.herd import Herd, HerdNode
-from llamakit.router.ledger import UsageRecord, ledger_at
+from llamakit.router.ledger import LedgerError, UsageRecord, ledger_at
 from llamakit.router.ledger._owner import own_ledger
+from llamakit.router.ledger_gate import gate_middleware
 from llamakit.router.metrics import RouterMetrics
+from llamakit.router.openapi import Operation, documented, openapi_routes
 from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.paid.record import recovered_record
 from llamakit.router.pricing import PriceList
 from llamakit.router.routes.admin import admin_routes, herd_routes
 from llamakit.router.routes.admin_keys import key_routes
 from llamakit.router.routes.admin_pages import page_routes
+from llamakit.router.routes.answers import Health, Live, Ready
 from llamakit.router.routes.embeddings import embedding_routes
 from llamakit.router.routes.openai import routes
 from llamakit.router.routes.responses import response_routes
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE, RouterState, UsageLog
 from llamakit.router.upstream import Upstream
+from llamakit.server import CONNECTIONS, deadline_middleware
+from llamakit.telemetry import Tracing
 from llamakit.web import REFUSAL, Handler, error_middleware_for, json_response, request_id_header
 
 __all__ = ["create_app"]
@@ -40,8 +46,12 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: RouterSettings) -> web.Application:
-    default_fees = FeeSchedule(settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee)
+def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """The router's app; `tracing` (default: what the OTEL_* variables ask for, see llamakit.telemetry) gets
+    its spans. TracingUnavailable (a ValueError) when those variables ask for traces that cannot be sent."""
+    default_fees = FeeSchedule(
+        settings.base_fee, settings.prompt_token_fee, settings.completion_token_fee, settings.cached_prompt_token_fee
+    )
     prices = PriceList.from_file(settings.fees_file, default_fees) if settings.fees_file else PriceList(default_fees)
     herd = Herd()
     # Opened (and migrated) at start-up, in _books; each usage record keeps the money it is priced at.
@@ -57,11 +67,19 @@ def create_app(settings: RouterSettings) -> web.Application:
             Scheduler(herd, max_queue=settings.max_queue, max_queue_share=settings.max_queue_share)
         ),
         metrics=RouterMetrics(),
+        tracing=tracing or Tracing.from_env("llamakit-router"),
     )
     app = web.Application(
-        middlewares=[_count_refusals, error_middleware_for(http_error)], client_max_size=settings.max_body_bytes
+        middlewares=[
+            _count_refusals,
+            error_middleware_for(http_error),
+            gate_middleware(state.gate),
+            deadline_middleware(settings.request_limits),
+        ],
+        client_max_size=settings.max_body_bytes,
     )
     app[STATE] = state
+    state.metrics.registry.register(state.gate.collector())
     app.add_routes(routes)
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
@@ -69,15 +87,27 @@ def create_app(settings: RouterSettings) -> web.Application:
     app.add_subapp("/admin/", admin_app(admin_routes, key_routes, page_routes))
     app.add_subapp("/herd/", herd_app(herd_routes))
     app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/live", _live)
     app.router.add_get("/metrics", _metrics)
+    app.add_routes(openapi_routes())
     app.on_response_prepare.append(request_id_header)
+    app.on_startup.append(_watch_connections)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_books)
     app.cleanup_ctx.append(_upstream)
     if settings.cluster:
         app.cleanup_ctx.append(_shared_herd)
     app.cleanup_ctx.append(_health_checks)
+    if state.tracing is not None:
+        app.on_cleanup.append(_flush_traces)
     return app
+
+
+async def _flush_traces(app: web.Application) -> None:
+    tracing = app[STATE].tracing
+    if tracing is not None:  # the spans still batched go out before the process ends
+        await asyncio.to_thread(tracing.shutdown)
 
 
 @web.middleware
@@ -90,16 +120,50 @@ async def _count_refusals(request: web.Request, handler: Handler) -> web.StreamR
     return response
 
 
+async def _watch_connections(app: web.Application) -> None:
+    """The client connections of the server this router runs under, in /metrics (under `serve`, not in tests)."""
+    app[STATE].metrics.watch_connections(app.get(CONNECTIONS))
+
+
 async def _stopping(app: web.Application) -> None:
     app[STATE].stopping.set()  # ends the live stats streams, which would otherwise hold up the shutdown
 
 
+@documented(Operation(summary="Whether the router is up, and its herd", auth=None, answer=Health))
 async def _health(request: web.Request) -> web.Response:
-    herd = request.config_dict[STATE].herd
+    """The router and its herd: 200 `status: ok`, or 503 `status: ledger_unavailable` while the ledger cannot be
+    written (so that a balancer probing /health routes around this router meanwhile)."""
+    state = request.config_dict[STATE]
+    herd = state.herd
     ready = sum(1 for n in herd.nodes.values() if n.state == "ready")
-    return json_response({"status": "ok", "nodes": len(herd.nodes), "ready": ready, "models": herd.models()})
+    body = {
+        "status": "ok" if state.gate.open else "ledger_unavailable",
+        "nodes": len(herd.nodes),
+        "ready": ready,
+        "models": herd.models(),
+        "ledger": state.gate.health(),
+    }
+    return json_response(body, status=200 if state.gate.open else 503)
 
 
+@documented(Operation(summary="Readiness: whether this router takes paid requests", auth=None, answer=Ready))
+async def _ready(request: web.Request) -> web.Response:
+    """Readiness (a Kubernetes readinessProbe, a balancer): 200 when this router takes paid requests, 503 while
+    its ledger cannot be written. It comes back by itself; restarting the router does not help."""
+    gate = request.config_dict[STATE].gate
+    if gate.open:
+        return json_response({"ready": True})
+    return json_response({"ready": False, "reason": "ledger_unavailable"}, status=503)
+
+
+@documented(Operation(summary="Liveness: whether the process answers", auth=None, answer=Live))
+async def _live(request: web.Request) -> web.Response:
+    """Liveness (a Kubernetes livenessProbe): 200 whenever the process answers, whatever its ledger says, so
+    that an outage a restart cannot mend does not turn into restarts."""
+    return json_response({"live": True})
+
+
+@documented(Operation(summary="Prometheus metrics", auth=None, text="text/plain"))
 async def _metrics(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     # The herd's queue (every router's requests with --cluster; the other series are this router's).
@@ -133,7 +197,8 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
         log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
     await _recovered(state, released)
     state.auditor.start()  # the books proved by a full scan, in the background: now, then every --audit-every
-    yield
+    async with state.gate.watching(state.ledger):
+        yield
     await state.auditor.stop()
     if state.usage_log is not None:
         state.usage_log.close()
@@ -234,8 +299,15 @@ async def _check(state: RouterState, node: HerdNode) -> None:
         state.dispatch.pump()
 
 
+def _database_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the database's (or the network's) failure rather than a bug: asyncpg's own errors too,
+    without importing asyncpg where it is not installed."""
+    return isinstance(exc, (LedgerError, OSError, TimeoutError)) or type(exc).__module__.startswith("asyncpg")
+
+
 async def _health_checks(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    writes = Outage(log, "writing the herd's health to the database", cost="rounds failed")
 
     async def loop() -> None:
         while True:
@@ -247,8 +319,10 @@ async def _health_checks(app: web.Application) -> AsyncIterator[None]:
                 await asyncio.gather(*(_check(state, n) for n in nodes), return_exceptions=True)
                 try:
                     await dispatch.checked(before)
-                except Exception:
-                    log.exception("cannot write the herd's health to the database")
+                    writes.ended()
+                except Exception as exc:
+                    writes.failed(exc, traceback=None if _database_failure(exc) else exc)
+                    writes.count()
             await asyncio.sleep(state.settings.health_interval)
 
     task = asyncio.create_task(loop(), name="health checks")

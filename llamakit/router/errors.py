@@ -2,9 +2,9 @@
 OpenAI error bodies (as openai-python's one status → exception table does, the other way round).
 
 The parts raise what they mean: the dispatcher `dispatch.errors` (no node, queue full, queue timeout …), the
-ledger `InsufficientFunds` and `SpendCapExceeded`, idempotency `KeyReused` and `KeyInUse`, the paid path
-`ClientGone`, and a node's own refusal `NodeRejected`. `http_error` gives the `ApiError` a client sees; the
-router's error middleware applies it to whatever a handler raises, and the paid path records its status.
+ledger `InsufficientFunds`, `SpendCapExceeded` and `LedgerUnavailable`, idempotency `KeyReused` and `KeyInUse`,
+the paid path `ClientGone`, and a node's own refusal `NodeRejected`. `http_error` gives the `ApiError` a client
+sees; the router's error middleware applies it to whatever a handler raises, and the paid path records its status.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from llamakit.router.dispatch.errors import (
     QueueShareExceeded,
     QueueTimeout,
 )
-from llamakit.router.ledger import InsufficientFunds, SpendCapExceeded
+from llamakit.router.ledger import InsufficientFunds, LedgerUnavailable, SpendCapExceeded
+from llamakit.router.ledger_gate import RETRY_AFTER
 from llamakit.router.paid.idempotency import KeyInUse, KeyReused
 from llamakit.router.upstream import NodeRejected
 from llamakit.wire.errors import ApiError
@@ -48,6 +49,16 @@ def http_error(exc: BaseException) -> ApiError | None:
     if isinstance(exc, DispatchError):
         status, kind = _DISPATCH[type(exc)]
         return ApiError(status, exc.message, type=kind, code=exc.code, headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, LedgerUnavailable):
+        # The database's own words (a host, a path) are the operator's, in the log; the client gets what to do.
+        return ApiError(
+            503,
+            "the router's ledger cannot be written now, so it takes no paid request; nothing was held or charged: "
+            f"try again in {RETRY_AFTER} s (or at another router)",
+            type="server_error",
+            code="ledger_unavailable",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
     if isinstance(exc, InsufficientFunds):
         extra: dict[str, object] = {"needed": exc.needed, "balance": exc.balance}
         return ApiError(402, str(exc), type="insufficient_funds", code="insufficient_funds", extra=extra)

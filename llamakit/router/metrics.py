@@ -16,6 +16,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from llamakit.router.herd import Herd
+from llamakit.server import ConnectionCollector, ConnectionGuard
 
 __all__ = ["RouterMetrics"]
 
@@ -31,13 +32,17 @@ KNOWN_REFUSALS = (
     (402, "spend_cap_exceeded"),
     (403, "model_not_allowed"),
     (404, "model_not_found"),
+    (408, "request_timeout"),
     (429, "queue_full"),
     (429, "queue_share_exceeded"),
     (429, "rate_limit_exceeded"),
+    (503, "ledger_unavailable"),
     (503, "no_node"),
     (504, "queue_timeout"),
 )
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# The router's overhead is well under a millisecond on a quiet router; tens of milliseconds mean trouble.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 NODE_STATES = ("ready", "draining", "down")
 
@@ -45,7 +50,8 @@ NODE_STATES = ("ready", "draining", "down")
 class RouterMetrics:
     """Counters and histograms a router keeps about itself (per router: with several routers, sum across them).
 
-    Series: requests and refusals by outcome, tokens, fees per node, queue depth and wait, end-to-end latency,
+    Series: requests and refusals by outcome, tokens, fees per node, queue depth and wait, end-to-end latency, the
+    router's own overhead per request,
     time to first token of streams, completion tokens per second of each request, per-node state and slots,
     and the process, platform and garbage-collector collectors of prometheus_client.
     """
@@ -57,6 +63,7 @@ class RouterMetrics:
         GCCollector(registry=self.registry)
         self._children: dict[tuple[object, ...], Any] = {}
         self._node_names: set[str] = set()
+        self._watching = False
         self.refusals = Counter(
             "llamakit_router_refusals",
             "Requests refused, by HTTP status and error code (or type): 4xx the client's, 5xx the herd's.",
@@ -115,6 +122,13 @@ class RouterMetrics:
         self.fees = Counter(
             "llamakit_router_fees_earned_credits", "Credits charged, by node.", ["node"], registry=self.registry
         )
+        self.cache_discount = Counter(
+            "llamakit_router_cache_discount_credits",
+            "Credits that prompt tokens read from a node's cache took off the charges (their cached_prompt_token_fee "
+            "below the prompt_token_fee), by model.",
+            ["model"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "llamakit_router_queue_depth",
             "Requests waiting for a node, by model (with --cluster: the whole herd's, the same at every router).",
@@ -126,6 +140,14 @@ class RouterMetrics:
             "Time from arrival to a node being assigned, by model.",
             ["model"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.overhead_seconds = Histogram(
+            "llamakit_router_overhead_seconds",
+            "The router's own time on each paid request (X-Llamakit-Overhead-Ms): its time up to the settlement, "
+            "less the queue wait and the node's time, by model.",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
             registry=self.registry,
         )
         self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
@@ -181,9 +203,12 @@ class RouterMetrics:
         )  # fmt: skip
 
     def settled(
-        self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0
-    ) -> None:
+        self, model: str, node: str, prompt_tokens: int, completion_tokens: int, fee: int, cached_tokens: int = 0,
+        cache_discount: int = 0,
+    ) -> None:  # fmt: skip
         self._child(self.fees, node).inc(fee)
+        if cache_discount:
+            self._child(self.cache_discount, model).inc(cache_discount)
         self._child(self.tokens, model, "prompt").inc(prompt_tokens)
         if cached_tokens:
             self._child(self.tokens, model, "prompt_cached").inc(cached_tokens)
@@ -198,6 +223,10 @@ class RouterMetrics:
 
     def refused(self, status: int, code: str) -> None:
         self._child(self.refusals, str(status), code).inc()
+
+    def overhead(self, model: str, seconds: float) -> None:
+        """The router spent `seconds` of its own on a request (queue and node excluded)."""
+        self._child(self.overhead_seconds, model).observe(seconds)
 
     def queued(self, model: str, seconds: float) -> None:
         """A request waited `seconds` from its arrival for a node."""
@@ -233,6 +262,12 @@ class RouterMetrics:
             self.nodes.labels(name).set(states.count(name))
         for model in {*herd.models(ready_only=False), *queue_lengths}:
             self._child(self.queue_depth, model).set(queue_lengths.get(model, 0))
+
+    def watch_connections(self, guard: ConnectionGuard | None) -> None:
+        """Report the client connections of the server this router runs under (`llamakit.server`), once."""
+        if guard is not None and not self._watching:
+            self.registry.register(ConnectionCollector(guard, "llamakit_router"))
+            self._watching = True
 
     def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
         # .labels() builds and hashes a key on every call: a few microseconds per request, cached here.

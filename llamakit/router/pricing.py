@@ -23,7 +23,8 @@ class PriceList:
 
     @classmethod
     def from_file(cls, path: Path, default: FeeSchedule) -> PriceList:
-        """Read `{"<model>": {"base_fee": …, "prompt_token_fee": …, "completion_token_fee": …}, "*": {…}}`."""
+        """Read `{"<model>": {"base_fee": …, "prompt_token_fee": …, "completion_token_fee": …}, "*": {…}}`; a
+        schedule may add `cached_prompt_token_fee` (see FeeSchedule)."""
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

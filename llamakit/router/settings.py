@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
+from llamakit.logs import LogFormat
 from llamakit.money.currency import (
     DEFAULT_CREDIT_VALUE,
     DEFAULT_CURRENCY,
@@ -23,6 +24,7 @@ from llamakit.money.currency import (
     parse_currency,
 )
 from llamakit.router.ledger import backend_of
+from llamakit.server import RequestLimits
 
 __all__ = ["RouterSettings", "settings_from_args"]
 
@@ -48,6 +50,9 @@ class RouterSettings(BaseModel):
     base_fee: int = Field(10, ge=0, description="default fee per request, in credits")
     prompt_token_fee: int = Field(1, ge=0, description="default fee per prompt token")
     completion_token_fee: int = Field(2, ge=0, description="default fee per completion token")
+    cached_prompt_token_fee: int | None = Field(
+        None, ge=0, description="default fee per prompt token a node read from its cache (default: the prompt fee)"
+    )
     credit_value: Decimal = Field(
         DEFAULT_CREDIT_VALUE,
         description="what one credit is worth in --currency (default 0.000001: 1 credit per token reads as "
@@ -69,7 +74,23 @@ class RouterSettings(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="nodes tried for one request before giving up")
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
+        "again plus its size at --min-upload-rate",
+    )
+    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
+    )
     access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
+    log_format: LogFormat = Field("text", description="text, or json: one JSON object per line (see docs/operating.md)")
+    log_requests: bool = Field(
+        False,
+        description="log one line per finished paid request, with its usage record's fields (logger llamakit.requests)",
+    )
     event_loop: Literal["uvloop", "asyncio"] = Field(
         "uvloop", description="the event loop: uvloop (libuv; about a fifth less CPU per request) or asyncio's own"
     )
@@ -101,6 +122,15 @@ class RouterSettings(BaseModel):
     )
 
     @model_validator(mode="after")
+    def _cached_fee_at_most_the_prompt_fee(self) -> RouterSettings:
+        if self.cached_prompt_token_fee is not None and self.cached_prompt_token_fee > self.prompt_token_fee:
+            raise ValueError(
+                f"--cached-prompt-token-fee ({self.cached_prompt_token_fee}) may not be above --prompt-token-fee "
+                f"({self.prompt_token_fee}): a prompt token read from a cache costs at most a fresh one"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _cluster_needs_postgres(self) -> RouterSettings:
         if self.cluster and backend_of(self.db) != "postgres":
             raise ValueError("--cluster needs a PostgreSQL ledger: --db postgresql://user@host:port/dbname")
@@ -115,6 +145,15 @@ class RouterSettings(BaseModel):
     @classmethod
     def _currency(cls, value: object) -> str:
         return parse_currency(value)
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
+        return RequestLimits(
+            header_timeout=self.request_timeout,
+            min_upload_rate=self.min_upload_rate,
+            max_connections=self.max_connections,
+        )
 
     @functools.cached_property
     def money(self) -> CreditValue:
@@ -164,9 +203,13 @@ FLAGS = [
     Flag("base_fee", "--base-fee", "LLAMAKIT_BASE_FEE", int),
     Flag("prompt_token_fee", "--prompt-token-fee", "LLAMAKIT_PROMPT_TOKEN_FEE", int),
     Flag("completion_token_fee", "--completion-token-fee", "LLAMAKIT_COMPLETION_TOKEN_FEE", int),
+    Flag("cached_prompt_token_fee", "--cached-prompt-token-fee", "LLAMAKIT_CACHED_PROMPT_TOKEN_FEE", int),
     Flag("credit_value", "--credit-value", "LLAMAKIT_CREDIT_VALUE"),
     Flag("currency", "--currency", "LLAMAKIT_CURRENCY"),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
+    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
+    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
+    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
     Flag("max_queue_share", "--max-queue-share", "LLAMAKIT_MAX_QUEUE_SHARE", float),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
     Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),
@@ -175,6 +218,8 @@ FLAGS = [
     Flag("default_max_tokens", "--default-max-tokens", "LLAMAKIT_DEFAULT_MAX_TOKENS", int),
     Flag("usage_log", "--usage-log", "LLAMAKIT_USAGE_LOG"),
     Flag("access_log", "--access-log", "LLAMAKIT_ACCESS_LOG", _yes),
+    Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
+    Flag("log_requests", "--log-requests", "LLAMAKIT_LOG_REQUESTS", _yes),
     Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
     Flag("audit_every", "--audit-every", "LLAMAKIT_AUDIT_EVERY", float),

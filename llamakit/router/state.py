@@ -4,42 +4,59 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from aiohttp import web
 
 from llamakit.catalog import DEFAULT_MODEL
+from llamakit.outage import Outage
 from llamakit.router.affinity import PrefixMap
 from llamakit.router.auditor import Auditor
 from llamakit.router.dispatch import Dispatcher
 from llamakit.router.herd import Herd
 from llamakit.router.ledger import Ledger
+from llamakit.router.ledger_gate import LedgerGate
 from llamakit.router.limits import KeyCache, KeyRates
 from llamakit.router.metrics import RouterMetrics
 from llamakit.router.paid.idempotency import Idempotency
 from llamakit.router.pricing import PriceList
 from llamakit.router.settings import RouterSettings
 from llamakit.router.upstream import Upstream
+from llamakit.telemetry import Tracing
 
 __all__ = ["STATE", "RequestLog", "RouterState", "UsageLog"]
 
+log = logging.getLogger(__name__)
+
 
 class UsageLog:
-    """One JSON line per settled request, written whole with a single write so lines never interleave."""
+    """One JSON line per settled request, written whole with a single write so lines never interleave. A line
+    that cannot be written (a full disk) is lost, said once per outage: the ledger has every usage record."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: TextIO = path.open("a", encoding="utf-8", buffering=1)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self.outage = Outage(log, f"writing the usage log {path}", cost="lines lost")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        try:
+            os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        except OSError as exc:
+            self.outage.failed(exc, consequence="its lines are lost until it can be written again; the ledger "
+                                                "keeps every usage record")  # fmt: skip
+            self.outage.count()
+        else:
+            if self.outage.down:
+                self.outage.ended()
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
 
 
 @dataclass
@@ -91,6 +108,7 @@ class RouterState:
     metrics: RouterMetrics
     idempotency: Idempotency
     upstream: Upstream | None = None
+    tracing: Tracing | None = None  # OpenTelemetry traces, when the OTEL_* variables ask for them
     usage_log: UsageLog | None = None
     requests: RequestLog = field(default_factory=RequestLog)
     keys: KeyCache = field(default_factory=KeyCache)
@@ -98,6 +116,7 @@ class RouterState:
     prefixes: PrefixMap = field(default_factory=PrefixMap)
     started: float = field(default_factory=time.time)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)  # set when the app shuts down
+    gate: LedgerGate = field(default_factory=LedgerGate)  # closed while the ledger cannot be written
     auditor: Auditor = field(init=False)  # the books' audits (see llamakit.router.auditor)
 
     def __post_init__(self) -> None:

@@ -54,6 +54,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
         ]
         names |= await ledger.account_names([k.account_id for k in keys if k.account_id not in names])
     fees_by_node = await ledger.fees_by_node()
+    savings = await ledger.cache_savings()
     view = await state.dispatch.herd_view(state.known_models())
     nodes = []
     shown_nodes = _nodes_shown(list(herd.nodes.values()))
@@ -82,6 +83,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "leader": view.cluster["leader"],
             "routers": view.cluster["routers"],
             "herd_wide": ["nodes", "nodes[].busy", "nodes[].fees_earned", "queue", "fees.earned", "fees.by_node",
+                          "fees.cached_tokens", "fees.cache_discount",
                           "books", "agents", "accounts", "keys", "refusals.today", "counts", "today",
                           "this_month"],
             "per_router": ["nodes[].busy_here", "nodes[].requests", "nodes[].tokens_per_second", "fees.per_minute",
@@ -102,6 +104,9 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "earned": books.charges,
             "per_minute": round(state.requests.fees_per_minute(), 2),
             "by_node": shown_fees,
+            # Prompt tokens read from the nodes' caches, and what their own fee took off the charges (credits).
+            "cached_tokens": savings.cached_tokens,
+            "cache_discount": savings.discount,
         },
         "books": {**asdict(books), "balanced": books.balanced, "audit": state.auditor.view()},
         "requests": {

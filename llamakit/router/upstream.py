@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -78,7 +79,13 @@ class Upstream:
             return data
 
     async def _post(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, cache_salt: str
+        self,
+        node: HerdNode,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        cache_salt: str,
+        trace: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """The node's 200 response (the caller reads and releases it); NodeFailed or NodeRejected otherwise.
 
@@ -90,7 +97,7 @@ class Upstream:
         pause = 0.005
         while True:
             try:
-                return await self._post_once(node, path, body, request_id, cache_salt)
+                return await self._post_once(node, path, body, request_id, cache_salt, trace)
             except _SlotsBusy as busy:
                 if time.monotonic() + pause > deadline:
                     raise NodeFailed(f"node {node.name} answered 503: {busy}", down=False) from None
@@ -98,13 +105,22 @@ class Upstream:
             pause = min(pause * 2, 0.25)
 
     async def _post_once(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, cache_salt: str
+        self,
+        node: HerdNode,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        cache_salt: str,
+        trace: Mapping[str, str] | None,
     ) -> aiohttp.ClientResponse:
+        headers = {**self.headers, REQUEST_ID_HEADER: request_id, CACHE_SALT_HEADER: cache_salt}
+        if trace:  # the trace's context (traceparent): the node's spans join the request's trace
+            headers.update(trace)
         try:
             resp = await self.session.post(
                 node.url + path,
                 data=jsontext.dumps(body),  # bytes: aiohttp encodes a str again
-                headers={**self.headers, REQUEST_ID_HEADER: request_id, CACHE_SALT_HEADER: cache_salt},
+                headers=headers,
                 timeout=self.timeout,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -130,10 +146,18 @@ class Upstream:
         raise NodeFailed(f"node {node.name} answered {resp.status}", down=False)
 
     async def complete(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, *, cache_salt: str = ""
+        self,
+        node: HerdNode,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        *,
+        cache_salt: str = "",
+        trace: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """The node's whole answer; `cache_salt` says whose prompt cache it may reuse (see CACHE_SALT_HEADER)."""
-        resp = await self._post(node, path, body, request_id, cache_salt)
+        """The node's whole answer; `cache_salt` says whose prompt cache it may reuse (see CACHE_SALT_HEADER),
+        `trace` the headers that carry the request's trace context (RequestTrace.begin_call)."""
+        resp = await self._post(node, path, body, request_id, cache_salt, trace)
         try:
             data: dict[str, Any] = jsontext.loads(await resp.read())
         except (aiohttp.ClientError, ValueError, TimeoutError) as exc:
@@ -160,10 +184,18 @@ class Upstream:
             return False
 
     async def stream(
-        self, node: HerdNode, path: str, body: dict[str, Any], request_id: str, *, cache_salt: str = ""
+        self,
+        node: HerdNode,
+        path: str,
+        body: dict[str, Any],
+        request_id: str,
+        *,
+        cache_salt: str = "",
+        trace: Mapping[str, str] | None = None,
     ) -> EventStream:
-        """The node's SSE events (their JSON text), up to `[DONE]`; raises StreamBroken if it ends in any other way."""
-        resp = await self._post(node, path, body, request_id, cache_salt)
+        """The node's SSE events (their JSON text), up to `[DONE]`; raises StreamBroken if it ends in any other way.
+        `cache_salt` and `trace` as for `complete`."""
+        resp = await self._post(node, path, body, request_id, cache_salt, trace)
         return EventStream(resp, node)
 
 

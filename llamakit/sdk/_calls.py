@@ -16,6 +16,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from time import perf_counter
 from typing import Any, Final, Literal, TypedDict
+from urllib.parse import unquote
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -29,7 +30,7 @@ from llamakit.sdk._exceptions import (
     StreamInterruptedError,
 )
 from llamakit.sdk._logprobs import MAX_TOP_LOGPROBS, TokenLogprob, logprobs_of
-from llamakit.sdk._models import Embeddings, Generation, Info, TokenUsage
+from llamakit.sdk._models import Embeddings, Generation, Info, PassedOver, TokenUsage
 from llamakit.sdk._types import EmbeddingInput, Messages, NotGiven, Timeout
 from llamakit.sdk._usage import UsageRecord, utc_now
 from llamakit.wire.headers import (
@@ -38,6 +39,7 @@ from llamakit.wire.headers import (
     COST_HEADER,
     CURRENCY_HEADER,
     NODE_HEADER,
+    PASSED_OVER_HEADER,
     QUEUE_HEADER,
     REQUEST_ID_HEADER,
 )
@@ -77,7 +79,9 @@ class RequestOptions(TypedDict, total=False):
 class GenerateOptions(RequestOptions, total=False):
     """Keyword options every generation call takes (`generate`, `chat`, their streams and async twins).
 
-    Sampling: `model` (the client's, else the router's default), `max_tokens`, `temperature`, `top_p`,
+    Sampling: `model` (the client's, else the router's default), `models` (fallbacks, as OpenRouter's: tried in
+    order after `model` when it cannot serve the call, which is billed at the fees of the one that served it;
+    `Generation.model` says which, `passed_over` why the others did not), `max_tokens`, `temperature`, `top_p`,
     `stop`, `seed`; `user` (OpenAI's: who the call is for, kept on the router's usage record and in
     this client's usage frame). Constraints: `grammar` (GBNF) or `json_schema` (a JSON schema dict or a pydantic
     model class). Money: `bid` (a multiplier ≥ 1, or "auto" to out-bid the queue up to `max_bid`).
@@ -89,6 +93,7 @@ class GenerateOptions(RequestOptions, total=False):
     """
 
     model: str | None
+    models: list[str] | None
     max_tokens: int | None
     temperature: float | None
     top_p: float | None
@@ -222,6 +227,19 @@ def _charge(usage: TokenUsage | None, response: httpx.Response) -> dict[str, Any
     return {"cost": cost, "cost_credits": credits, "currency": currency}
 
 
+def _passed_over(body: Mapping[str, Any] | None, response: httpx.Response) -> list[PassedOver] | None:
+    """The models passed over before the one that served a call: from the answer's `passed_over` (a whole answer,
+    or a stream's usage chunk), else from `X-Llamakit-Passed-Over`; None when the call named no `models`."""
+    listed = body.get("passed_over") if body is not None else None
+    if isinstance(listed, list):
+        return [PassedOver.model_validate(p) for p in listed if isinstance(p, dict)]
+    header = response.headers.get(PASSED_OVER_HEADER)
+    if not header:
+        return None
+    entries = [item.rpartition("=") for item in header.split(", ")]
+    return [PassedOver(model=unquote(model), reason=reason) for model, sep, reason in entries if sep]
+
+
 def _header_float(response: httpx.Response, name: str) -> float | None:
     try:
         return float(response.headers[name])
@@ -249,6 +267,11 @@ class Call:
         body: dict[str, Any] = dict(payload)
         if self.model is not None:
             body["model"] = self.model
+        models = options.get("models")
+        if models is not None:
+            if isinstance(models, str) or not all(isinstance(m, str) for m in models):
+                raise ValueError(f"models is a list of model names, got {models!r}")
+            body["models"] = list(models)
         for name in _SAMPLING:
             value = options.get(name)
             if value is not None:
@@ -388,6 +411,7 @@ class Call:
             usage=usage,
             request_id=body.get("id") or request_id,
             logprobs=logprobs,
+            passed_over=_passed_over(body, response),
         )
 
     def _generation(
@@ -400,6 +424,7 @@ class Call:
         usage: TokenUsage | None,
         request_id: str | None,
         logprobs: list[TokenLogprob] | None = None,
+        passed_over: list[PassedOver] | None = None,
     ) -> Generation:
         queue_ms = _header_float(response, QUEUE_HEADER)
         return Generation(
@@ -416,6 +441,7 @@ class Call:
             queue_wait=None if queue_ms is None else queue_ms / 1000,
             attempts=max(self.attempts, 1),
             logprobs=logprobs,
+            passed_over=passed_over,
         )
 
     def record(self, generation: Generation) -> UsageRecord:
@@ -436,7 +462,10 @@ class Call:
             total_tokens=None if usage is None else usage.total_tokens,
             cost=generation.cost,
             cost_credits=generation.cost_credits,
+            cache_discount=None if usage is None else usage.cache_discount,
+            cache_discount_credits=None if usage is None else usage.cache_discount_credits,
             currency=generation.currency,
+            passed_over=generation.passed_over,
             bid=generation.bid,
             latency=generation.latency,
             ttft=generation.ttft,
@@ -510,6 +539,7 @@ class StreamState:
     request_id: str | None = None
     done: bool = False
     logprobs: list[TokenLogprob] | None = None
+    passed_over: list[PassedOver] | None = None
 
     def feed(self, data: str) -> str | None:
         if data.strip() == "[DONE]":
@@ -536,6 +566,8 @@ class StreamState:
             )
         self.model = event.get("model") or self.model
         self.request_id = event.get("id") or self.request_id
+        if isinstance(event.get("passed_over"), list):
+            self.passed_over = _passed_over(event, self.response)
         if event.get("usage"):
             try:
                 self.usage = TokenUsage.model_validate(event["usage"])
@@ -571,4 +603,5 @@ class StreamState:
             usage=self.usage,
             request_id=self.request_id,
             logprobs=self.logprobs,
+            passed_over=self.passed_over if self.passed_over is not None else _passed_over(None, self.response),
         )

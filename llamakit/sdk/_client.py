@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
@@ -71,6 +72,19 @@ def _failed_status(response: httpx.Response) -> _AttemptFailed:
     return _AttemptFailed(error, wait=_retry.retry_after(response))
 
 
+def _trace_context(headers: dict[str, str]) -> None:
+    """The caller's current OpenTelemetry trace context (W3C `traceparent`), so that the router's and the node's
+    spans join the caller's trace. Nothing when the caller does not use OpenTelemetry: then it is not imported,
+    and neither is it here."""
+    if "opentelemetry.context" not in sys.modules:
+        return
+    try:
+        from opentelemetry import propagate
+    except ImportError:
+        return
+    propagate.inject(headers)
+
+
 def _json(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -126,6 +140,7 @@ class _BaseClient:
         headers = {**self._headers, IDEMPOTENCY_HEADER: idempotency_key}
         if auth:
             headers["Authorization"] = f"Bearer {self._config.require_key()}"
+        _trace_context(headers)
         return headers
 
     def _call(self, kind: Kind, stream: bool, options: GenerateOptions | EmbedOptions) -> Call:

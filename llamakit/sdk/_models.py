@@ -18,6 +18,7 @@ from llamakit.sdk._logprobs import TokenLogprob
 __all__ = [
     "Account",
     "ApiKeyInfo",
+    "CostDetails",
     "Embeddings",
     "Fees",
     "Generation",
@@ -28,6 +29,7 @@ __all__ = [
     "Model",
     "ModelInfo",
     "NodeCounts",
+    "PassedOver",
     "Prices",
     "PromptTokensDetails",
     "RouterUsage",
@@ -41,9 +43,27 @@ class _Frozen(BaseModel):
 
 class PromptTokensDetails(_Frozen):
     """`cached_tokens`: prompt tokens the node found in its prompt cache (a chat's history, a shared system
-    prompt) and did not decode again. They are still prompt tokens, and priced as such."""
+    prompt of the same account) and did not decode again. They are among the prompt tokens, priced at the
+    model's `cached_prompt_token_fee` when it has one (`Fees`), else as any prompt token."""
 
     cached_tokens: int | None = None
+
+
+class CostDetails(_Frozen):
+    """What the cost leaves out, as OpenRouter's `cost_details`: `cache_discount` is what the cached prompt tokens'
+    own fee took off the price (in the router's currency, exact), `cache_discount_credits` the same in credits."""
+
+    cache_discount: Decimal | None = None
+    cache_discount_credits: int | None = None
+
+
+class PassedOver(_Frozen):
+    """A model of a call's `models` that did not serve it: `reason` is the router's error code (`no_node`,
+    `queue_full`, `model_not_found` …), `message` what it said."""
+
+    model: str
+    reason: str
+    message: str | None = None
 
 
 def credits_as_cost_credits(data: Any) -> Any:
@@ -65,6 +85,7 @@ class TokenUsage(_Frozen):
     prompt_tokens_details: PromptTokensDetails | None = None
     cost: Decimal | None = None
     cost_credits: int | None = None
+    cost_details: CostDetails | None = None
 
     _older_router = model_validator(mode="before")(credits_as_cost_credits)
 
@@ -72,6 +93,16 @@ class TokenUsage(_Frozen):
     def cached_tokens(self) -> int | None:
         """Prompt tokens served from the node's prompt cache, when the node says."""
         return None if self.prompt_tokens_details is None else self.prompt_tokens_details.cached_tokens
+
+    @property
+    def cache_discount(self) -> Decimal | None:
+        """What the cached prompt tokens' fee took off the price, in the router's currency (None: not said)."""
+        return None if self.cost_details is None else self.cost_details.cache_discount
+
+    @property
+    def cache_discount_credits(self) -> int | None:
+        """The same in credits."""
+        return None if self.cost_details is None else self.cost_details.cache_discount_credits
 
 
 class Generation(_Frozen):
@@ -100,6 +131,10 @@ class Generation(_Frozen):
     logprobs: list[TokenLogprob] | None = Field(
         default=None, description="each generated token's log probability, when asked for with `logprobs`"
     )
+    passed_over: list[PassedOver] | None = Field(
+        default=None,
+        description="with `models=`: the models that did not serve the call, in order, and why (`model` served it)",
+    )
 
     def __str__(self) -> str:
         return self.text
@@ -110,6 +145,8 @@ class Generation(_Frozen):
         where = self.model or "?"
         if self.node:
             where += f" on {self.node}"
+        if self.passed_over:
+            where += " (after " + ", ".join(f"{p.model}: {p.reason}" for p in self.passed_over) + ")"
         parts.append(where)
         if self.usage is not None:
             u = self.usage
@@ -120,7 +157,9 @@ class Generation(_Frozen):
         if self.cost_credits is not None:
             price = f" ({price_text(self.cost, self.currency)})" if self.cost is not None else ""
             bid = f" at bid {self.bid:g}" if self.bid is not None else ""
-            parts.append(f"{self.cost_credits} credits{price}{bid}")
+            saved = self.usage.cache_discount_credits if self.usage is not None else None
+            cache = f", {saved} saved by the cache" if saved else ""
+            parts.append(f"{self.cost_credits} credits{price}{bid}{cache}")
         if self.latency is not None:
             timing = f"{self.latency:.2f} s"
             if self.ttft is not None:
@@ -182,28 +221,41 @@ class Embeddings(_Frozen):
 
 
 class Fees(_Frozen):
-    """A model's price in credits: a fixed fee per request plus a fee per prompt and per completion token."""
+    """A model's price in credits: a fixed fee per request plus a fee per prompt and per completion token, and a
+    fee per prompt token a node read from its cache (`cached_prompt_token_fee`; None: the prompt token fee)."""
 
     base_fee: int
     prompt_token_fee: int
     completion_token_fee: int
+    cached_prompt_token_fee: int | None = None
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, bid: float = 1.0) -> float:
+    @property
+    def cached_fee(self) -> int:
+        """What a cached prompt token costs: `cached_prompt_token_fee`, else `prompt_token_fee`."""
+        return self.prompt_token_fee if self.cached_prompt_token_fee is None else self.cached_prompt_token_fee
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, bid: float = 1.0, cached_tokens: int = 0) -> float:
         """The price in credits at `bid` before the router rounds it up to whole credits (an estimate for
-        planning); `Model.prices` has the fees in the router's currency."""
+        planning), `cached_tokens` of the prompt tokens at the cached fee; `Model.prices` has the fees in the
+        router's currency."""
+        fresh = prompt_tokens - cached_tokens
         return bid * (
-            self.base_fee + self.prompt_token_fee * prompt_tokens + self.completion_token_fee * completion_tokens
+            self.base_fee
+            + self.prompt_token_fee * fresh
+            + self.cached_fee * cached_tokens
+            + self.completion_token_fee * completion_tokens
         )
 
 
 class Prices(_Frozen):
     """A model's fees as prices in the router's currency: per request, and per million prompt and completion
-    tokens (at bid 1)."""
+    tokens (at bid 1); per million cached prompt tokens when the model has a fee of its own for them."""
 
     currency: str
     per_request: Decimal
     per_million_prompt_tokens: Decimal
     per_million_completion_tokens: Decimal
+    per_million_cached_prompt_tokens: Decimal | None = None
 
 
 class Model(_Frozen):
@@ -301,7 +353,9 @@ class RouterUsage(_Frozen):
     changed it since; `priced_at_current_value` is true for a record made before the router kept that, priced
     at the value it runs with now, and None from a router that does not say). Times are the router's:
     `created` (epoch seconds) when it was settled or refused, `latency_ms` from its arrival, `queue_ms` waiting
-    for a node."""
+    for a node. `cached_tokens` of the prompt tokens came from a node's cache, which took `cache_discount_credits`
+    (`cache_discount` in `currency`) off the cost; `passed_over` names the models of its `models` that did not
+    serve it (`model` is the one that did)."""
 
     id: int
     request_id: str
@@ -310,9 +364,13 @@ class RouterUsage(_Frozen):
     status: str
     http_status: int | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0
     completion_tokens: int = 0
     cost_credits: int = 0
     cost: Decimal | None = None
+    cache_discount_credits: int = 0
+    cache_discount: Decimal | None = None
+    passed_over: list[PassedOver] = Field(default_factory=list)
     currency: str | None = None
     credit_value: Decimal | None = Field(
         default=None, validation_alias=AliasChoices("credit_value_exact", "credit_value")

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, model_validator
 
 from llamakit.money.currency import format_price
-from llamakit.sdk._models import credits_as_cost_credits
+from llamakit.sdk._models import PassedOver, credits_as_cost_credits
 
 if TYPE_CHECKING:
     import pandas as pd  # type: ignore[import-untyped]
@@ -41,7 +41,9 @@ class UsageRecord(BaseModel):
     status if the router answered) or "cut" (a stream closed by the caller before it ended: the router
     charges the tokens delivered, which the client cannot see, so tokens and cost are unknown).
     `cost_credits` is what the router's ledger charged; `cost` is its price in `currency` (credits × the
-    router's credit value, an exact decimal).
+    router's credit value, an exact decimal). `cached_tokens` of the prompt tokens came from the node's cache,
+    whose own fee took `cache_discount_credits` (`cache_discount` in `currency`) off the cost. `passed_over`
+    (a call with `models=`) names the models that did not serve it; `model` is the one that did.
     `attempts` counts the requests sent (retries included; 0 when the call failed before sending one).
     Fields the call never learned are None, never 0: a missing cost is not a free call.
     """
@@ -63,7 +65,10 @@ class UsageRecord(BaseModel):
     total_tokens: int | None = None
     cost: Decimal | None = None
     cost_credits: int | None = None
+    cache_discount: Decimal | None = None
+    cache_discount_credits: int | None = None
     currency: str | None = None
+    passed_over: list[PassedOver] | None = None
     bid: float | None = None
     latency: float | None = None
     ttft: float | None = None
@@ -92,7 +97,10 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "total_tokens": "Int64",
     "cost": "float64",
     "cost_credits": "Int64",
+    "cache_discount": "float64",
+    "cache_discount_credits": "Int64",
     "currency": "category",
+    "passed_over": "string",
     "bid": "float64",
     "latency": "float64",
     "ttft": "float64",
@@ -103,8 +111,9 @@ FRAME_DTYPES: Final[dict[str, str]] = {
     "user": "string",
 }
 """The columns of a usage frame and their dtypes: nullable `Int64` for counts and credits (a failed call
-has none, and NaN would turn them into floats), floats for seconds and for `cost` (the price, exact to 15
-significant digits; sum `cost_credits` for exact totals), `category` for the few repeating labels."""
+has none, and NaN would turn them into floats), floats for seconds and for `cost` and `cache_discount` (prices,
+exact to 15 significant digits; sum `cost_credits` for exact totals), `category` for the few repeating labels;
+`passed_over` as `model=reason, …` text (the `X-Llamakit-Passed-Over` form; None for a call without `models=`)."""
 
 
 def usage_records_frame(records: Iterable[UsageRecord]) -> pd.DataFrame:
@@ -115,8 +124,10 @@ def usage_records_frame(records: Iterable[UsageRecord]) -> pd.DataFrame:
     columns: dict[str, Any] = {}
     for name, dtype in FRAME_DTYPES.items():
         values = [getattr(r, name) for r in rows]
-        if name == "cost":
+        if name in ("cost", "cache_discount"):
             values = [None if v is None else float(v) for v in values]
+        elif name == "passed_over":
+            values = [None if v is None else ", ".join(f"{p.model}={p.reason}" for p in v) for v in values]
         if name == "time":
             columns[name] = pd.Series(pd.to_datetime(values, utc=True), dtype="datetime64[ns, UTC]")
         else:
@@ -260,6 +271,18 @@ class Meter:
         return sum(r.cached_tokens or 0 for r in self.records)
 
     @property
+    def cache_discount_credits(self) -> int:
+        """Credits the cached prompt tokens' own fee took off the calls' cost."""
+        return sum(r.cache_discount_credits or 0 for r in self.records)
+
+    @property
+    def cache_discount(self) -> Decimal:
+        """The same as a price in `currency`: an exact sum (ValueError across several currencies, as `cost`)."""
+        records = self.records
+        _one_currency(records)
+        return sum((r.cache_discount for r in records if r.cache_discount is not None), Decimal(0))
+
+    @property
     def completion_tokens(self) -> int:
         return sum(r.completion_tokens or 0 for r in self.records)
 
@@ -295,9 +318,11 @@ class Meter:
         except ValueError:  # priced in several currencies: the credits alone
             currency = None
         price = f" ({format_price(self.cost)} {currency})" if currency is not None else ""
+        saved = f" · {self.cache_discount_credits} credits saved by the cache" if self.cache_discount_credits else ""
         return (
             f"{self.calls} calls ({self.errors} failed) · {self.prompt_tokens} prompt{cached} + "
             f"{self.completion_tokens} completion = {self.total_tokens} tokens · {self.cost_credits} credits{price}"
+            f"{saved}"
         )
 
     def __repr__(self) -> str:

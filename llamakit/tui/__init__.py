@@ -1,4 +1,5 @@
-"""The operator's live dashboard (`llamakit-tui`), built with Textual; install it with `llamakit[tui]`.
+"""The operator's live dashboard (`llamakit-tui`), built with Textual, also served to a browser (textual-serve);
+install it with `llamakit[tui]`.
 
 Nothing else in llamakit imports this package, so the SDK and the router run without Textual. Here, only
 `main` is imported eagerly (it says plainly when Textual is missing); the rest loads on first use.
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
         KeysScreen,
         NodesScreen,
     )
+    from llamakit.tui._serve import DashboardServer, serve_dashboard
     from llamakit.tui._source import (
         DrainFailed,
         RouterRefused,
@@ -53,6 +55,7 @@ __all__ = [
     "DashboardApp",
     "DashboardConfig",
     "DashboardScreen",
+    "DashboardServer",
     "DrainFailed",
     "FeesPanel",
     "HelpScreen",
@@ -75,6 +78,7 @@ __all__ = [
     "main",
     "resolve_config",
     "run_dashboard",
+    "serve_dashboard",
 ]
 
 _LAZY = {
@@ -84,6 +88,8 @@ _LAZY = {
     "ConfirmDrainScreen": "_screens",
     "ConfirmUndrainScreen": "_screens",
     "DashboardScreen": "_screens",
+    "DashboardServer": "_serve",
+    "serve_dashboard": "_serve",
     "HelpScreen": "_screens",
     "DrainFailed": "_source",
     "RouterRefused": "_source",

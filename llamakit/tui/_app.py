@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from contextlib import suppress
@@ -64,11 +65,15 @@ class DashboardApp(App[None]):
         retry_min: float = 0.25,
         retry_max: float = 2.0,
         exit_on_sigterm: bool = False,
+        exit_with_parent: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
         self.retry_min, self.retry_max = retry_min, retry_max
         self.exit_on_sigterm = exit_on_sigterm
+        # Drawn in a browser by `llamakit-tui --serve`: a server that is killed cannot tell its pages' dashboards
+        # to quit, and their input just ends, so each one watches for its parent to go.
+        self.exit_with_parent = exit_with_parent
         self.history = StatsHistory()
         self.shown: Stats | None = None
         self.updates = 0
@@ -89,6 +94,9 @@ class DashboardApp(App[None]):
             # `llamakit up` runs us in the foreground: a SIGTERM must still stop the herd behind us.
             with suppress(NotImplementedError, RuntimeError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.exit)
+        if self.exit_with_parent:
+            parent = os.getppid()
+            self.set_interval(1.0, lambda: None if os.getppid() == parent else self.exit())
         self.follow_router()
 
     def on_unmount(self) -> None:

@@ -1,4 +1,5 @@
-"""`llamakit-tui`: the dashboard from the command line, or in the foreground of `llamakit up`.
+"""`llamakit-tui`: the dashboard from the command line, in the foreground of `llamakit up`, or (`--serve`) as a web
+page.
 
 Textual is imported only when the dashboard runs, so this module loads (and explains) without it.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 
@@ -15,6 +17,7 @@ from llamakit.tui._config import NotConfigured, resolve_config
 __all__ = ["main", "run_dashboard"]
 
 NO_TEXTUAL = "the dashboard needs Textual, which is not installed: pip install 'llamakit[tui]'"
+NO_TEXTUAL_SERVE = "--serve needs textual-serve, which is not installed: pip install 'llamakit[tui]'"
 
 
 def run_dashboard(*, url: str, admin_key: str, interval: float = 1.0) -> None:
@@ -22,7 +25,15 @@ def run_dashboard(*, url: str, admin_key: str, interval: float = 1.0) -> None:
     from llamakit.tui._app import DashboardApp
     from llamakit.tui._source import RouterStats
 
-    DashboardApp(RouterStats(url, admin_key, interval=interval), exit_on_sigterm=True).run()
+    # textual-serve runs us with its web driver, for a page of `llamakit-tui --serve`.
+    served = os.environ.get("TEXTUAL_DRIVER", "").startswith("textual.drivers.web_driver")
+    DashboardApp(RouterStats(url, admin_key, interval=interval), exit_on_sigterm=True, exit_with_parent=served).run()
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 1 to 65535, not {text!r}")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin key (default: $LLAMAKIT_ADMIN_KEY, else the profile; prefer the variable, as ps shows flags)",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between updates (default 1)")
+    web = parser.add_argument_group("in a browser")
+    web.add_argument(
+        "--serve", action="store_true", help="serve the dashboard as a web page, to be opened with the admin key"
+    )
+    web.add_argument("--host", default="127.0.0.1", help="address of the web page (default 127.0.0.1)")
+    web.add_argument("--port", type=_port, default=8000, help="port of the web page (default 8000)")
     return parser
 
 
@@ -50,4 +67,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if importlib.util.find_spec("textual") is None:
         print(f"llamakit-tui: {NO_TEXTUAL}", file=sys.stderr)
         raise SystemExit(2)
+    if args.serve:
+        if importlib.util.find_spec("textual_serve") is None:
+            print(f"llamakit-tui: {NO_TEXTUAL_SERVE}", file=sys.stderr)
+            raise SystemExit(2)
+        from llamakit.tui._serve import serve_dashboard
+
+        serve_dashboard(
+            url=config.url, admin_key=config.admin_key, interval=config.interval, host=args.host, port=args.port
+        )
+        return
     run_dashboard(url=config.url, admin_key=config.admin_key, interval=config.interval)

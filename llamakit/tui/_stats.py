@@ -155,6 +155,10 @@ class FeeStats:
     earned: int
     per_minute: float
     by_node: Mapping[str, int]
+    cached_tokens: int = 0
+    """Prompt tokens the nodes read from their caches, herd-wide (0 from a router that does not say)."""
+    cache_discount: int = 0
+    """Credits the cached prompt tokens' own fee took off the charges."""
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> FeeStats:
@@ -162,6 +166,8 @@ class FeeStats:
             earned=_int(data.get("earned")),
             per_minute=_float(data.get("per_minute")),
             by_node={str(k): _int(v) for k, v in _mapping(data.get("by_node")).items()},
+            cached_tokens=_int(data.get("cached_tokens")),
+            cache_discount=_int(data.get("cache_discount")),
         )
 
 

@@ -640,7 +640,8 @@ def _credit_subtitle(value: Decimal, currency: str, width: int) -> str:
 
 class FeesPanel(Vertical):
     """Fees earned in credits, in total (and its price in the operator's currency) and per minute with a
-    sparkline; request counts and latency below."""
+    sparkline (and in the title, once cached prompt tokens saved the clients anything, what they saved); request
+    counts and latency below."""
 
     DEFAULT_CSS = """
     FeesPanel {
@@ -683,6 +684,11 @@ class FeesPanel(Vertical):
             self.border_subtitle = _credit_subtitle(money.value, money.currency, self.outer_size.width)
         _set(self.query_one(".fees--rate", Label), f"per minute  {fees.per_minute:>14,.1f}")
         self.query_one(Sparkline).data = history.fee_values()
+        # In the title, which has room, rather than a line of its own, which would push the books out of a
+        # 40-line terminal; how many tokens were cached is in /admin/stats (fees.cached_tokens).
+        saved = f"Fees · cache saved {credits(fees.cache_discount)}" if fees.cache_discount > 0 else "Fees"
+        if self.border_title != saved:
+            self.border_title = saved
         # Refusals have their own panel; "failed" is what went wrong after a request was taken.
         refused = stats.refusals.by_code if stats.refusals is not None else {}
         failed = sum(n for status, n in requests.by_status.items() if status not in ("ok", "cut", *refused))

@@ -1,4 +1,5 @@
-"""The base of llamakit's request models: tolerant of fields it does not know, and `null` as "not given"."""
+"""The base of llamakit's request models: tolerant of fields it does not know, `null` as "not given", and strict
+about JSON types (an integer is a JSON integer, a number a JSON number, a boolean a JSON boolean)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ __all__ = ["Lenient"]
 
 class Lenient(BaseModel):
     """Ignores fields it does not know, and takes `null` as "not given": OpenAI's request schemas make almost
-    every field nullable (`temperature`, `top_p`, `n`, `stream`, `stop`, …) and clients send `null` for them."""
+    every field nullable (`temperature`, `top_p`, `n`, `stream`, `stop`, …) and clients send `null` for them.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict, as OpenAI is: `"max_tokens": "10"` or `true` is a 400, not 10 or 1 (a JSON integer is also a number,
+    so `"temperature": 1` stays 1.0)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pydantic import (
     AliasChoices,
     BaseModel,
+    ConfigDict,
     Field,
     StrictFloat,
     StrictInt,
@@ -25,6 +26,7 @@ from pydantic import (
 
 from llamakit.wire._lenient import Lenient
 from llamakit.wire.errors import ApiError
+from llamakit.wire.numbers import Bid, read_float
 from llamakit.wire.tool_calls import MAX_TOOLS, Tool, ToolSetup, render_tool_messages, tool_setup
 
 __all__ = [
@@ -45,6 +47,8 @@ __all__ = [
 ]
 
 MAX_STOP_STRINGS = 4
+MAX_MODELS = 4  # names in a request's `models` (fallbacks), as OpenRouter takes a few
+MAX_MODEL_NAME = 256
 # What may reach llama.cpp's parsers and the stop matcher from one request: its grammar parser recurses once
 # per nested group and crashes the process (a stack overflow) on deep nesting, so the sizes are bounded here.
 MAX_STOP_CHARS = 256
@@ -157,7 +161,12 @@ class ChatMessage(_Lenient):
 class GenerationRequest(_Lenient):
     """Fields common to chat and text completions (the sampling knobs and llamakit's extensions)."""
 
+    # Any other field is refused (`check_fields`), so the API's description allows none.
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"additionalProperties": False})
+
     model: str | None = None
+    # OpenRouter's model fallbacks: tried in order after `model` (when given) until one can serve the request.
+    models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
     max_tokens: int | None = Field(default=None, gt=0)
     max_completion_tokens: int | None = Field(default=None, gt=0)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -169,7 +178,7 @@ class GenerationRequest(_Lenient):
     n: int = Field(default=1, ge=1, le=1)
     grammar: str | None = None
     response_format: ResponseFormat | None = None
-    bid: StrictInt | StrictFloat | str | None = None  # strict: `true` is not a bid; "1.5" is, as in the header
+    bid: Bid | None = None  # `true` is not a bid; "1.5" is, as in the header
     user: str | None = Field(default=None, max_length=100)  # kept on the usage record
     logit_bias: dict[str, StrictInt | StrictFloat] | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -183,7 +192,7 @@ class GenerationRequest(_Lenient):
     store: Literal[False] | None = None
     usage: UsageAccounting | None = None  # OpenRouter's; the usage of every answer carries its cost
 
-    # Request fields, by name, that llamakit refuses with a reason rather than drop (see README, "Fields").
+    # Request fields, by name, that llamakit refuses with a reason rather than drop (see docs/api.md, "Fields").
     REFUSED: ClassVar[dict[str, str]] = {
         "audio": "audio output is not supported: the models here produce text",
         "modalities": "only text is produced here",
@@ -214,7 +223,7 @@ class GenerationRequest(_Lenient):
             raise ApiError(400, f"{key!r} is not supported: {reason}", param=key, code="unsupported_field")
 
     _ALIASES: ClassVar[frozenset[str]] = frozenset({"repetition_penalty"})
-    DOCS: ClassVar[str] = "OpenAI's API reference; llamakit's README lists the fields it takes"
+    DOCS: ClassVar[str] = "OpenAI's API reference; docs/api.md#fields lists the fields llamakit takes"
 
     @field_validator("store", mode="before")
     @classmethod
@@ -227,12 +236,27 @@ class GenerationRequest(_Lenient):
         """How many alternatives per token to report with its logprob; None when logprobs were not asked for."""
         return None
 
-    @field_validator("temperature", "top_p", "bid", mode="before")
+    @field_validator("temperature", "top_p", mode="before")
     @classmethod
     def _finite(cls, value: Any) -> Any:
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not name.strip() or len(name) > MAX_MODEL_NAME:
+                raise ValueError(f"each model is a non-empty name of at most {MAX_MODEL_NAME} characters, got {name!r}")
+        return value
+
+    def model_names(self) -> list[str | None]:
+        """The models the request may be served by, in order: `model` then `models`, each once; `[model]` (None:
+        the router's default) without `models`."""
+        if not self.models:
+            return [self.model]
+        return list(dict.fromkeys([self.model, *self.models] if self.model is not None else self.models))
 
     @field_validator("stop")
     @classmethod
@@ -358,6 +382,14 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class CostDetails(BaseModel):
+    """What the price leaves out (OpenRouter's `cost_details`): `cache_discount`, what prompt tokens read from a
+    cache took off it in the operator's currency, and `cache_discount_credits`, the exact credits."""
+
+    cache_discount: float = 0.0
+    cache_discount_credits: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -365,6 +397,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
     cost: float | None = None  # the price in the operator's currency (see llamakit.money.currency)
     cost_credits: int | None = None  # the exact credits the ledger moved
+    cost_details: CostDetails | None = None
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int | None = None) -> Usage:
@@ -437,11 +470,14 @@ _SCHEMA_COUNTS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "m
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """A JSON object from a request body, or a 400 that says what is wrong with it: not JSON, not an object,
-    or nested more than MAX_BODY_DEPTH levels deep."""
+    or nested more than MAX_BODY_DEPTH levels deep. A number no float holds as written is kept with its text
+    (`wire.numbers.read_float`), so that a bid is read from its own digits."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_float=read_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit on int(str))
+        raise ApiError(400, f"the request body holds a number too long to read: {exc}", code="invalid_json") from exc
     except RecursionError as exc:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(data, dict):

@@ -17,7 +17,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    StrictFloat,
     StrictInt,
     StrictStr,
     ValidationError,
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from llamakit.wire.errors import ApiError
+from llamakit.wire.numbers import Bid
 
 __all__ = [
     "EMBEDDING_FIELDS",
@@ -55,7 +55,7 @@ class EmbeddingRequest(BaseModel):
     """`POST /v1/embeddings`. `inputs` is `input` as a list: strings (embedded as plain text, a BOS added as the
     model's tokenizer does) and token-id lists (embedded as given)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: str | None = None
@@ -64,7 +64,7 @@ class EmbeddingRequest(BaseModel):
     # Kept on the usage record, so bounded as for completions (`protocol.GenerationRequest.user`): a length limit
     # makes pydantic check the text too, which refuses a lone surrogate ("\ud800"), as no database stores one.
     user: str | None = Field(default=None, max_length=100)
-    bid: StrictInt | StrictFloat | None = None
+    bid: Bid | None = None
 
     @field_validator("input")
     @classmethod

@@ -58,7 +58,8 @@ def split_counts(payload: bytes) -> tuple[bytes, TokenCounts] | None:
 
 
 class NodeHealth(BaseModel):
-    """A node's `GET /health` body: what the router learns of it (its models, slots and context per slot)."""
+    """A node's `GET /health` body: what the router learns of it (its models, slots and context per slot), and
+    where llama.cpp runs its model (absent from nodes that do not say, and while a model loads)."""
 
     status: Literal["ready", "loading", "error"] | str
     name: str | None = None
@@ -68,3 +69,12 @@ class NodeHealth(BaseModel):
     busy: int = 0
     n_ctx: int | None = None  # tokens per slot, prompt and completion together
     error: str | None = None
+    backend: str | None = None  # the devices holding the model's layers, GPUs first: "CUDA0", "CUDA0+CPU", "CPU"
+    gpu_layers: int | None = None  # layers offloaded to a GPU: 0 on a CPU-only llama.cpp
+    layers: int | None = None  # layers that could be offloaded (the repeating ones and the output layer)
+    flash_attn: str | None = None  # "on" or "off" as llama.cpp chose it ("auto" if it did not say)
+    cache_type_k: str | None = None  # KV cache types: "f16", "q8_0" …
+    cache_type_v: str | None = None
+    # What is wrong with the loaded model's file on disk (gone, unreadable): the node still serves from memory,
+    # but could not load the model again. None while the file is there.
+    model_file: str | None = None

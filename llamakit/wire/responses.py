@@ -32,11 +32,12 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
-from llamakit.wire.completions import MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
+from llamakit.wire.completions import MAX_MODELS, MAX_TOP_LOGPROBS, ChatCompletionRequest, ChatMessage
 from llamakit.wire.embeddings import validate_body
 from llamakit.wire.errors import ApiError
+from llamakit.wire.numbers import Bid
 
 __all__ = [
     "RESPONSES_FIELDS",
@@ -53,6 +54,7 @@ __all__ = [
 RESPONSES_FIELDS = frozenset(
     {
         "model",
+        "models",
         "input",
         "instructions",
         "max_output_tokens",
@@ -89,7 +91,7 @@ _REFUSALS = {
 class FunctionTool(BaseModel):
     """A Responses function tool: `{"type": "function", "name", "description", "parameters", "strict"}`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["function"]
     name: str = Field(min_length=1, max_length=64)
@@ -101,7 +103,7 @@ class FunctionTool(BaseModel):
 class TextFormat(BaseModel):
     """`text.format`: plain text, any JSON object, or JSON that satisfies `schema`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = None
@@ -111,7 +113,7 @@ class TextFormat(BaseModel):
 
 
 class TextConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     format: TextFormat | None = None
 
@@ -119,9 +121,11 @@ class TextConfig(BaseModel):
 class ResponsesRequest(BaseModel):
     """The fields of `POST /v1/responses` that llamakit acts on, with OpenAI's bounds."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
+    # OpenRouter's model fallbacks, as on chat completions (their names are checked there)
+    models: list[str] | None = Field(default=None, min_length=1, max_length=MAX_MODELS)
     input: str | list[dict[str, Any]]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, gt=0)
@@ -139,7 +143,7 @@ class ResponsesRequest(BaseModel):
     include: list[Literal["message.output_text.logprobs"]] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     background: Literal[False] | None = None
-    bid: StrictInt | StrictFloat | None = None
+    bid: Bid | None = None
 
     @property
     def format(self) -> TextFormat | None:
@@ -294,6 +298,8 @@ def chat_body(req: ResponsesRequest, *, stream: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"messages": chat_messages(req)}
     if req.model is not None:
         body["model"] = req.model
+    if req.models is not None:
+        body["models"] = req.models
     if req.max_output_tokens is not None:
         body["max_tokens"] = req.max_output_tokens
     for name in ("temperature", "top_p", "bid", "user"):
@@ -355,7 +361,7 @@ def responses_usage(usage: dict[str, Any] | None) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": prompt + completion,
     }
-    for name in ("cost", "cost_credits"):
+    for name in ("cost", "cost_credits", "cost_details"):
         if usage.get(name) is not None:
             shaped[name] = usage[name]
     return shaped

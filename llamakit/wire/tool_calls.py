@@ -37,7 +37,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 
 
 class FunctionDefinition(Lenient):
-    name: str
+    name: str = Field(json_schema_extra={"pattern": _NAME.pattern})  # checked by `_name`, which says the rule
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None

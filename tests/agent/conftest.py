@@ -13,8 +13,8 @@ import pytest
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN
 from tests.sdk.conftest import ADMIN_KEY, LoopThread, loop_thread
+from tests.support.fake_node import HERD_TOKEN
 
 __all__ = ["GradingHerd", "grading_herd", "loop_thread"]
 

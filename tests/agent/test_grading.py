@@ -1,7 +1,7 @@
 """The agent's decisions on the labelled set, through a real router with the real models (temperature 0).
 
 llama.cpp's floats differ between CPUs, which can flip a window whose labels are near a tie: the thresholds
-leave about ten points of margin under what `bench/sentiment.py` measured (README, "The agent").
+leave about ten points of margin under what `bench/sentiment.py` measured (docs/agent.md).
 """
 
 from __future__ import annotations

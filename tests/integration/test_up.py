@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.cli.up import free_port
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.model
 

@@ -12,6 +12,7 @@ import pytest
 from llamakit.catalog import DEFAULT_MODEL, resolve_model
 from llamakit.node.batched import BatchedModel
 from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, SimpleModel
+from llamakit.node.placement import LlamaOptions
 
 pytestmark = pytest.mark.model
 
@@ -60,6 +61,23 @@ def test_same_tokens_as_the_simple_engine_at_temperature_zero(
         a.prompt_tokens,
         a.completion_tokens,
     )
+
+
+def test_same_tokens_as_the_simple_engine_with_flash_attention_off() -> None:
+    """Both engines follow the node's --flash-attn (the fixtures above run its default, auto: on on every CPU), and
+    agree at temperature 0 with it off too: the same kernels, in the same batch shape."""
+    options = LlamaOptions(flash_attn="off")
+    simple = SimpleModel(resolve_model(DEFAULT_MODEL), slots=1, n_ctx=512, threads=2, options=options)
+    batched = BatchedModel(resolve_model(DEFAULT_MODEL), slots=2, n_ctx=512, threads=2, options=options)
+    try:
+        assert simple.placement is not None and batched.placement is not None
+        assert simple.placement.flash_attn == batched.placement.flash_attn == "off"
+        a = run(simple, 0, job(simple, PROMPTS[2], max_tokens=40, temperature=0.0))
+        b = run(batched, 1, job(batched, PROMPTS[2], max_tokens=40, temperature=0.0))
+        assert (b.text, b.completion_tokens) == (a.text, a.completion_tokens)
+    finally:
+        simple.close()
+        batched.close()
 
 
 def test_same_tokens_as_the_simple_engine_for_the_same_seed(simple: SimpleModel, batched: BatchedModel) -> None:

@@ -20,12 +20,15 @@ COUNTING = "Count from one to one thousand: 1, 2, 3, 4, 5, 6, 7,"
 
 @pytest.fixture(scope="module")
 def direct() -> Iterator[object]:
-    """llama-cpp-python's own `Llama` on the same model: the reference for text and token counts."""
+    """llama-cpp-python's own `Llama` on the same model: the reference for text and token counts. With flash
+    attention, as the node: its default, `auto`, is on on every CPU, and flash attention adds attention's floats
+    in another order than the plain kernels, so that at temperature 0 a near-tie could go the other way."""
     from llama_cpp import Llama
 
     from llamakit.catalog import DEFAULT_MODEL, resolve_model
 
-    llama = Llama(model_path=str(resolve_model(DEFAULT_MODEL).path), n_ctx=1024, n_threads=2, verbose=False)
+    path = str(resolve_model(DEFAULT_MODEL).path)
+    llama = Llama(model_path=path, n_ctx=1024, n_threads=2, flash_attn=True, verbose=False)
     yield llama
     llama.close()
 
@@ -47,6 +50,7 @@ async def test_health_and_models(client: httpx.AsyncClient) -> None:
     assert health["status"] == "ready"
     assert health["model"] == "smollm2-135m-instruct"
     assert health["slots"] == 2 and health["busy"] == 0
+    assert (health["backend"], health["gpu_layers"], health["flash_attn"]) == ("CPU", 0, "on")
     models = (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
 

@@ -3,7 +3,6 @@ thousand lines of detail per context; and a stderr that stays the node's own whi
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,13 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.ports import free_port
+
 TOKEN = "node-log-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_node(tmp_path: Path, *flags: str) -> str:

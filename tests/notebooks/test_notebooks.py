@@ -14,8 +14,8 @@ from nbclient import NotebookClient
 from llamakit.profile import Profile, write_profile
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN
 from tests.sdk.conftest import ADMIN_KEY, LoopThread, loop_thread
+from tests.support.fake_node import HERD_TOKEN
 
 pytestmark = pytest.mark.model
 

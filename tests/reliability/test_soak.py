@@ -7,6 +7,7 @@ small enough for every CI run.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import subprocess
@@ -19,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llamakit.cli.up import free_port
-from tests.router.fake_node import HERD_TOKEN
+from tests.support.fake_node import HERD_TOKEN
+from tests.support.ports import free_port
 
 ADMIN = "soak-admin-key"
 REQUESTS = int(os.environ.get("LLAMAKIT_SOAK_REQUESTS", "3000"))
@@ -38,7 +39,11 @@ def rss_kib(pid: int) -> int:
 def router(tmp_path: Path) -> Iterator[tuple[str, int]]:
     node_port, router_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     root = Path(__file__).resolve().parents[2]
-    node = subprocess.Popen([sys.executable, "-m", "tests.reliability.fast_node", str(node_port)], cwd=root)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.fake_node", "--port", str(node_port), "--name", "fast",
+         "--slots", "512", "--tokens", "4", "--token-delay", "0"],
+        cwd=root,
+    )  # fmt: skip
     env = {**os.environ, "LLAMAKIT_ADMIN_KEY": ADMIN, "LLAMAKIT_HERD_TOKEN": HERD_TOKEN}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamakit.router", "--port", str(router_port), "--db", str(tmp_path / "ledger.db"),
@@ -92,7 +97,8 @@ async def test_soak(router: tuple[str, int], tmp_path: Path) -> None:
             ids.append(resp.headers["X-Llamakit-Request-Id"])
             if stream:
                 assert resp.text.rstrip().endswith("data: [DONE]")
-                costs.append(int(resp.text.split('"cost_credits":')[1].split("}")[0]))
+                events = [json.loads(line[5:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+                costs.append(next(e["usage"]["cost_credits"] for e in events if e.get("usage")))
             else:
                 costs.append(resp.json()["usage"]["cost_credits"])
             if len(ids) in (REQUESTS // 5, REQUESTS - 1):

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
+from tests.support.fake_node import HERD_TOKEN, FakeNode
 
 ADMIN_KEY = "test-admin-key"
 
@@ -89,6 +89,7 @@ class Herd:
             await asyncio.sleep(0.02)
 
     async def start(self, **overrides: Any) -> RunningServer:
+        tracing = overrides.pop("tracing", None)  # a llamakit.telemetry.Tracing for the router's spans
         settings = RouterSettings(
             db=overrides.pop("db", self.tmp / "ledger.db"),
             admin_key=ADMIN_KEY,
@@ -100,7 +101,7 @@ class Herd:
             completion_token_fee=2,
             **overrides,
         )
-        self.router = await RunningServer(create_app(settings)).start()
+        self.router = await RunningServer(create_app(settings, tracing=tracing)).start()
         self.admin = httpx.AsyncClient(
             base_url=self.router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 HUGE = [
     "999999999999999999999999999999",  # past SQLite's 2^63

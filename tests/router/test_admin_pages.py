@@ -8,7 +8,7 @@ import httpx
 
 from llamakit.router.stats import TOP_ACCOUNTS
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 ASK = {"prompt": "hello", "max_tokens": 2}
 

@@ -18,11 +18,15 @@ from aiohttp import web
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.auth import admin_key_required, herd_token_required
 from tests.router.conftest import ADMIN_KEY, Herd
-from tests.router.fake_node import HERD_TOKEN
 from tests.router.test_refusals_and_metrics import samples, value
+from tests.support.fake_node import HERD_TOKEN
 
 # Routes anyone may call: the only ones that answer without a credential.
-PUBLIC = {(method, path) for method in ("GET", "HEAD") for path in ("/health", "/metrics", "/v1/info")}
+PUBLIC = {
+    (method, path)
+    for method in ("GET", "HEAD")
+    for path in ("/health", "/ready", "/live", "/metrics", "/v1/info", "/openapi.json")
+}
 
 # The admin and herd routes there were when the parts became sub-applications (each GET has a HEAD beside it).
 # The walks below cover any route added since; these only keep a walk from passing on finding none.

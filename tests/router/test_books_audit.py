@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
 from tests.router.test_cli import llamakit
+from tests.support.fake_node import FakeNode, Script
 
 ASK = {"prompt": "hello", "max_tokens": 2}
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.router.conftest import ADMIN_KEY, Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 
 async def llamakit(herd: Herd, *args: str) -> tuple[int, str]:

@@ -14,7 +14,7 @@ import pytest
 
 from llamakit.router.ledger import ledger_at
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"
 

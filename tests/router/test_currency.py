@@ -19,8 +19,8 @@ from llamakit.router.ledger import Remembered
 from llamakit.router.paid.idempotency import recall_answer
 from llamakit.router.settings import settings_from_args
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
 from tests.router.ledger.conftest import BACKENDS, backend_url, execute
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 
@@ -200,7 +200,9 @@ async def test_a_replay_carries_the_usage_and_cost_of_the_first_answer(herd: Her
     again = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 50}, headers=key)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["usage"] == first.json()["usage"] == {
-        "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 0.0675, "cost_credits": 27
+        "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 0.0675, "cost_credits": 27,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "cost_details": {"cache_discount": 0.0, "cache_discount_credits": 0},
     }  # fmt: skip
     for name in ("X-Llamakit-Cost", "X-Llamakit-Cost-Credits", "X-Llamakit-Currency"):
         assert again.headers[name] == first.headers[name]

@@ -11,7 +11,7 @@ import pytest
 
 from llamakit.wire.embeddings import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, TEXT_TOKEN_ALLOWANCE
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 
 def cost(prompt: int, bid: float = 1.0) -> int:

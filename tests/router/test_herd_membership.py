@@ -9,7 +9,7 @@ from collections import Counter
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 
 PROMPT = "one two three four"
 HERD_AUTH = {"Authorization": f"Bearer {HERD_TOKEN}"}
@@ -68,10 +68,14 @@ async def test_join_refuses_bad_fields_and_heartbeat_of_an_unknown_node_is_404(h
     await herd.add_node(FakeNode("n1"))
     router = await herd.start()
     async with httpx.AsyncClient(base_url=router.url, headers=HERD_AUTH) as node_side:
-        for name in ("ghost", "", None, "127.0.0.1"):
+        for name in ("ghost", "", "127.0.0.1"):
             resp = await node_side.post("/herd/heartbeat", json={"name": name, "models": ["x"], "slots": 1})
             assert resp.status_code == 404, (name, resp.text)
             assert "POST /herd/join" in resp.json()["error"]["message"]
+        # A heartbeat is a node's name and what it serves, in JSON's own types: anything else is a 400 naming it.
+        for bad, param in [({"name": None}, "name"), ({"slots": "1"}, "slots"), ({"models": "x"}, "models")]:
+            resp = await node_side.post("/herd/heartbeat", json={"name": "n1", "models": ["x"], "slots": 1, **bad})
+            assert resp.status_code == 400 and resp.json()["error"]["param"] == param, (bad, resp.text)
         good = {"url": "http://127.0.0.1:9", "name": "x", "models": ["m"], "slots": 1}
         for bad in (
             {"url": "ftp://x"},

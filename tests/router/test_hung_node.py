@@ -7,7 +7,7 @@ import asyncio
 from collections import Counter
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"
 

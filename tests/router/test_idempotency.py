@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 BODY = {"prompt": "one two three four", "max_tokens": 5}
 

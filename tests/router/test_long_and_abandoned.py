@@ -7,7 +7,7 @@ import asyncio
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 prompt tokens
 FEES = {"base": 10, "prompt": 1, "completion": 2}

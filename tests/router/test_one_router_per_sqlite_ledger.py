@@ -15,7 +15,7 @@ import pytest
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.ledger import LedgerError
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 
 ADMIN = "one-router-admin"
 

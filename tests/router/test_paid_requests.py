@@ -9,7 +9,7 @@ import math
 import httpx
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 
@@ -26,7 +26,9 @@ async def test_a_request_is_settled_on_exact_usage(herd: Herd) -> None:
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["usage"] == {
-        "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 0.000027, "cost_credits": cost(7, 5)
+        "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 0.000027, "cost_credits": cost(7, 5),
+        "prompt_tokens_details": {"cached_tokens": 0},  # the fake node reports none: no cache held any of it
+        "cost_details": {"cache_discount": 0.0, "cache_discount_credits": 0},
     }  # fmt: skip
     assert resp.headers["X-Llamakit-Cost-Credits"] == str(cost(7, 5))
     assert resp.headers["X-Llamakit-Node"] == "n1"
@@ -291,7 +293,8 @@ async def test_stream_passes_tokens_through_and_settles_on_usage(herd: Herd) -> 
     assert all("llamakit" not in e for e in events)
     assert events[-1]["usage"] == {
         "prompt_tokens": 7, "completion_tokens": 6, "total_tokens": 13, "cost": cost(7, 6) / 10**6,
-        "cost_credits": cost(7, 6),
+        "cost_credits": cost(7, 6), "prompt_tokens_details": {"cached_tokens": 0},
+        "cost_details": {"cache_discount": 0.0, "cache_discount_credits": 0},
     }  # fmt: skip
     without = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 10, "stream": True})
     assert all(not e.get("usage") for e in sse_events(without.text))

@@ -10,7 +10,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"
 

@@ -12,8 +12,8 @@ from openai import AsyncOpenAI
 
 from llamakit.wire.completions import ChatCompletionRequest
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
 from tests.router.test_responses_translation import assert_items_one_after_another
+from tests.support.fake_node import FakeNode, Script
 
 HAS_CHAT_TOOLS = "tools" in ChatCompletionRequest.model_fields
 
@@ -50,6 +50,7 @@ async def test_a_response_is_a_chat_completion_settled_on_exact_usage(herd: Herd
         "total_tokens": 12,
         "cost": cost(8, 4) / 10**6,
         "cost_credits": cost(8, 4),
+        "cost_details": {"cache_discount": 0.0, "cache_discount_credits": 0},
     }
     assert body["object"] == "response" and body["id"] == "resp_" + resp.headers["X-Llamakit-Request-Id"][4:]
     assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "max_output_tokens"}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import uvloop
 
 from llamakit.router.__main__ import new_event_loop
 from llamakit.router.settings import settings_from_args
+from tests.support.ports import taken_port
 
 
 def test_the_router_runs_on_uvloop_unless_told_otherwise() -> None:
@@ -51,10 +51,7 @@ def test_llamakit_up_passes_the_event_loop_on() -> None:
 
 @pytest.mark.parametrize("part", ["router", "node"])
 def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, part: str) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         flags = {
             "router": ["--db", str(tmp_path / "ledger.db"), "--admin-key", "flags-admin", "--herd-token", "flags-herd"],
             "node": ["--herd-token", "flags-herd"],

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from llamakit.router.upstream import token_chunk
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 
 @dataclass

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from llamakit.cli.up import HerdRunning, claim_state_dir, free_port, profile_target
+from llamakit.cli.up import HerdRunning, claim_state_dir, profile_target
 from llamakit.profile import Profile, write_profile
+from tests.support.ports import free_port, taken_port
 
 
 class _Health(BaseHTTPRequestHandler):
@@ -118,8 +119,6 @@ def test_the_herds_processes_hold_the_state_directory_after_up_is_killed(tmp_pat
 
 
 def test_up_refuses_a_port_in_use_and_a_profile_it_cannot_write_before_starting_anything(tmp_path: Path) -> None:
-    import socket
-
     def up(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "llamakit.cli", "up", "--headless", "--state-dir", str(tmp_path / "state"), *extra],
@@ -127,10 +126,7 @@ def test_up_refuses_a_port_in_use_and_a_profile_it_cannot_write_before_starting_
             env={**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json")},
         )  # fmt: skip
 
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with taken_port() as port:
         done = up("--port", str(port))
     assert done.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
     (tmp_path / "a-file").write_text("")

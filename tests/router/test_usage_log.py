@@ -11,7 +11,7 @@ import httpx
 
 from llamakit.router.ledger import ledger_at
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode, Script
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"
 FIELDS = {
@@ -22,19 +22,24 @@ FIELDS = {
     "node",
     "status",
     "prompt_tokens",
+    "cached_tokens",
     "completion_tokens",
     "cost",
     "cost_credits",
+    "cache_discount",
+    "cache_discount_credits",
     "currency",
     "held",
     "bid",
     "latency_ms",
     "queue_ms",
     "ttft_ms",
+    "overhead_ms",
     "error",
     "user",
     "key_prefix",
     "http_status",
+    "passed_over",
 }
 
 

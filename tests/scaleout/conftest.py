@@ -21,20 +21,12 @@ import pytest
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
 from tests.router.ledger.conftest import postgres_schema
+from tests.support.fake_node import HERD_TOKEN, FakeNode
+from tests.support.ports import free_port
 
 ADMIN_KEY = "test-admin-key"
 ROOT = Path(__file__).parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _popen(argv: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -12,8 +12,8 @@ import time
 
 import asyncpg
 
-from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three"
 
@@ -49,7 +49,11 @@ async def test_a_database_that_drops_every_connection_under_load_leaves_nothing_
         assert cut > 0
         gate.set()
         answers = await asyncio.gather(*sent)
-        assert all(a.status_code in (200, 500) for a in answers), [a.text for a in answers]
+        # Answered, or refused with 503 ledger_unavailable (their hold, or its release, met the cut): never a 500.
+        assert all(
+            a.status_code == 200 or (a.status_code == 503 and a.json()["error"]["code"] == "ledger_unavailable")
+            for a in answers
+        ), [a.text for a in answers]
         deadline = time.monotonic() + 20
         while True:
             left = {

@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.router.fake_node import HERD_TOKEN
+from tests.support.fake_node import HERD_TOKEN
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 ADMIN_KEY = "netns-admin-key"
@@ -184,7 +184,7 @@ async def test_a_node_cut_off_under_load_fails_over_and_the_books_balance(networ
         address = network.host(name, 21 + i)
         network.run(
             name,
-            [sys.executable, "-m", "tests.scaleout.node_process", "--host", address, "--port", "9000",
+            [sys.executable, "-m", "tests.support.fake_node", "--host", address, "--port", "9000",
              "--name", name, "--slots", "2", "--tokens", "4", "--token-delay", "0.05"],
             tmp_path / f"{name}.log",
         )  # fmt: skip

@@ -11,8 +11,8 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
+from tests.support.fake_node import FakeNode, Script
 
 LEASE = 1.5
 

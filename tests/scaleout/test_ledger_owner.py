@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from llamakit.router.ledger import LedgerError
-from tests.router.fake_node import HERD_TOKEN
-from tests.scaleout.conftest import ADMIN_KEY, Routers, _popen, free_port
+from tests.scaleout.conftest import ADMIN_KEY, Routers, _popen
+from tests.support.fake_node import HERD_TOKEN
+from tests.support.ports import free_port
 
 
 async def test_a_router_without_a_cluster_has_the_ledger_to_itself(routers: Routers) -> None:

@@ -10,8 +10,8 @@ import httpx
 from llamakit.router.dispatch.cluster import Cluster
 from llamakit.router.ledger import Remembered
 from llamakit.router.state import STATE
-from tests.router.fake_node import FakeNode, Script
 from tests.scaleout.conftest import Routers
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three"
 

@@ -22,7 +22,7 @@ import pytest
 from llamakit.router import RouterSettings, create_app
 from llamakit.sdk import Client, _default
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
+from tests.support.fake_node import HERD_TOKEN, FakeNode
 
 ADMIN_KEY = "sdk-test-admin-key"
 MODEL = "fake-model"

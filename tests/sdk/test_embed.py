@@ -7,8 +7,8 @@ from decimal import Decimal
 import pytest
 
 import llamakit.sdk as sdk
-from tests.router.fake_node import FakeNode, Script
 from tests.sdk.conftest import MODEL, ThreadedHerd
+from tests.support.fake_node import FakeNode, Script
 
 
 def embed_fees(tokens: int, bid: float = 1.0) -> int:

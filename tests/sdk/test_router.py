@@ -12,8 +12,8 @@ import pytest
 
 import llamakit.sdk as sdk
 from llamakit.sdk import _retry
-from tests.router.fake_node import FakeNode, Script
 from tests.sdk.conftest import MODEL, ThreadedHerd, fees
+from tests.support.fake_node import FakeNode, Script
 
 PROMPT = "one two three four"  # the fake node counts 4 words + 3 = 7 prompt tokens
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from llamakit.router import RouterSettings, create_app
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 
 ADMIN = "fuzz-admin-key"
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
-from tests.router.conftest import ADMIN_KEY, Herd
-from tests.router.fake_node import HERD_TOKEN
+from tests.router.conftest import ADMIN_KEY, herd
+from tests.support.fake_node import HERD_TOKEN
+from tests.support.ports import free_port
 
-__all__ = ["ADMIN_KEY", "RestartableRouter"]
+# `herd` is tests/router's: a router on SQLite in front of fake nodes, whose books must balance at the end.
+__all__ = ["ADMIN_KEY", "RestartableRouter", "herd"]
 
 
 @pytest.fixture
@@ -30,25 +31,6 @@ def utc() -> Iterator[None]:
     else:
         os.environ["TZ"] = before
     time.tzset()
-
-
-@pytest.fixture
-async def herd(tmp_path: Path) -> AsyncIterator[Herd]:
-    """A real router on SQLite in front of fake nodes (see tests/router); the books must balance at the end."""
-    h = Herd(tmp_path)
-    yield h
-    if h.admin is not None:
-        books = await h.books()
-        assert books["balanced"], f"the books do not balance: {books}"
-        assert books["holds"] == 0, f"holds left open after the test: {books}"
-    await h.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RestartableRouter:

@@ -12,7 +12,7 @@ import pytest
 from llamakit.tui import AccountsTable, DashboardApp, RefusalsPanel, RequestsLog, RouterStats
 from llamakit.tui._widgets import FeesPanel
 from tests.router.conftest import Herd
-from tests.router.fake_node import FakeNode
+from tests.support.fake_node import FakeNode, Script
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import FixedSource, fixed_snapshot, screen_text, wait_until
 
@@ -167,3 +167,27 @@ async def test_a_long_credit_value_is_shown_whole_on_the_fees_panel(herd: Herd) 
             price = re.search(r"in EUR +([0-9.]+)", screen)  # what was earned, in euros: whole, not cut
             assert price is not None and Decimal(price[1]) == earned * Decimal("0.000000000000123456"), screen
         app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
+
+
+async def test_the_fees_panel_says_what_cached_prompt_tokens_saved_once_they_saved_anything(herd: Herd) -> None:
+    await herd.add_node(FakeNode("alpha", script=Script(tokens=3, cache=True)))
+    router = await herd.start()
+    assert herd.admin is not None
+    fees = {"base_fee": 10, "prompt_token_fee": 4, "completion_token_fee": 2, "cached_prompt_token_fee": 1}
+    await herd.admin.put("/admin/fees/fake-model", json=fees)
+    client = await herd.account("alice", 100_000)
+    app = DashboardApp(RouterStats(router.url, ADMIN_KEY, interval=0.2))
+    try:
+        async with app.run_test(size=(120, 40)) as pilot:
+            panel = app.query_one(FeesPanel)
+            await wait_until(pilot, lambda: app.updates >= 1, what="the first snapshot")
+            assert panel.border_title == "Fees"  # nothing cached yet
+            for _ in range(2):
+                await client.post("/v1/completions", json={"prompt": "one two three four five", "max_tokens": 3})
+            # the second prompt's 5 words were cached: 3 credits less each
+            await wait_until(pilot, lambda: panel.border_title == "Fees · cache saved 15", what="the saving")
+            await pilot.pause(0.3)
+            screen = screen_text(app)
+            assert "Fees · cache saved 15" in screen and "books balance" in screen, screen
+    finally:
+        await client.aclose()

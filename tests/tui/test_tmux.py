@@ -21,8 +21,9 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer
-from tests.router.fake_node import HERD_TOKEN, FakeNode
-from tests.tui.conftest import ADMIN_KEY, free_port
+from tests.support.fake_node import HERD_TOKEN, FakeNode
+from tests.support.ports import free_port
+from tests.tui.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux) so no terminal to look at"

@@ -30,7 +30,8 @@ ARCHIVE_CHUNK: Final = 2000
 ARCHIVE_COLUMNS: Final = (
     "usage_id", "request_id", "account_id", "account", "model", "node", "status", "http_status", "prompt_tokens",
     "completion_tokens", "cost_credits", "bid", "held", "latency_ms", "queue_ms", "error", "created", "user",
-    "key_prefix", "credit_value", "currency", "hold_created", "hold_closed", "hold_status", "charged",
+    "key_prefix", "credit_value", "currency", "overhead_ms", "cached_tokens", "cache_discount", "passed_over",
+    "hold_created", "hold_closed", "hold_status", "charged",
     "idempotency_key", "idempotency_fingerprint", "idempotency_response",
 )  # fmt: skip
 

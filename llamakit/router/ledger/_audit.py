@@ -87,7 +87,7 @@ class AuditFigures:
     """The running figures and what they are checked against that only a snapshot can give (open holds, balances),
     read together in one snapshot; `max_ids` bounds the history the audit sums (table → its largest id)."""
 
-    totals: dict[str, int]  # deposits, balances, holds, charges, accounts, requests
+    totals: dict[str, int]  # deposits, balances, holds, charges, accounts, requests, cached_tokens, cache_discount
     archived_before: float | None
     accounts: dict[int, tuple[str, int, int, int, int]]  # id → name, balance, held, spent, deposited
     open_holds: dict[int, int]  # account → credits in its open holds
@@ -96,7 +96,7 @@ class AuditFigures:
     nodes: dict[str, int]  # node ('' for none) → node_fees
     periods: dict[tuple[int, str], tuple[int, int, int]]  # (account, period) → spent, requests, refusals
     ledger_periods: dict[str, tuple[int, int, int, int]]  # period → spent, requests, refusals, accounts
-    archived_accounts: dict[int, tuple[int, int]]  # account → charged, records
+    archived_accounts: dict[int, tuple[int, int, int, int]]  # account → charged, records, cached tokens, discount
     archived_nodes: dict[str, int]
     max_ids: dict[str, int]
     archive_mark: tuple[float | None, int] = field(default=(None, 0))  # to tell whether an archive ran meanwhile
@@ -112,7 +112,7 @@ class AuditSession(Protocol):
 
         deposits → (account_id, credits, rows); charges → (account_id, node or '', credits, credits in the day, in
         the month, rows); usage → (account_id, records, refusals, records in the day, refusals in the day, in the
-        month, refusals in the month).
+        month, refusals in the month, cached prompt tokens, what they saved).
         """
         ...
 
@@ -144,6 +144,7 @@ async def audit_scan(session: AuditSession, now: float) -> Audit | None:
     charges: dict[int, int] = defaultdict(int)
     by_node: dict[str, int] = defaultdict(int)
     records: dict[int, int] = defaultdict(int)
+    cached = [0, 0]  # prompt tokens read from caches, credits they saved
     period_rows: dict[tuple[int, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     scanned = 0
     for table in ("deposits", "charges", "usage"):
@@ -163,13 +164,15 @@ async def audit_scan(session: AuditSession, now: float) -> Audit | None:
                 else:
                     records[account] += int(row[1])
                     scanned += int(row[1])
+                    cached[0] += int(row[7] or 0)
+                    cached[1] += int(row[8] or 0)
                     for period, n, refused in ((periods.day, row[3], row[4]), (periods.month, row[5], row[6])):
                         period_rows[account, period][1] += int(n)
                         period_rows[account, period][2] += int(refused)
     if await session.archive_mark() != figures.archive_mark:
         return None
     found = _Findings()
-    _compare(found, figures, periods, deposits, charges, by_node, records, period_rows)
+    _compare(found, figures, periods, deposits, charges, by_node, records, period_rows, cached)
     return Audit(
         started=now,
         seconds=time.perf_counter() - began,
@@ -188,16 +191,18 @@ def _compare(
     by_node: dict[str, int],
     records: dict[int, int],
     period_rows: dict[tuple[int, str], list[int]],
+    cached: list[int],
 ) -> None:
-    archived_charged = sum(c for c, _ in figures.archived_accounts.values())
-    archived_records = sum(r for _, r in figures.archived_accounts.values())
+    archived = [sum(column) for column in zip(*figures.archived_accounts.values(), strict=True)] or [0, 0, 0, 0]
     counted = {
         "deposits": sum(deposits.values()),
         "balances": sum(a[1] for a in figures.accounts.values()),
         "holds": sum(figures.open_holds.values()),
-        "charges": sum(charges.values()) + archived_charged,
+        "charges": sum(charges.values()) + archived[0],
         "accounts": len(figures.accounts),
-        "requests": sum(records.values()) + archived_records,
+        "requests": sum(records.values()) + archived[1],
+        "cached_tokens": cached[0] + archived[2],
+        "cache_discount": cached[1] + archived[3],
     }
     # The books themselves, from the rows: what was deposited is in balances, open holds or charges.
     found.check("books: deposits against balances + open holds + charges", counted["deposits"],
@@ -207,7 +212,7 @@ def _compare(
     for account, (name, balance, held, spent, deposited) in sorted(figures.accounts.items()):
         who = f"account {account} ({name})"
         open_held = figures.open_holds.get(account, 0)
-        charged = charges.get(account, 0) + figures.archived_accounts.get(account, (0, 0))[0]
+        charged = charges.get(account, 0) + figures.archived_accounts.get(account, (0, 0, 0, 0))[0]
         found.check(f"{who}: held", held, open_held)
         found.check(f"{who}: spent", spent, charged)
         found.check(f"{who}: deposited", deposited, deposits.get(account, 0))

@@ -6,6 +6,7 @@ a backend (`_sqlite.py`, `_postgres.py`) implements the underscored methods, eac
 Exceptions:
 
     LedgerError                 anything the ledger refuses, and database failures
+    ├── LedgerUnavailable       the database cannot be reached or written now (disk full, PostgreSQL lost)
     ├── AccountExists           create_account with a name that is taken
     ├── UnknownAccount          no account with that id or name
     ├── UnknownKey              no key with that prefix (or whole key)
@@ -47,7 +48,7 @@ from llamakit.router.ledger._api_keys import (
 )
 from llamakit.router.ledger._archive import ARCHIVE_CHUNK, ArchiveReport, append_lines, start_archive
 from llamakit.router.ledger._audit import Audit, AuditSession, audit_scan
-from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError
+from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError, LedgerUnavailable
 from llamakit.text import check_name
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "AccountState",
     "ApiKey",
     "Books",
+    "CacheSavings",
     "Close",
     "Event",
     "EventSummary",
@@ -70,6 +72,7 @@ __all__ = [
     "InsufficientFunds",
     "Ledger",
     "LedgerError",
+    "LedgerUnavailable",
     "PeriodTotals",
     "Refusal",
     "Remembered",
@@ -227,6 +230,16 @@ class UsageRecord:
     # records made before the ledger kept them (schema version 9) or by a ledger given no money.
     credit_value: str | None = None
     currency: str | None = None
+    # Prompt tokens the node read from its cache (among `prompt_tokens`), and the credits that saved the client
+    # (`cost` is after it; see fees.cache_discount). 0 on records made before the ledger kept them (version 12).
+    cached_tokens: int = 0
+    cache_discount: int = 0
+    # The models named before `model` in a request's `models` list that did not serve it, in order, each
+    # `{"model", "reason", "message"}` (reason: the error code, such as `no_node` or `queue_full`).
+    passed_over: tuple[Mapping[str, str], ...] = ()
+    # Milliseconds the router spent on the request itself (its time less the queue's and the node's, up to its
+    # settlement); None on refusals, recoveries and records made before schema version 11.
+    overhead_ms: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -283,6 +296,14 @@ class Books:
 
 
 @dataclass(frozen=True)
+class CacheSavings:
+    """Ledger-wide: prompt tokens the nodes read from their caches, and the credits their fee saved the clients."""
+
+    cached_tokens: int
+    discount: int
+
+
+@dataclass(frozen=True)
 class PeriodTotals:
     """The whole ledger in one UTC period (`period`: '2026-12-07' a day, '2026-12' a month): credits charged,
     usage records (refusals included), refused requests, and the accounts that made a request in it."""
@@ -331,6 +352,11 @@ class Close:
     now: float
     money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
     http_status: int | None = None  # a release's: the error status the request was answered with, if any
+    model: str | None = None  # the model that served the request (or was tried last); None: the hold's
+    cached_tokens: int = 0
+    cache_discount: int = 0
+    passed_over: str | None = None  # JSON text of UsageRecord.passed_over; None when none was
+    overhead_ms: float | None = None  # the router's own time on the request (UsageRecord.overhead_ms)
 
 
 def price_columns(money: CreditValue | None) -> tuple[str | None, str | None]:
@@ -409,7 +435,43 @@ def usage_from(row: Row) -> UsageRecord:
         key_prefix=row["key_prefix"],
         credit_value=row["credit_value"],
         currency=row["currency"],
+        cached_tokens=row["cached_tokens"],
+        cache_discount=row["cache_discount"],
+        passed_over=_passed_over_from(row["passed_over"]),
+        overhead_ms=row["overhead_ms"],
     )
+
+
+def _passed_over_from(text: str | None) -> tuple[Mapping[str, str], ...]:
+    if not text:
+        return ()
+    try:
+        entries = json.loads(text)
+    except ValueError:  # written behind the ledger's back: nothing to show rather than a failed page
+        return ()
+    return tuple(e for e in entries if isinstance(e, dict)) if isinstance(entries, list) else ()
+
+
+def passed_over_text(passed_over: Sequence[Mapping[str, str]] | None) -> str | None:
+    """`passed_over` entries (`{"model", "reason", "message"}`, strings) as the JSON text the ledger keeps; None
+    for none. ValueError for anything else."""
+    if not passed_over:
+        return None
+    if isinstance(passed_over, str | bytes) or len(passed_over) > MAX_PASSED_OVER:
+        raise ValueError(f"passed_over must be a list of at most {MAX_PASSED_OVER} entries, got {passed_over!r}")
+    entries = []
+    for entry in passed_over:
+        if not isinstance(entry, Mapping) or set(entry) != {"model", "reason", "message"}:
+            raise ValueError(f"a passed_over entry is {{'model', 'reason', 'message'}}, got {entry!r}")
+        if not all(isinstance(v, str) for v in entry.values()):
+            raise ValueError(f"a passed_over entry's values are strings, got {entry!r}")
+        entries.append({"model": storable(entry["model"][:MAX_NAME_LEN]), "reason": storable(entry["reason"][:64]),
+                        "message": storable(entry["message"][:500])})  # fmt: skip
+    return json.dumps(entries)
+
+
+# A request names at most wire.completions.MAX_MODELS models; a few more are room to spare.
+MAX_PASSED_OVER: Final = 8
 
 
 @dataclass(frozen=True)
@@ -771,16 +833,28 @@ class Ledger(ABC):
         queue_ms: float | None = None,
         error: str | None = None,
         remember: Remembered | None = None,
+        model: str | None = None,
+        cached_tokens: int = 0,
+        cache_discount: int = 0,
+        passed_over: Sequence[Mapping[str, str]] | None = None,
+        overhead_ms: float | None = None,
     ) -> Settlement:
         """Close an open hold: charge at most the held amount to `node`, return the rest, record usage.
 
-        `bid` defaults to the bid the hold was made with. `remember` stores the answer under the client's
-        idempotency key in the same transaction, so no crash can leave a charge whose answer a retry
-        would not find. HoldClosed when the hold is not open.
+        `bid` defaults to the bid the hold was made with; `overhead_ms` is the router's own time on the request.
+        `remember` stores the answer under the client's idempotency key in the same transaction, so no crash can
+        leave a charge whose answer a retry would not find. `model` is the model that served the request when it
+        is not the hold's (a fallback: the charge and the usage record are that model's); `cached_tokens` (among
+        `prompt_tokens`) and `cache_discount` (credits they saved) go on the usage record, and so do the models
+        `passed_over` before it. HoldClosed when the hold is not open.
         """
         count("charge", charge)
         count("prompt_tokens", prompt_tokens)
         count("completion_tokens", completion_tokens)
+        count("cached_tokens", cached_tokens)
+        count("cache_discount", cache_discount)
+        if cached_tokens > prompt_tokens:
+            raise ValueError(f"cached_tokens ({cached_tokens}) are part of prompt_tokens ({prompt_tokens})")
         status = _label("status", status)
         if node is not None:
             node = _label("node", node, limit=MAX_NAME_LEN)
@@ -798,6 +872,11 @@ class Ledger(ABC):
             remember=remember,
             now=self._clock(),
             money=self.money,
+            model=None if model is None else _label("model", model, limit=MAX_NAME_LEN),
+            cached_tokens=cached_tokens,
+            cache_discount=cache_discount,
+            passed_over=passed_over_text(passed_over),
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         return await self._close_hold(close)
 
@@ -811,12 +890,16 @@ class Ledger(ABC):
         latency_ms: float | None = None,
         queue_ms: float | None = None,
         http_status: int | None = None,
+        model: str | None = None,
+        passed_over: Sequence[Mapping[str, str]] | None = None,
+        overhead_ms: float | None = None,
     ) -> None:
         """Close an open hold with a full refund (the request failed, timed out or was rejected).
 
         `status` is the error code (`no_node`, `context_length_exceeded` …) when the request was answered with an
         error, and `http_status` that error's status (400 to 599): the usage record then counts as a refusal, as
-        one refused before anything was held does. HoldClosed when the hold is not open.
+        one refused before anything was held does. `model` is the model tried last when it is not the hold's, and
+        `passed_over` the models tried before it (see `settle`). HoldClosed when the hold is not open.
         """
         status = _label("status", status)
         if node is not None:
@@ -838,6 +921,9 @@ class Ledger(ABC):
             now=self._clock(),
             money=self.money,
             http_status=http_status,
+            model=None if model is None else _label("model", model, limit=MAX_NAME_LEN),
+            passed_over=passed_over_text(passed_over),
+            overhead_ms=_millis("overhead_ms", overhead_ms),
         )
         await self._close_hold(close)
 
@@ -878,6 +964,11 @@ class Ledger(ABC):
     async def recall(self, account_id: int, key: str) -> Remembered | None:
         """The answer settled under idempotency `key` for this account, if any."""
         return await self._recall(account_id, key)
+
+    async def probe(self) -> None:
+        """One small write that changes nothing (a row or a header rewritten as it is), committed: returns once the
+        database can be written again; LedgerUnavailable while it cannot (see `LedgerUnavailable`)."""
+        await self._probe()
 
     async def recover(self) -> int:
         """Refund every open hold, which only a crash can leave behind; returns how many.
@@ -1016,6 +1107,10 @@ class Ledger(ABC):
         await asyncio.to_thread(partial.rename, target)
         return ArchiveReport(path=str(target), before=float(before), records=records, charged=charged, bytes=size)
 
+    async def cache_savings(self) -> CacheSavings:
+        """Every usage record's prompt tokens read from a node's cache, and the credits that saved the clients."""
+        return await self._cache_savings()
+
     # -- agent events ----------------------------------------------------------------------------------
 
     async def record_event(self, account_id: int, kind: str, data: Mapping[str, Any]) -> int:
@@ -1112,6 +1207,9 @@ class Ledger(ABC):
     async def _recall(self, account_id: int, key: str) -> Remembered | None: ...
 
     @abstractmethod
+    async def _probe(self) -> None: ...
+
+    @abstractmethod
     async def _recover(self, now: float) -> list[UsageRecord]: ...
 
     @abstractmethod
@@ -1164,6 +1262,9 @@ class Ledger(ABC):
     @abstractmethod
     async def _archive_finish(self, before: float, day: str, month: str) -> None:
         """Mark the ledger archived before `before`; drop the period rows of periods before `day` and `month`."""
+
+    @abstractmethod
+    async def _cache_savings(self) -> CacheSavings: ...
 
     @abstractmethod
     async def _record_event(self, account_id: int, kind: str, data: str, now: float) -> int: ...

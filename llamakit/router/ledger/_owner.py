@@ -149,6 +149,7 @@ class PostgresOwner:
     async def _retake(self, every: float = 0.5) -> None:
         log.warning("the connection holding this router's lock on the ledger %s was lost; taking it again",
                     self._display)  # fmt: skip
+        failures = 0
         while not self._closing:
             try:
                 await self.claim()
@@ -158,11 +159,14 @@ class PostgresOwner:
                 self._on_lost()
                 return
             except Exception as exc:  # the database cannot be reached yet (its holds cannot move either), or the
-                # new connection failed while it took the lock: again
-                log.warning("taking the lock on the ledger %s again failed (%s); retrying", self._display, exc)
+                # new connection failed while it took the lock: again, every `every` seconds, said once
+                failures += 1
+                if failures == 1:
+                    log.warning("taking the lock on the ledger %s again failed (%s); retrying every %g s until it "
+                                "answers", self._display, exc, every)  # fmt: skip
                 await asyncio.sleep(every)
                 continue
-            log.info("the lock on the ledger %s is this router's again", self._display)
+            log.info("the lock on the ledger %s is this router's again (%d tries failed)", self._display, failures)
             return
 
     async def close(self) -> None:

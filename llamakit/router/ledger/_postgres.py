@@ -46,6 +46,7 @@ from llamakit.router.ledger._contract import (
     AccountState,
     ApiKey,
     Books,
+    CacheSavings,
     Close,
     Event,
     EventSummary,
@@ -54,6 +55,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     PeriodTotals,
     Refusal,
     Remembered,
@@ -79,7 +81,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH: Final = 256
 _RETRIES: Final = 5
 # InternalClientError: asyncpg's word for a connection cut in the middle of an operation ("cannot switch to state …").
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
 _FAST_COMMITS: Final = {"synchronous_commit": "off"}
 
 
@@ -114,8 +116,11 @@ class PostgresLedger(Ledger):
             return
         try:
             settings = {} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS
+            # No floor of connections (min_size=0): asyncpg would restore it in the background while the database
+            # is away, logging a traceback at each try. Connections are made when asked for, and an outage is
+            # said once (see router/ledger_gate.py).
             pool = await asyncpg.create_pool(
-                self._dsn, min_size=1, max_size=self._pool_size, server_settings=settings, reset=_keep_session
+                self._dsn, min_size=0, max_size=self._pool_size, server_settings=settings, reset=_keep_session
             )
         except (*_DATABASE_ERRORS, ValueError) as exc:
             raise LedgerError(f"cannot open the ledger at {self.url}: {exc}") from exc
@@ -124,7 +129,8 @@ class PostgresLedger(Ledger):
                 await migrate_postgres(conn)
         except _DATABASE_ERRORS as exc:
             await pool.close()
-            raise LedgerError(f"cannot migrate the ledger at {self.url}: {exc}") from exc
+            doing = "open" if isinstance(_database_error(exc), LedgerUnavailable) else "migrate"
+            raise LedgerError(f"cannot {doing} the ledger at {self.url}: {exc}") from exc
         except BaseException:
             await pool.close()
             raise
@@ -187,8 +193,7 @@ class PostgresLedger(Ledger):
                 outcome = LedgerError(f"ledger database error after {attempt + 1} tries: {exc}")
                 outcome.__cause__ = exc
             except Exception as exc:  # the flusher must outlive any failure; its callers get the error
-                outcome = LedgerError(f"ledger database error: {exc}")
-                outcome.__cause__ = exc
+                outcome = _database_error(exc)
                 break
         for index, (_op, future) in enumerate(batch):
             if future.done():  # the caller stopped waiting; its operation was applied all the same
@@ -276,7 +281,7 @@ class PostgresLedger(Ledger):
                 )
                 return key_from(updated, now)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _rename_key(self, key_hash: str | None, prefix: str | None, name: str | None, now: float) -> ApiKey:
         column, value = ("key_hash", key_hash) if key_hash is not None else ("prefix", prefix)
@@ -290,7 +295,7 @@ class PostgresLedger(Ledger):
                 )
                 return key_from(renamed, now)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _limited_keys(
         self, now: float, accounts: Sequence[int] | None, limit: int | None, after: tuple[int, float, str] | None
@@ -331,7 +336,7 @@ class PostgresLedger(Ledger):
                 )
                 return len(keys)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _authenticate(self, key_hash: str, now: float) -> tuple[Account, ApiKey] | None:
         key = await self._fetchrow("SELECT * FROM api_keys WHERE key_hash = $1 AND revoked IS NULL", key_hash)
@@ -367,7 +372,7 @@ class PostgresLedger(Ledger):
                 )
                 return new
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _hold(self, hold: Hold) -> None:
         result = await self._apply(
@@ -416,6 +421,9 @@ class PostgresLedger(Ledger):
             "SELECT key, fingerprint, response FROM idempotency WHERE account_id = $1 AND key = $2", account_id, key
         )
         return None if row is None else Remembered(row["key"], row["fingerprint"], row["response"])
+
+    async def _probe(self) -> None:
+        await self._fetchval("UPDATE accounts SET balance = balance WHERE id = (SELECT min(id) FROM accounts)")
 
     async def _recover(self, now: float) -> list[UsageRecord]:
         return await self._release_where("TRUE", [], recovery("", now, self.money))
@@ -470,7 +478,7 @@ class PostgresLedger(Ledger):
                         raise LedgerError(f"cannot release the hold {close['request_id']!r}: {result}")
                 rows = await conn.fetch("SELECT * FROM usage WHERE request_id = ANY($1::text[])", holds)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
         by_id = {row["request_id"]: usage_from(row) for row in rows}
         return [by_id[request_id] for request_id in holds]
 
@@ -580,6 +588,11 @@ class PostgresLedger(Ledger):
         return Totals(books=books, accounts=totals["accounts"], requests=totals["requests"],
                       today=periods.get(day, PeriodTotals(day)), month=periods.get(month, PeriodTotals(month)),
                       archived_before=totals["archived_before"])  # fmt: skip
+
+    async def _cache_savings(self) -> CacheSavings:
+        row = await self._fetchrow("SELECT cached_tokens, cache_discount FROM ledger_totals")
+        assert row is not None
+        return CacheSavings(cached_tokens=row["cached_tokens"], discount=row["cache_discount"])
 
     async def _fees_by_node(self) -> dict[str, int]:
         rows = await self._fetch("SELECT node, charged FROM node_fees ORDER BY node")
@@ -724,20 +737,33 @@ class PostgresLedger(Ledger):
         try:
             return await self._db().fetchrow(query, *args)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
         try:
             rows: list[asyncpg.Record] = await self._db().fetch(query, *args)
             return rows
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
 
     async def _fetchval(self, query: str, *args: object) -> Any:
         try:
             return await self._db().fetchval(query, *args)
         except _DATABASE_ERRORS as exc:
-            raise LedgerError(f"ledger database error: {exc}") from exc
+            raise _database_error(exc) from exc
+
+
+def _database_error(exc: BaseException) -> LedgerError:
+    """The LedgerError for a failed database call: LedgerUnavailable when the database cannot be reached or
+    written now (the connection failed or was lost; SQLSTATE classes 08 connection, 53 insufficient resources
+    such as a full disk, 57 operator intervention such as a shutdown, 58 system error; 25006 read-only)."""
+    unavailable = isinstance(exc, (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.InternalClientError))
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        unavailable = state[:2] in ("08", "53", "57", "58") or state == "25006"
+    error = (LedgerUnavailable if unavailable else LedgerError)(f"ledger database error: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 class _PostgresAudit:
@@ -752,10 +778,8 @@ class _PostgresAudit:
         async def rows(query: str, *args: object) -> list[tuple[Any, ...]]:
             return [tuple(r) for r in await conn.fetch(query, *args)]
 
-        totals = await conn.fetchrow(
-            "SELECT deposits, balances, holds, charges, accounts, requests, archived_before FROM ledger_totals"
-        )
-        names = ("deposits", "balances", "holds", "charges", "accounts", "requests")
+        names = ("deposits", "balances", "holds", "charges", "accounts", "requests", "cached_tokens", "cache_discount")
+        totals = await conn.fetchrow(f"SELECT {', '.join(names)}, archived_before FROM ledger_totals")
         in_periods = [periods.day, periods.month]
         return AuditFigures(
             totals={name: int(totals[name]) for name in names},
@@ -780,7 +804,9 @@ class _PostgresAudit:
                     in_periods,
                 )
             ),
-            archived_accounts=rows_to_dict(await rows("SELECT account_id, charged, records FROM archived_accounts")),
+            archived_accounts=rows_to_dict(
+                await rows("SELECT account_id, charged, records, cached_tokens, cache_discount FROM archived_accounts")
+            ),
             archived_nodes=rows_to_dict(await rows("SELECT node, charged FROM archived_nodes")),
             max_ids={
                 t: int(await conn.fetchval(f"SELECT COALESCE(MAX(id), 0) FROM {t}"))
@@ -823,8 +849,9 @@ _AUDIT_SUMS = {
     "usage": (
         "SELECT account_id, COUNT(*), COUNT(http_status), "
         f"COUNT(*) FILTER (WHERE {_IN_DAY}), COUNT(http_status) FILTER (WHERE {_IN_DAY}), "
-        f"COUNT(*) FILTER (WHERE {_IN_MONTH}), COUNT(http_status) FILTER (WHERE {_IN_MONTH}) "
-        "FROM usage WHERE id > $1 AND id <= $2 GROUP BY account_id"
+        f"COUNT(*) FILTER (WHERE {_IN_MONTH}), COUNT(http_status) FILTER (WHERE {_IN_MONTH}), "
+        "SUM(cached_tokens)::bigint, SUM(cache_discount)::bigint FROM usage WHERE id > $1 AND id <= $2 "
+        "GROUP BY account_id"
     ),
 }
 
@@ -832,7 +859,8 @@ _AUDIT_SUMS = {
 _ARCHIVE_READ = (
     "SELECT u.id AS usage_id, u.request_id, u.account_id, a.name AS account, u.model, u.node, u.status, "
     "u.http_status, u.prompt_tokens, u.completion_tokens, u.cost AS cost_credits, u.bid, u.held, u.latency_ms, "
-    'u.queue_ms, u.error, u.created, u."user", u.key_prefix, u.credit_value, u.currency, h.created AS hold_created, '
+    'u.queue_ms, u.error, u.created, u."user", u.key_prefix, u.credit_value, u.currency, u.overhead_ms, '
+    "u.cached_tokens, u.cache_discount, u.passed_over, h.created AS hold_created, "
     "h.closed AS hold_closed, h.status AS hold_status, c.amount AS charged, i.key AS idempotency_key, "
     "i.fingerprint AS idempotency_fingerprint, i.response AS idempotency_response "
     "FROM usage u JOIN accounts a ON a.id = u.account_id LEFT JOIN holds h ON h.id = u.request_id "
@@ -841,11 +869,12 @@ _ARCHIVE_READ = (
 )
 _MOVED = "SELECT request_id FROM usage WHERE id = ANY($1::bigint[])"
 _ARCHIVE_REMOVE = (
-    "INSERT INTO archived_accounts AS a (account_id, charged, records) "
-    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*) FROM usage u "
-    "LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id = ANY($1::bigint[]) GROUP BY u.account_id "
-    "ON CONFLICT (account_id) DO UPDATE SET charged = a.charged + excluded.charged, "
-    "records = a.records + excluded.records",
+    "INSERT INTO archived_accounts AS a (account_id, charged, records, cached_tokens, cache_discount) "
+    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*), SUM(u.cached_tokens), SUM(u.cache_discount) "
+    "FROM usage u LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id = ANY($1::bigint[]) "
+    "GROUP BY u.account_id ON CONFLICT (account_id) DO UPDATE SET charged = a.charged + excluded.charged, "
+    "records = a.records + excluded.records, cached_tokens = a.cached_tokens + excluded.cached_tokens, "
+    "cache_discount = a.cache_discount + excluded.cache_discount",
     f"INSERT INTO archived_nodes AS n (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges "
     f"WHERE hold_id IN ({_MOVED}) GROUP BY COALESCE(node, '') "
     "ON CONFLICT (node) DO UPDATE SET charged = n.charged + excluded.charged",
@@ -885,6 +914,11 @@ def _close_op(close: Close) -> dict[str, Any]:
         "credit_value": credit_value,
         "currency": currency,
         "http_status": close.http_status,
+        "model": close.model,
+        "cached_tokens": close.cached_tokens,
+        "cache_discount": close.cache_discount,
+        "passed_over": close.passed_over,
+        "overhead_ms": close.overhead_ms,
     }
 
 

@@ -59,6 +59,7 @@ from llamakit.router.ledger._contract import (
     AccountState,
     ApiKey,
     Books,
+    CacheSavings,
     Close,
     Event,
     EventSummary,
@@ -67,6 +68,7 @@ from llamakit.router.ledger._contract import (
     InsufficientFunds,
     Ledger,
     LedgerError,
+    LedgerUnavailable,
     PeriodTotals,
     Refusal,
     Remembered,
@@ -238,7 +240,8 @@ class SqliteLedger(Ledger):
             self.batches += 1
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):  # a failing disk may fail this too; it must not end the thread
+                    conn.execute("ROLLBACK")
             failure = _database_error(exc)
             outcomes = [(job.future, False, failure) for job in batch]
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
@@ -528,6 +531,15 @@ class SqliteLedger(Ledger):
 
         return await self._call(run)
 
+    async def _probe(self) -> None:
+        def run(conn: sqlite3.Connection) -> None:
+            # The schema version rewritten as it is: the database's first page goes to the WAL at the commit,
+            # whether or not there is an account.
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+
+        await self._call(run, write=True)
+
     async def _recover(self, now: float) -> list[UsageRecord]:
         def run(conn: sqlite3.Connection) -> list[UsageRecord]:
             holds = [r["id"] for r in conn.execute("SELECT id FROM holds WHERE status = 'open' ORDER BY created, id")]
@@ -640,6 +652,13 @@ class SqliteLedger(Ledger):
             return Totals(books=books, accounts=row["accounts"], requests=row["requests"],
                           today=periods.get(day, PeriodTotals(day)), month=periods.get(month, PeriodTotals(month)),
                           archived_before=row["archived_before"])  # fmt: skip
+
+        return await self._call(run)
+
+    async def _cache_savings(self) -> CacheSavings:
+        def run(conn: sqlite3.Connection) -> CacheSavings:
+            tokens, discount = conn.execute("SELECT cached_tokens, cache_discount FROM ledger_totals").fetchone()
+            return CacheSavings(cached_tokens=tokens, discount=discount)
 
         return await self._call(run)
 
@@ -783,8 +802,13 @@ def _settle_futures(outcomes: list[tuple[asyncio.Future[Any], bool, Any]]) -> No
 
 
 def _database_error(exc: BaseException) -> BaseException:
+    """The LedgerError for a database error (LedgerUnavailable when the file cannot be written or read now: full,
+    read-only, an I/O error, locked past the timeout); any other exception as it is."""
     if isinstance(exc, sqlite3.Error):
-        error = LedgerError(f"ledger database error: {exc}")
+        # OperationalError is what SQLite says of its file and its locks; a bare DatabaseError, of a file it
+        # cannot read (corrupt). The other subclasses (IntegrityError, ProgrammingError…) are this code's own.
+        unavailable = isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+        error = (LedgerUnavailable if unavailable else LedgerError)(f"ledger database error: {exc}")
         error.__cause__ = exc
         return error
     return exc
@@ -878,6 +902,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         raise HoldClosed(close.request_id, None if row is None else row["status"])
     held: int = hold["amount"]
     account_id: int = hold["account_id"]
+    model: str = close.model or hold["model"]  # the model that served it: a fallback's, not the hold's
     charged = 0
     if close.charge is not None:
         # The hold is the most the client agreed to pay; see fees.settle_amount.
@@ -889,7 +914,7 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
                 close.request_id,
                 account_id,
                 close.node,
-                hold["model"],
+                model,
                 charged,
                 close.prompt_tokens,
                 close.completion_tokens,
@@ -912,12 +937,12 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
     conn.execute(
         "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
         "cost, bid, held, latency_ms, queue_ms, error, created, user, key_prefix, credit_value, currency, "
-        "http_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-        "(SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?)",
+        "http_status, overhead_ms, cached_tokens, cache_discount, passed_over) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+        "?, ?, ?, ?, ?, (SELECT prefix FROM api_keys WHERE key_hash = ?), ?, ?, ?, ?, ?, ?, ?)",
         (
             close.request_id,
             account_id,
-            hold["model"],
+            model,
             close.node,
             close.status,
             close.prompt_tokens,
@@ -933,6 +958,10 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
             hold["key_hash"],
             *price_columns(close.money),
             close.http_status,
+            close.overhead_ms,
+            close.cached_tokens,
+            close.cache_discount,
+            close.passed_over,
         ),
     )
     if close.remember is not None:
@@ -951,8 +980,8 @@ def _close(conn: sqlite3.Connection, close: Close) -> Settlement:
         )
     conn.execute(
         "UPDATE ledger_totals SET balances = balances + ?1 - ?2, holds = holds - ?1, charges = charges + ?2, "
-        "requests = requests + 1",
-        (held, charged),
+        "requests = requests + 1, cached_tokens = cached_tokens + ?3, cache_discount = cache_discount + ?4",
+        (held, charged, close.cached_tokens, close.cache_discount),
     )
     return Settlement(
         request_id=close.request_id,
@@ -1014,13 +1043,11 @@ def _audit_figures(conn: sqlite3.Connection, periods: Periods) -> AuditFigures:
     def rows(query: str, *args: object) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in conn.execute(query, args)]
 
-    totals = conn.execute(
-        "SELECT deposits, balances, holds, charges, accounts, requests, archived_before FROM ledger_totals"
-    ).fetchone()
-    names = ("deposits", "balances", "holds", "charges", "accounts", "requests")
+    names = ("deposits", "balances", "holds", "charges", "accounts", "requests", "cached_tokens", "cache_discount")
+    totals = conn.execute(f"SELECT {', '.join(names)}, archived_before FROM ledger_totals").fetchone()
     return AuditFigures(
-        totals=dict(zip(names, totals[:6], strict=True)),
-        archived_before=totals[6],
+        totals=dict(zip(names, totals[: len(names)], strict=True)),
+        archived_before=totals[len(names)],
         accounts=rows_to_dict(rows("SELECT id, name, balance, held, spent, deposited FROM accounts")),
         open_holds=rows_to_dict(rows(_OPEN_HOLDS_BY.format("account_id"))),
         keys_held={r[0]: (r[1], r[2]) for r in rows(_KEYS_HELD)},
@@ -1041,7 +1068,9 @@ def _audit_figures(conn: sqlite3.Connection, periods: Periods) -> AuditFigures:
                 periods.month,
             )
         ),
-        archived_accounts=rows_to_dict(rows("SELECT account_id, charged, records FROM archived_accounts")),
+        archived_accounts=rows_to_dict(
+            rows("SELECT account_id, charged, records, cached_tokens, cache_discount FROM archived_accounts")
+        ),
         archived_nodes=rows_to_dict(rows("SELECT node, charged FROM archived_nodes")),
         max_ids={
             t: conn.execute(f"SELECT COALESCE(MAX(id), 0) FROM {t}").fetchone()[0]
@@ -1070,8 +1099,8 @@ _AUDIT_SUMS = {
     ),
     "usage": (
         f"SELECT account_id, COUNT(*), SUM(http_status IS NOT NULL), SUM({_IN_DAY}), "
-        f"SUM({_IN_DAY} AND http_status IS NOT NULL), SUM({_IN_MONTH}), SUM({_IN_MONTH} AND http_status IS NOT NULL) "
-        "FROM usage WHERE id > :low AND id <= :high GROUP BY account_id"
+        f"SUM({_IN_DAY} AND http_status IS NOT NULL), SUM({_IN_MONTH}), SUM({_IN_MONTH} AND http_status IS NOT NULL), "
+        "SUM(cached_tokens), SUM(cache_discount) FROM usage WHERE id > :low AND id <= :high GROUP BY account_id"
     ),
 }
 
@@ -1079,7 +1108,8 @@ _AUDIT_SUMS = {
 _ARCHIVE_READ = (
     "SELECT u.id AS usage_id, u.request_id, u.account_id, a.name AS account, u.model, u.node, u.status, "
     "u.http_status, u.prompt_tokens, u.completion_tokens, u.cost AS cost_credits, u.bid, u.held, u.latency_ms, "
-    "u.queue_ms, u.error, u.created, u.user, u.key_prefix, u.credit_value, u.currency, h.created AS hold_created, "
+    "u.queue_ms, u.error, u.created, u.user, u.key_prefix, u.credit_value, u.currency, u.overhead_ms, "
+    "u.cached_tokens, u.cache_discount, u.passed_over, h.created AS hold_created, "
     "h.closed AS hold_closed, h.status AS hold_status, c.amount AS charged, i.key AS idempotency_key, "
     "i.fingerprint AS idempotency_fingerprint, i.response AS idempotency_response "
     "FROM usage u JOIN accounts a ON a.id = u.account_id LEFT JOIN holds h ON h.id = u.request_id "
@@ -1090,11 +1120,12 @@ _ARCHIVE_READ = (
 # node first. A usage record never belongs to an open hold; the condition only makes sure.
 _MOVED = "SELECT request_id FROM usage WHERE id IN (SELECT value FROM json_each(?1))"
 _ARCHIVE_REMOVE = (
-    "INSERT INTO archived_accounts (account_id, charged, records) "
-    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*) FROM usage u "
-    "LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id IN (SELECT value FROM json_each(?1)) "
+    "INSERT INTO archived_accounts (account_id, charged, records, cached_tokens, cache_discount) "
+    "SELECT u.account_id, COALESCE(SUM(c.amount), 0), COUNT(*), SUM(u.cached_tokens), SUM(u.cache_discount) "
+    "FROM usage u LEFT JOIN charges c ON c.hold_id = u.request_id WHERE u.id IN (SELECT value FROM json_each(?1)) "
     "GROUP BY u.account_id ON CONFLICT (account_id) DO UPDATE SET charged = charged + excluded.charged, "
-    "records = records + excluded.records",
+    "records = records + excluded.records, cached_tokens = cached_tokens + excluded.cached_tokens, "
+    "cache_discount = cache_discount + excluded.cache_discount",
     f"INSERT INTO archived_nodes (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges "
     f"WHERE hold_id IN ({_MOVED}) GROUP BY COALESCE(node, '') "
     "ON CONFLICT (node) DO UPDATE SET charged = charged + excluded.charged",

@@ -5,6 +5,11 @@ request is stored with its charge, in the same ledger transaction; a repeat gets
 again if it asks for a stream) with `Idempotent-Replayed: true`. A repeat that arrives while the first is
 still running waits for it instead of starting a second generation. A key reused for a different request
 is refused with 422, as Stripe does.
+
+"The same request" is the same route and the same JSON meaning: a retry whose body a client's library wrote
+again with other spacing, another key order, other escapes or `1.0` for `1` is the same request (`fingerprint`
+hashes the body's canonical JSON). Answers remembered before that (hashed from the body's bytes) still match a
+repeat of the same bytes.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
@@ -24,13 +30,15 @@ from llamakit.router.pricing import cost_headers
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import Usage, chat_chunk_body, completion_chunk_body
 from llamakit.wire.errors import ApiError
-from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER, IDEMPOTENCY_HEADER
+from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 
 __all__ = [
     "Claim",
+    "Fingerprint",
     "Idempotency",
     "KeyInUse",
     "KeyReused",
+    "canonical_json",
     "fingerprint",
     "once",
     "recall_answer",
@@ -38,7 +46,7 @@ __all__ = [
     "without_cost_headers",
 ]
 
-MAX_KEY_LENGTH = 255
+MAX_KEY_LENGTH = MAX_IDEMPOTENCY_KEY_LENGTH
 
 
 class KeyReused(Exception):
@@ -49,8 +57,55 @@ class KeyInUse(Exception):
     """(--cluster) The first request under the key still runs after the longest wait: 409 `idempotency_key_in_use`."""
 
 
-def fingerprint(path: str, body: bytes) -> str:
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies a request under an idempotency key: `value` (stored with its answer) hashes the route and
+    the body's canonical JSON; `raw` hashes the route and the body's bytes, as fingerprints were made before, so
+    that an answer remembered then still matches a repeat of the same bytes."""
+
+    value: str
+    raw: str
+
+    def matches(self, stored: str) -> bool:
+        return stored in (self.value, self.raw)
+
+
+def fingerprint(path: str, body: bytes) -> Fingerprint:
+    """The fingerprint of a request to `path` whose body is the JSON text `body` (already parsed once by the
+    route, so valid JSON no deeper than MAX_BODY_DEPTH)."""
+    canonical = canonical_json(json.loads(body, parse_float=Decimal, parse_int=Decimal))
+    return Fingerprint(_sha256(path, canonical.encode("utf-8", "surrogatepass")), _sha256(path, body))
+
+
+def _sha256(path: str, body: bytes) -> str:
     return hashlib.sha256(path.encode() + b"\0" + body).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    """One text for every way of writing the same JSON value: object keys sorted, no spaces, strings as
+    `json.dumps` escapes them, numbers by their decimal value (`1`, `1.0` and `10e-1` are `1`; read with
+    `parse_float=Decimal, parse_int=Decimal`, so a long integer keeps all its digits)."""
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(json.dumps(k) + ":" + canonical_json(v) for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(canonical_json(v) for v in value) + "]"
+    if isinstance(value, Decimal):
+        return _canonical_number(value)
+    return json.dumps(value)
+
+
+def _canonical_number(value: Decimal) -> str:
+    """`value` as digits without trailing zeros and an exponent (`1.50` → `15e-1`), exactly: no context, so
+    no rounding and no overflow whatever the number's length or exponent."""
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):  # NaN or Infinity, which json.loads reads too
+        return str(value)
+    text = "".join(map(str, digits)).lstrip("0")
+    if not text:
+        return "0"
+    stripped = text.rstrip("0")
+    return ("-" if sign else "") + stripped + "e" + str(exponent + len(text) - len(stripped))
 
 
 @dataclass(frozen=True)
@@ -59,16 +114,16 @@ class Claim:
 
     account_id: int
     key: str
-    fingerprint: str
+    fingerprint: Fingerprint
 
     def remember(self, body: dict[str, Any], headers: dict[str, str]) -> Remembered:
-        return Remembered(self.key, self.fingerprint, json.dumps({"body": body, "headers": headers}))
+        return Remembered(self.key, self.fingerprint.value, json.dumps({"body": body, "headers": headers}))
 
 
 class Idempotency:
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self._running: dict[tuple[int, str], tuple[str, asyncio.Future[None]]] = {}
+        self._running: dict[tuple[int, str], tuple[Fingerprint, asyncio.Future[None]]] = {}
 
     @staticmethod
     def key_of(request: web.Request) -> str | None:
@@ -83,7 +138,7 @@ class Idempotency:
             )
         return key
 
-    async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
+    async def claim(self, account_id: int, key: str, print_: Fingerprint) -> Claim | Remembered:
         """A claim to run the request, or the answer of the request that already ran under `key`."""
         while True:
             remembered = await self.ledger.recall(account_id, key)
@@ -94,7 +149,7 @@ class Idempotency:
             if running is None:
                 self._running[(account_id, key)] = (print_, asyncio.get_running_loop().create_future())
                 return Claim(account_id, key, print_)
-            self._check(running[0], print_)
+            self._check(running[0].value, print_)
             # The first attempt is still running: wait for it, then look again (it may have failed).
             await asyncio.shield(running[1])
 
@@ -104,8 +159,8 @@ class Idempotency:
         done.set_result(None)
 
     @staticmethod
-    def _check(stored: str, given: str) -> None:
-        if stored != given:
+    def _check(stored: str, given: Fingerprint) -> None:
+        if not given.matches(stored):
             raise KeyReused(
                 f"this {IDEMPOTENCY_HEADER} was already used for a different request; use a new key per request"
             )

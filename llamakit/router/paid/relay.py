@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,13 +24,15 @@ from llamakit import jsontext
 from llamakit.router.errors import ClientGone
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Remembered
-from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.paid.settle import settle, settle_delivered
 from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
     acquire,
     answer_headers,
+    begin_call,
     client_gone,
+    end_call,
     failed_over,
     first_token,
     mark_failed,
@@ -43,6 +46,7 @@ from llamakit.router.upstream import EventStream, NodeFailed, StreamBroken, pars
 from llamakit.web import SseWriter
 from llamakit.wire.completions import Usage, chat_completion_body, completion_body
 from llamakit.wire.errors import error_body
+from llamakit.wire.headers import OVERHEAD_HEADER
 
 __all__ = ["KEPT_CHUNKS", "serve_stream"]
 
@@ -108,18 +112,27 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await acquire(state, request, paid, tried)
+        trace = begin_call(paid, node)
+        asked = time.monotonic()
         try:
             # Hold back what comes before the first token: until then another node can still take over.
-            events, first = await _unless_client_leaves(request, _open_stream(state, paid, node))
+            events, first = await _unless_client_leaves(request, _open_stream(state, paid, node, trace))
         except (NodeFailed, StreamBroken) as exc:
+            paid.trace.end_call(error=exc)
             release(state, paid, node)
             failed_over(state, node, exc, tried)
             continue
-        except BaseException:
+        except BaseException as exc:
+            paid.trace.end_call(error=exc)
             release(state, paid, node)
             raise
+        finally:
+            paid.trace.waited += time.monotonic() - asked  # the node's time to its first token
         try:
             return await _StreamRelay(state, paid, node).run(request, first, events)
+        except BaseException as exc:
+            paid.trace.end_call(error=exc)
+            raise
         finally:
             release(state, paid, node)
     raise no_node_left(state, paid)
@@ -148,11 +161,13 @@ async def _first_events(node: HerdNode, events: EventStream, prefix: bytes) -> l
     raise StreamBroken(f"node {node.name} ended its stream before any token")
 
 
-async def _open_stream(state: RouterState, paid: PaidRequest, node: HerdNode) -> tuple[EventStream, list[bytes]]:
+async def _open_stream(
+    state: RouterState, paid: PaidRequest, node: HerdNode, trace: Mapping[str, str] | None
+) -> tuple[EventStream, list[bytes]]:
     """The node's stream and its events up to the first token; the stream is closed if this fails or is cancelled
     (closing it is how the node learns to stop, even while it still decodes the prompt)."""
     events = await state.upstream.stream(  # type: ignore[union-attr]
-        node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt
+        node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace
     )
     try:
         return events, await _first_events(node, events, _chunk_prefix(paid))
@@ -198,12 +213,17 @@ class _StreamRelay:
         self.completion_tokens = 0
         self.prefix = _chunk_prefix(paid)
         self.transcript = Transcript([] if paid.claim is not None or paid.text is not None else None)
+        self.last_token_ns = 0  # when the last token chunk came (epoch ns), with tracing on
+        self.finish_reason: str | None = None  # as the node said it, with tracing on
 
     async def run(self, request: web.Request, first: list[bytes], events: EventStream) -> web.StreamResponse:
         """Pass the node's events on token by token; settle on the usage event, or on what was delivered."""
         state, paid, node = self.state, self.paid, self.node
+        trace = paid.trace
+        # The router's overhead so far: the stream's whole is in its usage record (the headers cannot wait).
+        headers = {**answer_headers(state, paid, node), OVERHEAD_HEADER: f"{trace.overhead_ms():.3f}"}
         try:
-            sse = await paid.open_sse(request, answer_headers(state, paid, node))
+            sse = await paid.open_sse(request, headers)
         except BaseException:
             await events.aclose()  # the response could not start: nothing delivered, full refund
             raise
@@ -213,7 +233,12 @@ class _StreamRelay:
                 last = i == len(first) - 1
                 await self._forward(sse, payload, flush=last and not events.buffered)
             # Then every read's events in one go: a token chunk costs no coroutine of its own.
-            while batch := await events.batch():
+            while True:
+                asked = time.monotonic()
+                batch = await events.batch()
+                trace.waited += time.monotonic() - asked  # the node's time, not the router's
+                if not batch:
+                    break
                 for payload in batch:
                     token = token_chunk(payload, self.prefix)
                     if token is not None:
@@ -225,8 +250,9 @@ class _StreamRelay:
             await sse.done()
         except StreamBroken as exc:
             # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
-            log.warning("%s", exc)
+            log.warning("%s", exc, extra=paid.log_fields(node))
             await events.aclose()
+            trace.end_call(error=exc)
             mark_failed(state, node, exc)
             await self._settle_delivered("broken", str(exc))
             message = "the node serving this stream failed; you were charged only for the tokens delivered"
@@ -236,6 +262,7 @@ class _StreamRelay:
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client cut the stream: closing the node's stream stops its generation.
             await events.aclose()
+            trace.end_call({"gen_ai.usage.output_tokens": self.completion_tokens, "llamakit.status": "cut"})
             await self._settle_delivered("cut", "the client closed the stream")
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -253,6 +280,8 @@ class _StreamRelay:
         sse.queue_raw(chunk)
         first_token(self.state, self.paid)
         self.transcript.keep(chunk)
+        if self.paid.trace.on:
+            self.last_token_ns = time.time_ns()
 
     async def _forward(self, sse: SseWriter, payload: bytes, *, flush: bool = True) -> None:
         state, paid, node = self.state, self.paid, self.node
@@ -268,26 +297,22 @@ class _StreamRelay:
         same = counts is None and event.get("id") == paid.id
         event["id"] = paid.id
         usage = event.get("usage")
+        if paid.trace.on:
+            self._traced(event, usage, token=counts is not None)
         if usage:
-            prompt_tokens, completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-            charge = paid.charge(prompt_tokens, completion_tokens)
+            bill = paid.bill(usage)
+            end_call(paid, bill.prompt_tokens, bill.completion_tokens, self.finish_reason)
             charged = await settle(
-                state,
-                paid,
-                node,
-                prompt_tokens,
-                completion_tokens,
-                charge,
-                "ok",
-                remember=self._remember(usage, charge),
-                cached_tokens=cached_tokens(usage),
-            )  # fmt: skip  (what it cost: nothing when its hold went back while it ran, see settle._hold_gone)
+                state, paid, node, bill, "ok", remember=self._remember(usage, bill)
+            )  # what it cost: nothing when its hold went back while it ran, see settle._hold_gone
             remember_prefix(state, paid, node, self.transcript.text)
             if not paid.include_usage:
                 if flush:
                     await sse.flush()
                 return
-            event["usage"] = {**usage, **state.settings.money.cost_fields(charged)}
+            event["usage"] = bill.usage(usage, state.settings.money, charged)
+            if paid.fallbacks:
+                event["passed_over"] = paid.passed_over_list()
         elif "error" in event:
             raise StreamBroken(f"node {node.name} reported: {event['error'].get('message')}")
         if same and not usage:
@@ -300,13 +325,27 @@ class _StreamRelay:
         if self.transcript.kept is not None:
             self.transcript.add(event)
 
-    def _remember(self, usage: dict[str, Any], charge: int) -> Remembered | None:
+    def _traced(self, event: dict[str, Any], usage: dict[str, Any] | None, *, token: bool) -> None:
+        """What the trace notes of an event that is not a plain token: its finish reason, and at the usage (the
+        node's last word) when the last token came."""
+        for choice in event.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+        if token:  # a token whose chunk was parsed (a tool call's): a delivery too
+            self.last_token_ns = time.time_ns()
+        if usage and self.last_token_ns:
+            tokens = usage.get("completion_tokens", 0)
+            self.paid.trace.call_event(
+                "llamakit.last_token", {"gen_ai.usage.output_tokens": tokens}, at_ns=self.last_token_ns
+            )
+
+    def _remember(self, usage: dict[str, Any], bill: Bill) -> Remembered | None:
         """The whole answer the stream delivered, in the shape of a plain answer, for a retry to be given."""
         paid = self.paid
         if paid.claim is None:
             return None
         money = self.state.settings.money
-        total = Usage(**{**usage, **money.cost_fields(charge)})
+        total = Usage(**bill.usage(usage, money))
         text, finish = self.transcript.text, self.transcript.finish_reason
         if paid.path.endswith("/chat/completions"):
             calls = [self.transcript.tool_calls[i] for i in sorted(self.transcript.tool_calls)] or None
@@ -316,12 +355,7 @@ class _StreamRelay:
             )  # fmt: skip
         else:
             body = completion_body(id=paid.id, model=paid.model, text=text, finish_reason=finish, usage=total)
-        headers = {**answer_headers(self.state, paid, self.node), **cost_headers(money, charge)}
+        if paid.fallbacks:
+            body["passed_over"] = paid.passed_over_list()
+        headers = {**answer_headers(self.state, paid, self.node), **cost_headers(money, bill.charge)}
         return paid.claim.remember(body, headers)
-
-
-def cached_tokens(usage: dict[str, Any] | None) -> int:
-    """`usage.prompt_tokens_details.cached_tokens` as the node reported it; 0 when absent or malformed."""
-    details = (usage or {}).get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and cached > 0 else 0

@@ -11,15 +11,18 @@ from typing import Any
 
 from aiohttp import web
 
-from llamakit.money.fees import FeeSchedule, settle_amount
+from llamakit.money.currency import CreditValue
+from llamakit.money.fees import FeeSchedule, cache_discount, settle_amount
 from llamakit.router.affinity import Affinity
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Account
 from llamakit.router.limits import UNLIMITED, Admission
+from llamakit.router.paid.fallback import Candidate, PassedOver
 from llamakit.router.paid.idempotency import Claim
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter
 
-__all__ = ["PaidRequest", "new_request_id"]
+__all__ = ["Bill", "PaidRequest", "cached_tokens", "new_request_id"]
 
 
 def new_request_id() -> str:
@@ -32,13 +35,60 @@ def new_request_id() -> str:
     return f"req-{time.time_ns() // 1000:014x}{os.urandom(9).hex()}"
 
 
+def cached_tokens(usage: dict[str, Any] | None) -> int:
+    """`usage.prompt_tokens_details.cached_tokens` as the node reported it, at most its `prompt_tokens`; 0 when
+    absent or malformed."""
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(cached, int) or isinstance(cached, bool) or cached <= 0 or not isinstance(prompt, int):
+        return 0
+    return min(cached, prompt)
+
+
+@dataclass(frozen=True)
+class Bill:
+    """What a request's tokens cost: `cached_tokens` of its `prompt_tokens` were read from the node's cache, and
+    `cache_discount` credits is what their own fee took off `charge` (see PaidRequest.bill)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    charge: int
+    cached_tokens: int = 0
+    cache_discount: int = 0
+
+    def usage(
+        self, reported: dict[str, Any], money: CreditValue, charged: int | None = None, *, cache: bool = True
+    ) -> dict[str, Any]:
+        """The node's `reported` usage as the client gets it: the price (`cost`, `cost_credits`) and, with `cache`
+        (generations; embeddings have no prompt cache), the cached tokens in `prompt_tokens_details` and what
+        they saved in `cost_details`. `charged` is what the ledger took when it is not `charge` (nothing, when
+        the hold went back while the request ran)."""
+        charged = self.charge if charged is None else charged
+        if not cache:
+            return {**reported, **money.cost_fields(charged)}
+        discount = self.cache_discount if charged == self.charge else 0
+        details = reported.get("prompt_tokens_details")
+        return {
+            **reported,
+            "prompt_tokens_details": {**(details if isinstance(details, dict) else {}),
+                                      "cached_tokens": self.cached_tokens},
+            **money.cost_fields(charged),
+            "cost_details": money.discount_fields(discount),
+        }  # fmt: skip
+
+
 def _as_is(answer: dict[str, Any]) -> dict[str, Any]:
     return answer
 
 
 @dataclass
 class PaidRequest:
-    """A priced request with an open hold of `held` credits, made by `quote` and closed by `settle`."""
+    """A priced request with an open hold of `held` credits, made by `quote` and closed by `settle`.
+
+    `model` and `fees` are those of the model the request is for now; a request that named `models` may move on
+    to its `candidates` in turn (see fallback.py), and `passed_over` says which models it left and why."""
 
     id: str
     account: Account
@@ -53,6 +103,8 @@ class PaidRequest:
     arrived: float  # time.monotonic() when it was held
     user: str | None = None
     claim: Claim | None = None
+    # Its clock (the router's own time on it: its overhead) and, with tracing on, its spans.
+    trace: RequestTrace = field(default_factory=RequestTrace)
     # The request's place under its key's rate limits, given back with its tokens when it ends.
     admission: Admission = UNLIMITED
     key_prefix: str | None = None  # the display prefix of the API key that made it
@@ -70,14 +122,50 @@ class PaidRequest:
     dispatched: float | None = None  # time.monotonic() when a node was assigned
     first_token: float | None = None  # time.monotonic() when a stream's first token went to the client
     node: HerdNode | None = None
+    overhead_ms: float | None = None  # the router's own time on it, as its usage record has it (see record.py)
     closed: bool = False  # its hold was settled or released (or that is under way): see settle.py
+    # Model fallbacks: whether the request named `models` (its answers then say `passed_over`), the models it
+    # may still go to, in order (or passed over already, when quoted: see fallback.pass_over), and those it left.
+    fallbacks: bool = False
+    candidates: list[Candidate | PassedOver] = field(default_factory=list)
+    passed_over: list[PassedOver] = field(default_factory=list)
 
     @property
     def cache_salt(self) -> str:
         """Whose prompt cache the request may reuse at its node: its account's only (wire.headers.CACHE_SALT_HEADER)."""
         return f"account-{self.account.id}"
 
-    def charge(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """What `prompt_tokens` and `completion_tokens` cost at this request's fees and bid, never more than the
-        hold: `ceil(bid × (base + prompt_fee × prompt_tokens + completion_fee × completion_tokens))` (docs/money.md)."""
-        return settle_amount(self.fees, self.bid, prompt_tokens, completion_tokens, self.held)
+    def log_fields(self, node: HerdNode | None = None) -> dict[str, Any]:
+        """The fields of a log line about this request (a JSON line's, see llamakit.logs): its id, account, model
+        and node."""
+        served = node or self.node
+        return {
+            "request_id": self.id,
+            "account": self.account.name,
+            "model": self.model,
+            "node": served.name if served is not None else None,
+        }
+
+    def charge(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+        """What `prompt_tokens` (`cached_tokens` of them read from the node's cache) and `completion_tokens` cost
+        at this request's fees and bid, never more than the hold: `ceil(bid × (base + prompt_fee × fresh prompt
+        tokens + cached_fee × cached tokens + completion_fee × completion_tokens))` (docs/money.md)."""
+        return settle_amount(self.fees, self.bid, prompt_tokens, completion_tokens, self.held, cached_tokens)
+
+    def bill(self, usage: dict[str, Any]) -> Bill:
+        """The Bill of a node's `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details`), at this
+        request's fees and bid: the cached prompt tokens at their own fee."""
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        cached = cached_tokens(usage)
+        charge = self.charge(prompt, completion, cached)
+        discount = cache_discount(self.fees, self.bid, prompt, completion, self.held, cached) if cached else 0
+        return Bill(prompt, completion, charge, cached, discount)
+
+    @property
+    def generates(self) -> bool:
+        """A chat or text completion (or a Response), not embeddings."""
+        return not self.path.endswith("/embeddings")
+
+    def passed_over_list(self) -> list[dict[str, str]]:
+        """The models passed over, as answers and usage records carry them."""
+        return [p.as_dict() for p in self.passed_over]

@@ -4,20 +4,25 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from llamakit.router.errors import ClientGone, http_error
 from llamakit.router.herd import HerdNode
-from llamakit.router.paid.relay import cached_tokens, serve_stream
+from llamakit.router.paid.fallback import PASS_OVER, pass_over, passed_over_header
+from llamakit.router.paid.relay import serve_stream
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.paid.settle import refund, settle
 from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
     acquire,
     answer_headers,
+    begin_call,
     client_gone,
+    end_call,
     failed_over,
     no_node_left,
     release,
@@ -27,18 +32,24 @@ from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
 from llamakit.router.upstream import NodeFailed
 from llamakit.web import json_response
-from llamakit.wire.headers import REQUEST_ID_HEADER
+from llamakit.wire.headers import OVERHEAD_HEADER, PASSED_OVER_HEADER, REQUEST_ID_HEADER
 
 __all__ = ["serve"]
 
 
 async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
-    """The answer to `paid`, whole or streamed. On failure its hold is released in full with a usage record of the
-    error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
+    """The answer to `paid`, whole or streamed, from its model or, when that one cannot serve it before its first
+    token, from the next of its `models` (fallback.py). On failure its hold is released in full with a usage
+    record of the error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
     try:
-        if paid.stream:
-            return await serve_stream(state, request, paid)
-        return await _serve_whole(state, request, paid)
+        while True:
+            try:
+                if paid.stream:
+                    return await serve_stream(state, request, paid)
+                return await _serve_whole(state, request, paid)
+            except PASS_OVER as exc:
+                if not pass_over(state, paid, exc):
+                    raise
     except asyncio.CancelledError:
         await refund(state, paid, status="cancelled", error="the client went away")
         raise
@@ -52,6 +63,12 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
         status = "cancelled" if isinstance(exc, ClientGone) else _refund_status(answer.status, answer.code)
         await refund(state, paid, status=status, error=answer.message, http_status=http_status)
         answer.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
+        if paid.passed_over:  # every model was tried: the error is the last one's, and says the others'
+            answer.message += "; the other models were passed over: " + ", ".join(
+                f"{p.model} ({p.reason})" for p in paid.passed_over
+            )
+            answer.extra["passed_over"] = paid.passed_over_list()
+            answer.headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
         if answer is exc:
             raise
         raise answer from exc
@@ -67,43 +84,60 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await acquire(state, request, paid, tried)
+        trace = begin_call(paid, node)
+        asked = time.monotonic()
         try:
-            answer, cut = await _complete_watching(state, request, paid, node)
+            answer, cut = await _complete_watching(state, request, paid, node, trace)
         except NodeFailed as exc:
+            paid.trace.end_call(error=exc)
             failed_over(state, node, exc, tried)
             if client_gone(request):  # nobody to fail over for
                 raise ClientGone("the client went away") from exc
             continue
+        except BaseException as exc:
+            paid.trace.end_call(error=exc)
+            raise
         finally:
+            paid.trace.waited += time.monotonic() - asked  # the node's time, not the router's
             release(state, paid, node)
         usage = answer.get("usage") or {}
-        prompt_tokens, completion_tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        charge = paid.charge(prompt_tokens, completion_tokens)
-        answer["id"] = paid.id
+        bill = paid.bill(usage)
+        end_call(paid, bill.prompt_tokens, bill.completion_tokens, _finish_reason(answer))
+        answer["id"], answer["model"] = paid.id, paid.model
         money = state.settings.money
-        answer["usage"] = {**usage, **money.cost_fields(charge)}
-        headers = {**answer_headers(state, paid, node), **cost_headers(money, charge)}
-        cached = cached_tokens(usage)
+        answer["usage"] = bill.usage(usage, money, cache=paid.generates)
+        if paid.fallbacks:
+            answer["passed_over"] = paid.passed_over_list()
+        headers = {**answer_headers(state, paid, node), **cost_headers(money, bill.charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
-            await settle(
-                state, paid, node, prompt_tokens, completion_tokens, charge, "cut", "the client went away",
-                cached_tokens=cached,
-            )  # fmt: skip
-            return json_response(paid.present(answer), headers=headers)
+            await settle(state, paid, node, bill, "cut", "the client went away")
+            return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
-        charged = await settle(
-            state, paid, node, prompt_tokens, completion_tokens, charge, "ok", remember=remember, cached_tokens=cached
-        )
-        if charged != charge:  # its hold went back while it ran (see settle._hold_gone): it is free
-            answer["usage"] = {**usage, **money.cost_fields(charged)}
+        charged = await settle(state, paid, node, bill, "ok", remember=remember)
+        if charged != bill.charge:  # its hold went back while it ran (see settle._hold_gone): it is free
+            answer["usage"] = bill.usage(usage, money, charged, cache=paid.generates)
             headers.update(cost_headers(money, charged))
         remember_prefix(state, paid, node, _answer_text(answer))
-        return json_response(paid.present(answer), headers=headers)
+        return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
     raise no_node_left(state, paid)
 
 
+def _with_overhead(paid: PaidRequest, headers: dict[str, str]) -> dict[str, str]:
+    """`headers` and the router's overhead on the request, as its usage record has it (set when it settled)."""
+    overhead = paid.overhead_ms if paid.overhead_ms is not None else paid.trace.overhead_ms()
+    headers[OVERHEAD_HEADER] = f"{overhead:.3f}"
+    return headers
+
+
+def _finish_reason(answer: dict[str, Any]) -> str | None:
+    choices = answer.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    reason = choice.get("finish_reason")
+    return reason if isinstance(reason, str) else None
+
+
 async def _complete_watching(
-    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode
+    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode, trace: Mapping[str, str] | None
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
     its answer then holds the tokens made until it did, which is what the request costs.
@@ -114,7 +148,8 @@ async def _complete_watching(
     upstream = state.upstream
     assert upstream is not None  # set at start-up, before the first request
     if paid.claim is not None:
-        return await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt), False
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
+        return answer, False
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.
     loop = asyncio.get_running_loop()
     cancel: asyncio.Future[bool] | None = None
@@ -129,7 +164,7 @@ async def _complete_watching(
 
     timer = loop.call_later(CLIENT_POLL_SECONDS, look)  # not at once: the node must have the request to stop it
     try:
-        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt)
+        answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
     finally:
         if timer is not None:
             timer.cancel()

@@ -12,9 +12,9 @@ import logging
 import time
 
 from llamakit.router.herd import HerdNode
-from llamakit.router.ledger import HoldClosed, LedgerError, Remembered
+from llamakit.router.ledger import HoldClosed, LedgerError, LedgerUnavailable, Remembered
 from llamakit.router.paid.record import finished
-from llamakit.router.paid.request import PaidRequest
+from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.state import RouterState
 
 __all__ = ["refund", "settle", "settle_delivered"]
@@ -26,68 +26,76 @@ async def settle(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
-    prompt_tokens: int,
-    completion_tokens: int,
-    charge: int,
+    bill: Bill,
     status: str,
     error: str | None = None,
     *,
     remember: Remembered | None = None,
-    cached_tokens: int = 0,
 ) -> int:
-    """Charge `charge` credits (`paid.charge(prompt_tokens, completion_tokens)`, computed once by the caller, who
-    may have written it into the answer `remember` stores) and give back the rest of the hold. Returns what was
-    charged: `charge`, or 0 when the hold was gone (another router released it) or the database failed (the hold
-    is released in full once it answers again)."""
+    """Charge `bill.charge` credits (`paid.bill(usage)`, computed once by the caller, who may have written it into
+    the answer `remember` stores) and give back the rest of the hold. Returns what was charged: the charge, or 0
+    when the hold was gone (another router released it) or the database failed (the hold is released in full once
+    it answers again)."""
     # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
     # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
     paid.closed = True
-    return await asyncio.shield(
-        _settled(state, paid, node, prompt_tokens, completion_tokens, charge, status, error, remember, cached_tokens)
-    )
+    return await asyncio.shield(_settled(state, paid, node, bill, status, error, remember))
 
 
 async def _settled(
     state: RouterState,
     paid: PaidRequest,
     node: HerdNode,
-    prompt_tokens: int,
-    completion_tokens: int,
-    charge: int,
+    bill: Bill,
     status: str,
     error: str | None,
     remember: Remembered | None,
-    cached_tokens: int,
 ) -> int:
     latency_ms = (time.monotonic() - paid.arrived) * 1000
+    prompt_tokens, completion_tokens = bill.prompt_tokens, bill.completion_tokens
+    paid.overhead_ms = paid.trace.overhead_ms()  # the router's own time up to its settlement
     try:
-        settlement = await state.ledger.settle(
-            paid.id,
-            charge=charge,
-            node=node.name,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            status=status,
-            latency_ms=latency_ms,
-            queue_ms=paid.queue_ms,
-            error=error,
-            remember=remember,
-        )
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": bill.charge, "llamakit.status": status}):
+            settlement = await state.ledger.settle(
+                paid.id,
+                charge=bill.charge,
+                node=node.name,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                status=status,
+                latency_ms=latency_ms,
+                queue_ms=paid.queue_ms,
+                error=error,
+                remember=remember,
+                overhead_ms=paid.overhead_ms,
+                model=paid.model if paid.passed_over else None,
+                cached_tokens=bill.cached_tokens,
+                cache_discount=bill.cache_discount,
+                passed_over=paid.passed_over_list(),
+            )
     except HoldClosed as exc:
         _hold_gone(paid, exc)
-        finished(state, paid, node, "router_lost", prompt_tokens, completion_tokens, 0, str(exc))
+        free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
+        finished(state, paid, node, "router_lost", free, str(exc))
         return 0  # the work is done and the client gets it; the hold it was bought with went back in full
-    except LedgerError:
+    except LedgerError as exc:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
         # once the database answers again (nothing was charged: the settlement is one transaction).
-        log.exception("request %s: its settlement failed; releasing its hold in full", paid.id)
-        _release_later(state, paid, "the settlement failed: the database could not be written")
-        finished(state, paid, node, "error", prompt_tokens, completion_tokens, 0, "the settlement failed")
+        _failed(state, paid, exc, "its settlement failed; its hold is released in full once the ledger answers")
+        state.gate.owe_release(
+            paid.id, error="the settlement failed: the database could not be written", queue_ms=paid.queue_ms
+        )
+        free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
+        finished(state, paid, node, "error", free, "the settlement failed")
         return 0
-    node.record(completion_tokens, settlement.charged, whole=status != "broken")
-    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, settlement.charged, cached_tokens)
-    finished(state, paid, node, status, prompt_tokens, completion_tokens, settlement.charged, error)
-    return settlement.charged
+    charged = settlement.charged
+    node.record(completion_tokens, charged, whole=status != "broken")
+    discount = bill.cache_discount if charged == bill.charge else 0
+    state.metrics.settled(paid.model, node.name, prompt_tokens, completion_tokens, charged, bill.cached_tokens,
+                          discount)  # fmt: skip
+    finished(state, paid, node, status, Bill(prompt_tokens, completion_tokens, charged, bill.cached_tokens, discount),
+             error)  # fmt: skip
+    return charged
 
 
 async def settle_delivered(
@@ -95,14 +103,15 @@ async def settle_delivered(
     error: str | None,
 ) -> None:  # fmt: skip
     """A stream that ended without its usage (cut by the client, or broken): charged for the tokens it delivered,
-    refunded in full when it delivered none."""
+    refunded in full when it delivered none. Its prompt is charged as decoded: only a usage says what a node's
+    cache held."""
     if paid.closed:
         return
     if completion_tokens == 0:
         await refund(state, paid, status=status, error=error)
     else:
-        charge = paid.charge(prompt_tokens, completion_tokens)
-        await settle(state, paid, node, prompt_tokens, completion_tokens, charge, status, error)
+        bill = Bill(prompt_tokens, completion_tokens, paid.charge(prompt_tokens, completion_tokens))
+        await settle(state, paid, node, bill, status, error)
 
 
 async def refund(
@@ -118,44 +127,33 @@ async def refund(
 async def _released(
     state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
 ) -> None:
+    paid.overhead_ms = paid.trace.overhead_ms()
     try:
-        await state.ledger.release(paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status)
+        with paid.trace.span("llamakit.settle", {"llamakit.credits.charge": 0, "llamakit.status": status}):
+            await state.ledger.release(
+                paid.id, status=status, error=error, queue_ms=paid.queue_ms, http_status=http_status,
+                overhead_ms=paid.overhead_ms, model=paid.model if paid.passed_over else None,
+                passed_over=paid.passed_over_list(),
+            )  # fmt: skip
     except HoldClosed as exc:
         _hold_gone(paid, exc)
         status, error, http_status = "router_lost", str(exc), None
-    except LedgerError:
+    except LedgerError as exc:
         # The database failed: the hold is released once it answers again. The client still gets the error its
         # request met, not this one.
-        log.exception("request %s: its hold could not be released now; trying again", paid.id)
-        _release_later(state, paid, error or "refunded")
-    finished(state, paid, None, status, 0, 0, 0, error, http_status)
+        _failed(state, paid, exc, "its hold could not be released now; it is once the ledger answers")
+        state.gate.owe_release(paid.id, error=error or "refunded", queue_ms=paid.queue_ms)
+    finished(state, paid, None, status, Bill(0, 0, 0), error, http_status)
 
 
-_RELEASING: set[asyncio.Task[None]] = set()  # holds being released after a database failure (kept referenced)
-
-
-def _release_later(state: RouterState, paid: PaidRequest, error: str) -> None:
-    """Release the hold of `paid` in full in the background, asking again (1 s, doubling to 60 s) while the
-    database fails. Without it a hold would stay open while this router runs: with several routers, only a
-    router whose lease ran out has its holds released by the others. A restart releases it too (recovery)."""
-
-    async def release() -> None:
-        pause = 1.0
-        while True:
-            await asyncio.sleep(pause)
-            try:
-                await state.ledger.release(paid.id, status="error", error=error, queue_ms=paid.queue_ms)
-                log.info("request %s: its hold was released after the database came back", paid.id)
-                return
-            except HoldClosed:
-                return  # closed meanwhile (another router's clean-up, or the first try committed after all)
-            except LedgerError as exc:
-                log.warning("request %s: releasing its hold failed again (%s)", paid.id, exc)
-            pause = min(pause * 2, 60.0)
-
-    task = asyncio.ensure_future(release())
-    _RELEASING.add(task)
-    task.add_done_callback(_RELEASING.discard)
+def _failed(state: RouterState, paid: PaidRequest, exc: LedgerError, what: str) -> None:
+    """A ledger failure of a request's settlement or release: an outage is said once (the gate's log line, not
+    one per request); any other failure is logged with its traceback."""
+    if isinstance(exc, LedgerUnavailable):
+        state.gate.failed(exc)
+        log.debug("request %s: %s (%s)", paid.id, what, exc)
+    else:
+        log.error("request %s: %s", paid.id, what, exc_info=exc)
 
 
 def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
@@ -163,4 +161,4 @@ def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
     because this router's lease ran out (a pause longer than --lease; see dispatch/cluster.py), with a usage
     record of its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
     log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
-                paid.id, exc)  # fmt: skip
+                paid.id, exc, extra=paid.log_fields())  # fmt: skip

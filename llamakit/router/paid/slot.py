@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -14,16 +15,27 @@ from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.dispatch.errors import NoNode
 from llamakit.router.errors import ClientGone
 from llamakit.router.herd import HerdNode
+from llamakit.router.paid.fallback import passed_over_header
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import RouterState
+from llamakit.router.tracing import PROVIDER, AttributeValue, operation_of
 from llamakit.router.upstream import NodeFailed, StreamBroken
-from llamakit.wire.headers import BID_HEADER, CURRENCY_HEADER, NODE_HEADER, QUEUE_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import (
+    BID_HEADER,
+    CURRENCY_HEADER,
+    NODE_HEADER,
+    PASSED_OVER_HEADER,
+    QUEUE_HEADER,
+    REQUEST_ID_HEADER,
+)
 
 __all__ = [
     "CLIENT_POLL_SECONDS",
     "acquire",
     "answer_headers",
+    "begin_call",
     "client_gone",
+    "end_call",
     "failed_over",
     "first_token",
     "mark_failed",
@@ -44,8 +56,17 @@ def client_gone(request: web.Request) -> bool:
 
 async def acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """A node slot for `paid` from the dispatcher, avoiding the nodes in `tried`: at once when one is free and no
-    request waits ahead, else after waiting in the bid queue. ClientGone if the client leaves while it waits;
-    the dispatcher's refusals (dispatch.errors) as they come."""
+    request waits ahead, else after waiting in the bid queue (time that is not the router's own: see
+    RequestTrace.waited). ClientGone if the client leaves while it waits; the dispatcher's refusals
+    (dispatch.errors) as they come."""
+    with paid.trace.span("llamakit.dispatch", {"llamakit.attempt": len(tried) + 1}) as span:
+        node = await _acquire(state, request, paid, tried)
+        if span is not None:
+            span.set_attribute("llamakit.node", node.name)
+        return node
+
+
+async def _acquire(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
     dispatch = state.dispatch
     exclude = frozenset(tried)
     node = dispatch.take_now(paid.id, paid.model, paid.bid, exclude=exclude, prefer=paid.affinity)
@@ -66,18 +87,21 @@ async def acquire(state: RouterState, request: web.Request, paid: PaidRequest, t
         )
     )
     state.metrics.queue_depth.labels(paid.model).set(dispatch.queue_length(paid.model))
+    waiting_since = time.monotonic()
     try:
-        while True:
-            done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
-            if done:
-                break
-            if client_gone(request):
-                waiting.cancel()
-                raise ClientGone("the client went away while queued")
+        with paid.trace.span("llamakit.queue"):
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
+                if done:
+                    break
+                if client_gone(request):
+                    waiting.cancel()
+                    raise ClientGone("the client went away while queued")
     except asyncio.CancelledError:
         waiting.cancel()
         raise
     finally:
+        paid.trace.waited += time.monotonic() - waiting_since  # the queue's time, not the router's
         state.metrics.queue_depth.labels(paid.model).set(dispatch.queue_length(paid.model))
     node = waiting.result()
     _assigned(state, paid, node)
@@ -86,6 +110,7 @@ async def acquire(state: RouterState, request: web.Request, paid: PaidRequest, t
 
 def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
     paid.dispatched = time.monotonic()
+    paid.node = node
     if paid.queue_ms is None:
         paid.queue_ms = (time.monotonic() - paid.arrived) * 1000
         state.metrics.queued(paid.model, paid.queue_ms / 1000)
@@ -134,7 +159,42 @@ def answer_headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dic
     }
     if paid.queue_ms is not None:
         headers[QUEUE_HEADER] = f"{paid.queue_ms:.3f}"
+    if paid.passed_over:
+        headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
     return headers
+
+
+def begin_call(paid: PaidRequest, node: HerdNode) -> dict[str, str] | None:
+    """With tracing on: start the span of `paid`'s call to `node` and return the headers that carry it there."""
+    if not paid.trace.on:
+        return None
+    operation = operation_of(paid.path)
+    url = urlsplit(node.url)
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.operation.name": operation,
+        "gen_ai.provider.name": PROVIDER,
+        "gen_ai.request.model": paid.model,
+        "gen_ai.response.id": paid.id,  # the node names its answer after the request
+        "server.address": url.hostname or node.url,
+        "llamakit.node": node.name,
+    }
+    if url.port is not None:
+        attributes["server.port"] = url.port
+    return paid.trace.begin_call(f"{operation} {paid.model}", attributes)
+
+
+def end_call(paid: PaidRequest, prompt_tokens: int, completion_tokens: int, finish_reason: str | None = None) -> None:
+    """The node answered `paid` in full: its call's span ends with the tokens it reports."""
+    if not paid.trace.on:
+        return
+    attributes: dict[str, AttributeValue] = {
+        "gen_ai.response.model": paid.model,
+        "gen_ai.usage.input_tokens": prompt_tokens,
+        "gen_ai.usage.output_tokens": completion_tokens,
+    }
+    if finish_reason:
+        attributes["gen_ai.response.finish_reasons"] = (finish_reason,)
+    paid.trace.end_call(attributes)
 
 
 def remember_prefix(state: RouterState, paid: PaidRequest, node: HerdNode, answer: str) -> None:
@@ -153,3 +213,4 @@ def first_token(state: RouterState, paid: PaidRequest) -> None:
     if paid.first_token is None:
         paid.first_token = time.monotonic()
         state.metrics.first_token(paid.model, paid.first_token - paid.arrived)
+        paid.trace.call_event("llamakit.first_token")

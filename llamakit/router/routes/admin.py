@@ -12,17 +12,40 @@ from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, Field
 
 from llamakit.money.fees import MAX_BID, FeeSchedule, hold_amount
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.limits import key_limits
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.pricing import DEFAULT_KEY
-from llamakit.router.routes.usage_pages import usage_page, usage_query
+from llamakit.router.routes.answers import (
+    AccountAnswer,
+    BooksAnswer,
+    Deposit,
+    DepositAnswer,
+    FeesDeleted,
+    FeesSet,
+    HeartbeatAnswer,
+    Joined,
+    Left,
+    NewAccount,
+    NewAccountAnswer,
+    NodeHeartbeat,
+    NodeJoin,
+    NodeLeave,
+    NodeRemoved,
+    NodeView,
+    Stats,
+    UsagePage,
+    parse_body,
+)
+from llamakit.router.routes.query import QueryModel, parse_query
+from llamakit.router.routes.usage_pages import AdminUsageParams, usage_page, usage_query
 from llamakit.router.settings import RouterSettings
 from llamakit.router.state import STATE
 from llamakit.router.stats import snapshot
-from llamakit.text import unsafe_at
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError
@@ -54,72 +77,69 @@ async def _account_json(request: web.Request, account: Account) -> dict[str, Any
     return {"id": account.id, "name": account.name, "kind": account.kind, **asdict(books)}
 
 
-def _positive_int(body: dict[str, Any], name: str, *, default: int | None = None) -> int:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ApiError(400, f"{name!r} must be a non-negative whole number of credits, got {value!r}", param=name)
-    # Checked here, not left to the ledger: create_account would otherwise make the account, then fail the deposit.
-    if value > MAX_AMOUNT:
-        raise ApiError(400, f"{name!r} must be at most {MAX_AMOUNT} credits, got {value}", param=name)
-    return value
+def _admin(summary: str, answer: Any, *errors: int, **more: Any) -> Operation:
+    return Operation(summary=summary, auth="admin_key", answer=answer, errors=errors, **more)
 
 
 @admin_routes.post("/accounts")
+@documented(_admin("Open an account: its first API key, limits and deposit", NewAccountAnswer, 400, 409,
+                   status=201, body=NewAccount))  # fmt: skip
 async def create_account(request: web.Request) -> web.Response:
     ledger = request.config_dict[STATE].ledger
-    body = parse_json(await request.read())
-    name, kind = body.get("name"), body.get("kind", "user")
-    deposit = _positive_int(body, "deposit", default=0)
-    if not isinstance(name, str) or not name.strip():
-        raise ApiError(400, "an account needs a 'name'", param="name")
-    if kind not in ("user", "agent", "dev"):
-        raise ApiError(400, f"'kind' must be user, agent or dev, got {kind!r}", param="kind")
-    key_limits(body.get("limits"))  # a bad limit is refused before the account is made
+    body = parse_body(NewAccount, parse_json(await request.read()))
+    # Checked before the account is made (a bad limit; a deposit over MAX_AMOUNT, by the model).
+    limits = key_limits(body.limits)
     try:
-        account = await ledger.create_account(name.strip(), kind=kind)
+        account = await ledger.create_account(body.name, kind=body.kind)
     except AccountExists as exc:
         raise ApiError(409, str(exc), code="account_exists", param="name") from exc
     except ValueError as exc:
         raise ApiError(400, str(exc), param="name") from exc
-    key = await ledger.create_key(account.id, limits=key_limits(body.get("limits")))
-    if deposit:
-        await ledger.deposit(account.id, deposit, note="opening deposit")
+    key = await ledger.create_key(account.id, limits=limits)
+    if body.deposit:
+        await ledger.deposit(account.id, body.deposit, note="opening deposit")
     return json_response({**await _account_json(request, account), "api_key": key}, status=201)
 
 
 @admin_routes.get("/accounts/{account}")
+@documented(_admin("One account (by id or name) and its books", AccountAnswer, 404))
 async def get_account(request: web.Request) -> web.Response:
     return json_response(await _account_json(request, await account_of(request)))
 
 
 @admin_routes.post("/accounts/{account}/deposits")
+@documented(_admin("Deposit credits on an account", DepositAnswer, 400, 404, status=201, body=Deposit))
 async def deposit(request: web.Request) -> web.Response:
     account = await account_of(request)
-    body = parse_json(await request.read())
-    amount = _positive_int(body, "amount")
-    if amount == 0:
-        raise ApiError(400, "'amount' must be at least 1 credit", param="amount")
-    note = body.get("note", "")
-    if not isinstance(note, str):
-        raise ApiError(400, "'note' must be a string", param="note")
+    body = parse_body(Deposit, parse_json(await request.read()))
+    amount = body.amount
     try:
-        balance = await request.config_dict[STATE].ledger.deposit(account.id, amount, note=note)
+        balance = await request.config_dict[STATE].ledger.deposit(account.id, amount, note=body.note)
     except ValueError as exc:  # the balance would pass MAX_AMOUNT
         raise ApiError(400, str(exc), param="amount") from exc
     return json_response({"account": account.name, "deposited": amount, "balance": balance}, status=201)
 
 
 @admin_routes.get("/fees")
+@documented(_admin("Every model's fees in credits ('*': the default)", dict[str, FeeSchedule]))
 async def get_fees(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     return json_response(state.prices.to_dict(state.known_models()))
 
 
+class FeesParams(QueryModel):
+    """The query of `PUT /admin/fees/{model}`."""
+
+    unserved: bool = Field(default=False, description="set the fees of a model no node serves yet")
+
+
 @admin_routes.put("/fees/{model}")
+@documented(_admin("Set a model's fees ('*': the default)", FeesSet, 400, 404, body=FeeSchedule, query=FeesParams))
 async def set_fees(request: web.Request) -> web.Response:
-    """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}`;
-    they price the next request. 400 for a bad schedule; 404 `model_not_found` for a model no node serves and
-    that has no fees yet, unless `?unserved=true` says it is meant (fees set before the model's nodes join)."""
+    """Set a model's fees (`*`: the default) from `{"base_fee", "prompt_token_fee", "completion_token_fee"}` and
+    optionally `cached_prompt_token_fee` (at most the prompt fee); they price the next request. 400 for a bad
+    schedule; 404 `model_not_found` for a model no node serves and that has no fees yet, unless `?unserved=true`
+    says it is meant (fees set before the model's nodes join)."""
     state = request.config_dict[STATE]
     try:
         fees = FeeSchedule.from_dict(parse_json(await request.read()))
@@ -129,7 +149,7 @@ async def set_fees(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     # A typo would otherwise become a model: listed as available, in stats and the dashboard, and 503 no_node to
     # whoever asks for it. Pricing a model ahead of its nodes (a scale-out) stays possible, on purpose.
-    ahead = request.query.get("unserved", "").lower() in ("1", "true")
+    ahead = parse_query(FeesParams, request).unserved
     if not (model == DEFAULT_KEY or model in state.prices.per_model or state.herd.serves(model) or ahead):
         served = sorted({m for node in state.herd.nodes.values() for m in node.models})  # down nodes' too
         served_text = ", ".join(served) or "none (no node has joined yet)"
@@ -162,6 +182,7 @@ def _holdable(fees: FeeSchedule, settings: RouterSettings) -> None:
 
 
 @admin_routes.delete("/fees/{model}")
+@documented(_admin("Remove a model's own fees", FeesDeleted, 400, 404))
 async def delete_fees(request: web.Request) -> web.Response:
     """Remove a model's own fees: a model some node serves goes back to the default fees, one no node serves is
     no longer a model here. Returns `{"model", "deleted": the fees removed, "fees": what the model costs now
@@ -192,6 +213,7 @@ def _node(request: web.Request) -> HerdNode:
 
 
 @admin_routes.post("/nodes/{node}/drain")
+@documented(_admin("Drain a node: it finishes what it runs and gets nothing new", NodeView, 404))
 async def drain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = True
@@ -200,6 +222,7 @@ async def drain_node(request: web.Request) -> web.Response:
 
 
 @admin_routes.post("/nodes/{node}/undrain")
+@documented(_admin("Give a drained node work again", NodeView, 404))
 async def undrain_node(request: web.Request) -> web.Response:
     node = _node(request)
     node.draining = False
@@ -208,6 +231,7 @@ async def undrain_node(request: web.Request) -> web.Response:
 
 
 @admin_routes.delete("/nodes/{node}")
+@documented(_admin("Remove a node from the herd", NodeRemoved, 404))
 async def remove_node(request: web.Request) -> web.Response:
     node = _node(request)
     state = request.config_dict[STATE]
@@ -219,19 +243,23 @@ async def remove_node(request: web.Request) -> web.Response:
 
 
 @admin_routes.get("/stats")
+@documented(_admin("The dashboard's snapshot: herd, queue, fees, requests, books", Stats))
 async def stats(request: web.Request) -> web.Response:
     return json_response(await snapshot(request.config_dict[STATE]))
 
 
+class StatsStreamParams(QueryModel):
+    """The query of `GET /admin/stats/stream`."""
+
+    interval: float = Field(default=1.0, ge=0.1, le=60, description="seconds between snapshots")
+
+
 @admin_routes.get("/stats/stream")
+@documented(_admin("The snapshot as Server-Sent Events, every `interval` seconds", None, 400, stream=Stats,
+                   stream_only=True, query=StatsStreamParams))  # fmt: skip
 async def stats_stream(request: web.Request) -> web.StreamResponse:
     """The snapshot pushed as Server-Sent Events every `interval` seconds (default 1) until the client leaves."""
-    try:
-        interval = float(request.query.get("interval", "1"))
-    except ValueError:
-        raise ApiError(400, "'interval' must be a number of seconds", param="interval") from None
-    if not 0.1 <= interval <= 60:
-        raise ApiError(400, "'interval' must be between 0.1 and 60 seconds", param="interval")
+    interval = parse_query(StatsStreamParams, request).interval
     state = request.config_dict[STATE]
     sse = await SseWriter.open(request)
     try:
@@ -247,6 +275,7 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
 
 
 @admin_routes.get("/books")
+@documented(_admin("The ledger's totals (credits): deposits = balances + holds + charges", BooksAnswer))
 async def books(request: web.Request) -> web.Response:
     """The books from the running totals, and what the last audit found (`audit`; see llamakit.router.auditor)."""
     state = request.config_dict[STATE]
@@ -255,6 +284,7 @@ async def books(request: web.Request) -> web.Response:
 
 
 @admin_routes.post("/books/audit")
+@documented(_admin("Audit the books now: a full scan of the history against the running totals", BooksAnswer, 503))
 async def audit_books(request: web.Request) -> web.Response:
     """Audit the books now (a full scan of the history, off the paid path) and answer with what it found:
     `audit.ok` false, and the discrepancies, when the running totals disagree with the history. 503 when the
@@ -269,6 +299,7 @@ async def audit_books(request: web.Request) -> web.Response:
 
 
 @admin_routes.get("/usage")
+@documented(_admin("Every account's usage records, paged", UsagePage, 400, 404, query=AdminUsageParams))
 async def usage(request: web.Request) -> web.Response:
     """Every account's usage records (or one account's: `?account=NAME` or its id), paged and filtered as
     `GET /v1/account/usage`; each record names its account."""
@@ -290,51 +321,39 @@ async def usage(request: web.Request) -> web.Response:
     return json_response(page)
 
 
-def _node_fields(body: dict[str, Any]) -> tuple[str, str, list[str], int]:
-    url, name, models, slots = body.get("url"), body.get("name"), body.get("models"), body.get("slots")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ApiError(400, "'url' must be the node's http(s) URL", param="url")
-    if not isinstance(name, str) or not name or len(name) > 64 or unsafe_at(name) is not None:
-        raise ApiError(400, "'name' must be 1 to 64 characters of plain text on one line", param="name")
-    if not isinstance(models, list) or not all(isinstance(m, str) and m and unsafe_at(m) is None for m in models):
-        raise ApiError(400, "'models' must be a list of model names (plain text on one line)", param="models")
-    if isinstance(slots, bool) or not isinstance(slots, int) or not 1 <= slots <= 1024:
-        raise ApiError(400, "'slots' must be a whole number from 1 to 1024", param="slots")
-    return url, name, models, slots
+def _herd(summary: str, answer: Any, body: type[BaseModel], *errors: int, status: int = 200) -> Operation:
+    return Operation(summary=summary, auth="herd_token", answer=answer, body=body, errors=(400, *errors), status=status)
 
 
 @herd_routes.post("/join")
+@documented(_herd("A node joins the herd (or joins again after a restart)", Joined, NodeJoin, status=201))
 async def join(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
-    url, name, models, slots = _node_fields(parse_json(await request.read()))
-    node = state.herd.join(url=url, name=name, models=models, slots=slots)
+    body = parse_body(NodeJoin, parse_json(await request.read()))
+    node = state.herd.join(url=body.url, name=body.name, models=body.models, slots=body.slots)
     await state.dispatch.joined(node)  # with --cluster, every router on the database knows it
     return json_response({"id": node.id, "heartbeat_seconds": state.settings.health_interval}, status=201)
 
 
 @herd_routes.post("/heartbeat")
+@documented(_herd("A joined node says it lives, and what it serves", HeartbeatAnswer, NodeHeartbeat, 404))
 async def heartbeat(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
-    body = parse_json(await request.read())
-    node = state.herd.get(str(body.get("name")))
+    body = parse_body(NodeHeartbeat, parse_json(await request.read()))
+    node = state.herd.get(body.name)
     if node is None:
         raise ApiError(404, "this node has not joined (or was removed): POST /herd/join", type="not_found_error")
-    models = body.get("models")
-    slots = body.get("slots")
-    ok_models = isinstance(models, list) and all(isinstance(m, str) for m in models)
-    ok_slots = isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1
-    if body.get("status", "ready") == "ready" and state.herd.seen(
-        node, models=models if ok_models else None, slots=slots if ok_slots else None
-    ):
+    if body.status == "ready" and state.herd.seen(node, models=body.models, slots=body.slots):
         await state.dispatch.came_back(node)
     return json_response({"id": node.id, "state": node.state})
 
 
 @herd_routes.post("/leave")
+@documented(_herd("A node leaves the herd", Left, NodeLeave))
 async def leave(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
-    body = parse_json(await request.read())
-    node = state.herd.remove(str(body.get("name")))
+    body = parse_body(NodeLeave, parse_json(await request.read()))
+    node = state.herd.remove(body.name)
     if node is not None:
         await state.dispatch.removed(node)
     return json_response({"removed": node.id if node else None})

@@ -21,7 +21,9 @@ from aiohttp import web
 
 from llamakit.router.ledger import ApiKey, LedgerError, UnknownKey
 from llamakit.router.limits import key_limits, key_name_of, key_view
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.routes.admin import account_of
+from llamakit.router.routes.answers import KeyChange, KeyCreated, KeyList, KeyView, NewKey, Revoked, parse_body
 from llamakit.router.state import STATE
 from llamakit.web import json_response
 from llamakit.wire.completions import parse_json
@@ -33,11 +35,13 @@ key_routes = web.RouteTableDef()
 
 
 @key_routes.post("/accounts/{account}/keys")
+@documented(Operation(summary="Make an API key for an account, with a name and limits", auth="admin_key",
+                      answer=KeyCreated, status=201, body=NewKey, errors=(400, 404)))  # fmt: skip
 async def create_key(request: web.Request) -> web.Response:
     account = await account_of(request)
-    body = parse_json(await request.read()) if request.can_read_body else {}
-    limits = key_limits(body.get("limits"))
-    name = key_name_of(body.get("name"))
+    body = parse_body(NewKey, parse_json(await request.read()) if request.can_read_body else {})
+    limits = key_limits(body.limits)
+    name = key_name_of(body.name)
     ledger = request.config_dict[STATE].ledger
     key = await ledger.create_key(account.id, limits=limits, name=name)
     return json_response({"account": account.name, "api_key": key, "key": key_view(await ledger.find_key(key), None)},
@@ -45,6 +49,7 @@ async def create_key(request: web.Request) -> web.Response:
 
 
 @key_routes.get("/accounts/{account}/keys")
+@documented(Operation(summary="An account's keys, active and revoked", auth="admin_key", answer=KeyList, errors=(404,)))
 async def list_keys(request: web.Request) -> web.Response:
     """An account's keys by display prefix (the keys themselves are never kept), active and revoked."""
     account = await account_of(request)
@@ -53,11 +58,14 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 @key_routes.get("/keys/{key}")
+@documented(Operation(summary="One key, by its prefix or whole", auth="admin_key", answer=KeyView, errors=(400, 404)))
 async def get_key(request: web.Request) -> web.Response:
     return json_response(key_view(await _find(request), None))
 
 
 @key_routes.patch("/keys/{key}")
+@documented(Operation(summary="Rename a key or change its limits", auth="admin_key", answer=KeyView, body=KeyChange,
+                      errors=(400, 404)))  # fmt: skip
 async def change_key(request: web.Request) -> web.Response:
     """Rename a key or change its limits, or both: everything is checked before either changes."""
     body = parse_json(await request.read())
@@ -72,6 +80,7 @@ async def change_key(request: web.Request) -> web.Response:
         if not isinstance(changes, dict):
             raise ApiError(400, "send {'limits': {...}} with the limits to change (null removes one)", param="limits")
         key_limits(changes)  # 400 naming a bad field before the database is asked
+    parse_body(KeyChange, body)
     name = key_name_of(body.get("name"))
     state = request.config_dict[STATE]
     selector = request.match_info["key"]
@@ -91,6 +100,8 @@ async def change_key(request: web.Request) -> web.Response:
 
 
 @key_routes.delete("/keys/{key}")
+@documented(Operation(summary="Revoke a key: it stops working at once", auth="admin_key", answer=Revoked,
+                      errors=(400, 404)))  # fmt: skip
 async def revoke_key(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     state.keys.clear()  # a revoked key must stop working at once

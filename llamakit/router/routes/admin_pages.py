@@ -14,21 +14,101 @@ the key or of its account, or the prefix). An account shows its money now (`bala
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import MAX_PAGE, AccountActivity, ApiKey
 from llamakit.router.limits import key_view
-from llamakit.router.routes.usage_pages import query_int
+from llamakit.router.openapi import Operation, documented
+from llamakit.router.routes.answers import KeyView, NodeView
+from llamakit.router.routes.query import QueryModel, parse_query
 from llamakit.router.state import STATE
 from llamakit.web import json_response
 from llamakit.wire.errors import ApiError
 
-__all__ = ["account_json", "page_routes"]
+__all__ = ["AccountsParams", "KeysParams", "NodesParams", "account_json", "page_routes"]
 
 page_routes = web.RouteTableDef()
+
+_SEARCH = Field(default=None, max_length=100, description="only those whose name contains this (any case)")
+_AFTER = Field(default=None, description="the `next_after` of the previous page")
+
+
+class AccountsParams(QueryModel):
+    """The query of `GET /admin/accounts`."""
+
+    limit: int = Field(default=MAX_PAGE, ge=1, le=MAX_PAGE, description="accounts per page")
+    order: Literal["name", "spent_today"] = Field(
+        default="name", description="by name, or by credits spent today (UTC; only who made a request today)"
+    )
+    after: str | None = _AFTER
+    search: str | None = _SEARCH
+
+
+class KeysParams(QueryModel):
+    """The query of `GET /admin/keys`."""
+
+    limit: int = Field(default=MAX_PAGE, ge=1, le=MAX_PAGE, description="keys per page")
+    after: str | None = _AFTER
+    search: str | None = Field(
+        default=None, max_length=100, description="only keys whose name, account's name or prefix contains this"
+    )
+
+
+class NodesParams(QueryModel):
+    """The query of `GET /admin/nodes`."""
+
+    limit: int | None = Field(default=None, ge=1, le=MAX_PAGE, description="nodes per page (default: every one)")
+    after: str | None = _AFTER
+    search: str | None = _SEARCH
+
+
+class _Page(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    has_more: bool
+    next_after: str | None = Field(description="where the next page starts (`after`), when there is one")
+
+
+class TodayFigures(BaseModel):
+    spent: int
+    requests: int
+    refusals: int
+
+
+class AccountEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int
+    name: str
+    kind: str
+    balance: int
+    held: int
+    spent: int | None = Field(description="credits charged in all")
+    deposited: int | None
+    today: TodayFigures = Field(description="the current UTC day's figures")
+    last_seen: float | None = Field(description="the newest usage record (epoch seconds)")
+
+
+class AccountPage(_Page):
+    data: list[AccountEntry]
+
+
+class LimitedKey(KeyView):
+    account: str
+
+
+class KeyPage(_Page):
+    data: list[LimitedKey]
+
+
+class NodePage(_Page):
+    data: list[NodeView]
+
+
+def _admin(summary: str, answer: Any, query: type[QueryModel]) -> Operation:
+    return Operation(summary=summary, auth="admin_key", answer=answer, errors=(400,), query=query)
 
 
 def account_json(account: AccountActivity) -> dict[str, Any]:
@@ -45,13 +125,6 @@ def account_json(account: AccountActivity) -> dict[str, Any]:
     }
 
 
-def _search(request: web.Request) -> str | None:
-    search = request.query.get("search")
-    if search is not None and len(search) > 100:
-        raise ApiError(400, "query parameter 'search' must be at most 100 characters", param="search")
-    return search or None
-
-
 def _page(data: list[dict[str, Any]], limit: int, cursor: str | None) -> dict[str, Any]:
     """The body of a page fetched with one item more than `limit`, which tells whether there are more."""
     more = len(data) > limit
@@ -59,33 +132,34 @@ def _page(data: list[dict[str, Any]], limit: int, cursor: str | None) -> dict[st
 
 
 @page_routes.get("/accounts")
+@documented(_admin("Every account, a page at a time: by name or by spend today, searched by name", AccountPage,
+                   AccountsParams))  # fmt: skip
 async def list_accounts(request: web.Request) -> web.Response:
     ledger = request.config_dict[STATE].ledger
-    limit = query_int(request, "limit", 1, MAX_PAGE) or MAX_PAGE
-    order = request.query.get("order", "name")
+    query = parse_query(AccountsParams, request)
     try:
         found = await ledger.accounts_page(
-            limit=limit + 1, order=order, after=request.query.get("after"), search=_search(request)
+            limit=query.limit + 1, order=query.order, after=query.after, search=query.search
         )
     except ValueError as exc:
-        param = "order" if "order" in str(exc) else "after"
-        raise ApiError(400, str(exc), param=param) from exc
-    shown = found[:limit]
+        raise ApiError(400, str(exc), param="after") from exc
+    shown = found[: query.limit]
     last = shown[-1] if shown else None
-    cursor = None if last is None else (last.name if order == "name" else f"{last.spent}:{last.id}")
-    return json_response(_page([account_json(a) for a in found], limit, cursor))
+    cursor = None if last is None else (last.name if query.order == "name" else f"{last.spent}:{last.id}")
+    return json_response(_page([account_json(a) for a in found], query.limit, cursor))
 
 
 @page_routes.get("/keys")
+@documented(_admin("The active keys that have a limit, a page at a time", KeyPage, KeysParams))
 async def list_limited_keys(request: web.Request) -> web.Response:
     """The active keys that have a limit, by account, then age: what the dashboard's keys dialog pages through.
     A search reads up to ten thousand keys for a page; when they hold fewer matches than `limit`, the page says
     `has_more` with the place to read on from."""
     ledger = request.config_dict[STATE].ledger
-    limit = query_int(request, "limit", 1, MAX_PAGE) or MAX_PAGE
-    search = _search(request)
+    query = parse_query(KeysParams, request)
+    limit, search = query.limit, query.search
     read = MAX_PAGE if search else limit + 1
-    cursor = _key_cursor(request.query.get("after"))
+    cursor = _key_cursor(query.after)
     matches: list[ApiKey] = []
     names: dict[int, str] = {}
     exhausted = False
@@ -128,17 +202,17 @@ def _key_cursor(raw: str | None) -> tuple[int, float, str] | None:
 
 
 @page_routes.get("/nodes")
+@documented(_admin("The herd's nodes by name: every one, or a page at a time", NodePage, NodesParams))
 async def list_nodes(request: web.Request) -> web.Response:
     """The herd's nodes by name (`data`), as the dashboard shows them; a page of them with `limit`."""
     herd = request.config_dict[STATE].herd
-    limit = query_int(request, "limit", 1, MAX_PAGE)
-    after = request.query.get("after")
-    search = (_search(request) or "").lower()
+    query = parse_query(NodesParams, request)
+    search = (query.search or "").lower()
     nodes: list[HerdNode] = sorted(herd.nodes.values(), key=lambda n: n.name)
-    if after is not None or search:
-        nodes = [n for n in nodes if (after is None or n.name > after) and search in n.name.lower()]
-    if limit is None:
+    if query.after is not None or search:
+        nodes = [n for n in nodes if (query.after is None or n.name > query.after) and search in n.name.lower()]
+    if query.limit is None:
         return json_response({"data": [n.snapshot() for n in nodes], "has_more": False, "next_after": None})
-    page = nodes[: limit + 1]
-    cursor = page[limit - 1].name if len(page) > limit else None
-    return json_response(_page([n.snapshot() for n in page], limit, cursor))
+    page = nodes[: query.limit + 1]
+    cursor = page[query.limit - 1].name if len(page) > query.limit else None
+    return json_response(_page([n.snapshot() for n in page], query.limit, cursor))

@@ -11,12 +11,15 @@ from aiohttp import web
 
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, replay
 from llamakit.router.paid.quote import EMBEDDINGS_PATH, quote_embeddings
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import STATE
-from llamakit.wire.embeddings import parse_embedding_request
+from llamakit.router.tracing import RequestTrace
+from llamakit.wire.answers import CreateEmbeddingResponse
+from llamakit.wire.embeddings import EmbeddingRequest, parse_embedding_request
 
 __all__ = ["embedding_routes"]
 
@@ -24,6 +27,8 @@ embedding_routes = web.RouteTableDef()
 
 
 @embedding_routes.post(EMBEDDINGS_PATH)
+@documented(Operation(summary="Embeddings, paid: priced per input token like a prompt", auth="api_key",
+                      answer=CreateEmbeddingResponse, body=EmbeddingRequest, paid=True))  # fmt: skip
 async def embeddings(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
 
@@ -31,8 +36,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         Idempotency.key_of(request)  # a malformed key is refused before the body is validated
         req = parse_embedding_request(data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            return await quote_embeddings(state, request, caller, req, data, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            return await quote_embeddings(state, request, caller, req, data, claim, trace)
 
         async def again(remembered: Remembered) -> web.StreamResponse:
             return await replay(request, remembered, state.settings.money, stream=False, include_usage=False)

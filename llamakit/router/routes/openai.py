@@ -12,18 +12,35 @@ from dataclasses import asdict
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from llamakit.money.fees import format_bid
 from llamakit.router.auth import authenticate
-from llamakit.router.ledger import Remembered, UsageRecord
+from llamakit.router.ledger import MAX_PAGE, Remembered, UsageRecord
 from llamakit.router.limits import Caller, key_view
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, replay
 from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
-from llamakit.router.routes.usage_pages import MAX_ID, query_int, usage_page, usage_query
+from llamakit.router.routes.answers import (
+    CurrentKey,
+    EventCreated,
+    EventList,
+    Info,
+    ModelEntry,
+    ModelList,
+    NewEvent,
+    TenantAccount,
+    UsagePage,
+    parse_body,
+)
+from llamakit.router.routes.query import QueryModel, parse_query
+from llamakit.router.routes.usage_pages import UsageParams, usage_page, usage_query
 from llamakit.router.state import STATE, RouterState
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import bearer_token, json_response
+from llamakit.wire.answers import ChatCompletion, ChatCompletionChunk, TextCompletion, TextCompletionChunk
 from llamakit.wire.completions import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,8 +70,8 @@ def _generation(
         Idempotency.key_of(request)  # a malformed key is refused before the body is validated
         req = validate_request(model, data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            return await quote_generation(state, request, caller, req, data, path, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            return await quote_generation(state, request, caller, req, data, path, claim, trace)
 
         async def again(remembered: Remembered) -> web.StreamResponse:
             money = state.settings.money
@@ -66,11 +83,16 @@ def _generation(
 
 
 @routes.post("/v1/chat/completions")
+@documented(Operation(summary="A chat completion, paid: held at its bid, queued, settled on exact tokens",
+                      auth="api_key", answer=ChatCompletion, body=ChatCompletionRequest, stream=ChatCompletionChunk,
+                      paid=True))  # fmt: skip
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await paid_call(request, CHAT_PATH, _generation(request, ChatCompletionRequest, CHAT_PATH))
 
 
 @routes.post("/v1/completions")
+@documented(Operation(summary="A text completion, paid", auth="api_key", answer=TextCompletion, body=CompletionRequest,
+                      stream=TextCompletionChunk, paid=True))  # fmt: skip
 async def completions(request: web.Request) -> web.StreamResponse:
     return await paid_call(request, COMPLETIONS_PATH, _generation(request, CompletionRequest, COMPLETIONS_PATH))
 
@@ -95,6 +117,8 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
 
 
 @routes.get("/v1/models")
+@documented(Operation(summary="The models served that the key may use, with their fees", auth="api_key",
+                      answer=ModelList))  # fmt: skip
 async def list_models(request: web.Request) -> web.Response:
     """The models served that the caller's key may use."""
     state = request.config_dict[STATE]
@@ -104,6 +128,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/models/{model}")
+@documented(Operation(summary="One model", auth="api_key", answer=ModelEntry, errors=(404,)))
 async def retrieve_model(request: web.Request) -> web.Response:
     """One model, as OpenAI's `GET /v1/models/{model}` (the openai client's `models.retrieve`); 404
     `model_not_found` if unknown, or if the caller's key may not use it: as OpenAI answers for a model the key
@@ -121,6 +146,8 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/info")
+@documented(Operation(summary="Fees, queue lengths and the last multiplier: what to bid (no key needed)", auth=None,
+                      answer=Info))  # fmt: skip
 async def info(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     models = state.known_models()
@@ -152,6 +179,8 @@ async def info(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/account")
+@documented(Operation(summary="The caller's account (credits) and the key asking", auth="api_key",
+                      answer=TenantAccount))  # fmt: skip
 async def account(request: web.Request) -> web.Response:
     """The caller's account (balance, held, spent, deposited: credits) and, under `key`, the key asking."""
     state = request.config_dict[STATE]
@@ -163,6 +192,7 @@ async def account(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/key")
+@documented(Operation(summary="The key asking: its limits, spend and rates", auth="api_key", answer=CurrentKey))
 async def current_key(request: web.Request) -> web.Response:
     """The API key asking: its prefix, limits, spend so far (credits) against its caps, and what this router
     counts towards its rate limits (`rates`). See `llamakit.router.limits.key_view`."""
@@ -178,6 +208,8 @@ async def _key_now(request: web.Request, caller: Caller) -> dict[str, Any]:
 
 
 @routes.get("/v1/account/usage")
+@documented(Operation(summary="The caller's usage records, newest first, paged", auth="api_key", answer=UsagePage,
+                      query=UsageParams, errors=(400,)))  # fmt: skip
 async def account_usage(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
@@ -190,27 +222,31 @@ async def account_usage(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/events")
+@documented(Operation(summary="Record an agent's outcome (buy, skip, error …)", auth="api_key", answer=EventCreated,
+                      status=201, body=NewEvent, errors=(400,)))  # fmt: skip
 async def post_event(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
-    body = parse_json(await request.read())
-    kind = body.get("kind")
-    data = body.get("data", {})
-    if not isinstance(kind, str) or not kind:
-        raise ApiError(400, "an event needs a 'kind' string such as 'buy', 'skip' or 'error'", param="kind")
-    if not isinstance(data, dict):
-        raise ApiError(400, "an event's 'data' must be a JSON object", param="data")
+    event = parse_body(NewEvent, parse_json(await request.read()))
     try:
-        event_id = await state.ledger.record_event(acct.id, kind, data)
+        event_id = await state.ledger.record_event(acct.id, event.kind, event.data)
     except ValueError as exc:
         raise ApiError(400, str(exc), param="data") from exc
-    return json_response({"id": event_id, "kind": kind}, status=201)
+    return json_response({"id": event_id, "kind": event.kind}, status=201)
+
+
+class EventsParams(QueryModel):
+    """The query of `GET /v1/events`: the latest `limit` events, newest first."""
+
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE, description="events to return (0 is refused)")
 
 
 @routes.get("/v1/events")
+@documented(Operation(summary="The caller's latest events, newest first", auth="api_key", answer=EventList,
+                      query=EventsParams, errors=(400,)))  # fmt: skip
 async def list_events(request: web.Request) -> web.Response:
     state = request.config_dict[STATE]
     acct = (await authenticate(request)).account
-    limit = query_int(request, "limit", 0, MAX_ID) or 100
-    events = await state.ledger.events(acct.id, limit=limit)
+    params = parse_query(EventsParams, request)
+    events = await state.ledger.events(acct.id, limit=params.limit)
     return json_response({"object": "list", "data": [asdict(e) for e in events]})

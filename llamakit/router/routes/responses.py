@@ -18,13 +18,16 @@ from llamakit import jsontext
 from llamakit.router.auth import authenticate
 from llamakit.router.ledger import Remembered
 from llamakit.router.limits import Caller
+from llamakit.router.openapi import Operation, documented
 from llamakit.router.paid.endpoint import Order, paid_call
 from llamakit.router.paid.idempotency import Claim, Idempotency, recall_answer, without_cost_headers
 from llamakit.router.paid.quote import quote_generation
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.routes.openai import CHAT_PATH
 from llamakit.router.state import STATE, RouterState
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter, json_response
+from llamakit.wire.answers import Response, ResponseStreamEvent
 from llamakit.wire.completions import ChatCompletionRequest, validate_request
 from llamakit.wire.errors import ApiError
 from llamakit.wire.responses import (
@@ -90,6 +93,9 @@ def _response_id(request_id: str) -> str:
 
 
 @response_routes.post(PATH)
+@documented(Operation(summary="OpenAI's Responses API, paid: served as a chat completion", auth="api_key",
+                      answer=Response, body=ResponsesRequest, stream=ResponseStreamEvent, stream_done=False,
+                      paid=True))  # fmt: skip
 async def responses(request: web.Request) -> web.StreamResponse:
     state = request.config_dict[STATE]
 
@@ -107,8 +113,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         data = chat_body(req, stream=req.stream)
         chat = validate_request(ChatCompletionRequest, data)
 
-        async def quote(claim: Claim | None) -> PaidRequest:
-            paid = await quote_generation(state, request, caller, chat, data, CHAT_PATH, claim)
+        async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
+            paid = await quote_generation(state, request, caller, chat, data, CHAT_PATH, claim, trace)
             _present_as_response(paid, req)
             return paid
 
@@ -127,14 +133,26 @@ def _present_as_response(paid: PaidRequest, req: ResponsesRequest) -> None:
         events = ResponseEvents(req, response_id=response_id, model=paid.model)
 
         async def open_sse(request: web.Request, headers: dict[str, str]) -> SseWriter:
+            events.model = paid.model  # the model that serves it: a fallback's when the first was passed over
             return await ResponsesSseWriter.start(request, headers, events)
 
         paid.open_sse = open_sse
     else:
-        paid.present = lambda answer: response_from_chat(req, answer, response_id=response_id)
+        paid.present = lambda answer: _with_passed_over(
+            response_from_chat(req, answer, response_id=response_id), answer
+        )
+
+
+def _with_passed_over(response: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """A Response of a request that named `models` says which were passed over, as the chat answer does."""
+    if "passed_over" in answer:
+        response["passed_over"] = answer["passed_over"]
+    return response
 
 
 @response_routes.get(PATH + "/{response_id}")
+@documented(Operation(summary="Always 404: llamakit keeps no responses", auth="api_key", answer=Response,
+                      errors=(404,)))  # fmt: skip
 async def retrieve(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}` (the openai client's `responses.retrieve`): nothing is kept, so always 404."""
     await authenticate(request)
@@ -153,7 +171,8 @@ async def _replay(
     answer, headers = recall_answer(remembered, state.settings.money)
     response_id = _response_id(str(answer.get("id", "")))
     if not req.stream:
-        return json_response(response_from_chat(req, answer, response_id=response_id), headers=headers)
+        response = _with_passed_over(response_from_chat(req, answer, response_id=response_id), answer)
+        return json_response(response, headers=headers)
     events = ResponseEvents(req, response_id=response_id, model=str(answer.get("model") or ""))
     sse = await ResponsesSseWriter.start(request, without_cost_headers(headers), events)
     for chunk in chat_chunks(answer):

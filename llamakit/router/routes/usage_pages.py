@@ -16,14 +16,34 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from aiohttp import web
+from pydantic import Field
 
 from llamakit.money.currency import CreditValue
-from llamakit.router.ledger import MAX_PAGE, UsageRecord
+from llamakit.router.ledger import MAX_AMOUNT, MAX_PAGE, UsageRecord
+from llamakit.router.routes.query import QueryModel, parse_query
 from llamakit.wire.errors import ApiError
 
-__all__ = ["UsageQuery", "priced", "query_int", "usage_page", "usage_query"]
+__all__ = ["AdminUsageParams", "UsageParams", "UsageQuery", "priced", "usage_page", "usage_query"]
 
-MAX_ID = 2**63 - 1
+# The largest record id the ledger takes (its `count` bound); past it `before` was a 500 (found by schemathesis).
+MAX_ID = MAX_AMOUNT
+
+
+class UsageParams(QueryModel):
+    """The query of `GET /v1/account/usage`."""
+
+    limit: int = Field(default=100, ge=1, le=MAX_PAGE, description="records per page")
+    before: int | None = Field(default=None, ge=1, le=MAX_ID, description="a record id: the page holds older records")
+    since: str | None = Field(
+        default=None, description="epoch seconds, or an ISO 8601 date or time (UTC when no zone is given)"
+    )
+    user: str | None = Field(default=None, description="only the records of this `user` (OpenAI's field)")
+
+
+class AdminUsageParams(UsageParams):
+    """The query of `GET /admin/usage`: the tenant's, and one account's records (its name or id)."""
+
+    account: str | None = Field(default=None, description="an account's name or id")
 
 
 @dataclass(frozen=True)
@@ -34,29 +54,16 @@ class UsageQuery:
     user: str | None
 
 
-def query_int(request: web.Request, name: str, low: int, high: int) -> int | None:
-    """The integer query parameter `name`, None when absent; a 400 naming the range when out of it."""
-    raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}", param=name) from None
-    if not low <= value <= high:
-        raise ApiError(400, f"query parameter {name!r} must be between {low} and {high}, got {value}", param=name)
-    return value
-
-
 def parse_since(raw: str) -> float:
     """Epoch seconds from `raw`: a number of seconds, or an ISO 8601 date or date and time (UTC unless zoned).
     ValueError when it is neither, or not a finite number (`nan` compares false with every time, so it would
-    filter nothing out; `inf`, `-inf` and an overflow such as `1e400` name no time)."""
+    filter nothing out; `inf`, `-inf` and an overflow such as `1e400` name no time). Seconds are ASCII
+    digits: `float()` would also read other scripts' digits and `1_0`."""
     try:
-        seconds = float(raw)
+        seconds = float(raw) if raw.isascii() and "_" not in raw else None
     except ValueError:
-        pass
-    else:
+        seconds = None
+    if seconds is not None:
         if not math.isfinite(seconds):
             raise ValueError(f"not a finite number of seconds: {raw!r}")
         return seconds
@@ -67,10 +74,9 @@ def parse_since(raw: str) -> float:
 
 
 def usage_query(request: web.Request) -> UsageQuery:
-    limit = query_int(request, "limit", 1, MAX_PAGE)
-    before = query_int(request, "before", 1, MAX_ID)
+    params = parse_query(UsageParams, request)
     since: float | None = None
-    if (raw := request.query.get("since")) is not None:
+    if (raw := params.since) is not None:
         try:
             since = parse_since(raw)
         except ValueError:
@@ -79,16 +85,21 @@ def usage_query(request: web.Request) -> UsageQuery:
                 f"query parameter 'since' must be epoch seconds or an ISO 8601 date or time, got {raw!r}",
                 param="since",
             ) from None
-    user = request.query.get("user") or None
-    return UsageQuery(limit=100 if limit is None else limit, before=before, since=since, user=user)
+    return UsageQuery(limit=params.limit, before=params.before, since=since, user=params.user or None)
 
 
 def priced(record: UsageRecord, current: CreditValue) -> dict[str, Any]:
-    """A record's price fields: `cost` and `cost_credits`, `currency`, `credit_value` (a number) and
-    `credit_value_exact` (its decimal text) of the money it was priced at when it was made, and
-    `priced_at_current_value`, true for a record made before the ledger kept that (priced at `current` then)."""
+    """A record's price fields: `cost` and `cost_credits`, `cache_discount` and `cache_discount_credits` (what its
+    cached prompt tokens' fee took off the cost), `currency`, `credit_value` (a number) and `credit_value_exact`
+    (its decimal text) of the money it was priced at when it was made, and `priced_at_current_value`, true for a
+    record made before the ledger kept that (priced at `current` then)."""
     money, at_current = record.priced_at(current)
-    return {**money.cost_fields(record.cost), **money.describe(), "priced_at_current_value": at_current}
+    return {
+        **money.cost_fields(record.cost),
+        **money.discount_fields(record.cache_discount),
+        **money.describe(),
+        "priced_at_current_value": at_current,
+    }
 
 
 async def usage_page(

@@ -98,7 +98,7 @@ async def stored_bytes(url: str) -> bytes:
 
 
 async def undo_running_totals(url: str) -> None:
-    """Take the ledger's schema back to before version 11 (running totals), as an older llamakit left it; the
+    """Take the ledger's schema back to before version 13 (running totals), as an older llamakit left it; the
     caller sets the version it then claims to be at."""
     statements = [
         *(f"DROP TABLE {t}" for t in ("account_periods", "ledger_periods", "node_fees", "ledger_totals",

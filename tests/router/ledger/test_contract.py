@@ -9,6 +9,7 @@ import asyncio
 import hashlib
 import signal
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ from llamakit.router.ledger import (
     UNATTRIBUTED,
     AccountExists,
     AccountState,
-    Books,
     HoldClosed,
     InsufficientFunds,
     Ledger,
@@ -264,6 +264,27 @@ async def test_release_refunds_the_whole_hold(ledger: Ledger, funded: int) -> No
     await assert_balanced(ledger)
 
 
+async def test_usage_records_keep_the_routers_overhead(ledger: Ledger, funded: int) -> None:
+    await ledger.hold(funded, 300, request_id="settled", model="smol")
+    await ledger.settle("settled", charge=10, node="n", prompt_tokens=1, completion_tokens=2, overhead_ms=0.375)
+    await ledger.hold(funded, 300, request_id="released", model="smol")
+    await ledger.release("released", status="no_node", http_status=503, overhead_ms=1.5)
+    await ledger.hold(funded, 300, request_id="untimed", model="smol")
+    await ledger.settle("untimed", charge=10, node="n", prompt_tokens=1, completion_tokens=2)
+    found = {r: await ledger.find_usage(r) for r in ("settled", "released", "untimed")}
+    assert {r: u.overhead_ms for r, u in found.items() if u is not None} == {
+        "settled": 0.375,
+        "released": 1.5,
+        "untimed": None,
+    }
+    assert [u.overhead_ms for u in await ledger.usage_records(funded)] == [None, 1.5, 0.375]
+    await ledger.hold(funded, 10, request_id="bad", model="smol")
+    with pytest.raises(ValueError, match="overhead_ms"):
+        await ledger.settle("bad", charge=1, node="n", prompt_tokens=1, completion_tokens=1, overhead_ms=-1)
+    await ledger.release("bad")
+    await assert_balanced(ledger)
+
+
 async def test_text_no_database_stores_is_kept_escaped_and_the_money_still_moves(ledger: Ledger, funded: int) -> None:
     # A lone surrogate is valid in a Python str (and in JSON's \\u escapes) but not in UTF-8; PostgreSQL's text
     # refuses NUL. Clients put both in an OpenAI user, a model name, or a prompt an error quotes: a write that
@@ -496,21 +517,24 @@ async def test_sigkill_under_load_at_random_moments_leaves_the_books_balanced(ur
         alice = await ledger.create_account("alice")
         await ledger.deposit(alice.id, 100_000)
     for round_ in range(3):
+        postgres = url.startswith("postgresql")
+        name = f"llamakit-load-{uuid.uuid4().hex[:8]}"
         loaded = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", LOAD, url, f"round{round_}", stdout=asyncio.subprocess.PIPE,
-            cwd=Path(__file__).parents[3],
+            sys.executable, "-c", LOAD, f"{url}&application_name={name}" if postgres else url, f"round{round_}",
+            stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parents[3],
         )  # fmt: skip
         assert loaded.stdout is not None
         assert await asyncio.wait_for(loaded.stdout.readline(), 30) == b"ready\n"
         await asyncio.sleep(random.uniform(0.4, 1.0))
         loaded.kill()
         assert await loaded.wait() == -signal.SIGKILL
+        if postgres:
+            # PostgreSQL finishes the statement a killed client's backend was running (a batch may still commit)
+            # until it notices the client is gone: the books are read once those backends have ended.
+            await _ended(url, name)
         async with ledger_at(url) as ledger:
-            # PostgreSQL still runs (and commits) the batch the killed process had sent: wait until it has.
-            books = await ledger.books()
-            while backend_of(url) == "postgres" and books != (books := await quiet(ledger)):
-                pass
             await assert_balanced(ledger)  # open holds and all
+            books = await ledger.books()
             released = await ledger.recover_usage()
             assert sum(r.held for r in released) == books.holds
             after = await ledger.books()
@@ -519,10 +543,25 @@ async def test_sigkill_under_load_at_random_moments_leaves_the_books_balanced(ur
             await assert_balanced(ledger)
 
 
-async def quiet(ledger: Ledger) -> Books:
-    """The books a moment later."""
-    await asyncio.sleep(0.3)
-    return await ledger.books()
+async def _ended(url: str, application_name: str) -> None:
+    """Wait until no backend of the database serves a client that connected as `application_name`."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for _ in range(600):
+            alive = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                application_name,
+            )
+            if not alive:
+                return
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                               application_name)  # fmt: skip
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the killed client's backends ({application_name}) did not end")
+    finally:
+        await conn.close()
 
 
 async def test_recover_after_a_close_without_settling(url: str) -> None:
@@ -765,3 +804,15 @@ async def test_answers_are_remembered_per_account_with_their_charge(ledger: Ledg
     await ledger.release("req-3")
     assert await ledger.recall(funded, "call-3") is None
     await assert_balanced(ledger)
+
+
+async def test_a_probe_writes_and_changes_nothing(url: str, ledger: Ledger) -> None:
+    await ledger.probe()  # with no account yet
+    alice = await ledger.create_account("alice")
+    await ledger.deposit(alice.id, 500)
+    before = await ledger.books()
+    await ledger.probe()
+    assert await ledger.books() == before
+    assert (await ledger.get_account(alice.id)).balance == 500
+    async with ledger_at(url) as again:  # and the schema is as it was
+        await again.probe()

@@ -119,10 +119,11 @@ async def test_a_ledger_from_before_names_upgrades_in_place(url: str) -> None:
         key = await ledger.create_key(account.id, limits=KeyLimits(spend_cap=500))
         await ledger.hold(account.id, 100, request_id="r1", model="smol", key_hash=hash_key(key))
         await ledger.settle("r1", charge=40, node="n", prompt_tokens=1, completion_tokens=1)
-    await undo_running_totals(url)  # version 11's
+    await undo_running_totals(url)  # version 13's
     await execute(url, "ALTER TABLE api_keys DROP COLUMN name")
-    for later in ("credit_value", "currency"):  # version 9's
-        await execute(url, f"ALTER TABLE usage DROP COLUMN {later}")
+    later = ("credit_value", "currency", "overhead_ms", "cached_tokens", "cache_discount", "passed_over")
+    for later_column in later:  # versions 9's, 11's and 12's
+        await execute(url, f"ALTER TABLE usage DROP COLUMN {later_column}")
     if backend_of(url) == "sqlite":
         await execute(url, "PRAGMA user_version = 7")
     else:

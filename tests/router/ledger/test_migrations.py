@@ -35,7 +35,7 @@ def schema_of(path: Path) -> set[str]:
     return {" ".join(sql.split()) for (sql,) in rows}
 
 
-@pytest.mark.parametrize("version", [1, 2, 6, 8, 9])
+@pytest.mark.parametrize("version", [1, 2, 6, 8, 9, 11, 12])
 async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, version: int) -> None:
     path = old_ledger(tmp_path / "ledger.db", version)
     async with ledger_at(path, money=CreditValue(Decimal("0.0025"), "EUR")) as ledger:
@@ -45,7 +45,7 @@ async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, versi
         assert await ledger.account_state(alice.id) == AccountState(balance=880, held=0, spent=120, deposited=1000)
         assert await ledger.account_state(bot.id) == AccountState(balance=300, held=200, spent=0, deposited=500)
         assert (await ledger.books()).balanced
-        # Version 11's running totals are what the history held.
+        # Version 13's running totals are what the history held.
         assert await ledger.fees_by_node() == {"node-a": 120}
         assert (await ledger.totals()).requests == 2 and (await ledger.audit()).ok  # a settlement, a release
         settled = await ledger.find_usage("req-settled")

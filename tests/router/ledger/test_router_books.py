@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import socket
 import sys
 from contextlib import suppress
 from pathlib import Path
@@ -15,7 +14,8 @@ import httpx
 
 from tests.conftest import RunningServer
 from tests.router.conftest import ADMIN_KEY, Herd
-from tests.router.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.ports import free_port
 
 ROOT = Path(__file__).parents[3]
 
@@ -71,15 +71,8 @@ async def test_remembered_answers_and_usage_records(url: str, herd: Herd) -> Non
         assert account["spent"] == record["cost_credits"] + second.json()["usage"]["cost_credits"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def _start_router(db: str, node_url: str) -> tuple[asyncio.subprocess.Process, str]:
-    port = _free_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", db, "--node", node_url,
         "--admin-key", ADMIN_KEY, "--herd-token", HERD_TOKEN, "--health-interval", "0.1",

@@ -21,6 +21,7 @@ from llamakit.router.ledger import (
     UNATTRIBUTED,
     AccountState,
     Books,
+    CacheSavings,
     KeyLimits,
     Ledger,
     PeriodTotals,
@@ -63,7 +64,8 @@ async def history(ledger: Ledger, clock: Clock) -> dict[str, int]:
         ):
             rid = f"{day:.0f}-{i}"
             await ledger.hold(account, 400, request_id=rid, model="smol", key_hash=hash_key(key) if i == 0 else None)
-            await ledger.settle(rid, charge=charge, node=node, prompt_tokens=3, completion_tokens=5)
+            await ledger.settle(rid, charge=charge, node=node, prompt_tokens=3, completion_tokens=5,
+                                cached_tokens=2 if i == 1 else 0, cache_discount=4 if i == 1 else 0)  # fmt: skip
         await ledger.hold(alice.id, 50, request_id=f"{day:.0f}-released", model="smol")
         await ledger.release(f"{day:.0f}-released", status="no_node", http_status=503)
         await ledger.refuse(bob.id, request_id=f"{day:.0f}-refused", model="smol", status="insufficient_funds",
@@ -85,6 +87,7 @@ async def test_running_totals_are_what_the_history_adds_up_to(url: str) -> None:
             balance=5_500 - 620, held=0, spent=620, deposited=5_500
         )
         assert await ledger.fees_by_node() == {"n1": 840, "n2": 150, UNATTRIBUTED: 20}
+        assert await ledger.cache_savings() == CacheSavings(cached_tokens=4, discount=8)
         totals = await ledger.totals()
         assert (totals.accounts, totals.requests) == (2, 12)
         # Tuesday: four settlements, a release answered with a 503, a refusal; both accounts active.
@@ -174,6 +177,7 @@ async def test_totals_survive_a_crash_and_the_recovery_that_follows(url: str) ->
          "account 1 in 2026-12-01: requests"),
         ("UPDATE ledger_periods SET accounts = 1 WHERE period = '2026-12'", "ledger in 2026-12: accounts"),
         ("UPDATE api_keys SET held = 40", ": held"),
+        ("UPDATE ledger_totals SET cache_discount = cache_discount + 1", "totals: cache_discount"),
     ],
 )  # fmt: skip
 async def test_an_audit_that_disagrees_is_an_alarm_and_changes_nothing(url: str, corruption: str, named: str) -> None:
@@ -192,7 +196,7 @@ async def test_an_audit_that_disagrees_is_an_alarm_and_changes_nothing(url: str,
         # Nothing fixed: the figures read the same after the audit, and a second audit finds the same.
         assert (await ledger.books(), await ledger.fees_by_node(), await ledger.top_accounts()) == corrupted
         assert (await ledger.audit()).discrepancies == audit.discrepancies
-    if "ledger_totals" in corruption:
+    if "SET charges" in corruption:
         assert corrupted[0] != books
     if "node_fees" in corruption:
         assert corrupted[1] != fees
@@ -213,6 +217,7 @@ async def test_an_archive_moves_old_records_to_a_file_pandas_reads_and_the_books
                             remember=Remembered("idem-1", "fp", '{"answer": 1}'))  # fmt: skip
         clock.now = TUESDAY + 60
         before = (await ledger.books(), await ledger.fees_by_node(), await ledger.totals())
+        savings = await ledger.cache_savings()
         states = {name: await ledger.account_state(i) for name, i in ids.items()}
         tuesday_usage = await ledger.all_usage(1000, since=TUESDAY - 12 * 3600)
         midnight = TUESDAY - 12 * 3600  # 2026-12-01 00:00 UTC
@@ -236,6 +241,7 @@ async def test_an_archive_moves_old_records_to_a_file_pandas_reads_and_the_books
             dataclasses.replace(before[2], archived_before=midnight),
         )
         assert {name: await ledger.account_state(i) for name, i in ids.items()} == states
+        assert await ledger.cache_savings() == savings and frame["cached_tokens"].sum() == 2
         audit = await ledger.audit()
         assert audit.ok, audit.discrepancies
         await assert_balanced(ledger)

@@ -64,9 +64,10 @@ async def test_a_ledger_from_before_prices_upgrades_in_place(url: str) -> None:
         await ledger.hold(alice.id, 100, request_id="old", model="smol")
         await ledger.settle("old", charge=40, node="n", prompt_tokens=1, completion_tokens=1)
         await ledger.hold(alice.id, 100, request_id="open", model="smol")
-    await undo_running_totals(url)  # version 11's
-    for later in ("credit_value", "currency"):
-        await execute(url, f"ALTER TABLE usage DROP COLUMN {later}")
+    await undo_running_totals(url)  # version 13's
+    later = ("credit_value", "currency", "overhead_ms", "cached_tokens", "cache_discount", "passed_over")
+    for later_column in later:  # versions 9's, 11's and 12's
+        await execute(url, f"ALTER TABLE usage DROP COLUMN {later_column}")
     if backend_of(url) == "sqlite":
         await execute(url, "PRAGMA user_version = 8")
     else:

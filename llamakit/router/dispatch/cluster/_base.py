@@ -12,6 +12,7 @@ from typing import Any, Final, TypeVar
 
 import asyncpg
 
+from llamakit.outage import Outage
 from llamakit.router.herd import Herd
 from llamakit.router.ledger import Ledger, LedgerError
 
@@ -88,6 +89,8 @@ class ClusterBase:
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_lost = False
         self._renewed = False
+        self.database = Outage(log, "cluster: the database", cost="calls failed")
+        self._relistening = False  # the listening connection was lost and is not back yet
 
     def _db(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -98,11 +101,23 @@ class ClusterBase:
         while True:
             try:
                 await work()
+                self._database_back()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a database blip must not end the loop: the next round tries again
+            except _DB_ERRORS as exc:  # a database blip must not end the loop: the next round tries again
+                self._database_failed(exc)
+            except Exception:
                 log.exception("cluster: %s failed", getattr(work, "__name__", work))
             await asyncio.sleep(seconds)
+
+    def _database_failed(self, exc: BaseException) -> None:
+        """A call to the database failed: said once per outage (the loops and retries go on quietly)."""
+        self.database.failed(exc, consequence="the cluster's rounds and retries go on quietly until it answers")
+        self.database.count()
+
+    def _database_back(self) -> None:
+        if self.database.down:
+            self.database.ended()
 
     async def _until_done(self, what: str, work: Callable[[], Awaitable[_T]]) -> _T:
         """`work()`'s result, asked for again (0.1 s, doubling to 5 s) while the database cannot be reached: a
@@ -112,9 +127,12 @@ class ClusterBase:
         pause = 0.1
         while True:
             try:
-                return await work()
+                result = await work()
+                self._database_back()
+                return result
             except _DB_ERRORS as exc:
-                log.warning("cluster: %s failed (%s); trying again in %.1f s", what, exc, pause)
+                log.debug("cluster: %s failed (%s); trying again in %.1f s", what, exc, pause)
+                self._database_failed(exc)
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
 

@@ -11,7 +11,7 @@ from llamakit.router.dispatch.cluster._base import (
     CLAIM_WAIT_SECONDS,
 )
 from llamakit.router.ledger import Ledger, Remembered
-from llamakit.router.paid.idempotency import Claim, Idempotency, KeyInUse
+from llamakit.router.paid.idempotency import Claim, Fingerprint, Idempotency, KeyInUse
 
 if TYPE_CHECKING:
     from llamakit.router.dispatch.cluster import Cluster
@@ -31,7 +31,7 @@ class ClusterIdempotency(Idempotency):
         super().__init__(ledger)
         self.cluster = cluster
 
-    async def claim(self, account_id: int, key: str, print_: str) -> Claim | Remembered:
+    async def claim(self, account_id: int, key: str, print_: Fingerprint) -> Claim | Remembered:
         """As Idempotency.claim; a repeat polls (every CLAIM_POLL_SECONDS, slowing to a second) for at most
         CLAIM_WAIT_SECONDS, then gets 409 `idempotency_key_in_use`: a client that left does not poll forever."""
         pool = self.cluster._db()
@@ -52,7 +52,7 @@ class ClusterIdempotency(Idempotency):
                 "ON CONFLICT DO NOTHING RETURNING fingerprint, true AS ours) "
                 "SELECT fingerprint, ours FROM mine UNION ALL "
                 "SELECT fingerprint, false FROM idempotency_claims WHERE account_id = $1 AND key = $2",
-                account_id, key, print_, self.cluster.id,
+                account_id, key, print_.value, self.cluster.id,
             )  # fmt: skip
             if row is not None and row["ours"]:
                 return Claim(account_id, key, print_)

@@ -38,9 +38,10 @@ class Leases(ClusterBase):
         # wait for the WAL to reach the disk at each commit: the dispatch lock is let go only at commit, so a
         # flush per statement (milliseconds) would be the whole herd's pace. A database crash may lose the
         # last queue changes, which die with the routers' connections anyway; the books are the ledger's.
+        # No floor of connections, as the ledger's pool (see PostgresLedger.open): no traceback per reconnection try.
         self._pool = await asyncpg.create_pool(
             self._dsn,
-            min_size=1,
+            min_size=0,
             max_size=8,
             reset=_no_reset,
             server_settings={} if "synchronous_commit" in parse_qs(urlsplit(self._dsn).query) else _FAST_COMMITS,
@@ -202,14 +203,18 @@ class Leases(ClusterBase):
         """Become the router that runs the health checks, if none is (a session advisory lock on the listener
         connection: it is let go when this router's connection ends)."""
         if self._listener is None or self._listener.is_closed():
-            log.warning("the connection that listens for the cluster's notifications was lost; reconnecting")
+            if not self._relistening:  # said once, not at every round until it is back
+                log.warning("the connection that listens for the cluster's notifications was lost; reconnecting")
+            self._relistening = True
             try:
                 await self._listen()
             except RouterIdInUse:
                 # The database still holds the lost connection's lock on this router's id (it has not seen the
                 # connection die yet): try again next round; meanwhile the rest of the round still runs.
-                log.warning("this router's id is still locked by its lost connection; retrying")
+                log.debug("this router's id is still locked by its lost connection; retrying")
                 return False
+            log.info("the connection that listens for the cluster's notifications is back")
+            self._relistening = False
         if not self.leader and self._listener is not None:
             self.leader = bool(await self._listener.fetchval("SELECT pg_try_advisory_lock($1)", self._leader_key))
             if self.leader:

@@ -9,6 +9,7 @@ import time
 import asyncpg
 
 from llamakit.router.dispatch.cluster._base import (
+    _DB_ERRORS,
     _DB_NOW,
     ClusterBase,
     _array_literal,
@@ -52,6 +53,8 @@ class Membership(ClusterBase):
                 await self.reload()
             except asyncio.CancelledError:
                 raise
+            except _DB_ERRORS as exc:
+                self._database_failed(exc)
             except Exception:
                 log.exception("cluster: reloading the herd failed")
 

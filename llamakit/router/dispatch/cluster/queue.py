@@ -14,6 +14,7 @@ import asyncpg
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
 from llamakit.router.dispatch import HerdView
 from llamakit.router.dispatch.cluster._base import (
+    _DB_ERRORS,
     _DB_NOW,
     ClusterBase,
     _Waiter,
@@ -28,6 +29,7 @@ from llamakit.router.dispatch.errors import (
     queue_timeout,
 )
 from llamakit.router.herd import HerdNode
+from llamakit.router.ledger._postgres import _database_error
 
 __all__ = ["SharedQueue"]
 
@@ -79,7 +81,9 @@ class SharedQueue(ClusterBase):
             except asyncpg.PostgresError as exc:
                 if getattr(exc, "sqlstate", None) == "LK429":
                     raise self._refusal(model, str(getattr(exc, "message", exc))) from None
-                raise
+                raise _database_error(exc) from exc  # 503 ledger_unavailable when the database is away
+            except _DB_ERRORS as exc:
+                raise _database_error(exc) from exc
             waiter.queued = True
             self._delivered(rows, started)
             # Given a node by its own dispatch, or later by a NOTIFY (or the sync round's look at the queue).

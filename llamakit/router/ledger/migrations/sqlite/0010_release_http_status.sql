@@ -1,3 +1,3 @@
--- PostgreSQL's version 10 makes its batch function keep a release's HTTP status; SQLite's ledger writes it from
--- Python, and needs nothing in the schema. Kept so that both backends share version numbers.
+-- PostgreSQL's version 10 redefines its settlement function to keep a release's http_status; SQLite's settlement
+-- is Python (_sqlite.py) and has kept it since version 4. Nothing to do here: the versions stay in step.
 SELECT 1;

@@ -39,7 +39,8 @@ CREATE TABLE node_fees (
 ) WITHOUT ROWID;
 
 -- The whole ledger, one row: deposited, in balances, in open holds, charged (in all, archived included);
--- accounts; usage records ever made; and the time before which `llamakit ledger archive` moved the records out.
+-- accounts; usage records ever made; prompt tokens read from the nodes' caches and the credits that saved the
+-- clients; and the time before which `llamakit ledger archive` moved the records out.
 CREATE TABLE ledger_totals (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     deposits INTEGER NOT NULL,
@@ -48,15 +49,19 @@ CREATE TABLE ledger_totals (
     charges INTEGER NOT NULL,
     accounts INTEGER NOT NULL,
     requests INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_discount INTEGER NOT NULL DEFAULT 0,
     archived_before REAL
 );
 
--- What archives took out of the hot tables, one line per account (credits charged, usage records) and per
--- node (credits charged), so that the audit still adds up after them.
+-- What archives took out of the hot tables, one line per account (credits charged, usage records, cached prompt
+-- tokens and what they saved) and per node (credits charged), so that the audit still adds up after them.
 CREATE TABLE archived_accounts (
     account_id INTEGER PRIMARY KEY REFERENCES accounts (id),
     charged INTEGER NOT NULL DEFAULT 0,
-    records INTEGER NOT NULL DEFAULT 0
+    records INTEGER NOT NULL DEFAULT 0,
+    cached_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_discount INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE archived_nodes (
     node TEXT PRIMARY KEY,
@@ -93,14 +98,16 @@ SELECT period, SUM(spent), SUM(requests), SUM(refusals), COUNT(*) FROM account_p
 
 INSERT INTO node_fees (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges GROUP BY COALESCE(node, '');
 
-INSERT INTO ledger_totals (id, deposits, balances, holds, charges, accounts, requests)
+INSERT INTO ledger_totals (id, deposits, balances, holds, charges, accounts, requests, cached_tokens, cache_discount)
 SELECT 1,
     (SELECT COALESCE(SUM(amount), 0) FROM deposits),
     (SELECT COALESCE(SUM(balance), 0) FROM accounts),
     (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE status = 'open'),
     (SELECT COALESCE(SUM(amount), 0) FROM charges),
     (SELECT COUNT(*) FROM accounts),
-    (SELECT COUNT(*) FROM usage);
+    (SELECT COUNT(*) FROM usage),
+    (SELECT COALESCE(SUM(cached_tokens), 0) FROM usage),
+    (SELECT COALESCE(SUM(cache_discount), 0) FROM usage);
 
 -- Archives find each request's remembered answer.
 CREATE INDEX idempotency_request ON idempotency (request_id);

@@ -1,4 +1,4 @@
--- Running totals, as SQLite's version 11: the figures the books, the dashboard and an account's view read, kept
+-- Running totals, as SQLite's version 13: the figures the books, the dashboard and an account's view read, kept
 -- by every deposit, hold, settlement, release and refusal in its own transaction. Holds, settlements and
 -- releases keep them in llamakit_hold and llamakit_close (an account's own figures, under its row's lock) and in
 -- llamakit_apply (the ledger's, once per batch, at its end: a batch holds the rows every router shares only for
@@ -40,13 +40,17 @@ CREATE TABLE ledger_totals (
     charges bigint NOT NULL,
     accounts bigint NOT NULL,
     requests bigint NOT NULL,
+    cached_tokens bigint NOT NULL DEFAULT 0,
+    cache_discount bigint NOT NULL DEFAULT 0,
     archived_before double precision
 );
 
 CREATE TABLE archived_accounts (
     account_id bigint PRIMARY KEY REFERENCES accounts (id),
     charged bigint NOT NULL DEFAULT 0,
-    records bigint NOT NULL DEFAULT 0
+    records bigint NOT NULL DEFAULT 0,
+    cached_tokens bigint NOT NULL DEFAULT 0,
+    cache_discount bigint NOT NULL DEFAULT 0
 );
 CREATE TABLE archived_nodes (
     node text PRIMARY KEY,
@@ -86,14 +90,16 @@ SELECT period, SUM(spent), SUM(requests), SUM(refusals), COUNT(*) FROM account_p
 
 INSERT INTO node_fees (node, charged) SELECT COALESCE(node, ''), SUM(amount) FROM charges GROUP BY COALESCE(node, '');
 
-INSERT INTO ledger_totals (id, deposits, balances, holds, charges, accounts, requests)
+INSERT INTO ledger_totals (id, deposits, balances, holds, charges, accounts, requests, cached_tokens, cache_discount)
 SELECT 1,
     (SELECT COALESCE(SUM(amount), 0) FROM deposits),
     (SELECT COALESCE(SUM(balance), 0) FROM accounts),
     (SELECT COALESCE(SUM(amount), 0) FROM holds WHERE status = 'open'),
     (SELECT COALESCE(SUM(amount), 0) FROM charges),
     (SELECT COUNT(*) FROM accounts),
-    (SELECT COUNT(*) FROM usage);
+    (SELECT COUNT(*) FROM usage),
+    (SELECT COALESCE(SUM(cached_tokens), 0) FROM usage),
+    (SELECT COALESCE(SUM(cache_discount), 0) FROM usage);
 
 -- An account's figures for one usage record in `day` and `month`: `spent` credits, a refusal or not (the caller
 -- has the account's row locked). Whether the account is new in the day and in the month (1) or not (0), for
@@ -180,8 +186,9 @@ BEGIN
 END
 $$;
 
--- As version 10's, and the account's figures (held, spent, last seen, its day and month) follow the close. The
--- result also says whether the account is new in the day and month ("new_in_day", "new_in_month": 0 or 1).
+-- As version 12's, and the account's figures (held, spent, last seen, its day and month) follow the close. The
+-- result also says whether the close settled, and whether the account is new in the day and month ("new_in_day",
+-- "new_in_month": 0 or 1).
 CREATE OR REPLACE FUNCTION llamakit_close(op jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
     hold holds%ROWTYPE;
@@ -189,6 +196,7 @@ DECLARE
     charged bigint := 0;
     balance bigint;
     now_ float8 := (op->>'now')::float8;
+    served text;
     counted record;
 BEGIN
     SELECT * INTO hold FROM holds WHERE id = op->>'request_id' FOR UPDATE;
@@ -198,11 +206,12 @@ BEGIN
     IF hold.status <> 'open' THEN
         RETURN jsonb_build_object('error', 'closed', 'status', hold.status);
     END IF;
+    served := COALESCE(op->>'model', hold.model);
     IF settling THEN
         -- The hold is the most the client agreed to pay; see fees.settle_amount.
         charged := LEAST((op->>'charge')::bigint, hold.amount);
         INSERT INTO charges (hold_id, account_id, node, model, amount, prompt_tokens, completion_tokens, created)
-            VALUES (hold.id, hold.account_id, op->>'node', hold.model, charged, (op->>'prompt_tokens')::bigint,
+            VALUES (hold.id, hold.account_id, op->>'node', served, charged, (op->>'prompt_tokens')::bigint,
                     (op->>'completion_tokens')::bigint, now_);
     END IF;
     UPDATE accounts SET balance = accounts.balance + hold.amount - charged, held = accounts.held - hold.amount,
@@ -224,12 +233,14 @@ BEGIN
         WHERE id = hold.id;
     INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, cost, bid,
                        held, latency_ms, queue_ms, error, created, "user", key_prefix, credit_value, currency,
-                       http_status)
-        VALUES (hold.id, hold.account_id, hold.model, op->>'node', op->>'status', (op->>'prompt_tokens')::bigint,
+                       http_status, overhead_ms, cached_tokens, cache_discount, passed_over)
+        VALUES (hold.id, hold.account_id, served, op->>'node', op->>'status', (op->>'prompt_tokens')::bigint,
                 (op->>'completion_tokens')::bigint, charged, COALESCE(op->>'bid', hold.bid), hold.amount,
                 (op->>'latency_ms')::float8, (op->>'queue_ms')::float8, op->>'error', now_, hold."user",
                 (SELECT prefix FROM api_keys WHERE api_keys.key_hash = hold.key_hash), op->>'credit_value',
-                op->>'currency', (op->>'http_status')::integer);
+                op->>'currency', (op->>'http_status')::integer, (op->>'overhead_ms')::float8,
+                COALESCE((op->>'cached_tokens')::bigint, 0), COALESCE((op->>'cache_discount')::bigint, 0),
+                op->>'passed_over');
     IF jsonb_typeof(op->'remember') = 'object' THEN
         INSERT INTO idempotency (account_id, key, request_id, fingerprint, response, created)
             VALUES (hold.account_id, op->'remember'->>'key', hold.id, op->'remember'->>'fingerprint',
@@ -254,6 +265,8 @@ DECLARE
     d_holds bigint := 0;
     d_charges bigint := 0;
     d_requests bigint := 0;
+    d_cached bigint := 0;
+    d_discount bigint := 0;
     node_names text[] := '{}';
     node_charged bigint[] := '{}';
     period_names text[] := '{}';
@@ -299,6 +312,8 @@ BEGIN
                 d_holds := d_holds - held;
                 d_charges := d_charges + charged;
                 d_requests := d_requests + 1;
+                d_cached := d_cached + COALESCE((op->>'cached_tokens')::bigint, 0);
+                d_discount := d_discount + COALESCE((op->>'cache_discount')::bigint, 0);
                 IF (result->>'settled')::boolean THEN
                     node_names := node_names || COALESCE(op->>'node', '');
                     node_charged := node_charged || charged;
@@ -313,7 +328,8 @@ BEGIN
     END LOOP;
     IF d_balances <> 0 OR d_holds <> 0 OR d_charges <> 0 OR d_requests <> 0 THEN
         UPDATE ledger_totals SET balances = balances + d_balances, holds = holds + d_holds,
-                                 charges = charges + d_charges, requests = requests + d_requests
+                                 charges = charges + d_charges, requests = requests + d_requests,
+                                 cached_tokens = cached_tokens + d_cached, cache_discount = cache_discount + d_discount
             WHERE id = 1;
     END IF;
     INSERT INTO node_fees AS f (node, charged)

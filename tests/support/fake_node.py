@@ -1,13 +1,17 @@
 """A scripted stand-in for a node, for testing the router's own behaviour (queue order, failover, timeouts).
 
 It speaks the node's protocol (health, herd token, OpenAI-shaped answers, SSE with running token counts) and
-does what its `Script` says: how many tokens, how fast, and how to fail.
+does what its `Script` says: how many tokens, how fast, and how to fail. Tests serve `FakeNode(...).app()` in
+their own event loop; where a node must be a process of its own (a soak, nodes on other hosts, a herd of a
+thousand for `bench/herd_scale.py`), `python -m tests.support.fake_node --port P` serves one (see `main`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
+import gc
 import json
 import struct
 from dataclasses import dataclass, field
@@ -44,6 +48,9 @@ class Script:
     # stream: these tool calls, (name, arguments), instead of text, as llama.cpp streams them: a chunk with the
     # call's index, id and name, then its arguments in two pieces (a token each); finish_reason "tool_calls"
     calls: list[tuple[str, str]] | None = None
+    # A prompt cache as a node's: a prompt's words that an earlier prompt of the same X-Llamakit-Cache-Salt began
+    # with are reported as usage.prompt_tokens_details.cached_tokens
+    cache: bool = False
 
 
 @dataclass
@@ -54,6 +61,7 @@ class FakeNode:
     script: Script = field(default_factory=Script)
     received: list[dict[str, Any]] = field(default_factory=list)
     cache_salts: list[str | None] = field(default_factory=list)  # X-Llamakit-Cache-Salt of each generation
+    traceparents: list[str | None] = field(default_factory=list)  # the W3C traceparent of each generation
     active: int = 0
     max_active: int = 0
     cancelled: int = 0
@@ -61,6 +69,11 @@ class FakeNode:
     status: str = "ready"
     n_ctx: int | None = None  # said in /health when set, as a real node says its context
     stops: dict[str, asyncio.Event] = field(default_factory=dict)  # by request id: POST /admin/cancel/{id}
+    # Answers in OpenAI's exact shapes, as a real node writes them (chat.completion with a message, chunks with a
+    # delta, `created` everywhere): for checking the router's answers against its OpenAPI document. Off, chat
+    # answers are text completions, which the router's own behaviour does not care about.
+    openai_shapes: bool = False
+    prompts: dict[str | None, list[list[str]]] = field(default_factory=dict)  # Script.cache: earlier prompts by salt
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -135,6 +148,7 @@ class FakeNode:
         body = await request.json()
         self.received.append(body)
         self.cache_salts.append(request.headers.get("X-Llamakit-Cache-Salt"))
+        self.traceparents.append(request.headers.get("traceparent"))
         script = self.script
         if script.hang:
             await request.app[STOPPING].wait()
@@ -164,10 +178,13 @@ class FakeNode:
                 return web.Response(status=499)
             text = body.get("prompt") or " ".join(m.get("content") or "" for m in body.get("messages", []))
             prompt_tokens = len(str(text).split()) + 3
+            cached = self._cached(request.headers.get("X-Llamakit-Cache-Salt"), str(text).split())
             n = min(script.tokens, body.get("max_tokens") or script.tokens)
             rid = request.headers.get("X-Llamakit-Request-Id", "x")
             if body.get("stream"):
-                return await self._stream(request, rid, prompt_tokens, n, body)
+                if cached is None:  # as subclasses that write streams of their own take it
+                    return await self._stream(request, rid, prompt_tokens, n, body)
+                return await self._stream(request, rid, prompt_tokens, n, body, cached)
             stop = self.stops[rid] = asyncio.Event()
             resp: web.StreamResponse | None = None
             made = 0
@@ -181,6 +198,8 @@ class FakeNode:
                     await resp.write(b" ")
             del self.stops[rid]
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": made, "total_tokens": prompt_tokens + made}
+            if cached is not None:
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
             answer = {
                 "id": rid,
                 "object": "text_completion",
@@ -188,6 +207,8 @@ class FakeNode:
                 "choices": [{"index": 0, "text": " tok" * made, "finish_reason": "length"}],
                 "usage": usage,
             }
+            if self.openai_shapes:
+                answer = self._shaped(answer, chat=request.path.endswith("/chat/completions"))
             if resp is None:
                 return web.json_response(answer)
             await resp.write(json.dumps(answer).encode())
@@ -202,8 +223,38 @@ class FakeNode:
             else:
                 self.active -= 1
 
+    def _cached(self, salt: str | None, words: list[str]) -> int | None:
+        """Script.cache: the words of `words` that an earlier prompt of `salt` began with (None without a cache)."""
+        if not self.script.cache:
+            return None
+        earlier = self.prompts.setdefault(salt, [])
+        best = 0
+        for seen in earlier:
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(seen, words, strict=False)) if a != b), min(len(seen), len(words))
+            )
+            best = max(best, shared)
+        earlier.append(words)
+        return best
+
     def _free_slot(self) -> None:
         self.active -= 1
+
+    def _shaped(self, answer: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+        """A whole answer as a real node writes it: `created`, and for chat a `chat.completion` with a message."""
+        answer["created"] = 1
+        if chat:
+            answer["object"] = "chat.completion"
+            answer["choices"] = [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "logprobs": None,
+                    "finish_reason": choice["finish_reason"],
+                }
+                for choice in answer["choices"]
+            ]
+        return answer
 
     @staticmethod
     async def _still_wanted(request: web.Request, seconds: float) -> bool:
@@ -216,7 +267,13 @@ class FakeNode:
         return True
 
     async def _stream(
-        self, request: web.Request, rid: str, prompt_tokens: int, n: int, body: dict[str, Any]
+        self,
+        request: web.Request,
+        rid: str,
+        prompt_tokens: int,
+        n: int,
+        body: dict[str, Any],
+        cached: int | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -225,8 +282,11 @@ class FakeNode:
             # Compact, as a real node writes its chunks (the router passes token chunks on without parsing them).
             await resp.write(b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
 
-        pieces = _call_pieces(self.script.calls) if self.script.calls else [{"text": " tok"}] * n
+        chat = self.openai_shapes and request.path.endswith("/chat/completions")
+        calls = self.script.calls
+        pieces = _call_pieces(calls) if calls else [{"delta": {"content": " tok"}} if chat else {"text": " tok"}] * n
         n = len(pieces)
+        shape = {"created": 1, "model": self.model} if self.openai_shapes else {}
         try:
             for i, piece in enumerate(pieces, 1):
                 await asyncio.sleep(self.script.token_delay)
@@ -239,20 +299,27 @@ class FakeNode:
                     return resp
                 chunk = {
                     "id": rid,
-                    "object": "chat.completion.chunk" if self.script.calls else "text_completion",
+                    "model": self.model,
+                    "object": "chat.completion.chunk" if calls or chat else "text_completion",
+                    **shape,
                     "choices": [{"index": 0, **piece, "finish_reason": None}],
                     "usage": None,
                 }
                 await send(with_counts(chunk, TokenCounts(prompt_tokens, i)))
             finish = (
-                {"delta": {}, "finish_reason": "tool_calls"}
-                if self.script.calls
+                {"delta": {}, "finish_reason": "tool_calls" if calls else "length"}
+                if calls or chat
                 else {"text": "", "finish_reason": "length"}
             )
-            await send({"id": rid, "choices": [{"index": 0, **finish}]})
+            kind = {"object": "chat.completion.chunk" if calls or chat else "text_completion"} if shape else {}
+            await send({"id": rid, "model": self.model, **kind, **shape, "choices": [{"index": 0, **finish}]})
             if (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-                await send({"id": rid, "choices": [], "usage": usage})
+                usage: dict[str, Any] = {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n
+                }  # fmt: skip
+                if cached is not None:
+                    usage["prompt_tokens_details"] = {"cached_tokens": cached}
+                await send({"id": rid, "model": self.model, **kind, **shape, "choices": [], "usage": usage})
             await resp.write(b"data: [DONE]\n\n")
         except (ConnectionError, asyncio.CancelledError):
             self.cancelled += 1
@@ -270,3 +337,58 @@ def _call_pieces(calls: list[tuple[str, str]]) -> list[dict[str, Any]]:
         for part in (arguments[:half], arguments[half:]):
             pieces.append({"delta": {"tool_calls": [{"index": index, "function": {"arguments": part}}]}})
     return pieces
+
+
+class _Forgetful(list[dict[str, Any]]):
+    """`FakeNode.received` in a process of its own: nobody reads it there, and a list of every request body
+    a long benchmark sent grew the heap that each of the garbage collector's full passes walks."""
+
+    def append(self, item: dict[str, Any]) -> None:
+        pass
+
+
+async def serve(*, host: str, port: int, name: str, ports: int, slots: int, tokens: int, token_delay: float) -> None:
+    """Serve `ports` fake nodes on ports `port`.. from one event loop, and say "ready" once all listen."""
+    runners = []
+    for i in range(ports):
+        node = FakeNode(
+            name if ports == 1 else f"{name}-{i}",
+            slots=slots,
+            script=Script(tokens, token_delay),
+            received=_Forgetful(),
+        )
+        runner = web.AppRunner(node.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, port + i).start()
+        runners.append(runner)
+    # A thousand apps are a heap of long-lived objects: out of the collector's way, so that a herd of 1,000
+    # answers as cheaply per request as a herd of one.
+    gc.freeze()
+    print("ready", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+def main() -> None:
+    """`python -m tests.support.fake_node --port P`: a fake node in a process of its own.
+
+    With `--ports K` it serves K nodes on ports P..P+K-1 from one process and one event loop (for big herds:
+    `bench/herd_scale.py`); each is named N-<i>.
+    """
+    parser = argparse.ArgumentParser(prog="python -m tests.support.fake_node")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--ports", type=int, default=1)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--token-delay", type=float, default=0.02)
+    args = parser.parse_args()
+    asyncio.run(serve(**vars(args)))
+
+
+if __name__ == "__main__":
+    main()
