@@ -183,9 +183,18 @@ async def _load(
             report.ready_during = (await client.get(url + "/ready")).status_code
             report.live_during = (await client.get(url + "/live")).status_code
 
+    deadline = time.monotonic() + 300
+
+    def more() -> bool:
+        # `requests` sent, and then on until some were served after the mend: refusals come back so fast that
+        # the rest of `requests` can all be refused while the database is still starting.
+        if sent < requests:
+            return True
+        return not (mended.is_set() and report.served_after >= concurrency) and time.monotonic() < deadline
+
     async def worker(n: int) -> None:
         nonlocal sent, refused, mending
-        while sent < requests:
+        while more():
             sent += 1
             if not failing.is_set() and await stable():
                 failing.set()
