@@ -30,6 +30,7 @@ from llamakit.node.chat_tokens import chat_tokens
 from llamakit.node.grammar_check import GrammarCheck
 from llamakit.node.llama_log import hearing, redirecting
 from llamakit.node.placement import LlamaOptions, Placement, flash_attn_chosen, placement_of
+from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.wire.completions import check_grammar_shape
 from llamakit.wire.errors import ApiError
 
@@ -87,17 +88,6 @@ class GenerationJob:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repeat_penalty != 1
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log probability under the model (the softmax of its raw logits, before any
-    sampling setting), with the `top` most likely tokens at that step, each `(token, bytes, logprob)`."""
-
-    token: int
-    piece: bytes
-    logprob: float
-    top: list[tuple[int, bytes, float]]
-
-
 def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenLogprob:
     """The TokenLogprob of `token` from a step's `n_vocab` logits (a ctypes float array or numpy row)."""
     row = np.ctypeslib.as_array(logits, shape=(model.n_vocab,)) if not isinstance(logits, np.ndarray) else logits
@@ -110,23 +100,6 @@ def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenL
         ids = ids[np.argsort(-row[ids], kind="stable")]
         best = [(int(i), model.piece(int(i)), float(row[i] - log_total)) for i in ids]
     return TokenLogprob(token, model.piece(token), float(row[token] - log_total), best)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`; `cached_tokens` of
-    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`).
-    `admitted_ns` is when the engine took it in and `first_token_ns` when it sampled its first token (epoch
-    nanoseconds, 0 when unknown): the node's trace splits queue, prefill and decode by them."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    cached_tokens: int = 0
-    admitted_ns: int = 0
-    first_token_ns: int = 0
 
 
 class _StopMatcher:
