@@ -396,12 +396,12 @@ async def embeddings(request: web.Request) -> web.Response:
         metrics.requests.labels("embeddings", "error").inc()
         if isinstance(exc, Unreachable):
             fronted.down(exc)
-        if exc.status == 501 or exc.type == "not_supported_error":
+        if exc.status == 501 or exc.type == "not_supported_error" or "pooling" in exc.message.lower():
             # Another node of the same model may embed: a 5xx sends the router there.
             raise ApiError(
                 503,
                 f"this node's llama-server computes no embeddings ({exc.message}); start it with --embeddings "
-                "for an embedding model, or send embeddings to a node of llama-cpp-python",
+                "--pooling mean for an embedding model, or send embeddings to a node of llama-cpp-python",
                 type="server_error",
                 code="embeddings_unavailable",
             ) from exc
