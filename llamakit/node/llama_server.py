@@ -136,7 +136,12 @@ class LlamaServerClient:
         """What it serves, from `/props` (slots, context per slot, model, build), `/slots` (each slot's context)
         and `/v1/models` (vocabulary and embedding sizes)."""
         props = await self.get_json("/props")
-        slots = await self.get_json("/slots")
+        try:
+            slots = await self.get_json("/slots")
+        except Unreachable:
+            raise
+        except UpstreamError:  # started with --no-slots: /props says the context of each
+            slots = []
         models = await self.get_json("/v1/models")
         meta: dict[str, Any] = {}
         for entry in models.get("data") or []:

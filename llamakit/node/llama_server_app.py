@@ -432,6 +432,8 @@ async def _serve(request: web.Request, req: GenerationRequest, kind: str) -> web
         body = generation_body(
             req, n_vocab=info.n_vocab, n_ctx=info.n_ctx, default_max_tokens=settings.default_max_tokens
         )
+        if kind == "chat":
+            await _no_control_tokens(fronted, body["messages"])
         lease = fronted.lease(request.headers.get(CACHE_SALT_HEADER, ""))
     except ApiError as exc:
         metrics.requests.labels(route, "busy" if exc.status == 503 else "rejected").inc()
@@ -473,6 +475,33 @@ async def _serve(request: web.Request, req: GenerationRequest, kind: str) -> web
             metrics.observe_generation(
                 result.prompt_tokens, result.completion_tokens, result.seconds, result.cached_tokens
             )
+
+
+async def _no_control_tokens(fronted: Fronted, messages: list[dict[str, str]]) -> None:
+    """A 400 when a message spells one of the model's control tokens (`<|im_end|>` …): llama-server reads the
+    rendered chat with them parsed, so such a message could close its own turn and write another's. Found by
+    tokenizing the messages' text with and without them parsed (llama-server's `/tokenize`): only control tokens
+    tell the two apart."""
+    text = "\n".join(m["content"] for m in messages)  # no control token spells a line break
+    if not text:
+        return
+    tokens = []
+    for parse_special in (False, True):
+        try:
+            answer = await fronted.client.post_json("/tokenize", {"content": text, "parse_special": parse_special})
+        except UpstreamError as exc:
+            if isinstance(exc, Unreachable):
+                fronted.down(exc)
+            raise upstream_refusal(exc.status, "chat", exc.type, exc.message, url=fronted.client.url) from exc
+        tokens.append(answer.get("tokens"))
+    if tokens[0] != tokens[1]:
+        raise ApiError(
+            400,
+            "a message spells one of the model's control tokens (such as the end of a turn): this node's "
+            "llama-server would read it as that token, not as text; remove it from the message",
+            param="messages",
+            code="invalid_value",
+        )
 
 
 _QUIET = object()  # no chunk came within a poll: time to look for the client, the cancel and the keepalive
