@@ -28,9 +28,9 @@ class RunningServer:
         self.runner = web.AppRunner(app)
         self.url = ""
 
-    async def start(self) -> RunningServer:
+    async def start(self, port: int = 0) -> RunningServer:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"

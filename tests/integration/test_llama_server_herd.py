@@ -27,6 +27,7 @@ from tests.support.llama_server import (
     until_idle,
     until_processing,
 )
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.model
 
@@ -58,6 +59,15 @@ async def herd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MixedH
         python_node = await RunningServer(
             create_node(NodeSettings(slots=1, n_ctx=1024, herd_token=HERD_TOKEN, name=PYTHON_NODE, threads=1))
         ).start()
+        settings = RouterSettings(
+            db=tmp / "ledger.db",
+            admin_key=ADMIN_KEY,
+            herd_token=HERD_TOKEN,
+            nodes=[python_node.url],
+            health_interval=0.2,
+        )
+        router = await RunningServer(create_router(settings)).start()
+        port = free_port()  # the llama-server node joins the router itself, as any node with --router does
         llama_server_node = await RunningServer(
             create_llama_server_node(
                 NodeSettings(
@@ -65,17 +75,12 @@ async def herd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MixedH
                     llama_server_api_key=upstream.api_key,
                     herd_token=HERD_TOKEN,
                     name=LLAMA_SERVER_NODE,
+                    router=router.url,
+                    public_url=f"http://127.0.0.1:{port}",
+                    heartbeat_seconds=0.2,
                 )
             )
-        ).start()
-        settings = RouterSettings(
-            db=tmp / "ledger.db",
-            admin_key=ADMIN_KEY,
-            herd_token=HERD_TOKEN,
-            nodes=[python_node.url, llama_server_node.url],
-            health_interval=0.2,
-        )
-        router = await RunningServer(create_router(settings)).start()
+        ).start(port)
         admin = httpx.AsyncClient(base_url=router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
         for _ in range(1200):
             health = (await admin.get("/health")).json()
