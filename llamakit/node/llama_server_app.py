@@ -328,7 +328,7 @@ routes = web.RouteTableDef()
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    return json_response(request.app[FRONTED].health().model_dump(exclude_none=True))
+    return json_response(request.app[FRONTED].health().model_dump())
 
 
 @routes.get("/metrics")
