@@ -379,7 +379,7 @@ class BatchedModel(LoadedModel):
         seq.done.set()
 
     def close(self) -> None:
-        if self.closed:  # a model retired by its last lease after the host already closed it: freeing twice crashes
+        if self.closed:  # a model retired by a slot's request after the host closed it: freeing twice crashes
             return
         self.closed = True
         self.grammars.close()
