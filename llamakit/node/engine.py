@@ -290,6 +290,15 @@ class LoadedModel:
         )
 
     def close(self) -> None:
+        """Free the model's contexts and its grammar helper. Once only: a model retired by its last slot's request
+        after the host already closed it is closed again, and freeing llama.cpp's contexts twice crashes."""
+        if self.closed:
+            return
+        self.closed = True
+        self.grammars.close()
+        self._free_contexts()
+
+    def _free_contexts(self) -> None:
         raise NotImplementedError
 
     def choose_slot(self, free: list[int], prompt_tokens: list[int], cache_salt: str = "") -> int:
@@ -512,11 +521,7 @@ class SimpleModel(LoadedModel):
 
         return LogitsProcessorList([bias])
 
-    def close(self) -> None:
-        if self.closed:  # a model retired by its last slot's request after the host already closed it
-            return
-        self.closed = True
-        self.grammars.close()
+    def _free_contexts(self) -> None:
         for llama in self.contexts:
             llama.close()
         self.contexts = []
