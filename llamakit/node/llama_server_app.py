@@ -30,6 +30,7 @@ from aiohttp import web
 from llamakit import jsontext
 from llamakit.catalog import resolve_model
 from llamakit.node.answers import Answer
+from llamakit.node.http_errors import http_error
 from llamakit.node.llama_server import (
     LlamaServerClient,
     ServerInfo,
@@ -44,7 +45,7 @@ from llamakit.node.metrics import NodeMetrics
 from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.node.settings import NodeSettings
 from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
-from llamakit.web import Handler, SseWriter, error_middleware, json_response, require_bearer
+from llamakit.web import Handler, SseWriter, error_middleware_for, json_response, require_bearer
 from llamakit.wire.completions import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -753,7 +754,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         return await handler(request)
 
     app = web.Application(
-        middlewares=[error_middleware, deadline_middleware(settings.request_limits), herd_auth],
+        middlewares=[error_middleware_for(http_error), deadline_middleware(settings.request_limits), herd_auth],
         client_max_size=settings.max_body_bytes,
     )
     fronted = Fronted(settings)

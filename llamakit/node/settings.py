@@ -9,13 +9,13 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
 from llamakit.logs import LogFormat
 from llamakit.node.cores import available_cores
-from llamakit.server import RequestLimits
+from llamakit.server import SERVING_FLAGS, ServingSettings
 
 __all__ = ["CACHE_TYPES", "CacheType", "NodeSettings", "settings_from_args"]
 
@@ -24,7 +24,7 @@ CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
 CACHE_TYPES: tuple[str, ...] = get_args(CacheType)
 
 
-class NodeSettings(BaseModel):
+class NodeSettings(ServingSettings):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     model: str = Field(DEFAULT_MODEL, description="catalog name or path to a .gguf file")
@@ -62,18 +62,6 @@ class NodeSettings(BaseModel):
         description="shared secret of the herd",
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
-    request_timeout: float = Field(
-        10.0,
-        gt=0,
-        le=3600,
-        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
-        "again plus its size at --min-upload-rate",
-    )
-    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
-    max_connections: int | None = Field(
-        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
-    )
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
@@ -195,15 +183,6 @@ class NodeSettings(BaseModel):
         return self
 
     @property
-    def request_limits(self) -> RequestLimits:
-        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
-        return RequestLimits(
-            header_timeout=self.request_timeout,
-            min_upload_rate=self.min_upload_rate,
-            max_connections=self.max_connections,
-        )
-
-    @property
     def url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
@@ -235,9 +214,7 @@ FLAGS = [
     Flag("llama_server_bin", "--llama-server-bin", "LLAMAKIT_LLAMA_SERVER_BIN"),
     Flag("llama_server_api_key", "--llama-server-api-key", "LLAMAKIT_LLAMA_SERVER_API_KEY"),
     Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
-    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
-    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
-    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
+    *SERVING_FLAGS,
 ]
 
 

@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
 from tests.integration.conftest import ADMIN_KEY, HERD_TOKEN
 from tests.support.llama_server import (
     LlamaServer,
@@ -28,6 +27,7 @@ from tests.support.llama_server import (
     until_processing,
 )
 from tests.support.ports import free_port
+from tests.support.servers import PinnedServer, RunningServer
 
 pytestmark = pytest.mark.model
 
@@ -68,7 +68,7 @@ async def herd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MixedH
         )
         router = await RunningServer(create_router(settings)).start()
         port = free_port()  # the llama-server node joins the router itself, as any node with --router does
-        llama_server_node = await RunningServer(
+        llama_server_node = await PinnedServer(
             create_llama_server_node(
                 NodeSettings(
                     llama_server=upstream.url,
@@ -79,8 +79,9 @@ async def herd(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[MixedH
                     public_url=f"http://127.0.0.1:{port}",
                     heartbeat_seconds=0.2,
                 )
-            )
-        ).start(port)
+            ),
+            port,
+        ).start()
         admin = httpx.AsyncClient(base_url=router.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
         for _ in range(1200):
             health = (await admin.get("/health")).json()

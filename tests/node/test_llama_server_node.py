@@ -21,7 +21,6 @@ from llamakit.node.llama_server_request import SAMPLING, generation_body, read_c
 from llamakit.node.settings import NodeSettings, settings_from_args
 from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest
 from llamakit.wire.errors import ApiError
-from tests.conftest import RunningServer
 from tests.support.llama_server import (
     LlamaServer,
     llama_server_or_skip,
@@ -31,6 +30,7 @@ from tests.support.llama_server import (
     until_idle,
     until_processing,
 )
+from tests.support.servers import RunningServer
 
 HERD_TOKEN = "llama-server-herd-token"
 MODEL = "smollm2-135m-instruct"
