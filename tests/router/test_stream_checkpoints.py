@@ -8,6 +8,7 @@ import httpx
 from llamakit.router.ledger import Hold
 from llamakit.router.state import STATE
 from tests.router.conftest import Herd
+from tests.router.test_operator import sample
 from tests.support.fake_node import FakeNode, Script
 
 BODY = {"prompt": "one two three four", "max_tokens": 64, "stream": True}
@@ -40,6 +41,8 @@ async def test_a_stream_checkpoints_every_n_tokens_and_its_settlement_charges_th
     assert hold.delivered.charge == 10 + 7 + 2 * hold.delivered.completion_tokens
     [record] = (await alice.get("/v1/account/usage")).json()["data"]
     assert (record["status"], record["completion_tokens"], record["cost_credits"]) == ("ok", 10, 10 + 7 + 20)
+    written = sample((await alice.get("/metrics")).text, "llamakit_router_stream_checkpoints_total")
+    assert written is not None and 1 <= written <= 3
 
 
 async def test_no_checkpoints_with_checkpoint_tokens_0(herd: Herd) -> None:

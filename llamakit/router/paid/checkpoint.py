@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 class Checkpoints:
     """The checkpoints of one stream of `paid` from `node`."""
 
-    __slots__ = ("at", "every_seconds", "every_tokens", "ledger", "node", "paid", "tokens")
+    __slots__ = ("at", "every_seconds", "every_tokens", "ledger", "metric", "node", "paid", "tokens")
 
     def __init__(self, state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
         self.every_tokens = state.settings.checkpoint_tokens  # 0: none
         self.every_seconds = state.settings.checkpoint_ms / 1000
-        self.ledger = state.ledger
+        self.ledger, self.metric = state.ledger, state.metrics.checkpoints
         self.paid, self.node = paid, node
         self.tokens = 0  # completion tokens at the latest checkpoint
         self.at = time.monotonic()  # when it was made (or the stream began)
@@ -53,7 +53,7 @@ class Checkpoints:
         self.tokens, self.at = completion_tokens, now
         paid = self.paid
         try:
-            written = self.ledger.checkpoint(
+            queued = self.ledger.checkpoint(
                 paid.id,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -64,9 +64,10 @@ class Checkpoints:
         except (LedgerError, ValueError) as exc:  # a closed ledger, a count past MAX_AMOUNT: the stream goes on
             log.debug("request %s: no checkpoint: %s", paid.id, exc)
             return
-        written.add_done_callback(self._written)
+        queued.add_done_callback(self._committed)
+        self.metric.inc()
 
-    def _written(self, future: asyncio.Future[Any]) -> None:
+    def _committed(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
             return
         exc = future.exception()
