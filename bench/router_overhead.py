@@ -17,12 +17,13 @@ never limits) behind three contenders and loads each from one client process:
 
 * ``ckpt-off``, ``ckpt-K``: the same router started with ``--checkpoint-tokens 0`` (a running stream never notes
   what it delivered: a crash refunds it in full) and ``--checkpoint-tokens K`` (a checkpoint every K tokens), each
-  on a ledger of its own (``--checkpoint-tokens 0 4`` by default; none with ``--checkpoint-tokens`` alone). The
+  on a ledger of its own (``--checkpoint-tokens 0 1`` by default: none, and one at every flush, the most a stream
+  can make; none with ``--checkpoint-tokens`` alone). The
   ``router`` contender runs the router's defaults (every 32 tokens or 1000 ms, whichever first: never within this
   workload's 16-token streams, so it pays only the test for one). What checkpoints cost is ``ckpt-K`` against
   ``ckpt-off``: the router's CPU per request (its ledger's thread included; on PostgreSQL the server's work is
-  not in it), SSE chunks per second and p50, and the checkpoints each stream made (the routers' own counter,
-  ``llamakit_router_stream_checkpoints_total``), hence the CPU per checkpoint.
+  not in it), SSE chunks per second and p50, and the checkpoints each stream made (the rise of the routers' own
+  counter, ``llamakit_router_stream_checkpoints_total``, over each cell), hence the CPU per checkpoint.
 
 Three workloads (``--workload``, all by default): ``whole`` posts a completion and reads the whole answer;
 ``stream`` asks for a stream (``"stream": true`` with ``include_usage``) and counts the SSE chunks it reads:
@@ -485,6 +486,7 @@ class Cell:
     # The router's own X-Llamakit-Overhead-Ms on its answers (median and p99 of the cell's; None elsewhere).
     overhead_p50_ms: float | None = None
     overhead_p99_ms: float | None = None
+    checkpoints: int | None = None  # stream checkpoints a router made in the measured part (its counter's rise)
 
     @property
     def rps(self) -> float:
@@ -553,6 +555,8 @@ async def measure_cell(
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as s:
         _, warm_requests, warm_errors, _, _ = await _load(s, url, headers, concurrency, warmup, workload)
+        routed = contender not in ("direct", "floor") and middle is not None
+        checkpoints_before = await _checkpoints_so_far(s, middle) if routed and middle is not None else 0
         before = {name: p.cpu_seconds() for name, p in processes.items()}
         me_before = time.process_time()
         overheads: list[float] = []
@@ -561,6 +565,7 @@ async def measure_cell(
         )
         me_cpu = time.process_time() - me_before
         after = {name: p.cpu_seconds() for name, p in processes.items()}
+        checkpoints = await _checkpoints_so_far(s, middle) - checkpoints_before if routed and middle else None
     cpu_us = {"loadgen": me_cpu / requests * 1e6}
     for name in processes:
         b, a = before[name], after[name]
@@ -583,8 +588,19 @@ async def measure_cell(
         chunks=chunks,
         overhead_p50_ms=_percentile(told, 0.50) if told else None,
         overhead_p99_ms=_percentile(told, 0.99) if told else None,
+        checkpoints=checkpoints,
     )
     return cell, warm_requests + requests
+
+
+async def _checkpoints_so_far(session: aiohttp.ClientSession, router: Server) -> int:
+    """The stream checkpoints `router` has made, by its counter (read outside the CPU window of a cell)."""
+    async with session.get(f"{router.url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("llamakit_router_stream_checkpoints_total "):
+            return round(float(line.split()[1]))
+    return 0
 
 
 async def measure(
@@ -676,17 +692,6 @@ def verify_books(setup: Setup, sent: int, contender: str = "router") -> dict[str
 Table = dict[str, dict[str, dict[str, dict[str, Any]]]]  # workload → concurrency → contender → figures
 
 
-def checkpoints_written(setup: Setup, contender: str) -> int:
-    """The stream checkpoints a router contender made, by its own counter."""
-    at = setup.router if contender == "router" else setup.variants[contender].server
-    with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
-        text = http.get(f"{at.url}/metrics").text
-    for line in text.splitlines():
-        if line.startswith("llamakit_router_stream_checkpoints_total "):
-            return round(float(line.split()[1]))
-    return 0
-
-
 def summarise(cells: list[Cell], workloads: Sequence[str], levels: Sequence[int]) -> Table:
     """Per workload, concurrency level and contender: medians over rounds, and what each adds over `direct`."""
     contenders = list(dict.fromkeys(c.contender for c in cells))
@@ -743,35 +748,25 @@ def _paired(
 
 
 def checkpoint_costs(
-    cells: list[Cell],
-    levels: Sequence[int],
-    written: dict[str, int],
-    sent: dict[tuple[str, str], int],
-    workload: str,
+    cells: list[Cell], levels: Sequence[int], variants: Sequence[str], workload: str
 ) -> dict[str, Any]:
     """What checkpoints cost a stream of `workload`: every checkpointing contender against `ckpt-off`, per
-    concurrency (medians of per-round differences and ratios): router CPU µs per request, SSE chunks per second,
-    p50 of a whole stream; checkpoints per stream (its counter over the streams it was sent, of both stream
-    workloads: the paced ones make nearly all of them), and CPU µs per checkpoint."""
-    if "ckpt-off" not in written:
+    concurrency (medians of per-round differences and ratios): router CPU µs per stream added, checkpoints per
+    stream (its counter's rise over the cell's streams), CPU µs per checkpoint, SSE chunks per second, p50 added."""
+    if "ckpt-off" not in variants:
         return {}
     out: dict[str, Any] = {}
-    for name, count in written.items():
+    for name in variants:
         if name == "ckpt-off":
             continue
-        streams = sent.get((name, "stream"), 0) + sent.get((name, "paced"), 0)
-        per_stream = count / streams if streams else 0.0
-        figures: dict[str, Any] = {
-            "checkpoints": count,
-            "stream_requests": streams,
-            "checkpoints_per_stream": per_stream,
-            "workload": workload,
-        }
+        pair = (name, "ckpt-off")
+        figures: dict[str, Any] = {"workload": workload}
         for level in levels:
-            pair = (name, "ckpt-off")
-            cpu = _paired(cells, workload, level, lambda c: c.cpu_us.get(c.contender, 0.0),
-                          lambda a, b: a - b, pair)  # fmt: skip
+            mine = [c for c in cells if (c.workload, c.contender, c.concurrency) == (workload, name, level)]
+            per_stream = statistics.median((c.checkpoints or 0) / c.requests for c in mine if c.requests)
+            cpu = _paired(cells, workload, level, lambda c: c.cpu_us.get(c.contender, 0.0), lambda a, b: a - b, pair)
             figures[str(level)] = {
+                "checkpoints_per_stream": per_stream,
                 "router_cpu_us_per_stream_added": cpu,
                 "router_cpu_us_per_checkpoint": cpu / per_stream if per_stream else None,
                 "chunks_per_s_ratio": _paired(cells, workload, level, "chunks_per_s", lambda a, b: a / b, pair),
@@ -884,10 +879,10 @@ def report(table: Table, head: dict[str, Any], books: dict[str, Any], db: str) -
             print(f"router's X-Llamakit-Overhead-Ms ({workload}, {scope}; ms): {'; '.join(told)}")
     for name, figures in head.get("checkpoints", {}).items():
         print(
-            f"checkpoints, {name} against ckpt-off, {figures['workload']} streams "
-            f"({figures['checkpoints_per_stream']:.2f} checkpoints per stream of {COMPLETION_TOKENS} tokens): "
+            f"checkpoints, {name} against ckpt-off, {figures['workload']} streams of {COMPLETION_TOKENS} tokens: "
             + "; ".join(
-                f"c={level} router CPU {f['router_cpu_us_per_stream_added']:+.0f} µs/stream"
+                f"c={level} {f['checkpoints_per_stream']:.1f} checkpoints/stream, router CPU "
+                f"{f['router_cpu_us_per_stream_added']:+.0f} µs/stream"
                 + (f" ({f['router_cpu_us_per_checkpoint']:+.0f} µs/checkpoint)" if f["router_cpu_us_per_checkpoint"]
                    is not None else "")
                 + f", chunks/s ×{f['chunks_per_s_ratio']:.3f}, p50 {f['p50_ms_added']:+.3f} ms"
@@ -935,10 +930,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--checkpoint-tokens",
         type=int,
         nargs="*",
-        default=[0, 4],
+        default=[0, 1],
         metavar="K",
         help="one more router per K, started with --checkpoint-tokens K (0: none), for what stream checkpoints "
-        "cost (0 4; none when given alone)",
+        "cost (0 1: none, and one at every flush, the most a stream can make; none when given alone)",
     )
     parser.add_argument(
         "--output",
@@ -1026,13 +1021,12 @@ def main() -> None:
             if name != "router" and not check["ok"]:
                 books["ok"] = False
                 books["problems"] += [f"{name}: {problem}" for problem in check["problems"]]
-        written = {name: checkpoints_written(setup, name) for name in setup.variants}
         router_log = setup.router.log_tail()
     table = summarise(cells, workloads, levels)
     head = headline(cells, table, levels)
     streamed = [w for w in ("paced", "stream") if w in workloads]
     if streamed:
-        head["checkpoints"] = checkpoint_costs(cells, levels, written, sent, streamed[0])
+        head["checkpoints"] = checkpoint_costs(cells, levels, list(setup.variants), streamed[0])
     report(table, head, books, backend)
     if args.profile_router is not None:
         print(f"\nrouter profile: {args.profile_router}")
