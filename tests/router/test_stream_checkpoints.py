@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from llamakit.router.ledger import Hold
@@ -61,3 +63,26 @@ async def test_a_slow_stream_checkpoints_every_t_milliseconds(herd: Herd) -> Non
     request_id = await stream(alice)
     delivered = (await hold_of(herd, request_id)).delivered
     assert delivered is not None and 1 <= delivered.completion_tokens <= 12
+
+
+async def test_a_stalled_streams_last_tokens_are_checkpointed_within_checkpoint_ms(herd: Herd) -> None:
+    # A checkpoint every 1000 tokens or 100 ms: the node's 7 tokens come quicker than that, then it goes silent.
+    # No flush comes after them, and a timer checkpoints them.
+    await herd.add_node(FakeNode("n1", script=Script(tokens=64, stall_after=7)))
+    await herd.start(checkpoint_tokens=1000, checkpoint_ms=100)
+    alice = await herd.account("alice", 10_000)
+    async with alice.stream("POST", "/v1/completions", json=BODY) as resp:
+        request_id, lines, chunks = resp.headers["X-Llamakit-Request-Id"], resp.aiter_lines(), 0
+        while chunks < 7:
+            chunks += (await anext(lines)).startswith("data: {")
+        for _ in range(400):
+            delivered = (await hold_of(herd, request_id)).delivered
+            if delivered is not None and delivered.completion_tokens == 7:
+                break
+            await asyncio.sleep(0.025)
+        assert delivered is not None and (delivered.completion_tokens, delivered.prompt_tokens) == (7, 7)
+    await herd.stop_node("n1")  # the stream ends, and is settled
+    for _ in range(400):
+        if not (await herd.books())["holds"]:
+            break
+        await asyncio.sleep(0.025)

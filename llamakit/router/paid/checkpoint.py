@@ -2,7 +2,9 @@
 --checkpoint-tokens tokens or --checkpoint-ms, whichever comes first, so that a router that dies before it settles
 the stream leaves at most that much uncharged (see docs/money.md#a-router-crash).
 
-A checkpoint is queued for the ledger's next group commit and not waited for: the stream goes on at once.
+A checkpoint is queued for the ledger's next group commit and not waited for: the stream goes on at once. It is
+considered at each flush of tokens to the client and, when the tokens stop coming (a node that stalls), by a timer
+once --checkpoint-ms has passed, so that no delivered token stays uncheckpointed past both bounds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ log = logging.getLogger(__name__)
 class Checkpoints:
     """The checkpoints of one stream of `paid` from `node`."""
 
-    __slots__ = ("at", "every_seconds", "every_tokens", "ledger", "metric", "node", "paid", "tokens")
+    __slots__ = (
+        "at",
+        "every_seconds",
+        "every_tokens",
+        "ledger",
+        "metric",
+        "node",
+        "paid",
+        "pending",
+        "timer",
+        "tokens",
+    )
 
     def __init__(self, state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
         self.every_tokens = state.settings.checkpoint_tokens  # 0: none
@@ -34,6 +47,9 @@ class Checkpoints:
         self.paid, self.node = paid, node
         self.tokens = 0  # completion tokens at the latest checkpoint
         self.at = time.monotonic()  # when it was made (or the stream began)
+        # The latest tokens delivered and not checkpointed, and the timer that looks at them if no flush does.
+        self.pending: tuple[int, int, asyncio.Transport | None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def delivered(self, prompt_tokens: int, completion_tokens: int, transport: asyncio.Transport | None) -> None:
         """The stream's tokens so far have been written to the client's connection (`transport`): checkpoint them
@@ -42,14 +58,19 @@ class Checkpoints:
         Only once the connection has handed every byte to the kernel, which sends them even if this process dies:
         bytes still in the router's own buffer (a client that reads slower than the stream) would die with it,
         and a checkpoint must never count a token the client cannot get. Until then the next flush tries again.
+        Tokens not checkpointed now are looked at again by a timer, should no flush come first.
         """
         if not self.every_tokens or completion_tokens <= self.tokens or self.paid.closed:
             return
         now = time.monotonic()
-        if completion_tokens - self.tokens < self.every_tokens and now - self.at < self.every_seconds:
+        due = completion_tokens - self.tokens >= self.every_tokens or now - self.at >= self.every_seconds
+        if not due or transport is None or transport.get_write_buffer_size():
+            self.pending = (prompt_tokens, completion_tokens, transport)
+            if self.timer is None and transport is not None:
+                delay = self.every_seconds if due else max(self.at + self.every_seconds - now, 0.001)
+                self.timer = asyncio.get_running_loop().call_later(delay, self._look_again)
             return
-        if transport is None or transport.get_write_buffer_size():
-            return
+        self.pending = None
         self.tokens, self.at = completion_tokens, now
         paid = self.paid
         try:
@@ -66,6 +87,19 @@ class Checkpoints:
             return
         queued.add_done_callback(self._committed)
         self.metric.inc()
+
+    def stop(self) -> None:
+        """The stream has ended: no more checkpoints."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.pending = None
+
+    def _look_again(self) -> None:
+        """No flush has checkpointed the tokens last delivered within --checkpoint-ms: do it now."""
+        self.timer = None
+        if self.pending is not None:
+            self.delivered(*self.pending)
 
     def _committed(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():

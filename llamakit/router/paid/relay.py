@@ -130,12 +130,14 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
             raise
         finally:
             paid.trace.waited += time.monotonic() - asked  # the node's time to its first token
+        relay = _StreamRelay(state, paid, node)
         try:
-            return await _StreamRelay(state, paid, node).run(request, first, events)
+            return await relay.run(request, first, events)
         except BaseException as exc:
             paid.trace.end_call(error=exc)
             raise
         finally:
+            relay.checkpoints.stop()
             release(state, paid, node)
     raise no_node_left(state, paid)
 
