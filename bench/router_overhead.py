@@ -15,10 +15,23 @@ never limits) behind three contenders and loads each from one client process:
   WAL; ``--db postgresql://…``: a fresh schema in that database, dropped afterwards), an account made through
   the admin API with a large deposit, requests sent with its API key → the node.
 
-Two workloads (``--workload``, both by default): ``whole`` posts a completion and reads the whole answer;
+* ``ckpt-off``, ``ckpt-K``: the same router started with ``--checkpoint-tokens 0`` (a running stream never notes
+  what it delivered: a crash refunds it in full) and ``--checkpoint-tokens K`` (a checkpoint every K tokens), each
+  on a ledger of its own (``--checkpoint-tokens 0 1`` by default: none, and one at every flush, the most a stream
+  can make; none with ``--checkpoint-tokens`` alone). The
+  ``router`` contender runs the router's defaults (every 32 tokens or 1000 ms, whichever first: never within this
+  workload's 16-token streams, so it pays only the test for one). What checkpoints cost is ``ckpt-K`` against
+  ``ckpt-off``: the router's CPU per request (its ledger's thread included; on PostgreSQL the server's work is
+  not in it), SSE chunks per second and p50, and the checkpoints each stream made (the rise of the routers' own
+  counter, ``llamakit_router_stream_checkpoints_total``, over each cell), hence the CPU per checkpoint.
+
+Three workloads (``--workload``, all by default): ``whole`` posts a completion and reads the whole answer;
 ``stream`` asks for a stream (``"stream": true`` with ``include_usage``) and counts the SSE chunks it reads:
 the node sends 16 token chunks, a finish chunk and a usage chunk per request, each its own write, and the
-floor streams them through as they come (``iter_any``). For streams the headline is chunks per second.
+floor streams them through as they come (``iter_any``). For streams the headline is chunks per second. ``paced``
+is ``stream`` with the node waiting 1 ms after each token chunk, so that each reaches the router in a read of its
+own and goes to the client in a flush of its own, as a real node's tokens do (the router checkpoints a stream only
+at a flush: ``stream``'s chunks arrive together and make few); the checkpoints' cost is measured on it.
 
 The floor and the router run on the same event loop (``--loop``: uvloop, the router's default, or asyncio's
 own), so that the ratio is what llamakit's work costs, not what a faster loop saves. Each server is its own
@@ -34,7 +47,7 @@ The router must have done the real work: after the run, ``GET /admin/books`` mus
 hold exactly one charge of the expected amount per request sent to the router (warm-ups included).
 
 Run: ``.venv/bin/python bench/router_overhead.py [--db sqlite|postgresql://…] [--workload whole stream]
-[--rounds 3] [--seconds 2] [--concurrency 1 16 64]``; results go to stdout and to
+[--rounds 3] [--seconds 2] [--concurrency 1 16 64] [--checkpoint-tokens 0 4]``; results go to stdout and to
 ``bench/results/router_overhead[_postgres].json``. ``--profile-router FILE`` attaches ``py-spy record``
 (``pip install py-spy``) to the router for the whole run and writes a flame graph (``.svg``), a speedscope
 file (``.json``) or collapsed stacks (``.txt``) of its CPU time (``--profile-idle``: waits too).
@@ -76,7 +89,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CONTENDERS = ("direct", "floor", "router")
 LOOPS = ("uvloop", "asyncio")
-WORKLOADS = ("whole", "stream")
+WORKLOADS = ("whole", "stream", "paced")
+# A paced stream's node waits this long after each token chunk, so that each reaches the router in a read (and a
+# flush to the client) of its own, as a real node's tokens do.
+PACE_S = 0.001
+PACED_PROMPT = "Say hello, one token at a time"
 MODEL = "fake-model"
 NODE_SLOTS = 256
 READY_TIMEOUT = 30.0
@@ -98,7 +115,8 @@ STREAM_BODY = json.dumps(
         "stream_options": {"include_usage": True},
     }
 ).encode()
-BODIES = {"whole": REQUEST_BODY, "stream": STREAM_BODY}
+PACED_BODY = STREAM_BODY.replace(b'"Say hello"', json.dumps(PACED_PROMPT).encode())
+BODIES = {"whole": REQUEST_BODY, "stream": STREAM_BODY, "paced": PACED_BODY}
 # Bodies as a real node writes them (`llamakit.wire.completions`'s shapes, keys in its order), under the id a router
 # gives the request (X-Llamakit-Request-Id; a fixed one for a direct client): ANSWER_ID is replaced by it.
 ANSWER_ID = b"@answer-id@"
@@ -167,10 +185,13 @@ def node_app(name: str, slots: int) -> web.Application:
         answer_id = request.headers.get("X-Llamakit-Request-Id", "cmpl-bench").encode()
         if b'"stream":true' not in body.replace(b" ", b""):
             return web.Response(body=COMPLETION_BODY.replace(ANSWER_ID, answer_id), content_type="application/json")
+        paced = PACED_PROMPT.encode() in body
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        for event in STREAM_EVENTS:
+        for i, event in enumerate(STREAM_EVENTS):
             await resp.write(event.replace(ANSWER_ID, answer_id))
+            if paced and i < COMPLETION_TOKENS:
+                await asyncio.sleep(PACE_S)
         await resp.write_eof()
         return resp
 
@@ -275,6 +296,20 @@ def _wait(what: Server, ready: Callable[[], bool]) -> None:
 
 
 @dataclass
+class Variant:
+    """One more router, started with `--checkpoint-tokens checkpoint_tokens`, on a ledger of its own (`db`)."""
+
+    server: Server
+    api_key: str
+    db: str
+    checkpoint_tokens: int
+
+
+def variant_name(checkpoint_tokens: int) -> str:
+    return "ckpt-off" if checkpoint_tokens == 0 else f"ckpt-{checkpoint_tokens}"
+
+
+@dataclass
 class Setup:
     """The running servers, what to call for each contender, and the router's secrets."""
 
@@ -285,6 +320,17 @@ class Setup:
     api_key: str
     db: str
     targets: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)  # by contender name (variant_name)
+
+    @property
+    def contenders(self) -> list[str]:
+        return [*CONTENDERS, *self.variants]
+
+    def middle(self, contender: str) -> Server | None:
+        """The process between the load generator and the node for `contender` (None for `direct`)."""
+        if contender in self.variants:
+            return self.variants[contender].server
+        return {"direct": None, "floor": self.proxy, "router": self.router}[contender]
 
 
 @contextmanager
@@ -313,8 +359,15 @@ def ledger_database(choice: str, tmp: Path) -> Iterator[str]:
 
 @contextmanager
 def running(
-    tmp: Path, profile: Path | None, db_choice: str, *, profile_idle: bool = False, loop: str = "uvloop"
+    tmp: Path,
+    profile: Path | None,
+    db_choice: str,
+    *,
+    profile_idle: bool = False,
+    loop: str = "uvloop",
+    checkpoints: Sequence[int] = (),
 ) -> Iterator[Setup]:
+    """The node, the floor and the router running (and a router per `checkpoints`: `Setup.variants`)."""
     node_port, proxy_port, router_port = free_port(), free_port(), free_port()
     me = [sys.executable, str(Path(__file__).resolve())]
     admin_key, herd_token = "bench-admin-key", "bench-herd-token"
@@ -343,28 +396,46 @@ def running(
             )
         )
         router = stack.enter_context(server("router", router_command, router_port))
+        variants: dict[str, tuple[Server, str, int]] = {}
+        for k in checkpoints:
+            port, name = free_port(), variant_name(k)
+            (tmp / name).mkdir()
+            command = list(router_command)
+            command[command.index("--port") + 1] = str(port)
+            command[command.index("--db") + 1] = stack.enter_context(ledger_database(db_choice, tmp / name))
+            command += ["--checkpoint-tokens", str(k)]
+            variants[name] = (stack.enter_context(server(name, command, port)), command[command.index("--db") + 1], k)
         with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
             _wait(node, lambda: http.get(f"{node.url}/health").json()["status"] == "ready")
             _wait(proxy, lambda: http.post(f"{proxy.url}/v1/completions", content=REQUEST_BODY).status_code == 200)
             admin = {"Authorization": f"Bearer {admin_key}"}
 
-            def node_ready() -> bool:
-                nodes = http.get(f"{router.url}/admin/nodes", headers=admin).json()["data"]
+            def node_ready(at: Server) -> bool:
+                nodes = http.get(f"{at.url}/admin/nodes", headers=admin).json()["data"]
                 return any(n["state"] == "ready" and MODEL in n["models"] for n in nodes)
 
-            _wait(router, node_ready)
-            made = http.post(f"{router.url}/admin/accounts", headers=admin, json={"name": "bench", "deposit": DEPOSIT})
-            made.raise_for_status()
-            api_key: str = made.json()["api_key"]
+            def account(at: Server) -> str:
+                _wait(at, lambda: node_ready(at))
+                made = http.post(f"{at.url}/admin/accounts", headers=admin, json={"name": "bench", "deposit": DEPOSIT})
+                made.raise_for_status()
+                key: str = made.json()["api_key"]
+                return key
+
+            api_key = account(router)
+            variant_keys = {name: account(at) for name, (at, _, _) in variants.items()}
         if profile is not None:
             stack.enter_context(profiling(router.process.pid, profile, idle=profile_idle))
         setup = Setup(node, proxy, router, admin_key, api_key, db)
+        setup.variants = {name: Variant(at, variant_keys[name], where, k) for name, (at, where, k) in variants.items()}
         json_headers = {"Content-Type": "application/json"}
         setup.targets = {
             "direct": (f"{node.url}/v1/completions", json_headers),
             "floor": (f"{proxy.url}/v1/completions", json_headers),
             "router": (f"{router.url}/v1/completions", {**json_headers, "Authorization": f"Bearer {api_key}"}),
         }
+        for name, v in setup.variants.items():
+            authorized = {**json_headers, "Authorization": f"Bearer {v.api_key}"}
+            setup.targets[name] = (f"{v.server.url}/v1/completions", authorized)
         yield setup
 
 
@@ -415,6 +486,7 @@ class Cell:
     # The router's own X-Llamakit-Overhead-Ms on its answers (median and p99 of the cell's; None elsewhere).
     overhead_p50_ms: float | None = None
     overhead_p99_ms: float | None = None
+    checkpoints: int | None = None  # stream checkpoints a router made in the measured part (its counter's rise)
 
     @property
     def rps(self) -> float:
@@ -452,7 +524,7 @@ async def _load(
             async with session.post(url, data=body, headers=headers) as resp:
                 if overheads is not None and OVERHEAD_HEADER in resp.headers:
                     overheads.append(float(resp.headers[OVERHEAD_HEADER]))
-                if workload == "stream":
+                if workload != "whole":
                     chunks = 0
                     async for line in resp.content:
                         if line.startswith(b"data: {"):
@@ -477,12 +549,14 @@ async def measure_cell(
 ) -> tuple[Cell, int]:
     """Warm a fresh connection pool up, then measure; returns the cell and every request sent (warm-up too)."""
     url, headers = setup.targets[contender]
-    middle = {"direct": None, "floor": setup.proxy, "router": setup.router}[contender]
+    middle = setup.middle(contender)
     processes = {"node": setup.node} | ({contender: middle} if middle is not None else {})
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as s:
         _, warm_requests, warm_errors, _, _ = await _load(s, url, headers, concurrency, warmup, workload)
+        routed = contender not in ("direct", "floor") and middle is not None
+        checkpoints_before = await _checkpoints_so_far(s, middle) if routed and middle is not None else 0
         before = {name: p.cpu_seconds() for name, p in processes.items()}
         me_before = time.process_time()
         overheads: list[float] = []
@@ -491,6 +565,7 @@ async def measure_cell(
         )
         me_cpu = time.process_time() - me_before
         after = {name: p.cpu_seconds() for name, p in processes.items()}
+        checkpoints = await _checkpoints_so_far(s, middle) - checkpoints_before if routed and middle else None
     cpu_us = {"loadgen": me_cpu / requests * 1e6}
     for name in processes:
         b, a = before[name], after[name]
@@ -513,8 +588,19 @@ async def measure_cell(
         chunks=chunks,
         overhead_p50_ms=_percentile(told, 0.50) if told else None,
         overhead_p99_ms=_percentile(told, 0.99) if told else None,
+        checkpoints=checkpoints,
     )
     return cell, warm_requests + requests
+
+
+async def _checkpoints_so_far(session: aiohttp.ClientSession, router: Server) -> int:
+    """The stream checkpoints `router` has made, by its counter (read outside the CPU window of a cell)."""
+    async with session.get(f"{router.url}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        if line.startswith("llamakit_router_stream_checkpoints_total "):
+            return round(float(line.split()[1]))
+    return 0
 
 
 async def measure(
@@ -525,11 +611,12 @@ async def measure(
     seconds: float,
     warmup: float,
     pause: float,
-) -> tuple[list[Cell], int]:
-    """Rounds × workloads × levels × contenders, the contenders' order rotating by one per round and level."""
+) -> tuple[list[Cell], dict[tuple[str, str], int]]:
+    """Rounds × workloads × levels × contenders, the contenders' order rotating by one per round and level; and
+    the requests sent to each router contender, warm-ups included, by (contender, workload)."""
     cells: list[Cell] = []
-    sent_to_router = 0
-    names = list(CONTENDERS)
+    sent_to: dict[tuple[str, str], int] = {}
+    names = setup.contenders
     for r in range(rounds):
         for workload in workloads:
             for i, level in enumerate(levels):
@@ -538,13 +625,13 @@ async def measure(
                 for name in names[shift:] + names[:shift]:
                     cell, sent = await measure_cell(setup, workload, name, level, r, seconds, warmup)
                     cells.append(cell)
-                    if name == "router":
-                        sent_to_router += sent
-                    rate = f"{cell.chunks_per_s:7.0f} chunks/s" if workload == "stream" else f"{cell.rps:7.0f} rps"
+                    if name not in ("direct", "floor"):
+                        sent_to[name, workload] = sent_to.get((name, workload), 0) + sent
+                    rate = f"{cell.chunks_per_s:7.0f} chunks/s" if workload != "whole" else f"{cell.rps:7.0f} rps"
                     line.append(f"{name} {rate} p50 {cell.p50_ms:6.2f} ms")
                     await asyncio.sleep(pause)
                 print(f"  round {r + 1}/{rounds}  {workload:<6} c={level:<3}  " + "  ".join(line), flush=True)
-    return cells, sent_to_router
+    return cells, sent_to
 
 
 # --- checks and the report --------------------------------------------------------------------------------
@@ -572,14 +659,16 @@ def _ledger_counts(db: str) -> tuple[int, int, dict[str, int]]:
     return asyncio.run(read())
 
 
-def verify_books(setup: Setup, sent: int) -> dict[str, Any]:
+def verify_books(setup: Setup, sent: int, contender: str = "router") -> dict[str, Any]:
     """The router really priced, held and settled every request: balanced books, one charge per request."""
+    at, db = (setup.router, setup.db) if contender == "router" else (setup.variants[contender].server,
+                                                                      setup.variants[contender].db)  # fmt: skip
     with httpx.Client(timeout=REQUEST_TIMEOUT) as http:
-        resp = http.get(f"{setup.router.url}/admin/books", headers={"Authorization": f"Bearer {setup.admin_key}"})
+        resp = http.get(f"{at.url}/admin/books", headers={"Authorization": f"Bearer {setup.admin_key}"})
         resp.raise_for_status()
         books: dict[str, Any] = resp.json()
     # The ledger is the authority on what was charged.
-    charges, credits, statuses = _ledger_counts(setup.db)
+    charges, credits, statuses = _ledger_counts(db)
     problems = []
     if not books.get("balanced"):
         problems.append(f"the books do not balance: {books}")
@@ -605,12 +694,13 @@ Table = dict[str, dict[str, dict[str, dict[str, Any]]]]  # workload → concurre
 
 def summarise(cells: list[Cell], workloads: Sequence[str], levels: Sequence[int]) -> Table:
     """Per workload, concurrency level and contender: medians over rounds, and what each adds over `direct`."""
+    contenders = list(dict.fromkeys(c.contender for c in cells))
     table: Table = {}
     for workload in workloads:
         table[workload] = {}
         for level in levels:
             row: dict[str, dict[str, Any]] = {}
-            for name in CONTENDERS:
+            for name in contenders:
                 mine = [c for c in cells if (c.workload, c.contender, c.concurrency) == (workload, name, level)]
                 cpu_names = sorted({k for c in mine for k in c.cpu_us})
                 row[name] = {
@@ -631,7 +721,7 @@ def summarise(cells: list[Cell], workloads: Sequence[str], levels: Sequence[int]
                 if told:  # the router's own figure of what it costs (X-Llamakit-Overhead-Ms)
                     row[name]["overhead_header_p50_ms"] = statistics.median(c.overhead_p50_ms or 0 for c in told)
                     row[name]["overhead_header_p99_ms"] = statistics.median(c.overhead_p99_ms or 0 for c in told)
-            for name in CONTENDERS:
+            for name in contenders:
                 row[name]["added_p50_ms_vs_direct"] = row[name]["p50_ms"] - row["direct"]["p50_ms"]
                 row[name]["added_p99_ms_vs_direct"] = row[name]["p99_ms"] - row["direct"]["p99_ms"]
             table[workload][str(level)] = row
@@ -639,15 +729,51 @@ def summarise(cells: list[Cell], workloads: Sequence[str], levels: Sequence[int]
 
 
 def _paired(
-    cells: list[Cell], workload: str, level: int, value: str, combine: Callable[[float, float], float]
+    cells: list[Cell],
+    workload: str,
+    level: int,
+    value: str | Callable[[Cell], float],
+    combine: Callable[[float, float], float],
+    pair: tuple[str, str] = ("router", "floor"),
 ) -> float:
-    """The median over rounds of combine(router, floor) within the same round: robust to drifts in load."""
+    """The median over rounds of combine(router, floor) (or of another `pair` of contenders) within the same round:
+    robust to drifts in load. `value` is a Cell attribute, or a function of a Cell."""
+    get = (lambda c: float(getattr(c, value))) if isinstance(value, str) else value
     by_round: dict[int, dict[str, Cell]] = {}
     for c in cells:
         if c.concurrency == level and c.workload == workload:
             by_round.setdefault(c.round, {})[c.contender] = c
-    pairs = [combine(getattr(r["router"], value), getattr(r["floor"], value)) for r in by_round.values()]
+    pairs = [combine(get(r[pair[0]]), get(r[pair[1]])) for r in by_round.values()]
     return statistics.median(pairs)
+
+
+def checkpoint_costs(
+    cells: list[Cell], levels: Sequence[int], variants: Sequence[str], workload: str
+) -> dict[str, Any]:
+    """What checkpoints cost a stream of `workload`: every checkpointing contender against `ckpt-off`, per
+    concurrency (medians of per-round differences and ratios): router CPU µs per stream added, checkpoints per
+    stream (its counter's rise over the cell's streams), CPU µs per checkpoint, SSE chunks per second, p50 added."""
+    if "ckpt-off" not in variants:
+        return {}
+    out: dict[str, Any] = {}
+    for name in variants:
+        if name == "ckpt-off":
+            continue
+        pair = (name, "ckpt-off")
+        figures: dict[str, Any] = {"workload": workload}
+        for level in levels:
+            mine = [c for c in cells if (c.workload, c.contender, c.concurrency) == (workload, name, level)]
+            per_stream = statistics.median((c.checkpoints or 0) / c.requests for c in mine if c.requests)
+            cpu = _paired(cells, workload, level, lambda c: c.cpu_us.get(c.contender, 0.0), lambda a, b: a - b, pair)
+            figures[str(level)] = {
+                "checkpoints_per_stream": per_stream,
+                "router_cpu_us_per_stream_added": cpu,
+                "router_cpu_us_per_checkpoint": cpu / per_stream if per_stream else None,
+                "chunks_per_s_ratio": _paired(cells, workload, level, "chunks_per_s", lambda a, b: a / b, pair),
+                "p50_ms_added": _paired(cells, workload, level, "p50_ms", lambda a, b: a - b, pair),
+            }
+        out[name] = figures
+    return out
 
 
 # The issue's aims on SQLite: router / floor requests per second at concurrency 16 and 64, added p50 at
@@ -658,7 +784,8 @@ AIM_RPS_RATIO, AIM_ADDED_P50_MS, AIM_CHUNKS_RATIO = 0.65, 1.0, 0.7
 def headline(cells: list[Cell], table: Table, levels: Sequence[int]) -> dict[str, Any]:
     head: dict[str, Any] = {}
     low = min(levels)
-    ratio = {"whole": ("rps", "router_over_floor_rps"), "stream": ("chunks_per_s", "router_over_floor_chunks_per_s")}
+    chunks = ("chunks_per_s", "router_over_floor_chunks_per_s")
+    ratio = {"whole": ("rps", "router_over_floor_rps"), "stream": chunks, "paced": chunks}
     for workload, rows in table.items():
         value, name = ratio[workload]
         head[workload] = {
@@ -693,7 +820,7 @@ def headline(cells: list[Cell], table: Table, levels: Sequence[int]) -> dict[str
 
 def report(table: Table, head: dict[str, Any], books: dict[str, Any], db: str) -> None:
     for workload, rows in table.items():
-        rate = "chunks/s" if workload == "stream" else "rps"
+        rate = "chunks/s" if workload != "whole" else "rps"
         print()
         print(
             f"{workload:<6} {'conc':>4}  {'contender':<9} {rate:>9} {'p50 ms':>8} {'p99 ms':>8} {'+p50 ms':>8} "
@@ -707,7 +834,7 @@ def report(table: Table, head: dict[str, Any], books: dict[str, Any], db: str) -
                 added = (
                     "" if name == "direct" else f"{r['added_p50_ms_vs_direct']:.3f} {r['added_p99_ms_vs_direct']:>8.3f}"
                 )
-                shown = r["chunks_per_s"] if workload == "stream" else r["rps"]
+                shown = r["chunks_per_s"] if workload != "whole" else r["rps"]
                 figures = f"{shown:>9.0f} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {added:>17}"
                 print(f"{'':<6} {level:>4}  {name:<9} {figures}  {cpu_text}")
             print()
@@ -748,8 +875,20 @@ def report(table: Table, head: dict[str, Any], books: dict[str, Any], db: str) -
             if "overhead_header_p50_ms" in r
         ]
         if told:
-            scope = "up to the first byte" if workload == "stream" else "up to its settlement"
+            scope = "up to the first byte" if workload != "whole" else "up to its settlement"
             print(f"router's X-Llamakit-Overhead-Ms ({workload}, {scope}; ms): {'; '.join(told)}")
+    for name, figures in head.get("checkpoints", {}).items():
+        print(
+            f"checkpoints, {name} against ckpt-off, {figures['workload']} streams of {COMPLETION_TOKENS} tokens: "
+            + "; ".join(
+                f"c={level} {f['checkpoints_per_stream']:.1f} checkpoints/stream, router CPU "
+                f"{f['router_cpu_us_per_stream_added']:+.0f} µs/stream"
+                + (f" ({f['router_cpu_us_per_checkpoint']:+.0f} µs/checkpoint)" if f["router_cpu_us_per_checkpoint"]
+                   is not None else "")
+                + f", chunks/s ×{f['chunks_per_s_ratio']:.3f}, p50 {f['p50_ms_added']:+.3f} ms"
+                for level, f in figures.items() if isinstance(f, dict)
+            )
+        )  # fmt: skip
     for problem in books["problems"]:
         print(f"ERROR: {problem}", file=sys.stderr)
     for workload, rows in table.items():
@@ -774,7 +913,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "database in which a fresh schema is made for the run and dropped after it",
     )
     parser.add_argument(
-        "--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="whole, stream or both (both)"
+        "--workload", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), help="whole, stream, paced (all three)"
     )
     parser.add_argument(
         "--loop",
@@ -787,6 +926,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.3, help="unmeasured seconds per cell first (0.3)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="levels (1 16 64)")
     parser.add_argument("--pause", type=float, default=0.2, help="idle seconds between cells (0.2)")
+    parser.add_argument(
+        "--checkpoint-tokens",
+        type=int,
+        nargs="*",
+        default=[0, 1],
+        metavar="K",
+        help="one more router per K, started with --checkpoint-tokens K (0: none), for what stream checkpoints "
+        "cost (0 1: none, and one at every flush, the most a stream can make; none when given alone)",
+    )
     parser.add_argument(
         "--output",
         type=Path,
@@ -847,7 +995,8 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     print(
         f"router overhead ({backend} ledger): {args.rounds} rounds × {'/'.join(workloads)} × concurrency {levels} × "
-        f"{len(CONTENDERS)} contenders, {args.seconds:g} s per cell after {args.warmup:g} s of warm-up; "
+        f"{len(CONTENDERS) + len(args.checkpoint_tokens)} contenders, {args.seconds:g} s per cell after "
+        f"{args.warmup:g} s of warm-up; "
         f"{os.cpu_count()} CPUs, load average {load_before:.2f}; floor and router on the {args.loop} event loop",
         flush=True,
     )
@@ -858,13 +1007,26 @@ def main() -> None:
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="router-overhead-") as tmp,
-        running(Path(tmp), args.profile_router, args.db, profile_idle=args.profile_idle, loop=args.loop) as setup,
-    ):
+        running(
+            Path(tmp), args.profile_router, args.db, profile_idle=args.profile_idle, loop=args.loop,
+            checkpoints=args.checkpoint_tokens,
+        ) as setup,
+    ):  # fmt: skip
         cells, sent = asyncio.run(measure(setup, workloads, levels, args.rounds, args.seconds, args.warmup, args.pause))
-        books = verify_books(setup, sent)
+        routers = [name for name in setup.contenders if name not in ("direct", "floor")]
+        checked = {name: verify_books(setup, sum(n for (c, _), n in sent.items() if c == name), name)
+                   for name in routers}  # fmt: skip
+        books = checked["router"]
+        for name, check in checked.items():
+            if name != "router" and not check["ok"]:
+                books["ok"] = False
+                books["problems"] += [f"{name}: {problem}" for problem in check["problems"]]
         router_log = setup.router.log_tail()
     table = summarise(cells, workloads, levels)
     head = headline(cells, table, levels)
+    streamed = [w for w in ("paced", "stream") if w in workloads]
+    if streamed:
+        head["checkpoints"] = checkpoint_costs(cells, levels, list(setup.variants), streamed[0])
     report(table, head, books, backend)
     if args.profile_router is not None:
         print(f"\nrouter profile: {args.profile_router}")
@@ -882,6 +1044,7 @@ def main() -> None:
             "pause": args.pause,
             "node_slots": NODE_SLOTS,
             "stream_chunks": STREAM_CHUNKS,
+            "checkpoint_tokens": args.checkpoint_tokens,
             "profiled": args.profile_router is not None,
         },
         "environment": {

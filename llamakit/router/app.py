@@ -194,7 +194,12 @@ async def _books(app: web.Application) -> AsyncIterator[None]:
     # once this router holds its own (see _shared_herd).
     released = [] if state.settings.cluster else await state.ledger.recover_usage()
     if released:
-        log.warning("released %d hold(s) left open by a previous run that did not finish", len(released))
+        log.warning(
+            "released %d hold(s) left open by a previous run that did not finish: %d credits charged for what "
+            "their streams had delivered by their last checkpoint, the rest refunded",
+            len(released),
+            sum(record.cost for record in released),
+        )
     await _recovered(state, released)
     state.auditor.start()  # the books proved by a full scan, in the background: now, then every --audit-every
     async with state.gate.watching(state.ledger):
@@ -249,10 +254,15 @@ async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
     await cluster.open()
     try:
         released = await state.ledger.release_lost(
-            me=cluster.id, error="the router that held this request stopped before it finished; refunded in full"
+            me=cluster.id, error="the router that held this request stopped before it finished"
         )
         if released:
-            log.warning("released %d hold(s) left open by routers that stopped", len(released))
+            log.warning(
+                "released %d hold(s) left open by routers that stopped: %d credits charged for what their streams "
+                "had delivered by their last checkpoint, the rest refunded",
+                len(released),
+                sum(record.cost for record in released),
+            )
         await _recovered(state, released)
         for node in statics:
             await cluster.joined(node, static=True)

@@ -151,6 +151,12 @@ class RouterMetrics:
             registry=self.registry,
         )
         self.nodes = Gauge("llamakit_router_nodes", "Nodes by state.", ["state"], registry=self.registry)
+        self.checkpoints = Counter(
+            "llamakit_router_stream_checkpoints",
+            "Checkpoints of running streams sent to the ledger: what each had delivered, which a crash of the router "
+            "would charge (--checkpoint-tokens, --checkpoint-ms).",
+            registry=self.registry,
+        )
         self.affinity = Counter(
             "llamakit_router_affinity_dispatches",
             "Requests whose prefix a node likely held in its prompt cache, by where they went: 'held' to that node, "

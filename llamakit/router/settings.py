@@ -86,6 +86,16 @@ class RouterSettings(ServingSettings):
         True, description="send a conversation's next turn to the node whose prompt cache likely holds its history"
     )
 
+    checkpoint_tokens: int = Field(
+        32,
+        ge=0,
+        description="a running stream notes in the ledger what it has delivered every this many tokens (or "
+        "--checkpoint-ms, whichever first), so that a crash of the router leaves at most that uncharged; 0: never "
+        "(a crash refunds streams in full); see docs/money.md#a-router-crash",
+    )
+    checkpoint_ms: float = Field(
+        1000.0, gt=0, description="milliseconds between two checkpoints of a running stream, at most (see above)"
+    )
     audit_every: float = Field(
         3600.0,
         ge=0,
@@ -200,6 +210,8 @@ FLAGS = [
     Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
     Flag("audit_every", "--audit-every", "LLAMAKIT_AUDIT_EVERY", float),
+    Flag("checkpoint_tokens", "--checkpoint-tokens", "LLAMAKIT_CHECKPOINT_TOKENS", int),
+    Flag("checkpoint_ms", "--checkpoint-ms", "LLAMAKIT_CHECKPOINT_MS", float),
     Flag("cluster", "--cluster", "LLAMAKIT_CLUSTER", _yes),
     Flag("lease", "--lease", "LLAMAKIT_LEASE", float),
     Flag("router_id", "--router-id", "LLAMAKIT_ROUTER_ID"),

@@ -46,7 +46,8 @@ ROUTER_KILL = [
     "the nodes stop the generations nobody waits for",
     "restarted on the same ledger, both nodes back",
     "every answer a client received is charged exactly what it was told",
-    "the holds of the streams cut by the kill are released at restart (status recovered, cost 0)",
+    # a stream charged at most what its client received (its last checkpoint), a whole request nothing
+    "the holds of the requests cut by the kill are closed at restart (status recovered)",
     "the restarted router released as many holds as there are recovered records",
     "every other record is a released hold or an answer the router settled before it died",
     "each cut request sent again with its Idempotency-Key is answered once and paid once",

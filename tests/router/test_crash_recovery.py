@@ -1,4 +1,5 @@
-"""A router killed mid-request leaves holds open in its ledger; the next router on that file releases them."""
+"""A router killed mid-request leaves holds open in its ledger; the next router on that file closes them, charging
+what its streams had delivered by their last checkpoint."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import logging
 import signal
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from llamakit.router.ledger import ledger_at
-from tests.support.fake_node import FakeNode, Script
-from tests.support.herd import Herd
+from tests.router.ledger.conftest import backend_url
+from tests.support.crashes import CHECKPOINT_FLAGS, CHECKPOINT_TOKENS, PROMPT_TOKENS, STALL, stream_until_killed
+from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import ADMIN_KEY, Herd
+from tests.support.ports import free_port
 
 PROMPT = "one two three four"
 
@@ -118,3 +123,68 @@ async def test_holds_left_by_a_closed_ledger_are_released_too(herd: Herd, tmp_pa
     assert sorted((u["request_id"], u["status"], u["cost_credits"]) for u in usage) == [
         (f"req-{i}", "recovered", 0) for i in range(3)
     ]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A SQLite file, or a fresh PostgreSQL schema (skipped without LLAMAKIT_TEST_POSTGRES)."""
+    async with backend_url(request.param, tmp_path) as url:
+        yield url
+
+
+async def spawn_router(db: str, node_url: str, log: Path, *flags: str) -> tuple[asyncio.subprocess.Process, str]:
+    """`python -m llamakit.router` on `db` in front of the node at `node_url`, once it has the node ready."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamakit.router", "--port", str(port), "--db", db, "--node", node_url,
+        "--admin-key", ADMIN_KEY, "--herd-token", HERD_TOKEN, "--health-interval", "0.1", "--base-fee", "10",
+        "--prompt-token-fee", "1", "--completion-token-fee", "2", *flags,
+        cwd=Path(__file__).parents[2], stdout=log.open("wb"), stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(300):
+            try:
+                if (await client.get("/health")).json().get("ready") == 1:
+                    return process, url
+            except httpx.TransportError:
+                pass
+            if process.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+    process.kill()
+    raise AssertionError(f"the router did not come up; its output is in {log}")
+
+
+async def test_a_killed_routers_stream_is_charged_what_it_delivered(
+    ledger_url: str, herd: Herd, tmp_path: Path
+) -> None:  # ledger_url first: its schema outlives the herd's last look at the books
+    await herd.add_node(FakeNode("n1", script=Script(tokens=64, token_delay=0.01, stall_after=STALL)))
+    router, url = await spawn_router(ledger_url, herd.node_url("n1"), tmp_path / "router.log", *CHECKPOINT_FLAGS)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        made = await admin.post("/admin/accounts", json={"name": "alice", "deposit": 10_000})
+        key = made.json()["api_key"]
+
+    async def kill() -> None:
+        router.send_signal(signal.SIGKILL)
+        assert await router.wait() == -signal.SIGKILL
+
+    request_id, delivered = await asyncio.wait_for(stream_until_killed(url, key, ledger_url, kill), 60)
+    assert delivered == STALL
+    async with ledger_at(ledger_url) as ledger:  # what the killed router left: an open hold, balanced books
+        left = await ledger.books()
+        assert left.balanced and left.holds > 0 and left.charges == 0
+
+    await herd.start(db=ledger_url)  # the restart, on the same books
+    assert herd.admin is not None
+    [record] = (await herd.admin.get("/admin/usage")).json()["data"]
+    assert (record["request_id"], record["status"], record["node"]) == (request_id, "recovered", "n1")
+    tokens = record["completion_tokens"]
+    assert delivered - CHECKPOINT_TOKENS < tokens <= delivered
+    assert record["prompt_tokens"] == PROMPT_TOKENS
+    assert record["cost_credits"] == 10 + PROMPT_TOKENS + 2 * tokens < record["held"]  # at the fees, within the hold
+    books = await herd.books()
+    assert books["balanced"] and books["holds"] == 0 and books["charges"] == record["cost_credits"]
+    alice = (await herd.admin.get("/admin/accounts/alice")).json()
+    charged = record["cost_credits"]
+    assert (alice["balance"], alice["held"], alice["spent"]) == (10_000 - charged, 0, charged)

@@ -63,3 +63,14 @@ def test_a_port_in_use_is_an_error_not_a_traceback(tmp_path: Path, part: str) ->
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert f"python -m llamakit.{part}: error:" in done.stderr and "address already in use" in done.stderr
     assert "serving on" not in done.stderr and "router on" not in done.stderr  # it never claims to be up
+
+
+def test_stream_checkpoints_every_32_tokens_or_a_second_unless_told_otherwise() -> None:
+    default = settings_from_args([], env={})
+    assert (default.checkpoint_tokens, default.checkpoint_ms) == (32, 1000.0)
+    flags = settings_from_args(["--checkpoint-tokens", "8", "--checkpoint-ms", "250"], env={})
+    assert (flags.checkpoint_tokens, flags.checkpoint_ms) == (8, 250.0)
+    assert settings_from_args([], env={"LLAMAKIT_CHECKPOINT_TOKENS": "0"}).checkpoint_tokens == 0  # none
+    for bad in (["--checkpoint-tokens", "-1"], ["--checkpoint-ms", "0"]):
+        with pytest.raises(SystemExit):
+            settings_from_args(bad, env={})

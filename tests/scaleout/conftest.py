@@ -87,7 +87,7 @@ class Routers:
         argv += ["--cluster", "yes", "--admin-key", ADMIN_KEY, "--herd-token", HERD_TOKEN]
         argv += ["--health-interval", str(settings["health_interval"]), "--lease", str(settings["lease"])]
         argv += ["--base-fee", "10", "--prompt-token-fee", "1", "--completion-token-fee", "2"]
-        for flag in ("queue_timeout", "max_queue", "router_id"):
+        for flag in ("queue_timeout", "max_queue", "router_id", "checkpoint_tokens", "checkpoint_ms"):
             if flag in settings:
                 argv += ["--" + flag.replace("_", "-"), str(settings[flag])]
         process = _popen(argv, self.tmp / f"router-{port}.log")

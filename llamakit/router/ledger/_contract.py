@@ -65,6 +65,7 @@ __all__ = [
     "Books",
     "CacheSavings",
     "Close",
+    "Delivered",
     "Event",
     "EventSummary",
     "Hold",
@@ -164,6 +165,20 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class Delivered:
+    """What a running stream had delivered to its client at its latest checkpoint (`Ledger.checkpoint`): tokens,
+    their charge in credits at the request's fees and bid (capped by the hold), the model and node that served
+    them, and when (epoch seconds). It is what recovering the hold charges when the router dies with it open."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    charge: int
+    model: str
+    node: str | None
+    at: float
+
+
+@dataclass(frozen=True)
 class Hold:
     request_id: str
     account_id: int
@@ -174,6 +189,7 @@ class Hold:
     created: float
     user: str | None = None  # the OpenAI `user` the request named
     key_hash: str | None = None  # the API key that made it (its SHA-256), whose spend caps it counts against
+    delivered: Delivered | None = None  # an open stream's latest checkpoint, if it has one
 
 
 @dataclass(frozen=True)
@@ -385,6 +401,21 @@ def hold_from(row: Row) -> Hold:
         created=row["created"],
         user=row["user"],
         key_hash=row["key_hash"],
+        delivered=delivered_from(row),
+    )
+
+
+def delivered_from(row: Row) -> Delivered | None:
+    """A `holds` row's checkpoint (schema version 14's delivered_* columns), or None when it has none."""
+    if row["delivered_at"] is None:
+        return None
+    return Delivered(
+        prompt_tokens=row["delivered_prompt_tokens"],
+        completion_tokens=row["delivered_completion_tokens"],
+        charge=row["delivered_charge"],
+        model=row["delivered_model"],
+        node=row["delivered_node"],
+        at=row["delivered_at"],
     )
 
 
@@ -508,23 +539,31 @@ class AccountActivity:
     deposited: int | None = None  # deposited in all (the same)
 
 
-def recovery(request_id: str, now: float, money: CreditValue | None) -> Close:
-    """The release, at start-up, of a hold left open by a router that stopped before its request finished."""
-    return Close(
-        request_id=request_id,
-        charge=None,
-        node=None,
-        status="recovered",
-        prompt_tokens=0,
-        completion_tokens=0,
-        bid=None,
-        latency_ms=None,
-        queue_ms=None,
-        error=RECOVERED_ERROR,
-        remember=None,
-        now=now,
-        money=money,
+def recovery(
+    request_id: str,
+    delivered: Delivered | None,
+    now: float,
+    money: CreditValue | None,
+    *,
+    status: str = "recovered",
+    error: str = RECOVERED_ERROR,
+) -> Close:
+    """The closing of a hold left open by a router that stopped before its request finished (at start-up, or by
+    another router of a cluster): what its latest checkpoint says was `delivered` is charged (at most the hold; see
+    `Ledger.checkpoint`) and the rest refunded; with no checkpoint (a whole request, whose answer never went out,
+    or a stream that had not reached one), all of it is refunded."""
+    if delivered is None or delivered.completion_tokens == 0:
+        return Close(request_id=request_id, charge=None, node=None, status=status, prompt_tokens=0,
+                     completion_tokens=0, bid=None, latency_ms=None, queue_ms=None, error=f"{error}; refunded in full",
+                     remember=None, now=now, money=money)  # fmt: skip
+    charged = (
+        f"{error}; charged for the {delivered.completion_tokens} token(s) delivered by its last checkpoint, "
+        "the rest refunded"
     )
+    return Close(request_id=request_id, charge=delivered.charge, node=delivered.node, status=status,
+                 prompt_tokens=delivered.prompt_tokens, completion_tokens=delivered.completion_tokens, bid=None,
+                 latency_ms=None, queue_ms=None, error=charged, remember=None, now=now, money=money,
+                 model=delivered.model)  # fmt: skip
 
 
 def count(name: str, value: object, *, positive: bool = False) -> int:
@@ -927,6 +966,39 @@ class Ledger(ABC):
         )
         await self._close_hold(close)
 
+    def checkpoint(
+        self,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        charge: int,
+        model: str,
+        node: str | None,
+    ) -> asyncio.Future[Any]:
+        """Note on the open hold of `request_id` what its stream has delivered to the client so far: the tokens,
+        their `charge` (credits, at the request's fees and bid), the `model` and `node` that served them. Should the
+        router die before it settles, recovering the hold (`recover`, PostgresLedger.release_lost) charges that,
+        never more than the hold, and refunds the rest. Moves no money; a later checkpoint replaces an earlier one.
+
+        Queued for the next group commit with the holds and settlements, and returned at once, without waiting:
+        the future (its result means nothing) is done when the checkpoint is committed (or found the hold closed
+        already, which changes nothing), or fails with LedgerError when the database does. Call it on the event
+        loop the ledger runs on. ValueError for a bad count; LedgerError at once when the ledger is closed.
+        """
+        count("prompt_tokens", prompt_tokens)
+        count("completion_tokens", completion_tokens)
+        count("charge", charge)
+        delivered = Delivered(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            charge=charge,
+            model=_label("model", model, limit=MAX_NAME_LEN),
+            node=None if node is None else _label("node", node, limit=MAX_NAME_LEN),
+            at=self._clock(),
+        )
+        return self._checkpoint(request_id, delivered)
+
     async def refuse(
         self,
         account_id: int,
@@ -971,7 +1043,8 @@ class Ledger(ABC):
         await self._probe()
 
     async def recover(self) -> int:
-        """Refund every open hold, which only a crash can leave behind; returns how many.
+        """Close every open hold, which only a crash can leave behind: charge what its latest `checkpoint` says its
+        stream delivered (at most the hold) and refund the rest, or refund it all when it has none; returns how many.
 
         Call it at start-up, before taking requests: any hold still open then belongs to a request that
         died with the previous process.
@@ -979,7 +1052,7 @@ class Ledger(ABC):
         return len(await self.recover_usage())
 
     async def recover_usage(self) -> list[UsageRecord]:
-        """`recover`, returning the usage records of the refunds (status 'recovered'), oldest hold first."""
+        """`recover`, returning the usage records it made (status 'recovered'), oldest hold first."""
         return await self._recover(self._clock())
 
     # -- reports ---------------------------------------------------------------------------------------
@@ -1202,6 +1275,10 @@ class Ledger(ABC):
     @abstractmethod
     async def _close_hold(self, close: Close) -> Settlement:
         """Group-committed settle (`close.charge` given) or release; HoldClosed unless the hold is open."""
+
+    @abstractmethod
+    def _checkpoint(self, request_id: str, delivered: Delivered) -> asyncio.Future[Any]:
+        """Queued for the next group commit, not awaited: writes `delivered` on the hold if it is open."""
 
     @abstractmethod
     async def _recall(self, account_id: int, key: str) -> Remembered | None: ...

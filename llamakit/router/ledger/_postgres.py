@@ -15,7 +15,6 @@ another router is tried again whole. Everything else is one statement, or one sh
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from llamakit.router.ledger._api_keys import (
 from llamakit.router.ledger._audit import AuditFigures, Periods, rows_to_dict
 from llamakit.router.ledger._contract import (
     MAX_AMOUNT,
+    RECOVERED_ERROR,
     UNATTRIBUTED,
     Account,
     AccountActivity,
@@ -48,6 +48,7 @@ from llamakit.router.ledger._contract import (
     Books,
     CacheSavings,
     Close,
+    Delivered,
     Event,
     EventSummary,
     Hold,
@@ -65,6 +66,7 @@ from llamakit.router.ledger._contract import (
     UnknownAccount,
     UsageRecord,
     account_from,
+    delivered_from,
     hold_from,
     key_from,
     pick_key,
@@ -157,11 +159,15 @@ class PostgresLedger(Ledger):
 
     async def _apply(self, op: dict[str, Any]) -> dict[str, Any]:
         """Queue one operation for the next batch and wait until its batch has committed."""
+        return await self._enqueue(op)
+
+    def _enqueue(self, op: dict[str, Any]) -> asyncio.Future[dict[str, Any]]:
+        """Queue one operation for the next batch; the future is its result once its batch has committed."""
         self._db()
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
         self._wake.set()
-        return await future
+        return future
 
     async def _flush(self) -> None:
         while True:
@@ -425,61 +431,64 @@ class PostgresLedger(Ledger):
     async def _probe(self) -> None:
         await self._fetchval("UPDATE accounts SET balance = balance WHERE id = (SELECT min(id) FROM accounts)")
 
+    def _checkpoint(self, request_id: str, delivered: Delivered) -> asyncio.Future[Any]:
+        return self._enqueue(
+            {
+                "op": "checkpoint",
+                "request_id": request_id,
+                "prompt_tokens": delivered.prompt_tokens,
+                "completion_tokens": delivered.completion_tokens,
+                "charge": delivered.charge,
+                "model": delivered.model,
+                "node": delivered.node,
+                "now": delivered.at,
+            }
+        )
+
     async def _recover(self, now: float) -> list[UsageRecord]:
-        return await self._release_where("TRUE", [], recovery("", now, self.money))
+        return await self._release_where("TRUE", [], "recovered", RECOVERED_ERROR, now)
 
     async def release_lost(self, *, me: str, error: str) -> list[UsageRecord]:
-        """Release the open holds of every router that holds no live lease (see `llamakit.router.dispatch.cluster`).
+        """Close the open holds of every router that holds no live lease (see `llamakit.router.dispatch.cluster`).
 
         A hold counts as lost when it was made by no router (a router outside the cluster), by `me` (this
         router in an earlier life: its requests died with it), or by a router whose row in `routers` is gone
-        or whose `lease_until` has passed by the database's clock. Each is refunded in full with a usage
-        record of status 'router_lost' and `error`; returns those records, oldest hold first. LedgerError
-        when the database fails (nothing is released then).
+        or whose `lease_until` has passed by the database's clock. Each is closed as `recover` closes a hold: what
+        its latest checkpoint says its stream delivered is charged (at most the hold), the rest refunded (all of
+        it without a checkpoint), with a usage record of status 'router_lost' whose error is `error` and what was
+        charged; returns those records, oldest hold first. LedgerError when the database fails (nothing is
+        closed then).
         """
         where = (
             "(router_id IS NULL OR router_id = $1 OR NOT EXISTS (SELECT 1 FROM routers WHERE routers.id = "
             "holds.router_id AND routers.lease_until >= extract(epoch FROM clock_timestamp())::float8))"
         )
-        template = Close(
-            request_id="",
-            charge=None,
-            node=None,
-            status="router_lost",
-            prompt_tokens=0,
-            completion_tokens=0,
-            bid=None,
-            latency_ms=None,
-            queue_ms=None,
-            error=error,
-            remember=None,
-            now=self._clock(),
-            money=self.money,
-        )
-        return await self._release_where(where, [me], template)
+        return await self._release_where(where, [me], "router_lost", error, self._clock())
 
-    async def _release_where(self, where: str, args: list[object], template: Close) -> list[UsageRecord]:
-        """Release every open hold matching the SQL condition `where` (parameters `args`) as `template` says."""
+    async def _release_where(
+        self, where: str, args: list[object], status: str, error: str, now: float
+    ) -> list[UsageRecord]:
+        """Close every open hold matching the SQL condition `where` (parameters `args`) as `recovery` says."""
         try:
             async with self._db().acquire() as conn, conn.transaction():
-                holds = [
-                    r["id"]
-                    for r in await conn.fetch(
-                        f"SELECT id FROM holds WHERE status = 'open' AND {where} ORDER BY created, id FOR UPDATE",
-                        *args,
-                    )
-                ]
-                if not holds:
+                rows = await conn.fetch(
+                    f"SELECT * FROM holds WHERE status = 'open' AND {where} ORDER BY created, id FOR UPDATE", *args
+                )
+                if not rows:
                     return []
-                ops = [_close_op(dataclasses.replace(template, request_id=request_id)) for request_id in holds]
+                holds = [row["id"] for row in rows]
+                ops = [
+                    _close_op(recovery(row["id"], delivered_from(row), now, self.money, status=status, error=error))
+                    for row in rows
+                ]
                 results = json.loads(await conn.fetchval("SELECT llamakit_apply($1::jsonb)", json.dumps(ops)))
                 for close, result in zip(ops, results, strict=True):
                     if "error" in result:
                         raise LedgerError(f"cannot release the hold {close['request_id']!r}: {result}")
-                rows = await conn.fetch("SELECT * FROM usage WHERE request_id = ANY($1::text[])", holds)
+                found = await conn.fetch("SELECT * FROM usage WHERE request_id = ANY($1::text[])", holds)
         except _DATABASE_ERRORS as exc:
             raise _database_error(exc) from exc
-        by_id = {row["request_id"]: usage_from(row) for row in rows}
+        by_id = {row["request_id"]: usage_from(row) for row in found}
         return [by_id[request_id] for request_id in holds]
 
     # -- reports ---------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from llamakit.router.ledger._contract import (
     Books,
     CacheSavings,
     Close,
+    Delivered,
     Event,
     EventSummary,
     Hold,
@@ -77,6 +78,7 @@ from llamakit.router.ledger._contract import (
     UnknownAccount,
     UsageRecord,
     account_from,
+    delivered_from,
     hold_from,
     key_from,
     pick_key,
@@ -540,11 +542,23 @@ class SqliteLedger(Ledger):
 
         await self._call(run, write=True)
 
+    def _checkpoint(self, request_id: str, delivered: Delivered) -> asyncio.Future[Any]:
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE holds SET delivered_prompt_tokens = ?, delivered_completion_tokens = ?, delivered_charge = ?, "
+                "delivered_model = ?, delivered_node = ?, delivered_at = ? WHERE id = ? AND status = 'open'",
+                (delivered.prompt_tokens, delivered.completion_tokens, delivered.charge, delivered.model,
+                 delivered.node, delivered.at, request_id),
+            )  # fmt: skip
+
+        return self._call(run, write=True)
+
     async def _recover(self, now: float) -> list[UsageRecord]:
         def run(conn: sqlite3.Connection) -> list[UsageRecord]:
-            holds = [r["id"] for r in conn.execute("SELECT id FROM holds WHERE status = 'open' ORDER BY created, id")]
-            for request_id in holds:
-                _close(conn, recovery(request_id, now, self.money))
+            rows = conn.execute("SELECT * FROM holds WHERE status = 'open' ORDER BY created, id").fetchall()
+            holds = [row["id"] for row in rows]
+            for row in rows:
+                _close(conn, recovery(row["id"], delivered_from(row), now, self.money))
             return [
                 usage_from(conn.execute("SELECT * FROM usage WHERE request_id = ?", (hold,)).fetchone())
                 for hold in holds

@@ -1,5 +1,6 @@
 """A paid stream: opened on a node (failing over until its first token), passed on to the client token by token,
-settled on the node's usage chunk, or on what it delivered when it is cut or broken.
+settled on the node's usage chunk, or on what it delivered when it is cut or broken; what it has delivered so far
+is checkpointed in the ledger as it goes (checkpoint.py), for a crash of the router.
 
 A node's token chunks carry running counts (`wire.node`); the relay finds them at the end of the bytes and passes
 the rest on as the node wrote it, without parsing the JSON. Events that arrived in one read leave in one write.
@@ -24,6 +25,7 @@ from llamakit import jsontext
 from llamakit.router.errors import ClientGone
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Remembered
+from llamakit.router.paid.checkpoint import Checkpoints
 from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.paid.settle import settle, settle_delivered
 from llamakit.router.paid.slot import (
@@ -128,12 +130,14 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
             raise
         finally:
             paid.trace.waited += time.monotonic() - asked  # the node's time to its first token
+        relay = _StreamRelay(state, paid, node)
         try:
-            return await _StreamRelay(state, paid, node).run(request, first, events)
+            return await relay.run(request, first, events)
         except BaseException as exc:
             paid.trace.end_call(error=exc)
             raise
         finally:
+            relay.checkpoints.stop()
             free_slot(state, paid, node)
     raise no_node_left(state, paid)
 
@@ -215,6 +219,7 @@ class _StreamRelay:
         self.transcript = Transcript([] if paid.claim is not None or paid.text is not None else None)
         self.last_token_ns = 0  # when the last token chunk came (epoch ns), with tracing on
         self.finish_reason: str | None = None  # as the node said it, with tracing on
+        self.checkpoints = Checkpoints(state, paid, node)  # what it delivered, for a crash of the router
 
     async def run(self, request: web.Request, first: list[bytes], events: EventStream) -> web.StreamResponse:
         """Pass the node's events on token by token; settle on the usage event, or on what was delivered."""
@@ -247,6 +252,7 @@ class _StreamRelay:
                         await self._forward(sse, payload, flush=False)
                 if not events.ended:  # else [DONE] goes out with them, below
                     await sse.flush()
+                    self.checkpoints.delivered(self.prompt_tokens, self.completion_tokens, request.transport)
             await sse.done()
         except StreamBroken as exc:
             # The node died after tokens reached the client: end the stream with an error, charge what was delivered.

@@ -33,9 +33,9 @@ async def settle(
     remember: Remembered | None = None,
 ) -> int:
     """Charge `bill.charge` credits (`paid.bill(usage)`, computed once by the caller, who may have written it into
-    the answer `remember` stores) and give back the rest of the hold. Returns what was charged: the charge, or 0
-    when the hold was gone (another router released it) or the database failed (the hold is released in full once
-    it answers again)."""
+    the answer `remember` stores) and give back the rest of the hold. Returns what was charged: the charge; when the
+    hold was gone (another router closed it), what that router charged (a stream's latest checkpoint, else 0); or 0
+    when the database failed (the hold is released in full once it answers again)."""
     # Claimed before the ledger is awaited, so no other path closes this hold too; shielded, so a client that
     # leaves while the ledger commits cuts neither the settlement nor its bookkeeping short.
     paid.closed = True
@@ -75,9 +75,11 @@ async def _settled(
             )
     except HoldClosed as exc:
         _hold_gone(paid, exc)
-        free = Bill(prompt_tokens, completion_tokens, 0, bill.cached_tokens)
-        finished(state, paid, node, "router_lost", free, str(exc))
-        return 0  # the work is done and the client gets it; the hold it was bought with went back in full
+        # The work is done and the client gets it, for what the router that closed the hold charged.
+        charged = await _charged_elsewhere(state, paid)
+        finished(state, paid, node, "router_lost", Bill(prompt_tokens, completion_tokens, charged, bill.cached_tokens),
+                 str(exc))  # fmt: skip
+        return charged
     except LedgerError as exc:
         # The database failed to settle: the client still gets its answer, free, and the hold goes back in full
         # once the database answers again (nothing was charged: the settlement is one transaction).
@@ -157,8 +159,18 @@ def _failed(state: RouterState, paid: PaidRequest, exc: LedgerError, what: str) 
 
 
 def _hold_gone(paid: PaidRequest, exc: HoldClosed) -> None:
-    """The request's hold was closed behind this router's back: with several routers, another one released it
+    """The request's hold was closed behind this router's back: with several routers, another one closed it
     because this router's lease ran out (a pause longer than --lease; see dispatch/cluster.py), with a usage
-    record of its own. Nothing is charged, and the client still gets what was made for it rather than a 500."""
-    log.warning("request %s: %s (released by another router while this one's lease had run out?); not charged",
-                paid.id, exc, extra=paid.log_fields())  # fmt: skip
+    record of its own, charging only what a stream's latest checkpoint said it had delivered. Nothing more is
+    charged, and the client still gets what was made for it rather than a 500."""
+    log.warning("request %s: %s (closed by another router while this one's lease had run out?); charged only what "
+                "its last checkpoint said it had delivered", paid.id, exc, extra=paid.log_fields())  # fmt: skip
+
+
+async def _charged_elsewhere(state: RouterState, paid: PaidRequest) -> int:
+    """What the router that closed this request's hold charged for it (its usage record's cost); 0 when unknown."""
+    try:
+        record = await state.ledger.find_usage(paid.id)
+    except LedgerError:
+        return 0
+    return 0 if record is None else record.cost

@@ -97,6 +97,13 @@ async def stored_bytes(url: str) -> bytes:
     return "\n".join(r["row"] for table in rows for r in table).encode()
 
 
+async def undo_delivery_checkpoints(url: str) -> None:
+    """Take the ledger's schema back to before version 14 (delivery checkpoints on holds); the caller sets the
+    version it then claims to be at."""
+    for column in ("prompt_tokens", "completion_tokens", "charge", "model", "node", "at"):
+        await execute(url, f"ALTER TABLE holds DROP COLUMN delivered_{column}")
+
+
 async def undo_running_totals(url: str) -> None:
     """Take the ledger's schema back to before version 13 (running totals), as an older llamakit left it; the
     caller sets the version it then claims to be at."""

@@ -19,7 +19,7 @@ from llamakit.router.ledger import (
     latest,
     ledger_at,
 )
-from tests.router.ledger.conftest import execute, undo_running_totals
+from tests.router.ledger.conftest import execute, undo_delivery_checkpoints, undo_running_totals
 
 
 async def test_a_name_is_stored_shown_changed_and_removed(ledger: Ledger) -> None:
@@ -119,6 +119,7 @@ async def test_a_ledger_from_before_names_upgrades_in_place(url: str) -> None:
         key = await ledger.create_key(account.id, limits=KeyLimits(spend_cap=500))
         await ledger.hold(account.id, 100, request_id="r1", model="smol", key_hash=hash_key(key))
         await ledger.settle("r1", charge=40, node="n", prompt_tokens=1, completion_tokens=1)
+    await undo_delivery_checkpoints(url)  # version 14's
     await undo_running_totals(url)  # version 13's
     await execute(url, "ALTER TABLE api_keys DROP COLUMN name")
     later = ("credit_value", "currency", "overhead_ms", "cached_tokens", "cache_discount", "passed_over")

@@ -35,6 +35,7 @@ def test_the_public_surface() -> None:
         "Audit",
         "Books",
         "CacheSavings",
+        "Delivered",
         "Discrepancy",
         "Event",
         "EventSummary",

@@ -10,7 +10,7 @@ from decimal import Decimal
 from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import Ledger, backend_of, latest, ledger_at
 from llamakit.router.ledger._migrations import migrations
-from tests.router.ledger.conftest import execute, undo_running_totals
+from tests.router.ledger.conftest import execute, undo_delivery_checkpoints, undo_running_totals
 
 EUROS = CreditValue(Decimal("0.0025"), "EUR")
 DOLLARS = CreditValue(Decimal("0.01"), "USD")
@@ -64,6 +64,7 @@ async def test_a_ledger_from_before_prices_upgrades_in_place(url: str) -> None:
         await ledger.hold(alice.id, 100, request_id="old", model="smol")
         await ledger.settle("old", charge=40, node="n", prompt_tokens=1, completion_tokens=1)
         await ledger.hold(alice.id, 100, request_id="open", model="smol")
+    await undo_delivery_checkpoints(url)  # version 14's
     await undo_running_totals(url)  # version 13's
     later = ("credit_value", "currency", "overhead_ms", "cached_tokens", "cache_discount", "passed_over")
     for later_column in later:  # versions 9's, 11's and 12's

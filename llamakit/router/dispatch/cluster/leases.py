@@ -172,7 +172,7 @@ class Leases(ClusterBase):
         assert isinstance(self.ledger, PostgresLedger)
         released = await self.ledger.release_lost(
             me=self.id if earlier_life else "",
-            error="the router that held this request stopped before it finished; refunded in full",
+            error="the router that held this request stopped before it finished",
         )
         if released:
             routers = await self._db().fetch(
@@ -181,7 +181,8 @@ class Leases(ClusterBase):
                 [record.request_id for record in released],
             )
             log.warning(
-                "released %d hold(s) of router(s) %s, which stopped or lost their lease: refunded in full",
+                "released %d hold(s) of router(s) %s, which stopped or lost their lease: charged what their streams "
+                "had delivered by their last checkpoint, the rest refunded",
                 len(released),
                 ", ".join(r["id"] for r in routers),
             )
