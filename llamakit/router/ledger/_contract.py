@@ -49,6 +49,7 @@ from llamakit.router.ledger._api_keys import (
 from llamakit.router.ledger._archive import ARCHIVE_CHUNK, ArchiveReport, append_lines, start_archive
 from llamakit.router.ledger._audit import Audit, AuditSession, audit_scan
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError, LedgerUnavailable
+from llamakit.router.ledger._batches import BatchStore
 from llamakit.text import check_name
 
 __all__ = [
@@ -626,6 +627,7 @@ class Ledger(ABC):
     """
 
     url: str  # where the books are, with any password left out
+    batch_store: BatchStore  # files and batches (OpenAI's Batch API), in the same database (see _batches.py)
     events_kept: int = MAX_EVENTS_KEPT  # per account, the latest (see record_event)
 
     def __init__(self, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:

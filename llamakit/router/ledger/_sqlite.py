@@ -85,6 +85,7 @@ from llamakit.router.ledger._contract import (
     usage_from,
 )
 from llamakit.router.ledger._migrations import migrate_sqlite
+from llamakit.router.ledger._sqlite_batches import SqliteBatches
 
 __all__ = ["SqliteLedger"]
 
@@ -121,6 +122,7 @@ class SqliteLedger(Ledger):
 
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
         super().__init__(clock=clock, money=money)
+        self.batch_store = SqliteBatches(self)
         self.path = path
         self.url = path
         self._jobs: queue.SimpleQueue[list[_Job[Any]] | _Stop] = queue.SimpleQueue()
