@@ -18,7 +18,7 @@ import json
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -242,9 +242,12 @@ class BatchStore(ABC):
     # -- lines -------------------------------------------------------------------------------------------
 
     @abstractmethod
-    async def claim_lines(self, router_id: str, room: Mapping[str, int]) -> list[ClaimedLine]:
-        """Claim for `router_id` up to `room[model]` pending lines of each model, of batches in progress, the oldest
-        batch's first: each is now running there, claimed by no other router (PostgreSQL: SKIP LOCKED)."""
+    async def claim_lines(
+        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+    ) -> list[ClaimedLine]:
+        """Claim for `router_id` up to `room[model]` pending lines of each model, of batches in progress (but those
+        in `skip`), the oldest batch's first: each is now running there, claimed by no other router (PostgreSQL:
+        SKIP LOCKED)."""
 
     @abstractmethod
     async def finish_line(self, line: ClaimedLine, router_id: str, outcome: LineOutcome) -> bool:

@@ -718,6 +718,11 @@ class Ledger(ABC):
         key_hash, prefix = _key_selector(prefix_or_key)
         return await self._find_key(key_hash, prefix, self._clock())
 
+    async def key_of(self, key_hash: str) -> ApiKey:
+        """The key stored under `key_hash` (its SHA-256, see `hash_key`), active or revoked, with its limits and
+        use; UnknownKey when none is."""
+        return await self._find_key(key_hash, None, self._clock())
+
     async def set_key_limits(self, prefix_or_key: str, changes: Mapping[str, Any]) -> ApiKey:
         """Change a key's limits, in one transaction: only the fields in `changes` (a field set to None
         removes that limit; see KeyLimits). Returns the key as it is now.

@@ -8,7 +8,7 @@ its last line finishes it once.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -228,13 +228,19 @@ class PostgresBatches(BatchStore):
 
     # -- lines -------------------------------------------------------------------------------------------
 
-    async def claim_lines(self, router_id: str, room: Mapping[str, int]) -> list[ClaimedLine]:
+    async def claim_lines(
+        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+    ) -> list[ClaimedLine]:
         wanted = {model: n for model, n in room.items() if n > 0}
         claimed: list[ClaimedLine] = []
         if not wanted:
             return claimed
         async with self._transaction() as conn:
-            batches = await conn.fetch("SELECT * FROM batches WHERE status = 'in_progress' ORDER BY seq")
+            batches = [
+                b
+                for b in await conn.fetch("SELECT * FROM batches WHERE status = 'in_progress' ORDER BY seq")
+                if b["id"] not in skip
+            ]
             for model, limit in wanted.items():
                 for batch in batches:
                     if limit <= 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from llamakit.router.ledger._batches import (
@@ -216,14 +216,20 @@ class SqliteBatches(BatchStore):
 
     # -- lines -------------------------------------------------------------------------------------------
 
-    async def claim_lines(self, router_id: str, room: Mapping[str, int]) -> list[ClaimedLine]:
+    async def claim_lines(
+        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+    ) -> list[ClaimedLine]:
         wanted = {model: n for model, n in room.items() if n > 0}
 
         def run(conn: sqlite3.Connection) -> list[ClaimedLine]:
             claimed: list[ClaimedLine] = []
             if not wanted:
                 return claimed
-            batches = conn.execute("SELECT * FROM batches WHERE status = 'in_progress' ORDER BY seq").fetchall()
+            batches = [
+                b
+                for b in conn.execute("SELECT * FROM batches WHERE status = 'in_progress' ORDER BY seq")
+                if b["id"] not in skip
+            ]
             for model, limit in wanted.items():
                 for batch in batches:
                     if limit <= 0:

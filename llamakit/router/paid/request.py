@@ -134,6 +134,9 @@ class PaidRequest:
     # interactive request, for up to `queue_timeout` seconds (None: --queue-timeout). None: an interactive request.
     discount: Decimal | None = None
     queue_timeout: float | None = None
+    # A batch line whose batch was cancelled (or expired) while it waited for a slot: it leaves the queue as a
+    # request whose client went away does, refunded.
+    withdrawn: bool = False
 
     @property
     def multiplier(self) -> Decimal:

@@ -99,7 +99,7 @@ async def _acquire(state: RouterState, request: web.Request | None, paid: PaidRe
                 done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
                 if done:
                     break
-                if client_gone(request):
+                if client_gone(request) or paid.withdrawn:
                     waiting.cancel()
                     raise ClientGone("the client went away while queued")
     except asyncio.CancelledError:
