@@ -155,9 +155,13 @@ class BatchRunner:
                     running.paid.withdrawn = True
         self.wake()
 
-    @property
-    def lines_here(self) -> int:
-        return len(self._running)
+    def here(self) -> dict[str, int]:
+        """The lines this router runs: `waiting` for a slot (held, queued behind every interactive request) and
+        `on_nodes`; the others are between the two (being quoted, or writing how they ended)."""
+        held = [r.paid for r in self._running.values() if r.paid is not None and not r.paid.closed]
+        waiting = sum(1 for paid in held if paid.dispatched is None)
+        on_nodes = len(held) - waiting
+        return {"lines": len(self._running), "waiting": waiting, "on_nodes": on_nodes}
 
     # -- rounds ------------------------------------------------------------------------------------------
 
