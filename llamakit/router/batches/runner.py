@@ -167,7 +167,7 @@ class BatchRunner:
 
     async def _loop(self) -> None:
         try:
-            await self.store.requeue_lost(self.router_id, cluster=self.cluster)
+            await self.store.requeue_lost(self.router_id, cluster=self.cluster, start=True)
         except LedgerError as exc:
             self.outage.failed(exc, consequence="lines left running by a stopped router wait for the next round")
         while True:
@@ -190,7 +190,7 @@ class BatchRunner:
         if now - self._upkeep >= ROUND_SECONDS:
             self._upkeep = now
             if self.cluster:  # the lines of routers whose lease ran out (a router's own start did it for one)
-                await self.store.requeue_lost(self.router_id, cluster=True)
+                await self.store.requeue_lost(self.router_id, cluster=True, start=False)
             await self.store.expire_batches(render(*EXPIRED))
             await self._look_at_batches()
         self._resting = {b: until for b, until in self._resting.items() if until > now}

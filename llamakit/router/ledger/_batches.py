@@ -259,10 +259,10 @@ class BatchStore(ABC):
         """A claimed line goes back to pending (it could not run now); False when the claim was lost."""
 
     @abstractmethod
-    async def requeue_lost(self, router_id: str, *, cluster: bool) -> int:
-        """Running lines of routers that are gone go back to pending: every running line on one router's database
-        (its start-up), or with `cluster` those of `router_id` (an earlier life) and of routers without a live
-        lease. Returns how many."""
+    async def requeue_lost(self, router_id: str, *, cluster: bool, start: bool) -> int:
+        """Running lines of routers that are gone go back to pending: on one router's database, every running line
+        (called at its `start`); with `cluster`, those of routers without a live lease, and at `start` those of
+        `router_id` too (its earlier life). Returns how many."""
 
     @abstractmethod
     async def statuses(self, batch_ids: Sequence[str]) -> dict[str, str]:

@@ -290,15 +290,16 @@ class PostgresBatches(BatchStore):
         )  # fmt: skip
         return bool(changed)
 
-    async def requeue_lost(self, router_id: str, *, cluster: bool) -> int:
+    async def requeue_lost(self, router_id: str, *, cluster: bool, start: bool) -> int:
         where = "TRUE"
         args: list[Any] = []
         if cluster:
-            # Its own from an earlier life, and those of routers whose lease ran out (or that left the table).
-            where = (
-                f"(router_id IS NULL OR router_id = $1 OR NOT EXISTS (SELECT 1 FROM routers r WHERE "
-                f"r.id = batch_lines.router_id AND r.lease_until >= {_DB_NOW}))"
-            )
+            # Those of routers whose lease ran out (or that left the table), and at its start its own from an
+            # earlier life; never those it runs now.
+            live = f"SELECT 1 FROM routers r WHERE r.id = batch_lines.router_id AND r.lease_until >= {_DB_NOW}"
+            dead = f"NOT EXISTS ({live})"
+            mine = "router_id = $1" if start else "FALSE"
+            where = f"(router_id IS NULL OR {mine} OR (router_id <> $1 AND {dead}))"
             args = [router_id]
         count = await self._ledger._fetchval(
             f"WITH back AS (UPDATE batch_lines SET status = 'pending', router_id = NULL WHERE status = 'running' "

@@ -284,7 +284,7 @@ class SqliteBatches(BatchStore):
 
         return await self._ledger._call(run, write=True)
 
-    async def requeue_lost(self, router_id: str, *, cluster: bool) -> int:
+    async def requeue_lost(self, router_id: str, *, cluster: bool, start: bool) -> int:
         # One router per SQLite ledger (ledger._owner): at its start every running line is an earlier run's.
         def run(conn: sqlite3.Connection) -> int:
             return conn.execute(

@@ -141,7 +141,7 @@ async def test_lines_of_a_router_that_died_go_back_to_pending(ledger: Ledger) ->
     store = ledger.batch_store
     batch = await new_batch(ledger, alice.id)
     lost = await store.claim_lines("dead", {"m1": 3})
-    assert await store.requeue_lost("me", cluster=False) == 3
+    assert await store.requeue_lost("me", cluster=False, start=True) == 3
     again = await store.claim_lines("me", {"m1": 3})
     assert [(c.line, c.attempt) for c in again] == [(0, 2), (1, 2), (2, 2)]
     assert not await store.finish_line(lost[0], "dead", ok(lost[0]))  # its claim was lost with it
@@ -174,8 +174,11 @@ async def test_routers_on_one_database_never_claim_the_same_line(url: str) -> No
         assert done is not None and (done.status, done.completed, done.cost) == ("completed", 200, 200)
         # With several routers, only the lines of routers without a live lease go back (none is in `routers`).
         again = await new_batch(ledgers[0], alice.id, [NewLine("m1", "{}") for _ in range(2)])
-        await ledgers[1].batch_store.claim_lines("gone", {"m1": 2})
-        assert await ledgers[2].batch_store.requeue_lost("me", cluster=True) == 2
+        await ledgers[1].batch_store.claim_lines("gone", {"m1": 1})
+        await ledgers[1].batch_store.claim_lines("me", {"m1": 1})
+        assert await ledgers[2].batch_store.requeue_lost("me", cluster=True, start=False) == 1  # not its own
+        assert await ledgers[2].batch_store.running_lines(again.id) == 1
+        assert await ledgers[2].batch_store.requeue_lost("me", cluster=True, start=True) == 1  # an earlier life's
         assert await ledgers[2].batch_store.running_lines(again.id) == 0
     finally:
         await asyncio.gather(*(ledger.close() for ledger in ledgers))
