@@ -21,6 +21,7 @@ import time
 from typing import Any, Final
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import Field
 
 from llamakit.router.auth import authenticate
@@ -126,7 +127,7 @@ async def _form(request: web.Request, limits: BatchLimits) -> tuple[str, bytes, 
                     400, f"unknown field {part.name!r}: an upload has 'file' and 'purpose' (llamakit keeps a file "
                     "until it is deleted)", param=part.name or "file",
                 )  # fmt: skip
-    except ValueError as exc:  # a malformed multipart body (aiohttp's own words)
+    except (ValueError, HttpProcessingError) as exc:  # a malformed multipart body (aiohttp's own words)
         raise ApiError(400, f"the multipart body is malformed: {exc}", param="file", code="invalid_file") from exc
     if filename is None:
         raise ApiError(400, "the upload has no 'file' field: send the JSONL file as 'file'", param="file")
