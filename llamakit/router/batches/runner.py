@@ -191,7 +191,8 @@ class BatchRunner:
             self._upkeep = now
             if self.cluster:  # the lines of routers whose lease ran out (a router's own start did it for one)
                 await self.store.requeue_lost(self.router_id, cluster=True, start=False)
-            await self.store.expire_batches(render(*EXPIRED))
+            code, message = EXPIRED
+            await self.store.expire_batches({"code": code, "message": message}, render(code, message))
             await self._look_at_batches()
         self._resting = {b: until for b, until in self._resting.items() if until > now}
         room = self._room()

@@ -235,9 +235,9 @@ class BatchStore(ABC):
         in progress is left as it is."""
 
     @abstractmethod
-    async def expire_batches(self, render: Render) -> list[str]:
-        """Open batches past their expiry: their pending lines fail with `render`, and they are `expired` once
-        their running lines end. Returns their ids."""
+    async def expire_batches(self, stopped: dict[str, str], render: Render) -> list[str]:
+        """Batches in progress past their expiry: they stop with `stopped` (its code `batch_expired`), their pending
+        lines fail with `render`, and they are `expired` once their running lines end. Returns their ids."""
 
     # -- lines -------------------------------------------------------------------------------------------
 

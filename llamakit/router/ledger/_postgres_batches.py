@@ -39,7 +39,6 @@ __all__ = ["PostgresBatches"]
 
 _FILE = "id, account_id, purpose, filename, bytes, lines, created, batch_id, kind"
 _OPEN = "('in_progress', 'cancelling')"
-_EXPIRED = "This request could not be executed before the completion window expired."
 _DB_NOW = "extract(epoch FROM clock_timestamp())::float8"
 
 
@@ -206,9 +205,9 @@ class PostgresBatches(BatchStore):
                 await _fail_pending(conn, batch_id, render)
                 await _finish_if_done(conn, batch_id, now)
 
-    async def expire_batches(self, render: Render) -> list[str]:
+    async def expire_batches(self, stopped: dict[str, str], render: Render) -> list[str]:
         now = self._clock()
-        stopped = json.dumps({"code": "batch_expired", "message": _EXPIRED})
+        reason = json.dumps(stopped)
         async with self._transaction() as conn:
             ids = [
                 r["id"]
@@ -219,9 +218,7 @@ class PostgresBatches(BatchStore):
                 )
             ]
             for batch_id in ids:
-                await conn.execute(
-                    "UPDATE batches SET stopped = COALESCE(stopped, $1) WHERE id = $2", stopped, batch_id
-                )
+                await conn.execute("UPDATE batches SET stopped = COALESCE(stopped, $1) WHERE id = $2", reason, batch_id)
                 await _fail_pending(conn, batch_id, render)
                 await _finish_if_done(conn, batch_id, now)
         return ids

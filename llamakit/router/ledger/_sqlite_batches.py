@@ -195,9 +195,9 @@ class SqliteBatches(BatchStore):
 
         await self._ledger._call(run, write=True)
 
-    async def expire_batches(self, render: Render) -> list[str]:
+    async def expire_batches(self, stopped: dict[str, str], render: Render) -> list[str]:
         now = self._clock()
-        stopped = json.dumps({"code": "batch_expired", "message": _EXPIRED})
+        reason = json.dumps(stopped)
 
         def run(conn: sqlite3.Connection) -> list[str]:
             ids = [
@@ -207,7 +207,7 @@ class SqliteBatches(BatchStore):
                 )
             ]
             for batch_id in ids:
-                conn.execute("UPDATE batches SET stopped = COALESCE(stopped, ?) WHERE id = ?", (stopped, batch_id))
+                conn.execute("UPDATE batches SET stopped = COALESCE(stopped, ?) WHERE id = ?", (reason, batch_id))
                 _fail_pending(conn, batch_id, render)
                 _finish_if_done(conn, batch_id, now)
             return ids
@@ -339,7 +339,6 @@ class SqliteBatches(BatchStore):
 
 
 _FILE = "id, account_id, purpose, filename, bytes, lines, created, batch_id, kind"
-_EXPIRED = "This request could not be executed before the completion window expired."
 
 
 def _claimed(batch: sqlite3.Row, row: sqlite3.Row) -> ClaimedLine:

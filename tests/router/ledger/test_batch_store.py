@@ -130,7 +130,7 @@ async def test_a_stopped_batch_fails_and_an_expired_one_expires(ledger: Ledger) 
     assert done is not None and (done.status, done.stopped, done.completed, done.failed) == ("failed", reason, 1, 5)
 
     late = await new_batch(ledger, alice.id, expires=1.0)
-    assert await store.expire_batches(cancelled) == [late.id]
+    assert await store.expire_batches({"code": "batch_expired", "message": "late"}, cancelled) == [late.id]
     expired = await store.find_batch(alice.id, late.id)
     assert expired is not None and (expired.status, expired.failed, expired.output_file_id) == ("expired", 6, None)
     assert expired.stopped is not None and expired.stopped["code"] == "batch_expired"
