@@ -203,8 +203,9 @@ class SqliteBatches(BatchStore):
             ids = [
                 r["id"]
                 for r in conn.execute(
-                    "SELECT id FROM batches WHERE status = 'in_progress' AND expires < ? ORDER BY seq", (now,)
+                    f"SELECT id, status FROM batches WHERE status IN {_OPEN} AND expires < ? ORDER BY seq", (now,)
                 )
+                if r["status"] == "in_progress"
             ]
             for batch_id in ids:
                 conn.execute("UPDATE batches SET stopped = COALESCE(stopped, ?) WHERE id = ?", (reason, batch_id))
@@ -227,8 +228,8 @@ class SqliteBatches(BatchStore):
                 return claimed
             batches = [
                 b
-                for b in conn.execute("SELECT * FROM batches WHERE status = 'in_progress' ORDER BY seq")
-                if b["id"] not in skip
+                for b in conn.execute(f"SELECT * FROM batches WHERE status IN {_OPEN} ORDER BY seq")  # batches_open
+                if b["status"] == "in_progress" and b["id"] not in skip
             ]
             for model, limit in wanted.items():
                 for batch in batches:
@@ -236,8 +237,8 @@ class SqliteBatches(BatchStore):
                         break
                     rows = conn.execute(
                         "UPDATE batch_lines SET status = 'running', router_id = ?, attempt = attempt + 1 "
-                        "WHERE batch_id = ? AND line IN (SELECT line FROM batch_lines WHERE model = ? AND "
-                        "batch_id = ? AND status = 'pending' ORDER BY line LIMIT ?) "
+                        "WHERE batch_id = ? AND line IN (SELECT line FROM batch_lines INDEXED BY batch_lines_pending "
+                        "WHERE model = ? AND batch_id = ? AND status = 'pending' ORDER BY line LIMIT ?) "
                         "RETURNING line, model, request, attempt",
                         (router_id, batch["id"], model, batch["id"], limit),
                     ).fetchall()
@@ -366,9 +367,7 @@ def _finish_if_done(conn: sqlite3.Connection, batch_id: str, now: float) -> None
     batch = conn.execute(f"SELECT * FROM batches WHERE id = ? AND status IN {_OPEN}", (batch_id,)).fetchone()
     if batch is None:
         return
-    if conn.execute(
-        "SELECT 1 FROM batch_lines WHERE batch_id = ? AND status IN ('pending', 'running') LIMIT 1", (batch_id,)
-    ).fetchone():
+    if batch["completed"] + batch["failed"] < batch["total"]:  # each line that ends is counted in its transaction
         return
     files: dict[str, str | None] = {"output": None, "errors": None}
     for kind, status in (("output", "completed"), ("errors", "failed")):
