@@ -88,3 +88,53 @@ async def test_the_lines_of_a_router_killed_mid_batch_are_run_by_another_once(ro
     assert books["balanced"] and books["holds"] == 0 and books["charges"] == sum(charged.values())
     assert set(charged.values()) == {price(1 + 3, 2)}
     await client.close()
+
+
+async def test_a_line_waiting_at_one_router_goes_after_an_interactive_request_at_another(routers: Routers) -> None:
+    """The cluster's queue orders batch lines below every interactive bid, whichever router holds each."""
+    node = await routers.add_node(FakeNode("n1", slots=1, script=Script(tokens=1), openai_shapes=True))
+    gate = Gate(node)
+    a, b = await routers.start_router(), await routers.start_router()
+    await routers.join(a, "n1")
+    for url in (a, b):
+        await routers.wait_nodes(url, {"n1": "ready"})
+    key = await routers.account("alice", 1_000_000)
+    at_a, at_b = routers.client(a, key), routers.client(b, key)
+
+    def ask(client: Any, n: int) -> asyncio.Task[Any]:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": f"ask{n}"}], "max_tokens": 1}
+        return asyncio.create_task(client.post("/v1/chat/completions", json=body))
+
+    async def until(check: Any, what: str) -> None:
+        for _ in range(2000):
+            if await check():
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"never: {what}")
+
+    async def waiting_lines() -> int:
+        return sum([(await routers.admin(u).get("/admin/stats")).json()["batches"]["here"]["waiting"] for u in (a, b)])
+
+    async def interactive(n: int) -> bool:
+        return int((await at_a.get("/v1/info")).json()["queue_length"]) == n
+
+    asks = [ask(at_a, 0)]
+    await gate.arrived(1)
+    client, batch_id = await submitted(b, key, [line(i) for i in range(3)])
+    await until(lambda: _is(waiting_lines(), 2), "a line held and waiting at each router")
+    asks.append(ask(at_a, 1))
+    await until(lambda: interactive(1), "ask1 waiting")
+    asks.append(ask(at_b, 2))
+    await until(lambda: interactive(2), "ask2 waiting")
+    for _ in range(3):
+        await gate.step()
+    assert gate.tags()[:3] == ["ask0", "ask1", "ask2"] and gate.tags()[3].startswith("batch"), gate.tags()
+    gate.event.set()
+    await asyncio.gather(*asks)
+    done = await finished(client, batch_id)
+    assert done.request_counts.completed == 3
+    await client.close()
+
+
+async def _is(value: Any, expected: int) -> bool:
+    return bool(await value == expected)
