@@ -34,17 +34,21 @@ from typing import Final, cast
 from aiohttp import StreamReader, web
 from aiohttp.typedefs import Middleware
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from pydantic import BaseModel, ConfigDict, Field
 
 from llamakit import jsontext
+from llamakit.config import Flag
 from llamakit.web import REFUSAL, json_response
 from llamakit.wire.errors import error_body
 
 __all__ = [
     "CONNECTIONS",
+    "SERVING_FLAGS",
     "BodyLate",
     "ConnectionCollector",
     "ConnectionGuard",
     "RequestLimits",
+    "ServingSettings",
     "deadline_middleware",
     "open_files_limit",
     "serve",
@@ -78,6 +82,43 @@ class RequestLimits:
             return self.max_connections
         limit = open_files_limit()
         return max(16, limit - max(64, limit // 10))
+
+
+class ServingSettings(BaseModel):
+    """The settings the router and the node share as servers: the largest body, how long a client may take to
+    send its request, and the connections open at once (`request_limits`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
+        "again plus its size at --min-upload-rate",
+    )
+    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
+    max_connections: int | None = Field(
+        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
+    )
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """What a client may take to send a request, and the connections open at once."""
+        return RequestLimits(
+            header_timeout=self.request_timeout,
+            min_upload_rate=self.min_upload_rate,
+            max_connections=self.max_connections,
+        )
+
+
+# The flags of ServingSettings' fields (max_body_bytes has none), for the router's and the node's flag lists.
+SERVING_FLAGS = [
+    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
+    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
+    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
+]
 
 
 def open_files_limit(*, raise_to_hard: bool = False) -> int:

@@ -18,7 +18,6 @@ __all__ = [
     "REFUSAL",
     "SseWriter",
     "bearer_token",
-    "error_middleware",
     "error_middleware_for",
     "json_response",
     "request_id_header",
@@ -28,7 +27,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Set on every error response by `error_middleware`: (HTTP status, error code or type), for counting refusals.
+# Set on every error response by the middleware of `error_middleware_for`: (HTTP status, error code or type),
+# for counting refusals.
 REFUSAL = "llamakit.refusal"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,7 +55,7 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
 def error_middleware_for(translate: Callable[[BaseException], ApiError | None] | None = None) -> Middleware:
     """An error middleware that turns every error into an OpenAI-shaped JSON body: the client never sees an HTML
     page or a bare 500. `translate` gives the ApiError a client sees for an app's own exceptions (the router's
-    `errors.http_error`); one it gives None for is a bug, answered 500 and logged."""
+    `errors.http_error`, the node's `routes.http_error`); one it gives None for is a bug, answered 500 and logged."""
 
     @web.middleware
     async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -103,10 +103,6 @@ def error_middleware_for(translate: Callable[[BaseException], ApiError | None] |
             )
 
     return error_middleware
-
-
-# The error middleware of an app whose parts raise only ApiError (the node).
-error_middleware = error_middleware_for()
 
 
 async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:

@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on loopback sockets, started in the test's event loop."""
+"""Shared fixtures: real servers on loopback sockets (tests/support/servers.py), started in the test's event loop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+
+from tests.support.servers import RunningServer
+
+__all__ = ["HAS_LLAMA", "RunningServer", "serve"]
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 
@@ -18,26 +22,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "model" in item.keywords:
             item.add_marker(skip)
-
-
-class RunningServer:
-    """An aiohttp app served on 127.0.0.1 on a free port."""
-
-    def __init__(self, app: web.Application) -> None:
-        self.app = app
-        self.runner = web.AppRunner(app)
-        self.url = ""
-
-    async def start(self) -> RunningServer:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
 
 
 @pytest.fixture

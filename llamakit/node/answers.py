@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 from typing import Any
 
-from llamakit.node.engine import GenerationResult, TokenLogprob
+from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.wire.completions import (
     Usage,
     chat_chunk_body,

@@ -19,12 +19,12 @@ from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.model_file import watch_model_file
 from llamakit.node.placement import LlamaOptions
-from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, routes
+from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, http_error, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING
 from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
 from llamakit.telemetry import Tracing
-from llamakit.web import Handler, error_middleware, require_bearer
+from llamakit.web import Handler, error_middleware_for, require_bearer
 
 __all__ = ["create_app"]
 
@@ -43,7 +43,7 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
         return await handler(request)
 
     app = web.Application(
-        middlewares=[error_middleware, deadline_middleware(settings.request_limits), herd_auth],
+        middlewares=[error_middleware_for(http_error), deadline_middleware(settings.request_limits), herd_auth],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -378,11 +378,7 @@ class BatchedModel(LoadedModel):
             )  # fmt: skip
         seq.done.set()
 
-    def close(self) -> None:
-        if self.closed:  # a model retired by its last lease after the host already closed it: freeing twice crashes
-            return
-        self.closed = True
-        self.grammars.close()
+    def _free_contexts(self) -> None:
         with self._wake:
             self._closing = True
             self._wake.notify()

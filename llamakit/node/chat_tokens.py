@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from llamakit.wire.errors import ApiError
+from llamakit.node.errors import ControlTokenInText, TemplateRefused
 
 __all__ = ["chat_tokens"]
 
@@ -34,8 +34,8 @@ def chat_tokens(
 ) -> list[int]:
     """Prompt tokens for `messages` (dicts with `role` and `content`) under the chat template `render`.
 
-    Raises ApiError 400 when the template refuses the messages, or when a template transforms message text in
-    a way the markers cannot follow and the text spells out a control token.
+    Raises TemplateRefused when the template refuses the messages, ControlTokenInText when a template transforms
+    message text in a way the markers cannot follow and the text spells out a control token.
     """
     original = _render(render, list(messages))
     nonce = secrets.token_hex(8)
@@ -59,12 +59,10 @@ def chat_tokens(
     for message in messages:
         found = [t for t in tokenize(message["content"], bos=False, special=True) if is_control(t)]
         if found:
-            raise ApiError(
-                400,
+            raise ControlTokenInText(
                 "a message's text spells out one of the model's control tokens, which its chat template would "
                 "turn into real markup; remove it",
                 param="messages",
-                code="invalid_value",
             )
     return tokenize(original, bos=False, special=True)
 
@@ -73,7 +71,7 @@ def _render(render: Render, messages: list[dict[str, str]]) -> str:
     try:
         result = render(messages=messages)
     except Exception as exc:  # jinja2 errors and the template's own raise_exception()
-        raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from exc
+        raise TemplateRefused(f"the model's chat template refused these messages: {exc}", param="messages") from exc
     prompt = getattr(result, "prompt", result)
     return prompt if isinstance(prompt, str) else str(prompt)
 

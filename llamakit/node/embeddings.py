@@ -23,6 +23,14 @@ import numpy as np
 from aiohttp import web
 from llama_cpp._internals import LlamaModel
 
+from llamakit.node.errors import (
+    ContextOverflow,
+    DimensionsMismatch,
+    NodeError,
+    NoModel,
+    TokenOutsideVocabulary,
+    TooManyTokens,
+)
 from llamakit.node.llama_log import hearing
 from llamakit.node.placement import LlamaOptions, flash_attn_chosen, load_model
 from llamakit.node.routes import HOST, METRICS, SETTINGS
@@ -30,7 +38,6 @@ from llamakit.node.settings import NodeSettings
 from llamakit.web import json_response
 from llamakit.wire.completions import parse_json
 from llamakit.wire.embeddings import MAX_EMBEDDING_TOKENS, Input, embedding_body, parse_embedding_request
-from llamakit.wire.errors import ApiError
 
 __all__ = ["EMBEDDINGS", "Embedder", "Embeddings", "embedding_routes", "setup_embeddings"]
 
@@ -91,42 +98,38 @@ class Embedder:
                 self._model.close()  # type: ignore[no-untyped-call]
 
     def tokens(self, item: Input, index: int) -> list[int]:
-        """An input's tokens, or a 400: a text tokenized as plain text with a BOS (control tokens spelled in it
-        stay text), token ids checked against the vocabulary and the context."""
+        """An input's tokens: a text tokenized as plain text with a BOS (control tokens spelled in it stay text),
+        token ids checked against the vocabulary (TokenOutsideVocabulary) and both against the context
+        (ContextOverflow)."""
         if isinstance(item, str):
             tokens: list[int] = self._model.tokenize(item.encode("utf-8", "replace"), add_bos=True, special=False)
         else:
             bad = next((t for t in item if t >= self.n_vocab), None)
             if bad is not None:
-                raise ApiError(
-                    400,
+                raise TokenOutsideVocabulary(
                     f"input {index} holds token id {bad}, which is not in the model's vocabulary of {self.n_vocab}",
                     param="input",
-                    code="invalid_token",
                 )
             tokens = item
         if len(tokens) > self.n_ctx:
-            raise ApiError(
-                400,
+            raise ContextOverflow(
                 f"input {index} is {len(tokens)} tokens; an input may be at most {self.n_ctx} tokens on this node",
                 param="input",
-                code="context_length_exceeded",
             )
         return tokens
 
     def embed(self, inputs: list[Input]) -> Embedded:
-        """The normalised vector of each input, in order, and the tokens read; 400 when a bound is passed."""
+        """The normalised vector of each input, in order, and the tokens read. A RequestRefused when a bound is
+        passed (see `tokens`; TooManyTokens for the inputs together), NoModel once the context was closed."""
         with self._lock:
             if not self._ctx:
-                raise ApiError(503, "the embedding context was closed", type="server_error", code="model_error")
+                raise NoModel("the embedding context was closed")
             encoded = [self.tokens(item, i) for i, item in enumerate(inputs)]
             total = sum(len(t) for t in encoded)
             if total > MAX_EMBEDDING_TOKENS:
-                raise ApiError(
-                    400,
+                raise TooManyTokens(
                     f"the inputs are {total} tokens together; at most {MAX_EMBEDDING_TOKENS} are allowed per request",
                     param="input",
-                    code="too_many_tokens",
                 )
             vectors: list[np.ndarray] = []
             group: list[list[int]] = []
@@ -215,16 +218,14 @@ async def embeddings(request: web.Request) -> web.Response:
     embedder = await asyncio.to_thread(request.app[EMBEDDINGS].embedder, model.path)
     if req.dimensions is not None and req.dimensions != embedder.dimensions:
         metrics.requests.labels("embeddings", "rejected").inc()
-        raise ApiError(
-            400,
+        raise DimensionsMismatch(
             f"dimensions is {req.dimensions}, but {model.name!r} makes vectors of {embedder.dimensions} and llamakit "
             "does not shorten them: leave dimensions out or give that number",
             param="dimensions",
-            code="unsupported_value",
         )
     try:
         done = await asyncio.to_thread(embedder.embed, req.inputs)
-    except ApiError:
+    except NodeError:
         metrics.requests.labels("embeddings", "rejected").inc()
         raise
     metrics.requests.labels("embeddings", "ok").inc()

@@ -27,11 +27,12 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, json_schema_to_gbnf
 
 from llamakit.catalog import ResolvedModel
 from llamakit.node.chat_tokens import chat_tokens
+from llamakit.node.errors import BadGrammar, BadSchema, BiasOutsideVocabulary, ContextOverflow, EmptyPrompt
 from llamakit.node.grammar_check import GrammarCheck
 from llamakit.node.llama_log import hearing, redirecting
 from llamakit.node.placement import LlamaOptions, Placement, flash_attn_chosen, placement_of
+from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.wire.completions import check_grammar_shape
-from llamakit.wire.errors import ApiError
 
 __all__ = [
     "GenerationJob",
@@ -87,17 +88,6 @@ class GenerationJob:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repeat_penalty != 1
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log probability under the model (the softmax of its raw logits, before any
-    sampling setting), with the `top` most likely tokens at that step, each `(token, bytes, logprob)`."""
-
-    token: int
-    piece: bytes
-    logprob: float
-    top: list[tuple[int, bytes, float]]
-
-
 def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenLogprob:
     """The TokenLogprob of `token` from a step's `n_vocab` logits (a ctypes float array or numpy row)."""
     row = np.ctypeslib.as_array(logits, shape=(model.n_vocab,)) if not isinstance(logits, np.ndarray) else logits
@@ -110,23 +100,6 @@ def logprobs_at(model: LoadedModel, logits: Any, token: int, top: int) -> TokenL
         ids = ids[np.argsort(-row[ids], kind="stable")]
         best = [(int(i), model.piece(int(i)), float(row[i] - log_total)) for i in ids]
     return TokenLogprob(token, model.piece(token), float(row[token] - log_total), best)
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """What one generation produced: `finish_reason` is `stop`, `length` or `cancelled`; `cached_tokens` of
-    the prompt's tokens were found in the slot's cache and not decoded again (they count in `prompt_tokens`).
-    `admitted_ns` is when the engine took it in and `first_token_ns` when it sampled its first token (epoch
-    nanoseconds, 0 when unknown): the node's trace splits queue, prefill and decode by them."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    seconds: float
-    cached_tokens: int = 0
-    admitted_ns: int = 0
-    first_token_ns: int = 0
 
 
 class _StopMatcher:
@@ -290,6 +263,15 @@ class LoadedModel:
         )
 
     def close(self) -> None:
+        """Free the model's contexts and its grammar helper. Once only: a model retired by its last slot's request
+        after the host already closed it is closed again, and freeing llama.cpp's contexts twice crashes."""
+        if self.closed:
+            return
+        self.closed = True
+        self.grammars.close()
+        self._free_contexts()
+
+    def _free_contexts(self) -> None:
         raise NotImplementedError
 
     def choose_slot(self, free: list[int], prompt_tokens: list[int], cache_salt: str = "") -> int:
@@ -348,7 +330,8 @@ class LoadedModel:
         self, grammar: str | None, response_format: Any | None, *, tools_schema: dict[str, Any] | None = None
     ) -> str | None:
         """The GBNF to constrain sampling with (a request's own, one for a JSON response format, or one for
-        the JSON answers of tool calls), checked with llama.cpp's own parser, or a 400 that says why."""
+        the JSON answers of tool calls), checked with llama.cpp's own parser. BadGrammar (the client's own grammar)
+        or BadSchema (one made from a JSON schema) says why it cannot be used."""
         param = "grammar"
         if response_format is not None and response_format.type == "json_object":
             return JSON_GBNF
@@ -372,12 +355,8 @@ class LoadedModel:
                     " (check it against llama.cpp's GBNF syntax, grammars/README.md in llama.cpp; "
                     "a rule named 'root' is required)"
                 )
-            raise ApiError(
-                400,
-                f"{what} cannot be used: {problem}" + ("; simplify the schema" if made else ""),
-                param=param,
-                code="invalid_schema" if made else "invalid_grammar",
-            )
+            refusal = BadSchema if made else BadGrammar
+            raise refusal(f"{what} cannot be used: {problem}" + ("; simplify the schema" if made else ""), param=param)
         return grammar
 
     @staticmethod
@@ -390,48 +369,42 @@ class LoadedModel:
                 KeyError: f"it refers to {exc} (a $ref that is not in the schema)",
                 RecursionError: "it refers to itself too deeply",
             }.get(type(exc), str(exc) or type(exc).__name__)
-            raise ApiError(
-                400, f"{what} cannot be turned into a grammar: {reason}", param=param, code="invalid_schema"
-            ) from exc
+            raise BadSchema(f"{what} cannot be turned into a grammar: {reason}", param=param) from exc
         return grammar
 
     def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
-        """`logit_bias` with token ids checked against the vocabulary, or a 400 naming the first one outside."""
+        """`logit_bias` with token ids checked against the vocabulary; BiasOutsideVocabulary names the first one
+        outside."""
         out: dict[int, float] = {}
         for key, value in (bias or {}).items():
             token = int(key)
             if token >= self.n_vocab:
-                raise ApiError(
-                    400,
+                raise BiasOutsideVocabulary(
                     f"logit_bias names token {token}, but {self.name}'s vocabulary has tokens 0 to {self.n_vocab - 1}",
                     param="logit_bias",
-                    code="invalid_value",
                 )
             out[token] = float(value)
         return out
 
     def plan_tokens(self, n_prompt: int, max_tokens: int | None, default_max_tokens: int) -> int:
-        """`max_tokens` for a prompt of `n_prompt` tokens, or a 400 that names both numbers and the context."""
+        """`max_tokens` for a prompt of `n_prompt` tokens (`default_max_tokens` when None, cut to the room left).
+        EmptyPrompt for no tokens; ContextOverflow, naming both numbers and the context, when they do not fit."""
         if n_prompt == 0:
-            raise ApiError(400, "the prompt is empty: there is nothing to continue", param="prompt")
+            raise EmptyPrompt("the prompt is empty: there is nothing to continue", param="prompt")
         room = self.n_ctx - n_prompt
         if room <= 0:
-            raise ApiError(
-                400,
+            raise ContextOverflow(
                 f"the prompt is {n_prompt} tokens, which does not fit the context of {self.n_ctx} tokens; "
                 "shorten the prompt",
                 param="messages",
-                code="context_length_exceeded",
             )
         if max_tokens is None:
             return min(default_max_tokens, room)
         if max_tokens > room:
-            raise ApiError(
-                400,
+            raise ContextOverflow(
                 f"the prompt is {n_prompt} tokens and max_tokens is {max_tokens}, but the context holds "
                 f"{self.n_ctx} tokens: ask for at most {room} tokens",
                 param="max_tokens",
-                code="context_length_exceeded",
             )
         return max_tokens
 
@@ -521,11 +494,7 @@ class SimpleModel(LoadedModel):
 
         return LogitsProcessorList([bias])
 
-    def close(self) -> None:
-        if self.closed:  # a model retired by its last lease after the host already closed it
-            return
-        self.closed = True
-        self.grammars.close()
+    def _free_contexts(self) -> None:
         for llama in self.contexts:
             llama.close()
         self.contexts = []

@@ -14,11 +14,11 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal
 
-from llamakit.catalog import ModelNotAvailable, ResolvedModel, resolve_model
+from llamakit.catalog import ResolvedModel, resolve_model
 from llamakit.node.engine import LoadedModel
-from llamakit.wire.errors import ApiError
+from llamakit.node.errors import AlreadyLoading, ModelNotServed, NoModel, SlotsBusy, StillLoading
 
-__all__ = ["Lease", "ModelHost"]
+__all__ = ["ModelHost", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ Loader = Callable[[ResolvedModel], LoadedModel]
 
 
 @dataclass
-class Lease:
-    """The right to use one context (`slot`) of `model` until released."""
+class Slot:
+    """One context (`index`) of `model`, taken by one request until it is freed (`ModelHost.free_slot`)."""
 
     model: LoadedModel
-    slot: int
+    index: int
 
 
 class ModelHost:
@@ -60,13 +60,11 @@ class ModelHost:
         return self.model.name if self.model is not None else self.loading_name
 
     def start_loading(self, name: str) -> None:
-        """Begin loading `name` in the background; raises 400/404 at once if it cannot be resolved."""
-        try:
-            resolved = resolve_model(name)
-        except ModelNotAvailable as exc:
-            raise ApiError(404, str(exc), type="not_found_error", code="model_not_found", param="model") from exc
+        """Begin loading `name` in the background. Raises at once the catalog's ModelNotAvailable when `name` cannot
+        be resolved, AlreadyLoading while another model loads."""
+        resolved = resolve_model(name)
         if self._load_task is not None and not self._load_task.done():
-            raise ApiError(409, f"already loading {self.loading_name!r}; wait until /health says ready", code="busy")
+            raise AlreadyLoading(f"already loading {self.loading_name!r}; wait until /health says ready")
         self.status = "loading"
         self.loading_name = resolved.name
         self._ready.clear()
@@ -92,57 +90,46 @@ class ModelHost:
         await self._ready.wait()
 
     async def serving(self, requested: str | None) -> LoadedModel:
-        """The loaded model, once loading ends: 503 when none is loaded, 404 when `requested` names another."""
+        """The loaded model, once loading ends. NoModel when none is loaded, ModelNotServed when `requested`
+        names another."""
         await self.wait_loaded()
         model = self.model
         if model is None:
-            raise ApiError(503, self.error or "no model is loaded", type="server_error", code="model_error")
+            raise NoModel(self.error or "no model is loaded")
         if requested is not None and requested != model.name:
-            raise ApiError(
-                404,
-                f"model {requested!r} is not served here; this node serves {model.name!r}",
-                type="not_found_error",
-                code="model_not_found",
-                param="model",
+            raise ModelNotServed(
+                f"model {requested!r} is not served here; this node serves {model.name!r}", param="model"
             )
         return model
 
-    async def acquire(self, prompt_tokens: list[int] | None = None, cache_salt: str = "") -> Lease:
+    async def take_slot(self, prompt_tokens: list[int] | None = None, cache_salt: str = "") -> Slot:
         """A free slot of the current model (the one the model picks for `prompt_tokens` of `cache_salt`: the
-        batched engine reuses a slot's cached prefix); waits while a model loads, 503 when every slot is busy."""
+        batched engine reuses a slot's cached prefix); give it back with `free_slot`. Waits while a model loads
+        (StillLoading past `load_wait` seconds); NoModel when none could be loaded, SlotsBusy when every slot
+        is taken."""
         if not self._ready.is_set():
             try:
                 await asyncio.wait_for(self._ready.wait(), self.load_wait)
             except TimeoutError:
-                raise ApiError(
-                    503,
-                    "the node is still loading its model",
-                    type="server_error",
-                    code="loading",
-                    headers={"Retry-After": "5"},
-                ) from None
+                raise StillLoading("the node is still loading its model") from None
         if self.status == "error" or self.model is None:
-            raise ApiError(503, self.error or "no model is loaded", type="server_error", code="model_error")
+            raise NoModel(self.error or "no model is loaded")
         free = self._free[id(self.model)]
         if not free:
-            raise ApiError(
-                503,
-                f"all {self.model.slots} slots are busy; retry shortly or send the request to another node",
-                type="server_error",
-                code="slots_busy",
-                headers={"Retry-After": "1"},
-            )
+            raise SlotsBusy(f"all {self.model.slots} slots are busy; retry shortly or send the request to another node")
         self._busy[id(self.model)] += 1
-        slot = self.model.choose_slot(free, prompt_tokens or [], cache_salt)
-        free.remove(slot)
-        return Lease(self.model, slot)
+        index = self.model.choose_slot(free, prompt_tokens or [], cache_salt)
+        free.remove(index)
+        return Slot(self.model, index)
 
-    def release(self, lease: Lease) -> None:
-        key = id(lease.model)
+    def free_slot(self, slot: Slot) -> None:
+        """The request is done with `slot`: the next one may take it (and a swapped-out model is unloaded once
+        its last slot is free)."""
+        key = id(slot.model)
         self._busy[key] -= 1
-        self._free[key].append(lease.slot)
-        if lease.model is not self.model:
-            self._retire_if_idle(lease.model)
+        self._free[key].append(slot.index)
+        if slot.model is not self.model:
+            self._retire_if_idle(slot.model)
 
     def _retire_if_idle(self, model: LoadedModel) -> None:
         key = id(model)

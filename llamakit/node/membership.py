@@ -4,18 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import aiohttp
 
-from llamakit.node.host import ModelHost
 from llamakit.node.settings import NodeSettings
 
-__all__ = ["keep_membership"]
+__all__ = ["HerdMember", "keep_membership"]
 
 log = logging.getLogger(__name__)
 
 
-async def keep_membership(settings: NodeSettings, host: ModelHost) -> None:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class HerdMember(Protocol):
+    """What a node tells its router: the model it serves (None while it has none), its slots and how many are
+    busy, and its status. A `ModelHost`, or a llama-server the node fronts (`llama_server_app.Fronted`)."""
+
+    @property
+    def model(self) -> _Named | None: ...
+
+    @property
+    def slot_count(self) -> int: ...
+
+    @property
+    def busy(self) -> int: ...
+
+    @property
+    def status(self) -> str: ...
+
+    async def wait_loaded(self) -> None: ...
+
+
+async def keep_membership(settings: NodeSettings, host: HerdMember) -> None:
     """Run until cancelled. The router also health-checks the node, so a lost heartbeat is not fatal."""
     assert settings.router is not None
     router = settings.router.rstrip("/")

@@ -1,4 +1,5 @@
-"""The node's HTTP handlers: health, models, chat and text completions (plain and streamed), model swap, metrics."""
+"""The node's HTTP handlers (health, models, chat and text completions, plain and streamed, model swap, metrics) and
+the one table that turns the node's own exceptions (`node.errors`) into statuses and OpenAI error bodies."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from aiohttp import web
 
 from llamakit.node.answers import Answer
 from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, TokenLogprob
-from llamakit.node.host import Lease, ModelHost
+from llamakit.node.errors import NodeError
+from llamakit.node.host import ModelHost, Slot
+from llamakit.node.http_errors import http_error, status_of
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING, GenerationTrace
@@ -26,7 +29,7 @@ from llamakit.wire.errors import ApiError, error_body
 from llamakit.wire.headers import CACHE_SALT_HEADER, KEEPALIVE_HEADER, REQUEST_ID_HEADER
 from llamakit.wire.node import NodeHealth, TokenCounts, with_counts
 
-__all__ = ["HOST", "METRICS", "RUNS", "SETTINGS", "routes"]
+__all__ = ["HOST", "METRICS", "RUNS", "SETTINGS", "http_error", "routes"]
 
 log = logging.getLogger(__name__)
 
@@ -177,19 +180,19 @@ async def _prepare(
     return _Prepared(model, await asyncio.to_thread(build))
 
 
-async def _lease(
+async def _take_slot(
     host: ModelHost,
     settings: NodeSettings,
     req: GenerationRequest,
     tokenize: Callable[[LoadedModel], list[int]],
     cache_salt: str,
-) -> tuple[Lease, GenerationJob]:
+) -> tuple[Slot, GenerationJob]:
     prepared = await _prepare(host, settings, req, tokenize, cache_salt)
-    lease = await host.acquire(prepared.job.prompt_tokens, cache_salt)
-    if lease.model is not prepared.model:  # the model was swapped while we tokenized: do it again
-        host.release(lease)
-        return await _lease(host, settings, req, tokenize, cache_salt)
-    return lease, prepared.job
+    slot = await host.take_slot(prepared.job.prompt_tokens, cache_salt)
+    if slot.model is not prepared.model:  # the model was swapped while we tokenized: do it again
+        host.free_slot(slot)
+        return await _take_slot(host, settings, req, tokenize, cache_salt)
+    return slot, prepared.job
 
 
 async def _serve(
@@ -207,8 +210,8 @@ async def _serve(
         response = await _generate(request, req, kind, tokenize, trace)
         status = response.status
         return response
-    except ApiError as exc:
-        status = exc.status
+    except (ApiError, NodeError) as exc:
+        status = status_of(exc)
         raise
     except BaseException as exc:
         error = exc
@@ -227,9 +230,9 @@ async def _generate(
     host, settings, metrics = request.app[HOST], request.app[SETTINGS], request.app[METRICS]
     route = "chat" if kind == "chat" else "completions"
     try:
-        lease, job = await _lease(host, settings, req, tokenize, request.headers.get(CACHE_SALT_HEADER, ""))
-    except ApiError as exc:
-        metrics.requests.labels(route, "busy" if exc.status == 503 else "rejected").inc()
+        slot, job = await _take_slot(host, settings, req, tokenize, request.headers.get(CACHE_SALT_HEADER, ""))
+    except (ApiError, NodeError) as exc:
+        metrics.requests.labels(route, "busy" if status_of(exc) == 503 else "rejected").inc()
         raise
     request_id = (
         request.headers.get(REQUEST_ID_HEADER) or f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -240,21 +243,21 @@ async def _generate(
     answer = Answer(
         kind=kind,
         id=request_id,
-        model=lease.model.name,
+        model=slot.model.name,
         tools=isinstance(req, ChatCompletionRequest) and req.tool_setup() is not None,
         logprobs=logprobs,
     )
-    run = _Run(request, lease, job, answer, cancel, keepalive=_keepalive(request))
+    run = _Run(request, slot, job, answer, cancel, keepalive=_keepalive(request))
     runs = request.app[RUNS]
     runs[request_id] = cancel
     if trace is not None:
-        trace.started(request_id, lease.slot)
+        trace.started(request_id, slot.index)
 
     def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
-        generate = functools.partial(lease.model.generate, on_progress=run.advanced, logprobs=logprobs)
-        future = loop.run_in_executor(host.executor, generate, lease.slot, job, on_text, cancel)
+        generate = functools.partial(slot.model.generate, on_progress=run.advanced, logprobs=logprobs)
+        future = loop.run_in_executor(host.executor, generate, slot.index, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
-        future.add_done_callback(lambda f: _finished(host, metrics, route, lease, f, trace))
+        future.add_done_callback(lambda f: _finished(host, metrics, route, slot, f, trace))
         return future
 
     try:
@@ -278,11 +281,11 @@ def _finished(
     host: ModelHost,
     metrics: NodeMetrics,
     route: str,
-    lease: Lease,
+    slot: Slot,
     future: asyncio.Future[GenerationResult],
     trace: GenerationTrace | None,
 ) -> None:
-    host.release(lease)
+    host.free_slot(slot)
     if future.cancelled() or future.exception() is not None:
         metrics.requests.labels(route, "error").inc()
         if not future.cancelled():
@@ -305,7 +308,7 @@ class _Run:
     def __init__(
         self,
         request: web.Request,
-        lease: Lease,
+        slot: Slot,
         job: GenerationJob,
         answer: Answer,
         cancel: threading.Event,
@@ -313,7 +316,7 @@ class _Run:
         keepalive: float,
     ) -> None:
         self.request = request
-        self.model = lease.model
+        self.model = slot.model
         self.job = job
         self.answer = answer
         self.request_id = answer.id

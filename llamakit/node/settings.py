@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llamakit.catalog import DEFAULT_MODEL
 from llamakit.config import Flag, parse_settings
 from llamakit.logs import LogFormat
 from llamakit.node.cores import available_cores
-from llamakit.server import RequestLimits
+from llamakit.server import SERVING_FLAGS, ServingSettings
 
 __all__ = ["CACHE_TYPES", "CacheType", "NodeSettings", "settings_from_args"]
 
@@ -21,7 +24,7 @@ CacheType = Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"
 CACHE_TYPES: tuple[str, ...] = get_args(CacheType)
 
 
-class NodeSettings(BaseModel):
+class NodeSettings(ServingSettings):
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
     model: str = Field(DEFAULT_MODEL, description="catalog name or path to a .gguf file")
@@ -59,18 +62,6 @@ class NodeSettings(BaseModel):
         description="shared secret of the herd",
     )
     name: str = Field(default_factory=lambda: f"node-{secrets.token_hex(3)}", min_length=1, max_length=64)
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
-    request_timeout: float = Field(
-        10.0,
-        gt=0,
-        le=3600,
-        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
-        "again plus its size at --min-upload-rate",
-    )
-    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
-    max_connections: int | None = Field(
-        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
-    )
     router: str | None = Field(None, description="router URL to join (POST /herd/join) and send heartbeats to")
     public_url: str | None = Field(None, description="URL the router should use for this node (default: host:port)")
     heartbeat_seconds: float = Field(5.0, gt=0, description="seconds between heartbeats to the router")
@@ -103,6 +94,25 @@ class NodeSettings(BaseModel):
     tensor_split: tuple[float, ...] | None = Field(
         None, description="the share of the model per GPU, comma-separated, e.g. 3,1 (default: by free memory)"
     )
+    # llama.cpp's own server as the engine (docs/node.md, "Fronting llama-server"): one running at a URL, or one
+    # this node starts from a binary and keeps running.
+    llama_server: str | None = Field(
+        None,
+        description="front the llama.cpp llama-server running at this URL instead of loading a model (--model "
+        "then only names its model); start it with --api-key or on a loopback address",
+    )
+    llama_server_bin: str | None = Field(
+        None,
+        description="start llama.cpp's llama-server from this binary on a loopback port, serving --model with "
+        "--slots, --ctx-size, --threads and the GPU and KV cache flags, restart it if it dies, stop it with the "
+        "node; more llama-server flags go after --",
+    )
+    llama_server_api_key: str | None = Field(
+        None, min_length=1, description="the --api-key of the llama-server given by --llama-server"
+    )
+    llama_server_args: tuple[str, ...] = Field(
+        (), description="more llama-server flags for --llama-server-bin (what follows -- on the command line)"
+    )
 
     @field_validator("gpu_layers", mode="before")
     @classmethod
@@ -132,6 +142,37 @@ class NodeSettings(BaseModel):
             raise ValueError("give a share of zero or more per GPU, at least one of them above zero, such as 3,1")
         return value
 
+    @field_validator("llama_server")
+    @classmethod
+    def _llama_server_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"give the llama-server's URL, such as http://127.0.0.1:8080; got {value!r}")
+        return value.rstrip("/") if value is not None else None
+
+    @field_validator("llama_server_args", mode="before")
+    @classmethod
+    def _split_args(cls, value: object) -> object:
+        return tuple(shlex.split(value)) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_llama_server(self) -> NodeSettings:
+        if self.llama_server is not None and self.llama_server_bin is not None:
+            raise ValueError(
+                "give --llama-server (a running llama-server to front) or --llama-server-bin (one to start), not both"
+            )
+        if self.llama_server_args and self.llama_server_bin is None:
+            raise ValueError(
+                "llama-server flags after -- need --llama-server-bin: they are for the llama-server it starts"
+            )
+        if self.llama_server_api_key is not None and self.llama_server is None:
+            raise ValueError("--llama-server-api-key is the key of the llama-server given by --llama-server")
+        return self
+
+    @property
+    def fronts_llama_server(self) -> bool:
+        """Whether llama.cpp's llama-server does the inference (running at a URL, or started by this node)."""
+        return self.llama_server is not None or self.llama_server_bin is not None
+
     @model_validator(mode="after")
     def _quantized_values_need_flash_attention(self) -> NodeSettings:
         if self.flash_attn == "off" and self.cache_type_v not in ("f32", "f16", "bf16"):
@@ -140,15 +181,6 @@ class NodeSettings(BaseModel):
                 "with it; use --flash-attn auto or on, or --cache-type-v f16"
             )
         return self
-
-    @property
-    def request_limits(self) -> RequestLimits:
-        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
-        return RequestLimits(
-            header_timeout=self.request_timeout,
-            min_upload_rate=self.min_upload_rate,
-            max_connections=self.max_connections,
-        )
 
     @property
     def url(self) -> str:
@@ -178,14 +210,41 @@ FLAGS = [
     Flag("main_gpu", "--main-gpu", "LLAMAKIT_MAIN_GPU", int),
     Flag("split_mode", "--split-mode", "LLAMAKIT_SPLIT_MODE"),
     Flag("tensor_split", "--tensor-split", "LLAMAKIT_TENSOR_SPLIT"),
+    Flag("llama_server", "--llama-server", "LLAMAKIT_LLAMA_SERVER"),
+    Flag("llama_server_bin", "--llama-server-bin", "LLAMAKIT_LLAMA_SERVER_BIN"),
+    Flag("llama_server_api_key", "--llama-server-api-key", "LLAMAKIT_LLAMA_SERVER_API_KEY"),
     Flag("log_format", "--log-format", "LLAMAKIT_LOG_FORMAT"),
-    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
-    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
-    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
+    *SERVING_FLAGS,
 ]
 
 
 def settings_from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> NodeSettings:
-    return parse_settings(
-        NodeSettings, FLAGS, argv, env, prog="python -m llamakit.node", description="A llamakit inference node."
+    """The node's settings from `argv` (default: the command line); what follows `--` is llama-server's flags
+    (`llama_server_args`, else LLAMAKIT_LLAMA_SERVER_ARGS split as a shell would)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if env is None else env
+    server_args: tuple[str, ...] | None = None
+    if "--" in argv:
+        at = argv.index("--")
+        argv, server_args = argv[:at], tuple(argv[at + 1 :])
+    elif env.get("LLAMAKIT_LLAMA_SERVER_ARGS"):
+        server_args = tuple(shlex.split(env["LLAMAKIT_LLAMA_SERVER_ARGS"]))
+    settings = parse_settings(
+        NodeSettings,
+        FLAGS,
+        argv,
+        env,
+        prog="python -m llamakit.node",
+        description="A llamakit inference node: llama-cpp-python in this process, or llama.cpp's own llama-server "
+        "behind it (--llama-server URL, or --llama-server-bin PATH --model FILE [-- llama-server flags]).",
     )
+    if server_args is None:
+        return settings
+    values = {name: getattr(settings, name) for name in settings.model_fields_set}
+    try:
+        return NodeSettings.model_validate({**values, "llama_server_args": server_args})
+    except ValidationError as exc:
+        print(
+            f"python -m llamakit.node: error: {exc.errors()[0]['msg'].removeprefix('Value error, ')}", file=sys.stderr
+        )
+        raise SystemExit(2) from None

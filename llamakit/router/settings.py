@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from llamakit.config import Flag, parse_settings
 from llamakit.logs import LogFormat
@@ -25,12 +25,12 @@ from llamakit.money.currency import (
 )
 from llamakit.money.fees import parse_discount
 from llamakit.router.ledger import backend_of
-from llamakit.server import RequestLimits
+from llamakit.server import SERVING_FLAGS, ServingSettings
 
 __all__ = ["RouterSettings", "settings_from_args"]
 
 
-class RouterSettings(BaseModel):
+class RouterSettings(ServingSettings):
     model_config = ConfigDict(frozen=True)
 
     host: str = Field("127.0.0.1", description="address to listen on")
@@ -74,18 +74,6 @@ class RouterSettings(BaseModel):
     max_tokens_limit: int = Field(32768, ge=1, description="largest max_tokens a request may ask for")
     max_attempts: int = Field(3, ge=1, le=10, description="nodes tried for one request before giving up")
     usage_log: Path | None = Field(None, description="JSONL file that gets one line per settled request")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest request body accepted")
-    request_timeout: float = Field(
-        10.0,
-        gt=0,
-        le=3600,
-        description="seconds a client has to send a request's line and headers (408 after); its body gets as long "
-        "again plus its size at --min-upload-rate",
-    )
-    min_upload_rate: int = Field(64 * 1024, ge=1, description="slowest rate a request body may arrive at, bytes/s")
-    max_connections: int | None = Field(
-        None, ge=1, description="client connections open at once (default: the limit of open files less a tenth)"
-    )
     access_log: bool = Field(False, description="log every HTTP request (the usage log already has each one)")
     log_format: LogFormat = Field("text", description="text, or json: one JSON object per line (see docs/operating.md)")
     log_requests: bool = Field(
@@ -162,15 +150,6 @@ class RouterSettings(BaseModel):
     def _currency(cls, value: object) -> str:
         return parse_currency(value)
 
-    @property
-    def request_limits(self) -> RequestLimits:
-        """What a client may take to send a request, and the connections open at once (see llamakit.server)."""
-        return RequestLimits(
-            header_timeout=self.request_timeout,
-            min_upload_rate=self.min_upload_rate,
-            max_connections=self.max_connections,
-        )
-
     @functools.cached_property
     def money(self) -> CreditValue:
         """What a credit is worth, in the operator's currency."""
@@ -223,9 +202,7 @@ FLAGS = [
     Flag("credit_value", "--credit-value", "LLAMAKIT_CREDIT_VALUE"),
     Flag("currency", "--currency", "LLAMAKIT_CURRENCY"),
     Flag("max_queue", "--max-queue", "LLAMAKIT_MAX_QUEUE", int),
-    Flag("request_timeout", "--request-timeout", "LLAMAKIT_REQUEST_TIMEOUT", float),
-    Flag("min_upload_rate", "--min-upload-rate", "LLAMAKIT_MIN_UPLOAD_RATE", int),
-    Flag("max_connections", "--max-connections", "LLAMAKIT_MAX_CONNECTIONS", int),
+    *SERVING_FLAGS,
     Flag("max_queue_share", "--max-queue-share", "LLAMAKIT_MAX_QUEUE_SHARE", float),
     Flag("queue_timeout", "--queue-timeout", "LLAMAKIT_QUEUE_TIMEOUT", float),
     Flag("node_timeout", "--node-timeout", "LLAMAKIT_NODE_TIMEOUT", float),

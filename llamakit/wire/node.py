@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-__all__ = ["COUNTS_FIELD", "NodeHealth", "TokenCounts", "split_counts", "with_counts"]
+__all__ = ["COUNTS_FIELD", "LlamaServerHealth", "NodeHealth", "TokenCounts", "split_counts", "with_counts"]
 
 COUNTS_FIELD = "llamakit"
 
@@ -57,6 +57,17 @@ def split_counts(payload: bytes) -> tuple[bytes, TokenCounts] | None:
     return payload[: at + len(_NO_USAGE)] + b"}", TokenCounts(int(prompt), int(completion))
 
 
+class LlamaServerHealth(BaseModel):
+    """The llama.cpp llama-server a node fronts: where, which build, and, when the node started it (`supervised`),
+    its process and how often it was restarted."""
+
+    url: str
+    build: str | None = None
+    supervised: bool = False
+    pid: int | None = None
+    restarts: int = 0
+
+
 class NodeHealth(BaseModel):
     """A node's `GET /health` body: what the router learns of it (its models, slots and context per slot), and
     where llama.cpp runs its model (absent from nodes that do not say, and while a model loads)."""
@@ -78,3 +89,4 @@ class NodeHealth(BaseModel):
     # What is wrong with the loaded model's file on disk (gone, unreadable): the node still serves from memory,
     # but could not load the model again. None while the file is there.
     model_file: str | None = None
+    llama_server: LlamaServerHealth | None = None  # a node whose engine is llama.cpp's own llama-server

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from llamakit.router import RouterSettings, create_app
-from tests.conftest import RunningServer
 from tests.sdk.conftest import ADMIN_KEY, LoopThread, loop_thread
 from tests.support.fake_node import HERD_TOKEN
+from tests.support.servers import RunningServer
 
 __all__ = ["GradingHerd", "grading_herd", "loop_thread"]
 

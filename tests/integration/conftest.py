@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 
 HERD_TOKEN = "integration-herd-token"
 ADMIN_KEY = "integration-admin-key"

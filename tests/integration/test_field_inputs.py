@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

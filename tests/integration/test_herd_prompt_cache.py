@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
 from tests.integration.conftest import ADMIN_KEY, HERD_TOKEN
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

@@ -16,8 +16,8 @@ from openai import AsyncOpenAI, BadRequestError
 from pydantic import BaseModel
 
 from llamakit.wire.completions import ChatCompletionRequest
-from tests.conftest import RunningServer
 from tests.integration.conftest import ADMIN_KEY, HERD_TOKEN, LiveHerd
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

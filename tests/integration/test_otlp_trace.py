@@ -32,8 +32,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from llamakit.sdk import Client
-from tests.conftest import RunningServer
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

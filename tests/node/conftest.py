@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 
 HERD_TOKEN = "test-herd-token-123"
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from llamakit.router.upstream import token_chunk
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

@@ -15,8 +15,8 @@ import pytest
 from llamakit.catalog import DEFAULT_MODEL, resolve_model
 from llamakit.node import NodeSettings, create_app
 from llamakit.node import model_file as watched
-from tests.conftest import RunningServer
 from tests.node.conftest import HERD_TOKEN
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

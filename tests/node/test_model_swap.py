@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

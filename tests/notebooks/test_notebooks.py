@@ -13,9 +13,9 @@ from nbclient import NotebookClient
 
 from llamakit.profile import Profile, write_profile
 from llamakit.router import RouterSettings, create_app
-from tests.conftest import RunningServer
 from tests.sdk.conftest import ADMIN_KEY, LoopThread, loop_thread
 from tests.support.fake_node import HERD_TOKEN
+from tests.support.servers import RunningServer
 
 pytestmark = pytest.mark.model
 

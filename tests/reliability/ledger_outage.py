@@ -37,9 +37,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 __all__ = ["CannotRun", "PrivatePostgres", "Report", "full_disk", "lost_postgres"]
 

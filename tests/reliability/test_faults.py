@@ -107,18 +107,18 @@ async def test_a_request_that_failed_over_keeps_its_place_and_holds_up_no_one() 
     x = asyncio.ensure_future(scheduler.acquire("m", one, max_wait=30, arrived=2.0))
     r = asyncio.ensure_future(scheduler.acquire("m", one, max_wait=30, exclude=frozenset({"a"}), arrived=1.0))
     await asyncio.sleep(0.01)
-    scheduler.release(b)
+    scheduler.free(b)
     assert await first_done(x, r) is r, "the request that failed over lost its place to one that came after it"
     assert r.result() is b
     # r2 (arrived first of all, must avoid a) heads the queue, and only a frees: x takes it, r2 keeps waiting.
     r2 = asyncio.ensure_future(scheduler.acquire("m", one, max_wait=30, exclude=frozenset({"a"}), arrived=0.5))
     await asyncio.sleep(0.01)
-    scheduler.release(a)
+    scheduler.free(a)
     assert await first_done(x, r2) is x, "a request that must avoid a node held up the queue behind it"
     assert x.result() is a and scheduler.queue_length("m") == 1
     # A newcomer while r2 is passed over and a has a free slot: served at once, not at the next release.
-    scheduler.release(a)
+    scheduler.free(a)
     assert await asyncio.wait_for(scheduler.acquire("m", one, max_wait=30), 10) is a
     assert not r2.done()
-    scheduler.release(b)
+    scheduler.free(b)
     assert await r2 is b

@@ -11,8 +11,8 @@ import pytest
 
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.ledger import ledger_at
-from tests.router.conftest import ADMIN_KEY, Herd
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import ADMIN_KEY, Herd
 
 PROMPT = "one two three four"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 HUGE = [
     "999999999999999999999999999999",  # past SQLite's 2^63

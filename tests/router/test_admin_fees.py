@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.router.test_cli import llamakit
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 DEFAULT = {"base_fee": 10, "prompt_token_fee": 1, "completion_token_fee": 2}  # the herd fixture's

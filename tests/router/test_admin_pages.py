@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 
 from llamakit.router.stats import TOP_ACCOUNTS
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 ASK = {"prompt": "hello", "max_tokens": 2}
 

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 
 from llamakit.router.affinity import BLOCK_CHARS, Affinity, PrefixMap, chat_text
-from tests.router.conftest import Herd
 from tests.router.test_operator import sample
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 SYSTEM = {"role": "system", "content": "You are a patient tutor who answers with worked examples. " * 6}
 

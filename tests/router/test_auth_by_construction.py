@@ -17,9 +17,9 @@ from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.auth import admin_key_required, herd_token_required
-from tests.router.conftest import ADMIN_KEY, Herd
 from tests.router.test_refusals_and_metrics import samples, value
 from tests.support.fake_node import HERD_TOKEN
+from tests.support.herd import ADMIN_KEY, Herd
 
 # Routes anyone may call: the only ones that answer without a credential.
 PUBLIC = {

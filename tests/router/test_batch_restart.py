@@ -16,11 +16,11 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.conftest import RunningServer
-from tests.router.conftest import ADMIN_KEY
 from tests.router.test_batches import Gate, jsonl, line, price
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import ADMIN_KEY
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 ROOT = Path(__file__).parents[2]
 

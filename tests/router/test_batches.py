@@ -24,9 +24,9 @@ from openai import AsyncOpenAI
 
 from llamakit.router.ledger import Remembered, hash_key, ledger_at
 from llamakit.router.ledger._batches import NewLine, line_key
-from tests.router.conftest import Herd
 from tests.router.ledger.conftest import postgres_schema
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 FEES = (10, 1, 2)  # base, prompt, completion: the Herd's
 MODEL = "fake-model"

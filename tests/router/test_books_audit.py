@@ -15,9 +15,9 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from tests.router.conftest import Herd
 from tests.router.test_cli import llamakit
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 ASK = {"prompt": "hello", "max_tokens": 2}
 

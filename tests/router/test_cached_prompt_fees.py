@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamakit.money.currency import CreditValue
 from llamakit.money.fees import FeeSchedule, cache_discount, hold_amount, quote, settle_amount
 from llamakit.router.pricing import PriceList
-from tests.router.conftest import Herd
 from tests.router.test_cli import llamakit
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 # base 10, a fresh prompt token 4, a cached one 1, a completion token 2
 FEES = {"base_fee": 10, "prompt_token_fee": 4, "completion_token_fee": 2, "cached_prompt_token_fee": 1}

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from tests.router.conftest import ADMIN_KEY, Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import ADMIN_KEY, Herd
 
 
 async def llamakit(herd: Herd, *args: str) -> tuple[int, str]:

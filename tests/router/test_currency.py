@@ -18,9 +18,9 @@ from llamakit.router import RouterSettings
 from llamakit.router.ledger import Remembered
 from llamakit.router.paid.idempotency import recall_answer
 from llamakit.router.settings import settings_from_args
-from tests.router.conftest import Herd
 from tests.router.ledger.conftest import BACKENDS, backend_url, execute
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 

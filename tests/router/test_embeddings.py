@@ -10,8 +10,8 @@ import math
 import pytest
 
 from llamakit.wire.embeddings import MAX_EMBEDDING_INPUTS, MAX_EMBEDDING_TOKENS, TEXT_TOKEN_ALLOWANCE
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 
 def cost(prompt: int, bid: float = 1.0) -> int:

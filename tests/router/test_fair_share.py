@@ -6,8 +6,8 @@ import asyncio
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 
 async def test_a_late_account_is_served_within_two_and_a_flooding_account_is_capped(herd: Herd) -> None:

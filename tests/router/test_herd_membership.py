@@ -8,8 +8,8 @@ from collections import Counter
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"
 HERD_AUTH = {"Authorization": f"Bearer {HERD_TOKEN}"}

@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 BODY = {"prompt": "one two three four", "max_tokens": 5}
 

@@ -14,9 +14,9 @@ from llamakit.logs import json_formatter
 from llamakit.router.paid.record import REQUEST_LOG
 from llamakit.telemetry import Tracing
 from llamakit.wire.headers import OVERHEAD_HEADER, REQUEST_ID_HEADER
-from tests.router.conftest import Herd
 from tests.router.test_tracing import CHAT, TRACEPARENT, by_name, finished_trace
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from typing import Any
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.router.test_refusals_and_metrics import samples, value
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 ASK = {"prompt": "one two three four", "max_tokens": 2}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 
-from tests.router.conftest import Herd
+from tests.support.herd import Herd
 
 
 async def test_the_operator_names_renames_and_unnames_a_key_and_its_holder_sees_the_name(herd: Herd) -> None:

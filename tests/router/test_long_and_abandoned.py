@@ -6,8 +6,8 @@ import asyncio
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 prompt tokens
 FEES = {"base": 10, "prompt": 1, "completion": 2}

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 
 from llamakit.money.fees import FeeSchedule, hold_amount, raw_prompt_token_bound
-from tests.router.conftest import Herd
 from tests.router.test_key_limits import key_client
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 BIG = {"base_fee": 100, "prompt_token_fee": 5, "completion_token_fee": 10}
 PROMPT = "one two three four"  # 7 prompt tokens at the fake node

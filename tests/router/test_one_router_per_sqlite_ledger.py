@@ -14,8 +14,8 @@ import pytest
 
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.ledger import LedgerError
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.servers import RunningServer
 
 ADMIN = "one-router-admin"
 

@@ -12,8 +12,8 @@ from openapi_spec_validator import validate
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.openapi import openapi_document, routes_of
 from llamakit.wire.headers import BID_HEADER, COST_CREDITS_HEADER, IDEMPOTENCY_HEADER, REQUEST_ID_HEADER
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode
+from tests.support.herd import Herd
 
 SCHEMES = {"ApiKey", "AdminKey", "HerdToken"}
 

@@ -35,9 +35,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from llamakit.router import RouterSettings, create_app
-from tests.conftest import RunningServer
-from tests.router.conftest import ADMIN_KEY
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import ADMIN_KEY
+from tests.support.servers import RunningServer
 
 SEED = int(os.environ.get("LLAMAKIT_FUZZ_SEED", "26"))
 EXAMPLES = int(os.environ.get("LLAMAKIT_FUZZ_EXAMPLES", "25"))

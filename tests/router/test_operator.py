@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 

@@ -8,8 +8,8 @@ import math
 
 import httpx
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"  # the fake node counts 4 + 3 = 7 prompt tokens
 

@@ -9,8 +9,8 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"
 

@@ -11,9 +11,9 @@ import pytest
 from openai import AsyncOpenAI
 
 from llamakit.wire.completions import ChatCompletionRequest
-from tests.router.conftest import Herd
 from tests.router.test_responses_translation import assert_items_one_after_another
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 HAS_CHAT_TOOLS = "tools" in ChatCompletionRequest.model_fields
 

@@ -12,8 +12,8 @@ import pytest
 from aiohttp import web
 
 from llamakit.router.upstream import token_chunk
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 
 @dataclass

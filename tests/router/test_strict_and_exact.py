@@ -17,8 +17,8 @@ from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest, 
 from llamakit.wire.embeddings import parse_embedding_request
 from llamakit.wire.errors import ApiError
 from llamakit.wire.responses import parse_responses_request
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three"
 CHAT = {"messages": [{"role": "user", "content": PROMPT}]}

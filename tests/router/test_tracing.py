@@ -15,8 +15,8 @@ from opentelemetry.trace import SpanKind
 
 from llamakit.telemetry import Tracing
 from llamakit.wire.headers import OVERHEAD_HEADER, REQUEST_ID_HEADER
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -10,8 +10,8 @@ from typing import Any
 import httpx
 
 from llamakit.router.ledger import ledger_at
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 
 PROMPT = "one two three four"
 FIELDS = {

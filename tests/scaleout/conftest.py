@@ -20,10 +20,10 @@ import httpx
 import pytest
 
 from llamakit.router import RouterSettings, create_app
-from tests.conftest import RunningServer
 from tests.router.ledger.conftest import postgres_schema
 from tests.support.fake_node import HERD_TOKEN, FakeNode
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 ADMIN_KEY = "test-admin-key"
 ROOT = Path(__file__).parents[2]

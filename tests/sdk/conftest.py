@@ -21,8 +21,8 @@ import pytest
 
 from llamakit.router import RouterSettings, create_app
 from llamakit.sdk import Client, _default
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode
+from tests.support.servers import RunningServer
 
 ADMIN_KEY = "sdk-test-admin-key"
 MODEL = "fake-model"

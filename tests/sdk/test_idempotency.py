@@ -8,9 +8,9 @@ from aiohttp import web
 
 import llamakit.sdk as sdk
 from llamakit.sdk import _retry
-from tests.conftest import RunningServer
 from tests.sdk.conftest import ThreadedHerd, fees
 from tests.support.fake_node import FakeNode, Script
+from tests.support.servers import RunningServer
 
 PROMPT = "one two three four"
 _FORWARDED = ("Authorization", "Content-Type", "Idempotency-Key", "X-Llamakit-Bid")

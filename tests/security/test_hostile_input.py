@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llamakit.router import RouterSettings, create_app
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.servers import RunningServer
 
 ADMIN = "fuzz-admin-key"
 

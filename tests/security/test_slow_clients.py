@@ -21,9 +21,9 @@ import httpx
 import pytest
 
 from llamakit.catalog import DEFAULT_MODEL, ModelNotAvailable, resolve_model
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 ADMIN = "slow-clients-admin"
 ROOT = Path(__file__).parents[2]

@@ -1,1 +1,2 @@
-"""What the test directories share: the scripted fake node (`fake_node`) and a free port (`ports`)."""
+"""What the test directories, benches and scripts share: the scripted fake node (`fake_node`), a free port
+(`ports`), real servers on loopback (`servers`) and a router in front of fake nodes (`herd`)."""

@@ -11,11 +11,12 @@ import pytest
 from aiohttp import web
 
 from llamakit.router import RouterSettings, create_app
-from tests.router.conftest import ADMIN_KEY, herd
 from tests.support.fake_node import HERD_TOKEN
+from tests.support.herd import ADMIN_KEY, herd
 from tests.support.ports import free_port
 
-# `herd` is tests/router's: a router on SQLite in front of fake nodes, whose books must balance at the end.
+# `herd` is tests/support/herd.py's (tests/router's too): a router on SQLite in front of fake nodes, whose books
+# must balance at the end.
 __all__ = ["ADMIN_KEY", "RestartableRouter", "herd"]
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from llamakit.tui import AccountsTable, DashboardApp, RefusalsPanel, RequestsLog, RouterStats
 from llamakit.tui._widgets import FeesPanel
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import FixedSource, fixed_snapshot, screen_text, wait_until
 

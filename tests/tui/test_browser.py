@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from tests.integration.test_up_restarts import children
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode
+from tests.support.herd import Herd
 from tests.tui.browser import CHROMIUM, Browser, Page
 from tests.tui.conftest import ADMIN_KEY, free_port
 

@@ -11,8 +11,8 @@ from textual.widgets import Button
 
 import llamakit.tui
 from llamakit.tui import ConfirmDrainScreen, ConfirmUndrainScreen, DashboardApp, HerdTable, RouterStats
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode
+from tests.support.herd import Herd
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import FixedSource, fixed_snapshot, screen_text, wait_until
 

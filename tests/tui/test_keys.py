@@ -7,8 +7,8 @@ from typing import Any
 import httpx
 
 from llamakit.tui import DashboardApp, KeysScreen, KeysTable, RouterStats
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode
+from tests.support.herd import Herd
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import FixedSource, fixed_snapshot, screen_text, wait_until
 

@@ -12,8 +12,8 @@ import httpx
 from llamakit.money.currency import format_price
 from llamakit.tui import AgentsTable, DashboardApp, HerdTable, RouterStats
 from llamakit.tui._widgets import QueueRow
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import screen_text, wait_until
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from llamakit.tui import AccountsScreen, AccountsTable, DashboardApp, HerdTable, KeysScreen, NodesScreen, RouterStats
 from llamakit.tui._widgets import FeesPanel, KeysTable
-from tests.router.conftest import Herd
 from tests.support.fake_node import FakeNode, Script
+from tests.support.herd import Herd
 from tests.tui.conftest import ADMIN_KEY
 from tests.tui.support import FixedSource, fixed_snapshot, screen_text, wait_until
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 
 from llamakit.tui import DashboardApp, HerdTable, RouterStats, StatusBanner
-from tests.conftest import RunningServer
 from tests.support.fake_node import FakeNode
+from tests.support.servers import RunningServer
 from tests.tui.conftest import ADMIN_KEY, RestartableRouter
 from tests.tui.support import screen_text, wait_until
 

@@ -17,8 +17,8 @@ import pytest
 
 from llamakit.cli.up import CannotStart, Launcher, UpOptions
 from llamakit.tui._serve import COOKIE, DashboardServer
-from tests.conftest import RunningServer
 from tests.support.ports import free_port, taken_port
+from tests.support.servers import RunningServer
 from tests.tui.conftest import ADMIN_KEY
 
 ROUTER = "http://127.0.0.1:9"  # never called: no browser opens the dashboard's WebSocket here

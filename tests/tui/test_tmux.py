@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import RunningServer
 from tests.support.fake_node import HERD_TOKEN, FakeNode
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 from tests.tui.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.skipif(

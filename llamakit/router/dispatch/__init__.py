@@ -71,11 +71,11 @@ class Dispatcher(Protocol):
         account: int | None,
     ) -> HerdNode:
         """A node with a slot reserved for the request after waiting in the bid queue; give it back with
-        `release`. `arrived` is `time.monotonic()` at the router (a retry keeps its place). Raises the
+        `free`. `arrived` is `time.monotonic()` at the router (a retry keeps its place). Raises the
         `dispatch.errors` refusals: NoNode, QueueFull, QueueShareExceeded, QueueTimeout, LeaseLost."""
         ...
 
-    def release(self, request_id: str, node: HerdNode) -> None:
+    def free(self, request_id: str, node: HerdNode) -> None:
         """The request is done with `node`'s slot: the next request gets it."""
         ...
 

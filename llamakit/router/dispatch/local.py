@@ -47,8 +47,8 @@ class LocalDispatcher:
             model, bid, max_wait=max_wait, exclude=exclude, arrived=arrived, prefer=prefer, account=account
         )
 
-    def release(self, request_id: str, node: HerdNode) -> None:
-        self.scheduler.release(node)
+    def free(self, request_id: str, node: HerdNode) -> None:
+        self.scheduler.free(node)
 
     def queue_length(self, model: str) -> int:
         return self.scheduler.queue_length(model)

@@ -177,7 +177,7 @@ class Scheduler:
         prefer: Affinity | None = None,
         account: int | None = None,
     ) -> HerdNode:
-        """A node with a slot reserved for this request; release it with `release`.
+        """A node with a slot reserved for this request; give it back with `free`.
 
         `arrived` is when the request reached the router (`time.monotonic()`, default now). A request that waits
         again because its node failed keeps its place among equal bids, ahead of those that came after it,
@@ -211,7 +211,7 @@ class Scheduler:
             future = ticket.future
             if future.done() and not future.cancelled() and future.exception() is None:
                 # The client went away in the same instant a node was assigned: give the slot back.
-                self.release(future.result())
+                self.free(future.result())
             raise
         finally:
             if not ticket.future.done():
@@ -242,7 +242,7 @@ class Scheduler:
             return held
         return best
 
-    def release(self, node: HerdNode) -> None:
+    def free(self, node: HerdNode) -> None:
         node.busy -= 1
         self.pump()
 

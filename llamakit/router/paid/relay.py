@@ -28,17 +28,17 @@ from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.paid.settle import settle, settle_delivered
 from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
-    acquire,
     answer_headers,
     begin_call,
     client_gone,
     end_call,
     failed_over,
     first_token,
+    free_slot,
     mark_failed,
     no_node_left,
-    release,
     remember_prefix,
+    take_slot,
 )
 from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
@@ -111,7 +111,7 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
     it fails before), then the relay. NoNode after --max-attempts nodes failed it."""
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
-        node = await acquire(state, request, paid, tried)
+        node = await take_slot(state, request, paid, tried)
         trace = begin_call(paid, node)
         asked = time.monotonic()
         try:
@@ -119,12 +119,12 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
             events, first = await _unless_client_leaves(request, _open_stream(state, paid, node, trace))
         except (NodeFailed, StreamBroken) as exc:
             paid.trace.end_call(error=exc)
-            release(state, paid, node)
+            free_slot(state, paid, node)
             failed_over(state, node, exc, tried)
             continue
         except BaseException as exc:
             paid.trace.end_call(error=exc)
-            release(state, paid, node)
+            free_slot(state, paid, node)
             raise
         finally:
             paid.trace.waited += time.monotonic() - asked  # the node's time to its first token
@@ -134,7 +134,7 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
             paid.trace.end_call(error=exc)
             raise
         finally:
-            release(state, paid, node)
+            free_slot(state, paid, node)
     raise no_node_left(state, paid)
 
 

@@ -18,15 +18,15 @@ from llamakit.router.paid.request import PaidRequest
 from llamakit.router.paid.settle import refund, settle
 from llamakit.router.paid.slot import (
     CLIENT_POLL_SECONDS,
-    acquire,
     answer_headers,
     begin_call,
     client_gone,
     end_call,
     failed_over,
+    free_slot,
     no_node_left,
-    release,
     remember_prefix,
+    take_slot,
 )
 from llamakit.router.pricing import cost_headers
 from llamakit.router.state import RouterState
@@ -107,7 +107,7 @@ async def _serve_whole(
     """The whole answer to `paid` as the client gets it, and its headers."""
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
-        node = await acquire(state, request, paid, tried)
+        node = await take_slot(state, request, paid, tried)
         trace = begin_call(paid, node)
         asked = time.monotonic()
         try:
@@ -123,7 +123,7 @@ async def _serve_whole(
             raise
         finally:
             paid.trace.waited += time.monotonic() - asked  # the node's time, not the router's
-            release(state, paid, node)
+            free_slot(state, paid, node)
         usage = answer.get("usage") or {}
         bill = paid.bill(usage)
         end_call(paid, bill.prompt_tokens, bill.completion_tokens, _finish_reason(answer))

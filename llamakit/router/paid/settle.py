@@ -121,10 +121,10 @@ async def refund(
     if paid.closed:
         return
     paid.closed = True  # claimed before the await, as in settle
-    await asyncio.shield(_released(state, paid, status=status, error=error, http_status=http_status))
+    await asyncio.shield(_release_hold(state, paid, status=status, error=error, http_status=http_status))
 
 
-async def _released(
+async def _release_hold(
     state: RouterState, paid: PaidRequest, *, status: str, error: str | None, http_status: int | None
 ) -> None:
     paid.overhead_ms = paid.trace.overhead_ms()

@@ -31,17 +31,17 @@ from llamakit.wire.headers import (
 
 __all__ = [
     "CLIENT_POLL_SECONDS",
-    "acquire",
     "answer_headers",
     "begin_call",
     "client_gone",
     "end_call",
     "failed_over",
     "first_token",
+    "free_slot",
     "mark_failed",
     "no_node_left",
-    "release",
     "remember_prefix",
+    "take_slot",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,19 @@ def client_gone(request: web.Request | None) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def acquire(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
+async def take_slot(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """A node slot for `paid` from the dispatcher, avoiding the nodes in `tried`: at once when one is free and no
     request waits ahead, else after waiting in the bid queue (time that is not the router's own: see
     RequestTrace.waited); a batch line (no `request`) waits at BATCH_BID, behind every interactive request.
     ClientGone if the client leaves while it waits; the dispatcher's refusals (dispatch.errors) as they come."""
     with paid.trace.span("llamakit.dispatch", {"llamakit.attempt": len(tried) + 1}) as span:
-        node = await _acquire(state, request, paid, tried)
+        node = await _take_slot(state, request, paid, tried)
         if span is not None:
             span.set_attribute("llamakit.node", node.name)
         return node
 
 
-async def _acquire(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
+async def _take_slot(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
     dispatch = state.dispatch
     exclude = frozenset(tried)
     bid = paid.queue_bid
@@ -123,9 +123,9 @@ def _assigned(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
         state.metrics.dispatched(held=node.id == paid.affinity.node_id)
 
 
-def release(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
+def free_slot(state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
     """The request is done with its node's slot: the next request gets it, here or herd-wide."""
-    state.dispatch.release(paid.id, node)
+    state.dispatch.free(paid.id, node)
 
 
 def mark_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken) -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import RunningServer
-from tests.router.conftest import ADMIN_KEY, Herd
 from tests.support.fake_node import HERD_TOKEN, FakeNode, Script
+from tests.support.herd import ADMIN_KEY, Herd
 from tests.support.ports import free_port
+from tests.support.servers import RunningServer
 
 ROOT = Path(__file__).parents[3]
 

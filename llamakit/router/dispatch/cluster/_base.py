@@ -85,7 +85,7 @@ class ClusterBase:
         self._id_key = 0
         self._waiting: dict[str, _Waiter] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self._releasing: dict[str, asyncio.Task[None]] = {}
+        self._freeing: dict[str, asyncio.Task[None]] = {}
         self._reload_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lease_lost = False

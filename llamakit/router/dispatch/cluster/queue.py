@@ -56,14 +56,14 @@ class SharedQueue(ClusterBase):
         prefer: Affinity | None,
         account: int | None,
     ) -> HerdNode:
-        """A node with a slot reserved for request `request_id` in the whole herd; give it back with `release`.
+        """A node with a slot reserved for request `request_id` in the whole herd; give it back with `free`.
 
         `arrived` is `time.monotonic()` at the router; it is stored as epoch seconds so that routers compare
         arrivals. Raises 503 when no node can serve the model, 429 when the model's queue (herd-wide) is full or
         `account` holds its share of it, 504 after `max_wait` seconds.
         """
         self.take_now(request_id, model, bid, exclude=exclude, prefer=prefer)
-        pending = self._releasing.get(request_id)
+        pending = self._freeing.get(request_id)
         if pending is not None:  # the row of its last attempt must be gone before it queues again
             await asyncio.shield(pending)
         waiter = _Waiter(model, exclude, batch=bid == BATCH_BID)
@@ -94,13 +94,13 @@ class SharedQueue(ClusterBase):
         except BaseException:
             self._waiting.pop(request_id, None)
             # Whether it still waited or was given a node meanwhile, its row goes and any slot it got is freed.
-            self._releasing[request_id] = self._spawn(self._give_back(request_id))
+            self._freeing[request_id] = self._spawn(self._give_back(request_id))
             raise
         self._waiting.pop(request_id, None)
         try:
             node = await self._node(node_id)
         except BaseException:
-            self._releasing[request_id] = self._spawn(self._give_back(request_id))
+            self._freeing[request_id] = self._spawn(self._give_back(request_id))
             raise
         node.busy += 1
         return node
@@ -121,10 +121,10 @@ class SharedQueue(ClusterBase):
             raise NoNode(f"node {node_id!r} left the herd", model="")
         return node
 
-    def release(self, request_id: str, node: HerdNode) -> None:
+    def free(self, request_id: str, node: HerdNode) -> None:
         """The request is done with its node: its row goes, and the slot goes to the best waiting request."""
         node.busy -= 1
-        self._releasing[request_id] = self._spawn(self._give_back(request_id))
+        self._freeing[request_id] = self._spawn(self._give_back(request_id))
 
     async def _give_back(self, request_id: str) -> None:
         started = time.perf_counter()
@@ -139,7 +139,7 @@ class SharedQueue(ClusterBase):
             )  # fmt: skip
             self._delivered(rows, started)
         finally:
-            self._releasing.pop(request_id, None)
+            self._freeing.pop(request_id, None)
 
     async def dispatch(self, models: Iterable[str] | None = None) -> None:
         """Give free slots to the best waiting requests of `models` (None: every model that has some)."""
