@@ -363,7 +363,16 @@ class SqliteLedger(Ledger):
                 except sqlite3.Error as exc:
                     raise LedgerError(f"ledger database error: {exc}") from exc
 
-            return await asyncio.to_thread(read)
+            reading = asyncio.ensure_future(asyncio.to_thread(read))
+            try:
+                return await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                # The thread still reads on the connection: the lock is held until it is done, or `close` would
+                # close the connection under it (a segfault in sqlite3, seen when a router stops mid-audit).
+                await asyncio.wait({reading})
+                if not reading.cancelled():
+                    reading.exception()  # its outcome is nobody's now: read, so that it is not reported as lost
+                raise
 
     # -- accounts and keys -----------------------------------------------------------------------------
 
