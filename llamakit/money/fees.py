@@ -26,6 +26,7 @@ __all__ = [
     "format_bid",
     "hold_amount",
     "parse_bid",
+    "parse_discount",
     "prompt_token_bound",
     "quote",
     "raw_prompt_token_bound",
@@ -193,6 +194,29 @@ def _parse_bid(value: object) -> Bid:
     return bid
 
 
+def parse_discount(value: object) -> Decimal:
+    """Validate a price multiplier below a bid's: a batch line pays `discount` × its price (`--batch-discount`).
+
+    An exact decimal above 0 and at most 1 with at most MAX_BID_DECIMALS places, read as a bid is (a float through
+    `str()`); ValueError otherwise."""
+    allowed = "a discount must be a number above 0 and at most 1"
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"{allowed}, got {value!r}")
+    text = value.strip() if isinstance(value, str) else str(value)
+    if len(text) > 64 or (isinstance(value, str) and not BID_TEXT.fullmatch(text)):
+        raise ValueError(f"{allowed}, got {value!r}")
+    try:
+        discount = Decimal(text)
+    except InvalidOperation:
+        raise ValueError(f"{allowed}, got {value!r}") from None
+    if not discount.is_finite() or not 0 < discount <= 1:
+        raise ValueError(f"{allowed}, got {text}")
+    numerator, denominator = discount.as_integer_ratio()
+    if numerator * 10**MAX_BID_DECIMALS % denominator:
+        raise ValueError(f"{allowed} with at most {MAX_BID_DECIMALS} decimal places, got {text}")
+    return discount
+
+
 def format_bid(bid: Bid) -> str:
     """A bid in plain positional notation without trailing zeros: 1.10 → '1.1', 1E+2 → '100'."""
     text = format(bid, "f")
@@ -201,13 +225,25 @@ def format_bid(bid: Bid) -> str:
     return text
 
 
-def quote(fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
+def quote(
+    fees: FeeSchedule,
+    bid: object,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    *,
+    discount: Decimal | None = None,
+) -> int:
     """The price of a request: ceil(bid × (base + prompt fee × fresh prompt tokens + cached fee × cached tokens
     + completion fee × completion tokens)), `cached_tokens` being among `prompt_tokens` (see FeeSchedule.cost).
+    A batch line's `discount` (see `parse_discount`) multiplies the bid: ceil(bid × discount × (…)).
 
     `bid` is validated with `parse_bid`; the product is an exact fraction rounded up once.
     """
     _, numerator, denominator = _bid_ratio(bid)
+    if discount is not None:
+        off_numerator, off_denominator = parse_discount(discount).as_integer_ratio()
+        numerator, denominator = numerator * off_numerator, denominator * off_denominator
     # Integer ceiling division of the exact product: exact for any size, unlike math.ceil on a float.
     return -(-(numerator * fees.cost(prompt_tokens, completion_tokens, cached_tokens)) // denominator)
 
@@ -238,13 +274,22 @@ def raw_prompt_token_bound(prompt: str) -> int:
     return prompt_token_bound([prompt], messages=0) - CHAT_TEMPLATE_ALLOWANCE + RAW_PROMPT_ALLOWANCE
 
 
-def hold_amount(fees: FeeSchedule, bid: object, prompt_bound: int, max_tokens: int) -> int:
+def hold_amount(
+    fees: FeeSchedule, bid: object, prompt_bound: int, max_tokens: int, *, discount: Decimal | None = None
+) -> int:
     """What to hold before queueing: the quote for the prompt bound and the full `max_tokens`."""
-    return quote(fees, bid, prompt_bound, max_tokens)
+    return quote(fees, bid, prompt_bound, max_tokens, discount=discount)
 
 
 def settle_amount(
-    fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int, cached_tokens: int = 0
+    fees: FeeSchedule,
+    bid: object,
+    prompt_tokens: int,
+    completion_tokens: int,
+    held: int,
+    cached_tokens: int = 0,
+    *,
+    discount: Decimal | None = None,
 ) -> int:
     """What to charge for the tokens actually used: the quote (cached prompt tokens at their own fee), but never
     more than `held`."""
@@ -252,14 +297,21 @@ def settle_amount(
     # The hold is the price the client agreed to before the request ran. If the prompt bound was ever
     # too low (a template we did not foresee), the operator absorbs the difference: charging more than
     # the hold could overdraw a balance that other requests are already counting on.
-    return min(quote(fees, bid, prompt_tokens, completion_tokens, cached_tokens), held)
+    return min(quote(fees, bid, prompt_tokens, completion_tokens, cached_tokens, discount=discount), held)
 
 
 def cache_discount(
-    fees: FeeSchedule, bid: object, prompt_tokens: int, completion_tokens: int, held: int, cached_tokens: int
+    fees: FeeSchedule,
+    bid: object,
+    prompt_tokens: int,
+    completion_tokens: int,
+    held: int,
+    cached_tokens: int,
+    *,
+    discount: Decimal | None = None,
 ) -> int:
     """What reading `cached_tokens` from a cache saved the client, in credits: the charge had every prompt token
     been fresh, less the charge with the cached ones at their fee (both capped by `held`, as charges are);
     0 when the model has no cached fee of its own or nothing was cached (OpenRouter's `cache_discount`)."""
-    full = settle_amount(fees, bid, prompt_tokens, completion_tokens, held)
-    return full - settle_amount(fees, bid, prompt_tokens, completion_tokens, held, cached_tokens)
+    full = settle_amount(fees, bid, prompt_tokens, completion_tokens, held, discount=discount)
+    return full - settle_amount(fees, bid, prompt_tokens, completion_tokens, held, cached_tokens, discount=discount)

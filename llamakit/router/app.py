@@ -15,6 +15,7 @@ from aiohttp import web
 from llamakit.money.fees import FeeSchedule
 from llamakit.outage import Outage
 from llamakit.router.auth import admin_app, herd_app
+from llamakit.router.batches.runner import RUNNER, BatchRunner
 from llamakit.router.dispatch.local import LocalDispatcher
 from llamakit.router.dispatch.scheduler import Scheduler
 from llamakit.router.errors import http_error
@@ -31,6 +32,7 @@ from llamakit.router.routes.admin import admin_routes, herd_routes
 from llamakit.router.routes.admin_keys import key_routes
 from llamakit.router.routes.admin_pages import page_routes
 from llamakit.router.routes.answers import Health, Live, Ready
+from llamakit.router.routes.batches import batch_routes
 from llamakit.router.routes.embeddings import embedding_routes
 from llamakit.router.routes.openai import routes
 from llamakit.router.routes.responses import response_routes
@@ -83,6 +85,8 @@ def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> w
     app.add_routes(routes)
     app.add_routes(embedding_routes)
     app.add_routes(response_routes)
+    app.add_routes(batch_routes)
+    app[RUNNER] = BatchRunner(state)
     # The private parts: each its own sub-application behind the one middleware that checks its credential.
     app.add_subapp("/admin/", admin_app(admin_routes, key_routes, page_routes))
     app.add_subapp("/herd/", herd_app(herd_routes))
@@ -99,6 +103,7 @@ def create_app(settings: RouterSettings, *, tracing: Tracing | None = None) -> w
     if settings.cluster:
         app.cleanup_ctx.append(_shared_herd)
     app.cleanup_ctx.append(_health_checks)
+    app.cleanup_ctx.append(_batches)  # after the cluster's start: a line may go to any router's node
     if state.tracing is not None:
         app.on_cleanup.append(_flush_traces)
     return app
@@ -275,6 +280,14 @@ async def _shared_herd(app: web.Application) -> AsyncIterator[None]:
         if "local" in locals():  # put back for the requests that still finish while the app stops
             state.dispatch, state.idempotency = local
         await cluster.close()
+
+
+async def _batches(app: web.Application) -> AsyncIterator[None]:
+    """Run the lines of the batches in progress (llamakit.router.batches.runner)."""
+    runner = app[RUNNER]
+    runner.start()
+    yield
+    await runner.stop()
 
 
 async def _check(state: RouterState, node: HerdNode) -> None:

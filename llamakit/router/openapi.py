@@ -104,6 +104,7 @@ class Operation:
     answer: Any = None
     status: int = 200
     body: Any = None  # a model or dataclass the handler validates the JSON body with
+    form: Any = None  # a model of the multipart/form-data body the handler reads (a file upload)
     query: type[QueryModel] | None = None
     stream: Any = None  # the JSON of each `data:` event when the route can answer text/event-stream
     stream_only: bool = False  # the route always streams (no JSON answer)
@@ -204,6 +205,8 @@ def openapi_document(
         wanted: dict[str, Any] = {}
         if operation.body is not None:
             wanted["body"] = schemas.ref(operation.body, "validation")
+        if operation.form is not None:
+            wanted["form"] = schemas.ref(operation.form, "validation")
         if operation.answer is not None:
             wanted["answer"] = schemas.ref(operation.answer, "serialization")
         if operation.stream is not None:
@@ -322,6 +325,9 @@ def _operation(method: str, path: str, op: Operation, schemas: dict[str, dict[st
     body = None
     if "body" in schemas:
         body = RequestBody(required=True, content={"application/json": MediaType(schema=_reference(schemas["body"]))})
+    elif "form" in schemas:
+        form = MediaType(schema=_reference(schemas["form"]))
+        body = RequestBody(required=True, content={"multipart/form-data": form})
     scheme = _SCHEMES[op.auth][0] if op.auth else None
     return OpenApiOperation(
         summary=op.summary,

@@ -23,6 +23,7 @@ from llamakit.money.currency import (
     parse_credit_value,
     parse_currency,
 )
+from llamakit.money.fees import parse_discount
 from llamakit.router.ledger import backend_of
 from llamakit.server import SERVING_FLAGS, ServingSettings
 
@@ -96,6 +97,16 @@ class RouterSettings(ServingSettings):
     checkpoint_ms: float = Field(
         1000.0, gt=0, description="milliseconds between two checkpoints of a running stream, at most (see above)"
     )
+    batch_discount: Decimal = Field(
+        Decimal("0.5"),
+        description="what a batch line pays of its price (0 < d <= 1; OpenAI's Batch API's half price is 0.5); "
+        "batch lines run only on slots no interactive request waits for",
+    )
+    batch_max_lines: int = Field(50_000, ge=1, description="most lines (requests) in a batch's input file")
+    batch_max_file_bytes: int = Field(
+        100 * 1024 * 1024, ge=1024, description="largest batch input file, in bytes (each line: --max-body-bytes)"
+    )
+
     audit_every: float = Field(
         3600.0,
         ge=0,
@@ -133,6 +144,11 @@ class RouterSettings(ServingSettings):
         if self.cluster and backend_of(self.db) != "postgres":
             raise ValueError("--cluster needs a PostgreSQL ledger: --db postgresql://user@host:port/dbname")
         return self
+
+    @field_validator("batch_discount", mode="before")
+    @classmethod
+    def _batch_discount(cls, value: object) -> Decimal:
+        return parse_discount(value)
 
     @field_validator("credit_value", mode="before")
     @classmethod
@@ -209,6 +225,9 @@ FLAGS = [
     Flag("log_requests", "--log-requests", "LLAMAKIT_LOG_REQUESTS", _yes),
     Flag("event_loop", "--loop", "LLAMAKIT_LOOP"),
     Flag("affinity", "--affinity", "LLAMAKIT_AFFINITY", _yes),
+    Flag("batch_discount", "--batch-discount", "LLAMAKIT_BATCH_DISCOUNT"),
+    Flag("batch_max_lines", "--batch-max-lines", "LLAMAKIT_BATCH_MAX_LINES", int),
+    Flag("batch_max_file_bytes", "--batch-max-file-bytes", "LLAMAKIT_BATCH_MAX_FILE_BYTES", int),
     Flag("audit_every", "--audit-every", "LLAMAKIT_AUDIT_EVERY", float),
     Flag("checkpoint_tokens", "--checkpoint-tokens", "LLAMAKIT_CHECKPOINT_TOKENS", int),
     Flag("checkpoint_ms", "--checkpoint-ms", "LLAMAKIT_CHECKPOINT_MS", float),

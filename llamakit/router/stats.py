@@ -12,13 +12,14 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.limits import key_view
 from llamakit.router.state import RouterState
 
-__all__ = ["AGENTS_SHOWN", "KEYS_SHOWN", "NODES_SHOWN", "TOP_ACCOUNTS", "snapshot", "start_of_day"]
+__all__ = ["AGENTS_SHOWN", "BATCHES_SHOWN", "KEYS_SHOWN", "NODES_SHOWN", "TOP_ACCOUNTS", "snapshot", "start_of_day"]
 
 # What one snapshot carries at most: with the rest of it, well under 64 KiB however many tenants there are.
 TOP_ACCOUNTS: Final = 50
 KEYS_SHOWN: Final = 25
 NODES_SHOWN: Final = 100
 AGENTS_SHOWN: Final = 50
+BATCHES_SHOWN: Final = 5
 
 
 def start_of_day(now: float) -> float:
@@ -27,7 +28,7 @@ def start_of_day(now: float) -> float:
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp()
 
 
-async def snapshot(state: RouterState) -> dict[str, Any]:
+async def snapshot(state: RouterState, batches_here: dict[str, int] | None = None) -> dict[str, Any]:
     """The dashboard's snapshot. `accounts` (today = since midnight UTC) and `fees` come from the ledger, so they
     are herd-wide when several routers share one database; `requests` are this router's own, and so is `queue`
     unless the routers run with --cluster, when it is the herd's (and `cluster` says which figure is which).
@@ -36,7 +37,8 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
     TOP_ACCOUNTS accounts that spent most today (then others by name, up to as many), the keys with limits of
     those accounts (then others, up to KEYS_SHOWN), at most NODES_SHOWN nodes and AGENTS_SHOWN agents; `counts`
     says how many there are in all, and the admin routes page through the rest (`GET /admin/accounts`,
-    `/admin/keys`, `/admin/nodes`).
+    `/admin/keys`, `/admin/nodes`). `batches`: the open batches by status, their lines pending and running
+    herd-wide, `batches_here` (this router's lines: see BatchRunner.here) and the BATCHES_SHOWN oldest.
     """
     ledger, herd = state.ledger, state.herd
     totals = await ledger.totals()
@@ -92,6 +94,7 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "dispatch": view.cluster["dispatch"],
         }  # fmt: skip
     books = totals.books
+    batches = await _batches(state, batches_here)
     agents = await ledger.event_summary()
     latest_agents = sorted(agents, key=lambda name: -agents[name]["last"])[:AGENTS_SHOWN]
     return {
@@ -136,7 +139,32 @@ async def snapshot(state: RouterState) -> dict[str, Any]:
             "by_status": dict(state.requests.refused),
             "http_status": dict(state.requests.refused_status),  # each code's status, for codes no longer recent
         },
+        "batches": batches,
         "cluster": cluster,
+    }
+
+
+async def _batches(state: RouterState, here: dict[str, int] | None) -> dict[str, Any]:
+    overview = await state.ledger.batch_store.overview(limit=BATCHES_SHOWN)
+    return {
+        "open": overview.open,
+        "lines": {"pending": overview.pending, "running": overview.running},
+        "here": here or {},
+        "shown": [
+            {
+                "id": batch.id,
+                "account": account,
+                "endpoint": batch.endpoint,
+                "model": batch.model,
+                "status": batch.status,
+                "created": batch.created,
+                "total": batch.total,
+                "completed": batch.completed,
+                "failed": batch.failed,
+                "cost_credits": batch.cost,
+            }
+            for batch, account in overview.shown
+        ],
     }
 
 

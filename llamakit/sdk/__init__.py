@@ -7,12 +7,15 @@
         answer = chat("Rate 1-5: I love it", grammar="root ::= [1-5]", temperature=0, bid="auto")
         vectors = embed(["a cat", "a kitten"]).vectors
     m.cost, m.cost_credits, usage_frame()  # the price in the router's currency, the credits charged
+    batch = submit_batch(["Rate 1-5: great", "Rate 1-5: awful"], max_tokens=2)  # at the batch discount
+    batch.wait(); batch.results()  # a progress bar, then one row per request: text, tokens, cost
 
 After `llamakit up` it needs no setup; elsewhere set `LLAMAKIT_URL` and `LLAMAKIT_API_KEY`, or make a
 `Client(url=..., api_key=...)`. Every call carries an idempotency key, is retried when that is safe, and
 becomes a `UsageRecord`.
 """
 
+from llamakit.sdk._batches import AsyncBatch, Batch, BatchCounts, BatchInfo, BatchUsage
 from llamakit.sdk._calls import EmbedOptions, GenerateOptions, RequestOptions
 from llamakit.sdk._client import AsyncClient, Client
 from llamakit.sdk._default import (
@@ -22,6 +25,7 @@ from llamakit.sdk._default import (
     agenerate,
     astream,
     astream_chat,
+    asubmit_batch,
     chat,
     configure,
     default_client,
@@ -34,6 +38,7 @@ from llamakit.sdk._default import (
     router_usage,
     stream,
     stream_chat,
+    submit_batch,
     usage_frame,
     usage_records,
 )
@@ -94,10 +99,15 @@ __all__ = [
     "APITimeoutError",
     "Account",
     "ApiKeyInfo",
+    "AsyncBatch",
     "AsyncClient",
     "AsyncStream",
     "AuthenticationError",
     "BadRequestError",
+    "Batch",
+    "BatchCounts",
+    "BatchInfo",
+    "BatchUsage",
     "Client",
     "ConfigurationError",
     "ConflictError",
@@ -143,6 +153,7 @@ __all__ = [
     "agenerate",
     "astream",
     "astream_chat",
+    "asubmit_batch",
     "chat",
     "configure",
     "default_client",
@@ -157,6 +168,7 @@ __all__ = [
     "router_usage",
     "stream",
     "stream_chat",
+    "submit_batch",
     "usage_frame",
     "usage_records",
 ]

@@ -15,12 +15,13 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, TypeVar, Unpack
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import httpx
 
 from llamakit import __version__
 from llamakit.sdk import _retry
+from llamakit.sdk._batches import AsyncBatch, Batch, BatchInfo, Endpoint, batch_file
 from llamakit.sdk._calls import (
     DEFAULT_MAX_BID,
     Call,
@@ -83,6 +84,13 @@ def _trace_context(headers: dict[str, str]) -> None:
     except ImportError:
         return
     propagate.inject(headers)
+
+
+def _new_batch(file_id: str, endpoint: str, metadata: Mapping[str, str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return body
 
 
 def _json(response: httpx.Response) -> Any:
@@ -353,6 +361,47 @@ class Client(_BaseClient):
         event_id: int = _json(response)["id"]
         return event_id
 
+    # -- batches ----------------------------------------------------------------------------------
+
+    def submit_batch(
+        self,
+        requests: Iterable[str | Messages | Mapping[str, Any]],
+        *,
+        endpoint: Endpoint = "/v1/chat/completions",
+        model: str | None = None,
+        system: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        **body: Any,
+    ) -> Batch:
+        """Run `requests` as a batch: at the router's batch discount, on slots no interactive request wants, within
+        24 hours. A request is a prompt, chat messages or a whole body (see `llamakit.sdk._batches`); `body`'s
+        fields (`max_tokens`, `temperature` …) go in each. Returns the `Batch` to `wait()` for and read `results()`
+        of. Not retried: a batch sent twice would run twice."""
+        content, _count = batch_file(requests, endpoint=endpoint, model=model or self.model, system=system, body=body)
+        upload = self._send("POST", "/v1/files", files={"file": ("batch.jsonl", content)}, data={"purpose": "batch"})
+        made = self._send("POST", "/v1/batches", json=_new_batch(_json(upload)["id"], endpoint, metadata), retries=0)
+        return Batch(self, BatchInfo.model_validate(_json(made)))
+
+    def batch(self, batch_id: str) -> Batch:
+        """The batch `batch_id` (one of this key's account), as it is now."""
+        return Batch(self, self._batch_info(batch_id))
+
+    def _batch_info(self, batch_id: str) -> BatchInfo:
+        return BatchInfo.model_validate(_json(self._send("GET", f"/v1/batches/{quote(batch_id, safe='')}")))
+
+    def _cancel_batch(self, batch_id: str) -> BatchInfo:
+        answer = self._send("POST", f"/v1/batches/{quote(batch_id, safe='')}/cancel")
+        return BatchInfo.model_validate(_json(answer))
+
+    def _file_text(self, file_id: str) -> str:
+        return self._send("GET", f"/v1/files/{quote(file_id, safe='')}/content").text
+
+    def _send(self, method: str, path: str, *, retries: int | None = None, **content: Any) -> httpx.Response:
+        request = self._http.build_request(
+            method, self.base_url + path, headers=self._request_headers(str(uuid.uuid4()), auth=True), **content
+        )
+        return self._retrying(lambda: self._attempt(request), retries=self.max_retries if retries is None else retries)
+
     # -- I/O --------------------------------------------------------------------------------------
 
     def _get(self, path: str, *, auth: bool, options: RequestOptions) -> httpx.Response:
@@ -587,6 +636,50 @@ class AsyncClient(_BaseClient):
             if before is None:
                 break
         return records
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    async def submit_batch(
+        self,
+        requests: Iterable[str | Messages | Mapping[str, Any]],
+        *,
+        endpoint: Endpoint = "/v1/chat/completions",
+        model: str | None = None,
+        system: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        **body: Any,
+    ) -> AsyncBatch:
+        """`Client.submit_batch`, awaited."""
+        content, _count = batch_file(requests, endpoint=endpoint, model=model or self.model, system=system, body=body)
+        upload = await self._send(
+            "POST", "/v1/files", files={"file": ("batch.jsonl", content)}, data={"purpose": "batch"}
+        )
+        made = await self._send(
+            "POST", "/v1/batches", json=_new_batch(_json(upload)["id"], endpoint, metadata), retries=0
+        )
+        return AsyncBatch(self, BatchInfo.model_validate(_json(made)))
+
+    async def batch(self, batch_id: str) -> AsyncBatch:
+        """The batch `batch_id` (one of this key's account), as it is now."""
+        return AsyncBatch(self, await self._batch_info(batch_id))
+
+    async def _batch_info(self, batch_id: str) -> BatchInfo:
+        return BatchInfo.model_validate(_json(await self._send("GET", f"/v1/batches/{quote(batch_id, safe='')}")))
+
+    async def _cancel_batch(self, batch_id: str) -> BatchInfo:
+        answer = await self._send("POST", f"/v1/batches/{quote(batch_id, safe='')}/cancel")
+        return BatchInfo.model_validate(_json(answer))
+
+    async def _file_text(self, file_id: str) -> str:
+        return (await self._send("GET", f"/v1/files/{quote(file_id, safe='')}/content")).text
+
+    async def _send(self, method: str, path: str, *, retries: int | None = None, **content: Any) -> httpx.Response:
+        request = self._http.build_request(
+            method, self.base_url + path, headers=self._request_headers(str(uuid.uuid4()), auth=True), **content
+        )
+        return await self._retrying(
+            lambda: self._attempt(request), retries=self.max_retries if retries is None else retries
+        )
 
     # -- I/O --------------------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ import asyncio
 import os
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Unpack
 
+from llamakit.sdk._batches import AsyncBatch, Batch, Endpoint
 from llamakit.sdk._calls import EmbedOptions, GenerateOptions, RequestOptions
 from llamakit.sdk._client import AsyncClient, Client
 from llamakit.sdk._config import resolve_usage_log
@@ -33,6 +34,7 @@ __all__ = [
     "agenerate",
     "astream",
     "astream_chat",
+    "asubmit_batch",
     "chat",
     "configure",
     "default_client",
@@ -45,6 +47,7 @@ __all__ = [
     "router_usage",
     "stream",
     "stream_chat",
+    "submit_batch",
     "usage_frame",
     "usage_records",
 ]
@@ -192,6 +195,36 @@ def generate_many(
     """A batch on the default client, `concurrency` at a time, with a progress bar. See `Client.generate_many`."""
     return _defaults.sync().generate_many(
         prompts, chat=chat, system=system, concurrency=concurrency, progress=progress, **options
+    )
+
+
+def submit_batch(
+    requests: Iterable[Messages | Mapping[str, Any]],
+    *,
+    endpoint: Endpoint = "/v1/chat/completions",
+    model: str | None = None,
+    system: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    **body: Any,
+) -> Batch:
+    """Run `requests` as a batch on the default client, at the router's batch discount. See `Client.submit_batch`."""
+    return _defaults.sync().submit_batch(
+        requests, endpoint=endpoint, model=model, system=system, metadata=metadata, **body
+    )
+
+
+async def asubmit_batch(
+    requests: Iterable[Messages | Mapping[str, Any]],
+    *,
+    endpoint: Endpoint = "/v1/chat/completions",
+    model: str | None = None,
+    system: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    **body: Any,
+) -> AsyncBatch:
+    """`submit_batch`, awaited, on this event loop's default async client."""
+    return await _defaults.for_loop().submit_batch(
+        requests, endpoint=endpoint, model=model, system=system, metadata=metadata, **body
     )
 
 

@@ -17,6 +17,8 @@ __all__ = [
     "AccountStats",
     "AgentStats",
     "AuditStats",
+    "BatchProgress",
+    "BatchStats",
     "BucketSeries",
     "Counts",
     "FeeStats",
@@ -448,6 +450,54 @@ class Counts:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """One open batch: its account, status and lines done of `total`."""
+
+    id: str
+    account: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+
+    @property
+    def done(self) -> int:
+        return self.completed + self.failed
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """Batches at work, herd-wide: how many are open, their lines pending and running, the oldest few."""
+
+    open: int
+    pending: int
+    running: int
+    shown: tuple[BatchProgress, ...]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BatchStats:
+        lines = _mapping(data.get("lines"))
+        shown = tuple(
+            BatchProgress(
+                id=_str(b.get("id")),
+                account=_str(b.get("account")),
+                status=_str(b.get("status")),
+                total=_int(b.get("total")),
+                completed=_int(b.get("completed")),
+                failed=_int(b.get("failed")),
+            )
+            for b in _list(data.get("shown"))
+            if isinstance(b, Mapping)
+        )
+        return cls(
+            open=sum(_int(n) for n in _mapping(data.get("open")).values()),
+            pending=_int(lines.get("pending")),
+            running=_int(lines.get("running")),
+            shown=shown,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """One snapshot of the router; `time` is the router's clock, used as "now" for every age shown."""
 
@@ -471,6 +521,8 @@ class Stats:
     """The last audit of the books; None from a router that does not audit them."""
     counts: Counts | None = None
     """How many accounts and nodes there are in all; None from a router whose snapshot carries every one."""
+    batches: BatchStats | None = None
+    """Batches at work; None from a router that runs none."""
 
     @classmethod
     def from_json(cls, data: object) -> Stats:
@@ -506,6 +558,7 @@ class Stats:
             if isinstance(books, Mapping) and isinstance(books.get("audit"), Mapping)
             else None,
             counts=Counts.from_json(data["counts"]) if isinstance(data.get("counts"), Mapping) else None,
+            batches=BatchStats.from_json(data["batches"]) if isinstance(data.get("batches"), Mapping) else None,
         )
 
 

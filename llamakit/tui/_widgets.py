@@ -32,7 +32,16 @@ from llamakit.tui._format import (
     state_text,
     wait,
 )
-from llamakit.tui._stats import AccountStats, KeyStats, NodeStats, RequestRecord, SpendStats, Stats, StatsHistory
+from llamakit.tui._stats import (
+    AccountStats,
+    BatchStats,
+    KeyStats,
+    NodeStats,
+    RequestRecord,
+    SpendStats,
+    Stats,
+    StatsHistory,
+)
 
 __all__ = [
     "AccountsTable",
@@ -590,7 +599,8 @@ class QueueRow(Horizontal):
 
 
 class QueuePanel(Vertical):
-    """Depth now and over the last minutes per model, the oldest wait, and the last multiplier dispatched."""
+    """Depth now and over the last minutes per model, the oldest wait, and the last multiplier dispatched; while
+    batches run, a line with their progress (their lines wait behind every request in the queue)."""
 
     DEFAULT_CSS = """
     QueuePanel {
@@ -599,6 +609,13 @@ class QueuePanel(Vertical):
     QueuePanel > .queue--summary {
         height: 1;
     }
+    QueuePanel > .queue--batches {
+        height: 1;
+        display: none;
+    }
+    QueuePanel > .queue--batches.-running {
+        display: block;
+    }
     QueuePanel > VerticalScroll {
         height: 1fr;
     }
@@ -606,6 +623,7 @@ class QueuePanel(Vertical):
 
     def compose(self) -> ComposeResult:
         yield Label("waiting 0 · last multiplier ×1", classes="queue--summary")
+        yield Label("", classes="queue--batches")
         yield QueueRow("model", heading=True)
         yield VerticalScroll()
 
@@ -615,6 +633,11 @@ class QueuePanel(Vertical):
             self.query_one(".queue--summary", Label),
             f"waiting {queue.total:,} · last multiplier ×{queue.last_multiplier_text}",
         )
+        line = self.query_one(".queue--batches", Label)
+        batches = stats.batches
+        line.set_class(batches is not None and batches.open > 0, "-running")
+        if batches is not None and batches.open > 0:
+            _set(line, batch_line(batches))
         rows = self.query_one(VerticalScroll)
         shown = {row.model: row for row in rows.query_children(QueueRow)}
         for model in list(shown):
@@ -626,6 +649,14 @@ class QueuePanel(Vertical):
                 rows.mount(QueueRow(model, entry.depth, entry.oldest_wait, history.queue_values(model)))
             else:
                 row.show(entry.depth, entry.oldest_wait, history.queue_values(model))
+
+
+def batch_line(batches: BatchStats) -> Text:
+    """The open batches in one line: how many, and the lines done of the shown ones (all of them, unless more are
+    open than a snapshot carries); /admin/stats has the lines running and pending."""
+    done = sum(b.done for b in batches.shown)
+    total = sum(b.total for b in batches.shown)
+    return Text(f"batches {batches.open:,} · {done:,}/{total:,} lines done", style="cyan")
 
 
 def _credit_subtitle(value: Decimal, currency: str, width: int) -> str:

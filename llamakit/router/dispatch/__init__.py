@@ -17,7 +17,12 @@ from typing import Any, Protocol
 from llamakit.router.affinity import Affinity
 from llamakit.router.herd import HerdNode
 
-__all__ = ["Dispatcher", "HerdView"]
+__all__ = ["BATCH_BID", "Dispatcher", "HerdView"]
+
+# The bid a batch line waits at (see llamakit.router.batches): below every interactive bid (those are at least
+# 1, fees.MIN_BID), so that both dispatchers give a batch line a slot only when no interactive request waits for
+# its model. It orders the queue and is no price: the queue's depth and the last multiplier leave it out.
+BATCH_BID = Decimal(0)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
+from llamakit.router.dispatch import BATCH_BID
 from llamakit.router.dispatch.errors import NoNode, no_node_now, queue_full, queue_share_exceeded, queue_timeout
 from llamakit.router.herd import Herd, HerdNode
 
@@ -50,12 +51,18 @@ class BidQueue:
     def __init__(self) -> None:
         self._heap: list[Ticket] = []
         self._live = 0
+        self._batch = 0  # live tickets of batch lines (at BATCH_BID)
         self._by_account: Counter[int | None] = Counter()  # live tickets per account
         self._at_bid: Counter[tuple[Decimal, int | None]] = Counter()  # live tickets per (bid, account)
         self._last_arrival: dict[tuple[Decimal, int | None], float] = {}  # the latest arrival queued per key
 
     def __len__(self) -> int:
         return self._live
+
+    @property
+    def interactive(self) -> int:
+        """The waiting requests that are not batch lines: the queue's depth as clients and the dashboard see it."""
+        return self._live - self._batch
 
     def waiting(self, account: int | None) -> int:
         """How many of `account`'s requests wait in this queue."""
@@ -95,6 +102,8 @@ class BidQueue:
 
     def _count(self, ticket: Ticket, step: int) -> None:
         self._live += step
+        if ticket.bid == BATCH_BID:
+            self._batch += step
         self._by_account[ticket.account] += step
         self._at_bid[(ticket.bid, ticket.account)] += step
         if self._at_bid[(ticket.bid, ticket.account)] == 0:  # keep the counters as small as the queue
@@ -104,7 +113,7 @@ class BidQueue:
                 del self._by_account[ticket.account]
 
     def oldest_wait(self, now: float) -> float:
-        waits = [now - t.enqueued for t in self._heap if not t.gone]
+        waits = [now - t.enqueued for t in self._heap if not t.gone and t.bid != BATCH_BID]
         return max(waits, default=0.0)
 
 
@@ -122,13 +131,16 @@ class Scheduler:
         return self.queues.setdefault(model, BidQueue())
 
     def queue_length(self, model: str | None = None) -> int:
+        """Interactive requests waiting for `model` (every model when None); batch lines are not counted."""
         if model is not None:
-            return len(self.queues.get(model, ()))
-        return sum(len(q) for q in self.queues.values())
+            queue = self.queues.get(model)
+            return queue.interactive if queue is not None else 0
+        return sum(q.interactive for q in self.queues.values())
 
     def _assign(self, node: HerdNode, bid: Decimal) -> HerdNode:
         node.busy += 1
-        self.last_multiplier = bid
+        if bid != BATCH_BID:
+            self.last_multiplier = bid
         return node
 
     def _no_node(self, model: str, exclude: frozenset[str]) -> bool:

@@ -49,6 +49,7 @@ from llamakit.router.ledger._api_keys import (
 from llamakit.router.ledger._archive import ARCHIVE_CHUNK, ArchiveReport, append_lines, start_archive
 from llamakit.router.ledger._audit import Audit, AuditSession, audit_scan
 from llamakit.router.ledger._base import MAX_AMOUNT, MAX_NAME_LEN, LedgerError, LedgerUnavailable
+from llamakit.router.ledger._batches import BatchStore
 from llamakit.text import check_name
 
 __all__ = [
@@ -665,6 +666,7 @@ class Ledger(ABC):
     """
 
     url: str  # where the books are, with any password left out
+    batch_store: BatchStore  # files and batches (OpenAI's Batch API), in the same database (see _batches.py)
     events_kept: int = MAX_EVENTS_KEPT  # per account, the latest (see record_event)
 
     def __init__(self, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
@@ -754,6 +756,11 @@ class Ledger(ABC):
         """
         key_hash, prefix = _key_selector(prefix_or_key)
         return await self._find_key(key_hash, prefix, self._clock())
+
+    async def key_of(self, key_hash: str) -> ApiKey:
+        """The key stored under `key_hash` (its SHA-256, see `hash_key`), active or revoked, with its limits and
+        use; UnknownKey when none is."""
+        return await self._find_key(key_hash, None, self._clock())
 
     async def set_key_limits(self, prefix_or_key: str, changes: Mapping[str, Any]) -> ApiKey:
         """Change a key's limits, in one transaction: only the fields in `changes` (a field set to None

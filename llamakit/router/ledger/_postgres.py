@@ -75,6 +75,7 @@ from llamakit.router.ledger._contract import (
     usage_from,
 )
 from llamakit.router.ledger._migrations import migrate_postgres
+from llamakit.router.ledger._postgres_batches import PostgresBatches
 
 __all__ = ["PostgresLedger"]
 
@@ -104,6 +105,7 @@ class PostgresLedger(Ledger):
         money: CreditValue | None = None,
     ) -> None:
         super().__init__(clock=clock, money=money)
+        self.batch_store = PostgresBatches(self)
         self._dsn = dsn
         self.url = display or dsn
         self._pool_size = pool_size

@@ -87,6 +87,7 @@ from llamakit.router.ledger._contract import (
     usage_from,
 )
 from llamakit.router.ledger._migrations import migrate_sqlite
+from llamakit.router.ledger._sqlite_batches import SqliteBatches
 
 __all__ = ["SqliteLedger"]
 
@@ -123,6 +124,7 @@ class SqliteLedger(Ledger):
 
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time, money: CreditValue | None = None) -> None:
         super().__init__(clock=clock, money=money)
+        self.batch_store = SqliteBatches(self)
         self.path = path
         self.url = path
         self._jobs: queue.SimpleQueue[list[_Job[Any]] | _Stop] = queue.SimpleQueue()
@@ -363,7 +365,16 @@ class SqliteLedger(Ledger):
                 except sqlite3.Error as exc:
                     raise LedgerError(f"ledger database error: {exc}") from exc
 
-            return await asyncio.to_thread(read)
+            reading = asyncio.ensure_future(asyncio.to_thread(read))
+            try:
+                return await asyncio.shield(reading)
+            except asyncio.CancelledError:
+                # The thread still reads on the connection: the lock is held until it is done, or `close` would
+                # close the connection under it (a segfault in sqlite3, seen when a router stops mid-audit).
+                await asyncio.wait({reading})
+                if not reading.cancelled():
+                    reading.exception()  # its outcome is nobody's now: read, so that it is not reported as lost
+                raise
 
     # -- accounts and keys -----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from llamakit.wire.completions import parse_json
 from llamakit.wire.errors import ApiError
 from llamakit.wire.headers import REQUEST_ID_HEADER
 
-__all__ = ["RECORDED_REFUSALS", "Order", "paid_call"]
+__all__ = ["RECORDED_REFUSALS", "Order", "paid_call", "record_refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,15 @@ async def _paid_call(
     except Exception as exc:
         answer = http_error(exc)
         if answer is not None and not held and answer.status in RECORDED_REFUSALS:
-            await _record_refusal(state, caller, answer, data)
+            await record_refusal(state, caller, answer, data)
             if answer is not exc:
                 raise answer from exc
         raise
 
 
-async def _record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
-    """A usage record (no tokens, no cost) of a request refused before anything was held, under a request id
-    the error response names, and a line in the dashboard's latest requests."""
+async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
+    """A usage record (no tokens, no cost) of a request refused before anything was held (`data` its body), under
+    a request id the error response names, and a line in the dashboard's latest requests."""
     request_id = exc.headers.get(REQUEST_ID_HEADER) or new_request_id()
     exc.headers[REQUEST_ID_HEADER] = request_id
     model = data.get("model") if isinstance(data.get("model"), str) else ""

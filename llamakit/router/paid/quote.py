@@ -15,7 +15,7 @@ from aiohttp import web
 from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token_bound, raw_prompt_token_bound
 from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, LedgerUnavailable, SpendCapExceeded
-from llamakit.router.limits import Admission, Caller
+from llamakit.router.limits import UNLIMITED, Admission, Caller
 from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_header
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
@@ -42,17 +42,20 @@ EMBEDDINGS_PATH = "/v1/embeddings"
 
 async def quote_generation(
     state: RouterState,
-    request: web.Request,
+    request: web.Request | None,
     caller: Caller,
     req: GenerationRequest,
     data: dict[str, Any],
     path: str,
     claim: Claim | None = None,
     trace: RequestTrace | None = None,
+    *,
+    discount: Decimal | None = None,
 ) -> PaidRequest:
     """Validate what only the router knows (model, bid, token limit), then hold the most a chat or text completion
     can cost: on the dearest of its models when it names `models` (fallback.py). `data` is the request's JSON;
-    `path` the node's route; `trace` times (and traces) the request."""
+    `path` the node's route; `trace` times (and traces) the request. A batch line has no `request` and is priced
+    at `discount` × its price (see `hold_credits`)."""
     settings = state.settings
     trace = trace or RequestTrace()
     bid = request_bid(request, req.bid)
@@ -76,11 +79,11 @@ async def quote_generation(
         bound = raw_prompt_token_bound(text)
     first, first_bound, rest, passed = _candidates(state, caller, req.model_names(), bound, max_tokens)
     priced = [(first, first_bound), *((c, b) for c, b in rest if isinstance(c, Candidate))]
-    held = max(hold_amount(c.fees, bid, prompt_bound, max_tokens) for c, prompt_bound in priced)
+    held = max(hold_amount(c.fees, bid, prompt_bound, max_tokens, discount=discount) for c, prompt_bound in priced)
     _quoted(trace, path, first.model, bid, held, max_tokens=max_tokens, stream=req.stream)
     request_id, admission = await hold_credits(
         state, caller, held, model=first.model, bid=bid, user=req.user,
-        tokens=max(prompt_bound for _, prompt_bound in priced) + max_tokens, trace=trace,
+        tokens=max(prompt_bound for _, prompt_bound in priced) + max_tokens, trace=trace, discount=discount,
     )  # fmt: skip
     # `null` means "not given" (OpenAI's fields are nullable): the node gets the field's default by its absence.
     dropped = ("bid", "max_completion_tokens", "usage", "models")
@@ -113,6 +116,7 @@ async def quote_generation(
         fallbacks=bool(req.models),
         candidates=[c for c, _ in rest],
         passed_over=passed,
+        discount=discount,
     )
 
 
@@ -155,23 +159,26 @@ def _candidates(
 
 async def quote_embeddings(
     state: RouterState,
-    request: web.Request,
+    request: web.Request | None,
     caller: Caller,
     req: EmbeddingRequest,
     data: dict[str, Any],
     claim: Claim | None = None,
     trace: RequestTrace | None = None,
+    *,
+    discount: Decimal | None = None,
 ) -> PaidRequest:
     """Hold the most embeddings can cost: `ceil(bid × (base_fee + prompt_token_fee × bound))`, where the bound is
-    exact for token ids and UTF-8 bytes plus an allowance per text (`EmbeddingRequest.token_bound`)."""
+    exact for token ids and UTF-8 bytes plus an allowance per text (`EmbeddingRequest.token_bound`); × `discount`
+    for a batch line (no `request`)."""
     trace = trace or RequestTrace()
     model, bid = request_model(state, request, req.model, req.bid)
     fees = state.prices.fees(model)
     bound = req.token_bound()
-    held = hold_amount(fees, bid, bound, 0)
+    held = hold_amount(fees, bid, bound, 0, discount=discount)
     _quoted(trace, EMBEDDINGS_PATH, model, bid, held, max_tokens=None, stream=False)
     request_id, admission = await hold_credits(
-        state, caller, held, model=model, bid=bid, user=req.user, tokens=bound, trace=trace
+        state, caller, held, model=model, bid=bid, user=req.user, tokens=bound, trace=trace, discount=discount
     )
     body = {k: v for k, v in data.items() if v is not None and k != "bid"}
     body["model"] = model
@@ -192,6 +199,7 @@ async def quote_embeddings(
         claim=claim,
         trace=trace,
         user=req.user or None,
+        discount=discount,
     )
 
 
@@ -235,15 +243,19 @@ def _prompt_bound(state: RouterState, model: str, bound: int, max_tokens: int) -
     return min(bound, context - max_tokens)
 
 
-def request_model(state: RouterState, request: web.Request, model: str | None, bid: object) -> tuple[str, Decimal]:
+def request_model(
+    state: RouterState, request: web.Request | None, model: str | None, bid: object
+) -> tuple[str, Decimal]:
     """The model a request names (or the default) and its validated bid (body field, else `X-Llamakit-Bid`):
     400 for a bad bid, 404 naming the models served for an unknown model."""
     return known_model(state, model), request_bid(request, bid)
 
 
-def request_bid(request: web.Request, bid: object) -> Decimal:
-    """A request's validated bid: its body field, else `X-Llamakit-Bid`, else 1; 400 `invalid_bid`."""
-    raw_bid: object = bid if bid is not None else request.headers.get(BID_HEADER, 1)
+def request_bid(request: web.Request | None, bid: object) -> Decimal:
+    """A request's validated bid: its body field, else `X-Llamakit-Bid` (a batch line has no `request`), else 1;
+    400 `invalid_bid`."""
+    header = request.headers.get(BID_HEADER) if request is not None else None
+    raw_bid: object = bid if bid is not None else (header if header is not None else 1)
     try:
         return parse_bid(raw_bid)
     except ValueError as exc:
@@ -287,10 +299,13 @@ async def hold_credits(
     user: str | None,
     tokens: int,
     trace: RequestTrace | None = None,
+    discount: Decimal | None = None,
 ) -> tuple[str, Admission]:
     """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
     admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
-    counts against the key's tpm_limit while it runs. Nothing is held or counted when it is refused:
+    counts against the key's tpm_limit while it runs. A batch line (`discount` given) is held at bid × discount
+    and counts towards none of the key's rate limits: it runs only on slots no interactive request wants.
+    Nothing is held or counted when it is refused:
 
     - 403 `model_not_allowed` when the key may not use `model`;
     - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see limits.py);
@@ -311,13 +326,13 @@ async def hold_credits(
     with trace.span("llamakit.limits"):
         if not caller.limits.allows_model(model):
             raise model_not_allowed(caller, model)
-        admission = state.rates.admit(caller, tokens)
+        admission = state.rates.admit(caller, tokens) if discount is None else UNLIMITED
     request_id = new_request_id()
     try:
         with trace.span("llamakit.hold", {"llamakit.credits.held": amount}):
             await state.ledger.hold(
-                caller.account.id, amount, request_id=request_id, model=model, bid=bid, user=user or None,
-                key_hash=caller.key_hash,
+                caller.account.id, amount, request_id=request_id, model=model,
+                bid=bid if discount is None else bid * discount, user=user or None, key_hash=caller.key_hash,
             )  # fmt: skip
     except (InsufficientFunds, SpendCapExceeded, LedgerUnavailable):
         admission.cancel()  # refused before anything was done: it counts towards no rate limit

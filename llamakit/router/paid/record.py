@@ -117,7 +117,7 @@ def finished(
         completion_tokens=completion_tokens,
         cost_credits=bill.charge,
         held=paid.held,
-        bid=format_bid(paid.bid),
+        bid=format_bid(paid.multiplier),
         latency_ms=_ms(latency),
         queue_ms=None if paid.queue_ms is None else round(paid.queue_ms, 3),
         ttft_ms=None if paid.first_token is None else _ms(paid.first_token - paid.arrived),

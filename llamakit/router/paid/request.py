@@ -14,6 +14,7 @@ from aiohttp import web
 from llamakit.money.currency import CreditValue
 from llamakit.money.fees import FeeSchedule, cache_discount, settle_amount
 from llamakit.router.affinity import Affinity
+from llamakit.router.dispatch import BATCH_BID
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import Account
 from llamakit.router.limits import UNLIMITED, Admission
@@ -129,6 +130,23 @@ class PaidRequest:
     fallbacks: bool = False
     candidates: list[Candidate | PassedOver] = field(default_factory=list)
     passed_over: list[PassedOver] = field(default_factory=list)
+    # A batch line (llamakit.router.batches): priced at `discount` × its price, queued at BATCH_BID behind every
+    # interactive request, for up to `queue_timeout` seconds (None: --queue-timeout). None: an interactive request.
+    discount: Decimal | None = None
+    queue_timeout: float | None = None
+    # A batch line whose batch was cancelled (or expired) while it waited for a slot: it leaves the queue as a
+    # request whose client went away does, refunded.
+    withdrawn: bool = False
+
+    @property
+    def multiplier(self) -> Decimal:
+        """What its fees are multiplied by: its bid, and a batch line's discount; its usage record's `bid`."""
+        return self.bid if self.discount is None else self.bid * self.discount
+
+    @property
+    def queue_bid(self) -> Decimal:
+        """Its place in the bid queue: its bid, or BATCH_BID for a batch line."""
+        return self.bid if self.discount is None else BATCH_BID
 
     @property
     def cache_salt(self) -> str:
@@ -149,8 +167,11 @@ class PaidRequest:
     def charge(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> int:
         """What `prompt_tokens` (`cached_tokens` of them read from the node's cache) and `completion_tokens` cost
         at this request's fees and bid, never more than the hold: `ceil(bid × (base + prompt_fee × fresh prompt
-        tokens + cached_fee × cached tokens + completion_fee × completion_tokens))` (docs/money.md)."""
-        return settle_amount(self.fees, self.bid, prompt_tokens, completion_tokens, self.held, cached_tokens)
+        tokens + cached_fee × cached tokens + completion_fee × completion_tokens))`, × the discount of a batch line
+        (docs/money.md)."""
+        return settle_amount(
+            self.fees, self.bid, prompt_tokens, completion_tokens, self.held, cached_tokens, discount=self.discount
+        )
 
     def bill(self, usage: dict[str, Any]) -> Bill:
         """The Bill of a node's `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details`), at this
@@ -158,8 +179,10 @@ class PaidRequest:
         prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         cached = cached_tokens(usage)
         charge = self.charge(prompt, completion, cached)
-        discount = cache_discount(self.fees, self.bid, prompt, completion, self.held, cached) if cached else 0
-        return Bill(prompt, completion, charge, cached, discount)
+        saved = 0
+        if cached:
+            saved = cache_discount(self.fees, self.bid, prompt, completion, self.held, cached, discount=self.discount)
+        return Bill(prompt, completion, charge, cached, saved)
 
     @property
     def generates(self) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -34,19 +34,40 @@ from llamakit.router.upstream import NodeFailed
 from llamakit.web import json_response
 from llamakit.wire.headers import OVERHEAD_HEADER, PASSED_OVER_HEADER, REQUEST_ID_HEADER
 
-__all__ = ["serve"]
+__all__ = ["serve", "serve_line"]
 
 
 async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> web.StreamResponse:
     """The answer to `paid`, whole or streamed, from its model or, when that one cannot serve it before its first
     token, from the next of its `models` (fallback.py). On failure its hold is released in full with a usage
     record of the error, and the error is raised as the client sees it (an ApiError naming the request's id)."""
+
+    async def answer() -> web.StreamResponse:
+        if paid.stream:
+            return await serve_stream(state, request, paid)
+        body, headers = await _serve_whole(state, request, paid)
+        return json_response(body, headers=headers)
+
+    return await _served(state, paid, answer)
+
+
+async def serve_line(state: RouterState, paid: PaidRequest) -> dict[str, Any]:
+    """A batch line's whole answer, as `serve` makes a client's (settled, or refunded with the error raised as an
+    ApiError naming the request's id), without a client connection: nobody can leave it, and it is never
+    streamed. The answer's `usage` says its exact tokens and what they cost."""
+    body, _headers = await _served(state, paid, lambda: _serve_whole(state, None, paid))
+    return body
+
+
+_Answer = TypeVar("_Answer")
+
+
+async def _served(state: RouterState, paid: PaidRequest, answer: Callable[[], Awaitable[_Answer]]) -> _Answer:
+    """`answer()`, moving on to `paid`'s next model while one cannot serve it; on failure, the refund."""
     try:
         while True:
             try:
-                if paid.stream:
-                    return await serve_stream(state, request, paid)
-                return await _serve_whole(state, request, paid)
+                return await answer()
             except PASS_OVER as exc:
                 if not pass_over(state, paid, exc):
                     raise
@@ -54,24 +75,24 @@ async def serve(state: RouterState, request: web.Request, paid: PaidRequest) -> 
         await refund(state, paid, status="cancelled", error="the client went away")
         raise
     except Exception as exc:
-        answer = http_error(exc)
-        if answer is None:  # a bug, not the client's to see: recorded with its repr, a 500 from the middleware
+        error = http_error(exc)
+        if error is None:  # a bug, not the client's to see: recorded with its repr, a 500 from the middleware
             await refund(state, paid, status="error", error=repr(exc))
             raise
         # The record keeps the error's code and status, as a refusal before the hold's does (record.refusal_record).
-        http_status = answer.status if 400 <= answer.status <= 599 else None  # 499: the client left, nobody was refused
-        status = "cancelled" if isinstance(exc, ClientGone) else _refund_status(answer.status, answer.code)
-        await refund(state, paid, status=status, error=answer.message, http_status=http_status)
-        answer.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
+        http_status = error.status if 400 <= error.status <= 599 else None  # 499: the client left, nobody was refused
+        status = "cancelled" if isinstance(exc, ClientGone) else _refund_status(error.status, error.code)
+        await refund(state, paid, status=status, error=error.message, http_status=http_status)
+        error.headers[REQUEST_ID_HEADER] = paid.id  # the ledger's usage record has this id
         if paid.passed_over:  # every model was tried: the error is the last one's, and says the others'
-            answer.message += "; the other models were passed over: " + ", ".join(
+            error.message += "; the other models were passed over: " + ", ".join(
                 f"{p.model} ({p.reason})" for p in paid.passed_over
             )
-            answer.extra["passed_over"] = paid.passed_over_list()
-            answer.headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
-        if answer is exc:
+            error.extra["passed_over"] = paid.passed_over_list()
+            error.headers[PASSED_OVER_HEADER] = passed_over_header(paid.passed_over)
+        if error is exc:
             raise
-        raise answer from exc
+        raise error from exc
     finally:
         paid.admission.finish()  # a no-op once the request was recorded with its tokens
 
@@ -80,7 +101,10 @@ def _refund_status(status: int, code: str | None) -> str:
     return code or {429: "queue_full", 504: "queue_timeout", 503: "no_node"}.get(status, "rejected")
 
 
-async def _serve_whole(state: RouterState, request: web.Request, paid: PaidRequest) -> web.Response:
+async def _serve_whole(
+    state: RouterState, request: web.Request | None, paid: PaidRequest
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The whole answer to `paid` as the client gets it, and its headers."""
     tried: set[str] = set()
     for _attempt in range(state.settings.max_attempts):
         node = await take_slot(state, request, paid, tried)
@@ -111,14 +135,14 @@ async def _serve_whole(state: RouterState, request: web.Request, paid: PaidReque
         headers = {**answer_headers(state, paid, node), **cost_headers(money, bill.charge)}
         if cut:  # nobody reads this answer: charged for the tokens made before the node stopped, not remembered
             await settle(state, paid, node, bill, "cut", "the client went away")
-            return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
+            return paid.present(answer), _with_overhead(paid, headers)
         remember = paid.claim.remember(answer, headers) if paid.claim is not None else None
         charged = await settle(state, paid, node, bill, "ok", remember=remember)
         if charged != bill.charge:  # its hold went back while it ran (see settle._hold_gone): it is free
             answer["usage"] = bill.usage(usage, money, charged, cache=paid.generates)
             headers.update(cost_headers(money, charged))
         remember_prefix(state, paid, node, _answer_text(answer))
-        return json_response(paid.present(answer), headers=_with_overhead(paid, headers))
+        return paid.present(answer), _with_overhead(paid, headers)
     raise no_node_left(state, paid)
 
 
@@ -137,7 +161,11 @@ def _finish_reason(answer: dict[str, Any]) -> str | None:
 
 
 async def _complete_watching(
-    state: RouterState, request: web.Request, paid: PaidRequest, node: HerdNode, trace: Mapping[str, str] | None
+    state: RouterState,
+    request: web.Request | None,
+    paid: PaidRequest,
+    node: HerdNode,
+    trace: Mapping[str, str] | None,
 ) -> tuple[dict[str, Any], bool]:
     """The node's whole answer, and whether the client left meanwhile. When it leaves, the node is told to stop:
     its answer then holds the tokens made until it did, which is what the request costs.
@@ -147,7 +175,7 @@ async def _complete_watching(
     the retry to run and be charged again."""
     upstream = state.upstream
     assert upstream is not None  # set at start-up, before the first request
-    if paid.claim is not None:
+    if paid.claim is not None or request is None:  # (a batch line has no client that could leave)
         answer = await upstream.complete(node, paid.path, paid.body, paid.id, cache_salt=paid.cache_salt, trace=trace)
         return answer, False
     # A timer looks for the client now and then; the answer is awaited here, with no task of its own.

@@ -49,16 +49,19 @@ log = logging.getLogger(__name__)
 CLIENT_POLL_SECONDS = 0.25  # how often a waiting request looks whether its client is still there
 
 
-def client_gone(request: web.Request) -> bool:
+def client_gone(request: web.Request | None) -> bool:
+    """Whether the client of `request` closed its connection; never for None (a batch line has no connection)."""
+    if request is None:
+        return False
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-async def take_slot(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
+async def take_slot(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
     """A node slot for `paid` from the dispatcher, avoiding the nodes in `tried`: at once when one is free and no
     request waits ahead, else after waiting in the bid queue (time that is not the router's own: see
-    RequestTrace.waited). ClientGone if the client leaves while it waits; the dispatcher's refusals
-    (dispatch.errors) as they come."""
+    RequestTrace.waited); a batch line (no `request`) waits at BATCH_BID, behind every interactive request.
+    ClientGone if the client leaves while it waits; the dispatcher's refusals (dispatch.errors) as they come."""
     with paid.trace.span("llamakit.dispatch", {"llamakit.attempt": len(tried) + 1}) as span:
         node = await _take_slot(state, request, paid, tried)
         if span is not None:
@@ -66,19 +69,21 @@ async def take_slot(state: RouterState, request: web.Request, paid: PaidRequest,
         return node
 
 
-async def _take_slot(state: RouterState, request: web.Request, paid: PaidRequest, tried: set[str]) -> HerdNode:
+async def _take_slot(state: RouterState, request: web.Request | None, paid: PaidRequest, tried: set[str]) -> HerdNode:
     dispatch = state.dispatch
     exclude = frozenset(tried)
-    node = dispatch.take_now(paid.id, paid.model, paid.bid, exclude=exclude, prefer=paid.affinity)
+    bid = paid.queue_bid
+    node = dispatch.take_now(paid.id, paid.model, bid, exclude=exclude, prefer=paid.affinity)
     if node is not None:  # the common case on a herd with room: no task, no waiting
         _assigned(state, paid, node)
         return node
-    remaining = state.settings.queue_timeout - (time.monotonic() - paid.arrived)
+    timeout = state.settings.queue_timeout if paid.queue_timeout is None else paid.queue_timeout
+    remaining = timeout - (time.monotonic() - paid.arrived)
     waiting = asyncio.ensure_future(
         dispatch.acquire(
             paid.id,
             paid.model,
-            paid.bid,
+            bid,
             max_wait=max(remaining, 0.001),
             exclude=exclude,
             arrived=paid.arrived,
@@ -94,7 +99,7 @@ async def _take_slot(state: RouterState, request: web.Request, paid: PaidRequest
                 done, _ = await asyncio.wait({waiting}, timeout=CLIENT_POLL_SECONDS)
                 if done:
                     break
-                if client_gone(request):
+                if client_gone(request) or paid.withdrawn:
                     waiting.cancel()
                     raise ClientGone("the client went away while queued")
     except asyncio.CancelledError:
@@ -154,7 +159,7 @@ def answer_headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dic
     headers = {
         REQUEST_ID_HEADER: paid.id,
         NODE_HEADER: node.name,
-        BID_HEADER: format_bid(paid.bid),
+        BID_HEADER: format_bid(paid.multiplier),
         CURRENCY_HEADER: state.settings.money.currency,
     }
     if paid.queue_ms is not None:

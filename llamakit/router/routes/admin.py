@@ -15,6 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 
 from llamakit.money.fees import MAX_BID, FeeSchedule, hold_amount
+from llamakit.router.batches.runner import RUNNER
 from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import MAX_AMOUNT, Account, AccountExists, Ledger, LedgerError, UnknownAccount, UsageRecord
 from llamakit.router.limits import key_limits
@@ -245,7 +246,7 @@ async def remove_node(request: web.Request) -> web.Response:
 @admin_routes.get("/stats")
 @documented(_admin("The dashboard's snapshot: herd, queue, fees, requests, books", Stats))
 async def stats(request: web.Request) -> web.Response:
-    return json_response(await snapshot(request.config_dict[STATE]))
+    return json_response(await snapshot(request.config_dict[STATE], request.config_dict[RUNNER].here()))
 
 
 class StatsStreamParams(QueryModel):
@@ -265,7 +266,7 @@ async def stats_stream(request: web.Request) -> web.StreamResponse:
     try:
         # Until the client leaves or the router shuts down: a watching dashboard must not hold up a stop.
         while not state.stopping.is_set():
-            await sse.send(await snapshot(state))
+            await sse.send(await snapshot(state, request.config_dict[RUNNER].here()))
             with suppress(TimeoutError):
                 await asyncio.wait_for(state.stopping.wait(), interval)
         await sse.done()

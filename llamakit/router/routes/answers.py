@@ -363,6 +363,9 @@ class Stats(_Open):
     fees: dict[str, Any]
     books: BooksAnswer
     requests: dict[str, Any]
+    batches: dict[str, Any] | None = Field(
+        default=None, description="open batches, their lines pending and running, and the oldest few (docs/api.md)"
+    )
 
 
 class KeyCreated(_Open):

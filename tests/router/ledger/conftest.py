@@ -105,9 +105,10 @@ async def undo_delivery_checkpoints(url: str) -> None:
 
 
 async def undo_running_totals(url: str) -> None:
-    """Take the ledger's schema back to before version 13 (running totals), as an older llamakit left it; the
-    caller sets the version it then claims to be at."""
+    """Take the ledger's schema back to before version 13 (running totals), as an older llamakit left it, and so
+    before the versions after it too (15's batches); the caller sets the version it then claims to be at."""
     statements = [
+        *(f"DROP TABLE {t}" for t in ("batch_lines", "batches", "files")),
         *(f"DROP TABLE {t}" for t in ("account_periods", "ledger_periods", "node_fees", "ledger_totals",
                                        "archived_accounts", "archived_nodes")),
         "DROP INDEX api_keys_limited",

@@ -46,6 +46,7 @@ class Figures:
 class _Waiter:
     model: str
     exclude: frozenset[str]
+    batch: bool = False  # a batch line's (see dispatch.BATCH_BID)
     future: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     queued: bool = False  # its row is in the queue (the enqueue statement returned)
 

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from llamakit.router.affinity import CHARS_PER_EXTRA_REQUEST, Affinity
-from llamakit.router.dispatch import HerdView
+from llamakit.router.dispatch import BATCH_BID, HerdView
 from llamakit.router.dispatch.cluster._base import (
     _DB_ERRORS,
     _DB_NOW,
@@ -66,7 +66,7 @@ class SharedQueue(ClusterBase):
         pending = self._freeing.get(request_id)
         if pending is not None:  # the row of its last attempt must be gone before it queues again
             await asyncio.shield(pending)
-        waiter = _Waiter(model, exclude)
+        waiter = _Waiter(model, exclude, batch=bid == BATCH_BID)
         self._waiting[request_id] = waiter
         try:
             started = time.perf_counter()
@@ -160,8 +160,9 @@ class SharedQueue(ClusterBase):
         for row in rows:
             if row["assigned_router"] == self.id:
                 self._deliver(row["assigned_request"], row["assigned_node"])
-        if rows:
-            self.last_multiplier = rows[-1]["assigned_bid"]
+        bids = [row["assigned_bid"] for row in rows if row["assigned_bid"] != BATCH_BID]
+        if bids:
+            self.last_multiplier = bids[-1]
         self.figures.dispatches += 1
         self.figures.assigned += len(rows)
         self.figures.seconds += time.perf_counter() - started
@@ -222,12 +223,14 @@ class SharedQueue(ClusterBase):
                 self._deliver(request_id, found[request_id])
 
     def queue_length(self, model: str) -> int:
-        """This router's requests waiting for `model` (the herd's: `queue_depths`)."""
-        return sum(1 for w in self._waiting.values() if w.model == model and not w.future.done())
+        """This router's interactive requests waiting for `model` (the herd's: `queue_depths`)."""
+        return sum(1 for w in self._waiting.values() if w.model == model and not w.batch and not w.future.done())
 
     async def queue_depths(self) -> dict[str, int]:
-        """Requests waiting for a node, per model, herd-wide (every router's)."""
-        rows = await self._db().fetch("SELECT model, count(*) AS n FROM queue WHERE node_id IS NULL GROUP BY model")
+        """Requests waiting for a node, per model, herd-wide (every router's); batch lines are not counted."""
+        rows = await self._db().fetch(
+            "SELECT model, count(*) AS n FROM queue WHERE node_id IS NULL AND bid <> $1 GROUP BY model", BATCH_BID
+        )
         return {r["model"]: r["n"] for r in rows}
 
     async def herd_view(self, models: list[str]) -> HerdView:
@@ -257,9 +260,10 @@ class SharedQueue(ClusterBase):
         requests per node, and the routers with their leases (seconds left)."""
         pool = self._db()
         queues = await pool.fetch(
-            f"SELECT model, count(*) FILTER (WHERE node_id IS NULL) AS depth, "
-            f"COALESCE(max({_DB_NOW} - enqueued) FILTER (WHERE node_id IS NULL), 0) AS oldest, "
-            "count(*) FILTER (WHERE node_id IS NOT NULL) AS running FROM queue GROUP BY model"
+            f"SELECT model, count(*) FILTER (WHERE node_id IS NULL AND bid <> $1) AS depth, "
+            f"COALESCE(max({_DB_NOW} - enqueued) FILTER (WHERE node_id IS NULL AND bid <> $1), 0) AS oldest, "
+            "count(*) FILTER (WHERE node_id IS NOT NULL) AS running FROM queue GROUP BY model",
+            BATCH_BID,
         )
         nodes = await pool.fetch("SELECT id, running FROM nodes")
         routers = await pool.fetch(f"SELECT id, url, lease_until - {_DB_NOW} AS lease_left FROM routers ORDER BY id")
