@@ -240,18 +240,27 @@ COLD_OPENERS = (
 
 class Prompts:
     """The prompt of each run of one contender: always the same (warm: every contender reuses its cache), or
-    with --cold the next of 16 variants, so that consecutive requests share only their first token."""
+    with --cold one never sent before (an opener and the request's number), so that no two requests share more
+    than their first token or two. With only the 16 openers, prompts came back: llama-server's prompt cache in
+    RAM (`--cache-ram`) and its slot choice by similarity served them from memory, which is not cold."""
 
     def __init__(self, config: Config) -> None:
-        self.texts = [f"{w}: {config.prompt}" for w in COLD_OPENERS] if config.cold else [config.prompt]
+        self.prompt = config.prompt
+        self.cold = config.cold
         self._next = 0
         self._lock = threading.Lock()
 
     def next(self) -> str:
         with self._lock:
-            text = self.texts[self._next % len(self.texts)]
+            n = self._next
             self._next += 1
-            return text
+        if not self.cold:
+            return self.prompt
+        return f"{COLD_OPENERS[n % len(COLD_OPENERS)]} ({n}): {self.prompt}"
+
+    def longest(self) -> str:
+        """A prompt at least as long as any `next()` gives (a run makes fewer than a million)."""
+        return f"{max(COLD_OPENERS, key=len)} (999999): {self.prompt}" if self.cold else self.prompt
 
 
 # --- contenders -------------------------------------------------------------------------------------------
@@ -398,7 +407,7 @@ class BareBatch:
         self.n_seq = n_seq
         self.prompts = Prompts(bare.config)
         self.max_tokens = bare.config.max_tokens
-        n_batch = max(512, n_seq * max(len(bare.tokenize(text)) for text in self.prompts.texts))
+        n_batch = max(512, n_seq * len(bare.tokenize(self.prompts.longest())))
         self.ctx = bare.context(n_seq=n_seq, n_batch=n_batch)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
