@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,9 +291,12 @@ class Supervisor:
     no llama-server holding the port and the model's memory.
     """
 
-    def __init__(self, command: Sequence[str], *, shown: Sequence[str] | None = None) -> None:
+    def __init__(self, command: Sequence[str], *, env: Mapping[str, str] | None = None) -> None:
         self.command = list(command)
-        self.shown = list(shown or command)  # the command as logged (its API key masked)
+        self.shown = list(command)  # the command as logged (secrets go in `env`, never on it)
+        # Added to the node's environment for llama-server: its API key goes there (LLAMA_API_KEY), because a
+        # command line is readable by every local user (`ps`), and the key is what keeps them from using it.
+        self.env = dict(env or {})
         self.process: asyncio.subprocess.Process | None = None
         self.starts = 0
         self.last_exit: str | None = None  # why the last one ended, while the next is not started yet
@@ -327,6 +330,7 @@ class Supervisor:
             try:
                 self.process = await asyncio.create_subprocess_exec(
                     *self.command,
+                    env={**os.environ, **self.env},
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT,

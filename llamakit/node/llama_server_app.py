@@ -68,6 +68,8 @@ POLL_SECONDS = 1.0  # how often the node asks llama-server whether it is up, and
 CLIENT_POLL_SECONDS = 0.1  # how often a request looks for its client and its cancel while llama-server is quiet
 DEFAULT_KEEPALIVE = 1.0
 # Flags of llama-server's that a supervised one gets from the node, and may not be given after `--`.
+# llama-server's environment variable for --api-key (common/arg.cpp: `.set_env("LLAMA_API_KEY")`).
+LLAMA_API_KEY_ENV = "LLAMA_API_KEY"
 OWNED_FLAGS = frozenset({"--host", "--port", "--api-key", "--api-key-file", "-m", "--model"})
 
 Status = Literal["loading", "ready", "error"]
@@ -99,11 +101,7 @@ class Fronted:
         if settings.llama_server_bin is not None:
             key = secrets.token_urlsafe(24)
             url = f"http://127.0.0.1:{free_loopback_port()}"
-            command = supervised_command(settings, url=url, api_key=key)
-            shown = [
-                ("…" if prev == "--api-key" else arg) for prev, arg in zip(["", *command[:-1]], command, strict=True)
-            ]
-            self.supervisor = Supervisor(command, shown=shown)
+            self.supervisor = Supervisor(supervised_command(settings, url=url), env={LLAMA_API_KEY_ENV: key})
             self.supervisor.on_exit = lambda reason: self.down(Unreachable(reason))
             self.client = LlamaServerClient(url, key)
         else:
@@ -279,11 +277,12 @@ class Fronted:
         await self.client.close()
 
 
-def supervised_command(settings: NodeSettings, *, url: str, api_key: str) -> list[str]:
+def supervised_command(settings: NodeSettings, *, url: str) -> list[str]:
     """The llama-server command line of a supervised node: its --model, --slots, --ctx-size (per slot),
-    --threads, flash attention, KV cache types and GPU flags as llama-server's own, on `url` (loopback) with
-    `api_key`, without a web UI or a RAM prompt cache (shared by every tenant: see the module's docstring),
-    then the flags given after `--`. ValueError when those give a flag the node owns."""
+    --threads, flash attention, KV cache types and GPU flags as llama-server's own, on `url` (loopback),
+    without a web UI or a RAM prompt cache (shared by every tenant: see the module's docstring), then the flags
+    given after `--`. Its API key is not on it: it goes in the environment (LLAMA_API_KEY_ENV), out of `ps`'s
+    sight. ValueError when those flags give one the node owns."""
     assert settings.llama_server_bin is not None
     owned = sorted(OWNED_FLAGS.intersection(a.split("=", 1)[0] for a in settings.llama_server_args))
     if owned:
@@ -299,7 +298,6 @@ def supervised_command(settings: NodeSettings, *, url: str, api_key: str) -> lis
         "--alias", resolved.name,
         "--host", "127.0.0.1",
         "--port", port,
-        "--api-key", api_key,
         "--parallel", str(settings.slots),
         "--ctx-size", str(settings.n_ctx * settings.slots),  # llama-server splits it among its slots
         "--threads", str(settings.threads),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -131,13 +132,12 @@ def test_flags_after_double_dash_go_to_the_llama_server_the_node_starts() -> Non
     assert settings.llama_server_args == ("-fa", "off", "--top-k", "5") and settings.slots == 3
     from llamakit.node.llama_server_app import supervised_command
 
-    command = supervised_command(settings, url="http://127.0.0.1:9", api_key="k")
+    command = supervised_command(settings, url="http://127.0.0.1:9")
     assert command[-4:] == ["-fa", "off", "--top-k", "5"]
     assert command[command.index("--parallel") + 1] == "3" and "--cache-ram" in command
+    assert "--api-key" not in command  # it goes in llama-server's environment: a command line is in `ps`
     with pytest.raises(ValueError, match="--port"):
-        supervised_command(
-            settings.model_copy(update={"llama_server_args": ("--port", "1")}), url="http://127.0.0.1:9", api_key="k"
-        )
+        supervised_command(settings.model_copy(update={"llama_server_args": ("--port", "1")}), url="http://127.0.0.1:9")
     with pytest.raises(SystemExit):
         settings_from_args(["--llama-server", "http://127.0.0.1:1", "--llama-server-bin", "/bin/ls"])
     with pytest.raises(SystemExit):
@@ -407,6 +407,11 @@ async def test_a_supervised_llama_server_is_restarted_when_it_dies_and_stopped_w
             resp = await c.post("/v1/chat/completions", json=chat)
             assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] > 0
             second = health["llama_server"]["pid"]
+            # Only the node reaches it: its key (given in its environment, not on its command line) is asked.
+            upstream = health["llama_server"]["url"]
+            assert (await c.get(upstream + "/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
+            cmdline = await asyncio.to_thread(Path(f"/proc/{second}/cmdline").read_bytes)
+            assert "--api-key" not in cmdline.decode().split("\0")
     finally:
         await node.stop()
     with pytest.raises(ProcessLookupError):
