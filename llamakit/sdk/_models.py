@@ -264,6 +264,7 @@ class Model(_Frozen):
     id: str
     fees: Fees | None = None
     prices: Prices | None = None
+    batch_discount: Decimal | None = None  # what a batch line pays of its price (docs/api.md#batches)
     nodes: int | None = None
     slots: int | None = None
     owned_by: str | None = None
@@ -294,6 +295,7 @@ class Info(_Frozen):
     models: dict[str, ModelInfo] = Field(default_factory=dict)
     currency: str | None = None
     credit_value: Decimal | None = None
+    batch_discount: Decimal | None = None  # what a batch line pays of its price (docs/api.md#batches)
     queue_length: int = 0
     last_multiplier: float = 1.0
     nodes: NodeCounts = Field(default_factory=NodeCounts)

@@ -232,6 +232,21 @@ async def test_a_batch_waits_behind_every_interactive_request_and_costs_its_disc
     await alice.close()
 
 
+async def test_the_batch_discount_is_published_before_a_batch_is_made(herd: Herd) -> None:
+    await started(herd, batch_discount="0.25")
+    alice = Tenant(herd, await herd.account("alice", 100_000))
+    info = (await alice.http.get("/v1/info")).json()
+    [model] = (await alice.http.get("/v1/models")).json()["data"]
+    assert info["batch_discount"] == model["batch_discount"] == "0.25"
+    batch = await alice.submit([line(0, max_tokens=3)])
+    assert batch.model_extra["discount"] == info["batch_discount"]
+    done = await alice.finished(batch.id)
+    [out] = (await alice.lines_of(done.output_file_id)).values()
+    usage = out["response"]["body"]["usage"]
+    assert usage["cost_credits"] == price(usage["prompt_tokens"], usage["completion_tokens"], discount="0.25")
+    await alice.close()
+
+
 async def test_cancel_stops_the_lines_not_started_and_charges_those_that_ran(herd: Herd) -> None:
     _node, gate = await started(herd, slots=2, gate=True)
     assert gate is not None

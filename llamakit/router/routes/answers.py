@@ -196,6 +196,12 @@ class Live(_Open):
     live: Literal[True]
 
 
+_BATCH_DISCOUNT = (
+    "what a batch line pays of its price (--batch-discount, decimal text): ceil(discount × the charge at bid 1); "
+    "docs/money.md#batches"
+)
+
+
 class ModelEntry(_Open):
     id: str
     object: Literal["model"]
@@ -203,6 +209,7 @@ class ModelEntry(_Open):
     owned_by: str
     fees: dict[str, int] = Field(description="credits: base_fee, prompt_token_fee, completion_token_fee")
     prices: dict[str, Any] = Field(description="the fees in the operator's currency (per million tokens)")
+    batch_discount: str = Field(description=_BATCH_DISCOUNT)
     nodes: int
     slots: int
 
@@ -217,6 +224,7 @@ class Info(_Open):
 
     models: dict[str, dict[str, Any]]
     fees: dict[str, dict[str, int]]
+    batch_discount: str = Field(description=_BATCH_DISCOUNT)
     currency: str
     credit_value: float
     credit_value_exact: str

@@ -111,6 +111,7 @@ def _model_entry(state: RouterState, name: str) -> dict[str, Any]:
         "created": int(state.started),
         "owned_by": "llamakit",
         **_fees_and_prices(state, name),
+        "batch_discount": str(state.settings.batch_discount),
         "nodes": sum(1 for n in nodes if n.state == "ready"),
         "slots": sum(n.slots for n in nodes if n.state == "ready"),
     }
@@ -165,6 +166,7 @@ async def info(request: web.Request) -> web.Response:
                 for m in models
             },
             "fees": state.prices.to_dict(models),
+            "batch_discount": str(state.settings.batch_discount),
             **state.settings.money.describe(),
             "queue_length": sum(depths.values()),
             "last_multiplier": float(last),
