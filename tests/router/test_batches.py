@@ -340,6 +340,10 @@ async def test_a_line_that_fails_is_refunded_and_in_the_error_file(herd: Herd) -
     assert (records[node_said["request_id"]]["cost_credits"], records[node_said["request_id"]]["held"]) == (0, price(
         len("refuse me") + 64 + 8, 3))  # fmt: skip
     assert (records[too_many["request_id"]]["held"], records[too_many["request_id"]]["http_status"]) == (0, 400)
+    # Every line's record has the batch's bid, its discount, refusals included: in the ledger and the usage log.
+    assert {r["bid"] for r in records.values()} == {"0.5"} and len(records) == 4
+    recent = {r["request_id"]: r for r in (await stats(herd))["requests"]["recent"]}
+    assert {recent[rid]["bid"] for rid in records} == {"0.5"}
     await alice.close()
 
 

@@ -285,7 +285,7 @@ class BatchRunner:
                 raise await self._short(line, error) from exc
             if error.code in _LATER:
                 raise _Later(rest=ROUND_SECONDS) from exc
-            await record_refusal(state, caller, error, body)
+            await record_refusal(state, caller, error, body, bid=Decimal(line.discount))
             return LineOutcome("failed", failed_line(custom_id, error.headers.get(REQUEST_ID_HEADER), error.status,
                                                      error.body()))  # fmt: skip
         if running.cancelled is not None:  # its batch was cancelled (or expired) before it could wait for a slot

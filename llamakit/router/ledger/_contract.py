@@ -520,6 +520,7 @@ class Refusal:
     now: float
     key_prefix: str | None = None
     money: CreditValue | None = None  # what the usage record is priced at; None keeps no price
+    bid: str = "1"  # the request's price multiplier: a batch line's is its batch's discount
 
 
 @dataclass(frozen=True)
@@ -1017,10 +1018,12 @@ class Ledger(ABC):
         error: str,
         user: str | None = None,
         key_prefix: str | None = None,
+        bid: object = "1",
     ) -> UsageRecord:
         """Record a request refused before anything was held: a usage record with no tokens and no cost, whose
         `status` is the error code (`insufficient_funds`, `invalid_value` …) and `http_status` the status;
-        `key_prefix` is the display prefix of the key that asked."""
+        `key_prefix` is the display prefix of the key that asked; `bid` its price multiplier (a batch line's is
+        its batch's discount)."""
         count("account_id", account_id)
         request_id = _label("request_id", request_id, limit=MAX_NAME_LEN)
         status = _label("status", status)
@@ -1037,6 +1040,7 @@ class Ledger(ABC):
             now=self._clock(),
             key_prefix=None if key_prefix is None else storable(str(key_prefix)[:DISPLAY_PREFIX_LEN]),
             money=self.money,
+            bid=_bid_text(bid),
         )
         return await self._refuse(refusal)
 

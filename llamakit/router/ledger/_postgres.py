@@ -534,7 +534,7 @@ class PostgresLedger(Ledger):
                     "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, "
                     'completion_tokens, cost, bid, held, error, created, "user", http_status, key_prefix, '
                     "credit_value, currency) "
-                    "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, '1', 0, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
+                    "VALUES ($1, $2, $3, NULL, $4, 0, 0, 0, $12, 0, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
                     refusal.request_id,
                     refusal.account_id,
                     refusal.model,
@@ -545,6 +545,7 @@ class PostgresLedger(Ledger):
                     refusal.http_status,
                     refusal.key_prefix,
                     *price_columns(refusal.money),
+                    refusal.bid,
                 )
                 new = await conn.fetchrow(
                     "SELECT * FROM llamakit_count_usage($1, $2, $3, 0, true)", refusal.account_id, day, month

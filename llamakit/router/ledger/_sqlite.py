@@ -615,12 +615,13 @@ class SqliteLedger(Ledger):
             row = conn.execute(
                 "INSERT INTO usage (request_id, account_id, model, node, status, prompt_tokens, completion_tokens, "
                 "cost, bid, held, error, created, user, http_status, key_prefix, credit_value, currency) "
-                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, '1', 0, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                "VALUES (?, ?, ?, NULL, ?, 0, 0, 0, ?, 0, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
                 (
                     refusal.request_id,
                     refusal.account_id,
                     refusal.model,
                     refusal.status,
+                    refusal.bid,
                     refusal.error,
                     refusal.now,
                     refusal.user,

@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
+from llamakit.money.fees import format_bid
 from llamakit.router.auth import authenticate
 from llamakit.router.errors import http_error
 from llamakit.router.ledger import LedgerError, LedgerUnavailable, Remembered
@@ -103,9 +105,12 @@ async def _paid_call(
         raise
 
 
-async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any]) -> None:
+async def record_refusal(
+    state: RouterState, caller: Caller, exc: ApiError, data: dict[str, Any], *, bid: Decimal = Decimal(1)
+) -> None:
     """A usage record (no tokens, no cost) of a request refused before anything was held (`data` its body), under
-    a request id the error response names, and a line in the dashboard's latest requests."""
+    a request id the error response names, and a line in the dashboard's latest requests. `bid` is the record's
+    (a batch line's: its batch's discount)."""
     request_id = exc.headers.get(REQUEST_ID_HEADER) or new_request_id()
     exc.headers[REQUEST_ID_HEADER] = request_id
     model = data.get("model") if isinstance(data.get("model"), str) else ""
@@ -118,7 +123,7 @@ async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data
     try:
         await state.ledger.refuse(
             account.id, request_id=request_id, model=str(model), status=status, http_status=exc.status,
-            error=exc.message, user=user, key_prefix=caller.key.prefix,
+            error=exc.message, user=user, key_prefix=caller.key.prefix, bid=bid,
         )  # fmt: skip
     except LedgerUnavailable as failure:
         state.gate.failed(failure)  # said once; the client still gets the refusal its request met
@@ -126,6 +131,6 @@ async def record_refusal(state: RouterState, caller: Caller, exc: ApiError, data
         log.exception("could not record the refusal of %s", request_id)
     record = refusal_record(
         state.settings.money, request_id=request_id, account=account.name, model=str(model), status=status,
-        http_status=exc.status, error=exc.message, user=user, key_prefix=caller.key.prefix,
+        http_status=exc.status, error=exc.message, user=user, key_prefix=caller.key.prefix, bid=format_bid(bid),
     )  # fmt: skip
     publish(state, record)

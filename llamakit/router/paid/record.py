@@ -172,11 +172,13 @@ def refusal_record(
     error: str,
     user: str | None,
     key_prefix: str | None,
+    bid: str = "1",
 ) -> dict[str, Any]:
-    """The record of a request refused before anything was held: no tokens, no cost, bid 1."""
+    """The record of a request refused before anything was held: no tokens, no cost, `bid` 1 (a batch line's: its
+    batch's discount)."""
     return usage_record(
         money, created=time.time(), request_id=request_id, account=account, model=model, node=None, status=status,
-        prompt_tokens=0, completion_tokens=0, cost_credits=0, held=0, bid="1", latency_ms=None, queue_ms=None,
+        prompt_tokens=0, completion_tokens=0, cost_credits=0, held=0, bid=bid, latency_ms=None, queue_ms=None,
         ttft_ms=None, error=error, user=user, key_prefix=key_prefix, http_status=http_status,
     )  # fmt: skip
 
