@@ -5,7 +5,9 @@ node does, the words an earlier prompt of the same cache salt began with."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import subprocess
 import sys
 from decimal import Decimal
@@ -235,6 +237,26 @@ async def test_a_herd_without_cached_fees_charges_cached_tokens_in_full(herd: He
     assert usage["prompt_tokens_details"] == {"cached_tokens": 8}
     assert usage["cost_credits"] == 10 + 11 + 2 * 5
     assert usage["cost_details"] == {"cache_discount": 0.0, "cache_discount_credits": 0}
+
+
+async def test_a_batch_line_pays_the_discount_of_the_charge_with_its_cached_fee(herd: Herd) -> None:
+    """docs/money.md#batches: a line's charge is the interactive charge, cached fee included, at the discount."""
+    await cached_herd(herd)
+    alice = await herd.account("alice", 1000)
+    assert (await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})).status_code == 200
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/completions",
+            "body": {"model": "fake-model", "prompt": PROMPT, "max_tokens": 5}}  # fmt: skip
+    files = {"file": ("lines.jsonl", json.dumps(line).encode())}
+    upload = (await alice.post("/v1/files", data={"purpose": "batch"}, files=files)).json()
+    made = {"input_file_id": upload["id"], "endpoint": "/v1/completions", "completion_window": "24h"}
+    batch = (await alice.post("/v1/batches", json=made)).json()
+    for _ in range(1000):
+        batch = (await alice.get(f"/v1/batches/{batch['id']}")).json()
+        if batch["status"] == "completed":
+            break
+        await asyncio.sleep(0.01)
+    assert batch["status"] == "completed" and batch["usage"]["input_tokens_details"] == {"cached_tokens": 8}
+    assert batch["usage"]["cost_credits"] == math.ceil(Decimal("0.5") * AGAIN) == 20
 
 
 async def test_no_tenant_pays_the_cached_rate_for_another_accounts_cache(herd: Herd) -> None:
