@@ -331,6 +331,10 @@ async def test_a_line_that_fails_is_refunded_and_in_the_error_file(herd: Herd) -
     done = await alice.finished((await alice.submit(lines)).id)
     assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 2, 2)
     assert sorted(await alice.lines_of(done.output_file_id)) == ["line-0", "line-3"]
+    with pytest.raises(openai.BadRequestError, match="not an input file") as caught:
+        await alice.openai.batches.create(input_file_id=str(done.output_file_id), endpoint="/v1/chat/completions",
+                                          completion_window="24h")  # fmt: skip
+    assert caught.value.body["code"] == "invalid_value"  # type: ignore[index]
     errors = await alice.lines_of(done.error_file_id)
     node_said, too_many = errors["line-1"]["response"], errors["line-2"]["response"]
     assert (node_said["status_code"], node_said["body"]["error"]["code"]) == (400, "context_length_exceeded")
@@ -367,8 +371,19 @@ async def test_files_and_batches_are_bounded_with_400s_that_name_the_limit(herd:
     assert code(await refused(b'{"custom_id": "a"\n')) == "invalid_line"
     assert code(await refused(jsonl([line(0), line(0)]))) == "duplicate_custom_id"
     assert code(await refused(jsonl([{**line(0), "url": "/v1/images"}]))) == "invalid_line"
-    with pytest.raises(openai.BadRequestError, match="purpose"):
+    # Every refusal has a code, and names its field, as OpenAI's do.
+    with pytest.raises(openai.BadRequestError, match="purpose") as caught:
         await alice.openai.files.create(file=("f.jsonl", jsonl([line(0)])), purpose="fine-tune")
+    assert (code(caught.value), caught.value.body["param"]) == ("invalid_value", "purpose")  # type: ignore[index]
+    for form, files, expected in (({"purpose": "batch", "expires_after": "1"}, {"file": b"{}"}, "unsupported_field"),
+                                  ({"purpose": "batch"}, {"other": b"{}"}, "unsupported_field")):  # fmt: skip
+        answer = await alice.http.post("/v1/files", data=form, files=files)
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == expected, answer.text
+    only_purpose = b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b--\r\n'
+    answer = await alice.http.post(
+        "/v1/files", content=only_purpose, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert (answer.status_code, answer.json()["error"]["code"]) == (400, "invalid_file"), answer.text
     # A batch's lines go to its endpoint, answered whole, at its discount, for a model the router knows.
     for bad, what in (({**line(0), "url": "/v1/completions"}, "endpoint"), (line(0, stream=True), "stream"),
                       (line(0, bid=2), "bid")):  # fmt: skip

@@ -93,7 +93,10 @@ async def upload_file(request: web.Request) -> web.Response:
     filename, content, purpose = await _form(request, limits)
     if purpose != "batch":
         raise ApiError(
-            400, f"purpose must be 'batch' (llamakit keeps files for batches only), got {purpose!r}", param="purpose"
+            400,
+            f"purpose must be 'batch' (llamakit keeps files for batches only), got {purpose!r}",
+            param="purpose",
+            code="invalid_value",
         )
     lines = read_input(content, limits)
     stored = await state.ledger.batch_store.create_file(
@@ -125,12 +128,14 @@ async def _form(request: web.Request, limits: BatchLimits) -> tuple[str, bytes, 
             else:
                 raise ApiError(
                     400, f"unknown field {part.name!r}: an upload has 'file' and 'purpose' (llamakit keeps a file "
-                    "until it is deleted)", param=part.name or "file",
+                    "until it is deleted)", param=part.name or "file", code="unsupported_field",
                 )  # fmt: skip
     except (ValueError, HttpProcessingError) as exc:  # a malformed multipart body (aiohttp's own words)
         raise ApiError(400, f"the multipart body is malformed: {exc}", param="file", code="invalid_file") from exc
     if filename is None:
-        raise ApiError(400, "the upload has no 'file' field: send the JSONL file as 'file'", param="file")
+        raise ApiError(
+            400, "the upload has no 'file' field: send the JSONL file as 'file'", param="file", code="invalid_file"
+        )
     return filename, content, purpose
 
 
@@ -258,7 +263,7 @@ async def create_batch(request: web.Request) -> web.Response:
         )  # fmt: skip
     if found.purpose != "batch":
         raise ApiError(400, f"file {found.id!r} is a batch's {found.kind} file, not an input file",
-                       param="input_file_id")  # fmt: skip
+                       param="input_file_id", code="invalid_value")  # fmt: skip
     lines = read_input(await store.file_content(found), _limits(state))
     mismatch = endpoint_mismatch(lines, body.endpoint)
     if mismatch is not None:
