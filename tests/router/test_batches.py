@@ -335,6 +335,9 @@ async def test_a_line_that_fails_is_refunded_and_in_the_error_file(herd: Herd) -
         await alice.openai.batches.create(input_file_id=str(done.output_file_id), endpoint="/v1/chat/completions",
                                           completion_window="24h")  # fmt: skip
     assert caught.value.body["code"] == "invalid_value"  # type: ignore[index]
+    outputs = (await alice.http.get("/v1/files", params={"purpose": "batch_output"})).json()["data"]
+    assert sorted(f["id"] for f in outputs) == sorted([done.output_file_id, done.error_file_id])
+    assert {f["purpose"] for f in outputs} == {"batch_output"}
     errors = await alice.lines_of(done.error_file_id)
     node_said, too_many = errors["line-1"]["response"], errors["line-2"]["response"]
     assert (node_said["status_code"], node_said["body"]["error"]["code"]) == (400, "context_length_exceeded")
