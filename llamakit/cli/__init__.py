@@ -7,7 +7,7 @@ import csv
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -364,15 +364,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one command; its exit code is 0, or 1 when the router refused it or could not be reached (one line on
-    stderr then, not a traceback); 2 for a command line argparse refuses."""
-    args = build_parser().parse_args(argv)
-    if args.func is cmd_up:  # runs the router itself, and says what went wrong in its own words
-        raise SystemExit(cmd_up(args))
+    stderr then, not a traceback); 2 for a command line argparse refuses. A reader that stops early (`llamakit
+    books | head`) ends any command quietly with 1, as Python's note on SIGPIPE does it."""
     try:
-        code = args.func(args)
+        try:
+            code = _run(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe says so here, not as an "Exception ignored" at exit
+    except BrokenPipeError:
+        # Python's recipe (docs.python.org/3/library/signal.html#note-on-sigpipe): stdout to devnull, so that
+        # the interpreter's own flush at exit finds no closed pipe either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    raise SystemExit(code)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """The command's exit code; SystemExit for argparse's refusals and for a router that cannot be reached."""
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = args.func
+    if command is cmd_up:  # runs the router itself, and says what went wrong in its own words
+        return command(args)
+    try:
+        code = command(args)
     except httpx.TransportError as exc:  # refused, timed out, cut off, a URL that is not http(s)
         raise SystemExit(f"llamakit: error: cannot reach the router at {_router_url(args)}: {_reason(exc)}") from None
-    raise SystemExit(code)
+    return code
 
 
 def _router_url(args: argparse.Namespace) -> str:

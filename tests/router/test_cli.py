@@ -31,6 +31,29 @@ async def llamakit(herd: Herd, *args: str) -> tuple[int, str]:
     return proc.returncode, out.decode()
 
 
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [(("books",), 1), (("keys", "list", "alice"), 1), (("usage", "--csv"), 1), (("--help",), 0)],
+)
+async def test_a_reader_that_stops_early_ends_any_command_quietly(herd: Herd, args: tuple[str, ...], code: int) -> None:
+    """`llamakit books | head`: stdout a pipe whose reader is gone (closed before the command starts, so that its
+    every write meets it) ends the command with 1 and nothing on stderr, no BrokenPipeError traceback (argparse's
+    --help ignores a closed pipe itself, and exits 0)."""
+    await herd.start()
+    await herd.account("alice", 10)
+    assert herd.router is not None
+    env = {**os.environ, "LLAMAKIT_ADMIN_KEY": ADMIN_KEY, "LLAMAKIT_PROFILE": "/nonexistent/profile.json"}
+    read, write = os.pipe()
+    os.close(read)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamakit.cli", "--url", herd.router.url, *args,
+        stdout=write, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    os.close(write)
+    _, err = await proc.communicate()
+    assert (proc.returncode, err.decode()) == (code, "")
+
+
 async def test_keys_list_and_revoke(herd: Herd) -> None:
     await herd.add_node(FakeNode("n1", script=Script(tokens=1)))
     await herd.start()
