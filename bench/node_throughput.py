@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import logging
 import os
@@ -240,20 +241,19 @@ COLD_OPENERS = (
 
 class Prompts:
     """The prompt of each run of one contender: always the same (warm: every contender reuses its cache), or
-    with --cold one never sent before (an opener and the request's number), so that no two requests share more
-    than their first token or two. With only the 16 openers, prompts came back: llama-server's prompt cache in
-    RAM (`--cache-ram`) and its slot choice by similarity served them from memory, which is not cold."""
+    with --cold one never sent before in the run, to any contender (an opener and a number counted across all
+    of them), so that no two requests share more than their first token or two. Prompts that came back (16
+    openers; then one count per contender, so the whole-answer contender resent the streamed one's prompts)
+    were served from llama-server's prompt cache in RAM (`--cache-ram`), which is not cold."""
+
+    _count = itertools.count()  # shared by every contender: next() is called from many client threads
 
     def __init__(self, config: Config) -> None:
         self.prompt = config.prompt
         self.cold = config.cold
-        self._next = 0
-        self._lock = threading.Lock()
 
     def next(self) -> str:
-        with self._lock:
-            n = self._next
-            self._next += 1
+        n = next(Prompts._count)  # atomic under the GIL (itertools.count is implemented in C)
         if not self.cold:
             return self.prompt
         return f"{COLD_OPENERS[n % len(COLD_OPENERS)]} ({n}): {self.prompt}"
