@@ -16,13 +16,13 @@ from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
 from llamakit.node.membership import keep_membership
-from llamakit.node.metrics import NodeMetrics
+from llamakit.node.metrics import NodeMetrics, count_connections
 from llamakit.node.model_file import watch_model_file
 from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, http_error, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING
-from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
+from llamakit.server import deadline_middleware
 from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware_for, require_bearer
 
@@ -86,12 +86,7 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
                     await task
         await host.close()
 
-    async def watch_connections(app: web.Application) -> None:
-        guard = app.get(CONNECTIONS)  # set by `serve` (not under a test server)
-        if guard is not None:
-            app[METRICS].registry.register(ConnectionCollector(guard, "llamakit_node"))
-
-    app.on_startup.append(watch_connections)
+    app.on_startup.append(count_connections(METRICS))
     app.cleanup_ctx.append(model_lifecycle)
     tracing = tracing or Tracing.from_env("llamakit-node")
     if tracing is not None:

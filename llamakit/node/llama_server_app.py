@@ -41,10 +41,10 @@ from llamakit.node.llama_server import (
 )
 from llamakit.node.llama_server_request import Chunk, generation_body, read_chunk, upstream_refusal
 from llamakit.node.membership import keep_membership
-from llamakit.node.metrics import NodeMetrics
+from llamakit.node.metrics import NodeMetrics, count_connections
 from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.node.settings import NodeSettings
-from llamakit.server import CONNECTIONS, ConnectionCollector, deadline_middleware
+from llamakit.server import deadline_middleware
 from llamakit.web import Handler, SseWriter, error_middleware_for, json_response, require_bearer
 from llamakit.wire.completions import (
     ChatCompletionRequest,
@@ -774,11 +774,6 @@ def create_app(settings: NodeSettings) -> web.Application:
                 await task
         await fronted.close()
 
-    async def watch_connections(app: web.Application) -> None:
-        guard = app.get(CONNECTIONS)  # set by `serve` (not under a test server)
-        if guard is not None:
-            app[METRICS].registry.register(ConnectionCollector(guard, "llamakit_node"))
-
-    app.on_startup.append(watch_connections)
+    app.on_startup.append(count_connections(METRICS))
     app.cleanup_ctx.append(lifecycle)
     return app

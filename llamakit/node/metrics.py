@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["NodeMetrics"]
+from llamakit.server import CONNECTIONS, ConnectionCollector
+
+__all__ = ["NodeMetrics", "count_connections"]
 
 
 class NodeMetrics:
@@ -53,3 +56,15 @@ class NodeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def count_connections(metrics: web.AppKey[NodeMetrics]) -> Callable[[web.Application], Awaitable[None]]:
+    """An on_startup hook that puts the open connections `serve` counts on a node's /metrics (either kind of
+    node: `metrics` is its app's key); nothing under a test server, which has no such count."""
+
+    async def watch_connections(app: web.Application) -> None:
+        guard = app.get(CONNECTIONS)
+        if guard is not None:
+            app[metrics].registry.register(ConnectionCollector(guard, "llamakit_node"))
+
+    return watch_connections

@@ -199,7 +199,6 @@ class BatchStore(ABC):
 
     # -- batches -----------------------------------------------------------------------------------------
 
-    @abstractmethod
     async def create_batch(
         self,
         account_id: int,
@@ -215,6 +214,18 @@ class BatchStore(ABC):
         lines: Sequence[NewLine],
     ) -> StoredBatch:
         """A new batch, in progress, with its lines pending."""
+        batch = StoredBatch(
+            id=new_batch_id(), account_id=account_id, key_hash=key_hash, endpoint=endpoint,
+            input_file_id=input_file_id, completion_window=completion_window, model=model, metadata=metadata,
+            discount=discount, status="in_progress", stopped=None, created=self._clock(), expires=expires,
+            cancelling_at=None, finished=None, output_file_id=None, error_file_id=None, total=len(lines),
+        )  # fmt: skip
+        await self._insert_batch(batch, lines)
+        return batch
+
+    @abstractmethod
+    async def _insert_batch(self, batch: StoredBatch, lines: Sequence[NewLine]) -> None:
+        """Write a new `batch` and its `lines` (numbered from 0), in one transaction."""
 
     @abstractmethod
     async def find_batch(self, account_id: int, batch_id: str) -> StoredBatch | None: ...

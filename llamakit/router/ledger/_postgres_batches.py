@@ -28,7 +28,6 @@ from llamakit.router.ledger._batches import (
     file_from,
     final_status,
     metadata_text,
-    new_batch_id,
     new_file_id,
 )
 
@@ -121,40 +120,21 @@ class PostgresBatches(BatchStore):
 
     # -- batches -----------------------------------------------------------------------------------------
 
-    async def create_batch(
-        self,
-        account_id: int,
-        *,
-        key_hash: str,
-        input_file_id: str,
-        endpoint: str,
-        completion_window: str,
-        model: str | None,
-        metadata: dict[str, str] | None,
-        discount: str,
-        expires: float,
-        lines: Sequence[NewLine],
-    ) -> StoredBatch:
-        batch = StoredBatch(
-            id=new_batch_id(), account_id=account_id, key_hash=key_hash, endpoint=endpoint,
-            input_file_id=input_file_id, completion_window=completion_window, model=model, metadata=metadata,
-            discount=discount, status="in_progress", stopped=None, created=self._clock(), expires=expires,
-            cancelling_at=None, finished=None, output_file_id=None, error_file_id=None, total=len(lines),
-        )  # fmt: skip
+    async def _insert_batch(self, batch: StoredBatch, lines: Sequence[NewLine]) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 "INSERT INTO batches (id, account_id, key_hash, endpoint, input_file_id, completion_window, model, "
                 "metadata, discount, status, created, expires, total) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-                batch.id, account_id, key_hash, endpoint, input_file_id, completion_window, model,
-                metadata_text(metadata), discount, batch.status, batch.created, expires, batch.total,
+                batch.id, batch.account_id, batch.key_hash, batch.endpoint, batch.input_file_id,
+                batch.completion_window, batch.model, metadata_text(batch.metadata), batch.discount, batch.status,
+                batch.created, batch.expires, batch.total,
             )  # fmt: skip
             await conn.copy_records_to_table(
                 "batch_lines",
                 records=[(batch.id, number, line.model, line.request) for number, line in enumerate(lines)],
                 columns=["batch_id", "line", "model", "request"],
             )
-        return batch
 
     async def find_batch(self, account_id: int, batch_id: str) -> StoredBatch | None:
         row = await self._ledger._fetchrow(
