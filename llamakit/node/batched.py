@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from llamakit.catalog import ResolvedModel
 from llamakit.node.engine import (
@@ -347,7 +348,7 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
                 continue
             if seq.sampler is None:
-                token = int(np.frombuffer(self._logits_row(seq.logits_at), dtype=np.float32).argmax())
+                token = int(self._logits_row(seq.logits_at).argmax())
             else:
                 token = llama_cpp.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
             if not seq.first_token_ns:
@@ -362,12 +363,12 @@ class BatchedModel(LoadedModel):
                 still.append(seq)
         return still
 
-    def _logits_row(self, i: int) -> ctypes.Array[ctypes.c_float]:
-        """The logits after the batch's `i`-th token, in place: valid until the next decode."""
+    def _logits_row(self, i: int) -> npt.NDArray[np.float32]:
+        """The `n_vocab` logits after the batch's `i`-th token, in place (no copy): valid until the next decode."""
         row = ctypes.cast(llama_cpp.llama_get_logits_ith(self._ctx, i), ctypes.c_void_p).value
         if not row:
             raise RuntimeError(f"llama.cpp has no logits for batch position {i}")
-        return self._logits_type.from_address(row)
+        return np.frombuffer(memoryview(self._logits_type.from_address(row)), dtype=np.float32)
 
     @staticmethod
     def _put(batch: llama_cpp.llama_batch, n: int, token: int, pos: int, seq_id: int, *, logits: bool) -> int:

@@ -63,6 +63,15 @@ def test_same_tokens_as_the_simple_engine_at_temperature_zero(
     )
 
 
+def test_greedy_argmax_picks_what_llama_cpps_greedy_sampler_picks(batched: BatchedModel) -> None:
+    """Temperature 0 alone is sampled as the argmax of the logits in place; a logit bias of 0 changes no logit
+    but puts llama.cpp's own sampler chain (bias, then greedy) on the same sequence: the tokens must agree."""
+    for prompt in PROMPTS:
+        fast = run(batched, 5, job(batched, prompt, max_tokens=40, temperature=0.0))
+        chain = run(batched, 6, job(batched, prompt, max_tokens=40, temperature=0.0, logit_bias={13: 0.0}))
+        assert (fast.text, fast.completion_tokens) == (chain.text, chain.completion_tokens)
+
+
 def test_same_tokens_as_the_simple_engine_with_flash_attention_off() -> None:
     """Both engines follow the node's --flash-attn (the fixtures above run its default, auto: on on every CPU), and
     agree at temperature 0 with it off too: the same kernels, in the same batch shape."""
