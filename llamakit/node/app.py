@@ -15,11 +15,12 @@ from llamakit.node.embeddings import setup_embeddings
 from llamakit.node.engine import LoadedModel, SimpleModel
 from llamakit.node.host import ModelHost
 from llamakit.node.llama_log import route_llama_log
+from llamakit.node.loop_inbox import LoopInbox
 from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics, count_connections
 from llamakit.node.model_file import watch_model_file
 from llamakit.node.placement import LlamaOptions
-from llamakit.node.routes import HOST, METRICS, RUNS, SETTINGS, http_error, routes
+from llamakit.node.routes import HOST, INBOX, METRICS, RUNS, SETTINGS, http_error, routes
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING
 from llamakit.server import deadline_middleware
@@ -74,6 +75,7 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
     route_llama_log(getattr(logging, settings.llama_log.upper()))
 
     async def model_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        app[INBOX] = LoopInbox(asyncio.get_running_loop())
         # The server answers /health ("loading") while the model loads in the background.
         host.start_loading(settings.model)
         membership = asyncio.create_task(keep_membership(settings, host)) if settings.router else None

@@ -42,6 +42,7 @@ from llamakit.node.engine import (
     shared_prefix,
 )
 from llamakit.node.llama_log import hearing
+from llamakit.node.loop_inbox import one_wakeup_per_inbox
 from llamakit.node.placement import LlamaOptions, flash_attn_chosen, load_model, placement_of
 from llamakit.node.ram_cache import SAVE_MIN_TOKENS, RamCache
 
@@ -340,6 +341,11 @@ class BatchedModel(LoadedModel):
         status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
+        with one_wakeup_per_inbox():  # each stream's text goes to the event loop with one wake-up for all
+            return self._sample(running, feeds)
+
+    def _sample(self, running: list[_Sequence], feeds: dict[int, list[int]]) -> list[_Sequence]:
+        """The next token of every sequence whose logits the step computed; returns those still running."""
         still = []
         for seq in running:
             if seq.on_progress is not None and seq.seq_id in feeds:

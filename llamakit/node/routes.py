@@ -20,6 +20,7 @@ from llamakit.node.engine import GenerationJob, GenerationResult, LoadedModel, T
 from llamakit.node.errors import NodeError
 from llamakit.node.host import ModelHost, Slot
 from llamakit.node.http_errors import http_error, status_of
+from llamakit.node.loop_inbox import LoopInbox
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
 from llamakit.node.tracing import TRACING, GenerationTrace
@@ -29,7 +30,7 @@ from llamakit.wire.errors import ApiError, error_body
 from llamakit.wire.headers import CACHE_SALT_HEADER, KEEPALIVE_HEADER, REQUEST_ID_HEADER
 from llamakit.wire.node import NodeHealth, TokenCounts, with_counts
 
-__all__ = ["HOST", "METRICS", "RUNS", "SETTINGS", "http_error", "routes"]
+__all__ = ["HOST", "INBOX", "METRICS", "RUNS", "SETTINGS", "http_error", "routes"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ SETTINGS = web.AppKey("settings", NodeSettings)
 METRICS = web.AppKey("metrics", NodeMetrics)
 # The stop signals of the generations running now, by request id: what `POST /admin/cancel/{id}` sets.
 RUNS = web.AppKey("runs", dict[str, threading.Event])
+INBOX = web.AppKey("inbox", LoopInbox)  # text from the generating threads to the streams
 
 DEFAULT_KEEPALIVE = 1.0
 CLIENT_POLL_SECONDS = 0.1
@@ -390,14 +392,18 @@ class _Run:
         start: Callable[[Callable[[str, int], None]], asyncio.Future[GenerationResult]],
         include_usage: bool,
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+        inbox = self.request.app[INBOX]
 
-        def on_text(text: str, completion_tokens: int) -> None:  # called on the slot's thread
-            loop.call_soon_threadsafe(pieces.put_nowait, (text, completion_tokens))
+        def on_text(text: str, completion_tokens: int) -> None:  # called on the slot's (or decode loop's) thread
+            inbox.post(pieces.put_nowait, (text, completion_tokens))
+
+        def on_end(_future: asyncio.Future[GenerationResult]) -> None:  # the text posted before the end goes first
+            inbox.run_posted()
+            pieces.put_nowait(None)
 
         future = start(on_text)
-        future.add_done_callback(lambda _f: pieces.put_nowait(None))
+        future.add_done_callback(on_end)
         answer, rid = self.answer, self.request_id
         n_prompt = len(self.job.prompt_tokens)
         try:
