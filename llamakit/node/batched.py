@@ -1,9 +1,10 @@
 """The batched engine: one model, one llama.cpp context with a sequence per slot, and one decode loop.
 
 Every step puts the next token of each running sequence, and prompt chunks of newly admitted ones, into one
-`llama_batch`, decodes once, and samples each sequence with its own llama.cpp sampler chain (grammar,
-top-k, top-p, min-p, temperature, seed) straight from the context's logits, without copying them into
-Python. New requests join at the next step; finished or cancelled ones leave at once. This is llama.cpp's
+`llama_batch`, decodes once, and samples each sequence with its own llama.cpp sampler chain (grammar, top-k,
+top-p, min-p, temperature, seed) straight from the context's logits, without copying them into Python; greedy
+alone is the argmax of those logits, read in place. New requests join at the next step; finished or cancelled
+ones leave at once. This is llama.cpp's
 own server loop (continuous batching), on llama-cpp-python's low-level API.
 
 The cache is split per sequence (each slot has `n_ctx` cells no other slot can use), so a finished
