@@ -4,8 +4,8 @@ Every step puts the next token of each running sequence, and prompt chunks of ne
 `llama_batch`, decodes once, and samples each sequence with its own llama.cpp sampler chain (grammar, top-k,
 top-p, min-p, temperature, seed) straight from the context's logits, without copying them into Python; greedy
 alone is the argmax of those logits, read in place. New requests join at the next step; finished or cancelled
-ones leave at once. This is llama.cpp's
-own server loop (continuous batching), on llama-cpp-python's low-level API.
+ones leave at once. This is llama.cpp's own server loop (continuous batching), on llama-cpp-python's low-level
+API.
 
 The cache is split per sequence (each slot has `n_ctx` cells no other slot can use), so a finished
 sequence's cells cost the others nothing: they stay as the slot's prompt cache, as llama-server's
