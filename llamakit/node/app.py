@@ -22,7 +22,7 @@ from llamakit.node.model_file import watch_model_file
 from llamakit.node.placement import LlamaOptions
 from llamakit.node.routes import HOST, INBOX, METRICS, RUNS, SETTINGS, http_error, routes
 from llamakit.node.settings import NodeSettings
-from llamakit.node.tracing import TRACING
+from llamakit.node.tracing import setup_tracing
 from llamakit.server import deadline_middleware
 from llamakit.telemetry import Tracing
 from llamakit.web import Handler, error_middleware_for, require_bearer
@@ -90,12 +90,5 @@ def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web
 
     app.on_startup.append(count_connections(METRICS))
     app.cleanup_ctx.append(model_lifecycle)
-    tracing = tracing or Tracing.from_env("llamakit-node")
-    if tracing is not None:
-        app[TRACING] = tracing
-
-        async def flush_traces(app: web.Application) -> None:  # the spans still batched go out before the end
-            await asyncio.to_thread(tracing.shutdown)
-
-        app.on_cleanup.append(flush_traces)
+    setup_tracing(app, tracing)
     return app

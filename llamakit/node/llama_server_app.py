@@ -44,7 +44,9 @@ from llamakit.node.membership import keep_membership
 from llamakit.node.metrics import NodeMetrics, count_connections
 from llamakit.node.results import GenerationResult, TokenLogprob
 from llamakit.node.settings import NodeSettings
+from llamakit.node.tracing import GenerationTrace, setup_tracing, traced_generation
 from llamakit.server import deadline_middleware
+from llamakit.telemetry import Tracing
 from llamakit.web import Handler, SseWriter, error_middleware_for, json_response, require_bearer
 from llamakit.wire.completions import (
     ChatCompletionRequest,
@@ -424,6 +426,19 @@ async def embeddings(request: web.Request) -> web.Response:
 
 
 async def _serve(request: web.Request, req: GenerationRequest, kind: str) -> web.StreamResponse:
+    fronted = request.app[FRONTED]
+    return await traced_generation(
+        request,
+        lambda trace: _generate(request, req, kind, trace),
+        kind=kind,
+        model=req.model or fronted.name or "",
+        node=fronted.settings.name,
+    )
+
+
+async def _generate(
+    request: web.Request, req: GenerationRequest, kind: str, trace: GenerationTrace | None
+) -> web.StreamResponse:
     fronted, settings, metrics = request.app[FRONTED], request.app[FRONTED].settings, request.app[METRICS]
     route = "chat" if kind == "chat" else "completions"
     try:
@@ -449,6 +464,8 @@ async def _serve(request: web.Request, req: GenerationRequest, kind: str) -> web
         tools=isinstance(req, ChatCompletionRequest) and req.tool_setup() is not None,
         logprobs=[] if top is not None else None,
     )
+    if trace is not None:
+        trace.started(request_id, lease.slot)
     stop = asyncio.Event()
     runs = request.app[RUNS]
     runs[request_id] = stop
@@ -474,6 +491,8 @@ async def _serve(request: web.Request, req: GenerationRequest, kind: str) -> web
             metrics.observe_generation(
                 result.prompt_tokens, result.completion_tokens, result.seconds, result.cached_tokens
             )
+            if trace is not None:
+                trace.generated(result)
 
 
 async def _no_control_tokens(fronted: Fronted, messages: list[dict[str, str]]) -> None:
@@ -535,6 +554,8 @@ class _Generation:
         self.prompt_tokens = self.cached_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.phases_ms: tuple[float, float] | None = None  # llama-server's prompt and generation times so far
+        self.phases_seen_ns = 0  # when they were told (epoch ns)
         self.progress = 0  # chunks llama-server sent: it works
         self._told = 0
         self._began = time.monotonic()
@@ -611,6 +632,8 @@ class _Generation:
             self.finish_reason = chunk.finish_reason
         if chunk.usage is not None:
             self.usage = chunk.usage
+        if chunk.phases_ms is not None:
+            self.phases_ms, self.phases_seen_ns = chunk.phases_ms, time.time_ns()
         self.pieces.append(chunk.text)
         self.logprobs.extend(chunk.logprobs)
         return chunk
@@ -624,6 +647,11 @@ class _Generation:
             prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             details = usage.get("prompt_tokens_details")
             cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else cached
+        admitted_ns = first_token_ns = 0
+        if self.phases_ms is not None:  # llama-server's phases, counted back from when it last told them
+            prompt_ms, predicted_ms = self.phases_ms
+            first_token_ns = self.phases_seen_ns - int(predicted_ms * 1e6)
+            admitted_ns = first_token_ns - int(prompt_ms * 1e6)
         return GenerationResult(
             text="".join(self.pieces),
             finish_reason=self.finish_reason or "stop",
@@ -631,6 +659,8 @@ class _Generation:
             completion_tokens=completion,
             seconds=time.monotonic() - self._began,
             cached_tokens=cached,
+            admitted_ns=admitted_ns,
+            first_token_ns=first_token_ns,
         )
 
     def _usage(self, result: GenerationResult) -> Usage:
@@ -741,9 +771,10 @@ def _keepalive(request: web.Request) -> float:
     return min(max(value, 0.05), 30.0) if value == value else DEFAULT_KEEPALIVE
 
 
-def create_app(settings: NodeSettings) -> web.Application:
-    """A node in front of llama-server (`settings.llama_server` or `settings.llama_server_bin`). ValueError when
-    the flags for a supervised llama-server take one the node gives it."""
+def create_app(settings: NodeSettings, *, tracing: Tracing | None = None) -> web.Application:
+    """A node in front of llama-server (`settings.llama_server` or `settings.llama_server_bin`), its generations
+    traced as the other node's (`tracing`, default: what the OTEL_* variables ask for). ValueError when the flags
+    for a supervised llama-server take one the node gives it."""
 
     @web.middleware
     async def herd_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -776,4 +807,5 @@ def create_app(settings: NodeSettings) -> web.Application:
 
     app.on_startup.append(count_connections(METRICS))
     app.cleanup_ctx.append(lifecycle)
+    setup_tracing(app, tracing)
     return app

@@ -123,12 +123,14 @@ def _checked_bias(bias: dict[str, float], n_vocab: int | None) -> list[tuple[int
 class Chunk:
     """What one chunk of llama-server's stream adds: text, its tokens' logprobs (each trimmed to `top`
     alternatives), the finish reason, the token counts so far (`timings`: prompt, of which cached, and
-    completion) and, last, `usage`."""
+    completion), how long llama-server has spent on the prompt and on generating (`timings`' `prompt_ms` and
+    `predicted_ms`) and, last, `usage`."""
 
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     counts: tuple[int, int, int] | None = None  # prompt tokens, cached of them, completion tokens
+    phases_ms: tuple[float, float] | None = None  # milliseconds reading the prompt, and generating since
     usage: dict[str, Any] | None = None
 
 
@@ -153,6 +155,9 @@ def read_chunk(event: dict[str, Any], *, top: int) -> Chunk:
     if isinstance(timings, dict):
         cached, read, made = (int(timings.get(k) or 0) for k in ("cache_n", "prompt_n", "predicted_n"))
         chunk.counts = (cached + read, cached, made)
+        prompt_ms, predicted_ms = timings.get("prompt_ms"), timings.get("predicted_ms")
+        if isinstance(prompt_ms, int | float) and isinstance(predicted_ms, int | float):
+            chunk.phases_ms = (max(float(prompt_ms), 0.0), max(float(predicted_ms), 0.0))
     if isinstance(event.get("usage"), dict):
         chunk.usage = event["usage"]
     return chunk

@@ -23,7 +23,7 @@ from llamakit.node.http_errors import http_error, status_of
 from llamakit.node.loop_inbox import LoopInbox
 from llamakit.node.metrics import NodeMetrics
 from llamakit.node.settings import NodeSettings
-from llamakit.node.tracing import TRACING, GenerationTrace
+from llamakit.node.tracing import GenerationTrace, traced_generation
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import ChatCompletionRequest, CompletionRequest, GenerationRequest, Usage, parse_request
 from llamakit.wire.errors import ApiError, error_body
@@ -200,26 +200,14 @@ async def _take_slot(
 async def _serve(
     request: web.Request, req: GenerationRequest, kind: str, tokenize: Callable[[LoadedModel], list[int]]
 ) -> web.StreamResponse:
-    tracing = request.app.get(TRACING)
-    if tracing is None:
-        return await _generate(request, req, kind, tokenize, None)
-    settings = request.app[SETTINGS]
-    operation = "chat" if kind == "chat" else "text_completion"
     model = req.model or request.app[HOST].model_name or ""
-    trace = GenerationTrace(tracing, request.headers, operation=operation, model=model, node=settings.name)
-    status, error = 500, None
-    try:
-        response = await _generate(request, req, kind, tokenize, trace)
-        status = response.status
-        return response
-    except (ApiError, NodeError) as exc:
-        status = status_of(exc)
-        raise
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        trace.end(status, error)
+    return await traced_generation(
+        request,
+        lambda trace: _generate(request, req, kind, tokenize, trace),
+        kind=kind,
+        model=model,
+        node=request.app[SETTINGS].name,
+    )
 
 
 async def _generate(

@@ -6,25 +6,31 @@
     └── llamakit.node.decode               the first token to the last
 
 The engine notes when it took the request in and when it sampled the first token (GenerationResult); the
-phases become spans once the generation ends, from those times, so nothing is traced on the decode thread.
+phases become spans once the generation ends, from those times, so nothing is traced on the decode thread. A node
+in front of llama-server has the same spans, its phases from llama-server's own `timings` (`prompt_ms`,
+`predicted_ms`): its queue is the node's hop to llama-server and llama-server's wait for a slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from llamakit.node.errors import NodeError
+from llamakit.node.http_errors import status_of
 from llamakit.telemetry import Tracing, extract_context
+from llamakit.wire.errors import ApiError
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from llamakit.node.engine import GenerationResult
 
-__all__ = ["TRACING", "GenerationTrace"]
+__all__ = ["TRACING", "GenerationTrace", "setup_tracing", "traced_generation"]
 
 TRACING = web.AppKey("tracing", Tracing)  # set when the OTEL_* variables ask for traces
 PROVIDER = "llamakit"  # gen_ai.provider.name, as the router's spans say it
@@ -87,3 +93,47 @@ class GenerationTrace:
             self.span.set_attribute("error.type", kind)
             self.span.set_status(Status(StatusCode.ERROR, str(error) if error is not None else None))
         self.span.end()
+
+
+def setup_tracing(app: web.Application, tracing: Tracing | None) -> None:
+    """Trace `app`'s generations with `tracing` (default: what the OTEL_* variables ask for, see
+    llamakit.telemetry), and send the spans still batched when it stops."""
+    tracing = tracing or Tracing.from_env("llamakit-node")
+    if tracing is None:
+        return
+    app[TRACING] = tracing
+
+    async def flush_traces(app: web.Application) -> None:
+        await asyncio.to_thread(tracing.shutdown)
+
+    app.on_cleanup.append(flush_traces)
+
+
+async def traced_generation(
+    request: web.Request,
+    generate: Callable[[GenerationTrace | None], Awaitable[web.StreamResponse]],
+    *,
+    kind: str,
+    model: str,
+    node: str,
+) -> web.StreamResponse:
+    """`generate(trace)` for a `kind` ("chat" or "text") request, under its span when the app traces (else with
+    None): the span ends with the answer's status, or the one its error is answered with."""
+    tracing = request.app.get(TRACING)
+    if tracing is None:
+        return await generate(None)
+    operation = "chat" if kind == "chat" else "text_completion"
+    trace = GenerationTrace(tracing, request.headers, operation=operation, model=model, node=node)
+    status, error = 500, None
+    try:
+        response = await generate(trace)
+        status = response.status
+        return response
+    except (ApiError, NodeError) as exc:
+        status = status_of(exc)
+        raise
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        trace.end(status, error)

@@ -237,6 +237,52 @@ async def test_a_streams_chunks_carry_llama_servers_running_counts(
     assert "".join(e["choices"][0]["text"] for e in events if e["choices"])
 
 
+async def test_a_generation_is_traced_as_on_the_other_node_with_llama_servers_own_phases(
+    upstream: LlamaServer,
+) -> None:
+    """Under the router's node call (its `traceparent`): the node's SERVER span, and queue, prefill and decode as
+    llama-server timed them, in order, with its token counts."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from llamakit.node.llama_server_app import create_app
+    from llamakit.telemetry import Tracing
+
+    exporter = InMemorySpanExporter()
+    settings = NodeSettings(
+        llama_server=upstream.url, llama_server_api_key=upstream.api_key, herd_token=HERD_TOKEN, name="ls-traced"
+    )
+    server = await RunningServer(create_app(settings, tracing=Tracing.to_exporter(exporter, "llamakit-node"))).start()
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            resp = await c.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Name a fruit."}], "max_tokens": 8, "temperature": 0},
+                headers={"Authorization": f"Bearer {HERD_TOKEN}", "traceparent": f"00-{trace_id}-{parent}-01"},
+            )
+        assert resp.status_code == 200, resp.text
+        usage = resp.json()["usage"]
+    finally:
+        await server.stop()
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    request = spans[f"chat {MODEL}"]
+    assert request.kind == SpanKind.SERVER and request.parent is not None
+    assert (f"{request.context.trace_id:032x}", f"{request.parent.span_id:016x}") == (trace_id, parent)
+    attributes = dict(request.attributes or {})
+    assert attributes["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
+    assert attributes["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+    assert attributes["llamakit.node"] == "ls-traced" and attributes["http.response.status_code"] == 200
+    phases = [spans[name] for name in ("llamakit.node.queue", "llamakit.node.prefill", "llamakit.node.decode")]
+    for phase in phases:
+        assert phase.parent is not None and phase.parent.span_id == request.context.span_id
+    times = [(p.start_time or 0, p.end_time or 0) for p in phases]
+    assert request.start_time == times[0][0] and all(start <= end for start, end in times)
+    assert times[0][1] == times[1][0] and times[1][1] == times[2][0]  # each phase ends where the next begins
+    assert times[2][1] <= (request.end_time or 0)
+    assert dict(phases[2].attributes or {})["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
+
+
 async def test_fields_pass_through_to_llama_server(client: httpx.AsyncClient) -> None:
     chosen = await client.post(
         "/v1/completions",
