@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +343,7 @@ class Supervisor:
             else:
                 self.starts += 1
                 self.last_exit = None
+                self.tail.clear()  # the output told on an exit is this run's alone
                 log.info(
                     "%s llama-server (pid %d): %s",
                     "started" if self.starts == 1 else f"restarted ({self.restarts})",
@@ -355,7 +356,10 @@ class Supervisor:
                 if self._stopping:
                     break
                 ran = time.monotonic() - began
-                self.last_exit = f"llama-server (pid {self.process.pid}) exited with {_exit_text(code)}"
+                said = _last_error(self.tail)
+                self.last_exit = f"llama-server (pid {self.process.pid}) exited with {_exit_text(code)}" + (
+                    f": {said}" if said else ""
+                )
                 if self.on_exit is not None:
                     self.on_exit(self.last_exit)
                 log.warning(
@@ -402,6 +406,17 @@ class Supervisor:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _last_error(lines: Iterable[str]) -> str | None:
+    """The last line of llama-server's output that tells an error (`error: invalid argument: --x`, `failed to
+    load model`), for the node's /health to say why it exited; None when none does."""
+    said = None
+    for line in lines:
+        lowered = line.lower()
+        if "error" in lowered or "failed" in lowered or "invalid" in lowered:
+            said = line.strip()[:300]
+    return said
 
 
 def _exit_text(code: int) -> str:

@@ -464,6 +464,26 @@ async def test_a_supervised_llama_server_is_restarted_when_it_dies_and_stopped_w
         os.kill(second, 0)
 
 
+async def test_a_supervised_llama_server_that_cannot_start_says_why_on_health() -> None:
+    binary = llama_server_or_skip()
+    from llamakit.node.llama_server_app import create_app
+
+    settings = NodeSettings(
+        llama_server_bin=binary,
+        model=MODEL,
+        llama_server_args=("--no-such-flag",),
+        herd_token=HERD_TOKEN,
+        name="sup-bad",
+    )
+    node = await RunningServer(create_app(settings)).start()
+    try:
+        async with httpx.AsyncClient(base_url=node.url, timeout=60) as c:
+            health = await _until(c, lambda h: h["status"] == "error" and "exited" in (h["error"] or ""))
+    finally:
+        await node.stop()
+    assert "--no-such-flag" in health["error"], health["error"]
+
+
 async def _until(c: httpx.AsyncClient, ok: Any) -> dict[str, Any]:
     for _ in range(1500):
         health: dict[str, Any] = (await c.get("/health")).json()
