@@ -1277,7 +1277,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--cold",
         action="store_true",
-        help="a prompt no contender has in its cache for every request (16 variants in turn), instead of the same one",
+        help="a prompt no contender has in its cache for every request (after a number counted once per run), "
+        "instead of the same one",
     )
     concurrency.add_argument(
         "--max-other-cores",

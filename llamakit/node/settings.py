@@ -33,7 +33,12 @@ class NodeSettings(ServingSettings):
     )
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8081, ge=0, le=65535, description="port to listen on (0 picks a free one)")
-    slots: int = Field(2, ge=1, le=64, description="requests served at once, one llama.cpp context each")
+    slots: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="requests served at once: a sequence each of one llama.cpp context (batched), a context each",
+    )
     threads: int = Field(
         default_factory=available_cores,
         ge=1,
