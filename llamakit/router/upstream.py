@@ -143,7 +143,9 @@ class Upstream:
         error = payload.get("error") if isinstance(payload, dict) else None
         if resp.status == 503 and isinstance(error, dict) and error.get("code") == "slots_busy":
             raise _SlotsBusy(str(error.get("message") or "slots busy"))
-        raise NodeFailed(f"node {node.name} answered {resp.status}", down=False)
+        # Its error code, which a client's error may carry (its message is the operator's: it may name hosts).
+        said = f" ({str(error['code'])[:64]})" if isinstance(error, dict) and error.get("code") else ""
+        raise NodeFailed(f"node {node.name} answered {resp.status}{said}", down=False)
 
     async def complete(
         self,

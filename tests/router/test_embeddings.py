@@ -136,6 +136,21 @@ async def test_a_failing_node_is_refunded_in_full(herd: Herd) -> None:
     ).json()
 
 
+async def test_when_every_node_fails_the_error_says_what_the_last_one_answered(herd: Herd) -> None:
+    """A node that cannot embed at all (a llama-server without --embeddings): its error code reaches the client,
+    not "no node right now", which would invite a retry that cannot help; its message (the operator's) does not."""
+    script = Script(fail_status=503, fail_code="embeddings_unavailable", fail_message="start it on 127.0.0.1:9 with")
+    await herd.add_node(FakeNode("n1", script=script))
+    await herd.start(max_attempts=2)
+    alice = await herd.account("alice", 10_000)
+    resp = await alice.post("/v1/embeddings", json={"input": "one two"})
+    assert resp.status_code == 503, resp.text
+    message = resp.json()["error"]["message"]
+    assert "node n1 answered 503 (embeddings_unavailable)" in message and "nothing was charged" in message
+    assert "127.0.0.1" not in message
+    assert (await alice.get("/v1/account")).json()["balance"] == 10_000
+
+
 async def test_embeddings_wait_for_a_slot_in_bid_order_with_other_requests(herd: Herd) -> None:
     gate = asyncio.Event()
     node = await herd.add_node(FakeNode("n1", slots=1, script=Script(gate=gate, tokens=2)))

@@ -105,8 +105,10 @@ class FakeNode:
         body = await request.json()
         self.received.append(body)
         if self.script.fail_status is not None:
-            error = {"message": f"scripted {self.script.fail_status}", "type": "server_error", "code": None}
-            return web.json_response({"error": error}, status=self.script.fail_status)
+            script = self.script
+            message = script.fail_message or f"scripted {script.fail_status}"
+            error = {"message": message, "type": "server_error", "code": script.fail_code}
+            return web.json_response({"error": error}, status=script.fail_status)
         raw = body["input"]
         inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
         if any(isinstance(i, list) and any(t >= FAKE_VOCAB for t in i) for i in inputs):

@@ -122,7 +122,7 @@ async def serve_stream(state: RouterState, request: web.Request, paid: PaidReque
         except (NodeFailed, StreamBroken) as exc:
             paid.trace.end_call(error=exc)
             free_slot(state, paid, node)
-            failed_over(state, node, exc, tried)
+            failed_over(state, paid, node, exc, tried)
             continue
         except BaseException as exc:
             paid.trace.end_call(error=exc)

@@ -114,7 +114,7 @@ async def _serve_whole(
             answer, cut = await _complete_watching(state, request, paid, node, trace)
         except NodeFailed as exc:
             paid.trace.end_call(error=exc)
-            failed_over(state, node, exc, tried)
+            failed_over(state, paid, node, exc, tried)
             if client_gone(request):  # nobody to fail over for
                 raise ClientGone("the client went away") from exc
             continue

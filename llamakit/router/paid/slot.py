@@ -63,7 +63,18 @@ async def take_slot(state: RouterState, request: web.Request | None, paid: PaidR
     RequestTrace.waited); a batch line (no `request`) waits at BATCH_BID, behind every interactive request.
     ClientGone if the client leaves while it waits; the dispatcher's refusals (dispatch.errors) as they come."""
     with paid.trace.span("llamakit.dispatch", {"llamakit.attempt": len(tried) + 1}) as span:
-        node = await _take_slot(state, request, paid, tried)
+        try:
+            node = await _take_slot(state, request, paid, tried)
+        except NoNode as exc:
+            if not paid.node_failure:
+                raise
+            # Every node left failed it: what the last one said tells the client more than "right now" (a node
+            # that cannot serve this kind of request at all, say), and whether to retry.
+            raise NoNode(
+                f"no node that has not failed this request serves {paid.model!r}{_last_said(paid)}; "
+                "nothing was charged",
+                model=exc.model,
+            ) from exc
         if span is not None:
             span.set_attribute("llamakit.node", node.name)
         return node
@@ -139,19 +150,27 @@ def mark_failed(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBrok
     state.dispatch.failed(node)  # every router stops sending it work, not only this one
 
 
-def failed_over(state: RouterState, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]) -> None:
+def failed_over(
+    state: RouterState, paid: PaidRequest, node: HerdNode, exc: NodeFailed | StreamBroken, tried: set[str]
+) -> None:
     """`node` failed the request before its first token: another node gets it."""
     log.warning("%s; trying another node", exc)
     tried.add(node.id)
+    paid.node_failure = str(exc)
     mark_failed(state, node, exc)
 
 
 def no_node_left(state: RouterState, paid: PaidRequest) -> NoNode:
     attempts = state.settings.max_attempts
     return NoNode(
-        f"no node could serve the request for {paid.model!r} after {attempts} attempt(s); nothing was charged",
+        f"no node could serve the request for {paid.model!r} after {attempts} attempt(s)"
+        f"{_last_said(paid)}; nothing was charged",
         model=paid.model,
     )
+
+
+def _last_said(paid: PaidRequest) -> str:
+    return f" (the last: {paid.node_failure})" if paid.node_failure else ""
 
 
 def answer_headers(state: RouterState, paid: PaidRequest, node: HerdNode) -> dict[str, str]:
