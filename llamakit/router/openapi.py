@@ -50,6 +50,7 @@ from llamakit.wire.headers import (
     IDEMPOTENCY_HEADER,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     NODE_HEADER,
+    OVERHEAD_HEADER,
     QUEUE_HEADER,
     REPLAYED_HEADER,
     REQUEST_ID_HEADER,
@@ -90,7 +91,7 @@ _STATUS_TEXT: Final = {
 # Every paid request may be refused so, whatever its route (docs/api.md#errors).
 PAID_ERRORS: Final = (400, 401, 402, 403, 404, 409, 413, 422, 429, 499, 502, 503, 504)
 # The headers of a paid answer (wire/headers.py), whole or streamed.
-_PAID_HEADERS: Final = (REQUEST_ID_HEADER, NODE_HEADER, BID_HEADER, QUEUE_HEADER, CURRENCY_HEADER)
+_PAID_HEADERS: Final = (REQUEST_ID_HEADER, NODE_HEADER, BID_HEADER, QUEUE_HEADER, OVERHEAD_HEADER, CURRENCY_HEADER)
 _COST_HEADERS: Final = (COST_HEADER, COST_CREDITS_HEADER, REPLAYED_HEADER)
 
 

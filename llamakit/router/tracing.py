@@ -16,7 +16,8 @@ The spans of a request, under the caller's trace when it sent a W3C `traceparent
 
 Attributes follow OpenTelemetry's GenAI conventions (`gen_ai.request.model`, `gen_ai.usage.input_tokens` …)
 plus llamakit's own (`llamakit.bid`, `llamakit.credits.held`, `llamakit.credits.charged`, `llamakit.node`,
-`llamakit.account.id`); never an API key or a prompt's text.
+`llamakit.account.id`); never an API key or a prompt's text. After model fallbacks the request's span keeps the
+model asked (its name, `gen_ai.request.model`) and says the one that answered (`gen_ai.response.model`, record.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         NodesScreen,
     )
     from llamakit.tui._serve import DashboardServer, serve_dashboard
+    from llamakit.tui._sign_in_limit import SignInLimit
     from llamakit.tui._source import (
         DrainFailed,
         RouterRefused,
@@ -70,6 +71,7 @@ __all__ = [
     "RouterRefused",
     "RouterStats",
     "RouterUnreachable",
+    "SignInLimit",
     "Stats",
     "StatsError",
     "StatsHistory",
@@ -90,6 +92,7 @@ _LAZY = {
     "DashboardScreen": "_screens",
     "DashboardServer": "_serve",
     "serve_dashboard": "_serve",
+    "SignInLimit": "_sign_in_limit",
     "HelpScreen": "_screens",
     "DrainFailed": "_source",
     "RouterRefused": "_source",

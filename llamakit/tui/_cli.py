@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
 
 from llamakit.tui._config import NotConfigured, resolve_config
+from llamakit.tui._sign_in_limit import MAX_FAILURES, WINDOW_SECONDS
 
 __all__ = ["main", "run_dashboard"]
 
@@ -36,6 +38,22 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of wrong keys is a whole number from 1 up, not {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"a window is a number of seconds over 0, not {text!r}")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llamakit-tui",
@@ -54,6 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     web.add_argument("--host", default="127.0.0.1", help="address of the web page (default 127.0.0.1)")
     web.add_argument("--port", type=_port, default=8000, help="port of the web page (default 8000)")
+    web.add_argument(
+        "--max-sign-in-failures",
+        type=_at_least_one,
+        default=MAX_FAILURES,
+        metavar="N",
+        help=f"wrong admin keys one client address may send in a window, then 429 until it passes "
+        f"(default {MAX_FAILURES})",
+    )
+    web.add_argument(
+        "--sign-in-window",
+        type=_seconds,
+        default=WINDOW_SECONDS,
+        metavar="SECONDS",
+        help=f"the window of --max-sign-in-failures, in seconds (default {WINDOW_SECONDS:g})",
+    )
     return parser
 
 
@@ -74,7 +107,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from llamakit.tui._serve import serve_dashboard
 
         serve_dashboard(
-            url=config.url, admin_key=config.admin_key, interval=config.interval, host=args.host, port=args.port
+            url=config.url,
+            admin_key=config.admin_key,
+            interval=config.interval,
+            host=args.host,
+            port=args.port,
+            max_sign_in_failures=args.max_sign_in_failures,
+            sign_in_window=args.sign_in_window,
         )
         return
     run_dashboard(url=config.url, admin_key=config.admin_key, interval=config.interval)

@@ -9,7 +9,9 @@ The admin key guards every route; a browser signs in once on a small form and th
 - the cookie is a random token that names a session in this process, never the key itself: it is
   `HttpOnly` and `SameSite=Strict` (another site's page cannot make the browser send it), and the
   dashboard's WebSocket also refuses an `Origin` that is not the page's own;
-- `Authorization: Bearer <admin key>` opens every route as well, for curl and for a proxy that adds it.
+- `Authorization: Bearer <admin key>` opens every route as well, for curl and for a proxy that adds it;
+- wrong keys, on the form or as a Bearer, are limited per client address (`SignInLimit`): past the limit the
+  address gets 429 with Retry-After, even for the right key, so that the lockout tells a guesser nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hmac
 import html
 import logging
+import math
 import os
 import re
 import secrets
@@ -28,6 +31,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from textual_serve.server import Server
 from yarl import URL
+
+from llamakit.tui._sign_in_limit import MAX_FAILURES, WINDOW_SECONDS, SignInLimit, client_address
 
 __all__ = ["COOKIE", "SESSION_SECONDS", "DashboardServer", "serve_dashboard"]
 
@@ -58,13 +63,23 @@ input, button {{ font: inherit; padding: 8px; }}
 
 
 class DashboardServer(Server):
-    """textual-serve's server for the dashboard of the router at `url`, every route behind `admin_key`.
+    """textual-serve's server for the dashboard of the router at `url`, every route behind `admin_key`, the wrong
+    keys of each client address limited by `sign_in_limit` (default: 10 in any 5 minutes).
 
     The dashboard processes get the key from the environment (`LLAMAKIT_ADMIN_KEY`), never on their command
     line where `ps` would show it: `serve()` puts it there, and textual-serve hands its environment down.
     """
 
-    def __init__(self, *, url: str, admin_key: str, interval: float = 1.0, host: str, port: int) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        admin_key: str,
+        interval: float = 1.0,
+        host: str,
+        port: int,
+        sign_in_limit: SignInLimit | None = None,
+    ) -> None:
         # `exec`: the dashboard replaces the shell textual-serve starts, so that its parent is this server.
         program = [sys.executable, "-m", "llamakit.tui", "--url", url, "--interval", f"{interval:g}"]
         command = f"exec {shlex.join(program)}"
@@ -72,6 +87,7 @@ class DashboardServer(Server):
         self.router_url = url
         self._admin_key = admin_key
         self._sessions: dict[str, float] = {}  # session token → when it ends (time.monotonic())
+        self.sign_in_limit = sign_in_limit if sign_in_limit is not None else SignInLimit()
 
     async def _make_app(self) -> web.Application:
         # textual-serve's own routes (the page, /ws, /static, /download), every one of them behind the sign-in:
@@ -102,8 +118,14 @@ class DashboardServer(Server):
     async def handle_login(self, request: web.Request) -> web.Response:
         form = await request.post()
         key = form.get("key")
-        if not isinstance(key, str) or not self._is_admin_key(key):
-            return self._sign_in_page("That is not the admin key of this router." if key else "")
+        if not isinstance(key, str) or not key:
+            return self._sign_in_page("")
+        wait = self._locked_out(request)
+        if wait is not None:
+            problem = f"Too many wrong keys from your address: try again in {wait} s."
+            return self._sign_in_page(problem, status=429, headers={"Retry-After": str(wait)})
+        if not self._key_opens(request, key):
+            return self._sign_in_page("That is not the admin key of this router.")
         token = secrets.token_urlsafe(32)
         now = time.monotonic()
         self._sessions = {t: end for t, end in self._sessions.items() if end > now}
@@ -124,10 +146,17 @@ class DashboardServer(Server):
     async def _require_admin_key(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.match_info.route.name == "login":
             return await handler(request)
-        if not (self._has_session(request) or self._has_bearer(request)):
-            if request.method == "GET" and request.path == "/":
-                return self._sign_in_page("")
-            raise web.HTTPUnauthorized(text="sign in with the router's admin key at /\n")
+        if not self._has_session(request):
+            key = bearer_key(request)
+            if key is not None and (wait := self._locked_out(request)) is not None:
+                raise web.HTTPTooManyRequests(
+                    text=f"too many wrong admin keys from this address: try again in {wait} s\n",
+                    headers={"Retry-After": str(wait)},
+                )
+            if key is None or not self._key_opens(request, key):
+                if request.method == "GET" and request.path == "/":
+                    return self._sign_in_page("")
+                raise web.HTTPUnauthorized(text="sign in with the router's admin key at /\n")
         if request.match_info.route.name == "websocket" and not same_origin(request):
             raise web.HTTPForbidden(text="the dashboard's WebSocket answers only its own page\n")
         return await handler(request)
@@ -137,16 +166,46 @@ class DashboardServer(Server):
         end = self._sessions.get(token) if token else None
         return end is not None and end > time.monotonic()
 
-    def _has_bearer(self, request: web.Request) -> bool:
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and self._is_admin_key(key.strip())
+    def _locked_out(self, request: web.Request) -> int | None:
+        """Whole seconds until the request's address may try a key again (the refusal logged at WARNING), or None
+        when it may try one now."""
+        address = client_address(request.remote)
+        wait = self.sign_in_limit.retry_after(address)
+        if wait <= 0:
+            return None
+        seconds = max(math.ceil(wait), 1)
+        limit = self.sign_in_limit
+        log.warning(
+            "refused an admin key from %s: %d wrong keys came from it within %g s; it may try again in %d s",
+            address, limit.max_failures, limit.window, seconds,
+        )  # fmt: skip
+        return seconds
+
+    def _key_opens(self, request: web.Request, key: str) -> bool:
+        """Whether `key` is the admin key; a wrong one counts against the request's address."""
+        if self._is_admin_key(key):
+            return True
+        address = client_address(request.remote)
+        wait = self.sign_in_limit.failed(address)
+        if wait > 0:
+            log.warning(
+                "%s sent %d wrong admin keys within %g s: it may try no key for %d s",
+                address, self.sign_in_limit.max_failures, self.sign_in_limit.window, max(math.ceil(wait), 1),
+            )  # fmt: skip
+        return False
 
     def _is_admin_key(self, key: str) -> bool:
         return hmac.compare_digest(key.encode(), self._admin_key.encode())
 
-    def _sign_in_page(self, problem: str) -> web.Response:
+    def _sign_in_page(self, problem: str, *, status: int = 401, headers: dict[str, str] | None = None) -> web.Response:
         page = SIGN_IN_PAGE.format(router=html.escape(self.router_url), problem=html.escape(problem))
-        return web.Response(status=401, text=page, content_type="text/html")
+        return web.Response(status=status, text=page, content_type="text/html", headers=headers)
+
+
+def bearer_key(request: web.Request) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, or None without one."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else None
 
 
 def origin(request: web.Request) -> URL:
@@ -171,6 +230,17 @@ def same_origin(request: web.Request) -> bool:
         return False
 
 
-def serve_dashboard(*, url: str, admin_key: str, interval: float = 1.0, host: str, port: int) -> None:
-    """Serve the dashboard of the router at `url` as a web page on `host`:`port` until SIGINT or SIGTERM."""
-    DashboardServer(url=url, admin_key=admin_key, interval=interval, host=host, port=port).serve()
+def serve_dashboard(
+    *,
+    url: str,
+    admin_key: str,
+    interval: float = 1.0,
+    host: str,
+    port: int,
+    max_sign_in_failures: int = MAX_FAILURES,
+    sign_in_window: float = WINDOW_SECONDS,
+) -> None:
+    """Serve the dashboard of the router at `url` as a web page on `host`:`port` until SIGINT or SIGTERM, taking
+    at most `max_sign_in_failures` wrong admin keys from one client address in any `sign_in_window` seconds."""
+    limit = SignInLimit(max_failures=max_sign_in_failures, window=sign_in_window)
+    DashboardServer(url=url, admin_key=admin_key, interval=interval, host=host, port=port, sign_in_limit=limit).serve()

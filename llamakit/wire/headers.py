@@ -34,7 +34,8 @@ NODE_HEADER: Final = "X-Llamakit-Node"  # the node that served the answer
 BID_HEADER: Final = "X-Llamakit-Bid"  # the bid (a multiplier ≥ 1), sent by a client or echoed by the router
 QUEUE_HEADER: Final = "X-Llamakit-Queue-Ms"  # milliseconds the request waited for a node slot
 # Milliseconds the router spent on the request itself: its time less the queue wait and the node's time (for a
-# stream, until its first byte; its usage record has the whole stream's). LiteLLM's x-litellm-overhead-duration-ms.
+# stream, until its first byte; its usage record has the whole stream's; for an answer replayed under an idempotency
+# key, the replay's own time). LiteLLM's x-litellm-overhead-duration-ms.
 OVERHEAD_HEADER: Final = "X-Llamakit-Overhead-Ms"
 COST_HEADER: Final = "X-Llamakit-Cost"  # the price in the operator's currency, as exact decimal text
 COST_CREDITS_HEADER: Final = "X-Llamakit-Cost-Credits"  # the integer credits the ledger moved
@@ -59,6 +60,8 @@ HEADER_DESCRIPTIONS: Final = {
     NODE_HEADER: "the node that served the answer",
     BID_HEADER: "the bid, a multiplier from 1 to 1000 on every fee (decimal text, at most 20 decimal places)",
     QUEUE_HEADER: "milliseconds the request waited for a node slot",
+    OVERHEAD_HEADER: "milliseconds the router spent on the request itself, less the queue wait and the node's time "
+    "(a stream's until its first byte; an answer replayed under an Idempotency-Key has the replay's own)",
     COST_HEADER: "the price in the operator's currency, as exact decimal text (a whole answer; a stream's is in "
     "its usage chunk)",
     COST_CREDITS_HEADER: "the integer credits the ledger charged (a whole answer)",

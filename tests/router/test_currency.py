@@ -221,15 +221,16 @@ def test_an_answer_remembered_in_credits_by_an_older_router_is_replayed_with_its
         "body": {"id": "req-1", "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 27}},
         "headers": {"X-Llamakit-Request-Id": "req-1", "X-Llamakit-Cost": "27"},
     }
-    body, headers = recall_answer(Remembered("k", "f", json.dumps(saved)), CreditValue())
+    body, headers = recall_answer(Remembered("k", "f", json.dumps(saved)), CreditValue(), overhead_ms=0.25)
     assert body["usage"] == {
         "prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12, "cost": 2.7e-05, "cost_credits": 27
     }  # fmt: skip
     assert (headers["X-Llamakit-Cost"], headers["X-Llamakit-Cost-Credits"]) == ("0.000027", "27")
+    assert headers["X-Llamakit-Overhead-Ms"] == "0.250"  # the replay's own, which an older answer never had
     # An answer remembered with both is given back as it was, whatever the credit value is now.
     saved["body"]["usage"] |= {"cost": 0.0675, "cost_credits": 27}  # type: ignore[operator]
     saved["headers"] |= {"X-Llamakit-Cost": "0.0675", "X-Llamakit-Cost-Credits": "27"}
-    body, headers = recall_answer(Remembered("k", "f", json.dumps(saved)), CreditValue())
+    body, headers = recall_answer(Remembered("k", "f", json.dumps(saved)), CreditValue(), overhead_ms=0.25)
     assert body["usage"]["cost"] == 0.0675 and headers["X-Llamakit-Cost"] == "0.0675"
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
 
+from llamakit.wire.headers import OVERHEAD_HEADER, REPLAYED_HEADER
 from tests.support.fake_node import FakeNode, Script
 from tests.support.herd import Herd
 
@@ -135,3 +137,51 @@ async def test_a_malformed_key_is_400(herd: Herd) -> None:
     alice = await herd.account("alice", 10_000)
     resp = await alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "x" * 300})
     assert resp.status_code == 400 and "Idempotency-Key" in resp.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", BODY),
+        ("/v1/completions", {**BODY, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}),
+        ("/v1/embeddings", {"input": "one two"}),
+        ("/v1/responses", {"input": "one"}),
+        ("/v1/responses", {"input": "one", "stream": True}),
+    ],
+    ids=["completion", "completion-stream", "chat", "chat-stream", "embeddings", "response", "response-stream"],
+)
+async def test_a_replayed_answer_carries_the_routers_overhead_on_the_replay(
+    herd: Herd, path: str, body: dict[str, object]
+) -> None:
+    # Every paid answer says the router's own time, so that a client or dashboard reading it never finds it missing.
+    node = await herd.add_node(FakeNode("n1", script=Script(tokens=3)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    first = await alice.post(path, json=body, headers={"Idempotency-Key": "timed"})
+    again = await alice.post(path, json=body, headers={"Idempotency-Key": "timed"})
+    assert first.status_code == again.status_code == 200
+    assert again.headers[REPLAYED_HEADER] == "true" and len(node.received) == 1
+    assert float(again.headers[OVERHEAD_HEADER]) >= 0
+    assert float(first.headers[OVERHEAD_HEADER]) >= 0
+
+
+async def test_a_repeat_waiting_for_the_first_does_not_count_the_wait_as_overhead(herd: Herd) -> None:
+    gate = asyncio.Event()
+    node = await herd.add_node(FakeNode("n1", slots=4, script=Script(tokens=3, gate=gate)))
+    await herd.start()
+    alice = await herd.account("alice", 10_000)
+    first = asyncio.create_task(alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "k"}))
+    while not node.received:
+        await asyncio.sleep(0.01)
+    asked = time.monotonic()
+    second = asyncio.create_task(alice.post("/v1/completions", json=BODY, headers={"Idempotency-Key": "k"}))
+    await asyncio.sleep(0.3)  # the repeat waits for the first all this time
+    gate.set()
+    await first
+    again = await second
+    waited_ms = (time.monotonic() - asked) * 1000
+    assert again.headers[REPLAYED_HEADER] == "true"
+    # Its overhead is the router's own work on the repeat, not the time the first one took.
+    assert float(again.headers[OVERHEAD_HEADER]) < waited_ms / 2

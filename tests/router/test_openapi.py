@@ -11,7 +11,14 @@ from openapi_spec_validator import validate
 
 from llamakit.router import RouterSettings, create_app
 from llamakit.router.openapi import openapi_document, routes_of
-from llamakit.wire.headers import BID_HEADER, COST_CREDITS_HEADER, IDEMPOTENCY_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import (
+    BID_HEADER,
+    COST_CREDITS_HEADER,
+    IDEMPOTENCY_HEADER,
+    OVERHEAD_HEADER,
+    REPLAYED_HEADER,
+    REQUEST_ID_HEADER,
+)
 from tests.support.fake_node import FakeNode
 from tests.support.herd import Herd
 
@@ -79,6 +86,13 @@ def test_bodies_answers_errors_streams_and_headers_come_from_the_models(document
     chunk_or_error = sse["properties"]["data"]["anyOf"][1]["contentSchema"]["anyOf"]
     assert chunk_or_error == [{"$ref": f"#/components/schemas/{n}"} for n in ("ChatCompletionChunk", "ErrorBody")]
     assert {REQUEST_ID_HEADER, COST_CREDITS_HEADER, "x-request-id"} <= set(ok["headers"])
+    # Every paid answer, a replayed one too, says the router's own time on it.
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            if any(p["name"] == IDEMPOTENCY_HEADER for p in operation.get("parameters", ())):
+                paid_headers = operation["responses"]["200"]["headers"]
+                assert {OVERHEAD_HEADER, REPLAYED_HEADER} <= set(paid_headers), (method, path)
+    assert "replayed" in ok["headers"][OVERHEAD_HEADER]["description"]
     assert {p["name"] for p in chat["parameters"]} == {BID_HEADER, IDEMPOTENCY_HEADER}
     for status in ("400", "401", "402", "429", "503"):
         assert chat["responses"][status]["$ref"] == "#/components/responses/Error"

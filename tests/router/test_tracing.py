@@ -9,12 +9,14 @@ import sys
 from typing import Any
 
 import httpx
+import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from llamakit.telemetry import Tracing
-from llamakit.wire.headers import OVERHEAD_HEADER, REQUEST_ID_HEADER
+from llamakit.wire.headers import OVERHEAD_HEADER, PASSED_OVER_HEADER, REQUEST_ID_HEADER
+from tests.router.test_model_fallbacks import ASK, two_models
 from tests.support.fake_node import FakeNode, Script
 from tests.support.herd import Herd
 
@@ -155,6 +157,46 @@ async def test_a_refused_request_ends_its_span_with_the_error(herd: Herd) -> Non
     (root,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert root.attributes["http.response.status_code"] == 404
     assert root.attributes["error.type"] == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_after_a_fallback_the_spans_say_which_model_answered(herd: Herd, stream: bool) -> None:
+    # `big`'s node fails before the first token: `small`, the next of the request's models, serves it.
+    exporter = InMemorySpanExporter()
+    await two_models(herd, Script(fail_status=500), tracing=Tracing.to_exporter(exporter, "llamakit-router"))
+    alice = await herd.account("alice", 1_000_000)
+    resp = await alice.post("/v1/completions", json={**ASK, "models": ["big", "small"], "stream": stream})
+    assert resp.status_code == 200 and resp.headers[PASSED_OVER_HEADER] == "big=no_node"
+    spans = await finished_trace(exporter, resp.headers[REQUEST_ID_HEADER])
+    named = by_name(spans)
+    # The request's span: named after the model asked and keeping it; the model that answered is the response's.
+    root = named["text_completion big/SERVER"].attributes
+    assert root["gen_ai.request.model"] == "big" and root["gen_ai.response.model"] == "small"
+    assert root["llamakit.node"] == "s1" and root["llamakit.passed_over"] == "big=no_node"
+    # Each node call is the model it asked for: big's failed and answered nothing, small's answered.
+    failed, served = named["text_completion big/CLIENT"], named["text_completion small/CLIENT"]
+    assert failed.attributes["gen_ai.request.model"] == "big" and "gen_ai.response.model" not in failed.attributes
+    assert failed.attributes["error.type"] == "NodeFailed"
+    assert served.attributes["gen_ai.request.model"] == served.attributes["gen_ai.response.model"] == "small"
+    # Each dispatch says the model it found a node for, in order: big's node, none of big's left, small's node.
+    dispatches = sorted((s for s in spans if s.name == "llamakit.dispatch"), key=lambda s: s.start_time or 0)
+    assert [(d.attributes["llamakit.model"], d.attributes.get("llamakit.node")) for d in dispatches] == [
+        ("big", "b1"),
+        ("big", None),
+        ("small", "s1"),
+    ]
+
+
+async def test_a_request_no_model_answered_has_no_response_model_on_its_span(herd: Herd) -> None:
+    exporter = InMemorySpanExporter()
+    await two_models(herd, tracing=Tracing.to_exporter(exporter, "llamakit-router"))
+    alice = await herd.account("alice", 1_000_000)
+    resp = await alice.post("/v1/completions", json={**ASK, "models": ["ghost", "ghost2"]})
+    assert resp.status_code == 503
+    spans = await finished_trace(exporter, resp.headers[REQUEST_ID_HEADER])
+    root = by_name(spans)["text_completion ghost/SERVER"].attributes
+    assert root["gen_ai.request.model"] == "ghost" and "gen_ai.response.model" not in root
+    assert root["error.type"] == "no_node" and root["llamakit.passed_over"] == "ghost=no_node"
 
 
 def test_without_otel_variables_nothing_of_opentelemetry_is_imported() -> None:

@@ -4,12 +4,14 @@ idempotency keys and herd-wide figures."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
 from llamakit.router.dispatch.cluster import Cluster
 from llamakit.router.ledger import Remembered
 from llamakit.router.state import STATE
+from llamakit.wire.headers import OVERHEAD_HEADER, REPLAYED_HEADER
 from tests.scaleout.conftest import Routers
 from tests.support.fake_node import FakeNode, Script
 
@@ -87,13 +89,18 @@ async def test_an_idempotent_retry_at_another_router_gets_the_stored_answer(rout
     later = await routers.client(b, key).post("/v1/completions", json=body, headers=headers)
     assert later.status_code == 200 and later.headers["Idempotent-Replayed"] == "true"
     assert later.json()["id"] == first.json()["id"]
+    assert float(later.headers[OVERHEAD_HEADER]) >= 0  # the replay's own time
     # Two at once at two routers: one runs, the other waits for it and gets the same answer.
+    asked = time.monotonic()
     both = await asyncio.gather(
         routers.client(b, key).post("/v1/completions", json=body, headers={"Idempotency-Key": "k-2"}),
         routers.client(c, key).post("/v1/completions", json=body, headers={"Idempotency-Key": "k-2"}),
     )
+    took_ms = (time.monotonic() - asked) * 1000
     assert [r.status_code for r in both] == [200, 200]
     assert both[0].json()["id"] == both[1].json()["id"]
+    (replayed,) = [r for r in both if r.headers.get(REPLAYED_HEADER) == "true"]
+    assert float(replayed.headers[OVERHEAD_HEADER]) < took_ms / 2  # its wait for the first is not its overhead
     assert len(node.received) == 2  # one generation per key
 
 

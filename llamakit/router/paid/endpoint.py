@@ -42,11 +42,12 @@ class Order:
 
     - `quote(claim, trace)` holds the most it can cost and returns the PaidRequest (its `present` and `open_sse`
       say how the answer reaches the client), timed and traced by `trace`;
-    - `replay(remembered)` answers a repeat under the same idempotency key with the answer remembered.
+    - `replay(remembered, trace)` answers a repeat under the same idempotency key with the answer remembered,
+      its `X-Llamakit-Overhead-Ms` the router's own time on the repeat as `trace` tells it.
     """
 
     quote: Callable[[Claim | None, RequestTrace], Awaitable[PaidRequest]]
-    replay: Callable[[Remembered], Awaitable[web.StreamResponse]]
+    replay: Callable[[Remembered, RequestTrace], Awaitable[web.StreamResponse]]
 
 
 async def paid_call(
@@ -95,7 +96,9 @@ async def _paid_call(
     try:
         data = parse_json(await request.read())
         placed = order(caller, data)
-        return await once(request, state.idempotency, caller.account.id, path, run=run, replay=placed.replay)
+        return await once(
+            request, state.idempotency, caller.account.id, path, trace=trace, run=run, replay=placed.replay
+        )
     except Exception as exc:
         answer = http_error(exc)
         if answer is not None and not held and answer.status in RECORDED_REFUSALS:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -27,10 +28,18 @@ from aiohttp import web
 from llamakit.money.currency import CreditValue
 from llamakit.router.ledger import Ledger, Remembered
 from llamakit.router.pricing import cost_headers
+from llamakit.router.tracing import RequestTrace
 from llamakit.web import SseWriter, json_response
 from llamakit.wire.completions import Usage, chat_chunk_body, completion_chunk_body
 from llamakit.wire.errors import ApiError
-from llamakit.wire.headers import COST_CREDITS_HEADER, COST_HEADER, IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
+from llamakit.wire.headers import (
+    COST_CREDITS_HEADER,
+    COST_HEADER,
+    IDEMPOTENCY_HEADER,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    OVERHEAD_HEADER,
+    REPLAYED_HEADER,
+)
 
 __all__ = [
     "Claim",
@@ -138,8 +147,11 @@ class Idempotency:
             )
         return key
 
-    async def claim(self, account_id: int, key: str, print_: Fingerprint) -> Claim | Remembered:
-        """A claim to run the request, or the answer of the request that already ran under `key`."""
+    async def claim(
+        self, account_id: int, key: str, print_: Fingerprint, trace: RequestTrace | None = None
+    ) -> Claim | Remembered:
+        """A claim to run the request, or the answer of the request that already ran under `key`. The time a repeat
+        waits for the first request under its key is counted in `trace.waited` (not the router's own time)."""
         while True:
             remembered = await self.ledger.recall(account_id, key)
             if remembered is not None:
@@ -151,7 +163,10 @@ class Idempotency:
                 return Claim(account_id, key, print_)
             self._check(running[0].value, print_)
             # The first attempt is still running: wait for it, then look again (it may have failed).
+            asked = time.monotonic()
             await asyncio.shield(running[1])
+            if trace is not None:
+                trace.waited += time.monotonic() - asked
 
     def release(self, claim: Claim) -> None:
         """The request under `claim` has ended, settled or not: let any waiting repeat look again."""
@@ -166,8 +181,11 @@ class Idempotency:
             )
 
 
-def recall_answer(remembered: Remembered, money: CreditValue) -> tuple[dict[str, Any], dict[str, str]]:
-    """The remembered answer's body and headers, with the usage and cost the first answer had.
+def recall_answer(
+    remembered: Remembered, money: CreditValue, *, overhead_ms: float
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The remembered answer's body and headers, with the usage and cost the first answer had, marked replayed and
+    with `overhead_ms` (the router's own time on the replay, in milliseconds) as its `X-Llamakit-Overhead-Ms`.
 
     An answer remembered by a router older than prices in a currency has `usage.cost` and `X-Llamakit-Cost`
     in credits: those become `cost_credits` and `X-Llamakit-Cost-Credits`, and `cost` the price at today's
@@ -175,7 +193,11 @@ def recall_answer(remembered: Remembered, money: CreditValue) -> tuple[dict[str,
     """
     saved = json.loads(remembered.response)
     body: dict[str, Any] = saved["body"]
-    headers: dict[str, str] = {**saved["headers"], "Idempotent-Replayed": "true"}
+    headers: dict[str, str] = {
+        **saved["headers"],
+        REPLAYED_HEADER: "true",
+        OVERHEAD_HEADER: f"{overhead_ms:.3f}",  # the replay's, never the first answer's
+    }
     usage = body.get("usage")
     if isinstance(usage, dict) and "cost_credits" not in usage and isinstance(usage.get("cost"), int):
         usage.update(money.cost_fields(usage["cost"]))
@@ -195,19 +217,21 @@ async def once(
     account_id: int,
     path: str,
     *,
+    trace: RequestTrace,
     run: Callable[[Claim | None], Awaitable[web.StreamResponse]],
-    replay: Callable[[Remembered], Awaitable[web.StreamResponse]],
+    replay: Callable[[Remembered, RequestTrace], Awaitable[web.StreamResponse]],
 ) -> web.StreamResponse:
     """Every paid endpoint's idempotency, in one place: without an `Idempotency-Key`, `run(None)`; with one, the
-    remembered answer of the request that ran under it (`replay`), or the right to run it (`run(claim)`, whose
-    settlement remembers the answer), waiting while a first request under the key still runs. 400 for a key
-    that is not 1–255 printable ASCII characters; KeyReused when the key was used for another request."""
+    remembered answer of the request that ran under it (`replay(remembered, trace)`, which tells the router's own
+    time from `trace`), or the right to run it (`run(claim)`, whose settlement remembers the answer), waiting
+    while a first request under the key still runs (a wait `trace` counts as not the router's own time). 400 for a
+    key that is not 1–255 printable ASCII characters; KeyReused when the key was used for another request."""
     key = Idempotency.key_of(request)
     if key is None:
         return await run(None)
-    claimed = await idempotency.claim(account_id, key, fingerprint(path, await request.read()))
+    claimed = await idempotency.claim(account_id, key, fingerprint(path, await request.read()), trace)
     if isinstance(claimed, Remembered):
-        return await replay(claimed)
+        return await replay(claimed, trace)
     try:
         return await run(claimed)
     finally:
@@ -215,10 +239,17 @@ async def once(
 
 
 async def replay(
-    request: web.Request, remembered: Remembered, money: CreditValue, *, stream: bool, include_usage: bool
+    request: web.Request,
+    remembered: Remembered,
+    money: CreditValue,
+    *,
+    trace: RequestTrace,
+    stream: bool,
+    include_usage: bool,
 ) -> web.StreamResponse:
-    """Answer a repeat with the remembered answer, whole or as a stream, as the repeat asks."""
-    body, headers = recall_answer(remembered, money)
+    """Answer a repeat with the remembered answer, whole or as a stream, as the repeat asks; its
+    `X-Llamakit-Overhead-Ms` is the router's own time on the repeat (`trace`) until its headers go out."""
+    body, headers = recall_answer(remembered, money, overhead_ms=trace.overhead_ms())
     if not stream:
         return json_response(body, headers=headers)
     sse = await SseWriter.open(request, without_cost_headers(headers))

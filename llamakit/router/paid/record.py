@@ -141,10 +141,11 @@ def finished(
 
 
 def _span_attributes(record: dict[str, Any]) -> dict[str, str | int | float | bool]:
-    """A finished request's outcome on its span: GenAI's usage attributes and llamakit's own."""
+    """A finished request's outcome on its span: GenAI's usage attributes and llamakit's own. Its
+    `gen_ai.response.model` is the model that answered (after model fallbacks, not the one asked first, which
+    `gen_ai.request.model` keeps), and absent when none did: a request refunded before a node served it."""
     attributes: dict[str, str | int | float | bool] = {
         "gen_ai.response.id": record["request_id"],
-        "gen_ai.response.model": record["model"],
         "gen_ai.usage.input_tokens": record["prompt_tokens"],
         "gen_ai.usage.output_tokens": record["completion_tokens"],
         "llamakit.credits.charged": record["cost_credits"],
@@ -153,6 +154,8 @@ def _span_attributes(record: dict[str, Any]) -> dict[str, str | int | float | bo
     if record["cached_tokens"]:
         attributes["llamakit.usage.cached_tokens"] = record["cached_tokens"]
         attributes["llamakit.credits.cache_discount"] = record["cache_discount_credits"]
+    if record["node"] is not None:  # a node answered, for the model the record names
+        attributes["gen_ai.response.model"] = record["model"]
     if record["passed_over"]:
         attributes["llamakit.passed_over"] = ", ".join(f"{p['model']}={p['reason']}" for p in record["passed_over"])
     for key in ("node", "queue_ms", "overhead_ms"):

@@ -62,7 +62,9 @@ async def take_slot(state: RouterState, request: web.Request | None, paid: PaidR
     request waits ahead, else after waiting in the bid queue (time that is not the router's own: see
     RequestTrace.waited); a batch line (no `request`) waits at BATCH_BID, behind every interactive request.
     ClientGone if the client leaves while it waits; the dispatcher's refusals (dispatch.errors) as they come."""
-    with paid.trace.span("llamakit.dispatch", {"llamakit.attempt": len(tried) + 1}) as span:
+    # The model it is dispatched for: after a fallback, the next of its `models`, not the one its span asked.
+    attributes: dict[str, AttributeValue] = {"llamakit.attempt": len(tried) + 1, "llamakit.model": paid.model}
+    with paid.trace.span("llamakit.dispatch", attributes) as span:
         try:
             node = await _take_slot(state, request, paid, tried)
         except NoNode as exc:

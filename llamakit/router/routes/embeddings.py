@@ -39,8 +39,9 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
             return await quote_embeddings(state, request, caller, req, data, claim, trace)
 
-        async def again(remembered: Remembered) -> web.StreamResponse:
-            return await replay(request, remembered, state.settings.money, stream=False, include_usage=False)
+        async def again(remembered: Remembered, trace: RequestTrace) -> web.StreamResponse:
+            money = state.settings.money
+            return await replay(request, remembered, money, trace=trace, stream=False, include_usage=False)
 
         return Order(quote=quote, replay=again)
 

@@ -73,9 +73,11 @@ def _generation(
         async def quote(claim: Claim | None, trace: RequestTrace) -> PaidRequest:
             return await quote_generation(state, request, caller, req, data, path, claim, trace)
 
-        async def again(remembered: Remembered) -> web.StreamResponse:
+        async def again(remembered: Remembered, trace: RequestTrace) -> web.StreamResponse:
             money = state.settings.money
-            return await replay(request, remembered, money, stream=req.stream, include_usage=req.include_usage)
+            return await replay(
+                request, remembered, money, trace=trace, stream=req.stream, include_usage=req.include_usage
+            )
 
         return Order(quote=quote, replay=again)
 

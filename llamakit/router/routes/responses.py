@@ -118,8 +118,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
             _present_as_response(paid, req)
             return paid
 
-        async def again(remembered: Remembered) -> web.StreamResponse:
-            return await _replay(request, state, req, remembered)
+        async def again(remembered: Remembered, trace: RequestTrace) -> web.StreamResponse:
+            return await _replay(request, state, req, remembered, trace)
 
         return Order(quote=quote, replay=again)
 
@@ -165,10 +165,10 @@ async def retrieve(request: web.Request) -> web.Response:
 
 
 async def _replay(
-    request: web.Request, state: RouterState, req: ResponsesRequest, remembered: Remembered
+    request: web.Request, state: RouterState, req: ResponsesRequest, remembered: Remembered, trace: RequestTrace
 ) -> web.StreamResponse:
     """A repeat's answer: the remembered chat answer in the Responses shape, whole or streamed as it asks."""
-    answer, headers = recall_answer(remembered, state.settings.money)
+    answer, headers = recall_answer(remembered, state.settings.money, overhead_ms=trace.overhead_ms())
     response_id = _response_id(str(answer.get("id", "")))
     if not req.stream:
         response = _with_passed_over(response_from_chat(req, answer, response_id=response_id), answer)

@@ -12,6 +12,7 @@ from llamakit.router.dispatch.cluster._base import (
 )
 from llamakit.router.ledger import Ledger, Remembered
 from llamakit.router.paid.idempotency import Claim, Fingerprint, Idempotency, KeyInUse
+from llamakit.router.tracing import RequestTrace
 
 if TYPE_CHECKING:
     from llamakit.router.dispatch.cluster import Cluster
@@ -31,7 +32,9 @@ class ClusterIdempotency(Idempotency):
         super().__init__(ledger)
         self.cluster = cluster
 
-    async def claim(self, account_id: int, key: str, print_: Fingerprint) -> Claim | Remembered:
+    async def claim(
+        self, account_id: int, key: str, print_: Fingerprint, trace: RequestTrace | None = None
+    ) -> Claim | Remembered:
         """As Idempotency.claim; a repeat polls (every CLAIM_POLL_SECONDS, slowing to a second) for at most
         CLAIM_WAIT_SECONDS, then gets 409 `idempotency_key_in_use`: a client that left does not poll forever."""
         pool = self.cluster._db()
@@ -63,7 +66,10 @@ class ClusterIdempotency(Idempotency):
                     f"a request with this Idempotency-Key has been running for {CLAIM_WAIT_SECONDS:.0f} s; "
                     "retry later to get its answer"
                 )
+            asked = time.monotonic()
             await asyncio.sleep(pause)
+            if trace is not None:  # waiting for the first request is not the router's own time
+                trace.waited += time.monotonic() - asked
             pause = min(pause * 1.5, 1.0)
 
     def release(self, claim: Claim) -> None:
