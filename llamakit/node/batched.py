@@ -77,6 +77,7 @@ class _Sequence:
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[], None] | None = None
+    on_admitted: Callable[[int], None] | None = None  # told `reused` once it is known (see LoadedModel.generate)
     logprobs: list[TokenLogprob] | None = None  # where each sampled token's logprobs go, when asked for
     admitted_ns: int = 0  # when the decode loop took it in, and sampled its first token (epoch ns; for traces)
     first_token_ns: int = 0
@@ -180,6 +181,7 @@ class BatchedModel(LoadedModel):
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        on_admitted: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         seq = _Sequence(
             seq_id=slot,
@@ -189,6 +191,7 @@ class BatchedModel(LoadedModel):
             cancel=cancel,
             started=time.perf_counter(),
             on_progress=on_progress,
+            on_admitted=on_admitted,
             logprobs=logprobs if job.logprobs is not None else None,
         )
         with self._wake:
@@ -285,6 +288,11 @@ class BatchedModel(LoadedModel):
         seq.cached = prompt[:keep]
         seq.reused = keep
         seq.prompt_left = prompt[keep:]
+        if seq.on_admitted is not None:  # once per request, before its first token can be sampled
+            try:
+                seq.on_admitted(keep)
+            except Exception:  # the request's own bookkeeping: it must not stop the loop that serves every slot
+                log.exception("on_admitted failed")
 
     def _step(self, running: list[_Sequence]) -> list[_Sequence]:
         """One decode of every running sequence; returns the sequences still running after it."""

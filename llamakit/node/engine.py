@@ -287,6 +287,7 @@ class LoadedModel:
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        on_admitted: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         """Generate on `slot`, calling `on_text(piece, completion_tokens_so_far)` as soon as a piece of text is
         whole (a piece can hold several tokens: UTF-8 sequences and held-back stop prefixes). Stops at an
@@ -294,7 +295,9 @@ class LoadedModel:
         counted are the tokens sampled and delivered, the end-of-generation token excluded. `on_progress()` is
         called after each decode that advanced this request (a token, or a chunk of its prompt): the proof of
         life a node sends its router while an answer takes long. With `job.logprobs` set, one TokenLogprob per
-        counted token is appended to `logprobs` before the text that holds the token is handed on."""
+        counted token is appended to `logprobs` before the text that holds the token is handed on.
+        `on_admitted(cached_tokens)` is called once, before any text, with how many prompt tokens the slot's cache
+        held (the result's `cached_tokens`): a stream's running counts carry it from its first token on."""
         raise NotImplementedError
 
     # --- preparing a request (any thread; tokenizing only reads the vocabulary) ---
@@ -507,6 +510,7 @@ class SimpleModel(LoadedModel):
         cancel: threading.Event,
         on_progress: Callable[[], None] | None = None,
         logprobs: list[TokenLogprob] | None = None,
+        on_admitted: Callable[[int], None] | None = None,
     ) -> GenerationResult:
         llama = self.contexts[slot]
         if self._salts[slot] != job.cache_salt:  # another tenant's cells: its prefix is not this request's to reuse
@@ -517,6 +521,8 @@ class SimpleModel(LoadedModel):
         output = TextOutput(self, job, on_text)
         # What Llama.generate will keep of its cache: the prefix it shares with the prompt but its last token.
         cached = shared_prefix(llama._input_ids[: llama.n_tokens].tolist(), job.prompt_tokens[:-1])
+        if on_admitted is not None:
+            on_admitted(cached)
         started = time.perf_counter()
         admitted_ns, first_token_ns = time.time_ns(), 0
         cancelled = False

@@ -736,7 +736,8 @@ class _Generation:
                     assert isinstance(chunk, Chunk)
                     if not chunk.text:
                         continue  # the role, the prompt's progress, the finish: their tokens, if any, go later
-                    counts = TokenCounts(self.prompt_tokens, self.completion_tokens)
+                    # llama-server's `timings.cache_n` (timings_per_token): the prompt tokens its slot's cache held.
+                    counts = TokenCounts(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
                     for piece in answer.piece(chunk.text, len(self.logprobs)):
                         # What a router charges for when the stream is cut before its usage (see wire.node).
                         await sse.send(with_counts(piece, counts))
@@ -747,7 +748,7 @@ class _Generation:
             if self.stop.is_set() and self._client_gone():
                 raise ConnectionResetError("the client closed the stream")
             result = self.result()
-            counts = TokenCounts(result.prompt_tokens, result.completion_tokens)
+            counts = TokenCounts(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
             for closing in answer.closing(result):
                 if (
                     closing["choices"]

@@ -244,7 +244,9 @@ async def _generate(
         trace.started(request_id, slot.index)
 
     def start(on_text: Callable[[str, int], None]) -> asyncio.Future[GenerationResult]:
-        generate = functools.partial(slot.model.generate, on_progress=run.advanced, logprobs=logprobs)
+        generate = functools.partial(
+            slot.model.generate, on_progress=run.advanced, logprobs=logprobs, on_admitted=run.admitted
+        )
         future = loop.run_in_executor(host.executor, generate, slot.index, job, on_text, cancel)
         # The slot is free only once its thread has stopped, however the request ended.
         future.add_done_callback(lambda f: _finished(host, metrics, route, slot, f, trace))
@@ -314,9 +316,15 @@ class _Run:
         self.keepalive = keepalive
         self.progress = 0  # decodes that advanced this request; bumped on the decode thread
         self._told = 0  # the progress the client last heard of
+        # The prompt tokens the slot's cache held: written on the decode thread before it hands on any text, so
+        # every piece of text the loop takes from the inbox comes after it (one write per request, none per token).
+        self.cached_tokens = 0
 
     def advanced(self) -> None:
         self.progress += 1
+
+    def admitted(self, cached_tokens: int) -> None:
+        self.cached_tokens = cached_tokens
 
     def _client_gone(self) -> bool:
         transport = self.request.transport
@@ -402,7 +410,7 @@ class _Run:
                 text, n_completion = item
                 for chunk in answer.piece(text, n_completion):
                     # What a router charges for when the stream is cut before its usage (see wire.node).
-                    await sse.send(with_counts(chunk, TokenCounts(n_prompt, n_completion)))
+                    await sse.send(with_counts(chunk, TokenCounts(n_prompt, n_completion, self.cached_tokens)))
             try:
                 result = future.result()
             except Exception as exc:
@@ -411,7 +419,7 @@ class _Run:
                 await sse.done()
                 return sse.response
             usage = Usage.of(result.prompt_tokens, result.completion_tokens, cached_tokens=result.cached_tokens)
-            counts = TokenCounts(n_prompt, result.completion_tokens)
+            counts = TokenCounts(n_prompt, result.completion_tokens, result.cached_tokens)
             for chunk in answer.closing(result):
                 if chunk["choices"] and chunk["choices"][0]["delta" if "delta" in chunk["choices"][0] else "text"]:
                     with_counts(chunk, counts)  # a tool call held back until now is a delivery too

@@ -18,7 +18,7 @@ import aiohttp
 from llamakit import jsontext
 from llamakit.router.herd import HerdNode
 from llamakit.wire.headers import CACHE_SALT_HEADER, KEEPALIVE_HEADER, REQUEST_ID_HEADER
-from llamakit.wire.node import split_counts
+from llamakit.wire.node import TokenCounts, split_counts
 
 __all__ = ["EventStream", "NodeFailed", "NodeRejected", "StreamBroken", "Upstream", "parse_event", "token_chunk"]
 
@@ -201,19 +201,16 @@ class Upstream:
         return EventStream(resp, node)
 
 
-def token_chunk(payload: bytes, prefix: bytes) -> tuple[bytes, int, int] | None:
+def token_chunk(payload: bytes, prefix: bytes) -> tuple[bytes, TokenCounts] | None:
     """A token chunk of a node's stream whose JSON starts with `prefix`, as the client gets it (without its
-    `llamakit` counts), and the prompt and completion tokens delivered with it; None for any other event.
+    `llamakit` counts), and the counts delivered with it (prompt, of them cached, and completion tokens); None for
+    any other event.
 
     Found without parsing the JSON: a relay passes the node's bytes on, as many times as there are tokens.
     """
     if not payload.startswith(prefix):
         return None
-    found = split_counts(payload)
-    if found is None:
-        return None
-    chunk, counts = found
-    return chunk, counts.prompt_tokens, counts.completion_tokens
+    return split_counts(payload)
 
 
 def parse_event(node: HerdNode, payload: bytes) -> dict[str, Any]:

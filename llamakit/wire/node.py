@@ -3,15 +3,16 @@ node appends to each token chunk of a stream.
 
 A stream cut by its client is charged "for the tokens generated", before any usage chunk exists: so every token
 chunk a node sends carries, as its last field after `"usage":null`, `"llamakit":{"prompt_tokens":P,
-"completion_tokens":C}`. The router strips the field before the client sees the chunk. `with_counts` writes it
-and `split_counts` finds it at the end of the bytes, so that the router passes the rest on without parsing the
-JSON (the relay does so once per token). Headers are in `llamakit.wire.headers`.
+"completion_tokens":C,"cached_tokens":K}` (K of the P prompt tokens were read from the node's prompt cache, and
+are charged at the cached fee: docs/money.md#cached-prompt-tokens). The router strips the field before the client
+sees the chunk. `with_counts` writes it and `split_counts` finds it at the end of the bytes, so that the router
+passes the rest on without parsing the JSON (the relay does so once per token). A chunk from a node older than
+`cached_tokens` reads as K = 0. Headers are in `llamakit.wire.headers`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel
 
@@ -24,18 +25,27 @@ COUNTS_FIELD = "llamakit"
 _NO_USAGE = b',"usage":null'
 _COUNTS_AT = _NO_USAGE + b',"' + COUNTS_FIELD.encode() + b'":{"prompt_tokens":'
 _COMPLETION_AT = b',"completion_tokens":'
+_CACHED_AT = b',"cached_tokens":'
 _END = b"}}"
 
 
-@dataclass(frozen=True, slots=True)
-class TokenCounts:
-    """What a stream has delivered so far: its prompt tokens and the completion tokens sent up to this chunk."""
+class TokenCounts(NamedTuple):
+    """What a stream has delivered so far: its prompt tokens (`cached_tokens` of them read from the node's prompt
+    cache, known before the first token) and the completion tokens sent up to this chunk.
+
+    A named tuple: a router makes one per token chunk it relays, and one is made in about 0.23 µs where a frozen
+    dataclass of three fields takes 0.4 µs (bench/token_counts.py)."""
 
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
 
 
 def with_counts(chunk: dict[str, Any], counts: TokenCounts) -> dict[str, Any]:
@@ -51,10 +61,12 @@ def split_counts(payload: bytes) -> tuple[bytes, TokenCounts] | None:
     if at < 0 or not payload.endswith(_END):
         return None
     numbers = payload[at + len(_COUNTS_AT) : -len(_END)]
-    prompt, sep, completion = numbers.partition(_COMPLETION_AT)
-    if not sep or not prompt.isdigit() or not completion.isdigit():
+    prompt, sep, rest = numbers.partition(_COMPLETION_AT)
+    completion, cached_sep, cached = rest.partition(_CACHED_AT)
+    if not sep or not prompt.isdigit() or not completion.isdigit() or (cached_sep and not cached.isdigit()):
         return None
-    return payload[: at + len(_NO_USAGE)] + b"}", TokenCounts(int(prompt), int(completion))
+    counts = TokenCounts(int(prompt), int(completion), int(cached) if cached_sep else 0)
+    return payload[: at + len(_NO_USAGE)] + b"}", counts
 
 
 class LlamaServerHealth(BaseModel):

@@ -1,18 +1,23 @@
 """Cached prompt tokens at their own fee with a real node: the count its engine reports (a slot's cells kept from
-the turn before) is what the router charges at the cached fee, and another account's same prompt finds nothing
-of the first's in the cache and pays in full."""
+the turn before) is what the router charges at the cached fee, for a whole answer and for a stream its client cut
+(from the running counts of its token chunks), and another account's same prompt finds nothing of the first's in
+the cache and pays in full."""
 
 from __future__ import annotations
 
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from llamakit.money.fees import FeeSchedule
+from llamakit.router.ledger import Account
+from llamakit.router.paid.request import PaidRequest
 from tests.integration.conftest import ADMIN_KEY, HERD_TOKEN
 from tests.support.servers import RunningServer
 
@@ -86,3 +91,41 @@ async def test_a_real_nodes_cached_tokens_are_charged_at_their_fee_and_only_for_
     bobs = await ask(admin, bob)
     assert bobs["prompt_tokens_details"]["cached_tokens"] == 0 and bobs["cost_credits"] == charge(bobs, 0)
     assert bobs["cost_credits"] > again["cost_credits"]
+
+
+async def test_a_stream_its_client_cut_pays_the_cached_fee_for_the_prefix_the_node_reused(
+    herd: tuple[httpx.AsyncClient, str, str],
+) -> None:
+    admin, alice, _ = herd
+    headers = {"Authorization": f"Bearer {alice}"}
+    long = {"role": "user", "content": "Name every river of Europe you know, one per line."}
+    body = {"messages": [SYSTEM, long], "temperature": 0}
+    warm = await admin.post("/v1/chat/completions", json={**body, "max_tokens": 2}, headers=headers)
+    assert warm.status_code == 200, warm.text
+    read = 0
+    async with admin.stream(
+        "POST", "/v1/chat/completions", json={**body, "max_tokens": 300, "stream": True}, headers=headers
+    ) as resp:
+        request_id = resp.headers["X-Llamakit-Request-Id"]
+        async for line in resp.aiter_lines():
+            read += line.startswith("data: {") and '"content":"' in line and '"content":""' not in line
+            if read == 3:
+                break  # the client cuts the stream after three tokens
+    for _ in range(600):
+        record = next((r for r in (await admin.get("/admin/usage")).json()["data"] if r["request_id"] == request_id),
+                      None)  # fmt: skip
+        if record is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert record is not None and record["status"] == "cut", record
+    prompt, cached, delivered = record["prompt_tokens"], record["cached_tokens"], record["completion_tokens"]
+    assert 3 <= delivered < 300
+    assert cached >= prompt - 2, record  # all of the warm request's prompt but its last token, from the slot
+    paid = PaidRequest(
+        id=request_id, account=Account(1, "alice", "user", 0, 0.0), model=record["model"], path="/v1/chat/completions",
+        body={}, bid=Decimal(1), fees=FeeSchedule.from_dict(FEES), held=record["held"], stream=True,
+        include_usage=False, arrived=0.0,
+    )  # fmt: skip
+    assert record["cost_credits"] == paid.charge(prompt, delivered, cached) == charge(record, cached)
+    assert record["cache_discount_credits"] == paid.charge(prompt, delivered) - paid.charge(prompt, delivered, cached)
+    assert record["cache_discount_credits"] == 3 * cached > 0

@@ -181,6 +181,39 @@ async def test_a_client_that_leaves_a_paid_stream_frees_llama_servers_slot(herd:
     assert before - await balance(herd) == record["cost_credits"] == charge(record)
 
 
+async def test_a_paid_stream_cut_on_llama_server_pays_the_cached_fee_for_what_its_cache_held(
+    herd: MixedHerd,
+) -> None:
+    model = (await herd.admin.get("/health")).json()["models"][0]
+    cheaper = {**FEES, "cached_prompt_token_fee": 1}
+    assert (await herd.admin.put(f"/admin/fees/{model}", json=cheaper)).status_code == 200
+    try:
+        ask = {"prompt": "Letters of the alphabet, in order, " * 8, "grammar": ENDLESS}
+        warm = await herd.api.post("/v1/completions", json={**ask, "max_tokens": 2})
+        assert warm.headers["X-Llamakit-Node"] == LLAMA_SERVER_NODE
+        async with herd.api.stream("POST", "/v1/completions", json={**ask, "max_tokens": 400, "stream": True}) as resp:
+            assert resp.headers["X-Llamakit-Node"] == LLAMA_SERVER_NODE
+            request_id = resp.headers["X-Llamakit-Request-Id"]
+            pieces = 0
+            async for line in resp.aiter_lines():
+                pieces += line.startswith("data: {")
+                if pieces == 3:
+                    break
+        for _ in range(500):
+            record = (await herd.api.get("/v1/account/usage")).json()["data"][0]
+            if record["request_id"] == request_id:
+                break
+            await asyncio.sleep(0.02)
+        assert record["request_id"] == request_id and record["status"] == "cut", record
+        cached = record["cached_tokens"]
+        assert cached >= record["prompt_tokens"] - 2, record  # the warm request's prompt, but its last token
+        fresh = record["prompt_tokens"] - cached
+        assert record["cost_credits"] == 10 + 3 * fresh + 1 * cached + 5 * record["completion_tokens"]
+        assert record["cache_discount_credits"] == 2 * cached
+    finally:
+        assert (await herd.admin.put(f"/admin/fees/{model}", json=FEES)).status_code == 200
+
+
 async def test_a_llama_server_killed_under_a_request_sends_it_to_the_other_node(herd: MixedHerd) -> None:
     before = await balance(herd)
     ask = {"prompt": "Letters:", "max_tokens": 60, "grammar": ENDLESS}

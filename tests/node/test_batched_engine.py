@@ -277,3 +277,22 @@ def test_a_slot_reuses_the_cells_of_its_own_cache_salt_only(
     assert run(model, slot, probe).cached_tokens == 0
     again = job(model, secret, max_tokens=2, temperature=0.0, cache_salt="account-2")
     assert run(model, slot, again).cached_tokens >= len(model.tokenize_text(HISTORY_A)), "its own cells, reused"
+
+
+@pytest.mark.parametrize("engine", ["simple", "batched"])
+def test_the_prompt_tokens_a_slot_reused_are_told_once_before_the_first_text(
+    simple: SimpleModel, batched: BatchedModel, engine: str
+) -> None:
+    """`on_admitted`: how a node's stream carries its cached tokens from its first token on (wire.node)."""
+    model: LoadedModel = simple if engine == "simple" else batched
+    slot = 0 if engine == "simple" else 7
+    run(model, slot, job(model, HISTORY_A, max_tokens=2, temperature=0.0, cache_salt="told"))
+    told: list[tuple[str, int]] = []
+    again = job(model, HISTORY_A + " Its first king was", max_tokens=4, temperature=0.0, cache_salt="told")
+    result = model.generate(
+        slot, again, lambda _text, n: told.append(("text", n)), threading.Event(),
+        on_admitted=lambda cached: told.append(("admitted", cached)),
+    )  # fmt: skip
+    assert result.cached_tokens >= len(model.tokenize_text(HISTORY_A)) - 1
+    assert told[0] == ("admitted", result.cached_tokens) and len(told) > 1
+    assert [t for t in told if t[0] == "admitted"] == [told[0]]

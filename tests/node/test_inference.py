@@ -129,7 +129,7 @@ async def test_token_chunks_carry_their_counts_where_a_router_finds_them_unparse
     tokens = [p for p in payloads if json.loads(p)["choices"] and json.loads(p)["choices"][0]["delta"].get("content")]
     found = [token_chunk(p, b'{"id":"req-counted",') for p in tokens]
     assert tokens and None not in found, "every token chunk is passed on by a router without parsing"
-    completions = [f[2] for f in found if f is not None]
+    completions = [f[1].completion_tokens for f in found if f is not None]
     assert completions == sorted(completions) and completions[-1] <= 6
     assert all(
         json.loads(f[0]) == {k: v for k, v in json.loads(p).items() if k != "llamakit"}

@@ -362,6 +362,27 @@ async def test_a_tenants_cache_is_reused_by_its_own_requests_only(client: httpx.
     assert bob["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
 
+async def test_a_streams_chunks_carry_the_prompt_tokens_llama_servers_cache_held(
+    client: httpx.AsyncClient, node: RunningServer
+) -> None:
+    """llama-server says its slot's cached prompt tokens in every chunk's `timings.cache_n` (timings_per_token),
+    from before the first token: a router charges them at the cached fee should the stream be cut (wire.node)."""
+    ask = {"messages": [{"role": "user", "content": "Tell me about mountains " * 6}], "temperature": 0}
+    carol = {"X-Llamakit-Cache-Salt": "carol"}
+    await client.post("/v1/chat/completions", json={**ask, "max_tokens": 2}, headers=carol)
+    streamed = {**ask, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    async with (
+        spying(node) as seen,
+        client.stream("POST", "/v1/chat/completions", json=streamed, headers=carol) as resp,
+    ):
+        events = [json.loads(line[6:]) for line in [x async for x in resp.aiter_lines()] if line.startswith("data: {")]
+    cached = reported_usage(seen)["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    counts = [e["llamakit"] for e in events if "llamakit" in e]
+    assert counts and all(c["cached_tokens"] == cached for c in counts), counts
+    assert events[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == cached
+
+
 async def test_a_cancel_stops_llama_server_and_the_answer_holds_what_was_made(
     client: httpx.AsyncClient, upstream: LlamaServer
 ) -> None:

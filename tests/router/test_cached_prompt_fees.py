@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from llamakit.money.currency import CreditValue
 from llamakit.money.fees import FeeSchedule, cache_discount, hold_amount, quote, settle_amount
 from llamakit.router.pricing import PriceList
+from llamakit.router.state import STATE
 from tests.router.test_cli import llamakit
 from tests.support.fake_node import FakeNode, Script
 from tests.support.herd import Herd
@@ -33,8 +34,10 @@ AGAIN = 10 + 4 * 3 + 1 * 8 + 2 * 5  # the 8 words cached, 3 prompt tokens fresh:
 SAVED = FIRST - AGAIN  # 24
 
 
-async def cached_herd(herd: Herd, *, fees: dict[str, int] | None = FEES, **settings: Any) -> None:
-    await herd.add_node(FakeNode("n1", script=Script(tokens=5, cache=True)))
+async def cached_herd(
+    herd: Herd, *, fees: dict[str, int] | None = FEES, script: Script | None = None, **settings: Any
+) -> None:
+    await herd.add_node(FakeNode("n1", script=script or Script(tokens=5, cache=True)))
     await herd.start(**settings)
     assert herd.admin is not None
     if fees is not None:
@@ -292,3 +295,81 @@ async def test_the_usage_log_line_says_what_was_cached_and_saved(herd: Herd, tmp
         (0, FIRST, 0), (8, AGAIN, SAVED),
     ]  # fmt: skip
     assert lines[-1]["cache_discount"] == float(CreditValue().price(SAVED)) == float(Decimal(SAVED) / 10**6)
+
+
+# --- streams that end without their usage (cut, broken) and checkpoints: the running counts say what was cached
+
+
+def delivered_charge(completion_tokens: int) -> int:
+    """What PROMPT costs with its 8 words cached and `completion_tokens` delivered: PaidRequest.charge(11, n, 8)."""
+    return 10 + 4 * 3 + 1 * 8 + 2 * completion_tokens
+
+
+async def warmed(herd: Herd, script: Script, **settings: Any) -> httpx.AsyncClient:
+    """alice, whose PROMPT the node's cache holds (she paid FIRST for it)."""
+    await cached_herd(herd, script=script, **settings)
+    alice = await herd.account("alice", 10_000)
+    warm = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})
+    assert warm.json()["usage"]["cost_credits"] == FIRST
+    return alice
+
+
+async def ended(client: httpx.AsyncClient, status: str) -> dict[str, Any]:
+    """The account's latest usage record, once one of `status` is written (a cut stream settles as the router
+    notices the client gone)."""
+    for _ in range(400):
+        records = (await client.get("/v1/account/usage")).json()["data"]
+        if records and records[0]["status"] == status:
+            record: dict[str, Any] = records[0]
+            return record
+        await asyncio.sleep(0.025)
+    raise AssertionError(f"no {status} record: {records}")
+
+
+async def test_a_stream_cut_by_its_client_pays_the_cached_fee_for_its_cached_tokens(herd: Herd) -> None:
+    alice = await warmed(herd, Script(tokens=64, token_delay=0.01, cache=True))
+    body = {"prompt": PROMPT, "max_tokens": 64, "stream": True}
+    async with alice.stream("POST", "/v1/completions", json=body) as resp:
+        read = 0
+        async for line in resp.aiter_lines():
+            read += line.startswith("data: {")
+            if read == 3:
+                break
+    record = await ended(alice, "cut")
+    delivered = record["completion_tokens"]
+    assert 3 <= delivered < 64
+    assert (record["prompt_tokens"], record["cached_tokens"]) == (11, 8)
+    assert record["cost_credits"] == delivered_charge(delivered)  # a finished stream's rule, on what it delivered
+    assert record["cache_discount_credits"] == SAVED  # the 8 cached tokens at 3 credits less each
+    assert (await alice.get("/v1/account")).json()["spent"] == FIRST + delivered_charge(delivered)
+    assert herd.admin is not None
+    stats = (await herd.admin.get("/admin/stats")).json()
+    assert (stats["fees"]["cached_tokens"], stats["fees"]["cache_discount"]) == (8, SAVED)
+    books = await herd.books()
+    assert books["balanced"] and books["holds"] == 0
+
+
+async def test_a_broken_stream_pays_the_cached_fee_for_its_cached_tokens(herd: Herd) -> None:
+    alice = await warmed(herd, Script(tokens=64, die_after=4, cache=True))
+    resp = await alice.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 64, "stream": True})
+    assert sse(resp.text)[-1]["error"]["code"] == "node_failed"
+    record = await ended(alice, "broken")
+    assert (record["prompt_tokens"], record["cached_tokens"], record["completion_tokens"]) == (11, 8, 4)
+    assert (record["cost_credits"], record["cache_discount_credits"]) == (delivered_charge(4), SAVED)
+    assert (await alice.get("/v1/account")).json()["spent"] == FIRST + delivered_charge(4)
+
+
+async def test_a_streams_checkpoints_charge_its_cached_tokens_at_their_fee(herd: Herd) -> None:
+    """What a crash of the router would charge (docs/money.md#a-router-crash) is what a cut would."""
+    alice = await warmed(herd, Script(tokens=10, cache=True), checkpoint_tokens=3, checkpoint_ms=60_000)
+    body = {"prompt": PROMPT, "max_tokens": 10, "stream": True}
+    async with alice.stream("POST", "/v1/completions", json=body) as resp:
+        request_id = resp.headers["X-Llamakit-Request-Id"]
+        assert "data: [DONE]" in [line async for line in resp.aiter_lines()]
+    assert herd.router is not None
+    hold = await herd.router.app[STATE].ledger.find_hold(request_id)
+    assert hold is not None and hold.delivered is not None
+    checkpointed = hold.delivered
+    assert 3 <= checkpointed.completion_tokens <= 9
+    assert (checkpointed.prompt_tokens, checkpointed.cached_tokens, checkpointed.cache_discount) == (11, 8, SAVED)
+    assert checkpointed.charge == delivered_charge(checkpointed.completion_tokens)

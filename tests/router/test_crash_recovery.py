@@ -188,3 +188,35 @@ async def test_a_killed_routers_stream_is_charged_what_it_delivered(
     alice = (await herd.admin.get("/admin/accounts/alice")).json()
     charged = record["cost_credits"]
     assert (alice["balance"], alice["held"], alice["spent"]) == (10_000 - charged, 0, charged)
+
+
+async def test_a_killed_routers_stream_pays_the_cached_fee_for_its_cached_tokens(
+    ledger_url: str, herd: Herd, tmp_path: Path
+) -> None:
+    """Its checkpoints carry the prompt tokens the node's cache held: the recovered record is charged and reads as a
+    cut stream's (docs/money.md#cached-prompt-tokens). Prompt fee 1, cached fee 0: each cached token saves 1."""
+    await herd.add_node(FakeNode("n1", script=Script(tokens=64, token_delay=0.01, stall_after=STALL, cache=True)))
+    flags = (*CHECKPOINT_FLAGS, "--cached-prompt-token-fee", "0")
+    router, url = await spawn_router(ledger_url, herd.node_url("n1"), tmp_path / "router.log", *flags)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as admin:
+        key = (await admin.post("/admin/accounts", json={"name": "alice", "deposit": 10_000})).json()["api_key"]
+        warm = {"model": "fake-model", "prompt": PROMPT, "max_tokens": 2}  # the node's cache now holds PROMPT
+        resp = await admin.post("/v1/completions", json=warm, headers={"Authorization": f"Bearer {key}"})
+        assert resp.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+
+    async def kill() -> None:
+        router.send_signal(signal.SIGKILL)
+        assert await router.wait() == -signal.SIGKILL
+
+    request_id, delivered = await asyncio.wait_for(stream_until_killed(url, key, ledger_url, kill), 60)
+    await herd.start(db=ledger_url)
+    assert herd.admin is not None
+    record = next(r for r in (await herd.admin.get("/admin/usage")).json()["data"] if r["request_id"] == request_id)
+    tokens = record["completion_tokens"]
+    assert record["status"] == "recovered" and delivered - CHECKPOINT_TOKENS < tokens <= delivered
+    cached = len(PROMPT.split())  # the fake node's cache: the words of the earlier prompt
+    assert (record["prompt_tokens"], record["cached_tokens"]) == (PROMPT_TOKENS, cached)
+    assert record["cost_credits"] == 10 + (PROMPT_TOKENS - cached) + 2 * tokens
+    assert record["cache_discount_credits"] == cached
+    books = await herd.books()
+    assert books["balanced"] and books["holds"] == 0

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from llamakit.router.upstream import token_chunk
+from llamakit.wire.node import TokenCounts
 from tests.support.fake_node import FakeNode, Script
 from tests.support.herd import Herd
 
@@ -104,13 +105,15 @@ async def test_token_chunks_reach_the_client_as_the_node_wrote_them_without_thei
 ID = b'{"id":"req-1",'
 TAIL = b',"usage":null,"llamakit":{"prompt_tokens":4,"completion_tokens":2}}'
 TEXT_OF_TAIL = b'"choices":[{"text":' + json.dumps(TAIL.decode()).encode() + b"}]"  # the same bytes, escaped
+CACHED_TAIL = b',"usage":null,"llamakit":{"prompt_tokens":4,"completion_tokens":2,"cached_tokens":3}}'
 
 
 @pytest.mark.parametrize(
     ("payload", "found"),
     [
-        (ID + b'"choices":[{"text":"a"}]' + TAIL, (ID + b'"choices":[{"text":"a"}],"usage":null}', 4, 2)),
-        (ID + TEXT_OF_TAIL + TAIL, (ID + TEXT_OF_TAIL + b',"usage":null}', 4, 2)),  # a text cannot pass for counts
+        (ID + b'"choices":[{"text":"a"}]' + TAIL, (ID + b'"choices":[{"text":"a"}],"usage":null}', TokenCounts(4, 2))),
+        (ID + TEXT_OF_TAIL + TAIL, (ID + TEXT_OF_TAIL + b',"usage":null}', TokenCounts(4, 2))),  # text is not counts
+        (ID + b'"choices":[]' + CACHED_TAIL, (ID + b'"choices":[],"usage":null}', TokenCounts(4, 2, 3))),
         (ID + TEXT_OF_TAIL + b"}", None),
         (b'{"id":"req-2","choices":[]' + TAIL, None),  # another request's chunk: read, and its id set
         (ID + b'"choices":[]' + TAIL[:-1] + b',"more":1}', None),  # counts not last
@@ -120,7 +123,7 @@ TEXT_OF_TAIL = b'"choices":[{"text":' + json.dumps(TAIL.decode()).encode() + b"}
     ],
 )
 def test_a_token_chunk_is_told_from_other_events_without_parsing(
-    payload: bytes, found: tuple[bytes, int, int] | None
+    payload: bytes, found: tuple[bytes, TokenCounts] | None
 ) -> None:
     assert token_chunk(payload, ID) == found
     if found is not None:

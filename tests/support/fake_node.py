@@ -49,7 +49,7 @@ class Script:
     # call's index, id and name, then its arguments in two pieces (a token each); finish_reason "tool_calls"
     calls: list[tuple[str, str]] | None = None
     # A prompt cache as a node's: a prompt's words that an earlier prompt of the same X-Llamakit-Cache-Salt began
-    # with are reported as usage.prompt_tokens_details.cached_tokens
+    # with are reported as usage.prompt_tokens_details.cached_tokens, and in a stream's running counts
     cache: bool = False
 
 
@@ -307,7 +307,7 @@ class FakeNode:
                     "choices": [{"index": 0, **piece, "finish_reason": None}],
                     "usage": None,
                 }
-                await send(with_counts(chunk, TokenCounts(prompt_tokens, i)))
+                await send(with_counts(chunk, TokenCounts(prompt_tokens, i, cached or 0)))
             finish = (
                 {"delta": {}, "finish_reason": "tool_calls" if calls else "length"}
                 if calls or chat

@@ -167,9 +167,11 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Delivered:
-    """What a running stream had delivered to its client at its latest checkpoint (`Ledger.checkpoint`): tokens,
-    their charge in credits at the request's fees and bid (capped by the hold), the model and node that served
-    them, and when (epoch seconds). It is what recovering the hold charges when the router dies with it open."""
+    """What a running stream had delivered to its client at its latest checkpoint (`Ledger.checkpoint`): tokens
+    (`cached_tokens` of its prompt read from the node's cache), their charge in credits at the request's fees and
+    bid (capped by the hold; the cached tokens at their own fee, which took `cache_discount` off it), the model and
+    node that served them, and when (epoch seconds). It is what recovering the hold charges when the router dies
+    with it open."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -177,6 +179,8 @@ class Delivered:
     model: str
     node: str | None
     at: float
+    cached_tokens: int = 0
+    cache_discount: int = 0
 
 
 @dataclass(frozen=True)
@@ -407,7 +411,8 @@ def hold_from(row: Row) -> Hold:
 
 
 def delivered_from(row: Row) -> Delivered | None:
-    """A `holds` row's checkpoint (schema version 14's delivered_* columns), or None when it has none."""
+    """A `holds` row's checkpoint (schema version 14's delivered_* columns, 16's cached ones), or None when it has
+    none."""
     if row["delivered_at"] is None:
         return None
     return Delivered(
@@ -417,6 +422,8 @@ def delivered_from(row: Row) -> Delivered | None:
         model=row["delivered_model"],
         node=row["delivered_node"],
         at=row["delivered_at"],
+        cached_tokens=row["delivered_cached_tokens"],
+        cache_discount=row["delivered_cache_discount"],
     )
 
 
@@ -565,7 +572,8 @@ def recovery(
     return Close(request_id=request_id, charge=delivered.charge, node=delivered.node, status=status,
                  prompt_tokens=delivered.prompt_tokens, completion_tokens=delivered.completion_tokens, bid=None,
                  latency_ms=None, queue_ms=None, error=charged, remember=None, now=now, money=money,
-                 model=delivered.model)  # fmt: skip
+                 model=delivered.model, cached_tokens=delivered.cached_tokens,
+                 cache_discount=delivered.cache_discount)  # fmt: skip
 
 
 def count(name: str, value: object, *, positive: bool = False) -> int:
@@ -983,20 +991,30 @@ class Ledger(ABC):
         charge: int,
         model: str,
         node: str | None,
+        cached_tokens: int = 0,
+        cache_discount: int = 0,
     ) -> asyncio.Future[Any]:
-        """Note on the open hold of `request_id` what its stream has delivered to the client so far: the tokens,
-        their `charge` (credits, at the request's fees and bid), the `model` and `node` that served them. Should the
-        router die before it settles, recovering the hold (`recover`, PostgresLedger.release_lost) charges that,
-        never more than the hold, and refunds the rest. Moves no money; a later checkpoint replaces an earlier one.
+        """Note on the open hold of `request_id` what its stream has delivered to the client so far: the tokens
+        (`cached_tokens` of the prompt's read from the node's cache), their `charge` (credits, at the request's fees
+        and bid, the cached tokens at their own fee, which took `cache_discount` credits off it), the `model` and
+        `node` that served them. Should the router die before it settles, recovering the hold (`recover`,
+        PostgresLedger.release_lost) charges that, never more than the hold, refunds the rest, and writes the
+        cached tokens and the discount on the usage record. Moves no money; a later checkpoint replaces an earlier
+        one.
 
         Queued for the next group commit with the holds and settlements, and returned at once, without waiting:
         the future (its result means nothing) is done when the checkpoint is committed (or found the hold closed
         already, which changes nothing), or fails with LedgerError when the database does. Call it on the event
-        loop the ledger runs on. ValueError for a bad count; LedgerError at once when the ledger is closed.
+        loop the ledger runs on. ValueError for a bad count (or more cached tokens than prompt tokens); LedgerError
+        at once when the ledger is closed.
         """
         count("prompt_tokens", prompt_tokens)
         count("completion_tokens", completion_tokens)
         count("charge", charge)
+        count("cached_tokens", cached_tokens)
+        count("cache_discount", cache_discount)
+        if cached_tokens > prompt_tokens:
+            raise ValueError(f"cached_tokens ({cached_tokens}) are part of prompt_tokens ({prompt_tokens})")
         delivered = Delivered(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
@@ -1004,6 +1022,8 @@ class Ledger(ABC):
             model=_label("model", model, limit=MAX_NAME_LEN),
             node=None if node is None else _label("node", node, limit=MAX_NAME_LEN),
             at=self._clock(),
+            cached_tokens=cached_tokens,
+            cache_discount=cache_discount,
         )
         return self._checkpoint(request_id, delivered)
 

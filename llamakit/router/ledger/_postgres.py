@@ -444,6 +444,8 @@ class PostgresLedger(Ledger):
                 "model": delivered.model,
                 "node": delivered.node,
                 "now": delivered.at,
+                "cached_tokens": delivered.cached_tokens,
+                "cache_discount": delivered.cache_discount,
             }
         )
 

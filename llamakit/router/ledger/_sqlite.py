@@ -557,9 +557,10 @@ class SqliteLedger(Ledger):
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "UPDATE holds SET delivered_prompt_tokens = ?, delivered_completion_tokens = ?, delivered_charge = ?, "
-                "delivered_model = ?, delivered_node = ?, delivered_at = ? WHERE id = ? AND status = 'open'",
+                "delivered_model = ?, delivered_node = ?, delivered_at = ?, delivered_cached_tokens = ?, "
+                "delivered_cache_discount = ? WHERE id = ? AND status = 'open'",
                 (delivered.prompt_tokens, delivered.completion_tokens, delivered.charge, delivered.model,
-                 delivered.node, delivered.at, request_id),
+                 delivered.node, delivered.at, delivered.cached_tokens, delivered.cache_discount, request_id),
             )  # fmt: skip
 
         return self._call(run, write=True)

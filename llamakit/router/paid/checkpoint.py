@@ -18,6 +18,7 @@ from llamakit.router.herd import HerdNode
 from llamakit.router.ledger import LedgerError
 from llamakit.router.paid.request import PaidRequest
 from llamakit.router.state import RouterState
+from llamakit.wire.node import TokenCounts
 
 __all__ = ["Checkpoints"]
 
@@ -48,24 +49,26 @@ class Checkpoints:
         self.tokens = 0  # completion tokens at the latest checkpoint
         self.at = time.monotonic()  # when it was made (or the stream began)
         # The latest tokens delivered and not checkpointed, and the timer that looks at them if no flush does.
-        self.pending: tuple[int, int, asyncio.Transport | None] | None = None
+        self.pending: tuple[TokenCounts, asyncio.Transport | None] | None = None
         self.timer: asyncio.TimerHandle | None = None
 
-    def delivered(self, prompt_tokens: int, completion_tokens: int, transport: asyncio.Transport | None) -> None:
-        """The stream's tokens so far have been written to the client's connection (`transport`): checkpoint them
-        when `every_tokens` more have gone since the latest checkpoint, or `every_seconds` have passed since it.
+    def delivered(self, counts: TokenCounts, transport: asyncio.Transport | None) -> None:
+        """The stream's tokens so far (`counts`) have been written to the client's connection (`transport`):
+        checkpoint them when `every_tokens` more have gone since the latest checkpoint, or `every_seconds` have
+        passed since it.
 
         Only once the connection has handed every byte to the kernel, which sends them even if this process dies:
         bytes still in the router's own buffer (a client that reads slower than the stream) would die with it,
         and a checkpoint must never count a token the client cannot get. Until then the next flush tries again.
         Tokens not checkpointed now are looked at again by a timer, should no flush come first.
         """
+        completion_tokens = counts.completion_tokens
         if not self.every_tokens or completion_tokens <= self.tokens or self.paid.closed:
             return
         now = time.monotonic()
         due = completion_tokens - self.tokens >= self.every_tokens or now - self.at >= self.every_seconds
         if not due or transport is None or transport.get_write_buffer_size():
-            self.pending = (prompt_tokens, completion_tokens, transport)
+            self.pending = (counts, transport)
             if self.timer is None and transport is not None:
                 delay = self.every_seconds if due else max(self.at + self.every_seconds - now, 0.001)
                 self.timer = asyncio.get_running_loop().call_later(delay, self._look_again)
@@ -74,13 +77,17 @@ class Checkpoints:
         self.tokens, self.at = completion_tokens, now
         paid = self.paid
         try:
+            # As a cut stream's charge: its cached prompt tokens at their own fee (settle.settle_delivered).
+            bill = paid.bill_tokens(counts.prompt_tokens, completion_tokens, counts.cached_tokens)
             queued = self.ledger.checkpoint(
                 paid.id,
-                prompt_tokens=prompt_tokens,
+                prompt_tokens=bill.prompt_tokens,
                 completion_tokens=completion_tokens,
-                charge=paid.charge(prompt_tokens, completion_tokens),  # as a cut stream's: its prompt as decoded
+                charge=bill.charge,
                 model=paid.model,
                 node=self.node.name,
+                cached_tokens=bill.cached_tokens,
+                cache_discount=bill.cache_discount,
             )
         except (LedgerError, ValueError) as exc:  # a closed ledger, a count past MAX_AMOUNT: the stream goes on
             log.debug("request %s: no checkpoint: %s", paid.id, exc)

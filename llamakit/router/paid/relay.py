@@ -49,6 +49,7 @@ from llamakit.web import SseWriter
 from llamakit.wire.completions import Usage, chat_completion_body, completion_body
 from llamakit.wire.errors import error_body
 from llamakit.wire.headers import OVERHEAD_HEADER
+from llamakit.wire.node import TokenCounts
 
 __all__ = ["KEPT_CHUNKS", "serve_stream"]
 
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 KEPT_CHUNKS = 256  # chunks of a stream kept unread for its transcript, at most
+_NOTHING = TokenCounts(0, 0)  # what a stream has delivered before its first token
 
 
 @dataclass
@@ -213,8 +215,9 @@ class _StreamRelay:
 
     def __init__(self, state: RouterState, paid: PaidRequest, node: HerdNode) -> None:
         self.state, self.paid, self.node = state, paid, node
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        # What it delivered so far: the running counts of the last token chunk relayed (its prompt, of which
+        # cached, and completion tokens), what a cut or broken stream and a checkpoint charge (see wire.node).
+        self.counts = _NOTHING
         self.prefix = _chunk_prefix(paid)
         self.transcript = Transcript([] if paid.claim is not None or paid.text is not None else None)
         self.last_token_ns = 0  # when the last token chunk came (epoch ns), with tracing on
@@ -252,7 +255,7 @@ class _StreamRelay:
                         await self._forward(sse, payload, flush=False)
                 if not events.ended:  # else [DONE] goes out with them, below
                     await sse.flush()
-                    self.checkpoints.delivered(self.prompt_tokens, self.completion_tokens, request.transport)
+                    self.checkpoints.delivered(self.counts, request.transport)
             await sse.done()
         except StreamBroken as exc:
             # The node died after tokens reached the client: end the stream with an error, charge what was delivered.
@@ -268,7 +271,7 @@ class _StreamRelay:
         except (ConnectionError, asyncio.CancelledError) as exc:
             # The client cut the stream: closing the node's stream stops its generation.
             await events.aclose()
-            trace.end_call({"gen_ai.usage.output_tokens": self.completion_tokens, "llamakit.status": "cut"})
+            trace.end_call({"gen_ai.usage.output_tokens": self.counts.completion_tokens, "llamakit.status": "cut"})
             await self._settle_delivered("cut", "the client closed the stream")
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -278,11 +281,11 @@ class _StreamRelay:
 
     async def _settle_delivered(self, status: str, error: str | None) -> None:
         state, paid, node = self.state, self.paid, self.node
-        await settle_delivered(state, paid, node, self.prompt_tokens, self.completion_tokens, status, error)
+        await settle_delivered(state, paid, node, self.counts, status, error)
 
-    def _pass_token(self, sse: SseWriter, token: tuple[bytes, int, int]) -> None:
+    def _pass_token(self, sse: SseWriter, token: tuple[bytes, TokenCounts]) -> None:
         """Queue a token chunk (see upstream.token_chunk) for the client, and count what it delivered."""
-        chunk, self.prompt_tokens, self.completion_tokens = token
+        chunk, self.counts = token
         sse.queue_raw(chunk)
         first_token(self.state, self.paid)
         self.transcript.keep(chunk)
@@ -326,7 +329,10 @@ class _StreamRelay:
         else:
             await sse.send(event, flush=flush)
         if counts is not None:
-            self.prompt_tokens, self.completion_tokens = counts["prompt_tokens"], counts["completion_tokens"]
+            # A chunk from a node that does not say `cached_tokens` (older than it) has none, as split_counts reads.
+            self.counts = TokenCounts(
+                counts["prompt_tokens"], counts["completion_tokens"], counts.get("cached_tokens") or 0
+            )
             first_token(state, paid)
         if self.transcript.kept is not None:
             self.transcript.add(event)

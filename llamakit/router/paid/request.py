@@ -177,13 +177,21 @@ class PaidRequest:
     def bill(self, usage: dict[str, Any]) -> Bill:
         """The Bill of a node's `usage` (`prompt_tokens`, `completion_tokens`, `prompt_tokens_details`), at this
         request's fees and bid: the cached prompt tokens at their own fee."""
-        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-        cached = cached_tokens(usage)
-        charge = self.charge(prompt, completion, cached)
+        return self.bill_tokens(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), cached_tokens(usage))
+
+    def bill_tokens(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Bill:
+        """The Bill of these tokens at this request's fees and bid: `cached_tokens` of the prompt (at most all of
+        it) at their own fee, and what that took off the charge. A finished request's comes from its usage
+        (`bill`), a cut, broken or checkpointed stream's from its running counts (wire.node.TokenCounts): the
+        same rule for both (docs/money.md#cached-prompt-tokens)."""
+        cached = min(max(cached_tokens, 0), prompt_tokens)
+        charge = self.charge(prompt_tokens, completion_tokens, cached)
         saved = 0
         if cached:
-            saved = cache_discount(self.fees, self.bid, prompt, completion, self.held, cached, discount=self.discount)
-        return Bill(prompt, completion, charge, cached, saved)
+            saved = cache_discount(
+                self.fees, self.bid, prompt_tokens, completion_tokens, self.held, cached, discount=self.discount
+            )
+        return Bill(prompt_tokens, completion_tokens, charge, cached, saved)
 
     @property
     def generates(self) -> bool:

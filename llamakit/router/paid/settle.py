@@ -16,6 +16,7 @@ from llamakit.router.ledger import HoldClosed, LedgerError, LedgerUnavailable, R
 from llamakit.router.paid.record import finished
 from llamakit.router.paid.request import Bill, PaidRequest
 from llamakit.router.state import RouterState
+from llamakit.wire.node import TokenCounts
 
 __all__ = ["refund", "settle", "settle_delivered"]
 
@@ -101,18 +102,17 @@ async def _settled(
 
 
 async def settle_delivered(
-    state: RouterState, paid: PaidRequest, node: HerdNode, prompt_tokens: int, completion_tokens: int, status: str,
-    error: str | None,
-) -> None:  # fmt: skip
-    """A stream that ended without its usage (cut by the client, or broken): charged for the tokens it delivered,
-    refunded in full when it delivered none. Its prompt is charged as decoded: only a usage says what a node's
-    cache held."""
+    state: RouterState, paid: PaidRequest, node: HerdNode, delivered: TokenCounts, status: str, error: str | None
+) -> None:
+    """A stream that ended without its usage (cut by the client, or broken): charged for the tokens it `delivered`
+    (the running counts of its last token chunk), its cached prompt tokens at their own fee as a finished stream's
+    are; refunded in full when it delivered none."""
     if paid.closed:
         return
-    if completion_tokens == 0:
+    if delivered.completion_tokens == 0:
         await refund(state, paid, status=status, error=error)
     else:
-        bill = Bill(prompt_tokens, completion_tokens, paid.charge(prompt_tokens, completion_tokens))
+        bill = paid.bill_tokens(delivered.prompt_tokens, delivered.completion_tokens, delivered.cached_tokens)
         await settle(state, paid, node, bill, status, error)
 
 

@@ -98,9 +98,10 @@ async def stored_bytes(url: str) -> bytes:
 
 
 async def undo_delivery_checkpoints(url: str) -> None:
-    """Take the ledger's schema back to before version 14 (delivery checkpoints on holds); the caller sets the
-    version it then claims to be at."""
-    for column in ("prompt_tokens", "completion_tokens", "charge", "model", "node", "at"):
+    """Take the ledger's schema back to before version 14 (delivery checkpoints on holds), and so before 16 (their
+    cached tokens) too; the caller sets the version it then claims to be at."""
+    for column in ("prompt_tokens", "completion_tokens", "charge", "model", "node", "at", "cached_tokens",
+                   "cache_discount"):  # fmt: skip
         await execute(url, f"ALTER TABLE holds DROP COLUMN delivered_{column}")
 
 

@@ -60,6 +60,44 @@ async def test_recovery_charges_the_latest_checkpoint_and_refunds_the_rest(url: 
         assert await ledger.recover() == 0
 
 
+async def test_a_checkpoints_cached_tokens_and_discount_reach_the_recovered_record_and_the_totals(url: str) -> None:
+    """The same usage record a settled stream with cached prompt tokens gets (docs/money.md#cached-prompt-tokens),
+    on both backends (a cluster's release of a lost router's holds: the test below)."""
+    async with ledger_at(url) as ledger:
+        alice = await _alice(ledger)
+        await ledger.hold(alice, 300, request_id="cached", model="smol")
+        await ledger.hold(alice, 300, request_id="fresh", model="smol")
+        # 40 prompt tokens, 32 of them cached (fee 4, cached 1) and 6 completion tokens (fee 2), base 10
+        await ledger.checkpoint("cached", prompt_tokens=40, completion_tokens=6, charge=10 + 4 * 8 + 32 + 12,
+                                model="smol", node="n1", cached_tokens=32, cache_discount=3 * 32)  # fmt: skip
+        await ledger.checkpoint("fresh", prompt_tokens=40, completion_tokens=6, charge=10 + 4 * 40 + 12,
+                                model="smol", node="n1")  # fmt: skip
+        hold = await ledger.find_hold("cached")
+        assert hold is not None and hold.delivered is not None
+        assert (hold.delivered.cached_tokens, hold.delivered.cache_discount, hold.delivered.charge) == (32, 96, 86)
+    async with ledger_at(url) as ledger:
+        records = {r.request_id: r for r in await ledger.recover_usage()}
+        cached, fresh = records["cached"], records["fresh"]
+        assert (cached.prompt_tokens, cached.cached_tokens, cached.completion_tokens) == (40, 32, 6)
+        assert (cached.cost, cached.cache_discount) == (86, 96)
+        assert (fresh.cached_tokens, fresh.cost, fresh.cache_discount) == (0, 182, 0)
+        savings = await ledger.cache_savings()
+        assert (savings.cached_tokens, savings.discount) == (32, 96)
+        await assert_balanced(ledger)
+        audit = await ledger.audit()
+        assert audit.ok, audit.discrepancies
+
+
+async def test_a_checkpoint_cannot_cache_more_than_its_prompt(url: str) -> None:
+    async with ledger_at(url) as ledger:
+        with pytest.raises(ValueError, match="part of prompt_tokens"):
+            ledger.checkpoint("r", prompt_tokens=4, completion_tokens=1, charge=1, model="smol", node=None,
+                              cached_tokens=5)  # fmt: skip
+        with pytest.raises(ValueError, match="cache_discount"):
+            ledger.checkpoint("r", prompt_tokens=4, completion_tokens=1, charge=1, model="smol", node=None,
+                              cached_tokens=3, cache_discount=-1)  # fmt: skip
+
+
 async def test_recovery_never_charges_more_than_the_hold(url: str) -> None:
     async with ledger_at(url) as ledger:
         alice = await _alice(ledger)
@@ -109,7 +147,8 @@ async def test_a_lost_routers_holds_are_charged_their_checkpoints(url: str) -> N
         alice = await _alice(dead)
         await dead.hold(alice, 300, request_id="streaming", model="smol")
         await dead.hold(alice, 100, request_id="whole", model="smol")
-        await dead.checkpoint("streaming", prompt_tokens=5, completion_tokens=9, charge=33, model="big", node="n2")
+        await dead.checkpoint("streaming", prompt_tokens=5, completion_tokens=9, charge=33, model="big", node="n2",
+                              cached_tokens=4, cache_discount=8)  # fmt: skip
     async with ledger_at(url) as survivor:
         assert isinstance(survivor, PostgresLedger)
         # No row in `routers` for dead-router: it holds no lease.
@@ -118,6 +157,7 @@ async def test_a_lost_routers_holds_are_charged_their_checkpoints(url: str) -> N
         assert (streamed.status, streamed.completion_tokens, streamed.cost, streamed.model, streamed.node) == (
             "router_lost", 9, 33, "big", "n2",
         )  # fmt: skip
+        assert (streamed.cached_tokens, streamed.cache_discount) == (4, 8)
         assert streamed.error is not None and streamed.error.startswith("its router stopped; charged")
         assert (whole.status, whole.cost) == ("router_lost", 0)
         assert (await survivor.account_state(alice)).spent == 33

@@ -35,7 +35,7 @@ def schema_of(path: Path) -> set[str]:
     return {" ".join(sql.split()) for (sql,) in rows}
 
 
-@pytest.mark.parametrize("version", [1, 2, 6, 8, 9, 11, 12, 13, 14])
+@pytest.mark.parametrize("version", [1, 2, 6, 8, 9, 11, 12, 13, 14, 15])
 async def test_an_existing_sqlite_ledger_upgrades_in_place(tmp_path: Path, version: int) -> None:
     path = old_ledger(tmp_path / "ledger.db", version)
     async with ledger_at(path, money=CreditValue(Decimal("0.0025"), "EUR")) as ledger:
