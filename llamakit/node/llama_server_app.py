@@ -556,6 +556,7 @@ class _Generation:
         self.usage: dict[str, Any] | None = None
         self.phases_ms: tuple[float, float] | None = None  # llama-server's prompt and generation times so far
         self.phases_seen_ns = 0  # when they were told (epoch ns)
+        self.ended_on_eog = False  # llama-server said it stopped on an end-of-generation token
         self.progress = 0  # chunks llama-server sent: it works
         self._told = 0
         self._began = time.monotonic()
@@ -634,19 +635,23 @@ class _Generation:
             self.usage = chunk.usage
         if chunk.phases_ms is not None:
             self.phases_ms, self.phases_seen_ns = chunk.phases_ms, time.time_ns()
+        self.ended_on_eog = self.ended_on_eog or chunk.ended_on_eog
         self.pieces.append(chunk.text)
         self.logprobs.extend(chunk.logprobs)
         return chunk
 
     def result(self) -> GenerationResult:
         """What was generated and its tokens: llama-server's `usage` when it finished, else the counts of its last
-        chunk (a generation stopped halfway)."""
+        chunk (a generation stopped halfway); less the end-of-generation token when it ended on one, which
+        llama-server counts and the other kind of node does not (docs/node.md#exact-usage)."""
         prompt, cached, completion = self.prompt_tokens, self.cached_tokens, self.completion_tokens
         usage = self.usage
         if usage is not None and self.finish_reason != "cancelled":
             prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             details = usage.get("prompt_tokens_details")
             cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else cached
+            if self.ended_on_eog:
+                completion = max(completion - 1, 0)
         admitted_ns = first_token_ns = 0
         if self.phases_ms is not None:  # llama-server's phases, counted back from when it last told them
             prompt_ms, predicted_ms = self.phases_ms

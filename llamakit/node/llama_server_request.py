@@ -64,6 +64,10 @@ def generation_body(
         "stream_options": {"include_usage": True},
         "timings_per_token": True,  # each chunk says how many tokens were read and made so far
         "return_progress": True,  # chunks while a long prompt is read: the node can tell the router it works
+        # The last chunk's `__verbose.stop_type` tells an end-of-generation token ("eos"), which llama-server counts
+        # among the completion tokens and the other kind of node does not, from a stop string ("word"): see
+        # `read_chunk`. (It also carries the prompt's text once, in that last chunk.)
+        "verbose": True,
         "n_predict": req.token_limit or min(default_max_tokens, n_ctx - 1),
         "temperature": req.temperature,
         "top_p": req.top_p,
@@ -131,6 +135,7 @@ class Chunk:
     finish_reason: str | None = None
     counts: tuple[int, int, int] | None = None  # prompt tokens, cached of them, completion tokens
     phases_ms: tuple[float, float] | None = None  # milliseconds reading the prompt, and generating since
+    ended_on_eog: bool = False  # the generation ended on an end-of-generation token, which llama-server counted
     usage: dict[str, Any] | None = None
 
 
@@ -160,6 +165,9 @@ def read_chunk(event: dict[str, Any], *, top: int) -> Chunk:
             chunk.phases_ms = (max(float(prompt_ms), 0.0), max(float(predicted_ms), 0.0))
     if isinstance(event.get("usage"), dict):
         chunk.usage = event["usage"]
+    verbose = event.get("__verbose")
+    if isinstance(verbose, dict) and verbose.get("stop_type") == "eos":
+        chunk.ended_on_eog = True
     return chunk
 
 

@@ -173,9 +173,20 @@ class _Recorded:
 
 
 def reported_usage(seen: list[dict[str, Any]]) -> dict[str, Any]:
+    """llama-server's `usage` of one generation, as a node in front of it reports it: its completion tokens less
+    the end-of-generation token when it ended on one (`__verbose.stop_type` "eos"), which the other kind of node
+    does not count (docs/node.md#exact-usage)."""
     usages = [e["usage"] for e in seen if e.get("usage")]
     assert len(usages) == 1, seen[-3:]
-    return usages[0]
+    usage = dict(usages[0])
+    if ended_on_eog(seen):
+        usage["completion_tokens"] -= 1
+    return usage
+
+
+def ended_on_eog(seen: list[dict[str, Any]]) -> bool:
+    """Whether llama-server said the generation ended on an end-of-generation token."""
+    return any((e.get("__verbose") or {}).get("stop_type") == "eos" for e in seen)
 
 
 async def processing(upstream: LlamaServer) -> list[int]:
