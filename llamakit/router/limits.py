@@ -151,7 +151,7 @@ class KeyRates:
         request runs, and what it used once it ends, as OpenAI counts max_tokens at request time. Otherwise
         requests sent together would all be let in before any had used a token."""
         limits = caller.limits
-        if limits.rpm_limit is None and limits.tpm_limit is None and limits.max_parallel_requests is None:
+        if not limits.rate_limited:
             return UNLIMITED
         now = time.monotonic()
         window = self._windows.setdefault(caller.key_hash, _KeyWindow())

@@ -327,7 +327,8 @@ class KeySpend(_Frozen):
 
 
 class KeyRates(_Frozen):
-    """What the router counts towards a key's rate limits: requests and tokens in the last 60 s, in flight."""
+    """What the router counts towards a key's rate limits: requests and tokens in the last 60 s, in flight. Only
+    a key with a rate limit (rpm, tpm or requests in flight) is counted; for others `rates` is None."""
 
     requests_last_minute: int = 0
     tokens_last_minute: int = 0

@@ -97,6 +97,7 @@ async def test_over_requests_per_minute_a_key_gets_429_with_retry_after_and_noth
     counted = await samples(herd)
     assert value(counted, "llamakit_router_refusals_total", status="429", code="rate_limit_exceeded") == 1
     assert value(counted, "llamakit_router_refusals_total", status="402", code="spend_cap_exceeded") == 0
+    assert "rates" not in (await other.get("/v1/key")).json()  # a key without a rate limit is not counted
     rates = (await client.get("/v1/key")).json()["rates"]
     assert rates == {
         "requests_last_minute": 3,

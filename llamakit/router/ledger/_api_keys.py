@@ -119,6 +119,11 @@ class KeyLimits:
                 raise ValueError(f"models may name at most {MAX_MODELS} models, got {len(self.models)}")
             object.__setattr__(self, "models", tuple(self.models))
 
+    @property
+    def rate_limited(self) -> bool:
+        """Whether the key has a rate limit (rpm, tpm or requests in flight): only then are its rates counted."""
+        return self.rpm_limit is not None or self.tpm_limit is not None or self.max_parallel_requests is not None
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, base: KeyLimits | None = None) -> KeyLimits:
         """Limits from a JSON object of the fields above (ValueError naming an unknown field or bad value).

@@ -208,7 +208,8 @@ async def _key_now(request: web.Request, caller: Caller) -> dict[str, Any]:
     state = request.config_dict[STATE]
     found = await state.ledger.authenticate_key(bearer_token(request) or "")
     key = found[1] if found is not None else caller.key  # revoked since it was cached: as last seen
-    return key_view(key, state.rates.use(caller.key_hash))
+    # A key without a rate limit is not counted (limits.KeyRates.admit): no `rates` rather than zeros.
+    return key_view(key, state.rates.use(caller.key_hash) if key.limits.rate_limited else None)
 
 
 @routes.get("/v1/account/usage")
