@@ -205,6 +205,11 @@ class Fronted:
         """llama-server failed to answer (a check, or a request): no work until it is back."""
         supervisor = self.supervisor
         reason = exc.message
+        if exc.status in (401, 403):  # llama-server's words ("Invalid API Key") do not say whose key, or where
+            reason = (
+                f"llama-server at {self.client.url} refused this node's API key ({exc.message}): give its "
+                "--api-key with --llama-server-api-key (or LLAMAKIT_LLAMA_SERVER_API_KEY)"
+            )
         if supervisor is not None:
             if supervisor.pid is not None and (self.info is None or supervisor.pid != self._pid):
                 self._set("loading", None)  # a process started since the node last learned: not listening yet

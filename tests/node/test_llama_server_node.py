@@ -190,6 +190,21 @@ async def test_health_says_what_llama_server_serves(client: httpx.AsyncClient, u
     assert [m["id"] for m in models] == [MODEL]
 
 
+async def test_a_wrong_llama_server_key_is_named_on_health(upstream: LlamaServer) -> None:
+    from llamakit.node.llama_server_app import create_app
+
+    settings = NodeSettings(
+        llama_server=upstream.url, llama_server_api_key="not-its-key", herd_token=HERD_TOKEN, name="wrong-key"
+    )
+    server = await RunningServer(create_app(settings)).start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            health = (await c.get("/health")).json()
+    finally:
+        await server.stop()
+    assert health["status"] == "error" and "--llama-server-api-key" in health["error"], health
+
+
 async def test_work_needs_the_herd_token(node: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=node.url) as anonymous:
         assert (await anonymous.get("/health")).status_code == 200
