@@ -6,6 +6,7 @@ import argparse
 import csv
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         profile=Path(args.profile).expanduser().absolute() if args.profile else None,
         log_format=args.log_format,
         log_requests=args.log_requests,
+        llama_server_bin=_llama_server_bin(args.llama_server_bin),
     )
     if args.serve_dashboard is not None and importlib.util.find_spec("textual_serve") is None:
         print("llamakit up: --serve-dashboard needs textual-serve: pip install 'llamakit[tui]'", file=sys.stderr)
@@ -260,6 +262,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return show(admin.get("/admin/stats"))
 
 
+def _llama_server_bin(path: str | None) -> str | None:
+    """`--llama-server-bin` as an absolute path (the nodes run from up's directory), checked before anything starts."""
+    if path is None:
+        return None
+    found = shutil.which(path) if os.sep not in path else path
+    if found is None or not os.access(found, os.X_OK) or os.path.isdir(found):
+        raise SystemExit(f"llamakit up: --llama-server-bin: {path} is not an executable llama-server")
+    return os.path.abspath(found)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamakit", description="Paid, metered llama.cpp inference.")
     parser.add_argument("--url", help="router URL for admin commands (default: the profile)")
@@ -271,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", action="append", help="model to serve (repeatable; default: every installed one)")
     up.add_argument("--slots", type=int, default=2, help="slots per node")
     up.add_argument("--threads", type=int, default=None, help="threads per node context")
+    up.add_argument(
+        "--llama-server-bin",
+        metavar="PATH",
+        help="serve each model with llama.cpp's own llama-server at PATH, which its node starts, restarts and "
+        "stops (docs/node.md#fronting-llama-server); default: llama-cpp-python in the node",
+    )
     up.add_argument("--credits", type=int, default=1_000_000, help="opening deposit of the dev account")
     up.add_argument("--state-dir", default=str(_state_dir()), help="ledger, secrets and logs")
     up.add_argument(

@@ -56,6 +56,7 @@ class UpOptions:
     dashboard_port: int | None = None  # serve the dashboard as a web page on this port (llamakit-tui --serve)
     log_format: str = "text"  # every part's --log-format, and up's own lines: text or json
     log_requests: bool = False  # the router's --log-requests
+    llama_server_bin: str | None = None  # each node in front of a llama-server it runs (the node's --llama-server-bin)
 
 
 class HerdRunning(RuntimeError):
@@ -300,6 +301,8 @@ class Launcher:
             # a thread per core each slow each other down many times over.
             threads = opts.threads or max(1, (os.cpu_count() or 1) // len(models))
             args += ["--threads", str(threads)]
+            if opts.llama_server_bin is not None:  # the node starts, watches and stops that llama-server
+                args += ["--llama-server-bin", opts.llama_server_bin]
             self._spawn(f"node-{model}", args)
         self._wait_ready(models)
         profile = Profile(url=self.url, api_key=self._dev_key(), admin_key=self.admin_key, model=models[0])

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.llama_server import llama_server_or_skip
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.model
@@ -56,3 +57,43 @@ def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> N
     assert "stopping" in rest
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_llamakit_up_with_llama_server_serves_each_model_through_a_node_in_front_of_it(tmp_path: Path) -> None:
+    binary = llama_server_or_skip()
+    port = free_port("127.0.0.1")
+    env = {**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", "smollm2-135m-instruct",
+         "--slots", "1", "--headless", "--llama-server-bin", binary],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    output = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        output.append(line)
+        if "Ctrl-C stops the herd" in line or proc.poll() is not None:
+            break
+    text = "".join(output)
+    try:
+        assert "llamakit is up" in text, text
+        profile = json.loads((tmp_path / "profile.json").read_text())
+        headers = {"Authorization": f"Bearer {profile['api_key']}"}
+        with httpx.Client(base_url=profile["url"], headers=headers, timeout=60) as client:
+            reply = client.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+            )
+            assert reply.status_code == 200, reply.text
+            assert reply.json()["model"] == "smollm2-135m-instruct"
+            admin = {"Authorization": f"Bearer {profile['admin_key']}"}
+            nodes = client.get("/admin/stats", headers=admin).json()["nodes"]
+        assert [n["name"] for n in nodes] == ["smollm2-135m-instruct-1"]
+        node_log = (tmp_path / "logs" / "node-smollm2-135m-instruct.log").read_text()
+        assert "started llama-server" in node_log and binary in node_log
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0, text + rest
+    assert "stopped llama-server" in (tmp_path / "logs" / "node-smollm2-135m-instruct.log").read_text()
