@@ -19,12 +19,14 @@ from tests.support.ports import free_port
 pytestmark = pytest.mark.model
 
 
-def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> None:
+def start_up(tmp_path: Path, *flags: str) -> tuple[subprocess.Popen[str], int, str]:
+    """`llamakit up` on a free port with one model and `flags`, its state and profile in `tmp_path`: the process,
+    its port and what it printed up to "Ctrl-C stops the herd" (or its end)."""
     port = free_port("127.0.0.1")
     env = {**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", "smollm2-135m-instruct",
-         "--slots", "1", "--headless"],
+         "--slots", "1", "--headless", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -35,7 +37,11 @@ def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> N
         output.append(line)
         if "Ctrl-C stops the herd" in line or proc.poll() is not None:
             break
-    text = "".join(output)
+    return proc, port, "".join(output)
+
+
+def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> None:
+    proc, port, text = start_up(tmp_path)
     try:
         assert "llamakit is up" in text, text
         profile = json.loads((tmp_path / "profile.json").read_text())
@@ -61,22 +67,7 @@ def test_llamakit_up_serves_paid_requests_and_stops_cleanly(tmp_path: Path) -> N
 
 def test_llamakit_up_with_llama_server_serves_each_model_through_a_node_in_front_of_it(tmp_path: Path) -> None:
     binary = llama_server_or_skip()
-    port = free_port("127.0.0.1")
-    env = {**os.environ, "LLAMAKIT_PROFILE": str(tmp_path / "profile.json"), "LLAMAKIT_STATE_DIR": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llamakit.cli", "up", "--port", str(port), "--model", "smollm2-135m-instruct",
-         "--slots", "1", "--headless", "--llama-server-bin", binary],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    output = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        output.append(line)
-        if "Ctrl-C stops the herd" in line or proc.poll() is not None:
-            break
-    text = "".join(output)
+    proc, _port, text = start_up(tmp_path, "--llama-server-bin", binary)
     try:
         assert "llamakit is up" in text, text
         profile = json.loads((tmp_path / "profile.json").read_text())
