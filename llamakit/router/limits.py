@@ -140,21 +140,27 @@ UNLIMITED: Final = Admission(None, "", None)
 
 class KeyRates:
     """Per key, in this router: requests admitted and tokens used in the last WINDOW_SECONDS, and requests in
-    flight. Only keys with a rate or concurrency limit are counted; the others cost nothing here."""
+    flight. Only keys with a rate or concurrency limit are counted; the others cost nothing here.
+
+    A key's batch lines (`batch=True`) are counted apart from its interactive requests, under the same limits,
+    as OpenAI counts batch usage against limits of its own: a batch never takes a request or a token from the
+    key's interactive minute, and runs no faster than the key may (docs/money.md#batches)."""
 
     def __init__(self) -> None:
         self._windows: dict[str, _KeyWindow] = {}
 
-    def admit(self, caller: Caller, tokens: int = 0) -> Admission:
+    def admit(self, caller: Caller, tokens: int = 0, *, batch: bool = False) -> Admission:
         """Let the request in, or raise 429 naming the limit it is over, with Retry-After (seconds). `tokens` is
         the most the request may use (its prompt's bound and max_tokens): it counts against tpm_limit while the
         request runs, and what it used once it ends, as OpenAI counts max_tokens at request time. Otherwise
-        requests sent together would all be let in before any had used a token."""
+        requests sent together would all be let in before any had used a token. `batch`: a batch line, counted
+        in the key's batch window (see the class)."""
         limits = caller.limits
         if not limits.rate_limited:
             return UNLIMITED
         now = time.monotonic()
-        window = self._windows.setdefault(caller.key_hash, _KeyWindow())
+        name = _window_name(caller.key_hash, batch=batch)
+        window = self._windows.setdefault(name, _KeyWindow())
         window.slide(now)
         if limits.max_parallel_requests is not None and window.in_flight >= limits.max_parallel_requests:
             raise _over(
@@ -186,7 +192,28 @@ class KeyRates:
         window.in_flight += 1
         reserved = max(tokens, 0) if limits.tpm_limit is not None else 0
         window.reserved += reserved
-        return Admission(self, caller.key_hash, window, now, reserved)
+        return Admission(self, name, window, now, reserved)
+
+    def room(self, caller: Caller, *, batch: bool = False) -> int | None:
+        """How many more requests `admit` would let in now (0: none until requests end or leave the window);
+        None when no count limits them: no rpm_limit nor max_parallel_requests, and tokens left under tpm_limit
+        (each request let in then reserves its own, so a few of them may still be refused)."""
+        limits = caller.limits
+        if not limits.rate_limited:
+            return None
+        window = self._windows.get(_window_name(caller.key_hash, batch=batch))
+        if window is None:
+            window = _KeyWindow()
+        else:
+            window.slide(time.monotonic())
+        free: list[int] = []
+        if limits.max_parallel_requests is not None:
+            free.append(limits.max_parallel_requests - window.in_flight)
+        if limits.rpm_limit is not None:
+            free.append(limits.rpm_limit - len(window.requests))
+        if limits.tpm_limit is not None and window.token_sum + window.reserved >= limits.tpm_limit:
+            free.append(0)
+        return max(0, min(free)) if free else None
 
     def use(self, key_hash: str) -> dict[str, int]:
         """What this router counts for the key now: requests and tokens in the last 60 s, requests in flight."""
@@ -206,6 +233,10 @@ class KeyRates:
             window.slide(time.monotonic())
             if window.idle:
                 del self._windows[key_hash]
+
+
+def _window_name(key_hash: str, *, batch: bool) -> str:
+    return f"batch:{key_hash}" if batch else key_hash
 
 
 def _over(message: str, limit: str, value: int, *, retry_after: float) -> ApiError:

@@ -138,3 +138,44 @@ async def test_a_line_waiting_at_one_router_goes_after_an_interactive_request_at
 
 async def _is(value: Any, expected: int) -> bool:
     return bool(await value == expected)
+
+
+async def test_batch_lines_waiting_in_the_cluster_queue_never_fill_it_for_interactive_requests(
+    routers: Routers,
+) -> None:
+    """llamakit_enqueue counts only interactive requests against --max-queue for an interactive request."""
+    node = await routers.add_node(FakeNode("n1", slots=1, script=Script(tokens=1), openai_shapes=True))
+    gate = Gate(node)
+    a = await routers.start_router(max_queue=1)
+    await routers.join(a, "n1")
+    await routers.wait_nodes(a, {"n1": "ready"})
+    key = await routers.account("alice", 1_000_000)
+    http = routers.client(a, key)
+
+    def ask(n: int) -> asyncio.Task[Any]:
+        body = {"model": "fake-model", "messages": [{"role": "user", "content": f"ask{n}"}], "max_tokens": 1}
+        return asyncio.create_task(http.post("/v1/chat/completions", json=body))
+
+    asks = [ask(0)]
+    await gate.arrived(1)
+    client, batch_id = await submitted(a, key, [line(i) for i in range(2)])
+    admin = routers.admin(a)
+    for _ in range(2000):  # the queue's one place taken by a batch line
+        if (await admin.get("/admin/stats")).json()["batches"]["here"]["waiting"] == 1:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("no batch line ever waited")
+    asks.append(ask(1))  # before, 429 queue_full
+    for _ in range(2000):
+        if int((await http.get("/v1/info")).json()["queue_length"]) == 1:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError(f"the interactive request never queued: {await asks[1]}")
+    await gate.step()
+    gate.event.set()
+    assert [r.status_code for r in await asyncio.gather(*asks)] == [200, 200]
+    assert gate.tags()[:3] == ["ask0", "ask1", "batch0"], gate.tags()
+    assert (await finished(client, batch_id)).request_counts.completed == 2
+    await client.close()

@@ -12,6 +12,9 @@ How a line ends:
 - answered: a line of the output file, with its usage and cost;
 - refused or failed (a 4xx, a node's refusal): a line of the error file, its hold released in full;
 - it could not run now (no node, the queue full, the ledger away): back to pending, tried again later;
+- its API key's rpm_limit, tpm_limit or max_parallel_requests has no room for it now (counted apart from the
+  key's interactive requests: limits.KeyRates): back to pending, nothing held; the runner claims no more lines
+  of the key's batches than their room (`_per_key`), so the line waits for the window, never refused for it;
 - the balance (or a spend cap) cannot pay it: back to pending while other lines of its batch run (their holds
   come back as they settle), else the batch stops: its remaining lines fail with `insufficient_quota`;
 - its batch is cancelled or expires while it waits for a slot: it fails (`batch_cancelled`, `batch_expired`),
@@ -67,6 +70,8 @@ ROUND_SECONDS: Final = 1.0
 # Refusals after which a line goes back to pending, to be tried again: nothing is wrong with it.
 _LATER: Final = frozenset({"no_node", "queue_full", "queue_share_exceeded", "queue_timeout", "ledger_unavailable",
                            "router_lease_lost", "router_lost"})  # fmt: skip
+# The key's rate or concurrency limit has no room now (limits.KeyRates.admit): the line waits for it.
+RATE_LIMITED: Final = "rate_limit_exceeded"
 _SHORT: Final = frozenset({"insufficient_funds", "spend_cap_exceeded"})
 CANCELLED: Final[tuple[str, str]] = ("batch_cancelled", "This request was not run: its batch was cancelled.")
 EXPIRED: Final[tuple[str, str]] = (
@@ -198,7 +203,8 @@ class BatchRunner:
         room = self._room()
         if not any(n > 0 for n in room.values()):
             return
-        for line in await self.store.claim_lines(self.router_id, room, skip=list(self._resting)):
+        claimed = await self.store.claim_lines(self.router_id, room, skip=list(self._resting), per_key=self._per_key())
+        for line in claimed:
             running = _Running(line)
             self._running[(line.batch_id, line.line)] = running
             running.task = asyncio.create_task(self._run(running), name=f"batch line {line.batch_id}:{line.line}")
@@ -214,6 +220,22 @@ class BatchRunner:
             if running.line.model in slots:
                 slots[running.line.model] -= 1
         return slots
+
+    def _per_key(self) -> dict[str, int]:
+        """Per API key seen here with a rate or concurrency limit: the lines its batches may start now, what its
+        batch window has room for less its lines claimed here but not yet let in. A key not seen yet is not
+        limited: its first lines over the limit go back to pending, and from then on it is known."""
+        rates = self.state.rates
+        starting: dict[str, int] = {}
+        for running in self._running.values():
+            if running.paid is None:
+                starting[running.line.key_hash] = starting.get(running.line.key_hash, 0) + 1
+        per_key: dict[str, int] = {}
+        for key_hash, (caller, _) in self._callers.items():
+            room = rates.room(caller, batch=True)
+            if room is not None:
+                per_key[key_hash] = max(0, room - starting.get(key_hash, 0))
+        return per_key
 
     async def _look_at_batches(self) -> None:
         """Stop the waiting lines of batches cancelled (at another router) or expired."""
@@ -283,7 +305,7 @@ class BatchRunner:
                 raise
             if error.code in _SHORT:
                 raise await self._short(line, error) from exc
-            if error.code in _LATER:
+            if error.code in _LATER or error.code == RATE_LIMITED:
                 raise _Later(rest=ROUND_SECONDS) from exc
             await record_refusal(state, caller, error, body, bid=Decimal(line.discount))
             return LineOutcome("failed", failed_line(custom_id, error.headers.get(REQUEST_ID_HEADER), error.status,

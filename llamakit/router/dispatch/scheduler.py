@@ -64,9 +64,10 @@ class BidQueue:
         """The waiting requests that are not batch lines: the queue's depth as clients and the dashboard see it."""
         return self._live - self._batch
 
-    def waiting(self, account: int | None) -> int:
-        """How many of `account`'s requests wait in this queue."""
-        return self._by_account[account]
+    def waiting(self, account: int | None, *, batch: bool = True) -> int:
+        """How many of `account`'s requests wait in this queue; without `batch`, not counting its batch lines."""
+        mine = self._by_account[account]
+        return mine if batch else mine - self._at_bid[(BATCH_BID, account)]
 
     def turn(self, bid: Decimal, account: int | None, arrived: float) -> int:
         """The turn of a request of `account` at `bid` that reached the router at `arrived`: how many of the
@@ -191,10 +192,15 @@ class Scheduler:
         if node is not None:
             return node
         queue = self.queue(model)
-        if len(queue) >= self.max_queue:
+        # Batch lines wait behind every interactive request and take no place from one: an interactive request
+        # counts only the interactive requests waiting; a batch line counts them all (the runner claims no more
+        # lines than the herd has slots, so they stay few).
+        batch = bid == BATCH_BID
+        if (len(queue) if batch else queue.interactive) >= self.max_queue:
             raise queue_full(model, self.max_queue)
-        if account is not None and queue.waiting(account) >= self.max_per_account:
-            raise queue_share_exceeded(model, queue.waiting(account), self.max_per_account, self.max_queue)
+        mine = queue.waiting(account, batch=batch)
+        if account is not None and mine >= self.max_per_account:
+            raise queue_share_exceeded(model, mine, self.max_per_account, self.max_queue)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         arrival = now if arrived is None else arrived

@@ -254,11 +254,17 @@ class BatchStore(ABC):
 
     @abstractmethod
     async def claim_lines(
-        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+        self,
+        router_id: str,
+        room: Mapping[str, int],
+        *,
+        skip: Collection[str] = (),
+        per_key: Mapping[str, int] | None = None,
     ) -> list[ClaimedLine]:
         """Claim for `router_id` up to `room[model]` pending lines of each model, of batches in progress (but those
         in `skip`), the oldest batch's first: each is now running there, claimed by no other router (PostgreSQL:
-        SKIP LOCKED)."""
+        SKIP LOCKED). `per_key` (API key hash → lines): at most that many lines, all models together, of the
+        batches each key named made (its rate limits' room); keys not named are not limited."""
 
     @abstractmethod
     async def finish_line(self, line: ClaimedLine, router_id: str, outcome: LineOutcome) -> bool:

@@ -206,9 +206,15 @@ class PostgresBatches(BatchStore):
     # -- lines -------------------------------------------------------------------------------------------
 
     async def claim_lines(
-        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+        self,
+        router_id: str,
+        room: Mapping[str, int],
+        *,
+        skip: Collection[str] = (),
+        per_key: Mapping[str, int] | None = None,
     ) -> list[ClaimedLine]:
         wanted = {model: n for model, n in room.items() if n > 0}
+        keys_left = dict(per_key or {})
         claimed: list[ClaimedLine] = []
         if not wanted:
             return claimed
@@ -222,15 +228,20 @@ class PostgresBatches(BatchStore):
                 for batch in batches:
                     if limit <= 0:
                         break
+                    most = min(limit, keys_left.get(batch["key_hash"], limit))
+                    if most <= 0:
+                        continue
                     rows = await conn.fetch(
                         "WITH picked AS (SELECT line FROM batch_lines WHERE model = $1 AND batch_id = $2 AND "
                         "status = 'pending' ORDER BY line LIMIT $3 FOR UPDATE SKIP LOCKED) "
                         "UPDATE batch_lines l SET status = 'running', router_id = $4, attempt = l.attempt + 1 "
                         "FROM picked WHERE l.batch_id = $2 AND l.line = picked.line "
                         "RETURNING l.line, l.model, l.request, l.attempt",
-                        model, batch["id"], limit, router_id,
+                        model, batch["id"], most, router_id,
                     )  # fmt: skip
                     limit -= len(rows)
+                    if batch["key_hash"] in keys_left:
+                        keys_left[batch["key_hash"]] -= len(rows)
                     claimed += [_claimed(batch, r) for r in sorted(rows, key=lambda r: int(r["line"]))]
         return claimed
 

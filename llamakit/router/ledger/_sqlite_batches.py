@@ -197,12 +197,18 @@ class SqliteBatches(BatchStore):
     # -- lines -------------------------------------------------------------------------------------------
 
     async def claim_lines(
-        self, router_id: str, room: Mapping[str, int], *, skip: Collection[str] = ()
+        self,
+        router_id: str,
+        room: Mapping[str, int],
+        *,
+        skip: Collection[str] = (),
+        per_key: Mapping[str, int] | None = None,
     ) -> list[ClaimedLine]:
         wanted = {model: n for model, n in room.items() if n > 0}
 
         def run(conn: sqlite3.Connection) -> list[ClaimedLine]:
             claimed: list[ClaimedLine] = []
+            keys_left = dict(per_key or {})
             if not wanted:
                 return claimed
             batches = [
@@ -214,14 +220,19 @@ class SqliteBatches(BatchStore):
                 for batch in batches:
                     if limit <= 0:
                         break
+                    most = min(limit, keys_left.get(batch["key_hash"], limit))
+                    if most <= 0:
+                        continue
                     rows = conn.execute(
                         "UPDATE batch_lines SET status = 'running', router_id = ?, attempt = attempt + 1 "
                         "WHERE batch_id = ? AND line IN (SELECT line FROM batch_lines INDEXED BY batch_lines_pending "
                         "WHERE model = ? AND batch_id = ? AND status = 'pending' ORDER BY line LIMIT ?) "
                         "RETURNING line, model, request, attempt",
-                        (router_id, batch["id"], model, batch["id"], limit),
+                        (router_id, batch["id"], model, batch["id"], most),
                     ).fetchall()
                     limit -= len(rows)
+                    if batch["key_hash"] in keys_left:
+                        keys_left[batch["key_hash"]] -= len(rows)
                     claimed += [_claimed(batch, r) for r in sorted(rows, key=lambda r: int(r["line"]))]
             return claimed
 

@@ -15,7 +15,7 @@ from aiohttp import web
 from llamakit.money.fees import format_bid, hold_amount, parse_bid, prompt_token_bound, raw_prompt_token_bound
 from llamakit.router.affinity import PrefixMap, chat_text
 from llamakit.router.ledger import MAX_AMOUNT, InsufficientFunds, LedgerUnavailable, SpendCapExceeded
-from llamakit.router.limits import UNLIMITED, Admission, Caller
+from llamakit.router.limits import Admission, Caller
 from llamakit.router.paid.fallback import Candidate, PassedOver, passed_over_header
 from llamakit.router.paid.idempotency import Claim
 from llamakit.router.paid.request import PaidRequest, new_request_id
@@ -304,8 +304,8 @@ async def hold_credits(
     """Let a new request in under its key's limits and hold `amount` credits for it; returns its id and its
     admission (to finish when it ends). `tokens` is the most it may use (prompt bound and max_tokens), which
     counts against the key's tpm_limit while it runs. A batch line (`discount` given) is held at bid × discount
-    and counts towards none of the key's rate limits: it runs only on slots no interactive request wants.
-    Nothing is held or counted when it is refused:
+    and counted in the key's batch window, apart from its interactive requests (limits.KeyRates): the batch
+    runner puts a line refused for it back to wait. Nothing is held or counted when it is refused:
 
     - 403 `model_not_allowed` when the key may not use `model`;
     - 429 `rate_limit_exceeded` with Retry-After over the key's rate or concurrency limits (see limits.py);
@@ -326,7 +326,7 @@ async def hold_credits(
     with trace.span("llamakit.limits"):
         if not caller.limits.allows_model(model):
             raise model_not_allowed(caller, model)
-        admission = state.rates.admit(caller, tokens) if discount is None else UNLIMITED
+        admission = state.rates.admit(caller, tokens, batch=discount is not None)
     request_id = new_request_id()
     try:
         with trace.span("llamakit.hold", {"llamakit.credits.held": amount}):
