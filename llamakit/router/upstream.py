@@ -27,10 +27,12 @@ class NodeFailed(Exception):
     """The node could not serve the request and nothing was generated; `down` when it did not answer at all,
     `hung` when it took the request and then went silent for longer than the node timeout."""
 
-    def __init__(self, reason: str, *, down: bool, hung: bool = False) -> None:
+    def __init__(self, reason: str, *, down: bool, hung: bool = False, said: str | None = None) -> None:
         super().__init__(reason)
         self.down = down
         self.hung = hung
+        # What a client may be told of it (`reason` is the operator's: it may name hosts and ports).
+        self.said = said or ("did not answer" if down else "failed")
 
 
 class NodeRejected(Exception):
@@ -100,7 +102,9 @@ class Upstream:
                 return await self._post_once(node, path, body, request_id, cache_salt, trace)
             except _SlotsBusy as busy:
                 if time.monotonic() + pause > deadline:
-                    raise NodeFailed(f"node {node.name} answered 503: {busy}", down=False) from None
+                    raise NodeFailed(
+                        f"node {node.name} answered 503: {busy}", down=False, said="answered 503 (slots_busy)"
+                    ) from None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
 
@@ -135,17 +139,21 @@ class Upstream:
         finally:
             resp.release()
         if resp.status in (401, 403):
-            raise NodeFailed(f"node {node.name} refused the herd token", down=True)
+            raise NodeFailed(f"node {node.name} refused the herd token", down=True, said="refused the herd token")
         if resp.status == 404 and (payload.get("error") or {}).get("code") == "model_not_found":
-            raise NodeFailed(f"node {node.name} no longer serves this model", down=False)
+            raise NodeFailed(
+                f"node {node.name} no longer serves this model", down=False, said="no longer serves this model"
+            )
         if 400 <= resp.status < 500 and resp.status != 408 and resp.status != 429:
             raise NodeRejected(resp.status, payload if "error" in payload else _error(resp.status))
         error = payload.get("error") if isinstance(payload, dict) else None
         if resp.status == 503 and isinstance(error, dict) and error.get("code") == "slots_busy":
             raise _SlotsBusy(str(error.get("message") or "slots busy"))
         # Its error code, which a client's error may carry (its message is the operator's: it may name hosts).
-        said = f" ({str(error['code'])[:64]})" if isinstance(error, dict) and error.get("code") else ""
-        raise NodeFailed(f"node {node.name} answered {resp.status}{said}", down=False)
+        code = f" ({str(error['code'])[:64]})" if isinstance(error, dict) and error.get("code") else ""
+        raise NodeFailed(
+            f"node {node.name} answered {resp.status}{code}", down=False, said=f"answered {resp.status}{code}"
+        )
 
     async def complete(
         self,

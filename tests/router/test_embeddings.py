@@ -151,6 +151,17 @@ async def test_when_every_node_fails_the_error_says_what_the_last_one_answered(h
     assert (await alice.get("/v1/account")).json()["balance"] == 10_000
 
 
+async def test_a_node_that_did_not_answer_is_told_without_its_address(herd: Herd) -> None:
+    await herd.add_node(FakeNode("n1"))
+    await herd.start(max_attempts=2)
+    alice = await herd.account("alice", 10_000)
+    await herd.stop_node("n1")  # the router learns it when it tries it
+    resp = await alice.post("/v1/embeddings", json={"input": "one two"})
+    assert resp.status_code == 503, resp.text
+    message = resp.json()["error"]["message"]
+    assert "127.0.0.1" not in message and "nothing was charged" in message, message
+
+
 async def test_embeddings_wait_for_a_slot_in_bid_order_with_other_requests(herd: Herd) -> None:
     gate = asyncio.Event()
     node = await herd.add_node(FakeNode("n1", slots=1, script=Script(gate=gate, tokens=2)))

@@ -125,7 +125,7 @@ class PaidRequest:
     node: HerdNode | None = None
     overhead_ms: float | None = None  # the router's own time on it, as its usage record has it (see record.py)
     closed: bool = False  # its hold was settled or released (or that is under way): see settle.py
-    node_failure: str | None = None  # why the last node that failed it did (its refusal's code and message)
+    node_failure: str | None = None  # what a client may be told of the last node that failed it (NodeFailed.said)
     # Model fallbacks: whether the request named `models` (its answers then say `passed_over`), the models it
     # may still go to, in order (or passed over already, when quoted: see fallback.pass_over), and those it left.
     fallbacks: bool = False

@@ -158,7 +158,8 @@ def failed_over(
     """`node` failed the request before its first token: another node gets it."""
     log.warning("%s; trying another node", exc)
     tried.add(node.id)
-    paid.node_failure = str(exc)
+    said = exc.said if isinstance(exc, NodeFailed) else "broke off its stream"
+    paid.node_failure = f"node {node.name} {said}"
     mark_failed(state, node, exc)
 
 
